@@ -1,0 +1,74 @@
+"""HTTP routes of the audit log (auditor and admin only; reads are audited)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from litestar import Controller, Request, get
+from litestar.di import NamedDependency
+from litestar.params import FromQuery, QueryParameter
+
+from appliance.audit.schemas import AuditEventList, AuditEventOut, ChainStatus
+from appliance.audit.service import EventFilter, read_events, record_verification, verify_chain
+from appliance.identity.roles import Permission
+from appliance.identity.service import Principal
+from appliance.server.context import audit_context
+from appliance.server.state import AppState
+
+
+def _aware(ts: datetime | None) -> datetime | None:
+    return ts.replace(tzinfo=UTC) if ts is not None and ts.tzinfo is None else ts
+
+
+class AuditController(Controller):
+    path = "/api/v1/audit"
+    tags = ["audit"]
+
+    @get("/events", opt={"permission": Permission.AUDIT_READ}, sync_to_thread=True)
+    def list_events(
+        self,
+        request: Request,
+        appliance: NamedDependency[AppState],
+        since: Annotated[datetime | None, QueryParameter(description="Events at or after this time (UTC if no offset).")] = None,
+        until: Annotated[datetime | None, QueryParameter(description="Events before this time.")] = None,
+        actor: FromQuery[str | None] = None,
+        action: FromQuery[str | None] = None,
+        resource_type: FromQuery[str | None] = None,
+        resource_id: FromQuery[str | None] = None,
+        outcome: FromQuery[Literal["success", "denied", "failure"] | None] = None,
+        after: Annotated[int | None, QueryParameter(ge=0, description="Cursor: the last seq already seen.")] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
+    ) -> AuditEventList:
+        """Audit events in seq order, filtered, with cursor pagination.
+
+        A project-scoped auditor sees its project's events only.
+        """
+        principal: Principal = request.user
+        applied = {
+            k: (v.isoformat() if isinstance(v, datetime) else v)
+            for k, v in dict(since=since, until=until, actor=actor, action=action, resource_type=resource_type,
+                             resource_id=resource_id, outcome=outcome, after=after, limit=limit).items()
+            if v is not None
+        }
+        f = EventFilter(
+            since=_aware(since), until=_aware(until), actor=actor, action=action, resource_type=resource_type,
+            resource_id=resource_id, outcome=outcome, after=after, limit=limit,
+            projects=None if principal.is_global else (principal.project,), applied=applied,
+        )
+        rows, has_more = read_events(appliance.db, audit_context(request), f)
+        data = [
+            AuditEventOut(**{c: getattr(r, c) for c in AuditEventOut.__struct_fields__ if c != "object"})
+            for r in rows
+        ]
+        return AuditEventList(
+            data=data, has_more=has_more,
+            first_id=data[0].seq if data else None, last_id=data[-1].seq if data else None,
+        )
+
+    @get("/verify", opt={"permission": Permission.AUDIT_READ}, sync_to_thread=True)
+    def verify(self, request: Request, appliance: NamedDependency[AppState]) -> ChainStatus:
+        """Walk the hash chain now and report the first broken seq, if any."""
+        result = verify_chain(appliance.db)
+        record_verification(appliance.db, audit_context(request), result)
+        return ChainStatus(result.ok, result.events, result.head_seq, result.bad_seq, result.problem)

@@ -1,0 +1,265 @@
+"""The ``appliance`` command line.
+
+Every command reads the same ``APPLIANCE_*`` settings as the server. Domain
+errors print ``error: <message>`` on stderr and exit with status 2; a broken
+audit chain exits with status 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import getpass
+import os
+import re
+import sys
+from datetime import timedelta
+from typing import Any
+
+import click
+
+from appliance import __version__
+from appliance.audit.service import AuditContext, record_verification, verify_chain
+from appliance.bootstrap import initialize, open_initialized
+from appliance.db.base import utcnow
+from appliance.errors import ApplianceError, InvalidRequestError
+from appliance.identity.roles import Role, parse_role
+from appliance.identity.service import IdentityService
+from appliance.logs import configure_logging
+from appliance.settings import Settings, describe_settings, load_settings
+
+ROLE_CHOICE = click.Choice([r.value for r in Role])
+
+
+def _ctx() -> AuditContext:
+    return AuditContext.cli(getpass.getuser())
+
+
+def _settings() -> Settings:
+    return load_settings()
+
+
+def handle_errors(fn):
+    """Turn domain errors into one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ApplianceError as exc:
+            where = f" ({exc.param})" if exc.param else ""
+            click.echo(f"error{where}: {exc.message}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _identity(settings: Settings) -> IdentityService:
+    return IdentityService(open_initialized(settings))
+
+
+_DURATION_RE = re.compile(r"^(\d+)([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_duration(value: str, *, param: str) -> timedelta:
+    """``30d``, ``12h``, ``90m``... as a timedelta; an error naming ``param`` otherwise."""
+    match = _DURATION_RE.match(value.strip())
+    if not match or int(match.group(1)) == 0:
+        raise InvalidRequestError(
+            f"`{param}` must be a positive number followed by s, m, h, d or w (e.g. 30d); got {value!r}",
+            param=param,
+        )
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="appliance")
+def main() -> None:
+    """Privacy-focused on-prem fine-tuning appliance."""
+    # Everything the appliance writes (database, keys, logs, blobs) is private.
+    os.umask(0o077)
+
+
+@main.command()
+@handle_errors
+def init() -> None:
+    """Create $APPLIANCE_HOME, the master key, the database, the first admin and its token."""
+    settings = _settings()
+    result = initialize(settings, _ctx())
+    if result.created:
+        click.echo(f"Initialised {result.home}")
+        click.echo(f"  master key:  {result.key_file} (mode 0600; back it up: without it nothing can be decrypted)")
+        click.echo(f"  admin token: {result.admin_token_file} (mode 0600)")
+    else:
+        click.echo(f"Already initialised: {result.home} (admin token: {result.admin_token_file})")
+
+
+@main.command()
+@click.option("--host", default=None, help="Interface to bind [default: $APPLIANCE_HOST or 127.0.0.1].")
+@click.option("--port", type=int, default=None, help="Port [default: $APPLIANCE_PORT or 8080].")
+@handle_errors
+def serve(host: str | None, port: int | None) -> None:
+    """Apply migrations and serve the API (and portal)."""
+    import uvicorn
+
+    from appliance.server.app import create_app
+    from appliance.server.state import build_state
+
+    settings = _settings()
+    configure_logging(settings.log.level, settings.log.format, settings.home.logs_dir)
+    db = open_initialized(settings)
+    app = create_app(settings, build_state(settings, db))
+    host = host or settings.server.host
+    port = port or settings.server.port
+    shown_host = f"[{host}]" if ":" in host else host
+    click.echo(f"Appliance {__version__} listening on http://{shown_host}:{port}")
+    click.echo(f"  Portal:      http://{shown_host}:{port}/")
+    click.echo(f"  API:         http://{shown_host}:{port}/v1  (OpenAPI: /schema/openapi.json)")
+    click.echo(f"  Admin token: {settings.home.admin_token_file}")
+    sys.stdout.flush()
+    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, server_header=False)
+
+
+@main.command("settings")
+def show_settings() -> None:
+    """List every APPLIANCE_* variable with its default and meaning."""
+    for name, default, help_ in describe_settings():
+        click.echo(f"{name:<36} {default or '-':<12} {help_}")
+
+
+# -- projects -------------------------------------------------------------
+@main.group()
+def projects() -> None:
+    """Manage projects (tenants)."""
+
+
+@projects.command("add")
+@click.argument("name")
+@handle_errors
+def projects_add(name: str) -> None:
+    """Create project NAME."""
+    _identity(_settings()).create_project(_ctx(), name)
+    click.echo(f"created project {name}")
+
+
+@projects.command("list")
+@handle_errors
+def projects_list() -> None:
+    for p in _identity(_settings()).list_projects(None):
+        click.echo(p.name)
+
+
+# -- users ----------------------------------------------------------------
+@main.group()
+def users() -> None:
+    """Manage users and their roles."""
+
+
+@users.command("add")
+@click.argument("name")
+@click.option("--role", type=ROLE_CHOICE, help="Grant this role as well.")
+@click.option("--project", help="Project the role applies to (omit for admin / global auditor).")
+@handle_errors
+def users_add(name: str, role: str | None, project: str | None) -> None:
+    """Create user NAME, optionally granting a role."""
+    service = _identity(_settings())
+    if role is None and project is not None:
+        raise InvalidRequestError("`--project` needs `--role`", param="--project")
+    service.create_user(_ctx(), name)
+    if role is not None:
+        service.grant(_ctx(), name, parse_role(role, param="--role"), project)
+    click.echo(f"created user {name}" + (f" with role {role}" + (f" in {project}" if project else "") if role else ""))
+
+
+@users.command("grant")
+@click.argument("name")
+@click.option("--role", type=ROLE_CHOICE, required=True)
+@click.option("--project", help="Project the role applies to (omit for admin / global auditor).")
+@handle_errors
+def users_grant(name: str, role: str, project: str | None) -> None:
+    """Grant user NAME a role."""
+    _identity(_settings()).grant(_ctx(), name, parse_role(role, param="--role"), project)
+    click.echo(f"granted {role} to {name}" + (f" in {project}" if project else ""))
+
+
+@users.command("list")
+@handle_errors
+def users_list() -> None:
+    for name, grants in _identity(_settings()).list_users():
+        roles = ", ".join(f"{r}@{p}" if p else r for r, p in grants) or "-"
+        click.echo(f"{name:<24} {roles}")
+
+
+# -- tokens ---------------------------------------------------------------
+@main.group()
+def tokens() -> None:
+    """Manage API tokens."""
+
+
+@tokens.command("create")
+@click.option("--user", "user", required=True)
+@click.option("--role", type=ROLE_CHOICE, required=True)
+@click.option("--project", help="Project the token acts in (omit for admin / global auditor).")
+@click.option("--expires-in", help="Lifetime such as 90d, 12h; default: no expiry.")
+@click.option("--description", default="", help="Free text shown in token lists.")
+@handle_errors
+def tokens_create(user: str, role: str, project: str | None, expires_in: str | None, description: str) -> None:
+    """Mint a token; prints only the token on stdout (shown once)."""
+    expires_at = utcnow() + parse_duration(expires_in, param="--expires-in") if expires_in else None
+    view, value = _identity(_settings()).create_token(
+        _ctx(), user, parse_role(role, param="--role"), project, expires_at=expires_at, description=description
+    )
+    click.echo(value)
+    click.echo(f"token {view.token_id} created for {user} ({role}); it is not shown again", err=True)
+
+
+@tokens.command("revoke")
+@click.argument("token_id")
+@handle_errors
+def tokens_revoke(token_id: str) -> None:
+    """Revoke a token by its id (the part after ``apl_``, or the whole token)."""
+    match = re.match(r"^(?:apl_)?([0-9a-f]{12})(?:_.*)?$", token_id)
+    if not match:
+        raise InvalidRequestError(f"`TOKEN_ID` must be 12 hex characters; got {token_id[:16]!r}", param="TOKEN_ID")
+    view = _identity(_settings()).revoke_token(_ctx(), match.group(1))
+    click.echo(f"revoked token {view.token_id} of {view.user}")
+
+
+@tokens.command("list")
+@click.option("--user", default=None)
+@handle_errors
+def tokens_list(user: str | None) -> None:
+    now = utcnow()
+    for t in _identity(_settings()).list_tokens(user):
+        if t.revoked_at:
+            status = "revoked"
+        elif t.expires_at and t.expires_at <= now:
+            status = "expired"
+        else:
+            status = "active"
+        expires = t.expires_at.strftime("%Y-%m-%d %H:%M") if t.expires_at else "never"
+        click.echo(f"{t.token_id}  {t.user:<16} {t.role:<10} {t.project or '-':<16} {status:<8} expires {expires}")
+
+
+# -- audit ----------------------------------------------------------------
+@main.group()
+def audit() -> None:
+    """Inspect and verify the audit log."""
+
+
+@audit.command("verify")
+@handle_errors
+def audit_verify() -> None:
+    """Walk the hash chain; exit 1 naming the first bad seq if it is broken."""
+    db = open_initialized(_settings())
+    result = verify_chain(db)
+    record_verification(db, _ctx(), result)
+    if result.ok:
+        click.echo(f"audit chain OK: {result.events} events, head at seq {result.head_seq}")
+        return
+    click.echo(f"audit chain BROKEN at seq {result.bad_seq}: {result.problem}", err=True)
+    sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,1 @@
+"""Key material and encryption at rest."""

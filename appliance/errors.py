@@ -1,0 +1,107 @@
+"""The domain exception tree.
+
+Services raise these; :mod:`appliance.server.errors` maps them to HTTP in one
+place and the CLI maps them to exit codes. Messages never contain a secret, a
+token or raw personal data: they name the argument and, where safe, the value.
+"""
+
+from __future__ import annotations
+
+
+class ApplianceError(Exception):
+    """Base of every error the appliance raises on purpose.
+
+    Args:
+        message: A sentence for the user saying what is wrong and how to fix it.
+        param: The request field, CLI option or setting at fault, if any.
+        code: A stable machine-readable code; defaults to the class's.
+    """
+
+    code: str = "error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class SettingsError(ApplianceError):
+    """The environment holds invalid ``APPLIANCE_*`` settings (all problems at once)."""
+
+    code = "invalid_settings"
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid settings:\n  " + "\n  ".join(problems))
+
+
+class NotInitializedError(ApplianceError):
+    """The home directory has not been set up with ``appliance init``."""
+
+    code = "not_initialized"
+
+
+class InvalidRequestError(ApplianceError):
+    """The input is malformed or breaks a rule (HTTP 400)."""
+
+    code = "invalid_request"
+
+
+class AuthenticationError(ApplianceError):
+    """No valid credential was presented (HTTP 401)."""
+
+    code = "invalid_token"
+
+
+class PermissionDeniedError(ApplianceError):
+    """The caller is authenticated but its role may not do this (HTTP 403)."""
+
+    code = "permission_denied"
+
+
+class NotFoundError(ApplianceError):
+    """The resource does not exist *for this caller* (HTTP 404)."""
+
+    code = "not_found"
+
+
+class CrossProjectDenied(NotFoundError):
+    """The resource exists in another project.
+
+    Answered exactly like :class:`NotFoundError` so that its existence does not
+    leak, but audited as a denial.
+    """
+
+
+class ConflictError(ApplianceError):
+    """The request clashes with existing state, e.g. a duplicate name (HTTP 409)."""
+
+    code = "conflict"
+
+
+class PayloadTooLargeError(ApplianceError):
+    """The request body is over a configured limit (HTTP 413)."""
+
+    code = "payload_too_large"
+
+
+class RateLimitedError(ApplianceError):
+    """Too many failed attempts from one origin (HTTP 429)."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class AuditChainError(ApplianceError):
+    """The audit log's hash chain does not verify."""
+
+    code = "audit_chain_broken"
+
+    def __init__(self, message: str, *, seq: int) -> None:
+        super().__init__(message)
+        self.seq = seq

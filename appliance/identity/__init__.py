@@ -1,0 +1,1 @@
+"""Identity and access: projects, users, roles, tokens, authentication."""

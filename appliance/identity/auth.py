@@ -1,0 +1,123 @@
+"""Bearer authentication, the failure rate limiter and the permission guard."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from litestar.concurrency import sync_to_thread
+from litestar.connection import ASGIConnection
+from litestar.middleware.authentication import AbstractAuthenticationMiddleware, AuthenticationResult
+
+from appliance.errors import AuthenticationError, PermissionDeniedError, RateLimitedError
+from appliance.identity.roles import Permission, role_allows
+from appliance.identity.service import Principal
+
+if TYPE_CHECKING:
+    from litestar.handlers.base import BaseRouteHandler
+
+    from appliance.server.state import AppState
+
+#: Route option naming the permission a handler needs.
+PERMISSION_OPT = "permission"
+#: Route option marking a handler as reachable without a token.
+PUBLIC_OPT = "exclude_from_auth"
+
+
+class FailureLimiter:
+    """Counts failed authentications per origin in a sliding window.
+
+    Once an origin reaches ``max_failures`` within ``window_s`` seconds, every
+    authentication attempt from it is refused until the oldest failure ages
+    out, so a guesser learns nothing more, valid token or not.
+    """
+
+    def __init__(self, max_failures: int, window_s: float, clock=time.monotonic) -> None:
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self._clock = clock
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _prune(self, origin: str, now: float) -> deque[float]:
+        q = self._failures.setdefault(origin, deque())
+        while q and q[0] <= now - self.window_s:
+            q.popleft()
+        if not q:
+            del self._failures[origin]
+            return deque()
+        return q
+
+    def check(self, origin: str) -> None:
+        """Raise :class:`RateLimitedError` if ``origin`` is currently locked out."""
+        with self._lock:
+            now = self._clock()
+            q = self._prune(origin, now)
+            if len(q) >= self.max_failures:
+                retry = max(1, int(q[0] + self.window_s - now) + 1)
+                raise RateLimitedError(
+                    f"too many failed authentication attempts from this address; retry in {retry} s",
+                    retry_after_s=retry,
+                )
+
+    def fail(self, origin: str) -> None:
+        with self._lock:
+            now = self._clock()
+            self._prune(origin, now)
+            self._failures.setdefault(origin, deque()).append(now)
+
+
+def origin_of(connection: ASGIConnection) -> str:
+    return connection.client.host if connection.client else "unknown"
+
+
+def bearer_of(connection: ASGIConnection) -> str | None:
+    """The token in ``Authorization: Bearer <token>``; ``""`` for another scheme; None if absent."""
+    header = connection.headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return ""
+    return value.strip()
+
+
+class BearerAuthMiddleware(AbstractAuthenticationMiddleware):
+    """Resolve ``Authorization: Bearer`` into a :class:`Principal` on every non-public route."""
+
+    async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:
+        state: AppState = connection.app.state.appliance
+        origin = origin_of(connection)
+        state.limiter.check(origin)
+        try:
+            principal = await sync_to_thread(state.identity.authenticate, bearer_of(connection))
+        except AuthenticationError:
+            state.limiter.fail(origin)
+            raise
+        return AuthenticationResult(user=principal, auth=principal.token_id)
+
+
+def permission_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+    """Allow the request only if the caller's role holds the handler's permission.
+
+    Handlers without a declared permission are refused (fail closed), except
+    the OpenAPI schema routes, which need only a valid token.
+    """
+    if handler.opt.get(PUBLIC_OPT):
+        return
+    principal: Principal = connection.user
+    declared = handler.opt.get(PERMISSION_OPT)
+    if declared is None:
+        if getattr(handler, "http_methods", None) == {"OPTIONS"}:
+            return  # Litestar's automatic OPTIONS answer lists allowed methods only
+        if connection.scope["path"].startswith("/schema"):
+            declared = Permission.SCHEMA_READ
+        else:
+            raise PermissionDeniedError("this route declares no permission and is closed")
+    permission = Permission(declared)
+    if not role_allows(principal.role, permission):
+        raise PermissionDeniedError(
+            f"role {principal.role.value!r} may not perform {permission.value!r}", param="role"
+        )

@@ -1,0 +1,1 @@
+"""The HTTP application: factory, state, request context and error mapping."""

@@ -1,0 +1,83 @@
+"""Per-request context: request id, origin, access log line."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+
+from litestar import Request
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from appliance.audit.service import AuditContext
+from appliance.identity.service import Principal
+
+log = logging.getLogger("appliance.access")
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def new_request_id() -> str:
+    return f"req_{secrets.token_hex(12)}"
+
+
+class RequestContextMiddleware:
+    """Assign a request id and note the start time, before authentication runs.
+
+    A well-formed client-supplied ``X-Request-ID`` is kept so that callers can
+    correlate; anything else is replaced.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            state = scope.setdefault("state", {})
+            supplied = dict(scope["headers"]).get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
+            state["request_id"] = supplied if _REQUEST_ID_RE.match(supplied) else new_request_id()
+            state["started"] = time.perf_counter()
+        await self.app(scope, receive, send)
+
+
+async def stamp_and_log_response(message: Message, scope: Scope) -> None:
+    """``before_send`` hook: echo ``X-Request-ID`` and log one line per response.
+
+    Runs on the outermost ``send``, so responses made by exception handlers
+    and the router (unknown routes) are covered too. The line has method,
+    path (never the query string, which may carry personal data), status,
+    latency and actor.
+    """
+    if scope["type"] != "http" or message["type"] != "http.response.start":
+        return
+    state = scope.setdefault("state", {})
+    request_id = state.setdefault("request_id", new_request_id())
+    message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), request_id.encode())]
+    started = state.get("started")
+    user = scope.get("user")
+    log.info(
+        "request",
+        extra={
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": message["status"],
+            "ms": round((time.perf_counter() - started) * 1000, 1) if started else None,
+            "request_id": request_id,
+            "actor": user.user if isinstance(user, Principal) else None,
+            "origin_ip": scope["client"][0] if scope.get("client") else None,
+        },
+    )
+
+
+def request_id_of(request: Request) -> str | None:
+    return request.scope.get("state", {}).get("request_id")
+
+
+def audit_context(request: Request) -> AuditContext:
+    """The audit context of an authenticated request."""
+    principal: Principal = request.user
+    return principal.audit_context(
+        origin_ip=request.client.host if request.client else None, request_id=request_id_of(request)
+    )

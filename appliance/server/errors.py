@@ -1,0 +1,163 @@
+"""The one place where errors become HTTP responses.
+
+Every 4xx/5xx body is ``{"error": {"code", "message", "param", "type"}}`` (the
+``type`` keeps OpenAI's clients happy). Denials — 401, 403, 429 and a
+cross-project 404 — are appended to the audit log in their own transaction,
+since the action's transaction was rolled back.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+from appliance.audit.service import AuditContext, record
+from appliance.errors import (
+    ApplianceError,
+    AuthenticationError,
+    ConflictError,
+    CrossProjectDenied,
+    InvalidRequestError,
+    NotFoundError,
+    NotInitializedError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    RateLimitedError,
+)
+from appliance.identity.service import Principal, TokenRejected
+from appliance.server.context import request_id_of
+
+log = logging.getLogger("appliance.errors")
+
+#: Domain error -> (HTTP status, OpenAI error type). Most specific first.
+STATUS: list[tuple[type[ApplianceError], int, str]] = [
+    (AuthenticationError, 401, "authentication_error"),
+    (PermissionDeniedError, 403, "permission_error"),
+    (NotFoundError, 404, "not_found_error"),
+    (ConflictError, 409, "conflict_error"),
+    (PayloadTooLargeError, 413, "invalid_request_error"),
+    (RateLimitedError, 429, "rate_limit_error"),
+    (InvalidRequestError, 400, "invalid_request_error"),
+    (NotInitializedError, 503, "server_error"),
+]
+
+_HTTP_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
+               413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def error_body(code: str, message: str, param: str | None, type_: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "param": param, "type": type_}}
+
+
+def _status_of(exc: ApplianceError) -> tuple[int, str]:
+    for cls, status, type_ in STATUS:
+        if isinstance(exc, cls):
+            return status, type_
+    return 500, "server_error"
+
+
+def _origin(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def _audit_denial(request: Request, exc: ApplianceError, status: int) -> None:
+    """Record a refused request. Never raises: failing to audit must not turn a 401 into a 500."""
+    state = request.app.state.appliance
+    principal = request.scope.get("user")
+    if isinstance(principal, Principal):
+        ctx = principal.audit_context(_origin(request), request_id_of(request))
+        project = principal.project
+    elif isinstance(exc, TokenRejected):
+        ctx = AuditContext(actor=exc.user, auth_method=f"token:{exc.token_id}", origin_ip=_origin(request),
+                           request_id=request_id_of(request))
+        project = None
+    else:
+        ctx = AuditContext(actor="anonymous", auth_method="none", origin_ip=_origin(request),
+                           request_id=request_id_of(request))
+        project = None
+    action = {401: "auth.denied", 429: "auth.rate_limited"}.get(status, "access.denied")
+    reason = exc.code if isinstance(exc, AuthenticationError | RateLimitedError) else exc.message
+    try:
+        with state.db.transaction() as s:
+            record(
+                s, ctx, action, outcome="denied", reason=reason, project=project,
+                resource_type="route", resource_id=f"{request.method} {request.scope['path']}",
+                details={"status": status},
+            )
+    except Exception:  # pragma: no cover - logged for operators, response unaffected
+        log.exception("could not audit a denied request", extra={"request_id": request_id_of(request)})
+
+
+def appliance_error_handler(request: Request, exc: ApplianceError) -> Response:
+    status, type_ = _status_of(exc)
+    headers = {}
+    if isinstance(exc, RateLimitedError):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="appliance"'
+    if status in (401, 403, 429) or isinstance(exc, CrossProjectDenied):
+        _audit_denial(request, exc, status)
+    if status >= 500:
+        log.error("request failed", extra={"code": exc.code, "request_id": request_id_of(request)})
+    return Response(error_body(exc.code, exc.message, exc.param, type_), status_code=status, headers=headers)
+
+
+_FIELD_PATTERNS = [
+    re.compile(r"at `\$\.([^`]+)`"),
+    re.compile(r"(?:unknown|missing required) field `([^`]+)`"),
+]
+
+
+def _validation_param(detail: dict[str, Any]) -> str | None:
+    """The offending field: from msgspec's JSON path when the body failed, else the parameter name."""
+    message = str(detail.get("message", ""))
+    for pattern in _FIELD_PATTERNS:
+        match = pattern.search(message)
+        if match:
+            return match.group(1)
+    return detail.get("key")
+
+
+def http_exception_handler(request: Request, exc: HTTPException) -> Response:
+    """Litestar's own errors (validation, unknown route, method, body size) in our shape."""
+    status = exc.status_code
+    if isinstance(exc, ValidationException):
+        details = exc.extra if isinstance(exc.extra, list) else []
+        parts = [
+            d.get("message") if d.get("key") == "data" else f"`{d.get('key')}`: {d.get('message')}"
+            for d in details
+            if isinstance(d, dict)
+        ]
+        message = "invalid request: " + ("; ".join(parts) if parts else exc.detail)
+        param = _validation_param(details[0]) if details and isinstance(details[0], dict) else None
+        body = error_body("invalid_request", message, param, "invalid_request_error")
+        return Response(body, status_code=400)
+    code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(status, "http_error")
+    message = exc.detail if status < 500 else "internal server error"
+    return Response(
+        error_body(code, message, None, _HTTP_TYPES.get(status, "server_error")),
+        status_code=status,
+        headers=exc.headers,
+    )
+
+
+def internal_error_handler(request: Request, exc: Exception) -> Response:
+    """Anything unexpected: log it with the request id, tell the caller nothing internal."""
+    request_id = request_id_of(request)
+    log.exception("unhandled error", extra={"request_id": request_id})
+    return Response(
+        error_body("internal_error", f"internal server error (request id {request_id})", None, "server_error"),
+        status_code=500,
+    )
+
+
+EXCEPTION_HANDLERS = {
+    ApplianceError: appliance_error_handler,
+    HTTPException: http_exception_handler,
+    Exception: internal_error_handler,
+}

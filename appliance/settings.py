@@ -1,0 +1,241 @@
+"""Settings, one dataclass per concern, each field read from an ``APPLIANCE_*`` variable.
+
+Every field names its variable and carries a one-line help text in its metadata.
+:func:`load_settings` reads them all, collects *every* problem and raises one
+:class:`~appliance.errors.SettingsError` that names each offending variable and
+the value it received, so an admin fixes a broken environment in one pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_type_hints
+
+from appliance.errors import SettingsError
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+LogFormat = Literal["json", "console"]
+
+
+def _env(name: str, help: str, **limits: Any) -> dict[str, Any]:
+    return {"env": name, "help": help, **limits}
+
+
+@dataclass(frozen=True)
+class HomeSettings:
+    """Where the appliance keeps its state."""
+
+    home: Path = field(
+        default=Path("var"),
+        metadata=_env("APPLIANCE_HOME", "State directory: database, encrypted blobs, keys, logs."),
+    )
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.home / "admin.token"
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """Relational state: identity, jobs, audit log."""
+
+    url: str = field(
+        default="",
+        metadata=_env(
+            "APPLIANCE_DATABASE_URL",
+            "SQLAlchemy URL; empty means SQLite at $APPLIANCE_HOME/appliance.db.",
+        ),
+    )
+    echo: bool = field(default=False, metadata=_env("APPLIANCE_DATABASE_ECHO", "Log every SQL statement."))
+    busy_timeout_ms: int = field(
+        default=30_000,
+        metadata=_env("APPLIANCE_DATABASE_BUSY_TIMEOUT_MS", "SQLite lock wait in ms.", minimum=0),
+    )
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The HTTP listener."""
+
+    host: str = field(default="127.0.0.1", metadata=_env("APPLIANCE_HOST", "Interface to bind."))
+    port: int = field(
+        default=8080,
+        metadata=_env("APPLIANCE_PORT", "TCP port to bind.", minimum=1, maximum=65535),
+    )
+    max_request_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata=_env("APPLIANCE_MAX_REQUEST_BYTES", "Largest JSON request body accepted.", minimum=1024),
+    )
+
+
+@dataclass(frozen=True)
+class KeySettings:
+    """Key material."""
+
+    key_file: Path | None = field(
+        default=None,
+        metadata=_env(
+            "APPLIANCE_KEY_FILE",
+            "Master key-encryption key (mode 0600); empty means $APPLIANCE_HOME/keys/master.key.",
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """Structured logs."""
+
+    level: LogLevel = field(default="INFO", metadata=_env("APPLIANCE_LOG_LEVEL", "Least severe level logged."))
+    format: LogFormat = field(default="json", metadata=_env("APPLIANCE_LOG_FORMAT", "json or console."))
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Authentication hardening."""
+
+    max_failures: int = field(
+        default=10,
+        metadata=_env(
+            "APPLIANCE_AUTH_MAX_FAILURES",
+            "Failed authentications one origin may make per window before it is refused.",
+            minimum=1,
+        ),
+    )
+    failure_window_s: int = field(
+        default=300,
+        metadata=_env("APPLIANCE_AUTH_FAILURE_WINDOW_S", "Window for counting failures, seconds.", minimum=1),
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All settings, one attribute per concern."""
+
+    home: HomeSettings
+    database: DatabaseSettings
+    server: ServerSettings
+    keys: KeySettings
+    log: LogSettings
+    auth: AuthSettings
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{self.home.home / 'appliance.db'}"
+
+    @property
+    def key_file(self) -> Path:
+        return self.keys.key_file or self.home.home / "keys" / "master.key"
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse(raw: str, typ: Any, meta: Mapping[str, Any]) -> Any:
+    """Convert ``raw`` to ``typ``; raise ValueError with a sentence saying what was expected."""
+    origin_args = get_args(typ)
+    if typ is bool:
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
+    if typ is int:
+        lo, hi = meta.get("minimum"), meta.get("maximum")
+        expected = "expected an integer" + (
+            f" between {lo} and {hi}" if hi is not None else f" of at least {lo}" if lo is not None else ""
+        )
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(expected) from None
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ValueError(expected)
+        return value
+    if typ is Path or (origin_args and Path in origin_args):
+        if not raw and type(None) in origin_args:
+            return None
+        if not raw:
+            raise ValueError("expected a path")
+        return Path(raw).expanduser().resolve()
+    if origin_args and all(isinstance(a, str) for a in origin_args):  # Literal[...]
+        choice = raw.upper() if all(a.isupper() for a in origin_args) else raw.lower()
+        if choice not in origin_args:
+            raise ValueError(f"expected one of {', '.join(origin_args)}")
+        return choice
+    return raw
+
+
+def _load_section(cls: type, environ: Mapping[str, str], errors: list[str]) -> Any:
+    hints = get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        name = f.metadata["env"]
+        if name not in environ:
+            continue
+        raw = environ[name].strip()
+        try:
+            values[f.name] = _parse(raw, hints[f.name], f.metadata)
+        except ValueError as exc:
+            errors.append(f"{name}={raw!r}: {exc} ({f.metadata['help']})")
+    return cls(**values)
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read every ``APPLIANCE_*`` variable; raise :class:`SettingsError` listing all problems.
+
+    Args:
+        environ: Mapping to read instead of ``os.environ`` (tests pass their own).
+    """
+    environ = os.environ if environ is None else environ
+    errors: list[str] = []
+    sections = {
+        f.name: _load_section(get_type_hints(Settings)[f.name], environ, errors)
+        for f in dataclasses.fields(Settings)
+    }
+    home = sections["home"]
+    sections["home"] = dataclasses.replace(home, home=Path(home.home).expanduser().resolve())
+    url = sections["database"].url
+    if url and "://" not in url:
+        errors.append(
+            f"APPLIANCE_DATABASE_URL={url!r}: expected an SQLAlchemy URL such as "
+            "'sqlite:////srv/appliance/appliance.db' or 'postgresql+psycopg://user@host/appliance'"
+        )
+    known = {f.metadata["env"] for cls in map(type, sections.values()) for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in environ if k.startswith("APPLIANCE_") and k not in known)
+    if unknown:
+        errors.append(
+            f"unknown variable(s) {', '.join(unknown)}: known ones are {', '.join(sorted(known))}"
+        )
+    if errors:
+        raise SettingsError(errors)
+    return Settings(**sections)
+
+
+def describe_settings() -> list[tuple[str, str, str]]:
+    """(variable, default, help) for every setting, for ``appliance settings`` and the docs."""
+    rows = []
+    for section in dataclasses.fields(Settings):
+        cls = get_type_hints(Settings)[section.name]
+        for f in dataclasses.fields(cls):
+            rows.append((f.metadata["env"], "" if f.default is None else str(f.default), f.metadata["help"]))
+    return rows
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """Settings from the process environment, read once."""
+    return load_settings()

@@ -1,0 +1,64 @@
+from pathlib import Path
+
+import pytest
+
+from appliance.errors import SettingsError
+from appliance.settings import describe_settings, load_settings
+
+
+def test_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = load_settings({})
+    assert s.home.home == tmp_path / "var"
+    assert s.server.host == "127.0.0.1" and s.server.port == 8080
+    assert s.database_url == f"sqlite:///{tmp_path / 'var' / 'appliance.db'}"
+    assert s.key_file == tmp_path / "var" / "keys" / "master.key"
+    assert s.log.level == "INFO"
+
+
+def test_every_concern_reads_its_variables(tmp_path):
+    s = load_settings({
+        "APPLIANCE_HOME": str(tmp_path / "h"),
+        "APPLIANCE_DATABASE_URL": "postgresql+psycopg://app@db/appliance",
+        "APPLIANCE_HOST": "0.0.0.0",
+        "APPLIANCE_PORT": "9000",
+        "APPLIANCE_KEY_FILE": str(tmp_path / "k.key"),
+        "APPLIANCE_LOG_LEVEL": "debug",
+        "APPLIANCE_AUTH_MAX_FAILURES": "3",
+    })
+    assert s.home.home == tmp_path / "h"
+    assert s.database_url.startswith("postgresql+psycopg://")
+    assert (s.server.host, s.server.port) == ("0.0.0.0", 9000)
+    assert s.key_file == tmp_path / "k.key"
+    assert s.log.level == "DEBUG"
+    assert s.auth.max_failures == 3
+
+
+def test_all_problems_reported_at_once_naming_the_variable_and_value():
+    with pytest.raises(SettingsError) as info:
+        load_settings({
+            "APPLIANCE_PORT": "eighty",
+            "APPLIANCE_LOG_LEVEL": "LOUD",
+            "APPLIANCE_DATABASE_URL": "appliance.db",
+            "APPLIANCE_PROT": "1",
+        })
+    problems = "\n".join(info.value.problems)
+    assert len(info.value.problems) == 4
+    assert "APPLIANCE_PORT='eighty': expected an integer between 1 and 65535" in problems
+    assert "APPLIANCE_LOG_LEVEL='LOUD': expected one of DEBUG, INFO, WARNING, ERROR" in problems
+    assert "APPLIANCE_DATABASE_URL='appliance.db'" in problems
+    assert "unknown variable(s) APPLIANCE_PROT" in problems
+
+
+def test_port_out_of_range():
+    with pytest.raises(SettingsError, match="APPLIANCE_PORT='70000'"):
+        load_settings({"APPLIANCE_PORT": "70000"})
+
+
+def test_described_settings_cover_every_variable():
+    names = [name for name, _, _ in describe_settings()]
+    assert len(names) == len(set(names))
+    assert {"APPLIANCE_HOME", "APPLIANCE_DATABASE_URL", "APPLIANCE_HOST", "APPLIANCE_PORT",
+            "APPLIANCE_KEY_FILE", "APPLIANCE_LOG_LEVEL"} <= set(names)
+    assert all(help_ for _, _, help_ in describe_settings())
+    assert isinstance(load_settings({}).home.home, Path)
