@@ -7,6 +7,8 @@ token or raw personal data: they name the argument and, where safe, the value.
 
 from __future__ import annotations
 
+from appliance.logs import scrub
+
 
 class ApplianceError(Exception):
     """Base of every error the appliance raises on purpose.
@@ -20,6 +22,8 @@ class ApplianceError(Exception):
     code: str = "error"
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        # Defence in depth: a value echoed back may be a pasted secret.
+        message = scrub(message)
         super().__init__(message)
         self.message = message
         self.param = param

@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from sqlalchemy import Select, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from appliance.audit.chain import event_hash
@@ -223,9 +224,21 @@ def read_events(db: Database, ctx: AuditContext, f: EventFilter) -> tuple[list[A
         return rows, has_more
 
 
-def record_verification(db: Database, ctx: AuditContext, result: VerifyResult) -> None:
-    with db.transaction() as s:
-        record(
-            s, ctx, "audit.verify", resource_type="audit_log", outcome="success" if result.ok else "failure",
-            reason=result.problem, details={"events": result.events, "bad_seq": result.bad_seq},
-        )
+def record_verification(db: Database, ctx: AuditContext, result: VerifyResult) -> bool:
+    """Audit a verification; returns False when a tampered log refuses the append.
+
+    A row forged beyond the chain head occupies the next seq, so every append
+    fails (the appliance fails closed) until the log is restored. The verify
+    result must still reach the person who asked, hence no exception here.
+    """
+    try:
+        with db.transaction() as s:
+            record(
+                s, ctx, "audit.verify", resource_type="audit_log", outcome="success" if result.ok else "failure",
+                reason=result.problem, details={"events": result.events, "bad_seq": result.bad_seq},
+            )
+    except IntegrityError:
+        if result.ok:
+            raise
+        return False
+    return True

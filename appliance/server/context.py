@@ -12,6 +12,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance.audit.service import AuditContext
 from appliance.identity.service import Principal
+from appliance.identity.tokens import TOKEN_PATTERN
 
 log = logging.getLogger("appliance.access")
 
@@ -37,7 +38,8 @@ class RequestContextMiddleware:
         if scope["type"] == "http":
             state = scope.setdefault("state", {})
             supplied = dict(scope["headers"]).get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
-            state["request_id"] = supplied if _REQUEST_ID_RE.match(supplied) else new_request_id()
+            usable = _REQUEST_ID_RE.match(supplied) and not TOKEN_PATTERN.search(supplied)
+            state["request_id"] = supplied if usable else new_request_id()
             state["started"] = time.perf_counter()
         await self.app(scope, receive, send)
 

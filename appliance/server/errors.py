@@ -29,6 +29,7 @@ from appliance.errors import (
     RateLimitedError,
 )
 from appliance.identity.service import Principal, TokenRejected
+from appliance.logs import scrub
 from appliance.server.context import request_id_of
 
 log = logging.getLogger("appliance.errors")
@@ -51,7 +52,7 @@ _HTTP_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 
 
 def error_body(code: str, message: str, param: str | None, type_: str) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "param": param, "type": type_}}
+    return {"error": {"code": code, "message": scrub(message), "param": param, "type": type_}}
 
 
 def _status_of(exc: ApplianceError) -> tuple[int, str]:

@@ -1,0 +1,1 @@
+"""Model serving engines (embedded transformers engine, vLLM client) behind one interface."""

@@ -1,0 +1,72 @@
+"""Schema migrations and concurrent audit appends on the embedded database."""
+
+from __future__ import annotations
+
+import threading
+
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import func, inspect, select, text
+
+import appliance.models  # noqa: F401
+from appliance.audit.models import AuditEvent
+from appliance.audit.service import AuditContext, record, verify_chain
+from appliance.db.base import Base, Database
+from appliance.db.migrate import current_revision, head_revision, upgrade_to_head
+
+
+def test_migrations_build_exactly_the_models_schema(tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'm.db'}")
+    upgrade_to_head(db)
+    upgrade_to_head(db)  # idempotent
+    assert current_revision(db) == head_revision(db)
+    with db.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+        assert diff == [], f"models and migrations differ; write a migration: {diff}"
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+    assert {"audit_events", "audit_head", "projects", "users", "role_bindings", "api_tokens"} <= set(
+        inspect(db.engine).get_table_names()
+    )
+    db.dispose()
+
+
+def test_concurrent_appends_keep_one_unbroken_chain(tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
+    upgrade_to_head(db)
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(25):
+                with db.transaction() as s:
+                    # read-then-write inside one transaction, as services do
+                    s.scalar(select(func.count()).select_from(AuditEvent))
+                    record(s, AuditContext(actor=f"w{n}", auth_method="test"), "test.append", details={"i": i})
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    result = verify_chain(db)
+    assert result.ok and result.events == 150 and result.head_seq == 150
+    db.dispose()
+
+
+def test_rolled_back_action_leaves_no_event(tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'r.db'}")
+    upgrade_to_head(db)
+    try:
+        with db.transaction() as s:
+            record(s, AuditContext(actor="a", auth_method="test"), "test.fail")
+            raise RuntimeError("action failed after auditing")
+    except RuntimeError:
+        pass
+    with db.read() as s:
+        assert s.scalar(select(func.count()).select_from(AuditEvent)) == 0
+    assert verify_chain(db).ok
+    db.dispose()
