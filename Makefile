@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml Makefile
 
 run: $(STAMP)
 	$(BIN)/appliance init
+	$(BIN)/appliance models import --demo --if-missing
 	$(BIN)/appliance serve
 
 test: $(STAMP)

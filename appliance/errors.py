@@ -79,6 +79,16 @@ class CrossProjectDenied(NotFoundError):
     """
 
 
+class PolicyViolationError(InvalidRequestError):
+    """Content breaks the project's data policy (HTTP 422); ``details`` is the scan summary."""
+
+    code = "policy_violation"
+
+    def __init__(self, message: str, *, param: str | None = None, details: dict | None = None) -> None:
+        super().__init__(message, param=param)
+        self.details = details or {}
+
+
 class ConflictError(ApplianceError):
     """The request clashes with existing state, e.g. a duplicate name (HTTP 409)."""
 

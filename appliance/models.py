@@ -1,6 +1,13 @@
 """Imports every table module so ``Base.metadata`` is complete (migrations, tests)."""
 
 from appliance.audit.models import AuditEvent, AuditHead
+from appliance.catalog.models import AdapterRecord, BaseModelRecord
+from appliance.files.models import ProjectPolicy, ScanFinding, StoredFile
 from appliance.identity.models import ApiToken, Project, RoleBinding, User
+from appliance.jobs.models import FineTuningJob, JobCheckpoint, JobEvent
+from appliance.storage.models import DataKey
 
-__all__ = ["ApiToken", "AuditEvent", "AuditHead", "Project", "RoleBinding", "User"]
+__all__ = [
+    "AdapterRecord", "ApiToken", "AuditEvent", "AuditHead", "BaseModelRecord", "DataKey", "FineTuningJob",
+    "JobCheckpoint", "JobEvent", "Project", "ProjectPolicy", "RoleBinding", "ScanFinding", "StoredFile", "User",
+]

@@ -121,6 +121,30 @@ class AuthSettings:
 
 
 @dataclass(frozen=True)
+class IntakeSettings:
+    """Uploads, scanning and policy."""
+
+    max_upload_bytes: int = field(
+        default=1024 * 1024 * 1024,
+        metadata=_env("APPLIANCE_MAX_UPLOAD_BYTES", "Largest accepted upload, bytes.", minimum=1),
+    )
+    max_line_bytes: int = field(
+        default=8 * 1024 * 1024,
+        metadata=_env("APPLIANCE_MAX_LINE_BYTES", "Longest accepted JSONL line, bytes.", minimum=1024),
+    )
+    max_findings: int = field(
+        default=100_000,
+        metadata=_env("APPLIANCE_MAX_FINDINGS", "Findings kept per file for the report (counts stay exact).", minimum=1),
+    )
+    default_policy: Path | None = field(
+        default=None,
+        metadata=_env(
+            "APPLIANCE_DEFAULT_POLICY", "Policy for projects without their own; empty means the shipped default.yaml."
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     """All settings, one attribute per concern."""
 
@@ -130,14 +154,27 @@ class Settings:
     keys: KeySettings
     log: LogSettings
     auth: AuthSettings
+    intake: IntakeSettings
 
     @property
     def database_url(self) -> str:
         return self.database.url or f"sqlite:///{self.home.home / 'appliance.db'}"
 
     @property
+    def blobs_dir(self) -> Path:
+        return self.home.data_dir / "blobs"
+
+    @property
     def key_file(self) -> Path:
         return self.keys.key_file or self.home.home / "keys" / "master.key"
+
+    @property
+    def signing_key_file(self) -> Path:
+        return self.key_file.parent / "signing.key"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home.home / "models"
 
 
 _TRUE = {"1", "true", "yes", "on"}

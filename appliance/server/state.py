@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from appliance.catalog.service import CatalogService
+from appliance.crypto.envelope import FileKeyProvider
 from appliance.db.base import Database
+from appliance.files.policies import PolicyService
+from appliance.files.service import FileService
 from appliance.identity.auth import FailureLimiter
 from appliance.identity.service import IdentityService
+from appliance.jobs.scheduler import Scheduler, SchedulerSettings
+from appliance.jobs.service import JobService
+from appliance.scanning import build_scanner
 from appliance.settings import Settings
+from appliance.storage.blobs import BlobStore
 
 
 @dataclass
@@ -18,15 +26,34 @@ class AppState:
     db: Database
     identity: IdentityService
     limiter: FailureLimiter
+    keys: FileKeyProvider
+    blobs: BlobStore
+    files: FileService
+    catalog: CatalogService
+    jobs: JobService
+    scheduler: Scheduler
 
 
-def build_state(settings: Settings, db: Database | None = None) -> AppState:
+def build_state(
+    settings: Settings, db: Database | None = None, scheduler_settings: SchedulerSettings | None = None
+) -> AppState:
     db = db or Database(
         settings.database_url, echo=settings.database.echo, busy_timeout_ms=settings.database.busy_timeout_ms
     )
+    keys = FileKeyProvider(settings.key_file)
+    blobs = BlobStore(settings.blobs_dir, keys)
+    policies = PolicyService(db, settings.intake.default_policy)
+    catalog = CatalogService(db, blobs, settings.models_dir, settings.signing_key_file)
+    scheduler = Scheduler(db, blobs, catalog, scheduler_settings or SchedulerSettings())
     return AppState(
         settings=settings,
         db=db,
         identity=IdentityService(db),
         limiter=FailureLimiter(settings.auth.max_failures, settings.auth.failure_window_s),
+        keys=keys,
+        blobs=blobs,
+        files=FileService(db, blobs, build_scanner, policies, settings.intake),
+        catalog=catalog,
+        jobs=JobService(db, catalog, wake=scheduler.wake),
+        scheduler=scheduler,
     )

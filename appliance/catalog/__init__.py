@@ -1,0 +1,1 @@
+"""The catalogue of base models and fine-tuned adapters (``/v1/models``)."""

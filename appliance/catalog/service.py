@@ -1,0 +1,221 @@
+"""Base models and adapters: import, list, publish, read and export."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from appliance.audit.service import AuditContext, record
+from appliance.catalog.models import AdapterRecord, BaseModelRecord
+from appliance.crypto.signing import load_or_create_signing_key, public_key_pem, sign, verify
+from appliance.db.base import Database, utcnow
+from appliance.errors import ConflictError, InvalidRequestError, NotFoundError
+from appliance.identity.models import Project
+from appliance.identity.service import Principal
+from appliance.storage.blobs import BlobStore
+
+_MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def check_model_name(name: str, *, param: str = "name") -> str:
+    if not _MODEL_NAME_RE.match(name or ""):
+        raise InvalidRequestError(
+            f"`{param}` must be 1-128 characters of letters, digits, '.', '_' or '-'; got {name!r}", param=param
+        )
+    return name
+
+
+def pack_files(files: dict[str, bytes]) -> bytes:
+    """A deterministic uncompressed tar of ``{name: bytes}`` (the adapter directory)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in sorted(files):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(files[name]), 0o600, 0
+            tar.addfile(info, io.BytesIO(files[name]))
+    return buf.getvalue()
+
+
+def unpack_files(data: bytes) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+        for member in tar.getmembers():
+            if not member.isfile() or "/" in member.name or member.name.startswith("."):
+                raise InvalidRequestError(f"unexpected member {member.name!r} in an adapter archive")
+            out[member.name] = tar.extractfile(member).read()
+    return out
+
+
+@dataclass(frozen=True)
+class AdapterView:
+    row: AdapterRecord
+    project: str
+
+
+#: Called with the adapter id after it is published or before it is removed.
+AdapterHook = Callable[[str], None]
+
+
+class CatalogService:
+    """The model catalogue.
+
+    Args:
+        db: The database.
+        blobs: Encrypted storage for adapters.
+        models_dir: Where imported base models live (plaintext: they are not customer data).
+        signing_key_path: Ed25519 key signing adapter manifests.
+    """
+
+    def __init__(self, db: Database, blobs: BlobStore, models_dir: Path, signing_key_path: Path) -> None:
+        self.db, self.blobs, self.models_dir = db, blobs, models_dir
+        self.signing_key_path = signing_key_path
+        self.on_publish: list[AdapterHook] = []
+        self.on_remove: list[AdapterHook] = []
+
+    # -- base models --------------------------------------------------------
+    def import_model(self, ctx: AuditContext, src: Path, name: str, *, demo: bool = False) -> BaseModelRecord:
+        """Import a Hugging Face directory or GGUF file as base model ``name`` (no network)."""
+        from appliance.modelstore import import_model
+
+        check_model_name(name)
+        with self.db.read() as s:
+            if s.scalar(select(BaseModelRecord).where(BaseModelRecord.name == name)) is not None:
+                raise ConflictError(f"base model {name!r} already exists", param="name")
+        dest = self.models_dir / name
+        if dest.exists():
+            shutil.rmtree(dest)  # leftover of an interrupted import: nothing references it
+        self.models_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            info = import_model(src, dest, name)
+            with self.db.transaction() as s:
+                row = BaseModelRecord(
+                    name=name, kind="llm", path=str(dest), content_sha256=info.content_sha256,
+                    architecture=info.architecture, parameters=info.parameters,
+                    info={"dtype": info.dtype, "chat_template": info.has_chat_template, "source": str(src),
+                          "demo": demo},
+                    imported_by=ctx.actor,
+                )
+                s.add(row)
+                s.flush()
+                record(s, ctx, "model.import", resource_type="base_model", resource_id=name,
+                       details={"sha256": info.content_sha256, "architecture": info.architecture,
+                                "parameters": info.parameters, "source": src.name})
+            return row
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+
+    def list_base_models(self) -> list[BaseModelRecord]:
+        with self.db.read() as s:
+            return list(s.scalars(select(BaseModelRecord).order_by(BaseModelRecord.created_at)))
+
+    def get_base_model(self, name: str, *, param: str = "model") -> BaseModelRecord:
+        with self.db.read() as s:
+            row = s.scalar(select(BaseModelRecord).where(BaseModelRecord.name == name))
+        if row is None:
+            raise NotFoundError(f"model {name!r} not found; see GET /v1/models", param=param)
+        return row
+
+    # -- adapters -----------------------------------------------------------
+    def signing_key(self):
+        return load_or_create_signing_key(self.signing_key_path)
+
+    def public_key_pem(self) -> str:
+        return public_key_pem(self.signing_key())
+
+    def publish(self, s: Session, ctx: AuditContext, *, adapter_id: str, job_id: str, project: Project,
+                base_model: str, kind: str, files: dict[str, bytes], manifest: dict[str, Any]) -> AdapterRecord:
+        """Encrypt and register an adapter inside the caller's transaction (the job's success)."""
+        object_id = f"adapter-{job_id.removeprefix('ftjob-')}"
+        packed = pack_files(files)
+        with self.blobs.writing(object_id, project.name, "adapter") as writer:
+            writer.write(packed)
+            key_row = writer.finish()
+            try:
+                manifest = dict(manifest, adapter=adapter_id, files={n: len(b) for n, b in sorted(files.items())})
+                signature = sign(self.signing_key(), manifest)
+                s.add(key_row)
+                row = AdapterRecord(id=adapter_id, job_id=job_id, project_id=project.id, base_model=base_model,
+                                    kind=kind, object_id=object_id, manifest=manifest, signature=signature)
+                s.add(row)
+                s.flush()
+                record(s, ctx, "adapter.publish", resource_type="adapter", resource_id=adapter_id,
+                       project=project.name, details={"job_id": job_id, "base_model": base_model,
+                                                      "manifest_signature": signature[:16]})
+            except BaseException:
+                writer.abort()
+                raise
+        return row
+
+    def _adapter(self, principal: Principal | None, adapter_id: str) -> AdapterView:
+        with self.db.read() as s:
+            row = s.get(AdapterRecord, adapter_id)
+            project = s.get(Project, row.project_id) if row else None
+        if row is None or row.deleted_at is not None:
+            raise NotFoundError(f"model {adapter_id!r} not found", param="model")
+        if principal is not None:
+            principal.check_project(row.project_id, resource=f"model {adapter_id!r}")
+        return AdapterView(row, project.name)
+
+    def get_adapter(self, principal: Principal | None, adapter_id: str) -> AdapterView:
+        return self._adapter(principal, adapter_id)
+
+    def list_adapters(self, principal: Principal | None) -> list[AdapterView]:
+        with self.db.read() as s:
+            stmt = (select(AdapterRecord, Project.name).join(Project, Project.id == AdapterRecord.project_id)
+                    .where(AdapterRecord.deleted_at.is_(None)).order_by(AdapterRecord.created_at))
+            if principal is not None and principal.project_id is not None:
+                stmt = stmt.where(AdapterRecord.project_id == principal.project_id)
+            return [AdapterView(r, p) for r, p in s.execute(stmt).all()]
+
+    def adapter_files(self, adapter_id: str) -> dict[str, bytes]:
+        """Decrypt an adapter's files into memory (serving and export)."""
+        view = self._adapter(None, adapter_id)
+        with self.db.read() as s:
+            data = b"".join(self.blobs.read(s, view.row.object_id))
+        return unpack_files(data)
+
+    def verify_manifest(self, view: AdapterView) -> bool:
+        return verify(self.signing_key().public_key(), view.row.manifest, view.row.signature)
+
+    def export(self, principal: Principal | None, ctx: AuditContext, adapter_id: str, dest: Path) -> Path:
+        """Write the decrypted adapter directory plus ``manifest.json`` and its signature. Audited."""
+        view = self._adapter(principal, adapter_id)
+        if dest.exists() and any(dest.iterdir()):
+            raise InvalidRequestError(f"destination {dest} is not empty", param="DIR")
+        files = self.adapter_files(adapter_id)
+        dest.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (dest / name).write_bytes(data)
+        (dest / "manifest.json").write_text(json.dumps(view.row.manifest, indent=2, sort_keys=True))
+        (dest / "manifest.sig").write_text(view.row.signature + "\n")
+        (dest / "signing-key.pub").write_text(self.public_key_pem())
+        with self.db.transaction() as s:
+            record(s, ctx, "adapter.export", resource_type="adapter", resource_id=adapter_id,
+                   project=view.project, details={"destination": str(dest), "files": sorted(files)})
+        return dest
+
+    def delete_adapter(self, principal: Principal | None, ctx: AuditContext, adapter_id: str) -> None:
+        """Unload from serving, crypto-shred the artefact and hide the adapter."""
+        view = self._adapter(principal, adapter_id)
+        for hook in self.on_remove:
+            hook(adapter_id)
+        with self.db.transaction() as s:
+            row = s.get(AdapterRecord, adapter_id)
+            row.deleted_at = utcnow()
+            evidence = self.blobs.shred(s, row.object_id)
+            record(s, ctx, "adapter.delete", resource_type="adapter", resource_id=adapter_id, project=view.project,
+                   details={"crypto_shred": {"kek_id": evidence.kek_id,
+                                             "key_destroyed_at": evidence.shredded_at.isoformat()}})
+        self.blobs.remove(view.row.object_id)

@@ -1,0 +1,1 @@
+"""Data intake: the OpenAI-shaped Files API, scanning, policy and encrypted storage."""

@@ -1,0 +1,118 @@
+"""HTTP routes of the Files API (``/v1/files``) and project policies."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from litestar import Controller, Request, delete, get, post, put
+from litestar.di import NamedDependency
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
+from litestar.response import Stream
+
+from appliance.files.schemas import (
+    FileDeleted,
+    FileList,
+    FileObject,
+    FindingOut,
+    PolicyIn,
+    PolicyOut,
+    ScanReport,
+)
+from appliance.files.service import FileService, FileView
+from appliance.identity.roles import Permission
+from appliance.identity.service import IdentityService
+from appliance.server.context import audit_context
+
+
+def file_object(view: FileView) -> FileObject:
+    r = view.row
+    return FileObject(
+        id=r.id, bytes=r.bytes, created_at=int(r.created_at.timestamp()), filename=r.filename, purpose=r.purpose,
+        status=r.status, project=view.project, scan=r.scan_summary,
+    )
+
+
+class FileController(Controller):
+    path = "/v1/files"
+    tags = ["files"]
+
+    @post(opt={"permission": Permission.FILES_WRITE}, request_max_body_size=None)
+    async def upload(self, request: Request, files: NamedDependency[FileService]) -> FileObject:
+        """Upload a JSONL training file (multipart: `purpose`, then `file`).
+
+        The file is streamed through validation, the PII and secret scanner and
+        the project's policy, redacted where the policy says so, and stored
+        encrypted. A file with blocked content is rejected with 422 and a
+        report of which entity types were found on which lines.
+        """
+        view = await files.upload(request.user, audit_context(request), request.headers, request.stream())
+        return file_object(view)
+
+    @get(opt={"permission": Permission.FILES_READ}, sync_to_thread=True)
+    def list_files(
+        self,
+        request: Request,
+        files: NamedDependency[FileService],
+        purpose: FromQuery[str | None] = None,
+        after: FromQuery[str | None] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=10_000)] = 10_000,
+        order: FromQuery[Literal["asc", "desc"]] = "desc",
+        project: FromQuery[str | None] = None,
+    ) -> FileList:
+        views, has_more = files.list(request.user, project=project, purpose=purpose, after=after, limit=limit,
+                                     order=order)
+        data = [file_object(v) for v in views]
+        return FileList(data=data, has_more=has_more, first_id=data[0].id if data else None,
+                        last_id=data[-1].id if data else None)
+
+    @get("/{file_id:str}", opt={"permission": Permission.FILES_READ}, sync_to_thread=True)
+    def retrieve(self, request: Request, files: NamedDependency[FileService], file_id: FromPath[str]) -> FileObject:
+        return file_object(files.get(request.user, file_id))
+
+    @delete("/{file_id:str}", opt={"permission": Permission.FILES_WRITE}, status_code=200, sync_to_thread=True)
+    def delete_file(self, request: Request, files: NamedDependency[FileService], file_id: FromPath[str]) -> FileDeleted:
+        """Crypto-shred the file: its data key is destroyed and its ciphertext removed."""
+        view = files.delete(request.user, audit_context(request), file_id)
+        return FileDeleted(id=view.row.id)
+
+    @get("/{file_id:str}/content", opt={"permission": Permission.FILES_CONTENT}, sync_to_thread=True)
+    def content(self, request: Request, files: NamedDependency[FileService], file_id: FromPath[str]) -> Stream:
+        """The stored (possibly redacted) content, decrypted. Audited."""
+        view, chunks = files.content(request.user, audit_context(request), file_id)
+        return Stream(chunks, media_type="application/octet-stream",
+                      headers={"Content-Disposition": f'attachment; filename="{view.row.id}.jsonl"'})
+
+    @get("/{file_id:str}/scan", opt={"permission": Permission.FILES_READ}, sync_to_thread=True)
+    def scan(self, request: Request, files: NamedDependency[FileService], file_id: FromPath[str]) -> ScanReport:
+        """What the scanner found, per record and field, and what the policy did: never the values."""
+        view, findings = files.scan_report(request.user, file_id)
+        summary = view.row.scan_summary
+        return ScanReport(
+            file_id=view.row.id, decision=view.row.decision, policy_sha256=view.row.policy_hash,
+            records=view.row.records, counts={k: summary.get(k) for k in
+                                              ("findings", "by_entity_type", "by_action", "redacted_records",
+                                               "findings_truncated")},
+            findings=[FindingOut(f.record, f.field, f.entity_type, f.start, f.end, f.score, f.action)
+                      for f in findings],
+        )
+
+
+class PolicyController(Controller):
+    path = "/api/v1/projects/{name:str}/policy"
+    tags = ["policy"]
+
+    @get(opt={"permission": Permission.PROJECTS_READ}, sync_to_thread=True)
+    def get_policy(self, request: Request, identity: NamedDependency[IdentityService],
+                   files: NamedDependency[FileService], name: FromPath[str]) -> PolicyOut:
+        """The policy that applies to the project's uploads (its own or the default)."""
+        project = identity.get_project(request.user, name)
+        eff = files.policies.describe(project)
+        return PolicyOut(project=name, source=eff.source, sha256=eff.policy.sha256, text=eff.text)
+
+    @put(opt={"permission": Permission.PROJECTS_MANAGE}, sync_to_thread=True)
+    def set_policy(self, request: Request, identity: NamedDependency[IdentityService],
+                   files: NamedDependency[FileService], name: FromPath[str], data: JSONBody[PolicyIn]) -> PolicyOut:
+        """Replace the project's policy; every error in it is reported at once."""
+        project = identity.get_project(request.user, name)
+        eff = files.policies.set(audit_context(request), project, data.text)
+        return PolicyOut(project=name, source=eff.source, sha256=eff.policy.sha256, text=eff.text)

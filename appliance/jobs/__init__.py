@@ -1,0 +1,1 @@
+"""Fine-tuning jobs: API, queue, isolated workers."""

@@ -1,0 +1,115 @@
+"""The training worker: ``python -m appliance.jobs.worker IN_FD OUT_FD``.
+
+Started by :mod:`appliance.jobs.sandbox` with no network, a scrubbed
+environment and a private temp dir. It receives the job and its datasets'
+data keys on ``IN_FD``, decrypts the datasets in memory, trains, and sends
+events, checkpoints and the adapter back on ``OUT_FD``. It writes nothing of
+the data to disk. If the scheduler goes away (its pipe closes), it exits.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import json
+import os
+import socket
+import sys
+import threading
+import traceback
+from typing import Any
+
+from appliance.crypto.stream import blob_context, decrypt_stream
+from appliance.errors import ApplianceError
+from appliance.jobs.wire import FrameReader, write_frame
+
+
+class Channel:
+    """The worker's side of the pipes."""
+
+    def __init__(self, in_fd: int, out_fd: int) -> None:
+        self.reader = FrameReader(in_fd)
+        self.out_fd = out_fd
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+
+    def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        with self._lock:
+            try:
+                write_frame(self.out_fd, header, payload)
+            except BrokenPipeError:
+                os._exit(3)  # the scheduler is gone: nobody to report to
+
+    def event(self, message: str, *, level: str = "info", type: str = "message", data: dict | None = None) -> None:
+        self.send({"type": "event", "level": level, "event_type": type, "message": message, "data": data})
+
+    def watch_control(self) -> None:
+        """Background: set :attr:`stop` on a stop message; exit if the scheduler died."""
+        while True:
+            frame = self.reader.read()
+            if frame is None:
+                os._exit(3)  # pipe closed: the server was killed; die with it
+            if frame[0].get("type") == "stop":
+                self.stop.set()
+
+
+def network_probe() -> dict[str, Any]:
+    """Try to open a connection out; report interfaces and the error."""
+    interfaces = sorted(name for _, name in socket.if_nameindex())
+    try:
+        with socket.create_connection(("10.255.255.1", 9), timeout=1.5):
+            outcome = "connected"
+    except OSError as exc:
+        outcome = errno.errorcode.get(exc.errno, type(exc).__name__) if exc.errno else type(exc).__name__
+    return {"interfaces": interfaces, "connect": outcome}
+
+
+def load_records(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Decrypt one dataset blob in memory and parse its JSONL records."""
+    key = base64.b64decode(spec["key"])
+    buffer = bytearray()
+    with open(spec["path"], "rb") as fh:
+        for chunk in decrypt_stream(key, blob_context(spec["object_id"], spec["project"]), fh):
+            buffer += chunk
+    records = [json.loads(line) for line in bytes(buffer).decode("utf-8").splitlines() if line.strip()]
+    buffer[:] = b"\0" * len(buffer)
+    return records
+
+
+def run(channel: Channel, start: dict[str, Any], resume: bytes) -> None:
+    from appliance.jobs.tasks import run_task
+
+    probe = network_probe()
+    isolated = probe["connect"] in ("ENETUNREACH", "EHOSTUNREACH") and probe["interfaces"] == ["lo"]
+    channel.event(
+        "Network isolation verified: the worker has no route out" if isolated
+        else "Network isolation unavailable on this host: the worker relies on offline libraries only",
+        level="info" if isolated else "warn", type="isolation", data=probe,
+    )
+    datasets = {d["role"]: load_records(d) for d in start["datasets"]}
+    run_task(channel, start, datasets, resume or None)
+
+
+def main(argv: list[str]) -> int:
+    in_fd, out_fd = int(argv[1]), int(argv[2])
+    channel = Channel(in_fd, out_fd)
+    frame = channel.reader.read()
+    if frame is None or frame[0].get("type") != "start":
+        return 2
+    start, resume = frame
+    threading.Thread(target=channel.watch_control, daemon=True).start()
+    try:
+        run(channel, start, resume)
+    except ApplianceError as exc:
+        channel.send({"type": "error", "code": exc.code, "message": exc.message, "param": exc.param})
+        return 1
+    except BaseException as exc:  # noqa: BLE001 - reported, never with its message (it may quote data)
+        frames = "".join(traceback.format_tb(exc.__traceback__))
+        channel.send({"type": "error", "code": "worker_error",
+                      "message": f"training failed with {type(exc).__name__}", "trace": frames[-4000:]})
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,1 @@
+"""Encrypted blob storage: every stored object sealed under its own wrapped data key."""

@@ -1,0 +1,167 @@
+"""Write, read and shred encrypted blobs under ``$APPLIANCE_HOME/data/blobs``.
+
+Plaintext exists only in memory: writers encrypt segment by segment into a
+temporary file in the blob directory that is renamed into place when the
+object is complete, and removed if it is not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from appliance.crypto.envelope import KeyProvider, WrappedKey, new_data_key
+from appliance.crypto.stream import SegmentEncryptor, blob_context, decrypt_stream
+from appliance.db.base import utcnow
+from appliance.errors import NotFoundError
+from appliance.storage.models import DataKey
+
+TMP_PREFIX = ".tmp-"
+
+
+def key_context(object_id: str, project: str) -> str:
+    return f"{object_id}|{project}"
+
+
+@dataclass(frozen=True)
+class ShredEvidence:
+    """What crypto-shredding destroyed, for the audit log."""
+
+    object_id: str
+    kek_id: str
+    shredded_at: datetime
+
+
+class BlobWriter:
+    """Streams plaintext into a new encrypted blob; see :meth:`BlobStore.create`."""
+
+    def __init__(self, store: BlobStore, object_id: str, project: str, kind: str) -> None:
+        self.store, self.object_id, self.project, self.kind = store, object_id, project, kind
+        self._data_key = new_data_key()
+        self._wrapped = store.keys.wrap(self._data_key, key_context(object_id, project))
+        self._enc = SegmentEncryptor(self._data_key, blob_context(object_id, project))
+        self.final_path = store.path_of(object_id)
+        self.final_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._tmp = self.final_path.with_name(f"{TMP_PREFIX}{object_id}.{secrets.token_hex(4)}")
+        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._fh = os.fdopen(fd, "wb")
+        self.ciphertext_bytes = 0
+        self._done = False
+
+    @property
+    def plaintext_bytes(self) -> int:
+        return self._enc.plaintext_bytes
+
+    def write(self, data: bytes) -> None:
+        out = self._enc.update(data)
+        if out:
+            self._fh.write(out)
+            self.ciphertext_bytes += len(out)
+
+    def finish(self) -> DataKey:
+        """Seal, fsync and move the blob into place; returns its (unsaved) key row.
+
+        The caller adds the row in the transaction that records the object,
+        and calls :meth:`abort` if that transaction fails.
+        """
+        out = self._enc.finish()
+        self._fh.write(out)
+        self.ciphertext_bytes += len(out)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        os.replace(self._tmp, self.final_path)
+        self._done = True
+        return DataKey(
+            object_id=self.object_id, project=self.project, kind=self.kind, kek_id=self._wrapped.kek_id,
+            wrapped=self._wrapped.blob, ciphertext_bytes=self.ciphertext_bytes,
+        )
+
+    def abort(self) -> None:
+        """Discard everything written; safe to call more than once."""
+        if not self._fh.closed:
+            self._fh.close()
+        self._tmp.unlink(missing_ok=True)
+        if self._done:
+            self.final_path.unlink(missing_ok=True)
+
+
+class BlobStore:
+    """Encrypted objects on disk, keys in the ``data_keys`` table.
+
+    Args:
+        root: Directory of the blobs (created 0700).
+        keys: Wraps and unwraps the data keys.
+    """
+
+    def __init__(self, root: Path, keys: KeyProvider) -> None:
+        self.root = root
+        self.keys = keys
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def path_of(self, object_id: str) -> Path:
+        return self.root / object_id[-2:] / f"{object_id}.blob"
+
+    def create(self, object_id: str, project: str, kind: str) -> BlobWriter:
+        return BlobWriter(self, object_id, project, kind)
+
+    @contextlib.contextmanager
+    def writing(self, object_id: str, project: str, kind: str) -> Iterator[BlobWriter]:
+        """A writer that is aborted if the block raises."""
+        writer = self.create(object_id, project, kind)
+        try:
+            yield writer
+        except BaseException:
+            writer.abort()
+            raise
+
+    def read(self, session: Session, object_id: str) -> Iterator[bytes]:
+        """Decrypt an object segment by segment (raises IntegrityError on tampering)."""
+        row = session.get(DataKey, object_id)
+        if row is None or row.wrapped is None:
+            raise NotFoundError(f"object {object_id!r} has no key (deleted)")
+        data_key = self.keys.unwrap(WrappedKey(row.kek_id, row.wrapped), key_context(object_id, row.project))
+        context = blob_context(object_id, row.project)
+        path = self.path_of(object_id)
+
+        def generate() -> Iterator[bytes]:
+            with open(path, "rb") as fh:
+                yield from decrypt_stream(data_key, context, fh)
+
+        return generate()
+
+    def shred(self, session: Session, object_id: str) -> ShredEvidence:
+        """Destroy the wrapped data key in ``session``'s transaction.
+
+        Once that commits, the ciphertext is unrecoverable even with the master
+        key; call :meth:`remove` after the commit to delete the file as well.
+        """
+        row = session.get(DataKey, object_id)
+        if row is None:
+            raise NotFoundError(f"object {object_id!r} not found")
+        row.wrapped = None
+        row.shredded_at = utcnow()
+        session.flush()
+        return ShredEvidence(object_id, row.kek_id, row.shredded_at)
+
+    def remove(self, object_id: str) -> bool:
+        """Delete an object's ciphertext file; True if there was one."""
+        path = self.path_of(object_id)
+        existed = path.exists()
+        path.unlink(missing_ok=True)
+        return existed
+
+    def sweep_temporaries(self) -> int:
+        """Remove leftovers of writes interrupted by a crash; returns how many."""
+        count = 0
+        for tmp in self.root.glob(f"*/{TMP_PREFIX}*"):
+            tmp.unlink(missing_ok=True)
+            count += 1
+        return count

@@ -1,0 +1,1 @@
+"""Shipped data policies (``default.yaml``); packaged so installs find them."""
