@@ -1,6 +1,6 @@
 """Imports every table module so ``Base.metadata`` is complete (migrations, tests)."""
 
-from appliance.audit.models import AuditEvent, AuditHead
+from appliance.audit.models import AuditCheckpoint, AuditEvent, AuditHead
 from appliance.catalog.models import AdapterRecord, BaseModelRecord
 from appliance.files.models import ProjectPolicy, ScanFinding, StoredFile
 from appliance.identity.models import ApiToken, Project, RoleBinding, User
@@ -8,6 +8,6 @@ from appliance.jobs.models import FineTuningJob, JobCheckpoint, JobEvent
 from appliance.storage.models import DataKey
 
 __all__ = [
-    "AdapterRecord", "ApiToken", "AuditEvent", "AuditHead", "BaseModelRecord", "DataKey", "FineTuningJob",
+    "AdapterRecord", "ApiToken", "AuditCheckpoint", "AuditEvent", "AuditHead", "BaseModelRecord", "DataKey", "FineTuningJob",
     "JobCheckpoint", "JobEvent", "Project", "ProjectPolicy", "RoleBinding", "ScanFinding", "StoredFile", "User",
 ]

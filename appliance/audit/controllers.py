@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from litestar import Controller, Request, get
+from litestar import Controller, Request, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromQuery, QueryParameter
 
 from appliance.audit.schemas import AuditEventList, AuditEventOut, ChainStatus
 from appliance.audit.service import EventFilter, read_events, record_verification, verify_chain
+from appliance.errors import InvalidRequestError
 from appliance.identity.roles import Permission
 from appliance.identity.service import Principal
 from appliance.server.context import audit_context
@@ -72,3 +74,40 @@ class AuditController(Controller):
         result = verify_chain(appliance.db)
         record_verification(appliance.db, audit_context(request), result)
         return ChainStatus(result.ok, result.events, result.head_seq, result.bad_seq, result.problem)
+
+
+class AuditProofController(Controller):
+    """Signed checkpoints and Merkle proofs (RFC 9162) for auditors."""
+
+    path = "/api/v1/audit"
+    tags = ["audit"]
+
+    @post("/checkpoints", opt={"permission": Permission.AUDIT_READ}, status_code=201, sync_to_thread=True)
+    def checkpoint(self, request: Request, appliance: NamedDependency[AppState]) -> dict[str, Any]:
+        """Sign the current tree head; store the returned document off this machine."""
+        from appliance.audit.checkpoints import create_checkpoint
+
+        cp = create_checkpoint(appliance.db, appliance.catalog.signing_key(), audit_context(request))
+        return json.loads(cp.to_json())
+
+    @get("/proofs/inclusion", opt={"permission": Permission.AUDIT_READ}, sync_to_thread=True)
+    def inclusion_proof(self, appliance: NamedDependency[AppState],
+                        seq: Annotated[int, QueryParameter(ge=1)],
+                        tree_size: Annotated[int | None, QueryParameter(ge=1)] = None) -> dict[str, Any]:
+        from appliance.audit.checkpoints import inclusion
+
+        size = tree_size or verify_chain(appliance.db).head_seq
+        if seq > size:
+            raise InvalidRequestError(f"`seq` {seq} is beyond tree size {size}", param="seq")
+        return inclusion(appliance.db, seq, size)
+
+    @get("/proofs/consistency", opt={"permission": Permission.AUDIT_READ}, sync_to_thread=True)
+    def consistency_proof(self, appliance: NamedDependency[AppState],
+                          first: Annotated[int, QueryParameter(ge=1)],
+                          second: Annotated[int | None, QueryParameter(ge=1)] = None) -> dict[str, Any]:
+        from appliance.audit.checkpoints import consistency
+
+        size = second or verify_chain(appliance.db).head_seq
+        if first > size:
+            raise InvalidRequestError(f"`first` {first} is beyond tree size {size}", param="first")
+        return consistency(appliance.db, first, size)

@@ -10,7 +10,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
 
 from appliance import __version__
-from appliance.audit.controllers import AuditController
+from appliance.audit.controllers import AuditController, AuditProofController
 from appliance.identity.auth import PUBLIC_OPT, BearerAuthMiddleware, permission_guard
 from appliance.catalog.controllers import ModelController
 from appliance.files.controllers import FileController, PolicyController
@@ -23,7 +23,8 @@ from appliance.server.state import AppState, build_state
 from appliance.settings import Settings, get_settings
 
 ROUTE_HANDLERS = [
-    health, MeController, ProjectController, UserController, TokenController, AuditController, FileController,
+    health, MeController, ProjectController, UserController, TokenController, AuditController, AuditProofController,
+    FileController,
     PolicyController, ModelController, JobController,
 ]
 

@@ -1,0 +1,243 @@
+"""The Files API end to end: official openai client, validation, policy, encryption at rest."""
+
+from __future__ import annotations
+
+import io
+import json
+import secrets
+import tempfile
+
+import openai
+import pytest
+from sqlalchemy import func, select
+
+from appliance.audit.models import AuditEvent
+from appliance.files.models import StoredFile
+from appliance.identity.roles import Role
+from appliance.storage.models import DataKey
+from tests.conftest import bearer
+
+
+def jsonl(*records) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in records)
+
+
+def chat(user: str, assistant: str) -> dict:
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+
+def openai_client(client, token: str, **kw) -> openai.OpenAI:
+    return openai.OpenAI(api_key=token, base_url=str(client.base_url) + "/v1", http_client=client, max_retries=0, **kw)
+
+
+@pytest.fixture
+def owner(make_token) -> str:
+    return make_token("olivia", Role.DATA_OWNER, "acme")
+
+
+def upload(client, token: str, data: bytes, *, purpose: str = "fine-tune", filename: str = "train.jsonl", **kw):
+    return client.post("/v1/files", headers=bearer(token), data={"purpose": purpose},
+                       files={"file": (filename, data, "application/jsonl")}, **kw)
+
+
+def audit(state, action: str) -> list[AuditEvent]:
+    with state.db.read() as s:
+        return list(s.scalars(select(AuditEvent).where(AuditEvent.action == action).order_by(AuditEvent.seq)))
+
+
+def stored_count(state) -> int:
+    with state.db.read() as s:
+        return s.scalar(select(func.count()).select_from(StoredFile))
+
+
+def test_openai_client_round_trip(client, owner):
+    api = openai_client(client, owner)
+    data = jsonl(chat("What is the capital of France?", "Paris."), chat("2+2?", "4"))
+    created = api.files.create(file=("qa.jsonl", data), purpose="fine-tune")
+    assert created.id.startswith("file-") and created.object == "file" and created.purpose == "fine-tune"
+    assert created.filename == "qa.jsonl" and created.status == "processed" and created.bytes > 0
+    assert created.model_extra["scan"]["decision"] == "accepted"
+    assert [f.id for f in api.files.list().data] == [created.id]
+    assert api.files.retrieve(created.id).bytes == created.bytes
+    content = api.files.content(created.id).read()
+    assert [json.loads(line) for line in content.splitlines()] == [json.loads(line) for line in data.splitlines()]
+    deleted = api.files.delete(created.id)
+    assert deleted.deleted is True and deleted.id == created.id
+    with pytest.raises(openai.NotFoundError):
+        api.files.retrieve(created.id)
+    assert api.files.list().data == []
+
+
+def test_plaintext_never_touches_disk(client, state, owner, tmp_path, monkeypatch):
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
+    planted = [f"zqx{secrets.token_hex(8)}" for _ in range(5)]
+    records = [chat(f"Internal code word {p} for the vault", f"Acknowledged {p}") for p in planted]
+    big = jsonl(*records) + jsonl(*[chat(f"filler {i} " * 40, "ok") for i in range(3000)])  # several segments
+    resp = upload(client, owner, big)
+    assert resp.status_code == 201, resp.text
+    file_id = resp.json()["id"]
+    content = client.get(f"/v1/files/{file_id}/content", headers=bearer(owner)).content
+    assert all(p.encode() in content for p in planted)  # stored, retrievable...
+    for root in (state.settings.home.home, private_tmp):  # ...and never in plaintext on disk
+        for path in root.rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                for p in planted:
+                    assert p.encode() not in data, f"planted value in plaintext in {path}"
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "fragment"),
+    [
+        (jsonl(chat("a", "b")) + b'{"messages": [\n', "line 2", "not valid JSON"),
+        (jsonl(chat("a", "b"), {"messages": [{"role": "wizard", "content": "x"}]}), "line 2: messages[0].role", "role"),
+        (jsonl({"prompt": "p"}), "line 1", "completion"),
+        (b"", "file", "no records"),
+        (b"\n\n", "file", "no records"),
+        (jsonl(chat("a", "b")) + b'{"text": "caf\xe9"}\n', "line 2", "UTF-8"),
+    ],
+)
+def test_invalid_files_are_rejected_naming_the_line_and_leave_nothing(client, state, owner, body, param, fragment):
+    resp = upload(client, owner, body)
+    assert resp.status_code == 400, resp.text
+    err = resp.json()["error"]
+    assert err["param"] == param and fragment in err["message"]
+    assert stored_count(state) == 0
+    assert [p for p in state.settings.blobs_dir.rglob("*") if p.is_file()] == []
+    [event] = audit(state, "file.reject")
+    assert event.outcome == "failure" and event.details["param"] == param
+
+
+def test_unknown_purpose_and_missing_parts(client, state, owner):
+    resp = upload(client, owner, jsonl(chat("a", "b")), purpose="assistants")
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "purpose"
+    resp = client.post("/v1/files", headers=bearer(owner), data={"purpose": "fine-tune"})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] in ("file", "Content-Type")
+    assert stored_count(state) == 0
+
+
+def test_over_the_size_limit_is_413_and_leaves_nothing(home, make_token):
+    from litestar.testing import TestClient
+
+    from appliance.bootstrap import open_initialized
+    from appliance.server.app import create_app
+    from appliance.server.state import build_state
+    from tests.conftest import make_settings
+
+    settings = make_settings(home.home.home, APPLIANCE_MAX_UPLOAD_BYTES="2000")
+    state = build_state(settings, open_initialized(settings))
+    with TestClient(create_app(settings, state, run_scheduler=False)) as client:
+        token = _token(state, "oscar", Role.DATA_OWNER, "acme")
+        resp = upload(client, token, jsonl(*[chat("x" * 50, "y" * 50) for _ in range(40)]))
+        assert resp.status_code == 413 and resp.json()["error"]["param"] == "file"
+        assert stored_count(state) == 0 and not any(p.is_file() for p in settings.blobs_dir.rglob("*"))
+    state.db.dispose()
+
+
+def _token(state, user, role, project):
+    from tests.conftest import CLI_CTX
+
+    state.identity.create_project(CLI_CTX, project)
+    state.identity.create_user(CLI_CTX, user)
+    state.identity.grant(CLI_CTX, user, role, project)
+    return state.identity.create_token(CLI_CTX, user, role, project)[1]
+
+
+def test_blocked_entities_reject_the_file_with_types_and_lines(client, state, owner):
+    body = jsonl(
+        chat("hello", "hi"),
+        chat("deploy with AKIAIOSFODNN7EXAMPLE please", "done"),
+        chat("nothing here", "fine"),
+        chat("card 4111 1111 1111 1111 exp 12/29", "noted"),
+    )
+    resp = upload(client, owner, body)
+    assert resp.status_code == 422, resp.text
+    err = resp.json()["error"]
+    assert err["code"] == "policy_violation"
+    assert "AWS_ACCESS_KEY" in err["message"] and "line 2" in err["message"]
+    assert "CREDIT_CARD" in err["message"] and "line 4" in err["message"]
+    assert "AKIAIOSFODNN7EXAMPLE" not in resp.text and "4111" not in resp.text
+    assert err["scan"]["decision"] == "rejected"
+    assert stored_count(state) == 0
+    [event] = audit(state, "file.reject")
+    assert event.outcome == "denied" and "AKIA" not in json.dumps(event.details)
+
+
+def test_redactable_entities_are_stored_redacted_and_reported(client, state, owner):
+    email = f"jane.{secrets.token_hex(4)}@example.com"
+    resp = upload(client, owner, jsonl(chat("hi", "hello"), chat(f"Please email {email} about it", "Sure.")))
+    assert resp.status_code == 201, resp.text
+    file_id = resp.json()["id"]
+    assert resp.json()["scan"]["by_action"].get("redact", 0) >= 1
+    content = client.get(f"/v1/files/{file_id}/content", headers=bearer(owner)).text
+    assert email not in content and "<EMAIL_ADDRESS>" in content
+    report = client.get(f"/v1/files/{file_id}/scan", headers=bearer(owner)).json()
+    [finding] = [f for f in report["findings"] if f["entity_type"] == "EMAIL_ADDRESS"]
+    text = f"Please email {email} about it"
+    assert finding["record"] == 1 and finding["field"] == "messages[0].content"
+    assert text[finding["start"]:finding["end"]] == email and finding["action"] == "redact"
+    assert email not in json.dumps(report)
+
+
+def test_other_projects_and_roles_cannot_reach_files(client, owner, make_token):
+    file_id = upload(client, owner, jsonl(chat("a", "b"))).json()["id"]
+    stranger = make_token("sam", Role.DATA_OWNER, "globex")
+    for method, path in [("get", f"/v1/files/{file_id}"), ("get", f"/v1/files/{file_id}/content"),
+                         ("delete", f"/v1/files/{file_id}"), ("get", f"/v1/files/{file_id}/scan")]:
+        assert getattr(client, method)(path, headers=bearer(stranger)).status_code == 404
+    assert client.get("/v1/files", headers=bearer(stranger)).json()["data"] == []
+    trainer = make_token("tina", Role.TRAINER, "acme")
+    assert client.get(f"/v1/files/{file_id}", headers=bearer(trainer)).status_code == 200
+    assert client.get(f"/v1/files/{file_id}/content", headers=bearer(trainer)).status_code == 403
+    consumer = make_token("carl", Role.CONSUMER, "acme")
+    assert upload(client, consumer, jsonl(chat("a", "b"))).status_code == 403
+
+
+def test_reading_content_is_audited_and_tampering_is_an_integrity_error(client, state, owner):
+    file_id = upload(client, owner, jsonl(*[chat(f"q{i}", f"a{i}") for i in range(10)])).json()["id"]
+    assert client.get(f"/v1/files/{file_id}/content", headers=bearer(owner)).status_code == 200
+    [event] = audit(state, "file.read_content")
+    assert event.resource_id == file_id and event.actor == "olivia"
+    path = state.blobs.path_of(file_id)
+    blob = bytearray(path.read_bytes())
+    blob[60] ^= 0x01
+    path.write_bytes(bytes(blob))
+    resp = client.get(f"/v1/files/{file_id}/content", headers=bearer(owner))
+    assert resp.status_code == 500 and resp.json()["error"]["code"] == "integrity_error"
+
+
+def test_delete_crypto_shreds(client, state, owner):
+    file_id = upload(client, owner, jsonl(chat("a", "b"))).json()["id"]
+    assert client.delete(f"/v1/files/{file_id}", headers=bearer(owner)).json()["deleted"] is True
+    assert not state.blobs.path_of(file_id).exists()
+    with state.db.read() as s:
+        key = s.get(DataKey, file_id)
+        assert key.wrapped is None and key.shredded_at is not None
+    [event] = audit(state, "file.delete")
+    assert event.details["crypto_shred"]["kek_id"] == key.kek_id
+
+
+def test_global_admin_must_name_the_project(client, admin_token, owner):
+    resp = upload(client, admin_token, jsonl(chat("a", "b")))
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "project"
+    resp = client.post("/v1/files", headers={**bearer(admin_token), "OpenAI-Project": "acme"},
+                       data={"purpose": "fine-tune"}, files={"file": ("t.jsonl", jsonl(chat("a", "b")))})
+    assert resp.status_code == 201 and resp.json()["project"] == "acme"
+
+
+def test_filename_with_personal_data_is_redacted(client, owner):
+    resp = upload(client, owner, jsonl(chat("a", "b")), filename="export_john.smith@acme-corp.com.jsonl")
+    assert resp.status_code == 201
+    assert "john.smith@acme-corp.com" not in resp.json()["filename"]
+
+
+def test_project_policy_can_be_read_and_replaced_by_admin(client, admin_token, owner):
+    h = bearer(admin_token)
+    current = client.get("/api/v1/projects/acme/policy", headers=bearer(owner)).json()
+    assert current["source"] == "default" and len(current["sha256"]) == 64
+    bad = client.put("/api/v1/projects/acme/policy", headers=h, json={"text": "entities:\n  EMAIL_ADDRESS:\n    action: hide\n"})
+    assert bad.status_code == 400 and "hide" in bad.json()["error"]["message"]
+    assert client.put("/api/v1/projects/acme/policy", headers=bearer(owner), json={"text": current["text"]}).status_code == 403
+    _ = io  # keep import used for future stream tests
