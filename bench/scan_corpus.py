@@ -386,7 +386,10 @@ def _nhs(rng: random.Random) -> str:
             return f"{s[:3]} {s[3:6]} {s[6:]}" if rng.random() < 0.6 else s
 
 
-PRODUCTS = ["Atlas", "Beacon", "Nimbus", "Orbit", "Quartz", "Helix", "Lumen", "Vertex", "Summit", "Harbor"]
+# Half dictionary words, half invented brand names, as product names are.
+PRODUCTS = ["Atlas", "Beacon", "Nimbus", "Orbit", "Quartz", "Zentrix", "Lumora", "Vexo", "Corvana", "Quillio"]
+TOOLS = ["Jira", "Salesforce", "Zendesk", "Kubernetes", "Grafana", "Okta", "Slack", "PostgreSQL", "Terraform",
+         "HubSpot", "Datadog", "Confluence", "SharePoint", "Tableau", "Snowflake", "GitHub", "Workday", "ServiceNow"]
 TEAMS = ["Finance", "Platform", "Customer Success", "Procurement", "Legal", "Data Engineering", "Security",
          "Marketing", "Support", "Facilities", "Sales Operations", "Human Resources"]
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday"]
@@ -444,6 +447,12 @@ CLEAN: list[str] = [
     "Version {ver} fixes the memory leak in the export job.",
     "Batch {n6} failed validation: {n3} rows had an empty amount column.",
     "The pallet weighs {n3} kg and measures 120 x 80 x {n3} cm.",
+    "The {tool} integration stopped syncing after the upgrade to {ver}.",
+    "Export the report from {tool} and attach it to the ticket.",
+    "We are moving our dashboards from {tool} to {tool2} next quarter.",
+    "Can you write a {tool} automation that closes stale tickets after {n2} days?",
+    "Our {tool} licence renewal is due in {month}; the quote is ${amt}k.",
+    "Single sign-on through {tool} fails for users in the {team} group.",
 ]
 
 SYSTEM_PROMPTS = [
@@ -479,7 +488,7 @@ class Generator:
             n6=r.randint(100000, 999999), n10=r.randint(10**9, 10**10 - 1), d=r.randint(0, 9),
             team=r.choice(TEAMS), day=r.choice(WEEKDAYS), month=r.choice(MONTHS), dd=r.randint(1, 28),
             hh=f"{r.randint(7, 19):02d}", mm=r.choice(["00", "15", "30", "45"]), prod=prod,
-            prod_l=prod.lower(), prodU=prod.upper()[:3], ver=f"{r.randint(1, 9)}.{r.randint(0, 30)}.{r.randint(0, 20)}",
+            prod_l=prod.lower(), tool=r.choice(TOOLS), tool2=r.choice(TOOLS), prodU=prod.upper()[:3], ver=f"{r.randint(1, 9)}.{r.randint(0, 30)}.{r.randint(0, 20)}",
             sha=r.randbytes(20).hex(), sha64=r.randbytes(32).hex(), uuid=self._uuid(), yy=r.randint(24, 27),
             yyyy=r.randint(2019, 2026), L=r.choice(string.ascii_uppercase),
         )

@@ -37,7 +37,7 @@ from appliance.scanning.findings import (
     Finding,
     ScanUnit,
 )
-from appliance.scanning.person import NerRecognizer, NerSpan
+from appliance.scanning.person import NerRecognizer, NerSpan, load_lexicon
 from appliance.scanning.pii_recognizers import build_pii_recognizers
 from appliance.scanning.secret_recognizers import SECRET_RECOGNIZERS
 
@@ -106,12 +106,12 @@ class Scanner:
             in memory at once by :meth:`iter_scan`.
     """
 
-    def __init__(self, *, model: str = DEFAULT_MODEL, batch_size: int = 256) -> None:
+    def __init__(self, *, model: str = DEFAULT_MODEL, batch_size: int = 512) -> None:
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be positive; got {batch_size!r}")
         self.batch_size = batch_size
         self.nlp = load_ner_pipeline(model)
-        self.ner_recognizer = NerRecognizer()
+        self.ner_recognizer = NerRecognizer(load_lexicon(model))
         self.recognizers: list[LocalRecognizer] = [*SECRET_RECOGNIZERS, *build_pii_recognizers()]
 
     @staticmethod
@@ -159,16 +159,24 @@ class Scanner:
                         f"the text of record {unit[0]} field {unit[1]} must be a string; got {type(unit[2]).__name__}",
                         param=str(unit[1]),
                     )
-            spans = self._ner([u[2] for u in batch]) if use_ner else [[] for _ in batch]
-            for (record, field, text), ner_spans in zip(batch, spans, strict=True):
-                yield from self._analyze(record, field, text, ner_spans, recognizers, wanted, wanted_list)
+            if use_ner:
+                words = [self.ner_recognizer.words(u[2]) for u in batch]
+                spans = self._ner([u[2] for u in batch], words)
+            else:
+                words = [None] * len(batch)
+                spans = [[] for _ in batch]
+            for (record, field, text), ner_spans, text_words in zip(batch, spans, words, strict=True):
+                yield from self._analyze(record, field, text, ner_spans, text_words, recognizers, wanted, wanted_list)
 
-    def _ner(self, texts: list[str]) -> list[list[NerSpan]]:
-        """NER spans per text, running every segment of the batch through one ``nlp.pipe``."""
+    def _ner(self, texts: list[str], words: list[list[Any]]) -> list[list[NerSpan]]:
+        """NER spans per text: the windows around name-like words of the whole batch go through one ``nlp.pipe``."""
         pieces: list[tuple[int, int, str]] = []
         for i, text in enumerate(texts):
-            if text.strip():
-                pieces.extend((i, offset, piece) for offset, piece in _segments(text, NER_SEGMENT_CHARS))
+            for w_start, w_end in self.ner_recognizer.ner_windows(text, words[i]):
+                pieces.extend(
+                    (i, w_start + offset, piece)
+                    for offset, piece in _segments(text[w_start:w_end], NER_SEGMENT_CHARS)
+                )
         out: list[list[NerSpan]] = [[] for _ in texts]
         docs = self.nlp.pipe((p[2] for p in pieces), batch_size=self.batch_size)
         for (i, offset, _), doc in zip(pieces, docs, strict=True):
@@ -181,6 +189,7 @@ class Scanner:
         field: str,
         text: str,
         ner_spans: list[NerSpan],
+        words: list[Any] | None,
         recognizers: list[LocalRecognizer],
         wanted: frozenset[str],
         wanted_list: list[str],
@@ -190,8 +199,8 @@ class Scanner:
         results: list[RecognizerResult] = []
         for recognizer in recognizers:
             results.extend(recognizer.analyze(text, wanted_list, None))
-        if ner_spans or wanted & NER_ENTITIES:
-            results.extend(self.ner_recognizer.analyze_spans(text, ner_spans, wanted))
+        if wanted & NER_ENTITIES:
+            results.extend(self.ner_recognizer.analyze_spans(text, ner_spans, wanted, words))
         results = [r for r in results if r.entity_type in wanted]
         results = _drop_shadowed(EntityRecognizer.remove_duplicates(results))
         results.sort(key=lambda r: (r.start, r.end, r.entity_type))

@@ -66,7 +66,7 @@ class GatedIbanRecognizer(IbanRecognizer):
 
 _IPV4_TRIGGER = re.compile(r"\d\.\d{1,3}\.\d")
 _IPV6_TRIGGER = re.compile(r"[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}")
-_VERSION_BEFORE = re.compile(r"(?i)(?:\bv|version|release|build|ver\.?)\s*$")
+_VERSION_BEFORE = re.compile(r"(?i)\b(?:v|version|release|build|ver\.?)\s*$")
 
 
 class GatedIpRecognizer(IpRecognizer):
@@ -149,10 +149,10 @@ def luhn_valid(digits: str) -> bool:
     return total % 10 == 0
 
 
-# Issuer prefixes of the card networks (Visa, Mastercard, Amex, Discover, JCB,
-# Diners, Maestro, UnionPay, Mir): a Luhn-valid number elsewhere is most
+# Issuer prefixes of the card networks (Visa, Mastercard, Amex, Discover, JCB
+# including its old 2131/1800 ranges, Diners, Maestro, UnionPay, Mir): a Luhn-valid number elsewhere is most
 # likely an order or tracking number.
-_ISSUER = re.compile(r"^(?:4|5[0-8]|2[2-7]|3[4-9]|30|6|220[0-4])")
+_ISSUER = re.compile(r"^(?:4|5[0-8]|2[2-7]|3[4-9]|30|6|220[0-4]|2131|1800)")
 _CARD_CONTEXT = re.compile(r"(?i)card|visa|master|amex|credit|debit|maestro|discover|jcb|diners|\bcc\b|charged|payment")
 
 
@@ -241,13 +241,11 @@ class PhoneNumberRecognizer(LocalRecognizer):
             value = m.group(0)
             if value.count("(") != value.count(")") or value.count(".") > 4 or _NOT_A_PHONE.match(value):
                 continue
-            if _VERSION_BEFORE.search(text, max(0, m.start() - 10), m.start()):
-                continue
-            if not self._valid(value):
-                continue
             context = _context_before(text, m.start(), _PHONE_CONTEXT, 50)
             grouped = value.startswith(("+", "(")) or any(c in value for c in " -.()")
             if not grouped and not context:
+                continue
+            if _VERSION_BEFORE.search(text, max(0, m.start() - 10), m.start()) or not self._valid(value):
                 continue
             results.append(RecognizerResult("PHONE_NUMBER", m.start(), m.end(), 0.8 if context else 0.6))
         return results

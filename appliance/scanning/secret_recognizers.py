@@ -111,8 +111,8 @@ AWS_ACCESS_KEY_ID = RegexRecognizer(
 
 
 def _looks_random_b64(value: str) -> bool:
-    classes = sum((any(c.islower() for c in value), any(c.isupper() for c in value), any(c.isdigit() for c in value)))
-    return classes == 3 and shannon_entropy(value) >= 4.0
+    mixed_case = any(c.islower() for c in value) and any(c.isupper() for c in value)
+    return mixed_case and shannon_entropy(value) >= 4.0
 
 
 # A secret access key is 40 base64 characters: indistinguishable from any other
@@ -187,7 +187,7 @@ PRIVATE_KEY = RegexRecognizer(
     "PRIVATE_KEY",
     [
         re.compile(
-            r"-----BEGIN ((?:[A-Z0-9]+ )*)PRIVATE KEY( BLOCK)?-----.*?(?:-----END \1PRIVATE KEY\2-----|\Z)",
+            r"-----BEGIN ((?:[A-Z0-9]+ )*)PRIVATE KEY((?: BLOCK)?)-----.*?(?:-----END \1PRIVATE KEY\2-----|\Z)",
             re.S,
         ),
         re.compile(r"PuTTY-User-Key-File-\d+:.*?Private-(?:Lines|MAC):[^\n]*", re.S),
@@ -213,7 +213,9 @@ APPLIANCE_TOKEN = RegexRecognizer(
 # --------------------------------------------------------------------------- generic
 
 
-_PLACEHOLDER_WORDS = ("example", "changeme", "change_me", "redacted", "placeholder", "your", "xxxx", "****", "<", ">")
+_PLACEHOLDER_WORDS = ("example", "changeme", "change_me", "redacted", "placeholder", "your_", "your-", "xxxx", "****")
+# ${VAR}, $VAR, {{ var }}, <token>, %(name)s, %VAR%: templates, not values.
+_TEMPLATE = re.compile(r"^(?:\$\{[^}]*\}?|\$[A-Za-z_]\w*|\{\{.*|<[^>]*>?|%\(\w+\)[sd]?|%\w+%)$")
 _REFERENCE = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*(?:[\[(].*)?$")
 
 
@@ -227,7 +229,7 @@ def is_high_entropy_secret(value: str) -> bool:
     :data:`GENERIC_SECRET_MIN_ENTROPY` bits per character.
     """
     value = value.strip("'\"`")
-    if len(value) < 8 or value[0] in "$%{<[(@&*":
+    if len(value) < 8 or _TEMPLATE.match(value):
         return False
     lowered = value.lower()
     if any(word in lowered for word in _PLACEHOLDER_WORDS):
