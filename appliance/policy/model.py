@@ -1,0 +1,244 @@
+"""Data policies: what to do with each entity type the scanner finds.
+
+A policy file (YAML or JSON) looks like::
+
+    version: 1
+    description: Strictest reasonable default.   # optional, not hashed
+    default:                                     # for types not listed
+      action: block
+      threshold: 0.5
+    entities:
+      PERSON: {action: redact, threshold: 0.6}
+      EMAIL_ADDRESS: redact                      # shorthand for {action: redact}
+      LOCATION: allow
+
+Actions: ``block`` rejects the whole file, ``redact`` replaces the text before
+training, ``allow`` keeps it. A finding scoring under its type's threshold (or
+the default threshold) is dropped, as if it had not been found.
+
+:func:`parse_policy` validates the whole document and raises one
+:class:`PolicyError` listing every problem, each naming its key path and the
+value received. The policy's :attr:`Policy.content_hash` is the SHA-256 of a
+canonical JSON form of what it decides (version, default and entity rules,
+sorted keys), so reformatting, reordering keys or editing the description do
+not change it, while any change of meaning does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from appliance.errors import InvalidRequestError
+from appliance.scanning.findings import ACTIONS, SUPPORTED_ENTITIES, Action
+
+POLICY_VERSION = 1
+_TOP_KEYS = ("version", "description", "default", "entities")
+_RULE_KEYS = ("action", "threshold")
+
+
+class PolicyError(InvalidRequestError):
+    """A policy document is invalid; :attr:`problems` lists every problem found."""
+
+    code = "invalid_policy"
+
+    def __init__(self, problems: list[str], *, source: str = "policy") -> None:
+        self.problems = problems
+        super().__init__(f"invalid {source}:\n  " + "\n  ".join(problems), param="policy")
+
+
+@dataclass(frozen=True)
+class EntityRule:
+    """What to do with one entity type, and from which score on."""
+
+    action: Action
+    threshold: float
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated policy. Build it with :func:`parse_policy` or :func:`load_policy`.
+
+    Attributes:
+        default: Rule for entity types not listed in ``entities``.
+        entities: Rules per entity type.
+        description: Free text; not part of the content hash.
+        content_hash: ``sha256:<hex>`` of the canonical form.
+    """
+
+    default: EntityRule
+    entities: Mapping[str, EntityRule] = field(default_factory=dict)
+    description: str = ""
+    version: int = POLICY_VERSION
+    content_hash: str = ""
+
+    def rule_for(self, entity_type: str) -> EntityRule:
+        """The rule applying to ``entity_type`` (its own, else the default)."""
+        return self.entities.get(entity_type, self.default)
+
+    def scanned_entities(self) -> frozenset[str]:
+        """Supported entity types whose action is not ``allow``: the ones worth scanning for."""
+        return frozenset(t for t in SUPPORTED_ENTITIES if self.rule_for(t).action != "allow")
+
+    def canonical(self) -> dict[str, Any]:
+        """The hashed form: every decision-relevant value, explicit."""
+        return {
+            "version": self.version,
+            "default": {"action": self.default.action, "threshold": self.default.threshold},
+            "entities": {
+                name: {"action": rule.action, "threshold": rule.threshold}
+                for name, rule in sorted(self.entities.items())
+            },
+        }
+
+
+def _hash(canonical: Mapping[str, Any]) -> str:
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return "sha256:" + hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _threshold(value: Any, path: str, problems: list[str]) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        problems.append(f"{path}: must be a number between 0 and 1; got {_show(value)}")
+        return None
+    return float(value)
+
+
+def _action(value: Any, path: str, problems: list[str]) -> Action | None:
+    if value not in ACTIONS:
+        problems.append(f"{path}: must be one of {', '.join(ACTIONS)}; got {_show(value)}")
+        return None
+    return value
+
+
+def _rule(value: Any, path: str, default_threshold: float | None, problems: list[str], *, is_default: bool) -> EntityRule | None:
+    if isinstance(value, str):  # shorthand: just the action
+        value = {"action": value}
+    if not isinstance(value, Mapping):
+        problems.append(
+            f"{path}: must be a mapping with `action` and optional `threshold`, or an action name; got {_show(value)}"
+        )
+        return None
+    for key in value:
+        if key not in _RULE_KEYS:
+            problems.append(f"{path}.{key}: unknown key; allowed keys are {', '.join(_RULE_KEYS)}")
+    if "action" not in value:
+        problems.append(f"{path}.action: is required (one of {', '.join(ACTIONS)})")
+        action = None
+    else:
+        action = _action(value["action"], f"{path}.action", problems)
+    if "threshold" in value:
+        threshold = _threshold(value["threshold"], f"{path}.threshold", problems)
+    elif is_default:
+        problems.append(f"{path}.threshold: is required for the default rule (a number between 0 and 1)")
+        threshold = None
+    else:
+        threshold = default_threshold
+    if action is None or threshold is None:
+        return None
+    return EntityRule(action=action, threshold=threshold)
+
+
+def parse_policy(source: str | bytes | Mapping[str, Any], *, name: str = "policy") -> Policy:
+    """Validate a policy document (YAML/JSON text or an already parsed mapping).
+
+    Args:
+        source: The document.
+        name: How to call the document in error messages (e.g. its path).
+
+    Raises:
+        PolicyError: Listing every problem found, each with its key path and the
+            value received.
+    """
+    if isinstance(source, (str, bytes)):
+        try:
+            doc = yaml.safe_load(source)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise PolicyError([f"not valid YAML{where}: {getattr(exc, 'problem', None) or exc}"], source=name) from None
+    else:
+        doc = source
+    if not isinstance(doc, Mapping):
+        raise PolicyError([f"(top level): must be a mapping with keys {', '.join(_TOP_KEYS)}; got {_show(doc)}"], source=name)
+
+    problems: list[str] = []
+    for key in doc:
+        if key not in _TOP_KEYS:
+            problems.append(f"{key}: unknown key; allowed keys are {', '.join(_TOP_KEYS)}")
+    version = doc.get("version")
+    if version != POLICY_VERSION or isinstance(version, bool):
+        problems.append(f"version: must be {POLICY_VERSION}; got {_show(version)}")
+    description = doc.get("description", "")
+    if not isinstance(description, str):
+        problems.append(f"description: must be a string; got {_show(description)}")
+        description = ""
+
+    default = None
+    if "default" not in doc:
+        problems.append("default: is required (a mapping with `action` and `threshold`)")
+    else:
+        default = _rule(doc["default"], "default", None, problems, is_default=True)
+    default_threshold = default.threshold if default else None
+
+    entities: dict[str, EntityRule] = {}
+    raw_entities = doc.get("entities", {})
+    if raw_entities is None:
+        raw_entities = {}
+    if not isinstance(raw_entities, Mapping):
+        problems.append(f"entities: must be a mapping of entity type to rule; got {_show(raw_entities)}")
+        raw_entities = {}
+    for etype, value in raw_entities.items():
+        path = f"entities.{etype}"
+        if etype not in SUPPORTED_ENTITIES:
+            problems.append(f"{path}: unknown entity type; known types are {', '.join(sorted(SUPPORTED_ENTITIES))}")
+            continue
+        # A missing default threshold is already reported; check the rest anyway.
+        rule = _rule(value, path, default_threshold if default_threshold is not None else 0.0, problems, is_default=False)
+        if rule is not None:
+            entities[etype] = rule
+
+    if problems or default is None:
+        raise PolicyError(problems, source=name)
+    policy = Policy(default=default, entities=MappingProxyType(entities), description=description, version=version)
+    return dataclasses.replace(policy, content_hash=_hash(policy.canonical()))
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate a policy file.
+
+    Raises:
+        PolicyError: The file is invalid (every problem listed).
+        InvalidRequestError: The file cannot be read (``param`` is ``policy``).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(
+            f"cannot read policy file {str(path)!r}: {exc.strerror if isinstance(exc, OSError) else 'not UTF-8'}",
+            param="policy",
+        ) from None
+    return parse_policy(text, name=f"policy {path}")
+
+
+#: The shipped default policy file (``policies/default.yaml`` in the repository).
+DEFAULT_POLICY_PATH = Path(__file__).resolve().parent.parent.parent / "policies" / "default.yaml"
+
+
+def load_default_policy() -> Policy:
+    """The shipped default policy."""
+    return load_policy(DEFAULT_POLICY_PATH)

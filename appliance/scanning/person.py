@@ -1,0 +1,371 @@
+"""PERSON (and opt-in LOCATION) detection: spaCy NER plus name lists and cue words.
+
+spaCy's small English model is fast enough only if it runs on few texts, and
+it misses many names (non-English names above all), so PERSON combines:
+
+1. NER ``PERSON`` spans.
+2. Runs of capitalised words that look like a full name: a known given name
+   followed by more capitalised words (``Maria Kowalczyk``), or a known
+   surname after a word that is not an English dictionary word.
+3. NER spans of other labels (``FAC``, ``GPE``, ``NORP``...) made only of
+   two or more capitalised non-dictionary words (``Britt Meijer`` as FAC).
+4. One capitalised word after a cue: an honorific (``Dr.``, ``Ms``, ``Herr``),
+   a greeting or sign-off (``Hi``, ``Dear``, ``Thanks,``, ``Regards,``) or
+   ``my name is`` / ``I'm`` / ``this is``, if it is a known given name or not
+   an English word (``Dear Customer`` is not a name).
+
+NER only runs on texts that contain a *name-like* word: capitalised, and a
+known given name or not an English dictionary word. Texts whose capitalised
+words are all dictionary words (``Please``, ``Finance``, ``Monday``) skip it;
+that is most of the speed-up over running NER on everything.
+
+The name lists are the US Census 1990 given names and surnames (see
+``data/README.md``); the dictionary is the WordNet-derived lemma index shipped
+in the spaCy model's lemmatizer tables, plus spaCy's stop words.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from presidio_analyzer import LocalRecognizer, RecognizerResult
+
+logger = logging.getLogger(__name__)
+
+_DATA = Path(__file__).resolve().parent / "data"
+
+#: spaCy OntoNotes labels reported as LOCATION.
+LOCATION_LABELS = frozenset({"GPE", "LOC", "FAC"})
+#: NER labels that mislabelled names often get from the small model.
+_MISLABEL_LABELS = frozenset({"FAC", "GPE", "LOC", "NORP", "EVENT", "WORK_OF_ART", "LAW", "LANGUAGE"})
+
+# Lower-case words that may sit between capitalised parts of one name.
+_PARTICLES = frozenset(
+    {"van", "von", "der", "den", "de", "del", "della", "da", "di", "du", "dos", "das", "do", "la", "le", "ten", "ter", "bin", "ibn", "al", "y", "e"}
+)
+
+_WORD = re.compile(r"[^\W\d_]+(?:['’\-][^\W\d_]+)*")
+# A word standing on its own, not a fragment of a token, key, path or address.
+_FREE_WORD = re.compile(r"(?<![\w/+=.@:-])[^\W\d_]+(?:['’\-][^\W\d_]+)*(?![\w/+=@-]|[.:]\w)")
+# CamelCase is code or a brand (PutObject, HubSpot); names with inner capitals are Mc/Mac/O'/De... forms.
+_CAMEL = re.compile(r"^[A-Z][a-z]+[A-Z]")
+_CAMEL_NAME = re.compile(r"^(?:Mc|Mac|O'|D'|De|Di|Da|Du|La|Le|Van|Von)[A-Z][a-z]+$")
+_HONORIFIC = re.compile(
+    r"(?:\b(?:Mr|Mrs|Ms|Mx|Dr|Prof|Sr|Sra|Srta|Sig|Sig\.ra|Mme|Mlle|Herr|Frau|Hr|Fr|Dott|Dott\.ssa|Ing|Pan|Pani|Shri|Smt)\.?)\s+$"
+)
+_CUE = re.compile(
+    r"(?i)(?:\b(?:hi|hello|hey|dear|thanks|thank you|cheers|regards|best|sincerely|greetings|attn|cc|"
+    r"my name is|name is|i am|i'm|this is|call me|signed)[,:!.]?)\s+$"
+)
+
+
+class NerSpan(NamedTuple):
+    """An entity span from the NER model, in the scanned text's offsets."""
+
+    start: int
+    end: int
+    label: str
+
+
+_CALENDAR = frozenset(
+    "monday tuesday wednesday thursday friday saturday sunday january february march april may june july "
+    "august september october november december".split()
+)
+# Openers and addressee words that are capitalised at the start of a sentence
+# or after a greeting but are not names.
+_OPENERS = frozenset(
+    "hi hello hey dear thanks thank cheers regards best sincerely welcome congratulations please sorry yes no ok "
+    "okay good morning afternoon evening kind warm team all everyone colleagues colleague friends friend sir "
+    "madam customer customers support user users client clients partner partners manager admin world there "
+    "folks guys".split()
+)
+
+
+@dataclass(frozen=True)
+class NameLexicon:
+    """Name lists and English vocabulary.
+
+    Attributes:
+        given: Given names, title-case (calendar words such as ``May`` removed).
+        surnames: Surnames, title-case.
+        english: Lower-case dictionary words (WordNet lemmas, which include
+            many proper nouns, plus stop words and calendar words).
+        common: Lower-case words that are not proper nouns: stop words, verbs,
+            adjectives, adverbs, calendar words and openers (``thanks``, ``dear``).
+    """
+
+    given: frozenset[str]
+    surnames: frozenset[str]
+    english: frozenset[str]
+    common: frozenset[str]
+
+    @staticmethod
+    def is_titlecase(word: str) -> bool:
+        return len(word) > 1 and word[0].isupper() and not word.isupper()
+
+    @staticmethod
+    def _forms(lower: str) -> tuple[str, ...]:
+        for clitic in ("'s", "'m", "'re", "'ll", "'ve", "'d", "n't", "’s", "’m", "’re", "’ll", "’ve", "’d"):
+            if lower.endswith(clitic):
+                lower = lower[: -len(clitic)]
+                break
+        forms = [lower]
+        if lower.endswith("ies"):
+            forms.append(lower[:-3] + "y")
+        if lower.endswith("es"):
+            forms.append(lower[:-2])
+        if lower.endswith("s"):
+            forms.append(lower[:-1])
+        if lower.endswith("ed"):
+            forms += [lower[:-2], lower[:-1]]
+        if lower.endswith("ing"):
+            forms += [lower[:-3], lower[:-3] + "e"]
+        return tuple(forms)
+
+    def is_given(self, word: str) -> bool:
+        """Whether ``word`` is a known given name (for hyphenated ones, its first part)."""
+        return word in self.given or ("-" in word and word.split("-", 1)[0] in self.given)
+
+    def in_dictionary(self, word: str) -> bool:
+        """Whether ``word`` (or a regular inflection of it) is a dictionary word."""
+        return any(f in self.english for f in self._forms(word.lower()))
+
+    def is_common(self, word: str) -> bool:
+        """Whether ``word`` is a common (non-proper) English word."""
+        lower = word.lower()
+        if lower in self.english:  # a word in its own right: no inflection guessing ("James" is not "jam")
+            return lower in self.common
+        return any(f in self.common for f in self._forms(lower))
+
+    def name_like(self, word: str) -> bool:
+        """Capitalised, and a given name that is not a common word, or not a dictionary word at all.
+
+        Such a word is worth running NER for; a text without one is not.
+        """
+        if not self.is_titlecase(word):
+            return False
+        if word in self.given:
+            return not self.is_common(word)
+        if len(word) < 3 or (_CAMEL.match(word) and not _CAMEL_NAME.match(word)):
+            return False
+        return not self.in_dictionary(word)
+
+
+def _vocabulary(model: str) -> tuple[frozenset[str], frozenset[str]]:
+    """(dictionary words, common words) from the spaCy model's lemmatizer tables and stop words."""
+    from spacy.lang.en.stop_words import STOP_WORDS
+    from spacy.lookups import Lookups
+    from spacy.strings import get_string_id
+
+    english: set[str] = set(STOP_WORDS) | _CALENDAR
+    common: set[str] = set(STOP_WORDS) | _CALENDAR | _OPENERS
+    package = Path(importlib.import_module(model).__file__).parent
+    tables = sorted(package.glob("*/lemmatizer/lookups"))
+    if not tables:
+        logger.warning("spaCy model has no lemmatizer tables; PERSON detection relies on NER", extra={"model": model})
+        return frozenset(english), frozenset(common)
+    lookups = Lookups().from_disk(tables[0])
+    index = lookups.get_table("lemma_index") if "lemma_index" in lookups.tables else {}
+    exceptions = lookups.get_table("lemma_exc") if "lemma_exc" in lookups.tables else {}
+    for pos in ("noun", "verb", "adj", "adv"):
+        words = {w for w in index.get(get_string_id(pos), []) if "_" not in w}
+        words.update(exceptions.get(get_string_id(pos), {}).keys())
+        english.update(words)
+        if pos != "noun":
+            common.update(words)
+    return frozenset(english), frozenset(common)
+
+
+@functools.cache
+def load_lexicon(model: str) -> NameLexicon:
+    """Name lists and vocabulary, loaded once per process."""
+
+    def names(file: str) -> frozenset[str]:
+        with open(_DATA / file, encoding="utf-8") as fh:
+            return frozenset(line.strip().title() for line in fh if line.strip())
+
+    english, common = _vocabulary(model)
+    given = frozenset(n for n in names("given_names.txt") if n.lower() not in _CALENDAR)
+    return NameLexicon(given=given, surnames=names("surnames.txt"), english=english, common=common)
+
+
+#: Characters of context kept on each side of a name-like word for NER.
+NER_CONTEXT_CHARS = 32
+_SPACE = re.compile(r"\s")
+
+_NOT_IN_NAMES = re.compile(r"[\d{}\[\]<>_=/@#$%&*|\\]")
+
+
+class NerRecognizer(LocalRecognizer):
+    """PERSON and LOCATION from NER spans, name lists and cue words (see the module docstring).
+
+    Scores: 0.85 for NER names backed by a name list or of several words, 0.8
+    after an honorific, 0.75 for a given name plus surname, 0.7 after a cue,
+    0.65 for weaker evidence (a lone capitalised word the NER calls a person,
+    two capitalised non-dictionary words, a mislabelled NER span).
+
+    Args:
+        lexicon: Name lists and vocabulary (see :func:`load_lexicon`).
+    """
+
+    NER_SCORE = 0.85
+    HONORIFIC_SCORE = 0.8
+    FULL_NAME_SCORE = 0.75
+    CUE_SCORE = 0.7
+    WEAK_SCORE = 0.65
+    LONE_WORD_SCORE = 0.65
+
+    def __init__(self, lexicon: NameLexicon) -> None:
+        self.lexicon = lexicon
+        super().__init__(supported_entities=["PERSON", "LOCATION"], name="NerRecognizer")
+
+    def load(self) -> None:  # noqa: D102
+        pass
+
+    def needs_ner(self, text: str) -> bool:
+        """Whether ``text`` has a name-like word, i.e. whether NER can add anything."""
+        name_like = self.lexicon.name_like
+        return any(name_like(m.group()) for m in _FREE_WORD.finditer(text))
+
+    @staticmethod
+    def words(text: str) -> list[re.Match[str]]:
+        """The free-standing words of ``text`` (not fragments of tokens, keys or addresses)."""
+        return list(_FREE_WORD.finditer(text))
+
+    def ner_windows(
+        self, text: str, words: list[re.Match[str]] | None = None, context: int = NER_CONTEXT_CHARS
+    ) -> list[tuple[int, int]]:
+        """The parts of ``text`` worth running NER on: each name-like word with ``context`` characters around it.
+
+        The small model's features reach only a few tokens to either side of a
+        word (a 4-layer CNN with window 1, plus a transition parser looking a
+        few tokens ahead), so NER on a window of about ten tokens around a word
+        labels that word as it would in the whole text. Windows are widened to
+        whitespace and merged when they touch.
+        """
+        name_like = self.lexicon.name_like
+        windows: list[tuple[int, int]] = []
+        n = len(text)
+        for m in _FREE_WORD.finditer(text) if words is None else words:
+            if not name_like(m.group()):
+                continue
+            start = max(0, m.start() - context)
+            end = min(n, m.end() + context)
+            if start > 0:
+                start = max(text.rfind(" ", 0, start), text.rfind("\n", 0, start)) + 1
+            if end < n:
+                gap = _SPACE.search(text, end)
+                end = gap.start() if gap else n
+            if windows and start <= windows[-1][1] + 1:
+                windows[-1] = (windows[-1][0], max(end, windows[-1][1]))
+            else:
+                windows.append((start, end))
+        return windows
+
+    def analyze(self, text, entities, nlp_artifacts=None):  # noqa: D102
+        spans = [NerSpan(e.start_char, e.end_char, e.label_) for e in getattr(nlp_artifacts, "entities", None) or []]
+        return self.analyze_spans(text, spans, frozenset(entities))
+
+    def analyze_spans(
+        self, text: str, spans: list[NerSpan], wanted: frozenset[str], words: list[re.Match[str]] | None = None
+    ) -> list[RecognizerResult]:
+        """Findings for the wanted types from ``spans`` and from the text itself (``words`` as from :meth:`words`)."""
+        results = []
+        for span in spans:
+            span_text = text[span.start : span.end]
+            if span.label == "PERSON" and "PERSON" in wanted:
+                score = self._ner_person_score(span_text)
+                if score:
+                    results.append(RecognizerResult("PERSON", span.start, span.end, score))
+            elif span.label in LOCATION_LABELS and "LOCATION" in wanted:
+                results.append(RecognizerResult("LOCATION", span.start, span.end, self.NER_SCORE))
+            if span.label in _MISLABEL_LABELS and "PERSON" in wanted and self._all_foreign(span_text):
+                results.append(RecognizerResult("PERSON", span.start, span.end, self.WEAK_SCORE))
+        if "PERSON" in wanted:
+            results.extend(self._lexical(text, self.words(text) if words is None else words))
+        return results
+
+    def _ner_person_score(self, span_text: str) -> float:
+        """Score of an NER PERSON span; 0 drops it (digits, code, a plain English word)."""
+        lex = self.lexicon
+        words = _WORD.findall(span_text)
+        if not words or _NOT_IN_NAMES.search(span_text) or not any(lex.is_titlecase(w) for w in words):
+            return 0.0
+        if len(words) == 1:
+            word = words[0]
+            if word in lex.given or word in lex.surnames:
+                return self.NER_SCORE
+            return 0.0 if lex.in_dictionary(word) else self.LONE_WORD_SCORE
+        return self.NER_SCORE
+
+    def _all_foreign(self, span_text: str) -> bool:
+        words = _WORD.findall(span_text)
+        lex = self.lexicon
+        return len(words) >= 2 and all(lex.is_titlecase(w) and not lex.in_dictionary(w) for w in words)
+
+    def _runs(self, text: str, words: list[re.Match[str]]) -> list[list[re.Match[str]]]:
+        """Runs of capitalised words separated by single spaces (name particles allowed inside)."""
+        is_titlecase = self.lexicon.is_titlecase
+        runs: list[list[re.Match[str]]] = []
+        current: list[re.Match[str]] = []
+        pending: list[re.Match[str]] = []  # particles waiting for a capitalised word
+        for m in words:
+            word = m.group()
+            joined = bool(current) and text[(pending or current)[-1].end() : m.start()] == " "
+            if is_titlecase(word):
+                if joined:
+                    current.extend(pending)
+                    current.append(m)
+                else:
+                    if current:
+                        runs.append(current)
+                    current = [m]
+                pending = []
+            elif joined and word in _PARTICLES and len(pending) < 2:
+                pending.append(m)
+            else:
+                if current:
+                    runs.append(current)
+                current, pending = [], []
+        if current:
+            runs.append(current)
+        return runs
+
+    def _lexical(self, text: str, words: list[re.Match[str]]) -> list[RecognizerResult]:
+        lex = self.lexicon
+        results = []
+        for run in self._runs(text, words):
+            # Leading common words open the sentence or greet ("Thanks", "Please"); they are not the name.
+            while run and run[0].group() not in lex.given and lex.is_common(run[0].group()):
+                run = run[1:]
+            if not run:
+                continue
+            words = [m.group() for m in run if lex.is_titlecase(m.group())]
+            start, end = run[0].start(), run[-1].end()
+            before = text[max(0, start - 20) : start]
+            if _HONORIFIC.search(before):
+                results.append(RecognizerResult("PERSON", start, end, self.HONORIFIC_SCORE))
+                continue
+            if len(words) >= 2:
+                first, last = words[0], words[-1]
+                if lex.is_given(first) or (last in lex.surnames and not lex.is_common(first)):
+                    results.append(RecognizerResult("PERSON", start, end, self.FULL_NAME_SCORE))
+                    continue
+                if not any(lex.is_common(w) for w in words) and any(not lex.in_dictionary(w) for w in words):
+                    results.append(RecognizerResult("PERSON", start, end, self.WEAK_SCORE))
+                    continue
+            first = words[0]
+            known = lex.is_given(first) or first in lex.surnames
+            if _CUE.search(before) and (known or not lex.is_common(first)):
+                end = run[0].end() if len(words) > 1 and lex.is_common(words[1]) else end
+                results.append(RecognizerResult("PERSON", start, end, self.CUE_SCORE))
+            elif len(words) == 1 and lex.is_given(first) and not lex.is_common(first):
+                # A lone given name ("ask James"); places named like people (Georgia) are the price.
+                results.append(RecognizerResult("PERSON", start, end, self.WEAK_SCORE))
+        return results

