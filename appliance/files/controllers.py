@@ -88,7 +88,7 @@ class FileController(Controller):
         view, findings = files.scan_report(request.user, file_id)
         summary = view.row.scan_summary
         return ScanReport(
-            file_id=view.row.id, decision=view.row.decision, policy_sha256=view.row.policy_hash,
+            file_id=view.row.id, decision=view.row.decision, policy_hash=view.row.policy_hash,
             records=view.row.records, counts={k: summary.get(k) for k in
                                               ("findings", "by_entity_type", "by_action", "redacted_records",
                                                "findings_truncated")},
@@ -107,7 +107,7 @@ class PolicyController(Controller):
         """The policy that applies to the project's uploads (its own or the default)."""
         project = identity.get_project(request.user, name)
         eff = files.policies.describe(project)
-        return PolicyOut(project=name, source=eff.source, sha256=eff.policy.sha256, text=eff.text)
+        return PolicyOut(project=name, source=eff.source, content_hash=eff.policy.content_hash, text=eff.text)
 
     @put(opt={"permission": Permission.PROJECTS_MANAGE}, sync_to_thread=True)
     def set_policy(self, request: Request, identity: NamedDependency[IdentityService],
@@ -115,4 +115,4 @@ class PolicyController(Controller):
         """Replace the project's policy; every error in it is reported at once."""
         project = identity.get_project(request.user, name)
         eff = files.policies.set(audit_context(request), project, data.text)
-        return PolicyOut(project=name, source=eff.source, sha256=eff.policy.sha256, text=eff.text)
+        return PolicyOut(project=name, source=eff.source, content_hash=eff.policy.content_hash, text=eff.text)

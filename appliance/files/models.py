@@ -31,7 +31,8 @@ class StoredFile(Base):
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     #: sha256 of the stored content, for lineage in manifests.
     content_sha256: Mapped[str] = mapped_column(String(64))
-    policy_hash: Mapped[str] = mapped_column(String(64))
+    #: ``sha256:<hex>`` content hash of the policy that decided.
+    policy_hash: Mapped[str] = mapped_column(String(80))
     decision: Mapped[str] = mapped_column(String(16))
     #: counts by entity type and by action, redacted count, findings truncation.
     scan_summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -60,6 +61,6 @@ class ProjectPolicy(Base):
 
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True)
     text: Mapped[str] = mapped_column(Text)
-    sha256: Mapped[str] = mapped_column(String(64))
+    content_hash: Mapped[str] = mapped_column(String(80))
     updated_by: Mapped[str] = mapped_column(String(64))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

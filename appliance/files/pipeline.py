@@ -17,7 +17,7 @@ from typing import Any
 
 from appliance.policy import Policy, decide, redact_record
 from appliance.errors import InvalidRequestError
-from appliance.scanning import Finding, Scanner, iter_text_fields, parse_record
+from appliance.scanning import Finding, Scanner, iter_text_fields, parse_line
 from appliance.storage.blobs import BlobWriter
 
 BATCH_RECORDS = 256
@@ -46,7 +46,7 @@ class IntakeReport:
     def summary(self, policy: Policy) -> dict[str, Any]:
         return {
             "decision": "rejected" if self.blocked else "accepted",
-            "policy_sha256": policy.sha256,
+            "policy_hash": policy.content_hash,
             "records": self.records,
             "findings": sum(self.by_type.values()),
             "by_entity_type": dict(sorted(self.by_type.items())),
@@ -121,9 +121,9 @@ class JsonlIntake:
 
     def _line(self, raw: bytes) -> None:
         self._line_no += 1
-        if not raw.strip():
+        record = parse_line(raw, self._line_no)
+        if record is None:
             return  # blank lines carry nothing; JSONL tools commonly allow them
-        record = parse_record(raw, self._line_no)
         self._batch.append((self._line_no - 1, record))  # `record` is the 0-based line index
         self.report.records += 1
         if len(self._batch) >= BATCH_RECORDS:
@@ -133,7 +133,8 @@ class JsonlIntake:
         report, batch = self.report, self._batch
         self._batch = []
         units = [(index, path, text) for index, record in batch for path, text in iter_text_fields(record)]
-        decision = decide(self.scanner.scan(units), self.policy)
+        found = self.scanner.scan(units, entities=self.policy.scanned_entities())
+        decision = decide(found, self.policy)
         by_record: dict[int, list[Finding]] = {}
         for f in decision.findings:
             report.by_type[f.entity_type] += 1

@@ -10,23 +10,7 @@ from appliance.audit.service import AuditContext, record
 from appliance.db.base import Database, utcnow
 from appliance.files.models import ProjectPolicy
 from appliance.identity.models import Project
-from appliance.policy import Policy, load_policy, parse_policy
-
-SHIPPED_DEFAULT = Path(__file__).resolve().parents[2] / "policies" / "default.yaml"
-
-
-def shipped_default_path() -> Path:
-    """``policies/default.yaml`` of the installed distribution."""
-    from importlib.resources import files
-
-    try:
-        candidate = Path(str(files("policies").joinpath("default.yaml")))
-        if candidate.exists():
-            return candidate
-    except ModuleNotFoundError:
-        pass
-    return SHIPPED_DEFAULT
-
+from appliance.policy import DEFAULT_POLICY_PATH, Policy, load_policy, parse_policy
 
 @dataclass(frozen=True)
 class EffectivePolicy:
@@ -47,7 +31,7 @@ class PolicyService:
 
     def __init__(self, db: Database, default_path: Path | None = None) -> None:
         self.db = db
-        self.default_path = default_path or shipped_default_path()
+        self.default_path = default_path or DEFAULT_POLICY_PATH
         self.default_text = self.default_path.read_text()
         self.default = load_policy(self.default_path)
 
@@ -66,13 +50,15 @@ class PolicyService:
         policy = parse_policy(text)
         with self.db.transaction() as s:
             row = s.get(ProjectPolicy, project.id)
-            previous = row.sha256 if row else self.default.sha256
+            previous = row.content_hash if row else self.default.content_hash
             if row is None:
-                row = ProjectPolicy(project_id=project.id, text=text, sha256=policy.sha256, updated_by=ctx.actor)
+                row = ProjectPolicy(project_id=project.id, text=text, content_hash=policy.content_hash,
+                                    updated_by=ctx.actor)
                 s.add(row)
             else:
-                row.text, row.sha256, row.updated_by, row.updated_at = text, policy.sha256, ctx.actor, utcnow()
+                row.text, row.content_hash = text, policy.content_hash
+                row.updated_by, row.updated_at = ctx.actor, utcnow()
             record(s, ctx, "policy.update", resource_type="policy", resource_id=project.name, project=project.name,
-                   details={"policy_sha256": policy.sha256, "previous_sha256": previous,
+                   details={"policy_hash": policy.content_hash, "previous_hash": previous,
                             "text_sha256": hashlib.sha256(text.encode()).hexdigest()})
         return EffectivePolicy(policy, "project", text)

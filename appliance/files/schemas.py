@@ -48,7 +48,7 @@ class FindingOut(msgspec.Struct):
 class ScanReport(msgspec.Struct):
     file_id: str
     decision: str
-    policy_sha256: str
+    policy_hash: str
     records: int
     counts: dict[str, Any]
     findings: list[FindingOut]
@@ -63,6 +63,6 @@ class PolicyIn(msgspec.Struct, forbid_unknown_fields=True):
 class PolicyOut(msgspec.Struct):
     project: str
     source: str
-    sha256: str
+    content_hash: str
     text: str
     object: str = "policy"

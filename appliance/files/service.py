@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -47,9 +48,9 @@ class LockedScanner:
         self._scanner = scanner
         self._lock = threading.Lock()
 
-    def scan(self, units):
+    def scan(self, units, *, entities=None):
         with self._lock:
-            return self._scanner.scan(units)
+            return self._scanner.scan(units, entities=entities)
 
 
 @dataclass(frozen=True)
@@ -205,12 +206,12 @@ class FileService:
     def _clean_filename(self, filename: str, policy) -> str:
         """The file name as stored: personal data or secrets in it are redacted."""
         name = filename.replace("\\", "/").rsplit("/", 1)[-1][:255] or "upload.jsonl"
-        findings = decide(self.scanner.scan([(0, "text", name)]), policy).findings
+        found = self.scanner.scan([(0, "text", name)], entities=policy.scanned_entities())
+        findings = decide(found, policy).findings
         if not findings:
             return name
-        for f in findings:
-            f.action = "redact"
-        return redact_record({"text": name}, findings)["text"]
+        # Whatever the policy says for file contents, a name is only shown: hide it.
+        return redact_record({"text": name}, [dataclasses.replace(f, action="redact") for f in findings])["text"]
 
     def _commit(self, ctx: AuditContext, principal: Principal, state: dict[str, Any], filename: str,
                 report: IntakeReport, key_row) -> FileView:
@@ -220,7 +221,7 @@ class FileService:
                 id=state["file_id"], project_id=project.id, filename=filename, purpose=state["purpose"],
                 bytes=report.stored_bytes, original_bytes=report.original_bytes, records=report.records,
                 status="processed", created_by=principal.user, content_sha256=report.content_sha256,
-                policy_hash=policy.sha256, decision="accepted", scan_summary=report.summary(policy),
+                policy_hash=policy.content_hash, decision="accepted", scan_summary=report.summary(policy),
             )
             s.add(key_row)
             s.add(row)
@@ -233,7 +234,7 @@ class FileService:
             record(
                 s, ctx, "file.upload", resource_type="file", resource_id=row.id, project=project.name,
                 details={"purpose": row.purpose, "bytes": row.bytes, "records": row.records,
-                         "policy_sha256": policy.sha256, "by_entity_type": dict(report.by_type),
+                         "policy_hash": policy.content_hash, "by_entity_type": dict(report.by_type),
                          "by_action": dict(report.by_action), "kek_id": key_row.kek_id},
             )
         return FileView(row, project.name)

@@ -21,7 +21,7 @@ from appliance.scanning.findings import (
     Finding,
     ScanUnit,
 )
-from appliance.scanning.jsonl import MAX_LINE_BYTES, iter_jsonl
+from appliance.scanning.jsonl import MAX_LINE_BYTES, iter_jsonl, parse_line
 from appliance.scanning.records import ROLES, iter_text_fields, validate_record
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "Scanner",
     "get_scanner",
     "iter_jsonl",
+    "parse_line",
     "iter_text_fields",
     "validate_record",
 ]

@@ -18,6 +18,41 @@ from appliance.scanning.records import validate_record
 MAX_LINE_BYTES = 16 * 1024 * 1024
 
 
+def parse_line(raw: bytes, line_no: int, *, validate: bool = True) -> dict[str, Any] | None:
+    """One JSONL line (newline optional) as a record; ``None`` for a blank line.
+
+    Raises:
+        InvalidRequestError: With ``param`` ``line N`` (or ``line N: <field path>``)
+            for a line that is not UTF-8, not JSON, or not a valid record.
+    """
+    if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(
+            f"line {line_no} is not valid UTF-8 (byte {exc.start + 1} of the line); save the file as UTF-8",
+            param=f"line {line_no}",
+        ) from None
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(
+            f"line {line_no} is not valid JSON: {exc.msg} at column {exc.colno}; "
+            "each line must hold exactly one JSON object",
+            param=f"line {line_no}",
+        ) from None
+    if validate:
+        try:
+            validate_record(record)
+        except InvalidRequestError as exc:
+            where = f"line {line_no}" if exc.param == "record" else f"line {line_no}: {exc.param}"
+            raise InvalidRequestError(f"line {line_no}: {exc.message}", param=where) from None
+    return record
+
+
 def iter_jsonl(
     stream: BinaryIO, *, max_line_bytes: int = MAX_LINE_BYTES, validate: bool = True
 ) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -48,29 +83,6 @@ def iter_jsonl(
                 f"line {line_no} is longer than {max_line_bytes} bytes; split the record or check the file",
                 param=f"line {line_no}",
             )
-        if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InvalidRequestError(
-                f"line {line_no} is not valid UTF-8 (byte {exc.start + 1} of the line); save the file as UTF-8",
-                param=f"line {line_no}",
-            ) from None
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidRequestError(
-                f"line {line_no} is not valid JSON: {exc.msg} at column {exc.colno}; "
-                "each line must hold exactly one JSON object",
-                param=f"line {line_no}",
-            ) from None
-        if validate:
-            try:
-                validate_record(record)
-            except InvalidRequestError as exc:
-                where = f"line {line_no}" if exc.param == "record" else f"line {line_no}: {exc.param}"
-                raise InvalidRequestError(f"line {line_no}: {exc.message}", param=where) from None
-        yield line_no, record
+        record = parse_line(raw, line_no, validate=validate)
+        if record is not None:
+            yield line_no, record

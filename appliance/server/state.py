@@ -13,7 +13,7 @@ from appliance.identity.auth import FailureLimiter
 from appliance.identity.service import IdentityService
 from appliance.jobs.scheduler import Scheduler, SchedulerSettings
 from appliance.jobs.service import JobService
-from appliance.scanning import build_scanner
+from appliance.scanning import get_scanner
 from appliance.settings import Settings
 from appliance.storage.blobs import BlobStore
 
@@ -52,7 +52,7 @@ def build_state(
         limiter=FailureLimiter(settings.auth.max_failures, settings.auth.failure_window_s),
         keys=keys,
         blobs=blobs,
-        files=FileService(db, blobs, build_scanner, policies, settings.intake),
+        files=FileService(db, blobs, get_scanner, policies, settings.intake),
         catalog=catalog,
         jobs=JobService(db, catalog, wake=scheduler.wake),
         scheduler=scheduler,

@@ -236,7 +236,7 @@ def test_filename_with_personal_data_is_redacted(client, owner):
 def test_project_policy_can_be_read_and_replaced_by_admin(client, admin_token, owner):
     h = bearer(admin_token)
     current = client.get("/api/v1/projects/acme/policy", headers=bearer(owner)).json()
-    assert current["source"] == "default" and len(current["sha256"]) == 64
+    assert current["source"] == "default" and len(current["content_hash"]) == 71
     bad = client.put("/api/v1/projects/acme/policy", headers=h, json={"text": "entities:\n  EMAIL_ADDRESS:\n    action: hide\n"})
     assert bad.status_code == 400 and "hide" in bad.json()["error"]["message"]
     assert client.put("/api/v1/projects/acme/policy", headers=bearer(owner), json={"text": current["text"]}).status_code == 403
