@@ -139,7 +139,7 @@ def linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = LOSS_CHUNK_TOKENS
 ) -> torch.Tensor:
     """Sum of token cross-entropies for ``hidden [N, H]`` through a frozen head ``weight [V, H]``."""
-    if weight.requires_grad:
+    if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("linear_cross_entropy needs a frozen output head (LoRA never trains lm_head)")
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
 

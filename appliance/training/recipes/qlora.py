@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import bitsandbytes as bnb
 import torch
 from peft import prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -39,6 +40,13 @@ def setup(model_dir: Path, hp: QloraHyperparameters, device: torch.device) -> Se
         local_files_only=True,
     )
     base.config.use_cache = False
+    # bitsandbytes repacks 4-bit weights for an AVX512-BF16 inference kernel the
+    # first time a layer runs in eval mode on CPU, and never packs them back: the
+    # training steps after an evaluation would then run through a kernel with no
+    # autograd support and silently lose gradients. Keep the trainable layout.
+    for module in base.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
     base = prepare_model_for_kbit_training(
         base, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
     )
