@@ -1,0 +1,423 @@
+"""Hyperparameters per training method, validated in full and resolved from ``"auto"``.
+
+The shapes follow the OpenAI fine-tuning API: a job carries
+``method: {"type": "lora", "lora": {"hyperparameters": {...}}}`` and every
+numeric field accepts ``"auto"``. :meth:`TrainingSpec.from_method` parses that
+object; validation reports *all* problems at once, each naming the field path
+and the value received. This module imports no torch, so the API process can
+validate a job cheaply.
+
+``"auto"`` rules (applied by :func:`resolve` once the data is tokenised):
+
+=============================  ==============================================================
+field                          auto value
+=============================  ==============================================================
+n_epochs                       3, raised to ``ceil(100 / n)`` (at most 25) when ``3 n < 100``,
+                               lowered to ``25000 // n`` (at least 1) when ``3 n > 25000``
+                               (OpenAI's published rule; ``n`` = training examples)
+batch_size                     the power of two at or above ``0.2% of n``, clamped to [4, 32],
+                               and at most ``n``
+learning_rate                  ``2e-4 * learning_rate_multiplier``
+learning_rate_multiplier       1.0; with ``learning_rate`` set, ``learning_rate / 2e-4``
+lora_r                         16 (vLLM's default ``--max-lora-rank``)
+lora_alpha                     ``2 * lora_r``
+lora_dropout                   0.05
+target_modules                 every attention and MLP projection of the architecture
+max_seq_length                 longest tokenised example rounded up to a multiple of 64,
+                               at most 2048 and the model's context length
+warmup_ratio                   0.03
+weight_decay                   0.0
+gradient_accumulation_steps    enough micro-batches to keep each under 16384 tokens
+                               (``ceil(batch_size * max_seq_length / 16384)``, at most
+                               ``batch_size``)
+checkpoint_every_steps         one checkpoint per epoch (``ceil(n / batch_size)``); 0 = never
+precision (LoRA)               ``bf16`` on a CUDA device with bf16, else ``fp32``
+=============================  ==============================================================
+
+``batch_size`` is the number of examples per optimizer step, as in the OpenAI
+API; ``gradient_accumulation_steps`` splits those examples into that many
+forward passes without changing the step's maths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+from appliance.errors import InvalidRequestError
+from appliance.modelstore.architectures import FORBIDDEN_TARGET_MODULES
+
+Auto = Literal["auto"]
+AUTO: Auto = "auto"
+Precision = Literal["auto", "fp32", "bf16"]
+
+BASE_LEARNING_RATE = 2e-4
+MICRO_BATCH_TOKEN_BUDGET = 16384
+_MODULE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
+
+
+class HyperparameterError(InvalidRequestError):
+    """One or more hyperparameters are invalid; ``problems`` lists each as ``(param, message)``."""
+
+    code = "invalid_hyperparameters"
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{p}: {m}" for p, m in problems), param=problems[0][0])
+
+
+@dataclass(frozen=True)
+class LoraHyperparameters:
+    """LoRA on a full-precision base model.
+
+    Every field but ``seed`` accepts ``"auto"``; see the module docstring for
+    what it resolves to. Construction validates every field and raises
+    :class:`HyperparameterError` listing all problems.
+    """
+
+    n_epochs: int | Auto = AUTO
+    batch_size: int | Auto = AUTO
+    learning_rate: float | Auto = AUTO
+    learning_rate_multiplier: float | Auto = AUTO
+    lora_r: int | Auto = AUTO
+    lora_alpha: float | Auto = AUTO
+    lora_dropout: float | Auto = AUTO
+    target_modules: tuple[str, ...] | Auto = AUTO
+    max_seq_length: int | Auto = AUTO
+    warmup_ratio: float | Auto = AUTO
+    weight_decay: float | Auto = AUTO
+    gradient_accumulation_steps: int | Auto = AUTO
+    checkpoint_every_steps: int | Auto = AUTO
+    seed: int = 0
+    precision: Precision = AUTO
+
+    method = "lora"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        problems = _check_common(self, _prefix(self.method))
+        if self.precision not in ("auto", "fp32", "bf16"):
+            problems.append(
+                (f"{_prefix(self.method)}.precision", f"must be one of 'auto', 'fp32', 'bf16'; got {self.precision!r}")
+            )
+        if problems:
+            raise HyperparameterError(problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values (``target_modules`` as a list), e.g. for the job object."""
+        return _to_dict(self)
+
+
+@dataclass(frozen=True)
+class QloraHyperparameters:
+    """LoRA on a base model quantised to 4-bit NF4 with double quantisation.
+
+    The compute dtype is not a choice: float32 on CPU, bfloat16 on CUDA.
+    Same fields and ``"auto"`` rules as :class:`LoraHyperparameters`, less
+    ``precision``.
+    """
+
+    n_epochs: int | Auto = AUTO
+    batch_size: int | Auto = AUTO
+    learning_rate: float | Auto = AUTO
+    learning_rate_multiplier: float | Auto = AUTO
+    lora_r: int | Auto = AUTO
+    lora_alpha: float | Auto = AUTO
+    lora_dropout: float | Auto = AUTO
+    target_modules: tuple[str, ...] | Auto = AUTO
+    max_seq_length: int | Auto = AUTO
+    warmup_ratio: float | Auto = AUTO
+    weight_decay: float | Auto = AUTO
+    gradient_accumulation_steps: int | Auto = AUTO
+    checkpoint_every_steps: int | Auto = AUTO
+    seed: int = 0
+
+    method = "qlora"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        problems = _check_common(self, _prefix(self.method))
+        if problems:
+            raise HyperparameterError(problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values (``target_modules`` as a list), e.g. for the job object."""
+        return _to_dict(self)
+
+
+Hyperparameters = Union[LoraHyperparameters, QloraHyperparameters]
+
+#: ``method.type`` -> its hyperparameters class (the recipe registry holds the code).
+HYPERPARAMETERS: dict[str, type[LoraHyperparameters] | type[QloraHyperparameters]] = {
+    "lora": LoraHyperparameters,
+    "qlora": QloraHyperparameters,
+}
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """What to train: the method and its hyperparameters.
+
+    Build it from the API's ``method`` object with :meth:`from_method`.
+    """
+
+    method: Literal["lora", "qlora"]
+    hyperparameters: Hyperparameters
+
+    def __post_init__(self) -> None:
+        expected = HYPERPARAMETERS.get(self.method)
+        if expected is None:
+            raise InvalidRequestError(
+                f"`method.type` must be one of {', '.join(map(repr, HYPERPARAMETERS))}; got {self.method!r}",
+                param="method.type",
+            )
+        if not isinstance(self.hyperparameters, expected):
+            raise InvalidRequestError(
+                f"`method.{self.method}.hyperparameters` must be {expected.__name__}; "
+                f"got {type(self.hyperparameters).__name__}",
+                param=f"method.{self.method}.hyperparameters",
+            )
+
+    @classmethod
+    def from_method(cls, method: Mapping[str, Any] | None) -> TrainingSpec:
+        """Parse ``{"type": "lora", "lora": {"hyperparameters": {...}}}``.
+
+        A missing ``method`` means LoRA with every hyperparameter ``"auto"``.
+        Unknown keys are errors (a misspelt ``lora_rank`` must not be ignored).
+
+        Raises:
+            HyperparameterError: Listing every problem found.
+        """
+        if method is None:
+            return cls("lora", LoraHyperparameters())
+        if not isinstance(method, Mapping):
+            raise HyperparameterError([("method", f"must be an object; got {type(method).__name__}")])
+        kind = method.get("type", "lora")
+        if kind not in HYPERPARAMETERS:
+            raise HyperparameterError(
+                [("method.type", f"must be one of {', '.join(map(repr, HYPERPARAMETERS))}; got {kind!r}")]
+            )
+        problems = [
+            (f"method.{key}", f"is not allowed with method.type {kind!r}")
+            for key in method
+            if key not in ("type", kind)
+        ]
+        body = method.get(kind) or {}
+        if not isinstance(body, Mapping):
+            raise HyperparameterError(problems + [(f"method.{kind}", f"must be an object; got {type(body).__name__}")])
+        problems += [(f"method.{kind}.{key}", "is not a known field") for key in body if key != "hyperparameters"]
+        raw = body.get("hyperparameters") or {}
+        if not isinstance(raw, Mapping):
+            raise HyperparameterError(
+                problems + [(f"method.{kind}.hyperparameters", f"must be an object; got {type(raw).__name__}")]
+            )
+        hp_cls = HYPERPARAMETERS[kind]
+        known = {f.name for f in dataclasses.fields(hp_cls)}
+        unknown = [key for key in raw if key not in known]
+        problems += [
+            (f"{_prefix(kind)}.{key}", f"is not a known hyperparameter; known: {', '.join(sorted(known))}")
+            for key in unknown
+        ]
+        try:
+            hp = hp_cls(**{k: v for k, v in raw.items() if k in known})
+        except HyperparameterError as exc:
+            problems += exc.problems
+        if problems:
+            raise HyperparameterError(problems)
+        return cls(kind, hp)
+
+
+def resolve(
+    hp: Hyperparameters,
+    *,
+    n_train_examples: int,
+    longest_example_tokens: int,
+    context_length: int | None,
+    default_target_modules: Sequence[str],
+    device_type: str = "cpu",
+    bf16_supported: bool = False,
+) -> Hyperparameters:
+    """Replace every ``"auto"`` with a concrete value (rules in the module docstring).
+
+    Args:
+        hp: Validated hyperparameters.
+        n_train_examples: Training examples after the validation split.
+        longest_example_tokens: Longest tokenised training example, untruncated.
+        context_length: The model's ``max_position_embeddings``, if known.
+        default_target_modules: The architecture's attention and MLP projections.
+        device_type: ``cpu`` or ``cuda``.
+        bf16_supported: Whether the device computes in bfloat16.
+
+    Returns:
+        A copy of ``hp`` with no ``"auto"`` left.
+    """
+    n = max(1, n_train_examples)
+    values: dict[str, Any] = {}
+
+    if hp.n_epochs == AUTO:
+        epochs = 3
+        if epochs * n < 100:
+            epochs = min(25, math.ceil(100 / n))
+        elif epochs * n > 25000:
+            epochs = max(1, 25000 // n)
+        values["n_epochs"] = epochs
+    if hp.batch_size == AUTO:
+        target = max(1, math.ceil(0.002 * n))
+        values["batch_size"] = min(n, max(4, min(32, 1 << (target - 1).bit_length())))
+    batch_size = values.get("batch_size", hp.batch_size)
+
+    if hp.learning_rate == AUTO:
+        multiplier = 1.0 if hp.learning_rate_multiplier == AUTO else float(hp.learning_rate_multiplier)
+        values["learning_rate_multiplier"] = multiplier
+        values["learning_rate"] = BASE_LEARNING_RATE * multiplier
+    else:
+        values["learning_rate_multiplier"] = float(hp.learning_rate) / BASE_LEARNING_RATE
+    if hp.lora_r == AUTO:
+        values["lora_r"] = 16
+    if hp.lora_alpha == AUTO:
+        values["lora_alpha"] = float(2 * values.get("lora_r", hp.lora_r))
+    if hp.lora_dropout == AUTO:
+        values["lora_dropout"] = 0.05
+    if hp.target_modules == AUTO:
+        values["target_modules"] = tuple(default_target_modules)
+    if hp.max_seq_length == AUTO:
+        cap = min(2048, context_length or 2048)
+        values["max_seq_length"] = min(cap, max(64, math.ceil(longest_example_tokens / 64) * 64))
+    max_seq_length = values.get("max_seq_length", hp.max_seq_length)
+    if hp.warmup_ratio == AUTO:
+        values["warmup_ratio"] = 0.03
+    if hp.weight_decay == AUTO:
+        values["weight_decay"] = 0.0
+    if hp.gradient_accumulation_steps == AUTO:
+        micro = math.ceil(batch_size * max_seq_length / MICRO_BATCH_TOKEN_BUDGET)
+        values["gradient_accumulation_steps"] = max(1, min(batch_size, micro))
+    if hp.checkpoint_every_steps == AUTO:
+        values["checkpoint_every_steps"] = math.ceil(n / batch_size)
+    if getattr(hp, "precision", None) == AUTO:
+        values["precision"] = "bf16" if device_type == "cuda" and bf16_supported else "fp32"
+
+    resolved = dataclasses.replace(hp, **values)
+    problems = []
+    if resolved.gradient_accumulation_steps > resolved.batch_size:
+        problems.append(
+            (
+                f"{_prefix(hp.method)}.gradient_accumulation_steps",
+                f"must not exceed batch_size ({resolved.batch_size}); got {resolved.gradient_accumulation_steps}",
+            )
+        )
+    if context_length and resolved.max_seq_length > context_length:
+        problems.append(
+            (
+                f"{_prefix(hp.method)}.max_seq_length",
+                f"must not exceed the model's context length ({context_length}); got {resolved.max_seq_length}",
+            )
+        )
+    if problems:
+        raise HyperparameterError(problems)
+    return resolved
+
+
+def hyperparameters_from_dict(method: str, values: Mapping[str, Any]) -> Hyperparameters:
+    """Rebuild hyperparameters from :meth:`to_dict` output (e.g. stored in a checkpoint)."""
+    return HYPERPARAMETERS[method](**values)
+
+
+def _prefix(method: str) -> str:
+    return f"method.{method}.hyperparameters"
+
+
+def _to_dict(hp: Hyperparameters) -> dict[str, Any]:
+    out = dataclasses.asdict(hp)
+    if isinstance(out["target_modules"], tuple):
+        out["target_modules"] = list(out["target_modules"])
+    return out
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def _check_common(hp: Hyperparameters, prefix: str) -> list[tuple[str, str]]:
+    """Every problem with the fields both methods share, in field order."""
+    problems: list[tuple[str, str]] = []
+
+    def bad(field: str, rule: str) -> None:
+        problems.append((f"{prefix}.{field}", f"{rule}; got {getattr(hp, field)!r}"))
+
+    def int_in(field: str, low: int, high: int, *, auto: bool = True) -> None:
+        value = getattr(hp, field)
+        if auto and value == AUTO:
+            return
+        if not _is_int(value) or not low <= value <= high:
+            what = "a positive integer" if low == 1 else f"an integer of at least {low}"
+            or_auto = ' or "auto"' if auto else ""
+            bad(field, f"must be {what} (at most {high}){or_auto}")
+
+    def number(field: str, rule: str, ok: Any) -> None:
+        value = getattr(hp, field)
+        if value == AUTO:
+            return
+        if not _is_number(value) or not ok(value):
+            bad(field, f"must be {rule} or \"auto\"")
+
+    int_in("n_epochs", 1, 100)
+    int_in("batch_size", 1, 1024)
+    number("learning_rate", "a number greater than 0 and at most 1", lambda v: 0 < v <= 1)
+    number("learning_rate_multiplier", "a number greater than 0 and at most 100", lambda v: 0 < v <= 100)
+    if (
+        _is_number(hp.learning_rate)
+        and _is_number(hp.learning_rate_multiplier)
+        and not math.isclose(hp.learning_rate, BASE_LEARNING_RATE * hp.learning_rate_multiplier, rel_tol=1e-9)
+    ):
+        bad("learning_rate_multiplier", "must be \"auto\" when learning_rate is set (set one or the other)")
+    int_in("lora_r", 1, 256)
+    number("lora_alpha", "a number greater than 0", lambda v: v > 0)
+    number("lora_dropout", "a number from 0 up to (not including) 1", lambda v: 0 <= v < 1)
+    _check_target_modules(hp, prefix, problems)
+    int_in("max_seq_length", 16, 131072)
+    number("warmup_ratio", "a number from 0 up to (not including) 1", lambda v: 0 <= v < 1)
+    number("weight_decay", "a number from 0 to 1", lambda v: 0 <= v <= 1)
+    int_in("gradient_accumulation_steps", 1, 1024)
+    if (
+        _is_int(hp.gradient_accumulation_steps)
+        and _is_int(hp.batch_size)
+        and hp.gradient_accumulation_steps > hp.batch_size
+    ):
+        bad("gradient_accumulation_steps", f"must not exceed batch_size ({hp.batch_size})")
+    value = hp.checkpoint_every_steps
+    if value != AUTO and (not _is_int(value) or value < 0):
+        bad("checkpoint_every_steps", "must be a non-negative integer (0 = no checkpoints) or \"auto\"")
+    int_in("seed", 0, 2**31 - 1, auto=False)
+    return problems
+
+
+def _check_target_modules(hp: Hyperparameters, prefix: str, problems: list[tuple[str, str]]) -> None:
+    value = hp.target_modules
+    if value == AUTO:
+        return
+    field = f"{prefix}.target_modules"
+    if not isinstance(value, tuple) or not value:
+        problems.append((field, f"must be a non-empty list of module names or \"auto\"; got {value!r}"))
+        return
+    for i, name in enumerate(value):
+        if not isinstance(name, str) or not _MODULE_NAME_RE.match(name):
+            problems.append((f"{field}[{i}]", f"must be a module name such as 'q_proj'; got {name!r}"))
+        elif name.rsplit(".", 1)[-1] in FORBIDDEN_TARGET_MODULES:
+            problems.append(
+                (
+                    f"{field}[{i}]",
+                    f"must not be an embedding or the output head (vLLM refuses such adapters); got {name!r}",
+                )
+            )
+    if len(set(value)) != len(value):
+        problems.append((field, f"must not repeat a module; got {list(value)!r}"))

@@ -1,0 +1,1 @@
+"""One module per training method, each implementing :class:`appliance.training.protocol.Recipe`."""

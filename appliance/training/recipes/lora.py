@@ -1,0 +1,34 @@
+"""LoRA on a full-precision base model.
+
+The base model is loaded in float32 or bfloat16 (``precision``); LoRA weights
+stay float32 (peft keeps adapter weights in float32 by default). No activation
+checkpointing: on the small models this appliance trains, speed wins over
+memory (QLoRA is the memory-lean recipe).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from appliance.training.adapter import adapter_files, attach_lora
+from appliance.training.hyperparameters import LoraHyperparameters
+from appliance.training.protocol import Setup
+
+method = "lora"
+
+
+def setup(model_dir: Path, hp: LoraHyperparameters, device: torch.device) -> Setup:
+    """Load the base model in ``hp.precision`` and attach LoRA to ``hp.target_modules``."""
+    dtype = torch.bfloat16 if hp.precision == "bf16" else torch.float32
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True).to(device)
+    base.config.use_cache = False
+    model = attach_lora(base, hp)
+    return Setup(model=model, device=device, details={"precision": hp.precision, "base_dtype": str(dtype)[6:]})
+
+
+def save(setup: Setup, base_model_name: str) -> dict[str, bytes]:
+    """The LoRA adapter as PEFT files."""
+    return adapter_files(setup.model, base_model_name)

@@ -1,0 +1,91 @@
+"""What a training run reports: progress events, metrics and the final result.
+
+No torch here: the API process can import these to type the worker's output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from appliance.training.hyperparameters import Hyperparameters
+
+
+@dataclass(frozen=True)
+class TrainingEvent:
+    """Progress, passed to ``on_event``.
+
+    ``type`` is ``train`` every few steps (and at the last step), ``validation``
+    after the before/after evaluations, ``warning`` for data dropped.
+
+    Attributes:
+        type: ``train``, ``validation`` or ``warning``.
+        step: Optimizer steps done so far.
+        total_steps: Optimizer steps the run will take.
+        epoch: Epochs done, fractional (``step / steps_per_epoch``).
+        train_loss: Mean training loss over the steps since the previous ``train`` event.
+        valid_loss: Validation loss (``validation`` events).
+        learning_rate: Learning rate of the last step.
+        tokens_per_second: Non-padding tokens trained per second since the previous event.
+        trained_tokens: Non-padding tokens trained so far (epochs counted).
+        message: Human-readable summary.
+    """
+
+    type: Literal["train", "validation", "warning"]
+    step: int
+    total_steps: int
+    epoch: float
+    train_loss: float | None = None
+    valid_loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    trained_tokens: int = 0
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainMetrics:
+    """Numbers for the job's result.
+
+    Validation figures are ``None`` when there is no validation data (a single
+    training record and no validation records).
+    """
+
+    valid_loss_before: float | None
+    valid_perplexity_before: float | None
+    valid_loss_after: float | None
+    valid_perplexity_after: float | None
+    train_loss: float | None
+    steps: int
+    total_steps: int
+    trained_tokens: int
+    train_seconds: float
+    tokens_per_second: float
+    n_train_examples: int
+    n_valid_examples: int
+    dropped_examples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """The outcome of :func:`appliance.training.train`.
+
+    Attributes:
+        status: ``succeeded``, or ``cancelled`` when ``should_stop`` said so.
+        adapter: ``{filename: bytes}`` of a PEFT adapter directory; ``None`` when cancelled.
+        hyperparameters: The resolved hyperparameters (no ``"auto"`` left).
+        metrics: See :class:`TrainMetrics`; after-training figures are ``None`` when cancelled.
+        details: What the recipe chose (precision, quantisation, ...).
+    """
+
+    status: Literal["succeeded", "cancelled"]
+    adapter: dict[str, bytes] | None
+    hyperparameters: Hyperparameters
+    metrics: TrainMetrics
+    details: dict[str, Any]

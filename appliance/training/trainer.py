@@ -1,0 +1,437 @@
+"""The training entry point: records in, adapter bytes out, nothing on disk.
+
+:func:`train` tokenises the records, resolves ``"auto"`` hyperparameters,
+asks the method's recipe for a model, measures validation loss, runs the
+optimizer steps (packing each micro-batch, loss on target tokens only) with
+events, checkpoints and cancellation, measures validation loss again and
+returns the adapter as bytes.
+
+Offline by construction: every load passes ``local_files_only=True`` and the
+base model is a local directory.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, get_linear_schedule_with_warmup
+
+from appliance.errors import ApplianceError, InvalidRequestError
+from appliance.modelstore.architectures import SUPPORTED_ARCHITECTURES
+from appliance.training import checkpoint as ckpt
+from appliance.training.data import Example, fingerprint, split_validation, tokenize_records
+from appliance.training.hyperparameters import TrainingSpec, resolve
+from appliance.training.packing import pack, packed_loss_sum
+from appliance.training.protocol import Setup
+from appliance.training.registry import get_recipe
+from appliance.training.results import TrainingEvent, TrainMetrics, TrainResult
+
+MAX_GRAD_NORM = 1.0
+EVAL_TOKEN_BUDGET = 16384
+
+
+class TrainingDivergedError(ApplianceError):
+    """The loss became NaN or infinite; a lower learning rate usually helps."""
+
+    code = "training_diverged"
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def train(
+    spec: TrainingSpec,
+    model_dir: Path,
+    train_records: Sequence[Mapping[str, Any]],
+    val_records: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    on_event: Callable[[TrainingEvent], None] | None = None,
+    on_checkpoint: Callable[[int, bytes], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    resume_from: bytes | None = None,
+    device: str = "auto",
+    base_model_name: str | None = None,
+    event_every_steps: int = 10,
+) -> TrainResult:
+    """Fine-tune an adapter on in-memory records.
+
+    Args:
+        spec: Method and hyperparameters (:meth:`TrainingSpec.from_method`).
+        model_dir: An imported base model (:func:`appliance.modelstore.import_model`).
+        train_records: Parsed training records (chat, prompt/completion or text).
+        val_records: Parsed validation records; ``None`` holds out 10% of the
+            training records (seeded by ``seed``).
+        on_event: Called with a :class:`TrainingEvent` every ``event_every_steps``
+            steps, at the last step, and after each validation pass.
+        on_checkpoint: Called with ``(step, checkpoint_bytes)`` every
+            ``checkpoint_every_steps`` steps (not at the last step: the result
+            carries the final adapter).
+        should_stop: Polled before every step and evaluation batch; when it
+            returns true the run stops and returns a ``cancelled`` result.
+        resume_from: Bytes from ``on_checkpoint``; the run continues from there
+            and ends with the same weights as an uninterrupted run (same spec,
+            data and device required).
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        base_model_name: Written as ``base_model_name_or_path`` in the adapter
+            config; defaults to ``model_dir``'s name (never a local path).
+        event_every_steps: Steps between ``train`` events.
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        InvalidRequestError: Bad records, hyperparameters, device or checkpoint.
+        TrainingDivergedError: The loss became non-finite.
+    """
+    model_dir = Path(model_dir)
+    emit = on_event or (lambda event: None)
+    stop = should_stop or (lambda: False)
+    torch_device = _pick_device(device)
+    recipe = get_recipe(spec.method)
+    if not _is_positive_int(event_every_steps):
+        raise InvalidRequestError(
+            f"`event_every_steps` must be a positive integer; got {event_every_steps!r}", param="event_every_steps"
+        )
+
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    architecture = SUPPORTED_ARCHITECTURES.get(config.model_type)
+    if architecture is None:
+        raise InvalidRequestError(
+            f"`model_dir` {model_dir.name} has architecture {config.model_type!r}, which cannot be trained; "
+            f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}",
+            param="model",
+        )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    train_set = tokenize_records(train_records, tokenizer, param="train_records")
+    if val_records is None:
+        train_set, val_set = split_validation(train_set, spec.hyperparameters.seed)
+    else:
+        val_set = tokenize_records(val_records, tokenizer, param="val_records")
+
+    hp = resolve(
+        spec.hyperparameters,
+        n_train_examples=len(train_set),
+        longest_example_tokens=max(len(e) for e in train_set),
+        context_length=getattr(config, "max_position_embeddings", None),
+        default_target_modules=architecture.default_target_modules,
+        device_type=torch_device.type,
+        bf16_supported=torch_device.type == "cuda" and torch.cuda.is_bf16_supported(),
+    )
+    n_records = len(train_set) + len(val_set)
+    train_set = [e for e in (x.truncated(hp.max_seq_length) for x in train_set) if e.n_targets > 0]
+    val_set = [e for e in (x.truncated(hp.max_seq_length) for x in val_set) if e.n_targets > 0]
+    dropped = n_records - len(train_set) - len(val_set)
+    if not train_set:
+        raise InvalidRequestError(
+            f"no training record has target tokens within max_seq_length={hp.max_seq_length}; "
+            "raise `max_seq_length` or shorten the prompts",
+            param=f"method.{spec.method}.hyperparameters.max_seq_length",
+        )
+
+    steps_per_epoch = math.ceil(len(train_set) / hp.batch_size)
+    total_steps = steps_per_epoch * hp.n_epochs
+    data_fingerprint = fingerprint(train_set, val_set)
+    resume = _load_resume(resume_from, spec.method, hp, data_fingerprint, total_steps)
+
+    def event(kind: str, step: int, **fields: Any) -> None:
+        emit(TrainingEvent(type=kind, step=step, total_steps=total_steps, epoch=step / steps_per_epoch, **fields))
+
+    if dropped:
+        event("warning", 0, message=f"{dropped} record(s) dropped: no target tokens within max_seq_length")
+
+    # Seeded inside a fork so the caller's global RNG state is left untouched.
+    with torch.random.fork_rng(devices=[torch_device] if torch_device.type == "cuda" else []):
+        torch.manual_seed(hp.seed)
+        setup = recipe.setup(model_dir, hp, torch_device)
+        causal_lm = setup.model.get_base_model()
+        trainable = [p for p in setup.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        scheduler = get_linear_schedule_with_warmup(
+            optimizer, math.ceil(total_steps * hp.warmup_ratio), total_steps
+        )
+        state = _RunState()
+
+        try:
+            if resume is not None:
+                _restore(setup, optimizer, scheduler, resume, state)
+            elif val_set:
+                state.valid_before = _evaluate(setup, val_set, pad_id, stop)
+                event("validation", 0, valid_loss=state.valid_before, trained_tokens=0, message="validation loss before training")
+
+            started = time.perf_counter()
+            window_start, window_tokens, window_losses = started, 0, []
+            while state.step < total_steps:
+                epoch, index = divmod(state.step, steps_per_epoch)
+                order = _epoch_order(len(train_set), hp.seed, epoch)
+                batch = [train_set[i] for i in order[index * hp.batch_size : (index + 1) * hp.batch_size]]
+                if stop():
+                    raise _Cancelled
+                loss, tokens = _train_step(setup, optimizer, scheduler, trainable, batch, hp, pad_id)
+                if not math.isfinite(loss):
+                    raise TrainingDivergedError(
+                        f"the training loss became {loss} at step {state.step + 1}; "
+                        f"lower `learning_rate` (now {hp.learning_rate:g})",
+                        param=f"method.{spec.method}.hyperparameters.learning_rate",
+                    )
+                state.step += 1
+                state.trained_tokens += tokens
+                state.session_tokens += tokens
+                if index == 0:
+                    state.epoch_losses = []
+                state.epoch_losses.append(loss)
+                window_tokens += tokens
+                window_losses.append(loss)
+
+                last = state.step == total_steps
+                if state.step % event_every_steps == 0 or last:
+                    now = time.perf_counter()
+                    event(
+                        "train",
+                        state.step,
+                        train_loss=sum(window_losses) / len(window_losses),
+                        learning_rate=scheduler.get_last_lr()[0],
+                        tokens_per_second=window_tokens / max(now - window_start, 1e-9),
+                        trained_tokens=state.trained_tokens,
+                    )
+                    window_start, window_tokens, window_losses = now, 0, []
+                if on_checkpoint and hp.checkpoint_every_steps and state.step % hp.checkpoint_every_steps == 0 and not last:
+                    paused = time.perf_counter()
+                    on_checkpoint(
+                        state.step,
+                        _checkpoint(setup, recipe, optimizer, scheduler, state, spec, hp, data_fingerprint, model_dir, base_model_name),
+                    )
+                    pause = time.perf_counter() - paused  # checkpointing is not training time
+                    started += pause
+                    window_start += pause
+            state.train_seconds = time.perf_counter() - started
+
+            valid_after = None
+            if val_set:
+                valid_after = _evaluate(setup, val_set, pad_id, stop)
+                event(
+                    "validation",
+                    state.step,
+                    valid_loss=valid_after,
+                    trained_tokens=state.trained_tokens,
+                    message="validation loss after training")
+        except _Cancelled:
+            return TrainResult(
+                status="cancelled",
+                adapter=None,
+                hyperparameters=hp,
+                metrics=_metrics(state, None, total_steps, train_set, val_set, dropped),
+                details=setup.details,
+            )
+        adapter = recipe.save(setup, base_model_name or model_dir.name)
+
+    return TrainResult(
+        status="succeeded",
+        adapter=adapter,
+        hyperparameters=hp,
+        metrics=_metrics(state, valid_after, total_steps, train_set, val_set, dropped),
+        details=setup.details,
+    )
+
+
+@dataclass
+class _RunState:
+    """Counters that a checkpoint carries across a resume."""
+
+    step: int = 0
+    trained_tokens: int = 0
+    session_tokens: int = 0  # this call only, for tokens/s
+    train_seconds: float = 0.0
+    epoch_losses: list[float] = field(default_factory=list)
+    valid_before: float | None = None
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        chosen = None
+    if chosen is None or chosen.type not in ("cpu", "cuda"):
+        raise InvalidRequestError(f"`device` must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}", param="device")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError(f"`device` is {device!r} but no CUDA device is available", param="device")
+    return chosen
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled example order of one epoch: a pure function of (seed, epoch), so resumes need no saved order."""
+    order = list(range(n))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def _autocast(setup: Setup):
+    if setup.autocast_dtype is None:
+        return nullcontext()
+    return torch.autocast(setup.device.type, dtype=setup.autocast_dtype)
+
+
+def _train_step(
+    setup: Setup,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainable: list[torch.nn.Parameter],
+    examples: list[Example],
+    hp: Any,
+    pad_id: int,
+) -> tuple[float, int]:
+    """One optimizer step over ``examples``, split into ``gradient_accumulation_steps`` packed micro-batches.
+
+    The loss is the mean over every target token of the step, however it is
+    split, so accumulation does not change the maths.
+    """
+    causal_lm = setup.model.get_base_model()
+    n_targets = sum(e.n_targets for e in examples)
+    k = min(hp.gradient_accumulation_steps, len(examples))
+    size = math.ceil(len(examples) / k)
+    loss_total = 0.0
+    for start in range(0, len(examples), size):
+        batch = pack(examples[start : start + size], pad_id).to(setup.device)
+        with _autocast(setup):
+            loss = packed_loss_sum(causal_lm, batch) / n_targets
+        loss.backward()
+        loss_total += loss.item()
+    torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_total, sum(len(e) for e in examples)
+
+
+def _evaluate(setup: Setup, examples: list[Example], pad_id: int, stop: Callable[[], bool]) -> float:
+    """Mean loss per target token over ``examples`` (packed, in batches of about EVAL_TOKEN_BUDGET tokens)."""
+    causal_lm = setup.model.get_base_model()
+    by_length = sorted(examples, key=len, reverse=True)
+    total, count = 0.0, 0
+    setup.model.eval()
+    try:
+        with torch.no_grad():
+            start = 0
+            while start < len(by_length):
+                if stop():
+                    raise _Cancelled
+                width = len(by_length[start])
+                end = start + 1
+                while end < len(by_length) and (end - start + 1) * width <= EVAL_TOKEN_BUDGET:
+                    end += 1
+                batch = pack(by_length[start:end], pad_id).to(setup.device)
+                with _autocast(setup):
+                    total += packed_loss_sum(causal_lm, batch).item()
+                count += batch.n_targets
+                start = end
+    finally:
+        setup.model.train()
+    return total / count
+
+
+def _metrics(
+    state: _RunState,
+    valid_after: float | None,
+    total_steps: int,
+    train_set: list[Example],
+    val_set: list[Example],
+    dropped: int,
+) -> TrainMetrics:
+    def ppl(loss: float | None) -> float | None:
+        return None if loss is None else math.exp(min(loss, 700.0))
+
+    return TrainMetrics(
+        valid_loss_before=state.valid_before,
+        valid_perplexity_before=ppl(state.valid_before),
+        valid_loss_after=valid_after,
+        valid_perplexity_after=ppl(valid_after),
+        train_loss=(sum(state.epoch_losses) / len(state.epoch_losses)) if state.epoch_losses else None,
+        steps=state.step,
+        total_steps=total_steps,
+        trained_tokens=state.trained_tokens,
+        train_seconds=state.train_seconds,
+        tokens_per_second=state.session_tokens / state.train_seconds if state.train_seconds > 0 else 0.0,
+        n_train_examples=len(train_set),
+        n_valid_examples=len(val_set),
+        dropped_examples=dropped,
+    )
+
+
+def _checkpoint(
+    setup: Setup,
+    recipe: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: _RunState,
+    spec: TrainingSpec,
+    hp: Any,
+    data_fingerprint: str,
+    model_dir: Path,
+    base_model_name: str | None,
+) -> bytes:
+    return ckpt.dump(
+        {
+            "method": spec.method,
+            "hyperparameters": hp.to_dict(),
+            "data_fingerprint": data_fingerprint,
+            "step": state.step,
+            "trained_tokens": state.trained_tokens,
+            "epoch_losses": list(state.epoch_losses),
+            "valid_before": state.valid_before,
+            "trainable": {n: p.detach().to("cpu").clone() for n, p in setup.model.named_parameters() if p.requires_grad},
+            "adapter": recipe.save(setup, base_model_name or model_dir.name),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": ckpt.capture_rng(),
+        }
+    )
+
+
+def _load_resume(
+    data: bytes | None, method: str, hp: Any, data_fingerprint: str, total_steps: int
+) -> dict[str, Any] | None:
+    if data is None:
+        return None
+    state = ckpt.load(data)
+    problems = []
+    if state.get("method") != method:
+        problems.append(f"it was made by method {state.get('method')!r}, not {method!r}")
+    if state.get("hyperparameters") != hp.to_dict():
+        problems.append("its resolved hyperparameters differ from this job's")
+    if state.get("data_fingerprint") != data_fingerprint:
+        problems.append("it was trained on different data")
+    if not 0 < state.get("step", 0) < total_steps:
+        problems.append(f"its step {state.get('step')} is outside this run's 1..{total_steps - 1}")
+    if problems:
+        raise InvalidRequestError(f"`resume_from` cannot continue this run: {'; '.join(problems)}", param="resume_from")
+    return state
+
+
+def _restore(setup: Setup, optimizer: torch.optim.Optimizer, scheduler: Any, saved: dict[str, Any], state: _RunState) -> None:
+    params = dict(setup.model.named_parameters())
+    with torch.no_grad():
+        for name, value in saved["trainable"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    ckpt.restore_rng(saved["rng"])
+    state.step = saved["step"]
+    state.trained_tokens = saved["trained_tokens"]
+    state.epoch_losses = list(saved["epoch_losses"])
+    state.valid_before = saved["valid_before"]
