@@ -20,7 +20,8 @@ class BaseModelRecord(Base):
     name: Mapped[str] = mapped_column(String(128), unique=True)
     kind: Mapped[str] = mapped_column(String(16), default="llm")  # llm | diffusion
     path: Mapped[str] = mapped_column(Text)
-    content_sha256: Mapped[str] = mapped_column(String(64))
+    #: ``sha256:<hex>`` over the stored files (lineage).
+    content_hash: Mapped[str] = mapped_column(String(80))
     architecture: Mapped[str] = mapped_column(String(128))
     parameters: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
     info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

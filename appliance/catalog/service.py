@@ -100,17 +100,17 @@ class CatalogService:
             info = import_model(src, dest, name)
             with self.db.transaction() as s:
                 row = BaseModelRecord(
-                    name=name, kind="llm", path=str(dest), content_sha256=info.content_sha256,
-                    architecture=info.architecture, parameters=info.parameters,
-                    info={"dtype": info.dtype, "chat_template": info.has_chat_template, "source": str(src),
-                          "demo": demo},
+                    name=name, kind="llm", path=str(dest), content_hash=info.content_hash,
+                    architecture=info.architecture, parameters=info.parameter_count,
+                    info={**info.to_dict(), "source": str(src), "demo": demo},
                     imported_by=ctx.actor,
                 )
                 s.add(row)
                 s.flush()
                 record(s, ctx, "model.import", resource_type="base_model", resource_id=name,
-                       details={"sha256": info.content_sha256, "architecture": info.architecture,
-                                "parameters": info.parameters, "source": src.name})
+                       details={"content_hash": info.content_hash, "source_hash": info.source_hash,
+                                "architecture": info.architecture, "parameters": info.parameter_count,
+                                "source": src.name})
             return row
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)

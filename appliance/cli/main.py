@@ -365,14 +365,14 @@ def models_import(path: Path | None, name: str | None, demo: bool, if_missing: b
         return
     click.echo(f"importing {path} as {name} (dequantising a GGUF takes a minute on CPU)...", err=True)
     row = catalog.import_model(_ctx(), Path(path), name, demo=demo)
-    click.echo(f"imported {row.name}: {row.architecture}, {row.parameters:,} parameters, sha256 {row.content_sha256[:16]}")
+    click.echo(f"imported {row.name}: {row.architecture}, {row.parameters:,} parameters, {row.content_hash[:23]}")
 
 
 @models.command("list")
 @handle_errors
 def models_list() -> None:
     for m in _catalog(_settings()).list_base_models():
-        click.echo(f"{m.name:<32} {m.kind:<10} {m.architecture:<28} {m.parameters:>14,}  sha256 {m.content_sha256[:16]}")
+        click.echo(f"{m.name:<32} {m.kind:<10} {m.architecture:<28} {m.parameters:>14,}  {m.content_hash[:23]}")
 
 
 @main.group()
@@ -397,13 +397,30 @@ def adapters_export(adapter_id: str, directory: Path) -> None:
     click.echo(f"exported {adapter_id} to {dest}")
 
 
-def _register_scan() -> None:
-    from appliance.scanning.cli import scan_command
+class _LazyCommand(click.Command):
+    """A command whose implementation (and its heavy imports) loads only when it runs."""
 
-    main.add_command(scan_command, "scan")
+    def __init__(self, name: str, import_path: str, help: str) -> None:
+        super().__init__(name, help=help, context_settings={"ignore_unknown_options": True,
+                                                             "allow_extra_args": True}, add_help_option=False)
+        self.import_path = import_path
+
+    def _real(self) -> click.Command:
+        import importlib
+
+        module, attr = self.import_path.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def invoke(self, ctx: click.Context) -> None:
+        return self._real().main(args=ctx.args, prog_name=ctx.command_path, standalone_mode=True)
+
+    def get_help(self, ctx: click.Context) -> str:
+        return self._real().get_help(ctx)
 
 
-_register_scan()
+main.add_command(_LazyCommand(
+    "scan", "appliance.scanning.cli:scan_command",
+    "Dry-run the intake scanner and policy on a JSONL file, without uploading it."))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -206,12 +206,16 @@ class FileService:
     def _clean_filename(self, filename: str, policy) -> str:
         """The file name as stored: personal data or secrets in it are redacted."""
         name = filename.replace("\\", "/").rsplit("/", 1)[-1][:255] or "upload.jsonl"
-        found = self.scanner.scan([(0, "text", name)], entities=policy.scanned_entities())
+        stem, dot, ext = name.rpartition(".")
+        if not dot or len(ext) > 8:
+            stem, dot, ext = name, "", ""
+        found = self.scanner.scan([(0, "text", stem)], entities=policy.scanned_entities())
         findings = decide(found, policy).findings
         if not findings:
             return name
         # Whatever the policy says for file contents, a name is only shown: hide it.
-        return redact_record({"text": name}, [dataclasses.replace(f, action="redact") for f in findings])["text"]
+        redacted = redact_record({"text": stem}, [dataclasses.replace(f, action="redact") for f in findings])["text"]
+        return redacted + dot + ext
 
     def _commit(self, ctx: AuditContext, principal: Principal, state: dict[str, Any], filename: str,
                 report: IntakeReport, key_row) -> FileView:

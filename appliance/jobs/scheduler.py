@@ -350,8 +350,8 @@ class Scheduler:
         manifest = {
             "format": "appliance-adapter-manifest/1",
             "job_id": job.id, "project": project.name, "trained_by": job.created_by,
-            "method": job.method_type, "base_model": {"name": base.name, "sha256": base.content_sha256},
-            "datasets": [{"id": f.id, "sha256": f.content_sha256, "policy_sha256": f.policy_hash,
+            "method": job.method_type, "base_model": {"name": base.name, "content_hash": base.content_hash},
+            "datasets": [{"id": f.id, "sha256": f.content_sha256, "policy_hash": f.policy_hash,
                           "records": f.records} for f in files.values()],
             "hyperparameters": header.get("resolved") or job.hyperparameters,
             "metrics": header.get("metrics") or {}, "seed": job.seed,

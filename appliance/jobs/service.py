@@ -79,16 +79,17 @@ class JobService:
             method = {"type": "lora", "lora": {"hyperparameters": body["hyperparameters"]}}
         if method is None:
             method = {"type": "lora"}
-        method_type, hyperparameters = validate_method(method, base_kind=base.kind)
+        seed = body.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31):
+            raise InvalidRequestError(f"`seed` must be an integer in [0, 2^31); got {seed!r}", param="seed")
+        explicit = _method_seed(method)
+        if seed is None:
+            seed = explicit if isinstance(explicit, int) else secrets.randbelow(2**31)
+        method_type, hyperparameters = validate_method(method, base_kind=base.kind, seed=seed)
         suffix = body.get("suffix")
         if suffix is not None and (not isinstance(suffix, str) or not _SUFFIX_RE.match(suffix)):
             raise InvalidRequestError(f"`suffix` must be 1-64 characters of letters, digits, '.', '_' or '-'; "
                                       f"got {suffix!r}", param="suffix")
-        seed = body.get("seed")
-        if seed is None:
-            seed = secrets.randbelow(2**31)
-        elif not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
-            raise InvalidRequestError(f"`seed` must be an integer in [0, 2^31); got {seed!r}", param="seed")
         with self.db.transaction() as s:
             training = self._check_file(s, principal, project, body.get("training_file"), "training_file")
             validation = None
@@ -196,6 +197,14 @@ class JobService:
                    details={"from_status": previous, "from_step": last.step_number if last else 0})
         self.wake()
         return self._job(principal, job_id)
+
+
+def _method_seed(method: Any) -> Any:
+    if not isinstance(method, dict):
+        return None
+    body = method.get(method.get("type", "lora"))
+    hp = body.get("hyperparameters") if isinstance(body, dict) else None
+    return hp.get("seed") if isinstance(hp, dict) else None
 
 
 def _event_pk(event_id: str) -> int:

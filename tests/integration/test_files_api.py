@@ -52,7 +52,7 @@ def stored_count(state) -> int:
 
 def test_openai_client_round_trip(client, owner):
     api = openai_client(client, owner)
-    data = jsonl(chat("What is the capital of France?", "Paris."), chat("2+2?", "4"))
+    data = jsonl(chat("What is the boiling point of water at sea level?", "100 degrees Celsius."), chat("2+2?", "4"))
     created = api.files.create(file=("qa.jsonl", data), purpose="fine-tune")
     assert created.id.startswith("file-") and created.object == "file" and created.purpose == "fine-tune"
     assert created.filename == "qa.jsonl" and created.status == "processed" and created.bytes > 0
@@ -93,7 +93,7 @@ def test_plaintext_never_touches_disk(client, state, owner, tmp_path, monkeypatc
     [
         (jsonl(chat("a", "b")) + b'{"messages": [\n', "line 2", "not valid JSON"),
         (jsonl(chat("a", "b"), {"messages": [{"role": "wizard", "content": "x"}]}), "line 2: messages[0].role", "role"),
-        (jsonl({"prompt": "p"}), "line 1", "completion"),
+        (jsonl({"prompt": "p"}), "line 1: completion", "completion"),
         (b"", "file", "no records"),
         (b"\n\n", "file", "no records"),
         (jsonl(chat("a", "b")) + b'{"text": "caf\xe9"}\n', "line 2", "UTF-8"),
@@ -150,7 +150,7 @@ def test_blocked_entities_reject_the_file_with_types_and_lines(client, state, ow
         chat("hello", "hi"),
         chat("deploy with AKIAIOSFODNN7EXAMPLE please", "done"),
         chat("nothing here", "fine"),
-        chat("card 4111 1111 1111 1111 exp 12/29", "noted"),
+        chat("my card is 4539 1488 0343 6467, expiry 12/29", "noted"),
     )
     resp = upload(client, owner, body)
     assert resp.status_code == 422, resp.text
@@ -158,7 +158,7 @@ def test_blocked_entities_reject_the_file_with_types_and_lines(client, state, ow
     assert err["code"] == "policy_violation"
     assert "AWS_ACCESS_KEY" in err["message"] and "line 2" in err["message"]
     assert "CREDIT_CARD" in err["message"] and "line 4" in err["message"]
-    assert "AKIAIOSFODNN7EXAMPLE" not in resp.text and "4111" not in resp.text
+    assert "AKIAIOSFODNN7EXAMPLE" not in resp.text and "4539" not in resp.text
     assert err["scan"]["decision"] == "rejected"
     assert stored_count(state) == 0
     [event] = audit(state, "file.reject")
@@ -228,9 +228,9 @@ def test_global_admin_must_name_the_project(client, admin_token, owner):
 
 
 def test_filename_with_personal_data_is_redacted(client, owner):
-    resp = upload(client, owner, jsonl(chat("a", "b")), filename="export_john.smith@acme-corp.com.jsonl")
+    resp = upload(client, owner, jsonl(chat("a", "b")), filename="chats with john.smith@acme-corp.com.jsonl")
     assert resp.status_code == 201
-    assert "john.smith@acme-corp.com" not in resp.json()["filename"]
+    assert resp.json()["filename"] == "chats with <EMAIL_ADDRESS>.jsonl"
 
 
 def test_project_policy_can_be_read_and_replaced_by_admin(client, admin_token, owner):

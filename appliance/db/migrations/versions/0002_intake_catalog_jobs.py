@@ -33,7 +33,7 @@ def upgrade() -> None:
     sa.Column('name', sa.String(length=128), nullable=False),
     sa.Column('kind', sa.String(length=16), nullable=False),
     sa.Column('path', sa.Text(), nullable=False),
-    sa.Column('content_sha256', sa.String(length=64), nullable=False),
+    sa.Column('content_hash', sa.String(length=80), nullable=False),
     sa.Column('architecture', sa.String(length=128), nullable=False),
     sa.Column('parameters', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
     sa.Column('info', sa.JSON(), nullable=False),

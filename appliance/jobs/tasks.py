@@ -1,0 +1,50 @@
+"""What a worker runs for each kind of job (inside the sandbox)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from appliance.jobs.worker import Channel
+
+
+def run_task(channel: Channel, start: dict[str, Any], datasets: dict[str, list[dict[str, Any]]],
+             resume: bytes | None) -> None:
+    """Train the job's adapter and report everything over ``channel``."""
+    from appliance.training import TrainingSpec, train
+
+    method = {"type": start["method_type"], start["method_type"]: {"hyperparameters": start["hyperparameters"]}}
+    spec = TrainingSpec.from_method(method)
+    if resume is not None:
+        channel.event(f"Resuming from the checkpoint at step {start.get('resume_step')}", type="message")
+    channel.event(f"Training {spec.method} on {len(datasets['train'])} records"
+                  + (f", validating on {len(datasets['validation'])}" if "validation" in datasets else
+                     " (10% held out for validation)"))
+    last_checkpoint = [time.monotonic()]
+
+    def on_event(event) -> None:
+        data = {k: v for k, v in event.to_dict().items() if v is not None and k != "message"}
+        level = "warn" if event.type == "warning" else "info"
+        channel.event(event.message or f"Step {event.step}/{event.total_steps}", level=level,
+                      type="metrics" if event.type in ("train", "validation") else "message", data=data)
+
+    def on_checkpoint(step: int, state: bytes) -> None:
+        channel.send({"type": "checkpoint", "step": step, "metrics": {}}, state)
+        last_checkpoint[0] = time.monotonic()
+
+    result = train(
+        spec, Path(start["model_dir"]), datasets["train"], datasets.get("validation"),
+        on_event=on_event, on_checkpoint=on_checkpoint, should_stop=channel.stop.is_set,
+        resume_from=resume, base_model_name=Path(start["model_dir"]).name,
+    )
+    if result.status == "cancelled":
+        channel.send({"type": "cancelled", "step": result.metrics.steps})
+        return
+    for name, data in sorted(result.adapter.items()):
+        channel.send({"type": "artifact", "name": name}, data)
+    channel.send({
+        "type": "result", "metrics": result.metrics.to_dict(), "trained_tokens": result.metrics.trained_tokens,
+        "resolved": result.hyperparameters.to_dict(), "details": result.details,
+    })

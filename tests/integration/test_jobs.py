@@ -1,0 +1,264 @@
+"""Fine-tuning jobs end to end on a tiny model: openai client, isolation, recovery, artefacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import time
+from pathlib import Path
+
+import openai
+import pytest
+from sqlalchemy import select
+
+from appliance.audit.models import AuditEvent
+from appliance.identity.roles import Role
+from appliance.jobs.models import FineTuningJob
+from tests.conftest import CLI_CTX, bearer
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def jsonl(records) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in records)
+
+
+def qa(i: int, marker: str = "") -> dict:
+    return {"messages": [{"role": "user", "content": f"What is item {i}? {marker}".strip()},
+                         {"role": "assistant", "content": f"Item {i} is a blue box {marker}".strip()}]}
+
+
+@pytest.fixture
+def tiny_model(state, tmp_path) -> str:
+    from appliance.modelstore import build_tiny_causal_lm
+
+    src = build_tiny_causal_lm(tmp_path / "tiny-src", seed=0)
+    state.catalog.import_model(CLI_CTX, src, "tiny-llama")
+    return "tiny-llama"
+
+
+@pytest.fixture
+def trainer(make_token) -> str:
+    return make_token("trish", Role.TRAINER, "acme")
+
+
+@pytest.fixture
+def owner(make_token) -> str:
+    return make_token("olivia", Role.DATA_OWNER, "acme")
+
+
+def api_for(client, token) -> openai.OpenAI:
+    return openai.OpenAI(api_key=token, base_url=str(client.base_url) + "/v1", http_client=client, max_retries=0)
+
+
+def upload(client, owner: str, records) -> str:
+    resp = client.post("/v1/files", headers=bearer(owner), data={"purpose": "fine-tune"},
+                       files={"file": ("train.jsonl", jsonl(records))})
+    assert resp.status_code == 201, resp.text
+    return resp.json()["id"]
+
+
+def wait_for(api, job_id: str, statuses=TERMINAL, timeout: float = 240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = api.fine_tuning.jobs.retrieve(job_id)
+        if job.status in statuses:
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} still {job.status} after {timeout}s")
+
+
+def hp(**kw) -> dict:
+    return {"n_epochs": 2, "batch_size": 4, "learning_rate": 5e-3, "lora_r": 4, **kw}
+
+
+def test_lora_job_through_the_openai_client(client, state, tiny_model, trainer, owner, tmp_path):
+    train_id = upload(client, owner, [qa(i) for i in range(24)])
+    api = api_for(client, trainer)
+    job = api.fine_tuning.jobs.create(model=tiny_model, training_file=train_id, suffix="demo", seed=7,
+                                      method={"type": "lora", "lora": {"hyperparameters": hp()}})
+    assert job.status == "validating_files" and job.id.startswith("ftjob-") and job.seed == 7
+    job = wait_for(api, job.id)
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model == f"ft:{tiny_model}:acme:demo:{job.id}"
+    assert job.trained_tokens > 0
+    metrics = job.model_extra["metrics"]
+    assert metrics["valid_loss_after"] < metrics["valid_loss_before"]
+    events = api.fine_tuning.jobs.list_events(job.id, limit=100).data
+    messages = [e.message for e in events]
+    assert any("Network isolation verified" in m for m in messages), messages
+    assert any(e.type == "metrics" and e.data and "train_loss" in e.data for e in events)
+    assert messages[0] == "The job has successfully completed"
+    checkpoints = api.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert checkpoints and checkpoints[0].fine_tuned_model_checkpoint.startswith(job.fine_tuned_model)
+    assert [j.id for j in api.fine_tuning.jobs.list().data] == [job.id]
+    # The adapter is listed with its parent and a signed manifest...
+    model = next(m for m in api.models.list().data if m.id == job.fine_tuned_model)
+    assert model.model_extra["parent"] == tiny_model
+    manifest = model.model_extra["manifest"]
+    assert manifest["datasets"][0]["id"] == train_id and manifest["base_model"]["name"] == tiny_model
+    assert manifest["hyperparameters"]["lora_r"] == 4 and manifest["seed"] == 7
+    view = state.catalog.get_adapter(None, job.fine_tuned_model)
+    assert state.catalog.verify_manifest(view)
+    # ...and exports as a directory that stock peft loads.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = state.catalog.export(None, CLI_CTX, job.fine_tuned_model, tmp_path / "export")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert not config.get("modules_to_save") and "lm_head" not in str(config["target_modules"])
+    base = AutoModelForCausalLM.from_pretrained(state.catalog.get_base_model(tiny_model).path)
+    PeftModel.from_pretrained(base, out)
+    with state.db.read() as s:
+        actions = [e.action for e in s.scalars(select(AuditEvent).where(AuditEvent.resource_id == job.id))]
+    assert actions[:3] == ["job.create", "job.queue", "job.start"] and "job.succeed" in actions
+
+
+def test_qlora_job_on_a_tiny_model_loads_in_stock_peft(client, state, tiny_model, trainer, owner, tmp_path):
+    train_id = upload(client, owner, [qa(i) for i in range(16)])
+    api = api_for(client, trainer)
+    job = api.fine_tuning.jobs.create(model=tiny_model, training_file=train_id,
+                                      method={"type": "qlora", "qlora": {"hyperparameters": hp(n_epochs=1)}})
+    job = wait_for(api, job.id)
+    assert job.status == "succeeded", job.error
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = state.catalog.export(None, CLI_CTX, job.fine_tuned_model, tmp_path / "qlora")
+    base = AutoModelForCausalLM.from_pretrained(state.catalog.get_base_model(tiny_model).path)
+    assert PeftModel.from_pretrained(base, out) is not None
+
+
+def test_invalid_requests_name_the_field(client, tiny_model, trainer, owner, make_token):
+    train_id = upload(client, owner, [qa(i) for i in range(4)])
+    api = api_for(client, trainer)
+    cases = [
+        (dict(model="no-such-model", training_file=train_id), "model"),
+        (dict(model=tiny_model, training_file="file-missing"), "training_file"),
+        (dict(model=tiny_model, training_file=train_id, suffix="bad suffix!"), "suffix"),
+        (dict(model=tiny_model, training_file=train_id,
+              method={"type": "lora", "lora": {"hyperparameters": {"lora_r": -4, "n_epochs": "many"}}}),
+         "method.lora.hyperparameters"),
+        (dict(model=tiny_model, training_file=train_id, method={"type": "dpo"}), "method.type"),
+    ]
+    for kwargs, param in cases:
+        with pytest.raises(openai.APIStatusError) as info:
+            api.fine_tuning.jobs.create(**kwargs)
+        assert info.value.status_code in (400, 404)
+        assert info.value.body["param"].startswith(param), (param, info.value.body)
+    with pytest.raises(openai.BadRequestError) as info:
+        api.fine_tuning.jobs.create(model=tiny_model, training_file=train_id,
+                                    method={"type": "lora", "lora": {"hyperparameters": {"lora_r": -4,
+                                                                                          "n_epochs": "many"}}})
+    assert "lora_r" in info.value.message and "n_epochs" in info.value.message  # all errors at once
+    other = make_token("gus", Role.DATA_OWNER, "globex")
+    foreign = upload(client, other, [qa(1)])
+    with pytest.raises(openai.NotFoundError):
+        api.fine_tuning.jobs.create(model=tiny_model, training_file=foreign)
+    consumer = api_for(client, make_token("cy", Role.CONSUMER, "acme"))
+    with pytest.raises(openai.PermissionDeniedError):
+        consumer.fine_tuning.jobs.create(model=tiny_model, training_file=train_id)
+
+
+def _worker_pid(state, job_id: str, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = state.scheduler._runs.get(job_id)  # noqa: SLF001 - the test kills the real worker
+        if run is not None:
+            return run.worker.proc.pid
+        time.sleep(0.1)
+    raise AssertionError("worker never started")
+
+
+def _wait_checkpoint(api, job_id: str, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        data = api.fine_tuning.jobs.checkpoints.list(job_id).data
+        if data:
+            return data[0].step_number
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_killed_worker_leaves_job_failed_resumable_and_resume_finishes(client, state, tiny_model, trainer, owner):
+    train_id = upload(client, owner, [qa(i) for i in range(40)])
+    api = api_for(client, trainer)
+    job = api.fine_tuning.jobs.create(model=tiny_model, training_file=train_id, method={
+        "type": "lora", "lora": {"hyperparameters": hp(n_epochs=4, batch_size=2, checkpoint_every_steps=5)}})
+    pid = _worker_pid(state, job.id)
+    step = _wait_checkpoint(api, job.id)
+    os.killpg(pid, signal.SIGKILL)
+    failed = wait_for(api, job.id)
+    assert failed.status == "failed" and failed.error.code == "worker_lost"
+    assert failed.model_extra["resumable"] is True
+    resumed = api.post(f"/fine_tuning/jobs/{job.id}/resume", cast_to=object)
+    assert resumed["status"] == "queued"
+    done = wait_for(api, job.id, timeout=400)
+    assert done.status == "succeeded", done.error
+    messages = [e.message for e in api.fine_tuning.jobs.list_events(job.id, limit=1000).data]
+    resumed_at = [m for m in messages if m.startswith("Resuming from the checkpoint at step")]
+    assert resumed_at and int(resumed_at[0].rsplit(" ", 1)[1]) >= step
+
+
+def test_cancel_stops_a_running_job_within_seconds(client, state, tiny_model, trainer, owner):
+    train_id = upload(client, owner, [qa(i) for i in range(40)])
+    api = api_for(client, trainer)
+    job = api.fine_tuning.jobs.create(model=tiny_model, training_file=train_id, method={
+        "type": "lora", "lora": {"hyperparameters": hp(n_epochs=100, batch_size=1)}})
+    _worker_pid(state, job.id)
+    wait_for(api, job.id, statuses={"running"})
+    # One job per device: a second job waits in the queue and cancels at once.
+    queued = api.fine_tuning.jobs.create(model=tiny_model, training_file=train_id)
+    assert wait_for(api, queued.id, statuses={"queued"}).status == "queued"
+    assert api.fine_tuning.jobs.cancel(queued.id).status == "cancelled"
+    time.sleep(1)
+    started = time.monotonic()
+    assert api.fine_tuning.jobs.cancel(job.id).status == "running"  # told to stop...
+    done = wait_for(api, job.id, timeout=30)
+    assert done.status == "cancelled" and time.monotonic() - started < 15  # ...and stopped within seconds
+    assert state.scheduler.running() == []
+    with pytest.raises(openai.ConflictError):
+        api.fine_tuning.jobs.cancel(job.id)
+
+
+def test_training_leaves_no_plaintext_on_disk(client, state, tiny_model, trainer, owner, tmp_path):
+    planted = [f"qvz{secrets.token_hex(6)}" for _ in range(3)]
+    train_id = upload(client, owner, [qa(i, planted[i % 3]) for i in range(12)])
+    api = api_for(client, trainer)
+    job = api.fine_tuning.jobs.create(model=tiny_model, training_file=train_id,
+                                      method={"type": "lora", "lora": {"hyperparameters": hp(n_epochs=1)}})
+    job = wait_for(api, job.id)
+    assert job.status == "succeeded", job.error
+    roots = [state.settings.home.home, Path("/dev/shm"), Path(os.environ.get("TMPDIR", "/tmp"))]
+    for root in roots:
+        for path in root.rglob("*"):
+            try:
+                if not path.is_file() or path.stat().st_size > 50_000_000:
+                    continue
+                data = path.read_bytes()
+            except OSError:
+                continue
+            for p in planted:
+                assert p.encode() not in data, f"planted value in plaintext in {path}"
+    assert not list(Path("/dev/shm").glob("appliance-job-*"))
+
+
+def test_server_restart_marks_running_jobs_failed_resumable(state, tiny_model, trainer, owner):
+    from appliance.jobs.scheduler import Scheduler
+
+    with state.db.transaction() as s:
+        project_id = s.execute(select(FineTuningJob.project_id)).first()
+    # Simulate what a SIGKILLed server leaves: a row stuck in `running`.
+    from appliance.identity.models import Project
+
+    with state.db.transaction() as s:
+        project = s.scalar(select(Project).where(Project.name == "acme"))
+        s.add(FineTuningJob(id="ftjob-stuck", project_id=project.id, created_by="trish", model=tiny_model,
+                            training_file="file-x", seed=1, method_type="lora", status="running"))
+    assert project_id is None
+    assert Scheduler(state.db, state.blobs, state.catalog).recover() == 1
+    with state.db.read() as s:
+        job = s.get(FineTuningJob, "ftjob-stuck")
+    assert job.status == "failed" and job.resumable and job.error["code"] == "worker_lost"
