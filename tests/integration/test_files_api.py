@@ -241,3 +241,25 @@ def test_project_policy_can_be_read_and_replaced_by_admin(client, admin_token, o
     assert bad.status_code == 400 and "hide" in bad.json()["error"]["message"]
     assert client.put("/api/v1/projects/acme/policy", headers=bearer(owner), json={"text": current["text"]}).status_code == 403
     _ = io  # keep import used for future stream tests
+
+
+def test_keys_rotate_rewraps_and_the_old_key_file_opens_nothing(client, state, owner, tmp_path):
+    import shutil
+
+    from appliance.crypto.envelope import FileKeyProvider, KeyUnavailableError
+    from appliance.storage.blobs import BlobStore
+    from tests.cli_helpers import run_cli
+
+    body = jsonl(chat("rotation check", "still readable"))
+    file_id = upload(client, owner, body).json()["id"]
+    old_key = tmp_path / "old-master.key"
+    shutil.copy(state.settings.key_file, old_key)
+    out = run_cli(state.settings.home.home, "keys", "rotate").stdout
+    assert "1 data keys re-wrapped" in out
+    # The running server picks up the new key file and still reads the data.
+    assert client.get(f"/v1/files/{file_id}/content", headers=bearer(owner)).content == body
+    # A copy of the old key file opens nothing.
+    stale = BlobStore(state.settings.blobs_dir, FileKeyProvider(old_key))
+    with state.db.read() as s, pytest.raises(KeyUnavailableError):
+        b"".join(stale.read(s, file_id))
+    assert audit(state, "keys.rotate")[0].details["rewrapped"] == 1

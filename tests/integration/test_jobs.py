@@ -262,3 +262,73 @@ def test_server_restart_marks_running_jobs_failed_resumable(state, tiny_model, t
     with state.db.read() as s:
         job = s.get(FineTuningJob, "ftjob-stuck")
     assert job.status == "failed" and job.resumable and job.error["code"] == "worker_lost"
+
+
+def _worker_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if b"appliance.jobs.worker" in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_sigkill_of_the_whole_server_leaves_the_job_resumable(tmp_path):
+    import httpx
+
+    from appliance.modelstore import build_tiny_causal_lm
+    from tests.cli_helpers import Server, run_cli
+    from tests.conftest import free_port
+
+    home = tmp_path / "var"
+    run_cli(home, "init")
+    run_cli(home, "models", "import", str(build_tiny_causal_lm(tmp_path / "tiny", seed=0)), "--name", "tiny-llama")
+    run_cli(home, "projects", "add", "acme")
+    run_cli(home, "users", "add", "olivia", "--role", "data-owner", "--project", "acme")
+    run_cli(home, "users", "grant", "olivia", "--role", "trainer", "--project", "acme")
+    owner = run_cli(home, "tokens", "create", "--user", "olivia", "--role", "data-owner", "--project", "acme").stdout.strip()
+    trainer = run_cli(home, "tokens", "create", "--user", "olivia", "--role", "trainer", "--project", "acme").stdout.strip()
+    port = free_port()
+    server = Server(home, port)
+    try:
+        server.wait_healthy()
+        http = httpx.Client(base_url=server.base_url, timeout=30)
+        file_id = http.post("/v1/files", headers=bearer(owner), data={"purpose": "fine-tune"},
+                            files={"file": ("t.jsonl", jsonl([qa(i) for i in range(40)]))}).json()["id"]
+        job = http.post("/v1/fine_tuning/jobs", headers=bearer(trainer), json={
+            "model": "tiny-llama", "training_file": file_id,
+            "method": {"type": "lora", "lora": {"hyperparameters": hp(n_epochs=4, batch_size=2,
+                                                                          checkpoint_every_steps=5)}}}).json()
+        deadline = time.monotonic() + 120
+        while not http.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", headers=bearer(trainer)).json()["data"]:
+            assert time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.2)
+        workers = _worker_pids()
+        assert workers
+        os.kill(server.proc.pid, signal.SIGKILL)  # the server only: the worker must notice and exit
+        server.proc.wait(10)
+        deadline = time.monotonic() + 30
+        while any(pid in _worker_pids() for pid in workers):
+            assert time.monotonic() < deadline, "worker outlived the killed server"
+            time.sleep(0.2)
+    finally:
+        server.stop()
+    restarted = Server(home, port)
+    try:
+        restarted.wait_healthy()
+        http = httpx.Client(base_url=restarted.base_url, timeout=30)
+        after = http.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=bearer(trainer)).json()
+        assert after["status"] == "failed" and after["resumable"] and after["error"]["code"] == "worker_lost"
+        assert http.post(f"/v1/fine_tuning/jobs/{job['id']}/resume", headers=bearer(trainer)).json()["status"] == "queued"
+        deadline = time.monotonic() + 240
+        while (status := http.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=bearer(trainer)).json()["status"]) \
+                not in TERMINAL:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        assert status == "succeeded"
+    finally:
+        restarted.stop()
+    assert run_cli(home, "audit", "verify").returncode == 0
