@@ -5,9 +5,10 @@ from appliance.catalog.models import AdapterRecord, BaseModelRecord
 from appliance.files.models import ProjectPolicy, ScanFinding, StoredFile
 from appliance.identity.models import ApiToken, Project, RoleBinding, User
 from appliance.jobs.models import FineTuningJob, JobCheckpoint, JobEvent
+from appliance.portal.models import PortalSession
 from appliance.storage.models import DataKey
 
 __all__ = [
     "AdapterRecord", "ApiToken", "AuditCheckpoint", "AuditEvent", "AuditHead", "BaseModelRecord", "DataKey", "FineTuningJob",
-    "JobCheckpoint", "JobEvent", "Project", "ProjectPolicy", "RoleBinding", "ScanFinding", "StoredFile", "User",
+    "JobCheckpoint", "JobEvent", "PortalSession", "Project", "ProjectPolicy", "RoleBinding", "ScanFinding", "StoredFile", "User",
 ]

@@ -145,6 +145,23 @@ class IntakeSettings:
 
 
 @dataclass(frozen=True)
+class PortalSettings:
+    """The web portal's sessions."""
+
+    session_idle_minutes: int = field(
+        default=30, metadata=_env("APPLIANCE_SESSION_IDLE_MINUTES", "Idle time after which a portal session ends.",
+                                  minimum=1),
+    )
+    session_max_hours: int = field(
+        default=12, metadata=_env("APPLIANCE_SESSION_MAX_HOURS", "Longest a portal session lives.", minimum=1),
+    )
+    cookie_secure: bool = field(
+        default=True,
+        metadata=_env("APPLIANCE_COOKIE_SECURE", "Mark cookies Secure (HTTPS only; browsers exempt localhost)."),
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     """All settings, one attribute per concern."""
 
@@ -155,6 +172,7 @@ class Settings:
     log: LogSettings
     auth: AuthSettings
     intake: IntakeSettings
+    portal: PortalSettings
 
     @property
     def database_url(self) -> str:

@@ -185,6 +185,23 @@ def users_grant(name: str, role: str, project: str | None) -> None:
     click.echo(f"granted {role} to {name}" + (f" in {project}" if project else ""))
 
 
+@users.command("passwd")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input (for scripts).")
+@handle_errors
+def users_passwd(name: str, password_stdin: bool) -> None:
+    """Set NAME's portal password (12+ characters); ends their sessions."""
+    from appliance.portal.sessions import SessionService
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    settings = _settings()
+    SessionService(open_initialized(settings)).set_password(_ctx(), name, password)
+    click.echo(f"password of {name} set")
+
+
 @users.command("list")
 @handle_errors
 def users_list() -> None:

@@ -84,11 +84,42 @@ def bearer_of(connection: ASGIConnection) -> str | None:
     return value.strip()
 
 
+#: Route option marking a portal page: authenticated by session cookie, CSRF-checked.
+PORTAL_OPT = "portal"
+CSRF_HEADER = "x-csrf-token"
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class LoginRequired(AuthenticationError):
+    """A portal page was asked for without a live session: answered with a redirect to the log-in page."""
+
+    code = "login_required"
+
+    def __init__(self, message: str, *, reason: str, next_path: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.next_path = next_path
+
+
 class BearerAuthMiddleware(AbstractAuthenticationMiddleware):
-    """Resolve ``Authorization: Bearer`` into a :class:`Principal` on every non-public route."""
+    """Resolve the caller on every non-public route.
+
+    API routes take ``Authorization: Bearer``; portal pages take the session
+    cookie (and nothing else, so a stolen API token cannot drive the portal and
+    vice versa).
+    """
 
     async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:
         state: AppState = connection.app.state.appliance
+        if connection.route_handler.opt.get(PORTAL_OPT):
+            from appliance.portal.sessions import COOKIE
+
+            try:
+                info = await sync_to_thread(state.sessions.resolve, connection.cookies.get(COOKIE))
+            except AuthenticationError as exc:
+                raise LoginRequired(exc.message, reason=exc.code, next_path=connection.scope["path"]) from None
+            connection.scope.setdefault("state", {})["portal_session"] = info
+            return AuthenticationResult(user=info.principal, auth=info)
         origin = origin_of(connection)
         state.limiter.check(origin)
         try:
@@ -99,6 +130,38 @@ class BearerAuthMiddleware(AbstractAuthenticationMiddleware):
         return AuthenticationResult(user=principal, auth=principal.token_id)
 
 
+async def _presented_csrf(connection: ASGIConnection) -> str | None:
+    header = connection.headers.get(CSRF_HEADER)
+    if header:
+        return header
+    if connection.headers.get("content-type", "").startswith("multipart/form-data"):
+        # Uploads stream and are never parsed as forms; a form without
+        # JavaScript carries the token in its action URL instead.
+        return connection.query_params.get("csrf_token")
+    if connection.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+        from litestar import Request
+
+        form = await Request(connection.scope, connection.receive).form()
+        value = form.get("csrf_token")
+        return value if isinstance(value, str) else None
+    return None
+
+
+async def csrf_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+    """Portal requests that change anything must carry the session's CSRF token.
+
+    Forms send it as the hidden field ``csrf_token``; scripts as the
+    ``X-CSRF-Token`` header (uploads, which are never parsed as forms).
+    """
+    if not handler.opt.get(PORTAL_OPT) or connection.scope["method"] in _SAFE_METHODS:
+        return
+    info = connection.scope.get("state", {}).get("portal_session")
+    state: AppState = connection.app.state.appliance
+    if info is None or not state.sessions.check_csrf(info, await _presented_csrf(connection)):
+        raise PermissionDeniedError("missing or wrong CSRF token: reload the page and try again",
+                                    code="csrf_failed", param="csrf_token")
+
+
 def permission_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
     """Allow the request only if the caller's role holds the handler's permission.
 
@@ -107,7 +170,11 @@ def permission_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> N
     """
     if handler.opt.get(PUBLIC_OPT):
         return
-    principal: Principal = connection.user
+    if handler.opt.get(PORTAL_OPT) and handler.opt.get(PERMISSION_OPT) is None:
+        return  # portal pages any logged-in user may see (home, log-out, role switch)
+    principal: Principal | None = connection.user
+    if principal is None:
+        raise PermissionDeniedError("you hold no role yet: ask an administrator to grant you one", param="role")
     declared = handler.opt.get(PERMISSION_OPT)
     if declared is None:
         if getattr(handler, "http_methods", None) == {"OPTIONS"}:

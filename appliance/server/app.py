@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
-from litestar import Litestar
+from pathlib import Path
+
+from litestar import Litestar, Router
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
+from litestar.static_files import create_static_files_router
+from litestar.template.config import TemplateConfig
+from litestar.plugins.jinja import JinjaTemplateEngine
 
 from appliance import __version__
 from appliance.audit.controllers import AuditController, AuditProofController
-from appliance.identity.auth import PUBLIC_OPT, BearerAuthMiddleware, permission_guard
+from appliance.identity.auth import PUBLIC_OPT, BearerAuthMiddleware, csrf_guard, permission_guard
 from appliance.catalog.controllers import ModelController
 from appliance.files.controllers import FileController, PolicyController
 from appliance.identity.controllers import MeController, ProjectController, TokenController, UserController
 from appliance.jobs.controllers import JobController
+from appliance.portal import admin as portal_admin
+from appliance.portal import audit_page, auth_routes, datasets, models_page
+from appliance.portal import jobs as portal_jobs
 from appliance.server.context import RequestContextMiddleware, stamp_and_log_response
 from appliance.server.errors import EXCEPTION_HANDLERS
 from appliance.server.health import health
@@ -26,6 +34,11 @@ ROUTE_HANDLERS = [
     health, MeController, ProjectController, UserController, TokenController, AuditController, AuditProofController,
     FileController,
     PolicyController, ModelController, JobController,
+]
+PORTAL_DIR = Path(__file__).resolve().parent.parent / "portal"
+PORTAL_ROUTES = [
+    *auth_routes.ROUTES, *datasets.ROUTES, *portal_jobs.ROUTES, *models_page.ROUTES, *audit_page.ROUTES,
+    *portal_admin.ROUTES,
 ]
 
 
@@ -51,13 +64,18 @@ def create_app(
             state.scheduler.stop()
         state.db.dispose()
 
+    static = create_static_files_router(path="/static", directories=[PORTAL_DIR / "static"],
+                                        opt={PUBLIC_OPT: True}, include_in_schema=False)
     return Litestar(
-        route_handlers=ROUTE_HANDLERS,
+        # One Router for the portal: registering handlers that share a path one by one
+        # makes Litestar wrap earlier sync handlers again (they then return coroutines).
+        route_handlers=[*ROUTE_HANDLERS, Router(path="/", route_handlers=PORTAL_ROUTES), static],
+        template_config=TemplateConfig(directory=PORTAL_DIR / "templates", engine=JinjaTemplateEngine),
         middleware=[
             RequestContextMiddleware,
             DefineMiddleware(BearerAuthMiddleware, exclude_from_auth_key=PUBLIC_OPT, exclude_http_methods=()),
         ],
-        guards=[permission_guard],
+        guards=[permission_guard, csrf_guard],
         before_send=[stamp_and_log_response],
         dependencies={
             "appliance": Provide(lambda: state, sync_to_thread=False),

@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 from litestar import Request, Response
+from litestar.response import Redirect
 from litestar.exceptions import HTTPException, ValidationException
 
 from appliance.audit.service import AuditContext, record
@@ -29,6 +30,7 @@ from appliance.errors import (
     PolicyViolationError,
     RateLimitedError,
 )
+from appliance.identity.auth import LoginRequired
 from appliance.identity.service import Principal, TokenRejected
 from appliance.logs import scrub
 from appliance.server.context import request_id_of
@@ -85,6 +87,8 @@ def _audit_denial(request: Request, exc: ApplianceError, status: int) -> None:
         project = None
     action = {401: "auth.denied", 429: "auth.rate_limited"}.get(status, "access.denied")
     reason = exc.code if isinstance(exc, AuthenticationError | RateLimitedError) else exc.message
+    if isinstance(exc, LoginRequired):
+        reason = exc.reason
     try:
         with state.db.transaction() as s:
             record(
@@ -97,6 +101,12 @@ def _audit_denial(request: Request, exc: ApplianceError, status: int) -> None:
 
 
 def appliance_error_handler(request: Request, exc: ApplianceError) -> Response:
+    if isinstance(exc, LoginRequired):
+        _audit_denial(request, exc, 401)
+        if request.method in ("GET", "HEAD"):
+            from urllib.parse import quote
+
+            return Redirect(f"/login?next={quote(exc.next_path)}", status_code=303)
     status, type_ = _status_of(exc)
     headers = {}
     if isinstance(exc, RateLimitedError):
@@ -107,6 +117,8 @@ def appliance_error_handler(request: Request, exc: ApplianceError) -> Response:
         _audit_denial(request, exc, status)
     if status >= 500:
         log.error("request failed", extra={"code": exc.code, "request_id": request_id_of(request)})
+    if _is_portal(request):
+        return _portal_error(request, status, exc.message, headers)
     body = error_body(exc.code, exc.message, exc.param, type_)
     if isinstance(exc, PolicyViolationError):
         body["error"]["scan"] = exc.details
@@ -117,6 +129,27 @@ _FIELD_PATTERNS = [
     re.compile(r"at `\$\.([^`]+)`"),
     re.compile(r"(?:unknown|missing required) field `([^`]+)`"),
 ]
+
+
+def _is_portal(request: Request) -> bool:
+    handler = request.scope.get("route_handler")
+    wants_html = "text/html" in request.headers.get("accept", "")
+    return bool(handler is not None and handler.opt.get("portal") and wants_html)
+
+
+_HEADINGS = {400: "That did not work", 401: "Please log in", 403: "Not allowed", 404: "Not found",
+             409: "Conflict", 413: "Too large", 422: "Rejected", 429: "Slow down"}
+
+
+def _portal_error(request: Request, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    from appliance.portal.render import page
+
+    heading = _HEADINGS.get(status, "Something went wrong")
+    response = page(request, "error.html", status_code=status, status=status, heading=heading,
+                    message=scrub(message))
+    if headers:
+        response.headers.update(headers)
+    return response
 
 
 def _validation_param(detail: dict[str, Any]) -> str | None:
@@ -145,6 +178,8 @@ def http_exception_handler(request: Request, exc: HTTPException) -> Response:
         return Response(body, status_code=400)
     code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(status, "http_error")
     message = exc.detail if status < 500 else "internal server error"
+    if _is_portal(request):
+        return _portal_error(request, status, message)
     return Response(
         error_body(code, message, None, _HTTP_TYPES.get(status, "server_error")),
         status_code=status,

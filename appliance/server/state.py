@@ -13,6 +13,7 @@ from appliance.identity.auth import FailureLimiter
 from appliance.identity.service import IdentityService
 from appliance.jobs.scheduler import Scheduler, SchedulerSettings
 from appliance.jobs.service import JobService
+from appliance.portal.sessions import SessionService
 from appliance.scanning import get_scanner
 from appliance.settings import Settings
 from appliance.storage.blobs import BlobStore
@@ -32,6 +33,7 @@ class AppState:
     catalog: CatalogService
     jobs: JobService
     scheduler: Scheduler
+    sessions: SessionService
 
 
 def build_state(
@@ -56,4 +58,6 @@ def build_state(
         catalog=catalog,
         jobs=JobService(db, catalog, wake=scheduler.wake),
         scheduler=scheduler,
+        sessions=SessionService(db, idle_minutes=settings.portal.session_idle_minutes,
+                                max_hours=settings.portal.session_max_hours),
     )

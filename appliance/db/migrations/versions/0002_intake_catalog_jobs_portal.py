@@ -1,4 +1,4 @@
-"""intake, catalog, jobs, audit checkpoints
+"""Intake, catalogue, jobs, audit checkpoints and portal sessions
 
 Revision ID: 0002
 Revises: 0001
@@ -167,6 +167,24 @@ def upgrade() -> None:
     with op.batch_alter_table('fine_tuning_job_events', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_fine_tuning_job_events_job_id'), ['job_id'], unique=False)
 
+    op.create_table('portal_sessions',
+    sa.Column('id_hash', sa.String(length=64), nullable=False),
+    sa.Column('user_id', sa.Integer(), nullable=False),
+    sa.Column('binding_id', sa.Integer(), nullable=True),
+    sa.Column('csrf_token', sa.String(length=64), nullable=False),
+    sa.Column('created_at', appliance.db.base.UTCDateTime(), nullable=False),
+    sa.Column('last_seen_at', appliance.db.base.UTCDateTime(), nullable=False),
+    sa.Column('expires_at', appliance.db.base.UTCDateTime(), nullable=False),
+    sa.Column('origin_ip', sa.String(length=64), nullable=True),
+    sa.Column('revoked_at', appliance.db.base.UTCDateTime(), nullable=True),
+    sa.Column('login_count', sa.Integer(), nullable=False),
+    sa.ForeignKeyConstraint(['binding_id'], ['role_bindings.id'], name=op.f('fk_portal_sessions_binding_id_role_bindings'), ondelete='SET NULL'),
+    sa.ForeignKeyConstraint(['user_id'], ['users.id'], name=op.f('fk_portal_sessions_user_id_users'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id_hash', name=op.f('pk_portal_sessions'))
+    )
+    with op.batch_alter_table('portal_sessions', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_portal_sessions_user_id'), ['user_id'], unique=False)
+
     op.create_table('scan_findings',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('file_id', sa.String(length=64), nullable=False),
@@ -190,6 +208,10 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_scan_findings_file_id'))
 
     op.drop_table('scan_findings')
+    with op.batch_alter_table('portal_sessions', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_portal_sessions_user_id'))
+
+    op.drop_table('portal_sessions')
     with op.batch_alter_table('fine_tuning_job_events', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_fine_tuning_job_events_job_id'))
 

@@ -1,0 +1,81 @@
+"""Audit: a filterable event table, chain verification status and exports."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import UTC, datetime
+
+from litestar import Request, get
+from litestar.di import NamedDependency
+from litestar.params import FromQuery
+from litestar.response import Response, Template
+
+from appliance.audit.service import EventFilter, read_events, verify_chain
+from appliance.errors import InvalidRequestError
+from appliance.identity.roles import Permission
+from appliance.portal.render import page, portal, session_of
+from appliance.server.context import audit_context
+from appliance.server.state import AppState
+
+COLUMNS = ("seq", "ts", "actor", "auth_method", "action", "resource_type", "resource_id", "project", "outcome",
+           "reason", "origin_ip", "request_id")
+
+
+def _time(value: str | None, param: str) -> datetime | None:
+    if not value:
+        return None
+    try:
+        ts = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequestError(f"`{param}` must be a date or time such as 2026-11-26T10:00; got {value!r}",
+                                  param=param) from None
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts
+
+
+def _filter(request: Request, actor, action, outcome, since, until, limit: int) -> EventFilter:
+    principal = session_of(request).principal
+    applied = {k: v for k, v in dict(actor=actor, action=action, outcome=outcome, since=since, until=until).items()
+               if v}
+    return EventFilter(actor=actor or None, action=action or None, outcome=outcome or None,
+                       since=_time(since, "since"), until=_time(until, "until"), limit=limit,
+                       projects=None if principal.is_global else (principal.project,), applied=applied)
+
+
+@get("/audit", opt=portal(Permission.AUDIT_READ), include_in_schema=False, sync_to_thread=True)
+def audit(request: Request, appliance: NamedDependency[AppState], actor: FromQuery[str | None] = None,
+          action: FromQuery[str | None] = None, outcome: FromQuery[str | None] = None,
+          since: FromQuery[str | None] = None, until: FromQuery[str | None] = None) -> Template:
+    f = _filter(request, actor, action, outcome, since, until, 500)
+    chain = verify_chain(appliance.db)
+    rows, has_more = read_events(appliance.db, audit_context(request), f)
+    return page(request, "audit.html", section="audit", title="Audit", events=list(reversed(rows)),
+                has_more=has_more, chain=chain, q=f.applied, query=str(request.url.query or ""))
+
+
+@get("/audit/export.{fmt:str}", opt=portal(Permission.AUDIT_READ), include_in_schema=False, sync_to_thread=True)
+def export(request: Request, appliance: NamedDependency[AppState], fmt: str, actor: FromQuery[str | None] = None,
+           action: FromQuery[str | None] = None, outcome: FromQuery[str | None] = None,
+           since: FromQuery[str | None] = None, until: FromQuery[str | None] = None) -> Response:
+    """The filtered events as CSV or JSON (reading is audited)."""
+    if fmt not in ("csv", "json"):
+        raise InvalidRequestError(f"export format must be csv or json; got {fmt!r}", param="fmt")
+    rows, _ = read_events(appliance.db, audit_context(request),
+                          _filter(request, actor, action, outcome, since, until, 100_000))
+    records = [{c: (getattr(r, c).isoformat() if c == "ts" else getattr(r, c)) for c in COLUMNS}
+               | {"details": r.details, "hash": r.hash} for r in rows]
+    if fmt == "json":
+        body, media = json.dumps(records, indent=1), "application/json"
+    else:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=[*COLUMNS, "details", "hash"])
+        writer.writeheader()
+        for rec in records:
+            writer.writerow(rec | {"details": json.dumps(rec["details"], sort_keys=True)})
+        body, media = buf.getvalue(), "text/csv"
+    return Response(body, media_type=media,
+                    headers={"Content-Disposition": f'attachment; filename="audit-events.{fmt}"'})
+
+
+ROUTES = [audit, export]

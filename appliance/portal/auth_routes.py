@@ -1,0 +1,123 @@
+"""Log-in, log-out, role switching and the start page."""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from typing import Annotated
+
+from litestar import Request, get, post
+from litestar.datastructures import Cookie
+from litestar.di import NamedDependency
+from litestar.enums import RequestEncodingType
+from litestar.params import Body, FromQuery
+from litestar.response import Redirect, Template
+from sqlalchemy import func, select
+
+from appliance.errors import AuthenticationError, RateLimitedError
+from appliance.files.models import StoredFile
+from appliance.identity.auth import PUBLIC_OPT, origin_of
+from appliance.jobs.models import FineTuningJob
+from appliance.portal.render import page, portal, session_of
+from appliance.portal.sessions import COOKIE
+from appliance.server.context import audit_context
+from appliance.server.state import AppState
+
+LOGIN_CSRF_COOKIE = "appliance_login_csrf"
+Form = Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]
+
+
+def _safe_next(target: str | None) -> str:
+    """Only same-site paths: never an open redirect."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    return target
+
+
+def _cookie(state: AppState, key: str, value: str, *, max_age: int | None) -> Cookie:
+    return Cookie(key=key, value=value, httponly=True, secure=state.settings.portal.cookie_secure,
+                  samesite="strict", path="/", max_age=max_age)
+
+
+def _login_page(request: Request, state: AppState, *, next_path: str, error: str | None = None,
+                username: str = "", status_code: int = 200) -> Template:
+    token = secrets.token_urlsafe(32)
+    response = page(request, "login.html", title="Log in", login_csrf=token, next=next_path, error=error,
+                    username=username, status_code=status_code)
+    response.cookies.append(_cookie(state, LOGIN_CSRF_COOKIE, token, max_age=3600))
+    return response
+
+
+@get("/login", opt={PUBLIC_OPT: True}, include_in_schema=False, sync_to_thread=False)
+def login_form(request: Request, appliance: NamedDependency[AppState], next: FromQuery[str | None] = None) -> Template:
+    return _login_page(request, appliance, next_path=_safe_next(next))
+
+
+@post("/login", opt={PUBLIC_OPT: True}, include_in_schema=False, sync_to_thread=True)
+def login(request: Request, appliance: NamedDependency[AppState], data: Form) -> Template | Redirect:
+    """Check the double-submit CSRF cookie, then the password; rate limited per origin like tokens."""
+    next_path = _safe_next(data.get("next"))
+    cookie = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+    if not cookie or not hmac.compare_digest(cookie, data.get("csrf_token", "")):
+        return _login_page(request, appliance, next_path=next_path, status_code=403,
+                           error="The form expired or was not sent by this page; please try again.")
+    origin = origin_of(request)
+    try:
+        appliance.limiter.check(origin)
+        token = appliance.sessions.login(data.get("username", ""), data.get("password", ""), origin)
+    except RateLimitedError as exc:
+        return _login_page(request, appliance, next_path=next_path, error=exc.message, status_code=429)
+    except AuthenticationError:
+        appliance.limiter.fail(origin)
+        return _login_page(request, appliance, next_path=next_path, error="Wrong username or password.",
+                           username=data.get("username", "")[:64], status_code=401)
+    response = Redirect(next_path, status_code=303)
+    response.cookies.append(_cookie(appliance, COOKIE, token, max_age=appliance.settings.portal.session_max_hours * 3600))
+    response.cookies.append(Cookie(key=LOGIN_CSRF_COOKIE, value="", max_age=0, path="/"))
+    return response
+
+
+@post("/logout", opt=portal(), include_in_schema=False, sync_to_thread=True)
+def logout(request: Request, appliance: NamedDependency[AppState]) -> Redirect:
+    appliance.sessions.logout(request.cookies.get(COOKIE), _ctx(request))
+    response = Redirect("/login", status_code=303)
+    response.cookies.append(Cookie(key=COOKIE, value="", max_age=0, path="/"))
+    return response
+
+
+def _ctx(request: Request):
+    info = session_of(request)
+    if info.principal is not None:
+        return audit_context(request)
+    from appliance.audit.service import AuditContext
+
+    return AuditContext(actor=info.user, auth_method="session", origin_ip=origin_of(request))
+
+
+@post("/role", opt=portal(), include_in_schema=False, sync_to_thread=True)
+def switch_role(request: Request, appliance: NamedDependency[AppState], data: Form) -> Redirect:
+    try:
+        binding = int(data.get("binding", ""))
+    except ValueError:
+        binding = -1
+    appliance.sessions.switch(request.cookies.get(COOKIE), binding, _ctx(request))
+    return Redirect("/", status_code=303)
+
+
+@get("/", opt=portal(), include_in_schema=False, sync_to_thread=True)
+def home(request: Request, appliance: NamedDependency[AppState]) -> Template:
+    principal = session_of(request).principal
+    counts = {"files": 0, "jobs": 0, "models": 0}
+    if principal is not None:
+        with appliance.db.read() as s:
+            files = select(func.count()).select_from(StoredFile).where(StoredFile.deleted_at.is_(None))
+            jobs = select(func.count()).select_from(FineTuningJob)
+            if principal.project_id is not None:
+                files = files.where(StoredFile.project_id == principal.project_id)
+                jobs = jobs.where(FineTuningJob.project_id == principal.project_id)
+            counts["files"], counts["jobs"] = s.scalar(files), s.scalar(jobs)
+        counts["models"] = len(appliance.catalog.list_base_models()) + len(appliance.catalog.list_adapters(principal))
+    return page(request, "home.html", title="Start", counts=counts)
+
+
+ROUTES = [login_form, login, logout, switch_role, home]

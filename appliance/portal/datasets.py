@@ -1,0 +1,99 @@
+"""Datasets: upload with progress, scan reports with redacted previews, crypto-shred."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from litestar import Request, get, post
+from litestar.di import NamedDependency
+from litestar.enums import RequestEncodingType
+from litestar.params import Body, FromPath
+from litestar.response import Redirect, Response, Template
+
+from appliance.errors import ApplianceError, PolicyViolationError
+from appliance.files.service import FileService
+from appliance.identity.roles import Permission
+from appliance.portal.render import bar_chart, page, portal, session_of
+from appliance.server.context import audit_context
+from appliance.server.state import AppState
+
+Form = Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]
+PREVIEW_RECORDS = 5
+
+
+@get("/datasets", opt=portal(Permission.FILES_READ), include_in_schema=False, sync_to_thread=True)
+def dataset_list(request: Request, files: NamedDependency[FileService], appliance: NamedDependency[AppState]) -> Template:
+    principal = session_of(request).principal
+    views, _ = files.list(principal, project=None, purpose=None, after=None, limit=500, order="desc")
+    projects = [p.name for p in appliance.identity.list_projects(principal)] if principal.project is None else []
+    return page(request, "datasets.html", section="datasets", title="Datasets", files=views, projects=projects)
+
+
+@post("/datasets/upload", opt=portal(Permission.FILES_WRITE), include_in_schema=False, request_max_body_size=None)
+async def upload(request: Request, files: NamedDependency[FileService]) -> Response | Redirect:
+    """The drag-and-drop upload (XHR with progress) and the plain form, one endpoint.
+
+    Scripts get JSON (the new file's page, or the error with its scan report);
+    the plain form gets a redirect or an error page.
+    """
+    wants_json = "application/json" in request.headers.get("accept", "")
+    headers = dict(request.headers)
+    if request.query_params.get("project"):
+        headers["openai-project"] = request.query_params["project"]
+    try:
+        view = await files.upload(session_of(request).principal, audit_context(request), headers, request.stream())
+    except ApplianceError as exc:
+        if not wants_json:
+            raise
+        body: dict[str, Any] = {"error": {"code": exc.code, "message": exc.message, "param": exc.param}}
+        if isinstance(exc, PolicyViolationError):
+            body["error"]["scan"] = exc.details
+        from appliance.server.errors import _status_of
+
+        return Response(body, status_code=_status_of(exc)[0])
+    target = f"/datasets/{view.row.id}"
+    if wants_json:
+        return Response({"id": view.row.id, "redirect": target}, status_code=201)
+    return Redirect(target, status_code=303)
+
+
+@get("/datasets/{file_id:str}", opt=portal(Permission.FILES_READ), include_in_schema=False, sync_to_thread=True)
+def dataset(request: Request, files: NamedDependency[FileService], file_id: FromPath[str]) -> Template:
+    principal = session_of(request).principal
+    view, findings = files.scan_report(principal, file_id)
+    preview: list[str] = []
+    from appliance.identity.roles import role_allows
+
+    if role_allows(principal.role, Permission.FILES_CONTENT):
+        # The stored content is already redacted by the policy; show its first records.
+        _, chunks = files.content(principal, audit_context(request), file_id)
+        buffer = b""
+        for chunk in chunks:
+            buffer += chunk
+            if buffer.count(b"\n") >= PREVIEW_RECORDS:
+                break
+        preview = [json.dumps(json.loads(line), ensure_ascii=False, indent=1)
+                   for line in buffer.splitlines()[:PREVIEW_RECORDS]]
+    summary = view.row.scan_summary
+    return page(request, "dataset.html", section="datasets", title=view.row.filename, view=view,
+                findings=findings[:500], more_findings=max(0, len(findings) - 500), preview=preview,
+                chart=bar_chart(summary.get("by_entity_type") or {}), summary=summary)
+
+
+@post("/datasets/{file_id:str}/delete", opt=portal(Permission.FILES_WRITE), include_in_schema=False,
+      sync_to_thread=True)
+def delete_dataset(request: Request, files: NamedDependency[FileService], file_id: FromPath[str],
+                   data: Form) -> Template | Redirect:
+    principal = session_of(request).principal
+    if data.get("confirm") != file_id:
+        view, findings = files.scan_report(principal, file_id)
+        return page(request, "dataset.html", section="datasets", title=view.row.filename, view=view,
+                    findings=findings[:500], more_findings=0, preview=[], summary=view.row.scan_summary,
+                    chart=bar_chart(view.row.scan_summary.get("by_entity_type") or {}), status_code=400,
+                    flashes=[("error", "Type the file id to confirm the deletion.")])
+    files.delete(principal, audit_context(request), file_id)
+    return Redirect("/datasets", status_code=303)
+
+
+ROUTES = [dataset_list, upload, dataset, delete_dataset]

@@ -1,0 +1,117 @@
+// Progressive enhancement only: every page works without this file.
+"use strict";
+
+document.addEventListener("DOMContentLoaded", () => {
+  // Role switcher submits on change.
+  document.querySelectorAll("select[data-autosubmit]").forEach((el) =>
+    el.addEventListener("change", () => el.form.submit()));
+
+  // Drag-and-drop upload with a progress bar.
+  const form = document.getElementById("upload-form");
+  if (form) {
+    const zone = document.getElementById("dropzone");
+    const input = document.getElementById("file");
+    const bar = document.getElementById("upload-progress");
+    const out = document.getElementById("upload-result");
+    ["dragenter", "dragover"].forEach((t) => zone.addEventListener(t, (e) => { e.preventDefault(); zone.classList.add("over"); }));
+    ["dragleave", "drop"].forEach((t) => zone.addEventListener(t, (e) => { e.preventDefault(); zone.classList.remove("over"); }));
+    zone.addEventListener("drop", (e) => { if (e.dataTransfer.files.length) { input.files = e.dataTransfer.files; } });
+    form.addEventListener("submit", (e) => {
+      e.preventDefault();
+      if (!input.files.length) { out.textContent = "Choose a file first."; return; }
+      const data = new FormData();
+      data.append("purpose", "fine-tune");
+      data.append("file", input.files[0]);
+      const project = form.querySelector("[data-query]");
+      const xhr = new XMLHttpRequest();
+      xhr.open("POST", "/datasets/upload" + (project ? "?project=" + encodeURIComponent(project.value) : ""));
+      xhr.setRequestHeader("X-CSRF-Token", form.dataset.csrf);
+      xhr.setRequestHeader("Accept", "application/json");
+      bar.hidden = false; bar.value = 0; out.textContent = "Uploading…";
+      xhr.upload.addEventListener("progress", (ev) => { if (ev.lengthComputable) { bar.value = Math.round(100 * ev.loaded / ev.total); } });
+      xhr.upload.addEventListener("load", () => { out.textContent = "Scanning…"; });
+      xhr.addEventListener("load", () => {
+        let body = {};
+        try { body = JSON.parse(xhr.responseText); } catch (err) { /* not JSON */ }
+        if (xhr.status < 300 && body.redirect) { window.location = body.redirect; return; }
+        const error = body.error || {};
+        out.textContent = (error.message || ("Upload failed (" + xhr.status + ")")) + (error.param ? " [" + error.param + "]" : "");
+        out.className = "flash error";
+      });
+      xhr.addEventListener("error", () => { out.textContent = "The upload was interrupted."; out.className = "flash error"; });
+      xhr.send(data);
+    });
+  }
+
+  // Live job page: refresh the live section while the job runs.
+  const live = document.querySelector("[data-refresh]");
+  if (live) {
+    const every = parseInt(live.dataset.refresh, 10) || 2000;
+    const tick = async () => {
+      try {
+        const resp = await fetch(window.location.pathname, { headers: { Accept: "text/html" } });
+        const doc = new DOMParser().parseFromString(await resp.text(), "text/html");
+        const fresh = doc.getElementById("live");
+        if (fresh) { live.innerHTML = fresh.innerHTML; if (!fresh.dataset.refresh) { return; } }
+      } catch (err) { /* try again */ }
+      setTimeout(tick, every);
+    };
+    setTimeout(tick, every);
+  }
+
+  // Inline validation of hyperparameters: "auto" or a number.
+  document.querySelectorAll("input[data-validate]").forEach((el) => {
+    el.addEventListener("input", () => {
+      const v = el.value.trim();
+      const ok = v === "" || v === "auto" || !Number.isNaN(Number(v));
+      const msg = document.getElementById(el.id + "-err");
+      if (msg) { msg.textContent = ok ? "" : "must be \"auto\" or a number"; }
+      el.setAttribute("aria-invalid", ok ? "false" : "true");
+    });
+  });
+
+  // Playground: stream a chat completion over server-sent events.
+  const chat = document.getElementById("chat-form");
+  if (chat) {
+    const log = document.getElementById("chat-log");
+    const history = [];
+    chat.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      const prompt = chat.querySelector("#prompt");
+      const text = prompt.value.trim();
+      if (!text) { return; }
+      history.push({ role: "user", content: text });
+      const add = (role, content) => {
+        const p = document.createElement("p"); p.className = "msg";
+        const r = document.createElement("span"); r.className = "role"; r.textContent = role + ":";
+        const c = document.createElement("span"); c.textContent = content;
+        p.append(r, c); log.append(p); return c;
+      };
+      add("user", text); prompt.value = "";
+      const out = add("assistant", "");
+      const resp = await fetch("/playground/chat", {
+        method: "POST",
+        headers: { "Content-Type": "application/json", "X-CSRF-Token": chat.dataset.csrf, Accept: "text/event-stream" },
+        body: JSON.stringify({ model: chat.querySelector("#model").value, messages: history, stream: true,
+                               max_tokens: parseInt(chat.querySelector("#max_tokens").value, 10) || 64,
+                               temperature: parseFloat(chat.querySelector("#temperature").value) || 0 }),
+      });
+      if (!resp.ok) { let b = {}; try { b = await resp.json(); } catch (err) { /* */ } out.textContent = (b.error && b.error.message) || ("error " + resp.status); return; }
+      const reader = resp.body.getReader(); const dec = new TextDecoder(); let buf = "";
+      for (;;) {
+        const { value, done } = await reader.read(); if (done) { break; }
+        buf += dec.decode(value, { stream: true });
+        let idx;
+        while ((idx = buf.indexOf("\n\n")) >= 0) {
+          const line = buf.slice(0, idx).trim(); buf = buf.slice(idx + 2);
+          if (!line.startsWith("data:")) { continue; }
+          const payload = line.slice(5).trim(); if (payload === "[DONE]") { continue; }
+          try { const chunk = JSON.parse(payload); const d = chunk.choices && chunk.choices[0] && chunk.choices[0].delta; if (d && d.content) { out.textContent += d.content; } } catch (err) { /* */ }
+        }
+      }
+      history.push({ role: "assistant", content: out.textContent });
+      chat.dispatchEvent(new Event("chat-done"));
+      out.parentElement.dataset.done = "1";
+    });
+  }
+});
