@@ -11,7 +11,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test venv clean-venv
+.PHONY: run test venv clean-venv browser
 
 venv: $(STAMP)
 
@@ -28,7 +28,13 @@ run: $(STAMP)
 	$(BIN)/appliance models import --demo --if-missing
 	$(BIN)/appliance serve
 
-test: $(STAMP)
+# The portal tests drive Debian's chromium through Playwright (never a downloaded browser).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; \
+	  else echo "note: install Debian's chromium (sudo apt-get install chromium) to run the portal tests"; fi; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean-venv:

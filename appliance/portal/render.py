@@ -47,7 +47,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], *, width: int = 640
     points = [p for s in series.values() for p in s]
     if not points:
         return Markup('<p class="muted">No data yet.</p>')
-    pad_l, pad_b, pad_t, pad_r = 48, 28, 10, 110
+    pad_l, pad_b, pad_t, pad_r = 48, 28, 10, 140
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
     y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1

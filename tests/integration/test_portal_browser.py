@@ -1,0 +1,179 @@
+"""The portal driven in headless Chromium (Debian's package) with Playwright, against `appliance serve`."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.cli_helpers import APPLIANCE, Server, cli_env, run_cli
+from tests.conftest import REPO, free_port
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = REPO / "test-artifacts" / "portal"
+PASSWORD = "correct horse battery staple"
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (make test installs it)")
+
+
+def _passwd(home: Path, user: str) -> None:
+    subprocess.run([str(APPLIANCE), "users", "passwd", user, "--password-stdin"], input=PASSWORD + "\n", text=True,
+                   env=cli_env(home), check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def portal_server(tmp_path_factory):
+    from appliance.modelstore import build_tiny_causal_lm
+
+    tmp = tmp_path_factory.mktemp("portal")
+    home = tmp / "var"
+    run_cli(home, "init")
+    run_cli(home, "models", "import", str(build_tiny_causal_lm(tmp / "tiny", seed=0)), "--name", "tiny-llama")
+    for project in ("acme", "globex"):
+        run_cli(home, "projects", "add", project)
+    run_cli(home, "users", "add", "olivia", "--role", "data-owner", "--project", "acme")
+    for role in ("trainer", "consumer"):
+        run_cli(home, "users", "grant", "olivia", "--role", role, "--project", "acme")
+    run_cli(home, "users", "add", "gus", "--role", "data-owner", "--project", "globex")
+    run_cli(home, "users", "add", "audrey", "--role", "auditor")
+    for user in ("olivia", "gus", "audrey"):
+        _passwd(home, user)
+    server = Server(home, free_port())
+    server.wait_healthy()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def login(browser, server, user: str):
+    context = browser.new_context(base_url=server.base_url)
+    page = context.new_page()
+    page.goto("/datasets")
+    assert "/login" in page.url
+    page.get_by_label("Username").fill(user)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_url(re.compile(r"/datasets$"))
+    return context, page
+
+
+def switch_role(page, label: str) -> None:
+    page.get_by_label(re.compile("acting as")).select_option(label=label)
+    page.wait_for_load_state("networkidle")
+
+
+def test_upload_scan_train_and_audit_in_the_browser(portal_server, browser, tmp_path):
+    context, page = login(browser, portal_server, "olivia")
+    shot(page, "01-datasets")
+    records = [{"messages": [{"role": "user", "content": f"What colour is box {i}?"},
+                             {"role": "assistant", "content": f"Box {i} is blue. Contact jane.doe@example.com"}]}
+               for i in range(24)]
+    data = tmp_path / "boxes.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    page.set_input_files("#file", str(data))
+    page.get_by_role("button", name="Upload and scan").click()
+    page.wait_for_url(re.compile(r"/datasets/file-"))
+    file_id = page.url.rsplit("/", 1)[1]
+    assert page.get_by_role("heading", name="Scan report").is_visible()
+    assert "accepted" in page.inner_text("main")
+    assert "EMAIL_ADDRESS" in page.inner_text("main") and "<EMAIL_ADDRESS>" in page.inner_text("main")
+    assert "jane.doe@example.com" not in page.content()
+    shot(page, "02-scan-report")
+
+    switch_role(page, "trainer @ acme")
+    page.goto("/jobs/new")
+    page.get_by_label("Base model").select_option("tiny-llama")
+    page.get_by_label("Training dataset").select_option(file_id)
+    page.get_by_label("n_epochs").fill("-3")
+    page.get_by_role("button", name="Start training").click()
+    assert "positive integer" in page.inner_text("#hp-n_epochs-err")  # shown next to the field
+    shot(page, "03-job-form-error")
+    page.get_by_label("n_epochs").fill("2")
+    page.get_by_label("batch_size").fill("4")
+    page.get_by_label("learning_rate").fill("0.005")
+    page.get_by_label("lora_r").fill("4")
+    page.get_by_role("button", name="Start training").click()
+    page.wait_for_url(re.compile(r"/jobs/ftjob-"))
+    job_id = page.url.rsplit("/", 1)[1]
+    page.wait_for_function("document.getElementById('job-status').textContent.trim() === 'succeeded'",
+                           timeout=240_000)
+    assert page.locator("#progress").get_attribute("value") == "100"
+    assert page.locator("svg[aria-label='loss by step'] polyline").count() >= 1
+    shot(page, "04-job-succeeded")
+    model = page.inner_text("#ft-model")
+    assert model.startswith("ft:tiny-llama:acme::")
+
+    page.goto("/models")
+    assert model in page.inner_text("main") and "verified" in page.inner_text("main")
+    shot(page, "05-models")
+    context.close()
+
+    context, page = login(browser, portal_server, "audrey")
+    page.goto("/audit")
+    text = page.inner_text("#events")
+    for action in ("file.upload", "job.create", "job.succeed", "adapter.publish", "portal.login"):
+        assert action in text, action
+    assert page.inner_text("#chain-status") == "verified"
+    shot(page, "06-audit")
+    page.goto(f"/audit?action=job.create")
+    assert job_id in page.inner_text("#events")
+    context.close()
+
+
+def test_other_projects_cannot_see_or_reach_anything(portal_server, browser):
+    context, page = login(browser, portal_server, "gus")
+    assert "boxes.jsonl" not in page.inner_text("main")
+    # Find olivia's file id through the server and try to reach it directly.
+    server_home = portal_server.home
+    owner_token = run_cli(server_home, "tokens", "create", "--user", "olivia", "--role", "data-owner",
+                          "--project", "acme").stdout.strip()
+    files = httpx.get(portal_server.base_url + "/v1/files", headers={"Authorization": f"Bearer {owner_token}"}).json()
+    for f in files["data"]:
+        response = page.goto(f"/datasets/{f['id']}")
+        assert response.status == 404
+    jobs_token = run_cli(server_home, "tokens", "create", "--user", "olivia", "--role", "trainer",
+                         "--project", "acme").stdout.strip()
+    jobs = httpx.get(portal_server.base_url + "/v1/fine_tuning/jobs",
+                     headers={"Authorization": f"Bearer {jobs_token}"}).json()["data"]
+    for j in jobs:
+        assert page.goto(f"/jobs/{j['id']}").status in (403, 404)
+    shot(page, "07-other-project")
+    context.close()
+
+
+def test_form_post_without_csrf_token_is_refused(portal_server, browser):
+    context, page = login(browser, portal_server, "olivia")
+    cookies = {c["name"]: c["value"] for c in context.cookies()}
+    client = httpx.Client(base_url=portal_server.base_url, cookies=cookies)
+    refused = client.post("/role", data={"binding": "1"}, headers={"Accept": "text/html"})
+    assert refused.status_code == 403 and "CSRF" in refused.text
+    upload = client.post("/datasets/upload", files={"file": ("x.jsonl", b'{"text": "x"}\n')},
+                         data={"purpose": "fine-tune"})
+    assert upload.status_code == 403
+    # The same request with the page's token goes through.
+    page.goto("/datasets")
+    token = page.locator("#upload-form").get_attribute("data-csrf")
+    ok = client.post("/role", data={"binding": "1", "csrf_token": token}, follow_redirects=False)
+    assert ok.status_code in (303, 400)  # accepted by the CSRF check (binding may not be the user's)
+    context.close()
