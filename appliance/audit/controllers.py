@@ -6,7 +6,7 @@ import json
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from litestar import Controller, Request, get, post
+from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromQuery, QueryParameter
 
@@ -74,6 +74,32 @@ class AuditController(Controller):
         result = verify_chain(appliance.db)
         record_verification(appliance.db, audit_context(request), result)
         return ChainStatus(result.ok, result.events, result.head_seq, result.bad_seq, result.problem)
+
+
+class AuditReportController(Controller):
+    path = "/api/v1/audit/report"
+    tags = ["audit"]
+
+    @get(opt={"permission": Permission.AUDIT_READ}, sync_to_thread=True)
+    def report(
+        self,
+        request: Request,
+        appliance: NamedDependency[AppState],
+        since: Annotated[datetime, QueryParameter(query="from", description="Start of the period (inclusive).")],
+        until: Annotated[datetime, QueryParameter(query="to", description="End of the period (exclusive).")],
+        format: FromQuery[Literal["json", "csv", "html", "pdf"]] = "json",
+        project: FromQuery[str | None] = None,
+    ) -> Response:
+        """The compliance report for a period (a project auditor gets their project's)."""
+        from appliance.audit.reports import MEDIA_TYPES, ReportScope, produce
+
+        principal: Principal = request.user
+        if not principal.is_global:
+            project = principal.project
+        body = produce(appliance.db, audit_context(request), ReportScope(_aware(since), _aware(until), project),
+                       format)
+        return Response(body, media_type=MEDIA_TYPES[format],
+                        headers={"Content-Disposition": f'attachment; filename="audit-report.{format}"'})
 
 
 class AuditProofController(Controller):

@@ -304,6 +304,37 @@ def audit_verify(checkpoint_path: Path | None, public_key_path: Path | None) -> 
         sys.exit(1)
 
 
+def _parse_when(value: str, param: str):
+    from datetime import UTC, datetime
+
+    try:
+        ts = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequestError(f"`{param}` must be a date or time such as 2026-11-01 or 2026-11-01T12:00; "
+                                  f"got {value!r}", param=param) from None
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts
+
+
+@audit.command("report")
+@click.option("--from", "since", required=True, help="Start (inclusive), e.g. 2026-11-01.")
+@click.option("--to", "until", required=True, help="End (exclusive), e.g. 2026-12-01.")
+@click.option("--format", "fmt", type=click.Choice(["html", "pdf", "json", "csv"]), default="html")
+@click.option("--project", default=None, help="Only this project [default: all].")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write here instead of stdout.")
+@handle_errors
+def audit_report(since: str, until: str, fmt: str, project: str | None, out: Path | None) -> None:
+    """A compliance report: datasets, PII, models and lineage, usage, denials, key rotations, deletions."""
+    from appliance.audit.reports import ReportScope, produce
+
+    db = open_initialized(_settings())
+    body = produce(db, _ctx(), ReportScope(_parse_when(since, "--from"), _parse_when(until, "--to"), project), fmt)
+    if out is not None:
+        out.write_bytes(body)
+        click.echo(f"wrote {len(body)} bytes to {out}", err=True)
+    else:
+        click.get_binary_stream("stdout").write(body)
+
+
 @audit.command("checkpoint")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Where to write the signed checkpoint; keep a copy off this machine.")

@@ -15,7 +15,7 @@ from litestar.template.config import TemplateConfig
 from litestar.plugins.jinja import JinjaTemplateEngine
 
 from appliance import __version__
-from appliance.audit.controllers import AuditController, AuditProofController
+from appliance.audit.controllers import AuditController, AuditProofController, AuditReportController
 from appliance.identity.auth import PUBLIC_OPT, BearerAuthMiddleware, csrf_guard, permission_guard
 from appliance.catalog.controllers import ModelController
 from appliance.files.controllers import FileController, PolicyController
@@ -32,7 +32,7 @@ from appliance.settings import Settings, get_settings
 
 ROUTE_HANDLERS = [
     health, MeController, ProjectController, UserController, TokenController, AuditController, AuditProofController,
-    FileController,
+    AuditReportController, FileController,
     PolicyController, ModelController, JobController,
 ]
 PORTAL_DIR = Path(__file__).resolve().parent.parent / "portal"
