@@ -407,7 +407,6 @@ class Choice:
     index: int
     text: str
     finish_reason: FinishReason
-    completion_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
