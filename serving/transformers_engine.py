@@ -110,9 +110,11 @@ class TransformersEngine:
         self._lora = _LoraLayers(model)
         self._ids = itertools.count()
         self._registry: AdapterRegistry[str] = AdapterRegistry(
-            validate=self._validate, load=self._inject, unload=self._lora.remove,
+            validate=self._validate, load=self._inject, unload=self._eject,
             max_resident=self.config.max_resident_adapters, source=adapter_source,
         )
+        #: Counters for tests and the benchmark: waves run, waves mixing adapters, most rows in one wave.
+        self.stats = {"waves": 0, "mixed_waves": 0, "max_rows": 0}
         self._pending: deque[_Job] = deque()
         self._cv = threading.Condition()
         self._closed = False
@@ -176,6 +178,10 @@ class TransformersEngine:
         with self._model_lock:
             self._lora.add(adapter_id, adapter)
         return adapter_id
+
+    def _eject(self, adapter_id: str) -> None:
+        with self._model_lock:
+            self._lora.remove(adapter_id)
 
     # ------------------------------------------------------------------ prompts
 
@@ -311,6 +317,9 @@ class TransformersEngine:
                     rows.append(_Row(job, index, prompt, gen, TextTracker(self._decode, job.stop)))
             job.prompt_tokens = sum(len(p) for p in job.prompts)
 
+        self.stats["waves"] += 1
+        self.stats["mixed_waves"] += len({j.adapter for j in jobs}) > 1
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
         width = max(len(r.prompt) for r in rows)
         ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -560,8 +569,10 @@ class _LoraLayers:
         self._active = adapter_id
 
     def _delete(self, adapter_id: str) -> None:
-        for layer in self._layers_now():
-            layer.delete_adapter(adapter_id)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "... was active which is now deleted": we reset below
+            for layer in self._layers_now():
+                layer.delete_adapter(adapter_id)
         configs = getattr(self.model, "peft_config", None)
         if isinstance(configs, dict):
             configs.pop(adapter_id, None)
