@@ -105,6 +105,8 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    #: vLLM's extension: keep generating past the end-of-sequence token (benchmarks).
+    ignore_eos: bool = False
     # Defined by OpenAI, not implemented: accepted only at their neutral value.
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -201,6 +203,7 @@ class CompletionRequest(msgspec.Struct, kw_only=True):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    ignore_eos: bool = False
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
@@ -366,6 +369,8 @@ def _check_neutral(req: Any, names: Iterable[str]) -> None:
 def _to_wire(req: msgspec.Struct) -> dict[str, Any]:
     out = msgspec.to_builtins(req)
     out.pop("ignored_fields", None)
+    if not out.get("ignore_eos"):
+        out.pop("ignore_eos", None)
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -226,7 +226,7 @@ class TransformersEngine:
             max_tokens=max_tokens, stop=request.stop_list,
             temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
-            seed=request.seed,
+            seed=request.seed, ignore_eos=request.ignore_eos,
         )
         with self._cv:
             self._pending.append(job)
@@ -385,7 +385,7 @@ class TransformersEngine:
             job.first_token_at = time.perf_counter()
         r.generated += 1
         job.completion_tokens += 1
-        if tok in self._eos:
+        if tok in self._eos and not job.ignore_eos:
             r.finish = "stop"
             job.put(Delta(r.index, r.text.finish(), "stop"))
             return
@@ -422,6 +422,7 @@ class _Job:
     temperature: float
     top_p: float
     seed: int | None
+    ignore_eos: bool = False
     out: queue.Queue[Any] = field(default_factory=queue.Queue)
     cancelled: bool = False
     done: bool = False
@@ -514,20 +515,53 @@ class _LoraLayers:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self._layers: list[Any] = []
+        self._by_path: dict[str, Any] = {}
         self._hooked: set[int] = set()
         self._names: list[str] | None = None
         self._active: str | None = None  # adapter the layers have active; None: none (base)
 
     def add(self, adapter_id: str, adapter: ValidatedAdapter) -> None:
-        from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+        from peft import LoraConfig
 
         fields = {f.name for f in dataclasses.fields(LoraConfig)}
         cfg = LoraConfig(**{k: v for k, v in adapter.config.items() if k in fields and k != "peft_type"})
         cfg.inference_mode = True
+        cfg.lora_dropout = 0.0
+        cfg.init_lora_weights = False  # the weights come from the adapter; skip peft's random init
+        try:
+            if all(m in self._by_path for m in adapter.modules):
+                self._add_to_existing_layers(adapter_id, adapter, cfg)
+            else:
+                self._inject(adapter_id, adapter, cfg)
+        except Exception:
+            self._delete(adapter_id)
+            raise
+
+    def _add_to_existing_layers(self, adapter_id: str, adapter: ValidatedAdapter, cfg: Any) -> None:
+        # The common case: earlier adapters already wrapped these layers. peft's injection would walk
+        # the whole model several times (hundreds of ms); adding to the known layers is what it does last.
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in adapter.tensors.items():
+            module, ab = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
+            pairs.setdefault(module, {})[ab[0]] = t
+        with torch.device("meta"):  # the placeholders peft creates cost nothing; real weights assigned below
+            for module in pairs:
+                self._by_path[module].update_layer(adapter_id, adapter.rank, adapter.alpha, config=cfg)
+        for module, ab in pairs.items():
+            layer = self._by_path[module]
+            weight = layer.get_base_layer().weight
+            device = weight.device
+            dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+            for name, tensor in (("lora_A", ab["A"]), ("lora_B", ab["B"])):
+                sub = getattr(layer, name)[adapter_id]
+                sub.weight = torch.nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+
+    def _inject(self, adapter_id: str, adapter: ValidatedAdapter, cfg: Any) -> None:
+        from peft import inject_adapter_in_model, set_peft_model_state_dict
+
         cfg.target_modules = list(adapter.modules)  # exactly the layers that have weights
         cfg.layers_to_transform = None
         cfg.layers_pattern = None
-        cfg.lora_dropout = 0.0
         try:
             with warnings.catch_warnings():
                 # "Already found a `peft_config` attribute": several adapters in one model is the point here.
@@ -542,9 +576,6 @@ class _LoraLayers:
                 raise AdapterLoadError(f"adapter weights did not match the injected layers (missing {missing[:3]}, "
                                        f"unexpected {list(result.unexpected_keys)[:3]})", param="files")
             self._check_materialised(adapter_id)
-        except Exception:
-            self._delete(adapter_id)
-            raise
         finally:
             self._adopt_layers()
 
@@ -572,7 +603,8 @@ class _LoraLayers:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "... was active which is now deleted": we reset below
             for layer in self._layers_now():
-                layer.delete_adapter(adapter_id)
+                if adapter_id in layer.lora_A or adapter_id in layer.r:
+                    layer.delete_adapter(adapter_id)
         configs = getattr(self.model, "peft_config", None)
         if isinstance(configs, dict):
             configs.pop(adapter_id, None)
@@ -594,7 +626,10 @@ class _LoraLayers:
 
     def _adopt_layers(self) -> None:
         # peft activates a freshly injected adapter; our plan decides what is active, so reset all layers.
-        self._layers = self._layers_now()
+        from peft.tuners.lora import LoraLayer
+
+        self._by_path = {n: m for n, m in self.model.named_modules() if isinstance(m, LoraLayer)}
+        self._layers = list(self._by_path.values())
         for layer in self._layers:
             if id(layer) not in self._hooked:
                 layer.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
