@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=4, help="clients in the concurrent runs")
     ap.add_argument("--reps", type=int, default=None, help="A/B repetitions per mode (default 2; quick 1)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--mixed", choices=["stacked", "peft"], default="stacked",
+                    help="how batches mixing adapters are computed (EngineConfig.mixed_batches)")
     ap.add_argument("--model-dir", type=Path, default=None, help="an already dequantised copy to reuse")
     ap.add_argument("--results", type=Path, default=None, help="append a section to this markdown file")
     ap.add_argument("--json", type=Path, default=None, help="write the figures as JSON here")
@@ -218,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dequantised GGUF saved in {time.perf_counter() - t:.1f} s", flush=True)
         engine = TransformersEngine.from_pretrained(
             model_dir, name="smollm2-135m", device=args.device,
-            config=EngineConfig(max_resident_adapters=8, max_batch_size=8, max_lora_rank=16))
+            config=EngineConfig(max_resident_adapters=8, max_batch_size=8, max_lora_rank=16,
+                                mixed_batches=args.mixed))
         try:
             device = str(engine.device)
             adapter_files = [make_adapter(engine.model, seed=i) for i in range(5)]
@@ -250,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "loadavg_start": round(load_start, 2), "loadavg_end": round(os.getloadavg()[0], 2),
         "quick": args.quick, "max_tokens": max_tokens, "prompts": len(prompts), "reps": reps,
-        "concurrency": args.concurrency, "wall_s": round(time.perf_counter() - started, 1),
+        "concurrency": args.concurrency, "mixed": args.mixed, "wall_s": round(time.perf_counter() - started, 1),
     }
     report = render(results)
     print(report)
@@ -274,7 +277,8 @@ def render(r: dict) -> str:
         f"Machine: {m['machine']}; torch {m['torch']} with {m['torch_threads']} threads; "
         f"load average {m['loadavg_start']} at start, {m['loadavg_end']} at end (shared machine). "
         f"Model: SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32). {m['prompts']} chat prompts × "
-        f"{m['max_tokens']} tokens, greedy, ignore_eos; arms alternated {m['reps']}×; run took {m['wall_s']} s.",
+        f"{m['max_tokens']} tokens, greedy, ignore_eos; arms alternated {m['reps']}×; mixed batches: "
+        f"{m['mixed']}; run took {m['wall_s']} s.",
         "",
         "| figure | value | target |",
         "| --- | --- | --- |",

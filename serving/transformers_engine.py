@@ -64,6 +64,8 @@ class EngineConfig:
         default_max_tokens: Completion length when a chat request gives no ``max_tokens``.
         max_context: Prompt plus completion limit; ``None`` uses the model's ``max_position_embeddings``.
         check_adapter_values: Refuse adapters with NaN/inf weights (one pass over the tensors).
+        mixed_batches: How a batch mixing adapters is computed: ``"stacked"`` (two matmuls per
+            layer whatever the mix) or ``"peft"`` (peft's mixed-batch forward, a loop per adapter).
     """
 
     max_resident_adapters: int = 8
@@ -72,6 +74,7 @@ class EngineConfig:
     default_max_tokens: int = 512
     max_context: int | None = None
     check_adapter_values: bool = True
+    mixed_batches: Literal["stacked", "peft"] = "stacked"
 
 
 class TransformersEngine:
@@ -107,7 +110,7 @@ class TransformersEngine:
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._eos[0]
         self._tok_lock = threading.Lock()
         self._model_lock = threading.Lock()
-        self._lora = _LoraLayers(model)
+        self._lora = _LoraLayers(model, self.config.mixed_batches)
         self._ids = itertools.count()
         self._registry: AdapterRegistry[str] = AdapterRegistry(
             validate=self._validate, load=self._inject, unload=self._eject,
@@ -504,20 +507,30 @@ def _new_cache(model: Any) -> Any:
 class _LoraLayers:
     """peft LoRA layers injected into the base model in place, and which adapter each row uses.
 
-    peft's own ``adapter_names=`` path walks every module and registers and removes
-    a hook on each LoRA layer on every forward call; for token-by-token decoding
-    that costs more than the LoRA math. Instead, :meth:`plan` picks per forward:
-    a batch on one adapter (or on the base) makes that adapter the layers' active
-    one (done only when it changes), and a mixed batch passes one adapter name per
-    row to peft's mixed-batch forward through one permanent pre-forward hook per layer.
+    :meth:`plan` sets, before each forward, which adapter each batch row uses:
+
+    - one adapter (or the base) for the whole batch: that adapter becomes the layers'
+      active one (peft's ordinary forward; switching walks the layers only on change);
+    - a mix (``mixed="stacked"``, the default): the layers run the base only, and one
+      permanent forward hook per layer adds every row's LoRA term with two matmuls over
+      the concatenated A and B of the batch's adapters and a per-row mask that selects
+      (and scales) the row's own block; the cost does not grow with the number of adapters;
+    - a mix with ``mixed="peft"``: peft's mixed-batch forward (``adapter_names``), which
+      loops over the adapters in every layer; passed through one permanent pre-forward
+      hook per layer, since peft's own ``adapter_names=`` path walks the whole model and
+      registers and removes hooks on every call.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, mixed: Literal["stacked", "peft"] = "stacked") -> None:
         self.model = model
+        self.mixed = mixed
         self._layers: list[Any] = []
         self._by_path: dict[str, Any] = {}
         self._hooked: set[int] = set()
-        self._names: list[str] | None = None
+        self._names: list[str] | None = None  # mixed="peft": adapter per row
+        self._stacked: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self._stacked_key: tuple[str, ...] | None = None
+        self._stack_cache: dict[tuple[str, ...], dict[int, tuple[torch.Tensor, ...]]] = {}
         self._active: str | None = None  # adapter the layers have active; None: none (base)
 
     def add(self, adapter_id: str, adapter: ValidatedAdapter) -> None:
@@ -586,11 +599,46 @@ class _LoraLayers:
         """Set which adapter each row of the next forward uses (``__base__`` for none)."""
         first = adapters[0]
         if all(a == first for a in adapters):
-            self._names = None
+            self._names, self._stacked, self._stacked_key = None, None, None
             self._activate(None if first == _BASE else first)
-        else:
+            return
+        self._activate(None)
+        if self.mixed == "peft":
             self._names = adapters
-            self._activate(None)
+            return
+        key = tuple(adapters)
+        if key != self._stacked_key:
+            ids = tuple(sorted(set(adapters) - {_BASE}))
+            stacks = self._stacks(ids)
+            slot = {aid: i for i, aid in enumerate(ids)}
+            device = next(iter(stacks.values()))[0].device if stacks else torch.device("cpu")
+            rows = torch.tensor([slot.get(a, -1) for a in adapters], device=device)
+            self._stacked = {
+                lid: (a_cat, b_cat, ((rows[:, None] == cols[None, :]) * scale).to(a_cat.dtype)[:, None, :])
+                for lid, (a_cat, b_cat, cols, scale) in stacks.items()
+            }
+            self._stacked_key = key
+
+    def _stacks(self, ids: tuple[str, ...]) -> dict[int, tuple[torch.Tensor, ...]]:
+        """Per layer: A of the adapters concatenated [R, in], B [out, R], adapter slot and scaling per column."""
+        cached = self._stack_cache.get(ids)
+        if cached is not None:
+            return cached
+        out: dict[int, tuple[torch.Tensor, ...]] = {}
+        for layer in self._layers:
+            present = [(i, aid) for i, aid in enumerate(ids) if aid in layer.lora_A]
+            if not present:
+                continue
+            a_cat = torch.cat([layer.lora_A[aid].weight for _, aid in present], dim=0)
+            b_cat = torch.cat([layer.lora_B[aid].weight for _, aid in present], dim=1)
+            cols = torch.cat([torch.full((layer.r[aid],), i, device=a_cat.device) for i, aid in present])
+            scale = torch.cat([torch.full((layer.r[aid],), float(layer.scaling[aid]), device=a_cat.device)
+                               for _, aid in present])
+            out[id(layer)] = (a_cat, b_cat, cols, scale)
+        if len(self._stack_cache) >= 4:  # bounded: each entry copies its adapters' weights once
+            self._stack_cache.clear()
+        self._stack_cache[ids] = out
+        return out
 
     def _activate(self, adapter_id: str | None) -> None:
         if adapter_id == self._active:
@@ -600,6 +648,8 @@ class _LoraLayers:
         self._active = adapter_id
 
     def _delete(self, adapter_id: str) -> None:
+        self._stack_cache = {k: v for k, v in self._stack_cache.items() if adapter_id not in k}
+        self._stacked, self._stacked_key = None, None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "... was active which is now deleted": we reset below
             for layer in self._layers_now():
@@ -633,7 +683,9 @@ class _LoraLayers:
         for layer in self._layers:
             if id(layer) not in self._hooked:
                 layer.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+                layer.register_forward_hook(self._post_forward, with_kwargs=True)
                 self._hooked.add(id(layer))
+        self._stack_cache, self._stacked, self._stacked_key = {}, None, None
         self._active = "?"
         self._activate(None)
 
@@ -641,3 +693,15 @@ class _LoraLayers:
         if self._names is not None:
             kwargs["adapter_names"] = self._names
         return args, kwargs
+
+    def _post_forward(self, module: Any, args: Any, kwargs: dict[str, Any], output: torch.Tensor) -> Any:
+        stacked = self._stacked
+        if stacked is None:
+            return None
+        entry = stacked.get(id(module))
+        if entry is None:
+            return None
+        a_cat, b_cat, mask = entry
+        x = args[0] if args else kwargs["x"]
+        xa = torch.matmul(x.to(a_cat.dtype), a_cat.t()).mul_(mask)
+        return output + torch.matmul(xa, b_cat.t()).to(output.dtype)

@@ -174,7 +174,11 @@ def test_without_a_source_the_resident_bound_is_a_hard_limit(tiny_parts, adapter
             engine.load_adapter("ad1", adapters["ad1"])
 
 
-def test_concurrent_requests_for_different_adapters_get_their_own_output(engine, adapters):
+@pytest.mark.parametrize("mixed", ["stacked", "peft"])
+def test_concurrent_requests_for_different_adapters_get_their_own_output(tiny_parts, adapters, mixed):
+    model, tokenizer = tiny_parts
+    engine = TransformersEngine(copy.deepcopy(model), tokenizer, name=BASE,
+                                config=EngineConfig(mixed_batches=mixed))
     for name in ("ad0", "ad1", "ad2"):
         engine.load_adapter(name, adapters[name])
     models = [BASE, "ad0", "ad1", "ad2"]
@@ -200,6 +204,7 @@ def test_concurrent_requests_for_different_adapters_get_their_own_output(engine,
         t.join(timeout=60)
     assert not errors and len(results) == 16
     assert engine.stats["mixed_waves"] > 0  # some batches really did mix adapters
+    engine.close()
     for model, text in results:
         assert text == reference[model], model
 
