@@ -1,0 +1,34 @@
+"""Errors the serving engines raise, on top of :mod:`appliance.errors`.
+
+Unknown adapter and broken adapter are distinct on purpose (vLLM answers 404
+and 400): a client that names a model that does not exist must not be told
+that something failed to load, and an operator must see a load failure as such.
+"""
+
+from __future__ import annotations
+
+from appliance.errors import ApplianceError, InvalidRequestError, NotFoundError
+
+__all__ = ["AdapterLoadError", "AdapterNotFoundError", "EngineError", "InvalidRequestError"]
+
+
+class AdapterNotFoundError(NotFoundError):
+    """The request names a model that is neither the base model nor a loaded adapter (HTTP 404)."""
+
+    code = "model_not_found"
+
+
+class AdapterLoadError(ApplianceError):
+    """An adapter was rejected by validation or failed to load; the engine serves what it served before.
+
+    Map to HTTP 400 when a client supplied the adapter (vLLM does), to 500 when
+    an adapter the appliance stores could not be reloaded.
+    """
+
+    code = "adapter_load_failed"
+
+
+class EngineError(ApplianceError):
+    """The engine failed while generating, or the vLLM server could not be reached (HTTP 502/503)."""
+
+    code = "engine_error"

@@ -1,0 +1,154 @@
+"""A small vLLM-compatible OpenAI server over any engine, for tests and demos.
+
+It exposes what :class:`~serving.vllm_engine.VllmEngine` uses of a real vLLM
+server started with ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``,
+with vLLM's request and response shapes and status codes:
+
+- ``POST /v1/load_lora_adapter {"lora_name", "lora_path"}`` -> 200 text; 400 when the
+  name is taken or the adapter fails to load; 404 when the path holds no adapter.
+- ``POST /v1/unload_lora_adapter {"lora_name"}`` -> 200 text; 404 for an unknown name.
+- ``GET /v1/models`` (base card with ``max_model_len``; adapters with ``root`` and ``parent``).
+- ``POST /v1/chat/completions`` and ``/v1/completions``, streaming as server-sent events.
+
+Errors are ``{"error": {"message", "type", "param", "code"}}``. No authentication:
+bind it to loopback only. :func:`serve_in_thread` runs it under uvicorn.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+from litestar import Litestar, Request, Response, get, post
+from litestar.params import JSONBody
+from litestar.response import Stream
+
+from appliance.errors import ApplianceError, ConflictError, InvalidRequestError, NotFoundError
+from serving.adapters import ADAPTER_CONFIG
+from serving.engine import Engine
+from serving.errors import AdapterLoadError
+from serving.protocol import (
+    chat_chunks,
+    chat_completion,
+    completion,
+    completion_chunks,
+    new_id,
+    parse_chat_request,
+    parse_completion_request,
+    sse,
+)
+
+__all__ = ["create_vllm_compatible_app", "serve_in_thread"]
+
+
+def _error(status: int, type_: str, message: str, param: str | None = None) -> Response[Any]:
+    return Response({"error": {"message": message, "type": type_, "param": param, "code": status}},
+                    status_code=status)
+
+
+def _on_error(_: Request, exc: Exception) -> Response[Any]:
+    if isinstance(exc, NotFoundError):
+        return _error(404, "NotFoundError", exc.message, exc.param)
+    if isinstance(exc, (InvalidRequestError, AdapterLoadError, ConflictError)):
+        return _error(400, "BadRequestError", exc.message, exc.param)
+    if isinstance(exc, ApplianceError):
+        return _error(500, "InternalServerError", exc.message, exc.param)
+    return _error(500, "InternalServerError", f"{type(exc).__name__}: {exc}")
+
+
+def create_vllm_compatible_app(engine: Engine) -> Litestar:
+    """A litestar app answering like ``vllm serve --enable-lora`` for ``engine``."""
+    roots: dict[str, str] = {}
+    created = int(time.time())
+
+    @post("/v1/load_lora_adapter", status_code=200)
+    async def load_lora_adapter(data: JSONBody[dict[str, Any]]) -> Response[Any]:
+        name, path = data.get("lora_name"), data.get("lora_path")
+        if not name or not path:
+            return _error(400, "InvalidUserInput", "Both 'lora_name' and 'lora_path' must be provided.")
+        if engine.has_adapter(name):
+            return _error(400, "InvalidUserInput", f"The lora adapter '{name}' has already been loaded.")
+        if not (Path(path) / ADAPTER_CONFIG).is_file():
+            return _error(404, "NotFoundError", f"No adapter found for {path}")
+        try:
+            await anyio.to_thread.run_sync(engine.load_adapter, name, Path(path))
+        except (AdapterLoadError, InvalidRequestError) as exc:
+            return _error(400, "BadRequestError", f"Loading lora {name} failed: {exc.message}")
+        roots[name] = path
+        return Response(f"Success: LoRA adapter '{name}' added successfully.", media_type="text/plain")
+
+    @post("/v1/unload_lora_adapter", status_code=200)
+    async def unload_lora_adapter(data: JSONBody[dict[str, Any]]) -> Response[Any]:
+        name = data.get("lora_name")
+        if not name or not engine.has_adapter(name):
+            return _error(404, "NotFoundError", f"The lora adapter '{name}' cannot be found.")
+        await anyio.to_thread.run_sync(engine.unload_adapter, name)
+        roots.pop(name, None)
+        return Response(f"Success: LoRA adapter '{name}' removed successfully.", media_type="text/plain")
+
+    @get("/v1/models")
+    async def models() -> dict[str, Any]:
+        base = engine.base_model_name
+        cards = [{"id": base, "object": "model", "created": created, "owned_by": "vllm", "root": base,
+                  "parent": None, "max_model_len": engine.max_context}]
+        cards += [{"id": a.name, "object": "model", "created": created, "owned_by": "vllm",
+                   "root": roots.get(a.name), "parent": base} for a in engine.adapters()]
+        return {"object": "list", "data": cards}
+
+    @post("/v1/chat/completions", status_code=200)
+    async def chat_completions(request: Request) -> Any:
+        req = parse_chat_request(await request.body())
+        if not req.stream:
+            result = await anyio.to_thread.run_sync(engine.generate, req)
+            return chat_completion(result).to_dict()
+        stream = await anyio.to_thread.run_sync(engine.stream, req)
+        chunks = chat_chunks(stream, model=req.model, n=req.n, include_usage=req.include_usage,
+                             id=new_id("chatcmpl"))
+        return Stream(sse(chunks), media_type="text/event-stream")
+
+    @post("/v1/completions", status_code=200)
+    async def completions(request: Request) -> Any:
+        req = parse_completion_request(await request.body())
+        if not req.stream:
+            result = await anyio.to_thread.run_sync(engine.generate, req)
+            return completion(result).to_dict()
+        stream = await anyio.to_thread.run_sync(engine.stream, req)
+        chunks = completion_chunks(stream, model=req.model, include_usage=req.include_usage, id=new_id("cmpl"))
+        return Stream(sse(chunks), media_type="text/event-stream")
+
+    @get("/health")
+    async def health() -> Response[Any]:
+        return Response("", status_code=200)
+
+    return Litestar(
+        route_handlers=[load_lora_adapter, unload_lora_adapter, models, chat_completions, completions, health],
+        exception_handlers={Exception: _on_error},
+        debug=False,
+    )
+
+
+@contextmanager
+def serve_in_thread(app: Any, host: str = "127.0.0.1") -> Iterator[str]:
+    """Run ``app`` under uvicorn on a free loopback port in a thread; yield its base URL."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=0, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="vllm-test-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

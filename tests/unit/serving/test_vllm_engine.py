@@ -1,0 +1,179 @@
+"""The vLLM client against the vLLM-compatible test server (over a real TransformersEngine)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from appliance.errors import InvalidRequestError
+from serving.errors import AdapterLoadError, AdapterNotFoundError, EngineError
+from serving.protocol import parse_chat_request, parse_completion_request
+from serving.testing import create_vllm_compatible_app, serve_in_thread
+from serving.transformers_engine import EngineConfig, TransformersEngine
+from serving.vllm_engine import VllmEngine
+from tests.unit.serving.conftest import BASE, with_tensors
+
+MESSAGES = [{"role": "user", "content": "Write a haiku about tea."}]
+
+
+def chat(model: str = BASE, **kw):
+    return parse_chat_request({"model": model, "messages": MESSAGES, "temperature": 0, "max_tokens": 8, **kw})
+
+
+@pytest.fixture(scope="module")
+def server(tiny_parts) -> Iterator[tuple[str, TransformersEngine]]:
+    model, tokenizer = tiny_parts
+    inner = TransformersEngine(copy.deepcopy(model), tokenizer, name=BASE,
+                               config=EngineConfig(max_resident_adapters=8))
+    with serve_in_thread(create_vllm_compatible_app(inner)) as url:
+        yield url, inner
+    inner.close()
+
+
+@pytest.fixture(scope="module")
+def base_dir(tiny_parts, tmp_path_factory) -> Path:
+    """The base model's config and tokenizer, as the appliance keeps them next to vLLM (no weights needed)."""
+    model, tokenizer = tiny_parts
+    d = tmp_path_factory.mktemp("base")
+    model.config.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def client(server, base_dir, tmp_path) -> Iterator[VllmEngine]:
+    url, inner = server
+    eng = VllmEngine(url, base_model_dir=base_dir, shm_dir=tmp_path, max_lora_rank=16)
+    yield eng
+    eng.close()
+    for name in [a.name for a in inner.adapters()]:
+        inner.unload_adapter(name)  # what a server restart would do
+
+
+def test_base_model_facts_and_chat_template(client, server):
+    _, inner = server
+    assert client.base_model_name == BASE and client.max_context == 256
+    assert client.apply_chat_template(MESSAGES) == inner.apply_chat_template(MESSAGES)
+
+
+def test_load_chat_stream_unload(client, server, adapters, tmp_path):
+    _, inner = server
+    info = client.load_adapter("ad0", adapters["ad0"])
+    assert info.rank == 4 and client.has_adapter("ad0")
+    # The adapter's files sit in a private directory, written nowhere else, until unload.
+    (root,) = [p for p in tmp_path.iterdir() if p.name.startswith("appliance-lora-")]
+    (adir,) = list(root.iterdir())
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o700 and stat.S_IMODE(os.stat(adir).st_mode) == 0o700
+    assert sorted(p.name for p in adir.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert all(stat.S_IMODE(os.stat(p).st_mode) == 0o600 for p in adir.iterdir())
+    upstream = [a.name for a in inner.adapters()]
+    assert upstream == ["ad0@1"]
+
+    got = client.generate(chat("ad0"))
+    want = inner.generate(chat("ad0@1"))
+    assert got.model == "ad0" and got.choices == want.choices and got.usage == want.usage
+    assert got.choices[0].text != client.generate(chat()).choices[0].text
+
+    stream = client.stream(chat("ad0", stream=True))
+    deltas = list(stream)
+    assert "".join(d.text for d in deltas) == got.choices[0].text
+    assert deltas[-1].finish_reason == "length" and stream.usage == got.usage
+
+    comp = client.generate(parse_completion_request({"model": "ad0", "prompt": "Once", "max_tokens": 4,
+                                                     "temperature": 0, "n": 2}))
+    assert [c.index for c in comp.choices] == [0, 1] and comp.usage.completion_tokens == 8
+    streamed = list(client.stream(parse_completion_request({"model": "ad0", "prompt": "Once", "max_tokens": 4,
+                                                            "temperature": 0, "stream": True})))
+    assert "".join(d.text for d in streamed) == comp.choices[0].text
+
+    client.unload_adapter("ad0")
+    assert not adir.exists() and inner.adapters() == [] and not client.has_adapter("ad0")
+    with pytest.raises(AdapterNotFoundError):
+        client.generate(chat("ad0"))
+
+
+def test_replace_loads_the_new_version_before_dropping_the_old(client, server, adapters):
+    _, inner = server
+    client.load_adapter("x", adapters["ad0"])
+    client.load_adapter("x", adapters["ad1"], replace=True)
+    assert [a.name for a in inner.adapters()] == ["x@2"]
+    assert client.generate(chat("x")).choices == inner.generate(chat("x@2")).choices
+
+
+def test_errors_map_to_our_exceptions(client, server, adapters, base_dir, tmp_path):
+    url, inner = server
+    with pytest.raises(AdapterNotFoundError):
+        client.generate(chat("missing"))
+    with pytest.raises(InvalidRequestError) as err:
+        client.generate(chat(temperature=5))
+    assert err.value.param == "temperature"
+    with pytest.raises(InvalidRequestError, match="context"):  # checked by the server
+        client.generate(chat(max_tokens=255))
+
+    bad_shape = with_tensors(adapters["ad1"], lambda t: {k: v[:, :-1].contiguous() if "lora_A" in k else v
+                                                        for k, v in t.items()})
+    with pytest.raises(AdapterLoadError, match="another base model"):  # refused here, never sent
+        client.load_adapter("bad", bad_shape)
+    assert inner.adapters() == []
+
+    # Without the base directory only the server can see the shape mismatch: its 400 maps the same way.
+    shm = tmp_path / "blind"
+    shm.mkdir()
+    with VllmEngine(url, shm_dir=shm) as blind:
+        with pytest.raises(AdapterLoadError, match="refused the adapter \\(400\\)"):
+            blind.load_adapter("bad", bad_shape)
+        assert not blind.has_adapter("bad") and inner.adapters() == []
+        (root,) = list(shm.iterdir())
+        assert list(root.iterdir()) == []  # its directory is gone too
+    assert not root.exists()  # close() removes the private root
+
+
+def test_adapter_the_server_forgot_is_loaded_again(client, server, adapters):
+    _, inner = server
+    client.load_adapter("ad2", adapters["ad2"])
+    want = client.generate(chat("ad2")).choices
+    inner.unload_adapter("ad2@1")  # as after a vLLM restart
+    assert client.generate(chat("ad2")).choices == want
+    inner.unload_adapter("ad2@1")
+    assert "".join(d.text for d in client.stream(chat("ad2", stream=True))) == want[0].text
+
+
+def test_concurrent_clients_on_different_adapters(client, adapters):
+    for name in ("ad0", "ad1", "ad2"):
+        client.load_adapter(name, adapters[name])
+    models = [BASE, "ad0", "ad1", "ad2"]
+    reference = {m: client.generate(chat(m)).choices[0].text for m in models}
+    results, errors = [], []
+
+    def run(model: str) -> None:
+        try:
+            results.append((model, client.generate(chat(model)).choices[0].text))
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(m,)) for m in models * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and len(results) == 8
+    assert all(text == reference[m] for m, text in results)
+
+
+def test_unreachable_server(tmp_path):
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    with VllmEngine("http://127.0.0.1:9", base_model_name="b", shm_dir=tmp_path,
+                    transport=httpx.MockTransport(refuse)) as eng:
+        with pytest.raises(EngineError, match="unreachable"):
+            eng.generate(chat("b"))
+        with pytest.raises(EngineError, match="unreachable"):
+            list(eng.stream(chat("b", stream=True)))
