@@ -162,6 +162,30 @@ class PortalSettings:
 
 
 @dataclass(frozen=True)
+class ServingSettings:
+    """Model serving."""
+
+    engine: Literal["transformers", "vllm"] = field(
+        default="transformers",
+        metadata=_env("APPLIANCE_SERVING_ENGINE", "transformers (embedded) or vllm (a vLLM OpenAI server)."),
+    )
+    vllm_url: str = field(
+        default="http://127.0.0.1:8000",
+        metadata=_env("APPLIANCE_VLLM_URL", "Base URL of the vLLM server when APPLIANCE_SERVING_ENGINE=vllm."),
+    )
+    device: Literal["auto", "cpu", "cuda"] = field(
+        default="auto", metadata=_env("APPLIANCE_SERVING_DEVICE", "Device of the embedded engine.")
+    )
+    max_resident_adapters: int = field(
+        default=8,
+        metadata=_env("APPLIANCE_MAX_RESIDENT_ADAPTERS", "Adapters kept loaded per base model (LRU).", minimum=1),
+    )
+    max_engines: int = field(
+        default=2, metadata=_env("APPLIANCE_MAX_ENGINES", "Base models kept resident at once (LRU).", minimum=1)
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     """All settings, one attribute per concern."""
 
@@ -173,6 +197,7 @@ class Settings:
     auth: AuthSettings
     intake: IntakeSettings
     portal: PortalSettings
+    serving: ServingSettings
 
     @property
     def database_url(self) -> str:

@@ -15,6 +15,7 @@ class ModelObject(msgspec.Struct):
     root: str
     kind: str
     manifest: dict[str, Any] | None = None
+    max_model_len: int | None = None
     object: str = "model"
 
 

@@ -45,6 +45,7 @@ class Permission(enum.StrEnum):
     MODELS_READ = "models:read"
     MODELS_MANAGE = "models:manage"
     INFERENCE = "inference"
+    SERVING_ADMIN = "serving:admin"
     # Audit
     AUDIT_READ = "audit:read"
     # API description
@@ -67,6 +68,7 @@ ROLE_PERMISSIONS: dict[Permission, frozenset[Role]] = {
     Permission.MODELS_READ: frozenset({Role.ADMIN, Role.TRAINER, Role.CONSUMER, Role.AUDITOR}),
     Permission.MODELS_MANAGE: frozenset({Role.ADMIN, Role.TRAINER}),
     Permission.INFERENCE: frozenset({Role.ADMIN, Role.TRAINER, Role.CONSUMER}),
+    Permission.SERVING_ADMIN: frozenset({Role.ADMIN}),
     Permission.AUDIT_READ: frozenset({Role.ADMIN, Role.AUDITOR}),
     Permission.SCHEMA_READ: _EVERYONE,
 }

@@ -20,6 +20,7 @@ from appliance.identity.auth import PUBLIC_OPT, BearerAuthMiddleware, csrf_guard
 from appliance.catalog.controllers import ModelController
 from appliance.files.controllers import FileController, PolicyController
 from appliance.identity.controllers import MeController, ProjectController, TokenController, UserController
+from appliance.inference.controllers import InferenceController, RuntimeLoraController
 from appliance.jobs.controllers import JobController
 from appliance.portal import admin as portal_admin
 from appliance.portal import audit_page, auth_routes, datasets, models_page
@@ -33,7 +34,7 @@ from appliance.settings import Settings, get_settings
 ROUTE_HANDLERS = [
     health, MeController, ProjectController, UserController, TokenController, AuditController, AuditProofController,
     AuditReportController, FileController,
-    PolicyController, ModelController, JobController,
+    PolicyController, ModelController, JobController, InferenceController, RuntimeLoraController,
 ]
 PORTAL_DIR = Path(__file__).resolve().parent.parent / "portal"
 PORTAL_ROUTES = [
@@ -62,6 +63,7 @@ def create_app(
     def _on_shutdown() -> None:
         if run_scheduler:
             state.scheduler.stop()
+        state.inference.close()
         state.db.dispose()
 
     static = create_static_files_router(path="/static", directories=[PORTAL_DIR / "static"],
@@ -83,6 +85,7 @@ def create_app(
             "files": Provide(lambda: state.files, sync_to_thread=False),
             "catalog": Provide(lambda: state.catalog, sync_to_thread=False),
             "jobs": Provide(lambda: state.jobs, sync_to_thread=False),
+            "inference": Provide(lambda: state.inference, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
         openapi_config=OpenAPIConfig(

@@ -33,6 +33,7 @@ from appliance.errors import (
 from appliance.identity.auth import LoginRequired
 from appliance.identity.service import Principal, TokenRejected
 from appliance.logs import scrub
+from serving.errors import AdapterLoadError, EngineError
 from appliance.server.context import request_id_of
 
 log = logging.getLogger("appliance.errors")
@@ -48,6 +49,9 @@ STATUS: list[tuple[type[ApplianceError], int, str]] = [
     (PolicyViolationError, 422, "invalid_request_error"),
     (InvalidRequestError, 400, "invalid_request_error"),
     (NotInitializedError, 503, "server_error"),
+    # Serving: a broken adapter is the request's problem (as vLLM answers), an engine failure ours.
+    (AdapterLoadError, 400, "invalid_request_error"),
+    (EngineError, 502, "server_error"),
 ]
 
 _HTTP_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",

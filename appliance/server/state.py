@@ -12,6 +12,7 @@ from appliance.files.service import FileService
 from appliance.identity.auth import FailureLimiter
 from appliance.identity.service import IdentityService
 from appliance.jobs.scheduler import Scheduler, SchedulerSettings
+from appliance.inference.service import InferenceService
 from appliance.jobs.service import JobService
 from appliance.portal.sessions import SessionService
 from appliance.scanning import get_scanner
@@ -34,6 +35,7 @@ class AppState:
     jobs: JobService
     scheduler: Scheduler
     sessions: SessionService
+    inference: InferenceService
 
 
 def build_state(
@@ -47,6 +49,7 @@ def build_state(
     policies = PolicyService(db, settings.intake.default_policy)
     catalog = CatalogService(db, blobs, settings.models_dir, settings.signing_key_file)
     scheduler = Scheduler(db, blobs, catalog, scheduler_settings or SchedulerSettings())
+    files = FileService(db, blobs, get_scanner, policies, settings.intake)
     return AppState(
         settings=settings,
         db=db,
@@ -54,10 +57,11 @@ def build_state(
         limiter=FailureLimiter(settings.auth.max_failures, settings.auth.failure_window_s),
         keys=keys,
         blobs=blobs,
-        files=FileService(db, blobs, get_scanner, policies, settings.intake),
+        files=files,
         catalog=catalog,
         jobs=JobService(db, catalog, wake=scheduler.wake),
         scheduler=scheduler,
         sessions=SessionService(db, idle_minutes=settings.portal.session_idle_minutes,
                                 max_hours=settings.portal.session_max_hours),
+        inference=InferenceService(db, catalog, policies, lambda: files.scanner, settings.serving),
     )

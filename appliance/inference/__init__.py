@@ -1,0 +1,1 @@
+"""Inference: OpenAI-compatible chat and completions over base models and adapters."""

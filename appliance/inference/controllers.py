@@ -1,0 +1,118 @@
+"""``/v1/chat/completions``, ``/v1/completions`` and vLLM's runtime LoRA endpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from litestar import Controller, Request, Response, post
+from litestar.concurrency import sync_to_thread
+from litestar.di import NamedDependency
+from litestar.params import JSONBody
+from litestar.response import Stream
+
+from appliance.audit.service import record
+from appliance.errors import ConflictError, InvalidRequestError, NotFoundError
+from appliance.identity.roles import Permission
+from appliance.inference.service import InferenceService
+from appliance.server.context import audit_context
+from serving.errors import AdapterLoadError
+from serving.protocol import (
+    chat_chunks,
+    chat_completion,
+    completion,
+    completion_chunks,
+    new_id,
+    parse_chat_request,
+    parse_completion_request,
+    sse,
+)
+
+
+class InferenceController(Controller):
+    path = "/v1"
+    tags = ["inference"]
+
+    @post("/chat/completions", opt={"permission": Permission.INFERENCE}, status_code=200)
+    async def chat_completions(self, request: Request, inference: NamedDependency[InferenceService]) -> Any:
+        """OpenAI chat completions, streamed (server-sent events ending with `data: [DONE]`) or not.
+
+        `model` is a base model or a fine-tuned `ft:` model of one of the caller's projects. The
+        response passes the project's output guard; the request is audited as metadata only.
+        """
+        req = parse_chat_request(await request.body())
+        ctx = audit_context(request)
+        if not req.stream:
+            result = await sync_to_thread(inference.generate, request.user, ctx, req, "chat")
+            return chat_completion(result).to_dict()
+        stream = await sync_to_thread(inference.stream, request.user, ctx, req, "chat")
+        chunks = chat_chunks(stream, model=req.model, n=req.n, include_usage=req.include_usage, id=new_id("chatcmpl"))
+        return Stream(sse(chunks), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+    @post("/completions", opt={"permission": Permission.INFERENCE}, status_code=200)
+    async def completions(self, request: Request, inference: NamedDependency[InferenceService]) -> Any:
+        """OpenAI (legacy) completions over a raw prompt."""
+        req = parse_completion_request(await request.body())
+        ctx = audit_context(request)
+        if not req.stream:
+            result = await sync_to_thread(inference.generate, request.user, ctx, req, "completion")
+            return completion(result).to_dict()
+        stream = await sync_to_thread(inference.stream, request.user, ctx, req, "completion")
+        chunks = completion_chunks(stream, model=req.model, include_usage=req.include_usage, id=new_id("cmpl"))
+        return Stream(sse(chunks), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+
+def _vllm_error(status: int, type_: str, message: str) -> Response:
+    return Response({"error": {"message": message, "type": type_, "param": None, "code": status}},
+                    status_code=status)
+
+
+class RuntimeLoraController(Controller):
+    """vLLM's runtime LoRA endpoints, same shapes, so a vLLM client can drive this server.
+
+    Adapters published by jobs are loaded automatically; these are for operators
+    (admin only) who load a PEFT directory present on the serving host.
+    """
+
+    path = "/v1"
+    tags = ["serving-admin"]
+
+    @post("/load_lora_adapter", opt={"permission": Permission.SERVING_ADMIN}, status_code=200,
+          sync_to_thread=True)
+    def load_lora_adapter(self, request: Request, inference: NamedDependency[InferenceService],
+                          data: JSONBody[dict[str, Any]]) -> Response:
+        name, path = data.get("lora_name"), data.get("lora_path")
+        if not name or not path:
+            return _vllm_error(400, "InvalidUserInput", "Both 'lora_name' and 'lora_path' must be provided.")
+        config = Path(path) / "adapter_config.json"
+        if not config.is_file():
+            return _vllm_error(404, "NotFoundError", f"No adapter found for {path}")
+        try:
+            base = json.loads(config.read_text()).get("base_model_name_or_path") or ""
+            base = Path(base).name or base
+            engine = inference.engine_for(base)
+        except (NotFoundError, ValueError):
+            return _vllm_error(400, "BadRequestError",
+                               f"Loading lora {name} failed: its base model is not in this appliance's catalogue")
+        if engine.has_adapter(name):
+            return _vllm_error(400, "InvalidUserInput", f"The lora adapter '{name}' has already been loaded.")
+        try:
+            inference.load_runtime_adapter(name, Path(path), base)
+        except (AdapterLoadError, InvalidRequestError, ConflictError) as exc:
+            return _vllm_error(400, "BadRequestError", f"Loading lora {name} failed: {exc.message}")
+        with inference.db.transaction() as s:
+            record(s, audit_context(request), "serving.load_adapter", resource_type="model", resource_id=name,
+                   details={"path": str(path), "base_model": engine.base_model_name})
+        return Response(f"Success: LoRA adapter '{name}' added successfully.", media_type="text/plain")
+
+    @post("/unload_lora_adapter", opt={"permission": Permission.SERVING_ADMIN}, status_code=200,
+          sync_to_thread=True)
+    def unload_lora_adapter(self, request: Request, inference: NamedDependency[InferenceService],
+                            data: JSONBody[dict[str, Any]]) -> Response:
+        name = data.get("lora_name")
+        if name and inference.unload_runtime_adapter(name):
+            with inference.db.transaction() as s:
+                record(s, audit_context(request), "serving.unload_adapter", resource_type="model", resource_id=name)
+            return Response(f"Success: LoRA adapter '{name}' removed successfully.", media_type="text/plain")
+        return _vllm_error(404, "NotFoundError", f"The lora adapter '{name}' cannot be found.")

@@ -1,0 +1,273 @@
+"""Chat and completions over the catalogue's models: routing, access, hot-load, guard, audit.
+
+One engine serves one base model and its adapters. Engines start on first use
+(or when an adapter of their base is published) and are kept while the
+process lives; ``max_engines`` bounds how many base models are resident.
+Adapters are decrypted in memory by the catalogue whenever an engine needs
+them (first load, or reload after eviction).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.audit.service import AuditContext, record
+from appliance.catalog.models import BaseModelRecord
+from appliance.catalog.service import CatalogService
+from appliance.db.base import Database
+from appliance.errors import NotFoundError
+from appliance.files.policies import PolicyService
+from appliance.identity.models import Project
+from appliance.identity.service import Principal
+from appliance.inference.guard import OutputGuard
+from appliance.settings import ServingSettings
+from serving.engine import Engine
+from serving.protocol import GenerationRequest, GenerationResult
+
+log = logging.getLogger("appliance.inference")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a request goes: the engine, the name to use in it, whose policy guards it."""
+
+    engine: Engine
+    model: str
+    project_id: int | None
+    base: str
+
+
+class InferenceService:
+    """Routes OpenAI-shaped requests to engines; guards and audits them.
+
+    Args:
+        db: The database (audit events, projects).
+        catalog: Base models and adapters.
+        policies: Project policies for the output guard.
+        scanner_factory: Returns the shared, thread-safe scanner (loaded on first use).
+        settings: Engine kind and limits.
+    """
+
+    def __init__(self, db: Database, catalog: CatalogService, policies: PolicyService, scanner_factory: Any,
+                 settings: ServingSettings) -> None:
+        self.db, self.catalog, self.policies, self.settings = db, catalog, policies, settings
+        self._scanner_factory = scanner_factory
+        self._engines: OrderedDict[str, Engine] = OrderedDict()
+        self._lock = threading.Lock()
+        self._starting: dict[str, threading.Lock] = {}
+        #: Adapters an operator loaded through /v1/load_lora_adapter: name -> base model.
+        self._runtime: dict[str, str] = {}
+        catalog.on_publish.append(self.on_adapter_published)
+        catalog.on_remove.append(self.on_adapter_removed)
+
+    # -- engines ------------------------------------------------------------
+    def _new_engine(self, base: BaseModelRecord) -> Engine:
+        if self.settings.engine == "vllm":
+            from serving.vllm_engine import VllmEngine
+
+            return VllmEngine(self.settings.vllm_url, base_model_name=base.name, base_model_dir=base.path,
+                              adapter_source=self.catalog.adapter_files,
+                              max_resident_adapters=self.settings.max_resident_adapters)
+        from serving.transformers_engine import EngineConfig, TransformersEngine
+
+        device = None if self.settings.device == "auto" else self.settings.device
+        return TransformersEngine.from_pretrained(
+            Path(base.path), name=base.name, device=device, adapter_source=self.catalog.adapter_files,
+            config=EngineConfig(max_resident_adapters=self.settings.max_resident_adapters),
+        )
+
+    def engine_for(self, base_name: str) -> Engine:
+        """The engine of a base model, started if needed (one start at a time per base)."""
+        with self._lock:
+            engine = self._engines.get(base_name)
+            if engine is not None:
+                self._engines.move_to_end(base_name)
+                return engine
+            start_lock = self._starting.setdefault(base_name, threading.Lock())
+        with start_lock:
+            with self._lock:
+                if base_name in self._engines:
+                    return self._engines[base_name]
+            base = self.catalog.get_base_model(base_name)
+            started = time.perf_counter()
+            engine = self._new_engine(base)
+            log.info("engine started", extra={"base_model": base_name,
+                                               "ms": round((time.perf_counter() - started) * 1000)})
+            with self._lock:
+                self._engines[base_name] = engine
+                while len(self._engines) > self.settings.max_engines:
+                    _, old = self._engines.popitem(last=False)
+                    old.close()
+            return engine
+
+    def resident_engines(self) -> list[str]:
+        with self._lock:
+            return list(self._engines)
+
+    def close(self) -> None:
+        with self._lock:
+            engines, self._engines = list(self._engines.values()), OrderedDict()
+        for engine in engines:
+            engine.close()
+
+    # -- operator-loaded adapters (vLLM's runtime LoRA endpoints) ---------------
+    def load_runtime_adapter(self, name: str, path: Path, base: str) -> None:
+        engine = self.engine_for(base)
+        engine.load_adapter(name, path)
+        with self._lock:
+            self._runtime[name] = base
+
+    def unload_runtime_adapter(self, name: str) -> bool:
+        with self._lock:
+            base = self._runtime.pop(name, None)
+        if base is None:
+            return False
+        engine = self.engine_for(base)
+        if engine.has_adapter(name):
+            engine.unload_adapter(name)
+        return True
+
+    def runtime_adapters(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._runtime)
+
+    # -- hot-load -----------------------------------------------------------
+    def on_adapter_published(self, adapter_id: str) -> None:
+        """Load a new adapter into its base's engine if that engine is running (else on first use)."""
+        view = self.catalog.get_adapter(None, adapter_id)
+        with self._lock:
+            engine = self._engines.get(view.row.base_model)
+        if engine is not None and not engine.has_adapter(adapter_id):
+            engine.load_adapter(adapter_id)
+
+    def on_adapter_removed(self, adapter_id: str) -> None:
+        with self._lock:
+            engines = list(self._engines.values())
+        for engine in engines:
+            if engine.has_adapter(adapter_id):
+                engine.unload_adapter(adapter_id)
+
+    # -- requests -----------------------------------------------------------
+    def resolve(self, principal: Principal, model: str) -> Target:
+        """The engine and name for ``model``; another project's adapter answers 404 like a missing one."""
+        if model.startswith("ft:"):
+            view = self.catalog.get_adapter(principal, model)
+            engine = self.engine_for(view.row.base_model)
+            if not engine.has_adapter(model):
+                engine.load_adapter(model)
+            return Target(engine, model, view.row.project_id, view.row.base_model)
+        runtime_base = self.runtime_adapters().get(model)
+        if runtime_base is not None and principal.is_global:
+            # Operator-loaded adapters belong to no project: only global roles may use them.
+            return Target(self.engine_for(runtime_base), model, None, runtime_base)
+        try:
+            base = self.catalog.get_base_model(model)
+        except NotFoundError:
+            raise NotFoundError(f"model {model!r} not found; see GET /v1/models", param="model") from None
+        return Target(self.engine_for(base.name), base.name, principal.project_id, base.name)
+
+    def guard_for(self, target: Target) -> OutputGuard | None:
+        """The output guard of the project the request runs in (none for global callers on base models)."""
+        if target.project_id is None:
+            return None
+        with self.db.read() as s:
+            project = s.get(Project, target.project_id)
+        if project is None:
+            return None
+        return OutputGuard(self._scanner_factory(), self.policies.effective(project))
+
+    def generate(self, principal: Principal, ctx: AuditContext, request: GenerationRequest,
+                 kind: str) -> GenerationResult:
+        started = time.perf_counter()
+        target = self.resolve(principal, request.model)
+        guard = self.guard_for(target)
+        result = target.engine.generate(request)
+        if guard is not None:
+            result = guard.guard_result(result)
+        self.audit(ctx, principal, target, kind, result.usage, started, guard, stream=False,
+                   ttft_s=result.time_to_first_token_s)
+        return result
+
+    def stream(self, principal: Principal, ctx: AuditContext, request: GenerationRequest,
+               kind: str) -> Iterator[Any]:
+        """A delta stream (guarded); the request is audited when the stream ends or is abandoned."""
+        started = time.perf_counter()
+        target = self.resolve(principal, request.model)
+        guard = self.guard_for(target)
+        inner = target.engine.stream(request)
+        stream = guard.guard_stream(inner) if guard is not None else inner
+        return _AuditedStream(self, stream, ctx, principal, target, kind, started, guard)
+
+    def audit(self, ctx: AuditContext, principal: Principal, target: Target, kind: str, usage: Any, started: float,
+              guard: OutputGuard | None, *, stream: bool, ttft_s: float | None = None) -> None:
+        with self.db.read() as s:
+            project = s.get(Project, target.project_id) if target.project_id else None
+        details: dict[str, Any] = {
+            "base_model": target.base, "stream": stream,
+            "prompt_tokens": getattr(usage, "prompt_tokens", None),
+            "completion_tokens": getattr(usage, "completion_tokens", None),
+            "total_tokens": getattr(usage, "total_tokens", None),
+            "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+            "time_to_first_token_ms": round(ttft_s * 1000, 1) if ttft_s else None,
+            "guard": guard.report.to_dict() if guard is not None else None,
+        }
+        with self.db.transaction() as s:
+            record(s, ctx, f"inference.{kind}", resource_type="model", resource_id=target.model,
+                   project=project.name if project else None, details=details)
+
+
+class _AuditedStream(Iterator[Any]):
+    """Passes deltas through; audits once, when exhausted or closed."""
+
+    def __init__(self, service: InferenceService, inner: Any, ctx: AuditContext, principal: Principal,
+                 target: Target, kind: str, started: float, guard: OutputGuard | None) -> None:
+        self.service, self.inner, self.ctx, self.principal = service, inner, ctx, principal
+        self.target, self.kind, self.started, self.guard = target, kind, started, guard
+        self._done = False
+        self._first: float | None = None
+
+    @property
+    def usage(self) -> Any:
+        return getattr(self.inner, "usage", None)
+
+    def __iter__(self) -> _AuditedStream:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            delta = next(self.inner)
+        except StopIteration:
+            self._finish()
+            raise
+        if self._first is None:
+            self._first = time.perf_counter()
+        return delta
+
+    def _finish(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        ttft = (self._first - self.started) if self._first else None
+        try:
+            self.service.audit(self.ctx, self.principal, self.target, self.kind, self.usage, self.started,
+                               self.guard, stream=True, ttft_s=ttft)
+        except Exception:
+            log.exception("could not audit a streamed request")
+
+    def close(self) -> None:
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            close()
+        self._finish()
+
+    def __del__(self) -> None:
+        # A client that went away mid-stream still leaves its audit event.
+        if not self._done:
+            self._finish()
