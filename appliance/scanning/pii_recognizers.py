@@ -49,7 +49,9 @@ class OfflineEmailRecognizer(EmailRecognizer):
         return super().analyze(text, entities, nlp_artifacts, regex_flags)
 
     def validate_result(self, pattern_text: str) -> bool:  # noqa: D102
-        return OFFLINE_TLD_EXTRACT(pattern_text.rsplit("@", 1)[-1]).fqdn != ""
+        # A known public suffix is enough: presidio's fqdn check rejects real
+        # addresses at domains that are themselves suffixes (x@aparecida.br).
+        return OFFLINE_TLD_EXTRACT(pattern_text.rsplit("@", 1)[-1]).suffix != ""
 
 
 _IBAN_TRIGGER = re.compile(r"[A-Z]{2}\d{2}")
@@ -150,16 +152,17 @@ def luhn_valid(digits: str) -> bool:
 
 
 # Issuer prefixes of the card networks (Visa, Mastercard, Amex, Discover, JCB
-# including its old 2131/1800 ranges, Diners, Maestro, UnionPay, Mir): a Luhn-valid number elsewhere is most
+# including its old 2131/1800 ranges, Diners, Maestro including UK 0604,
+# UnionPay, Mir): a Luhn-valid number elsewhere is most
 # likely an order or tracking number.
-_ISSUER = re.compile(r"^(?:4|5[0-8]|2[2-7]|3[4-9]|30|6|220[0-4]|2131|1800)")
+_ISSUER = re.compile(r"^(?:4|5[0-8]|2[2-7]|3[4-9]|30|6|220[0-4]|2131|1800|0604)")
 _CARD_CONTEXT = re.compile(r"(?i)card|visa|master|amex|credit|debit|maestro|discover|jcb|diners|\bcc\b|charged|payment")
 
 
 class CreditCardNumberRecognizer(LocalRecognizer):
     """Card numbers: 12-19 digits in groups, Luhn-valid, with a card network's prefix."""
 
-    PATTERN = re.compile(r"(?<![\d-])\d(?:[ -]?\d){11,18}(?![\d])")
+    PATTERN = re.compile(r"(?<![\d+-])\d(?:[ -]?\d){11,18}(?![\d])")
 
     def __init__(self) -> None:
         super().__init__(supported_entities=["CREDIT_CARD"], name="CreditCardNumberRecognizer")
@@ -191,7 +194,7 @@ _PHONE_CONTEXT = re.compile(
 
 # Dates (2024-05-01, 01.05.2024, 5/1/24) and dotted quads (IPs, versions).
 _NOT_A_PHONE = re.compile(
-    r"^(?:\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4}|\d{1,3}(?:\.\d{1,5}){2,3})$"
+    r"^(?:\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4}|\d{1,3}(?:\.\d{1,3}){2,3})$"
 )
 
 

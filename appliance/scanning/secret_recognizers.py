@@ -226,7 +226,8 @@ def is_high_entropy_secret(value: str) -> bool:
     placeholders (``${API_KEY}``, ``<token>``, ``{{secret}}``), obvious dummies
     and low-entropy words; accepts values of at least 8 characters with two or
     more character classes (or 20+ characters) and entropy of at least
-    :data:`GENERIC_SECRET_MIN_ENTROPY` bits per character.
+    :data:`GENERIC_SECRET_MIN_ENTROPY` bits per character (2.5 with three or
+    more classes among lower, upper, digits and symbols).
     """
     value = value.strip("'\"`")
     if len(value) < 8 or _TEMPLATE.match(value):
@@ -246,7 +247,10 @@ def is_high_entropy_secret(value: str) -> bool:
     )
     if classes < 2 and len(value) < 20:
         return False
-    return shannon_entropy(value) >= GENERIC_SECRET_MIN_ENTROPY
+    entropy = shannon_entropy(value)
+    # Short random passwords repeat characters by chance, so their measured
+    # entropy is low; three or more character classes make up for it.
+    return entropy >= GENERIC_SECRET_MIN_ENTROPY or (classes >= 3 and entropy >= 2.5)
 
 
 _KEYWORDS = (
