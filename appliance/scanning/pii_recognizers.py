@@ -18,6 +18,7 @@ is slow or noisy we replace it:
 
 from __future__ import annotations
 
+import functools
 import re
 
 import phonenumbers
@@ -31,9 +32,14 @@ from presidio_analyzer.predefined_recognizers import (
     UsSsnRecognizer,
 )
 
-# The bundled public suffix list snapshot: nothing is ever downloaded, and
-# no cache is written to the home directory.
-OFFLINE_TLD_EXTRACT = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
+@functools.cache
+def offline_tld_extract() -> tldextract.TLDExtract:
+    """tldextract on its bundled public suffix list snapshot.
+
+    Nothing is ever downloaded (the default extractor fetches the list on first
+    use) and no cache is written to the home directory.
+    """
+    return tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
 
 
 def _context_before(text: str, start: int, pattern: re.Pattern[str], window: int) -> bool:
@@ -51,7 +57,7 @@ class OfflineEmailRecognizer(EmailRecognizer):
     def validate_result(self, pattern_text: str) -> bool:  # noqa: D102
         # A known public suffix is enough: presidio's fqdn check rejects real
         # addresses at domains that are themselves suffixes (x@aparecida.br).
-        return OFFLINE_TLD_EXTRACT(pattern_text.rsplit("@", 1)[-1]).suffix != ""
+        return offline_tld_extract()(pattern_text.rsplit("@", 1)[-1]).suffix != ""
 
 
 _IBAN_TRIGGER = re.compile(r"[A-Z]{2}\d{2}")
@@ -180,7 +186,7 @@ class CreditCardNumberRecognizer(LocalRecognizer):
             separators = {c for c in value if c in " -"}
             if len(separators) > 1 or not _ISSUER.match(digits) or not luhn_valid(digits):
                 continue
-            if len(set(digits)) < 3:
+            if len(set(digits)) < 2:
                 continue
             score = 0.95 if _context_before(text, m.start(), _CARD_CONTEXT, 60) else 0.8
             results.append(RecognizerResult("CREDIT_CARD", m.start(), m.end(), score))
