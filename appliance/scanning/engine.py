@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Collection, Iterable, Iterator
 from itertools import islice
 from typing import Any
@@ -98,7 +99,9 @@ class Scanner:
     """Finds personal data and secrets in fine-tune text fields.
 
     Load it once per process (model loading takes about a second) and share it;
-    :func:`get_scanner` does that. Scanning is synchronous and single-threaded.
+    :func:`get_scanner` does that. Scanning is synchronous and uses one core;
+    concurrent callers are serialised batch by batch (spaCy is not thread-safe).
+    Memory is bounded by ``batch_size`` units plus the findings of one batch.
 
     Args:
         model: Installed spaCy pipeline package providing NER.
@@ -113,6 +116,7 @@ class Scanner:
         self.nlp = load_ner_pipeline(model)
         self.ner_recognizer = NerRecognizer(load_lexicon(model))
         self.recognizers: list[LocalRecognizer] = [*SECRET_RECOGNIZERS, *build_pii_recognizers()]
+        self._lock = threading.Lock()
 
     @staticmethod
     def resolve_entities(entities: Collection[str] | None) -> frozenset[str]:
@@ -159,14 +163,20 @@ class Scanner:
                         f"the text of record {unit[0]} field {unit[1]} must be a string; got {type(unit[2]).__name__}",
                         param=str(unit[1]),
                     )
-            if use_ner:
-                words = [self.ner_recognizer.words(u[2]) for u in batch]
-                spans = self._ner([u[2] for u in batch], words)
-            else:
-                words = [None] * len(batch)
-                spans = [[] for _ in batch]
-            for (record, field, text), ner_spans, text_words in zip(batch, spans, words, strict=True):
-                yield from self._analyze(record, field, text, ner_spans, text_words, recognizers, wanted, wanted_list)
+            # spaCy pipelines are not thread-safe; findings are yielded outside the lock.
+            with self._lock:
+                if use_ner:
+                    words = [self.ner_recognizer.words(u[2]) for u in batch]
+                    spans = self._ner([u[2] for u in batch], words)
+                else:
+                    words = [None] * len(batch)
+                    spans = [[] for _ in batch]
+                found = [
+                    finding
+                    for (record, field, text), ner_spans, text_words in zip(batch, spans, words, strict=True)
+                    for finding in self._analyze(record, field, text, ner_spans, text_words, recognizers, wanted, wanted_list)
+                ]
+            yield from found
 
     def _ner(self, texts: list[str], words: list[list[Any]]) -> list[list[NerSpan]]:
         """NER spans per text: the windows around name-like words of the whole batch go through one ``nlp.pipe``."""
@@ -207,28 +217,32 @@ class Scanner:
         return [Finding(record, field, r.entity_type, r.start, r.end, float(r.score)) for r in results]
 
 
-_STRONG = SECRET_ENTITIES | {"EMAIL_ADDRESS", "CREDIT_CARD", "IBAN_CODE"}
+# Where spans of different types overlap, the more specific type stands and the
+# others are dropped: ``export GITHUB_TOKEN=ghp_...`` is a GitHub token, not a
+# generic ``token=`` secret; a name inside an email address, or a phone-shaped
+# number that is an NHS number or a card number, is not reported twice.
+_RANK = {
+    **{t: 5 for t in SECRET_ENTITIES},
+    "GENERIC_SECRET": 4,
+    "EMAIL_ADDRESS": 3,
+    "CREDIT_CARD": 3,
+    "IBAN_CODE": 3,
+    "UK_NHS": 2,
+    "US_SSN": 2,
+    "IP_ADDRESS": 2,
+    "PHONE_NUMBER": 1,
+    "PERSON": 0,
+    "LOCATION": 0,
+}
 
 
 def _drop_shadowed(results: list[RecognizerResult]) -> list[RecognizerResult]:
-    """Drop generic findings that overlap a more specific one.
-
-    ``export GITHUB_TOKEN=ghp_...`` is both a GitHub token and a ``token=``
-    assignment; the specific type is what the policy should see. Likewise a
-    PERSON inside an email address or a phone number inside a card number.
-    """
-    specific = [r for r in results if r.entity_type in SECRET_ENTITIES and r.entity_type != "GENERIC_SECRET"]
-    strong = [r for r in results if r.entity_type in _STRONG]
-    kept = []
-    for r in results:
-        if r.entity_type == "GENERIC_SECRET" and any(_overlap(r, s) for s in specific):
-            continue
-        if r.entity_type in ("PERSON", "LOCATION", "PHONE_NUMBER", "US_SSN", "UK_NHS") and any(
-            _overlap(r, s) and s.entity_type != r.entity_type for s in strong
-        ):
-            continue
-        kept.append(r)
-    return kept
+    """Drop each result that overlaps a result of a more specific type (see ``_RANK``)."""
+    return [
+        r
+        for r in results
+        if not any(_RANK[s.entity_type] > _RANK[r.entity_type] and _overlap(r, s) for s in results)
+    ]
 
 
 def _overlap(a: RecognizerResult, b: RecognizerResult) -> bool:

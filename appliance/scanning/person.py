@@ -50,9 +50,10 @@ _PARTICLES = frozenset(
     {"van", "von", "der", "den", "de", "del", "della", "da", "di", "du", "dos", "das", "do", "la", "le", "ten", "ter", "bin", "ibn", "al", "y", "e"}
 )
 
-_WORD = re.compile(r"[^\W\d_]+(?:['’\-][^\W\d_]+)*")
+# Letters, with inner apostrophes and hyphens (O'Brien, Klaus-Jürgen) but not a possessive 's.
+_WORD = re.compile(r"[^\W\d_]+(?:(?:['’](?!s\b)|-)[^\W\d_]+)*")
 # A word standing on its own, not a fragment of a token, key, path or address.
-_FREE_WORD = re.compile(r"(?<![\w/+=.@:-])[^\W\d_]+(?:['’\-][^\W\d_]+)*(?![\w/+=@-]|[.:]\w)")
+_FREE_WORD = re.compile(r"(?<![\w/+=.@:-])[^\W\d_]+(?:(?:['’](?!s\b)|-)[^\W\d_]+)*(?![\w/+=@-]|[.:]\w)")
 # CamelCase is code or a brand (PutObject, HubSpot); names with inner capitals are Mc/Mac/O'/De... forms.
 _CAMEL = re.compile(r"^[A-Z][a-z]+[A-Z]")
 _CAMEL_NAME = re.compile(r"^(?:Mc|Mac|O'|D'|De|Di|Da|Du|La|Le|Van|Von)[A-Z][a-z]+$")

@@ -42,8 +42,21 @@ def offline_tld_extract() -> tldextract.TLDExtract:
     return tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
 
 
+_SENTENCE_END = re.compile(r"(\w*)[.!?]\s|\n")
+_ABBREVIATIONS = frozenset({"no", "nr", "tel", "ph", "mob", "ext", "fax", "dr", "mr", "mrs", "ms", "st", "approx", "ref", "acct", "e.g", "i.e"})
+
+
 def _context_before(text: str, start: int, pattern: re.Pattern[str], window: int) -> bool:
-    return pattern.search(text, max(0, start - window), start) is not None
+    """Whether ``pattern`` occurs in the ``window`` characters before ``start``, in the same sentence and line.
+
+    Context from the previous sentence ("reach me at ... . Order 7683100280")
+    does not count; a period after an abbreviation ("NHS no. ...") does not end one.
+    """
+    lo = max(0, start - window)
+    for m in _SENTENCE_END.finditer(text, lo, start):
+        if m.group(0) == "\n" or m.group(1).lower() not in _ABBREVIATIONS:
+            lo = m.end()
+    return pattern.search(text, lo, start) is not None
 
 
 class OfflineEmailRecognizer(EmailRecognizer):
