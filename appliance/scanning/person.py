@@ -3,7 +3,8 @@
 spaCy's small English model is fast enough only if it runs on few texts, and
 it misses many names (non-English names above all), so PERSON combines:
 
-1. NER ``PERSON`` spans.
+1. NER ``PERSON`` spans, minus those with digits or code characters and
+   lone dictionary words (the model tags ``Platform`` now and then).
 2. Runs of capitalised words that look like a full name: a known given name
    followed by more capitalised words (``Maria Kowalczyk``), or a known
    surname after a word that is not an English dictionary word.
@@ -13,11 +14,16 @@ it misses many names (non-English names above all), so PERSON combines:
    a greeting or sign-off (``Hi``, ``Dear``, ``Thanks,``, ``Regards,``) or
    ``my name is`` / ``I'm`` / ``this is``, if it is a known given name or not
    an English word (``Dear Customer`` is not a name).
+5. A lone known given name that is not a common English word (``ask James``);
+   places named like people (``Georgia``) are the price.
 
-NER only runs on texts that contain a *name-like* word: capitalised, and a
-known given name or not an English dictionary word. Texts whose capitalised
-words are all dictionary words (``Please``, ``Finance``, ``Monday``) skip it;
-that is most of the speed-up over running NER on everything.
+NER only runs on texts that contain a *name-like* word: capitalised, not
+CamelCase, and a known given name or not an English dictionary word. Texts
+whose capitalised words are all dictionary words (``Please``, ``Finance``,
+``Monday``) skip it, and elsewhere only a window of a few words around each
+name-like word goes through the model. That is most of the speed-up over
+running NER on everything. The price: a product or tool name the model calls
+a person (``Grafana``) is reported as PERSON with a low score (0.65).
 
 The name lists are the US Census 1990 given names and surnames (see
 ``data/README.md``); the dictionary is the WordNet-derived lemma index shipped

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -39,3 +42,28 @@ def test_load_and_scan_offline(no_network):
         ("PERSON", "Maria Kowalczyk"),
         ("AWS_ACCESS_KEY_ID", "AKIAQ3EGRX5BLWZ7TY4P"),
     } <= found
+
+
+_SCRIPT = """
+import socket, sys
+from appliance.scanning import Scanner, ScanUnit
+try:
+    socket.create_connection(("192.0.2.1", 443), timeout=1)
+    sys.exit("network is reachable; this test needs an isolated namespace")
+except OSError:
+    pass
+text = "Mail jane.doe@example.co.uk, call +44 20 7946 0958, Maria Kowalczyk, key AKIAQ3EGRX5BLWZ7TY4P"
+print(sorted({f.entity_type for f in Scanner().scan([ScanUnit(1, "text", text)])}))
+"""
+
+
+@pytest.mark.slow
+def test_scan_in_a_network_namespace_without_network():
+    """The same, enforced by the kernel: a fresh process in its own empty network namespace."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode:
+        pytest.skip("unshare -n is not available here (needs root or user namespaces)")
+    result = subprocess.run(
+        ["unshare", "-n", sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "['AWS_ACCESS_KEY_ID', 'EMAIL_ADDRESS', 'PERSON', 'PHONE_NUMBER']"
