@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import statistics
 import subprocess
@@ -153,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     n_clean = args.clean or (150 if args.quick else 600)
 
     logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
+    started = subprocess.run(["date"], capture_output=True, text=True).stdout.strip()
+    load_before = os.getloadavg()
     corpus: Corpus = Generator(args.seed).corpus(n_records, n_clean)
     units = units_of(corpus.records)
     clean_units = units_of(corpus.clean_records)
@@ -216,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     say("Findings on the labelled corpus overlapping no planted entity: ours "
         + dict(unlabelled(corpus.labels, as_tuples(ours))).__repr__()
         + "; stock " + dict(unlabelled(corpus.labels, stock_findings)).__repr__())
-    say(f"Ours, three runs (s): {', '.join(f'{t:.2f}' for t in times)}; stock one run: {stock_t:.1f} s.")
+    say(f"Ours, three runs (s): {', '.join(f'{t:.2f}' for t in times)}; stock one run: {stock_t:.1f} s. "
+        f"Load average (1 min) {load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.")
     targets = [
         ("throughput >= 20x stock", stock_t / ours_t >= 20),
         ("recall >= 0.98 on every type", worst >= 0.98),
@@ -226,10 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     report = "\n".join(lines)
     print(report)
     if args.record:
-        date = subprocess.run(["date"], capture_output=True, text=True).stdout.strip()
         header = (
             f"\n## Intake scanner vs stock presidio ({'--quick' if args.quick else 'default'} corpus, seed {args.seed})\n\n"
-            f"Date: {date}. Machine: 2 cores, no GPU ({platform.processor() or platform.machine()}, "
+            f"Date: {started}. Machine: 2 cores, no GPU ({platform.processor() or platform.machine()}, "
             f"Python {platform.python_version()}), other work running in parallel. "
             f"Corpus: {len(corpus.records)} chat records, {len(units)} messages, {size:.0f} KiB, "
             f"{len(corpus.labels)} planted entities; {len(clean_units)} clean messages.\n\n"

@@ -27,6 +27,7 @@ tldextract's bundled suffix list.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
 import threading
@@ -244,16 +245,35 @@ _RANK = {
 
 
 def _drop_shadowed(results: list[RecognizerResult]) -> list[RecognizerResult]:
-    """Drop each result that overlaps a result of a more specific type (see ``_RANK``)."""
-    return [
-        r
-        for r in results
-        if not any(_RANK[s.entity_type] > _RANK[r.entity_type] and _overlap(r, s) for s in results)
-    ]
+    """Drop each result that overlaps a result of a more specific type (see ``_RANK``).
 
-
-def _overlap(a: RecognizerResult, b: RecognizerResult) -> bool:
-    return a.start < b.end and b.start < a.end
+    O(n log n): per rank, the union of the spans ranked above it as sorted
+    disjoint intervals, queried by binary search (a text can hold thousands).
+    """
+    ranks = sorted({_RANK[r.entity_type] for r in results})
+    if len(ranks) < 2:
+        return results
+    covers: dict[int, tuple[list[int], list[int]]] = {}
+    for k in ranks[:-1]:
+        merged: list[list[int]] = []
+        for start, end in sorted((r.start, r.end) for r in results if _RANK[r.entity_type] > k):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        covers[k] = ([m[0] for m in merged], [m[1] for m in merged])
+    kept = []
+    for r in results:
+        k = _RANK[r.entity_type]
+        if k == ranks[-1]:
+            kept.append(r)
+            continue
+        starts, ends = covers[k]
+        i = bisect.bisect_right(starts, r.start) - 1
+        shadowed = (i >= 0 and ends[i] > r.start) or (i + 1 < len(starts) and starts[i + 1] < r.end)
+        if not shadowed:
+            kept.append(r)
+    return kept
 
 
 @functools.cache

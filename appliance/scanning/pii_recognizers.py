@@ -217,6 +217,28 @@ _NOT_A_PHONE = re.compile(
 )
 
 
+_PUNCTUATION = re.compile(r"[\s().\-/]")
+_DIGIT_GROUPS = re.compile(r"\d+")
+
+
+@functools.lru_cache(maxsize=65536)
+def _valid_phone(candidate: str, regions: tuple[str, ...]) -> bool:
+    """Whether ``candidate`` (punctuation removed) is a valid number, internationally or in one of ``regions``."""
+    if candidate.startswith(("+", "00")):
+        try:
+            number = phonenumbers.parse("+" + candidate[2:] if candidate.startswith("00") else candidate, None)
+        except phonenumbers.NumberParseException:
+            return False
+        return phonenumbers.is_valid_number(number)
+    for region in regions:
+        try:
+            if phonenumbers.is_valid_number(phonenumbers.parse(candidate, region)):
+                return True
+        except phonenumbers.NumberParseException:
+            continue
+    return False
+
+
 class PhoneNumberRecognizer(LocalRecognizer):
     """Phone numbers: one regex for candidates, ``phonenumbers`` to validate each.
 
@@ -245,29 +267,33 @@ class PhoneNumberRecognizer(LocalRecognizer):
         digits = sum(c.isdigit() for c in candidate)
         if digits < 7 or digits > 16:
             return False
-        try:
-            if candidate.startswith(("+", "00")):
-                number = phonenumbers.parse("+" + candidate[2:] if candidate.startswith("00") else candidate, None)
-                return phonenumbers.is_valid_number(number)
-            for region in self.regions:
-                number = phonenumbers.parse(candidate, region)
-                if phonenumbers.is_valid_number(number):
-                    return True
-        except phonenumbers.NumberParseException:
-            return False
-        return False
+        return _valid_phone(_PUNCTUATION.sub("", candidate), self.regions)
 
     def analyze(self, text, entities, nlp_artifacts=None):  # noqa: D102
         results = []
+        # Validating a national number tries every region; bound that work on
+        # digit-dense text (tables, dumps). Numbers after a phone word are always checked.
+        budget = 64 + len(text) // 64
         for m in self.CANDIDATE.finditer(text):
             value = m.group(0)
             if value.count("(") != value.count(")") or value.count(".") > 4 or _NOT_A_PHONE.match(value):
+                continue
+            groups = _DIGIT_GROUPS.findall(value)
+            # Phones are written in a few groups of two or more digits (one short
+            # country or trunk code at most); "1 2 3 4 5 6 7" is a list, not a number.
+            if len(groups) > 6 or sum(len(g) == 1 for g in groups) > 1:
                 continue
             context = _context_before(text, m.start(), _PHONE_CONTEXT, 50)
             grouped = value.startswith(("+", "(")) or any(c in value for c in " -.()")
             if not grouped and not context:
                 continue
-            if _VERSION_BEFORE.search(text, max(0, m.start() - 10), m.start()) or not self._valid(value):
+            if _VERSION_BEFORE.search(text, max(0, m.start() - 10), m.start()):
+                continue
+            if not context:
+                if budget <= 0:
+                    continue
+                budget -= 1
+            if not self._valid(value):
                 continue
             results.append(RecognizerResult("PHONE_NUMBER", m.start(), m.end(), 0.8 if context else 0.6))
         return results

@@ -63,3 +63,10 @@ def test_shape_errors_name_the_field(record, param, fragment):
 def test_all_roles_accepted():
     roles = ["system", "developer", "user", "assistant", "tool"]
     validate_record({"messages": [{"role": r, "content": "x"} for r in roles]})
+
+
+def test_odd_role_values_are_not_echoed():
+    with pytest.raises(InvalidRequestError) as info:
+        validate_record({"messages": [{"role": "AKIAQ3EGRX5BLWZ7TY4P", "content": "x"}]})
+    assert "AKIA" not in info.value.message
+    assert "got a string" in info.value.message
