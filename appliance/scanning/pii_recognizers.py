@@ -279,9 +279,10 @@ class PhoneNumberRecognizer(LocalRecognizer):
             if value.count("(") != value.count(")") or value.count(".") > 4 or _NOT_A_PHONE.match(value):
                 continue
             groups = _DIGIT_GROUPS.findall(value)
-            # Phones are written in a few groups of two or more digits (one short
-            # country or trunk code at most); "1 2 3 4 5 6 7" is a list, not a number.
-            if len(groups) > 6 or sum(len(g) == 1 for g in groups) > 1:
+            # Phones are written in a few groups, mostly of two or more digits (a
+            # short country, trunk or area code aside: "+33 (0)4 22 60 06 69");
+            # "1 2 3 4 5 6 7" is a list, not a number.
+            if len(groups) > 8 or sum(len(g) == 1 for g in groups) > 2:
                 continue
             context = _context_before(text, m.start(), _PHONE_CONTEXT, 50)
             grouped = value.startswith(("+", "(")) or any(c in value for c in " -.()")

@@ -263,8 +263,8 @@ GENERIC_SECRET = RegexRecognizer(
         # key = value, key: value, "key": "value", key => value, key is value
         re.compile(
             rf"(?i)(?<![A-Za-z0-9])(?:[\w.-]{{0,40}}?[_.-])?(?:{_KEYWORDS})[\w.-]{{0,40}}?[\"']?"
-            # The value ends before a sentence's closing period or bracket.
-            r"(?:\s*(?:[:=]|=>|:=)\s*|\s+(?:is|was)\s+)[\"'`]?(?P<value>[^\s\"'`,;]{7,}[^\s\"'`,;.)?])"
+            # A trailing "." or ")" stays in the value: passwords end in them too.
+            r"(?:\s*(?:[:=]|=>|:=)\s*|\s+(?:is|was)\s+)[\"'`]?(?P<value>[^\s\"'`,;]{8,})"
         ),
         # mysql -p'secret' / -psecret
         re.compile(r"(?:mysql|mysqldump|mariadb|mysqladmin)\b[^\n]*?\s-p([\"']?)(?P<value>[^\s\"']{6,})\1(?=\s|$)"),

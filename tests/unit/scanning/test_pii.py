@@ -58,3 +58,12 @@ def test_entities_restrict_the_scan(scan_text):
     text = "Mail jane.doe@example.com, key AKIAQ3EGRX5BLWZ7TY4P, from Maria Kowalczyk"
     assert {t for t, _, _ in scan_text(text, entities=["AWS_ACCESS_KEY_ID"])} == {"AWS_ACCESS_KEY_ID"}
     assert {t for t, _, _ in scan_text(text)} >= {"EMAIL_ADDRESS", "AWS_ACCESS_KEY_ID", "PERSON"}
+
+
+def test_phone_with_trunk_prefix_in_brackets(scan_text):
+    text = "My mobile number is +33 (0)4 22 60 06 69."
+    assert ("PHONE_NUMBER", "+33 (0)4 22 60 06 69") in [(t, v) for t, v, _ in scan_text(text)]
+
+
+def test_digit_lists_are_not_phone_numbers(scan_text):
+    assert scan_text("Call sequence: 1 2 3 4 5 6 7 8 9") == []
