@@ -214,8 +214,11 @@ APPLIANCE_TOKEN = RegexRecognizer(
 
 
 _PLACEHOLDER_WORDS = ("example", "changeme", "change_me", "redacted", "placeholder", "your_", "your-", "xxxx", "****")
-# ${VAR}, $VAR, {{ var }}, <token>, %(name)s, %VAR%: templates, not values.
-_TEMPLATE = re.compile(r"^(?:\$\{[^}]*\}?|\$[A-Za-z_]\w*|\{\{.*|<[^>]*>?|%\(\w+\)[sd]?|%\w+%)$")
+# ${VAR}, $VAR / $var (one case: "$XqWOlK9..." is a password), {{ var }}, <token>,
+# %(name)s, %VAR%: templates, not values.
+_TEMPLATE = re.compile(
+    r"^(?:\$\{[^}]*\}?|\$[A-Z_][A-Z0-9_]*|\$[a-z_][a-z0-9_]*|\{\{.*|<[^>]*>?|%\(\w+\)[sd]?|%\w+%)$"
+)
 _REFERENCE = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*(?:[\[(].*)?$")
 
 
@@ -236,7 +239,10 @@ def is_high_entropy_secret(value: str) -> bool:
     if any(word in lowered for word in _PLACEHOLDER_WORDS):
         return False
     if _REFERENCE.match(value) and not any(c.isdigit() for c in value):
-        return False
+        # settings.KEY, os.environ[...], get_secret(), DB_PASSWORD, refreshToken: code, not
+        # a value. A long random mixed-case string can look like an identifier too.
+        if any(c in value for c in ".([") or value.isupper() or value.islower() or shannon_entropy(value) < 3.5:
+            return False
     classes = sum(
         (
             any(c.islower() for c in value),

@@ -67,3 +67,9 @@ def test_phone_with_trunk_prefix_in_brackets(scan_text):
 
 def test_digit_lists_are_not_phone_numbers(scan_text):
     assert scan_text("Call sequence: 1 2 3 4 5 6 7 8 9") == []
+
+
+def test_iban_followed_by_a_capitalised_word(scan_text):
+    text = "Bank account (IBAN): ES73 5873 7055 7834 5723 0233 SLACK_BOT_TOKEN is separate."
+    assert ("IBAN_CODE", "ES73 5873 7055 7834 5723 0233") in [(t, v) for t, v, _ in scan_text(text)]
+    assert "IBAN_CODE" not in [t for t, _, _ in scan_text("IBAN ES73 5873 7055 7834 5723 0234")]  # bad check digits

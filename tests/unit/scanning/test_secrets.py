@@ -90,3 +90,10 @@ def test_entropy():
     assert is_high_entropy_secret("q8#Lx!2vRm")
     assert not is_high_entropy_secret("password")
     assert not is_high_entropy_secret("${SECRET}")
+
+
+def test_random_letters_only_secret_is_still_a_secret(scan_text):
+    assert scan_text("client_secret = 'bHkTqzWvYxLmNoPaRsTuVw'") == [("GENERIC_SECRET", "bHkTqzWvYxLmNoPaRsTuVw", 0.8)]
+    assert scan_text("token = refreshToken") == []
+    assert scan_text("DB_PASSWORD: $XqWOlKkQ9E7hxn") == [("GENERIC_SECRET", "$XqWOlKkQ9E7hxn", 0.8)]
+    assert scan_text("DB_PASSWORD: $DB_PASSWORD_FROM_VAULT") == []
