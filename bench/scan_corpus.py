@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import random
-import secrets as _secrets
 import string
 from dataclasses import dataclass
 
@@ -199,7 +198,7 @@ class Values:
         if r < 0.4:
             return self.fakers["en_US"].password(length=self.rng.randint(10, 20))
         if r < 0.7:
-            return _secrets.token_urlsafe(self.rng.choice([16, 24, 32]))
+            return base64.urlsafe_b64encode(self.rng.randbytes(self.rng.choice([16, 24, 32]))).rstrip(b"=").decode()
         return self.rng.randbytes(self.rng.choice([16, 20, 32])).hex()
 
 

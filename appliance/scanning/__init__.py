@@ -4,12 +4,18 @@ Public API:
 
 * :class:`Scanner` / :func:`get_scanner` - scan ``(record, field, text)`` units.
 * :class:`Finding`, :class:`ScanUnit` and the entity type sets.
-* :func:`iter_text_fields`, :func:`validate_record` - the record shapes.
+* :func:`iter_text_fields`, :func:`iter_text_slots`, :func:`validate_record` - the record shapes.
 * :func:`iter_jsonl` - streaming JSONL reader with line-numbered errors.
-* :func:`scan_file`, :class:`Report`, :func:`render_text`, :func:`render_json`.
+* :func:`scan_file`, :func:`scan_stream`, :class:`Report`, :func:`render_text`,
+  :func:`render_json` - the dry-run report (``appliance.scanning.report``).
+* ``scan_command`` in :mod:`appliance.scanning.cli` - the click command.
+
+The scanner and report are imported lazily, so that importing the light parts
+(finding types, record shapes, the JSONL reader) does not load presidio.
 """
 
-from appliance.scanning.engine import DEFAULT_MODEL, Scanner, get_scanner
+from typing import Any
+
 from appliance.scanning.findings import (
     ACTIONS,
     DEFAULT_ENTITIES,
@@ -22,7 +28,27 @@ from appliance.scanning.findings import (
     ScanUnit,
 )
 from appliance.scanning.jsonl import MAX_LINE_BYTES, iter_jsonl, parse_line
-from appliance.scanning.records import ROLES, iter_text_fields, validate_record
+from appliance.scanning.records import ROLES, iter_text_fields, iter_text_slots, validate_record
+
+_LAZY = {
+    "DEFAULT_MODEL": "appliance.scanning.engine",
+    "Scanner": "appliance.scanning.engine",
+    "get_scanner": "appliance.scanning.engine",
+    "Report": "appliance.scanning.report",
+    "scan_file": "appliance.scanning.report",
+    "scan_stream": "appliance.scanning.report",
+    "render_text": "appliance.scanning.report",
+    "render_json": "appliance.scanning.report",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'appliance.scanning' has no attribute {name!r}")
+
 
 __all__ = [
     "ACTIONS",
@@ -36,11 +62,17 @@ __all__ = [
     "SUPPORTED_ENTITIES",
     "Action",
     "Finding",
+    "Report",
     "ScanUnit",
     "Scanner",
     "get_scanner",
     "iter_jsonl",
     "parse_line",
     "iter_text_fields",
+    "iter_text_slots",
+    "render_json",
+    "render_text",
+    "scan_file",
+    "scan_stream",
     "validate_record",
 ]

@@ -3,7 +3,10 @@
 spaCy's small English model is fast enough only if it runs on few texts, and
 it misses many names (non-English names above all), so PERSON combines:
 
-1. NER ``PERSON`` spans.
+1. NER ``PERSON`` spans, minus those with digits or code characters, with
+   words that are neither capitalised nor name particles (``Jira to
+   Snowflake``), and lone dictionary words (the model tags ``Platform`` now
+   and then).
 2. Runs of capitalised words that look like a full name: a known given name
    followed by more capitalised words (``Maria Kowalczyk``), or a known
    surname after a word that is not an English dictionary word.
@@ -13,11 +16,16 @@ it misses many names (non-English names above all), so PERSON combines:
    a greeting or sign-off (``Hi``, ``Dear``, ``Thanks,``, ``Regards,``) or
    ``my name is`` / ``I'm`` / ``this is``, if it is a known given name or not
    an English word (``Dear Customer`` is not a name).
+5. A lone known given name that is not a common English word (``ask James``);
+   places named like people (``Georgia``) are the price.
 
-NER only runs on texts that contain a *name-like* word: capitalised, and a
-known given name or not an English dictionary word. Texts whose capitalised
-words are all dictionary words (``Please``, ``Finance``, ``Monday``) skip it;
-that is most of the speed-up over running NER on everything.
+NER only runs on texts that contain a *name-like* word: capitalised, not
+CamelCase, and a known given name or not an English dictionary word. Texts
+whose capitalised words are all dictionary words (``Please``, ``Finance``,
+``Monday``) skip it, and elsewhere only a window of a few words around each
+name-like word goes through the model. That is most of the speed-up over
+running NER on everything. The price: a product or tool name the model calls
+a person (``Grafana``) is reported as PERSON with a low score (0.65).
 
 The name lists are the US Census 1990 given names and surnames (see
 ``data/README.md``); the dictionary is the WordNet-derived lemma index shipped
@@ -50,9 +58,10 @@ _PARTICLES = frozenset(
     {"van", "von", "der", "den", "de", "del", "della", "da", "di", "du", "dos", "das", "do", "la", "le", "ten", "ter", "bin", "ibn", "al", "y", "e"}
 )
 
-_WORD = re.compile(r"[^\W\d_]+(?:['’\-][^\W\d_]+)*")
+# Letters, with inner apostrophes and hyphens (O'Brien, Klaus-Jürgen) but not a possessive 's.
+_WORD = re.compile(r"[^\W\d_]+(?:(?:['’](?!s\b)|-)[^\W\d_]+)*")
 # A word standing on its own, not a fragment of a token, key, path or address.
-_FREE_WORD = re.compile(r"(?<![\w/+=.@:-])[^\W\d_]+(?:['’\-][^\W\d_]+)*(?![\w/+=@-]|[.:]\w)")
+_FREE_WORD = re.compile(r"(?<![\w/+=.@:-])[^\W\d_]+(?:(?:['’](?!s\b)|-)[^\W\d_]+)*(?![\w/+=@-]|[.:]\w)")
 # CamelCase is code or a brand (PutObject, HubSpot); names with inner capitals are Mc/Mac/O'/De... forms.
 _CAMEL = re.compile(r"^[A-Z][a-z]+[A-Z]")
 _CAMEL_NAME = re.compile(r"^(?:Mc|Mac|O'|D'|De|Di|Da|Du|La|Le|Van|Von)[A-Z][a-z]+$")
@@ -143,15 +152,17 @@ class NameLexicon:
             return lower in self.common
         return any(f in self.common for f in self._forms(lower))
 
-    def name_like(self, word: str) -> bool:
-        """Capitalised, and a given name that is not a common word, or not a dictionary word at all.
+    def name_like(self, word: str, mid_sentence: bool = False) -> bool:
+        """Capitalised, and a known given name or not a dictionary word at all.
 
-        Such a word is worth running NER for; a text without one is not.
+        Such a word is worth running NER for; a text without one is not. A given
+        name that is also a common word (``Will``, ``Julian``, ``Mark``) counts
+        only in the middle of a sentence, where the capital says it is a name.
         """
         if not self.is_titlecase(word):
             return False
         if word in self.given:
-            return not self.is_common(word)
+            return mid_sentence or not self.is_common(word)
         if len(word) < 3 or (_CAMEL.match(word) and not _CAMEL_NAME.match(word)):
             return False
         return not self.in_dictionary(word)
@@ -199,6 +210,17 @@ def load_lexicon(model: str) -> NameLexicon:
 NER_CONTEXT_CHARS = 32
 _SPACE = re.compile(r"\s")
 
+_SENTENCE_OPENERS = frozenset(".!?:;\n\"'(*-•>")
+
+
+def _mid_sentence(text: str, start: int) -> bool:
+    """Whether the word at ``start`` follows other words of its sentence."""
+    i = start - 1
+    while i >= 0 and text[i] in " \t":
+        i -= 1
+    return i >= 0 and text[i] not in _SENTENCE_OPENERS
+
+
 _NOT_IN_NAMES = re.compile(r"[\d{}\[\]<>_=/@#$%&*|\\]")
 
 
@@ -230,8 +252,7 @@ class NerRecognizer(LocalRecognizer):
 
     def needs_ner(self, text: str) -> bool:
         """Whether ``text`` has a name-like word, i.e. whether NER can add anything."""
-        name_like = self.lexicon.name_like
-        return any(name_like(m.group()) for m in _FREE_WORD.finditer(text))
+        return bool(self.ner_windows(text))
 
     @staticmethod
     def words(text: str) -> list[re.Match[str]]:
@@ -253,7 +274,7 @@ class NerRecognizer(LocalRecognizer):
         windows: list[tuple[int, int]] = []
         n = len(text)
         for m in _FREE_WORD.finditer(text) if words is None else words:
-            if not name_like(m.group()):
+            if not name_like(m.group(), _mid_sentence(text, m.start())):
                 continue
             start = max(0, m.start() - context)
             end = min(n, m.end() + context)
@@ -302,6 +323,8 @@ class NerRecognizer(LocalRecognizer):
             if word in lex.given or word in lex.surnames:
                 return self.NER_SCORE
             return 0.0 if lex.in_dictionary(word) else self.LONE_WORD_SCORE
+        if not all(lex.is_titlecase(w) or w in _PARTICLES for w in words):
+            return 0.0  # "Jira to Snowflake", "Zentrix API": names are capitalised words
         return self.NER_SCORE
 
     def _all_foreign(self, span_text: str) -> bool:

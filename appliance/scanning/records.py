@@ -12,6 +12,7 @@ Field paths look like ``messages[1].content``, ``messages[1].content[0].text``,
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,7 @@ from appliance.errors import InvalidRequestError
 
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool", "developer")
 _SHAPE_KEYS = ("messages", "prompt", "completion", "text")
+_ROLE_LIKE = re.compile(r"^[A-Za-z_-]{1,20}$")
 
 
 def _kind(value: Any) -> str:
@@ -91,7 +93,9 @@ def _chat_slots(messages: Any) -> Iterator[tuple[str, Any, Any]]:
             raise _fail(path, f"`{path}` must be an object with `role` and `content`; got {_kind(message)}")
         role = message.get("role")
         if role not in ROLES:
-            got = repr(role[:40]) if isinstance(role, str) else _kind(role) if "role" in message else "nothing"
+            # Echo the value only when it looks like a role name: it could be anything.
+            shown = isinstance(role, str) and _ROLE_LIKE.match(role)
+            got = repr(role) if shown else _kind(role) if "role" in message else "nothing"
             raise _fail(f"{path}.role", f"`{path}.role` must be one of {', '.join(ROLES)}; got {got}")
         if "content" not in message:
             raise _fail(f"{path}.content", f"`{path}.content` is missing; it must be a string or an array of text parts")

@@ -214,8 +214,11 @@ APPLIANCE_TOKEN = RegexRecognizer(
 
 
 _PLACEHOLDER_WORDS = ("example", "changeme", "change_me", "redacted", "placeholder", "your_", "your-", "xxxx", "****")
-# ${VAR}, $VAR, {{ var }}, <token>, %(name)s, %VAR%: templates, not values.
-_TEMPLATE = re.compile(r"^(?:\$\{[^}]*\}?|\$[A-Za-z_]\w*|\{\{.*|<[^>]*>?|%\(\w+\)[sd]?|%\w+%)$")
+# ${VAR}, $VAR / $var (one case: "$XqWOlK9..." is a password), {{ var }}, <token>,
+# %(name)s, %VAR%: templates, not values.
+_TEMPLATE = re.compile(
+    r"^(?:\$\{[^}]*\}?|\$[A-Z_][A-Z0-9_]*|\$[a-z_][a-z0-9_]*|\{\{.*|<[^>]*>?|%\(\w+\)[sd]?|%\w+%)$"
+)
 _REFERENCE = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*(?:[\[(].*)?$")
 
 
@@ -226,7 +229,8 @@ def is_high_entropy_secret(value: str) -> bool:
     placeholders (``${API_KEY}``, ``<token>``, ``{{secret}}``), obvious dummies
     and low-entropy words; accepts values of at least 8 characters with two or
     more character classes (or 20+ characters) and entropy of at least
-    :data:`GENERIC_SECRET_MIN_ENTROPY` bits per character.
+    :data:`GENERIC_SECRET_MIN_ENTROPY` bits per character (2.5 with three or
+    more classes among lower, upper, digits and symbols).
     """
     value = value.strip("'\"`")
     if len(value) < 8 or _TEMPLATE.match(value):
@@ -235,7 +239,10 @@ def is_high_entropy_secret(value: str) -> bool:
     if any(word in lowered for word in _PLACEHOLDER_WORDS):
         return False
     if _REFERENCE.match(value) and not any(c.isdigit() for c in value):
-        return False
+        # settings.KEY, os.environ[...], get_secret(), DB_PASSWORD, refreshToken: code, not
+        # a value. A long random mixed-case string can look like an identifier too.
+        if any(c in value for c in ".([") or value.isupper() or value.islower() or shannon_entropy(value) < 3.5:
+            return False
     classes = sum(
         (
             any(c.islower() for c in value),
@@ -246,7 +253,10 @@ def is_high_entropy_secret(value: str) -> bool:
     )
     if classes < 2 and len(value) < 20:
         return False
-    return shannon_entropy(value) >= GENERIC_SECRET_MIN_ENTROPY
+    entropy = shannon_entropy(value)
+    # Short random passwords repeat characters by chance, so their measured
+    # entropy is low; three or more character classes make up for it.
+    return entropy >= GENERIC_SECRET_MIN_ENTROPY or (classes >= 3 and entropy >= 2.5)
 
 
 _KEYWORDS = (
@@ -259,6 +269,7 @@ GENERIC_SECRET = RegexRecognizer(
         # key = value, key: value, "key": "value", key => value, key is value
         re.compile(
             rf"(?i)(?<![A-Za-z0-9])(?:[\w.-]{{0,40}}?[_.-])?(?:{_KEYWORDS})[\w.-]{{0,40}}?[\"']?"
+            # A trailing "." or ")" stays in the value: passwords end in them too.
             r"(?:\s*(?:[:=]|=>|:=)\s*|\s+(?:is|was)\s+)[\"'`]?(?P<value>[^\s\"'`,;]{8,})"
         ),
         # mysql -p'secret' / -psecret

@@ -1,0 +1,75 @@
+"""Personal data types: found where they are, with their spans."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.mark.parametrize(
+    ("entity", "text", "value"),
+    [
+        ("EMAIL_ADDRESS", "Send it to jane.doe@example.co.uk please.", "jane.doe@example.co.uk"),
+        ("EMAIL_ADDRESS", "CC helena19@aparecida.br on the update.", "helena19@aparecida.br"),
+        ("PHONE_NUMBER", "Call me on +44 20 7946 0958 after 3pm.", "+44 20 7946 0958"),
+        ("PHONE_NUMBER", "My mobile number is (415) 555-2671.", "(415) 555-2671"),
+        ("PHONE_NUMBER", "Tel. 030 901820", "030 901820"),
+        ("PHONE_NUMBER", "She left a voicemail from 227.219.3528 today.", "227.219.3528"),
+        ("CREDIT_CARD", "Card number: 4111 1111 1111 1111", "4111 1111 1111 1111"),
+        ("CREDIT_CARD", "Refund the Amex 3782-822463-10005 please.", "3782-822463-10005"),
+        ("IBAN_CODE", "Wire it to DE89 3704 0044 0532 0130 00 today.", "DE89 3704 0044 0532 0130 00"),
+        ("IBAN_CODE", "IBAN GB82WEST12345698765432.", "GB82WEST12345698765432"),
+        ("US_SSN", "My SSN is 536-22-8541.", "536-22-8541"),
+        ("US_SSN", "social security number 536228541", "536228541"),
+        ("IP_ADDRESS", "Login attempt blocked from 203.0.113.77 at noon.", "203.0.113.77"),
+        ("IP_ADDRESS", "Server 2001:db8:85a3::8a2e:370:7334 is down.", "2001:db8:85a3::8a2e:370:7334"),
+        ("UK_NHS", "My NHS number is 943 476 5919.", "943 476 5919"),
+        ("PERSON", "Please forward the contract to Maria Kowalczyk before Friday.", "Maria Kowalczyk"),
+        ("PERSON", "Dear Hansjörg, your subscription has been renewed.", "Hansjörg"),
+        ("PERSON", "The refund was approved by Dr. Ngozi Okonkwo.", "Ngozi Okonkwo"),
+        ("PERSON", "Summarise the complaint that Rafał Czura sent us.", "Rafał Czura"),
+    ],
+)
+def test_pii_found(scan_text, entity, text, value):
+    found = [(t, v) for t, v, _ in scan_text(text)]
+    assert (entity, value) in found, found
+
+
+@pytest.mark.parametrize(
+    ("text", "entity"),
+    [
+        ("Order 9434765919 shipped on Monday.", "UK_NHS"),  # mod-11 valid, but no "NHS" nearby
+        ("Batch 536228541 failed validation.", "US_SSN"),  # nine digits, no SSN context
+        ("Order number 4155552671 is delayed.", "PHONE_NUMBER"),  # bare digits, no phone word
+        ("Please deploy version 10.2.14.3 to staging.", "IP_ADDRESS"),
+        ("The tracking code 4111111111111112 is invalid.", "CREDIT_CARD"),  # fails Luhn
+    ],
+)
+def test_noisy_recognisers_are_tamed(scan_text, text, entity):
+    assert entity not in [t for t, _, _ in scan_text(text)]
+
+
+def test_location_is_opt_in(scan_text):
+    text = "The Rotterdam warehouse ships to Berlin and Paris."
+    assert "LOCATION" not in [t for t, _, _ in scan_text(text)]
+    assert "LOCATION" in [t for t, _, _ in scan_text(text, entities=["LOCATION"])]
+
+
+def test_entities_restrict_the_scan(scan_text):
+    text = "Mail jane.doe@example.com, key AKIAQ3EGRX5BLWZ7TY4P, from Maria Kowalczyk"
+    assert {t for t, _, _ in scan_text(text, entities=["AWS_ACCESS_KEY_ID"])} == {"AWS_ACCESS_KEY_ID"}
+    assert {t for t, _, _ in scan_text(text)} >= {"EMAIL_ADDRESS", "AWS_ACCESS_KEY_ID", "PERSON"}
+
+
+def test_phone_with_trunk_prefix_in_brackets(scan_text):
+    text = "My mobile number is +33 (0)4 22 60 06 69."
+    assert ("PHONE_NUMBER", "+33 (0)4 22 60 06 69") in [(t, v) for t, v, _ in scan_text(text)]
+
+
+def test_digit_lists_are_not_phone_numbers(scan_text):
+    assert scan_text("Call sequence: 1 2 3 4 5 6 7 8 9") == []
+
+
+def test_iban_followed_by_a_capitalised_word(scan_text):
+    text = "Bank account (IBAN): ES73 5873 7055 7834 5723 0233 SLACK_BOT_TOKEN is separate."
+    assert ("IBAN_CODE", "ES73 5873 7055 7834 5723 0233") in [(t, v) for t, v, _ in scan_text(text)]
+    assert "IBAN_CODE" not in [t for t, _, _ in scan_text("IBAN ES73 5873 7055 7834 5723 0234")]  # bad check digits
