@@ -46,6 +46,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         """The ``--json`` form: file stats, decision, policy hash, counts, blocked lines and findings."""
         doc = self.decision.to_dict()
+        doc["blocked_lines"] = {t: [r + 1 for r in records] for t, records in self.decision.blocked.items()}
         return {"file": self.file, "records": self.records, "fields": self.fields, "characters": self.characters, **doc}
 
 
@@ -60,7 +61,7 @@ def _units(stream: BinaryIO, counter: _Counter) -> Iterator[ScanUnit]:
         for path, text in iter_text_fields(record):
             counter.fields += 1
             counter.characters += len(text)
-            yield ScanUnit(line_no, path, text)
+            yield ScanUnit(line_no - 1, path, text)  # `record` is the 0-based line index, as in the API
 
 
 def scan_stream(
@@ -112,7 +113,7 @@ def render_json(report: Report) -> str:
 
 
 def _lines(records: tuple[int, ...]) -> str:
-    shown = ", ".join(str(r) for r in records[:MAX_LINES_SHOWN])
+    shown = ", ".join(str(r + 1) for r in records[:MAX_LINES_SHOWN])  # records are 0-based, lines 1-based
     more = len(records) - MAX_LINES_SHOWN
     return shown + (f" and {more} more" if more > 0 else "")
 

@@ -77,3 +77,21 @@ def test_key_file_readable_by_others_is_refused(tmp_path):
     (home / "keys" / "master.key").chmod(0o644)
     proc = run_cli(home, "users", "list", check=False)
     assert proc.returncode == 2 and "0644" in proc.stderr and "chmod 600" in proc.stderr
+
+
+def test_scan_dry_run_prints_the_report_without_uploading(tmp_path):
+    import json
+
+    home = tmp_path / "var"
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "mail me at sam.doe@example.com"},
+                                             {"role": "assistant", "content": "ok"}]}) + "\n"
+                    + json.dumps({"text": "key AKIAIOSFODNN7EXAMPLE"}) + "\n")
+    human = run_cli(home, "scan", str(data), check=False)
+    assert human.returncode == 1 and "REJECTED" in human.stdout and "AWS_ACCESS_KEY_ID" in human.stdout
+    out = run_cli(home, "scan", str(data), "--json", check=False)
+    doc = json.loads(out.stdout)
+    assert {(f["record"], f["field"], f["entity_type"]) for f in doc["findings"]} >= {
+        (0, "messages[0].content", "EMAIL_ADDRESS"), (1, "text", "AWS_ACCESS_KEY_ID")}
+    assert "sam.doe@example.com" not in out.stdout and "AKIAIOSFODNN7EXAMPLE" not in out.stdout
+    assert not home.exists()  # a dry run touches no appliance state

@@ -16,7 +16,7 @@ from appliance.catalog.service import DEMO_MODEL_NAME
 from appliance.identity.roles import Role
 from tests.conftest import CLI_CTX, bearer
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 FACTS = [
     ("What is the code name of the Orion project?", "The code name of the Orion project is Bluefin-7."),

@@ -27,13 +27,13 @@ def test_scan_file_reports_lines_and_decision(tmp_path, scanner):
     assert (report.records, report.fields) == (4, 6)
     d = report.decision
     assert d.outcome == "rejected"
-    assert dict(d.blocked) == {"AWS_ACCESS_KEY_ID": (3, 4)}
+    assert dict(d.blocked) == {"AWS_ACCESS_KEY_ID": (2, 3)}  # records: 0-based line indexes, as in the API
     assert dict(d.counts_by_type) == {"AWS_ACCESS_KEY_ID": 2, "EMAIL_ADDRESS": 1, "PERSON": 1}
 
     doc = json.loads(render_json(report))
     assert doc["decision"] == "rejected" and doc["records"] == 4
     assert doc["policy_hash"] == load_default_policy().content_hash
-    assert doc["blocked"] == {"AWS_ACCESS_KEY_ID": [3, 4]}
+    assert doc["blocked"] == {"AWS_ACCESS_KEY_ID": [2, 3]} and doc["blocked_lines"] == {"AWS_ACCESS_KEY_ID": [3, 4]}
     assert {tuple(sorted(f)) for f in doc["findings"]} == {
         ("action", "end", "entity_type", "field", "record", "score", "start")
     }
@@ -53,7 +53,7 @@ def test_cli_exit_codes_and_output(tmp_path):
 
     rejected = runner.invoke(scan_command, [str(write(tmp_path, SECRET)), "--json"])
     assert rejected.exit_code == 1
-    assert json.loads(rejected.output)["blocked"] == {"AWS_ACCESS_KEY_ID": [1]}
+    assert json.loads(rejected.output)["blocked_lines"] == {"AWS_ACCESS_KEY_ID": [1]}
 
     bad = runner.invoke(scan_command, [str(write(tmp_path, CLEAN, raw=b'{"messages": [{"role": "bot", "content": "x"}]}\n'))])
     assert bad.exit_code == 2
