@@ -136,6 +136,11 @@ class IntakeSettings:
         default=100_000,
         metadata=_env("APPLIANCE_MAX_FINDINGS", "Findings kept per file for the report (counts stay exact).", minimum=1),
     )
+    max_image_archive_bytes: int = field(
+        default=256 * 1024 * 1024,
+        metadata=_env("APPLIANCE_MAX_IMAGE_ARCHIVE_BYTES", "Largest image zip accepted (held in memory).",
+                      minimum=1024),
+    )
     default_policy: Path | None = field(
         default=None,
         metadata=_env(

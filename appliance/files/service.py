@@ -23,6 +23,7 @@ from appliance.errors import (
 )
 from appliance.files.models import ScanFinding, StoredFile
 from appliance.files.multipart import Field, FileData, FileEnd, FileStart, MultipartReader, boundary_of
+from appliance.files.images import ImageArchiveIntake, ImageLimits
 from appliance.files.pipeline import IntakeReport, JsonlIntake
 from appliance.files.policies import PolicyService
 from appliance.identity.models import Project
@@ -33,7 +34,10 @@ from appliance.settings import IntakeSettings
 from appliance.storage.blobs import BlobStore, BlobWriter
 
 #: Purposes accepted now, with the shape each takes.
-PURPOSES = {"fine-tune": "JSONL: chat {messages}, {prompt, completion} or {text} per line"}
+PURPOSES = {
+    "fine-tune": "JSONL: chat {messages}, {prompt, completion} or {text} per line",
+    "fine-tune-images": "a zip of images with optional captions (<image>.txt or metadata.jsonl)",
+}
 _MULTIPART_OVERHEAD = 1024 * 1024
 
 
@@ -131,7 +135,7 @@ class FileService:
                 raise PayloadTooLargeError(f"upload of {declared} bytes is over the {limit}-byte limit", param="file")
             reader = MultipartReader(boundary_of(headers.get("content-type")))
             fields: dict[str, str] = {}
-            intake: JsonlIntake | None = None
+            intake: JsonlIntake | ImageArchiveIntake | None = None
             file_done, received = False, 0
             async for chunk in body:
                 received += len(chunk)
@@ -154,10 +158,17 @@ class FileService:
                         state["policy"] = policy
                         state["file_id"] = new_file_id()
                         writer = self.blobs.create(state["file_id"], project.name, "file")
-                        intake = JsonlIntake(
-                            writer, self.scanner, policy, max_line_bytes=self.settings.max_line_bytes,
-                            max_findings=self.settings.max_findings,
-                        )
+                        if purpose == "fine-tune-images":
+                            intake = ImageArchiveIntake(
+                                writer, self.scanner, policy, instance_prompt=fields.get("instance_prompt"),
+                                limits=ImageLimits(max_archive_bytes=min(limit, self.settings.max_image_archive_bytes)),
+                                max_findings=self.settings.max_findings,
+                            )
+                        else:
+                            intake = JsonlIntake(
+                                writer, self.scanner, policy, max_line_bytes=self.settings.max_line_bytes,
+                                max_findings=self.settings.max_findings,
+                            )
                     elif isinstance(event, FileData):
                         pending += event.data
                     elif isinstance(event, FileEnd):
