@@ -23,7 +23,7 @@ from appliance.identity.controllers import MeController, ProjectController, Toke
 from appliance.inference.controllers import InferenceController, RuntimeLoraController
 from appliance.jobs.controllers import JobController
 from appliance.portal import admin as portal_admin
-from appliance.portal import audit_page, auth_routes, datasets, models_page
+from appliance.portal import audit_page, auth_routes, datasets, models_page, playground
 from appliance.portal import jobs as portal_jobs
 from appliance.server.context import RequestContextMiddleware, stamp_and_log_response
 from appliance.server.errors import EXCEPTION_HANDLERS
@@ -39,7 +39,7 @@ ROUTE_HANDLERS = [
 PORTAL_DIR = Path(__file__).resolve().parent.parent / "portal"
 PORTAL_ROUTES = [
     *auth_routes.ROUTES, *datasets.ROUTES, *portal_jobs.ROUTES, *models_page.ROUTES, *audit_page.ROUTES,
-    *portal_admin.ROUTES,
+    *portal_admin.ROUTES, *playground.ROUTES,
 ]
 
 

@@ -127,15 +127,25 @@ def test_upload_scan_train_and_audit_in_the_browser(portal_server, browser, tmp_
     page.goto("/models")
     assert model in page.inner_text("main") and "verified" in page.inner_text("main")
     shot(page, "05-models")
+
+    switch_role(page, "consumer @ acme")
+    page.goto("/playground")
+    page.get_by_label("Model").select_option(model)
+    page.get_by_label("Message").fill("What colour is box 3?")
+    page.get_by_role("button", name="Send").click()
+    page.wait_for_selector("#chat-log .msg[data-done='1']", timeout=60_000)
+    answer = page.locator("#chat-log .msg").nth(1).inner_text()
+    assert answer.startswith("assistant:") and len(answer) > len("assistant:")
+    shot(page, "06-playground")
     context.close()
 
     context, page = login(browser, portal_server, "audrey")
     page.goto("/audit")
     text = page.inner_text("#events")
-    for action in ("file.upload", "job.create", "job.succeed", "adapter.publish", "portal.login"):
+    for action in ("file.upload", "job.create", "job.succeed", "adapter.publish", "inference.chat", "portal.login"):
         assert action in text, action
     assert page.inner_text("#chain-status") == "verified"
-    shot(page, "06-audit")
+    shot(page, "07-audit")
     page.goto(f"/audit?action=job.create")
     assert job_id in page.inner_text("#events")
     context.close()
@@ -158,7 +168,7 @@ def test_other_projects_cannot_see_or_reach_anything(portal_server, browser):
                      headers={"Authorization": f"Bearer {jobs_token}"}).json()["data"]
     for j in jobs:
         assert page.goto(f"/jobs/{j['id']}").status in (403, 404)
-    shot(page, "07-other-project")
+    shot(page, "08-other-project")
     context.close()
 
 
