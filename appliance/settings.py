@@ -150,6 +150,17 @@ class IntakeSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """The audit log's signed checkpoints."""
+
+    checkpoint_interval_s: int = field(
+        default=3600,
+        metadata=_env("APPLIANCE_AUDIT_CHECKPOINT_INTERVAL_S",
+                      "Seconds between signed checkpoints of the audit log (0: only on demand).", minimum=0),
+    )
+
+
+@dataclass(frozen=True)
 class PortalSettings:
     """The web portal's sessions."""
 
@@ -203,6 +214,7 @@ class Settings:
     intake: IntakeSettings
     portal: PortalSettings
     serving: ServingSettings
+    audit: AuditSettings
 
     @property
     def database_url(self) -> str:

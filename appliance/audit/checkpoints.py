@@ -147,3 +147,49 @@ def consistency(db: Database, first: int, second: int | None = None) -> dict[str
             "first_root": merkle.root_from_leaf_hashes(hashes[:first]).hex(),
             "second_root": merkle.root_from_leaf_hashes(hashes).hex(),
             "proof": [p.hex() for p in merkle.consistency_proof(hashes, first)]}
+
+
+class CheckpointTimer:
+    """Signs a checkpoint every ``interval_s`` seconds while the log grows (a server thread).
+
+    Args:
+        db: The database.
+        key_provider: Returns the Ed25519 signing key.
+        interval_s: Seconds between checkpoints; 0 disables the timer.
+    """
+
+    def __init__(self, db: Database, key_provider, interval_s: int) -> None:
+        import threading
+
+        self.db, self.key_provider, self.interval_s = db, key_provider, interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _due(self) -> bool:
+        with self.db.read() as s:
+            head = s.get(AuditHead, 1)
+            last = s.scalar(select(AuditCheckpoint.tree_size).order_by(AuditCheckpoint.id.desc()).limit(1))
+        return head is not None and head.seq > (last or 0)
+
+    def _run(self) -> None:
+        import logging
+
+        ctx = AuditContext(actor="system:checkpoint", auth_method="internal", origin_ip="local")
+        while not self._stop.wait(self.interval_s):
+            try:
+                if self._due():
+                    create_checkpoint(self.db, self.key_provider(), ctx)
+            except Exception:
+                logging.getLogger("appliance.audit").exception("periodic checkpoint failed")
+
+    def start(self) -> None:
+        import threading
+
+        if self.interval_s > 0:
+            self._thread = threading.Thread(target=self._run, name="audit-checkpoints", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)

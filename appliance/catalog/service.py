@@ -206,7 +206,21 @@ class CatalogService:
                    project=view.project, details={"destination": str(dest), "files": sorted(files)})
         return dest
 
-    def delete_adapter(self, principal: Principal | None, ctx: AuditContext, adapter_id: str) -> None:
+    def withdraw_trained_on(self, file_id: str, ctx: AuditContext) -> list[str]:
+        """Delete every adapter trained on a dataset that was just deleted (right to erasure).
+
+        A model trained on erased data still carries it; it is unloaded and its
+        artefact crypto-shredded like the dataset.
+        """
+        withdrawn = []
+        for view in self.list_adapters(None):
+            if any(d.get("id") == file_id for d in (view.row.manifest or {}).get("datasets") or []):
+                self.delete_adapter(None, ctx, view.row.id, reason=f"training data {file_id} was deleted")
+                withdrawn.append(view.row.id)
+        return withdrawn
+
+    def delete_adapter(self, principal: Principal | None, ctx: AuditContext, adapter_id: str, *,
+                       reason: str | None = None) -> None:
         """Unload from serving, crypto-shred the artefact and hide the adapter."""
         view = self._adapter(principal, adapter_id)
         for hook in self.on_remove:
@@ -216,6 +230,6 @@ class CatalogService:
             row.deleted_at = utcnow()
             evidence = self.blobs.shred(s, row.object_id)
             record(s, ctx, "adapter.delete", resource_type="adapter", resource_id=adapter_id, project=view.project,
-                   details={"crypto_shred": {"kek_id": evidence.kek_id,
-                                             "key_destroyed_at": evidence.shredded_at.isoformat()}})
+                   reason=reason, details={"crypto_shred": {"kek_id": evidence.kek_id,
+                                                            "key_destroyed_at": evidence.shredded_at.isoformat()}})
         self.blobs.remove(view.row.object_id)

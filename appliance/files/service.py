@@ -80,6 +80,8 @@ class FileService:
                  settings: IntakeSettings) -> None:
         self.db, self.blobs, self.policies, self.settings = db, blobs, policies, settings
         self._scanner_factory = scanner_factory
+        #: Called with (file id, audit context) after a file is crypto-shredded.
+        self.on_delete: list[Any] = []
         self._scanner: LockedScanner | None = None
         self._scanner_lock = threading.Lock()
 
@@ -341,6 +343,8 @@ class FileService:
                    details={"crypto_shred": {"kek_id": evidence.kek_id,
                                              "key_destroyed_at": evidence.shredded_at.isoformat()}})
         self.blobs.remove(file_id)  # after the commit: the key is gone either way
+        for hook in self.on_delete:
+            hook(file_id, ctx)
         return view
 
 

@@ -56,12 +56,18 @@ def create_app(
     settings = settings or get_settings()
     state = state or build_state(settings)
 
+    from appliance.audit.checkpoints import CheckpointTimer
+
+    checkpoints = CheckpointTimer(state.db, state.catalog.signing_key, settings.audit.checkpoint_interval_s)
+
     def _on_startup() -> None:
         if run_scheduler:
             state.scheduler.start()
+            checkpoints.start()
 
     def _on_shutdown() -> None:
         if run_scheduler:
+            checkpoints.stop()
             state.scheduler.stop()
         state.inference.close()
         state.db.dispose()

@@ -50,6 +50,7 @@ def build_state(
     catalog = CatalogService(db, blobs, settings.models_dir, settings.signing_key_file)
     scheduler = Scheduler(db, blobs, catalog, scheduler_settings or SchedulerSettings())
     files = FileService(db, blobs, get_scanner, policies, settings.intake)
+    files.on_delete.append(catalog.withdraw_trained_on)
     return AppState(
         settings=settings,
         db=db,

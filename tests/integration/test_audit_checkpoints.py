@@ -89,3 +89,30 @@ def test_proof_endpoints(client, admin_token):
     cons = client.get("/api/v1/audit/proofs/consistency", headers=h, params={"first": size}).json()
     assert merkle.verify_consistency(size, cons["second"], root, bytes.fromhex(cons["second_root"]),
                                      [bytes.fromhex(p) for p in cons["proof"]])
+
+
+def test_the_server_signs_checkpoints_periodically(home):
+    from litestar.testing import TestClient
+
+    from appliance.audit.models import AuditCheckpoint
+    from appliance.bootstrap import open_initialized
+    from appliance.server.app import create_app
+    from appliance.server.state import build_state
+    from tests.conftest import make_settings
+
+    settings = make_settings(home.home.home, APPLIANCE_AUDIT_CHECKPOINT_INTERVAL_S="1")
+    state = build_state(settings, open_initialized(settings))
+    import time
+
+    from sqlalchemy import select
+
+    with TestClient(create_app(settings, state)):
+        deadline = time.monotonic() + 20
+        while True:
+            with state.db.read() as s:
+                cps = list(s.scalars(select(AuditCheckpoint)))
+            if cps or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+    assert cps and cps[0].tree_size >= 2 and cps[0].signature
+    state.db.dispose()

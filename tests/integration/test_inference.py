@@ -231,3 +231,27 @@ def test_vllm_engine_client_against_the_embedded_server(state, tiny, admin_token
         actions = [e.action for e in s.scalars(select(AuditEvent).where(AuditEvent.actor == "admin"))]
     assert "serving.load_adapter" in actions and "serving.unload_adapter" in actions
 
+
+
+def test_deleting_the_training_data_withdraws_the_adapter(client, state, tiny, consumer, make_token):
+    owner = make_token("olivia", Role.DATA_OWNER, "acme")
+    file_id = client.post("/v1/files", headers=bearer(owner), data={"purpose": "fine-tune"},
+                          files={"file": ("d.jsonl", b'{"text": "hello"}\n')}).json()["id"]
+    job_id = "ftjob-testerase"
+    adapter_id = f"ft:{BASE}:acme:erase:{job_id}"
+    with state.db.transaction() as s:
+        project = s.scalar(select(Project).where(Project.name == "acme"))
+        state.catalog.publish(s, CLI_CTX, adapter_id=adapter_id, job_id=job_id, project=project, base_model=BASE,
+                              kind="lora", files=random_lora(tiny, seed=9),
+                              manifest={"job_id": job_id, "datasets": [{"id": file_id}]})
+    for hook in state.catalog.on_publish:
+        hook(adapter_id)
+    api = api_for(client, consumer)
+    assert ask(api, adapter_id).choices[0].message.content
+    assert client.delete(f"/v1/files/{file_id}", headers=bearer(owner)).status_code == 200
+    assert not state.inference.engine_for(BASE).has_adapter(adapter_id)
+    with pytest.raises(openai.NotFoundError):
+        ask(api, adapter_id)
+    with state.db.read() as s:
+        event = s.scalar(select(AuditEvent).where(AuditEvent.action == "adapter.delete"))
+    assert event.resource_id == adapter_id and file_id in event.reason
