@@ -94,6 +94,16 @@ def prepare_model(dest: Path) -> None:
     AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(dest)
 
 
+def random_engine(model_dir: Path, device: str | None, **kwargs) -> TransformersEngine:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return TransformersEngine(model.to(device=device, dtype=dtype), AutoTokenizer.from_pretrained(model_dir), **kwargs)
+
+
 def make_adapter(model: torch.nn.Module, seed: int, rank: int = 16) -> dict[str, bytes]:
     """A rank-16 LoRA with trained-looking (small, random) weights, as the files peft saves."""
     from peft import LoraConfig, get_peft_model
@@ -201,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mixed", choices=["stacked", "peft"], default="stacked",
                     help="how batches mixing adapters are computed (EngineConfig.mixed_batches)")
     ap.add_argument("--model-dir", type=Path, default=None, help="an already dequantised copy to reuse")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="with --model-dir holding only config and tokenizer: random weights of that shape "
+                         "(timings do not depend on the weights; for hosts without the GGUF)")
     ap.add_argument("--results", type=Path, default=None, help="append a section to this markdown file")
     ap.add_argument("--json", type=Path, default=None, help="write the figures as JSON here")
     args = ap.parse_args(argv)
@@ -218,10 +231,13 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             prepare_model(model_dir)
             print(f"dequantised GGUF saved in {time.perf_counter() - t:.1f} s", flush=True)
-        engine = TransformersEngine.from_pretrained(
-            model_dir, name="smollm2-135m", device=args.device,
-            config=EngineConfig(max_resident_adapters=8, max_batch_size=8, max_lora_rank=16,
-                                mixed_batches=args.mixed))
+        config = EngineConfig(max_resident_adapters=8, max_batch_size=8, max_lora_rank=16,
+                              mixed_batches=args.mixed)
+        engine_config = {"name": "smollm2-135m", "config": config}
+        if args.random_weights:
+            engine = random_engine(model_dir, args.device, **engine_config)
+        else:
+            engine = TransformersEngine.from_pretrained(model_dir, device=args.device, **engine_config)
         try:
             device = str(engine.device)
             adapter_files = [make_adapter(engine.model, seed=i) for i in range(5)]
@@ -252,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
                    + (f" ({torch.cuda.get_device_name(0)})" if device.startswith("cuda") else ", no GPU"),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "loadavg_start": round(load_start, 2), "loadavg_end": round(os.getloadavg()[0], 2),
-        "quick": args.quick, "max_tokens": max_tokens, "prompts": len(prompts), "reps": reps,
+        "quick": args.quick,
+        "weights": "random weights of its shape" if args.random_weights
+        else "GGUF Q4_1 dequantised" + ("; bf16" if device.startswith("cuda") else " to fp32"), "max_tokens": max_tokens, "prompts": len(prompts), "reps": reps,
         "concurrency": args.concurrency, "mixed": args.mixed, "wall_s": round(time.perf_counter() - started, 1),
     }
     report = render(results)
@@ -276,7 +294,7 @@ def render(r: dict) -> str:
         "",
         f"Machine: {m['machine']}; torch {m['torch']} with {m['torch_threads']} threads; "
         f"load average {m['loadavg_start']} at start, {m['loadavg_end']} at end (shared machine). "
-        f"Model: SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32). {m['prompts']} chat prompts × "
+        f"Model: SmolLM2-135M-Instruct ({m['weights']}). {m['prompts']} chat prompts × "
         f"{m['max_tokens']} tokens, greedy, ignore_eos; arms alternated {m['reps']}×; mixed batches: "
         f"{m['mixed']}; run took {m['wall_s']} s.",
         "",

@@ -16,6 +16,7 @@ and never runs in the middle of one.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import logging
 import os
@@ -107,6 +108,8 @@ class TransformersEngine:
         self.max_context = self.config.max_context or int(getattr(model.config, "max_position_embeddings", 2048))
         self.shape = BaseModelShape.from_model(model, name, base_model_aliases)
         self._eos = _eos_ids(model, tokenizer)
+        # transformers 5.24 renamed `past_key_values` to `cache`; accept both.
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._eos[0]
         self._tok_lock = threading.Lock()
         self._model_lock = threading.Lock()
@@ -363,8 +366,8 @@ class TransformersEngine:
                  cache: Any) -> torch.Tensor:
         with self._model_lock:
             self._lora.plan([r.job.adapter for r in rows])
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                             cache=cache, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1, **{self._cache_kw: cache})
         return out.logits[:, -1, :].float()
 
     def _choose(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
