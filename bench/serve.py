@@ -208,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=4, help="clients in the concurrent runs")
     ap.add_argument("--reps", type=int, default=None, help="A/B repetitions per mode (default 2; quick 1)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    ap.add_argument("--mixed", choices=["stacked", "peft"], default="stacked",
-                    help="how batches mixing adapters are computed (EngineConfig.mixed_batches)")
+    ap.add_argument("--lora-compute", choices=["fused", "peft"], default="fused",
+                    help="who computes the LoRA terms (EngineConfig.lora_compute)")
     ap.add_argument("--model-dir", type=Path, default=None, help="an already dequantised copy to reuse")
     ap.add_argument("--random-weights", action="store_true",
                     help="with --model-dir holding only config and tokenizer: random weights of that shape "
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             prepare_model(model_dir)
             print(f"dequantised GGUF saved in {time.perf_counter() - t:.1f} s", flush=True)
         config = EngineConfig(max_resident_adapters=8, max_batch_size=8, max_lora_rank=16,
-                              mixed_batches=args.mixed)
+                              lora_compute=args.lora_compute)
         engine_config = {"name": "smollm2-135m", "config": config}
         if args.random_weights:
             engine = random_engine(model_dir, args.device, **engine_config)
@@ -270,8 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_start": round(load_start, 2), "loadavg_end": round(os.getloadavg()[0], 2),
         "quick": args.quick,
         "weights": "random weights of its shape" if args.random_weights
-        else "GGUF Q4_1 dequantised" + ("; bf16" if device.startswith("cuda") else " to fp32"), "max_tokens": max_tokens, "prompts": len(prompts), "reps": reps,
-        "concurrency": args.concurrency, "mixed": args.mixed, "wall_s": round(time.perf_counter() - started, 1),
+        else "GGUF Q4_1 dequantised" + ("; bf16" if device.startswith("cuda") else " to fp32"),
+        "max_tokens": max_tokens, "prompts": len(prompts), "reps": reps,
+        "concurrency": args.concurrency, "lora_compute": args.lora_compute,
+        "wall_s": round(time.perf_counter() - started, 1),
     }
     report = render(results)
     print(report)
@@ -295,8 +297,8 @@ def render(r: dict) -> str:
         f"Machine: {m['machine']}; torch {m['torch']} with {m['torch_threads']} threads; "
         f"load average {m['loadavg_start']} at start, {m['loadavg_end']} at end (shared machine). "
         f"Model: SmolLM2-135M-Instruct ({m['weights']}). {m['prompts']} chat prompts × "
-        f"{m['max_tokens']} tokens, greedy, ignore_eos; arms alternated {m['reps']}×; mixed batches: "
-        f"{m['mixed']}; run took {m['wall_s']} s.",
+        f"{m['max_tokens']} tokens, greedy, ignore_eos; arms alternated {m['reps']}×; LoRA compute: "
+        f"{m['lora_compute']}; run took {m['wall_s']} s.",
         "",
         "| figure | value | target |",
         "| --- | --- | --- |",

@@ -22,10 +22,9 @@ import logging
 import os
 import queue
 import threading
-import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +43,7 @@ from serving.protocol import (
     GenerationRequest,
     GenerationResult,
     Usage,
+    message_text,
 )
 from serving.text import TextTracker
 
@@ -65,8 +65,11 @@ class EngineConfig:
         default_max_tokens: Completion length when a chat request gives no ``max_tokens``.
         max_context: Prompt plus completion limit; ``None`` uses the model's ``max_position_embeddings``.
         check_adapter_values: Refuse adapters with NaN/inf weights (one pass over the tensors).
-        mixed_batches: How a batch mixing adapters is computed: ``"stacked"`` (two matmuls per
-            layer whatever the mix) or ``"peft"`` (peft's mixed-batch forward, a loop per adapter).
+        lora_compute: Who computes the LoRA terms. ``"fused"``: per layer, one matrix product
+            with the batch's adapters' A matrices side by side, a per-row mask, and one
+            accumulating product with their B matrices (2-3 kernels whatever the mix of
+            adapters). ``"peft"``: peft's own forward (the active adapter for a batch on one
+            adapter, its mixed-batch loop over adapters otherwise).
     """
 
     max_resident_adapters: int = 8
@@ -75,7 +78,7 @@ class EngineConfig:
     default_max_tokens: int = 512
     max_context: int | None = None
     check_adapter_values: bool = True
-    mixed_batches: Literal["stacked", "peft"] = "stacked"
+    lora_compute: Literal["fused", "peft"] = "fused"
 
 
 class TransformersEngine:
@@ -113,7 +116,7 @@ class TransformersEngine:
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._eos[0]
         self._tok_lock = threading.Lock()
         self._model_lock = threading.Lock()
-        self._lora = _LoraLayers(model, self.config.mixed_batches)
+        self._lora = _LoraLayers(model, self.config.lora_compute)
         self._ids = itertools.count()
         self._registry: AdapterRegistry[str] = AdapterRegistry(
             validate=self._validate, load=self._inject, unload=self._eject,
@@ -198,7 +201,7 @@ class TransformersEngine:
                                       "use /v1/completions", param="messages")
         plain = [
             {"role": m.role, "content": m.text()} if isinstance(m, ChatMessage)
-            else {"role": m["role"], "content": _text_of(m.get("content"))}
+            else {"role": m["role"], "content": message_text(m.get("content"))}
             for m in messages
         ]
         with self._tok_lock:
@@ -311,7 +314,6 @@ class TransformersEngine:
     def _run_wave(self, jobs: list[_Job]) -> None:
         rows: list[_Row] = []
         for job in jobs:
-            job.started = time.perf_counter()
             for p_idx, prompt in enumerate(job.prompts):
                 for k in range(job.n):
                     index = p_idx * job.n + k
@@ -387,8 +389,6 @@ class TransformersEngine:
 
     def _advance(self, r: _Row, tok: int) -> None:
         job = r.job
-        if job.first_token_at is None:
-            job.first_token_at = time.perf_counter()
         r.generated += 1
         job.completion_tokens += 1
         if tok in self._eos and not job.ignore_eos:
@@ -435,8 +435,6 @@ class _Job:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finished_rows: int = 0
-    started: float = 0.0
-    first_token_at: float | None = None
 
     @property
     def rows(self) -> int:
@@ -493,14 +491,6 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _text_of(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    return "\n".join(p.get("text", "") if isinstance(p, Mapping) else str(p) for p in content)
-
-
 def _new_cache(model: Any) -> Any:
     from transformers import DynamicCache
 
@@ -510,29 +500,31 @@ def _new_cache(model: Any) -> Any:
 class _LoraLayers:
     """peft LoRA layers injected into the base model in place, and which adapter each row uses.
 
-    :meth:`plan` sets, before each forward, which adapter each batch row uses:
+    peft parses the config, wraps the targeted layers and holds each adapter's A and B
+    matrices; :meth:`plan` sets, before each forward, which adapter each batch row uses.
+    With ``compute="fused"`` the peft layers are left with no active adapter (they run
+    the base layer) and one permanent forward hook per layer adds the LoRA term:
+    ``out += ((x @ A_cat.T) * mask) @ B_cat.T``, where ``A_cat``/``B_cat`` hold the
+    batch's adapters side by side and ``mask`` selects and scales each row's own block
+    (for a batch on one adapter, ``out += (x @ A.T) @ B.T * scale``). The number of
+    kernels per layer does not grow with the number of adapters in the batch.
 
-    - one adapter (or the base) for the whole batch: that adapter becomes the layers'
-      active one (peft's ordinary forward; switching walks the layers only on change);
-    - a mix (``mixed="stacked"``, the default): the layers run the base only, and one
-      permanent forward hook per layer adds every row's LoRA term with two matmuls over
-      the concatenated A and B of the batch's adapters and a per-row mask that selects
-      (and scales) the row's own block; the cost does not grow with the number of adapters;
-    - a mix with ``mixed="peft"``: peft's mixed-batch forward (``adapter_names``), which
-      loops over the adapters in every layer; passed through one permanent pre-forward
-      hook per layer, since peft's own ``adapter_names=`` path walks the whole model and
-      registers and removes hooks on every call.
+    With ``compute="peft"``, peft's forward does the work: the batch's adapter becomes
+    the layers' active one, and a mixed batch goes through peft's mixed-batch forward
+    (``adapter_names``), passed by one permanent pre-forward hook per layer (peft's own
+    ``adapter_names=`` path walks the model and adds and removes hooks on every call).
     """
 
-    def __init__(self, model: torch.nn.Module, mixed: Literal["stacked", "peft"] = "stacked") -> None:
+    def __init__(self, model: torch.nn.Module, compute: Literal["fused", "peft"] = "fused") -> None:
         self.model = model
-        self.mixed = mixed
+        self.compute = compute
         self._layers: list[Any] = []
         self._by_path: dict[str, Any] = {}
         self._hooked: set[int] = set()
-        self._names: list[str] | None = None  # mixed="peft": adapter per row
-        self._stacked: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
-        self._stacked_key: tuple[str, ...] | None = None
+        self._names: list[str] | None = None  # compute="peft", mixed batch: adapter per row
+        # compute="fused": per layer (id) -> (A_cat.T, B_cat.T, row mask [B, 1, R] or scale)
+        self._fused: dict[int, tuple[torch.Tensor, torch.Tensor, Any]] | None = None
+        self._fused_key: tuple[str, ...] | None = None
         self._stack_cache: dict[tuple[str, ...], dict[int, tuple[torch.Tensor, ...]]] = {}
         self._active: str | None = None  # adapter the layers have active; None: none (base)
 
@@ -601,29 +593,35 @@ class _LoraLayers:
     def plan(self, adapters: list[str]) -> None:
         """Set which adapter each row of the next forward uses (``__base__`` for none)."""
         first = adapters[0]
-        if all(a == first for a in adapters):
-            self._names, self._stacked, self._stacked_key = None, None, None
-            self._activate(None if first == _BASE else first)
+        uniform = all(a == first for a in adapters)
+        if self.compute == "peft":
+            self._names = None if uniform else adapters
+            self._activate(None if not uniform or first == _BASE else first)
             return
-        self._activate(None)
-        if self.mixed == "peft":
-            self._names = adapters
+        if uniform and first == _BASE:
+            self._fused, self._fused_key = None, None
             return
-        key = tuple(adapters)
-        if key != self._stacked_key:
-            ids = tuple(sorted(set(adapters) - {_BASE}))
-            stacks = self._stacks(ids)
+        key = (first,) if uniform else tuple(adapters)
+        if key == self._fused_key:
+            return
+        ids = tuple(sorted(set(adapters) - {_BASE}))
+        stacks = self._stacks(ids)
+        if uniform:
+            self._fused = {lid: (a_t, b_t, float(scale[0])) for lid, (a_t, b_t, _, scale) in stacks.items()}
+        else:
             slot = {aid: i for i, aid in enumerate(ids)}
-            device = next(iter(stacks.values()))[0].device if stacks else torch.device("cpu")
-            rows = torch.tensor([slot.get(a, -1) for a in adapters], device=device)
-            self._stacked = {
-                lid: (a_cat, b_cat, ((rows[:, None] == cols[None, :]) * scale).to(a_cat.dtype)[:, None, :])
-                for lid, (a_cat, b_cat, cols, scale) in stacks.items()
-            }
-            self._stacked_key = key
+            fused = {}
+            rows: torch.Tensor | None = None
+            for lid, (a_t, b_t, cols, scale) in stacks.items():
+                if rows is None:
+                    rows = torch.tensor([slot.get(a, -1) for a in adapters], device=a_t.device)
+                mask = ((rows[:, None] == cols[None, :]) * scale).to(a_t.dtype)[:, None, :]
+                fused[lid] = (a_t, b_t, mask)
+            self._fused = fused
+        self._fused_key = key
 
     def _stacks(self, ids: tuple[str, ...]) -> dict[int, tuple[torch.Tensor, ...]]:
-        """Per layer: A of the adapters concatenated [R, in], B [out, R], adapter slot and scaling per column."""
+        """Per layer: A.T of the adapters side by side [in, R], B.T [R, out], slot and scale per column."""
         cached = self._stack_cache.get(ids)
         if cached is not None:
             return cached
@@ -632,13 +630,17 @@ class _LoraLayers:
             present = [(i, aid) for i, aid in enumerate(ids) if aid in layer.lora_A]
             if not present:
                 continue
-            a_cat = torch.cat([layer.lora_A[aid].weight for _, aid in present], dim=0)
-            b_cat = torch.cat([layer.lora_B[aid].weight for _, aid in present], dim=1)
-            cols = torch.cat([torch.full((layer.r[aid],), i, device=a_cat.device) for i, aid in present])
-            scale = torch.cat([torch.full((layer.r[aid],), float(layer.scaling[aid]), device=a_cat.device)
+            if len(present) == 1:  # views, no copy
+                a_t = layer.lora_A[present[0][1]].weight.t()
+                b_t = layer.lora_B[present[0][1]].weight.t()
+            else:
+                a_t = torch.cat([layer.lora_A[aid].weight for _, aid in present], dim=0).t()
+                b_t = torch.cat([layer.lora_B[aid].weight for _, aid in present], dim=1).t()
+            cols = torch.cat([torch.full((layer.r[aid],), i, device=a_t.device) for i, aid in present])
+            scale = torch.cat([torch.full((layer.r[aid],), float(layer.scaling[aid]), device=a_t.device)
                                for _, aid in present])
-            out[id(layer)] = (a_cat, b_cat, cols, scale)
-        if len(self._stack_cache) >= 4:  # bounded: each entry copies its adapters' weights once
+            out[id(layer)] = (a_t, b_t, cols, scale)
+        if len(self._stack_cache) >= 8:  # bounded: an entry for several adapters copies their weights once
             self._stack_cache.clear()
         self._stack_cache[ids] = out
         return out
@@ -652,7 +654,7 @@ class _LoraLayers:
 
     def _delete(self, adapter_id: str) -> None:
         self._stack_cache = {k: v for k, v in self._stack_cache.items() if adapter_id not in k}
-        self._stacked, self._stacked_key = None, None
+        self._fused, self._fused_key = None, None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "... was active which is now deleted": we reset below
             for layer in self._layers_now():
@@ -688,7 +690,7 @@ class _LoraLayers:
                 layer.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
                 layer.register_forward_hook(self._post_forward, with_kwargs=True)
                 self._hooked.add(id(layer))
-        self._stack_cache, self._stacked, self._stacked_key = {}, None, None
+        self._stack_cache, self._fused, self._fused_key = {}, None, None
         self._active = "?"
         self._activate(None)
 
@@ -698,13 +700,20 @@ class _LoraLayers:
         return args, kwargs
 
     def _post_forward(self, module: Any, args: Any, kwargs: dict[str, Any], output: torch.Tensor) -> Any:
-        stacked = self._stacked
-        if stacked is None:
+        fused = self._fused
+        if fused is None:
             return None
-        entry = stacked.get(id(module))
+        entry = fused.get(id(module))
         if entry is None:
             return None
-        a_cat, b_cat, mask = entry
+        a_t, b_t, mask = entry
         x = args[0] if args else kwargs["x"]
-        xa = torch.matmul(x.to(a_cat.dtype), a_cat.t()).mul_(mask)
-        return output + torch.matmul(xa, b_cat.t()).to(output.dtype)
+        x2 = x.reshape(-1, x.shape[-1]).to(a_t.dtype)
+        out2 = output.view(-1, output.shape[-1])
+        xa = torch.mm(x2, a_t)
+        if isinstance(mask, float):  # one adapter for the whole batch
+            out2.addmm_(xa, b_t.to(out2.dtype), alpha=mask)
+        else:  # rows on different adapters: keep each row's own block of columns, scaled
+            xa = xa.view(mask.shape[0], -1, xa.shape[-1]).mul_(mask).view(-1, xa.shape[-1])
+            out2.addmm_(xa, b_t.to(out2.dtype))
+        return output

@@ -23,12 +23,12 @@ def chat(model: str, **kw):
                                "temperature": 0, "max_tokens": 10, **kw})
 
 
-@pytest.mark.parametrize("mixed", ["stacked", "peft"])
-def test_adapters_and_mixed_batches_on_cuda(tiny_parts, adapters, mixed):
+@pytest.mark.parametrize("compute", ["fused", "peft"])
+def test_adapters_and_mixed_batches_on_cuda(tiny_parts, adapters, compute):
     model, tokenizer = tiny_parts
     cpu = TransformersEngine(copy.deepcopy(model), tokenizer, name=BASE)
     gpu = TransformersEngine(copy.deepcopy(model).to("cuda"), tokenizer, name=BASE,
-                             config=EngineConfig(mixed_batches=mixed))
+                             config=EngineConfig(lora_compute=compute))
     try:
         models = [BASE, "ad0", "ad1", "ad2"]
         for eng in (cpu, gpu):
