@@ -113,7 +113,7 @@ class TransformersEngine:
         self._eos = _eos_ids(model, tokenizer)
         # transformers 5.24 renamed `past_key_values` to `cache`; accept both.
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._eos[0]
+        self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._eos)
         self._tok_lock = threading.Lock()
         self._model_lock = threading.Lock()
         self._lora = _LoraLayers(model, self.config.lora_compute)
