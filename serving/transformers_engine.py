@@ -4,10 +4,12 @@ The base model is loaded once and never reloaded. Adapters are injected into it
 as named peft LoRA layers from in-memory tensors (no files written), switched
 per batch row and deleted on unload, so one batch can mix adapters.
 
-All model work runs on one worker thread, which batches queued requests
-("waves": requests that arrive while a wave runs join the next one) and
-decodes token by token with its own loop so that every row has its own
-adapter, sampling parameters, seed, stop strings and stream. Loading and
+All model work runs on one worker thread, which batches requests and decodes
+token by token with its own loop, so that every row has its own adapter,
+sampling parameters, seed, stop strings and stream. Requests that arrive while
+a batch runs are prefilled between two decode steps and join it (their KV
+cache is left-padded to the batch's length), up to ``max_batch_size`` rows;
+finished rows leave at once. Loading and
 unloading adapters changes the model's modules, so it takes the model lock
 that the worker holds for each forward step: a load waits at most one step
 and never runs in the middle of one.
@@ -122,8 +124,8 @@ class TransformersEngine:
             validate=self._validate, load=self._inject, unload=self._eject,
             max_resident=self.config.max_resident_adapters, source=adapter_source,
         )
-        #: Counters for tests and the benchmark: waves run, waves mixing adapters, most rows in one wave.
-        self.stats = {"waves": 0, "mixed_waves": 0, "max_rows": 0}
+        #: Counters for tests and the benchmark: prefills, decode steps mixing adapters, most rows in a prefill.
+        self.stats = {"batches": 0, "mixed_steps": 0, "max_rows": 0}
         self._pending: deque[_Job] = deque()
         self._cv = threading.Condition()
         self._closed = False
@@ -304,14 +306,32 @@ class TransformersEngine:
                 continue
             try:
                 with torch.inference_mode():
-                    self._run_wave(live)
+                    self._run_batch(live)
             except Exception as exc:  # keep serving: fail this wave's requests only
                 log.exception("generation failed")
                 for j in live:
                     if not j.done:
                         j.fail(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
 
-    def _run_wave(self, jobs: list[_Job]) -> None:
+    def _run_batch(self, jobs: list[_Job]) -> None:
+        """Decode ``jobs`` together; between steps, requests that arrived join the running batch."""
+        batch = self._prefill(jobs)
+        joinable = _joinable(batch.cache)
+        while batch.rows:
+            if joinable and len(batch.rows) < self.config.max_batch_size:
+                joiners = self._take_pending(self.config.max_batch_size - len(batch.rows))
+                if joiners:
+                    batch.merge(self._prefill(joiners))
+            if not batch.rows:
+                return
+            step = torch.tensor(batch.next_ids, dtype=torch.long, device=self.device).unsqueeze(-1)
+            batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=-1)
+            batch.positions = batch.positions[:, -1:] + 1
+            logits = self._forward(batch.rows, step, batch.mask, batch.positions, batch.cache)
+            self._sample_and_advance(batch, logits)
+
+    def _prefill(self, jobs: list[_Job]) -> _Batch:
+        """Run the prompts of ``jobs`` (left-padded) and choose each row's first token."""
         rows: list[_Row] = []
         for job in jobs:
             for p_idx, prompt in enumerate(job.prompts):
@@ -324,9 +344,7 @@ class TransformersEngine:
                                         else int.from_bytes(os.urandom(8), "little"))
                     rows.append(_Row(job, index, prompt, gen, TextTracker(self._decode, job.stop)))
             job.prompt_tokens = sum(len(p) for p in job.prompts)
-
-        self.stats["waves"] += 1
-        self.stats["mixed_waves"] += len({j.adapter for j in jobs}) > 1
+        self.stats["batches"] += 1
         self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
         width = max(len(r.prompt) for r in rows)
         ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
@@ -337,37 +355,47 @@ class TransformersEngine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = _new_cache(self.model)
-
         logits = self._forward(rows, ids, mask, positions, cache)
-        while True:
-            next_ids = self._choose(rows, logits)
-            keep: list[int] = []
-            for i, (r, tok) in enumerate(zip(rows, next_ids, strict=True)):
-                if r.job.cancelled:
-                    continue
-                self._advance(r, tok)
-                if r.finish is None:
-                    keep.append(i)
-            for job in jobs:
-                if not job.done and (job.cancelled or job.all_finished()):
+        batch = _Batch(jobs=list(jobs), rows=rows, cache=cache, mask=mask, positions=positions)
+        self._sample_and_advance(batch, logits)
+        return batch
+
+    def _sample_and_advance(self, batch: _Batch, logits: torch.Tensor) -> None:
+        """Choose each row's next token, emit text, finish jobs, drop finished rows."""
+        next_ids = self._choose(batch.rows, logits)
+        keep: list[int] = []
+        for i, (r, tok) in enumerate(zip(batch.rows, next_ids, strict=True)):
+            if r.job.cancelled:
+                continue
+            self._advance(r, tok)
+            if r.finish is None:
+                keep.append(i)
+        for job in batch.jobs:
+            if not job.done and (job.cancelled or job.all_finished()):
+                job.finish()
+        batch.jobs = [j for j in batch.jobs if not j.done]
+        batch.next_ids = next_ids
+        batch.keep(keep, self.device)
+
+    def _take_pending(self, room: int) -> list[_Job]:
+        taken: list[_Job] = []
+        with self._cv:
+            while self._pending and self._pending[0].rows <= room:
+                job = self._pending.popleft()
+                if job.cancelled:
                     job.finish()
-            if not keep:
-                return
-            if len(keep) < len(rows):
-                sel = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(sel)
-                mask, positions = mask[sel], positions[sel]
-                next_ids = [next_ids[i] for i in keep]
-                rows = [rows[i] for i in keep]
-            step = torch.tensor(next_ids, dtype=torch.long, device=self.device).unsqueeze(-1)
-            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
-            positions = positions[:, -1:] + 1
-            logits = self._forward(rows, step, mask, positions, cache)
+                    continue
+                taken.append(job)
+                room -= job.rows
+        return taken
 
     def _forward(self, rows: list[_Row], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache: Any) -> torch.Tensor:
+        plan = [r.job.adapter for r in rows]
+        if len(set(plan)) > 1:
+            self.stats["mixed_steps"] += 1
         with self._model_lock:
-            self._lora.plan([r.job.adapter for r in rows])
+            self._lora.plan(plan)
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              logits_to_keep=1, **{self._cache_kw: cache})
         return out.logits[:, -1, :].float()
@@ -476,6 +504,62 @@ class _Row:
     text: TextTracker
     generated: int = 0
     finish: str | None = None
+
+
+@dataclass(eq=False)
+class _Batch:
+    """Rows being decoded together, their KV cache, attention mask and positions."""
+
+    jobs: list[_Job]
+    rows: list[_Row]
+    cache: Any
+    mask: torch.Tensor
+    positions: torch.Tensor
+    next_ids: list[int] = field(default_factory=list)
+
+    def keep(self, keep: list[int], device: torch.device) -> None:
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        self.next_ids = [self.next_ids[i] for i in keep]
+        if keep:
+            sel = torch.tensor(keep, device=device)
+            self.cache.batch_select_indices(sel)
+            self.mask, self.positions = self.mask[sel], self.positions[sel]
+
+    def merge(self, other: _Batch) -> None:
+        """Append ``other``'s rows; the shorter cache is left-padded (masked out) to the longer."""
+        self.jobs += other.jobs
+        if not other.rows:
+            return
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.positions, self.next_ids = (
+                other.rows, other.cache, other.mask, other.positions, other.next_ids)
+            return
+        length = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, length, 2), _pad_left(theirs.keys, length, 2)])
+            mine.values = torch.cat([_pad_left(mine.values, length, 2), _pad_left(theirs.values, length, 2)])
+        self.mask = torch.cat([_pad_left(self.mask, length, 1), _pad_left(other.mask, length, 1)])
+        self.positions = torch.cat([self.positions[:, -1:], other.positions[:, -1:]])
+        self.rows += other.rows
+        self.next_ids += other.next_ids
+
+
+def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _joinable(cache: Any) -> bool:
+    # Joining concatenates per-layer key/value tensors; only plain (full-attention) dynamic layers allow it.
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" and hasattr(layer, "keys")
+                                for layer in layers)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:

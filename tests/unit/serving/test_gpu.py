@@ -56,7 +56,7 @@ def test_adapters_and_mixed_batches_on_cuda(tiny_parts, adapters, compute):
         for t in threads:
             t.join(timeout=60)
         assert not errors and all(text == reference[m] for m, text in results)
-        assert gpu.stats["mixed_waves"] > 0
+        assert gpu.stats["mixed_steps"] > 0
         gpu.unload_adapter("ad0")
         assert gpu.generate(chat(BASE)).choices[0].text == reference[BASE]
     finally:

@@ -204,7 +204,7 @@ def test_concurrent_requests_for_different_adapters_get_their_own_output(tiny_pa
     for t in threads:
         t.join(timeout=60)
     assert not errors and len(results) == 16
-    assert engine.stats["mixed_waves"] > 0  # some batches really did mix adapters
+    assert engine.stats["mixed_steps"] > 0  # some batches really did mix adapters
     engine.close()
     for model, text in results:
         assert text == reference[model], model
@@ -249,3 +249,21 @@ def test_fused_lora_matches_peft_forward(tiny_parts, adapters):
             outputs[compute].append([c.text for c in result.choices])
     assert outputs["fused"] == outputs["peft"]
     assert len(set(outputs["fused"][:3])) == 3
+
+
+@pytest.mark.parametrize("prompt", ["Hi", "A much longer prompt than the chat one, to pad the cache " * 3])
+def test_a_request_joins_a_running_batch(engine, adapters, prompt):
+    """Whichever KV cache is shorter, the running batch's or the newcomer's, is padded; outputs do not change."""
+    engine.load_adapter("ad0", adapters["ad0"])
+    ref_long = text_of(engine, max_tokens=60)
+    ref_short = engine.generate(parse_completion_request(
+        {"model": "ad0", "prompt": prompt, "max_tokens": 5, "temperature": 0})).choices[0].text
+    mixed_before = engine.stats["mixed_steps"]
+    long = engine.stream(chat(max_tokens=60))
+    first = next(long)
+    short = engine.generate(parse_completion_request(
+        {"model": "ad0", "prompt": prompt, "max_tokens": 5, "temperature": 0}))
+    rest = list(long)
+    assert short.choices[0].text == ref_short
+    assert first.text + "".join(d.text for d in rest) == ref_long
+    assert engine.stats["mixed_steps"] > mixed_before  # the two shared decode steps
