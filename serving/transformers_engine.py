@@ -792,12 +792,15 @@ class _LoraLayers:
             return None
         a_t, b_t, mask = entry
         x = args[0] if args else kwargs["x"]
-        x2 = x.reshape(-1, x.shape[-1]).to(a_t.dtype)
+        if x.dtype != a_t.dtype:
+            x = x.to(a_t.dtype)
         out2 = output.view(-1, output.shape[-1])
-        xa = torch.mm(x2, a_t)
+        xa = torch.mm(x.reshape(-1, x.shape[-1]), a_t)
         if isinstance(mask, float):  # one adapter for the whole batch
-            out2.addmm_(xa, b_t.to(out2.dtype), alpha=mask)
-        else:  # rows on different adapters: keep each row's own block of columns, scaled
+            return out2.addmm_(xa, b_t, alpha=mask).view_as(output)
+        # Rows on different adapters: keep each row's own block of columns, scaled.
+        if x.dim() == 3 and x.shape[1] != 1:  # prefill: several positions per row
             xa = xa.view(mask.shape[0], -1, xa.shape[-1]).mul_(mask).view(-1, xa.shape[-1])
-            out2.addmm_(xa, b_t.to(out2.dtype))
-        return output
+        else:
+            xa.mul_(mask.view(mask.shape[0], -1))
+        return out2.addmm_(xa, b_t).view_as(output)
