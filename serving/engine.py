@@ -380,8 +380,8 @@ class AdapterRegistry(Generic[H]):
 
     def _fetch(self, name: str) -> Mapping[str, bytes]:
         if self.source is None:
-            raise AdapterLoadError(f"adapter {name!r} is not resident and the engine has no adapter_source "
-                                   "to reload it from", param="model")
+            raise AdapterLoadError(f"no files for adapter {name!r}: it was given none (or was evicted) and the "
+                                   "engine has no adapter_source to fetch it from", param="model")
         try:
             return self.source(name)
         except AdapterLoadError:
@@ -404,6 +404,8 @@ class AdapterRegistry(Generic[H]):
         return handle, (time.perf_counter() - t0) * 1000
 
     def _make_room(self, exclude: str) -> None:
+        # ``exclude``: the name being (re)loaded. While it is replaced, its old version stays resident
+        # until its requests finish, so the bound may be exceeded by one for that time.
         deadline = time.monotonic() + self._wait_s
         while True:
             with self._cond:

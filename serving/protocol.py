@@ -19,7 +19,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgspec
@@ -47,6 +47,7 @@ __all__ = [
     "chat_completion",
     "completion",
     "completion_chunks",
+    "message_text",
     "new_id",
     "parse_chat_request",
     "parse_completion_request",
@@ -79,11 +80,7 @@ class ChatMessage(msgspec.Struct, kw_only=True):
 
     def text(self) -> str:
         """The content as one string (text parts joined by newlines, as vLLM does)."""
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "\n".join(p.text or "" for p in self.content)
+        return message_text(self.content)
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):
@@ -147,7 +144,8 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
             raise _invalid("messages", "`messages` must hold at least one message, got an empty list")
         for i, m in enumerate(self.messages):
             if m.role not in ROLES:
-                raise _invalid(f"messages[{i}].role", f"`messages[{i}].role` must be one of {', '.join(ROLES)}; got {m.role!r}")
+                raise _invalid(f"messages[{i}].role",
+                               f"`messages[{i}].role` must be one of {', '.join(ROLES)}; got {m.role!r}")
             if m.content is None:
                 raise _invalid(f"messages[{i}].content", f"`messages[{i}].content` is missing")
             if isinstance(m.content, list):
@@ -267,7 +265,9 @@ def parse_chat_request(body: bytes | str | Mapping[str, Any], max_context: int |
     return _parse(body, ChatCompletionRequest).validate(max_context)
 
 
-def parse_completion_request(body: bytes | str | Mapping[str, Any], max_context: int | None = None) -> CompletionRequest:
+def parse_completion_request(
+    body: bytes | str | Mapping[str, Any], max_context: int | None = None
+) -> CompletionRequest:
     """Parse and validate a text completion request body (JSON bytes/str or a decoded dict)."""
     return _parse(body, CompletionRequest).validate(max_context)
 
@@ -306,6 +306,16 @@ def _dig(body: Mapping[str, Any], path: str) -> Any:
     if isinstance(cur, str) and len(cur) > 40:
         return cur[:40] + "…"
     return cur
+
+
+def message_text(content: Any) -> str:
+    """A message's content as one string: a string as is, text parts joined by newlines."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "\n".join((p.get("text") or "") if isinstance(p, Mapping) else (getattr(p, "text", None) or "")
+                     for p in content)
 
 
 def _invalid(param: str, message: str) -> InvalidRequestError:
@@ -421,9 +431,8 @@ class GenerationResult:
     model: str
     choices: list[Choice]
     usage: Usage
-    #: Seconds from submission to the first generated token (0 if none).
+    #: Seconds from submission to the first generated token (0 if none or unknown).
     time_to_first_token_s: float = 0.0
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- responses

@@ -4,10 +4,12 @@ The base model is loaded once and never reloaded. Adapters are injected into it
 as named peft LoRA layers from in-memory tensors (no files written), switched
 per batch row and deleted on unload, so one batch can mix adapters.
 
-All model work runs on one worker thread, which batches queued requests
-("waves": requests that arrive while a wave runs join the next one) and
-decodes token by token with its own loop so that every row has its own
-adapter, sampling parameters, seed, stop strings and stream. Loading and
+All model work runs on one worker thread, which batches requests and decodes
+token by token with its own loop, so that every row has its own adapter,
+sampling parameters, seed, stop strings and stream. Requests that arrive while
+a batch runs are prefilled between two decode steps and join it (their KV
+cache is left-padded to the batch's length), up to ``max_batch_size`` rows;
+finished rows leave at once. Loading and
 unloading adapters changes the model's modules, so it takes the model lock
 that the worker holds for each forward step: a load waits at most one step
 and never runs in the middle of one.
@@ -16,15 +18,15 @@ and never runs in the middle of one.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import logging
 import os
 import queue
 import threading
-import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +45,7 @@ from serving.protocol import (
     GenerationRequest,
     GenerationResult,
     Usage,
+    message_text,
 )
 from serving.text import TextTracker
 
@@ -64,8 +67,11 @@ class EngineConfig:
         default_max_tokens: Completion length when a chat request gives no ``max_tokens``.
         max_context: Prompt plus completion limit; ``None`` uses the model's ``max_position_embeddings``.
         check_adapter_values: Refuse adapters with NaN/inf weights (one pass over the tensors).
-        mixed_batches: How a batch mixing adapters is computed: ``"stacked"`` (two matmuls per
-            layer whatever the mix) or ``"peft"`` (peft's mixed-batch forward, a loop per adapter).
+        lora_compute: Who computes the LoRA terms. ``"fused"``: per layer, one matrix product
+            with the batch's adapters' A matrices side by side, a per-row mask, and one
+            accumulating product with their B matrices (2-3 kernels whatever the mix of
+            adapters). ``"peft"``: peft's own forward (the active adapter for a batch on one
+            adapter, its mixed-batch loop over adapters otherwise).
     """
 
     max_resident_adapters: int = 8
@@ -74,7 +80,7 @@ class EngineConfig:
     default_max_tokens: int = 512
     max_context: int | None = None
     check_adapter_values: bool = True
-    mixed_batches: Literal["stacked", "peft"] = "stacked"
+    lora_compute: Literal["fused", "peft"] = "fused"
 
 
 class TransformersEngine:
@@ -107,17 +113,19 @@ class TransformersEngine:
         self.max_context = self.config.max_context or int(getattr(model.config, "max_position_embeddings", 2048))
         self.shape = BaseModelShape.from_model(model, name, base_model_aliases)
         self._eos = _eos_ids(model, tokenizer)
-        self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._eos[0]
+        # transformers 5.24 renamed `past_key_values` to `cache`; accept both.
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._eos)
         self._tok_lock = threading.Lock()
         self._model_lock = threading.Lock()
-        self._lora = _LoraLayers(model, self.config.mixed_batches)
+        self._lora = _LoraLayers(model, self.config.lora_compute)
         self._ids = itertools.count()
         self._registry: AdapterRegistry[str] = AdapterRegistry(
             validate=self._validate, load=self._inject, unload=self._eject,
             max_resident=self.config.max_resident_adapters, source=adapter_source,
         )
-        #: Counters for tests and the benchmark: waves run, waves mixing adapters, most rows in one wave.
-        self.stats = {"waves": 0, "mixed_waves": 0, "max_rows": 0}
+        #: Counters for tests and the benchmark: prefills, decode steps mixing adapters, most rows in a prefill.
+        self.stats = {"batches": 0, "mixed_steps": 0, "max_rows": 0}
         self._pending: deque[_Job] = deque()
         self._cv = threading.Condition()
         self._closed = False
@@ -195,7 +203,7 @@ class TransformersEngine:
                                       "use /v1/completions", param="messages")
         plain = [
             {"role": m.role, "content": m.text()} if isinstance(m, ChatMessage)
-            else {"role": m["role"], "content": _text_of(m.get("content"))}
+            else {"role": m["role"], "content": message_text(m.get("content"))}
             for m in messages
         ]
         with self._tok_lock:
@@ -298,17 +306,34 @@ class TransformersEngine:
                 continue
             try:
                 with torch.inference_mode():
-                    self._run_wave(live)
+                    self._run_batch(live)
             except Exception as exc:  # keep serving: fail this wave's requests only
                 log.exception("generation failed")
                 for j in live:
                     if not j.done:
                         j.fail(EngineError(f"generation failed: {type(exc).__name__}: {exc}"))
 
-    def _run_wave(self, jobs: list[_Job]) -> None:
+    def _run_batch(self, jobs: list[_Job]) -> None:
+        """Decode ``jobs`` together; between steps, requests that arrived join the running batch."""
+        batch = self._prefill(jobs)
+        joinable = _joinable(batch.cache)
+        while batch.rows:
+            if joinable and len(batch.rows) < self.config.max_batch_size:
+                joiners = self._take_pending(self.config.max_batch_size - len(batch.rows))
+                if joiners:
+                    batch.merge(self._prefill(joiners))
+            if not batch.rows:
+                return
+            step = torch.tensor(batch.next_ids, dtype=torch.long, device=self.device).unsqueeze(-1)
+            batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=-1)
+            batch.positions = batch.positions[:, -1:] + 1
+            logits = self._forward(batch.rows, step, batch.mask, batch.positions, batch.cache)
+            self._sample_and_advance(batch, logits)
+
+    def _prefill(self, jobs: list[_Job]) -> _Batch:
+        """Run the prompts of ``jobs`` (left-padded) and choose each row's first token."""
         rows: list[_Row] = []
         for job in jobs:
-            job.started = time.perf_counter()
             for p_idx, prompt in enumerate(job.prompts):
                 for k in range(job.n):
                     index = p_idx * job.n + k
@@ -319,9 +344,7 @@ class TransformersEngine:
                                         else int.from_bytes(os.urandom(8), "little"))
                     rows.append(_Row(job, index, prompt, gen, TextTracker(self._decode, job.stop)))
             job.prompt_tokens = sum(len(p) for p in job.prompts)
-
-        self.stats["waves"] += 1
-        self.stats["mixed_waves"] += len({j.adapter for j in jobs}) > 1
+        self.stats["batches"] += 1
         self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
         width = max(len(r.prompt) for r in rows)
         ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
@@ -332,39 +355,49 @@ class TransformersEngine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = _new_cache(self.model)
-
         logits = self._forward(rows, ids, mask, positions, cache)
-        while True:
-            next_ids = self._choose(rows, logits)
-            keep: list[int] = []
-            for i, (r, tok) in enumerate(zip(rows, next_ids, strict=True)):
-                if r.job.cancelled:
-                    continue
-                self._advance(r, tok)
-                if r.finish is None:
-                    keep.append(i)
-            for job in jobs:
-                if not job.done and (job.cancelled or job.all_finished()):
+        batch = _Batch(jobs=list(jobs), rows=rows, cache=cache, mask=mask, positions=positions)
+        self._sample_and_advance(batch, logits)
+        return batch
+
+    def _sample_and_advance(self, batch: _Batch, logits: torch.Tensor) -> None:
+        """Choose each row's next token, emit text, finish jobs, drop finished rows."""
+        next_ids = self._choose(batch.rows, logits)
+        keep: list[int] = []
+        for i, (r, tok) in enumerate(zip(batch.rows, next_ids, strict=True)):
+            if r.job.cancelled:
+                continue
+            self._advance(r, tok)
+            if r.finish is None:
+                keep.append(i)
+        for job in batch.jobs:
+            if not job.done and (job.cancelled or job.all_finished()):
+                job.finish()
+        batch.jobs = [j for j in batch.jobs if not j.done]
+        batch.next_ids = next_ids
+        batch.keep(keep, self.device)
+
+    def _take_pending(self, room: int) -> list[_Job]:
+        taken: list[_Job] = []
+        with self._cv:
+            while self._pending and self._pending[0].rows <= room:
+                job = self._pending.popleft()
+                if job.cancelled:
                     job.finish()
-            if not keep:
-                return
-            if len(keep) < len(rows):
-                sel = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(sel)
-                mask, positions = mask[sel], positions[sel]
-                next_ids = [next_ids[i] for i in keep]
-                rows = [rows[i] for i in keep]
-            step = torch.tensor(next_ids, dtype=torch.long, device=self.device).unsqueeze(-1)
-            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
-            positions = positions[:, -1:] + 1
-            logits = self._forward(rows, step, mask, positions, cache)
+                    continue
+                taken.append(job)
+                room -= job.rows
+        return taken
 
     def _forward(self, rows: list[_Row], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache: Any) -> torch.Tensor:
+        plan = [r.job.adapter for r in rows]
+        if len(set(plan)) > 1:
+            self.stats["mixed_steps"] += 1
         with self._model_lock:
-            self._lora.plan([r.job.adapter for r in rows])
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                             cache=cache, use_cache=True, logits_to_keep=1)
+            self._lora.plan(plan)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1, **{self._cache_kw: cache})
         return out.logits[:, -1, :].float()
 
     def _choose(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
@@ -384,8 +417,6 @@ class TransformersEngine:
 
     def _advance(self, r: _Row, tok: int) -> None:
         job = r.job
-        if job.first_token_at is None:
-            job.first_token_at = time.perf_counter()
         r.generated += 1
         job.completion_tokens += 1
         if tok in self._eos and not job.ignore_eos:
@@ -432,8 +463,6 @@ class _Job:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finished_rows: int = 0
-    started: float = 0.0
-    first_token_at: float | None = None
 
     @property
     def rows(self) -> int:
@@ -477,6 +506,62 @@ class _Row:
     finish: str | None = None
 
 
+@dataclass(eq=False)
+class _Batch:
+    """Rows being decoded together, their KV cache, attention mask and positions."""
+
+    jobs: list[_Job]
+    rows: list[_Row]
+    cache: Any
+    mask: torch.Tensor
+    positions: torch.Tensor
+    next_ids: list[int] = field(default_factory=list)
+
+    def keep(self, keep: list[int], device: torch.device) -> None:
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        self.next_ids = [self.next_ids[i] for i in keep]
+        if keep:
+            sel = torch.tensor(keep, device=device)
+            self.cache.batch_select_indices(sel)
+            self.mask, self.positions = self.mask[sel], self.positions[sel]
+
+    def merge(self, other: _Batch) -> None:
+        """Append ``other``'s rows; the shorter cache is left-padded (masked out) to the longer."""
+        self.jobs += other.jobs
+        if not other.rows:
+            return
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.positions, self.next_ids = (
+                other.rows, other.cache, other.mask, other.positions, other.next_ids)
+            return
+        length = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, length, 2), _pad_left(theirs.keys, length, 2)])
+            mine.values = torch.cat([_pad_left(mine.values, length, 2), _pad_left(theirs.values, length, 2)])
+        self.mask = torch.cat([_pad_left(self.mask, length, 1), _pad_left(other.mask, length, 1)])
+        self.positions = torch.cat([self.positions[:, -1:], other.positions[:, -1:]])
+        self.rows += other.rows
+        self.next_ids += other.next_ids
+
+
+def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _joinable(cache: Any) -> bool:
+    # Joining concatenates per-layer key/value tensors; only plain (full-attention) dynamic layers allow it.
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" and hasattr(layer, "keys")
+                                for layer in layers)
+
+
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     ids: set[int] = set()
     gen = getattr(model, "generation_config", None)
@@ -490,14 +575,6 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _text_of(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    return "\n".join(p.get("text", "") if isinstance(p, Mapping) else str(p) for p in content)
-
-
 def _new_cache(model: Any) -> Any:
     from transformers import DynamicCache
 
@@ -507,29 +584,31 @@ def _new_cache(model: Any) -> Any:
 class _LoraLayers:
     """peft LoRA layers injected into the base model in place, and which adapter each row uses.
 
-    :meth:`plan` sets, before each forward, which adapter each batch row uses:
+    peft parses the config, wraps the targeted layers and holds each adapter's A and B
+    matrices; :meth:`plan` sets, before each forward, which adapter each batch row uses.
+    With ``compute="fused"`` the peft layers are left with no active adapter (they run
+    the base layer) and one permanent forward hook per layer adds the LoRA term:
+    ``out += ((x @ A_cat.T) * mask) @ B_cat.T``, where ``A_cat``/``B_cat`` hold the
+    batch's adapters side by side and ``mask`` selects and scales each row's own block
+    (for a batch on one adapter, ``out += (x @ A.T) @ B.T * scale``). The number of
+    kernels per layer does not grow with the number of adapters in the batch.
 
-    - one adapter (or the base) for the whole batch: that adapter becomes the layers'
-      active one (peft's ordinary forward; switching walks the layers only on change);
-    - a mix (``mixed="stacked"``, the default): the layers run the base only, and one
-      permanent forward hook per layer adds every row's LoRA term with two matmuls over
-      the concatenated A and B of the batch's adapters and a per-row mask that selects
-      (and scales) the row's own block; the cost does not grow with the number of adapters;
-    - a mix with ``mixed="peft"``: peft's mixed-batch forward (``adapter_names``), which
-      loops over the adapters in every layer; passed through one permanent pre-forward
-      hook per layer, since peft's own ``adapter_names=`` path walks the whole model and
-      registers and removes hooks on every call.
+    With ``compute="peft"``, peft's forward does the work: the batch's adapter becomes
+    the layers' active one, and a mixed batch goes through peft's mixed-batch forward
+    (``adapter_names``), passed by one permanent pre-forward hook per layer (peft's own
+    ``adapter_names=`` path walks the model and adds and removes hooks on every call).
     """
 
-    def __init__(self, model: torch.nn.Module, mixed: Literal["stacked", "peft"] = "stacked") -> None:
+    def __init__(self, model: torch.nn.Module, compute: Literal["fused", "peft"] = "fused") -> None:
         self.model = model
-        self.mixed = mixed
+        self.compute = compute
         self._layers: list[Any] = []
         self._by_path: dict[str, Any] = {}
         self._hooked: set[int] = set()
-        self._names: list[str] | None = None  # mixed="peft": adapter per row
-        self._stacked: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
-        self._stacked_key: tuple[str, ...] | None = None
+        self._names: list[str] | None = None  # compute="peft", mixed batch: adapter per row
+        # compute="fused": per layer (id) -> (A_cat.T, B_cat.T, row mask [B, 1, R] or scale)
+        self._fused: dict[int, tuple[torch.Tensor, torch.Tensor, Any]] | None = None
+        self._fused_key: tuple[str, ...] | None = None
         self._stack_cache: dict[tuple[str, ...], dict[int, tuple[torch.Tensor, ...]]] = {}
         self._active: str | None = None  # adapter the layers have active; None: none (base)
 
@@ -598,29 +677,35 @@ class _LoraLayers:
     def plan(self, adapters: list[str]) -> None:
         """Set which adapter each row of the next forward uses (``__base__`` for none)."""
         first = adapters[0]
-        if all(a == first for a in adapters):
-            self._names, self._stacked, self._stacked_key = None, None, None
-            self._activate(None if first == _BASE else first)
+        uniform = all(a == first for a in adapters)
+        if self.compute == "peft":
+            self._names = None if uniform else adapters
+            self._activate(None if not uniform or first == _BASE else first)
             return
-        self._activate(None)
-        if self.mixed == "peft":
-            self._names = adapters
+        if uniform and first == _BASE:
+            self._fused, self._fused_key = None, None
             return
-        key = tuple(adapters)
-        if key != self._stacked_key:
-            ids = tuple(sorted(set(adapters) - {_BASE}))
-            stacks = self._stacks(ids)
+        key = (first,) if uniform else tuple(adapters)
+        if key == self._fused_key:
+            return
+        ids = tuple(sorted(set(adapters) - {_BASE}))
+        stacks = self._stacks(ids)
+        if uniform:
+            self._fused = {lid: (a_t, b_t, float(scale[0])) for lid, (a_t, b_t, _, scale) in stacks.items()}
+        else:
             slot = {aid: i for i, aid in enumerate(ids)}
-            device = next(iter(stacks.values()))[0].device if stacks else torch.device("cpu")
-            rows = torch.tensor([slot.get(a, -1) for a in adapters], device=device)
-            self._stacked = {
-                lid: (a_cat, b_cat, ((rows[:, None] == cols[None, :]) * scale).to(a_cat.dtype)[:, None, :])
-                for lid, (a_cat, b_cat, cols, scale) in stacks.items()
-            }
-            self._stacked_key = key
+            fused = {}
+            rows: torch.Tensor | None = None
+            for lid, (a_t, b_t, cols, scale) in stacks.items():
+                if rows is None:
+                    rows = torch.tensor([slot.get(a, -1) for a in adapters], device=a_t.device)
+                mask = ((rows[:, None] == cols[None, :]) * scale).to(a_t.dtype)[:, None, :]
+                fused[lid] = (a_t, b_t, mask)
+            self._fused = fused
+        self._fused_key = key
 
     def _stacks(self, ids: tuple[str, ...]) -> dict[int, tuple[torch.Tensor, ...]]:
-        """Per layer: A of the adapters concatenated [R, in], B [out, R], adapter slot and scaling per column."""
+        """Per layer: A.T of the adapters side by side [in, R], B.T [R, out], slot and scale per column."""
         cached = self._stack_cache.get(ids)
         if cached is not None:
             return cached
@@ -629,13 +714,17 @@ class _LoraLayers:
             present = [(i, aid) for i, aid in enumerate(ids) if aid in layer.lora_A]
             if not present:
                 continue
-            a_cat = torch.cat([layer.lora_A[aid].weight for _, aid in present], dim=0)
-            b_cat = torch.cat([layer.lora_B[aid].weight for _, aid in present], dim=1)
-            cols = torch.cat([torch.full((layer.r[aid],), i, device=a_cat.device) for i, aid in present])
-            scale = torch.cat([torch.full((layer.r[aid],), float(layer.scaling[aid]), device=a_cat.device)
+            if len(present) == 1:  # views, no copy
+                a_t = layer.lora_A[present[0][1]].weight.t()
+                b_t = layer.lora_B[present[0][1]].weight.t()
+            else:
+                a_t = torch.cat([layer.lora_A[aid].weight for _, aid in present], dim=0).t()
+                b_t = torch.cat([layer.lora_B[aid].weight for _, aid in present], dim=1).t()
+            cols = torch.cat([torch.full((layer.r[aid],), i, device=a_t.device) for i, aid in present])
+            scale = torch.cat([torch.full((layer.r[aid],), float(layer.scaling[aid]), device=a_t.device)
                                for _, aid in present])
-            out[id(layer)] = (a_cat, b_cat, cols, scale)
-        if len(self._stack_cache) >= 4:  # bounded: each entry copies its adapters' weights once
+            out[id(layer)] = (a_t, b_t, cols, scale)
+        if len(self._stack_cache) >= 8:  # bounded: an entry for several adapters copies their weights once
             self._stack_cache.clear()
         self._stack_cache[ids] = out
         return out
@@ -649,7 +738,7 @@ class _LoraLayers:
 
     def _delete(self, adapter_id: str) -> None:
         self._stack_cache = {k: v for k, v in self._stack_cache.items() if adapter_id not in k}
-        self._stacked, self._stacked_key = None, None
+        self._fused, self._fused_key = None, None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "... was active which is now deleted": we reset below
             for layer in self._layers_now():
@@ -685,7 +774,7 @@ class _LoraLayers:
                 layer.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
                 layer.register_forward_hook(self._post_forward, with_kwargs=True)
                 self._hooked.add(id(layer))
-        self._stack_cache, self._stacked, self._stacked_key = {}, None, None
+        self._stack_cache, self._fused, self._fused_key = {}, None, None
         self._active = "?"
         self._activate(None)
 
@@ -695,13 +784,23 @@ class _LoraLayers:
         return args, kwargs
 
     def _post_forward(self, module: Any, args: Any, kwargs: dict[str, Any], output: torch.Tensor) -> Any:
-        stacked = self._stacked
-        if stacked is None:
+        fused = self._fused
+        if fused is None:
             return None
-        entry = stacked.get(id(module))
+        entry = fused.get(id(module))
         if entry is None:
             return None
-        a_cat, b_cat, mask = entry
+        a_t, b_t, mask = entry
         x = args[0] if args else kwargs["x"]
-        xa = torch.matmul(x.to(a_cat.dtype), a_cat.t()).mul_(mask)
-        return output + torch.matmul(xa, b_cat.t()).to(output.dtype)
+        if x.dtype != a_t.dtype:
+            x = x.to(a_t.dtype)
+        out2 = output.view(-1, output.shape[-1])
+        xa = torch.mm(x.reshape(-1, x.shape[-1]), a_t)
+        if isinstance(mask, float):  # one adapter for the whole batch
+            return out2.addmm_(xa, b_t, alpha=mask).view_as(output)
+        # Rows on different adapters: keep each row's own block of columns, scaled.
+        if x.dim() == 3 and x.shape[1] != 1:  # prefill: several positions per row
+            xa = xa.view(mask.shape[0], -1, xa.shape[-1]).mul_(mask).view(-1, xa.shape[-1])
+        else:
+            xa.mul_(mask.view(mask.shape[0], -1))
+        return out2.addmm_(xa, b_t).view_as(output)

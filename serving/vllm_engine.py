@@ -36,7 +36,16 @@ from appliance.errors import InvalidRequestError
 from serving.adapters import AdapterFiles, BaseModelShape, ValidatedAdapter, check_adapter_name, validate_adapter
 from serving.engine import AdapterInfo, AdapterRegistry, AdapterSource, GenerationStream, Pin
 from serving.errors import AdapterLoadError, AdapterNotFoundError, EngineError
-from serving.protocol import ChatCompletionRequest, ChatMessage, Choice, Delta, GenerationRequest, GenerationResult, Usage
+from serving.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    Choice,
+    Delta,
+    GenerationRequest,
+    GenerationResult,
+    Usage,
+    message_text,
+)
 
 log = logging.getLogger("serving.vllm")
 
@@ -142,7 +151,7 @@ class VllmEngine:
 
     def load_adapter(self, name: str, files: AdapterFiles | Path | None = None, *,
                      replace: bool = False) -> AdapterInfo:
-        check_adapter_name(name, self._base_name)
+        check_adapter_name(name, self.base_model_name)
         return self._registry.load(name, files, replace=replace)
 
     def unload_adapter(self, name: str) -> None:
@@ -207,7 +216,7 @@ class VllmEngine:
 
                 self._tokenizer = AutoTokenizer.from_pretrained(self._base_dir)
             plain = [{"role": m.role, "content": m.text()} if isinstance(m, ChatMessage)
-                     else {"role": m["role"], "content": m["content"]} for m in messages]
+                     else {"role": m["role"], "content": message_text(m.get("content"))} for m in messages]
             return self._tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
 
     # ------------------------------------------------------------------ generation
@@ -388,7 +397,8 @@ def _parse_sse(resp: httpx.Response, *, chat: bool) -> Iterator[Delta | Usage]:
         chunk = json.loads(payload)
         if "error" in chunk:
             err = chunk["error"]
-            raise EngineError(f"the vLLM server failed mid-stream: {err.get('message') if isinstance(err, dict) else err}")
+            message = err.get("message") if isinstance(err, dict) else err
+            raise EngineError(f"the vLLM server failed mid-stream: {message}")
         for c in chunk.get("choices") or []:
             text = ((c.get("delta") or {}).get("content") if chat else c.get("text")) or ""
             if text or c.get("finish_reason"):

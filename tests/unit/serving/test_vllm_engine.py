@@ -177,3 +177,12 @@ def test_unreachable_server(tmp_path):
             eng.generate(chat("b"))
         with pytest.raises(EngineError, match="unreachable"):
             list(eng.stream(chat("b", stream=True)))
+
+
+def test_closing_a_stream_early_releases_the_adapter(client, adapters):
+    client.load_adapter("ad3", adapters["ad3"])
+    stream = client.stream(chat("ad3", max_tokens=200, stream=True))
+    assert next(stream).index == 0
+    stream.close()
+    client.unload_adapter("ad3")  # would wait for the pin if the stream still held it
+    assert not client.has_adapter("ad3")
