@@ -77,8 +77,7 @@ class OutputGuard:
             text, refused = self.check(c.text)
             choices.append(Choice(index=c.index, text=text, finish_reason="content_filter" if refused
                                   else c.finish_reason))
-        return GenerationResult(model=result.model, choices=choices, usage=result.usage,
-                                time_to_first_token_s=result.time_to_first_token_s, timings=result.timings)
+        return replace(result, choices=choices)
 
     def guard_stream(self, stream: Any) -> GuardedStream:
         return GuardedStream(self, stream)
