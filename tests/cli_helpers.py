@@ -11,8 +11,14 @@ APPLIANCE = Path(sys.executable).with_name("appliance")
 
 
 def cli_env(home: Path, **extra: str) -> dict[str, str]:
+    from tests.conftest import database_url_for
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
-    env.update({"APPLIANCE_HOME": str(home), **extra})
+    env.update({"APPLIANCE_HOME": str(home)})
+    url = database_url_for(home)
+    if url:
+        env["APPLIANCE_DATABASE_URL"] = url
+    env.update(extra)
     return env
 
 

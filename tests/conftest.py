@@ -25,7 +25,47 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+#: Set (e.g. ``postgresql+psycopg://postgres@127.0.0.1:54329/postgres``) to run the suite on PostgreSQL:
+#: every appliance home then gets its own fresh database on that server.
+TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
+_created_databases: set[str] = set()
+
+
+def database_url_for(home: Path) -> str | None:
+    """The database a test home uses: its own PostgreSQL database in PostgreSQL mode, else None (SQLite)."""
+    if not TEST_DATABASE_URL:
+        return None
+    import hashlib
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = "t_" + hashlib.sha1(str(Path(home).resolve()).encode()).hexdigest()[:20]
+    if name not in _created_databases:
+        admin = create_engine(TEST_DATABASE_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        admin.dispose()
+        _created_databases.add(name)
+    return make_url(TEST_DATABASE_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:  # noqa: ARG001 - pytest hook
+    if TEST_DATABASE_URL and _created_databases:
+        from sqlalchemy import create_engine, text
+
+        admin = create_engine(TEST_DATABASE_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            for name in _created_databases:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 def make_settings(home: Path, **env: str) -> Settings:
+    url = database_url_for(home)
+    if url and "APPLIANCE_DATABASE_URL" not in env:
+        env["APPLIANCE_DATABASE_URL"] = url
     return load_settings({"APPLIANCE_HOME": str(home), **env})
 
 

@@ -3,31 +3,28 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from datetime import UTC, datetime
 
 from appliance.audit.chain import event_hash
 from tests.cli_helpers import run_cli
+from tests.db_helpers import execute, rows
 
 
-def _rewrite_whole_chain(db_path, seq_to_edit: int) -> None:
+def _rewrite_whole_chain(home, seq_to_edit: int) -> None:
     """What someone with root could do: edit an event and recompute every hash after it, and the head."""
-    con = sqlite3.connect(db_path)
-    con.row_factory = sqlite3.Row
-    rows = [dict(r) for r in con.execute("SELECT * FROM audit_events ORDER BY seq")]
     prev = "0" * 64
-    for row in rows:
+    statements = []
+    for row in rows(home, "SELECT * FROM audit_events ORDER BY seq"):
         if row["seq"] == seq_to_edit:
             row["actor"] = "someone-else"
-        row["prev_hash"] = prev
-        fields = dict(row, ts=datetime.fromisoformat(row["ts"]).replace(tzinfo=UTC), details=json.loads(row["details"]))
-        row["hash"] = event_hash(fields)
-        prev = row["hash"]
-        con.execute("UPDATE audit_events SET actor = ?, prev_hash = ?, hash = ? WHERE seq = ?",
-                    (row["actor"], row["prev_hash"], row["hash"], row["seq"]))
-    con.execute("UPDATE audit_head SET hash = ? WHERE id = 1", (prev,))
-    con.commit()
-    con.close()
+        ts = row["ts"] if isinstance(row["ts"], datetime) else datetime.fromisoformat(row["ts"])
+        details = row["details"] if isinstance(row["details"], dict) else json.loads(row["details"])
+        fields = dict(row, prev_hash=prev, ts=ts.replace(tzinfo=UTC), details=details)
+        prev = event_hash(fields)
+        statements.append(("UPDATE audit_events SET actor = :actor, prev_hash = :prev, hash = :hash WHERE seq = :seq",
+                           {"actor": row["actor"], "prev": fields["prev_hash"], "hash": prev, "seq": row["seq"]}))
+    statements.append(("UPDATE audit_head SET hash = :hash WHERE id = 1", {"hash": prev}))
+    execute(home, *statements)
 
 
 def test_checkpoint_verifies_then_catches_a_consistent_rewrite(tmp_path):
@@ -43,7 +40,7 @@ def test_checkpoint_verifies_then_catches_a_consistent_rewrite(tmp_path):
     ok = run_cli(home, "audit", "verify", "--checkpoint", str(cp))
     assert "checkpoint OK" in ok.stdout and "consistency proof verified" in ok.stdout
 
-    _rewrite_whole_chain(home / "appliance.db", seq_to_edit=2)
+    _rewrite_whole_chain(home, seq_to_edit=2)
     bad = run_cli(home, "audit", "verify", "--checkpoint", str(cp), check=False)
     assert "audit chain OK" in bad.stdout  # the chain alone cannot tell...
     assert bad.returncode == 1 and "rewritten" in bad.stderr  # ...the checkpoint can

@@ -148,7 +148,7 @@ def test_schema_needs_a_token_and_lists_the_routes(client, admin_token):
 
 
 def test_every_route_declares_a_permission_or_is_public(client):
-    from appliance.identity.auth import PERMISSION_OPT, PUBLIC_OPT
+    from appliance.identity.auth import PERMISSION_OPT, PORTAL_OPT, PUBLIC_OPT
     from appliance.identity.roles import Permission
 
     for route in client.app.routes:
@@ -156,9 +156,11 @@ def test_every_route_declares_a_permission_or_is_public(client):
             if route.path.startswith("/schema") or handler.http_methods == {"OPTIONS"}:
                 continue
             opt = handler.opt
-            assert opt.get(PUBLIC_OPT) or Permission(opt[PERMISSION_OPT]), route.path
-    public = [r.path for r in client.app.routes for h in getattr(r, "route_handlers", []) if h.opt.get(PUBLIC_OPT)]
-    assert public == ["/health"]
+            # Portal pages without a permission (start page, log-out, role switch) still need a session.
+            assert opt.get(PUBLIC_OPT) or opt.get(PORTAL_OPT) or Permission(opt[PERMISSION_OPT]), route.path
+    public = sorted({r.path for r in client.app.routes for h in getattr(r, "route_handlers", [])
+                     if h.opt.get(PUBLIC_OPT)})
+    assert public == ["/health", "/login", "/static/{file_path:path}"]
     # Even OPTIONS needs a token everywhere else.
     assert client.options("/api/v1/projects").status_code == 401
 

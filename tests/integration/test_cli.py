@@ -6,6 +6,7 @@ import re
 import stat
 
 from tests.cli_helpers import run_cli
+from tests.db_helpers import is_postgres
 
 
 def _mode(path) -> int:
@@ -17,7 +18,8 @@ def test_init_creates_private_home_key_and_admin_token_and_is_idempotent(tmp_pat
     first = run_cli(home, "init")
     assert "Initialised" in first.stdout and "admin.token" in first.stdout
     key, token, db = home / "keys" / "master.key", home / "admin.token", home / "appliance.db"
-    assert _mode(key) == 0o600 and _mode(token) == 0o600 and _mode(db) == 0o600 and _mode(home) == 0o700
+    assert _mode(key) == 0o600 and _mode(token) == 0o600 and _mode(home) == 0o700
+    assert is_postgres(home) or _mode(db) == 0o600
     value = token.read_text().strip()
     assert re.fullmatch(r"apl_[0-9a-f]{12}_[A-Za-z0-9_-]{43}", value)
     assert value not in first.stdout + first.stderr

@@ -135,7 +135,7 @@ def test_upload_scan_train_and_audit_in_the_browser(portal_server, browser, tmp_
     page.get_by_role("button", name="Send").click()
     page.wait_for_selector("#chat-log .msg[data-done='1']", timeout=60_000)
     answer = page.locator("#chat-log .msg").nth(1).inner_text()
-    assert answer.startswith("assistant:") and len(answer) > len("assistant:")
+    assert answer.startswith("assistant:") and "error" not in answer.lower()
     shot(page, "06-playground")
     context.close()
 

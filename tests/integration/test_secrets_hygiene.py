@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
-import sqlite3
 
 import httpx
 
 from tests.cli_helpers import Server, run_cli
 from tests.conftest import free_port
+from tests.db_helpers import dump_all_tables, rows
 
 
 def _key_material(home) -> list[bytes]:
@@ -66,13 +66,13 @@ def test_no_token_or_key_material_leaks_anywhere(tmp_path):
     haystacks: dict[str, bytes] = {"server output": server.output().encode(), "error bodies": "\n".join(bodies).encode()}
     for path in (home / "logs").iterdir():
         haystacks[f"log {path.name}"] = path.read_bytes()
-    con = sqlite3.connect(home / "appliance.db")
-    rows = con.execute("SELECT * FROM audit_events").fetchall()
-    con.close()
-    assert len(rows) >= 15
-    haystacks["audit table"] = repr(rows).encode()
-    for path in home.glob("appliance.db*"):  # database, WAL and shared-memory files
-        haystacks[path.name] = path.read_bytes()
+    audit_rows = rows(home, "SELECT * FROM audit_events")
+    assert len(audit_rows) >= 15
+    haystacks["audit table"] = repr(audit_rows).encode()
+    haystacks["every table"] = dump_all_tables(home).encode()
+    for path in home.rglob("*"):  # the whole home: database, WAL, blobs, keys' neighbours, logs
+        if path.is_file() and path.name not in ("admin.token", "master.key", "signing.key"):
+            haystacks[str(path.relative_to(home))] = path.read_bytes()
     assert b'"path": "/api/v1/me"' in haystacks["log appliance.log"]  # the log did record the requests
     for where, data in haystacks.items():
         for needle in needles:

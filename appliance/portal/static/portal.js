@@ -110,7 +110,7 @@ document.addEventListener("DOMContentLoaded", () => {
         }
       }
       history.push({ role: "assistant", content: out.textContent });
-      chat.dispatchEvent(new Event("chat-done"));
+      if (!out.textContent) { out.textContent = "(the model returned no text)"; out.classList.add("muted"); }
       out.parentElement.dataset.done = "1";
     });
   }

@@ -24,7 +24,9 @@ CTX = AuditContext(actor="test", auth_method="test")
 @pytest.fixture
 def env(tmp_path):
     create_keyring(tmp_path / "keys" / "master.key")
-    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    from tests.conftest import database_url_for
+
+    db = Database(database_url_for(tmp_path / "db") or f"sqlite:///{tmp_path / 'db.sqlite'}")
     upgrade_to_head(db)
     keys = FileKeyProvider(tmp_path / "keys" / "master.key")
     yield db, BlobStore(tmp_path / "blobs", keys), keys, tmp_path
