@@ -24,7 +24,7 @@ import torch
 
 from appliance.training.data import IGNORE_INDEX, Example
 
-LOSS_CHUNK_TOKENS = 1024
+LOSS_CHUNK_TOKENS = 512
 
 
 @dataclass

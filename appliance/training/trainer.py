@@ -8,6 +8,10 @@ returns the adapter as bytes.
 
 Offline by construction: every load passes ``local_files_only=True`` and the
 base model is a local directory.
+
+Process-wide effects, meant for a worker process that runs one job: glibc's
+malloc cache is bounded (:mod:`appliance.training.memory`); the global RNG is
+seeded inside ``torch.random.fork_rng`` and so left as the caller had it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from appliance.modelstore.architectures import SUPPORTED_ARCHITECTURES
 from appliance.training import checkpoint as ckpt
 from appliance.training.data import Example, fingerprint, split_validation, tokenize_records
 from appliance.training.hyperparameters import TrainingSpec, resolve
+from appliance.training.memory import bound_malloc_cache
 from appliance.training.packing import pack, packed_loss_sum
 from appliance.training.protocol import Setup
 from appliance.training.registry import get_recipe
@@ -150,11 +155,12 @@ def train(
     if dropped:
         event("warning", 0, message=f"{dropped} record(s) dropped: no target tokens within max_seq_length")
 
+    bound_malloc_cache()
     # Seeded inside a fork so the caller's global RNG state is left untouched.
     with torch.random.fork_rng(devices=[torch_device] if torch_device.type == "cuda" else []):
         torch.manual_seed(hp.seed)
         setup = recipe.setup(model_dir, hp, torch_device)
-        causal_lm = setup.model.get_base_model()
+        setup.model.train()  # from_pretrained leaves the base model in eval mode (no dropout, no checkpointing)
         trainable = [p for p in setup.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
         scheduler = get_linear_schedule_with_warmup(
