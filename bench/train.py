@@ -194,7 +194,7 @@ def eval_loss(causal_lm, examples: list, pad_id: int) -> float:
     total = count = 0
     with torch.no_grad():
         for i in range(0, len(examples), 16):
-            batch = pack(examples[i : i + 16], pad_id)
+            batch = pack(examples[i : i + 16])
             total += packed_loss_sum(causal_lm, batch).item()
             count += batch.n_targets
     return total / count

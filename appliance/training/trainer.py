@@ -40,7 +40,7 @@ from appliance.training.registry import get_recipe
 from appliance.training.results import TrainingEvent, TrainMetrics, TrainResult
 
 MAX_GRAD_NORM = 1.0
-EVAL_TOKEN_BUDGET = 16384
+EVAL_TOKEN_BUDGET = 8192
 
 
 class TrainingDivergedError(ApplianceError):
@@ -116,7 +116,6 @@ def train(
             param="model",
         )
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     train_set = tokenize_records(train_records, tokenizer, param="train_records")
     if val_records is None:
@@ -172,7 +171,7 @@ def train(
             if resume is not None:
                 _restore(setup, optimizer, scheduler, resume, state)
             elif val_set:
-                state.valid_before = _evaluate(setup, val_set, pad_id, stop)
+                state.valid_before = _evaluate(setup, val_set, stop)
                 event("validation", 0, valid_loss=state.valid_before, trained_tokens=0, message="validation loss before training")
 
             started = time.perf_counter()
@@ -183,7 +182,7 @@ def train(
                 batch = [train_set[i] for i in order[index * hp.batch_size : (index + 1) * hp.batch_size]]
                 if stop():
                     raise _Cancelled
-                loss, tokens = _train_step(setup, optimizer, scheduler, trainable, batch, hp, pad_id)
+                loss, tokens = _train_step(setup, optimizer, scheduler, trainable, batch, hp)
                 if not math.isfinite(loss):
                     raise TrainingDivergedError(
                         f"the training loss became {loss} at step {state.step + 1}; "
@@ -224,7 +223,7 @@ def train(
 
             valid_after = None
             if val_set:
-                valid_after = _evaluate(setup, val_set, pad_id, stop)
+                valid_after = _evaluate(setup, val_set, stop)
                 event(
                     "validation",
                     state.step,
@@ -300,7 +299,6 @@ def _train_step(
     trainable: list[torch.nn.Parameter],
     examples: list[Example],
     hp: Any,
-    pad_id: int,
 ) -> tuple[float, int]:
     """One optimizer step over ``examples``, split into ``gradient_accumulation_steps`` packed micro-batches.
 
@@ -313,7 +311,7 @@ def _train_step(
     size = math.ceil(len(examples) / k)
     loss_total = 0.0
     for start in range(0, len(examples), size):
-        batch = pack(examples[start : start + size], pad_id).to(setup.device)
+        batch = pack(examples[start : start + size]).to(setup.device)
         with _autocast(setup):
             loss = packed_loss_sum(causal_lm, batch) / n_targets
         loss.backward()
@@ -325,23 +323,22 @@ def _train_step(
     return loss_total, sum(len(e) for e in examples)
 
 
-def _evaluate(setup: Setup, examples: list[Example], pad_id: int, stop: Callable[[], bool]) -> float:
-    """Mean loss per target token over ``examples`` (packed, in batches of about EVAL_TOKEN_BUDGET tokens)."""
+def _evaluate(setup: Setup, examples: list[Example], stop: Callable[[], bool]) -> float:
+    """Mean loss per target token over ``examples``, packed into rows of about EVAL_TOKEN_BUDGET tokens."""
     causal_lm = setup.model.get_base_model()
-    by_length = sorted(examples, key=len, reverse=True)
     total, count = 0.0, 0
     setup.model.eval()
     try:
         with torch.no_grad():
             start = 0
-            while start < len(by_length):
+            while start < len(examples):
                 if stop():
                     raise _Cancelled
-                width = len(by_length[start])
-                end = start + 1
-                while end < len(by_length) and (end - start + 1) * width <= EVAL_TOKEN_BUDGET:
+                end, tokens = start + 1, len(examples[start])
+                while end < len(examples) and tokens + len(examples[end]) <= EVAL_TOKEN_BUDGET:
+                    tokens += len(examples[end])
                     end += 1
-                batch = pack(by_length[start:end], pad_id).to(setup.device)
+                batch = pack(examples[start:end]).to(setup.device)
                 with _autocast(setup):
                     total += packed_loss_sum(causal_lm, batch).item()
                 count += batch.n_targets

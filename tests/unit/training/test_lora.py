@@ -54,7 +54,7 @@ def test_adapter_loads_in_stock_peft_and_reproduces_the_validation_loss(lora_run
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True)
     model = PeftModel.from_pretrained(base, directory)
     examples = tokenize_records(reverse_records(16, seed=99), tokenizer, param="val")
-    batch = pack(examples, tokenizer.pad_token_id)
+    batch = pack(examples)
     with torch.no_grad():
         loss = packed_loss_sum(model.get_base_model(), batch).item() / batch.n_targets
     assert loss == pytest.approx(result.metrics.valid_loss_after, rel=1e-5)
