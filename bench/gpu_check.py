@@ -93,7 +93,7 @@ def main() -> int:
                  content_hash=info.content_hash)
 
         steps = args.steps or (3 if args.quick else 24)
-        batch_size = 4 if args.quick else 8
+        batch_size = 2 if args.quick else 8
         for method, extra in (("lora", {"precision": "bf16" if cuda else "fp32"}), ("qlora", {})):
             failed |= not run_check(method, extra, model_dir, args.device, steps, batch_size, args.quick)
     return 1 if failed else 0
@@ -105,8 +105,8 @@ def run_check(method: str, extra: dict, model_dir: Path, device: str, steps: int
     from appliance.training import TrainingSpec, train
     from bench.synthetic import instruction_corpus
 
-    hp = {"n_epochs": 1, "batch_size": batch_size, "learning_rate": 1e-3, "max_seq_length": 256 if quick else 512,
-          "checkpoint_every_steps": 0, "seed": 0, **extra}
+    hp = {"n_epochs": 1, "batch_size": batch_size, "learning_rate": 1e-3, "max_seq_length": 128 if quick else 512,
+          "warmup_ratio": 0.0, "checkpoint_every_steps": 0, "seed": 0, **extra}
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.empty_cache()
@@ -115,7 +115,7 @@ def run_check(method: str, extra: dict, model_dir: Path, device: str, steps: int
     try:
         spec = TrainingSpec.from_method({"type": method, method: {"hyperparameters": hp}})
         result = train(spec, model_dir, instruction_corpus(steps * batch_size, seed=0),
-                       instruction_corpus(8 if quick else 32, seed=1), device=device)
+                       instruction_corpus(4 if quick else 32, seed=1), device=device)
     except Exception as exc:
         emit(method, False, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-2000:])
         return False
