@@ -107,6 +107,129 @@ def train(
             f"`event_every_steps` must be a positive integer; got {event_every_steps!r}", param="event_every_steps"
         )
 
+    hp, train_set, val_set, dropped = _prepare_data(spec, model_dir, train_records, val_records, torch_device)
+    steps_per_epoch = math.ceil(len(train_set) / hp.batch_size)
+    total_steps = steps_per_epoch * hp.n_epochs
+    data_fingerprint = fingerprint(train_set, val_set)
+    resume = _load_resume(resume_from, spec.method, hp, data_fingerprint, total_steps)
+
+    def event(kind: str, step: int, **fields: Any) -> None:
+        emit(TrainingEvent(type=kind, step=step, total_steps=total_steps, epoch=step / steps_per_epoch, **fields))
+
+    if dropped:
+        event("warning", 0, message=f"{dropped} record(s) dropped: no target tokens within max_seq_length")
+
+    bound_malloc_cache()
+    # Seeded inside a fork so the caller's global RNG state is left untouched.
+    cuda_devices = []
+    if torch_device.type == "cuda":
+        cuda_devices = [torch_device.index if torch_device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(hp.seed)
+        setup = recipe.setup(model_dir, hp, torch_device)
+        setup.model.train()  # from_pretrained leaves the base model in eval mode (no dropout, no checkpointing)
+        trainable = [p for p in setup.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(total_steps * hp.warmup_ratio), total_steps)
+        state = _RunState()
+
+        try:
+            if resume is not None:
+                _restore(setup, optimizer, scheduler, resume, state)
+            elif val_set:
+                state.valid_before = _evaluate(setup, val_set, stop)
+                event("validation", 0, valid_loss=state.valid_before, message="validation loss before training")
+
+            started = time.perf_counter()
+            window_start, window_tokens, window_losses = started, 0, []
+            while state.step < total_steps:
+                epoch, index = divmod(state.step, steps_per_epoch)
+                order = _epoch_order(len(train_set), hp.seed, epoch)
+                batch = [train_set[i] for i in order[index * hp.batch_size : (index + 1) * hp.batch_size]]
+                if stop():
+                    raise _Cancelled
+                loss, tokens = _train_step(setup, optimizer, scheduler, trainable, batch, hp)
+                if not math.isfinite(loss):
+                    raise TrainingDivergedError(
+                        f"the training loss became {loss} at step {state.step + 1}; "
+                        f"lower `learning_rate` (now {hp.learning_rate:g})",
+                        param=f"method.{spec.method}.hyperparameters.learning_rate",
+                    )
+                state.step += 1
+                state.train_seconds = time.perf_counter() - started
+                state.trained_tokens += tokens
+                state.session_tokens += tokens
+                if index == 0:
+                    state.epoch_losses = []
+                state.epoch_losses.append(loss)
+                window_tokens += tokens
+                window_losses.append(loss)
+
+                last = state.step == total_steps
+                if state.step % event_every_steps == 0 or last:
+                    now = time.perf_counter()
+                    event(
+                        "train",
+                        state.step,
+                        train_loss=sum(window_losses) / len(window_losses),
+                        learning_rate=scheduler.get_last_lr()[0],
+                        tokens_per_second=window_tokens / max(now - window_start, 1e-9),
+                        trained_tokens=state.trained_tokens,
+                    )
+                    window_start, window_tokens, window_losses = now, 0, []
+                every = hp.checkpoint_every_steps
+                if on_checkpoint and every and state.step % every == 0 and not last:
+                    paused = time.perf_counter()
+                    blob = _checkpoint(
+                        setup, recipe, optimizer, scheduler, state, spec, hp, data_fingerprint,
+                        base_model_name or model_dir.name,
+                    )
+                    on_checkpoint(state.step, blob)
+                    pause = time.perf_counter() - paused  # checkpointing is not training time
+                    started += pause
+                    window_start += pause
+            valid_after = None
+            if val_set:
+                valid_after = _evaluate(setup, val_set, stop)
+                event(
+                    "validation",
+                    state.step,
+                    valid_loss=valid_after,
+                    trained_tokens=state.trained_tokens,
+                    message="validation loss after training",
+                )
+        except _Cancelled:
+            return TrainResult(
+                status="cancelled",
+                adapter=None,
+                hyperparameters=hp,
+                metrics=_metrics(state, None, total_steps, train_set, val_set, dropped),
+                details=setup.details,
+            )
+        adapter = recipe.save(setup, base_model_name or model_dir.name)
+
+    return TrainResult(
+        status="succeeded",
+        adapter=adapter,
+        hyperparameters=hp,
+        metrics=_metrics(state, valid_after, total_steps, train_set, val_set, dropped),
+        details=setup.details,
+    )
+
+
+def _prepare_data(
+    spec: TrainingSpec,
+    model_dir: Path,
+    train_records: Sequence[Mapping[str, Any]],
+    val_records: Sequence[Mapping[str, Any]] | None,
+    device: torch.device,
+) -> tuple[Any, list[Example], list[Example], int]:
+    """Tokenise, split, resolve ``"auto"`` and truncate.
+
+    Returns:
+        Resolved hyperparameters, training and validation examples, and how
+        many records were dropped for having no target tokens left after truncation.
+    """
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     architecture = SUPPORTED_ARCHITECTURES.get(config.model_type)
     if architecture is None:
@@ -129,8 +252,8 @@ def train(
         longest_example_tokens=max(len(e) for e in train_set),
         context_length=getattr(config, "max_position_embeddings", None),
         default_target_modules=architecture.default_target_modules,
-        device_type=torch_device.type,
-        bf16_supported=torch_device.type == "cuda" and torch.cuda.is_bf16_supported(),
+        device_type=device.type,
+        bf16_supported=device.type == "cuda" and torch.cuda.is_bf16_supported(),
     )
     n_records = len(train_set) + len(val_set)
     train_set = [e for e in (x.truncated(hp.max_seq_length) for x in train_set) if e.n_targets > 0]
@@ -142,111 +265,7 @@ def train(
             "raise `max_seq_length` or shorten the prompts",
             param=f"method.{spec.method}.hyperparameters.max_seq_length",
         )
-
-    steps_per_epoch = math.ceil(len(train_set) / hp.batch_size)
-    total_steps = steps_per_epoch * hp.n_epochs
-    data_fingerprint = fingerprint(train_set, val_set)
-    resume = _load_resume(resume_from, spec.method, hp, data_fingerprint, total_steps)
-
-    def event(kind: str, step: int, **fields: Any) -> None:
-        emit(TrainingEvent(type=kind, step=step, total_steps=total_steps, epoch=step / steps_per_epoch, **fields))
-
-    if dropped:
-        event("warning", 0, message=f"{dropped} record(s) dropped: no target tokens within max_seq_length")
-
-    bound_malloc_cache()
-    # Seeded inside a fork so the caller's global RNG state is left untouched.
-    with torch.random.fork_rng(devices=[torch_device] if torch_device.type == "cuda" else []):
-        torch.manual_seed(hp.seed)
-        setup = recipe.setup(model_dir, hp, torch_device)
-        setup.model.train()  # from_pretrained leaves the base model in eval mode (no dropout, no checkpointing)
-        trainable = [p for p in setup.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-        scheduler = get_linear_schedule_with_warmup(
-            optimizer, math.ceil(total_steps * hp.warmup_ratio), total_steps
-        )
-        state = _RunState()
-
-        try:
-            if resume is not None:
-                _restore(setup, optimizer, scheduler, resume, state)
-            elif val_set:
-                state.valid_before = _evaluate(setup, val_set, stop)
-                event("validation", 0, valid_loss=state.valid_before, trained_tokens=0, message="validation loss before training")
-
-            started = time.perf_counter()
-            window_start, window_tokens, window_losses = started, 0, []
-            while state.step < total_steps:
-                epoch, index = divmod(state.step, steps_per_epoch)
-                order = _epoch_order(len(train_set), hp.seed, epoch)
-                batch = [train_set[i] for i in order[index * hp.batch_size : (index + 1) * hp.batch_size]]
-                if stop():
-                    raise _Cancelled
-                loss, tokens = _train_step(setup, optimizer, scheduler, trainable, batch, hp)
-                if not math.isfinite(loss):
-                    raise TrainingDivergedError(
-                        f"the training loss became {loss} at step {state.step + 1}; "
-                        f"lower `learning_rate` (now {hp.learning_rate:g})",
-                        param=f"method.{spec.method}.hyperparameters.learning_rate",
-                    )
-                state.step += 1
-                state.trained_tokens += tokens
-                state.session_tokens += tokens
-                if index == 0:
-                    state.epoch_losses = []
-                state.epoch_losses.append(loss)
-                window_tokens += tokens
-                window_losses.append(loss)
-
-                last = state.step == total_steps
-                if state.step % event_every_steps == 0 or last:
-                    now = time.perf_counter()
-                    event(
-                        "train",
-                        state.step,
-                        train_loss=sum(window_losses) / len(window_losses),
-                        learning_rate=scheduler.get_last_lr()[0],
-                        tokens_per_second=window_tokens / max(now - window_start, 1e-9),
-                        trained_tokens=state.trained_tokens,
-                    )
-                    window_start, window_tokens, window_losses = now, 0, []
-                if on_checkpoint and hp.checkpoint_every_steps and state.step % hp.checkpoint_every_steps == 0 and not last:
-                    paused = time.perf_counter()
-                    on_checkpoint(
-                        state.step,
-                        _checkpoint(setup, recipe, optimizer, scheduler, state, spec, hp, data_fingerprint, model_dir, base_model_name),
-                    )
-                    pause = time.perf_counter() - paused  # checkpointing is not training time
-                    started += pause
-                    window_start += pause
-            state.train_seconds = time.perf_counter() - started
-
-            valid_after = None
-            if val_set:
-                valid_after = _evaluate(setup, val_set, stop)
-                event(
-                    "validation",
-                    state.step,
-                    valid_loss=valid_after,
-                    trained_tokens=state.trained_tokens,
-                    message="validation loss after training")
-        except _Cancelled:
-            return TrainResult(
-                status="cancelled",
-                adapter=None,
-                hyperparameters=hp,
-                metrics=_metrics(state, None, total_steps, train_set, val_set, dropped),
-                details=setup.details,
-            )
-        adapter = recipe.save(setup, base_model_name or model_dir.name)
-
-    return TrainResult(
-        status="succeeded",
-        adapter=adapter,
-        hyperparameters=hp,
-        metrics=_metrics(state, valid_after, total_steps, train_set, val_set, dropped),
-        details=setup.details,
-    )
+    return hp, train_set, val_set, dropped
 
 
 @dataclass
@@ -385,8 +404,7 @@ def _checkpoint(
     spec: TrainingSpec,
     hp: Any,
     data_fingerprint: str,
-    model_dir: Path,
-    base_model_name: str | None,
+    base_model_name: str,
 ) -> bytes:
     return ckpt.dump(
         {
@@ -397,8 +415,10 @@ def _checkpoint(
             "trained_tokens": state.trained_tokens,
             "epoch_losses": list(state.epoch_losses),
             "valid_before": state.valid_before,
-            "trainable": {n: p.detach().to("cpu").clone() for n, p in setup.model.named_parameters() if p.requires_grad},
-            "adapter": recipe.save(setup, base_model_name or model_dir.name),
+            "trainable": {
+                n: p.detach().to("cpu").clone() for n, p in setup.model.named_parameters() if p.requires_grad
+            },
+            "adapter": recipe.save(setup, base_model_name),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": ckpt.capture_rng(),
@@ -426,7 +446,9 @@ def _load_resume(
     return state
 
 
-def _restore(setup: Setup, optimizer: torch.optim.Optimizer, scheduler: Any, saved: dict[str, Any], state: _RunState) -> None:
+def _restore(
+    setup: Setup, optimizer: torch.optim.Optimizer, scheduler: Any, saved: dict[str, Any], state: _RunState
+) -> None:
     params = dict(setup.model.named_parameters())
     with torch.no_grad():
         for name, value in saved["trainable"].items():
