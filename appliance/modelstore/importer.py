@@ -250,7 +250,9 @@ def _check_model_type(config: Any, src: Path) -> None:
         )
 
 
-def _inspect(model_dir: Path, *, name: str, source_format: Literal["hf", "gguf"], source_hash: str, src: Path) -> ModelInfo:
+def _inspect(
+    model_dir: Path, *, name: str, source_format: Literal["hf", "gguf"], source_hash: str, src: Path
+) -> ModelInfo:
     """Check the staged directory is a loadable model and describe it."""
     import torch
     from safetensors import safe_open

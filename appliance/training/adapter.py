@@ -86,7 +86,8 @@ def adapter_files(model: PeftModel, base_model_name: str) -> dict[str, bytes]:
     unexpected = [k for k in state if "lora_A" not in k and "lora_B" not in k]
     if unexpected:
         raise RuntimeError(f"adapter holds non-LoRA tensors: {unexpected[:5]}")
-    weights = safetensors_save({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, metadata={"format": "pt"})
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    weights = safetensors_save(tensors, metadata={"format": "pt"})
 
     config = model.peft_config["default"].to_dict()
     config["inference_mode"] = True

@@ -1,13 +1,17 @@
 """Sequence packing without attention across examples, and the loss over packed rows.
 
-A micro-batch's examples are packed first-fit-decreasing into rows as wide as
-its longest example, so rows carry little padding. Examples are never split.
-Each example's ``position_ids`` restart at 0; with ``attention_mask=None``
-transformers derives a block-diagonal causal mask from those restarts
-(``masking_utils.find_packed_sequence_indices``), for eager and SDPA attention
-alike, and flash-attention reads them as variable-length sequences. Targets
-are shifted *per example* before packing, so no token learns to predict the
-first token of its neighbour.
+A micro-batch's examples are concatenated into one row: no padding at all.
+Each example's ``position_ids`` restart at 0 (so RoPE sees every example as if
+alone), and the row's example boundaries travel to the attention function as
+``packed_boundaries``. Models load with :data:`PACKED_ATTENTION`, which runs
+causal SDPA per example: attention never crosses examples and no FLOP is spent
+on masked-out blocks. Any other attention implementation (``sdpa``, ``eager``)
+ignores ``packed_boundaries`` and still isolates the examples, because with
+``attention_mask=None`` transformers derives a block-diagonal causal mask from
+the position-id restarts (``masking_utils.find_packed_sequence_indices``):
+that is how the benchmark baseline and the tests check the equivalence.
+Targets are shifted *per example* before packing, so no token learns to
+predict the first token of its neighbour.
 
 The loss projects only the hidden states that have a target through the
 output head (:func:`linear_cross_entropy`), in chunks, computing the gradient
@@ -21,22 +25,65 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import AttentionInterface
 
 from appliance.training.data import IGNORE_INDEX, Example
 
-LOSS_CHUNK_TOKENS = 1024
+LOSS_CHUNK_TOKENS = 512
+PACKED_ATTENTION = "appliance_packed_sdpa"
+
+
+def packed_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    packed_boundaries: Sequence[int] | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Causal SDPA run separately on each packed example of a one-row batch.
+
+    ``query`` is ``[1, heads, length, dim]``, ``key``/``value`` may have fewer
+    (grouped-query) heads. ``packed_boundaries`` are the examples' start
+    offsets plus the row length; without them the row is one sequence. A
+    padding mask is not supported (packed rows have no padding).
+    """
+    if attention_mask is not None:
+        raise ValueError(f"{PACKED_ATTENTION} takes packed rows without an attention mask")
+    length = query.shape[2]
+    bounds = list(packed_boundaries) if packed_boundaries is not None else [0, length]
+    if query.shape[0] != 1 and len(bounds) > 2:
+        raise ValueError(f"{PACKED_ATTENTION} needs one packed row per batch; got {query.shape[0]}")
+    gqa = key.shape[1] != query.shape[1]
+    dropout = dropout if module.training else 0.0
+    outputs = [
+        torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
+            dropout_p=dropout, scale=scaling, is_causal=b - a > 1, enable_gqa=gqa,
+        )
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
 
 
 @dataclass
 class PackedBatch:
-    """Rows of packed examples.
+    """Examples packed into one row.
 
     Attributes:
-        input_ids: ``[rows, width]`` token ids, padded at the end of rows.
-        position_ids: ``[rows, width]``, restarting at 0 for each example (and for the padding tail).
-        targets: ``[rows, width]`` next-token targets, :data:`IGNORE_INDEX` where none.
-        example_index: ``[rows, width]`` index into the packed examples, -1 on padding.
-        n_tokens: Real (non-padding) tokens.
+        input_ids: ``[1, n_tokens]`` token ids.
+        position_ids: ``[1, n_tokens]``, restarting at 0 for each example.
+        targets: ``[1, n_tokens]`` next-token targets, :data:`IGNORE_INDEX` where none.
+        example_index: ``[1, n_tokens]`` index of the example each token belongs to.
+        boundaries: Start offset of each example, then ``n_tokens``.
+        n_tokens: Tokens in the row (all real: there is no padding).
         n_targets: Positions with a target.
     """
 
@@ -44,6 +91,7 @@ class PackedBatch:
     position_ids: torch.Tensor
     targets: torch.Tensor
     example_index: torch.Tensor
+    boundaries: tuple[int, ...]
     n_tokens: int
     n_targets: int
 
@@ -53,54 +101,35 @@ class PackedBatch:
             self.position_ids.to(device),
             self.targets.to(device),
             self.example_index.to(device),
+            self.boundaries,
             self.n_tokens,
             self.n_targets,
         )
 
 
-def pack(examples: Sequence[Example], pad_id: int, width: int | None = None) -> PackedBatch:
-    """Pack examples into as few rows of ``width`` tokens as first-fit-decreasing finds.
-
-    Args:
-        examples: Already truncated examples.
-        pad_id: Token id for the padding tail of rows.
-        width: Row width; defaults to the longest example.
-    """
-    width = width or max(len(e) for e in examples)
-    rows: list[list[int]] = []
-    free: list[int] = []
-    for i in sorted(range(len(examples)), key=lambda i: -len(examples[i])):
-        size = len(examples[i])
-        if size > width:
-            raise ValueError(f"example of {size} tokens does not fit a row of {width}")
-        for r, space in enumerate(free):
-            if size <= space:
-                rows[r].append(i)
-                free[r] -= size
-                break
-        else:
-            rows.append([i])
-            free.append(width - size)
-
-    n_rows = len(rows)
-    input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((n_rows, width), dtype=torch.long)
-    targets = torch.full((n_rows, width), IGNORE_INDEX, dtype=torch.long)
-    example_index = torch.full((n_rows, width), -1, dtype=torch.long)
-    for r, members in enumerate(rows):
-        col = 0
-        for i in members:
-            ex = examples[i]
-            n = len(ex)
-            input_ids[r, col : col + n] = torch.tensor(ex.input_ids)
-            position_ids[r, col : col + n] = torch.arange(n)
-            targets[r, col : col + n - 1] = torch.tensor(ex.labels[1:])
-            example_index[r, col : col + n] = i
-            col += n
-        # The padding tail gets its own position run, hence its own attention block.
-        position_ids[r, col:] = torch.arange(width - col)
-    n_tokens = sum(len(e) for e in examples)
-    return PackedBatch(input_ids, position_ids, targets, example_index, n_tokens, int((targets != IGNORE_INDEX).sum()))
+def pack(examples: Sequence[Example]) -> PackedBatch:
+    """Concatenate examples into one row, positions restarting and targets shifted per example."""
+    if not examples:
+        raise ValueError("pack() needs at least one example")
+    input_ids, positions, targets, owner, boundaries = [], [], [], [], [0]
+    for i, ex in enumerate(examples):
+        n = len(ex)
+        input_ids.extend(ex.input_ids)
+        positions.extend(range(n))
+        targets.extend(ex.labels[1:])
+        targets.append(IGNORE_INDEX)
+        owner.extend([i] * n)
+        boundaries.append(boundaries[-1] + n)
+    target_tensor = torch.tensor([targets])
+    return PackedBatch(
+        input_ids=torch.tensor([input_ids]),
+        position_ids=torch.tensor([positions]),
+        targets=target_tensor,
+        example_index=torch.tensor([owner]),
+        boundaries=tuple(boundaries),
+        n_tokens=len(input_ids),
+        n_targets=int((target_tensor != IGNORE_INDEX).sum()),
+    )
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -151,9 +180,7 @@ def packed_loss_sum(causal_lm: torch.nn.Module, batch: PackedBatch) -> torch.Ten
     decoder runs on the packed rows, and only positions with a target go
     through the output head.
     """
-    hidden = causal_lm.get_decoder()(
-        input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None, use_cache=False
-    ).last_hidden_state
+    hidden = _decode(causal_lm, batch)
     mask = batch.targets != IGNORE_INDEX
     head = causal_lm.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
@@ -164,10 +191,18 @@ def packed_loss_sum(causal_lm: torch.nn.Module, batch: PackedBatch) -> torch.Ten
 def packed_token_losses(causal_lm: torch.nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-target losses and the example each belongs to (for tests and diagnostics), no grad."""
     with torch.no_grad():
-        hidden = causal_lm.get_decoder()(
-            input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None, use_cache=False
-        ).last_hidden_state
+        hidden = _decode(causal_lm, batch)
         mask = batch.targets != IGNORE_INDEX
         logits = causal_lm.get_output_embeddings()(hidden[mask]).float()
         losses = torch.nn.functional.cross_entropy(logits, batch.targets[mask], reduction="none")
     return losses, batch.example_index[mask]
+
+
+def _decode(causal_lm: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
+    return causal_lm.get_decoder()(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        attention_mask=None,
+        use_cache=False,
+        packed_boundaries=batch.boundaries,
+    ).last_hidden_state

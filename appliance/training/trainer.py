@@ -8,6 +8,10 @@ returns the adapter as bytes.
 
 Offline by construction: every load passes ``local_files_only=True`` and the
 base model is a local directory.
+
+Process-wide effects, meant for a worker process that runs one job: glibc's
+malloc cache is bounded (:mod:`appliance.training.memory`); the global RNG is
+seeded inside ``torch.random.fork_rng`` and so left as the caller had it.
 """
 
 from __future__ import annotations
@@ -29,13 +33,14 @@ from appliance.modelstore.architectures import SUPPORTED_ARCHITECTURES
 from appliance.training import checkpoint as ckpt
 from appliance.training.data import Example, fingerprint, split_validation, tokenize_records
 from appliance.training.hyperparameters import TrainingSpec, resolve
+from appliance.training.memory import bound_malloc_cache
 from appliance.training.packing import pack, packed_loss_sum
 from appliance.training.protocol import Setup
 from appliance.training.registry import get_recipe
 from appliance.training.results import TrainingEvent, TrainMetrics, TrainResult
 
 MAX_GRAD_NORM = 1.0
-EVAL_TOKEN_BUDGET = 16384
+EVAL_TOKEN_BUDGET = 8192
 
 
 class TrainingDivergedError(ApplianceError):
@@ -102,43 +107,7 @@ def train(
             f"`event_every_steps` must be a positive integer; got {event_every_steps!r}", param="event_every_steps"
         )
 
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    architecture = SUPPORTED_ARCHITECTURES.get(config.model_type)
-    if architecture is None:
-        raise InvalidRequestError(
-            f"`model_dir` {model_dir.name} has architecture {config.model_type!r}, which cannot be trained; "
-            f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}",
-            param="model",
-        )
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    train_set = tokenize_records(train_records, tokenizer, param="train_records")
-    if val_records is None:
-        train_set, val_set = split_validation(train_set, spec.hyperparameters.seed)
-    else:
-        val_set = tokenize_records(val_records, tokenizer, param="val_records")
-
-    hp = resolve(
-        spec.hyperparameters,
-        n_train_examples=len(train_set),
-        longest_example_tokens=max(len(e) for e in train_set),
-        context_length=getattr(config, "max_position_embeddings", None),
-        default_target_modules=architecture.default_target_modules,
-        device_type=torch_device.type,
-        bf16_supported=torch_device.type == "cuda" and torch.cuda.is_bf16_supported(),
-    )
-    n_records = len(train_set) + len(val_set)
-    train_set = [e for e in (x.truncated(hp.max_seq_length) for x in train_set) if e.n_targets > 0]
-    val_set = [e for e in (x.truncated(hp.max_seq_length) for x in val_set) if e.n_targets > 0]
-    dropped = n_records - len(train_set) - len(val_set)
-    if not train_set:
-        raise InvalidRequestError(
-            f"no training record has target tokens within max_seq_length={hp.max_seq_length}; "
-            "raise `max_seq_length` or shorten the prompts",
-            param=f"method.{spec.method}.hyperparameters.max_seq_length",
-        )
-
+    hp, train_set, val_set, dropped = _prepare_data(spec, model_dir, train_records, val_records, torch_device)
     steps_per_epoch = math.ceil(len(train_set) / hp.batch_size)
     total_steps = steps_per_epoch * hp.n_epochs
     data_fingerprint = fingerprint(train_set, val_set)
@@ -150,24 +119,26 @@ def train(
     if dropped:
         event("warning", 0, message=f"{dropped} record(s) dropped: no target tokens within max_seq_length")
 
+    bound_malloc_cache()
     # Seeded inside a fork so the caller's global RNG state is left untouched.
-    with torch.random.fork_rng(devices=[torch_device] if torch_device.type == "cuda" else []):
+    cuda_devices = []
+    if torch_device.type == "cuda":
+        cuda_devices = [torch_device.index if torch_device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(hp.seed)
         setup = recipe.setup(model_dir, hp, torch_device)
-        causal_lm = setup.model.get_base_model()
+        setup.model.train()  # from_pretrained leaves the base model in eval mode (no dropout, no checkpointing)
         trainable = [p for p in setup.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-        scheduler = get_linear_schedule_with_warmup(
-            optimizer, math.ceil(total_steps * hp.warmup_ratio), total_steps
-        )
+        scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(total_steps * hp.warmup_ratio), total_steps)
         state = _RunState()
 
         try:
             if resume is not None:
                 _restore(setup, optimizer, scheduler, resume, state)
             elif val_set:
-                state.valid_before = _evaluate(setup, val_set, pad_id, stop)
-                event("validation", 0, valid_loss=state.valid_before, trained_tokens=0, message="validation loss before training")
+                state.valid_before = _evaluate(setup, val_set, stop)
+                event("validation", 0, valid_loss=state.valid_before, message="validation loss before training")
 
             started = time.perf_counter()
             window_start, window_tokens, window_losses = started, 0, []
@@ -177,7 +148,7 @@ def train(
                 batch = [train_set[i] for i in order[index * hp.batch_size : (index + 1) * hp.batch_size]]
                 if stop():
                     raise _Cancelled
-                loss, tokens = _train_step(setup, optimizer, scheduler, trainable, batch, hp, pad_id)
+                loss, tokens = _train_step(setup, optimizer, scheduler, trainable, batch, hp)
                 if not math.isfinite(loss):
                     raise TrainingDivergedError(
                         f"the training loss became {loss} at step {state.step + 1}; "
@@ -185,6 +156,7 @@ def train(
                         param=f"method.{spec.method}.hyperparameters.learning_rate",
                     )
                 state.step += 1
+                state.train_seconds = time.perf_counter() - started
                 state.trained_tokens += tokens
                 state.session_tokens += tokens
                 if index == 0:
@@ -205,26 +177,27 @@ def train(
                         trained_tokens=state.trained_tokens,
                     )
                     window_start, window_tokens, window_losses = now, 0, []
-                if on_checkpoint and hp.checkpoint_every_steps and state.step % hp.checkpoint_every_steps == 0 and not last:
+                every = hp.checkpoint_every_steps
+                if on_checkpoint and every and state.step % every == 0 and not last:
                     paused = time.perf_counter()
-                    on_checkpoint(
-                        state.step,
-                        _checkpoint(setup, recipe, optimizer, scheduler, state, spec, hp, data_fingerprint, model_dir, base_model_name),
+                    blob = _checkpoint(
+                        setup, recipe, optimizer, scheduler, state, spec, hp, data_fingerprint,
+                        base_model_name or model_dir.name,
                     )
+                    on_checkpoint(state.step, blob)
                     pause = time.perf_counter() - paused  # checkpointing is not training time
                     started += pause
                     window_start += pause
-            state.train_seconds = time.perf_counter() - started
-
             valid_after = None
             if val_set:
-                valid_after = _evaluate(setup, val_set, pad_id, stop)
+                valid_after = _evaluate(setup, val_set, stop)
                 event(
                     "validation",
                     state.step,
                     valid_loss=valid_after,
                     trained_tokens=state.trained_tokens,
-                    message="validation loss after training")
+                    message="validation loss after training",
+                )
         except _Cancelled:
             return TrainResult(
                 status="cancelled",
@@ -242,6 +215,57 @@ def train(
         metrics=_metrics(state, valid_after, total_steps, train_set, val_set, dropped),
         details=setup.details,
     )
+
+
+def _prepare_data(
+    spec: TrainingSpec,
+    model_dir: Path,
+    train_records: Sequence[Mapping[str, Any]],
+    val_records: Sequence[Mapping[str, Any]] | None,
+    device: torch.device,
+) -> tuple[Any, list[Example], list[Example], int]:
+    """Tokenise, split, resolve ``"auto"`` and truncate.
+
+    Returns:
+        Resolved hyperparameters, training and validation examples, and how
+        many records were dropped for having no target tokens left after truncation.
+    """
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    architecture = SUPPORTED_ARCHITECTURES.get(config.model_type)
+    if architecture is None:
+        raise InvalidRequestError(
+            f"`model_dir` {model_dir.name} has architecture {config.model_type!r}, which cannot be trained; "
+            f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}",
+            param="model",
+        )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+    train_set = tokenize_records(train_records, tokenizer, param="train_records")
+    if val_records is None:
+        train_set, val_set = split_validation(train_set, spec.hyperparameters.seed)
+    else:
+        val_set = tokenize_records(val_records, tokenizer, param="val_records")
+
+    hp = resolve(
+        spec.hyperparameters,
+        n_train_examples=len(train_set),
+        longest_example_tokens=max(len(e) for e in train_set),
+        context_length=getattr(config, "max_position_embeddings", None),
+        default_target_modules=architecture.default_target_modules,
+        device_type=device.type,
+        bf16_supported=device.type == "cuda" and torch.cuda.is_bf16_supported(),
+    )
+    n_records = len(train_set) + len(val_set)
+    train_set = [e for e in (x.truncated(hp.max_seq_length) for x in train_set) if e.n_targets > 0]
+    val_set = [e for e in (x.truncated(hp.max_seq_length) for x in val_set) if e.n_targets > 0]
+    dropped = n_records - len(train_set) - len(val_set)
+    if not train_set:
+        raise InvalidRequestError(
+            f"no training record has target tokens within max_seq_length={hp.max_seq_length}; "
+            "raise `max_seq_length` or shorten the prompts",
+            param=f"method.{spec.method}.hyperparameters.max_seq_length",
+        )
+    return hp, train_set, val_set, dropped
 
 
 @dataclass
@@ -294,7 +318,6 @@ def _train_step(
     trainable: list[torch.nn.Parameter],
     examples: list[Example],
     hp: Any,
-    pad_id: int,
 ) -> tuple[float, int]:
     """One optimizer step over ``examples``, split into ``gradient_accumulation_steps`` packed micro-batches.
 
@@ -307,7 +330,7 @@ def _train_step(
     size = math.ceil(len(examples) / k)
     loss_total = 0.0
     for start in range(0, len(examples), size):
-        batch = pack(examples[start : start + size], pad_id).to(setup.device)
+        batch = pack(examples[start : start + size]).to(setup.device)
         with _autocast(setup):
             loss = packed_loss_sum(causal_lm, batch) / n_targets
         loss.backward()
@@ -319,23 +342,22 @@ def _train_step(
     return loss_total, sum(len(e) for e in examples)
 
 
-def _evaluate(setup: Setup, examples: list[Example], pad_id: int, stop: Callable[[], bool]) -> float:
-    """Mean loss per target token over ``examples`` (packed, in batches of about EVAL_TOKEN_BUDGET tokens)."""
+def _evaluate(setup: Setup, examples: list[Example], stop: Callable[[], bool]) -> float:
+    """Mean loss per target token over ``examples``, packed into rows of about EVAL_TOKEN_BUDGET tokens."""
     causal_lm = setup.model.get_base_model()
-    by_length = sorted(examples, key=len, reverse=True)
     total, count = 0.0, 0
     setup.model.eval()
     try:
         with torch.no_grad():
             start = 0
-            while start < len(by_length):
+            while start < len(examples):
                 if stop():
                     raise _Cancelled
-                width = len(by_length[start])
-                end = start + 1
-                while end < len(by_length) and (end - start + 1) * width <= EVAL_TOKEN_BUDGET:
+                end, tokens = start + 1, len(examples[start])
+                while end < len(examples) and tokens + len(examples[end]) <= EVAL_TOKEN_BUDGET:
+                    tokens += len(examples[end])
                     end += 1
-                batch = pack(by_length[start:end], pad_id).to(setup.device)
+                batch = pack(examples[start:end]).to(setup.device)
                 with _autocast(setup):
                     total += packed_loss_sum(causal_lm, batch).item()
                 count += batch.n_targets
@@ -382,8 +404,7 @@ def _checkpoint(
     spec: TrainingSpec,
     hp: Any,
     data_fingerprint: str,
-    model_dir: Path,
-    base_model_name: str | None,
+    base_model_name: str,
 ) -> bytes:
     return ckpt.dump(
         {
@@ -394,8 +415,10 @@ def _checkpoint(
             "trained_tokens": state.trained_tokens,
             "epoch_losses": list(state.epoch_losses),
             "valid_before": state.valid_before,
-            "trainable": {n: p.detach().to("cpu").clone() for n, p in setup.model.named_parameters() if p.requires_grad},
-            "adapter": recipe.save(setup, base_model_name or model_dir.name),
+            "trainable": {
+                n: p.detach().to("cpu").clone() for n, p in setup.model.named_parameters() if p.requires_grad
+            },
+            "adapter": recipe.save(setup, base_model_name),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": ckpt.capture_rng(),
@@ -423,7 +446,9 @@ def _load_resume(
     return state
 
 
-def _restore(setup: Setup, optimizer: torch.optim.Optimizer, scheduler: Any, saved: dict[str, Any], state: _RunState) -> None:
+def _restore(
+    setup: Setup, optimizer: torch.optim.Optimizer, scheduler: Any, saved: dict[str, Any], state: _RunState
+) -> None:
     params = dict(setup.model.named_parameters())
     with torch.no_grad():
         for name, value in saved["trainable"].items():

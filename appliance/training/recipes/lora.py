@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from appliance.training.adapter import adapter_files, attach_lora
 from appliance.training.hyperparameters import LoraHyperparameters
+from appliance.training.packing import PACKED_ATTENTION
 from appliance.training.protocol import Setup
 
 method = "lora"
@@ -23,7 +24,9 @@ method = "lora"
 def setup(model_dir: Path, hp: LoraHyperparameters, device: torch.device) -> Setup:
     """Load the base model in ``hp.precision`` and attach LoRA to ``hp.target_modules``."""
     dtype = torch.bfloat16 if hp.precision == "bf16" else torch.float32
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True).to(device)
+    base = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, attn_implementation=PACKED_ATTENTION, local_files_only=True
+    ).to(device)
     base.config.use_cache = False
     model = attach_lora(base, hp)
     return Setup(model=model, device=device, details={"precision": hp.precision, "base_dtype": str(dtype)[6:]})

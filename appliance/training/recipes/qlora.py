@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from appliance.training.adapter import adapter_files, attach_lora
 from appliance.training.hyperparameters import QloraHyperparameters
+from appliance.training.packing import PACKED_ATTENTION
 from appliance.training.protocol import Setup
 
 method = "qlora"
@@ -37,6 +38,7 @@ def setup(model_dir: Path, hp: QloraHyperparameters, device: torch.device) -> Se
         quantization_config=quantization,
         dtype=compute_dtype,
         device_map={"": device},
+        attn_implementation=PACKED_ATTENTION,
         local_files_only=True,
     )
     base.config.use_cache = False

@@ -54,7 +54,7 @@ def test_adapter_loads_in_stock_peft_and_reproduces_the_validation_loss(lora_run
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True)
     model = PeftModel.from_pretrained(base, directory)
     examples = tokenize_records(reverse_records(16, seed=99), tokenizer, param="val")
-    batch = pack(examples, tokenizer.pad_token_id)
+    batch = pack(examples)
     with torch.no_grad():
         loss = packed_loss_sum(model.get_base_model(), batch).item() / batch.n_targets
     assert loss == pytest.approx(result.metrics.valid_loss_after, rel=1e-5)
@@ -107,3 +107,19 @@ def test_no_network_is_needed(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
     result = train(make_spec("lora", n_epochs=1, batch_size=4), tiny_model_dir, reverse_records(8))
     assert result.status == "succeeded"
+
+
+def test_records_without_targets_after_truncation_are_dropped_with_a_warning(tiny_model_dir):
+    long_prompt = {"prompt": "word " * 200, "completion": " end"}
+    events = []
+    result = train(
+        make_spec("lora", n_epochs=1, batch_size=4, max_seq_length=64),
+        tiny_model_dir, reverse_records(8) + [long_prompt], reverse_records(2, seed=1), on_event=events.append,
+    )
+    assert result.metrics.dropped_examples == 1 and result.metrics.n_train_examples == 8
+    assert [e.message for e in events if e.type == "warning"] == [
+        "1 record(s) dropped: no target tokens within max_seq_length"
+    ]
+    with pytest.raises(InvalidRequestError, match="no training record has target tokens") as info:
+        train(make_spec("lora", max_seq_length=64), tiny_model_dir, [long_prompt])
+    assert info.value.param == "method.lora.hyperparameters.max_seq_length"

@@ -2,7 +2,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from appliance.training.data import IGNORE_INDEX, tokenize_records
-from appliance.training.packing import linear_cross_entropy, pack, packed_loss_sum, packed_token_losses
+from appliance.training.packing import PACKED_ATTENTION, linear_cross_entropy, pack, packed_loss_sum, packed_token_losses
 
 from .conftest import reverse_records
 
@@ -10,11 +10,11 @@ from .conftest import reverse_records
 def test_packing_gives_each_example_its_unpacked_loss(tiny_model_dir, tokenizer):
     records = reverse_records(6, seed=1) + [{"text": "hello world " * 5}, {"prompt": "Capital?", "completion": " Paris"}]
     examples = tokenize_records(records, tokenizer, param="r")
-    batch = pack(examples, tokenizer.pad_token_id)
-    assert batch.input_ids.shape[0] < len(examples)  # several examples share rows
-    assert batch.n_tokens == sum(len(e) for e in examples)
+    batch = pack(examples)
+    assert batch.input_ids.shape == (1, sum(len(e) for e in examples)) == (1, batch.n_tokens)
 
-    for attn in ("sdpa", "eager"):
+    # Ours runs attention per example; stock sdpa/eager isolate examples by the position-id restarts.
+    for attn in (PACKED_ATTENTION, "sdpa", "eager"):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn, local_files_only=True)
         losses, owner = packed_token_losses(model, batch)
         for i, example in enumerate(examples):
@@ -27,8 +27,8 @@ def test_packing_gives_each_example_its_unpacked_loss(tiny_model_dir, tokenizer)
 
 def test_targets_never_cross_example_boundaries(tokenizer):
     examples = tokenize_records([{"text": "a b"}, {"text": "c d e"}, {"text": "f"}], tokenizer, param="r")
-    batch = pack(examples, tokenizer.pad_token_id, width=32)
-    assert batch.input_ids.shape == (1, 32)
+    batch = pack(examples)
+    assert batch.boundaries == (0, len(examples[0]), len(examples[0]) + len(examples[1]), batch.n_tokens)
     owners = batch.example_index[0].tolist()
     col = 0
     while col < len(owners) and owners[col] >= 0:
@@ -38,8 +38,7 @@ def test_targets_never_cross_example_boundaries(tokenizer):
         assert batch.position_ids[0, col : col + n].tolist() == list(range(n))
         assert batch.targets[0, col : col + n].tolist() == list(example.labels[1:]) + [IGNORE_INDEX]
         col += n
-    assert col == sum(len(e) for e in examples)
-    assert (batch.targets[0, col:] == IGNORE_INDEX).all() and (batch.input_ids[0, col:] == tokenizer.pad_token_id).all()
+    assert col == batch.n_tokens
     assert batch.n_targets == sum(e.n_targets for e in examples)
 
 
@@ -59,9 +58,9 @@ def test_fused_loss_matches_cross_entropy_and_its_gradient():
 
 
 def test_packed_loss_sum_matches_transformers(tiny_model_dir, tokenizer):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=PACKED_ATTENTION)
     (example,) = tokenize_records(reverse_records(1), tokenizer, param="r")
-    batch = pack([example], tokenizer.pad_token_id)
+    batch = pack([example])
     with torch.no_grad():
         ours = packed_loss_sum(model, batch) / batch.n_targets
         theirs = model(input_ids=torch.tensor([example.input_ids]), labels=torch.tensor([example.labels])).loss

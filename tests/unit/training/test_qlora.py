@@ -52,7 +52,7 @@ def test_gradients_are_the_same_after_an_evaluation(tiny_model_dir, tokenizer):
         for name, p in setup.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.1)
-    batch = pack(tokenize_records(reverse_records(4), tokenizer, param="r"), tokenizer.pad_token_id)
+    batch = pack(tokenize_records(reverse_records(4), tokenizer, param="r"))
 
     def grads():
         setup.model.zero_grad()

@@ -1,0 +1,41 @@
+"""Keeping a training process's resident memory close to what it really uses.
+
+A training step allocates and frees gigabytes of short-lived activation
+tensors of many sizes. glibc's malloc serves allocations under its *dynamic*
+mmap threshold (which grows up to 32 MiB after large frees) from its heaps and
+keeps freed memory there, so a process's RSS climbs to several times its live
+memory (measured here: 3.7 GiB peak for a QLoRA forward pass whose live memory
+was under 0.6 GiB). Fixing the threshold at 1 MiB sends every large tensor
+through mmap, returned to the system when freed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 1 << 20
+_done = False
+
+
+def bound_malloc_cache() -> bool:
+    """Fix glibc's mmap threshold for this process (once; a no-op elsewhere).
+
+    Process-wide by nature: meant for the worker process that runs a job.
+
+    Returns:
+        Whether the setting was applied.
+    """
+    global _done
+    if _done:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        _done = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    return _done
