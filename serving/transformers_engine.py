@@ -422,6 +422,7 @@ class TransformersEngine:
         if tok in self._eos and not job.ignore_eos:
             r.finish = "stop"
             job.put(Delta(r.index, r.text.finish(), "stop"))
+            job.finished_rows += 1
             return
         text, stopped = r.text.add(tok)
         if stopped:

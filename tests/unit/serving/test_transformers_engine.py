@@ -267,3 +267,40 @@ def test_a_request_joins_a_running_batch(engine, adapters, prompt):
     assert short.choices[0].text == ref_short
     assert first.text + "".join(d.text for d in rest) == ref_long
     assert engine.stats["mixed_steps"] > mixed_before  # the two shared decode steps
+
+
+def test_a_row_that_ends_with_eos_finishes_its_request(tiny_parts):
+    """Regression: a row stopped by EOS must count as finished, or its request waits forever."""
+    import copy as _copy
+    import threading
+
+    from serving.protocol import parse_chat_request
+    from serving.transformers_engine import EngineConfig, TransformersEngine
+
+    model, tokenizer = tiny_parts
+    model = _copy.deepcopy(model)
+    eos = tokenizer.eos_token_id
+    calls = {"n": 0}
+
+    def eos_after_three(_module, _inputs, output):
+        calls["n"] += 1
+        if calls["n"] > 3:  # prefill + two decode steps, then the model says it is done
+            output[..., eos] += 1e4
+        return output
+
+    model.lm_head.register_forward_hook(eos_after_three)
+    engine = TransformersEngine(model, tokenizer, name="tiny", config=EngineConfig(default_max_tokens=64))
+    try:
+        req = parse_chat_request({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                  "max_tokens": 50, "temperature": 0})
+        box = {}
+        worker = threading.Thread(target=lambda: box.update(result=engine.generate(req)))
+        worker.start()
+        worker.join(timeout=30)
+        assert not worker.is_alive(), "the request never finished"
+        result = box["result"]
+        assert result.choices[0].finish_reason == "stop" and result.usage.completion_tokens == 4
+        streamed = list(engine.stream(req))
+        assert streamed[-1].finish_reason == "stop"
+    finally:
+        engine.close()
