@@ -119,8 +119,10 @@ def tiny_sd_components(seed: int = 0, tokenizer_dir: Path | None = None) -> dict
             out_channels=4,
             block_out_channels=(16, 32),
             layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            # Attention at both resolutions (diffusers' tests have it in one), so a LoRA on the
+            # attention projections can reshape the whole image, not only the coarse half.
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32,
             attention_head_dim=4,
             norm_num_groups=4,
