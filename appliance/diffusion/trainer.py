@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from appliance.diffusion import checkpoint as ckpt
+from appliance.diffusion.compat import text_encoder_lora_supported
 from appliance.diffusion.data import ImageDataset, read_image_dataset
 from appliance.diffusion.fidelity import fidelity_proxy, grid_png
 from appliance.diffusion.hyperparameters import ImageTrainingSpec, resolve, uses_prior_preservation
@@ -124,6 +125,11 @@ def train_images(
         bf16_supported=torch_device.type == "cuda" and torch.cuda.is_bf16_supported(),
     )
     prefix = f"method.{spec.method}.hyperparameters"
+    if hp.train_text_encoder and hasattr(hp, "rank"):  # LoRA on the text encoder: fail before any work
+        supported, why = text_encoder_lora_supported()
+        if not supported:
+            raise InvalidRequestError(f"`train_text_encoder` with LoRA is not available on this appliance: {why}; "
+                                      "set it to false", param=f"{prefix}.train_text_encoder")
     instance_prompt = hp.instance_prompt or data.instance_prompt
     prompts = recipe.prompts(data, instance_prompt)
     sample_prompt = instance_prompt or prompts[0]

@@ -40,7 +40,7 @@ def prompts(dataset: ImageDataset, instance_prompt: str | None) -> list[str]:
 
 
 def setup(models: Models, hp: DreamBoothLoraHyperparameters, weight_dtype: torch.dtype) -> Setup:
-    return attach_lora(models, hp.rank, hp.train_text_encoder, weight_dtype, UNET_TARGETS)
+    return attach_lora(models, hp.rank, hp.train_text_encoder, weight_dtype, UNET_TARGETS, method)
 
 
 def save(models: Models, setup: Setup) -> dict[str, bytes]:

@@ -15,9 +15,11 @@ from typing import Any
 import torch
 
 from appliance.diffusion import artifacts
+from appliance.diffusion.compat import text_encoder_lora_supported
 from appliance.diffusion.data import ImageDataset, ImageDatasetError
 from appliance.diffusion.hyperparameters import ImageLoraHyperparameters
 from appliance.diffusion.protocol import Models, Setup
+from appliance.errors import InvalidRequestError
 
 method = "lora"
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -55,7 +57,7 @@ def artifacts_from_checkpoint(payload: dict[str, Any], trainable: dict[str, torc
 
 
 def attach_lora(models: Models, rank: int, train_text_encoder: bool, weight_dtype: torch.dtype,
-                unet_targets: list[str]) -> Setup:
+                unet_targets: list[str], method: str = method) -> Setup:
     """Frozen base, LoRA on the UNet (and text encoder): the scripts' ``LoraConfig`` and dtype handling."""
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
@@ -69,6 +71,11 @@ def attach_lora(models: Models, rank: int, train_text_encoder: bool, weight_dtyp
         LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=unet_targets)
     )
     if train_text_encoder:
+        supported, why = text_encoder_lora_supported()
+        if not supported:
+            raise InvalidRequestError(
+                f"`train_text_encoder` with LoRA is not available on this appliance: {why}; set it to false",
+                param=f"method.{method}.hyperparameters.train_text_encoder")
         models.text_encoder.add_adapter(
             LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TEXT_ENCODER_TARGETS)
         )
