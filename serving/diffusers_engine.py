@@ -477,7 +477,12 @@ class DiffusersEngine:
         pin = None if model == self.base_model_name else self._registry.pin(model)
         try:
             with self._lock:
-                pipeline = self._activate(pin.handle if pin else None)
+                try:
+                    pipeline = self._activate(pin.handle if pin else None)
+                except Exception as exc:
+                    self._active = self._slot = None  # unknown state: the next request sets it afresh
+                    log.exception("adapter switch failed")
+                    raise EngineError(f"switching to {model!r} failed: {type(exc).__name__}: {exc}") from exc
                 generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
                 kwargs: dict[str, Any] = {"num_images_per_prompt": n, "height": height, "width": width,
                                           "generator": generators, "negative_prompt": negative_prompt}

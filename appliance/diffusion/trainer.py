@@ -135,7 +135,7 @@ def train_images(
     sample_prompt = instance_prompt or prompts[0]
     prior = uses_prior_preservation(hp)
     total_steps = hp.max_train_steps
-    fingerprint = _fingerprint(data, prompts, hp)
+    fingerprint = _fingerprint(data, prompts)
     resume = _load_resume(resume_from, spec.method, hp, fingerprint, total_steps)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[hp.mixed_precision]
     amp = hp.mixed_precision != "no"
@@ -180,7 +180,7 @@ def train_images(
             instance = _encode_images(models, _pixels(data.images, hp.resolution), torch_device)
             klass = _encode_images(models, class_pixels, torch_device) if class_pixels is not None else None
         except _Cancelled:
-            return _cancelled(spec, hp, state, data, details, images, total_steps, 0)
+            return _cancelled(hp, state, data, details, images, total_steps, 0)
 
         with torch.random.fork_rng(devices=[torch_device] if torch_device.type == "cuda" else []):
             torch.manual_seed(hp.seed)  # LoRA initialisation
@@ -247,7 +247,7 @@ def train_images(
             after_images = sampler.sample(sample_prompt, NUM_VALIDATION_IMAGES, hp.resolution, offset=0)
         except _Cancelled:
             images["before_after.png"] = grid_png([references, before_images or []]) if before_images else before_png
-            return _cancelled(spec, hp, state, data, details, images, total_steps, klass_count(klass))
+            return _cancelled(hp, state, data, details, images, total_steps, _class_count(klass))
         after = fidelity_proxy(after_images, references)
         event("info", state.step, message=f"after training: {_describe(after)}")
         if before_images is None:  # resumed: the before row comes from the checkpoint's grid
@@ -261,7 +261,7 @@ def train_images(
         artifacts=artifacts,
         images=images,
         hyperparameters=hp,
-        metrics=_metrics(state, after, total_steps, data, klass_count(klass)),
+        metrics=_metrics(state, after, total_steps, data, _class_count(klass)),
         details=details,
     )
 
@@ -281,7 +281,7 @@ class _RunState:
     class_digest: str | None = None
 
 
-def klass_count(klass: dict[str, torch.Tensor] | None) -> int:
+def _class_count(klass: dict[str, torch.Tensor] | None) -> int:
     return 0 if klass is None else int(klass["mean"].shape[0])
 
 
@@ -304,7 +304,8 @@ def _metrics(state: _RunState, after: dict[str, float] | None, total_steps: int,
     )
 
 
-def _cancelled(spec, hp, state, data, details, images, total_steps, n_class) -> ImageTrainResult:
+def _cancelled(hp: Any, state: _RunState, data: ImageDataset, details: dict[str, Any], images: dict[str, bytes],
+               total_steps: int, n_class: int) -> ImageTrainResult:
     return ImageTrainResult(status="cancelled", artifacts=None, images=images, hyperparameters=hp,
                             metrics=_metrics(state, None, total_steps, data, n_class), details=details)
 
@@ -586,7 +587,7 @@ def _step_seed(seed: int, step: int, micro: int) -> int:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _fingerprint(data: ImageDataset, prompts: list[str], hp: Any) -> str:
+def _fingerprint(data: ImageDataset, prompts: list[str]) -> str:
     digest = hashlib.sha256(data.sha256.encode())
     digest.update(json.dumps(prompts).encode())
     return digest.hexdigest()
