@@ -7,7 +7,10 @@ of fine-tune are served by name, both arriving as ``{file name: bytes}``
 * LoRA (``pytorch_lora_weights.safetensors``, diffusers format, as
   :mod:`appliance.diffusion` writes it): injected into the resident base with
   ``load_lora_weights(state_dict, adapter_name=...)``, switched per request and
-  deleted with ``delete_adapters`` on unload.
+  deleted with ``delete_adapters`` on unload. Switching is done per component
+  (``set_adapters`` on the UNet, diffusers' text-encoder helpers) and LoRA is
+  disabled on any component the requested adapter does not touch, so no other
+  adapter's layers stay active there; base-model requests disable LoRA entirely.
 * DreamBooth (``unet/config.json`` + ``unet/diffusion_pytorch_model.safetensors``,
   optionally ``text_encoder/...``): served as its own pipeline that *shares* the
   base's VAE, tokenizer and (unless it was trained) text encoder objects, so each
