@@ -1,0 +1,651 @@
+"""The image training entry point: dataset bytes in, artefact bytes out, nothing on disk.
+
+:func:`train_images` reads the sanitised dataset zip, loads the base Stable
+Diffusion pipeline, resolves ``"auto"`` hyperparameters, generates "before"
+images for the instance prompt (and class images for prior preservation),
+runs the optimizer steps of diffusers' training scripts (latents from the
+VAE, DDPM noise, MSE on the scheduler's prediction type, optional Min-SNR
+weighting, prior loss) with events, checkpoints, validation images and
+cancellation, then generates "after" images and returns the artefact.
+
+Reproducible by construction: the images of step ``k`` and its noise and
+timesteps are drawn from generators seeded by ``(seed, k)``, so a resumed run
+ends with the same weights as an uninterrupted one on the same device.
+Offline: the base model is a local directory (``local_files_only``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from appliance.diffusion import checkpoint as ckpt
+from appliance.diffusion.compat import text_encoder_lora_supported
+from appliance.diffusion.data import ImageDataset, read_image_dataset
+from appliance.diffusion.fidelity import fidelity_proxy, grid_png
+from appliance.diffusion.hyperparameters import ImageTrainingSpec, resolve, uses_prior_preservation
+from appliance.diffusion.protocol import Models, Setup
+from appliance.diffusion.registry import get_recipe
+from appliance.diffusion.results import ImageTrainingEvent, ImageTrainMetrics, ImageTrainResult
+from appliance.errors import ApplianceError, InvalidRequestError
+
+#: Fixed as in diffusers' training scripts (``--adam_*``, ``--max_grad_norm``, ``--lr_scheduler constant``).
+ADAM_BETAS = (0.9, 0.999)
+ADAM_WEIGHT_DECAY = 1e-2
+ADAM_EPSILON = 1e-8
+MAX_GRAD_NORM = 1.0
+#: Images per sampling batch (``--sample_batch_size``) and generations per grid row (``--num_validation_images``).
+SAMPLE_BATCH_SIZE = 4
+NUM_VALIDATION_IMAGES = 4
+LOSS_WINDOW = 50
+TRAINABLE_PIPELINES = ("StableDiffusionPipeline",)
+
+
+class TrainingDivergedError(ApplianceError):
+    """The loss became NaN or infinite; a lower learning rate usually helps."""
+
+    code = "training_diverged"
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def train_images(
+    spec: ImageTrainingSpec,
+    model_dir: Path,
+    dataset: bytes,
+    *,
+    on_event: Callable[[ImageTrainingEvent], None] | None = None,
+    on_checkpoint: Callable[[int, bytes], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    resume_from: bytes | None = None,
+    device: str = "auto",
+    event_every_steps: int = 10,
+    sample_steps: int = 25,
+    guidance_scale: float | None = None,
+) -> ImageTrainResult:
+    """Fine-tune a Stable Diffusion model on an in-memory image dataset.
+
+    Args:
+        spec: Method and hyperparameters (:meth:`ImageTrainingSpec.from_method`).
+        model_dir: An imported Stable Diffusion 1.x/2.x pipeline directory
+            (:func:`appliance.diffusion.import_diffusers_model`).
+        dataset: The sanitised dataset zip (:mod:`appliance.diffusion.data`).
+        on_event: Called with an :class:`ImageTrainingEvent` every ``event_every_steps``
+            steps, at the last step, for validation images and for phases.
+        on_checkpoint: Called with ``(step, checkpoint_bytes)`` every ``checkpoint_every_steps``
+            steps (not at the last step: the result carries the final artefact).
+        should_stop: Polled before every step and every sampling batch; when it
+            returns true the run stops and returns a ``cancelled`` result.
+        resume_from: Bytes from ``on_checkpoint``; the run continues from there and
+            ends with the same weights as an uninterrupted run (same spec, data and device).
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        event_every_steps: Steps between ``train`` events.
+        sample_steps: Denoising steps for class, validation and before/after images.
+        guidance_scale: Classifier-free guidance for those images; ``None`` = the pipeline's default.
+
+    Returns:
+        An :class:`ImageTrainResult`.
+
+    Raises:
+        InvalidRequestError: Bad dataset, hyperparameters, model, device or checkpoint.
+        TrainingDivergedError: The loss became non-finite.
+    """
+    model_dir = Path(model_dir)
+    emit = on_event or (lambda event: None)
+    stop = should_stop or (lambda: False)
+    for name, value in (("event_every_steps", event_every_steps), ("sample_steps", sample_steps)):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise InvalidRequestError(f"`{name}` must be a positive integer; got {value!r}", param=name)
+    torch_device = _pick_device(device)
+    recipe = get_recipe(spec.method)
+    data = read_image_dataset(dataset)
+    pipeline_class = _check_trainable(model_dir)
+
+    models = _load_models(model_dir, torch_device)
+    vae_scale = 2 ** (len(models.vae.config.block_out_channels) - 1)
+    hp = resolve(
+        spec.hyperparameters,
+        n_images=len(data.images),
+        default_resolution=int(models.unet.config.sample_size) * vae_scale,
+        size_multiple=vae_scale,
+        device_type=torch_device.type,
+        bf16_supported=torch_device.type == "cuda" and torch.cuda.is_bf16_supported(),
+    )
+    prefix = f"method.{spec.method}.hyperparameters"
+    if hp.train_text_encoder and hasattr(hp, "rank"):  # LoRA on the text encoder: fail before any work
+        supported, why = text_encoder_lora_supported()
+        if not supported:
+            raise InvalidRequestError(f"`train_text_encoder` with LoRA is not available on this appliance: {why}; "
+                                      "set it to false", param=f"{prefix}.train_text_encoder")
+    instance_prompt = hp.instance_prompt or data.instance_prompt
+    prompts = recipe.prompts(data, instance_prompt)
+    sample_prompt = instance_prompt or prompts[0]
+    prior = uses_prior_preservation(hp)
+    total_steps = hp.max_train_steps
+    fingerprint = _fingerprint(data, prompts)
+    resume = _load_resume(resume_from, spec.method, hp, fingerprint, total_steps)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[hp.mixed_precision]
+    amp = hp.mixed_precision != "no"
+    details: dict[str, Any] = {
+        "device": str(torch_device), "pipeline_class": pipeline_class, "mixed_precision": hp.mixed_precision,
+        "prediction_type": models.noise_scheduler.config.prediction_type, "instance_prompt": instance_prompt,
+        "sample_prompt": sample_prompt, "prior_preservation": prior,
+        "class_prompt": getattr(hp, "class_prompt", None), "sample_steps": sample_steps,
+        "center_crop": True,
+    }
+
+    def event(kind: str, step: int, **fields: Any) -> None:
+        emit(ImageTrainingEvent(type=kind, step=step, total_steps=total_steps, **fields))
+
+    sampler = _Sampler(models, torch_device, weight_dtype if amp else None, sample_steps, guidance_scale, hp.seed, stop)
+    references = [_center_crop(im, hp.resolution) for im in data.images]
+    state = _RunState()
+    images: dict[str, bytes] = {}
+    # Seeded inside a fork so the caller's global RNG state is left untouched.
+    with torch.random.fork_rng(devices=[torch_device] if torch_device.type == "cuda" else []):
+        torch.manual_seed(hp.seed)
+        try:
+            if resume is not None:
+                before_png, state.before = resume["before_grid"], resume["before_metrics"]
+                before_images = None
+            else:
+                before_images = sampler.sample(sample_prompt, NUM_VALIDATION_IMAGES, hp.resolution, offset=0)
+                state.before = fidelity_proxy(before_images, references)
+                before_png = b""
+                event("info", 0, message=f"before training: {_describe(state.before)}")
+            class_pixels = None
+            if prior:
+                class_images = sampler.sample(hp.class_prompt, hp.num_class_images, hp.resolution, offset=10**6)
+                class_digest = hashlib.sha256(b"".join(im.tobytes() for im in class_images)).hexdigest()
+                if resume is not None and resume["class_digest"] != class_digest:
+                    raise InvalidRequestError(
+                        "`resume_from` cannot continue this run: the class images came out differently "
+                        "(another device or library version?)", param="resume_from")
+                state.class_digest = class_digest
+                class_pixels = _pixels(class_images, hp.resolution)
+                event("info", 0, message=f"generated {len(class_images)} class images for {hp.class_prompt!r}")
+            instance = _encode_images(models, _pixels(data.images, hp.resolution), torch_device)
+            klass = _encode_images(models, class_pixels, torch_device) if class_pixels is not None else None
+        except _Cancelled:
+            return _cancelled(hp, state, data, details, images, total_steps, 0)
+
+        with torch.random.fork_rng(devices=[torch_device] if torch_device.type == "cuda" else []):
+            torch.manual_seed(hp.seed)  # LoRA initialisation
+            setup = recipe.setup(models, hp, weight_dtype)
+        details.update(setup.details)
+        details["trainable_parameters"] = sum(p.numel() for p in setup.trainable.values())
+        if weight_dtype != torch.float32:
+            models.vae.to(dtype=weight_dtype)
+        optimizer = torch.optim.AdamW(
+            list(setup.trainable.values()), lr=hp.learning_rate, betas=ADAM_BETAS,
+            weight_decay=ADAM_WEIGHT_DECAY, eps=ADAM_EPSILON,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # diffusers' "constant"
+        scaler = torch.amp.GradScaler("cuda") if hp.mixed_precision == "fp16" else None
+        texts = _TextConditioning(models, setup, prompts, getattr(hp, "class_prompt", None), torch_device)
+        if resume is not None:
+            _restore(setup, optimizer, scheduler, scaler, resume, state)
+
+        models.unet.train()
+        if setup.train_text_encoder:
+            models.text_encoder.train()
+        try:
+            started = time.perf_counter()
+            window_start, window_images, window_losses = started, 0, []
+            while state.step < total_steps:
+                if stop():
+                    raise _Cancelled
+                loss, n_images = _train_step(models, setup, optimizer, scheduler, scaler, texts, instance, klass,
+                                             hp, state.step, torch_device, weight_dtype if amp else None)
+                if not math.isfinite(loss):
+                    raise TrainingDivergedError(
+                        f"the training loss became {loss} at step {state.step + 1}; lower `learning_rate` "
+                        f"(now {hp.learning_rate:g})", param=f"{prefix}.learning_rate")
+                state.step += 1
+                state.losses = (state.losses + [loss])[-LOSS_WINDOW:]
+                state.session_images += n_images
+                window_images += n_images
+                window_losses.append(loss)
+                last = state.step == total_steps
+                if state.step % event_every_steps == 0 or last:
+                    now = time.perf_counter()
+                    event("train", state.step, train_loss=sum(window_losses) / len(window_losses),
+                          learning_rate=scheduler.get_last_lr()[0],
+                          images_per_second=window_images / max(now - window_start, 1e-9))
+                    window_start, window_images, window_losses = now, 0, []
+                paused = time.perf_counter()
+                if hp.validation_every_steps and state.step % hp.validation_every_steps == 0 and not last:
+                    shown = sampler.sample(sample_prompt, NUM_VALIDATION_IMAGES, hp.resolution, offset=0)
+                    name = f"validation_step_{state.step:06d}.png"
+                    images[name] = grid_png([shown])
+                    event("validation", state.step, message=f"validation images for {sample_prompt!r}: "
+                          f"{_describe(fidelity_proxy(shown, references))}", images={name: images[name]})
+                if on_checkpoint and hp.checkpoint_every_steps and state.step % hp.checkpoint_every_steps == 0 \
+                        and not last:
+                    if not before_png:
+                        before_png = _before_grid(references, before_images)
+                    on_checkpoint(state.step, _checkpoint(recipe, models, setup, optimizer, scheduler, scaler, state,
+                                                          spec, hp, fingerprint, before_png))
+                # Validation and checkpoints are not training time.
+                pause = time.perf_counter() - paused
+                started += pause
+                window_start += pause
+            state.train_seconds += time.perf_counter() - started
+            after_images = sampler.sample(sample_prompt, NUM_VALIDATION_IMAGES, hp.resolution, offset=0)
+        except _Cancelled:
+            images["before_after.png"] = grid_png([references, before_images or []]) if before_images else before_png
+            return _cancelled(hp, state, data, details, images, total_steps, _class_count(klass))
+        after = fidelity_proxy(after_images, references)
+        event("info", state.step, message=f"after training: {_describe(after)}")
+        if before_images is None:  # resumed: the before row comes from the checkpoint's grid
+            images["before_after.png"] = _append_row(before_png, after_images)
+        else:
+            images["before_after.png"] = grid_png([references, before_images, after_images])
+        artifacts = recipe.save(models, setup)
+
+    return ImageTrainResult(
+        status="succeeded",
+        artifacts=artifacts,
+        images=images,
+        hyperparameters=hp,
+        metrics=_metrics(state, after, total_steps, data, _class_count(klass)),
+        details=details,
+    )
+
+
+# --------------------------------------------------------------------------- state and results
+
+
+@dataclass
+class _RunState:
+    """Counters a checkpoint carries across a resume."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    train_seconds: float = 0.0
+    session_images: int = 0  # this call only, for images/s
+    before: dict[str, float] | None = None
+    class_digest: str | None = None
+
+
+def _class_count(klass: dict[str, torch.Tensor] | None) -> int:
+    return 0 if klass is None else int(klass["mean"].shape[0])
+
+
+def _metrics(state: _RunState, after: dict[str, float] | None, total_steps: int, data: ImageDataset,
+             n_class: int) -> ImageTrainMetrics:
+    before = state.before or {}
+    after = after or {}
+    return ImageTrainMetrics(
+        steps=state.step,
+        total_steps=total_steps,
+        train_loss=(sum(state.losses) / len(state.losses)) if state.losses else None,
+        train_seconds=state.train_seconds,
+        images_per_second=state.session_images / state.train_seconds if state.train_seconds > 0 else 0.0,
+        n_instance_images=len(data.images),
+        n_class_images=n_class,
+        subject_fidelity_proxy_color_histogram_before=before.get("color_histogram"),
+        subject_fidelity_proxy_color_histogram_after=after.get("color_histogram"),
+        subject_fidelity_proxy_mean_color_distance_before=before.get("mean_color_distance"),
+        subject_fidelity_proxy_mean_color_distance_after=after.get("mean_color_distance"),
+    )
+
+
+def _cancelled(hp: Any, state: _RunState, data: ImageDataset, details: dict[str, Any], images: dict[str, bytes],
+               total_steps: int, n_class: int) -> ImageTrainResult:
+    return ImageTrainResult(status="cancelled", artifacts=None, images=images, hyperparameters=hp,
+                            metrics=_metrics(state, None, total_steps, data, n_class), details=details)
+
+
+def _describe(scores: dict[str, float]) -> str:
+    return (f"colour-histogram proxy {scores['color_histogram']:.3f}, "
+            f"mean-colour distance proxy {scores['mean_color_distance']:.3f}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        chosen = None
+    if chosen is None or chosen.type not in ("cpu", "cuda"):
+        raise InvalidRequestError(f"`device` must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}", param="device")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError(f"`device` is {device!r} but no CUDA device is available", param="device")
+    return chosen
+
+
+def _check_trainable(model_dir: Path) -> str:
+    index_path = model_dir / "model_index.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidRequestError(f"`model_dir` {model_dir.name} is not a diffusers pipeline directory "
+                                  f"(model_index.json: {exc})", param="model") from None
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    if name not in TRAINABLE_PIPELINES:
+        raise InvalidRequestError(
+            f"`model_dir` {model_dir.name} is a {name!r}; image training supports "
+            f"{', '.join(TRAINABLE_PIPELINES)} (Stable Diffusion 1.x/2.x); SDXL can be imported and served "
+            "but not trained yet", param="model")
+    return name
+
+
+def _load_models(model_dir: Path, device: torch.device) -> Models:
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_dir, local_files_only=True, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False, dtype=torch.float32,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        part.to(device)
+    pipe.vae.requires_grad_(False)
+    return Models(
+        unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        sample_scheduler=pipe.scheduler,
+    )
+
+
+# --------------------------------------------------------------------------- images and sampling
+
+
+def _center_crop(image, size: int):
+    """Resize the shorter side to ``size`` (bilinear) and crop the centre, as the scripts' ``--center_crop``."""
+    from PIL import Image
+
+    w, h = image.size
+    scale = size / min(w, h)
+    resized = image.convert("RGB").resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+    left, top = (resized.width - size) // 2, (resized.height - size) // 2
+    return resized.crop((left, top, left + size, top + size))
+
+
+def _pixels(images: list, size: int) -> torch.Tensor:
+    """``(N, 3, size, size)`` float32 in [-1, 1]."""
+    import numpy as np
+
+    arrays = [np.asarray(_center_crop(im, size), dtype=np.float32) for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+@torch.no_grad()
+def _encode_images(models: Models, pixels: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    """The VAE posterior (mean, std) of each image; latents are sampled from it every step, as the scripts do."""
+    means, stds = [], []
+    for start in range(0, pixels.shape[0], 8):
+        dist = models.vae.encode(pixels[start : start + 8].to(device, dtype=models.vae.dtype)).latent_dist
+        means.append(dist.mean.float())
+        stds.append(dist.std.float())
+    return {"mean": torch.cat(means), "std": torch.cat(stds)}
+
+
+class _Sampler:
+    """Generates images with the current weights; seeds make "before" and "after" comparable."""
+
+    def __init__(self, models: Models, device: torch.device, autocast_dtype: torch.dtype | None, steps: int,
+                 guidance_scale: float | None, seed: int, stop: Callable[[], bool]) -> None:
+        self.models, self.device, self.autocast_dtype = models, device, autocast_dtype
+        self.steps, self.guidance_scale, self.seed, self.stop = steps, guidance_scale, seed, stop
+
+    def sample(self, prompt: str, n: int, size: int, *, offset: int) -> list:
+        from diffusers import StableDiffusionPipeline
+
+        m = self.models
+        pipe = StableDiffusionPipeline(
+            vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
+            scheduler=type(m.sample_scheduler).from_config(m.sample_scheduler.config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        modes = [(part, part.training) for part in (m.unet, m.text_encoder)]
+        for part, _ in modes:
+            part.eval()
+        extra = {} if self.guidance_scale is None else {"guidance_scale": self.guidance_scale}
+        out = []
+        try:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                for start in range(0, n, SAMPLE_BATCH_SIZE):
+                    if self.stop():
+                        raise _Cancelled
+                    count = min(SAMPLE_BATCH_SIZE, n - start)
+                    generators = [torch.Generator("cpu").manual_seed(self.seed + offset + start + i)
+                                  for i in range(count)]
+                    context = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
+                               if self.autocast_dtype is not None else nullcontext())
+                    with context, torch.no_grad():
+                        result = pipe([prompt] * count, height=size, width=size, num_inference_steps=self.steps,
+                                      generator=generators, **extra)
+                    out.extend(result.images)
+        finally:
+            for part, was_training in modes:
+                part.train(was_training)
+        return out
+
+
+def _before_grid(references: list, before_images: list | None) -> bytes:
+    return grid_png([references, before_images or []])
+
+
+def _append_row(grid: bytes, row: list) -> bytes:
+    """Add a row of images under an existing grid PNG (tiles the grid's height / rows wide)."""
+    import io
+
+    from PIL import Image
+
+    base = Image.open(io.BytesIO(grid)).convert("RGB")
+    tile = base.height // 2
+    canvas = Image.new("RGB", (max(base.width, tile * len(row)), base.height + tile), "white")
+    canvas.paste(base, (0, 0))
+    strip = Image.open(io.BytesIO(grid_png([row], tile=tile)))
+    canvas.paste(strip, (0, base.height))
+    out = io.BytesIO()
+    canvas.save(out, format="PNG")
+    return out.getvalue()
+
+
+# --------------------------------------------------------------------------- the step
+
+
+class _TextConditioning:
+    """Prompt embeddings: computed once when the text encoder is frozen, per step when it trains."""
+
+    def __init__(self, models: Models, setup: Setup, prompts: list[str], class_prompt: str | None,
+                 device: torch.device) -> None:
+        self.models, self.trains = models, setup.train_text_encoder
+        unique = sorted(set(prompts) | ({class_prompt} if class_prompt else set()))
+        tok = models.tokenizer
+        ids = tok(unique, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(device)
+        self.index = {p: i for i, p in enumerate(unique)}
+        self.prompt_ids = [self.index[p] for p in prompts]
+        self.class_id = self.index[class_prompt] if class_prompt else None
+        self.ids = ids
+        self.cached = None
+        if not self.trains:
+            with torch.no_grad():
+                self.cached = models.text_encoder(ids, return_dict=False)[0]
+
+    def embed(self, which: list[int]) -> torch.Tensor:
+        if self.cached is not None:
+            return self.cached[which]
+        return self.models.text_encoder(self.ids[which], return_dict=False)[0]
+
+
+def _stream_positions(n: int, seed: int, salt: str, start: int, count: int) -> list[int]:
+    """Items ``start .. start+count`` of an endless stream of shuffled epochs over ``range(n)``.
+
+    A pure function of its arguments: a resumed run draws the same images.
+    """
+    out = []
+    for k in range(start, start + count):
+        epoch, index = divmod(k, n)
+        order = list(range(n))
+        random.Random(f"{seed}:{salt}:{epoch}").shuffle(order)
+        out.append(order[index])
+    return out
+
+
+def _train_step(models: Models, setup: Setup, optimizer, scheduler, scaler, texts: _TextConditioning,
+                instance: dict[str, torch.Tensor], klass: dict[str, torch.Tensor] | None, hp: Any, step: int,
+                device: torch.device, autocast_dtype: torch.dtype | None) -> tuple[float, int]:
+    """One optimizer step of ``gradient_accumulation_steps`` micro-batches; returns (loss, images used)."""
+    from diffusers.training_utils import compute_snr
+
+    batch, accumulation = hp.train_batch_size, hp.gradient_accumulation_steps
+    noise_scheduler = models.noise_scheduler
+    prediction = noise_scheduler.config.prediction_type
+    scaling = models.vae.config.scaling_factor
+    shift = getattr(models.vae.config, "shift_factor", None) or 0.0
+    total, used = 0.0, 0
+    for micro in range(accumulation):
+        position = (step * accumulation + micro) * batch
+        picks = _stream_positions(instance["mean"].shape[0], hp.seed, "instance", position, batch)
+        prompt_ids = [texts.prompt_ids[i] for i in picks]
+        mean, std = instance["mean"][picks], instance["std"][picks]
+        if klass is not None:
+            class_picks = _stream_positions(klass["mean"].shape[0], hp.seed, "class", position, batch)
+            mean = torch.cat([mean, klass["mean"][class_picks]])
+            std = torch.cat([std, klass["std"][class_picks]])
+            prompt_ids += [texts.class_id] * batch
+        generator = torch.Generator("cpu").manual_seed(_step_seed(hp.seed, step, micro))
+        eps = torch.randn(mean.shape, generator=generator).to(device)
+        noise = torch.randn(mean.shape, generator=generator).to(device)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (mean.shape[0],),
+                                  generator=generator).to(device)
+        latents = ((mean + std * eps) - shift) * scaling
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        context = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+        with context:
+            encoder_states = texts.embed(prompt_ids)
+            pred = models.unet(noisy, timesteps, encoder_states, return_dict=False)[0]
+        if prediction == "epsilon":
+            target = noise
+        elif prediction == "v_prediction":
+            target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        elif prediction == "sample":
+            target = latents
+        else:
+            raise InvalidRequestError(f"the base model's scheduler has prediction_type {prediction!r}; "
+                                      "training supports 'epsilon', 'v_prediction' and 'sample'", param="model")
+        per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        inst, prior = per_image[:batch], per_image[batch:]
+        if hp.snr_gamma is not None:
+            # Min-SNR weighting (arXiv:2303.09556), as train_text_to_image_lora.py computes it.
+            snr = compute_snr(noise_scheduler, timesteps[:batch])
+            weights = torch.minimum(snr, torch.full_like(snr, hp.snr_gamma))
+            if prediction == "epsilon":
+                weights = weights / snr
+            elif prediction == "v_prediction":
+                weights = weights / (snr + 1)
+            inst = inst * weights
+        loss = inst.mean()
+        if klass is not None:
+            loss = loss + hp.prior_loss_weight * prior.mean()
+        loss = loss / accumulation
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss.item()
+        used += mean.shape[0]
+    params = list(setup.trainable.values())
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total, used
+
+
+def _step_seed(seed: int, step: int, micro: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{step}:{micro}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _fingerprint(data: ImageDataset, prompts: list[str]) -> str:
+    digest = hashlib.sha256(data.sha256.encode())
+    digest.update(json.dumps(prompts).encode())
+    return digest.hexdigest()
+
+
+def _checkpoint(recipe, models: Models, setup: Setup, optimizer, scheduler, scaler, state: _RunState,
+                spec: ImageTrainingSpec, hp: Any, fingerprint: str, before_png: bytes) -> bytes:
+    return ckpt.dump({
+        "method": spec.method,
+        "hyperparameters": hp.to_dict(),
+        "data_fingerprint": fingerprint,
+        "step": state.step,
+        "losses": list(state.losses),
+        "train_seconds": state.train_seconds,
+        "before_metrics": dict(state.before or {}),
+        "before_grid": before_png,
+        "class_digest": state.class_digest,
+        "trainable": {n: p.detach().to("cpu").clone() for n, p in setup.trainable.items()},
+        "payload": recipe.checkpoint_payload(models, setup),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": ckpt.capture_rng(),
+    })
+
+
+def _load_resume(data: bytes | None, method: str, hp: Any, fingerprint: str, total_steps: int) -> dict | None:
+    if data is None:
+        return None
+    state = ckpt.load(data)
+    problems = []
+    if state.get("method") != method:
+        problems.append(f"it was made by method {state.get('method')!r}, not {method!r}")
+    if state.get("hyperparameters") != hp.to_dict():
+        problems.append("its resolved hyperparameters differ from this job's")
+    if state.get("data_fingerprint") != fingerprint:
+        problems.append("it was trained on different images or prompts")
+    if not 0 < state.get("step", 0) < total_steps:
+        problems.append(f"its step {state.get('step')} is outside this run's 1..{total_steps - 1}")
+    if problems:
+        raise InvalidRequestError(f"`resume_from` cannot continue this run: {'; '.join(problems)}",
+                                  param="resume_from")
+    return state
+
+
+def _restore(setup: Setup, optimizer, scheduler, scaler, saved: dict, state: _RunState) -> None:
+    missing = sorted(set(setup.trainable) - set(saved["trainable"]))
+    if missing:
+        raise InvalidRequestError(f"`resume_from` lacks trainable weights such as {missing[0]!r}",
+                                  param="resume_from")
+    with torch.no_grad():
+        for name, param in setup.trainable.items():
+            param.copy_(saved["trainable"][name])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if scaler is not None and saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
+    ckpt.restore_rng(saved["rng"])
+    state.step = saved["step"]
+    state.losses = list(saved["losses"])
+    state.train_seconds = saved["train_seconds"]
