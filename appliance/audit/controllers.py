@@ -85,8 +85,8 @@ class AuditReportController(Controller):
         self,
         request: Request,
         appliance: NamedDependency[AppState],
-        since: Annotated[datetime, QueryParameter(query="from", description="Start of the period (inclusive).")],
-        until: Annotated[datetime, QueryParameter(query="to", description="End of the period (exclusive).")],
+        since: Annotated[datetime, QueryParameter(name="from", description="Start of the period (inclusive).")],
+        until: Annotated[datetime, QueryParameter(name="to", description="End of the period (exclusive).")],
         format: FromQuery[Literal["json", "csv", "html", "pdf"]] = "json",
         project: FromQuery[str | None] = None,
     ) -> Response:
