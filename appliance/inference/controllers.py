@@ -63,6 +63,38 @@ class InferenceController(Controller):
         return Stream(sse(chunks), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
 
+class ImageController(Controller):
+    path = "/v1/images"
+    tags = ["inference"]
+
+    @post("/generations", opt={"permission": Permission.INFERENCE}, status_code=200, sync_to_thread=True)
+    def generations(self, request: Request, inference: NamedDependency[InferenceService],
+                    data: JSONBody[dict[str, Any]]) -> dict[str, Any]:
+        """OpenAI image generation: `model`, `prompt`, `n`, `size` ("WxH"), `response_format: b64_json`,
+        plus `seed`, `num_inference_steps`, `guidance_scale`, `negative_prompt`."""
+        import base64
+        import time
+
+        prompt, model = data.get("prompt"), data.get("model")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidRequestError("`prompt` is required", param="prompt")
+        if not isinstance(model, str) or not model:
+            raise InvalidRequestError("`model` is required: an image model or a fine-tune of one", param="model")
+        if data.get("response_format", "b64_json") != "b64_json":
+            raise InvalidRequestError(
+                f"`response_format` must be 'b64_json' (images are never left on disk for a URL); "
+                f"got {data.get('response_format')!r}", param="response_format")
+        n = data.get("n", 1)
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 10:
+            raise InvalidRequestError(f"`n` must be an integer from 1 to 10; got {n!r}", param="n")
+        images = inference.images(
+            request.user, audit_context(request), model=model, prompt=prompt, n=n, size=data.get("size"),
+            seed=data.get("seed"), num_inference_steps=data.get("num_inference_steps"),
+            guidance_scale=data.get("guidance_scale"), negative_prompt=data.get("negative_prompt"))
+        return {"created": int(time.time()),
+                "data": [{"b64_json": base64.b64encode(png).decode(), "revised_prompt": None} for png in images]}
+
+
 def _vllm_error(status: int, type_: str, message: str) -> Response:
     return Response({"error": {"message": message, "type": type_, "param": None, "code": status}},
                     status_code=status)

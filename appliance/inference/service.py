@@ -22,7 +22,7 @@ from appliance.audit.service import AuditContext, record
 from appliance.catalog.models import BaseModelRecord
 from appliance.catalog.service import CatalogService
 from appliance.db.base import Database
-from appliance.errors import NotFoundError
+from appliance.errors import InvalidRequestError, NotFoundError
 from appliance.files.policies import PolicyService
 from appliance.identity.models import Project
 from appliance.identity.service import Principal
@@ -38,10 +38,11 @@ log = logging.getLogger("appliance.inference")
 class Target:
     """Where a request goes: the engine, the name to use in it, whose policy guards it."""
 
-    engine: Engine
+    engine: Any  # serving.engine.Engine for text, serving.diffusers_engine.DiffusersEngine for images
     model: str
     project_id: int | None
     base: str
+    kind: str = "llm"
 
 
 class InferenceService:
@@ -68,7 +69,15 @@ class InferenceService:
         catalog.on_remove.append(self.on_adapter_removed)
 
     # -- engines ------------------------------------------------------------
-    def _new_engine(self, base: BaseModelRecord) -> Engine:
+    def _new_engine(self, base: BaseModelRecord) -> Any:
+        if base.kind == "diffusion":
+            from serving.diffusers_engine import DiffusersEngine, DiffusersEngineConfig
+
+            device = None if self.settings.device == "auto" else self.settings.device
+            return DiffusersEngine.from_pretrained(
+                Path(base.path), name=base.name, device=device, adapter_source=self.catalog.adapter_files,
+                config=DiffusersEngineConfig(max_resident_adapters=self.settings.max_resident_adapters),
+            )
         if self.settings.engine == "vllm":
             from serving.vllm_engine import VllmEngine
 
@@ -159,10 +168,11 @@ class InferenceService:
         """The engine and name for ``model``; another project's adapter answers 404 like a missing one."""
         if model.startswith("ft:"):
             view = self.catalog.get_adapter(principal, model)
-            engine = self.engine_for(view.row.base_model)
+            base = self.catalog.get_base_model(view.row.base_model)
+            engine = self.engine_for(base.name)
             if not engine.has_adapter(model):
                 engine.load_adapter(model)
-            return Target(engine, model, view.row.project_id, view.row.base_model)
+            return Target(engine, model, view.row.project_id, base.name, base.kind)
         runtime_base = self.runtime_adapters().get(model)
         if runtime_base is not None and principal.is_global:
             # Operator-loaded adapters belong to no project: only global roles may use them.
@@ -171,7 +181,13 @@ class InferenceService:
             base = self.catalog.get_base_model(model)
         except NotFoundError:
             raise NotFoundError(f"model {model!r} not found; see GET /v1/models", param="model") from None
-        return Target(self.engine_for(base.name), base.name, principal.project_id, base.name)
+        return Target(self.engine_for(base.name), base.name, principal.project_id, base.name, base.kind)
+
+    def _expect(self, target: Target, kind: str) -> None:
+        if target.kind != kind:
+            endpoint = "/v1/images/generations" if target.kind == "diffusion" else "/v1/chat/completions"
+            raise InvalidRequestError(f"model {target.model!r} is {'an image' if target.kind == 'diffusion' else 'a text'}"
+                                      f" model; use {endpoint}", param="model")
 
     def guard_for(self, target: Target) -> OutputGuard | None:
         """The output guard of the project the request runs in (none for global callers on base models)."""
@@ -187,6 +203,7 @@ class InferenceService:
                  kind: str) -> GenerationResult:
         started = time.perf_counter()
         target = self.resolve(principal, request.model)
+        self._expect(target, "llm")
         guard = self.guard_for(target)
         result = target.engine.generate(request)
         if guard is not None:
@@ -200,10 +217,31 @@ class InferenceService:
         """A delta stream (guarded); the request is audited when the stream ends or is abandoned."""
         started = time.perf_counter()
         target = self.resolve(principal, request.model)
+        self._expect(target, "llm")
         guard = self.guard_for(target)
         inner = target.engine.stream(request)
         stream = guard.guard_stream(inner) if guard is not None else inner
         return _AuditedStream(self, stream, ctx, principal, target, kind, started, guard)
+
+    def images(self, principal: Principal, ctx: AuditContext, *, model: str, prompt: str, n: int = 1,
+               size: str | None = None, seed: int | None = None, num_inference_steps: int | None = None,
+               guidance_scale: float | None = None, negative_prompt: str | None = None) -> list[bytes]:
+        """PNG images from a base image model or a fine-tune of one; audited like chat (never the prompt)."""
+        started = time.perf_counter()
+        target = self.resolve(principal, model)
+        self._expect(target, "diffusion")
+        images = target.engine.generate(prompt, model=target.model, n=n, size=size, seed=seed,
+                                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                        negative_prompt=negative_prompt)
+        with self.db.read() as s:
+            project = s.get(Project, target.project_id) if target.project_id else None
+        with self.db.transaction() as s:
+            record(s, ctx, "inference.image", resource_type="model", resource_id=target.model,
+                   project=project.name if project else None,
+                   details={"base_model": target.base, "n": len(images), "size": size,
+                            "num_inference_steps": num_inference_steps, "seed": seed,
+                            "latency_ms": round((time.perf_counter() - started) * 1000, 1)})
+        return images
 
     def audit(self, ctx: AuditContext, principal: Principal, target: Target, kind: str, usage: Any, started: float,
               guard: OutputGuard | None, *, stream: bool, ttft_s: float | None = None) -> None:

@@ -40,7 +40,7 @@ def job_object(view: JobView) -> JobObject:
         error=JobError(**r.error) if r.error else None,
         hyperparameters={k: shown.get(k, "auto") for k in _OPENAI_HP},
         method={"type": r.method_type, r.method_type: {"hyperparameters": shown}},
-        training_file=r.training_file, validation_file=r.validation_file, result_files=[],
+        training_file=r.training_file, validation_file=r.validation_file, result_files=list(r.result_files or []),
         trained_tokens=r.trained_tokens, seed=r.seed, estimated_finish=_ts(r.estimated_finish),
         user_provided_suffix=r.suffix, metrics=r.metrics or {}, resumable=r.resumable,
     )

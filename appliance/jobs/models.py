@@ -35,6 +35,8 @@ class FineTuningJob(Base):
     fine_tuned_model: Mapped[str | None] = mapped_column(String(255), default=None)
     trained_tokens: Mapped[int | None] = mapped_column(Integer, default=None)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: ids of result files (evaluation grids, validation images), stored encrypted like uploads
+    result_files: Mapped[list[str]] = mapped_column(JSON, default=list)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(128), default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)

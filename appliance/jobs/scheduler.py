@@ -286,6 +286,9 @@ class Scheduler:
         if kind == "artifact":
             artefacts[str(header["name"])] = payload
             return None
+        if kind == "result_file":
+            self._store_result_file(job_id, str(header["name"]), payload)
+            return None
         if kind in ("result", "cancelled", "error"):
             return kind, header
         log.warning("unknown frame from worker", extra={"job_id": job_id, "frame_type": kind})
@@ -305,6 +308,39 @@ class Scheduler:
                                         metrics={"step": step, **metrics}))
                     add_event(s, job_id, f"Checkpoint saved at step {step}", type="checkpoint",
                               data={"step": step, **metrics})
+            except BaseException:
+                writer.abort()
+                raise
+
+    def _store_result_file(self, job_id: str, name: str, payload: bytes) -> None:
+        """An evaluation grid or validation image: stored encrypted as a file of the job's project."""
+        import hashlib
+        import re
+
+        from appliance.files.service import new_file_id
+
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:200] or "result.bin"
+        file_id = new_file_id()
+        with self.db.read() as s:
+            job = s.get(FineTuningJob, job_id)
+            project = _project_name(s, job)
+        with self.blobs.writing(file_id, project, "file") as writer:
+            writer.write(payload)
+            key_row = writer.finish()
+            try:
+                with self.db.transaction() as s:
+                    job = s.get(FineTuningJob, job_id)
+                    s.add(key_row)
+                    s.add(StoredFile(
+                        id=file_id, project_id=job.project_id, filename=f"{job_id}-{safe}", purpose="fine-tune-results",
+                        bytes=len(payload), original_bytes=len(payload), records=0, status="processed",
+                        created_by=job.created_by, content_sha256=hashlib.sha256(payload).hexdigest(),
+                        policy_hash="", decision="accepted", scan_summary={"generated_by": job_id},
+                    ))
+                    job.result_files = [*(job.result_files or []), file_id]
+                    add_event(s, job_id, f"Result file {safe} stored as {file_id}", data={"file": file_id})
+                    record(s, SYSTEM, "file.result", resource_type="file", resource_id=file_id, project=project,
+                           details={"job_id": job_id, "name": safe, "bytes": len(payload)})
             except BaseException:
                 writer.abort()
                 raise

@@ -18,7 +18,7 @@ from appliance.files.models import StoredFile
 from appliance.identity.models import Project
 from appliance.identity.service import Principal
 from appliance.jobs.models import FineTuningJob, JobCheckpoint, JobEvent
-from appliance.jobs.recipes import validate_method
+from appliance.jobs.recipes import DATASET_PURPOSE, validate_method
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE = frozenset({"validating_files", "queued", "running"})
@@ -55,13 +55,14 @@ class JobService:
         self.db, self.catalog, self.wake = db, catalog, wake
 
     # -- create -------------------------------------------------------------
-    def _check_file(self, s, principal: Principal, project: Project, file_id: str | None, param: str) -> StoredFile:
+    def _check_file(self, s, principal: Principal, project: Project, file_id: str | None, param: str,
+                    purpose: str = "fine-tune") -> StoredFile:
         row = s.get(StoredFile, file_id) if file_id else None
         if row is None or row.deleted_at is not None or row.project_id != project.id:
             raise NotFoundError(f"file {file_id!r} not found in project {project.name!r}", param=param)
-        if row.purpose != "fine-tune":
-            raise InvalidRequestError(f"file {file_id!r} has purpose {row.purpose!r}; it must be 'fine-tune'",
-                                      param=param)
+        if row.purpose != purpose:
+            raise InvalidRequestError(f"file {file_id!r} has purpose {row.purpose!r}; this model trains on "
+                                      f"{purpose!r} files", param=param)
         if row.status != "processed" or row.decision != "accepted":
             raise InvalidRequestError(f"file {file_id!r} has not passed scanning (status {row.status!r})",
                                       param=param)
@@ -91,10 +92,15 @@ class JobService:
             raise InvalidRequestError(f"`suffix` must be 1-64 characters of letters, digits, '.', '_' or '-'; "
                                       f"got {suffix!r}", param="suffix")
         with self.db.transaction() as s:
-            training = self._check_file(s, principal, project, body.get("training_file"), "training_file")
+            purpose = DATASET_PURPOSE[base.kind]
+            training = self._check_file(s, principal, project, body.get("training_file"), "training_file", purpose)
             validation = None
             if body.get("validation_file"):
-                validation = self._check_file(s, principal, project, body["validation_file"], "validation_file")
+                if base.kind != "llm":
+                    raise InvalidRequestError("image jobs take no `validation_file`: fidelity is measured against "
+                                              "the instance images", param="validation_file")
+                validation = self._check_file(s, principal, project, body["validation_file"], "validation_file",
+                                              purpose)
             job = FineTuningJob(
                 id=new_job_id(), project_id=project.id, created_by=principal.user, model=base.name,
                 training_file=training.id, validation_file=validation.id if validation else None, suffix=suffix,

@@ -10,9 +10,10 @@ if TYPE_CHECKING:
     from appliance.jobs.worker import Channel
 
 
-def run_task(channel: Channel, start: dict[str, Any], datasets: dict[str, list[dict[str, Any]]],
-             resume: bytes | None) -> None:
-    """Train the job's adapter and report everything over ``channel``."""
+def run_task(channel: Channel, start: dict[str, Any], datasets: dict[str, Any], resume: bytes | None) -> None:
+    """Train the job's adapter (LLM or image model) and report everything over ``channel``."""
+    if start.get("model_kind") == "diffusion":
+        return run_image_task(channel, start, datasets, resume)
     from appliance.training import TrainingSpec, train
 
     method = {"type": start["method_type"], start["method_type"]: {"hyperparameters": start["hyperparameters"]}}
@@ -48,3 +49,37 @@ def run_task(channel: Channel, start: dict[str, Any], datasets: dict[str, list[d
         "type": "result", "metrics": result.metrics.to_dict(), "trained_tokens": result.metrics.trained_tokens,
         "resolved": result.hyperparameters.to_dict(), "details": result.details,
     })
+
+
+def run_image_task(channel: Channel, start: dict[str, Any], datasets: dict[str, bytes], resume: bytes | None) -> None:
+    """Stable Diffusion LoRA / DreamBooth / DreamBooth+LoRA; images become the job's result files."""
+    from appliance.diffusion import ImageTrainingSpec, train_images
+
+    method = {"type": start["method_type"], start["method_type"]: {"hyperparameters": start["hyperparameters"]}}
+    spec = ImageTrainingSpec.from_method(method)
+    if resume is not None:
+        channel.event(f"Resuming from the checkpoint at step {start.get('resume_step')}")
+    channel.event(f"Training {spec.method} on the image dataset")
+
+    def on_event(event) -> None:
+        data = {k: v for k, v in event.to_dict().items() if v is not None and k not in ("message", "images")}
+        level = "warn" if event.type == "warning" else "info"
+        channel.event(event.message or f"Step {event.step}/{event.total_steps}", level=level,
+                      type="metrics" if event.type == "train" else "message", data=data)
+        for name, png in sorted((event.images or {}).items()):
+            channel.send({"type": "result_file", "name": name}, png)
+
+    def on_checkpoint(step: int, state: bytes) -> None:
+        channel.send({"type": "checkpoint", "step": step, "metrics": {}}, state)
+
+    result = train_images(spec, Path(start["model_dir"]), datasets["train"], on_event=on_event,
+                          on_checkpoint=on_checkpoint, should_stop=channel.stop.is_set, resume_from=resume)
+    if result.status == "cancelled":
+        channel.send({"type": "cancelled", "step": result.metrics.steps})
+        return
+    for name, data in sorted(result.images.items()):
+        channel.send({"type": "result_file", "name": name}, data)
+    for name, data in sorted(result.artifacts.items()):
+        channel.send({"type": "artifact", "name": name}, data)
+    channel.send({"type": "result", "metrics": result.metrics.to_dict(), "trained_tokens": None,
+                  "resolved": result.hyperparameters.to_dict(), "details": result.details})

@@ -64,16 +64,19 @@ def network_probe() -> dict[str, Any]:
     return {"interfaces": interfaces, "connect": outcome}
 
 
-def load_records(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """Decrypt one dataset blob in memory and parse its JSONL records."""
+def load_bytes(spec: dict[str, Any]) -> bytes:
+    """Decrypt one dataset blob into memory."""
     key = base64.b64decode(spec["key"])
     buffer = bytearray()
     with open(spec["path"], "rb") as fh:
         for chunk in decrypt_stream(key, blob_context(spec["object_id"], spec["project"]), fh):
             buffer += chunk
-    records = [json.loads(line) for line in bytes(buffer).decode("utf-8").splitlines() if line.strip()]
-    buffer[:] = b"\0" * len(buffer)
-    return records
+    return bytes(buffer)
+
+
+def load_records(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Decrypt one JSONL dataset in memory and parse its records."""
+    return [json.loads(line) for line in load_bytes(spec).decode("utf-8").splitlines() if line.strip()]
 
 
 def run(channel: Channel, start: dict[str, Any], resume: bytes) -> None:
@@ -86,7 +89,8 @@ def run(channel: Channel, start: dict[str, Any], resume: bytes) -> None:
         else "Network isolation unavailable on this host: the worker relies on offline libraries only",
         level="info" if isolated else "warn", type="isolation", data=probe,
     )
-    datasets = {d["role"]: load_records(d) for d in start["datasets"]}
+    load = load_bytes if start.get("model_kind") == "diffusion" else load_records
+    datasets = {d["role"]: load(d) for d in start["datasets"]}
     run_task(channel, start, datasets, resume or None)
 
 

@@ -20,7 +20,7 @@ from appliance.identity.auth import PUBLIC_OPT, BearerAuthMiddleware, csrf_guard
 from appliance.catalog.controllers import ModelController
 from appliance.files.controllers import FileController, PolicyController
 from appliance.identity.controllers import MeController, ProjectController, TokenController, UserController
-from appliance.inference.controllers import InferenceController, RuntimeLoraController
+from appliance.inference.controllers import ImageController, InferenceController, RuntimeLoraController
 from appliance.jobs.controllers import JobController
 from appliance.portal import admin as portal_admin
 from appliance.portal import audit_page, auth_routes, datasets, models_page, playground
@@ -35,6 +35,7 @@ ROUTE_HANDLERS = [
     health, MeController, ProjectController, UserController, TokenController, AuditController, AuditProofController,
     AuditReportController, FileController,
     PolicyController, ModelController, JobController, InferenceController, RuntimeLoraController,
+    ImageController,
 ]
 PORTAL_DIR = Path(__file__).resolve().parent.parent / "portal"
 PORTAL_ROUTES = [

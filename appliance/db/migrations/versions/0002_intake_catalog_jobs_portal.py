@@ -117,6 +117,7 @@ def upgrade() -> None:
     sa.Column('fine_tuned_model', sa.String(length=255), nullable=True),
     sa.Column('trained_tokens', sa.Integer(), nullable=True),
     sa.Column('metrics', sa.JSON(), nullable=False),
+    sa.Column('result_files', sa.JSON(), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('worker', sa.String(length=128), nullable=True),
     sa.Column('heartbeat_at', appliance.db.base.UTCDateTime(), nullable=True),

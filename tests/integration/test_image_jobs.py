@@ -1,0 +1,122 @@
+"""Image fine-tuning end to end on the tiny pipeline: upload, DreamBooth+LoRA and DreamBooth jobs, images API."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+import zipfile
+
+import openai
+import pytest
+from PIL import Image, ImageDraw
+
+from appliance.catalog.service import DEMO_IMAGE_MODEL_NAME
+from appliance.identity.roles import Role
+from tests.conftest import CLI_CTX, bearer
+
+PROMPT = "a photo of sks disc"
+
+
+def disc(size: int = 64) -> bytes:
+    img = Image.new("RGB", (size, size), "white")
+    ImageDraw.Draw(img).ellipse((size // 6, size // 6, size - size // 6, size - size // 6), fill=(220, 20, 20))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def zip_of(images: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in images.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def image_model(state, tmp_path) -> str:
+    from appliance.diffusion import build_tiny_sd_pipeline
+
+    state.catalog.import_model(CLI_CTX, build_tiny_sd_pipeline(tmp_path / "tiny-sd", seed=0), DEMO_IMAGE_MODEL_NAME)
+    return DEMO_IMAGE_MODEL_NAME
+
+
+def run_job(client, trainer: str, model: str, file_id: str, method: dict) -> openai.types.fine_tuning.FineTuningJob:
+    api = openai.OpenAI(api_key=trainer, base_url=str(client.base_url) + "/v1", http_client=client, max_retries=0)
+    job = api.fine_tuning.jobs.create(model=model, training_file=file_id, seed=3, method=method)
+    deadline = time.monotonic() + 240
+    while (job := api.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    return job
+
+
+def test_dreambooth_lora_and_dreambooth_jobs_then_images_through_the_openai_client(
+        client, state, image_model, make_token, tmp_path):
+    owner = make_token("olivia", Role.DATA_OWNER, "acme")
+    trainer = make_token("trish", Role.TRAINER, "acme")
+    consumer = make_token("carl", Role.CONSUMER, "acme")
+    upload = client.post("/v1/files", headers=bearer(owner), data={"purpose": "fine-tune-images",
+                                                                  "instance_prompt": PROMPT},
+                         files={"file": ("disc.zip", zip_of({f"disc{i}.png": disc() for i in range(4)}))})
+    assert upload.status_code == 201, upload.text
+    file_id = upload.json()["id"]
+    hp = {"max_train_steps": 60, "learning_rate": 3e-3, "train_batch_size": 2, "rank": 8,
+          "validation_every_steps": 0, "checkpoint_every_steps": 30}
+    db_lora = run_job(client, trainer, image_model, file_id, {"type": "dreambooth_lora",
+                                                              "dreambooth_lora": {"hyperparameters": hp}})
+    assert db_lora.status == "succeeded", db_lora.error
+    metrics = db_lora.model_extra["metrics"]
+    assert metrics["subject_fidelity_proxy_color_histogram_after"] > \
+        metrics["subject_fidelity_proxy_color_histogram_before"]
+    # The before/after grid is a result file, encrypted like any upload and readable by the data owner.
+    assert db_lora.result_files
+    grid = client.get(f"/v1/files/{db_lora.result_files[-1]}/content", headers=bearer(owner))
+    assert grid.status_code == 200 and Image.open(io.BytesIO(grid.content)).format == "PNG"
+
+    full = run_job(client, trainer, image_model, file_id, {"type": "dreambooth", "dreambooth": {"hyperparameters": {
+        "max_train_steps": 40, "learning_rate": 1e-3, "train_batch_size": 2, "validation_every_steps": 0}}})
+    assert full.status == "succeeded", full.error
+
+    images = openai.OpenAI(api_key=consumer, base_url=str(client.base_url) + "/v1", http_client=client,
+                           max_retries=0)
+    for model in (db_lora.fine_tuned_model, full.fine_tuned_model, image_model):
+        result = images.images.generate(model=model, prompt=PROMPT, n=2, size="16x16", response_format="b64_json",
+                                        extra_body={"seed": 1, "num_inference_steps": 4})
+        assert len(result.data) == 2
+        for item in result.data:
+            img = Image.open(io.BytesIO(base64.b64decode(item.b64_json)))
+            assert img.format == "PNG" and img.size == (16, 16)
+    with pytest.raises(openai.BadRequestError) as info:
+        images.images.generate(model=image_model, prompt=PROMPT, response_format="url")
+    assert info.value.body["param"] == "response_format"
+    with pytest.raises(openai.BadRequestError):
+        images.chat.completions.create(model=image_model, messages=[{"role": "user", "content": "hi"}])
+
+    # The LoRA artefact is in diffusers format and loads in stock diffusers.
+    from diffusers import StableDiffusionPipeline
+
+    out = state.catalog.export(None, CLI_CTX, db_lora.fine_tuned_model, tmp_path / "lora")
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+    pipe = StableDiffusionPipeline.from_pretrained(state.catalog.get_base_model(image_model).path)
+    pipe.load_lora_weights(out)
+    exported = state.catalog.export(None, CLI_CTX, full.fine_tuned_model, tmp_path / "db")
+    assert (exported / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert json.loads((exported / "manifest.json").read_text())["method"] == "dreambooth"
+
+
+def test_image_jobs_need_image_datasets(client, image_model, make_token):
+    owner = make_token("olivia", Role.DATA_OWNER, "acme")
+    trainer = make_token("trish", Role.TRAINER, "acme")
+    text_file = client.post("/v1/files", headers=bearer(owner), data={"purpose": "fine-tune"},
+                            files={"file": ("t.jsonl", b'{"text": "hello"}\n')}).json()["id"]
+    api = openai.OpenAI(api_key=trainer, base_url=str(client.base_url) + "/v1", http_client=client, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as info:
+        api.fine_tuning.jobs.create(model=image_model, training_file=text_file, method={"type": "dreambooth"})
+    assert info.value.body["param"] == "training_file"
+    with pytest.raises(openai.BadRequestError) as info:
+        api.fine_tuning.jobs.create(model=image_model, training_file=text_file, method={
+            "type": "dreambooth", "dreambooth": {"hyperparameters": {"resolution": -5, "snr_gamma": "x"}}})
+    assert "resolution" in info.value.message and "snr_gamma" in info.value.message
