@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 from litestar import Request, get
 from litestar.di import NamedDependency
-from litestar.params import FromQuery
+from litestar.params import FromPath, FromQuery
 from litestar.response import Response, Template
 
 from appliance.audit.service import EventFilter, read_events, verify_chain
@@ -54,8 +54,8 @@ def audit(request: Request, appliance: NamedDependency[AppState], actor: FromQue
                 has_more=has_more, chain=chain, q=f.applied, query=str(request.url.query or ""))
 
 
-@get("/audit/export.{fmt:str}", opt=portal(Permission.AUDIT_READ), include_in_schema=False, sync_to_thread=True)
-def export(request: Request, appliance: NamedDependency[AppState], fmt: str, actor: FromQuery[str | None] = None,
+@get("/audit/export/{fmt:str}", opt=portal(Permission.AUDIT_READ), include_in_schema=False, sync_to_thread=True)
+def export(request: Request, appliance: NamedDependency[AppState], fmt: FromPath[str], actor: FromQuery[str | None] = None,
            action: FromQuery[str | None] = None, outcome: FromQuery[str | None] = None,
            since: FromQuery[str | None] = None, until: FromQuery[str | None] = None) -> Response:
     """The filtered events as CSV or JSON (reading is audited)."""
