@@ -107,6 +107,7 @@ def build_report(db: Database, scope: ReportScope) -> dict[str, Any]:
             "id": a.id, "project": projects.get(a.project_id), "kind": a.kind, "job_id": a.job_id,
             "base_model": m.get("base_model"), "datasets": m.get("datasets"), "hyperparameters": m.get("hyperparameters"),
             "metrics": m.get("metrics"), "trained_by": m.get("trained_by"), "published_at": _iso(a.created_at),
+            "privacy": _privacy_summary(m.get("privacy")),
             "manifest_signature": a.signature, "deleted_at": _iso(a.deleted_at),
             "queries": [{"actor": k, "requests": n} for k, n in sorted(usage[a.id].items())],
             "query_tokens": tokens[a.id],
@@ -138,6 +139,27 @@ def build_report(db: Database, scope: ReportScope) -> dict[str, Any]:
     }
 
 
+def _privacy_summary(privacy: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The memorisation evidence of a manifest in a few figures (canary exposure, extraction, DP)."""
+    if not privacy:
+        return None
+    out: dict[str, Any] = {}
+    if canaries := privacy.get("canaries"):
+        out["canaries"] = canaries.get("count")
+        out["canary_exposure_bits"] = _round(canaries.get("mean_exposure"))
+        out["canary_exposure_base_model_bits"] = _round(canaries.get("mean_exposure_base"))
+    if extraction := privacy.get("extraction"):
+        out["extraction_probe"] = f"{extraction.get('extracted')} of {extraction.get('probed')} allowed values completed"
+    if dp := privacy.get("dp"):
+        out["dp_epsilon_spent"] = _round(dp.get("epsilon_spent"))
+        out["dp_delta"] = dp.get("delta")
+    return out or None
+
+
+def _round(value: Any) -> Any:
+    return round(value, 2) if isinstance(value, float) else value
+
+
 # -- rendering ---------------------------------------------------------------
 def _cell(value: Any) -> str:
     if value is None:
@@ -154,7 +176,8 @@ SECTIONS = [
     ("rejected_uploads", "Rejected uploads", ["seq", "at", "actor", "project", "outcome", "code", "param",
                                               "blocked_types"]),
     ("models", "Models and their lineage", ["id", "project", "kind", "base_model", "datasets", "trained_by",
-                                            "published_at", "hyperparameters", "metrics", "queries", "query_tokens",
+                                            "published_at", "hyperparameters", "metrics", "privacy", "queries",
+                                            "query_tokens",
                                             "deleted_at"]),
     ("access_denials", "Access denials", ["seq", "at", "actor", "action", "resource", "project", "reason",
                                           "origin_ip"]),

@@ -52,6 +52,11 @@ class ScanFinding(Base):
     end: Mapped[int] = mapped_column(Integer)
     score: Mapped[float] = mapped_column(Float)
     action: Mapped[str] = mapped_column(String(16))
+    #: for ``allow`` findings kept intact: the record index and span in the stored (decrypted) file,
+    #: which blank lines and redactions shift; the extraction probe reads them
+    stored_record: Mapped[int | None] = mapped_column(Integer, default=None)
+    stored_start: Mapped[int | None] = mapped_column(Integer, default=None)
+    stored_end: Mapped[int | None] = mapped_column(Integer, default=None)
 
 
 class ProjectPolicy(Base):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.policy import Policy, decide, redact_record
+from appliance.policy.redaction import stored_span
 from appliance.errors import InvalidRequestError
 from appliance.scanning import Finding, Scanner, iter_text_fields, parse_line
 from appliance.storage.blobs import BlobWriter
@@ -38,6 +39,9 @@ class IntakeReport:
     by_action: Counter[str] = field(default_factory=Counter)
     #: entity type -> 1-based line numbers where it was blocked (first 20 per type)
     blocked_lines: dict[str, list[int]] = field(default_factory=dict)
+    #: index in ``findings`` -> (record index in the stored file, start, end in the stored text), for
+    #: ``allow`` findings whose value is stored intact (blank lines and redaction shift both)
+    stored_spans: dict[int, tuple[int, int, int]] = field(default_factory=dict)
 
     @property
     def blocked(self) -> bool:
@@ -133,9 +137,12 @@ class JsonlIntake:
         report, batch = self.report, self._batch
         self._batch = []
         units = [(index, path, text) for index, record in batch for path, text in iter_text_fields(record)]
-        found = self.scanner.scan(units, entities=self.policy.scanned_entities())
+        found = self.scanner.scan(units, entities=self.policy.inventoried_entities())
         decision = decide(found, self.policy)
         by_record: dict[int, list[Finding]] = {}
+        allowed: dict[int, list[tuple[int, Finding]]] = {}  # record -> (index in report.findings, finding)
+        first_stored = report.records - len(batch)  # blank lines are not stored: count records, not lines
+        stored_index = {line: first_stored + i for i, (line, _) in enumerate(batch)}
         for f in decision.findings:
             report.by_type[f.entity_type] += 1
             report.by_action[f.action] += 1
@@ -146,12 +153,18 @@ class JsonlIntake:
             by_record.setdefault(f.record, []).append(f)
             if len(report.findings) < self.max_findings:
                 report.findings.append(f)
+                if f.action == "allow":
+                    allowed.setdefault(f.record, []).append((len(report.findings) - 1, f))
             else:
                 report.findings_truncated = True
         if report.blocked:
             return  # keep scanning for the report; nothing more is stored
         for index, record in batch:
             redactions = [f for f in by_record.get(index, []) if f.action == "redact"]
+            for position, f in allowed.get(index, []):
+                span = stored_span(f, redactions)
+                if span is not None:
+                    report.stored_spans[position] = (stored_index[index], *span)
             if redactions:
                 record = redact_record(record, redactions)
                 report.redacted_records += 1

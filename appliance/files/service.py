@@ -245,8 +245,9 @@ class FileService:
             s.flush()
             s.add_all(
                 ScanFinding(file_id=row.id, record=f.record, field=f.field, entity_type=f.entity_type,
-                            start=f.start, end=f.end, score=round(float(f.score), 4), action=f.action)
-                for f in report.findings
+                            start=f.start, end=f.end, score=round(float(f.score), 4), action=f.action,
+                            **_stored_location(report.stored_spans.get(i)))
+                for i, f in enumerate(report.findings)
             )
             record(
                 s, ctx, "file.upload", resource_type="file", resource_id=row.id, project=project.name,
@@ -355,3 +356,8 @@ def _blocked_message(report: IntakeReport) -> str:
         more = " and more" if len(lines) >= 20 else ""
         parts.append(f"{entity} on line{'s' if len(lines) > 1 else ''} {shown}{more}")
     return "file rejected by the project's policy: " + "; ".join(parts)
+
+
+def _stored_location(span: tuple[int, int, int] | None) -> dict[str, int | None]:
+    record, start, end = span if span is not None else (None, None, None)
+    return {"stored_record": record, "stored_start": start, "stored_end": end}

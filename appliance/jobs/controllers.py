@@ -10,6 +10,7 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from appliance.files.service import FileService
 from appliance.identity.roles import Permission
+from appliance.jobs.memorization import public_view
 from appliance.jobs.schemas import (
     CheckpointList,
     CheckpointObject,
@@ -43,6 +44,7 @@ def job_object(view: JobView) -> JobObject:
         training_file=r.training_file, validation_file=r.validation_file, result_files=list(r.result_files or []),
         trained_tokens=r.trained_tokens, seed=r.seed, estimated_finish=_ts(r.estimated_finish),
         user_provided_suffix=r.suffix, metrics=r.metrics or {}, resumable=r.resumable,
+        memorization=public_view(r.memorization), privacy=r.privacy or {},
     )
 
 

@@ -35,6 +35,9 @@ class FineTuningJob(Base):
     fine_tuned_model: Mapped[str | None] = mapped_column(String(255), default=None)
     trained_tokens: Mapped[int | None] = mapped_column(Integer, default=None)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: the ``memorization`` option (with the canary sentences drawn at creation) and its results
+    memorization: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    privacy: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     #: ids of result files (evaluation grids, validation images), stored encrypted like uploads
     result_files: Mapped[list[str]] = mapped_column(JSON, default=list)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

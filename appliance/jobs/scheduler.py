@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import random
 import secrets
 import signal
 import threading
@@ -28,7 +29,7 @@ from appliance.catalog.models import BaseModelRecord
 from appliance.catalog.service import CatalogService
 from appliance.crypto.envelope import WrappedKey
 from appliance.db.base import Database, utcnow
-from appliance.files.models import StoredFile
+from appliance.files.models import ScanFinding, StoredFile
 from appliance.identity.models import Project
 from appliance.jobs.models import FineTuningJob, JobCheckpoint
 from appliance.jobs.sandbox import SandboxedProcess, WorkerLimits, spawn
@@ -212,11 +213,15 @@ class Scheduler:
             checkpoint = s.scalar(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)
                                   .order_by(JobCheckpoint.step_number.desc()).limit(1))
             resume = b"".join(self.blobs.read(s, checkpoint.object_id)) if checkpoint else b""
+            memorization = dict(job.memorization or {})
+            if memorization.get("extraction_probe") and base.kind == "llm":
+                memorization["probe_targets"] = _probe_targets(s, job.training_file, memorization["probe_samples"],
+                                                               job.seed)
         start = {
             "type": "start", "job_id": job.id, "project": project.name, "method_type": job.method_type,
             "hyperparameters": job.hyperparameters, "seed": job.seed, "model_dir": base.path,
             "model_kind": base.kind, "datasets": datasets,
-            "resume_step": checkpoint.step_number if checkpoint else None,
+            "resume_step": checkpoint.step_number if checkpoint else None, "memorization": memorization,
         }
         return start, resume
 
@@ -390,7 +395,7 @@ class Scheduler:
             "datasets": [{"id": f.id, "sha256": f.content_sha256, "policy_hash": f.policy_hash,
                           "records": f.records} for f in files.values()],
             "hyperparameters": header.get("resolved") or job.hyperparameters,
-            "metrics": header.get("metrics") or {}, "seed": job.seed,
+            "metrics": header.get("metrics") or {}, "seed": job.seed, "privacy": header.get("privacy") or {},
             "code_version": __version__, "created_at": utcnow().isoformat(),
         }
         self.catalog.publish(s, SYSTEM, adapter_id=adapter_id, job_id=job.id, project=project, base_model=base.name,
@@ -398,13 +403,14 @@ class Scheduler:
         job.status, job.finished_at, job.fine_tuned_model = "succeeded", utcnow(), adapter_id
         job.trained_tokens = header.get("trained_tokens")
         job.metrics = header.get("metrics") or {}
+        job.privacy = header.get("privacy") or {}
         job.resolved = header.get("resolved") or {}
         job.resumable = False
         add_event(s, job.id, f"New fine-tuned model created: {adapter_id}", data=job.metrics)
         add_event(s, job.id, "The job has successfully completed")
         record(s, SYSTEM, "job.succeed", resource_type="fine_tuning_job", resource_id=job.id, project=project.name,
                details={"fine_tuned_model": adapter_id, "trained_tokens": job.trained_tokens,
-                        "metrics": job.metrics})
+                        "metrics": job.metrics, "privacy": job.privacy})
         return adapter_id
 
     def _fail(self, s, job: FineTuningJob, error: dict[str, Any], *, resumable: bool) -> None:
@@ -412,6 +418,19 @@ class Scheduler:
         add_event(s, job.id, f"Job failed: {error['message']}", level="error")
         record(s, SYSTEM, "job.fail", outcome="failure", resource_type="fine_tuning_job", resource_id=job.id,
                project=_project_name(s, job), reason=error["code"], details={"resumable": resumable})
+
+
+def _probe_targets(s, file_id: str, limit: int, seed: int) -> list[list[Any]]:
+    """Up to ``limit`` allowed findings of the training file, as stored, for the extraction probe (seeded sample)."""
+    rows = s.execute(select(ScanFinding.stored_record, ScanFinding.field, ScanFinding.stored_start,
+                            ScanFinding.stored_end, ScanFinding.entity_type)
+                     .where(ScanFinding.file_id == file_id, ScanFinding.action == "allow",
+                            ScanFinding.stored_record.is_not(None))
+                     .order_by(ScanFinding.id)).all()
+    picked = [list(r) for r in rows]
+    if len(picked) > limit:
+        picked = sorted(random.Random(seed).sample(picked, limit))
+    return picked
 
 
 def _file_ok(s, file_id: str) -> bool:

@@ -33,6 +33,9 @@ class JobObject(msgspec.Struct):
     user_provided_suffix: str | None
     metrics: dict[str, Any]
     resumable: bool
+    #: extensions: the memorisation tests asked for and their results (canary exposure, extraction probe, DP)
+    memorization: dict[str, Any] = msgspec.field(default_factory=dict)
+    privacy: dict[str, Any] = msgspec.field(default_factory=dict)
     integrations: list[Any] = msgspec.field(default_factory=list)
     metadata: dict[str, str] | None = None
     object: str = "fine_tuning.job"

@@ -17,6 +17,7 @@ from appliance.errors import ConflictError, InvalidRequestError, NotFoundError
 from appliance.files.models import StoredFile
 from appliance.identity.models import Project
 from appliance.identity.service import Principal
+from appliance.jobs.memorization import parse_memorization, public_view
 from appliance.jobs.models import FineTuningJob, JobCheckpoint, JobEvent
 from appliance.jobs.recipes import DATASET_PURPOSE, validate_method
 
@@ -87,6 +88,11 @@ class JobService:
         if seed is None:
             seed = explicit if isinstance(explicit, int) else secrets.randbelow(2**31)
         method_type, hyperparameters = validate_method(method, base_kind=base.kind, seed=seed)
+        memorization = parse_memorization(body.get("memorization"), base_kind=base.kind)
+        if memorization.get("canaries"):
+            from appliance.training.memorization import new_canaries
+
+            memorization["canary_texts"] = new_canaries(memorization["canaries"])
         suffix = body.get("suffix")
         if suffix is not None and (not isinstance(suffix, str) or not _SUFFIX_RE.match(suffix)):
             raise InvalidRequestError(f"`suffix` must be 1-64 characters of letters, digits, '.', '_' or '-'; "
@@ -105,6 +111,7 @@ class JobService:
                 id=new_job_id(), project_id=project.id, created_by=principal.user, model=base.name,
                 training_file=training.id, validation_file=validation.id if validation else None, suffix=suffix,
                 seed=seed, method_type=method_type, hyperparameters=hyperparameters, status="validating_files",
+                memorization=memorization,
             )
             s.add(job)
             s.flush()
@@ -113,7 +120,7 @@ class JobService:
             record(s, ctx, "job.create", resource_type="fine_tuning_job", resource_id=job.id, project=project.name,
                    details={"model": base.name, "method": method_type, "training_file": training.id,
                             "validation_file": job.validation_file, "hyperparameters": hyperparameters,
-                            "seed": seed})
+                            "seed": seed, "memorization": public_view(memorization)})
         self.wake()
         return JobView(job, project.name)
 

@@ -15,6 +15,7 @@ def run_task(channel: Channel, start: dict[str, Any], datasets: dict[str, Any], 
     if start.get("model_kind") == "diffusion":
         return run_image_task(channel, start, datasets, resume)
     from appliance.training import TrainingSpec, train
+    from appliance.training.memorization import ProbeTarget
 
     method = {"type": start["method_type"], start["method_type"]: {"hyperparameters": start["hyperparameters"]}}
     spec = TrainingSpec.from_method(method)
@@ -35,10 +36,17 @@ def run_task(channel: Channel, start: dict[str, Any], datasets: dict[str, Any], 
         channel.send({"type": "checkpoint", "step": step, "metrics": {}}, state)
         last_checkpoint[0] = time.monotonic()
 
+    memorization = start.get("memorization") or {}
+    canaries = memorization.get("canary_texts") or []
+    probe_targets = [ProbeTarget.from_list(row) for row in memorization.get("probe_targets") or []]
+    if canaries:
+        channel.event(f"Inserting {len(canaries)} canaries x {memorization['canary_repetitions']} into the training "
+                      "data to measure their exposure after training")
     result = train(
         spec, Path(start["model_dir"]), datasets["train"], datasets.get("validation"),
         on_event=on_event, on_checkpoint=on_checkpoint, should_stop=channel.stop.is_set,
         resume_from=resume, base_model_name=Path(start["model_dir"]).name,
+        canaries=canaries, canary_repetitions=memorization.get("canary_repetitions", 1), probe_targets=probe_targets,
     )
     if result.status == "cancelled":
         channel.send({"type": "cancelled", "step": result.metrics.steps})
@@ -47,7 +55,7 @@ def run_task(channel: Channel, start: dict[str, Any], datasets: dict[str, Any], 
         channel.send({"type": "artifact", "name": name}, data)
     channel.send({
         "type": "result", "metrics": result.metrics.to_dict(), "trained_tokens": result.metrics.trained_tokens,
-        "resolved": result.hyperparameters.to_dict(), "details": result.details,
+        "resolved": result.hyperparameters.to_dict(), "details": result.details, "privacy": result.privacy,
     })
 
 

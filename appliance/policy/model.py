@@ -88,6 +88,16 @@ class Policy:
         """Supported entity types whose action is not ``allow``: the ones worth scanning for."""
         return frozenset(t for t in SUPPORTED_ENTITIES if self.rule_for(t).action != "allow")
 
+    def inventoried_entities(self) -> frozenset[str]:
+        """:meth:`scanned_entities` plus the types the policy names explicitly as ``allow``.
+
+        Training data is scanned for these: an explicitly allowed value is kept,
+        but its finding is recorded so the owner sees it and the extraction
+        probe (:mod:`appliance.training.memorization`) can test it after training.
+        """
+        named = {t for t, rule in self.entities.items() if rule.action == "allow" and t in SUPPORTED_ENTITIES}
+        return self.scanned_entities() | named
+
     def canonical(self) -> dict[str, Any]:
         """The hashed form: every decision-relevant value, explicit."""
         return {

@@ -44,6 +44,21 @@ def redact_text(text: str, findings: Iterable[Finding]) -> str:
     return _engine().anonymize(text=text, analyzer_results=results, operators={"DEFAULT": OperatorConfig("replace")}).text
 
 
+def stored_span(finding: Finding, redactions: Iterable[Finding]) -> tuple[int, int] | None:
+    """Where ``finding``'s value lies once ``redactions`` are applied to its field, or ``None`` if one overlaps it.
+
+    :func:`redact_text` replaces each merged span with ``<TYPE>``, which moves
+    everything after it by the difference in length.
+    """
+    shift = 0
+    for start, end, etype in _merge([r for r in redactions if r.field == finding.field]):
+        if start < finding.end and finding.start < end:
+            return None
+        if end <= finding.start:
+            shift += len(etype) + 2 - (end - start)
+    return finding.start + shift, finding.end + shift
+
+
 def redact_record(record: dict[str, Any], findings: Iterable[Finding]) -> dict[str, Any]:
     """A copy of ``record`` with every ``redact`` finding replaced by ``<ENTITY_TYPE>``.
 

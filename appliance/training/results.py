@@ -5,7 +5,7 @@ No torch here: the API process can import these to type the worker's output.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from appliance.training.hyperparameters import Hyperparameters
@@ -82,6 +82,8 @@ class TrainResult:
         hyperparameters: The resolved hyperparameters (no ``"auto"`` left).
         metrics: See :class:`TrainMetrics`; after-training figures are ``None`` when cancelled.
         details: What the recipe chose (precision, quantisation, ...).
+        privacy: Privacy evidence: ``canaries`` (exposure) and ``extraction``
+            (probe counts) from :mod:`appliance.training.memorization`, when asked for.
     """
 
     status: Literal["succeeded", "cancelled"]
@@ -89,3 +91,4 @@ class TrainResult:
     hyperparameters: Hyperparameters
     metrics: TrainMetrics
     details: dict[str, Any]
+    privacy: dict[str, Any] = field(default_factory=dict)

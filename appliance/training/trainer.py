@@ -33,6 +33,7 @@ from appliance.modelstore.architectures import SUPPORTED_ARCHITECTURES
 from appliance.training import checkpoint as ckpt
 from appliance.training.data import Example, fingerprint, split_validation, tokenize_records
 from appliance.training.hyperparameters import TrainingSpec, resolve
+from appliance.training.memorization import ProbeTarget, canary_exposure, canary_records, extraction_probe
 from appliance.training.memory import bound_malloc_cache
 from appliance.training.packing import pack, packed_loss_sum
 from appliance.training.protocol import Setup
@@ -66,6 +67,9 @@ def train(
     device: str = "auto",
     base_model_name: str | None = None,
     event_every_steps: int = 10,
+    canaries: Sequence[str] = (),
+    canary_repetitions: int = 1,
+    probe_targets: Sequence[ProbeTarget] = (),
 ) -> TrainResult:
     """Fine-tune an adapter on in-memory records.
 
@@ -89,6 +93,12 @@ def train(
         base_model_name: Written as ``base_model_name_or_path`` in the adapter
             config; defaults to ``model_dir``'s name (never a local path).
         event_every_steps: Steps between ``train`` events.
+        canaries: Canary sentences (:func:`~appliance.training.memorization.new_canaries`)
+            added to the training examples (never to validation), each
+            ``canary_repetitions`` times; their exposure is measured after training.
+        canary_repetitions: How often each canary is inserted.
+        probe_targets: Allowed scanner findings in ``train_records`` for the
+            extraction probe run after training.
 
     Returns:
         A :class:`TrainResult`.
@@ -107,7 +117,14 @@ def train(
             f"`event_every_steps` must be a positive integer; got {event_every_steps!r}", param="event_every_steps"
         )
 
-    hp, train_set, val_set, dropped = _prepare_data(spec, model_dir, train_records, val_records, torch_device)
+    if not _is_positive_int(canary_repetitions):
+        raise InvalidRequestError(
+            f"`canary_repetitions` must be a positive integer; got {canary_repetitions!r}", param="canary_repetitions"
+        )
+    hp, train_set, val_set, dropped = _prepare_data(
+        spec, model_dir, train_records, val_records, torch_device,
+        extra_train_records=canary_records(canaries, canary_repetitions),
+    )
     steps_per_epoch = math.ceil(len(train_set) / hp.batch_size)
     total_steps = steps_per_epoch * hp.n_epochs
     data_fingerprint = fingerprint(train_set, val_set)
@@ -198,6 +215,8 @@ def train(
                     trained_tokens=state.trained_tokens,
                     message="validation loss after training",
                 )
+            privacy = _memorization(setup, model_dir, train_records, canaries, canary_repetitions, probe_targets,
+                                    hp.seed, event, state.step)
         except _Cancelled:
             return TrainResult(
                 status="cancelled",
@@ -214,7 +233,39 @@ def train(
         hyperparameters=hp,
         metrics=_metrics(state, valid_after, total_steps, train_set, val_set, dropped),
         details=setup.details,
+        privacy=privacy,
     )
+
+
+def _memorization(
+    setup: Setup,
+    model_dir: Path,
+    train_records: Sequence[Mapping[str, Any]],
+    canaries: Sequence[str],
+    repetitions: int,
+    probe_targets: Sequence[ProbeTarget],
+    seed: int,
+    event: Callable[..., None],
+    step: int,
+) -> dict[str, Any]:
+    """Canary exposure and the extraction probe on the trained model (see :mod:`appliance.training.memorization`)."""
+    if not canaries and not probe_targets:
+        return {}
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    out: dict[str, Any] = {}
+    with _autocast(setup):
+        if canaries:
+            out["canaries"] = canary_exposure(setup.model, tokenizer, canaries, setup.device, seed=seed) | {
+                "repetitions": repetitions
+            }
+            event("validation", step, message=f"canary exposure {out['canaries']['mean_exposure']:.1f} bits "
+                  f"(base model {out['canaries']['mean_exposure_base']:.1f})")
+        if probe_targets:
+            out["extraction"] = extraction_probe(setup.model, tokenizer, train_records, probe_targets, setup.device)
+            found = out["extraction"]
+            event("validation", step, message=f"extraction probe: {found['extracted']} of {found['probed']} "
+                  "allowed values completed from their context")
+    return out
 
 
 def _prepare_data(
@@ -223,6 +274,8 @@ def _prepare_data(
     train_records: Sequence[Mapping[str, Any]],
     val_records: Sequence[Mapping[str, Any]] | None,
     device: torch.device,
+    *,
+    extra_train_records: Sequence[Mapping[str, Any]] = (),
 ) -> tuple[Any, list[Example], list[Example], int]:
     """Tokenise, split, resolve ``"auto"`` and truncate.
 
@@ -245,6 +298,8 @@ def _prepare_data(
         train_set, val_set = split_validation(train_set, spec.hyperparameters.seed)
     else:
         val_set = tokenize_records(val_records, tokenizer, param="val_records")
+    if extra_train_records:  # after the split: canaries are training data only
+        train_set = train_set + tokenize_records(extra_train_records, tokenizer, param="canaries")
 
     hp = resolve(
         spec.hyperparameters,

@@ -7,6 +7,7 @@ import os
 import secrets
 import signal
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import openai
@@ -332,3 +333,65 @@ def test_sigkill_of_the_whole_server_leaves_the_job_resumable(tmp_path):
     finally:
         restarted.stop()
     assert run_cli(home, "audit", "verify").returncode == 0
+
+
+ALLOW_EMAIL = """version: 1
+default: {action: block, threshold: 0.5}
+entities:
+  EMAIL_ADDRESS: allow
+  PHONE_NUMBER: redact
+  PERSON: {action: redact, threshold: 0.6}
+"""
+
+
+def test_memorization_evidence_reaches_job_manifest_and_report(client, state, tiny_model, trainer, owner,
+                                                                admin_token):
+    """Canaries drawn at creation, exposure and the extraction probe measured in the worker, shown everywhere."""
+    assert client.put("/api/v1/projects/acme/policy", headers=bearer(admin_token),
+                      json={"text": ALLOW_EMAIL}).status_code == 200
+    # A phone number redacted before the allowed address moves it in the stored text; the probe must follow.
+    records = [{"messages": [{"role": "user", "content": "Who handles billing?"},
+                             {"role": "assistant", "content": "Call 212-555-0147 or write to ada@quill.io today"}]}
+               for _ in range(6)] + [qa(i) for i in range(10)]
+    train_id = upload(client, owner, records)
+    api = api_for(client, trainer)
+    job = api.fine_tuning.jobs.create(
+        model=tiny_model, training_file=train_id,
+        method={"type": "lora", "lora": {"hyperparameters": hp(n_epochs=3)}},
+        extra_body={"memorization": {"canaries": 1, "canary_repetitions": 5, "probe_samples": 4}},
+    )
+    assert job.model_extra["memorization"] == {"canaries": 1, "canary_repetitions": 5, "extraction_probe": True,
+                                               "probe_samples": 4}
+    with state.db.read() as s:
+        canary = s.get(FineTuningJob, job.id).memorization["canary_texts"][0]
+    assert canary not in json.dumps(job.model_dump())  # recorded in the job row, not shown by the API
+    job = wait_for(api, job.id)
+    assert job.status == "succeeded", job.error
+    privacy = job.model_extra["privacy"]
+    assert privacy["canaries"]["count"] == 1 and privacy["canaries"]["repetitions"] == 5
+    assert len(privacy["canaries"]["exposure"]) == 1 and privacy["canaries"]["exposure_base"][0] >= 0
+    assert privacy["extraction"]["probed"] == 4 and privacy["extraction"]["skipped"] == 0
+    assert set(privacy["extraction"]["by_entity_type"]) == {"EMAIL_ADDRESS"}
+    manifest = next(m for m in api.models.list().data if m.id == job.fine_tuned_model).model_extra["manifest"]
+    assert manifest["privacy"] == privacy
+    now = datetime.now(UTC)
+    period = {"from": (now - timedelta(hours=1)).isoformat(), "to": (now + timedelta(hours=1)).isoformat()}
+    report = client.get("/api/v1/audit/report", headers=bearer(admin_token), params={**period, "format": "json"})
+    assert report.status_code == 200, report.text
+    report = report.json()
+    model = next(m for m in report["models"] if m["id"] == job.fine_tuned_model)
+    assert model["privacy"]["canaries"] == 1 and model["privacy"]["canary_exposure_bits"] is not None
+    assert model["privacy"]["extraction_probe"].endswith("of 4 allowed values completed")
+    assert "ada@quill.io" not in json.dumps(report) and "ada@quill.io" not in json.dumps(job.model_dump())
+
+
+def test_memorization_option_is_validated(client, tiny_model, trainer, owner):
+    train_id = upload(client, owner, [qa(i) for i in range(4)])
+    resp = client.post("/v1/fine_tuning/jobs", headers=bearer(trainer),
+                       json={"model": tiny_model, "training_file": train_id,
+                             "memorization": {"canaries": 99, "probe": True}})
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["param"] == "memorization"
+    assert "`memorization.probe` is not a known field" in error["message"]
+    assert "`memorization.canaries` must be an integer in [0, 16]; got 99" in error["message"]

@@ -108,3 +108,9 @@ def test_load_policy_names_the_file(tmp_path):
     with pytest.raises(InvalidRequestError) as missing:
         load_policy(tmp_path / "absent.yaml")
     assert missing.value.param == "policy"
+
+
+def test_inventoried_entities_add_types_named_allow():
+    policy = parse_policy("version: 1\ndefault: {action: allow, threshold: 0.5}\nentities:\n  EMAIL_ADDRESS: allow\n  JWT: block\n")
+    assert "EMAIL_ADDRESS" not in policy.scanned_entities()
+    assert policy.inventoried_entities() == {"EMAIL_ADDRESS", "JWT"}

@@ -117,6 +117,8 @@ def upgrade() -> None:
     sa.Column('fine_tuned_model', sa.String(length=255), nullable=True),
     sa.Column('trained_tokens', sa.Integer(), nullable=True),
     sa.Column('metrics', sa.JSON(), nullable=False),
+    sa.Column('memorization', sa.JSON(), nullable=False),
+    sa.Column('privacy', sa.JSON(), nullable=False),
     sa.Column('result_files', sa.JSON(), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('worker', sa.String(length=128), nullable=True),
@@ -196,6 +198,9 @@ def upgrade() -> None:
     sa.Column('end', sa.Integer(), nullable=False),
     sa.Column('score', sa.Float(), nullable=False),
     sa.Column('action', sa.String(length=16), nullable=False),
+    sa.Column('stored_record', sa.Integer(), nullable=True),
+    sa.Column('stored_start', sa.Integer(), nullable=True),
+    sa.Column('stored_end', sa.Integer(), nullable=True),
     sa.ForeignKeyConstraint(['file_id'], ['files.id'], name=op.f('fk_scan_findings_file_id_files'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_scan_findings'))
     )
