@@ -23,7 +23,7 @@ from appliance.jobs.controllers import JobController
 from appliance.portal import admin as portal_admin
 from appliance.portal import audit_page, auth_routes, datasets, models_page, playground
 from appliance.portal import jobs as portal_jobs
-from appliance.server.context import RequestContextMiddleware, stamp_and_log_response
+from appliance.server.context import ApplianceRequest, RequestContextMiddleware, stamp_and_log_response
 from appliance.server.errors import EXCEPTION_HANDLERS
 from appliance.server.health import health
 from appliance.server.openapi import document_errors, openapi_config
@@ -96,6 +96,7 @@ def create_app(
         exception_handlers=EXCEPTION_HANDLERS,
         openapi_config=openapi_config(),
         request_max_body_size=settings.server.max_request_bytes,
+        request_class=ApplianceRequest,
         state=State({"appliance": state}),
         on_startup=[_on_startup],
         on_shutdown=[_on_shutdown],
