@@ -67,8 +67,8 @@ class InferenceController(Controller):
         chunks = chat_chunks(stream, model=req.model, n=req.n, include_usage=req.include_usage, id=new_id("chatcmpl"))
         return Stream(sse(chunks), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
-    @post("/completions", opt={"permission": Permission.INFERENCE}, status_code=200, responses=error_responses(413, 502),
-          operation_class=_COMPLETION_OPERATION)
+    @post("/completions", opt={"permission": Permission.INFERENCE}, status_code=200,
+          responses=error_responses(413, 502), operation_class=_COMPLETION_OPERATION)
     async def completions(self, request: Request, inference: NamedDependency[InferenceService]) -> Any:
         """OpenAI (legacy) completions over a raw prompt."""
         req = parse_completion_request(await request.body())

@@ -79,25 +79,13 @@ def _status_is(job_id: str, status: str) -> Callable[[World], bool]:
     return lambda w: _admin_get(w, f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == status
 
 
-def _unchanged(what: str) -> Callable[[World], bool]:
-    """Records the other project's count of ``what`` now; true while it stays the same."""
-
-    class _Check:
-        def __init__(self, w: World) -> None:
-            self.before = _count(w, what, OTHER)
-
-        def __call__(self, w: World) -> bool:
-            return _count(w, what, OTHER) == self.before
-
-    return _Check
-
-
-def _other(build: Callable[[World], Req], intact_factory) -> Callable[[World], Req]:
-    """An other-project request that would change something, with its check taken before it is sent."""
+def _other(build: Callable[[World], Req], adds_to: str) -> Callable[[World], Req]:
+    """An other-project request that would add to its ``adds_to`` (files, jobs): intact while their count is."""
 
     def make(w: World) -> Req:
+        before = _count(w, adds_to, OTHER)
         req = build(w)
-        req.intact = intact_factory(w, req)
+        req.intact = lambda w2: _count(w2, adds_to, OTHER) == before
         return req
 
     return make
@@ -193,7 +181,7 @@ ROUTES: dict[str, Route] = {
     "GET /v1/files": Route(G("/v1/files"), G("/v1/files", params={"project": OTHER})),
     "POST /v1/files": Route(lambda w: Req("POST", "/v1/files", _upload_kw(OWN)),
                             _other(lambda w: Req("POST", "/v1/files", _upload_kw(OTHER)),
-                                   lambda w, r: _unchanged("files")(w))),
+                                   "files")),
     "GET /v1/files/{file_id:str}": Route(lambda w: Req("GET", f"/v1/files/{w.files[OWN]}"),
                                          lambda w: Req("GET", f"/v1/files/{w.files[OTHER]}")),
     "DELETE /v1/files/{file_id:str}": Route(lambda w: Req("DELETE", f"/v1/files/{w.upload(OWN)}"),
@@ -214,7 +202,7 @@ ROUTES: dict[str, Route] = {
                                                        "headers": {"OpenAI-Project": OWN}}),
         _other(lambda w: Req("POST", "/v1/fine_tuning/jobs", {"json": {
             "model": BASE_MODEL, "training_file": w.files[OTHER]}, "headers": {"OpenAI-Project": OTHER}}),
-            lambda w, r: _unchanged("jobs")(w))),
+            "jobs")),
     "GET /v1/fine_tuning/jobs": Route(G("/v1/fine_tuning/jobs", params={"limit": 100}),
                                       G("/v1/fine_tuning/jobs", params={"limit": 100}), "scoped", _no_other_ids),
     "GET /v1/fine_tuning/jobs/{job_id:str}": Route(lambda w: Req("GET", f"/v1/fine_tuning/jobs/{w.jobs[OWN]}"),
@@ -256,7 +244,7 @@ ROUTES: dict[str, Route] = {
     "POST /datasets/upload": Route(
         lambda w: Req("POST", "/datasets/upload", {**_upload_kw(), "params": {"project": OWN}}),
         _other(lambda w: Req("POST", "/datasets/upload", {**_upload_kw(), "params": {"project": OTHER}}),
-               lambda w, r: _unchanged("files")(w))),
+               "files")),
     "GET /datasets/{file_id:str}": Route(lambda w: Req("GET", f"/datasets/{w.files[OWN]}"),
                                          lambda w: Req("GET", f"/datasets/{w.files[OTHER]}")),
     "POST /datasets/{file_id:str}/delete": Route(
@@ -266,7 +254,7 @@ ROUTES: dict[str, Route] = {
     "POST /jobs": Route(
         lambda w: Req("POST", "/jobs", {"data": {"model": BASE_MODEL, "training_file": w.files[OWN]}}),
         _other(lambda w: Req("POST", "/jobs", {"data": {"model": BASE_MODEL, "training_file": w.files[OTHER]}}),
-               lambda w, r: _unchanged("jobs")(w))),
+               "jobs")),
     "GET /jobs/new": Route(G("/jobs/new")),
     "GET /jobs/{job_id:str}": Route(lambda w: Req("GET", f"/jobs/{w.jobs[OWN]}"),
                                     lambda w: Req("GET", f"/jobs/{w.jobs[OTHER]}")),
