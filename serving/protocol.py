@@ -278,6 +278,12 @@ def _parse(body: bytes | str | Mapping[str, Any], cls: type[msgspec.Struct]) -> 
             body = msgspec.json.decode(body)
         except msgspec.DecodeError as exc:
             raise InvalidRequestError(f"the request body is not valid JSON: {exc}", param=None) from None
+        except RecursionError:  # msgspec's answer to ``[[[[...`` deeper than the interpreter's limit
+            raise InvalidRequestError("the request body is not valid JSON: it is nested too deeply",
+                                      param=None) from None
+        except UnicodeDecodeError:
+            raise InvalidRequestError("the request body is not valid JSON: it is not valid UTF-8",
+                                      param=None) from None
     if not isinstance(body, Mapping):
         raise InvalidRequestError(f"the request body must be a JSON object, got {type(body).__name__}")
     known = set(cls.__struct_fields__) - {"ignored_fields"}

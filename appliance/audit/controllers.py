@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromQuery, QueryParameter
@@ -16,11 +17,34 @@ from appliance.errors import InvalidRequestError
 from appliance.identity.roles import Permission
 from appliance.identity.service import Principal
 from appliance.server.context import audit_context
+from appliance.server.openapi import operation
 from appliance.server.state import AppState
+
+
+#: Sequence numbers are SQL BIGINTs: a larger cursor is a 400, not an overflow in the driver.
+MAX_SEQ = 2**63 - 1
 
 
 def _aware(ts: datetime | None) -> datetime | None:
     return ts.replace(tzinfo=UTC) if ts is not None and ts.tzinfo is None else ts
+
+
+def _require_rfc3339(request: Request, *names: str) -> None:
+    """Refuse time parameters that are not RFC 3339 strings.
+
+    Litestar parses query values leniently, so ``until=0.5`` became a Unix time
+    instead of the 400 that the documented ``date-time`` format promises.
+    """
+    for name in names:
+        raw = request.query_params.get(name)
+        if raw is None:
+            continue
+        try:
+            msgspec.convert(raw, datetime)  # strict: only RFC 3339 text
+        except msgspec.ValidationError:
+            raise InvalidRequestError(
+                f"`{name}` must be an RFC 3339 date-time such as 2026-11-26T10:00:00Z; got {raw[:64]!r}", param=name,
+            ) from None
 
 
 class AuditController(Controller):
@@ -39,13 +63,15 @@ class AuditController(Controller):
         resource_type: FromQuery[str | None] = None,
         resource_id: FromQuery[str | None] = None,
         outcome: FromQuery[Literal["success", "denied", "failure"] | None] = None,
-        after: Annotated[int | None, QueryParameter(ge=0, description="Cursor: the last seq already seen.")] = None,
+        after: Annotated[int | None, QueryParameter(ge=0, le=MAX_SEQ,
+                                                    description="Cursor: the last seq already seen.")] = None,
         limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
     ) -> AuditEventList:
         """Audit events in seq order, filtered, with cursor pagination.
 
         A project-scoped auditor sees its project's events only.
         """
+        _require_rfc3339(request, "since", "until")
         principal: Principal = request.user
         applied = {
             k: (v.isoformat() if isinstance(v, datetime) else v)
@@ -80,7 +106,8 @@ class AuditReportController(Controller):
     path = "/api/v1/audit/report"
     tags = ["audit"]
 
-    @get(opt={"permission": Permission.AUDIT_READ}, sync_to_thread=True)
+    @get(opt={"permission": Permission.AUDIT_READ}, sync_to_thread=True,
+         operation_class=operation(also_answers=("text/csv", "text/html", "application/pdf")))
     def report(
         self,
         request: Request,
@@ -93,6 +120,7 @@ class AuditReportController(Controller):
         """The compliance report for a period (a project auditor gets their project's)."""
         from appliance.audit.reports import MEDIA_TYPES, ReportScope, produce
 
+        _require_rfc3339(request, "from", "to")
         principal: Principal = request.user
         if not principal.is_global:
             project = principal.project
@@ -100,6 +128,14 @@ class AuditReportController(Controller):
                        format)
         return Response(body, media_type=MEDIA_TYPES[format],
                         headers={"Content-Disposition": f'attachment; filename="audit-report.{format}"'})
+
+
+def _tree_size(appliance: AppState, requested: int | None, param: str) -> int:
+    """The tree a proof is for: the whole log, or a prefix of it, never more than it holds."""
+    head = verify_chain(appliance.db).head_seq
+    if requested is not None and requested > head:
+        raise InvalidRequestError(f"`{param}` {requested} is beyond the log's {head} events", param=param)
+    return requested or head
 
 
 class AuditProofController(Controller):
@@ -118,22 +154,22 @@ class AuditProofController(Controller):
 
     @get("/proofs/inclusion", opt={"permission": Permission.AUDIT_READ}, sync_to_thread=True)
     def inclusion_proof(self, appliance: NamedDependency[AppState],
-                        seq: Annotated[int, QueryParameter(ge=1)],
-                        tree_size: Annotated[int | None, QueryParameter(ge=1)] = None) -> dict[str, Any]:
+                        seq: Annotated[int, QueryParameter(ge=1, le=MAX_SEQ)],
+                        tree_size: Annotated[int | None, QueryParameter(ge=1, le=MAX_SEQ)] = None) -> dict[str, Any]:
         from appliance.audit.checkpoints import inclusion
 
-        size = tree_size or verify_chain(appliance.db).head_seq
+        size = _tree_size(appliance, tree_size, "tree_size")
         if seq > size:
             raise InvalidRequestError(f"`seq` {seq} is beyond tree size {size}", param="seq")
         return inclusion(appliance.db, seq, size)
 
     @get("/proofs/consistency", opt={"permission": Permission.AUDIT_READ}, sync_to_thread=True)
     def consistency_proof(self, appliance: NamedDependency[AppState],
-                          first: Annotated[int, QueryParameter(ge=1)],
-                          second: Annotated[int | None, QueryParameter(ge=1)] = None) -> dict[str, Any]:
+                          first: Annotated[int, QueryParameter(ge=1, le=MAX_SEQ)],
+                          second: Annotated[int | None, QueryParameter(ge=1, le=MAX_SEQ)] = None) -> dict[str, Any]:
         from appliance.audit.checkpoints import consistency
 
-        size = second or verify_chain(appliance.db).head_seq
+        size = _tree_size(appliance, second, "second")
         if first > size:
             raise InvalidRequestError(f"`first` {first} is beyond tree size {size}", param="first")
         return consistency(appliance.db, first, size)

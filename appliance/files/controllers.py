@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from litestar import Controller, Request, delete, get, post, put
 from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
+from litestar.openapi.spec import OpenAPIFormat, OpenAPIType, Schema
 from litestar.response import Stream
 
 from appliance.files.schemas import (
@@ -18,10 +19,19 @@ from appliance.files.schemas import (
     PolicyOut,
     ScanReport,
 )
-from appliance.files.service import FileService, FileView
+from appliance.files.service import PURPOSES, FileService, FileView
 from appliance.identity.roles import Permission
 from appliance.identity.service import IdentityService
 from appliance.server.context import audit_context
+from appliance.server.openapi import error_responses, operation
+
+#: The upload form as the OpenAPI description shows it (the handler streams it, see ``FileService.upload``).
+UPLOAD_FORM = Schema(type=OpenAPIType.OBJECT, required=["purpose", "file"], properties={
+    "purpose": Schema(type=OpenAPIType.STRING, enum=sorted(PURPOSES), description="Must come before `file`."),
+    "file": Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY,
+                   description="JSONL records, or a zip of images and captions for `fine-tune-images`."),
+    "instance_prompt": Schema(type=OpenAPIType.STRING, description="Image datasets: the prompt of every image."),
+})
 
 
 def file_object(view: FileView) -> FileObject:
@@ -36,7 +46,8 @@ class FileController(Controller):
     path = "/v1/files"
     tags = ["files"]
 
-    @post(opt={"permission": Permission.FILES_WRITE}, request_max_body_size=None)
+    @post(opt={"permission": Permission.FILES_WRITE}, request_max_body_size=None, responses=error_responses(413, 422),
+          operation_class=operation(body={"multipart/form-data": UPLOAD_FORM}))
     async def upload(self, request: Request, files: NamedDependency[FileService]) -> FileObject:
         """Upload a JSONL training file (multipart: `purpose`, then `file`).
 
@@ -75,7 +86,8 @@ class FileController(Controller):
         view = files.delete(request.user, audit_context(request), file_id)
         return FileDeleted(id=view.row.id)
 
-    @get("/{file_id:str}/content", opt={"permission": Permission.FILES_CONTENT}, sync_to_thread=True)
+    @get("/{file_id:str}/content", opt={"permission": Permission.FILES_CONTENT}, media_type="application/octet-stream",
+         sync_to_thread=True)
     def content(self, request: Request, files: NamedDependency[FileService], file_id: FromPath[str]) -> Stream:
         """The stored (possibly redacted) content, decrypted. Audited."""
         view, chunks = files.content(request.user, audit_context(request), file_id)

@@ -169,7 +169,7 @@ class ImageArchiveIntake:
                         entry = json.loads(line)
                         captions[posixpath.splitext(posixpath.join(posixpath.dirname(name),
                                                                    entry["file_name"]))[0]] = str(entry["text"])
-                    except (ValueError, KeyError, TypeError):
+                    except (ValueError, KeyError, TypeError, RecursionError):
                         raise InvalidRequestError(
                             f"{name} line {n} must be {{\"file_name\": ..., \"text\": ...}}",
                             param=f"file: {name} line {n}") from None

@@ -16,6 +16,7 @@ from appliance.audit.service import AuditContext, record
 from appliance.db.base import Database, utcnow
 from appliance.errors import (
     ApplianceError,
+    CrossProjectDenied,
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
@@ -101,7 +102,7 @@ class FileService:
         """
         if principal.project is not None:
             if requested not in (None, "", principal.project):
-                raise NotFoundError(f"project {requested!r} not found", param="project")
+                raise CrossProjectDenied(f"project {requested!r} not found", param="project")
             name = principal.project
         else:
             if not requested:
@@ -289,6 +290,9 @@ class FileService:
                 StoredFile.deleted_at.is_(None)
             )
             if principal.project_id is not None:
+                if project not in (None, "", principal.project):
+                    # Named another project: refused like upload does, never quietly answered with our own.
+                    raise CrossProjectDenied(f"project {project!r} not found", param="project")
                 stmt = stmt.where(StoredFile.project_id == principal.project_id)
             elif project:
                 stmt = stmt.where(Project.name == project)

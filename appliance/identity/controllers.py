@@ -25,6 +25,7 @@ from appliance.identity.schemas import (
 )
 from appliance.identity.service import IdentityService, Principal, TokenView
 from appliance.server.context import audit_context
+from appliance.server.openapi import error_responses
 
 
 def _token_out(t: TokenView) -> TokenOut:
@@ -54,7 +55,7 @@ class ProjectController(Controller):
         """Projects the caller can see: all for global roles, else its own."""
         return ListOf(data=[ProjectOut(p.name, p.created_at) for p in identity.list_projects(request.user)])
 
-    @post(opt={"permission": Permission.PROJECTS_MANAGE}, sync_to_thread=True)
+    @post(opt={"permission": Permission.PROJECTS_MANAGE}, responses=error_responses(409), sync_to_thread=True)
     def create_project(self, request: Request, identity: NamedDependency[IdentityService], data: JSONBody[ProjectCreate]) -> ProjectOut:
         p = identity.create_project(audit_context(request), data.name)
         return ProjectOut(p.name, p.created_at)
@@ -77,7 +78,7 @@ class UserController(Controller):
     def list_users(self, identity: NamedDependency[IdentityService]) -> ListOf:
         return ListOf(data=[UserOut(n, [Grant(r, p) for r, p in roles]) for n, roles in identity.list_users()])
 
-    @post(opt={"permission": Permission.USERS_MANAGE}, sync_to_thread=True)
+    @post(opt={"permission": Permission.USERS_MANAGE}, responses=error_responses(409), sync_to_thread=True)
     def create_user(self, request: Request, identity: NamedDependency[IdentityService], data: JSONBody[UserCreate]) -> UserOut:
         u = identity.create_user(audit_context(request), data.name)
         return UserOut(u.name, [])

@@ -9,6 +9,8 @@ from typing import Any
 from litestar import Controller, Request, Response, post
 from litestar.concurrency import sync_to_thread
 from litestar.di import NamedDependency
+from litestar.enums import MediaType
+from litestar.openapi.spec import OpenAPIType, Schema
 from litestar.params import JSONBody
 from litestar.response import Stream
 
@@ -17,6 +19,7 @@ from appliance.errors import ConflictError, InvalidRequestError, NotFoundError
 from appliance.identity.roles import Permission
 from appliance.inference.service import InferenceService
 from appliance.server.context import audit_context
+from appliance.server.openapi import ErrorBody, VllmErrorBody, error_responses, operation
 from serving.errors import AdapterLoadError
 from serving.protocol import (
     chat_chunks,
@@ -30,11 +33,25 @@ from serving.protocol import (
 )
 
 
+_STRING, _OBJECT = Schema(type=OpenAPIType.STRING), Schema(type=OpenAPIType.OBJECT)
+#: The bodies as the OpenAPI description shows them: the required fields (``serving.protocol`` has them all).
+_CHAT_OPERATION = operation(also_answers=("text/event-stream",), body={"application/json": Schema(
+    type=OpenAPIType.OBJECT, required=["model", "messages"], properties={
+        "model": _STRING, "stream": Schema(type=OpenAPIType.BOOLEAN),
+        "messages": Schema(type=OpenAPIType.ARRAY, items=Schema(
+            type=OpenAPIType.OBJECT, required=["role"], properties={"role": _STRING}))})})
+_COMPLETION_OPERATION = operation(also_answers=("text/event-stream",), body={"application/json": Schema(
+    type=OpenAPIType.OBJECT, required=["model", "prompt"], properties={
+        "model": _STRING, "stream": Schema(type=OpenAPIType.BOOLEAN),
+        "prompt": Schema(one_of=[_STRING, Schema(type=OpenAPIType.ARRAY, items=_STRING)])})})
+
+
 class InferenceController(Controller):
     path = "/v1"
     tags = ["inference"]
 
-    @post("/chat/completions", opt={"permission": Permission.INFERENCE}, status_code=200)
+    @post("/chat/completions", opt={"permission": Permission.INFERENCE}, status_code=200,
+          responses=error_responses(413, 502), operation_class=_CHAT_OPERATION)
     async def chat_completions(self, request: Request, inference: NamedDependency[InferenceService]) -> Any:
         """OpenAI chat completions, streamed (server-sent events ending with `data: [DONE]`) or not.
 
@@ -50,7 +67,8 @@ class InferenceController(Controller):
         chunks = chat_chunks(stream, model=req.model, n=req.n, include_usage=req.include_usage, id=new_id("chatcmpl"))
         return Stream(sse(chunks), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
-    @post("/completions", opt={"permission": Permission.INFERENCE}, status_code=200)
+    @post("/completions", opt={"permission": Permission.INFERENCE}, status_code=200,
+          responses=error_responses(413, 502), operation_class=_COMPLETION_OPERATION)
     async def completions(self, request: Request, inference: NamedDependency[InferenceService]) -> Any:
         """OpenAI (legacy) completions over a raw prompt."""
         req = parse_completion_request(await request.body())
@@ -67,7 +85,8 @@ class ImageController(Controller):
     path = "/v1/images"
     tags = ["inference"]
 
-    @post("/generations", opt={"permission": Permission.INFERENCE}, status_code=200, sync_to_thread=True)
+    @post("/generations", opt={"permission": Permission.INFERENCE}, status_code=200, responses=error_responses(502),
+          sync_to_thread=True)
     def generations(self, request: Request, inference: NamedDependency[InferenceService],
                     data: JSONBody[dict[str, Any]]) -> dict[str, Any]:
         """OpenAI image generation: `model`, `prompt`, `n`, `size` ("WxH"), `response_format: b64_json`,
@@ -95,9 +114,13 @@ class ImageController(Controller):
                 "data": [{"b64_json": base64.b64encode(png).decode(), "revised_prompt": None} for png in images]}
 
 
+#: Body validation fails in our shape, the operation itself in vLLM's.
+_VLLM_ERRORS = error_responses(400, 404, body=ErrorBody | VllmErrorBody)
+
+
 def _vllm_error(status: int, type_: str, message: str) -> Response:
     return Response({"error": {"message": message, "type": type_, "param": None, "code": status}},
-                    status_code=status)
+                    status_code=status, media_type=MediaType.JSON)
 
 
 class RuntimeLoraController(Controller):
@@ -111,7 +134,7 @@ class RuntimeLoraController(Controller):
     tags = ["serving-admin"]
 
     @post("/load_lora_adapter", opt={"permission": Permission.SERVING_ADMIN}, status_code=200,
-          sync_to_thread=True)
+          responses=_VLLM_ERRORS, media_type=MediaType.TEXT, sync_to_thread=True)
     def load_lora_adapter(self, request: Request, inference: NamedDependency[InferenceService],
                           data: JSONBody[dict[str, Any]]) -> Response:
         name, path = data.get("lora_name"), data.get("lora_path")
@@ -139,7 +162,7 @@ class RuntimeLoraController(Controller):
         return Response(f"Success: LoRA adapter '{name}' added successfully.", media_type="text/plain")
 
     @post("/unload_lora_adapter", opt={"permission": Permission.SERVING_ADMIN}, status_code=200,
-          sync_to_thread=True)
+          responses=_VLLM_ERRORS, media_type=MediaType.TEXT, sync_to_thread=True)
     def unload_lora_adapter(self, request: Request, inference: NamedDependency[InferenceService],
                             data: JSONBody[dict[str, Any]]) -> Response:
         name = data.get("lora_name")

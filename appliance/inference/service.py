@@ -29,6 +29,7 @@ from appliance.identity.service import Principal
 from appliance.inference.guard import OutputGuard
 from appliance.settings import ServingSettings
 from serving.engine import Engine
+from serving.errors import EngineError
 from serving.protocol import GenerationRequest, GenerationResult
 
 log = logging.getLogger("appliance.inference")
@@ -70,6 +71,10 @@ class InferenceService:
 
     # -- engines ------------------------------------------------------------
     def _new_engine(self, base: BaseModelRecord) -> Any:
+        if self.settings.engine != "vllm" and base.kind in ("llm", "diffusion") and not Path(base.path).is_dir():
+            # Else the loader takes the path for a hub repository id and fails with a 500.
+            raise EngineError(f"base model {base.name!r} has no files at {base.path}: re-import it with "
+                              "`appliance models import`", param="model")
         if base.kind == "diffusion":
             from serving.diffusers_engine import DiffusersEngine, DiffusersEngineConfig
 

@@ -22,6 +22,7 @@ from appliance.jobs.schemas import (
 )
 from appliance.jobs.service import JobService, JobView, event_id
 from appliance.server.context import audit_context
+from appliance.server.openapi import error_responses
 
 #: OpenAI's top-level ``hyperparameters`` keys, echoed from the method's.
 _OPENAI_HP = ("n_epochs", "batch_size", "learning_rate_multiplier")
@@ -72,11 +73,13 @@ class JobController(Controller):
     def retrieve(self, request: Request, jobs: NamedDependency[JobService], job_id: FromPath[str]) -> JobObject:
         return job_object(jobs.get(request.user, job_id))
 
-    @post("/{job_id:str}/cancel", opt={"permission": Permission.JOBS_WRITE}, status_code=200, sync_to_thread=True)
+    @post("/{job_id:str}/cancel", opt={"permission": Permission.JOBS_WRITE}, status_code=200, responses=error_responses(409),
+          sync_to_thread=True)
     def cancel(self, request: Request, jobs: NamedDependency[JobService], job_id: FromPath[str]) -> JobObject:
         return job_object(jobs.cancel(request.user, audit_context(request), job_id))
 
-    @post("/{job_id:str}/resume", opt={"permission": Permission.JOBS_WRITE}, status_code=200, sync_to_thread=True)
+    @post("/{job_id:str}/resume", opt={"permission": Permission.JOBS_WRITE}, status_code=200, responses=error_responses(409),
+          sync_to_thread=True)
     def resume(self, request: Request, jobs: NamedDependency[JobService], job_id: FromPath[str]) -> JobObject:
         """Continue a failed (resumable) or cancelled job from its last checkpoint."""
         return job_object(jobs.resume(request.user, audit_context(request), job_id))

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from appliance.audit.service import AuditContext, record
 from appliance.catalog.service import CatalogService
 from appliance.db.base import Database, utcnow
-from appliance.errors import ConflictError, InvalidRequestError, NotFoundError
+from appliance.errors import ConflictError, CrossProjectDenied, InvalidRequestError, NotFoundError
 from appliance.files.models import StoredFile
 from appliance.identity.models import Project
 from appliance.identity.service import Principal
@@ -59,6 +59,8 @@ class JobService:
     def _check_file(self, s, principal: Principal, project: Project, file_id: str | None, param: str,
                     purpose: str = "fine-tune") -> StoredFile:
         row = s.get(StoredFile, file_id) if file_id else None
+        if row is not None and row.deleted_at is None and principal.project_id not in (None, row.project_id):
+            raise CrossProjectDenied(f"file {file_id!r} not found in project {project.name!r}", param=param)
         if row is None or row.deleted_at is not None or row.project_id != project.id:
             raise NotFoundError(f"file {file_id!r} not found in project {project.name!r}", param=param)
         if row.purpose != purpose:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from typing import Annotated, Any
 
 from litestar import Request, get, post
@@ -20,6 +22,8 @@ from appliance.server.state import AppState
 
 Form = Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]
 PREVIEW_RECORDS = 5
+#: Image archives are read whole for their captions: only up to this size.
+PREVIEW_ARCHIVE_BYTES = 32 * 1024 * 1024
 
 
 @get("/datasets", opt=portal(Permission.FILES_READ), include_in_schema=False, sync_to_thread=True)
@@ -68,17 +72,34 @@ def dataset(request: Request, files: NamedDependency[FileService], file_id: From
     if role_allows(principal.role, Permission.FILES_CONTENT):
         # The stored content is already redacted by the policy; show its first records.
         _, chunks = files.content(principal, audit_context(request), file_id)
-        buffer = b""
-        for chunk in chunks:
-            buffer += chunk
-            if buffer.count(b"\n") >= PREVIEW_RECORDS:
-                break
-        preview = [json.dumps(json.loads(line), ensure_ascii=False, indent=1)
-                   for line in buffer.splitlines()[:PREVIEW_RECORDS]]
+        if view.row.purpose == "fine-tune-images":
+            preview = _caption_preview(chunks, view.row.bytes)
+        else:
+            buffer = b""
+            for chunk in chunks:
+                buffer += chunk
+                if buffer.count(b"\n") >= PREVIEW_RECORDS:
+                    break
+            preview = [json.dumps(json.loads(line), ensure_ascii=False, indent=1)
+                       for line in buffer.splitlines()[:PREVIEW_RECORDS]]
     summary = view.row.scan_summary
     return page(request, "dataset.html", section="datasets", title=view.row.filename, view=view,
                 findings=findings[:500], more_findings=max(0, len(findings) - 500), preview=preview,
                 chart=bar_chart(summary.get("by_entity_type") or {}), summary=summary)
+
+
+def _caption_preview(chunks, size: int) -> list[str]:
+    """The first captions of a stored image archive (its ``images/metadata.jsonl``), small archives only.
+
+    The JSONL preview read an archive as text and failed with a 500.
+    """
+    if size > PREVIEW_ARCHIVE_BYTES:
+        return []
+    with zipfile.ZipFile(io.BytesIO(b"".join(chunks))) as archive:
+        if "images/metadata.jsonl" not in archive.namelist():
+            return []
+        lines = archive.read("images/metadata.jsonl").splitlines()[:PREVIEW_RECORDS]
+    return [json.dumps(json.loads(line), ensure_ascii=False, indent=1) for line in lines]
 
 
 @post("/datasets/{file_id:str}/delete", opt=portal(Permission.FILES_WRITE), include_in_schema=False,

@@ -10,7 +10,7 @@ from litestar.enums import RequestEncodingType
 from litestar.params import Body, FromPath
 from litestar.response import Redirect, Template
 
-from appliance.errors import InvalidRequestError
+from appliance.errors import CrossProjectDenied, InvalidRequestError
 from appliance.files.service import FileService
 from appliance.identity.roles import Permission
 from appliance.jobs.models import JobEvent
@@ -85,6 +85,8 @@ def create_job(request: Request, jobs: NamedDependency[JobService], files: Named
         training = files.get(principal, body["training_file"]) if body["training_file"] else None
         project = files.resolve_project(principal, training.project if training else None)
         view = jobs.create(principal, audit_context(request), project, body)
+    except CrossProjectDenied:
+        raise  # answered 404 and audited, like the API; never shown as a form problem
     except InvalidRequestError as exc:
         errors = _field_errors(exc)
         return page(request, "job_new.html", section="jobs", title="New fine-tuning job", status_code=400,

@@ -44,6 +44,9 @@ def parse_line(raw: bytes, line_no: int, *, validate: bool = True) -> dict[str, 
             "each line must hold exactly one JSON object",
             param=f"line {line_no}",
         ) from None
+    except RecursionError:  # ``[[[[...`` deeper than the interpreter's limit
+        raise InvalidRequestError(f"line {line_no} is not valid JSON: it is nested too deeply",
+                                  param=f"line {line_no}") from None
     if validate:
         try:
             validate_record(record)

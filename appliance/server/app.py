@@ -8,13 +8,11 @@ from litestar import Litestar, Router
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.middleware import DefineMiddleware
-from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import JsonRenderPlugin
+from litestar.routes import HTTPRoute
 from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 from litestar.plugins.jinja import JinjaTemplateEngine
 
-from appliance import __version__
 from appliance.audit.controllers import AuditController, AuditProofController, AuditReportController
 from appliance.identity.auth import PUBLIC_OPT, BearerAuthMiddleware, csrf_guard, permission_guard
 from appliance.catalog.controllers import ModelController
@@ -25,9 +23,10 @@ from appliance.jobs.controllers import JobController
 from appliance.portal import admin as portal_admin
 from appliance.portal import audit_page, auth_routes, datasets, models_page, playground
 from appliance.portal import jobs as portal_jobs
-from appliance.server.context import RequestContextMiddleware, stamp_and_log_response
+from appliance.server.context import ApplianceRequest, RequestContextMiddleware, stamp_and_log_response
 from appliance.server.errors import EXCEPTION_HANDLERS
 from appliance.server.health import health
+from appliance.server.openapi import document_errors, openapi_config
 from appliance.server.state import AppState, build_state
 from appliance.settings import Settings, get_settings
 
@@ -75,7 +74,7 @@ def create_app(
 
     static = create_static_files_router(path="/static", directories=[PORTAL_DIR / "static"],
                                         opt={PUBLIC_OPT: True}, include_in_schema=False)
-    return Litestar(
+    app = Litestar(
         # One Router for the portal: registering handlers that share a path one by one
         # makes Litestar wrap earlier sync handlers again (they then return coroutines).
         route_handlers=[*ROUTE_HANDLERS, Router(path="/", route_handlers=PORTAL_ROUTES), static],
@@ -95,18 +94,34 @@ def create_app(
             "inference": Provide(lambda: state.inference, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
-        openapi_config=OpenAPIConfig(
-            title="Appliance API", version=__version__, path="/schema",
-            description="On-prem fine-tuning appliance: OpenAI-compatible files, fine-tuning, models and chat.",
-            # JSON only: the HTML explorers load scripts from CDNs, which an
-            # air-gapped appliance must not reference.
-            render_plugins=[JsonRenderPlugin()],
-        ),
+        openapi_config=openapi_config(),
         request_max_body_size=settings.server.max_request_bytes,
+        request_class=ApplianceRequest,
         state=State({"appliance": state}),
         on_startup=[_on_startup],
         on_shutdown=[_on_shutdown],
         logging_config=None,  # appliance.logs configures logging, scrubbed and structured
         debug=False,
     )
+    document_errors(app)
+    _refresh_options_handlers(app)
+    return app
+
+
+def _refresh_options_handlers(app: Litestar) -> None:
+    """Make each automatic ``OPTIONS`` answer list all of its path's methods.
+
+    Litestar 2 builds a path's ``OPTIONS`` handler when the path's first handler is
+    registered and keeps it when more are added, so its ``Allow`` header named only
+    some methods (litestar-org/litestar#4169, fixed in Litestar 3 only). The handler
+    reads the methods of the route it closes over: point it at the final route.
+    """
+    for route in app.routes:
+        if not isinstance(route, HTTPRoute):
+            continue
+        handler = route.route_handler_map.get("OPTIONS", (None,))[0]
+        fn = getattr(handler, "fn", None)
+        for cell in getattr(fn, "__closure__", None) or ():
+            if getattr(fn, "__name__", "") == "options_handler" and isinstance(cell.cell_contents, HTTPRoute):
+                cell.cell_contents = route
 

@@ -6,11 +6,13 @@ import logging
 import re
 import secrets
 import time
+from typing import Any
 
 from litestar import Request
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance.audit.service import AuditContext
+from appliance.errors import InvalidRequestError
 from appliance.identity.service import Principal
 from appliance.identity.tokens import TOKEN_PATTERN
 
@@ -71,6 +73,30 @@ async def stamp_and_log_response(message: Message, scope: Scope) -> None:
             "origin_ip": scope["client"][0] if scope.get("client") else None,
         },
     )
+
+
+#: What msgspec raises, outside its ``DecodeError``, for bodies no JSON decoder should accept.
+UNDECODABLE = (RecursionError, UnicodeDecodeError)
+
+
+def undecodable_body(exc: BaseException) -> InvalidRequestError:
+    """The 400 for a body that is nested too deeply or is not UTF-8."""
+    what = "nested too deeply" if isinstance(exc, RecursionError) else "not valid UTF-8"
+    return InvalidRequestError(f"the request body is not valid JSON: it is {what}", param="body")
+
+
+class ApplianceRequest(Request):
+    """Litestar's request, except that an undecodable JSON body is a 400, not a 500.
+
+    Litestar turns msgspec's ``DecodeError`` into a 400 but lets ``RecursionError``
+    (``[[[[...`` a thousand deep) and ``UnicodeDecodeError`` through as 500s.
+    """
+
+    async def json(self) -> Any:
+        try:
+            return await super().json()
+        except UNDECODABLE as exc:
+            raise undecodable_body(exc) from None
 
 
 def request_id_of(request: Request) -> str | None:

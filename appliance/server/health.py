@@ -11,7 +11,7 @@ from appliance.identity.auth import PUBLIC_OPT
 from appliance.server.state import AppState
 
 
-@get("/health", opt={PUBLIC_OPT: True}, tags=["health"], sync_to_thread=True)
+@get("/health", opt={PUBLIC_OPT: True}, tags=["health"], security=[{}], sync_to_thread=True)
 def health(appliance: NamedDependency[AppState]) -> dict[str, str]:
     """Liveness and database reachability; reveals nothing else."""
     with appliance.db.read() as s:
