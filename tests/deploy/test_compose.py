@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
 from pathlib import Path
@@ -12,8 +11,14 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from serving.vllm_engine import VllmEngine
-from tests.deploy.validators import DEPLOY, check_appliance_env, missing_validator, run
+from tests.deploy.validators import (
+    DEPLOY,
+    ENGINE_MAX_LORA_RANK,
+    check_appliance_env,
+    cli_flags,
+    missing_validator,
+    run,
+)
 
 COMPOSE_DIR = DEPLOY / "compose"
 
@@ -56,10 +61,6 @@ def _mounts(service: dict[str, Any]) -> dict[str, tuple[str, bool]]:
     return mounts
 
 
-def _flags(command: list[str]) -> dict[str, str]:
-    return dict(arg[2:].partition("=")[::2] for arg in command if arg.startswith("--"))
-
-
 def test_the_validator_rejects_a_broken_file(tmp_path: Path) -> None:
     broken = tmp_path / "compose.yaml"
     broken.write_text((COMPOSE_DIR / "compose.yaml").read_text().replace("    cap_drop: [ALL]", "    cap_drop: ALL", 1))
@@ -77,7 +78,7 @@ def test_the_appliance_settings_are_real_and_point_at_vllm_and_postgres(rendered
     check_appliance_env(env, "compose.yaml")
     assert env["APPLIANCE_SERVING_ENGINE"] == "vllm"
     url = urlsplit(env["APPLIANCE_VLLM_URL"])
-    assert url.hostname == "vllm" and url.port == int(_flags(services["vllm"]["command"])["port"])
+    assert url.hostname == "vllm" and url.port == int(cli_flags(services["vllm"]["command"])["port"])
     # PostgreSQL over the socket in the shared volume.
     socket_dir = env["APPLIANCE_DATABASE_URL"].split("host=")[1]
     assert _mounts(services["appliance"])[socket_dir][0] == _mounts(services["postgres"])["/var/run/postgresql"][0]
@@ -91,7 +92,7 @@ def test_vllm_loads_lora_adapters_at_run_time_from_the_appliance_shm(rendered: d
     services = rendered["services"]
     vllm, appliance = services["vllm"], services["appliance"]
     assert vllm["entrypoint"] == ["vllm", "serve"]
-    flags = _flags(vllm["command"])
+    flags = cli_flags(vllm["command"])
     assert "enable-lora" in flags
     assert vllm["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert vllm["environment"]["HF_HUB_OFFLINE"] == "1"
@@ -99,8 +100,7 @@ def test_vllm_loads_lora_adapters_at_run_time_from_the_appliance_shm(rendered: d
     assert vllm["ipc"] == "service:appliance" and appliance["ipc"] == "shareable"
     assert vllm["user"] == appliance["user"]
     # The appliance's client refuses adapters above its max_lora_rank; vLLM must accept that rank.
-    default_rank = inspect.signature(VllmEngine).parameters["max_lora_rank"].default
-    assert int(flags["max-lora-rank"]) == default_rank
+    assert int(flags["max-lora-rank"]) == ENGINE_MAX_LORA_RANK
     assert flags["max-cpu-loras"] == appliance["environment"]["APPLIANCE_MAX_RESIDENT_ADAPTERS"]
     # It serves the base model from the appliance's models directory, read-only, under its catalogue name.
     model_dir = Path(vllm["command"][0])

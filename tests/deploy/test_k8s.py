@@ -3,15 +3,13 @@ the KubeRay RayCluster's structure and pod templates, and the hardening each pod
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from serving.vllm_engine import VllmEngine
-from tests.deploy.validators import DEPLOY, check_appliance_env, missing_validator
+from tests.deploy.validators import DEPLOY, ENGINE_MAX_LORA_RANK, check_appliance_env, cli_flags, missing_validator
 
 K8S_DIR = DEPLOY / "kubernetes"
 #: The oldest Kubernetes the manifests are written for.
@@ -127,9 +125,9 @@ def test_appliance_pod_serves_adapters_through_vllm_beside_it() -> None:
     check_appliance_env({**env, "APPLIANCE_DATABASE_URL": "postgresql+psycopg://appliance:pw@postgres:5432/appliance"},
                         "20-appliance.yaml")
     assert env["APPLIANCE_SERVING_ENGINE"] == "vllm"
-    args = dict(a[2:].partition("=")[::2] for a in vllm["args"] if a.startswith("--"))
+    args = cli_flags(vllm["args"])
     assert "enable-lora" in args and env["APPLIANCE_VLLM_URL"] == f"http://{args['host']}:{args['port']}"
-    assert int(args["max-lora-rank"]) == inspect.signature(VllmEngine).parameters["max_lora_rank"].default
+    assert int(args["max-lora-rank"]) == ENGINE_MAX_LORA_RANK
     assert args["max-cpu-loras"] == env["APPLIANCE_MAX_RESIDENT_ADAPTERS"]
     assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in vllm["env"]
     # Same memory-backed /dev/shm: the appliance writes adapters there, vLLM reads them.

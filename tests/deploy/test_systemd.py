@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import re
 import shutil
 import socket
@@ -14,8 +13,15 @@ import pytest
 
 from appliance.jobs.sandbox import network_isolation_prefix
 from appliance.jobs.wire import FrameReader, write_frame
-from serving.vllm_engine import VllmEngine
-from tests.deploy.validators import DEPLOY, REPO, check_appliance_env, missing_validator, run
+from tests.deploy.validators import (
+    DEPLOY,
+    ENGINE_MAX_LORA_RANK,
+    REPO,
+    check_appliance_env,
+    cli_flags,
+    missing_validator,
+    run,
+)
 
 UNITS_DIR = DEPLOY / "systemd"
 UNITS = sorted(p.name for p in UNITS_DIR.iterdir() if p.suffix in (".service", ".socket"))
@@ -136,12 +142,12 @@ def test_vllm_unit() -> None:
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     argv = unit["ExecStart"][0].split()
     assert argv[1:2] == ["serve"] and "--enable-lora" in argv
-    flag = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
-    assert int(flag["--max-lora-rank"]) == inspect.signature(VllmEngine).parameters["max_lora_rank"].default
+    flag = cli_flags(argv)
+    assert int(flag["max-lora-rank"]) == ENGINE_MAX_LORA_RANK
     # Where the appliance's default APPLIANCE_VLLM_URL looks for it.
     from appliance.settings import ServingSettings
 
-    assert f"http://{flag['--host']}:{flag['--port']}" == ServingSettings().vllm_url
+    assert f"http://{flag['host']}:{flag['port']}" == ServingSettings().vllm_url
     # Only the base models of the appliance's state, read-only; never the keys.
     assert unit["BindReadOnlyPaths"] == ["/var/lib/appliance/models"]
     assert unit["TemporaryFileSystem"] == ["/var/lib/appliance:ro"]

@@ -7,6 +7,7 @@ for a developer's machine without them.
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 from collections.abc import Mapping
@@ -15,10 +16,13 @@ from pathlib import Path
 import pytest
 
 from appliance.settings import describe_settings, load_settings
+from serving.vllm_engine import VllmEngine
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 OPT_OUT = "ALLOW_MISSING_VALIDATORS"
+#: The largest adapter rank the appliance's vLLM client accepts: vLLM's --max-lora-rank must match.
+ENGINE_MAX_LORA_RANK = inspect.signature(VllmEngine).parameters["max_lora_rank"].default
 
 
 def missing_validator(what: str, install: str) -> None:
@@ -40,3 +44,14 @@ def check_appliance_env(env: Mapping[str, str], where: str) -> None:
     unknown = sorted(set(appliance_env) - known)
     assert not unknown, f"{where} sets variables the appliance does not know: {unknown}"
     load_settings(appliance_env)  # raises SettingsError naming every bad value
+
+
+def cli_flags(argv: list[str]) -> dict[str, str]:
+    """``--name`` -> value for ``--name=value`` and ``--name value``; ``""`` for a bare switch."""
+    flags = {}
+    for i, arg in enumerate(argv):
+        if arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+            following = argv[i + 1] if i + 1 < len(argv) else "--"
+            flags[name] = value if eq else ("" if following.startswith("--") else following)
+    return flags
