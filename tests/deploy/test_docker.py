@@ -11,18 +11,14 @@ import shlex
 
 import pytest
 
-from tests.deploy.validators import DEPLOY, REPO, check_appliance_env, missing_validator
+from tests.deploy.validators import DEPLOY, REPO, check_appliance_env, import_validator
 
 DOCKERFILE = DEPLOY / "docker/Dockerfile"
 
 
 @pytest.fixture(scope="module")
 def dockerfile():
-    try:
-        import dockerfile
-    except ImportError:
-        missing_validator("dockerfile (BuildKit's parser)", "pip install -e '.[dev]'")
-    return dockerfile
+    return import_validator("dockerfile", "dockerfile (BuildKit's parser)")
 
 
 def test_the_parser_rejects_a_broken_file(dockerfile, tmp_path) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy.validators import DEPLOY, ENGINE_MAX_LORA_RANK, check_appliance_env, cli_flags, missing_validator
+from tests.deploy.validators import DEPLOY, ENGINE_MAX_LORA_RANK, check_appliance_env, cli_flags, import_validator
 
 K8S_DIR = DEPLOY / "kubernetes"
 #: The oldest Kubernetes the manifests are written for.
@@ -18,11 +18,7 @@ K8S_VERSION = "1.30"
 
 @pytest.fixture(scope="module")
 def kv():
-    try:
-        import kubernetes_validate
-    except ImportError:
-        missing_validator("kubernetes-validate", "pip install -e '.[dev]'")
-    return kubernetes_validate
+    return import_validator("kubernetes_validate", "kubernetes-validate")
 
 
 def load_all() -> list[tuple[Path, dict[str, Any]]]:

@@ -53,7 +53,7 @@ def instance(name: str) -> str:
 def systemd_analyze() -> str:
     tool = shutil.which("systemd-analyze")
     if tool is None:
-        missing_validator("systemd-analyze", "apt-get install systemd")
+        missing_validator("systemd-analyze", "apt-get install systemd (`make test` does it as root)")
     return tool
 
 

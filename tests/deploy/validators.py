@@ -7,11 +7,14 @@ for a developer's machine without them.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
 
 import pytest
 
@@ -25,12 +28,20 @@ OPT_OUT = "ALLOW_MISSING_VALIDATORS"
 ENGINE_MAX_LORA_RANK = inspect.signature(VllmEngine).parameters["max_lora_rank"].default
 
 
-def missing_validator(what: str, install: str) -> None:
+def missing_validator(what: str, install: str) -> NoReturn:
     """Fail (or, with ``ALLOW_MISSING_VALIDATORS=1``, skip) because ``what`` is not installed."""
-    message = f"{what} is not installed: {install} (`make validators` does it as root)"
+    message = f"{what} is not installed: {install}"
     if os.environ.get(OPT_OUT) == "1":
         pytest.skip(f"{message}; skipped because {OPT_OUT}=1")
     pytest.fail(f"{message}; or set {OPT_OUT}=1 to skip this test instead", pytrace=False)
+
+
+def import_validator(module: str, what: str) -> ModuleType:
+    """A validator that comes with ``.[dev]``; missing, it fails the test (see :func:`missing_validator`)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        missing_validator(what, "pip install -e '.[dev]' (`make test` does it)")
 
 
 def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
