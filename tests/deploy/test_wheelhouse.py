@@ -4,7 +4,7 @@ The real target builds the wheelhouse (the only step that reads an index); then,
 namespace of its own where the host allows one (the same ``unshare`` the job sandbox uses), so
 that no registry is reachable, and with pip's configuration switched off, a new venv installs
 ``appliance[postgres]`` and the demo model from it, initialises a home and scans a file with
-presidio and the spaCy model. Slow (about three minutes, 2.5 GB in a temp dir, removed after).
+presidio and the spaCy model. Slow (about four minutes on 2 cores, 2.5 GB in a temp dir, removed after).
 """
 
 from __future__ import annotations
