@@ -393,6 +393,7 @@ class Scheduler:
             "metrics": header.get("metrics") or {}, "seed": job.seed,
             "code_version": __version__, "created_at": utcnow().isoformat(),
         }
+        manifest["privacy"] = header.get("privacy") or {}
         self.catalog.publish(s, SYSTEM, adapter_id=adapter_id, job_id=job.id, project=project, base_model=base.name,
                              kind=job.method_type, files=artefacts, manifest=manifest)
         job.status, job.finished_at, job.fine_tuned_model = "succeeded", utcnow(), adapter_id

@@ -47,7 +47,7 @@ def run_task(channel: Channel, start: dict[str, Any], datasets: dict[str, Any], 
         channel.send({"type": "artifact", "name": name}, data)
     channel.send({
         "type": "result", "metrics": result.metrics.to_dict(), "trained_tokens": result.metrics.trained_tokens,
-        "resolved": result.hyperparameters.to_dict(), "details": result.details,
+        "resolved": result.hyperparameters.to_dict(), "details": result.details, "privacy": result.privacy,
     })
 
 
