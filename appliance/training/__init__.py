@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from appliance.training.data import TrainingDataError
 from appliance.training.hyperparameters import (
     HYPERPARAMETERS,
+    DifferentialPrivacy,
     HyperparameterError,
     LoraHyperparameters,
     QloraHyperparameters,
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HYPERPARAMETERS",
+    "DifferentialPrivacy",
     "HyperparameterError",
     "LoraHyperparameters",
     "QloraHyperparameters",

@@ -32,11 +32,19 @@ gradient_accumulation_steps    enough micro-batches to keep each under 16384 tok
                                ``batch_size``)
 checkpoint_every_steps         one checkpoint per epoch (``ceil(n / batch_size)``); 0 = never
 precision (LoRA)               ``bf16`` on a CUDA device with bf16, else ``fp32``
+dp.delta (LoRA)                ``min(1e-5, 1 / (10 n))``: well below ``1 / n``, as (epsilon,
+                               delta)-DP needs
 =============================  ==============================================================
 
 ``batch_size`` is the number of examples per optimizer step, as in the OpenAI
 API; ``gradient_accumulation_steps`` splits those examples into that many
 forward passes without changing the step's maths.
+
+``dp`` (LoRA only; absent or ``null`` = no differential privacy) trains with
+DP-SGD through Opacus: ``{"epsilon": 8, "delta": "auto", "max_grad_norm": 1.0}``.
+``epsilon`` is required; :mod:`appliance.training.dp` says what the guarantee
+covers. QLoRA refuses it: its activation checkpointing re-runs forward passes,
+which Opacus' per-example gradient hooks cannot follow.
 """
 
 from __future__ import annotations
@@ -58,6 +66,12 @@ Precision = Literal["auto", "fp32", "bf16"]
 BASE_LEARNING_RATE = 2e-4
 MICRO_BATCH_TOKEN_BUDGET = 16384
 _MODULE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
+DP_AUTO_DELTA_CAP = 1e-5
+#: Hyperparameters a method does not have, and why (said instead of "not a known hyperparameter").
+_NOT_FOR_METHOD = {
+    ("qlora", "dp"): "is not supported with QLoRA (its activation checkpointing re-runs forward passes, which "
+                     "Opacus' per-example gradients cannot follow); use method.type 'lora' for differential privacy",
+}
 
 
 class HyperparameterError(InvalidRequestError):
@@ -68,6 +82,26 @@ class HyperparameterError(InvalidRequestError):
     def __init__(self, problems: list[tuple[str, str]]) -> None:
         self.problems = problems
         super().__init__("; ".join(f"{p}: {m}" for p, m in problems), param=problems[0][0])
+
+
+@dataclass(frozen=True)
+class DifferentialPrivacy:
+    """DP-SGD settings: the run is (``epsilon``, ``delta``)-differentially private for each training record.
+
+    Attributes:
+        epsilon: The privacy budget the whole run may spend; greater than 0.
+        delta: Probability the epsilon bound may fail, in (0, 1), or ``"auto"``
+            (``min(1e-5, 1 / (10 n))`` for ``n`` training examples).
+        max_grad_norm: Each example's gradient is clipped to this L2 norm before
+            the noise is added; greater than 0.
+    """
+
+    epsilon: float
+    delta: float | Auto = AUTO
+    max_grad_norm: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -94,6 +128,7 @@ class LoraHyperparameters:
     checkpoint_every_steps: int | Auto = AUTO
     seed: int = 0
     precision: Precision = AUTO
+    dp: DifferentialPrivacy | None = None
 
     method = "lora"
 
@@ -105,6 +140,9 @@ class LoraHyperparameters:
             problems.append(
                 (f"{_prefix(self.method)}.precision", f"must be one of 'auto', 'fp32', 'bf16'; got {self.precision!r}")
             )
+        dp, dp_problems = _parse_dp(self.dp, f"{_prefix(self.method)}.dp")
+        object.__setattr__(self, "dp", dp)
+        problems += dp_problems
         if problems:
             raise HyperparameterError(problems)
 
@@ -221,7 +259,10 @@ class TrainingSpec:
         known = {f.name for f in dataclasses.fields(hp_cls)}
         unknown = [key for key in raw if key not in known]
         problems += [
-            (f"{_prefix(kind)}.{key}", f"is not a known hyperparameter; known: {', '.join(sorted(known))}")
+            (
+                f"{_prefix(kind)}.{key}",
+                _NOT_FOR_METHOD.get((kind, key)) or f"is not a known hyperparameter; known: {', '.join(sorted(known))}",
+            )
             for key in unknown
         ]
         try:
@@ -301,6 +342,9 @@ def resolve(
         values["checkpoint_every_steps"] = math.ceil(n / batch_size)
     if getattr(hp, "precision", None) == AUTO:
         values["precision"] = "bf16" if device_type == "cuda" and bf16_supported else "fp32"
+    dp = getattr(hp, "dp", None)
+    if dp is not None and dp.delta == AUTO:
+        values["dp"] = dataclasses.replace(dp, delta=min(DP_AUTO_DELTA_CAP, 1 / (10 * n)))
 
     resolved = dataclasses.replace(hp, **values)
     problems = []
@@ -399,6 +443,35 @@ def _check_common(hp: Hyperparameters, prefix: str) -> list[tuple[str, str]]:
         bad("checkpoint_every_steps", "must be a non-negative integer (0 = no checkpoints) or \"auto\"")
     int_in("seed", 0, 2**31 - 1, auto=False)
     return problems
+
+
+def _parse_dp(value: Any, prefix: str) -> tuple[Any, list[tuple[str, str]]]:
+    """``dp`` as :class:`DifferentialPrivacy` (from an object or an instance) and its problems; ``None`` stays."""
+    if value is None:
+        return None, []
+    if isinstance(value, DifferentialPrivacy):
+        value = value.to_dict()
+    if not isinstance(value, Mapping):
+        return value, [(prefix, f"must be an object {{epsilon, delta, max_grad_norm}} or null; got {value!r:.60}")]
+    known = [f.name for f in dataclasses.fields(DifferentialPrivacy)]
+    problems = [(f"{prefix}.{key}", f"is not a known field; known: {', '.join(sorted(known))}")
+                for key in value if key not in known]
+    epsilon = value.get("epsilon")
+    if "epsilon" not in value:
+        problems.append((f"{prefix}.epsilon", "is required: the privacy budget, e.g. 8"))
+    elif not _is_number(epsilon) or epsilon <= 0:
+        problems.append((f"{prefix}.epsilon", f"must be a number greater than 0; got {epsilon!r}"))
+    delta = value.get("delta", AUTO)
+    if delta != AUTO and (not _is_number(delta) or not 0 < delta < 1):
+        problems.append((f"{prefix}.delta", f"must be a number between 0 and 1 (exclusive) or \"auto\"; got {delta!r}"))
+    norm = value.get("max_grad_norm", 1.0)
+    if not _is_number(norm) or norm <= 0:
+        problems.append((f"{prefix}.max_grad_norm", f"must be a number greater than 0; got {norm!r}"))
+    if problems:
+        return value, problems
+    return DifferentialPrivacy(
+        epsilon=float(epsilon), delta=delta if delta == AUTO else float(delta), max_grad_norm=float(norm)
+    ), []
 
 
 def _check_target_modules(hp: Hyperparameters, prefix: str, problems: list[tuple[str, str]]) -> None:

@@ -16,10 +16,11 @@ class TrainingEvent:
     """Progress, passed to ``on_event``.
 
     ``type`` is ``train`` every few steps (and at the last step), ``validation``
-    after the before/after evaluations, ``warning`` for data dropped.
+    after the before/after evaluations, ``info`` for a note on how the run
+    trains (differential privacy), ``warning`` for data dropped.
 
     Attributes:
-        type: ``train``, ``validation`` or ``warning``.
+        type: ``train``, ``validation``, ``info`` or ``warning``.
         step: Optimizer steps done so far.
         total_steps: Optimizer steps the run will take.
         epoch: Epochs done, fractional (``step / steps_per_epoch``).
@@ -31,7 +32,7 @@ class TrainingEvent:
         message: Human-readable summary.
     """
 
-    type: Literal["train", "validation", "warning"]
+    type: Literal["train", "validation", "info", "warning"]
     step: int
     total_steps: int
     epoch: float
@@ -82,8 +83,10 @@ class TrainResult:
         hyperparameters: The resolved hyperparameters (no ``"auto"`` left).
         metrics: See :class:`TrainMetrics`; after-training figures are ``None`` when cancelled.
         details: What the recipe chose (precision, quantisation, ...).
-        privacy: Privacy evidence: ``canaries`` (exposure) and ``extraction``
-            (probe counts) from :mod:`appliance.training.memorization`, when asked for.
+        privacy: Privacy reports by kind: ``privacy["dp"]`` when the run was
+            differentially private (:func:`appliance.training.dp.DpTraining.report`);
+            ``canaries`` (exposure) and ``extraction`` (probe counts) from
+            :mod:`appliance.training.memorization`, when asked for.
     """
 
     status: Literal["succeeded", "cancelled"]

@@ -4,7 +4,9 @@
 asks the method's recipe for a model, measures validation loss, runs the
 optimizer steps (packing each micro-batch, loss on target tokens only) with
 events, checkpoints and cancellation, measures validation loss again and
-returns the adapter as bytes.
+returns the adapter as bytes. With ``dp`` set, the steps are DP-SGD instead
+(:mod:`appliance.training.dp`: Poisson-sampled, padded, per-example clipped
+and noised) and the result reports the privacy spent.
 
 Offline by construction: every load passes ``local_files_only=True`` and the
 base model is a local directory.
@@ -23,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, get_linear_schedule_with_warmup
@@ -39,6 +41,9 @@ from appliance.training.packing import pack, packed_loss_sum
 from appliance.training.protocol import Setup
 from appliance.training.registry import get_recipe
 from appliance.training.results import TrainingEvent, TrainMetrics, TrainResult
+
+if TYPE_CHECKING:
+    from appliance.training.dp import DpTraining  # imported at run time only for DP runs (opacus)
 
 MAX_GRAD_NORM = 1.0
 EVAL_TOKEN_BUDGET = 8192
@@ -149,11 +154,21 @@ def train(
         optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
         scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(total_steps * hp.warmup_ratio), total_steps)
         state = _RunState()
+        dp: DpTraining | None = None
+        if getattr(hp, "dp", None) is not None:
+            from appliance.training.dp import DpTraining  # opacus loads only for DP runs
+
+            dp = DpTraining(setup, optimizer, hp, n_train=len(train_set), total_steps=total_steps)
+
+        def privacy() -> dict[str, Any]:
+            return {"dp": dp.report()} if dp is not None else {}
 
         try:
             if resume is not None:
-                _restore(setup, optimizer, scheduler, resume, state)
-            elif val_set:
+                _restore(setup, optimizer, scheduler, resume, state, dp)
+            if dp is not None:
+                event("info", state.step, message=dp.message())
+            if resume is None and val_set:
                 state.valid_before = _evaluate(setup, val_set, stop)
                 event("validation", 0, valid_loss=state.valid_before, message="validation loss before training")
 
@@ -161,12 +176,18 @@ def train(
             window_start, window_tokens, window_losses = started, 0, []
             while state.step < total_steps:
                 epoch, index = divmod(state.step, steps_per_epoch)
-                order = _epoch_order(len(train_set), hp.seed, epoch)
-                batch = [train_set[i] for i in order[index * hp.batch_size : (index + 1) * hp.batch_size]]
+                if dp is not None:
+                    batch = [train_set[i] for i in dp.sample()]
+                else:
+                    order = _epoch_order(len(train_set), hp.seed, epoch)
+                    batch = [train_set[i] for i in order[index * hp.batch_size : (index + 1) * hp.batch_size]]
                 if stop():
                     raise _Cancelled
-                loss, tokens = _train_step(setup, optimizer, scheduler, trainable, batch, hp)
-                if not math.isfinite(loss):
+                if dp is not None:
+                    loss, tokens = dp.step(setup, batch, scheduler, lambda: _autocast(setup))
+                else:
+                    loss, tokens = _train_step(setup, optimizer, scheduler, trainable, batch, hp)
+                if loss is not None and not math.isfinite(loss):
                     raise TrainingDivergedError(
                         f"the training loss became {loss} at step {state.step + 1}; "
                         f"lower `learning_rate` (now {hp.learning_rate:g})",
@@ -178,9 +199,10 @@ def train(
                 state.session_tokens += tokens
                 if index == 0:
                     state.epoch_losses = []
-                state.epoch_losses.append(loss)
+                if loss is not None:  # None: an empty Poisson batch (DP), noise only
+                    state.epoch_losses.append(loss)
+                    window_losses.append(loss)
                 window_tokens += tokens
-                window_losses.append(loss)
 
                 last = state.step == total_steps
                 if state.step % event_every_steps == 0 or last:
@@ -188,7 +210,7 @@ def train(
                     event(
                         "train",
                         state.step,
-                        train_loss=sum(window_losses) / len(window_losses),
+                        train_loss=sum(window_losses) / len(window_losses) if window_losses else None,
                         learning_rate=scheduler.get_last_lr()[0],
                         tokens_per_second=window_tokens / max(now - window_start, 1e-9),
                         trained_tokens=state.trained_tokens,
@@ -199,7 +221,7 @@ def train(
                     paused = time.perf_counter()
                     blob = _checkpoint(
                         setup, recipe, optimizer, scheduler, state, spec, hp, data_fingerprint,
-                        base_model_name or model_dir.name,
+                        base_model_name or model_dir.name, dp,
                     )
                     on_checkpoint(state.step, blob)
                     pause = time.perf_counter() - paused  # checkpointing is not training time
@@ -215,7 +237,7 @@ def train(
                     trained_tokens=state.trained_tokens,
                     message="validation loss after training",
                 )
-            privacy = _memorization(setup, model_dir, train_records, canaries, canary_repetitions, probe_targets,
+            evidence = _memorization(setup, model_dir, train_records, canaries, canary_repetitions, probe_targets,
                                     hp.seed, event, state.step)
         except _Cancelled:
             return TrainResult(
@@ -224,8 +246,14 @@ def train(
                 hyperparameters=hp,
                 metrics=_metrics(state, None, total_steps, train_set, val_set, dropped),
                 details=setup.details,
+                privacy=privacy(),
             )
+        finally:
+            if dp is not None:
+                dp.close()
         adapter = recipe.save(setup, base_model_name or model_dir.name)
+        if dp is not None:
+            dp.verify(adapter)
 
     return TrainResult(
         status="succeeded",
@@ -233,7 +261,7 @@ def train(
         hyperparameters=hp,
         metrics=_metrics(state, valid_after, total_steps, train_set, val_set, dropped),
         details=setup.details,
-        privacy=privacy,
+        privacy={**privacy(), **evidence},
     )
 
 
@@ -460,9 +488,11 @@ def _checkpoint(
     hp: Any,
     data_fingerprint: str,
     base_model_name: str,
+    dp: DpTraining | None = None,
 ) -> bytes:
     return ckpt.dump(
         {
+            **({"dp": dp.state()} if dp is not None else {}),
             "method": spec.method,
             "hyperparameters": hp.to_dict(),
             "data_fingerprint": data_fingerprint,
@@ -502,7 +532,12 @@ def _load_resume(
 
 
 def _restore(
-    setup: Setup, optimizer: torch.optim.Optimizer, scheduler: Any, saved: dict[str, Any], state: _RunState
+    setup: Setup,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    saved: dict[str, Any],
+    state: _RunState,
+    dp: DpTraining | None = None,
 ) -> None:
     params = dict(setup.model.named_parameters())
     with torch.no_grad():
@@ -515,3 +550,5 @@ def _restore(
     state.trained_tokens = saved["trained_tokens"]
     state.epoch_losses = list(saved["epoch_losses"])
     state.valid_before = saved["valid_before"]
+    if dp is not None:
+        dp.restore(saved.get("dp"), state.step)
