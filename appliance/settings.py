@@ -161,6 +161,18 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class JobSettings:
+    """The job queue shared by every control-plane replica."""
+
+    lease_s: int = field(
+        default=60,
+        metadata=_env("APPLIANCE_JOB_LEASE_S",
+                      "Seconds a running job stays its scheduler's without a heartbeat; then another takes it over.",
+                      minimum=10),
+    )
+
+
+@dataclass(frozen=True)
 class PortalSettings:
     """The web portal's sessions."""
 
@@ -215,6 +227,7 @@ class Settings:
     portal: PortalSettings
     serving: ServingSettings
     audit: AuditSettings
+    jobs: JobSettings
 
     @property
     def database_url(self) -> str:

@@ -244,7 +244,9 @@ class CatalogService:
         for hook in self.on_remove:
             hook(adapter_id)
         with self.db.transaction() as s:
-            row = s.get(AdapterRecord, adapter_id)
+            row = s.get(AdapterRecord, adapter_id, with_for_update=True)  # two deletes at once: one shreds
+            if row.deleted_at is not None:
+                raise NotFoundError(f"model {adapter_id!r} not found", param="model")
             row.deleted_at = utcnow()
             evidence = self.blobs.shred(s, row.object_id)
             record(s, ctx, "adapter.delete", resource_type="adapter", resource_id=adapter_id, project=view.project,

@@ -340,7 +340,9 @@ class FileService:
         """Crypto-shred: destroy the data key, remove the blob, hide the file."""
         view = self._get(principal, file_id)
         with self.db.transaction() as s:
-            row = s.get(StoredFile, file_id)
+            row = s.get(StoredFile, file_id, with_for_update=True)  # two deletes at once: one shreds
+            if row.deleted_at is not None:
+                raise NotFoundError(f"file {file_id!r} not found", param="file_id")
             row.deleted_at = utcnow()
             evidence = self.blobs.shred(s, file_id)
             s.query(ScanFinding).filter(ScanFinding.file_id == file_id).delete()

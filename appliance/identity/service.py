@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from appliance.audit.service import AuditContext, record
@@ -90,6 +91,18 @@ def _token_view(t: ApiToken) -> TokenView:
     )
 
 
+def _flush_unique(s: Session, conflict: str) -> None:
+    """Flush a new named row; a name taken meanwhile by a concurrent transaction is a conflict.
+
+    SQLite serialises writers, so the check before the insert sees every name;
+    on PostgreSQL two transactions can both pass it and the unique index decides.
+    """
+    try:
+        s.flush()
+    except IntegrityError:
+        raise ConflictError(conflict, param="name") from None
+
+
 class IdentityService:
     """Create and look up projects, users, grants and tokens; authenticate bearers."""
 
@@ -104,7 +117,7 @@ class IdentityService:
                 raise ConflictError(f"project {name!r} already exists", param="name")
             project = Project(name=name)
             s.add(project)
-            s.flush()
+            _flush_unique(s, f"project {name!r} already exists")
             record(s, ctx, "project.create", resource_type="project", resource_id=name, project=name)
             return project
 
@@ -146,7 +159,7 @@ class IdentityService:
                 raise ConflictError(f"user {name!r} already exists", param="name")
             user = User(name=name)
             s.add(user)
-            s.flush()
+            _flush_unique(s, f"user {name!r} already exists")
             record(s, ctx, "user.create", resource_type="user", resource_id=name)
             return user
 
@@ -252,10 +265,10 @@ class IdentityService:
 
     def revoke_token(self, ctx: AuditContext, token_id: str) -> TokenView:
         with self.db.transaction() as s:
-            row = s.scalar(select(ApiToken).where(ApiToken.token_id == token_id))
+            row = s.scalar(select(ApiToken).where(ApiToken.token_id == token_id).with_for_update(of=ApiToken))
             if row is None:
                 raise NotFoundError(f"token {token_id!r} not found", param="token_id")
-            if row.revoked_at is None:
+            if row.revoked_at is None:  # locked: two revokes at once audit one revocation
                 row.revoked_at = utcnow()
                 record(
                     s, ctx, "token.revoke", resource_type="token", resource_id=token_id,

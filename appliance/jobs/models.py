@@ -41,8 +41,12 @@ class FineTuningJob(Base):
     #: ids of result files (evaluation grids, validation images), stored encrypted like uploads
     result_files: Mapped[list[str]] = mapped_column(JSON, default=list)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: the scheduler instance that claimed the job last (``host:node:pid:random``); it owns a running job
+    #: while its lease lasts, renewing ``heartbeat_at`` and ``lease_expires_at`` as it supervises the worker
     worker: Mapped[str | None] = mapped_column(String(128), default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    #: until when ``worker`` owns the running job; after it, any scheduler may fail it (resumable)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)

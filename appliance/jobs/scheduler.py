@@ -1,27 +1,41 @@
 """The job queue: claims jobs, runs each in an isolated worker, records what it reports.
 
-One scheduler runs inside the server process. It claims queued jobs with a
-conditional update (so a second scheduler never runs a job twice), starts a
-sandboxed worker per job (one per device by default), hands it the job and
-its datasets' data keys over a pipe, and stores events, encrypted
-checkpoints and the final adapter. A worker that dies, or a server that was
-killed, leaves the job ``failed`` with a resumable error, never ``running``.
+One scheduler runs inside each server process; several servers (control-plane
+replicas) may share one PostgreSQL database. A scheduler claims the oldest
+queued job under a row lock (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so
+replicas claiming at once take different jobs; on SQLite ``BEGIN IMMEDIATE``
+makes the claiming transaction the only writer), starts a sandboxed worker per
+job (one per device by default), hands it the job and its datasets' data keys
+over a pipe, and stores events, encrypted checkpoints and the final adapter.
+
+A claim is a lease: the job row names the scheduler (``worker``) and when its
+ownership ends (``lease_expires_at``), which the scheduler renews while it
+supervises the worker. Any scheduler fails (resumable) a running job whose
+lease has expired, or whose owner was a process on the same host that has
+exited (a restarted server needs no wait). An owner that finds its lease gone
+kills its worker and records nothing more for that attempt. A worker that
+dies, or a server that was killed, leaves the job ``failed`` with a resumable
+error, never ``running``.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import os
 import random
 import secrets
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 
 from appliance import __version__
 from appliance.audit.service import AuditContext, record
@@ -51,9 +65,20 @@ RESUMABLE_LOST = {
 
 @dataclass
 class SchedulerSettings:
+    """How a scheduler runs jobs.
+
+    Attributes:
+        max_concurrent: Workers at once (one per device).
+        poll_s: Longest wait between looks at the queue.
+        cancel_grace_s: Time a worker gets to stop before it is killed.
+        lease_s: How long a claimed job stays this scheduler's without renewal; renewed every
+            ``lease_s / 6``. Replicas' clocks must agree to well within it (NTP).
+    """
+
     max_concurrent: int = 1
     poll_s: float = 0.5
     cancel_grace_s: float = 10.0
+    lease_s: float = 60.0
     worker_module: str = "appliance.jobs.worker"
     limits: WorkerLimits = field(default_factory=WorkerLimits)
     isolate_network: bool = True
@@ -62,9 +87,14 @@ class SchedulerSettings:
 @dataclass
 class _Run:
     job_id: str
+    attempt: int
     worker: SandboxedProcess
-    thread: threading.Thread
+    thread: threading.Thread | None = None
     stop_sent_at: float | None = None
+    #: set when another scheduler took the job over: the worker is killed, its reports dropped
+    lost: bool = False
+    #: set once the worker ended and its outcome is about to be recorded
+    ending: bool = False
 
 
 class Scheduler:
@@ -81,7 +111,10 @@ class Scheduler:
                  settings: SchedulerSettings | None = None) -> None:
         self.db, self.blobs, self.catalog = db, blobs, catalog
         self.settings = settings or SchedulerSettings()
-        self.name = f"scheduler-{os.getpid()}-{secrets.token_hex(3)}"
+        self.node = _node_id()
+        #: the lease owner's name: host (for people), node (see _node_id), pid, and a per-instance nonce
+        self.name = f"{socket.gethostname()[:60]}:{self.node or '-'}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._last_beat = 0.0
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._runs: dict[str, _Run] = {}
@@ -91,6 +124,7 @@ class Scheduler:
     # -- lifecycle ----------------------------------------------------------
     def start(self) -> None:
         self.recover()
+        self._last_beat = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="job-scheduler", daemon=True)
         self._thread.start()
 
@@ -111,12 +145,32 @@ class Scheduler:
             self._thread.join(timeout)
 
     def recover(self) -> int:
-        """Mark jobs left ``running`` by a dead process as failed, resumable."""
+        """Fail, resumable, the running jobs whose scheduler is gone; return how many.
+
+        A scheduler is gone when its lease expired, or when it was a process on
+        this node (same boot and pid namespace) that no longer exists. Jobs of
+        live schedulers, here or on other replicas, are left alone. Runs at
+        start and then every ``lease_s / 6`` seconds.
+        """
+        now = utcnow()
         with self.db.transaction() as s:
-            stuck = list(s.scalars(select(FineTuningJob).where(FineTuningJob.status == "running")))
-            for job in stuck:
+            owners = s.execute(select(FineTuningJob.id, FineTuningJob.worker)
+                               .where(FineTuningJob.status == "running")).all()
+            gone = [and_(FineTuningJob.id == job_id, FineTuningJob.worker == owner)
+                    for job_id, owner in owners if _owner_exited(owner, self.node)]
+            # The lock re-checks the conditions on the newest row: a lease renewed, or a
+            # job finished, meanwhile is not taken; SKIP LOCKED leaves rows another
+            # scheduler is recovering or finishing to it.
+            stale = list(s.scalars(
+                select(FineTuningJob).where(
+                    FineTuningJob.status == "running",
+                    or_(FineTuningJob.lease_expires_at.is_(None), FineTuningJob.lease_expires_at <= now, *gone))
+                .order_by(FineTuningJob.id).with_for_update(skip_locked=True)))
+            for job in stale:
+                log.warning("taking over a job whose scheduler is gone",
+                            extra={"job_id": job.id, "owner": job.worker})
                 self._fail(s, job, RESUMABLE_LOST, resumable=True)
-        return len(stuck)
+        return len(stale)
 
     def running(self) -> list[str]:
         with self._lock:
@@ -133,19 +187,49 @@ class Scheduler:
             self._wake.clear()
 
     def _tick(self) -> None:
+        if time.monotonic() - self._last_beat >= self.settings.lease_s / 6:
+            self._last_beat = time.monotonic()
+            self._renew_leases()
+            self.recover()
         self._promote_validated()
         self._forward_cancellations()
         with self._lock:
             free = self.settings.max_concurrent - len(self._runs)
         for _ in range(max(0, free)):
-            job_id = self._claim()
-            if job_id is None:
+            claimed = self._claim()
+            if claimed is None:
                 break
-            self._launch(job_id)
+            self._launch(*claimed)
+
+    def _renew_leases(self) -> None:
+        """Extend the lease of every job this scheduler runs; kill the workers of jobs it lost."""
+        with self._lock:
+            runs = [run for run in self._runs.values() if not run.lost]
+        for run in runs:
+            now = utcnow()
+            with self.db.transaction() as s:
+                # Never wait: a row locked by this scheduler's own _finish, a cancel or
+                # another scheduler's recovery is renewed (or found lost) next beat.
+                row = s.execute(select(FineTuningJob.status, FineTuningJob.worker, FineTuningJob.attempts)
+                                .where(FineTuningJob.id == run.job_id).with_for_update(skip_locked=True)).first()
+                if row is None and s.get(FineTuningJob, run.job_id) is not None:
+                    continue
+                if row is not None and tuple(row) == ("running", self.name, run.attempt):
+                    s.execute(update(FineTuningJob).where(FineTuningJob.id == run.job_id)
+                              .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=self.settings.lease_s))
+                              .execution_options(synchronize_session=False))
+                    continue
+            if not run.ending:  # while ending, the job is left running only until _finish records it
+                log.warning("lost the lease of a running job; stopping its worker",
+                            extra={"job_id": run.job_id, "attempt": run.attempt})
+                run.lost = True
+                _kill(run.worker)
 
     def _promote_validated(self) -> None:
         with self.db.transaction() as s:
-            for job in s.scalars(select(FineTuningJob).where(FineTuningJob.status == "validating_files")):
+            # Two schedulers promoting at once: each job is queued (and audited) once.
+            for job in s.scalars(select(FineTuningJob).where(FineTuningJob.status == "validating_files")
+                                 .with_for_update(skip_locked=True)):
                 missing = [fid for fid in (job.training_file, job.validation_file) if fid and not _file_ok(s, fid)]
                 if missing:
                     self._fail(s, job, {"code": "invalid_file", "param": "training_file",
@@ -156,24 +240,28 @@ class Scheduler:
                 record(s, SYSTEM, "job.queue", resource_type="fine_tuning_job", resource_id=job.id,
                        project=_project_name(s, job))
 
-    def _claim(self) -> str | None:
+    def _claim(self) -> tuple[str, int] | None:
+        """Take the oldest queued job under this scheduler's lease; return its id and attempt number.
+
+        PostgreSQL locks the row and skips rows other schedulers are claiming, so
+        concurrent claims take different jobs and never wait on each other. SQLite
+        has no row locks (``FOR UPDATE`` renders as nothing): there the writer
+        transaction's ``BEGIN IMMEDIATE`` already excludes every other claimer.
+        """
+        now = utcnow()
         with self.db.transaction() as s:
-            candidate = s.scalar(select(FineTuningJob.id).where(FineTuningJob.status == "queued")
-                                 .order_by(FineTuningJob.created_at).limit(1))
-            if candidate is None:
+            job = s.scalar(select(FineTuningJob).where(FineTuningJob.status == "queued")
+                           .order_by(FineTuningJob.created_at, FineTuningJob.id).limit(1)
+                           .with_for_update(skip_locked=True))
+            if job is None:
                 return None
-            claimed = s.execute(
-                update(FineTuningJob).where(FineTuningJob.id == candidate, FineTuningJob.status == "queued")
-                .values(status="running", worker=self.name, started_at=utcnow(), heartbeat_at=utcnow(),
-                        attempts=FineTuningJob.attempts + 1)
-            ).rowcount
-            if claimed != 1:
-                return None
-            job = s.get(FineTuningJob, candidate)
+            job.status, job.worker, job.attempts = "running", self.name, job.attempts + 1
+            job.started_at = job.heartbeat_at = now
+            job.lease_expires_at = now + timedelta(seconds=self.settings.lease_s)
             add_event(s, job.id, f"Fine-tuning job started (attempt {job.attempts})")
             record(s, SYSTEM, "job.start", resource_type="fine_tuning_job", resource_id=job.id,
                    project=_project_name(s, job), details={"attempt": job.attempts, "worker": self.name})
-            return candidate
+            return job.id, job.attempts
 
     def _forward_cancellations(self) -> None:
         with self._lock:
@@ -225,7 +313,7 @@ class Scheduler:
         }
         return start, resume
 
-    def _launch(self, job_id: str) -> None:
+    def _launch(self, job_id: str, attempt: int) -> None:
         try:
             start, resume = self._start_message(job_id)
             worker = spawn(self.settings.worker_module, limits=self.settings.limits,
@@ -233,47 +321,53 @@ class Scheduler:
         except Exception as exc:
             log.exception("could not start a worker", extra={"job_id": job_id})
             with self.db.transaction() as s:
-                self._fail(s, s.get(FineTuningJob, job_id),
-                           {"code": "worker_start_failed", "message": f"could not start the worker: "
-                            f"{type(exc).__name__}", "param": None}, resumable=True)
+                job = self._owned(s, job_id, attempt)
+                if job is not None:
+                    self._fail(s, job, {"code": "worker_start_failed", "message": f"could not start the worker: "
+                                        f"{type(exc).__name__}", "param": None}, resumable=True)
             return
-        thread = threading.Thread(target=self._supervise, args=(job_id, worker, start, resume),
-                                  name=f"job-{job_id}", daemon=True)
+        run = _Run(job_id, attempt, worker)
+        run.thread = threading.Thread(target=self._supervise, args=(run, start, resume),
+                                      name=f"job-{job_id}", daemon=True)
         with self._lock:
-            self._runs[job_id] = _Run(job_id, worker, thread)
-        thread.start()
+            self._runs[job_id] = run
+        run.thread.start()
 
-    def _supervise(self, job_id: str, worker: SandboxedProcess, start: dict[str, Any], resume: bytes) -> None:
+    def _owned(self, s, job_id: str, attempt: int) -> FineTuningJob | None:
+        """The job, row-locked, if this scheduler still holds the lease of ``attempt``; else None."""
+        job = s.get(FineTuningJob, job_id, with_for_update=True)
+        if job is None or job.status != "running" or job.worker != self.name or job.attempts != attempt:
+            return None
+        return job
+
+    def _supervise(self, run: _Run, start: dict[str, Any], resume: bytes) -> None:
+        job_id, worker = run.job_id, run.worker
         outcome: tuple[str, dict[str, Any]] | None = None
         artefacts: dict[str, bytes] = {}
         try:
             write_frame(worker.to_child, start, resume)
             del start["datasets"]  # drop the data keys from memory as soon as they are sent
             reader = FrameReader(worker.from_child)
-            last_beat = 0.0
-            while outcome is None:
+            while outcome is None and not run.lost:
                 frame = reader.read(timeout=1.0)
                 if frame is None:
                     if reader.eof or worker.proc.poll() is not None:
                         break
-                else:
+                elif not run.lost:
                     outcome = self._handle(job_id, frame, artefacts)
-                if time.monotonic() - last_beat > 5:
-                    last_beat = time.monotonic()
-                    with self.db.transaction() as s:
-                        s.execute(update(FineTuningJob).where(FineTuningJob.id == job_id)
-                                  .values(heartbeat_at=utcnow()))
         except Exception:
             log.exception("supervising the worker failed", extra={"job_id": job_id})
         finally:
+            run.ending = True
             _reap(worker)
             try:
-                self._finish(job_id, outcome, artefacts, worker)
+                self._finish(run, outcome, artefacts)
             except Exception:
                 log.exception("recording the end of a job failed", extra={"job_id": job_id})
             worker.cleanup()
             with self._lock:
-                self._runs.pop(job_id, None)
+                if self._runs.get(job_id) is run:
+                    del self._runs[job_id]
             self._wake.set()
 
     def _handle(self, job_id: str, frame: tuple[dict[str, Any], bytes],
@@ -350,13 +444,18 @@ class Scheduler:
                 writer.abort()
                 raise
 
-    def _finish(self, job_id: str, outcome: tuple[str, dict[str, Any]] | None, artefacts: dict[str, bytes],
-                worker: SandboxedProcess) -> None:
+    def _finish(self, run: _Run, outcome: tuple[str, dict[str, Any]] | None, artefacts: dict[str, bytes]) -> None:
+        job_id, worker = run.job_id, run.worker
         published: str | None = None
         with self.db.transaction() as s:
-            job = s.get(FineTuningJob, job_id)
-            if job.status != "running":
+            # Locking the job first keeps the lock order of every job transaction (job row,
+            # then the audit head), so this never deadlocks with a cancel on PostgreSQL.
+            job = self._owned(s, job_id, run.attempt)
+            if job is None:
+                log.warning("a job's attempt ended after its lease was taken over; its outcome is dropped",
+                            extra={"job_id": job_id, "attempt": run.attempt})
                 return
+            job.lease_expires_at = None
             kind, header = outcome if outcome else ("lost", {})
             if kind == "result":
                 published = self._succeed(s, job, header, artefacts)
@@ -415,6 +514,7 @@ class Scheduler:
 
     def _fail(self, s, job: FineTuningJob, error: dict[str, Any], *, resumable: bool) -> None:
         job.status, job.error, job.finished_at, job.resumable = "failed", error, utcnow(), resumable
+        job.lease_expires_at = None
         add_event(s, job.id, f"Job failed: {error['message']}", level="error")
         record(s, SYSTEM, "job.fail", outcome="failure", resource_type="fine_tuning_job", resource_id=job.id,
                project=_project_name(s, job), reason=error["code"], details={"resumable": resumable})
@@ -440,6 +540,36 @@ def _file_ok(s, file_id: str) -> bool:
 
 def _project_name(s, job: FineTuningJob) -> str:
     return s.get(Project, job.project_id).name
+
+
+def _node_id() -> str | None:
+    """What schedulers that can see each other's processes share: this boot and pid namespace.
+
+    None where that cannot be told (no /proc); such schedulers rely on leases alone.
+    """
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        pid_namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return hashlib.sha256(f"{boot}/{pid_namespace}".encode()).hexdigest()[:12]
+
+
+def _owner_exited(owner: str | None, node: str | None) -> bool:
+    """Whether the scheduler named ``owner`` certainly stopped: a process of this node that no longer exists."""
+    parts = (owner or "").rsplit(":", 3)
+    if node is None or len(parts) != 4 or parts[1] != node or not parts[2].isdigit():
+        return False
+    pid = int(parts[2])
+    if pid == os.getpid():
+        return False  # another scheduler of this process; its lease tells
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _kill(worker: SandboxedProcess) -> None:

@@ -179,7 +179,8 @@ class JobService:
         """Queued jobs stop at once; running ones are told to stop and end within seconds."""
         view = self._job(principal, job_id)
         with self.db.transaction() as s:
-            job = s.get(FineTuningJob, job_id)
+            # Locked: on PostgreSQL a scheduler may be claiming or finishing the job meanwhile.
+            job = s.get(FineTuningJob, job_id, with_for_update=True)
             if job.status in TERMINAL:
                 raise ConflictError(f"job {job_id} is already {job.status}", param="fine_tuning_job_id")
             if job.status == "running":
@@ -197,7 +198,8 @@ class JobService:
         """Put a failed (resumable) or cancelled job back in the queue; it continues from its last checkpoint."""
         view = self._job(principal, job_id)
         with self.db.transaction() as s:
-            job = s.get(FineTuningJob, job_id)
+            # Locked: on PostgreSQL a scheduler may be claiming or finishing the job meanwhile.
+            job = s.get(FineTuningJob, job_id, with_for_update=True)
             if job.status not in ("failed", "cancelled") or (job.status == "failed" and not job.resumable):
                 raise ConflictError(
                     f"job {job_id} is {job.status}" + (" and not resumable" if job.status == "failed" else "")

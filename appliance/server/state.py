@@ -48,7 +48,7 @@ def build_state(
     blobs = BlobStore(settings.blobs_dir, keys)
     policies = PolicyService(db, settings.intake.default_policy)
     catalog = CatalogService(db, blobs, settings.models_dir, settings.signing_key_file)
-    scheduler = Scheduler(db, blobs, catalog, scheduler_settings or SchedulerSettings())
+    scheduler = Scheduler(db, blobs, catalog, scheduler_settings or SchedulerSettings(lease_s=settings.jobs.lease_s))
     files = FileService(db, blobs, get_scanner, policies, settings.intake)
     files.on_delete.append(catalog.withdraw_trained_on)
     return AppState(

@@ -77,3 +77,44 @@ def test_rolled_back_action_leaves_no_event(tmp_path):
         assert s.scalar(select(func.count()).select_from(AuditEvent)) == 0
     assert verify_chain(db).ok
     db.dispose()
+
+
+def test_concurrent_writers_of_one_row_conflict_cleanly(tmp_path):
+    """SQLite serialises writers; PostgreSQL needs row locks and unique indexes to do as well."""
+    from appliance.errors import ConflictError
+    from appliance.identity.roles import Role
+    from appliance.identity.service import IdentityService
+
+    db = _database(tmp_path, "w")
+    upgrade_to_head(db)
+    identity = IdentityService(db)
+    ctx = AuditContext(actor="t", auth_method="test")
+    identity.create_user(ctx, "alice")
+    identity.grant(ctx, "alice", Role.AUDITOR, None)
+    token = identity.create_token(ctx, "alice", Role.AUDITOR, None)[0]
+    outcomes: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def race(action) -> None:
+        barrier.wait()
+        try:
+            action()
+            outcomes.append("ok")
+        except ConflictError:
+            outcomes.append("conflict")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcomes.append(repr(exc))
+
+    threads = [threading.Thread(target=race, args=(lambda: identity.create_project(ctx, "acme"),)) for _ in range(4)]
+    threads += [threading.Thread(target=race, args=(lambda: identity.revoke_token(ctx, token.token_id),))
+                for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["conflict"] * 3 + ["ok"] * 5
+    with db.read() as s:
+        actions = list(s.scalars(select(AuditEvent.action)))
+    assert actions.count("project.create") == 1 and actions.count("token.revoke") == 1
+    assert verify_chain(db).ok
+    db.dispose()

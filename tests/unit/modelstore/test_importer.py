@@ -122,6 +122,7 @@ def test_demo_gguf_path_or_a_clear_error(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.no_database
 def test_import_demo_gguf(tmp_path):
     try:
         gguf = demo_gguf_path()

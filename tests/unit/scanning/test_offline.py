@@ -58,6 +58,7 @@ print(sorted({f.entity_type for f in Scanner().scan([ScanUnit(1, "text", text)])
 
 
 @pytest.mark.slow
+@pytest.mark.no_database
 def test_scan_in_a_network_namespace_without_network():
     """The same, enforced by the kernel: a fresh process in its own empty network namespace."""
     if shutil.which("unshare") is None or subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode:

@@ -123,6 +123,7 @@ def upgrade() -> None:
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('worker', sa.String(length=128), nullable=True),
     sa.Column('heartbeat_at', appliance.db.base.UTCDateTime(), nullable=True),
+    sa.Column('lease_expires_at', appliance.db.base.UTCDateTime(), nullable=True),
     sa.Column('created_at', appliance.db.base.UTCDateTime(), nullable=False),
     sa.Column('started_at', appliance.db.base.UTCDateTime(), nullable=True),
     sa.Column('finished_at', appliance.db.base.UTCDateTime(), nullable=True),
