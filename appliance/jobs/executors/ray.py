@@ -41,6 +41,7 @@ from appliance.settings import JobSettings
 TICKET_ENV = "APPLIANCE_TUNNEL_TICKET"
 STATUS_POLL_S = 2.0
 REAP_TIMEOUT_S = 60.0
+HUNG_UP_GRACE_S = 30.0
 
 
 class RayExecutor:
@@ -54,9 +55,7 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, settings: JobSettings) -> None:
-        if importlib.util.find_spec("ray") is None:
-            raise SettingsError(["APPLIANCE_EXECUTOR='ray': the `ray` package is not installed here; "
-                                 "install the extra (pip install 'appliance[ray]') or use APPLIANCE_EXECUTOR=local"])
+        _require_ray()
         self.settings = settings
         self.max_workers = settings.ray_max_workers
         self._token = settings.ray_token_file.read_text().strip()
@@ -100,6 +99,13 @@ class RayExecutor:
         self.gateway.close()
 
 
+def _require_ray() -> None:
+    """Fail at start-up, naming the fix, rather than at the first job."""
+    if importlib.util.find_spec("ray") is None:
+        raise SettingsError(["APPLIANCE_EXECUTOR='ray': the `ray` package is not installed here; "
+                             "install the extra (pip install 'appliance[ray]') or use APPLIANCE_EXECUTOR=local"])
+
+
 class RayWorker:
     """One Ray job as the scheduler sees it: frames from its ranks, stop to all of them."""
 
@@ -109,6 +115,7 @@ class RayWorker:
         self._status: str | None = None
         self._polled = 0.0
         self._lost: str | None = None
+        self._hung_up_at: float | None = None
 
     def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
         if header.get("type") == "start":
@@ -127,6 +134,13 @@ class RayWorker:
             return True
         if self._terminal(self._poll()):
             return self.session.any_open()  # the ranks' last frames may still be on their way
+        if self.session.all_connected() and not self.session.any_open():
+            # Every rank hung up but Ray does not say the job ended (its dashboard may be unreachable).
+            self._hung_up_at = self._hung_up_at or time.monotonic()
+            if time.monotonic() - self._hung_up_at > HUNG_UP_GRACE_S:
+                self._lost = f"every worker hung up and Ray reported no end within {HUNG_UP_GRACE_S:.0f}s"
+                self.kill()
+                return False
         timeout = self.executor.settings.ray_connect_timeout_s
         if not self.session.all_connected() and time.monotonic() - self._launched > timeout:
             self._lost = f"its workers did not connect within {timeout}s (APPLIANCE_RAY_CONNECT_TIMEOUT_S)"
