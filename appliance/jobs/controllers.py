@@ -44,7 +44,7 @@ def job_object(view: JobView) -> JobObject:
         method={"type": r.method_type, r.method_type: {"hyperparameters": shown}},
         training_file=r.training_file, validation_file=r.validation_file, result_files=list(r.result_files or []),
         trained_tokens=r.trained_tokens, seed=r.seed, estimated_finish=_ts(r.estimated_finish),
-        user_provided_suffix=r.suffix, metrics=r.metrics or {}, resumable=r.resumable,
+        user_provided_suffix=r.suffix, metrics=r.metrics or {}, resumable=r.resumable, compute=r.compute or {},
         memorization=public_view(r.memorization), privacy=r.privacy or {},
     )
 
@@ -57,7 +57,8 @@ class JobController(Controller):
     def create(self, request: Request, jobs: NamedDependency[JobService], files: NamedDependency[FileService],
                data: JSONBody[dict[str, Any]]) -> JobObject:
         """Create a fine-tuning job: `model`, `training_file`, optional `validation_file`, `suffix`, `seed`,
-        and `method` `{"type": "lora" | "qlora", "<type>": {"hyperparameters": {...}}}`."""
+        `method` `{"type": "lora" | "qlora", "<type>": {"hyperparameters": {...}}}`, and `compute`
+        `{"workers": n}` for n data-parallel workers (Ray executor)."""
         project = files.resolve_project(request.user, request.headers.get("openai-project"))
         return job_object(jobs.create(request.user, audit_context(request), project, data))
 

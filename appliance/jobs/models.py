@@ -28,6 +28,8 @@ class FineTuningJob(Base):
     #: hyperparameters as requested ("auto" kept) and as resolved by the recipe
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     resolved: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: how the job runs, e.g. {"workers": 2} data-parallel workers (the Ray executor); {} is one worker
+    compute: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     status: Mapped[str] = mapped_column(String(24), index=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     resumable: Mapped[bool] = mapped_column(default=False)

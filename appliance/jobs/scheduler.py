@@ -5,8 +5,10 @@ replicas) may share one PostgreSQL database. A scheduler claims the oldest
 queued job under a row lock (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so
 replicas claiming at once take different jobs; on SQLite ``BEGIN IMMEDIATE``
 makes the claiming transaction the only writer), starts a sandboxed worker per
-job (one per device by default), hands it the job and its datasets' data keys
-over a pipe, and stores events, encrypted checkpoints and the final adapter.
+job through its executor (a sandboxed process on this host, or a Ray job:
+:mod:`appliance.jobs.executors`; one job per device by default), hands it the
+job and its datasets' data keys, and stores events, encrypted checkpoints and
+the final adapter.
 
 A claim is a lease: the job row names the scheduler (``worker``) and when its
 ownership ends (``lease_expires_at``), which the scheduler renews while it
@@ -26,7 +28,6 @@ import logging
 import os
 import random
 import secrets
-import signal
 import socket
 import threading
 import time
@@ -45,10 +46,10 @@ from appliance.crypto.envelope import WrappedKey
 from appliance.db.base import Database, utcnow
 from appliance.files.models import ScanFinding, StoredFile
 from appliance.identity.models import Project
+from appliance.jobs.executors import Executor, LocalExecutor, Worker
 from appliance.jobs.models import FineTuningJob, JobCheckpoint
-from appliance.jobs.sandbox import SandboxedProcess, WorkerLimits, spawn
+from appliance.jobs.sandbox import WorkerLimits
 from appliance.jobs.service import add_event
-from appliance.jobs.wire import FrameReader, write_frame
 from appliance.storage.blobs import BlobStore, key_context
 from appliance.storage.models import DataKey
 
@@ -82,13 +83,15 @@ class SchedulerSettings:
     worker_module: str = "appliance.jobs.worker"
     limits: WorkerLimits = field(default_factory=WorkerLimits)
     isolate_network: bool = True
+    #: Where workers run; None: sandboxed local processes from the three fields above.
+    executor: Executor | None = None
 
 
 @dataclass
 class _Run:
     job_id: str
     attempt: int
-    worker: SandboxedProcess
+    worker: Worker
     thread: threading.Thread | None = None
     stop_sent_at: float | None = None
     #: set when another scheduler took the job over: the worker is killed, its reports dropped
@@ -115,6 +118,8 @@ class Scheduler:
         #: the lease owner's name: host (for people), node (see _node_id), pid, and a per-instance nonce
         self.name = f"{socket.gethostname()[:60]}:{self.node or '-'}:{os.getpid()}:{secrets.token_hex(3)}"
         self._last_beat = 0.0
+        self.executor: Executor = self.settings.executor or LocalExecutor(
+            self.settings.worker_module, self.settings.limits, self.settings.isolate_network)
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._runs: dict[str, _Run] = {}
@@ -138,11 +143,12 @@ class Scheduler:
         with self._lock:
             runs = list(self._runs.values())
         for run in runs:
-            _kill(run.worker)
+            run.worker.kill()
         for run in runs:
             run.thread.join(timeout)
         if self._thread is not None:
             self._thread.join(timeout)
+        self.executor.close()
 
     def recover(self) -> int:
         """Fail, resumable, the running jobs whose scheduler is gone; return how many.
@@ -223,7 +229,7 @@ class Scheduler:
                 log.warning("lost the lease of a running job; stopping its worker",
                             extra={"job_id": run.job_id, "attempt": run.attempt})
                 run.lost = True
-                _kill(run.worker)
+                run.worker.kill()
 
     def _promote_validated(self) -> None:
         with self.db.transaction() as s:
@@ -277,11 +283,11 @@ class Scheduler:
             if run.stop_sent_at is None:
                 run.stop_sent_at = now
                 try:
-                    write_frame(run.worker.to_child, {"type": "stop"})
+                    run.worker.send({"type": "stop"})
                 except OSError:
                     pass
             elif now - run.stop_sent_at > self.settings.cancel_grace_s:
-                _kill(run.worker)
+                run.worker.kill()
 
     # -- one run ------------------------------------------------------------
     def _start_message(self, job_id: str) -> tuple[dict[str, Any], bytes]:
@@ -308,7 +314,7 @@ class Scheduler:
         start = {
             "type": "start", "job_id": job.id, "project": project.name, "method_type": job.method_type,
             "hyperparameters": job.hyperparameters, "seed": job.seed, "model_dir": base.path,
-            "model_kind": base.kind, "datasets": datasets,
+            "model_kind": base.kind, "datasets": datasets, "compute": job.compute or {},
             "resume_step": checkpoint.step_number if checkpoint else None, "memorization": memorization,
         }
         return start, resume
@@ -316,8 +322,7 @@ class Scheduler:
     def _launch(self, job_id: str, attempt: int) -> None:
         try:
             start, resume = self._start_message(job_id)
-            worker = spawn(self.settings.worker_module, limits=self.settings.limits,
-                           isolate_network=self.settings.isolate_network)
+            worker = self.executor.launch(job_id, start["compute"])
         except Exception as exc:
             log.exception("could not start a worker", extra={"job_id": job_id})
             with self.db.transaction() as s:
@@ -345,13 +350,12 @@ class Scheduler:
         outcome: tuple[str, dict[str, Any]] | None = None
         artefacts: dict[str, bytes] = {}
         try:
-            write_frame(worker.to_child, start, resume)
+            worker.send(start, resume)
             del start["datasets"]  # drop the data keys from memory as soon as they are sent
-            reader = FrameReader(worker.from_child)
             while outcome is None and not run.lost:
-                frame = reader.read(timeout=1.0)
+                frame = worker.read(timeout=1.0)
                 if frame is None:
-                    if reader.eof or worker.proc.poll() is not None:
+                    if not worker.alive():
                         break
                 elif not run.lost:
                     outcome = self._handle(job_id, frame, artefacts)
@@ -359,7 +363,7 @@ class Scheduler:
             log.exception("supervising the worker failed", extra={"job_id": job_id})
         finally:
             run.ending = True
-            _reap(worker)
+            worker.reap()
             try:
                 self._finish(run, outcome, artefacts)
             except Exception:
@@ -471,9 +475,7 @@ class Scheduler:
                     log.error("worker failed", extra={"job_id": job_id, "trace": header["trace"]})
                 self._fail(s, job, error, resumable=error["code"] == "worker_error")
             else:
-                code = worker.proc.returncode
-                detail = f" (signal {-code})" if code is not None and code < 0 else f" (exit {code})"
-                self._fail(s, job, dict(RESUMABLE_LOST, message=RESUMABLE_LOST["message"] + detail),
+                self._fail(s, job, dict(RESUMABLE_LOST, message=RESUMABLE_LOST["message"] + worker.exit_detail()),
                            resumable=True)
         if published:
             for hook in self.catalog.on_publish:
@@ -570,19 +572,3 @@ def _owner_exited(owner: str | None, node: str | None) -> bool:
     except PermissionError:
         return False
     return False
-
-
-def _kill(worker: SandboxedProcess) -> None:
-    if worker.proc.poll() is None:
-        try:
-            os.killpg(worker.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _reap(worker: SandboxedProcess, timeout: float = 10.0) -> None:
-    try:
-        worker.proc.wait(timeout)
-    except Exception:
-        _kill(worker)
-        worker.proc.wait()

@@ -36,6 +36,8 @@ class JobObject(msgspec.Struct):
     #: extensions: the memorisation tests asked for and their results (canary exposure, extraction probe, DP)
     memorization: dict[str, Any] = msgspec.field(default_factory=dict)
     privacy: dict[str, Any] = msgspec.field(default_factory=dict)
+    #: how the job runs: {"workers": n} for n data-parallel workers (an extension of OpenAI's shape)
+    compute: dict[str, Any] = msgspec.field(default_factory=dict)
     integrations: list[Any] = msgspec.field(default_factory=list)
     metadata: dict[str, str] | None = None
     object: str = "fine_tuning.job"

@@ -6,7 +6,7 @@ import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
@@ -20,6 +20,9 @@ from appliance.identity.service import Principal
 from appliance.jobs.memorization import parse_memorization, public_view
 from appliance.jobs.models import FineTuningJob, JobCheckpoint, JobEvent
 from appliance.jobs.recipes import DATASET_PURPOSE, validate_method
+
+if TYPE_CHECKING:
+    from appliance.jobs.executors import Executor
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE = frozenset({"validating_files", "queued", "running"})
@@ -50,10 +53,14 @@ class JobService:
         db: The database.
         catalog: Base models (for ``model``).
         wake: Called after a change the scheduler should act on at once.
+        executor: Where the scheduler runs workers (bounds ``compute.workers``); None: one local worker.
     """
 
-    def __init__(self, db: Database, catalog: CatalogService, wake: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, db: Database, catalog: CatalogService, wake: Callable[[], None] = lambda: None,
+                 executor: Executor | None = None) -> None:
         self.db, self.catalog, self.wake = db, catalog, wake
+        self.executor_name = executor.name if executor else "local"
+        self.max_workers = executor.max_workers if executor else 1
 
     # -- create -------------------------------------------------------------
     def _check_file(self, s, principal: Principal, project: Project, file_id: str | None, param: str,
@@ -95,6 +102,12 @@ class JobService:
             from appliance.training.memorization import new_canaries
 
             memorization["canary_texts"] = new_canaries(memorization["canaries"])
+        compute = validate_compute(body.get("compute"), base_kind=base.kind, executor=self.executor_name,
+                                   max_workers=self.max_workers)
+        if compute.get("workers", 1) > 1 and hyperparameters.get("dp") is not None:
+            raise InvalidRequestError(
+                f"differentially private training (`dp`) runs in one worker; got `compute.workers` "
+                f"{compute['workers']}", param="compute.workers")
         suffix = body.get("suffix")
         if suffix is not None and (not isinstance(suffix, str) or not _SUFFIX_RE.match(suffix)):
             raise InvalidRequestError(f"`suffix` must be 1-64 characters of letters, digits, '.', '_' or '-'; "
@@ -113,7 +126,7 @@ class JobService:
                 id=new_job_id(), project_id=project.id, created_by=principal.user, model=base.name,
                 training_file=training.id, validation_file=validation.id if validation else None, suffix=suffix,
                 seed=seed, method_type=method_type, hyperparameters=hyperparameters, status="validating_files",
-                memorization=memorization,
+                memorization=memorization, compute=compute,
             )
             s.add(job)
             s.flush()
@@ -122,7 +135,7 @@ class JobService:
             record(s, ctx, "job.create", resource_type="fine_tuning_job", resource_id=job.id, project=project.name,
                    details={"model": base.name, "method": method_type, "training_file": training.id,
                             "validation_file": job.validation_file, "hyperparameters": hyperparameters,
-                            "seed": seed, "memorization": public_view(memorization)})
+                            "seed": seed, "memorization": public_view(memorization), "compute": compute})
         self.wake()
         return JobView(job, project.name)
 
@@ -214,6 +227,36 @@ class JobService:
                    details={"from_status": previous, "from_step": last.step_number if last else 0})
         self.wake()
         return self._job(principal, job_id)
+
+
+def validate_compute(compute: Any, *, base_kind: str, executor: str, max_workers: int) -> dict[str, Any]:
+    """The job's ``compute`` as stored: ``{}`` for one worker, ``{"workers": n}`` for n data-parallel ones.
+
+    Every problem is reported at once, each naming its field and the value received.
+    """
+    if compute is None:
+        return {}
+    if not isinstance(compute, dict):
+        raise InvalidRequestError(f'`compute` must be an object such as {{"workers": 2}}; got {compute!r}',
+                                  param="compute")
+    problems = [(f"compute.{key}", f"`compute.{key}` is not a compute option (known: workers)")
+                for key in sorted(set(compute) - {"workers"})]
+    workers = compute.get("workers", 1)
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        problems.append(("compute.workers", f"`compute.workers` must be a positive integer; got {workers!r}"))
+    elif workers > max_workers and executor == "local":
+        problems.append(("compute.workers", f"`compute.workers` is {workers}, but this appliance runs each job in "
+                         "one local worker (APPLIANCE_EXECUTOR=local); omit `compute`, or have the administrator "
+                         "set APPLIANCE_EXECUTOR=ray"))
+    elif workers > max_workers:
+        problems.append(("compute.workers", f"`compute.workers` is {workers}; this appliance allows at most "
+                         f"{max_workers} (APPLIANCE_RAY_MAX_WORKERS)"))
+    elif workers > 1 and base_kind != "llm":
+        problems.append(("compute.workers", f"`compute.workers` is {workers}, but image jobs train in one worker; "
+                         "omit `compute`"))
+    if problems:
+        raise InvalidRequestError("; ".join(m for _, m in problems), param=problems[0][0])
+    return {"workers": workers} if workers > 1 else {}
 
 
 def _method_seed(method: Any) -> Any:

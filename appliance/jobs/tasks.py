@@ -23,7 +23,7 @@ def run_task(channel: Channel, start: dict[str, Any], datasets: dict[str, Any], 
         channel.event(f"Resuming from the checkpoint at step {start.get('resume_step')}", type="message")
     channel.event(f"Training {spec.method} on {len(datasets['train'])} records"
                   + (f", validating on {len(datasets['validation'])}" if "validation" in datasets else
-                     " (10% held out for validation)"))
+                     " (10% held out for validation)") + _data_parallel_note())
     last_checkpoint = [time.monotonic()]
 
     def on_event(event) -> None:
@@ -57,6 +57,14 @@ def run_task(channel: Channel, start: dict[str, Any], datasets: dict[str, Any], 
         "type": "result", "metrics": result.metrics.to_dict(), "trained_tokens": result.metrics.trained_tokens,
         "resolved": result.hyperparameters.to_dict(), "details": result.details, "privacy": result.privacy,
     })
+
+
+def _data_parallel_note() -> str:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return f", with {dist.get_world_size()} data-parallel workers ({dist.get_backend()})"
+    return ""
 
 
 def run_image_task(channel: Channel, start: dict[str, Any], datasets: dict[str, bytes], resume: bytes | None) -> None:

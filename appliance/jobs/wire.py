@@ -2,7 +2,8 @@
 
 A frame is ``len(header) (4 bytes) | len(payload) (4 bytes) | header JSON | payload``;
 the header is a small JSON object with a ``type``, the payload raw bytes
-(artefacts, checkpoints). Only these pipes carry data keys and artefacts.
+(artefacts, checkpoints). Only these pipes, or for a remote worker the
+encrypted :mod:`appliance.jobs.tunnel`, carry data keys and artefacts.
 """
 
 from __future__ import annotations
@@ -20,6 +21,19 @@ MAX_FRAME = 2**31
 def encode(header: dict[str, Any], payload: bytes = b"") -> bytes:
     head = json.dumps(header, separators=(",", ":")).encode()
     return _LEN.pack(len(head), len(payload)) + head + payload
+
+
+def decode(data: bytes) -> tuple[dict[str, Any], bytes]:
+    """The ``(header, payload)`` that :func:`encode` made; ValueError unless ``data`` is exactly one frame."""
+    if len(data) < _LEN.size:
+        raise ValueError("truncated frame")
+    hlen, plen = _LEN.unpack_from(data)
+    if _LEN.size + hlen + plen != len(data):
+        raise ValueError("frame length mismatch")
+    header = json.loads(data[_LEN.size:_LEN.size + hlen])
+    if not isinstance(header, dict):
+        raise ValueError("frame header is not an object")
+    return header, bytes(data[_LEN.size + hlen:])
 
 
 def write_frame(fd: int, header: dict[str, Any], payload: bytes = b"") -> None:

@@ -5,6 +5,11 @@ environment and a private temp dir. It receives the job and its datasets'
 data keys on ``IN_FD``, decrypts the datasets in memory, trains, and sends
 events, checkpoints and the adapter back on ``OUT_FD``. It writes nothing of
 the data to disk. If the scheduler goes away (its pipe closes), it exits.
+
+Under the Ray executor the same module is the Ray job's entrypoint
+(``--ray ...``, :mod:`appliance.jobs.executors.ray_job`): each rank then
+talks to the scheduler through an encrypted tunnel instead of the pipes and
+runs the same :func:`serve`.
 """
 
 from __future__ import annotations
@@ -24,20 +29,42 @@ from appliance.errors import ApplianceError
 from appliance.jobs.wire import FrameReader, write_frame
 
 
-class Channel:
-    """The worker's side of the pipes."""
+class PipeTransport:
+    """Frames over the two pipes the sandbox hands a local worker."""
 
     def __init__(self, in_fd: int, out_fd: int) -> None:
         self.reader = FrameReader(in_fd)
         self.out_fd = out_fd
+
+    def read(self) -> tuple[dict[str, Any], bytes] | None:
+        return self.reader.read()
+
+    def write(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        write_frame(self.out_fd, header, payload)
+
+
+class Channel:
+    """The worker's side of its link to the scheduler (pipes, or a tunnel for a Ray rank).
+
+    Args:
+        transport: Anything with ``read() -> frame | None`` and ``write(header, payload)``.
+        primary: Whether this worker reports; a non-primary data-parallel rank
+            sends only its errors (rank 0 reports for all).
+    """
+
+    def __init__(self, transport: Any, *, primary: bool = True) -> None:
+        self.transport = transport
+        self.primary = primary
         self.stop = threading.Event()
         self._lock = threading.Lock()
 
     def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        if not self.primary and header.get("type") != "error":
+            return
         with self._lock:
             try:
-                write_frame(self.out_fd, header, payload)
-            except BrokenPipeError:
+                self.transport.write(header, payload)
+            except OSError:
                 os._exit(3)  # the scheduler is gone: nobody to report to
 
     def event(self, message: str, *, level: str = "info", type: str = "message", data: dict | None = None) -> None:
@@ -45,10 +72,15 @@ class Channel:
 
     def watch_control(self) -> None:
         """Background: set :attr:`stop` on a stop message; exit if the scheduler died."""
+        from appliance.jobs.tunnel import TunnelError
+
         while True:
-            frame = self.reader.read()
+            try:
+                frame = self.transport.read()
+            except (OSError, TunnelError):
+                frame = None
             if frame is None:
-                os._exit(3)  # pipe closed: the server was killed; die with it
+                os._exit(3)  # link closed: the server was killed; die with it
             if frame[0].get("type") == "stop":
                 self.stop.set()
 
@@ -82,22 +114,26 @@ def load_records(spec: dict[str, Any]) -> list[dict[str, Any]]:
 def run(channel: Channel, start: dict[str, Any], resume: bytes) -> None:
     from appliance.jobs.tasks import run_task
 
-    probe = network_probe()
-    isolated = probe["connect"] in ("ENETUNREACH", "EHOSTUNREACH") and probe["interfaces"] == ["lo"]
-    channel.event(
-        "Network isolation verified: the worker has no route out" if isolated
-        else "Network isolation unavailable on this host: the worker relies on offline libraries only",
-        level="info" if isolated else "warn", type="isolation", data=probe,
-    )
+    if start.get("executor") == "ray":
+        # A Ray worker needs the network: it dials the control plane and its peer ranks.
+        channel.event("Ray executor: the worker is not network-isolated; the cluster's network policy applies "
+                      "and it relies on offline libraries", level="warn", type="isolation")
+    else:
+        probe = network_probe()
+        isolated = probe["connect"] in ("ENETUNREACH", "EHOSTUNREACH") and probe["interfaces"] == ["lo"]
+        channel.event(
+            "Network isolation verified: the worker has no route out" if isolated
+            else "Network isolation unavailable on this host: the worker relies on offline libraries only",
+            level="info" if isolated else "warn", type="isolation", data=probe,
+        )
     load = load_bytes if start.get("model_kind") == "diffusion" else load_records
     datasets = {d["role"]: load(d) for d in start["datasets"]}
     run_task(channel, start, datasets, resume or None)
 
 
-def main(argv: list[str]) -> int:
-    in_fd, out_fd = int(argv[1]), int(argv[2])
-    channel = Channel(in_fd, out_fd)
-    frame = channel.reader.read()
+def serve(channel: Channel) -> int:
+    """Read the start frame, run the job and report how it ended; the exit status."""
+    frame = channel.transport.read()
     if frame is None or frame[0].get("type") != "start":
         return 2
     start, resume = frame
@@ -113,6 +149,14 @@ def main(argv: list[str]) -> int:
                       "message": f"training failed with {type(exc).__name__}", "trace": frames[-4000:]})
         return 1
     return 0
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1 and argv[1] == "--ray":
+        from appliance.jobs.executors.ray_job import main as ray_job_main
+
+        return ray_job_main(argv[2:])
+    return serve(Channel(PipeTransport(int(argv[1]), int(argv[2]))))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from appliance.catalog.service import CatalogService
 from appliance.crypto.envelope import FileKeyProvider
@@ -11,6 +11,7 @@ from appliance.files.policies import PolicyService
 from appliance.files.service import FileService
 from appliance.identity.auth import FailureLimiter
 from appliance.identity.service import IdentityService
+from appliance.jobs.executors import make_executor
 from appliance.jobs.scheduler import Scheduler, SchedulerSettings
 from appliance.inference.service import InferenceService
 from appliance.jobs.service import JobService
@@ -48,7 +49,12 @@ def build_state(
     blobs = BlobStore(settings.blobs_dir, keys)
     policies = PolicyService(db, settings.intake.default_policy)
     catalog = CatalogService(db, blobs, settings.models_dir, settings.signing_key_file)
-    scheduler = Scheduler(db, blobs, catalog, scheduler_settings or SchedulerSettings(lease_s=settings.jobs.lease_s))
+    scheduler_settings = scheduler_settings or SchedulerSettings(lease_s=settings.jobs.lease_s)
+    if scheduler_settings.executor is None:
+        scheduler_settings = replace(scheduler_settings, executor=make_executor(
+            settings.jobs, worker_module=scheduler_settings.worker_module, limits=scheduler_settings.limits,
+            isolate_network=scheduler_settings.isolate_network))
+    scheduler = Scheduler(db, blobs, catalog, scheduler_settings)
     files = FileService(db, blobs, get_scanner, policies, settings.intake)
     files.on_delete.append(catalog.withdraw_trained_on)
     return AppState(
@@ -60,7 +66,7 @@ def build_state(
         blobs=blobs,
         files=files,
         catalog=catalog,
-        jobs=JobService(db, catalog, wake=scheduler.wake),
+        jobs=JobService(db, catalog, wake=scheduler.wake, executor=scheduler.executor),
         scheduler=scheduler,
         sessions=SessionService(db, idle_minutes=settings.portal.session_idle_minutes,
                                 max_hours=settings.portal.session_max_hours),

@@ -14,6 +14,12 @@ base model is a local directory.
 Process-wide effects, meant for a worker process that runs one job: glibc's
 malloc cache is bounded (:mod:`appliance.training.memory`); the global RNG is
 seeded inside ``torch.random.fork_rng`` and so left as the caller had it.
+
+Run in a ``torch.distributed`` process group of several ranks (the Ray
+executor's data-parallel workers), each rank trains on its share of every
+batch and the gradients are summed (:mod:`appliance.training.distributed`):
+the same steps, the same weights on every rank; rank 0 alone emits events and
+checkpoints. Alone, a process trains exactly as before.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from transformers import AutoConfig, AutoTokenizer, get_linear_schedule_with_war
 from appliance.errors import ApplianceError, InvalidRequestError
 from appliance.modelstore.architectures import SUPPORTED_ARCHITECTURES
 from appliance.training import checkpoint as ckpt
+from appliance.training import distributed
 from appliance.training.data import Example, fingerprint, split_validation, tokenize_records
 from appliance.training.hyperparameters import TrainingSpec, resolve
 from appliance.training.memorization import ProbeTarget, canary_exposure, canary_records, extraction_probe
@@ -116,6 +123,11 @@ def train(
     emit = on_event or (lambda event: None)
     stop = should_stop or (lambda: False)
     torch_device = _pick_device(device)
+    ddp = distributed.current(torch_device)
+    if ddp is not None:
+        stop = ddp.agreed(stop)  # every rank stops at the same step
+        if ddp.rank != 0:
+            emit, on_checkpoint = (lambda event: None), None  # rank 0 reports for all
     recipe = get_recipe(spec.method)
     if not _is_positive_int(event_every_steps):
         raise InvalidRequestError(
@@ -158,6 +170,10 @@ def train(
         if getattr(hp, "dp", None) is not None:
             from appliance.training.dp import DpTraining  # opacus loads only for DP runs
 
+            if ddp is not None:
+                raise InvalidRequestError(
+                    f"`dp` trains in one worker; got {ddp.world} data-parallel workers", param="compute.workers")
+
             dp = DpTraining(setup, optimizer, hp, n_train=len(train_set), total_steps=total_steps)
 
         def privacy() -> dict[str, Any]:
@@ -186,7 +202,7 @@ def train(
                 if dp is not None:
                     loss, tokens = dp.step(setup, batch, scheduler, lambda: _autocast(setup))
                 else:
-                    loss, tokens = _train_step(setup, optimizer, scheduler, trainable, batch, hp)
+                    loss, tokens = _train_step(setup, optimizer, scheduler, trainable, batch, hp, ddp)
                 if loss is not None and not math.isfinite(loss):
                     raise TrainingDivergedError(
                         f"the training loss became {loss} at step {state.step + 1}; "
@@ -401,23 +417,30 @@ def _train_step(
     trainable: list[torch.nn.Parameter],
     examples: list[Example],
     hp: Any,
+    ddp: distributed.DataParallel | None = None,
 ) -> tuple[float, int]:
     """One optimizer step over ``examples``, split into ``gradient_accumulation_steps`` packed micro-batches.
 
     The loss is the mean over every target token of the step, however it is
-    split, so accumulation does not change the maths.
+    split, so accumulation does not change the maths; nor does data
+    parallelism (``ddp``): a rank runs its share and the gradients are summed.
     """
     causal_lm = setup.model.get_base_model()
     n_targets = sum(e.n_targets for e in examples)
-    k = min(hp.gradient_accumulation_steps, len(examples))
-    size = math.ceil(len(examples) / k)
+    mine = ddp.shard(examples) if ddp is not None else examples
     loss_total = 0.0
-    for start in range(0, len(examples), size):
-        batch = pack(examples[start : start + size]).to(setup.device)
-        with _autocast(setup):
-            loss = packed_loss_sum(causal_lm, batch) / n_targets
-        loss.backward()
-        loss_total += loss.item()
+    if mine:
+        k = min(hp.gradient_accumulation_steps, len(mine))
+        size = math.ceil(len(mine) / k)
+        for start in range(0, len(mine), size):
+            batch = pack(mine[start : start + size]).to(setup.device)
+            with _autocast(setup):
+                loss = packed_loss_sum(causal_lm, batch) / n_targets
+            loss.backward()
+            loss_total += loss.item()
+    if ddp is not None:
+        ddp.sum_gradients(trainable)
+        loss_total = ddp.sum(loss_total)
     torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
     optimizer.step()
     scheduler.step()

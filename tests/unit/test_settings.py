@@ -62,3 +62,23 @@ def test_described_settings_cover_every_variable():
             "APPLIANCE_KEY_FILE", "APPLIANCE_LOG_LEVEL"} <= set(names)
     assert all(help_ for _, _, help_ in describe_settings())
     assert isinstance(load_settings({}).home.home, Path)
+
+
+def test_the_ray_executor_needs_its_address_and_token_and_reports_all_problems(tmp_path):
+    with pytest.raises(SettingsError) as info:
+        load_settings({"APPLIANCE_HOME": str(tmp_path), "APPLIANCE_EXECUTOR": "ray",
+                       "APPLIANCE_RAY_CALLBACK_ADDRESS": "0.0.0.0:7070"})
+    problems = "\n".join(info.value.problems)
+    for name in ("APPLIANCE_RAY_ADDRESS=''", "APPLIANCE_RAY_TOKEN_FILE=''", "APPLIANCE_RAY_CALLBACK_ADVERTISE=''"):
+        assert name in problems
+    token = tmp_path / "ray.token"
+    token.write_text("t0ken\n")
+    settings = load_settings({"APPLIANCE_HOME": str(tmp_path), "APPLIANCE_EXECUTOR": "ray",
+                              "APPLIANCE_RAY_ADDRESS": "http://127.0.0.1:8265", "APPLIANCE_RAY_TOKEN_FILE": str(token)})
+    assert settings.jobs.executor == "ray" and settings.jobs.ray_callback_address == "127.0.0.1:0"
+    with pytest.raises(SettingsError, match="APPLIANCE_RAY_CALLBACK_ADDRESS='nowhere': expected host:port"):
+        load_settings({"APPLIANCE_HOME": str(tmp_path), "APPLIANCE_EXECUTOR": "ray",
+                       "APPLIANCE_RAY_ADDRESS": "http://127.0.0.1:8265", "APPLIANCE_RAY_TOKEN_FILE": str(token),
+                       "APPLIANCE_RAY_CALLBACK_ADDRESS": "nowhere"})
+    # The local executor ignores the Ray variables.
+    assert load_settings({"APPLIANCE_HOME": str(tmp_path)}).jobs.executor == "local"

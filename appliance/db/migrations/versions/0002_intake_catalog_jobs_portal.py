@@ -110,6 +110,7 @@ def upgrade() -> None:
     sa.Column('method_type', sa.String(length=32), nullable=False),
     sa.Column('hyperparameters', sa.JSON(), nullable=False),
     sa.Column('resolved', sa.JSON(), nullable=False),
+    sa.Column('compute', sa.JSON(), nullable=False),
     sa.Column('status', sa.String(length=24), nullable=False),
     sa.Column('error', sa.JSON(), nullable=True),
     sa.Column('resumable', sa.Boolean(), nullable=False),

@@ -1,0 +1,67 @@
+"""The local executor: one sandboxed worker process per job on this host, talking over two pipes."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.jobs.sandbox import SandboxedProcess, WorkerLimits, spawn
+from appliance.jobs.wire import FrameReader, write_frame
+
+
+class LocalWorker:
+    """A :class:`~appliance.jobs.sandbox.SandboxedProcess` behind the executor's worker protocol."""
+
+    def __init__(self, process: SandboxedProcess) -> None:
+        self.process = process
+        self.proc = process.proc  # tests and operators signal the worker's process group by this pid
+        self._reader = FrameReader(process.from_child)
+
+    def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        write_frame(self.process.to_child, header, payload)
+
+    def read(self, timeout: float) -> tuple[dict[str, Any], bytes] | None:
+        return self._reader.read(timeout=timeout)
+
+    def alive(self) -> bool:
+        return not self._reader.eof and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def reap(self, timeout: float = 10.0) -> None:
+        try:
+            self.proc.wait(timeout)
+        except Exception:
+            self.kill()
+            self.proc.wait()
+
+    def exit_detail(self) -> str:
+        code = self.proc.returncode
+        return f" (signal {-code})" if code is not None and code < 0 else f" (exit {code})"
+
+    def cleanup(self) -> None:
+        self.process.cleanup()
+
+
+@dataclass
+class LocalExecutor:
+    """Sandboxed processes on this host (:func:`appliance.jobs.sandbox.spawn`): one worker per job."""
+
+    worker_module: str = "appliance.jobs.worker"
+    limits: WorkerLimits = field(default_factory=WorkerLimits)
+    isolate_network: bool = True
+    name: str = "local"
+    max_workers: int = 1
+
+    def launch(self, job_id: str, compute: dict[str, Any]) -> LocalWorker:  # noqa: ARG002 - one process per job
+        return LocalWorker(spawn(self.worker_module, limits=self.limits, isolate_network=self.isolate_network))
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,186 @@
+"""The Ray executor: each launch is a Ray job whose workers dial back for their start frame.
+
+A launch opens a gateway session (a fresh ticket, the number of ranks) and
+submits a Ray job through the job submission API, authenticated with the
+cluster's Ray token. The job's entrypoint is the worker entry point,
+``python -m appliance.jobs.worker --ray --connect HOST:PORT --job ID --workers N``
+(:mod:`appliance.jobs.executors.ray_job`); it runs N Ray Train workers whose
+ranks dial the control plane, prove the ticket and receive the same start
+frame a local worker reads from its pipe.
+
+What the Ray cluster holds: the entrypoint (address, job id, worker count)
+and, in the runtime environment, the ticket and the offline switches. Never
+a data key: keys leave the control plane only through a tunnel opened with
+the ticket, once per rank, while the launch is live. The ticket is readable
+by whoever can read the Ray job's details, that is whoever holds the Ray
+token, who can run code on the cluster anyway; a ticket presented twice for
+the same rank fails the job (see :mod:`appliance.jobs.executors.gateway`).
+
+Ray jobs are not durable here: the queue, the job's state, its checkpoints and
+its adapter live in the appliance's database and blob store. A Ray job that
+vanishes leaves its job ``failed`` and resumable, as a killed local worker does.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import queue
+import secrets
+import shlex
+import sys
+import time
+from typing import Any
+
+from appliance.errors import SettingsError
+from appliance.jobs.executors.gateway import Session, WorkerGateway
+from appliance.jobs.sandbox import OFFLINE_ENV
+from appliance.settings import JobSettings
+
+#: The runtime-environment variable that carries the ticket to the Ray job's workers.
+TICKET_ENV = "APPLIANCE_TUNNEL_TICKET"
+STATUS_POLL_S = 2.0
+REAP_TIMEOUT_S = 60.0
+HUNG_UP_GRACE_S = 30.0
+
+
+class RayExecutor:
+    """Submits each job to the Ray cluster at ``APPLIANCE_RAY_ADDRESS``.
+
+    Args:
+        settings: The ``APPLIANCE_EXECUTOR``/``APPLIANCE_RAY_*`` settings (validated by
+            :func:`appliance.settings.load_settings`).
+    """
+
+    name = "ray"
+
+    def __init__(self, settings: JobSettings) -> None:
+        _require_ray()
+        self.settings = settings
+        self.max_workers = settings.ray_max_workers
+        self._token = settings.ray_token_file.read_text().strip()
+        self._client = None
+        self.gateway = WorkerGateway(settings.ray_callback_address, settings.ray_callback_advertise)
+
+    def client(self):
+        """Ray's job submission client (created on first use: the cluster may start after the server)."""
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            self._client = JobSubmissionClient(self.settings.ray_address,
+                                               headers={"Authorization": f"Bearer {self._token}"})
+        return self._client
+
+    def launch(self, job_id: str, compute: dict[str, Any]) -> RayWorker:
+        workers = int(compute.get("workers", 1))
+        session = self.gateway.open_session(job_id, workers)
+        host, port = self.gateway.address
+        python = self.settings.ray_python or sys.executable
+        entrypoint = shlex.join([
+            python, "-m", "appliance.jobs.worker", "--ray", "--connect", f"[{host}]:{port}" if ":" in host
+            else f"{host}:{port}", "--job", job_id, "--workers", str(workers),
+        ])
+        submission_id = f"appliance-{job_id}-{secrets.token_hex(4)}"
+        try:
+            self.client().submit_job(
+                entrypoint=entrypoint, submission_id=submission_id,
+                runtime_env={"env_vars": {**OFFLINE_ENV, TICKET_ENV: base64.b64encode(session.ticket).decode()}},
+                metadata={"appliance_job_id": job_id, "workers": str(workers)},
+            )
+        except BaseException:
+            self.gateway.close_session(session)
+            raise
+        session.frames.put(({"type": "event", "level": "info", "event_type": "message",
+                             "message": f"Submitted to Ray as {submission_id} with {workers} worker(s)",
+                             "data": {"ray_submission_id": submission_id, "workers": workers}}, b""))
+        return RayWorker(self, session, submission_id)
+
+    def close(self) -> None:
+        self.gateway.close()
+
+
+def _require_ray() -> None:
+    """Fail at start-up, naming the fix, rather than at the first job."""
+    if importlib.util.find_spec("ray") is None:
+        raise SettingsError(["APPLIANCE_EXECUTOR='ray': the `ray` package is not installed here; "
+                             "install the extra (pip install 'appliance[ray]') or use APPLIANCE_EXECUTOR=local"])
+
+
+class RayWorker:
+    """One Ray job as the scheduler sees it: frames from its ranks, stop to all of them."""
+
+    def __init__(self, executor: RayExecutor, session: Session, submission_id: str) -> None:
+        self.executor, self.session, self.submission_id = executor, session, submission_id
+        self._launched = time.monotonic()
+        self._status: str | None = None
+        self._polled = 0.0
+        self._lost: str | None = None
+        self._hung_up_at: float | None = None
+
+    def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        if header.get("type") == "start":
+            self.session.offer_start({**header, "executor": "ray"}, payload)
+        else:
+            self.session.broadcast(header)
+
+    def read(self, timeout: float) -> tuple[dict[str, Any], bytes] | None:
+        try:
+            return self.session.frames.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def alive(self) -> bool:
+        if not self.session.frames.empty():
+            return True
+        if self._terminal(self._poll()):
+            return self.session.any_open()  # the ranks' last frames may still be on their way
+        if self.session.all_connected() and not self.session.any_open():
+            # Every rank hung up but Ray does not say the job ended (its dashboard may be unreachable).
+            self._hung_up_at = self._hung_up_at or time.monotonic()
+            if time.monotonic() - self._hung_up_at > HUNG_UP_GRACE_S:
+                self._lost = f"every worker hung up and Ray reported no end within {HUNG_UP_GRACE_S:.0f}s"
+                self.kill()
+                return False
+        timeout = self.executor.settings.ray_connect_timeout_s
+        if not self.session.all_connected() and time.monotonic() - self._launched > timeout:
+            self._lost = f"its workers did not connect within {timeout}s (APPLIANCE_RAY_CONNECT_TIMEOUT_S)"
+            self.kill()
+            return False
+        return True
+
+    def kill(self) -> None:
+        try:
+            self.executor.client().stop_job(self.submission_id)
+        except Exception:  # already gone, or the cluster is unreachable: nothing more to stop here
+            pass
+        self.session.close()
+
+    def reap(self) -> None:
+        deadline = time.monotonic() + REAP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._terminal(self._poll(force=True)):
+                return
+            time.sleep(0.5)
+        self.kill()
+
+    def exit_detail(self) -> str:
+        # Ray's own message quotes the job's last log lines, which may quote data: never copied.
+        status = self._poll(force=True) or "unknown"
+        return f" (Ray job {self.submission_id} {status.lower()}" + (f": {self._lost})" if self._lost else ")")
+
+    def cleanup(self) -> None:
+        self.executor.gateway.close_session(self.session)
+
+    def _poll(self, force: bool = False) -> str | None:
+        now = time.monotonic()
+        if force or now - self._polled >= STATUS_POLL_S:
+            self._polled = now
+            try:
+                self._status = str(self.executor.client().get_job_status(self.submission_id).value)
+            except Exception:  # a transient outage of the dashboard is not the job's end
+                pass
+        return self._status
+
+    @staticmethod
+    def _terminal(status: str | None) -> bool:
+        return status in ("STOPPED", "SUCCEEDED", "FAILED")

@@ -1,0 +1,211 @@
+"""An encrypted, authenticated frame stream between the control plane and a remote worker.
+
+A worker on a Ray node cannot inherit a pipe from the scheduler, so it dials
+back over TCP and speaks the same frames (:mod:`appliance.jobs.wire`) through
+this tunnel. Both ends hold a per-launch *ticket*: 32 random bytes the
+control plane makes for one launch of one job and forgets when that launch
+ends. The ticket never crosses the connection: the handshake proves the
+worker holds it and derives one AES-256-GCM key per direction, so the start
+frame (job spec and data keys), checkpoints and artefacts travel encrypted,
+and a tampered, replayed, reordered or forged frame ends the connection.
+
+Handshake (``W`` worker, ``C`` control plane)::
+
+    W -> C  hello      {"type": "hello", "job_id", "rank", "nonce"}   plain frame, 16 random bytes of nonce
+    C -> W  challenge  {"type": "challenge", "nonce"}                 plain frame, 16 random bytes of nonce
+    both    k_wc | k_cw = HKDF-SHA256(ticket, salt = nonce_w | nonce_c,
+                                      info = "appliance-tunnel/1|<job_id>|<rank>")
+    W -> C  ready      sealed with k_wc: C checks it before it sends anything secret
+    C -> W  start      sealed with k_cw: the job and its data keys, as on the pipe
+
+A sealed frame is ``len (4 bytes) | AES-GCM(key, nonce = frame counter, wire frame)``;
+each direction counts its own frames from 0, so keys are never reused with a nonce.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import struct
+import threading
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from appliance.jobs import wire
+
+TICKET_BYTES = 32
+_NONCE_BYTES = 16
+_LEN = struct.Struct(">I")
+_MAX_PLAIN = 4096  # hello and challenge are tiny: a stranger cannot make us buffer much
+MAX_SEALED = 2**31 - 1  # AES-GCM's limit in `cryptography`
+HANDSHAKE_TIMEOUT_S = 15.0
+
+Frame = tuple[dict[str, Any], bytes]
+
+
+class TunnelError(Exception):
+    """The peer failed the handshake or sent a frame that does not authenticate."""
+
+
+def new_ticket() -> bytes:
+    return os.urandom(TICKET_BYTES)
+
+
+class Tunnel:
+    """One authenticated connection; :meth:`write` and :meth:`read` may run in different threads."""
+
+    def __init__(self, sock: socket.socket, send_key: bytes, recv_key: bytes) -> None:
+        self.sock = sock
+        self._seal, self._open = AESGCM(send_key), AESGCM(recv_key)
+        self._sent = self._received = 0
+        self._write_lock = threading.Lock()
+
+    def write(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        """Seal and send one frame (blocking); OSError when the peer has gone."""
+        body = wire.encode(header, payload)
+        with self._write_lock:
+            sealed = self._seal.encrypt(self._sent.to_bytes(12, "big"), body, None)
+            self._sent += 1
+            self.sock.sendall(_LEN.pack(len(sealed)) + sealed)
+
+    def read(self) -> Frame | None:
+        """The next frame; ``None`` once the peer has closed. Raises TunnelError on a forged frame."""
+        head = _recv_exact(self.sock, _LEN.size)
+        if head is None:
+            return None
+        (size,) = _LEN.unpack(head)
+        if size > MAX_SEALED:
+            raise TunnelError(f"frame of {size} bytes is over the limit")
+        sealed = _recv_exact(self.sock, size)
+        if sealed is None:
+            return None
+        try:
+            body = self._open.decrypt(self._received.to_bytes(12, "big"), sealed, None)
+        except InvalidTag:
+            raise TunnelError("a frame failed authentication (tampered, replayed or a wrong ticket)") from None
+        self._received += 1
+        return _decode(body)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def connect(address: tuple[str, int], *, job_id: str, rank: int, ticket: bytes,
+            timeout: float = HANDSHAKE_TIMEOUT_S) -> Tunnel:
+    """The worker's side: dial the control plane and prove the ticket; the start frame follows."""
+    sock = socket.create_connection(address, timeout=timeout)
+    try:
+        nonce_w = os.urandom(_NONCE_BYTES)
+        _write_plain(sock, {"type": "hello", "job_id": job_id, "rank": rank, "nonce": _b64(nonce_w)})
+        challenge = _read_plain(sock)
+        if challenge.get("type") != "challenge":
+            raise TunnelError("the control plane refused the connection")
+        nonce_c = _unb64(challenge.get("nonce"))
+        k_wc, k_cw = _derive(ticket, nonce_w, nonce_c, job_id, rank)
+        tunnel = Tunnel(sock, send_key=k_wc, recv_key=k_cw)
+        tunnel.write({"type": "ready"})
+        sock.settimeout(None)
+        return tunnel
+    except BaseException:
+        sock.close()
+        raise
+
+
+def accept(sock: socket.socket, ticket_for, timeout: float = HANDSHAKE_TIMEOUT_S) -> tuple[Tunnel, str, int]:
+    """The control plane's side of the handshake on an accepted socket.
+
+    Args:
+        sock: The accepted connection.
+        ticket_for: ``(job_id, rank) -> ticket | None``; ``None`` refuses the connection.
+        timeout: Seconds the peer has to complete the handshake.
+
+    Returns:
+        The tunnel, and the job id and rank the worker proved it holds the ticket for.
+
+    Raises:
+        TunnelError: Unknown job, malformed hello, or a worker without the ticket.
+    """
+    sock.settimeout(timeout)
+    hello = _read_plain(sock)
+    job_id, rank = hello.get("job_id"), hello.get("rank")
+    if hello.get("type") != "hello" or not isinstance(job_id, str) or not isinstance(rank, int):
+        raise TunnelError("malformed hello")
+    nonce_w = _unb64(hello.get("nonce"))
+    ticket = ticket_for(job_id, rank)
+    if ticket is None:
+        raise TunnelError(f"no launch of job {job_id!r} is waiting for rank {rank}")
+    nonce_c = os.urandom(_NONCE_BYTES)
+    _write_plain(sock, {"type": "challenge", "nonce": _b64(nonce_c)})
+    k_wc, k_cw = _derive(ticket, nonce_w, nonce_c, job_id, rank)
+    tunnel = Tunnel(sock, send_key=k_cw, recv_key=k_wc)
+    ready = tunnel.read()  # TunnelError here: the worker does not hold the ticket
+    if ready is None or ready[0].get("type") != "ready":
+        raise TunnelError("the worker closed the connection during the handshake")
+    sock.settimeout(None)
+    return tunnel, job_id, rank
+
+
+def _derive(ticket: bytes, nonce_w: bytes, nonce_c: bytes, job_id: str, rank: int) -> tuple[bytes, bytes]:
+    info = f"appliance-tunnel/1|{job_id}|{rank}".encode()
+    keys = HKDF(algorithm=SHA256(), length=64, salt=nonce_w + nonce_c, info=info).derive(ticket)
+    return keys[:32], keys[32:]
+
+
+def _write_plain(sock: socket.socket, header: dict[str, Any]) -> None:
+    body = wire.encode(header)
+    sock.sendall(_LEN.pack(len(body)) + body)
+
+
+def _read_plain(sock: socket.socket) -> dict[str, Any]:
+    try:
+        head = _recv_exact(sock, _LEN.size)
+        (size,) = _LEN.unpack(head) if head else (0,)
+        if not head or size > _MAX_PLAIN:
+            raise TunnelError("the peer closed or sent an oversized handshake frame")
+        body = _recv_exact(sock, size)
+        if body is None:
+            raise TunnelError("the peer closed during the handshake")
+        header, _ = _decode(body)
+    except (TimeoutError, ValueError) as exc:
+        raise TunnelError(f"handshake failed: {type(exc).__name__}") from None
+    return header
+
+
+def _decode(body: bytes) -> Frame:
+    try:
+        return wire.decode(body)
+    except ValueError:
+        raise TunnelError("a frame does not parse") from None
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(value: Any) -> bytes:
+    try:
+        data = base64.b64decode(value, validate=True) if isinstance(value, str) else b""
+    except ValueError:
+        data = b""
+    if len(data) != _NONCE_BYTES:
+        raise TunnelError("malformed nonce")
+    return data

@@ -1,0 +1,38 @@
+"""A job's `compute` option: validated in full, every error naming its field and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance.errors import InvalidRequestError
+from appliance.jobs.service import validate_compute
+
+
+def check(compute, *, executor="ray", max_workers=4, base_kind="llm"):
+    return validate_compute(compute, base_kind=base_kind, executor=executor, max_workers=max_workers)
+
+
+def test_one_worker_is_stored_as_nothing_and_several_as_a_count():
+    assert check(None) == {} and check({}) == {} and check({"workers": 1}) == {}
+    assert check({"workers": 4}) == {"workers": 4}
+
+
+@pytest.mark.parametrize(("compute", "kwargs", "param", "says"), [
+    ("two", {}, "compute", '`compute` must be an object such as {"workers": 2}'),
+    ({"workers": 0}, {}, "compute.workers", "must be a positive integer; got 0"),
+    ({"workers": True}, {}, "compute.workers", "must be a positive integer; got True"),
+    ({"workers": 5}, {}, "compute.workers", "at most 4 (APPLIANCE_RAY_MAX_WORKERS)"),
+    ({"workers": 2}, {"executor": "local", "max_workers": 1}, "compute.workers", "APPLIANCE_EXECUTOR=ray"),
+    ({"workers": 2}, {"base_kind": "diffusion"}, "compute.workers", "image jobs train in one worker"),
+    ({"gpus": 1, "workers": "x"}, {}, "compute.gpus", "not a compute option"),
+])
+def test_bad_compute_is_refused_naming_the_field(compute, kwargs, param, says):
+    with pytest.raises(InvalidRequestError) as info:
+        check(compute, **kwargs)
+    assert info.value.param == param and says in info.value.message
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(InvalidRequestError) as info:
+        check({"gpus": 1, "workers": "x"})
+    assert "compute.gpus" in info.value.message and "got 'x'" in info.value.message

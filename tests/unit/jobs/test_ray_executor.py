@@ -1,0 +1,90 @@
+"""The Ray executor's bookkeeping against a fake job submission client: what Ray is given, when a job is lost."""
+
+from __future__ import annotations
+
+import base64
+import shlex
+
+import pytest
+
+from appliance.jobs import tunnel
+from appliance.jobs.executors import ray as ray_executor
+from appliance.settings import JobSettings
+
+
+class FakeJobs:
+    """Ray's JobSubmissionClient, reduced to what the executor calls."""
+
+    def __init__(self) -> None:
+        self.submitted: list[dict] = []
+        self.stopped: list[str] = []
+        self.status = "PENDING"
+
+    def submit_job(self, **kwargs) -> str:
+        self.submitted.append(kwargs)
+        return kwargs["submission_id"]
+
+    def get_job_status(self, submission_id):
+        class Status:
+            value = self.status
+
+        return Status()
+
+    def stop_job(self, submission_id) -> bool:
+        self.stopped.append(submission_id)
+        self.status = "STOPPED"
+        return True
+
+
+@pytest.fixture
+def executor(tmp_path, monkeypatch):
+    monkeypatch.setattr(ray_executor, "_require_ray", lambda: None)
+    token = tmp_path / "ray.token"
+    token.write_text("cluster-token\n")
+    ex = ray_executor.RayExecutor(JobSettings(executor="ray", ray_address="http://127.0.0.1:1",
+                                              ray_token_file=token, ray_connect_timeout_s=10))
+    ex._client = FakeJobs()  # noqa: SLF001
+    yield ex
+    ex.close()
+
+
+def test_the_ray_job_gets_the_entrypoint_and_a_ticket_never_a_data_key(executor):
+    worker = executor.launch("ftjob-1", {"workers": 2})
+    data_key = base64.b64encode(b"k" * 32).decode()
+    worker.send({"type": "start", "datasets": [{"key": data_key}]}, b"")
+    (job,) = executor.client().submitted
+    argv = shlex.split(job["entrypoint"])
+    host, port = executor.gateway.address
+    assert argv[1:] == ["-m", "appliance.jobs.worker", "--ray", "--connect", f"{host}:{port}",
+                        "--job", "ftjob-1", "--workers", "2"]
+    env = job["runtime_env"]["env_vars"]
+    assert base64.b64decode(env[ray_executor.TICKET_ENV]) == worker.session.ticket
+    assert env["HF_HUB_OFFLINE"] == "1" and job["metadata"] == {"appliance_job_id": "ftjob-1", "workers": "2"}
+    assert data_key not in repr(job)
+    header, _ = worker.read(timeout=1)
+    assert header["message"].startswith("Submitted to Ray as appliance-ftjob-1-")
+    # The ranks dial in and get the start frame, marked as a Ray run.
+    conn = tunnel.connect(executor.gateway.address, job_id="ftjob-1", rank=0, ticket=worker.session.ticket)
+    start, _ = conn.read()
+    assert start["executor"] == "ray" and start["datasets"][0]["key"] == data_key
+    conn.close()
+    worker.cleanup()
+
+
+def test_workers_that_never_connect_make_the_job_lost(executor, monkeypatch):
+    worker = executor.launch("ftjob-1", {})
+    worker.read(timeout=1)  # the "submitted" event
+    assert worker.alive()
+    monkeypatch.setattr(worker, "_launched", worker._launched - 11)  # noqa: SLF001
+    assert not worker.alive()
+    assert executor.client().stopped == [worker.submission_id]
+    assert "did not connect within 10s" in worker.exit_detail() and "stopped" in worker.exit_detail()
+
+
+def test_a_finished_ray_job_is_not_alive_once_its_ranks_have_hung_up(executor):
+    worker = executor.launch("ftjob-1", {})
+    worker.read(timeout=1)
+    executor.client().status = "FAILED"
+    worker._polled = 0  # noqa: SLF001 - poll now
+    assert not worker.alive()
+    assert worker.exit_detail() == f" (Ray job {worker.submission_id} failed)"

@@ -1,0 +1,113 @@
+"""The remote workers' tunnel and the gateway: tickets, encryption, one start frame per rank."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import threading
+
+import pytest
+
+from appliance.jobs import tunnel
+from appliance.jobs.executors.gateway import WorkerGateway
+
+DATA_KEY = os.urandom(32)
+START = {"type": "start", "job_id": "ftjob-1", "datasets": [{"key": base64.b64encode(DATA_KEY).decode()}]}
+
+
+@pytest.fixture
+def gateway():
+    gw = WorkerGateway("127.0.0.1:0")
+    yield gw
+    gw.close()
+
+
+def _relay(target: tuple[str, int], captured: bytearray) -> tuple[str, int]:
+    """A TCP relay that records every byte both ways: what an eavesdropper on the network sees."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def pipe(src, dst):
+        while chunk := src.recv(65536):
+            captured.extend(chunk)
+            dst.sendall(chunk)
+        dst.shutdown(socket.SHUT_WR)
+
+    def serve():
+        client, _ = listener.accept()
+        upstream = socket.create_connection(target)
+        threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
+        threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[:2]
+
+
+def test_a_rank_with_the_ticket_gets_the_start_frame_encrypted_and_reports_back(gateway):
+    session = gateway.open_session("ftjob-1", ranks=1)
+    session.offer_start(START, b"resume-bytes")
+    captured = bytearray()
+    conn = tunnel.connect(_relay(gateway.address, captured), job_id="ftjob-1", rank=0, ticket=session.ticket)
+    header, payload = conn.read()
+    assert header == START and payload == b"resume-bytes"
+    conn.write({"type": "event", "message": "hello"})
+    assert session.frames.get(timeout=5)[0]["message"] == "hello"
+    session.broadcast({"type": "stop"})
+    assert conn.read()[0] == {"type": "stop"}
+    conn.write({"type": "artifact", "name": "adapter"}, b"weights")
+    assert session.frames.get(timeout=5) == ({"type": "artifact", "name": "adapter"}, b"weights")
+    conn.close()
+    # Neither the data key nor the ticket crossed the network in the clear.
+    wire_bytes = bytes(captured)
+    for secret in (DATA_KEY, session.ticket):
+        assert secret not in wire_bytes and base64.b64encode(secret) not in wire_bytes
+    assert b"resume-bytes" not in wire_bytes and b"weights" not in wire_bytes
+
+
+def test_a_wrong_ticket_gets_nothing_and_the_right_one_still_works(gateway):
+    session = gateway.open_session("ftjob-1", ranks=1)
+    session.offer_start(START, b"")
+    impostor = tunnel.connect(gateway.address, job_id="ftjob-1", rank=0, ticket=tunnel.new_ticket())
+    assert impostor.read() is None  # the gateway hung up without sending a byte
+    for job_id, rank in (("ftjob-other", 0), ("ftjob-1", 1)):  # another job, a rank the launch does not have
+        with pytest.raises(tunnel.TunnelError):
+            tunnel.connect(gateway.address, job_id=job_id, rank=rank, ticket=session.ticket)
+    conn = tunnel.connect(gateway.address, job_id="ftjob-1", rank=0, ticket=session.ticket)
+    assert conn.read()[0] == START
+    assert session.frames.empty()
+
+
+def test_a_ticket_presented_twice_for_a_rank_fails_the_job(gateway):
+    session = gateway.open_session("ftjob-1", ranks=2)
+    session.offer_start(START, b"")
+    first = tunnel.connect(gateway.address, job_id="ftjob-1", rank=0, ticket=session.ticket)
+    assert first.read()[0] == START
+    with pytest.raises(tunnel.TunnelError):
+        tunnel.connect(gateway.address, job_id="ftjob-1", rank=0, ticket=session.ticket)
+    header, _ = session.frames.get(timeout=5)
+    assert header["type"] == "error" and header["code"] == "worker_auth_failed"
+
+
+def test_every_rank_gets_the_start_frame_once_then_the_keys_are_dropped(gateway):
+    session = gateway.open_session("ftjob-1", ranks=2)
+    ranks = [tunnel.connect(gateway.address, job_id="ftjob-1", rank=r, ticket=session.ticket) for r in (0, 1)]
+    session.offer_start(START, b"")
+    assert [c.read()[0] for c in ranks] == [START, START]
+    assert session.all_connected() and session._start is None  # noqa: SLF001 - the keys are gone
+    ranks[1].write({"type": "event", "message": "rank 1 is quiet"})  # only rank 0 reports...
+    ranks[1].write({"type": "error", "code": "worker_error", "message": "boom"})  # ...but any rank may fail
+    assert session.frames.get(timeout=5)[0]["code"] == "worker_error"
+    gateway.close_session(session)
+    assert ranks[0].read() is None  # closing the session hangs up on its ranks
+
+
+def test_a_tampered_frame_ends_the_tunnel(gateway):
+    session = gateway.open_session("ftjob-1", ranks=1)
+    session.offer_start(START, b"")
+    conn = tunnel.connect(gateway.address, job_id="ftjob-1", rank=0, ticket=session.ticket)
+    conn.read()
+    sealed = conn._seal.encrypt(conn._sent.to_bytes(12, "big"), b"x" * 40, None)  # noqa: SLF001
+    flipped = sealed[:-1] + bytes([sealed[-1] ^ 1])
+    conn.sock.sendall(len(flipped).to_bytes(4, "big") + flipped)
+    assert conn.read() is None  # the gateway dropped the connection
+    assert session.frames.empty()
