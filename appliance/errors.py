@@ -7,7 +7,28 @@ token or raw personal data: they name the argument and, where safe, the value.
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 from appliance.logs import scrub
+
+#: What model names look like (``tiny-llama``, ``ft:base:project:suffix:ftjob-...``).
+MODEL_NAME_LIKE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,199}$")
+ROLE_LIKE = re.compile(r"^[A-Za-z_-]{1,20}$")
+
+
+def echo(value: Any, like: re.Pattern[str]) -> str:
+    """``value`` quoted for an error message if it looks like what was expected, else only its size.
+
+    A client may put anything in any field (an address, a card number, a
+    prompt): error bodies end up in client logs and proxies, so a value that
+    does not look like an identifier is never repeated back.
+    """
+    if isinstance(value, str) and like.match(value):
+        return repr(value)
+    if isinstance(value, str):
+        return f"a {len(value)}-character string (not shown)"
+    return f"a value of type {type(value).__name__}"
 
 
 class ApplianceError(Exception):

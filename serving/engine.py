@@ -31,7 +31,7 @@ from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from appliance.errors import ConflictError
 from serving.adapters import AdapterFiles, ValidatedAdapter
-from serving.errors import AdapterLoadError, AdapterNotFoundError, EngineError
+from serving.errors import MODEL_NAME_LIKE, AdapterLoadError, AdapterNotFoundError, EngineError, echo, model_not_found
 from serving.protocol import Delta, GenerationRequest, GenerationResult, Usage
 
 log = logging.getLogger("serving.engine")
@@ -322,7 +322,7 @@ class AdapterRegistry(Generic[H]):
             with self._lock:
                 entry = self._entries.pop(name, None)
                 if entry is None:
-                    raise AdapterNotFoundError(f"adapter {name!r} is not loaded", param="name")
+                    raise AdapterNotFoundError(f"adapter {echo(name, MODEL_NAME_LIKE)} is not loaded", param="name")
                 self._lru.pop(name, None)
             self._free_when_idle(entry)
         log.info("adapter unloaded", extra={"adapter": name})
@@ -346,14 +346,14 @@ class AdapterRegistry(Generic[H]):
         with self._lock:
             entry = self._entries.get(name)
             if entry is None:
-                raise AdapterNotFoundError(f"the model {name!r} does not exist", param="model")
+                raise model_not_found(name)
             if entry.handle is not None:
                 return self._pin_locked(name, entry)
         with self._name_lock(name):
             with self._lock:
                 entry = self._entries.get(name)
                 if entry is None:
-                    raise AdapterNotFoundError(f"the model {name!r} does not exist", param="model")
+                    raise model_not_found(name)
                 if entry.handle is not None:
                     return self._pin_locked(name, entry)
             validated = self._validate(self._fetch(name))

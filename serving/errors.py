@@ -7,9 +7,18 @@ that something failed to load, and an operator must see a load failure as such.
 
 from __future__ import annotations
 
-from appliance.errors import ApplianceError, InvalidRequestError, NotFoundError
+from typing import Any
 
-__all__ = ["AdapterLoadError", "AdapterNotFoundError", "EngineError", "InvalidRequestError"]
+from appliance.errors import MODEL_NAME_LIKE, ROLE_LIKE, ApplianceError, InvalidRequestError, NotFoundError, echo
+
+__all__ = [
+    "MODEL_NAME_LIKE", "ROLE_LIKE", "AdapterLoadError", "AdapterNotFoundError", "EngineError", "InvalidRequestError", "echo",
+    "model_not_found",
+]
+
+def model_not_found(name: Any) -> AdapterNotFoundError:
+    """The 404 for a request naming a model that is neither the base model nor a loaded adapter."""
+    return AdapterNotFoundError(f"the model {echo(name, MODEL_NAME_LIKE)} does not exist", param="model")
 
 
 class AdapterNotFoundError(NotFoundError):

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import msgspec
 
 from appliance.errors import InvalidRequestError
+from serving.errors import ROLE_LIKE, echo
 
 __all__ = [
     "MAX_N",
@@ -145,7 +146,7 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
         for i, m in enumerate(self.messages):
             if m.role not in ROLES:
                 raise _invalid(f"messages[{i}].role",
-                               f"`messages[{i}].role` must be one of {', '.join(ROLES)}; got {m.role!r}")
+                               f"`messages[{i}].role` must be one of {', '.join(ROLES)}; got {echo(m.role, ROLE_LIKE)}")
             if m.content is None:
                 raise _invalid(f"messages[{i}].content", f"`messages[{i}].content` is missing")
             if isinstance(m.content, list):

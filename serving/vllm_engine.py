@@ -35,7 +35,7 @@ import httpx
 from appliance.errors import InvalidRequestError
 from serving.adapters import AdapterFiles, BaseModelShape, ValidatedAdapter, check_adapter_name, validate_adapter
 from serving.engine import AdapterInfo, AdapterRegistry, AdapterSource, GenerationStream, Pin
-from serving.errors import AdapterLoadError, AdapterNotFoundError, EngineError
+from serving.errors import AdapterLoadError, EngineError, model_not_found
 from serving.protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -375,7 +375,7 @@ def _raise_for(resp: httpx.Response, model: str) -> None:
         return
     message = _error_message(resp)
     if resp.status_code == 404:
-        raise AdapterNotFoundError(f"the model {model!r} does not exist", param="model")
+        raise model_not_found(model)
     if resp.status_code in (400, 422):
         param = None
         try:

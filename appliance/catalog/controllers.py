@@ -8,7 +8,7 @@ from litestar.params import FromPath
 
 from appliance.catalog.schemas import ModelDeleted, ModelList, ModelObject
 from appliance.catalog.service import AdapterView, CatalogService
-from appliance.errors import NotFoundError
+from appliance.errors import MODEL_NAME_LIKE, NotFoundError, echo
 from appliance.identity.roles import Permission
 from appliance.inference.service import InferenceService
 from appliance.server.context import audit_context
@@ -52,7 +52,7 @@ class ModelController(Controller):
                      model_id: FromPath[str]) -> ModelDeleted:
         """Delete a fine-tuned model: unloaded from serving, its artefact crypto-shredded."""
         if not model_id.startswith("ft:"):
-            raise NotFoundError(f"fine-tuned model {model_id!r} not found; base models are removed by an admin "
+            raise NotFoundError(f"fine-tuned model {echo(model_id, MODEL_NAME_LIKE)} not found; base models are removed by an admin "
                                 "on the host", param="model")
         catalog.delete_adapter(request.user, audit_context(request), model_id)
         return ModelDeleted(id=model_id)

@@ -19,7 +19,7 @@ from appliance.audit.service import AuditContext, record
 from appliance.catalog.models import AdapterRecord, BaseModelRecord
 from appliance.crypto.signing import load_or_create_signing_key, public_key_pem, sign, verify
 from appliance.db.base import Database, utcnow
-from appliance.errors import ConflictError, InvalidRequestError, NotFoundError
+from appliance.errors import MODEL_NAME_LIKE, ConflictError, InvalidRequestError, NotFoundError, echo
 from appliance.identity.models import Project
 from appliance.identity.service import Principal
 from appliance.storage.blobs import BlobStore
@@ -141,7 +141,7 @@ class CatalogService:
         with self.db.read() as s:
             row = s.scalar(select(BaseModelRecord).where(BaseModelRecord.name == name))
         if row is None:
-            raise NotFoundError(f"model {name!r} not found; see GET /v1/models", param=param)
+            raise NotFoundError(f"model {echo(name, MODEL_NAME_LIKE)} not found; see GET /v1/models", param=param)
         return row
 
     # -- adapters -----------------------------------------------------------
@@ -180,7 +180,7 @@ class CatalogService:
             row = s.get(AdapterRecord, adapter_id)
             project = s.get(Project, row.project_id) if row else None
         if row is None or row.deleted_at is not None:
-            raise NotFoundError(f"model {adapter_id!r} not found", param="model")
+            raise NotFoundError(f"model {echo(adapter_id, MODEL_NAME_LIKE)} not found", param="model")
         if principal is not None:
             principal.check_project(row.project_id, resource=f"model {adapter_id!r}")
         return AdapterView(row, project.name)
@@ -246,7 +246,7 @@ class CatalogService:
         with self.db.transaction() as s:
             row = s.get(AdapterRecord, adapter_id, with_for_update=True)  # two deletes at once: one shreds
             if row.deleted_at is not None:
-                raise NotFoundError(f"model {adapter_id!r} not found", param="model")
+                raise NotFoundError(f"model {echo(adapter_id, MODEL_NAME_LIKE)} not found", param="model")
             row.deleted_at = utcnow()
             evidence = self.blobs.shred(s, row.object_id)
             record(s, ctx, "adapter.delete", resource_type="adapter", resource_id=adapter_id, project=view.project,

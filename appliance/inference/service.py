@@ -22,7 +22,7 @@ from appliance.audit.service import AuditContext, record
 from appliance.catalog.models import BaseModelRecord
 from appliance.catalog.service import CatalogService
 from appliance.db.base import Database
-from appliance.errors import InvalidRequestError, NotFoundError
+from appliance.errors import MODEL_NAME_LIKE, InvalidRequestError, NotFoundError, echo
 from appliance.files.policies import PolicyService
 from appliance.identity.models import Project
 from appliance.identity.service import Principal
@@ -185,7 +185,7 @@ class InferenceService:
         try:
             base = self.catalog.get_base_model(model)
         except NotFoundError:
-            raise NotFoundError(f"model {model!r} not found; see GET /v1/models", param="model") from None
+            raise NotFoundError(f"model {echo(model, MODEL_NAME_LIKE)} not found; see GET /v1/models", param="model") from None
         return Target(self.engine_for(base.name), base.name, principal.project_id, base.name, base.kind)
 
     def _expect(self, target: Target, kind: str) -> None:
