@@ -13,6 +13,7 @@ from appliance.training.memorization import (
     CANARY_SPACE,
     ProbeTarget,
     canary_exposure,
+    canary_text,
     new_canaries,
     split_canary,
 )
@@ -51,8 +52,9 @@ def test_canaries_are_random_nine_digit_secrets():
 def trained(tiny_model_dir):
     """One run with two canaries and the probe; the canary exposure of every figure comes from it."""
     records = reverse_records(24) + email_records(16)
-    canaries = new_canaries(2)
-    result = train(make_spec("lora", n_epochs=12, batch_size=8, learning_rate=2e-2, lora_r=8), tiny_model_dir,
+    # Fixed secrets keep the figures reproducible (new_canaries draws them from `secrets`).
+    canaries = [canary_text(1, "3 1 4 1 5 9 2 6 5"), canary_text(2, "2 7 1 8 2 8 1 8 2")]
+    result = train(make_spec("lora", n_epochs=20, batch_size=8, learning_rate=2e-2, lora_r=8), tiny_model_dir,
                    records, canaries=canaries, canary_repetitions=10, probe_targets=targets_for(records)[:6],
                    device="cpu")
     return result, canaries
