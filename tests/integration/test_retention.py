@@ -295,6 +295,7 @@ def test_concurrent_sweepers_shred_each_item_once(client, state, admin_token, ow
     assert verify_chain(state.db).ok
 
 
+@pytest.mark.slow
 def test_cli_sweep_prints_what_it_shreds(client, state, admin_token, owner):
     file_id = new_file(client, owner)
     adapter_id = publish(state, "acme", "cli", trained_on=[file_id])
@@ -339,3 +340,44 @@ def test_the_server_sweeps_at_start_and_on_its_interval(tmp_path):
         assert {e.actor for e in events(state, "adapter.delete")} == {"system:retention"}
     finally:
         db.dispose()
+
+
+@pytest.mark.slow
+def test_a_trained_adapter_goes_with_its_expired_training_data(client, state, admin_token, owner, consumer, make_token,
+                                                               tmp_path):
+    """End to end: a real job trains and serves an adapter; its dataset expires; both are shredded."""
+    import openai
+
+    from appliance.modelstore import build_tiny_causal_lm
+    from tests.integration.test_jobs import api_for, hp, qa, wait_for
+    from tests.integration.test_jobs import upload as upload_records
+
+    state.catalog.import_model(CLI_CTX, build_tiny_causal_lm(tmp_path / "tiny-src", seed=0), BASE)
+    train_id = upload_records(client, owner, [qa(i) for i in range(16)])
+    trainer = api_for(client, make_token("trish", Role.TRAINER, "acme"))
+    job = trainer.fine_tuning.jobs.create(model=BASE, training_file=train_id, suffix="kept", seed=3,
+                                          method={"type": "lora", "lora": {"hyperparameters": hp(n_epochs=1)}})
+    job = wait_for(trainer, job.id)
+    assert job.status == "succeeded", job.error
+    chat = api_for(client, consumer)
+    ask = dict(model=job.fine_tuned_model, messages=[{"role": "user", "content": "What is item 1?"}], max_tokens=4)
+    assert chat.chat.completions.create(**ask).choices[0].message.content is not None
+    assert state.inference.engine_for(BASE).has_adapter(job.fine_tuned_model)
+
+    age(state, StoredFile, train_id, 31)
+    set_retention(client, admin_token, "acme", datasets="30d", adapters="365d")
+    result = state.retention.sweep()
+    assert [(e.kind, e.id) for e in result.expired] == [("dataset", train_id)]
+    assert result.withdrawn == [(job.fine_tuned_model, train_id)]
+    assert not state.inference.engine_for(BASE).has_adapter(job.fine_tuned_model)
+    with pytest.raises(openai.NotFoundError):
+        chat.chat.completions.create(**ask)
+    assert client.get(f"/v1/files/{train_id}/content", headers=bearer(owner)).status_code == 404
+    assert_shredded(state, train_id)
+    with state.db.read() as s:
+        adapter = s.get(AdapterRecord, job.fine_tuned_model)
+    assert adapter.deleted_at is not None
+    assert_shredded(state, adapter.object_id)
+    # The job and its metrics stay: only the data and the model carrying it are gone.
+    assert trainer.fine_tuning.jobs.retrieve(job.id).status == "succeeded"
+    assert verify_chain(state.db).ok
