@@ -400,7 +400,7 @@ def retention_sweep(dry_run: bool) -> None:
     for adapter_id, file_id in result.withdrawn:
         click.echo(f"{'would withdraw' if dry_run else 'withdrew'} adapter {adapter_id} (trained on {file_id})")
     for e in result.skipped:
-        click.echo(f"skipped {e.kind} {e.id}: deleted meanwhile by someone else")
+        click.echo(f"skipped {e.kind} {e.id}: another sweeper or a user deleted it first")
     datasets = sum(e.kind == "dataset" for e in result.expired)
     adapters = len(result.expired) - datasets + len(result.withdrawn)
     summary = f"{datasets} dataset(s) and {adapters} adapter(s) {verb}"

@@ -26,8 +26,8 @@ Retention periods are ``<n>d`` (days) or ``<n>h`` (hours), from 1 hour to
 :class:`PolicyError` listing every problem, each naming its key path and the
 value received. The policy's :attr:`Policy.content_hash` is the SHA-256 of a
 canonical JSON form of what it decides (version, default and entity rules,
-retention periods when set, sorted keys), so reformatting, reordering keys or editing the description do
-not change it, while any change of meaning does.
+retention periods when set, sorted keys), so reformatting, reordering keys or
+editing the description do not change it, while any change of meaning does.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ _RULE_KEYS = ("action", "threshold")
 #: What a retention period may apply to.
 RETENTION_KEYS = ("datasets", "adapters")
 _DURATION_RE = re.compile(r"^([1-9][0-9]*)([dh])$")
-_MAX_RETENTION = timedelta(days=36500)
+_MAX_RETENTION_HOURS = 36500 * 24
 
 
 class PolicyError(InvalidRequestError):
@@ -211,18 +211,20 @@ def _rule(value: Any, path: str, default_threshold: float | None, problems: list
 
 
 def _duration(value: Any, path: str, problems: list[str]) -> timedelta | None:
-    match = _DURATION_RE.match(value) if isinstance(value, str) else None
+    match = _DURATION_RE.fullmatch(value) if isinstance(value, str) else None
     if match is None:
-        hint = " (a bare number is ambiguous: write 90d for days)" if isinstance(value, int) and not isinstance(
-            value, bool) else " (omit the key to keep forever)" if value is None else ""
+        hint = ""
+        if isinstance(value, int) and not isinstance(value, bool):
+            hint = " (a bare number is ambiguous: write 90d for days)"
+        elif value is None:
+            hint = " (omit the key to keep forever)"
         problems.append(f"{path}: must be a duration such as 90d (days) or 12h (hours){hint}; got {_show(value)}")
         return None
-    number, unit = int(match.group(1)), match.group(2)
-    period = timedelta(days=number) if unit == "d" else timedelta(hours=number)
-    if period > _MAX_RETENTION:
+    hours = int(match.group(1)) * (24 if match.group(2) == "d" else 1)
+    if hours > _MAX_RETENTION_HOURS:
         problems.append(f"{path}: must be at most 36500d (100 years; omit the key to keep forever); got {_show(value)}")
         return None
-    return period
+    return timedelta(hours=hours)
 
 
 def _retention(value: Any, problems: list[str]) -> Retention:

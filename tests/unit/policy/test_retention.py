@@ -24,6 +24,7 @@ def test_days_and_hours():
     assert policy.retention.adapters == timedelta(hours=36)
     only_datasets = parse_policy({**MINIMAL, "retention": {"datasets": "1h"}}).retention
     assert only_datasets.datasets == timedelta(hours=1) and only_datasets.adapters is None
+    assert parse_policy({**MINIMAL, "retention": {"adapters": "36500d"}}).retention.adapters == timedelta(days=36500)
 
 
 def test_every_bad_value_is_reported_naming_its_key_and_value():
@@ -36,7 +37,8 @@ def test_every_bad_value_is_reported_naming_its_key_and_value():
     assert info.value.param == "policy"
 
 
-@pytest.mark.parametrize("value", ["0d", "-3d", "90", "90D", "3w", "1.5d", "", True, None, 2.5, "36501d"])
+@pytest.mark.parametrize("value", ["0d", "-3d", "90", "90D", "3w", "1.5d", "", True, None, 2.5, "36501d",
+                                   "876001h", "99999999999999999999d", "90d\n", " 90d"])
 def test_invalid_periods(value):
     with pytest.raises(PolicyError) as info:
         parse_policy({**MINIMAL, "retention": {"datasets": value}})
