@@ -182,8 +182,9 @@ class RetentionSweeper:
                 if dry_run:
                     result.expired.append(item)
                     if item.kind == "dataset":
+                        withdrawn = expiring_adapters | {a for a, _ in result.withdrawn}
                         result.withdrawn += [(a, item.id) for a in self.catalog.trained_on(item.id)
-                                             if a not in expiring_adapters]
+                                             if a not in withdrawn]
                     continue
                 shredded = self._shred_adapter(item) if item.kind == "adapter" else self._shred_dataset(item, result)
                 (result.expired if shredded else result.skipped).append(item)
