@@ -211,19 +211,21 @@ def test_expired_adapter_is_unloaded_and_shredded(client, state, admin_token, co
 
 
 def test_adapters_trained_on_an_expired_dataset_are_withdrawn_with_it(client, state, admin_token, owner, consumer):
-    data = new_file(client, owner)
-    trained = publish(state, "acme", "trained", trained_on=[data])
+    data, more = new_file(client, owner, "one"), new_file(client, owner, "two")
+    trained = publish(state, "acme", "trained", trained_on=[data, more])
     expiring = publish(state, "acme", "expiring", trained_on=[data])
     unrelated = publish(state, "acme", "unrelated")
-    age(state, StoredFile, data, 40)
+    age(state, StoredFile, data, 41)
+    age(state, StoredFile, more, 40)
     age(state, AdapterRecord, expiring, 40)
     set_retention(client, admin_token, "acme", datasets="30d", adapters="35d")
 
+    expected = [("adapter", expiring), ("dataset", data), ("dataset", more)]
     dry = state.retention.sweep(dry_run=True)
-    assert [(e.kind, e.id) for e in dry.expired] == [("adapter", expiring), ("dataset", data)]
+    assert [(e.kind, e.id) for e in dry.expired] == expected
     assert dry.withdrawn == [(trained, data)]
     result = state.retention.sweep()
-    assert [(e.kind, e.id) for e in result.expired] == [("adapter", expiring), ("dataset", data)]
+    assert [(e.kind, e.id) for e in result.expired] == expected
     assert result.withdrawn == [(trained, data)] and not result.errors
     for adapter_id in (trained, expiring):
         assert client.get(f"/v1/models/{adapter_id}", headers=bearer(consumer)).status_code == 404
