@@ -161,6 +161,18 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    """The sweeper enforcing the retention periods of project policies."""
+
+    sweep_interval_s: int = field(
+        default=3600,
+        metadata=_env("APPLIANCE_RETENTION_SWEEP_S",
+                      "Seconds between retention sweeps, the first at start-up "
+                      "(0: only `appliance retention sweep`).", minimum=0),
+    )
+
+
+@dataclass(frozen=True)
 class PortalSettings:
     """The web portal's sessions."""
 
@@ -271,6 +283,7 @@ class Settings:
     serving: ServingSettings
     audit: AuditSettings
     jobs: JobSettings
+    retention: RetentionSettings
 
     @property
     def database_url(self) -> str:

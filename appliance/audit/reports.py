@@ -3,7 +3,8 @@
 A report answers, for a time range: who put which data in, what personal
 data it held and what was done with it, which models were trained on it, who
 used those models and how much, who was refused, when keys rotated, what was
-deleted (with the crypto-shred evidence), and whether the log's hash chain
+deleted and why (a user's request, a retention period, a withdrawal; with the
+crypto-shred evidence), and whether the log's hash chain
 verifies. It is built from metadata only: counts by entity type, ids and
 hashes, never a scanned value, prompt or response.
 """
@@ -120,7 +121,8 @@ def build_report(db: Database, scope: ReportScope) -> dict[str, Any]:
                   "previous_keks": (e.details or {}).get("previous_kek_ids")}
                  for e in events if e.action == "keys.rotate"]
     deletions = [{"seq": e.seq, "at": _iso(e.ts), "actor": e.actor, "what": e.resource_type, "id": e.resource_id,
-                  "project": e.project, "crypto_shred": (e.details or {}).get("crypto_shred")}
+                  "project": e.project, "reason": _deletion_reason(e),
+                  "crypto_shred": (e.details or {}).get("crypto_shred")}
                  for e in events if e.action in ("file.delete", "adapter.delete")]
     chain = verify_chain(db)
     return {
@@ -137,6 +139,14 @@ def build_report(db: Database, scope: ReportScope) -> dict[str, Any]:
                   "latest_checkpoint": ({"tree_size": checkpoint.tree_size, "root_hash": checkpoint.root_hash,
                                          "at": _iso(checkpoint.created_at)} if checkpoint else None)},
     }
+
+
+def _deletion_reason(event: AuditEvent) -> str:
+    """Why something was deleted: ``request`` (a user's), ``retention (90d, policy sha256:...)``, or a withdrawal."""
+    details = event.details or {}
+    if details.get("reason") == "retention":
+        return f"retention ({details.get('retention_period')}, policy {details.get('policy_hash')})"
+    return event.reason or "request"
 
 
 def _privacy_summary(privacy: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -182,7 +192,8 @@ SECTIONS = [
     ("access_denials", "Access denials", ["seq", "at", "actor", "action", "resource", "project", "reason",
                                           "origin_ip"]),
     ("key_rotations", "Key rotations", ["seq", "at", "actor", "new_kek", "rewrapped", "previous_keks"]),
-    ("deletions", "Deletions (crypto-shredding)", ["seq", "at", "actor", "what", "id", "project", "crypto_shred"]),
+    ("deletions", "Deletions (crypto-shredding)", ["seq", "at", "actor", "what", "id", "project", "reason",
+                                                   "crypto_shred"]),
 ]
 
 

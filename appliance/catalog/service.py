@@ -22,7 +22,7 @@ from appliance.db.base import Database, utcnow
 from appliance.errors import MODEL_NAME_LIKE, ConflictError, InvalidRequestError, NotFoundError, echo
 from appliance.identity.models import Project
 from appliance.identity.service import Principal
-from appliance.storage.blobs import BlobStore
+from appliance.storage.blobs import BlobStore, ShredEvidence
 
 _MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -224,6 +224,11 @@ class CatalogService:
                    project=view.project, details={"destination": str(dest), "files": sorted(files)})
         return dest
 
+    def trained_on(self, file_id: str) -> list[str]:
+        """Ids of the live adapters whose manifest lists ``file_id`` among their training data."""
+        return [view.row.id for view in self.list_adapters(None)
+                if any(d.get("id") == file_id for d in (view.row.manifest or {}).get("datasets") or [])]
+
     def withdraw_trained_on(self, file_id: str, ctx: AuditContext) -> list[str]:
         """Delete every adapter trained on a dataset that was just deleted (right to erasure).
 
@@ -231,25 +236,42 @@ class CatalogService:
         artefact crypto-shredded like the dataset.
         """
         withdrawn = []
-        for view in self.list_adapters(None):
-            if any(d.get("id") == file_id for d in (view.row.manifest or {}).get("datasets") or []):
-                self.delete_adapter(None, ctx, view.row.id, reason=f"training data {file_id} was deleted")
-                withdrawn.append(view.row.id)
+        for adapter_id in self.trained_on(file_id):
+            try:
+                self.delete_adapter(None, ctx, adapter_id, reason=f"training data {file_id} was deleted")
+            except NotFoundError:  # deleted meanwhile (by hand, by retention, by another replica)
+                continue
+            withdrawn.append(adapter_id)
         return withdrawn
 
     def delete_adapter(self, principal: Principal | None, ctx: AuditContext, adapter_id: str, *,
                        reason: str | None = None) -> None:
         """Unload from serving, crypto-shred the artefact and hide the adapter."""
         view = self._adapter(principal, adapter_id)
-        for hook in self.on_remove:
-            hook(adapter_id)
+        self.unload(adapter_id)
         with self.db.transaction() as s:
             row = s.get(AdapterRecord, adapter_id, with_for_update=True)  # two deletes at once: one shreds
             if row.deleted_at is not None:
                 raise NotFoundError(f"model {echo(adapter_id, MODEL_NAME_LIKE)} not found", param="model")
-            row.deleted_at = utcnow()
-            evidence = self.blobs.shred(s, row.object_id)
-            record(s, ctx, "adapter.delete", resource_type="adapter", resource_id=adapter_id, project=view.project,
-                   reason=reason, details={"crypto_shred": {"kek_id": evidence.kek_id,
-                                                            "key_destroyed_at": evidence.shredded_at.isoformat()}})
+            self.shred_adapter(s, ctx, row, view.project, reason=reason)
         self.blobs.remove(view.row.object_id)
+
+    def unload(self, adapter_id: str) -> None:
+        """Run :attr:`on_remove` (serving unloads the adapter); the first half of every deletion."""
+        for hook in self.on_remove:
+            hook(adapter_id)
+
+    def shred_adapter(self, s: Session, ctx: AuditContext, row: AdapterRecord, project: str, *,
+                      reason: str | None = None, details: dict[str, Any] | None = None) -> ShredEvidence:
+        """The transactional half of every deletion, on a row the caller locked in ``s``.
+
+        Hides the adapter, destroys its data key and audits ``adapter.delete``
+        (with ``reason`` and extra ``details``) in the same transaction. Remove
+        the ciphertext (``blobs.remove(row.object_id)``) once it has committed.
+        """
+        row.deleted_at = utcnow()
+        evidence = self.blobs.shred(s, row.object_id)
+        record(s, ctx, "adapter.delete", resource_type="adapter", resource_id=row.id, project=project,
+               reason=reason, details={**(details or {}), "crypto_shred": {
+                   "kek_id": evidence.kek_id, "key_destroyed_at": evidence.shredded_at.isoformat()}})
+        return evidence

@@ -11,6 +11,7 @@ from typing import Any
 
 from anyio import to_thread
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from appliance.audit.service import AuditContext, record
 from appliance.db.base import Database, utcnow
@@ -32,7 +33,7 @@ from appliance.identity.service import Principal
 from appliance.policy import decide, redact_record
 from appliance.scanning import Scanner
 from appliance.settings import IntakeSettings
-from appliance.storage.blobs import BlobStore, BlobWriter
+from appliance.storage.blobs import BlobStore, BlobWriter, ShredEvidence
 
 #: Purposes accepted now, with the shape each takes.
 PURPOSES = {
@@ -343,16 +344,31 @@ class FileService:
             row = s.get(StoredFile, file_id, with_for_update=True)  # two deletes at once: one shreds
             if row.deleted_at is not None:
                 raise NotFoundError(f"file {file_id!r} not found", param="file_id")
-            row.deleted_at = utcnow()
-            evidence = self.blobs.shred(s, file_id)
-            s.query(ScanFinding).filter(ScanFinding.file_id == file_id).delete()
-            record(s, ctx, "file.delete", resource_type="file", resource_id=file_id, project=view.project,
-                   details={"crypto_shred": {"kek_id": evidence.kek_id,
-                                             "key_destroyed_at": evidence.shredded_at.isoformat()}})
+            self.shred(s, ctx, row, view.project)
+        self.finish_shred(file_id, ctx)
+        return view
+
+    def shred(self, s: Session, ctx: AuditContext, row: StoredFile, project: str, *, reason: str | None = None,
+              details: dict[str, Any] | None = None) -> ShredEvidence:
+        """The transactional half of every deletion, on a row the caller locked in ``s``.
+
+        Hides the file, destroys its data key, drops its findings and audits
+        ``file.delete`` (with ``reason`` and extra ``details``) in the same
+        transaction. Call :meth:`finish_shred` once it has committed.
+        """
+        row.deleted_at = utcnow()
+        evidence = self.blobs.shred(s, row.id)
+        s.query(ScanFinding).filter(ScanFinding.file_id == row.id).delete()
+        record(s, ctx, "file.delete", resource_type="file", resource_id=row.id, project=project, reason=reason,
+               details={**(details or {}), "crypto_shred": {"kek_id": evidence.kek_id,
+                                                            "key_destroyed_at": evidence.shredded_at.isoformat()}})
+        return evidence
+
+    def finish_shred(self, file_id: str, ctx: AuditContext) -> None:
+        """After a deletion committed: remove the ciphertext and run :attr:`on_delete` (adapter withdrawal)."""
         self.blobs.remove(file_id)  # after the commit: the key is gone either way
         for hook in self.on_delete:
             hook(file_id, ctx)
-        return view
 
 
 def _blocked_message(report: IntakeReport) -> str:

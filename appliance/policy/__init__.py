@@ -1,6 +1,7 @@
 """Data policies: block, redact or allow each entity type; decisions; redaction.
 
 * :func:`parse_policy`, :func:`load_policy`, :func:`load_default_policy` -> :class:`Policy`
+  (with its :class:`Retention` periods)
 * :func:`decide`, :class:`DecisionBuilder` -> :class:`Decision`
 * :func:`redact_record`, :func:`redact_text`
 """
@@ -12,6 +13,8 @@ from appliance.policy.model import (
     EntityRule,
     Policy,
     PolicyError,
+    Retention,
+    format_duration,
     load_default_policy,
     load_policy,
     parse_policy,
@@ -27,7 +30,9 @@ __all__ = [
     "Outcome",
     "Policy",
     "PolicyError",
+    "Retention",
     "decide",
+    "format_duration",
     "load_default_policy",
     "load_policy",
     "parse_policy",

@@ -11,17 +11,23 @@ A policy file (YAML or JSON) looks like::
       PERSON: {action: redact, threshold: 0.6}
       EMAIL_ADDRESS: redact                      # shorthand for {action: redact}
       LOCATION: allow
+    retention:                                   # optional; a missing key keeps forever
+      datasets: 90d                              # uploads, counted from the upload
+      adapters: 365d                             # adapters, counted from their publication
 
 Actions: ``block`` rejects the whole file, ``redact`` replaces the text before
 training, ``allow`` keeps it. A finding scoring under its type's threshold (or
 the default threshold) is dropped, as if it had not been found.
 
+Retention periods are ``<n>d`` (days) or ``<n>h`` (hours), from 1 hour to
+36500 days; :mod:`appliance.retention` crypto-shreds what outlived them.
+
 :func:`parse_policy` validates the whole document and raises one
 :class:`PolicyError` listing every problem, each naming its key path and the
 value received. The policy's :attr:`Policy.content_hash` is the SHA-256 of a
 canonical JSON form of what it decides (version, default and entity rules,
-sorted keys), so reformatting, reordering keys or editing the description do
-not change it, while any change of meaning does.
+retention periods when set, sorted keys), so reformatting, reordering keys or
+editing the description do not change it, while any change of meaning does.
 """
 
 from __future__ import annotations
@@ -29,8 +35,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -41,8 +49,12 @@ from appliance.errors import InvalidRequestError
 from appliance.scanning.findings import ACTIONS, SUPPORTED_ENTITIES, Action
 
 POLICY_VERSION = 1
-_TOP_KEYS = ("version", "description", "default", "entities")
+_TOP_KEYS = ("version", "description", "default", "entities", "retention")
 _RULE_KEYS = ("action", "threshold")
+#: What a retention period may apply to.
+RETENTION_KEYS = ("datasets", "adapters")
+_DURATION_RE = re.compile(r"^([1-9][0-9]*)([dh])$")
+_MAX_RETENTION_HOURS = 36500 * 24
 
 
 class PolicyError(InvalidRequestError):
@@ -64,6 +76,33 @@ class EntityRule:
 
 
 @dataclass(frozen=True)
+class Retention:
+    """How long a project keeps its data; ``None`` keeps it forever.
+
+    Attributes:
+        datasets: Age, counted from the upload, at which an uploaded file is crypto-shredded.
+        adapters: Age, counted from the publication, at which an adapter is crypto-shredded.
+    """
+
+    datasets: timedelta | None = None
+    adapters: timedelta | None = None
+
+    def period(self, kind: str) -> timedelta | None:
+        """The period of ``datasets`` or ``adapters``."""
+        return getattr(self, kind)
+
+    def canonical(self) -> dict[str, str]:
+        """The periods that are set, each in its shortest exact form (``24h`` is ``1d``)."""
+        return {k: format_duration(v) for k in RETENTION_KEYS if (v := self.period(k)) is not None}
+
+
+def format_duration(period: timedelta) -> str:
+    """``90d`` or ``36h``: whole days when exact, else hours."""
+    hours = int(period.total_seconds()) // 3600
+    return f"{hours // 24}d" if hours % 24 == 0 else f"{hours}h"
+
+
+@dataclass(frozen=True)
 class Policy:
     """A validated policy. Build it with :func:`parse_policy` or :func:`load_policy`.
 
@@ -71,12 +110,14 @@ class Policy:
         default: Rule for entity types not listed in ``entities``.
         entities: Rules per entity type.
         description: Free text; not part of the content hash.
+        retention: How long datasets and adapters are kept (default: forever).
         content_hash: ``sha256:<hex>`` of the canonical form.
     """
 
     default: EntityRule
     entities: Mapping[str, EntityRule] = field(default_factory=dict)
     description: str = ""
+    retention: Retention = field(default_factory=Retention)
     version: int = POLICY_VERSION
     content_hash: str = ""
 
@@ -99,8 +140,12 @@ class Policy:
         return self.scanned_entities() | named
 
     def canonical(self) -> dict[str, Any]:
-        """The hashed form: every decision-relevant value, explicit."""
-        return {
+        """The hashed form: every decision-relevant value, explicit.
+
+        ``retention`` appears only when a period is set, so policies without one
+        keep the hash they had before retention existed.
+        """
+        out: dict[str, Any] = {
             "version": self.version,
             "default": {"action": self.default.action, "threshold": self.default.threshold},
             "entities": {
@@ -108,6 +153,9 @@ class Policy:
                 for name, rule in sorted(self.entities.items())
             },
         }
+        if retention := self.retention.canonical():
+            out["retention"] = retention
+        return out
 
 
 def _hash(canonical: Mapping[str, Any]) -> str:
@@ -160,6 +208,43 @@ def _rule(value: Any, path: str, default_threshold: float | None, problems: list
     if action is None or threshold is None:
         return None
     return EntityRule(action=action, threshold=threshold)
+
+
+def _duration(value: Any, path: str, problems: list[str]) -> timedelta | None:
+    match = _DURATION_RE.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        hint = ""
+        if isinstance(value, int) and not isinstance(value, bool):
+            hint = " (a bare number is ambiguous: write 90d for days)"
+        elif value is None:
+            hint = " (omit the key to keep forever)"
+        problems.append(f"{path}: must be a duration such as 90d (days) or 12h (hours){hint}; got {_show(value)}")
+        return None
+    hours = int(match.group(1)) * (24 if match.group(2) == "d" else 1)
+    if hours > _MAX_RETENTION_HOURS:
+        problems.append(f"{path}: must be at most 36500d (100 years; omit the key to keep forever); got {_show(value)}")
+        return None
+    return timedelta(hours=hours)
+
+
+def _retention(value: Any, problems: list[str]) -> Retention:
+    if value is None:
+        return Retention()
+    if not isinstance(value, Mapping):
+        problems.append(
+            f"retention: must be a mapping with optional keys {', '.join(RETENTION_KEYS)} (e.g. {{datasets: 90d}}); "
+            f"got {_show(value)}"
+        )
+        return Retention()
+    periods: dict[str, timedelta] = {}
+    for key, raw in value.items():
+        if key not in RETENTION_KEYS:
+            problems.append(f"retention.{key}: unknown key; allowed keys are {', '.join(RETENTION_KEYS)}")
+            continue
+        period = _duration(raw, f"retention.{key}", problems)
+        if period is not None:
+            periods[key] = period
+    return Retention(**periods)
 
 
 def parse_policy(source: str | bytes | Mapping[str, Any], *, name: str = "policy") -> Policy:
@@ -221,9 +306,12 @@ def parse_policy(source: str | bytes | Mapping[str, Any], *, name: str = "policy
         if rule is not None:
             entities[etype] = rule
 
+    retention = _retention(doc.get("retention"), problems)
+
     if problems or default is None:
         raise PolicyError(problems, source=name)
-    policy = Policy(default=default, entities=MappingProxyType(entities), description=description, version=version)
+    policy = Policy(default=default, entities=MappingProxyType(entities), description=description,
+                    retention=retention, version=version)
     return dataclasses.replace(policy, content_hash=_hash(policy.canonical()))
 
 

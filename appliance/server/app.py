@@ -51,7 +51,8 @@ def create_app(
     Args:
         settings: Settings to use; read from the environment when omitted.
         state: Prebuilt services (tests share one with direct database checks).
-        run_scheduler: Run the job scheduler in this process (on start-up).
+        run_scheduler: Run the background services in this process (on start-up): the job
+            scheduler, the audit checkpoint timer and the retention sweeper.
     """
     settings = settings or get_settings()
     state = state or build_state(settings)
@@ -64,9 +65,11 @@ def create_app(
         if run_scheduler:
             state.scheduler.start()
             checkpoints.start()
+            state.retention.start()
 
     def _on_shutdown() -> None:
         if run_scheduler:
+            state.retention.stop()
             checkpoints.stop()
             state.scheduler.stop()
         state.inference.close()

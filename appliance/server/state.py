@@ -16,6 +16,7 @@ from appliance.jobs.scheduler import Scheduler, SchedulerSettings
 from appliance.inference.service import InferenceService
 from appliance.jobs.service import JobService
 from appliance.portal.sessions import SessionService
+from appliance.retention import RetentionSweeper
 from appliance.scanning import get_scanner
 from appliance.settings import Settings
 from appliance.storage.blobs import BlobStore
@@ -31,12 +32,14 @@ class AppState:
     limiter: FailureLimiter
     keys: FileKeyProvider
     blobs: BlobStore
+    policies: PolicyService
     files: FileService
     catalog: CatalogService
     jobs: JobService
     scheduler: Scheduler
     sessions: SessionService
     inference: InferenceService
+    retention: RetentionSweeper
 
 
 def build_state(
@@ -64,6 +67,7 @@ def build_state(
         limiter=FailureLimiter(settings.auth.max_failures, settings.auth.failure_window_s),
         keys=keys,
         blobs=blobs,
+        policies=policies,
         files=files,
         catalog=catalog,
         jobs=JobService(db, catalog, wake=scheduler.wake, executor=scheduler.executor),
@@ -71,4 +75,5 @@ def build_state(
         sessions=SessionService(db, idle_minutes=settings.portal.session_idle_minutes,
                                 max_hours=settings.portal.session_max_hours),
         inference=InferenceService(db, catalog, policies, lambda: files.scanner, settings.serving),
+        retention=RetentionSweeper(db, policies, files, catalog, settings.retention.sweep_interval_s),
     )

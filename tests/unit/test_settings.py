@@ -82,3 +82,10 @@ def test_the_ray_executor_needs_its_address_and_token_and_reports_all_problems(t
                        "APPLIANCE_RAY_CALLBACK_ADDRESS": "nowhere"})
     # The local executor ignores the Ray variables.
     assert load_settings({"APPLIANCE_HOME": str(tmp_path)}).jobs.executor == "local"
+
+
+def test_retention_sweep_interval():
+    assert load_settings({}).retention.sweep_interval_s == 3600
+    assert load_settings({"APPLIANCE_RETENTION_SWEEP_S": "0"}).retention.sweep_interval_s == 0  # only the CLI
+    with pytest.raises(SettingsError, match="APPLIANCE_RETENTION_SWEEP_S='-5': expected an integer of at least 0"):
+        load_settings({"APPLIANCE_RETENTION_SWEEP_S": "-5"})
