@@ -269,12 +269,8 @@ def _iter_osv_path(path: Path, warnings: list[str]) -> Iterator[Mapping[str, Any
                 if info.is_dir() or not info.filename.lower().endswith(_OSV_SUFFIXES):
                     continue
                 yield from _parse_osv_document(info.filename, archive.read(info), warnings)
-    elif path.suffix.lower() in _OSV_SUFFIXES:
-        yield from _parse_osv_document(path.name, path.read_bytes(), warnings)
     else:
-        raise InvalidRequestError(
-            f"advisory database {path} is neither a directory, a zip archive (osv.dev's all.zip) "
-            "nor an OSV .json/.yaml file", param="--osv")
+        yield from _parse_osv_document(path.name, path.read_bytes(), warnings)
 
 
 def load_osv(path: Path, *, param: str = "--osv") -> OsvDatabase:
@@ -286,6 +282,10 @@ def load_osv(path: Path, *, param: str = "--osv") -> OsvDatabase:
     path = Path(path).expanduser()
     if not path.exists():
         raise InvalidRequestError(f"advisory database {path} does not exist", param=param)
+    if not (path.is_dir() or zipfile.is_zipfile(path) or path.suffix.lower() in _OSV_SUFFIXES):
+        raise InvalidRequestError(
+            f"advisory database {path} is neither a directory, a zip archive (osv.dev's all.zip) "
+            "nor an OSV .json/.yaml file", param=param)
     warnings: list[str] = []
     try:
         db = OsvDatabase(_iter_osv_path(path, warnings), {"kind": "osv", "path": str(path)}, warnings)
