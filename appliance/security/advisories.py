@@ -125,7 +125,7 @@ def osv_range_affects(events: list[Mapping[str, Any]], version: Version) -> tupl
     Raises :class:`_Unevaluable` when an event's version does not parse.
     """
     points: list[tuple[Version | None, str, str]] = []
-    limits: list[Version] = []
+    limits: list[Version | None] = []
     for event in events:
         for kind in ("introduced", "fixed", "last_affected", "limit"):
             if kind not in event:
@@ -139,8 +139,7 @@ def osv_range_affects(events: list[Mapping[str, Any]], version: Version) -> tupl
                 except InvalidVersion as exc:
                     raise _Unevaluable(raw) from exc
             if kind == "limit":
-                if parsed is not None:
-                    limits.append(parsed)
+                limits.append(parsed)  # None: "*", no limit
             else:
                 points.append((parsed, kind, raw))
     # "0" (None) sorts before every version; the sort is stable for equal versions.
@@ -153,7 +152,7 @@ def osv_range_affects(events: list[Mapping[str, Any]], version: Version) -> tupl
             affected = False
         elif kind == "last_affected" and point is not None and version > point:
             affected = False
-    if affected and limits and not any(version < limit for limit in limits):
+    if affected and limits and not any(limit is None or version < limit for limit in limits):
         affected = False
     fixed = next((raw for point, kind, raw in points
                   if kind == "fixed" and point is not None and point > version), None)

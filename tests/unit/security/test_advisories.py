@@ -85,6 +85,7 @@ def test_limit_caps_a_range():
     events = [{"introduced": "0"}, {"limit": "2.0"}]
     assert osv_range_affects(events, Version("1.9"))[0] is True
     assert osv_range_affects(events, Version("2.0"))[0] is False
+    assert osv_range_affects([*events, {"limit": "*"}], Version("2.0"))[0] is True
 
 
 def test_explicit_versions_compare_as_pep440_versions():
