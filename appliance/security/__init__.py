@@ -1,0 +1,1 @@
+"""Checks on the appliance's own installation (not on the data it handles)."""
