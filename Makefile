@@ -22,6 +22,8 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# The pip that `python -m venv` brings may be old: pip < 25.3 has CVE-2023-5752 and CVE-2025-8869.
+	@$(BIN)/pip install -q 'pip>=25.3'
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH_CPU)
 	# `ray`: the Ray executor's test starts a local Ray cluster, so the suite needs it too.
 	$(BIN)/pip install -q -e '.[dev,postgres,ray]'
