@@ -22,6 +22,7 @@ from appliance.errors import (
     AuthenticationError,
     ConflictError,
     CrossProjectDenied,
+    InsufficientStorageError,
     InvalidRequestError,
     NotFoundError,
     NotInitializedError,
@@ -49,6 +50,7 @@ STATUS: list[tuple[type[ApplianceError], int, str]] = [
     (PolicyViolationError, 422, "invalid_request_error"),
     (InvalidRequestError, 400, "invalid_request_error"),
     (NotInitializedError, 503, "server_error"),
+    (InsufficientStorageError, 507, "server_error"),
     # Serving: a broken adapter is the request's problem (as vLLM answers), an engine failure ours.
     (AdapterLoadError, 400, "invalid_request_error"),
     (EngineError, 502, "server_error"),

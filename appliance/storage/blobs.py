@@ -8,6 +8,7 @@ object is complete, and removed if it is not.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 from collections.abc import Iterator
@@ -20,10 +21,26 @@ from sqlalchemy.orm import Session
 from appliance.crypto.envelope import KeyProvider, WrappedKey, new_data_key
 from appliance.crypto.stream import SegmentEncryptor, blob_context, decrypt_stream
 from appliance.db.base import utcnow
-from appliance.errors import NotFoundError
+from appliance.errors import InsufficientStorageError, NotFoundError
 from appliance.storage.models import DataKey
 
 TMP_PREFIX = ".tmp-"
+#: errno values that mean "no room": the disk or a quota is full, or a file size limit (RLIMIT_FSIZE) was hit.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+@contextlib.contextmanager
+def _no_space_is_a_domain_error(object_id: str) -> Iterator[None]:
+    """Turn a full disk into :class:`InsufficientStorageError` (HTTP 507); other OS errors pass through."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _NO_SPACE:
+            raise
+        raise InsufficientStorageError(
+            f"cannot store {object_id!r}: {os.strerror(exc.errno)}; free space in the data directory "
+            "($APPLIANCE_HOME/data) and try again"
+        ) from None
 
 
 def key_context(object_id: str, project: str) -> str:
@@ -50,7 +67,8 @@ class BlobWriter:
         self.final_path = store.path_of(object_id)
         self.final_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._tmp = self.final_path.with_name(f"{TMP_PREFIX}{object_id}.{secrets.token_hex(4)}")
-        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with _no_space_is_a_domain_error(object_id):
+            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._fh = os.fdopen(fd, "wb")
         self.ciphertext_bytes = 0
         self._done = False
@@ -62,7 +80,8 @@ class BlobWriter:
     def write(self, data: bytes) -> None:
         out = self._enc.update(data)
         if out:
-            self._fh.write(out)
+            with _no_space_is_a_domain_error(self.object_id):
+                self._fh.write(out)
             self.ciphertext_bytes += len(out)
 
     def finish(self) -> DataKey:
@@ -72,11 +91,12 @@ class BlobWriter:
         and calls :meth:`abort` if that transaction fails.
         """
         out = self._enc.finish()
-        self._fh.write(out)
-        self.ciphertext_bytes += len(out)
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
+        with _no_space_is_a_domain_error(self.object_id):
+            self._fh.write(out)
+            self.ciphertext_bytes += len(out)
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
         os.replace(self._tmp, self.final_path)
         self._done = True
         return DataKey(
@@ -87,7 +107,9 @@ class BlobWriter:
     def abort(self) -> None:
         """Discard everything written; safe to call more than once."""
         if not self._fh.closed:
-            self._fh.close()
+            # On a full disk, flushing what is still buffered fails again; the file is closed and removed anyway.
+            with contextlib.suppress(OSError):
+                self._fh.close()
         self._tmp.unlink(missing_ok=True)
         if self._done:
             self.final_path.unlink(missing_ok=True)
