@@ -50,6 +50,10 @@ def new_kek_id() -> str:
     return f"kek-{secrets.token_hex(8)}"
 
 
+def _temporaries(path: Path) -> list[Path]:
+    return list(path.parent.glob(f".{path.name}.*.tmp"))
+
+
 def _write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically, readable by the owner only."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -73,6 +77,18 @@ def save_keyring(path: Path, keyring: Keyring) -> None:
         "keys": {kid: base64.b64encode(key).decode() for kid, key in keyring.keys.items()},
     }
     _write_private(path, json.dumps(doc, indent=1).encode())
+
+
+def remove_interrupted_writes(path: Path) -> int:
+    """Delete copies of the key file that a killed :func:`save_keyring` left; returns how many.
+
+    Such a copy may hold KEKs that a rotation has since retired: once rotation is done, no old
+    KEK may remain anywhere on disk.
+    """
+    stale = _temporaries(path)
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return len(stale)
 
 
 def create_keyring(path: Path) -> Keyring:
