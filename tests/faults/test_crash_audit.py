@@ -16,6 +16,7 @@ import threading
 import time
 
 import httpx
+import pytest
 from sqlalchemy import select
 
 from appliance.audit.models import AuditEvent
@@ -26,6 +27,8 @@ from appliance.identity.models import ApiToken, Project
 from tests.cli_helpers import Server, cli_env
 from tests.conftest import REPO, bearer, free_port, make_settings
 from tests.faults.conftest import assert_audit_verifies, record
+
+pytestmark = pytest.mark.slow  # real processes started and killed
 
 KILLS = 5
 THREADS = 4

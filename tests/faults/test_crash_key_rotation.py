@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 from sqlalchemy import select
 
 from appliance.audit.service import verify_chain
@@ -20,6 +21,8 @@ from appliance.storage.models import DataKey
 from tests.cli_helpers import APPLIANCE, cli_env, run_cli
 from tests.conftest import bearer
 from tests.faults.conftest import assert_audit_verifies
+
+pytestmark = pytest.mark.slow  # real processes started and killed
 
 FILES = 6
 #: Wrapped keys of (ciphertext-less) checkpoints besides the files: enough that re-wrapping takes a while.

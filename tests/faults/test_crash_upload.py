@@ -14,11 +14,14 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import pytest
 
 from appliance.storage.blobs import TMP_PREFIX
 from tests.cli_helpers import Server
 from tests.conftest import bearer, free_port
 from tests.faults.conftest import FaultHome, assert_audit_verifies, assert_not_on_disk, planted_values, record
+
+pytestmark = pytest.mark.slow  # real processes started and killed
 
 BOUNDARY = "faultboundary7f3a"
 

@@ -86,6 +86,7 @@ LIMITED_SERVE = (
 )
 
 
+@pytest.mark.slow
 def test_upload_past_a_file_size_limit_is_507_and_the_server_keeps_working(fault_home):
     import httpx
 
