@@ -37,9 +37,10 @@ def _no_space_is_a_domain_error(object_id: str) -> Iterator[None]:
     except OSError as exc:
         if exc.errno not in _NO_SPACE:
             raise
+        hint = " or raise the file size limit (ulimit -f)" if exc.errno == errno.EFBIG else ""
         raise InsufficientStorageError(
             f"cannot store {object_id!r}: {os.strerror(exc.errno)}; free space in the data directory "
-            "($APPLIANCE_HOME/data) and try again"
+            f"($APPLIANCE_HOME/data){hint} and try again"
         ) from None
 
 

@@ -147,7 +147,7 @@ def test_sigkill_of_the_server_under_concurrent_audited_requests(fault_home):
                 for t in range(HTTP_CLIENTS)]
             for c in clients:
                 c.start()
-            time.sleep(rng.uniform(1.5, 4.0))
+            time.sleep(rng.uniform(3.0, 6.0))
             assert server.proc.poll() is None, server.output()
             os.kill(server.proc.pid, signal.SIGKILL)
             server.proc.wait(10)
