@@ -144,7 +144,7 @@ def _is_portal(request: Request) -> bool:
 
 
 _HEADINGS = {400: "That did not work", 401: "Please log in", 403: "Not allowed", 404: "Not found",
-             409: "Conflict", 413: "Too large", 422: "Rejected", 429: "Slow down"}
+             409: "Conflict", 413: "Too large", 422: "Rejected", 429: "Slow down", 507: "Out of space"}
 
 
 def _portal_error(request: Request, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
