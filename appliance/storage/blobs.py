@@ -2,14 +2,19 @@
 
 Plaintext exists only in memory: writers encrypt segment by segment into a
 temporary file in the blob directory that is renamed into place when the
-object is complete, and removed if it is not.
+object is complete, and removed if it is not. A writer holds an exclusive
+``flock`` on its temporary until then; the kernel drops it when the process
+dies, which is how a sweep at start-up tells the leftovers of a crash from the
+writes of a live replica sharing the directory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
+import time
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +30,8 @@ from appliance.errors import InsufficientStorageError, NotFoundError
 from appliance.storage.models import DataKey
 
 TMP_PREFIX = ".tmp-"
+#: An empty temporary younger than this may be between its creation and its writer's lock.
+_JUST_CREATED_S = 60
 #: errno values that mean "no room": the disk or a quota is full, or a file size limit (RLIMIT_FSIZE) was hit.
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
@@ -70,6 +77,7 @@ class BlobWriter:
         self._tmp = self.final_path.with_name(f"{TMP_PREFIX}{object_id}.{secrets.token_hex(4)}")
         with _no_space_is_a_domain_error(object_id):
             fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held until closed: marks the temporary as being written
         self._fh = os.fdopen(fd, "wb")
         self.ciphertext_bytes = 0
         self._done = False
@@ -97,9 +105,10 @@ class BlobWriter:
             self.ciphertext_bytes += len(out)
             self._fh.flush()
             os.fsync(self._fh.fileno())
-            self._fh.close()
+        # Renamed before closing, so that the temporary is never unlocked while it exists.
         os.replace(self._tmp, self.final_path)
         self._done = True
+        self._fh.close()
         return DataKey(
             object_id=self.object_id, project=self.project, kind=self.kind, kek_id=self._wrapped.kek_id,
             wrapped=self._wrapped.blob, ciphertext_bytes=self.ciphertext_bytes,
@@ -182,9 +191,25 @@ class BlobStore:
         return existed
 
     def sweep_temporaries(self) -> int:
-        """Remove leftovers of writes interrupted by a crash; returns how many."""
+        """Remove leftovers of writes interrupted by a crash; returns how many.
+
+        Temporaries still locked by their writer (another replica's upload in progress) are left alone.
+        """
         count = 0
         for tmp in self.root.glob(f"*/{TMP_PREFIX}*"):
-            tmp.unlink(missing_ok=True)
-            count += 1
+            try:
+                fd = os.open(tmp, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # finished or aborted meanwhile
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                st = os.fstat(fd)
+                if st.st_size == 0 and time.time() - st.st_mtime < _JUST_CREATED_S:
+                    continue  # may be created but not yet locked by its writer
+                tmp.unlink(missing_ok=True)
+                count += 1
+            except BlockingIOError:
+                continue  # a live writer holds it
+            finally:
+                os.close(fd)
         return count

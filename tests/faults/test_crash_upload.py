@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +19,7 @@ import httpx
 import pytest
 
 from appliance.storage.blobs import TMP_PREFIX
-from tests.cli_helpers import Server
+from tests.cli_helpers import Server, cli_env
 from tests.conftest import bearer, free_port
 from tests.faults.conftest import FaultHome, assert_audit_verifies, assert_not_on_disk, planted_values, record
 
@@ -40,6 +42,18 @@ def endless_upload(words: list[str], stop: threading.Event) -> Iterator[bytes]:
 
 def temporaries(home: FaultHome) -> list:
     return [p for p in home.settings.blobs_dir.glob(f"*/{TMP_PREFIX}*") if p.is_file()]
+
+
+#: What ``appliance serve`` does first: sweep the blob temporaries (here without serving afterwards).
+SWEEP = ("from appliance.crypto.envelope import FileKeyProvider; from appliance.settings import load_settings; "
+         "from appliance.storage.blobs import BlobStore; s = load_settings(); "
+         "print(BlobStore(s.blobs_dir, FileKeyProvider(s.key_file)).sweep_temporaries())")
+
+
+def sweep_as_a_starting_replica(home: FaultHome) -> int:
+    proc = subprocess.run([sys.executable, "-c", SWEEP], env=cli_env(home.path), capture_output=True, text=True,
+                          timeout=60, check=True)
+    return int(proc.stdout)
 
 
 def test_sigkill_during_a_streamed_upload_leaves_no_file_no_plaintext_and_a_valid_chain(fault_home, tmp_path):
@@ -69,6 +83,8 @@ def test_sigkill_during_a_streamed_upload_leaves_no_file_no_plaintext_and_a_vali
             assert time.monotonic() < deadline, f"the upload never reached the disk:\n{server.output()}"
             assert sender.is_alive(), outcome
             time.sleep(0.1)
+        # A replica starting on the same storage meanwhile leaves the live upload alone...
+        assert sweep_as_a_starting_replica(fault_home) == 0 and temporaries(fault_home)
         os.kill(server.proc.pid, signal.SIGKILL)
         server.proc.wait(10)
         stop.set()
