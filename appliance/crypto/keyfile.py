@@ -50,10 +50,6 @@ def new_kek_id() -> str:
     return f"kek-{secrets.token_hex(8)}"
 
 
-def _temporaries(path: Path) -> list[Path]:
-    return list(path.parent.glob(f".{path.name}.*.tmp"))
-
-
 def _write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically, readable by the owner only."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -85,7 +81,7 @@ def remove_interrupted_writes(path: Path) -> int:
     Such a copy may hold KEKs that a rotation has since retired: once rotation is done, no old
     KEK may remain anywhere on disk.
     """
-    stale = _temporaries(path)
+    stale = list(path.parent.glob(f".{path.name}.*.tmp"))  # named as _write_private names them
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return len(stale)

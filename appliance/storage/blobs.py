@@ -14,8 +14,8 @@ import contextlib
 import errno
 import fcntl
 import os
-import time
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
