@@ -122,6 +122,12 @@ class PayloadTooLargeError(ApplianceError):
     code = "payload_too_large"
 
 
+class InsufficientStorageError(ApplianceError):
+    """The disk holding the data directory is full, or a file size limit was hit (HTTP 507)."""
+
+    code = "insufficient_storage"
+
+
 class RateLimitedError(ApplianceError):
     """Too many failed attempts from one origin (HTTP 429)."""
 

@@ -16,7 +16,14 @@ from typing import Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from appliance.crypto.keyfile import KEY_BYTES, Keyring, load_keyring, new_kek_id, save_keyring
+from appliance.crypto.keyfile import (
+    KEY_BYTES,
+    Keyring,
+    load_keyring,
+    new_kek_id,
+    remove_interrupted_writes,
+    save_keyring,
+)
 from appliance.crypto.stream import IntegrityError
 
 DATA_KEY_BYTES = 32
@@ -138,11 +145,12 @@ class FileKeyProvider:
             return kid
 
     def retire_all_but_active(self) -> list[str]:
-        """Drop every KEK but the active one from the file; returns the ids dropped."""
+        """Drop every KEK but the active one from the file, and from copies a crash left; returns the ids dropped."""
         with self._lock:
             ring = self._keyring
             dropped = sorted(k for k in ring.keys if k != ring.active)
             self._keyring = Keyring(active=ring.active, keys={ring.active: ring.active_key})
             save_keyring(self.path, self._keyring)
             self._stamp = self._file_stamp()
+            remove_interrupted_writes(self.path)
             return dropped

@@ -75,6 +75,18 @@ def save_keyring(path: Path, keyring: Keyring) -> None:
     _write_private(path, json.dumps(doc, indent=1).encode())
 
 
+def remove_interrupted_writes(path: Path) -> int:
+    """Delete copies of the key file that a killed :func:`save_keyring` left; returns how many.
+
+    Such a copy may hold KEKs that a rotation has since retired: once rotation is done, no old
+    KEK may remain anywhere on disk.
+    """
+    stale = list(path.parent.glob(f".{path.name}.*.tmp"))  # named as _write_private names them
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return len(stale)
+
+
 def create_keyring(path: Path) -> Keyring:
     """Create a new key file holding one fresh random KEK; refuse to overwrite."""
     if path.exists():

@@ -46,7 +46,7 @@ class FileController(Controller):
     path = "/v1/files"
     tags = ["files"]
 
-    @post(opt={"permission": Permission.FILES_WRITE}, request_max_body_size=None, responses=error_responses(413, 422),
+    @post(opt={"permission": Permission.FILES_WRITE}, request_max_body_size=None, responses=error_responses(413, 422, 507),
           operation_class=operation(body={"multipart/form-data": UPLOAD_FORM}))
     async def upload(self, request: Request, files: NamedDependency[FileService]) -> FileObject:
         """Upload a JSONL training file (multipart: `purpose`, then `file`).

@@ -22,6 +22,7 @@ from appliance.errors import (
     AuthenticationError,
     ConflictError,
     CrossProjectDenied,
+    InsufficientStorageError,
     InvalidRequestError,
     NotFoundError,
     NotInitializedError,
@@ -49,6 +50,7 @@ STATUS: list[tuple[type[ApplianceError], int, str]] = [
     (PolicyViolationError, 422, "invalid_request_error"),
     (InvalidRequestError, 400, "invalid_request_error"),
     (NotInitializedError, 503, "server_error"),
+    (InsufficientStorageError, 507, "server_error"),
     # Serving: a broken adapter is the request's problem (as vLLM answers), an engine failure ours.
     (AdapterLoadError, 400, "invalid_request_error"),
     (EngineError, 502, "server_error"),
@@ -142,7 +144,7 @@ def _is_portal(request: Request) -> bool:
 
 
 _HEADINGS = {400: "That did not work", 401: "Please log in", 403: "Not allowed", 404: "Not found",
-             409: "Conflict", 413: "Too large", 422: "Rejected", 429: "Slow down"}
+             409: "Conflict", 413: "Too large", 422: "Rejected", 429: "Slow down", 507: "Out of space"}
 
 
 def _portal_error(request: Request, status: int, message: str, headers: dict[str, str] | None = None) -> Response:

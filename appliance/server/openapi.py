@@ -75,6 +75,7 @@ _DESCRIPTIONS = {
     500: "Unexpected server error; the message carries the request id to quote.",
     502: "The serving engine failed.",
     503: "The appliance is not initialised.",
+    507: "No space left to store the object; nothing of it was kept.",
 }
 
 #: What any authenticated operation may answer besides success.

@@ -2,14 +2,20 @@
 
 Plaintext exists only in memory: writers encrypt segment by segment into a
 temporary file in the blob directory that is renamed into place when the
-object is complete, and removed if it is not.
+object is complete, and removed if it is not. A writer holds an exclusive
+``flock`` on its temporary until then; the kernel drops it when the process
+dies, which is how a sweep at start-up tells the leftovers of a crash from the
+writes of a live replica sharing the directory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,10 +26,29 @@ from sqlalchemy.orm import Session
 from appliance.crypto.envelope import KeyProvider, WrappedKey, new_data_key
 from appliance.crypto.stream import SegmentEncryptor, blob_context, decrypt_stream
 from appliance.db.base import utcnow
-from appliance.errors import NotFoundError
+from appliance.errors import InsufficientStorageError, NotFoundError
 from appliance.storage.models import DataKey
 
 TMP_PREFIX = ".tmp-"
+#: An empty temporary younger than this may be between its creation and its writer's lock.
+_JUST_CREATED_S = 60
+#: errno values that mean "no room": the disk or a quota is full, or a file size limit (RLIMIT_FSIZE) was hit.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+@contextlib.contextmanager
+def _no_space_is_a_domain_error(object_id: str) -> Iterator[None]:
+    """Turn a full disk into :class:`InsufficientStorageError` (HTTP 507); other OS errors pass through."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _NO_SPACE:
+            raise
+        hint = " or raise the file size limit (ulimit -f)" if exc.errno == errno.EFBIG else ""
+        raise InsufficientStorageError(
+            f"cannot store {object_id!r}: {os.strerror(exc.errno)}; free space in the data directory "
+            f"($APPLIANCE_HOME/data){hint} and try again"
+        ) from None
 
 
 def key_context(object_id: str, project: str) -> str:
@@ -50,7 +75,9 @@ class BlobWriter:
         self.final_path = store.path_of(object_id)
         self.final_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._tmp = self.final_path.with_name(f"{TMP_PREFIX}{object_id}.{secrets.token_hex(4)}")
-        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with _no_space_is_a_domain_error(object_id):
+            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held until closed: marks the temporary as being written
         self._fh = os.fdopen(fd, "wb")
         self.ciphertext_bytes = 0
         self._done = False
@@ -62,7 +89,8 @@ class BlobWriter:
     def write(self, data: bytes) -> None:
         out = self._enc.update(data)
         if out:
-            self._fh.write(out)
+            with _no_space_is_a_domain_error(self.object_id):
+                self._fh.write(out)
             self.ciphertext_bytes += len(out)
 
     def finish(self) -> DataKey:
@@ -72,13 +100,15 @@ class BlobWriter:
         and calls :meth:`abort` if that transaction fails.
         """
         out = self._enc.finish()
-        self._fh.write(out)
-        self.ciphertext_bytes += len(out)
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
+        with _no_space_is_a_domain_error(self.object_id):
+            self._fh.write(out)
+            self.ciphertext_bytes += len(out)
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        # Renamed before closing, so that the temporary is never unlocked while it exists.
         os.replace(self._tmp, self.final_path)
         self._done = True
+        self._fh.close()
         return DataKey(
             object_id=self.object_id, project=self.project, kind=self.kind, kek_id=self._wrapped.kek_id,
             wrapped=self._wrapped.blob, ciphertext_bytes=self.ciphertext_bytes,
@@ -87,7 +117,9 @@ class BlobWriter:
     def abort(self) -> None:
         """Discard everything written; safe to call more than once."""
         if not self._fh.closed:
-            self._fh.close()
+            # On a full disk, flushing what is still buffered fails again; the file is closed and removed anyway.
+            with contextlib.suppress(OSError):
+                self._fh.close()
         self._tmp.unlink(missing_ok=True)
         if self._done:
             self.final_path.unlink(missing_ok=True)
@@ -159,9 +191,25 @@ class BlobStore:
         return existed
 
     def sweep_temporaries(self) -> int:
-        """Remove leftovers of writes interrupted by a crash; returns how many."""
+        """Remove leftovers of writes interrupted by a crash; returns how many.
+
+        Temporaries still locked by their writer (another replica's upload in progress) are left alone.
+        """
         count = 0
         for tmp in self.root.glob(f"*/{TMP_PREFIX}*"):
-            tmp.unlink(missing_ok=True)
-            count += 1
+            try:
+                fd = os.open(tmp, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # finished or aborted meanwhile
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                st = os.fstat(fd)
+                if st.st_size == 0 and time.time() - st.st_mtime < _JUST_CREATED_S:
+                    continue  # may be created but not yet locked by its writer
+                tmp.unlink(missing_ok=True)
+                count += 1
+            except BlockingIOError:
+                continue  # a live writer holds it
+            finally:
+                os.close(fd)
         return count

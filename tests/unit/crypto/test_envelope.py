@@ -26,6 +26,10 @@ def test_rotation_helpers_keep_then_drop_old_keks(tmp_path):
     new = keys.add_active_kek()
     assert keys.active_kek_id() == new and FileKeyProvider(tmp_path / "k").kek_ids() == sorted([old, new])
     keys.unwrap(wrapped, "x")  # old KEK still usable until retired
+    # What a rotation killed while saving the key file leaves: a copy holding the old KEK.
+    stale = tmp_path / ".k.0badc0de.tmp"
+    stale.write_bytes((tmp_path / "k").read_bytes())
     assert keys.retire_all_but_active() == [old]
     with pytest.raises(KeyUnavailableError, match=old):
         FileKeyProvider(tmp_path / "k").unwrap(wrapped, "x")
+    assert not stale.exists()  # no copy of a retired KEK stays on disk

@@ -130,9 +130,18 @@ def test_shredded_object_is_unrecoverable_even_with_the_master_key(env):
         get(db, store, "file-s")
 
 
-def test_interrupted_writes_are_swept(env):
+def test_interrupted_writes_are_swept_and_live_ones_kept(env):
     db, store, _, root = env
-    w = store.create("file-t", "acme", "file")
-    w.write(b"x" * 100)
+    live = store.create("file-l", "acme", "file")
+    live.write(b"y" * 100_000)
+    dead = store.create("file-t", "acme", "file")
+    dead.write(b"x" * 100_000)
+    dead._fh.close()  # noqa: SLF001 - what the kernel does to the files of a killed process
+    # A replica that starts while another one writes sweeps only the leftover of the dead writer.
     assert store.sweep_temporaries() == 1
+    assert [p.name.split(".")[1] for p in (root / "blobs").rglob(".tmp-*")] == ["tmp-file-l"]
+    row = live.finish()
+    with db.transaction() as s:
+        s.add(row)
+    assert get(db, store, "file-l") == b"y" * 100_000
     assert not any(p.name.startswith(".tmp-") for p in (root / "blobs").rglob("*"))
