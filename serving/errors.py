@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from appliance.errors import ApplianceError, InvalidRequestError, NotFoundError
 
-__all__ = ["AdapterLoadError", "AdapterNotFoundError", "EngineError", "InvalidRequestError"]
+__all__ = ["AdapterLoadError", "AdapterNotFoundError", "EngineError", "InvalidRequestError", "NoReplicaError"]
 
 
 class AdapterNotFoundError(NotFoundError):
@@ -32,3 +32,9 @@ class EngineError(ApplianceError):
     """The engine failed while generating, or the vLLM server could not be reached (HTTP 502/503)."""
 
     code = "engine_error"
+
+
+class NoReplicaError(EngineError):
+    """No serving replica is up to take the request (HTTP 503): every one failed or is unreachable."""
+
+    code = "no_replica_available"
