@@ -82,3 +82,18 @@ def test_the_ray_executor_needs_its_address_and_token_and_reports_all_problems(t
                        "APPLIANCE_RAY_CALLBACK_ADDRESS": "nowhere"})
     # The local executor ignores the Ray variables.
     assert load_settings({"APPLIANCE_HOME": str(tmp_path)}).jobs.executor == "local"
+
+
+def test_vllm_url_lists_serving_replicas_and_each_is_checked(tmp_path):
+    s = load_settings({"APPLIANCE_HOME": str(tmp_path), "APPLIANCE_SERVING_ENGINE": "vllm",
+                       "APPLIANCE_VLLM_URL": "http://127.0.0.1:8000, http://127.0.0.1:8001/"})
+    assert s.serving.vllm_urls == ["http://127.0.0.1:8000", "http://127.0.0.1:8001"]
+    assert s.serving.reconcile_s == 30 and s.serving.shm_dir == Path("/dev/shm")
+    with pytest.raises(SettingsError) as info:
+        load_settings({"APPLIANCE_HOME": str(tmp_path), "APPLIANCE_SERVING_ENGINE": "vllm",
+                       "APPLIANCE_VLLM_URL": "http://a:8000,b:8001",
+                       "APPLIANCE_VLLM_API_KEY_FILE": str(tmp_path / "missing.token"),
+                       "APPLIANCE_SERVING_RECONCILE_S": "-1"})
+    problems = "\n".join(info.value.problems)
+    assert "APPLIANCE_VLLM_URL='http://a:8000,b:8001': expected http(s) URLs" in problems
+    assert "APPLIANCE_VLLM_API_KEY_FILE=" in problems and "APPLIANCE_SERVING_RECONCILE_S='-1'" in problems
