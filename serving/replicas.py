@@ -114,14 +114,27 @@ class ReplicaSet:
         return len(self.replicas)
 
     def candidates(self, exclude: Sequence[Replica] = ()) -> list[Replica]:
-        """Replicas to try for one request, best first; empty when none may be tried now."""
+        """Replicas to try for one request, best first; empty once every one was tried.
+
+        Replicas that are up come first (fewest outstanding requests first, taking turns between
+        equals), then failed ones whose ``retry_down_s`` has passed. When every replica has
+        failed recently, all are tried again rather than refusing outright.
+        """
         now = time.monotonic()
         with self._lock:
             turn = next(self._turn)
             n = len(self.replicas)
-            rotated = [self.replicas[(turn + i) % n] for i in range(n)]  # round-robin between equals
-            usable = [r for r in rotated if r not in exclude and (r.up or now - r.failed_at >= self.retry_down_s)]
+            rotated = [r for r in (self.replicas[(turn + i) % n] for i in range(n)) if r not in exclude]
+            usable = [r for r in rotated if r.up or now - r.failed_at >= self.retry_down_s]
+            if not usable and not any(r.up for r in self.replicas):
+                usable = rotated
             return sorted(usable, key=lambda r: (not r.up, r.outstanding))
+
+    def reachable(self) -> list[Replica]:
+        """Replicas to fan an adapter load or unload out to: those up, or all when none is."""
+        with self._lock:
+            up = [r for r in self.replicas if r.up]
+            return up or list(self.replicas)
 
     def no_replica(self, tried: Sequence[Replica] = ()) -> NoReplicaError:
         """The error for a request no replica could take."""

@@ -249,7 +249,7 @@ class VllmEngine:
             NoReplicaError: no replica answered.
         """
         loaded, refused, down = [], {}, {}
-        for replica in self._replicas.replicas:
+        for replica in self._replicas.reachable():  # a replica known to be down is the reconciler's
             try:
                 self._load_on(replica, up)
                 loaded.append(replica.url)
@@ -261,6 +261,9 @@ class VllmEngine:
             if refused:
                 raise next(iter(refused.values()))
             raise self._replicas.no_replica(self._replicas.replicas)
+        skipped = {r.url: "down" for r in self._replicas.replicas if r.url not in loaded and r.url not in refused
+                   and r.url not in down}
+        down.update(skipped)
         if refused or down:
             log.warning("adapter not loaded on every replica; the reconciler will retry",
                         extra={"adapter": up.name, "loaded": loaded,
@@ -291,7 +294,7 @@ class VllmEngine:
             self._busy.add(up.name)
             self._live.pop(up.name, None)
         try:
-            for replica in self._replicas.replicas:
+            for replica in self._replicas.reachable():  # one that is down drops it when the reconciler sees it
                 try:
                     self._unload_on(replica, up.name)
                 except EngineError as exc:  # the reconciler unloads it once the replica answers

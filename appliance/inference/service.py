@@ -17,6 +17,7 @@ holds. Those fan-outs are audited as ``serving.*`` events of ``system:serving``.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -77,6 +78,8 @@ class InferenceService:
         self._starting: dict[str, threading.Lock] = {}
         #: Adapters an operator loaded through /v1/load_lora_adapter: name -> base model.
         self._runtime: dict[str, str] = {}
+        #: Last failures the reconciler audited per base model and replica (JSON), to audit changes only.
+        self._last_failures: dict[str, str] = {}
         catalog.on_publish.append(self.on_adapter_published)
         catalog.on_remove.append(self.on_adapter_removed)
 
@@ -261,7 +264,13 @@ class InferenceService:
             if loaded:
                 self._audit_fanout(engine, "serving.load_adapter", name, published[name], "published (reconciled)")
         reports = engine.reconcile()
-        changed = [r for r in reports if r.changed]
+        changed = []
+        for r in reports:
+            # A failure that persists is audited once, not every pass.
+            key, seen = f"{base} {r.replica}", json.dumps(r.failed, sort_keys=True)
+            if r.loaded or r.unloaded or r.came_back or (r.failed and self._last_failures.get(key) != seen):
+                changed.append(r)
+            self._last_failures[key] = seen
         if changed:
             with self.db.transaction() as s:
                 for r in changed:
