@@ -34,7 +34,7 @@ import secrets
 import shutil
 import stat
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -305,11 +305,15 @@ class VllmEngine:
             with self._sync:
                 self._busy.discard(up.name)
 
-    def reconcile(self) -> list[ReplicaReport]:
-        """Make every replica hold exactly the registered adapters (a restarted one gets them back).
+    def reconcile(self, stray: Callable[[str], bool] | None = None) -> list[ReplicaReport]:
+        """Make every replica hold the registered adapters (a restarted one gets them back).
 
-        Adapters a replica lists that this engine did not register are unloaded: a set of
-        replicas belongs to one engine. Failures are reported and retried on the next call.
+        Args:
+            stray: Says which adapters a replica lists that this engine did not register are to be
+                unloaded (by upstream name); default: all of them, as when the replicas are this
+                engine's alone.
+
+        Failures are reported and retried on the next call.
         """
         reports = []
         for replica in self._replicas.replicas:
@@ -334,6 +338,8 @@ class VllmEngine:
                 except AdapterLoadError as exc:
                     report.failed[name] = exc.message
             for name in sorted(listed - set(live) - busy):
+                if stray is not None and not stray(name):
+                    continue
                 try:
                     self._unload_on(replica, name)
                     report.unloaded.append(name)

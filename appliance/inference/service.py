@@ -263,7 +263,9 @@ class InferenceService:
             registered.add(name)
             if loaded:
                 self._audit_fanout(engine, "serving.load_adapter", name, published[name], "published (reconciled)")
-        reports = engine.reconcile()
+        # Unload from the replicas what is no longer published, whoever loaded it; leave other
+        # adapters alone (another control-plane process may share these replicas).
+        reports = engine.reconcile(stray=lambda up: _is_withdrawn(up, published))
         changed = []
         for r in reports:
             # A failure that persists is audited once, not every pass.
@@ -380,6 +382,12 @@ class InferenceService:
         with self.db.transaction() as s:
             record(s, ctx, f"inference.{kind}", resource_type="model", resource_id=target.model,
                    project=project.name if project else None, details=details)
+
+
+def _is_withdrawn(upstream: str, published: dict[str, str]) -> bool:
+    """Whether an adapter a replica lists (``<model>@<version>``) is a fine-tune no longer published."""
+    name = upstream.rsplit("@", 1)[0]
+    return name.startswith("ft:") and name not in published
 
 
 class ServingReconciler:

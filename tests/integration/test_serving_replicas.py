@@ -122,7 +122,7 @@ def served_counts(state) -> dict[str, int]:
 
 
 def test_publish_reaches_every_replica_chat_is_balanced_and_delete_unloads_everywhere(
-        client, state, tiny, replicas, make_token, admin_token):
+        client, state, tiny, replicas, make_token, admin_token, tmp_path):
     consumer = make_token("carl", Role.CONSUMER, "acme")
     api = api_for(client, consumer)
     adapter = publish(state, "acme", random_lora(tiny, seed=1), "rep1")
@@ -149,6 +149,19 @@ def test_publish_reaches_every_replica_chat_is_balanced_and_delete_unloads_every
     fanouts = {e.action: e for e in events if e.actor == "system:serving"}
     assert {"serving.load_adapter", "serving.unload_adapter"} <= set(fanouts)
     assert {r["url"] for r in fanouts["serving.load_adapter"].details["replicas"]} == {r.url for r in replicas}
+
+    # A withdrawn adapter that lingers on a replica (it missed the unload) is removed by the
+    # reconciler; adapters that are not fine-tunes of this appliance are left alone.
+    lingering = tmp_path / "lingering"
+    lingering.mkdir()
+    for name, data in random_lora(tiny, seed=3).items():
+        (lingering / name).write_bytes(data)
+    for name in (f"{adapter}@99", "operator-adapter"):
+        resp = httpx.post(replicas[1].url + "/v1/load_lora_adapter",
+                          json={"lora_name": name, "lora_path": str(lingering)})
+        assert resp.status_code == 200, resp.text
+    wait_for(lambda: replicas[1].adapters() == ["operator-adapter"], what="the reconciler to unload the withdrawn one")
+    httpx.post(replicas[1].url + "/v1/unload_lora_adapter", json={"lora_name": "operator-adapter"})
 
 
 def test_restarted_replica_gets_published_adapters_back_and_a_dead_one_is_skipped(
