@@ -51,7 +51,7 @@ class InferenceController(Controller):
     tags = ["inference"]
 
     @post("/chat/completions", opt={"permission": Permission.INFERENCE}, status_code=200,
-          responses=error_responses(413, 502), operation_class=_CHAT_OPERATION)
+          responses=error_responses(413, 502, 503), operation_class=_CHAT_OPERATION)
     async def chat_completions(self, request: Request, inference: NamedDependency[InferenceService]) -> Any:
         """OpenAI chat completions, streamed (server-sent events ending with `data: [DONE]`) or not.
 
@@ -68,7 +68,7 @@ class InferenceController(Controller):
         return Stream(sse(chunks), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
     @post("/completions", opt={"permission": Permission.INFERENCE}, status_code=200,
-          responses=error_responses(413, 502), operation_class=_COMPLETION_OPERATION)
+          responses=error_responses(413, 502, 503), operation_class=_COMPLETION_OPERATION)
     async def completions(self, request: Request, inference: NamedDependency[InferenceService]) -> Any:
         """OpenAI (legacy) completions over a raw prompt."""
         req = parse_completion_request(await request.body())
