@@ -421,8 +421,11 @@ class VllmEngine:
         while True:
             replica = self._next_replica(tried)
             tried.append(replica)
-            with self._replicas.using(replica):
-                answered = yield from self._events_on(replica, request, pin)
+            try:
+                with self._replicas.using(replica):
+                    answered = yield from self._events_on(replica, request, pin)
+            except _ReplicaFailed:  # it died while its lost adapter was being reloaded: nothing was sent yet
+                answered = False
             if answered:
                 return
 

@@ -33,7 +33,7 @@ def serve_engine_command(model_dir: Path, name: str | None, host: str, port: int
     """Serve MODEL_DIR with the embedded engine behind vLLM's OpenAI protocol (a serving replica)."""
     import uvicorn
 
-    from serving.testing import create_vllm_compatible_app
+    from serving.vllm_server import create_vllm_compatible_app
     from serving.transformers_engine import EngineConfig, TransformersEngine
 
     api_key = api_key_file.read_text().strip() if api_key_file else None

@@ -12,7 +12,7 @@ import pytest
 from serving.errors import AdapterLoadError, EngineError, NoReplicaError
 from serving.protocol import parse_chat_request
 from serving.replicas import ReplicaSet, parse_replica_urls
-from serving.testing import create_vllm_compatible_app, serve_in_thread
+from serving.vllm_server import create_vllm_compatible_app, serve_in_thread
 from serving.transformers_engine import EngineConfig, TransformersEngine
 from serving.vllm_engine import VllmEngine
 from tests.conftest import free_port
