@@ -451,6 +451,8 @@ class VllmEngine:
                 if started:
                     raise EngineError(f"the vLLM server {replica.url} failed mid-stream: {exc}") from exc
                 self._down(replica, exc)
+                if isinstance(exc, httpx.ReadTimeout):
+                    raise EngineError(f"the vLLM server {replica.url} did not answer in time: {exc}") from exc
                 return False
         return True  # pragma: no cover - the loop returns or raises
 
@@ -492,6 +494,9 @@ class VllmEngine:
                  body: dict[str, Any] | None = None) -> httpx.Response:
         try:
             resp = replica.http.request(method, path, json=body)
+        except httpx.ReadTimeout as exc:  # it took the request and hangs: skip it, but do not run the request twice
+            self._down(replica, exc)
+            raise EngineError(f"the vLLM server {replica.url} did not answer in time: {exc}") from exc
         except httpx.HTTPError as exc:
             self._down(replica, exc)
             raise _ReplicaFailed(f"the vLLM server {replica.url} is unreachable: {exc}") from exc
