@@ -167,7 +167,7 @@ def test_publish_reaches_every_replica_chat_is_balanced_and_delete_unloads_every
 
 
 def test_restarted_replica_gets_published_adapters_back_and_a_dead_one_is_skipped(
-        client, state, tiny, replicas, make_token):
+        client, state, tiny, replicas, make_token, admin_token):
     consumer = make_token("carl", Role.CONSUMER, "acme")
     api = api_for(client, consumer)
     adapter = publish(state, "acme", random_lora(tiny, seed=2), "rep2")
@@ -179,7 +179,9 @@ def test_restarted_replica_gets_published_adapters_back_and_a_dead_one_is_skippe
     for _ in range(4):
         assert ask(api, adapter).choices[0].message.content == want
     assert ask(api, BASE).choices[0].message.content
-    status = {r["url"]: r for r in state.inference.replica_status()[BASE]}
+    listed = client.get("/v1/serving/replicas", headers=bearer(admin_token)).json()["data"]
+    status = {r["url"]: r for r in listed if r["base_model"] == BASE}
+    assert status.keys() == {r.url for r in replicas}
     assert status[victim.url]["up"] is False and "unreachable" in status[victim.url]["last_error"]
 
     victim.start().wait_ready()  # back, empty
