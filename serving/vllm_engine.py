@@ -133,6 +133,8 @@ class VllmEngine:
         self._sync = threading.Lock()
         self._live: dict[str, _Upstream] = {}
         self._busy: set[str] = set()
+        #: Adapter name -> replica URL -> what the last load or unload did there (for the audit log).
+        self._fanouts: dict[str, dict[str, str]] = {}
         self._registry: AdapterRegistry[_Upstream] = AdapterRegistry(
             validate=self._validate, load=self._register, unload=self._deregister,
             max_resident=max_resident_adapters, source=adapter_source,
@@ -161,6 +163,17 @@ class VllmEngine:
     def replica_status(self) -> list[dict[str, Any]]:
         """Per replica: URL, up, outstanding and served requests, last error."""
         return self._replicas.status()
+
+    def last_fanout(self, name: str) -> dict[str, str]:
+        """Replica URL -> outcome of the last load or unload of adapter ``name`` there
+        (``loaded``, ``unloaded``, ``refused: ...``, ``down: ...``); the reconciler retries the failures."""
+        with self._sync:
+            return dict(self._fanouts.get(name, {}))
+
+    def _record_fanout(self, up: _Upstream, outcome: dict[str, str]) -> None:
+        with self._sync:
+            self._fanouts[up.name.rsplit("@", 1)[0]] = {
+                r.url: outcome.get(r.url) or f"down: {r.last_error or 'skipped'}" for r in self._replicas.replicas}
 
     def _models(self) -> list[dict[str, Any]]:
         """``GET /v1/models`` of the first replica that answers."""
@@ -248,26 +261,25 @@ class VllmEngine:
             AdapterLoadError: no replica took it and at least one refused it (a broken adapter).
             NoReplicaError: no replica answered.
         """
-        loaded, refused, down = [], {}, {}
+        loaded, refused, outcome = [], [], {}
         for replica in self._replicas.reachable():  # a replica known to be down is the reconciler's
             try:
                 self._load_on(replica, up)
                 loaded.append(replica.url)
+                outcome[replica.url] = "loaded"
             except AdapterLoadError as exc:
-                refused[replica.url] = exc
+                refused.append(exc)
+                outcome[replica.url] = f"refused: {exc.message}"
             except EngineError as exc:
-                down[replica.url] = exc.message
+                outcome[replica.url] = f"down: {exc.message}"
+        self._record_fanout(up, outcome)
         if not loaded:
             if refused:
-                raise next(iter(refused.values()))
+                raise refused[0]
             raise self._replicas.no_replica(self._replicas.replicas)
-        skipped = {r.url: "down" for r in self._replicas.replicas if r.url not in loaded and r.url not in refused
-                   and r.url not in down}
-        down.update(skipped)
-        if refused or down:
+        if len(loaded) < len(self._replicas):
             log.warning("adapter not loaded on every replica; the reconciler will retry",
-                        extra={"adapter": up.name, "loaded": loaded,
-                               "failed": {**{u: e.message for u, e in refused.items()}, **down}})
+                        extra={"adapter": up.name, "replicas": self.last_fanout(up.name.rsplit("@", 1)[0])})
 
     def _load_on(self, replica: Replica, up: _Upstream) -> None:
         body = {"lora_name": up.name, "lora_path": str(up.path)}
@@ -293,14 +305,18 @@ class VllmEngine:
         with self._sync:
             self._busy.add(up.name)
             self._live.pop(up.name, None)
+        outcome: dict[str, str] = {}
         try:
             for replica in self._replicas.reachable():  # one that is down drops it when the reconciler sees it
                 try:
                     self._unload_on(replica, up.name)
+                    outcome[replica.url] = "unloaded"
                 except EngineError as exc:  # the reconciler unloads it once the replica answers
+                    outcome[replica.url] = f"down: {exc.message}"
                     log.warning("could not unload an adapter from a replica; the reconciler will retry",
                                 extra={"adapter": up.name, "replica": replica.url, "error": exc.message})
         finally:
+            self._record_fanout(up, outcome)
             shutil.rmtree(up.path, ignore_errors=True)
             with self._sync:
                 self._busy.discard(up.name)

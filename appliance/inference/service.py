@@ -217,12 +217,16 @@ class InferenceService:
         return True
 
     def _audit_fanout(self, engine: Engine, action: str, adapter_id: str, project: str | None, reason: str) -> None:
-        status = getattr(engine, "replica_status", None)
-        if status is None:
+        """Audit a load or unload on the serving replicas, with what it did on each (failures are retried)."""
+        fanout = getattr(engine, "last_fanout", None)
+        if fanout is None:
             return  # embedded engines: loading is internal to this process
+        replicas = fanout(adapter_id)
+        done = "loaded" if action == "serving.load_adapter" else "unloaded"
         with self.db.transaction() as s:
             record(s, SERVING_CTX, action, resource_type="model", resource_id=adapter_id, project=project,
-                   reason=reason, details={"base_model": engine.base_model_name, "replicas": status()})
+                   reason=reason, outcome="success" if all(v == done for v in replicas.values()) else "failure",
+                   details={"base_model": engine.base_model_name, "replicas": replicas})
 
     def reconcile(self) -> dict[str, list[dict[str, Any]]]:
         """Bring every running vLLM engine, and each of its replicas, in line with the catalogue.

@@ -150,7 +150,8 @@ def test_publish_reaches_every_replica_chat_is_balanced_and_delete_unloads_every
         events = list(s.scalars(select(AuditEvent).where(AuditEvent.resource_id == adapter)))
     fanouts = {e.action: e for e in events if e.actor == "system:serving"}
     assert {"serving.load_adapter", "serving.unload_adapter"} <= set(fanouts)
-    assert {r["url"] for r in fanouts["serving.load_adapter"].details["replicas"]} == {r.url for r in replicas}
+    assert fanouts["serving.load_adapter"].details["replicas"] == {r.url: "loaded" for r in replicas}
+    assert fanouts["serving.unload_adapter"].details["replicas"] == {r.url: "unloaded" for r in replicas}
 
     # A withdrawn adapter that lingers on a replica (it missed the unload) is removed by the
     # reconciler; adapters that are not fine-tunes of this appliance are left alone.

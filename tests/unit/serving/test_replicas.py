@@ -115,6 +115,8 @@ def test_a_dead_replica_is_skipped_and_repaired_when_it_answers(servers, adapter
     with VllmEngine([dead, url], base_model_dir=base_dir, shm_dir=tmp_path, max_lora_rank=16) as eng:
         eng.load_adapter("ad3", adapters["ad3"])  # one replica is enough; the other is left to reconcile
         assert names(inner) == ["ad3@1"]
+        fanout = eng.last_fanout("ad3")
+        assert fanout[url] == "loaded" and fanout[dead].startswith("down: ") and "unreachable" in fanout[dead]
         for _ in range(3):
             assert eng.generate(chat("ad3")).choices[0].text
             assert "".join(d.text for d in eng.stream(chat("ad3", stream=True)))
