@@ -199,7 +199,25 @@ class ServingSettings:
     )
     vllm_url: str = field(
         default="http://127.0.0.1:8000",
-        metadata=_env("APPLIANCE_VLLM_URL", "Base URL of the vLLM server when APPLIANCE_SERVING_ENGINE=vllm."),
+        metadata=_env("APPLIANCE_VLLM_URL",
+                      "Base URL of the vLLM server when APPLIANCE_SERVING_ENGINE=vllm; several, comma-separated, "
+                      "are serving replicas of one base model on this host."),
+    )
+    vllm_api_key_file: Path | None = field(
+        default=None,
+        metadata=_env("APPLIANCE_VLLM_API_KEY_FILE",
+                      "File holding the token the vLLM servers were started with (--api-key); empty: none."),
+    )
+    reconcile_s: int = field(
+        default=30,
+        metadata=_env("APPLIANCE_SERVING_RECONCILE_S",
+                      "Seconds between checks that every vLLM replica holds exactly the published adapters "
+                      "(0: only when the engine starts).", minimum=0),
+    )
+    shm_dir: Path = field(
+        default=Path("/dev/shm"),
+        metadata=_env("APPLIANCE_SERVING_SHM_DIR",
+                      "tmpfs where decrypted adapters wait for vLLM to read them (private 0700 directories)."),
     )
     device: Literal["auto", "cpu", "cuda"] = field(
         default="auto", metadata=_env("APPLIANCE_SERVING_DEVICE", "Device of the embedded engine.")
@@ -211,6 +229,11 @@ class ServingSettings:
     max_engines: int = field(
         default=2, metadata=_env("APPLIANCE_MAX_ENGINES", "Base models kept resident at once (LRU).", minimum=1)
     )
+
+    @property
+    def vllm_urls(self) -> list[str]:
+        """The serving replicas of ``APPLIANCE_VLLM_URL``, in order."""
+        return [u.strip().rstrip("/") for u in self.vllm_url.split(",") if u.strip()]
 
 
 @dataclass(frozen=True)
@@ -394,6 +417,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             "'sqlite:////srv/appliance/appliance.db' or 'postgresql+psycopg://user@host/appliance'"
         )
     _check_jobs(sections["jobs"], errors)
+    _check_serving(sections["serving"], errors)
     known = {f.metadata["env"] for cls in map(type, sections.values()) for f in dataclasses.fields(cls)}
     unknown = sorted(k for k in environ if k.startswith("APPLIANCE_") and k not in known)
     if unknown:
@@ -436,6 +460,21 @@ def _check_jobs(jobs: JobSettings, errors: list[str]) -> None:
     if wildcard and not jobs.ray_callback_advertise:
         errors.append(f"APPLIANCE_RAY_CALLBACK_ADVERTISE='': the listener binds {jobs.ray_callback_address}, "
                       "so set the host:port the Ray nodes should dial")
+
+
+def _check_serving(serving: ServingSettings, errors: list[str]) -> None:
+    from serving.replicas import parse_replica_urls
+
+    try:
+        parse_replica_urls(serving.vllm_url)
+    except ValueError as exc:
+        errors.append(f"APPLIANCE_VLLM_URL={serving.vllm_url!r}: {exc}")
+    if serving.engine != "vllm":
+        return
+    key = serving.vllm_api_key_file
+    if key is not None and not key.is_file():
+        errors.append(f"APPLIANCE_VLLM_API_KEY_FILE={str(key)!r}: no such file; write the vLLM servers' --api-key "
+                      "token there (mode 0600) or leave the variable empty")
 
 
 def describe_settings() -> list[tuple[str, str, str]]:

@@ -5,7 +5,8 @@
 - :mod:`serving.transformers_engine`: :class:`TransformersEngine`, the embedded CPU/GPU engine.
 - :mod:`serving.vllm_engine`: :class:`VllmEngine`, a client of a vLLM OpenAI server.
 - :mod:`serving.adapters`: adapter validation; :mod:`serving.errors`: the errors engines raise.
-- :mod:`serving.testing`: a vLLM-compatible test server over any engine.
+- :mod:`serving.replicas`: several vLLM-protocol servers behind one :class:`VllmEngine`.
+- :mod:`serving.vllm_server`: a vLLM-compatible server over any engine (tests, ``appliance serve-engine``).
 
 The engines are imported from their modules (they pull in torch/transformers or httpx).
 """

@@ -12,9 +12,10 @@ from typing import Any
 from appliance.errors import MODEL_NAME_LIKE, ROLE_LIKE, ApplianceError, InvalidRequestError, NotFoundError, echo
 
 __all__ = [
-    "MODEL_NAME_LIKE", "ROLE_LIKE", "AdapterLoadError", "AdapterNotFoundError", "EngineError", "InvalidRequestError", "echo",
-    "model_not_found",
+    "MODEL_NAME_LIKE", "ROLE_LIKE", "AdapterLoadError", "AdapterNotFoundError", "EngineError", "InvalidRequestError",
+    "NoReplicaError", "echo", "model_not_found",
 ]
+
 
 def model_not_found(name: Any) -> AdapterNotFoundError:
     """The 404 for a request naming a model that is neither the base model nor a loaded adapter."""
@@ -41,3 +42,9 @@ class EngineError(ApplianceError):
     """The engine failed while generating, or the vLLM server could not be reached (HTTP 502/503)."""
 
     code = "engine_error"
+
+
+class NoReplicaError(EngineError):
+    """No serving replica is up to take the request (HTTP 503): every one failed or is unreachable."""
+
+    code = "no_replica_available"

@@ -13,6 +13,15 @@ Each load registers the adapter upstream under a fresh versioned name
 is dropped, and requests never see a half-replaced adapter. If the server
 forgets an adapter (it restarted), the client loads it again from its
 directory and retries once.
+
+Replicas: give several URLs (several vLLM servers of the same base model on this
+host, e.g. one per GPU) and the engine loads and unloads every adapter on each of
+them, sends each request to the replica with the fewest outstanding requests
+(skipping, and failing over from, one that does not answer), and
+:meth:`VllmEngine.reconcile` makes each replica hold exactly the registered
+adapters: a replica that restarted empty gets them back, one that missed an
+unload drops it. The adapter directories are shared: one decrypted copy in tmpfs
+per loaded adapter, whatever the number of replicas.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import secrets
 import shutil
 import stat
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +45,7 @@ from appliance.errors import InvalidRequestError
 from serving.adapters import AdapterFiles, BaseModelShape, ValidatedAdapter, check_adapter_name, validate_adapter
 from serving.engine import AdapterInfo, AdapterRegistry, AdapterSource, GenerationStream, Pin
 from serving.errors import AdapterLoadError, EngineError, model_not_found
+from serving.replicas import Replica, ReplicaReport, ReplicaSet
 from serving.protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -60,11 +70,16 @@ class _Upstream:
     path: Path
 
 
+class _ReplicaFailed(EngineError):
+    """A replica did not answer (connection refused or dropped): the request may go to another one."""
+
+
 class VllmEngine:
-    """Serve through a vLLM OpenAI server; same interface as :class:`~serving.transformers_engine.TransformersEngine`.
+    """Serve through vLLM OpenAI servers; same interface as :class:`~serving.transformers_engine.TransformersEngine`.
 
     Args:
-        base_url: The server, e.g. ``http://127.0.0.1:8000``.
+        base_url: The server, e.g. ``http://127.0.0.1:8000``; or several replicas of it, as a
+            list or comma-separated (every one serves the same base model and reads the same tmpfs).
         base_model_name: The name vLLM serves the base under (``--served-model-name``);
             default: the first model ``GET /v1/models`` lists.
         base_model_dir: The base model's directory on this host: gives the tokenizer for
@@ -76,11 +91,13 @@ class VllmEngine:
         shm_dir: Where the private adapter directories go (a tmpfs).
         api_key: Sent as a bearer token when vLLM runs with ``--api-key``.
         timeout_s: Read timeout for one generation.
+        retry_down_s: How long a replica that failed is skipped before requests try it again
+            (:meth:`reconcile` brings it back sooner once it answers).
     """
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         *,
         base_model_name: str | None = None,
         base_model_dir: str | Path | None = None,
@@ -92,10 +109,15 @@ class VllmEngine:
         timeout_s: float = 600.0,
         base_model_aliases: Sequence[str] = (),
         transport: httpx.BaseTransport | None = None,
+        retry_down_s: float = 5.0,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, transport=transport,
-                                  timeout=httpx.Timeout(timeout_s, connect=5.0))
+        urls = base_url.split(",") if isinstance(base_url, str) else list(base_url)
+        try:
+            self._replicas = ReplicaSet(urls, headers=headers, timeout_s=timeout_s, retry_down_s=retry_down_s,
+                                        transport=transport)
+        except ValueError as exc:
+            raise EngineError(f"`base_url` {base_url!r}: {exc}", param="base_url") from None
         self._base_name = base_model_name
         self._max_context: int | None = None
         self.max_lora_rank = max_lora_rank
@@ -106,6 +128,13 @@ class VllmEngine:
         self._aliases = list(base_model_aliases)
         self._versions = itertools.count(1)
         self._root = _private_dir(Path(shm_dir))
+        # Upstream adapters every replica must hold, and those being loaded or unloaded right now
+        # (the reconciler leaves the latter alone).
+        self._sync = threading.Lock()
+        self._live: dict[str, _Upstream] = {}
+        self._busy: set[str] = set()
+        #: Adapter name -> replica URL -> what the last load or unload did there (for the audit log).
+        self._fanouts: dict[str, dict[str, str]] = {}
         self._registry: AdapterRegistry[_Upstream] = AdapterRegistry(
             validate=self._validate, load=self._register, unload=self._deregister,
             max_resident=max_resident_adapters, source=adapter_source,
@@ -127,10 +156,40 @@ class VllmEngine:
             self._max_context = int(card.get("max_model_len") or 0) or 2**31 - 1
         return self._max_context
 
+    @property
+    def replica_urls(self) -> list[str]:
+        return [r.url for r in self._replicas.replicas]
+
+    def replica_status(self) -> list[dict[str, Any]]:
+        """Per replica: URL, up, outstanding and served requests, last error."""
+        return self._replicas.status()
+
+    def last_fanout(self, name: str) -> dict[str, str]:
+        """Replica URL -> outcome of the last load or unload of adapter ``name`` there
+        (``loaded``, ``unloaded``, ``refused: ...``, ``down: ...``); the reconciler retries the failures."""
+        with self._sync:
+            return dict(self._fanouts.get(name, {}))
+
+    def _record_fanout(self, up: _Upstream, outcome: dict[str, str]) -> None:
+        with self._sync:
+            self._fanouts[up.name.rsplit("@", 1)[0]] = {
+                r.url: outcome.get(r.url) or f"down: {r.last_error or 'skipped'}" for r in self._replicas.replicas}
+
     def _models(self) -> list[dict[str, Any]]:
-        data = self._call("GET", "/v1/models").json().get("data") or []
+        """``GET /v1/models`` of the first replica that answers."""
+        tried: list[Replica] = []
+        while True:
+            replica = self._next_replica(tried)
+            tried.append(replica)
+            try:
+                return self._models_on(replica)
+            except _ReplicaFailed:
+                continue
+
+    def _models_on(self, replica: Replica) -> list[dict[str, Any]]:
+        data = self._call_on(replica, "GET", "/v1/models").json().get("data") or []
         if not data:
-            raise EngineError("the vLLM server lists no models")
+            raise EngineError(f"the vLLM server {replica.url} lists no models")
         return data
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
@@ -181,29 +240,130 @@ class VllmEngine:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
             upstream = _Upstream(name=f"{name}@{version}", path=path)
-            self._load_upstream(upstream)
+            with self._sync:
+                self._busy.add(upstream.name)
+            try:
+                self._load_everywhere(upstream)
+                with self._sync:
+                    self._live[upstream.name] = upstream
+            finally:
+                with self._sync:
+                    self._busy.discard(upstream.name)
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
             raise
         return upstream
 
-    def _load_upstream(self, up: _Upstream) -> None:
-        resp = self._http_post("/v1/load_lora_adapter", {"lora_name": up.name, "lora_path": str(up.path)})
+    def _load_everywhere(self, up: _Upstream) -> None:
+        """Load ``up`` on every replica. One that refuses or is down is left to :meth:`reconcile`.
+
+        Raises:
+            AdapterLoadError: no replica took it and at least one refused it (a broken adapter).
+            NoReplicaError: no replica answered.
+        """
+        loaded, refused, outcome = [], [], {}
+        for replica in self._replicas.reachable():  # a replica known to be down is the reconciler's
+            try:
+                self._load_on(replica, up)
+                loaded.append(replica.url)
+                outcome[replica.url] = "loaded"
+            except AdapterLoadError as exc:
+                refused.append(exc)
+                outcome[replica.url] = f"refused: {exc.message}"
+            except EngineError as exc:
+                outcome[replica.url] = f"down: {exc.message}"
+        self._record_fanout(up, outcome)
+        if not loaded:
+            if refused:
+                raise refused[0]
+            raise self._replicas.no_replica(self._replicas.replicas)
+        if len(loaded) < len(self._replicas):
+            log.warning("adapter not loaded on every replica; the reconciler will retry",
+                        extra={"adapter": up.name, "replicas": self.last_fanout(up.name.rsplit("@", 1)[0])})
+
+    def _load_on(self, replica: Replica, up: _Upstream) -> None:
+        body = {"lora_name": up.name, "lora_path": str(up.path)}
+        resp = self._call_on(replica, "POST", "/v1/load_lora_adapter", body)
+        if resp.status_code == 400 and "already" in _error_message(resp):
+            # Left by an earlier life of this engine (same versioned name, maybe another directory):
+            # replace it with ours.
+            self._call_on(replica, "POST", "/v1/unload_lora_adapter", {"lora_name": up.name})
+            resp = self._call_on(replica, "POST", "/v1/load_lora_adapter", body)
         if resp.status_code != 200:
             message = _error_message(resp)
-            raise AdapterLoadError(f"the vLLM server refused the adapter ({resp.status_code}): {message}",
+            where = f" {replica.url}" if len(self._replicas) > 1 else ""
+            raise AdapterLoadError(f"the vLLM server{where} refused the adapter ({resp.status_code}): {message}",
                                    param="files")
 
+    def _unload_on(self, replica: Replica, upstream_name: str) -> None:
+        resp = self._call_on(replica, "POST", "/v1/unload_lora_adapter", {"lora_name": upstream_name})
+        if resp.status_code not in (200, 404):  # 404: the server already forgot it
+            raise EngineError(f"the vLLM server {replica.url} refused to unload {upstream_name!r} "
+                              f"({resp.status_code}): {_error_message(resp)}")
+
     def _deregister(self, up: _Upstream) -> None:
+        with self._sync:
+            self._busy.add(up.name)
+            self._live.pop(up.name, None)
+        outcome: dict[str, str] = {}
         try:
-            resp = self._http_post("/v1/unload_lora_adapter", {"lora_name": up.name})
-            if resp.status_code not in (200, 404):  # 404: the server already forgot it
-                log.warning("vLLM refused to unload an adapter", extra={"adapter": up.name,
-                                                                          "status": resp.status_code})
-        except EngineError:
-            log.warning("vLLM unreachable while unloading an adapter", extra={"adapter": up.name})
+            for replica in self._replicas.reachable():  # one that is down drops it when the reconciler sees it
+                try:
+                    self._unload_on(replica, up.name)
+                    outcome[replica.url] = "unloaded"
+                except EngineError as exc:  # the reconciler unloads it once the replica answers
+                    outcome[replica.url] = f"down: {exc.message}"
+                    log.warning("could not unload an adapter from a replica; the reconciler will retry",
+                                extra={"adapter": up.name, "replica": replica.url, "error": exc.message})
         finally:
+            self._record_fanout(up, outcome)
             shutil.rmtree(up.path, ignore_errors=True)
+            with self._sync:
+                self._busy.discard(up.name)
+
+    def reconcile(self, stray: Callable[[str], bool] | None = None) -> list[ReplicaReport]:
+        """Make every replica hold the registered adapters (a restarted one gets them back).
+
+        Args:
+            stray: Says which adapters a replica lists that this engine did not register are to be
+                unloaded (by upstream name); default: all of them, as when the replicas are this
+                engine's alone.
+
+        Failures are reported and retried on the next call.
+        """
+        reports = []
+        for replica in self._replicas.replicas:
+            report = ReplicaReport(replica.url, up=False)
+            reports.append(report)
+            was_down = not replica.up
+            try:
+                cards = self._models_on(replica)  # marks it up or down
+            except EngineError as exc:
+                report.error = exc.message
+                continue
+            report.up, report.came_back = True, was_down
+            listed = {c["id"] for c in cards if c.get("parent")}  # vLLM lists adapters with their base as parent
+            with self._sync:
+                live, busy = dict(self._live), set(self._busy)
+            for name in sorted(set(live) - listed - busy):
+                try:
+                    self._load_on(replica, live[name])
+                    report.loaded.append(name)
+                except EngineError as exc:
+                    report.failed[name] = exc.message
+                except AdapterLoadError as exc:
+                    report.failed[name] = exc.message
+            for name in sorted(listed - set(live) - busy):
+                if stray is not None and not stray(name):
+                    continue
+                try:
+                    self._unload_on(replica, name)
+                    report.unloaded.append(name)
+                except EngineError as exc:
+                    report.failed[name] = exc.message
+            if report.changed:
+                log.info("replica reconciled", extra=report.to_dict())
+        return reports
 
     # ------------------------------------------------------------------ prompts
 
@@ -225,8 +385,17 @@ class VllmEngine:
         request.validate(self._max_context)
         pin = self._pin(request.model)
         try:
-            resp = self._with_retry(pin, lambda upstream: self._http_post(
-                _path(request), _body(request, upstream, stream=False)))
+            tried: list[Replica] = []
+            while True:
+                replica = self._next_replica(tried)
+                tried.append(replica)
+                try:
+                    with self._replicas.using(replica):
+                        resp = self._with_retry(replica, pin, lambda upstream: self._call_on(
+                            replica, "POST", _path(request), _body(request, upstream, stream=False)))
+                except _ReplicaFailed:
+                    continue  # it never answered: another replica may
+                break
             _raise_for(resp, request.model)
             data = resp.json()
         finally:
@@ -263,63 +432,102 @@ class VllmEngine:
         return GenerationStream(request.model, all_events())
 
     def _events(self, request: GenerationRequest, pin: Pin[_Upstream] | None) -> Iterator[Delta | Usage | None]:
-        """Yield ``None`` once the server accepted the request, then its deltas and usage."""
+        """Yield ``None`` once a replica accepted the request, then its deltas and usage."""
+        tried: list[Replica] = []
+        while True:
+            replica = self._next_replica(tried)
+            tried.append(replica)
+            try:
+                with self._replicas.using(replica):
+                    answered = yield from self._events_on(replica, request, pin)
+            except _ReplicaFailed:  # it died while its lost adapter was being reloaded: nothing was sent yet
+                answered = False
+            if answered:
+                return
+
+    def _events_on(self, replica: Replica, request: GenerationRequest,
+                   pin: Pin[_Upstream] | None) -> Iterator[Delta | Usage | None]:
+        """Stream from one replica; returns False (having yielded nothing) if it did not answer."""
         for attempt in (0, 1):
             body = _body(request, pin.handle if pin else None, stream=True)
+            started = False
             try:
-                with self._http.stream("POST", _path(request), json=body) as resp:
+                with replica.http.stream("POST", _path(request), json=body) as resp:
                     if resp.status_code != 200:
                         resp.read()
-                        if resp.status_code == 404 and pin and attempt == 0 and self._server_forgot(pin):
+                        if resp.status_code == 404 and pin and attempt == 0 and self._server_forgot(replica, pin):
                             continue
                         _raise_for(resp, request.model)
+                    self._replicas.mark_up(replica)
+                    started = True
                     yield None
                     yield from _parse_sse(resp, chat=isinstance(request, ChatCompletionRequest))
-                    return
+                    return True
             except httpx.HTTPError as exc:
-                raise EngineError(f"the vLLM server is unreachable: {exc}") from exc
+                if started:
+                    raise EngineError(f"the vLLM server {replica.url} failed mid-stream: {exc}") from exc
+                self._down(replica, exc)
+                if isinstance(exc, httpx.ReadTimeout):
+                    raise EngineError(f"the vLLM server {replica.url} did not answer in time: {exc}") from exc
+                return False
+        return True  # pragma: no cover - the loop returns or raises
 
     def _pin(self, model: str) -> Pin[_Upstream] | None:
         if model == self.base_model_name:
             return None
         return self._registry.pin(model)
 
-    def _with_retry(self, pin: Pin[_Upstream] | None, send: Any) -> httpx.Response:
+    def _with_retry(self, replica: Replica, pin: Pin[_Upstream] | None, send: Any) -> httpx.Response:
         resp = send(pin.handle if pin else None)
-        if resp.status_code == 404 and pin is not None and self._server_forgot(pin):
+        if resp.status_code == 404 and pin is not None and self._server_forgot(replica, pin):
             resp = send(pin.handle)
         return resp
 
-    def _server_forgot(self, pin: Pin[_Upstream]) -> bool:
-        """After a 404 for a loaded adapter: if vLLM lost it (restart), load it again from its directory."""
-        ids = {c["id"] for c in self._models()}
+    def _server_forgot(self, replica: Replica, pin: Pin[_Upstream]) -> bool:
+        """After a 404 for a loaded adapter: if the replica lost it (restart), load it again from its directory."""
+        ids = {c["id"] for c in self._models_on(replica)}
         if pin.handle.name in ids:
             return False
-        log.warning("vLLM lost a loaded adapter; loading it again", extra={"adapter": pin.name})
-        self._load_upstream(pin.handle)
+        log.warning("vLLM lost a loaded adapter; loading it again",
+                    extra={"adapter": pin.name, "replica": replica.url})
+        self._load_on(replica, pin.handle)
         return True
 
     # ------------------------------------------------------------------ http
 
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
+    def _next_replica(self, tried: list[Replica]) -> Replica:
+        candidates = self._replicas.candidates(exclude=tried)
+        if not candidates:
+            raise self._replicas.no_replica(tried)
+        return candidates[0]
+
+    def _down(self, replica: Replica, exc: Exception) -> None:
+        if self._replicas.mark_down(replica, f"unreachable: {exc}") and len(self._replicas) > 1:
+            log.warning("serving replica unreachable; sending requests to the others",
+                        extra={"replica": replica.url, "error": str(exc)})
+
+    def _call_on(self, replica: Replica, method: str, path: str,
+                 body: dict[str, Any] | None = None) -> httpx.Response:
         try:
-            resp = self._http.request(method, path, json=body)
+            resp = replica.http.request(method, path, json=body)
+        except httpx.ReadTimeout as exc:  # it took the request and hangs: skip it, but do not run the request twice
+            self._down(replica, exc)
+            raise EngineError(f"the vLLM server {replica.url} did not answer in time: {exc}") from exc
         except httpx.HTTPError as exc:
-            raise EngineError(f"the vLLM server is unreachable: {exc}") from exc
+            self._down(replica, exc)
+            raise _ReplicaFailed(f"the vLLM server {replica.url} is unreachable: {exc}") from exc
+        self._replicas.mark_up(replica)
         if resp.status_code >= 500:
-            raise EngineError(f"the vLLM server failed ({resp.status_code}): {_error_message(resp)}")
+            raise EngineError(f"the vLLM server {replica.url} failed ({resp.status_code}): {_error_message(resp)}")
         return resp
 
-    def _http_post(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        return self._call("POST", path, body)
-
     def close(self) -> None:
-        """Unload every adapter from the server, remove the tmpfs directory, close connections."""
+        """Unload every adapter from the replicas, remove the tmpfs directory, close connections."""
         try:
             self._registry.close()
         finally:
             shutil.rmtree(self._root, ignore_errors=True)
-            self._http.close()
+            self._replicas.close()
 
     def __enter__(self) -> VllmEngine:
         return self

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from litestar import Controller, Request, Response, post
+from litestar import Controller, Request, Response, get, post
 from litestar.concurrency import sync_to_thread
 from litestar.di import NamedDependency
 from litestar.enums import MediaType
@@ -51,7 +51,7 @@ class InferenceController(Controller):
     tags = ["inference"]
 
     @post("/chat/completions", opt={"permission": Permission.INFERENCE}, status_code=200,
-          responses=error_responses(413, 502), operation_class=_CHAT_OPERATION)
+          responses=error_responses(413, 502, 503), operation_class=_CHAT_OPERATION)
     async def chat_completions(self, request: Request, inference: NamedDependency[InferenceService]) -> Any:
         """OpenAI chat completions, streamed (server-sent events ending with `data: [DONE]`) or not.
 
@@ -68,7 +68,7 @@ class InferenceController(Controller):
         return Stream(sse(chunks), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
     @post("/completions", opt={"permission": Permission.INFERENCE}, status_code=200,
-          responses=error_responses(413, 502), operation_class=_COMPLETION_OPERATION)
+          responses=error_responses(413, 502, 503), operation_class=_COMPLETION_OPERATION)
     async def completions(self, request: Request, inference: NamedDependency[InferenceService]) -> Any:
         """OpenAI (legacy) completions over a raw prompt."""
         req = parse_completion_request(await request.body())
@@ -171,3 +171,13 @@ class RuntimeLoraController(Controller):
                 record(s, audit_context(request), "serving.unload_adapter", resource_type="model", resource_id=name)
             return Response(f"Success: LoRA adapter '{name}' removed successfully.", media_type="text/plain")
         return _vllm_error(404, "NotFoundError", f"The lora adapter '{name}' cannot be found.")
+
+    @get("/serving/replicas", opt={"permission": Permission.SERVING_ADMIN}, sync_to_thread=False)
+    def serving_replicas(self, inference: NamedDependency[InferenceService]) -> dict[str, Any]:
+        """The vLLM serving replicas of each running engine: up or not, requests outstanding and sent, last error.
+
+        Empty under the embedded engine (`APPLIANCE_SERVING_ENGINE=transformers`).
+        """
+        data = [{"base_model": base, **replica} for base, replicas in inference.replica_status().items()
+                for replica in replicas]
+        return {"object": "list", "data": data}

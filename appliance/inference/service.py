@@ -5,10 +5,19 @@ One engine serves one base model and its adapters. Engines start on first use
 process lives; ``max_engines`` bounds how many base models are resident.
 Adapters are decrypted in memory by the catalogue whenever an engine needs
 them (first load, or reload after eviction).
+
+With ``APPLIANCE_SERVING_ENGINE=vllm`` the engine is a client of one or more
+vLLM-protocol servers (replicas). Its engine starts when an adapter of its base
+is published, so publishing reaches every replica at once; deleting an adapter
+unloads it from every replica; :meth:`InferenceService.reconcile` (run every
+``APPLIANCE_SERVING_RECONCILE_S`` by :class:`ServingReconciler`) makes the
+engine hold what the database publishes and each replica hold what the engine
+holds. Those fan-outs are audited as ``serving.*`` events of ``system:serving``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -22,7 +31,7 @@ from appliance.audit.service import AuditContext, record
 from appliance.catalog.models import BaseModelRecord
 from appliance.catalog.service import CatalogService
 from appliance.db.base import Database
-from appliance.errors import MODEL_NAME_LIKE, InvalidRequestError, NotFoundError, echo
+from appliance.errors import MODEL_NAME_LIKE, ApplianceError, ConflictError, InvalidRequestError, NotFoundError, echo
 from appliance.files.policies import PolicyService
 from appliance.identity.models import Project
 from appliance.identity.service import Principal
@@ -33,6 +42,9 @@ from serving.errors import EngineError
 from serving.protocol import GenerationRequest, GenerationResult
 
 log = logging.getLogger("appliance.inference")
+
+#: Who the serving fan-outs (hot-load on publish, unload on delete, reconciliation) are audited as.
+SERVING_CTX = AuditContext(actor="system:serving", auth_method="internal", origin_ip="local")
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,8 @@ class InferenceService:
         self._starting: dict[str, threading.Lock] = {}
         #: Adapters an operator loaded through /v1/load_lora_adapter: name -> base model.
         self._runtime: dict[str, str] = {}
+        #: Last failures the reconciler audited per base model and replica (JSON), to audit changes only.
+        self._last_failures: dict[str, str] = {}
         catalog.on_publish.append(self.on_adapter_published)
         catalog.on_remove.append(self.on_adapter_removed)
 
@@ -86,9 +100,18 @@ class InferenceService:
         if self.settings.engine == "vllm":
             from serving.vllm_engine import VllmEngine
 
-            return VllmEngine(self.settings.vllm_url, base_model_name=base.name, base_model_dir=base.path,
-                              adapter_source=self.catalog.adapter_files,
-                              max_resident_adapters=self.settings.max_resident_adapters)
+            key_file = self.settings.vllm_api_key_file
+            engine = VllmEngine(self.settings.vllm_urls, base_model_name=base.name, base_model_dir=base.path,
+                                adapter_source=self.catalog.adapter_files,
+                                max_resident_adapters=self.settings.max_resident_adapters,
+                                shm_dir=self.settings.shm_dir,
+                                api_key=key_file.read_text().strip() if key_file else None)
+            try:
+                self._reconcile_engine(base.name, engine)  # published adapters onto every replica, strays off
+            except Exception:
+                log.exception("could not reconcile the serving replicas; the reconciler will retry",
+                              extra={"base_model": base.name})
+            return engine
         from serving.transformers_engine import EngineConfig, TransformersEngine
 
         device = None if self.settings.device == "auto" else self.settings.device
@@ -154,12 +177,19 @@ class InferenceService:
 
     # -- hot-load -----------------------------------------------------------
     def on_adapter_published(self, adapter_id: str) -> None:
-        """Load a new adapter into its base's engine if that engine is running (else on first use)."""
+        """Load a new adapter into its base's engine if that engine is running (else on first use).
+
+        vLLM engines are started for it (they only hold HTTP clients), so the adapter reaches
+        every serving replica now.
+        """
         view = self.catalog.get_adapter(None, adapter_id)
+        base = view.row.base_model
         with self._lock:
-            engine = self._engines.get(view.row.base_model)
-        if engine is not None and not engine.has_adapter(adapter_id):
-            engine.load_adapter(adapter_id)
+            engine = self._engines.get(base)
+        if engine is None and self._replicated(self.catalog.get_base_model(base)):
+            engine = self.engine_for(base)
+        if engine is not None and self._ensure_loaded(engine, adapter_id):
+            self._audit_fanout(engine, "serving.load_adapter", adapter_id, view.project, "published")
 
     def on_adapter_removed(self, adapter_id: str) -> None:
         with self._lock:
@@ -167,6 +197,99 @@ class InferenceService:
         for engine in engines:
             if engine.has_adapter(adapter_id):
                 engine.unload_adapter(adapter_id)
+                self._audit_fanout(engine, "serving.unload_adapter", adapter_id, None, "deleted")
+
+    # -- serving replicas (vLLM) ----------------------------------------------
+    def _replicated(self, base: BaseModelRecord) -> bool:
+        return self.settings.engine == "vllm" and base.kind == "llm"
+
+    @staticmethod
+    def _ensure_loaded(engine: Engine, name: str) -> bool:
+        """Load ``name`` unless the engine has it; True if this call loaded it."""
+        if engine.has_adapter(name):
+            return False
+        try:
+            engine.load_adapter(name)
+        except ConflictError:
+            if not engine.has_adapter(name):  # not a concurrent load of the same adapter: a real conflict
+                raise
+            return False
+        return True
+
+    def _audit_fanout(self, engine: Engine, action: str, adapter_id: str, project: str | None, reason: str) -> None:
+        """Audit a load or unload on the serving replicas, with what it did on each (failures are retried)."""
+        fanout = getattr(engine, "last_fanout", None)
+        if fanout is None:
+            return  # embedded engines: loading is internal to this process
+        replicas = fanout(adapter_id)
+        done = "loaded" if action == "serving.load_adapter" else "unloaded"
+        with self.db.transaction() as s:
+            record(s, SERVING_CTX, action, resource_type="model", resource_id=adapter_id, project=project,
+                   reason=reason, outcome="success" if all(v == done for v in replicas.values()) else "failure",
+                   details={"base_model": engine.base_model_name, "replicas": replicas})
+
+    def reconcile(self) -> dict[str, list[dict[str, Any]]]:
+        """Bring every running vLLM engine, and each of its replicas, in line with the catalogue.
+
+        Returns:
+            Base model -> one report per replica (what was loaded, unloaded, or failed).
+        """
+        with self._lock:
+            engines = [(name, e) for name, e in self._engines.items() if hasattr(e, "reconcile")]
+        out: dict[str, list[dict[str, Any]]] = {}
+        for base, engine in engines:
+            try:
+                out[base] = self._reconcile_engine(base, engine)
+            except Exception:
+                log.exception("serving reconciliation failed", extra={"base_model": base})
+        return out
+
+    def _reconcile_engine(self, base: str, engine: Any) -> list[dict[str, Any]]:
+        published = {v.row.id: v.project for v in self.catalog.list_adapters(None) if v.row.base_model == base}
+        registered = {a.name for a in engine.adapters()}
+        for name in sorted(registered):
+            if name.startswith("ft:") and name not in published:  # deleted through another control plane
+                try:
+                    engine.unload_adapter(name)
+                except NotFoundError:
+                    continue
+                registered.discard(name)
+                self._audit_fanout(engine, "serving.unload_adapter", name, None, "no longer published")
+        for name in sorted(set(published) - registered):
+            if len(registered) >= self.settings.max_resident_adapters:
+                break  # the rest load on first use, as after an eviction
+            try:
+                loaded = self._ensure_loaded(engine, name)
+            except ApplianceError as exc:
+                log.warning("could not load a published adapter onto the replicas",
+                            extra={"adapter": name, "error": exc.message})
+                continue
+            registered.add(name)
+            if loaded:
+                self._audit_fanout(engine, "serving.load_adapter", name, published[name], "published (reconciled)")
+        # Unload from the replicas what is no longer published, whoever loaded it; leave other
+        # adapters alone (another control-plane process may share these replicas).
+        reports = engine.reconcile(stray=lambda up: _is_withdrawn(up, published))
+        changed = []
+        for r in reports:
+            # A failure that persists is audited once, not every pass.
+            key, seen = f"{base} {r.replica}", json.dumps(r.failed, sort_keys=True)
+            if r.loaded or r.unloaded or r.came_back or (r.failed and self._last_failures.get(key) != seen):
+                changed.append(r)
+            self._last_failures[key] = seen
+        if changed:
+            with self.db.transaction() as s:
+                for r in changed:
+                    record(s, SERVING_CTX, "serving.reconcile", outcome="failure" if r.failed else "success",
+                           resource_type="serving_replica", resource_id=r.replica,
+                           details={"base_model": base, **r.to_dict()})
+        return [r.to_dict() for r in reports]
+
+    def replica_status(self) -> dict[str, list[dict[str, Any]]]:
+        """Base model -> the state of each of its serving replicas (vLLM engines only)."""
+        with self._lock:
+            engines = list(self._engines.items())
+        return {name: e.replica_status() for name, e in engines if hasattr(e, "replica_status")}
 
     # -- requests -----------------------------------------------------------
     def resolve(self, principal: Principal, model: str) -> Target:
@@ -175,8 +298,7 @@ class InferenceService:
             view = self.catalog.get_adapter(principal, model)
             base = self.catalog.get_base_model(view.row.base_model)
             engine = self.engine_for(base.name)
-            if not engine.has_adapter(model):
-                engine.load_adapter(model)
+            self._ensure_loaded(engine, model)
             return Target(engine, model, view.row.project_id, base.name, base.kind)
         runtime_base = self.runtime_adapters().get(model)
         if runtime_base is not None and principal.is_global:
@@ -264,6 +386,43 @@ class InferenceService:
         with self.db.transaction() as s:
             record(s, ctx, f"inference.{kind}", resource_type="model", resource_id=target.model,
                    project=project.name if project else None, details=details)
+
+
+def _is_withdrawn(upstream: str, published: dict[str, str]) -> bool:
+    """Whether an adapter a replica lists (``<model>@<version>``) is a fine-tune no longer published."""
+    name = upstream.rsplit("@", 1)[0]
+    return name.startswith("ft:") and name not in published
+
+
+class ServingReconciler:
+    """Runs :meth:`InferenceService.reconcile` every ``interval_s`` seconds (a server thread).
+
+    Args:
+        inference: The service whose vLLM engines to reconcile.
+        interval_s: Seconds between passes; 0 disables the thread (engines still reconcile on start).
+    """
+
+    def __init__(self, inference: InferenceService, interval_s: int) -> None:
+        self.inference, self.interval_s = inference, interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.inference.reconcile()
+            except Exception:
+                log.exception("serving reconciliation failed")
+
+    def start(self) -> None:
+        if self.interval_s > 0 and self.inference.settings.engine == "vllm":
+            self._thread = threading.Thread(target=self._run, name="serving-reconciler", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
 
 
 class _AuditedStream(Iterator[Any]):

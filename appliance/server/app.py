@@ -59,15 +59,20 @@ def create_app(
 
     from appliance.audit.checkpoints import CheckpointTimer
 
+    from appliance.inference.service import ServingReconciler
+
     checkpoints = CheckpointTimer(state.db, state.catalog.signing_key, settings.audit.checkpoint_interval_s)
+    reconciler = ServingReconciler(state.inference, settings.serving.reconcile_s)
 
     def _on_startup() -> None:
         if run_scheduler:
             state.scheduler.start()
             checkpoints.start()
             state.retention.start()
+        reconciler.start()
 
     def _on_shutdown() -> None:
+        reconciler.stop()
         if run_scheduler:
             state.retention.stop()
             checkpoints.stop()

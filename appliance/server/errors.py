@@ -34,7 +34,7 @@ from appliance.errors import (
 from appliance.identity.auth import LoginRequired
 from appliance.identity.service import Principal, TokenRejected
 from appliance.logs import scrub
-from serving.errors import AdapterLoadError, EngineError
+from serving.errors import AdapterLoadError, EngineError, NoReplicaError
 from appliance.server.context import request_id_of
 
 log = logging.getLogger("appliance.errors")
@@ -53,6 +53,7 @@ STATUS: list[tuple[type[ApplianceError], int, str]] = [
     (InsufficientStorageError, 507, "server_error"),
     # Serving: a broken adapter is the request's problem (as vLLM answers), an engine failure ours.
     (AdapterLoadError, 400, "invalid_request_error"),
+    (NoReplicaError, 503, "server_error"),
     (EngineError, 502, "server_error"),
 ]
 

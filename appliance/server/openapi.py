@@ -74,7 +74,7 @@ _DESCRIPTIONS = {
     429: "Too many failed authentications from this address; see `Retry-After`.",
     500: "Unexpected server error; the message carries the request id to quote.",
     502: "The serving engine failed.",
-    503: "The appliance is not initialised.",
+    503: "The appliance is not initialised, or no serving replica answered (`no_replica_available`).",
     507: "No space left to store the object; nothing of it was kept.",
 }
 

@@ -199,7 +199,7 @@ def test_vllm_engine_client_against_the_embedded_server(state, tiny, admin_token
     from appliance.server.app import create_app
     from serving.errors import AdapterLoadError, AdapterNotFoundError
     from serving.protocol import parse_chat_request
-    from serving.testing import serve_in_thread
+    from serving.vllm_server import serve_in_thread
     from serving.vllm_engine import VllmEngine
 
     files = random_lora(tiny, seed=7)

@@ -232,6 +232,7 @@ ROUTES: dict[str, Route] = {
         "lora_name": "matrix", "lora_path": "/nonexistent/adapter"}})),
     "POST /v1/unload_lora_adapter": Route(lambda w: Req("POST", "/v1/unload_lora_adapter",
                                                         {"json": {"lora_name": "matrix"}})),
+    "GET /v1/serving/replicas": Route(G("/v1/serving/replicas")),
     # -- portal (session cookie; form posts carry the CSRF token) ------------------------------
     "GET /login": Route(G("/login")),
     "POST /login": Route(lambda w: Req("POST", "/login", {

@@ -89,3 +89,18 @@ def test_retention_sweep_interval():
     assert load_settings({"APPLIANCE_RETENTION_SWEEP_S": "0"}).retention.sweep_interval_s == 0  # only the CLI
     with pytest.raises(SettingsError, match="APPLIANCE_RETENTION_SWEEP_S='-5': expected an integer of at least 0"):
         load_settings({"APPLIANCE_RETENTION_SWEEP_S": "-5"})
+
+
+def test_vllm_url_lists_serving_replicas_and_each_is_checked(tmp_path):
+    s = load_settings({"APPLIANCE_HOME": str(tmp_path), "APPLIANCE_SERVING_ENGINE": "vllm",
+                       "APPLIANCE_VLLM_URL": "http://127.0.0.1:8000, http://127.0.0.1:8001/"})
+    assert s.serving.vllm_urls == ["http://127.0.0.1:8000", "http://127.0.0.1:8001"]
+    assert s.serving.reconcile_s == 30 and s.serving.shm_dir == Path("/dev/shm")
+    with pytest.raises(SettingsError) as info:
+        load_settings({"APPLIANCE_HOME": str(tmp_path), "APPLIANCE_SERVING_ENGINE": "vllm",
+                       "APPLIANCE_VLLM_URL": "http://a:8000,b:8001",
+                       "APPLIANCE_VLLM_API_KEY_FILE": str(tmp_path / "missing.token"),
+                       "APPLIANCE_SERVING_RECONCILE_S": "-1"})
+    problems = "\n".join(info.value.problems)
+    assert "APPLIANCE_VLLM_URL='http://a:8000,b:8001': expected http(s) URLs" in problems
+    assert "APPLIANCE_VLLM_API_KEY_FILE=" in problems and "APPLIANCE_SERVING_RECONCILE_S='-1'" in problems

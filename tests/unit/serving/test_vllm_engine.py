@@ -15,7 +15,7 @@ import pytest
 from appliance.errors import InvalidRequestError
 from serving.errors import AdapterLoadError, AdapterNotFoundError, EngineError
 from serving.protocol import parse_chat_request, parse_completion_request
-from serving.testing import create_vllm_compatible_app, serve_in_thread
+from serving.vllm_server import create_vllm_compatible_app, serve_in_thread
 from serving.transformers_engine import EngineConfig, TransformersEngine
 from serving.vllm_engine import VllmEngine
 from tests.unit.serving.conftest import BASE, with_tensors

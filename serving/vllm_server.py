@@ -1,4 +1,4 @@
-"""A small vLLM-compatible OpenAI server over any engine, for tests and demos.
+"""A small vLLM-compatible OpenAI server over any engine: tests, demos and CPU serving replicas.
 
 It exposes what :class:`~serving.vllm_engine.VllmEngine` uses of a real vLLM
 server started with ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``,
@@ -9,13 +9,19 @@ with vLLM's request and response shapes and status codes:
 - ``POST /v1/unload_lora_adapter {"lora_name"}`` -> 200 text; 404 for an unknown name.
 - ``GET /v1/models`` (base card with ``max_model_len``; adapters with ``root`` and ``parent``).
 - ``POST /v1/chat/completions`` and ``/v1/completions``, streaming as server-sent events.
+- ``GET /health``, and ``GET /metrics`` with vLLM's ``vllm:request_success_total`` counter
+  (per model name requested), in Prometheus' text format.
 
-Errors are ``{"error": {"message", "type", "param", "code"}}``. No authentication:
-bind it to loopback only. :func:`serve_in_thread` runs it under uvicorn.
+Errors are ``{"error": {"message", "type", "param", "code"}}``. With ``api_key``
+every ``/v1`` request must carry it as a bearer token (vLLM's ``--api-key``: 401
+otherwise); without, bind it to loopback only. :func:`serve_in_thread` runs it
+under uvicorn in a thread; ``appliance serve-engine`` runs it as a process (a
+serving replica the appliance drives like ``vllm serve``).
 """
 
 from __future__ import annotations
 
+import hmac
 import threading
 import time
 from collections.abc import Iterator
@@ -61,10 +67,23 @@ def _on_error(_: Request, exc: Exception) -> Response[Any]:
     return _error(500, "InternalServerError", f"{type(exc).__name__}: {exc}")
 
 
-def create_vllm_compatible_app(engine: Engine) -> Litestar:
-    """A litestar app answering like ``vllm serve --enable-lora`` for ``engine``."""
+def create_vllm_compatible_app(engine: Engine, *, api_key: str | None = None) -> Litestar:
+    """A litestar app answering like ``vllm serve --enable-lora [--api-key KEY]`` for ``engine``."""
     roots: dict[str, str] = {}
     created = int(time.time())
+    served: dict[str, int] = {}  # model name requested -> requests answered
+
+    def count(model: str) -> None:
+        served[model] = served.get(model, 0) + 1
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    def check_key(request: Request) -> Response[Any] | None:
+        if expected is None or not request.url.path.startswith("/v1"):
+            return None
+        given = request.headers.get("authorization", "").encode()
+        if hmac.compare_digest(given, expected):
+            return None
+        return Response({"error": "Unauthorized"}, status_code=401)
 
     @post("/v1/load_lora_adapter", status_code=200)
     async def load_lora_adapter(data: JSONBody[dict[str, Any]]) -> Response[Any]:
@@ -105,8 +124,10 @@ def create_vllm_compatible_app(engine: Engine) -> Litestar:
         req = parse_chat_request(await request.body())
         if not req.stream:
             result = await anyio.to_thread.run_sync(engine.generate, req)
+            count(req.model)
             return chat_completion(result).to_dict()
         stream = await anyio.to_thread.run_sync(engine.stream, req)
+        count(req.model)
         chunks = chat_chunks(stream, model=req.model, n=req.n, include_usage=req.include_usage,
                              id=new_id("chatcmpl"))
         return Stream(sse(chunks), media_type="text/event-stream")
@@ -116,8 +137,10 @@ def create_vllm_compatible_app(engine: Engine) -> Litestar:
         req = parse_completion_request(await request.body())
         if not req.stream:
             result = await anyio.to_thread.run_sync(engine.generate, req)
+            count(req.model)
             return completion(result).to_dict()
         stream = await anyio.to_thread.run_sync(engine.stream, req)
+        count(req.model)
         chunks = completion_chunks(stream, model=req.model, include_usage=req.include_usage, id=new_id("cmpl"))
         return Stream(sse(chunks), media_type="text/event-stream")
 
@@ -125,9 +148,17 @@ def create_vllm_compatible_app(engine: Engine) -> Litestar:
     async def health() -> Response[Any]:
         return Response("", status_code=200)
 
+    @get("/metrics")
+    async def metrics() -> Response[Any]:
+        lines = ["# TYPE vllm:request_success_total counter"]
+        lines += [f'vllm:request_success_total{{model_name="{m}"}} {n}' for m, n in sorted(served.items())]
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
     return Litestar(
-        route_handlers=[load_lora_adapter, unload_lora_adapter, models, chat_completions, completions, health],
+        route_handlers=[load_lora_adapter, unload_lora_adapter, models, chat_completions, completions, health,
+                        metrics],
         exception_handlers={Exception: _on_error},
+        before_request=check_key,
         debug=False,
     )
 
