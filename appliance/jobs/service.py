@@ -225,8 +225,9 @@ class JobService:
                       "Job resumed from the start (no checkpoint yet)")
             record(s, ctx, "job.resume", resource_type="fine_tuning_job", resource_id=job_id, project=view.project,
                    details={"from_status": previous, "from_step": last.step_number if last else 0})
+        resumed = self._job(principal, job_id)  # as this call left it: the woken scheduler may claim it at once
         self.wake()
-        return self._job(principal, job_id)
+        return resumed
 
 
 def validate_compute(compute: Any, *, base_kind: str, executor: str, max_workers: int) -> dict[str, Any]:
