@@ -22,7 +22,6 @@ from tests.integration.test_portal_browser import (  # noqa: F401  (browser is a
     login,
     pytestmark,
     shot,
-    switch_role,
 )
 
 PROMPT = "a photo of sks disc"
@@ -68,6 +67,12 @@ def upload_in_page(page, path, *, images: bool = False, instance_prompt: str = "
     return page.url.rsplit("/", 1)[1]
 
 
+def switch_role(page, label: str) -> None:
+    """Act in another role, waiting for the page the switch navigates to (then a goto cannot abort it)."""
+    with page.expect_navigation():
+        page.get_by_label(re.compile("acting as")).select_option(label=label)
+
+
 def wait_succeeded(page) -> None:
     page.wait_for_function("document.getElementById('job-status').textContent.trim() === 'succeeded'",
                            timeout=180_000)
@@ -78,7 +83,10 @@ def test_image_dataset_job_and_playground_in_the_browser(image_portal, browser, 
     archive = tmp_path / "discs.zip"
     archive.write_bytes(zip_of({f"disc{i}.png": disc() for i in range(4)}))
     file_id = upload_in_page(page, archive, images=True, instance_prompt=PROMPT)
-    assert "4 records" in page.inner_text("main") and PROMPT in page.inner_text("main")  # the caption preview
+    assert "4 records" in page.inner_text("main") and PROMPT in page.inner_text("#archive-info")
+    assert "4 × 64x64" in page.inner_text("#archive-info")
+    page.wait_for_function("[...document.querySelectorAll('#archive-images img')].filter(i => i.complete && "
+                           "i.naturalWidth === 64).length === 4")  # the stored, re-encoded images
     shot(page, "images-01-scan-report")
 
     switch_role(page, "trainer @ acme")
