@@ -74,7 +74,7 @@ def switch_role(page, label: str) -> None:
 
 
 def wait_succeeded(page) -> None:
-    page.wait_for_function("document.getElementById('job-status').textContent.trim() === 'succeeded'",
+    page.wait_for_function("() => document.getElementById('job-status').textContent.trim() === 'succeeded'",
                            timeout=180_000)
 
 
@@ -85,7 +85,7 @@ def test_image_dataset_job_and_playground_in_the_browser(image_portal, browser, 
     file_id = upload_in_page(page, archive, images=True, instance_prompt=PROMPT)
     assert "4 records" in page.inner_text("main") and PROMPT in page.inner_text("#archive-info")
     assert "4 × 64x64" in page.inner_text("#archive-info")
-    page.wait_for_function("[...document.querySelectorAll('#archive-images img')].filter(i => i.complete && "
+    page.wait_for_function("() => [...document.querySelectorAll('#archive-images img')].filter(i => i.complete && "
                            "i.naturalWidth === 64).length === 4")  # the stored, re-encoded images
     shot(page, "images-01-scan-report")
 
@@ -131,7 +131,7 @@ def test_image_dataset_job_and_playground_in_the_browser(image_portal, browser, 
     page.get_by_role("button", name="Generate").click()
     page.wait_for_selector("#images img")
     assert page.locator("#images img").count() == 3
-    page.wait_for_function("[...document.querySelectorAll('#images img')].every(i => i.complete && i.naturalWidth === 16)")
+    page.wait_for_function("() => [...document.querySelectorAll('#images img')].every(i => i.complete && i.naturalWidth === 16)")
     assert page.get_by_label(re.compile("Seed")).input_value() == "1"  # the form keeps its inputs
     shot(page, "images-04-playground")
 
@@ -143,7 +143,7 @@ def test_image_dataset_job_and_playground_in_the_browser(image_portal, browser, 
     page.goto(job_url)
     grid = page.locator("img.grid")
     grid.wait_for()
-    page.wait_for_function("[...document.querySelectorAll('img.grid')].every(i => i.complete && i.naturalWidth > 0)")
+    page.wait_for_function("() => [...document.querySelectorAll('img.grid')].every(i => i.complete && i.naturalWidth > 0)")
     shot(page, "images-03-job-succeeded")
 
     context.close()
@@ -224,3 +224,9 @@ def test_job_form_without_javascript_shows_errors_inline_and_keeps_the_inputs(im
     assert page.get_by_label("n_epochs").input_value() == "2"
     shot(page, "form-02-privacy-error-no-js")
     context.close()
+
+
+def test_portal_pages_carry_a_content_security_policy_allowing_data_images(image_portal):
+    response = httpx.get(image_portal.base_url + "/login")
+    csp = response.headers["content-security-policy"]
+    assert "img-src 'self' data:" in csp and "script-src 'self';" in csp and "frame-ancestors 'none'" in csp
