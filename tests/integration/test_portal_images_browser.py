@@ -131,7 +131,8 @@ def test_image_dataset_job_and_playground_in_the_browser(image_portal, browser, 
     page.get_by_role("button", name="Generate").click()
     page.wait_for_selector("#images img")
     assert page.locator("#images img").count() == 3
-    page.wait_for_function("() => [...document.querySelectorAll('#images img')].every(i => i.complete && i.naturalWidth === 16)")
+    page.wait_for_function("() => [...document.querySelectorAll('#images img')]"
+                           ".every(i => i.complete && i.naturalWidth === 16)")
     assert page.get_by_label(re.compile("Seed")).input_value() == "1"  # the form keeps its inputs
     shot(page, "images-04-playground")
 
@@ -143,7 +144,8 @@ def test_image_dataset_job_and_playground_in_the_browser(image_portal, browser, 
     page.goto(job_url)
     grid = page.locator("img.grid")
     grid.wait_for()
-    page.wait_for_function("() => [...document.querySelectorAll('img.grid')].every(i => i.complete && i.naturalWidth > 0)")
+    page.wait_for_function("() => [...document.querySelectorAll('img.grid')]"
+                           ".every(i => i.complete && i.naturalWidth > 0)")
     shot(page, "images-03-job-succeeded")
 
     context.close()
