@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import zipfile
@@ -22,6 +23,7 @@ from appliance.server.state import AppState
 
 Form = Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]
 PREVIEW_RECORDS = 5
+PREVIEW_IMAGES = 8
 #: Image archives are read whole for their captions: only up to this size.
 PREVIEW_ARCHIVE_BYTES = 32 * 1024 * 1024
 
@@ -67,13 +69,14 @@ def dataset(request: Request, files: NamedDependency[FileService], file_id: From
     principal = session_of(request).principal
     view, findings = files.scan_report(principal, file_id)
     preview: list[str] = []
+    archive: dict[str, Any] = {}
     from appliance.identity.roles import role_allows
 
     if role_allows(principal.role, Permission.FILES_CONTENT):
         # The stored content is already redacted by the policy; show its first records.
         _, chunks = files.content(principal, audit_context(request), file_id)
         if view.row.purpose == "fine-tune-images":
-            preview = _caption_preview(chunks, view.row.bytes)
+            archive = _archive_preview(chunks, view.row.bytes)
         else:
             buffer = b""
             for chunk in chunks:
@@ -84,22 +87,30 @@ def dataset(request: Request, files: NamedDependency[FileService], file_id: From
                        for line in buffer.splitlines()[:PREVIEW_RECORDS]]
     summary = view.row.scan_summary
     return page(request, "dataset.html", section="datasets", title=view.row.filename, view=view,
-                findings=findings[:500], more_findings=max(0, len(findings) - 500), preview=preview,
+                findings=findings[:500], more_findings=max(0, len(findings) - 500), preview=preview, archive=archive,
                 chart=bar_chart(summary.get("by_entity_type") or {}), summary=summary)
 
 
-def _caption_preview(chunks, size: int) -> list[str]:
-    """The first captions of a stored image archive (its ``images/metadata.jsonl``), small archives only.
+def _archive_preview(chunks, size: int) -> dict[str, Any]:
+    """What a stored image archive holds (small archives only): its instance prompt, image sizes, the first
+    captions and images (as ``data:`` URLs; the stored images are already re-encoded without metadata).
 
     The JSONL preview read an archive as text and failed with a 500.
     """
     if size > PREVIEW_ARCHIVE_BYTES:
-        return []
+        return {}
     with zipfile.ZipFile(io.BytesIO(b"".join(chunks))) as archive:
-        if "images/metadata.jsonl" not in archive.namelist():
-            return []
-        lines = archive.read("images/metadata.jsonl").splitlines()[:PREVIEW_RECORDS]
-    return [json.dumps(json.loads(line), ensure_ascii=False, indent=1) for line in lines]
+        names = archive.namelist()
+        info = json.loads(archive.read("dataset.json")) if "dataset.json" in names else {}
+        captions = []
+        if "images/metadata.jsonl" in names:
+            for line in archive.read("images/metadata.jsonl").splitlines():
+                item = json.loads(line)
+                captions.append((item.get("file_name"), item.get("text") or ""))
+        images = [(name, "data:image/png;base64," + base64.b64encode(archive.read(f"images/{name}")).decode())
+                  for name, _ in captions[:PREVIEW_IMAGES] if f"images/{name}" in names]
+    return {"instance_prompt": info.get("instance_prompt"), "sizes": info.get("sizes") or {},
+            "captions": dict(captions), "images": images}
 
 
 @post("/datasets/{file_id:str}/delete", opt=portal(Permission.FILES_WRITE), include_in_schema=False,

@@ -1,37 +1,96 @@
-"""Fine-tuning: the job form with inline validation, the job list, and a live job page."""
+"""Fine-tuning: the job form with inline validation, the job list, and a live job page.
+
+The form is rendered for the kind of the chosen base model: LoRA/QLoRA with
+the privacy options for language models, LoRA/DreamBooth/DreamBooth+LoRA for
+image models. Choosing a model of the other kind re-renders the form (a
+button without JavaScript, automatically with it); the job is validated by the
+same code as ``POST /v1/fine_tuning/jobs`` and every problem is shown next to
+its field.
+"""
 
 from __future__ import annotations
 
+import math
+import re
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from litestar import Request, get, post
 from litestar.di import NamedDependency
 from litestar.enums import RequestEncodingType
-from litestar.params import Body, FromPath
-from litestar.response import Redirect, Template
+from litestar.params import Body, FromPath, FromQuery
+from litestar.response import Redirect, Response, Template
 
-from appliance.errors import CrossProjectDenied, InvalidRequestError
+from appliance.catalog.service import CatalogService
+from appliance.errors import CrossProjectDenied, InvalidRequestError, NotFoundError
 from appliance.files.service import FileService
 from appliance.identity.roles import Permission
+from appliance.jobs.memorization import DEFAULTS as MEMORIZATION_DEFAULTS
+from appliance.jobs.memorization import parse_memorization
 from appliance.jobs.models import JobEvent
+from appliance.jobs.recipes import DATASET_PURPOSE
 from appliance.jobs.service import JobService
 from appliance.portal.render import line_chart, page, percent, portal, session_of
 from appliance.server.context import audit_context
 from appliance.server.state import AppState
 
 Form = Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]
+ALL = ("lora", "qlora", "dreambooth", "dreambooth_lora")
 
-#: Hyperparameters offered on the form, per method, with a hint each ("auto" by default).
-FIELDS: dict[str, list[tuple[str, str]]] = {
-    "common": [
-        ("n_epochs", "passes over the data"), ("batch_size", "examples per step"),
-        ("learning_rate", "e.g. 2e-4"), ("lora_r", "adapter rank, e.g. 16"), ("lora_alpha", "e.g. 32"),
-        ("lora_dropout", "0 to 0.5"), ("max_seq_length", "tokens"), ("warmup_ratio", "0 to 0.5"),
-        ("weight_decay", "e.g. 0.0"), ("gradient_accumulation_steps", "micro-batches per step"),
-        ("checkpoint_every_steps", "0 = never"),
+
+@dataclass(frozen=True)
+class Field:
+    """One hyperparameter input: its name (the validator's), a hint, the methods it applies to, its input type."""
+
+    name: str
+    hint: str
+    methods: tuple[str, ...] = ALL
+    type: str = "number"  # number ("auto" or a number), text (empty = none), select, checkbox
+    default: str = "auto"
+    choices: tuple[str, ...] = ()
+
+
+#: Hyperparameters offered on the form per kind of base model ("auto" by default).
+FIELDS: dict[str, list[Field]] = {
+    "llm": [
+        Field("n_epochs", "passes over the data"), Field("batch_size", "examples per step"),
+        Field("learning_rate", "e.g. 2e-4"), Field("lora_r", "adapter rank, e.g. 16"), Field("lora_alpha", "e.g. 32"),
+        Field("lora_dropout", "0 to 0.5"), Field("max_seq_length", "tokens"), Field("warmup_ratio", "0 to 0.5"),
+        Field("weight_decay", "e.g. 0.0"), Field("gradient_accumulation_steps", "micro-batches per step"),
+        Field("checkpoint_every_steps", "0 = never"),
+    ],
+    "diffusion": [
+        Field("resolution", "pixels, a multiple of 8; auto = the model's size"),
+        Field("max_train_steps", "optimizer steps, e.g. 500"),
+        Field("learning_rate", "e.g. 1e-4 (LoRA), 5e-6 (DreamBooth)"),
+        Field("rank", "LoRA rank, e.g. 4", ("lora", "dreambooth_lora")),
+        Field("train_batch_size", "images per step"),
+        Field("gradient_accumulation_steps", "micro-batches per step"),
+        Field("instance_prompt", "e.g. a photo of sks dog; empty = the dataset's", type="text", default=""),
+        Field("class_prompt", "e.g. a photo of a dog; turns on prior preservation",
+              ("dreambooth", "dreambooth_lora"), type="text", default=""),
+        Field("prior_loss_weight", "with a class prompt, e.g. 1.0", ("dreambooth", "dreambooth_lora")),
+        Field("num_class_images", "with a class prompt, e.g. 100", ("dreambooth", "dreambooth_lora")),
+        Field("snr_gamma", "empty = plain MSE; 5.0 is usual", type="number", default=""),
+        Field("mixed_precision", "auto = bf16 where the GPU has it", type="select",
+              choices=("auto", "no", "fp16", "bf16")),
+        Field("train_text_encoder", "also train the text encoder", type="checkbox", default=""),
+        Field("checkpoint_every_steps", "0 = never"),
+        Field("validation_every_steps", "sample images every N steps; 0 = never"),
     ],
 }
-METHODS = {"lora": "LoRA", "qlora": "QLoRA (4-bit base)"}
+METHODS: dict[str, dict[str, str]] = {
+    "llm": {"lora": "LoRA", "qlora": "QLoRA (4-bit base)"},
+    "diffusion": {"lora": "LoRA on captioned images", "dreambooth": "DreamBooth (full UNet)",
+                  "dreambooth_lora": "DreamBooth + LoRA"},
+}
+DEFAULT_METHOD = {"llm": "lora", "diffusion": "dreambooth_lora"}
+KIND_LABEL = {"llm": "language model", "diffusion": "image model"}
+#: The privacy inputs of a language-model job (``dp`` in the hyperparameters, ``memorization`` beside them).
+DP_FIELDS = ("dp_epsilon", "dp_delta", "dp_max_grad_norm")
+PRIVACY_DEFAULTS = {"dp_epsilon": "", "dp_delta": "auto", "dp_max_grad_norm": "1.0",
+                    "canaries": str(MEMORIZATION_DEFAULTS["canaries"]),
+                    "extraction_probe": "on" if MEMORIZATION_DEFAULTS["extraction_probe"] else ""}
 
 
 def _number(value: str) -> Any:
@@ -47,13 +106,35 @@ def _number(value: str) -> Any:
             return value  # let the validator name it
 
 
+def _defaults(kind: str) -> dict[str, str]:
+    values = {f.name: f.default for f in FIELDS[kind]}
+    values["method"] = DEFAULT_METHOD[kind]
+    if kind == "llm":
+        values.update(PRIVACY_DEFAULTS)
+    return values
+
+
+def _kind_of(appliance: AppState, model: str | None) -> str:
+    models = [m for m in appliance.catalog.list_base_models() if m.kind in FIELDS]
+    chosen = next((m for m in models if m.name == model), models[0] if models else None)
+    return chosen.kind if chosen is not None else "llm"
+
+
 def _form_context(request: Request, files: FileService, appliance: AppState, values: dict[str, str],
-                  errors: dict[str, str]) -> dict[str, Any]:
+                  errors: dict[str, str], kind: str) -> dict[str, Any]:
     principal = session_of(request).principal
-    views, _ = files.list(principal, project=None, purpose="fine-tune", after=None, limit=500, order="desc")
-    return {"models": [m for m in appliance.catalog.list_base_models() if m.kind == "llm"],
-            "datasets": [v for v in views if v.row.decision == "accepted"], "methods": METHODS,
-            "fields": FIELDS["common"], "values": values, "errors": errors}
+    views, _ = files.list(principal, project=None, purpose=DATASET_PURPOSE[kind], after=None, limit=500,
+                          order="desc")
+    return {"models": [m for m in appliance.catalog.list_base_models() if m.kind in FIELDS],
+            "datasets": [v for v in views if v.row.decision == "accepted"], "methods": METHODS[kind],
+            "fields": FIELDS[kind], "values": values, "errors": errors, "kind": kind, "kind_label": KIND_LABEL}
+
+
+def _form_page(request: Request, files: FileService, appliance: AppState, values: dict[str, str],
+               errors: dict[str, str], kind: str, *, status_code: int = 200,
+               flashes: list[tuple[str, str]] | None = None) -> Template:
+    return page(request, "job_new.html", section="jobs", title="New fine-tuning job", status_code=status_code,
+                flashes=flashes or [], **_form_context(request, files, appliance, values, errors, kind))
 
 
 @get("/jobs", opt=portal(Permission.JOBS_READ), include_in_schema=False, sync_to_thread=True)
@@ -63,9 +144,10 @@ def job_list(request: Request, jobs: NamedDependency[JobService]) -> Template:
 
 
 @get("/jobs/new", opt=portal(Permission.JOBS_WRITE), include_in_schema=False, sync_to_thread=True)
-def new_job(request: Request, files: NamedDependency[FileService], appliance: NamedDependency[AppState]) -> Template:
-    return page(request, "job_new.html", section="jobs", title="New fine-tuning job",
-                **_form_context(request, files, appliance, {"method": "lora"}, {}))
+def new_job(request: Request, files: NamedDependency[FileService], appliance: NamedDependency[AppState],
+            model: FromQuery[str | None] = None) -> Template:
+    kind = _kind_of(appliance, model)
+    return _form_page(request, files, appliance, {**_defaults(kind), "model": model or ""}, {}, kind)
 
 
 @post("/jobs", opt=portal(Permission.JOBS_WRITE), include_in_schema=False, sync_to_thread=True)
@@ -73,14 +155,17 @@ def create_job(request: Request, jobs: NamedDependency[JobService], files: Named
                appliance: NamedDependency[AppState], data: Form) -> Template | Redirect:
     """Validate with the same code as the API; show every problem next to its field."""
     principal = session_of(request).principal
-    method = data.get("method", "lora")
-    hyperparameters = {k: _number(data.get(k, "")) for k, _ in FIELDS["common"]}
-    body: dict[str, Any] = {
-        "model": data.get("model") or None, "training_file": data.get("training_file") or None,
-        "validation_file": data.get("validation_file") or None, "suffix": data.get("suffix") or None,
-        "method": {"type": method, method: {"hyperparameters": {k: v for k, v in hyperparameters.items()
-                                                                 if v is not None}}},
-    }
+    kind = _kind_of(appliance, data.get("model"))
+    if data.get("step") == "choose" or data.get("kind", kind) != kind:
+        # Another kind of base model: its own methods, hyperparameters and datasets.
+        same = data.get("kind") == kind  # nothing to reset: keep every input
+        kept = dict(data) if same else {k: data[k] for k in ("model", "suffix") if k in data}
+        flashes = [] if data.get("step") == "choose" else [
+            ("error", f"The options below are those of the {KIND_LABEL[kind]} {data.get('model')}: "
+                      "check them and start again.")]
+        return _form_page(request, files, appliance, kept if same else {**_defaults(kind), **kept}, {}, kind,
+                          flashes=flashes)
+    body = _job_body(data, kind)
     try:
         training = files.get(principal, body["training_file"]) if body["training_file"] else None
         project = files.resolve_project(principal, training.project if training else None)
@@ -88,25 +173,80 @@ def create_job(request: Request, jobs: NamedDependency[JobService], files: Named
     except CrossProjectDenied:
         raise  # answered 404 and audited, like the API; never shown as a form problem
     except InvalidRequestError as exc:
-        errors = _field_errors(exc)
-        return page(request, "job_new.html", section="jobs", title="New fine-tuning job", status_code=400,
-                    **_form_context(request, files, appliance, data, errors))
+        errors = _field_errors(exc, kind)
+        if kind == "llm":  # the service stops at the method's problems: show the privacy ones too
+            try:
+                parse_memorization(body.get("memorization"), base_kind=kind)
+            except InvalidRequestError as more:
+                errors = {**_field_errors(more, kind), **errors}
+        return _form_page(request, files, appliance, data, errors, kind, status_code=400)
     except Exception as exc:  # not found and the like: shown against the form too
         if not hasattr(exc, "message"):
             raise
-        return page(request, "job_new.html", section="jobs", title="New fine-tuning job", status_code=400,
-                    **_form_context(request, files, appliance, data,
-                                    {getattr(exc, "param", None) or "form": exc.message}))
+        return _form_page(request, files, appliance, data, _field_errors(exc, kind), kind, status_code=400)
     return Redirect(f"/jobs/{view.row.id}", status_code=303)
 
 
-def _field_errors(exc: InvalidRequestError) -> dict[str, str]:
-    """Map a validation error onto form fields (hyperparameter errors list every field)."""
-    problems = getattr(exc, "problems", None)
-    if problems:
-        return {path.rsplit(".", 1)[-1]: text for path, text in problems}
-    field = (exc.param or "form").rsplit(".", 1)[-1]
-    return {field: exc.message}
+def _job_body(data: dict[str, str], kind: str) -> dict[str, Any]:
+    """The API's job object from the form: "auto" and empty inputs are left out (the validator's defaults)."""
+    method = data.get("method") or DEFAULT_METHOD[kind]
+    hp: dict[str, Any] = {}
+    for f in FIELDS[kind]:
+        raw = data.get(f.name, "")
+        if f.type == "checkbox":
+            if raw:
+                hp[f.name] = True
+        elif f.type == "text":
+            if raw.strip():
+                hp[f.name] = raw
+        elif f.type == "select":
+            if raw and raw != "auto":
+                hp[f.name] = raw
+        elif (value := _number(raw)) is not None:
+            hp[f.name] = value
+    body: dict[str, Any] = {
+        "model": data.get("model") or None, "training_file": data.get("training_file") or None,
+        "suffix": data.get("suffix") or None, "method": {"type": method, method: {"hyperparameters": hp}},
+    }
+    if kind == "llm":
+        body["validation_file"] = data.get("validation_file") or None
+        if data.get("dp_epsilon", "").strip():  # an epsilon turns differential privacy on
+            dp = {k: _number(data.get(f"dp_{k}", "")) for k in ("epsilon", "delta", "max_grad_norm")}
+            hp["dp"] = {k: v for k, v in dp.items() if v is not None}
+        canaries = _number(data.get("canaries", ""))
+        body["memorization"] = {"canaries": 0 if canaries is None else canaries,
+                                "extraction_probe": bool(data.get("extraction_probe"))}
+    return body
+
+
+def _field_errors(exc: Exception, kind: str) -> dict[str, str]:
+    """Map a validation error onto the form's fields (hyperparameter errors list every field); the rest go on top."""
+    shown = {"model", "training_file", "validation_file", "suffix", "type", *(f.name for f in FIELDS[kind])}
+    if kind == "llm":
+        shown |= {*DP_FIELDS, "canaries", "extraction_probe"}
+    problems = getattr(exc, "problems", None) or [(getattr(exc, "param", None) or "form", exc.message)]
+    errors: dict[str, str] = {}
+    for path, text in problems:
+        field, named = _field_of(path, text)
+        if field not in shown:
+            field = "form"
+        text = f"{named} {text}" if getattr(exc, "problems", None) else text
+        errors[field] = f"{errors[field]}; {text}" if field in errors else text
+    return errors
+
+
+def _field_of(path: str, text: str) -> tuple[str, str]:
+    """``(form field, name to show)`` of an error's ``param``."""
+    if ".hyperparameters." in path:
+        rest = path.split(".hyperparameters.", 1)[1]
+        if rest == "dp" or rest.startswith("dp."):
+            key = rest.split(".", 1)[1] if "." in rest else "epsilon"
+            return f"dp_{key}", rest
+        return rest, rest
+    if path == "memorization":
+        match = re.search(r"memorization\.(\w+)", text)
+        return (match.group(1) if match else "form"), path
+    return path.rsplit(".", 1)[-1], path
 
 
 def _progress(events: list[JobEvent]) -> dict[str, Any]:
@@ -124,8 +264,22 @@ def _progress(events: list[JobEvent]) -> dict[str, Any]:
             "step": step, "total": total, "percent": percent(step, total)}
 
 
+def _result_files(principal: Any, files: FileService, job_id: str, ids: list[str]) -> list[dict[str, Any]]:
+    """The job's result files (evaluation grids, validation images) by name."""
+    out = []
+    for file_id in ids:
+        try:
+            row = files.get(principal, file_id).row
+        except NotFoundError:
+            continue  # deleted (retention or a user's request)
+        name = row.filename.removeprefix(f"{job_id}-")
+        out.append({"id": file_id, "name": name, "bytes": row.bytes, "image": name.lower().endswith(".png")})
+    return out
+
+
 @get("/jobs/{job_id:str}", opt=portal(Permission.JOBS_READ), include_in_schema=False, sync_to_thread=True)
-def job_page(request: Request, jobs: NamedDependency[JobService], job_id: FromPath[str]) -> Template:
+def job_page(request: Request, jobs: NamedDependency[JobService], files: NamedDependency[FileService],
+             catalog: NamedDependency[CatalogService], job_id: FromPath[str]) -> Template:
     principal = session_of(request).principal
     view = jobs.get(principal, job_id)
     events, _ = jobs.events(principal, job_id, after=None, limit=1000)
@@ -133,9 +287,33 @@ def job_page(request: Request, jobs: NamedDependency[JobService], job_id: FromPa
     progress = _progress(sorted(events, key=lambda e: e.id))
     if view.row.status == "succeeded":
         progress["percent"] = 100
+    try:
+        kind = catalog.get_base_model(view.row.model).kind
+    except NotFoundError:
+        kind = "diffusion" if "subject_fidelity_metric" in (view.row.metrics or {}) else "llm"
+    privacy = view.row.privacy or {}
+    space = (privacy.get("canaries") or {}).get("randomness_space")
     return page(request, "job.html", section="jobs", title=view.row.id, view=view, events=events[:200],
-                checkpoints=checkpoints, progress=progress,
+                checkpoints=checkpoints, progress=progress, kind=kind, privacy=privacy,
+                canary_max_bits=math.log2(space) if isinstance(space, int | float) and space > 1 else None,
+                results=_result_files(principal, files, job_id, list(view.row.result_files or [])),
                 live=view.row.status in ("validating_files", "queued", "running"))
+
+
+@get("/jobs/{job_id:str}/results/{file_id:str}", opt=portal(Permission.FILES_CONTENT), include_in_schema=False,
+     sync_to_thread=True)
+def job_result(request: Request, jobs: NamedDependency[JobService], files: NamedDependency[FileService],
+               job_id: FromPath[str], file_id: FromPath[str]) -> Response:
+    """A result image of a job, for its page. Its grid shows training images, so reading it needs
+    ``files:content`` and is audited like any read of a dataset."""
+    principal = session_of(request).principal
+    view = jobs.get(principal, job_id)
+    if file_id not in (view.row.result_files or []):
+        raise NotFoundError(f"job {job_id!r} has no result file {file_id!r}", param="file_id")
+    file_view, chunks = files.content(principal, audit_context(request), file_id)
+    media = "image/png" if file_view.row.filename.lower().endswith(".png") else "application/octet-stream"
+    return Response(b"".join(chunks), media_type=media,
+                    headers={"Cache-Control": "private, no-store", "X-Content-Type-Options": "nosniff"})
 
 
 @post("/jobs/{job_id:str}/cancel", opt=portal(Permission.JOBS_WRITE), include_in_schema=False, sync_to_thread=True)
@@ -150,4 +328,4 @@ def resume(request: Request, jobs: NamedDependency[JobService], job_id: FromPath
     return Redirect(f"/jobs/{job_id}", status_code=303)
 
 
-ROUTES = [job_list, new_job, create_job, job_page, cancel, resume]
+ROUTES = [job_list, new_job, create_job, job_page, job_result, cancel, resume]

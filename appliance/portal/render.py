@@ -12,6 +12,11 @@ from markupsafe import Markup, escape
 from appliance.identity.roles import Permission, role_allows
 from appliance.portal.sessions import SessionInfo
 
+#: The portal's Content-Security-Policy: its own scripts and styles only (no inline code), images from
+#: itself and ``data:`` URLs (generated images and dataset previews are sent in the page, never stored).
+CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data:; script-src 'self'; style-src 'self'; "
+                           "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
 #: Route options of a portal page needing ``permission``.
 
 
@@ -36,6 +41,7 @@ def page(request: Request, template: str, *, section: str = "", status_code: int
 
     return Template(
         template_name=template, status_code=status_code,
+        headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY, "X-Content-Type-Options": "nosniff"},
         context={"info": info, "principal": principal, "can": can, "section": section,
                  "csrf": info.csrf_token if info else "", **context},
     )

@@ -116,7 +116,7 @@ def test_upload_scan_train_and_audit_in_the_browser(portal_server, browser, tmp_
     page.get_by_role("button", name="Start training").click()
     page.wait_for_url(re.compile(r"/jobs/ftjob-"))
     job_id = page.url.rsplit("/", 1)[1]
-    page.wait_for_function("document.getElementById('job-status').textContent.trim() === 'succeeded'",
+    page.wait_for_function("() => document.getElementById('job-status').textContent.trim() === 'succeeded'",
                            timeout=240_000)
     assert page.locator("#progress").get_attribute("value") == "100"
     assert page.locator("svg[aria-label='loss by step'] polyline").count() >= 1

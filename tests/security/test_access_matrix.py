@@ -259,6 +259,9 @@ ROUTES: dict[str, Route] = {
     "GET /jobs/new": Route(G("/jobs/new")),
     "GET /jobs/{job_id:str}": Route(lambda w: Req("GET", f"/jobs/{w.jobs[OWN]}"),
                                     lambda w: Req("GET", f"/jobs/{w.jobs[OTHER]}")),
+    "GET /jobs/{job_id:str}/results/{file_id:str}": Route(
+        lambda w: Req("GET", f"/jobs/{w.jobs[OWN]}/results/file-none"),
+        lambda w: Req("GET", f"/jobs/{w.jobs[OTHER]}/results/file-none")),
     "POST /jobs/{job_id:str}/cancel": Route(lambda w: Req("POST", f"/jobs/{w.job(OWN)}/cancel"),
                                             _other_job("POST", "/jobs/{j}/cancel")),
     "POST /jobs/{job_id:str}/resume": Route(lambda w: Req("POST", f"/jobs/{w.job(OWN, 'cancelled')}/resume"),
@@ -271,6 +274,10 @@ ROUTES: dict[str, Route] = {
     "POST /admin": Route(lambda w: Req("POST", "/admin", {"data": {"action": "create_project",
                                                                    "name": w.unique("p")}})),
     "GET /playground": Route(G("/playground")),
+    "GET /playground/images": Route(G("/playground/images")),
+    "POST /playground/images": Route(
+        lambda w: Req("POST", "/playground/images", {"data": {"model": "no-such-model", "prompt": "a cat"}}),
+        lambda w: Req("POST", "/playground/images", {"data": {"model": w.adapters[OTHER], "prompt": "a cat"}})),
     "POST /playground/chat": Route(lambda w: Req("POST", "/playground/chat", _chat("no-such-model")),
                                    lambda w: Req("POST", "/playground/chat", _chat(w.adapters[OTHER]))),
 }

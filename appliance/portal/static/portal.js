@@ -20,7 +20,12 @@ document.addEventListener("DOMContentLoaded", () => {
       e.preventDefault();
       if (!input.files.length) { out.textContent = "Choose a file first."; return; }
       const data = new FormData();
-      data.append("purpose", "fine-tune");
+      const purpose = form.querySelector("input[name=purpose]:checked");
+      data.append("purpose", purpose ? purpose.value : "fine-tune");
+      const instancePrompt = form.querySelector("#instance_prompt");
+      if (purpose && purpose.value === "fine-tune-images" && instancePrompt && instancePrompt.value.trim()) {
+        data.append("instance_prompt", instancePrompt.value);
+      }
       data.append("file", input.files[0]);
       const project = form.querySelector("[data-query]");
       const xhr = new XMLHttpRequest();
@@ -63,12 +68,40 @@ document.addEventListener("DOMContentLoaded", () => {
   document.querySelectorAll("input[data-validate]").forEach((el) => {
     el.addEventListener("input", () => {
       const v = el.value.trim();
-      const ok = v === "" || v === "auto" || !Number.isNaN(Number(v));
+      const ok = v === "" || (v === "auto" && !el.hasAttribute("data-optional")) || !Number.isNaN(Number(v));
       const msg = document.getElementById(el.id + "-err");
       if (msg) { msg.textContent = ok ? "" : "must be \"auto\" or a number"; }
       el.setAttribute("aria-invalid", ok ? "false" : "true");
     });
   });
+
+  // Job form: show only the inputs of the chosen method (hidden ones are disabled, so not sent);
+  // a base model of the other kind (language / image) re-renders the form with its own options.
+  const jobForm = document.getElementById("job-form");
+  if (jobForm) {
+    const sync = () => {
+      const checked = jobForm.querySelector("input[name=method]:checked");
+      const method = checked ? checked.value : "";
+      jobForm.querySelectorAll("[data-methods]").forEach((el) => {
+        const on = !method || el.dataset.methods.split(" ").includes(method);
+        el.hidden = !on;
+        el.querySelectorAll("input, select, textarea").forEach((i) => { i.disabled = !on; });
+      });
+    };
+    jobForm.querySelectorAll("input[name=method]").forEach((el) => el.addEventListener("change", sync));
+    sync();
+    const model = jobForm.querySelector("#model");
+    model.addEventListener("change", () => {
+      const option = model.options[model.selectedIndex];
+      if (option && option.dataset.kind !== jobForm.dataset.kind) {
+        const step = document.createElement("input");
+        step.type = "hidden"; step.name = "step"; step.value = "choose";
+        jobForm.append(step);
+        jobForm.querySelectorAll("[disabled]").forEach((i) => { i.disabled = false; });
+        jobForm.submit();
+      }
+    });
+  }
 
   // Playground: stream a chat completion over server-sent events.
   const chat = document.getElementById("chat-form");

@@ -1,0 +1,53 @@
+"""The job form's mapping to the API's job object and of the validators' errors back onto its fields."""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance.errors import InvalidRequestError
+from appliance.jobs.memorization import parse_memorization
+from appliance.jobs.recipes import validate_method
+from appliance.portal.jobs import _field_errors, _job_body
+
+
+def test_image_form_sends_only_what_was_set():
+    body = _job_body({"model": "sd", "training_file": "file-1", "method": "dreambooth_lora", "max_train_steps": "12",
+                      "learning_rate": "3e-3", "rank": "auto", "instance_prompt": " ", "class_prompt": "a dog",
+                      "snr_gamma": "", "mixed_precision": "auto", "train_text_encoder": "on",
+                      "validation_file": "file-2", "canaries": "3"}, "diffusion")
+    assert body["method"] == {"type": "dreambooth_lora", "dreambooth_lora": {"hyperparameters": {
+        "max_train_steps": 12, "learning_rate": 3e-3, "class_prompt": "a dog", "train_text_encoder": True}}}
+    assert "validation_file" not in body and "memorization" not in body  # language-model options only
+    assert validate_method(body["method"], base_kind="diffusion")[0] == "dreambooth_lora"
+
+
+def test_llm_form_turns_dp_on_with_an_epsilon_and_sends_the_memorisation_option():
+    form = {"model": "m", "training_file": "file-1", "method": "lora", "n_epochs": "2", "dp_epsilon": "8",
+            "dp_delta": "auto", "dp_max_grad_norm": "0.5", "canaries": "2"}
+    body = _job_body(form, "llm")
+    assert body["method"]["lora"]["hyperparameters"] == {"n_epochs": 2, "dp": {"epsilon": 8, "max_grad_norm": 0.5}}
+    assert body["memorization"] == {"canaries": 2, "extraction_probe": False}  # an unticked box is not sent
+    assert parse_memorization(body["memorization"], base_kind="llm")["canaries"] == 2
+    off = _job_body({**form, "dp_epsilon": "", "extraction_probe": "on"}, "llm")
+    assert "dp" not in off["method"]["lora"]["hyperparameters"] and off["memorization"]["extraction_probe"]
+
+
+@pytest.mark.parametrize(("kind", "method", "hp", "field", "text"), [
+    ("diffusion", "dreambooth", {"max_train_steps": -3}, "max_train_steps", "max_train_steps must be a positive"),
+    ("diffusion", "dreambooth", {"rank": 4}, "rank", "rank is not a known hyperparameter of 'dreambooth'"),
+    ("llm", "lora", {"dp": {"epsilon": -1}}, "dp_epsilon", "dp.epsilon must be a number greater than 0"),
+    ("llm", "qlora", {"dp": {"epsilon": 8}}, "dp_epsilon", "is not supported with QLoRA"),
+])
+def test_validator_errors_land_next_to_their_fields(kind, method, hp, field, text):
+    with pytest.raises(InvalidRequestError) as info:
+        validate_method({"type": method, method: {"hyperparameters": hp}}, base_kind=kind)
+    errors = _field_errors(info.value, kind)
+    assert text in errors[field], errors
+
+
+def test_memorisation_and_unknown_params_are_placed():
+    with pytest.raises(InvalidRequestError) as info:
+        parse_memorization({"canaries": 40}, base_kind="llm")
+    assert "memorization.canaries" in _field_errors(info.value, "llm")["canaries"]
+    shown = _field_errors(InvalidRequestError("`compute.workers` must be 1", param="compute.workers"), "llm")
+    assert shown == {"form": "`compute.workers` must be 1"}  # never lost for want of a field
