@@ -20,9 +20,12 @@ from tests.integration.test_portal_browser import (  # noqa: F401  (browser is a
     _passwd,
     browser,
     login,
-    pytestmark,
     shot,
 )
+from tests.integration.test_portal_browser import pytestmark as _needs_chromium
+
+# Two real trainings behind a browser: run once (on SQLite), not again in the PostgreSQL pass.
+pytestmark = [_needs_chromium, pytest.mark.slow]
 
 PROMPT = "a photo of sks disc"
 
