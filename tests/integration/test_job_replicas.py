@@ -23,7 +23,7 @@ from appliance.audit.service import verify_chain
 from appliance.catalog.models import AdapterRecord
 from appliance.db.base import Database, utcnow
 from appliance.identity.models import Project
-from appliance.jobs import scheduler as scheduler_module
+from appliance.jobs.executors import local as local_executor
 from appliance.jobs.models import FineTuningJob, JobEvent
 from appliance.jobs.scheduler import Scheduler, SchedulerSettings
 from appliance.server.app import create_app
@@ -143,13 +143,13 @@ def _wait_rows(db: Database, ids: list[str], statuses=TERMINAL, timeout: float =
 @needs_postgres
 def test_two_schedulers_run_every_job_exactly_once(state, tiny_model, trainer, owner, monkeypatch):
     launches: list[str] = []
-    spawn = scheduler_module.spawn
+    spawn = local_executor.spawn
 
     def counting_spawn(*args, **kw):
         launches.append(threading.current_thread().name)
         return spawn(*args, **kw)
 
-    monkeypatch.setattr(scheduler_module, "spawn", counting_spawn)
+    monkeypatch.setattr(local_executor, "spawn", counting_spawn)
     with _no_scheduler_client(state) as client:
         train_id = upload(client, owner, [qa(i) for i in range(8)])
         api = api_for(client, trainer)
