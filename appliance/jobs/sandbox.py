@@ -8,7 +8,9 @@ Each worker gets:
 * a scrubbed environment (no ``APPLIANCE_*``, no proxies, no tokens);
 * limits on open files and memory, and no core dumps (a core would be
   plaintext training data on disk);
-* a private temporary directory on tmpfs, removed when it exits;
+* a private temporary directory on tmpfs, removed when it exits (and, should
+  the control plane itself be killed first, by the next one to start:
+  :func:`sweep_orphaned_tmpdirs`);
 * two inherited pipes, the only channel for its input (spec and data keys)
   and output (events, checkpoints, artefacts): never argv, env or disk.
 """
@@ -21,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,9 +90,67 @@ class SandboxedProcess:
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
+TMPDIR_PREFIX = "appliance-job-"
+_OWNER_FILE = ".owner"
+
+
 def _tmp_root() -> str | None:
     shm = Path("/dev/shm")
     return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
+def _process_identity(pid: int) -> str | None:
+    """``"PID STARTTIME"`` for a live process (a reused pid reads differently), else None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22 (starttime) counted after the parenthesised command name, which may hold spaces.
+    return f"{pid} {stat.rsplit(')', 1)[1].split()[19]}"
+
+
+def _cwds_in_use() -> set[Path]:
+    cwds = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cwds.add(Path(os.readlink(proc / "cwd")))
+        except OSError:
+            continue
+    return cwds
+
+
+def sweep_orphaned_tmpdirs(root: str | Path | None = None) -> list[Path]:
+    """Remove the worker directories left by a control plane that was killed; return them.
+
+    A directory is orphaned when the process that created it is gone and no
+    process still works in it. Directories of other users, of live control
+    planes (several may share a host) and of still-running workers are kept.
+    Runs when a scheduler starts.
+    """
+    base = Path(root) if root is not None else Path(_tmp_root() or tempfile.gettempdir())
+    if not Path("/proc/self/stat").exists():
+        return []  # no way to tell a live owner from a dead one: keep everything
+    removed: list[Path] = []
+    in_use: set[Path] | None = None
+    for tmpdir in sorted(base.glob(f"{TMPDIR_PREFIX}*")):
+        try:
+            if not tmpdir.is_dir() or tmpdir.is_symlink() or tmpdir.stat().st_uid != os.geteuid():
+                continue
+            owner = (tmpdir / _OWNER_FILE).read_text().strip()
+        except FileNotFoundError:
+            owner = ""  # created by an older version, or killed before writing it
+        except OSError:
+            continue
+        if owner and _process_identity(int(owner.split()[0])) == owner:
+            continue
+        if not owner and time.time() - tmpdir.stat().st_mtime < 60:
+            continue  # maybe just created: spawn writes the owner right after mkdtemp
+        in_use = _cwds_in_use() if in_use is None else in_use
+        if any(cwd == tmpdir or tmpdir in cwd.parents for cwd in in_use):
+            continue
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        removed.append(tmpdir)
+    return removed
 
 
 def spawn(
@@ -108,8 +169,9 @@ def spawn(
         isolate_network: Put the worker in its own network namespace when possible.
     """
     limits = limits or WorkerLimits()
-    tmpdir = Path(tempfile.mkdtemp(prefix="appliance-job-", dir=_tmp_root()))
+    tmpdir = Path(tempfile.mkdtemp(prefix=TMPDIR_PREFIX, dir=_tmp_root()))
     os.chmod(tmpdir, 0o700)
+    (tmpdir / _OWNER_FILE).write_text(_process_identity(os.getpid()) or "")
     env = {k: os.environ[k] for k in _PASSTHROUGH if k in os.environ}
     env.update(OFFLINE_ENV)
     env.update({"HOME": str(tmpdir), "TMPDIR": str(tmpdir), "XDG_CACHE_HOME": str(tmpdir / "cache"),

@@ -48,7 +48,7 @@ from appliance.files.models import ScanFinding, StoredFile
 from appliance.identity.models import Project
 from appliance.jobs.executors import Executor, LocalExecutor, Worker
 from appliance.jobs.models import FineTuningJob, JobCheckpoint
-from appliance.jobs.sandbox import WorkerLimits
+from appliance.jobs.sandbox import WorkerLimits, sweep_orphaned_tmpdirs
 from appliance.jobs.service import add_event
 from appliance.storage.blobs import BlobStore, key_context
 from appliance.storage.models import DataKey
@@ -129,6 +129,8 @@ class Scheduler:
     # -- lifecycle ----------------------------------------------------------
     def start(self) -> None:
         self.recover()
+        if swept := sweep_orphaned_tmpdirs():
+            log.warning("removed worker directories left by a killed control plane", extra={"count": len(swept)})
         self._last_beat = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="job-scheduler", daemon=True)
         self._thread.start()

@@ -225,6 +225,7 @@ def test_cancel_stops_a_running_job_within_seconds(client, state, tiny_model, tr
 
 
 def test_training_leaves_no_plaintext_on_disk(client, state, tiny_model, trainer, owner, tmp_path):
+    before = set(Path("/dev/shm").glob("appliance-job-*"))  # other test processes may share the host
     planted = [f"qvz{secrets.token_hex(6)}" for _ in range(3)]
     train_id = upload(client, owner, [qa(i, planted[i % 3]) for i in range(12)])
     api = api_for(client, trainer)
@@ -243,7 +244,7 @@ def test_training_leaves_no_plaintext_on_disk(client, state, tiny_model, trainer
                 continue
             for p in planted:
                 assert p.encode() not in data, f"planted value in plaintext in {path}"
-    assert not list(Path("/dev/shm").glob("appliance-job-*"))
+    assert not set(Path("/dev/shm").glob("appliance-job-*")) - before, "the worker's tmpfs directory was left"
 
 
 def test_server_restart_marks_running_jobs_failed_resumable(state, tiny_model, trainer, owner):
@@ -309,6 +310,8 @@ def test_sigkill_of_the_whole_server_leaves_the_job_resumable(tmp_path):
             time.sleep(0.2)
         workers = _worker_pids()
         assert workers
+        worker_dirs = {Path(os.readlink(f"/proc/{pid}/cwd")) for pid in workers}
+        assert all(d.name.startswith("appliance-job-") for d in worker_dirs), worker_dirs
         os.kill(server.proc.pid, signal.SIGKILL)  # the server only: the worker must notice and exit
         server.proc.wait(10)
         deadline = time.monotonic() + 30
@@ -320,6 +323,8 @@ def test_sigkill_of_the_whole_server_leaves_the_job_resumable(tmp_path):
     restarted = Server(home, port)
     try:
         restarted.wait_healthy()
+        # The killed server could not remove its worker's tmpfs directory; the next one did.
+        assert not [d for d in worker_dirs if d.exists()]
         http = httpx.Client(base_url=restarted.base_url, timeout=30)
         after = http.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=bearer(trainer)).json()
         assert after["status"] == "failed" and after["resumable"] and after["error"]["code"] == "worker_lost"
