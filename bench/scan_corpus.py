@@ -454,6 +454,28 @@ CLEAN: list[str] = [
     "Single sign-on through {tool} fails for users in the {team} group.",
 ]
 
+# PERSON templates the recogniser's rules were not written against: committed
+# before the context-cue rules (see bench/RESULTS.md), used only for a separate
+# held-out recall figure, never for tuning.
+HELDOUT_PERSON_TEMPLATES = [
+    "Our driver, {v}, could not find the loading dock.",
+    "Is {v} still the point of contact for the Berlin office?",
+    "The invoice is addressed to {v} but the company name is wrong.",
+    "{v} from procurement wants an updated quote.",
+    "We received a complaint from {v} about the late delivery.",
+    "Please add {v} as a second user on the account.",
+    "Last week {v} reported the same error on the mobile app.",
+    "The parcel was signed for by {v} at the front desk.",
+    "Yesterday's meeting with {v} went well.",
+    "Can someone reply to {v} before the end of the day?",
+    "The contract lists {v} as the legal representative.",
+    "Give {v} access to the shared drive, please.",
+    "As discussed with {v}, we will extend the trial.",
+    "Greetings from {v} and the rest of the logistics team.",
+    "Let {v} know when the replacement ships.",
+    "The new hire, {v}, needs a laptop by Monday.",
+]
+
 SYSTEM_PROMPTS = [
     "You are a helpful customer support assistant for an online retailer.",
     "You are an internal IT helpdesk assistant. Answer concisely.",
@@ -467,9 +489,19 @@ SYSTEM_PROMPTS = [
 class Generator:
     """Builds records, labels and clean messages from one seed."""
 
-    def __init__(self, seed: int = 1234) -> None:
+    def __init__(self, seed: int = 1234, templates: dict[str, list[str]] | None = None) -> None:
         self.rng = random.Random(seed)
         self.values = Values(self.rng)
+        self.templates = templates or {}  # replaces TEMPLATES per type
+
+    def person_corpus(self, n_records: int) -> tuple[list[dict], list[Label]]:
+        """Records of one user message each with one planted PERSON (and 1-3 clean sentences)."""
+        records: list[dict] = []
+        labels: list[Label] = []
+        for i in range(n_records):
+            records.append({"messages": [{"role": "user", "content": self.message(i, "messages[0].content",
+                                                                                  ["PERSON"], labels)}]})
+        return records, labels
 
     def value(self, entity_type: str) -> tuple[str, str]:
         if entity_type == "UK_NHS":
@@ -507,7 +539,7 @@ class Generator:
             if slot == "clean":
                 text += sep + self.clean_sentence()
                 continue
-            template = self.rng.choice(TEMPLATES[slot])
+            template = self.rng.choice(self.templates.get(slot) or TEMPLATES[slot])
             value, locale = self.value(slot)
             before, after = template.split("{v}")
             start = len(text) + len(sep) + len(before)
