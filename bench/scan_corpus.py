@@ -476,6 +476,42 @@ HELDOUT_PERSON_TEMPLATES = [
     "The new hire, {v}, needs a laptop by Monday.",
 ]
 
+# PERSON templates written blind: by a helper that was shown neither the
+# recogniser nor the other templates, after the context-cue rules were written.
+# Used only for a separate recall figure, never for tuning.
+BLIND_PERSON_TEMPLATES = [
+    'Can you reset the VPN password for {v}? They are locked out again.',
+    '{v} from accounts payable says the March invoice was paid twice.',
+    'Please forward the shipping manifest to {v} before the truck leaves at noon.',
+    'I spoke with {v} this morning and the refund has been approved.',
+    'Thanks for your help with the onboarding paperwork. Best regards, {v}',
+    'Our new regional manager, {v}, will need access to the sales dashboard starting Monday.',
+    'Who approved the expense report submitted by {v} last week?',
+    'The laptop assigned to {v} keeps crashing after the latest Windows update.',
+    'Schedule a call with {v} and the warehouse team for Thursday afternoon.',
+    'According to {v}, the pallet was already damaged before it reached the loading dock.',
+    'Has anyone heard back from {v} about the contract renewal?',
+    'Attendees for the quarterly review: the finance lead, {v}, and two people from procurement.',
+    'Could you draft a polite reply to {v} explaining that the order is delayed by three days?',
+    'The customer on line two is {v}, and they want to escalate the billing dispute.',
+    'Please add {v} to the payroll distribution list.',
+    "I'm out of office until Friday, so for urgent HR questions please contact {v} instead.",
+    'Ticket #4821 was reassigned to {v} because the original agent is on leave.',
+    'Does {v} still have admin rights on the CRM, or were they revoked after the reorg?',
+    'Summarize this email thread for {v}, who just joined the project.',
+    'When {v} tried to log in, the system said the account was disabled.',
+    'Per our conversation, {v} will handle the customs clearance for the Rotterdam shipment.',
+    'Hi team, quick update from {v}: the price list for Q3 is now final.',
+    'Write a short performance review summary based on the notes I took about {v}.',
+    'Between {v} and the vendor, nobody seems to know who signed off on the discount.',
+    "Can you check whether the reimbursement for {v} went out in yesterday's payment batch?",
+    'Sent on behalf of {v}, Senior Logistics Coordinator',
+    'The sales lead was originally owned by {v}, but it should now go to the enterprise team.',
+    'Remind {v} that the mandatory security training is due by the end of the month.',
+    'Is it okay if {v} works remotely next week while the office is being renovated?',
+    'Special thanks to {v} for reporting the email outage so quickly this morning.',
+]
+
 SYSTEM_PROMPTS = [
     "You are a helpful customer support assistant for an online retailer.",
     "You are an internal IT helpdesk assistant. Answer concisely.",

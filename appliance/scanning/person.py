@@ -18,6 +18,15 @@ it misses many names (non-English names above all), so PERSON combines:
    an English word (``Dear Customer`` is not a name).
 5. A lone known given name that is not a common English word (``ask James``);
    places named like people (``Georgia``) are the price.
+6. One capitalised word that is a known name or not an English word in a
+   context that takes a person: after a verb or phrase of contact or agency
+   (``spoke with``, ``on behalf of``, ``approved by``, ``reply to``,
+   ``complaint from``, ``ask``), a role noun (``my manager``, ``the account
+   holder is``), or before a verb only people do (``said``, ``asked``,
+   ``wants``) or a department (``from accounting``).
+7. A lone capitalised word with letters outside ASCII (``Véronique``,
+   ``Błażej``) that is no English word and that the model does not call a
+   place or an organisation.
 
 NER only runs on texts that contain a *name-like* word: capitalised, not
 CamelCase, and a known given name or not an English dictionary word. Texts
@@ -72,6 +81,65 @@ _CUE = re.compile(
     r"(?i)(?:\b(?:hi|hello|hey|dear|thanks|thank you|cheers|regards|best|sincerely|greetings|attn|cc|"
     r"my name is|name is|i am|i'm|this is|call me|signed)[,:!.]?)\s+$"
 )
+
+
+# Rule 6: what comes right before a name. Lists of general English usage, not of any corpus.
+_CONTACT_VERBS = (
+    "spoke|speak|speaking|talked|talk|talking|met|meet|meeting|call|calls|chat|chatted|sync|synced|"
+    "catch up|caught up|check|checked|discussed|discuss|agreed|work|worked|working|along|together"
+)
+_AGENT_VERBS = (
+    "approved|signed|signed for|reported|requested|raised|opened|submitted|reviewed|written|sent|created|"
+    "assigned|authori[sz]ed|handled|escalated|confirmed|placed|ordered|booked|paid|issued|filed|prepared|"
+    "presented|hosted|led|managed|owned|received|accepted|rejected|checked|verified|delivered"
+)
+_TO_VERBS = (
+    "assigned|escalated|forwarded|forward|reach out|reached out|talk|talked|speak|spoke|reply|replied|"
+    "respond|responded|write|wrote|send it|sent it|give it|gave it|hand it|handed it|handed over|"
+    "addressed|introduce me|introduced me|note|letter|message|email|e-mail|thanks|apologies|apologise|"
+    "apologize|belongs|married|engaged|report|reports|reporting|goes|went"
+)
+_FROM_NOUNS = (
+    "complaint|message|email|e-mail|letter|note|request|call|feedback|reply|response|invoice|order|"
+    "greetings|regards|word|approval|visit|question|update|signature|go-ahead"
+)
+_ROLE_NOUNS = (
+    "manager|colleague|boss|supervisor|co-?worker|teammate|assistant|lawyer|attorney|doctor|landlord|"
+    "accountant|director|client|contact|friend|wife|husband|partner|son|daughter|mother|father|brother|"
+    "sister|driver|courier|nurse|agent|advisor|adviser|consultant|intern|lead|team lead|new hire|hire|"
+    "employee|engineer|developer|technician|representative|neighbour|neighbor|tenant|guest|customer|"
+    "caller|patient|student|teacher|coach|ceo|cfo|cto|founder|owner|recruiter|candidate"
+)
+_HOLDER_NOUNS = (
+    "holder|owner|contact|assignee|requester|requestor|sender|recipient|approver|reviewer|customer|"
+    "applicant|patient|employee|tenant|beneficiary|signatory|representative|caller|user|buyer|seller|"
+    "driver|courier|author|name|account name|guarantor|witness|policyholder|cardholder"
+)
+_PERSON_OBJECT_VERBS = (
+    "ask|asked|tell|told|contact|contacted|ping|pinged|email|emailed|thank|thanked|cc|bcc|invite|invited|"
+    "remind|reminded|inform|informed|notify|notified|called|phone|phoned|congratulate|congratulated|"
+    "welcome|welcomed|introduce|introduced|hire|hired|pay|paid|refund|refunded|visit|visited|copy|"
+    "promote|promoted|interview|interviewed|message|messaged|text|texted|let"
+)
+_CONTEXT_BEFORE = re.compile(
+    rf"(?i)(?:\b(?:(?:{_CONTACT_VERBS})\s+with|on behalf of|according to|in the name of|care of|c/o|"
+    rf"attention of|(?:{_AGENT_VERBS})\s+by|(?:{_TO_VERBS})\s+to|(?:{_FROM_NOUNS})\s+from|"
+    rf"(?:{_HOLDER_NOUNS})\s+(?:is|was)|(?:{_PERSON_OBJECT_VERBS})|"
+    rf"(?:my|our|your|his|her|their|new)\s+(?:{_ROLE_NOUNS}))[,:]?)\s+$"
+)
+# ...and what comes right after it: a verb only people do, or a department.
+_HUMAN_VERBS = (
+    "said|says|asked|asks|wants|wanted|wrote|writes|told|tells|thinks|thought|agreed|agrees|promised|"
+    "explained|suggested|complained|complains|mentioned|insisted|replied|apologi[sz]ed|believes|feels|"
+    "felt|hopes|prefers|recommended|decided|will present|is on leave|was on leave|is out|joined us|"
+    "called|emailed|phoned|texted|signed off|approved|reported|confirmed|requested|noticed"
+)
+_DEPARTMENTS = (
+    "accounting|finance|procurement|purchasing|sales|marketing|legal|hr|human resources|support|it|"
+    "engineering|security|operations|ops|payroll|billing|logistics|compliance|facilities|customer service|"
+    "the \\w+ team|our \\w+ team"
+)
+_CONTEXT_AFTER = re.compile(rf"(?i),?\s+(?:(?:{_HUMAN_VERBS})\b|(?:from|in|at) (?:{_DEPARTMENTS})\b)")
 
 
 class NerSpan(NamedTuple):
@@ -221,6 +289,9 @@ def _mid_sentence(text: str, start: int) -> bool:
     return i >= 0 and text[i] not in _SENTENCE_OPENERS
 
 
+#: NER labels that say a word is not a person (rule 7 defers to them).
+_NOT_A_PERSON_LABELS = frozenset({"GPE", "LOC", "FAC", "ORG", "PRODUCT", "NORP", "LANGUAGE"})
+
 _NOT_IN_NAMES = re.compile(r"[\d{}\[\]<>_=/@#$%&*|\\]")
 
 
@@ -242,6 +313,7 @@ class NerRecognizer(LocalRecognizer):
     CUE_SCORE = 0.7
     WEAK_SCORE = 0.65
     LONE_WORD_SCORE = 0.65
+    CONTEXT_SCORE = 0.7
 
     def __init__(self, lexicon: NameLexicon) -> None:
         self.lexicon = lexicon
@@ -309,7 +381,8 @@ class NerRecognizer(LocalRecognizer):
             if span.label in _MISLABEL_LABELS and "PERSON" in wanted and self._all_foreign(span_text):
                 results.append(RecognizerResult("PERSON", span.start, span.end, self.WEAK_SCORE))
         if "PERSON" in wanted:
-            results.extend(self._lexical(text, self.words(text) if words is None else words))
+            elsewhere = [(s.start, s.end) for s in spans if s.label in _NOT_A_PERSON_LABELS]
+            results.extend(self._lexical(text, self.words(text) if words is None else words, elsewhere))
         return results
 
     def _ner_person_score(self, span_text: str) -> float:
@@ -360,7 +433,9 @@ class NerRecognizer(LocalRecognizer):
             runs.append(current)
         return runs
 
-    def _lexical(self, text: str, words: list[re.Match[str]]) -> list[RecognizerResult]:
+    def _lexical(
+        self, text: str, words: list[re.Match[str]], elsewhere: list[tuple[int, int]] = ()
+    ) -> list[RecognizerResult]:
         lex = self.lexicon
         results = []
         for run in self._runs(text, words):
@@ -390,5 +465,20 @@ class NerRecognizer(LocalRecognizer):
                 results.append(RecognizerResult("PERSON", start, end, self.CUE_SCORE))
             elif len(words) == 1 and lex.is_given(first) and not lex.is_common(first):
                 # A lone given name ("ask James"); places named like people (Georgia) are the price.
+                results.append(RecognizerResult("PERSON", start, end, self.WEAK_SCORE))
+            elif (
+                (known or not lex.is_common(first) or (len(words) > 1 and words[-1] in lex.surnames))
+                and (len(words) == 1 or lex.is_common(words[1]) or words[-1] in lex.surnames)  # not "Amazon Business"
+                and not _CAMEL.match(first)
+                and (_CONTEXT_BEFORE.search(before) or _CONTEXT_AFTER.match(text, end))
+            ):
+                # Rule 6: a person-taking context.
+                end = run[0].end() if len(words) > 1 and lex.is_common(words[1]) else end
+                results.append(RecognizerResult("PERSON", start, end, self.CONTEXT_SCORE))
+            elif (
+                len(words) == 1 and not first.isascii() and len(first) > 2 and not lex.in_dictionary(first)
+                and not any(s < end and start < e for s, e in elsewhere)
+            ):
+                # Rule 7: "Véronique", "Błażej"; places with such letters are usually NER places.
                 results.append(RecognizerResult("PERSON", start, end, self.WEAK_SCORE))
         return results

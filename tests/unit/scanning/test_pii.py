@@ -73,3 +73,44 @@ def test_iban_followed_by_a_capitalised_word(scan_text):
     text = "Bank account (IBAN): ES73 5873 7055 7834 5723 0233 SLACK_BOT_TOKEN is separate."
     assert ("IBAN_CODE", "ES73 5873 7055 7834 5723 0233") in [(t, v) for t, v, _ in scan_text(text)]
     assert "IBAN_CODE" not in [t for t, _, _ in scan_text("IBAN ES73 5873 7055 7834 5723 0234")]  # bad check digits
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        # Rule 6: a lone unknown first name in a context that takes a person.
+        ("Yesterday I chatted with Oyelaran about the renewal.", "Oyelaran"),
+        ("The visa application was filed on behalf of Tsegaye.", "Tsegaye"),
+        ("The expense claim was authorised by Wairimu last night.", "Wairimu"),
+        ("Please escalate to Sigrún if the courier is late again.", "Sigrún"),
+        ("We got a message from Oluwadamilare this morning.", "Oluwadamilare"),
+        ("The policyholder is Rudra, not his brother.", "Rudra"),
+        ("Ask Kwabena whether the budget was signed off.", "Kwabena"),
+        ("My supervisor Nnamdi wants the figures by noon.", "Nnamdi"),
+        ("Apinya said the pallets were damaged.", "Apinya"),
+        ("Loved the demo, Chidubem from procurement wants a quote.", "Chidubem"),
+        # Rule 7: letters outside ASCII, no English word, not a place per NER.
+        ("Is Þórdís still in charge of the Reykjavik account?", "Þórdís"),
+        ("We will send the replacement to Grażyna tomorrow.", "Grażyna"),
+    ],
+)
+def test_lone_first_names_in_context(scan_text, text, value):
+    found = [(t, v) for t, v, _ in scan_text(text)]
+    assert ("PERSON", value) in found, found
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I spoke with Support about the renewal.",  # a common word after a cue
+        "The customer Success team meets on Friday.",  # no possessive: not a role noun
+        "Please escalate to Engineering if the build fails again.",
+        "Ask Legal whether the clause is fine.",
+        "Thanks to Finance for the quick turnaround.",
+        "The invoice was paid by Direct Debit last week.",
+        "The order was placed by Amazon Business.",  # two capitalised words, no surname
+        "Our office in Zürich is closed on Monday.",  # letters outside ASCII, but a place
+    ],
+)
+def test_person_contexts_do_not_flag_words_and_tools(scan_text, text):
+    assert "PERSON" not in [t for t, _, _ in scan_text(text)], scan_text(text)
