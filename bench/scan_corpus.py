@@ -478,7 +478,8 @@ HELDOUT_PERSON_TEMPLATES = [
 
 # PERSON templates written blind: by a helper that was shown neither the
 # recogniser nor the other templates, after the context-cue rules were written.
-# Used only for a separate recall figure, never for tuning.
+# Measured once blind (0.967 pooled over five seeds), then used to tune the
+# rules (0.975): a development set from then on.
 BLIND_PERSON_TEMPLATES = [
     'Can you reset the VPN password for {v}? They are locked out again.',
     '{v} from accounts payable says the March invoice was paid twice.',
@@ -510,6 +511,51 @@ BLIND_PERSON_TEMPLATES = [
     'Remind {v} that the mandatory security training is due by the end of the month.',
     'Is it okay if {v} works remotely next week while the office is being renovated?',
     'Special thanks to {v} for reporting the email outage so quickly this morning.',
+]
+
+# A second blind set, written by another such helper while the first was used
+# for tuning; never looked at for tuning. The honest recall figure.
+BLIND2_PERSON_TEMPLATES = [
+    'Can you reset the VPN password for {v} before the morning shift starts?',
+    '{v} called again about the duplicate charge on the March invoice.',
+    'Please forward the signed NDA to {v} in legal by end of day.',
+    "Ticket escalated: the laptop assigned to {v} won't boot after the latest update.",
+    "Hi team, {v} will be covering the front desk while I'm at the dentist.",
+    'Patient name: {v}. Reason for visit: follow-up on blood pressure medication.',
+    'Thanks for your patience, and let me know if anything else comes up. Best regards, {v}',
+    'Draft a polite reply to {v} explaining that the refund will take 5 to 7 business days.',
+    'Has anyone heard back from {v} about the shipment stuck in customs?',
+    'Our new account manager, {v}, starts on Monday and will need access to the CRM.',
+    'The parents of {v} asked for a meeting to discuss the midterm grades.',
+    'I spoke with {v} this morning and they agreed to renew the contract for another year.',
+    'Who approved the expense report submitted by {v} last Friday?',
+    'Onboarding checklist for {v}: laptop, badge, email account, payroll setup.',
+    'Please add {v} to the distribution list for the weekly logistics update.',
+    'Summarize the complaint {v} filed about the late delivery and suggest next steps.',
+    'According to {v}, the pallet was damaged before it left the warehouse.',
+    'Employee: {v} | Department: Finance | Leave requested: 3 days',
+    'Does {v} still need a wheelchair accessible room for the appointment on Thursday?',
+    'Meeting notes: {v}, the procurement lead and I reviewed the vendor quotes and picked the cheaper option.',
+    'Can you check whether {v} has completed the mandatory compliance training?',
+    'The package was signed for by {v} at the reception desk at 2:14 pm.',
+    'Remind {v} that the quarterly tax filing is due next Tuesday.',
+    'Write a short thank-you email to {v} for helping us close the deal with the distributor.',
+    'Unfortunately {v} is out sick today, so the client demo has been moved to Wednesday.',
+    'Customer {v} reports that the mobile app crashes every time they try to upload a receipt.',
+    "I'm cc'ing {v}, who handles billing disputes for the northern region.",
+    'Between {v} and the night shift supervisor, someone should have logged the temperature readings.',
+    'Is it okay if {v} joins the call late? Their flight lands at noon.',
+    'Attached is the performance review for {v}; please sign and return it to HR.',
+    'Per our conversation, {v} will send over the updated purchase order tomorrow.',
+    'Lead owner changed to {v} after the territory reassignment.',
+    'Could you translate this discharge summary into plain language for {v} and the family?',
+    'Students who need extra time on the exam should contact {v} in the accessibility office.',
+    'Just a heads up, {v} mentioned the printer on the third floor is jammed again.',
+    'Sorry for the delay, I was waiting on {v} to confirm the delivery address.',
+    'Grant {v} read-only access to the shared finance folder until the audit is finished.',
+    'Interview scheduled with {v} for the warehouse coordinator position at 10 am.',
+    'Why was {v} charged twice for the same consultation?',
+    'The tenant, {v}, disputes the late fee and claims the rent was paid on time.',
 ]
 
 SYSTEM_PROMPTS = [

@@ -23,7 +23,7 @@ it misses many names (non-English names above all), so PERSON combines:
    (``spoke with``, ``on behalf of``, ``approved by``, ``reply to``,
    ``complaint from``, ``ask``), a role noun (``my manager``, ``the account
    holder is``), or before a verb only people do (``said``, ``asked``,
-   ``wants``) or a department (``from accounting``).
+   ``wants``), a ``who`` or a department (``from accounting``).
 7. A lone capitalised word with letters outside ASCII (``Véronique``,
    ``Błażej``) that is no English word and that the model does not call a
    place or an organisation.
@@ -132,11 +132,15 @@ _HUMAN_VERBS = (
     "said|says|asked|asks|wants|wanted|wrote|writes|told|tells|thinks|thought|agreed|agrees|promised|"
     "explained|suggested|complained|complains|mentioned|insisted|replied|apologi[sz]ed|believes|feels|"
     "felt|hopes|prefers|recommended|decided|will present|is on leave|was on leave|is out|joined us|"
-    "called|emailed|phoned|texted|signed off|approved|reported|confirmed|requested|noticed"
+    "called|emailed|phoned|texted|signed off|approved|reported|confirmed|requested|noticed|tried|tries|"
+    "attempted|forgot|remembered|logged in|resigned|retired|is on holiday|is travelling|is traveling|"
+    "works remotely|who|whom"
 )
 _DEPARTMENTS = (
     "accounting|finance|procurement|purchasing|sales|marketing|legal|hr|human resources|support|it|"
     "engineering|security|operations|ops|payroll|billing|logistics|compliance|facilities|customer service|"
+    "accounts payable|accounts receivable|treasury|tax|audit|reception|admissions|customs|product|design|"
+    "research|quality|qa|devops|it support|the warehouse|the front desk|head office|"
     "the \\w+ team|our \\w+ team"
 )
 _CONTEXT_AFTER = re.compile(rf"(?i),?\s+(?:(?:{_HUMAN_VERBS})\b|(?:from|in|at) (?:{_DEPARTMENTS})\b)")
@@ -254,24 +258,32 @@ def _vocabulary(model: str) -> tuple[frozenset[str], frozenset[str]]:
     exceptions = lookups.get_table("lemma_exc") if "lemma_exc" in lookups.tables else {}
     for pos in ("noun", "verb", "adj", "adv"):
         words = {w for w in index.get(get_string_id(pos), []) if "_" not in w}
-        words.update(exceptions.get(get_string_id(pos), {}).keys())
-        english.update(words)
+        inflected = set(exceptions.get(get_string_id(pos), {}).keys())
+        english.update(words | inflected)
         if pos != "noun":
             common.update(words)
+            # Irregular inflections ("went", "better") are common words too, but the table
+            # also has forms such as "oliver" (olive) that are far more often names.
+            common.update(w for w in inflected if w.title() not in _given_names())
     return frozenset(english), frozenset(common)
 
 
 @functools.cache
 def load_lexicon(model: str) -> NameLexicon:
     """Name lists and vocabulary, loaded once per process."""
-
-    def names(file: str) -> frozenset[str]:
-        with open(_DATA / file, encoding="utf-8") as fh:
-            return frozenset(line.strip().title() for line in fh if line.strip())
-
     english, common = _vocabulary(model)
-    given = frozenset(n for n in names("given_names.txt") if n.lower() not in _CALENDAR)
-    return NameLexicon(given=given, surnames=names("surnames.txt"), english=english, common=common)
+    given = frozenset(n for n in _given_names() if n.lower() not in _CALENDAR)
+    return NameLexicon(given=given, surnames=_names("surnames.txt"), english=english, common=common)
+
+
+def _names(file: str) -> frozenset[str]:
+    with open(_DATA / file, encoding="utf-8") as fh:
+        return frozenset(line.strip().title() for line in fh if line.strip())
+
+
+@functools.cache
+def _given_names() -> frozenset[str]:
+    return _names("given_names.txt")
 
 
 #: Characters of context kept on each side of a name-like word for NER.

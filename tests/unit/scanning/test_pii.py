@@ -89,6 +89,9 @@ def test_iban_followed_by_a_capitalised_word(scan_text):
         ("My supervisor Nnamdi wants the figures by noon.", "Nnamdi"),
         ("Apinya said the pallets were damaged.", "Apinya"),
         ("Loved the demo, Chidubem from procurement wants a quote.", "Chidubem"),
+        ("Summarise the thread for Ikenna, who just joined.", "Ikenna"),
+        # A given name that the dictionary knows only as an inflection ("oliver": more olive).
+        ("Oliver from accounts payable says the invoice was paid twice.", "Oliver"),
         # Rule 7: letters outside ASCII, no English word, not a place per NER.
         ("Is Þórdís still in charge of the Reykjavik account?", "Þórdís"),
         ("We will send the replacement to Grażyna tomorrow.", "Grażyna"),
