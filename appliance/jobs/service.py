@@ -13,7 +13,7 @@ from sqlalchemy import select
 from appliance.audit.service import AuditContext, record
 from appliance.catalog.service import CatalogService
 from appliance.db.base import Database, utcnow
-from appliance.errors import ConflictError, CrossProjectDenied, InvalidRequestError, NotFoundError
+from appliance.errors import MODEL_NAME_LIKE, ROLE_LIKE, ConflictError, CrossProjectDenied, InvalidRequestError, NotFoundError, echo
 from appliance.files.models import StoredFile
 from appliance.identity.models import Project
 from appliance.identity.service import Principal
@@ -103,7 +103,7 @@ class JobService:
 
             memorization["canary_texts"] = new_canaries(memorization["canaries"])
         compute = validate_compute(body.get("compute"), base_kind=base.kind, executor=self.executor_name,
-                                   max_workers=self.max_workers)
+                                   max_workers=self.max_workers, method=method_type)
         if compute.get("workers", 1) > 1 and hyperparameters.get("dp") is not None:
             raise InvalidRequestError(
                 f"differentially private training (`dp`) runs in one worker; got `compute.workers` "
@@ -230,9 +230,17 @@ class JobService:
         return resumed
 
 
-def validate_compute(compute: Any, *, base_kind: str, executor: str, max_workers: int) -> dict[str, Any]:
+SHARDING = ("auto", "none", "fsdp")
+
+
+def validate_compute(
+    compute: Any, *, base_kind: str, executor: str, max_workers: int, method: str = "lora"
+) -> dict[str, Any]:
     """The job's ``compute`` as stored: ``{}`` for one worker, ``{"workers": n}`` for n data-parallel ones.
 
+    ``sharding`` (several workers only) lays the base model out over them:
+    ``none`` replicates it (DDP), ``fsdp`` shards it (LoRA only), ``auto``
+    (the default, not stored) shards when a copy per worker would not fit.
     Every problem is reported at once, each naming its field and the value received.
     """
     if compute is None:
@@ -240,8 +248,8 @@ def validate_compute(compute: Any, *, base_kind: str, executor: str, max_workers
     if not isinstance(compute, dict):
         raise InvalidRequestError(f'`compute` must be an object such as {{"workers": 2}}; got {compute!r}',
                                   param="compute")
-    problems = [(f"compute.{key}", f"`compute.{key}` is not a compute option (known: workers)")
-                for key in sorted(set(compute) - {"workers"})]
+    problems = [(f"compute.{key}", f"`compute.{key}` is not a compute option (known: workers, sharding)")
+                for key in sorted(set(compute) - {"workers", "sharding"})]
     workers = compute.get("workers", 1)
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         problems.append(("compute.workers", f"`compute.workers` must be a positive integer; got {workers!r}"))
@@ -255,9 +263,20 @@ def validate_compute(compute: Any, *, base_kind: str, executor: str, max_workers
     elif workers > 1 and base_kind != "llm":
         problems.append(("compute.workers", f"`compute.workers` is {workers}, but image jobs train in one worker; "
                          "omit `compute`"))
+    sharding = compute.get("sharding", "auto")
+    if sharding not in SHARDING:
+        problems.append(("compute.sharding", f"`compute.sharding` must be one of {', '.join(map(repr, SHARDING))}; "
+                         f"got {echo(sharding, MODEL_NAME_LIKE)}"))
+    elif sharding == "fsdp" and method != "lora":
+        problems.append(("compute.sharding", f"`compute.sharding` 'fsdp' shards LoRA jobs only; got method "
+                         f"{echo(method, ROLE_LIKE)} (QLoRA's base model is already 4-bit)"))
+    elif sharding == "fsdp" and isinstance(workers, int) and workers == 1:
+        problems.append(("compute.sharding", "`compute.sharding` 'fsdp' needs several workers; got `compute.workers` 1"))
     if problems:
         raise InvalidRequestError("; ".join(m for _, m in problems), param=problems[0][0])
-    return {"workers": workers} if workers > 1 else {}
+    if workers == 1:
+        return {}
+    return {"workers": workers} | ({"sharding": sharding} if sharding != "auto" else {})
 
 
 def _method_seed(method: Any) -> Any:

@@ -47,6 +47,7 @@ def run_task(channel: Channel, start: dict[str, Any], datasets: dict[str, Any], 
         on_event=on_event, on_checkpoint=on_checkpoint, should_stop=channel.stop.is_set,
         resume_from=resume, base_model_name=Path(start["model_dir"]).name,
         canaries=canaries, canary_repetitions=memorization.get("canary_repetitions", 1), probe_targets=probe_targets,
+        sharding=(start.get("compute") or {}).get("sharding", "auto"),
     )
     if result.status == "cancelled":
         channel.send({"type": "cancelled", "step": result.metrics.steps})

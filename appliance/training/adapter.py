@@ -18,6 +18,7 @@ from safetensors.torch import save as safetensors_save
 
 from appliance.errors import InvalidRequestError
 from appliance.modelstore.architectures import FORBIDDEN_TARGET_MODULES
+from appliance.training import distributed
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -86,7 +87,8 @@ def adapter_files(model: PeftModel, base_model_name: str) -> dict[str, bytes]:
     unexpected = [k for k in state if "lora_A" not in k and "lora_B" not in k]
     if unexpected:
         raise RuntimeError(f"adapter holds non-LoRA tensors: {unexpected[:5]}")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    # Whole tensors (a sharded model's state dict holds this rank's shards: gathering is a collective).
+    tensors = {k: distributed.full(v).contiguous() for k, v in state.items()}
     weights = safetensors_save(tensors, metadata={"format": "pt"})
 
     config = model.peft_config["default"].to_dict()

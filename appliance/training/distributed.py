@@ -1,5 +1,17 @@
 """Data parallelism over a ``torch.distributed`` process group (Ray Train's ``TorchTrainer`` sets it up).
 
+Two layouts of the model over the ranks:
+
+* replicated (``ddp``): every rank holds the whole base model, and the
+  adapter's gradients are summed by one flat all-reduce (below);
+* sharded (``fsdp``, PyTorch's FSDP2 ``fully_shard``), for a base model too
+  big to hold once per rank: each decoder layer's weights are split over the
+  ranks and gathered only while the layer runs; the adapter's gradients are
+  reduce-scattered by FSDP. Every forward is then a collective, so each rank
+  runs the same number of forwards (:meth:`DataParallel.micro_batches`), and
+  whatever reads whole weights (checkpoints, the adapter) gathers them with
+  :func:`full` on every rank.
+
 Every rank holds the whole dataset and walks the same shuffled order; of each
 step's batch a rank takes every ``world``-th example, and the ranks' gradients
 are summed before the optimizer step. Each rank divides its loss by the
@@ -17,9 +29,10 @@ accumulation; the trainer calls the base model's forward directly).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -34,10 +47,34 @@ class DataParallel:
     rank: int
     world: int
     device: torch.device
+    sharded: bool = False  # FSDP: each rank holds 1/world of the base model's weights
 
     def shard(self, items: Sequence[T]) -> list[T]:
         """This rank's share of a step's batch (every ``world``-th item; may be empty)."""
         return list(items[self.rank :: self.world])
+
+    @property
+    def gradient_scale(self) -> float:
+        """What a rank's loss is multiplied by so that the reduced gradients are the ranks' sum."""
+        return float(self.world) if self.sharded else 1.0
+
+    def micro_batches(self, items: Sequence[T], accumulation_steps: int) -> list[list[T]]:
+        """This rank's share of a step split into micro-batches.
+
+        Replicated, a rank runs as many as its share needs (none for an empty
+        share). Sharded, every rank runs the same number, the most any rank
+        needs, some of them empty: a forward is a collective there.
+        """
+        mine = self.shard(items)
+        if not self.sharded:
+            if not mine:
+                return []
+            k = min(accumulation_steps, len(mine))
+        else:
+            k = max(1, min(accumulation_steps, math.ceil(len(items) / self.world)))
+        size = max(1, math.ceil(len(mine) / k))
+        chunks = [mine[i * size : (i + 1) * size] for i in range(k)]
+        return chunks if self.sharded else [c for c in chunks if c]
 
     def sum_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
         """Replace each parameter's gradient by its sum over the ranks (a rank with no examples adds zeros)."""
@@ -66,13 +103,86 @@ class DataParallel:
         return bool(t.item())
 
 
-def current(device: torch.device) -> DataParallel | None:
+def current(device: torch.device, sharded: bool = False) -> DataParallel | None:
     """The process group this process trains in, or None when it trains alone (no group, or a group of one).
 
     Args:
         device: Where this rank trains; collectives run there (NCCL needs CUDA tensors, gloo takes CPU ones).
+        sharded: Shard the base model over the ranks (FSDP) rather than replicate it.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return None
     collective_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    return DataParallel(dist.get_rank(), dist.get_world_size(), collective_device)
+    return DataParallel(dist.get_rank(), dist.get_world_size(), collective_device, sharded)
+
+
+def shard_model(causal_lm: torch.nn.Module, dp: DataParallel, device: torch.device) -> int:
+    """Shard ``causal_lm`` (adapter attached) over the ranks with FSDP2; return how many layers were wrapped.
+
+    Each decoder layer (the model's ``_no_split_modules``), where nearly all
+    the weights and every LoRA module are, is one unit, gathered for its
+    forward and backward and freed after. The embeddings, final norm and
+    output head stay whole on every rank: they are frozen, and the trainer
+    runs the decoder and the head separately (a fused loss over the head's
+    weight), which a sharded root would not gather for. FSDP averages the
+    gradients over the ranks; the trainer wants their sum (each rank's loss
+    is already divided by the whole step's target tokens), so it scales a
+    sharded rank's loss by :attr:`DataParallel.gradient_scale` (gloo has no
+    pre-multiplied sum to do it in the reduction).
+
+    Raises:
+        ValueError: The model names no decoder layer class to shard by.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dp.world,))
+    unit_names = set(getattr(causal_lm, "_no_split_modules", None) or [])
+    layers = [m for m in causal_lm.modules() if type(m).__name__ in unit_names]
+    if not layers:
+        raise ValueError(f"{type(causal_lm).__name__} names no decoder layers (_no_split_modules) to shard")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    return len(layers)
+
+
+def is_sharded(tensor: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of a (possibly sharded) tensor, on the CPU (a collective when sharded)."""
+    whole = tensor.full_tensor() if is_sharded(tensor) else tensor
+    return whole.detach().to("cpu").clone()
+
+
+def like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (whole) laid out as ``param`` is: this rank's shard when ``param`` is sharded."""
+    if not is_sharded(param):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(param.device_mesh.device_type), param.device_mesh, param.placements)
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with whole tensors (the same on every rank, as one process saves it)."""
+    state = optimizer.state_dict()
+    state["state"] = {
+        index: {k: full(v) if is_sharded(v) else v for k, v in entry.items()} for index, entry in state["state"].items()
+    }
+    return state
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Load a :func:`full_optimizer_state` (or a one-process state) into a sharded or replicated optimizer."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = dict(saved)
+    state["state"] = {
+        index: {k: like(params[int(index)], v) if torch.is_tensor(v) and v.shape == params[int(index)].shape else v
+                for k, v in entry.items()}
+        for index, entry in saved["state"].items()
+    }
+    optimizer.load_state_dict(state)

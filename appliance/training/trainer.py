@@ -25,6 +25,7 @@ checkpoints. Alone, a process trains exactly as before.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -82,6 +83,7 @@ def train(
     canaries: Sequence[str] = (),
     canary_repetitions: int = 1,
     probe_targets: Sequence[ProbeTarget] = (),
+    sharding: str = "auto",
 ) -> TrainResult:
     """Fine-tune an adapter on in-memory records.
 
@@ -111,6 +113,10 @@ def train(
         canary_repetitions: How often each canary is inserted.
         probe_targets: Allowed scanner findings in ``train_records`` for the
             extraction probe run after training.
+        sharding: With several data-parallel ranks, ``none`` replicates the
+            base model on each, ``fsdp`` shards it over them (LoRA only), and
+            ``auto`` shards when a copy per rank would not fit
+            (:func:`needs_sharding`). Ignored when training alone.
 
     Returns:
         A :class:`TrainResult`.
@@ -124,6 +130,9 @@ def train(
     stop = should_stop or (lambda: False)
     torch_device = _pick_device(device)
     ddp = distributed.current(torch_device)
+    if ddp is not None:
+        sharded = _resolve_sharding(sharding, spec.method, model_dir, torch_device, ddp.world)
+        ddp = distributed.current(torch_device, sharded=sharded)
     if ddp is not None:
         stop = ddp.agreed(stop)  # every rank stops at the same step
         if ddp.rank != 0:
@@ -162,6 +171,11 @@ def train(
         torch.manual_seed(hp.seed)
         setup = recipe.setup(model_dir, hp, torch_device)
         setup.model.train()  # from_pretrained leaves the base model in eval mode (no dropout, no checkpointing)
+        if ddp is not None:
+            setup.details["data_parallel"] = {"workers": ddp.world, "sharding": "fsdp" if ddp.sharded else "none"}
+        if ddp is not None and ddp.sharded:
+            units = distributed.shard_model(setup.model.get_base_model(), ddp, torch_device)
+            event("info", 0, message=f"base model sharded over {ddp.world} workers (FSDP, {units} layers)")
         trainable = [p for p in setup.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
         scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(total_steps * hp.warmup_ratio), total_steps)
@@ -233,13 +247,16 @@ def train(
                     )
                     window_start, window_tokens, window_losses = now, 0, []
                 every = hp.checkpoint_every_steps
-                if on_checkpoint and every and state.step % every == 0 and not last:
+                # Sharded, every rank takes part in gathering the weights; rank 0 keeps them.
+                gathering = on_checkpoint or (ddp is not None and ddp.sharded)
+                if gathering and every and state.step % every == 0 and not last:
                     paused = time.perf_counter()
                     blob = _checkpoint(
                         setup, recipe, optimizer, scheduler, state, spec, hp, data_fingerprint,
                         base_model_name or model_dir.name, dp,
                     )
-                    on_checkpoint(state.step, blob)
+                    if on_checkpoint:
+                        on_checkpoint(state.step, blob)
                     pause = time.perf_counter() - paused  # checkpointing is not training time
                     started += pause
                     window_start += pause
@@ -267,7 +284,7 @@ def train(
         finally:
             if dp is not None:
                 dp.close()
-        adapter = recipe.save(setup, base_model_name or model_dir.name)
+        adapter = recipe.save(setup, base_model_name or model_dir.name)  # every rank: gathering is collective
         if dp is not None:
             dp.verify(adapter)
 
@@ -404,6 +421,57 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
+#: Shard (``auto``) when one copy of the base model's weights would take more than this share of a rank's memory.
+SHARD_ABOVE_MEMORY_SHARE = 0.5
+
+
+def needs_sharding(model_dir: Path, device: torch.device, ranks_here: int = 1) -> bool:
+    """Whether a copy of the base model per rank would crowd out training (``auto`` sharding picks FSDP then).
+
+    A rank's memory is its GPU's, or on CPUs the host's available memory (or
+    the process's data limit, if lower) split among the ``ranks_here``
+    ranks on this host. The weights are the model's safetensors files.
+    """
+    weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = _available_memory() // max(1, ranks_here)
+    return weights > SHARD_ABOVE_MEMORY_SHARE * memory
+
+
+def _available_memory() -> int:
+    import resource
+
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if available is None:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = resource.getrlimit(resource.RLIMIT_DATA)[0]
+    return min(available, limit) if limit != resource.RLIM_INFINITY else available
+
+
+def _resolve_sharding(sharding: str, method: str, model_dir: Path, device: torch.device, world: int) -> bool:
+    """Whether this data-parallel run shards the base model (FSDP)."""
+    if sharding not in ("auto", "none", "fsdp"):
+        raise InvalidRequestError(f"`compute.sharding` must be 'auto', 'none' or 'fsdp'; got {sharding!r}",
+                                  param="compute.sharding")
+    if method != "lora":
+        if sharding == "fsdp":
+            raise InvalidRequestError(f"`compute.sharding` 'fsdp' shards LoRA jobs only; got method {method!r}",
+                                      param="compute.sharding")
+        return False  # QLoRA's 4-bit base is already a quarter of the size
+    if sharding == "auto":
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        return needs_sharding(model_dir, device, ranks_here)
+    return sharding == "fsdp"
+
+
 def _autocast(setup: Setup):
     if setup.autocast_dtype is None:
         return nullcontext()
@@ -427,19 +495,24 @@ def _train_step(
     """
     causal_lm = setup.model.get_base_model()
     n_targets = sum(e.n_targets for e in examples)
-    mine = ddp.shard(examples) if ddp is not None else examples
+    if ddp is None:
+        k = min(hp.gradient_accumulation_steps, len(examples))
+        size = math.ceil(len(examples) / k)
+        chunks = [examples[start : start + size] for start in range(0, len(examples), size)]
+    else:
+        chunks = ddp.micro_batches(examples, hp.gradient_accumulation_steps)
     loss_total = 0.0
-    if mine:
-        k = min(hp.gradient_accumulation_steps, len(mine))
-        size = math.ceil(len(mine) / k)
-        for start in range(0, len(mine), size):
-            batch = pack(mine[start : start + size]).to(setup.device)
-            with _autocast(setup):
-                loss = packed_loss_sum(causal_lm, batch) / n_targets
-            loss.backward()
-            loss_total += loss.item()
+    for chunk in chunks:
+        # An empty micro-batch (sharded ranks run as many forwards as the busiest one) adds nothing.
+        batch = pack(chunk or examples[:1]).to(setup.device)
+        with _autocast(setup):
+            loss = packed_loss_sum(causal_lm, batch)
+            loss = loss / n_targets if chunk else loss * 0.0
+        (loss * ddp.gradient_scale if ddp is not None and ddp.sharded else loss).backward()
+        loss_total += loss.item()
     if ddp is not None:
-        ddp.sum_gradients(trainable)
+        if not ddp.sharded:  # FSDP has reduce-scattered (summed) the gradients in backward
+            ddp.sum_gradients(trainable)
         loss_total = ddp.sum(loss_total)
     torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
     optimizer.step()
@@ -513,6 +586,9 @@ def _checkpoint(
     base_model_name: str,
     dp: DpTraining | None = None,
 ) -> bytes:
+    # Whole tensors: when sharded, every rank gathers them (collectives), and rank 0 keeps them.
+    trainable = {n: distributed.full(p) for n, p in setup.model.named_parameters() if p.requires_grad}
+    adapter = recipe.save(setup, base_model_name)
     return ckpt.dump(
         {
             **({"dp": dp.state()} if dp is not None else {}),
@@ -523,11 +599,9 @@ def _checkpoint(
             "trained_tokens": state.trained_tokens,
             "epoch_losses": list(state.epoch_losses),
             "valid_before": state.valid_before,
-            "trainable": {
-                n: p.detach().to("cpu").clone() for n, p in setup.model.named_parameters() if p.requires_grad
-            },
-            "adapter": recipe.save(setup, base_model_name),
-            "optimizer": optimizer.state_dict(),
+            "trainable": trainable,
+            "adapter": adapter,
+            "optimizer": distributed.full_optimizer_state(optimizer),
             "scheduler": scheduler.state_dict(),
             "rng": ckpt.capture_rng(),
         }
@@ -565,8 +639,8 @@ def _restore(
     params = dict(setup.model.named_parameters())
     with torch.no_grad():
         for name, value in saved["trainable"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(saved["optimizer"])
+            params[name].copy_(distributed.like(params[name], value))
+    distributed.load_optimizer_state(optimizer, saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     ckpt.restore_rng(saved["rng"])
     state.step = saved["step"]

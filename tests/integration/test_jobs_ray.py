@@ -189,6 +189,35 @@ def test_lora_job_with_two_ddp_workers_on_ray(client, state, tiny_model, trainer
     assert "Item 3 is a blue box" not in seen_by_ray  # nor a training record
 
 
+def test_lora_job_with_the_base_model_sharded_over_two_ray_workers(client, state, tiny_model, trainer, owner,
+                                                                   ray_cluster, tmp_path):
+    """`compute.sharding: fsdp`: each rank holds half of every decoder layer; same kind of adapter."""
+    train_id = upload(client, owner, [qa(i) for i in range(24)])
+    api = api_for(client, trainer)
+    with pytest.raises(openai.BadRequestError) as info:
+        api.fine_tuning.jobs.create(model=tiny_model, training_file=train_id,
+                                    method={"type": "qlora", "qlora": {"hyperparameters": hp()}},
+                                    extra_body={"compute": {"workers": 2, "sharding": "fsdp"}})
+    assert info.value.body["param"] == "compute.sharding"
+    job = api.fine_tuning.jobs.create(model=tiny_model, training_file=train_id, suffix="fsdp",
+                                      method={"type": "lora", "lora": {"hyperparameters": hp()}},
+                                      extra_body={"compute": {"workers": 2, "sharding": "fsdp"}})
+    assert job.model_extra["compute"] == {"workers": 2, "sharding": "fsdp"}
+    job = wait_for(api, job.id, timeout=300)
+    assert job.status == "succeeded", job.error
+    metrics = job.model_extra["metrics"]
+    assert metrics["valid_loss_after"] < metrics["valid_loss_before"]
+    messages = [e.message for e in api.fine_tuning.jobs.list_events(job.id, limit=200).data]
+    assert any("base model sharded over 2 workers (FSDP" in m for m in messages), messages
+    assert api.fine_tuning.jobs.checkpoints.list(job.id).data  # gathered by both ranks, kept by rank 0
+    out = state.catalog.export(None, CLI_CTX, job.fine_tuned_model, tmp_path / "export")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(state.catalog.get_base_model(tiny_model).path)
+    PeftModel.from_pretrained(base, out)
+
+
 def test_cancel_stops_every_rank_of_a_ray_job(client, state, tiny_model, trainer, owner, ray_cluster):
     train_id = upload(client, owner, [qa(i) for i in range(40)])
     api = api_for(client, trainer)

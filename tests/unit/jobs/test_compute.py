@@ -8,13 +8,19 @@ from appliance.errors import InvalidRequestError
 from appliance.jobs.service import validate_compute
 
 
-def check(compute, *, executor="ray", max_workers=4, base_kind="llm"):
-    return validate_compute(compute, base_kind=base_kind, executor=executor, max_workers=max_workers)
+def check(compute, *, executor="ray", max_workers=4, base_kind="llm", method="lora"):
+    return validate_compute(compute, base_kind=base_kind, executor=executor, max_workers=max_workers, method=method)
 
 
 def test_one_worker_is_stored_as_nothing_and_several_as_a_count():
     assert check(None) == {} and check({}) == {} and check({"workers": 1}) == {}
     assert check({"workers": 4}) == {"workers": 4}
+
+
+def test_sharding_is_stored_unless_auto():
+    assert check({"workers": 2, "sharding": "auto"}) == {"workers": 2}
+    assert check({"workers": 2, "sharding": "fsdp"}) == {"workers": 2, "sharding": "fsdp"}
+    assert check({"workers": 2, "sharding": "none"}, method="qlora") == {"workers": 2, "sharding": "none"}
 
 
 @pytest.mark.parametrize(("compute", "kwargs", "param", "says"), [
@@ -25,6 +31,10 @@ def test_one_worker_is_stored_as_nothing_and_several_as_a_count():
     ({"workers": 2}, {"executor": "local", "max_workers": 1}, "compute.workers", "APPLIANCE_EXECUTOR=ray"),
     ({"workers": 2}, {"base_kind": "diffusion"}, "compute.workers", "image jobs train in one worker"),
     ({"gpus": 1, "workers": "x"}, {}, "compute.gpus", "not a compute option"),
+    ({"workers": 2, "sharding": "zero3"}, {}, "compute.sharding", "must be one of 'auto', 'none', 'fsdp'; got 'zero3'"),
+    ({"workers": 2, "sharding": "fsdp"}, {"method": "qlora"}, "compute.sharding", "shards LoRA jobs only"),
+    ({"sharding": "fsdp"}, {}, "compute.sharding", "needs several workers"),
+    ({"workers": 2, "sharding": "jane@example.com"}, {}, "compute.sharding", "(not shown)"),
 ])
 def test_bad_compute_is_refused_naming_the_field(compute, kwargs, param, says):
     with pytest.raises(InvalidRequestError) as info:

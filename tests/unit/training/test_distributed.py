@@ -1,4 +1,9 @@
-"""Data-parallel training: two gloo ranks end with the weights one process gets, and only rank 0 reports."""
+"""Data-parallel training: two gloo ranks end with the weights one process gets, and only rank 0 reports.
+
+Both layouts: the base model replicated on each rank, and sharded over them (FSDP), where a
+rank with nothing to do in a step still runs the forwards the others run, and a checkpoint
+made by gathering the shards resumes to the same weights.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load as load_safetensors
 
 from appliance.training import train
+from appliance.training.trainer import needs_sharding
 
 from .conftest import make_spec, reverse_records
 
@@ -20,20 +26,34 @@ HP = {"n_epochs": 1, "batch_size": 5, "learning_rate": 1e-2, "lora_r": 4, "lora_
       "checkpoint_every_steps": 2, "seed": 3}
 
 
-def _rank(rank: int, world: int, model_dir: str, out: str) -> None:
+def _rank(rank: int, world: int, model_dir: str, out: str, sharding: str = "auto", resume: str | None = None) -> None:
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
     try:
         events, checkpoints = [], []
+
+        def keep(step: int, blob: bytes) -> None:
+            checkpoints.append(step)
+            Path(out, f"checkpoint{step}").write_bytes(blob)
+
         result = train(make_spec("lora", **HP), Path(model_dir), reverse_records(21), reverse_records(6, seed=9),
-                       on_event=events.append, on_checkpoint=lambda step, blob: checkpoints.append(step),
-                       event_every_steps=1)
+                       on_event=events.append, on_checkpoint=keep, event_every_steps=1, sharding=sharding,
+                       resume_from=Path(resume).read_bytes() if resume else None)
         Path(out, f"rank{rank}.safetensors").write_bytes(result.adapter["adapter_model.safetensors"])
         Path(out, f"rank{rank}.json").write_text(json.dumps({
-            "events": [e.type for e in events], "checkpoints": checkpoints,
-            "metrics": result.metrics.to_dict(),
+            "events": [e.type for e in events], "messages": [e.message for e in events], "checkpoints": checkpoints,
+            "metrics": result.metrics.to_dict(), "details": result.details,
         }))
     finally:
         dist.destroy_process_group()
+
+
+def _assert_same_adapter(out: Path, alone) -> None:
+    expected = load_safetensors(alone.adapter["adapter_model.safetensors"])
+    for rank in (0, 1):
+        got = load_safetensors((out / f"rank{rank}.safetensors").read_bytes())
+        assert got.keys() == expected.keys()
+        for name, tensor in expected.items():
+            torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.slow
@@ -55,5 +75,41 @@ def test_two_ranks_train_the_same_adapter_as_one_process(tiny_model_dir, tmp_pat
     assert first["checkpoints"] == [2, 4] and second["checkpoints"] == []
     for key in ("train_loss", "valid_loss_before", "valid_loss_after"):
         assert first["metrics"][key] == pytest.approx(getattr(alone.metrics, key), rel=1e-4)
+    assert first["details"]["data_parallel"] == {"workers": 2, "sharding": "none"}  # auto: a tiny model fits
     assert first["metrics"]["trained_tokens"] == alone.metrics.trained_tokens
     assert first["metrics"]["steps"] == alone.metrics.steps == 5
+
+
+@pytest.mark.slow
+def test_fsdp_shards_the_base_model_and_trains_the_same_adapter_and_resumes(tiny_model_dir, tmp_path):
+    alone = train(make_spec("lora", **HP), tiny_model_dir, reverse_records(21), reverse_records(6, seed=9),
+                  event_every_steps=1)
+    # 21 examples in steps of 5: rank 1 gets two examples of a step's five, and in the last
+    # step (one example) none, yet runs the forward rank 0 runs.
+    first = tmp_path / "first"
+    first.mkdir()
+    mp.spawn(_rank, args=(2, str(tiny_model_dir), str(first), "fsdp"), nprocs=2, join=True)
+    _assert_same_adapter(first, alone)
+    report = json.loads((first / "rank0.json").read_text())
+    assert report["details"]["data_parallel"] == {"workers": 2, "sharding": "fsdp"}
+    assert any("sharded over 2 workers (FSDP" in (m or "") for m in report["messages"])
+    assert report["checkpoints"] == [2, 4]
+    assert report["metrics"]["valid_loss_after"] == pytest.approx(alone.metrics.valid_loss_after, rel=1e-4)
+    # The checkpoint holds whole tensors: it resumes sharded, and to the same adapter.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    mp.spawn(_rank, args=(2, str(tiny_model_dir), str(resumed), "fsdp", str(first / "checkpoint2")), nprocs=2,
+             join=True)
+    _assert_same_adapter(resumed, alone)
+    # ...and in one process, unsharded.
+    again = train(make_spec("lora", **HP), tiny_model_dir, reverse_records(21), reverse_records(6, seed=9),
+                  resume_from=(first / "checkpoint4").read_bytes())
+    for name, tensor in load_safetensors(alone.adapter["adapter_model.safetensors"]).items():
+        got = load_safetensors(again.adapter["adapter_model.safetensors"])[name]
+        torch.testing.assert_close(got, tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_auto_sharding_follows_the_weights_against_a_ranks_memory(tiny_model_dir):
+    cpu = torch.device("cpu")
+    assert not needs_sharding(tiny_model_dir, cpu)  # a few hundred KiB against the host's memory
+    assert needs_sharding(tiny_model_dir, cpu, ranks_here=10**9)  # a share of a byte or so each
