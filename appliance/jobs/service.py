@@ -13,7 +13,15 @@ from sqlalchemy import select
 from appliance.audit.service import AuditContext, record
 from appliance.catalog.service import CatalogService
 from appliance.db.base import Database, utcnow
-from appliance.errors import MODEL_NAME_LIKE, ROLE_LIKE, ConflictError, CrossProjectDenied, InvalidRequestError, NotFoundError, echo
+from appliance.errors import (
+    MODEL_NAME_LIKE,
+    ROLE_LIKE,
+    ConflictError,
+    CrossProjectDenied,
+    InvalidRequestError,
+    NotFoundError,
+    echo,
+)
 from appliance.files.models import StoredFile
 from appliance.identity.models import Project
 from appliance.identity.service import Principal

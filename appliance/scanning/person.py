@@ -47,6 +47,7 @@ import functools
 import importlib
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -446,7 +447,7 @@ class NerRecognizer(LocalRecognizer):
         return runs
 
     def _lexical(
-        self, text: str, words: list[re.Match[str]], elsewhere: list[tuple[int, int]] = ()
+        self, text: str, words: list[re.Match[str]], elsewhere: Sequence[tuple[int, int]] = ()
     ) -> list[RecognizerResult]:
         lex = self.lexicon
         results = []
