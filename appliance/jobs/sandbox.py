@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import resource
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -102,11 +103,11 @@ def _tmp_root() -> str | None:
 def _process_identity(pid: int) -> str | None:
     """``"PID STARTTIME"`` for a live process (a reused pid reads differently), else None."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        line = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # Field 22 (starttime) counted after the parenthesised command name, which may hold spaces.
-    return f"{pid} {stat.rsplit(')', 1)[1].split()[19]}"
+    return f"{pid} {line.rsplit(')', 1)[1].split()[19]}"
 
 
 def _cwds_in_use() -> set[Path]:
@@ -134,16 +135,19 @@ def sweep_orphaned_tmpdirs(root: str | Path | None = None) -> list[Path]:
     in_use: set[Path] | None = None
     for tmpdir in sorted(base.glob(f"{TMPDIR_PREFIX}*")):
         try:
-            if not tmpdir.is_dir() or tmpdir.is_symlink() or tmpdir.stat().st_uid != os.geteuid():
+            info = tmpdir.lstat()  # a symlink is not ours to follow
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
                 continue
-            owner = (tmpdir / _OWNER_FILE).read_text().strip()
-        except FileNotFoundError:
-            owner = ""  # created by an older version, or killed before writing it
+            try:
+                owner = (tmpdir / _OWNER_FILE).read_text().strip()
+            except FileNotFoundError:
+                owner = ""  # created by an older version, or killed before writing it
         except OSError:
+            continue  # gone meanwhile, or unreadable: not ours to judge
+        pid = owner.split()[0] if owner else ""
+        if pid.isdigit() and _process_identity(int(pid)) == owner:
             continue
-        if owner and _process_identity(int(owner.split()[0])) == owner:
-            continue
-        if not owner and time.time() - tmpdir.stat().st_mtime < 60:
+        if not owner and time.time() - info.st_mtime < 60:
             continue  # maybe just created: spawn writes the owner right after mkdtemp
         in_use = _cwds_in_use() if in_use is None else in_use
         if any(cwd == tmpdir or tmpdir in cwd.parents for cwd in in_use):

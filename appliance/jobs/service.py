@@ -28,6 +28,7 @@ from appliance.identity.service import Principal
 from appliance.jobs.memorization import parse_memorization, public_view
 from appliance.jobs.models import FineTuningJob, JobCheckpoint, JobEvent
 from appliance.jobs.recipes import DATASET_PURPOSE, validate_method
+from appliance.training.hyperparameters import SHARDING
 
 if TYPE_CHECKING:
     from appliance.jobs.executors import Executor
@@ -236,9 +237,6 @@ class JobService:
         resumed = self._job(principal, job_id)  # as this call left it: the woken scheduler may claim it at once
         self.wake()
         return resumed
-
-
-SHARDING = ("auto", "none", "fsdp")
 
 
 def validate_compute(

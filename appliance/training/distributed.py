@@ -30,12 +30,18 @@ accumulation; the trainer calls the base model's forward directly).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from appliance.errors import InvalidRequestError
+from appliance.training.hyperparameters import SHARDING
+from appliance.training.memory import available_memory
 
 T = TypeVar("T")
 
@@ -67,14 +73,9 @@ class DataParallel:
         """
         mine = self.shard(items)
         if not self.sharded:
-            if not mine:
-                return []
-            k = min(accumulation_steps, len(mine))
-        else:
-            k = max(1, min(accumulation_steps, math.ceil(len(items) / self.world)))
-        size = max(1, math.ceil(len(mine) / k))
-        chunks = [mine[i * size : (i + 1) * size] for i in range(k)]
-        return chunks if self.sharded else [c for c in chunks if c]
+            return micro_batches(mine, accumulation_steps)
+        k = max(1, min(accumulation_steps, math.ceil(len(items) / self.world)))
+        return _split(mine, k)
 
     def sum_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
         """Replace each parameter's gradient by its sum over the ranks (a rank with no examples adds zeros)."""
@@ -103,17 +104,65 @@ class DataParallel:
         return bool(t.item())
 
 
-def current(device: torch.device, sharded: bool = False) -> DataParallel | None:
+def micro_batches(items: Sequence[T], accumulation_steps: int) -> list[list[T]]:
+    """``items`` in at most ``accumulation_steps`` consecutive micro-batches of equal size (the last may be short)."""
+    if not items:
+        return []
+    return [chunk for chunk in _split(items, min(accumulation_steps, len(items))) if chunk]
+
+
+def _split(items: Sequence[T], parts: int) -> list[list[T]]:
+    """Exactly ``parts`` consecutive chunks of ``ceil(len / parts)`` items; trailing ones may be short or empty."""
+    size = max(1, math.ceil(len(items) / parts))
+    return [list(items[i * size : (i + 1) * size]) for i in range(parts)]
+
+
+def current(device: torch.device) -> DataParallel | None:
     """The process group this process trains in, or None when it trains alone (no group, or a group of one).
 
     Args:
         device: Where this rank trains; collectives run there (NCCL needs CUDA tensors, gloo takes CPU ones).
-        sharded: Shard the base model over the ranks (FSDP) rather than replicate it.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return None
     collective_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    return DataParallel(dist.get_rank(), dist.get_world_size(), collective_device, sharded)
+    return DataParallel(dist.get_rank(), dist.get_world_size(), collective_device)
+
+
+#: Shard (``auto``) when one copy of the base model's weights would take more than this share of a rank's memory.
+SHARD_ABOVE_MEMORY_SHARE = 0.5
+
+
+def needs_sharding(model_dir: Path, device: torch.device, ranks_here: int = 1) -> bool:
+    """Whether a copy of the base model per rank would crowd out training (``auto`` sharding picks FSDP then).
+
+    A rank's memory is its GPU's, or on CPUs the host's available memory (or
+    the process's data limit, if lower) split among the ``ranks_here``
+    ranks on this host. The weights are the model's safetensors files.
+    """
+    weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = available_memory() // max(1, ranks_here)
+    return weights > SHARD_ABOVE_MEMORY_SHARE * memory
+
+
+def resolve_sharding(sharding: str, method: str, model_dir: Path, device: torch.device, world: int) -> bool:
+    """Whether this data-parallel run shards the base model (``compute.sharding``, see :data:`SHARDING`)."""
+    if sharding not in SHARDING:
+        raise InvalidRequestError(
+            f"`compute.sharding` must be one of {', '.join(map(repr, SHARDING))}; got {sharding!r}",
+            param="compute.sharding")
+    if method != "lora":
+        if sharding == "fsdp":
+            raise InvalidRequestError(f"`compute.sharding` 'fsdp' shards LoRA jobs only; got method {method!r}",
+                                      param="compute.sharding")
+        return False  # QLoRA's 4-bit base is already a quarter of the size
+    if sharding == "auto":
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        return needs_sharding(model_dir, device, ranks_here)
+    return sharding == "fsdp"
 
 
 def shard_model(causal_lm: torch.nn.Module, dp: DataParallel, device: torch.device) -> int:

@@ -84,6 +84,10 @@ class HyperparameterError(InvalidRequestError):
         super().__init__("; ".join(f"{p}: {m}" for p, m in problems), param=problems[0][0])
 
 
+#: How a data-parallel LoRA run lays the base model over its workers (``compute.sharding``):
+#: ``auto`` decides from the model's size, ``none`` replicates it, ``fsdp`` shards it.
+SHARDING = ("auto", "none", "fsdp")
+
 @dataclass(frozen=True)
 class DifferentialPrivacy:
     """DP-SGD settings: the run is (``epsilon``, ``delta``)-differentially private for each training record.

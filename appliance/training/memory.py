@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
+import resource
 import sys
+from pathlib import Path
 
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 1 << 20
@@ -39,3 +42,18 @@ def bound_malloc_cache() -> bool:
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
     return _done
+
+
+def available_memory() -> int:
+    """Bytes this process could still take: the host's available memory, or its data limit if lower."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if available is None:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = resource.getrlimit(resource.RLIMIT_DATA)[0]
+    return min(available, limit) if limit != resource.RLIM_INFINITY else available

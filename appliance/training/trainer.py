@@ -24,8 +24,8 @@ checkpoints. Alone, a process trains exactly as before.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -116,7 +116,8 @@ def train(
         sharding: With several data-parallel ranks, ``none`` replicates the
             base model on each, ``fsdp`` shards it over them (LoRA only), and
             ``auto`` shards when a copy per rank would not fit
-            (:func:`needs_sharding`). Ignored when training alone.
+            (:func:`~appliance.training.distributed.needs_sharding`). Ignored
+            when training alone.
 
     Returns:
         A :class:`TrainResult`.
@@ -131,8 +132,8 @@ def train(
     torch_device = _pick_device(device)
     ddp = distributed.current(torch_device)
     if ddp is not None:
-        sharded = _resolve_sharding(sharding, spec.method, model_dir, torch_device, ddp.world)
-        ddp = distributed.current(torch_device, sharded=sharded)
+        sharded = distributed.resolve_sharding(sharding, spec.method, model_dir, torch_device, ddp.world)
+        ddp = dataclasses.replace(ddp, sharded=sharded)
     if ddp is not None:
         stop = ddp.agreed(stop)  # every rank stops at the same step
         if ddp.rank != 0:
@@ -421,57 +422,6 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-#: Shard (``auto``) when one copy of the base model's weights would take more than this share of a rank's memory.
-SHARD_ABOVE_MEMORY_SHARE = 0.5
-
-
-def needs_sharding(model_dir: Path, device: torch.device, ranks_here: int = 1) -> bool:
-    """Whether a copy of the base model per rank would crowd out training (``auto`` sharding picks FSDP then).
-
-    A rank's memory is its GPU's, or on CPUs the host's available memory (or
-    the process's data limit, if lower) split among the ``ranks_here``
-    ranks on this host. The weights are the model's safetensors files.
-    """
-    weights = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
-    if device.type == "cuda":
-        memory = torch.cuda.get_device_properties(device).total_memory
-    else:
-        memory = _available_memory() // max(1, ranks_here)
-    return weights > SHARD_ABOVE_MEMORY_SHARE * memory
-
-
-def _available_memory() -> int:
-    import resource
-
-    available = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if available is None:
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    limit = resource.getrlimit(resource.RLIMIT_DATA)[0]
-    return min(available, limit) if limit != resource.RLIM_INFINITY else available
-
-
-def _resolve_sharding(sharding: str, method: str, model_dir: Path, device: torch.device, world: int) -> bool:
-    """Whether this data-parallel run shards the base model (FSDP)."""
-    if sharding not in ("auto", "none", "fsdp"):
-        raise InvalidRequestError(f"`compute.sharding` must be 'auto', 'none' or 'fsdp'; got {sharding!r}",
-                                  param="compute.sharding")
-    if method != "lora":
-        if sharding == "fsdp":
-            raise InvalidRequestError(f"`compute.sharding` 'fsdp' shards LoRA jobs only; got method {method!r}",
-                                      param="compute.sharding")
-        return False  # QLoRA's 4-bit base is already a quarter of the size
-    if sharding == "auto":
-        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        return needs_sharding(model_dir, device, ranks_here)
-    return sharding == "fsdp"
-
-
 def _autocast(setup: Setup):
     if setup.autocast_dtype is None:
         return nullcontext()
@@ -496,9 +446,7 @@ def _train_step(
     causal_lm = setup.model.get_base_model()
     n_targets = sum(e.n_targets for e in examples)
     if ddp is None:
-        k = min(hp.gradient_accumulation_steps, len(examples))
-        size = math.ceil(len(examples) / k)
-        chunks = [examples[start : start + size] for start in range(0, len(examples), size)]
+        chunks = distributed.micro_batches(examples, hp.gradient_accumulation_steps)
     else:
         chunks = ddp.micro_batches(examples, hp.gradient_accumulation_steps)
     loss_total = 0.0

@@ -18,7 +18,7 @@ from safetensors.torch import load as load_safetensors
 
 from appliance.training import train
 from appliance.training.memorization import new_canaries
-from appliance.training.trainer import needs_sharding
+from appliance.training.distributed import needs_sharding
 
 from .conftest import make_spec, reverse_records
 
