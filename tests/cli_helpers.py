@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.timing import Deadline, scaled
+
 APPLIANCE = Path(sys.executable).with_name("appliance")
 
 
@@ -24,7 +26,7 @@ def cli_env(home: Path, **extra: str) -> dict[str, str]:
 
 def run_cli(home: Path, *args: str, check: bool = True, **extra_env: str) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [str(APPLIANCE), *args], env=cli_env(home, **extra_env), capture_output=True, text=True, timeout=120
+        [str(APPLIANCE), *args], env=cli_env(home, **extra_env), capture_output=True, text=True, timeout=scaled(120)
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"appliance {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
@@ -50,8 +52,8 @@ class Server:
 
         import httpx
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        deadline = Deadline(timeout)
+        while deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited {self.proc.returncode}:\n{self.output()}")
             try:
@@ -60,7 +62,7 @@ class Server:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise AssertionError(f"server not healthy after {timeout}s:\n{self.output()}")
+        raise AssertionError(f"server not healthy after {deadline}:\n{self.output()}")
 
     def output(self) -> str:
         if not self._out.closed:

@@ -23,7 +23,12 @@ from appliance.jobs.controllers import JobController
 from appliance.portal import admin as portal_admin
 from appliance.portal import audit_page, auth_routes, datasets, models_page, playground
 from appliance.portal import jobs as portal_jobs
-from appliance.server.context import ApplianceRequest, RequestContextMiddleware, stamp_and_log_response
+from appliance.server.context import (
+    ApplianceRequest,
+    RequestContextMiddleware,
+    check_json_body,
+    stamp_and_log_response,
+)
 from appliance.server.errors import EXCEPTION_HANDLERS
 from appliance.server.health import health
 from appliance.server.openapi import document_errors, openapi_config
@@ -92,6 +97,7 @@ def create_app(
             DefineMiddleware(BearerAuthMiddleware, exclude_from_auth_key=PUBLIC_OPT, exclude_http_methods=()),
         ],
         guards=[permission_guard, csrf_guard],
+        before_request=check_json_body,
         before_send=[stamp_and_log_response],
         dependencies={
             "appliance": Provide(lambda: state, sync_to_thread=False),

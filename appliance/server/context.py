@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import secrets
@@ -83,6 +84,59 @@ def undecodable_body(exc: BaseException) -> InvalidRequestError:
     """The 400 for a body that is nested too deeply or is not UTF-8."""
     what = "nested too deeply" if isinstance(exc, RecursionError) else "not valid UTF-8"
     return InvalidRequestError(f"the request body is not valid JSON: it is {what}", param="body")
+
+
+#: Methods whose JSON body :func:`check_json_body` reads.
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def json_body_problem(body: bytes) -> str | None:
+    """What is wrong with ``body`` as a JSON document (RFC 8259: UTF-8, no BOM), or None when it is one.
+
+    Our own words, from the standard library's decoder, so that the answer does
+    not change with how a JSON library (msgspec, under Litestar) words or
+    classes its errors from one release to the next.
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return (f"the request body is not valid UTF-8 (byte {exc.start + 1} is 0x{body[exc.start]:02x}); "
+                "send JSON encoded as UTF-8")
+    try:
+        json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        return f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+    except ValueError as exc:
+        return f"the request body is not valid JSON: {exc}"
+    except RecursionError:
+        return "the request body is not valid JSON: it is nested too deeply"
+    return None
+
+
+def _takes_json(request: Request) -> bool:
+    media_type = request.content_type[0].lower()
+    if media_type:
+        return media_type == "application/json" or media_type.endswith("+json")
+    # No Content-Type: Litestar decodes a ``data`` parameter as JSON all the same.
+    parameters = getattr(getattr(request.route_handler, "parsed_fn_signature", None), "parameters", None)
+    return parameters is None or "data" in parameters
+
+
+async def check_json_body(request: Request) -> None:
+    """``before_request`` hook: a JSON body that is not UTF-8 or not JSON is a 400 ``invalid_request``.
+
+    Runs after authentication and the guards, before Litestar parses the body
+    into the handler's ``data`` (the body is read once; Litestar keeps it).
+    """
+    if request.method not in BODY_METHODS or not _takes_json(request):
+        return
+    body = await request.body()
+    if body and (problem := json_body_problem(body)):
+        raise InvalidRequestError(problem, param="body")
 
 
 class ApplianceRequest(Request):

@@ -21,6 +21,7 @@ from appliance.storage.models import DataKey
 from tests.cli_helpers import APPLIANCE, cli_env, run_cli
 from tests.conftest import bearer
 from tests.faults.conftest import assert_audit_verifies
+from tests.timing import Deadline
 
 pytestmark = pytest.mark.slow  # real processes started and killed
 
@@ -60,9 +61,9 @@ def rotate_and_kill(home, key_file, delay: float) -> tuple[float, bool]:
     before = kek_count(key_file)
     proc = subprocess.Popen([str(APPLIANCE), "keys", "rotate"], env=cli_env(home), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
+    deadline = Deadline(60)
     while kek_count(key_file) <= before and proc.poll() is None:
-        assert time.monotonic() < deadline, "rotation never added its KEK"
+        assert deadline, "rotation never added its KEK"
         time.sleep(0.005)
     added = time.monotonic()
     while proc.poll() is None and time.monotonic() - added < delay:

@@ -22,6 +22,7 @@ from appliance.storage.blobs import TMP_PREFIX
 from tests.cli_helpers import Server, cli_env
 from tests.conftest import bearer, free_port
 from tests.faults.conftest import FaultHome, assert_audit_verifies, assert_not_on_disk, planted_values, record
+from tests.timing import Deadline
 
 pytestmark = pytest.mark.slow  # real processes started and killed
 
@@ -78,9 +79,9 @@ def test_sigkill_during_a_streamed_upload_leaves_no_file_no_plaintext_and_a_vali
         sender = threading.Thread(target=send, daemon=True)
         sender.start()
         # Kill once several encrypted segments of the file are on disk, the upload still streaming.
-        deadline = time.monotonic() + 120
+        deadline = Deadline(120)
         while not any(p.stat().st_size > 200_000 for p in temporaries(fault_home)):
-            assert time.monotonic() < deadline, f"the upload never reached the disk:\n{server.output()}"
+            assert deadline, f"the upload never reached the disk:\n{server.output()}"
             assert sender.is_alive(), outcome
             time.sleep(0.1)
         # A replica starting on the same storage meanwhile leaves the live upload alone...

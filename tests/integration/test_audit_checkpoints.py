@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from appliance.audit.chain import event_hash
 from tests.cli_helpers import run_cli
 from tests.db_helpers import execute, rows
+from tests.timing import Deadline
 
 
 def _rewrite_whole_chain(home, seq_to_edit: int) -> None:
@@ -104,11 +105,11 @@ def test_the_server_signs_checkpoints_periodically(home):
     from sqlalchemy import select
 
     with TestClient(create_app(settings, state)):
-        deadline = time.monotonic() + 20
+        deadline = Deadline(20)
         while True:
             with state.db.read() as s:
                 cps = list(s.scalars(select(AuditCheckpoint)))
-            if cps or time.monotonic() > deadline:
+            if cps or deadline.expired():
                 break
             time.sleep(0.3)
     assert cps and cps[0].tree_size >= 2 and cps[0].signature

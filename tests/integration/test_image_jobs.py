@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 from appliance.catalog.service import DEMO_IMAGE_MODEL_NAME
 from appliance.identity.roles import Role
 from tests.conftest import CLI_CTX, bearer
+from tests.timing import Deadline
 
 PROMPT = "a photo of sks disc"
 
@@ -46,9 +47,9 @@ def image_model(state, tmp_path) -> str:
 def run_job(client, trainer: str, model: str, file_id: str, method: dict) -> openai.types.fine_tuning.FineTuningJob:
     api = openai.OpenAI(api_key=trainer, base_url=str(client.base_url) + "/v1", http_client=client, max_retries=0)
     job = api.fine_tuning.jobs.create(model=model, training_file=file_id, seed=3, method=method)
-    deadline = time.monotonic() + 240
+    deadline = Deadline(240)
     while (job := api.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
-        assert time.monotonic() < deadline
+        assert deadline
         time.sleep(0.5)
     return job
 

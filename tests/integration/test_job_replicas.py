@@ -30,6 +30,7 @@ from appliance.server.app import create_app
 from appliance.server.state import AppState, build_state
 from tests.conftest import CLI_CTX, TEST_DATABASE_URL
 from tests.integration.test_jobs import TERMINAL, api_for, hp, owner, qa, tiny_model, trainer, upload  # noqa: F401
+from tests.timing import Deadline
 
 needs_postgres = pytest.mark.skipif(
     not TEST_DATABASE_URL,
@@ -130,13 +131,13 @@ def _no_scheduler_client(state: AppState) -> TestClient:
 
 
 def _wait_rows(db: Database, ids: list[str], statuses=TERMINAL, timeout: float = 400) -> dict[str, FineTuningJob]:
-    deadline = time.monotonic() + timeout
+    deadline = Deadline(timeout)
     while True:
         with db.read() as s:
             rows = {j.id: j for j in s.scalars(select(FineTuningJob).where(FineTuningJob.id.in_(ids)))}
         if all(r.status in statuses for r in rows.values()):
             return rows
-        assert time.monotonic() < deadline, {i: r.status for i, r in rows.items()}
+        assert deadline, {i: r.status for i, r in rows.items()}
         time.sleep(0.3)
 
 
@@ -192,16 +193,16 @@ def test_a_stalled_scheduler_loses_its_job_and_its_late_result_is_dropped(state,
         stalled.start()
         db_b, healthy = _replica(state, lease_s=2.0)
         try:
-            deadline = time.monotonic() + 60
+            deadline = Deadline(60)
             while job_id not in stalled.running():
-                assert time.monotonic() < deadline, "the stalled replica never claimed the job"
+                assert deadline, "the stalled replica never claimed the job"
                 time.sleep(0.05)
             healthy.start()
             lost = _wait_rows(state.db, [job_id], {"failed"}, timeout=60)[job_id]
             assert lost.resumable and lost.error["code"] == "worker_lost" and lost.worker == stalled.name
-            deadline = time.monotonic() + 300
+            deadline = Deadline(300)
             while stalled.running():  # its worker trains on to the end...
-                assert time.monotonic() < deadline
+                assert deadline
                 time.sleep(0.3)
             assert _wait_rows(state.db, [job_id])[job_id].status == "failed"  # ...and its result is dropped
             with state.db.read() as s:
@@ -231,9 +232,9 @@ def test_an_owner_that_lost_its_lease_kills_its_worker(state, tiny_model, traine
         a.start()
         try:
             _wait_rows(state.db, [job_id], {"running"}, timeout=60)
-            deadline = time.monotonic() + 60
+            deadline = Deadline(60)
             while job_id not in a.running():
-                assert time.monotonic() < deadline
+                assert deadline
                 time.sleep(0.05)
             pid = a._runs[job_id].worker.proc.pid  # noqa: SLF001 - the test checks the real worker ends
             # What another replica's takeover writes (it judged the lease expired).
@@ -241,9 +242,9 @@ def test_an_owner_that_lost_its_lease_kills_its_worker(state, tiny_model, traine
                 s.execute(update(FineTuningJob).where(FineTuningJob.id == job_id).values(
                     status="failed", resumable=True, lease_expires_at=None,
                     error={"code": "worker_lost", "message": "taken over", "param": None}))
-            deadline = time.monotonic() + 20
+            deadline = Deadline(20)
             while a.running():
-                assert time.monotonic() < deadline, "the worker of a lost job kept running"
+                assert deadline, "the worker of a lost job kept running"
                 time.sleep(0.1)
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)

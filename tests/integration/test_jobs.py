@@ -18,6 +18,7 @@ from appliance.audit.models import AuditEvent
 from appliance.identity.roles import Role
 from appliance.jobs.models import FineTuningJob
 from tests.conftest import CLI_CTX, bearer
+from tests.timing import Deadline
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -62,8 +63,8 @@ def upload(client, owner: str, records) -> str:
 
 
 def wait_for(api, job_id: str, statuses=TERMINAL, timeout: float = 240):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    deadline = Deadline(timeout)
+    while deadline:
         job = api.fine_tuning.jobs.retrieve(job_id)
         if job.status in statuses:
             return job
@@ -164,8 +165,8 @@ def test_invalid_requests_name_the_field(client, tiny_model, trainer, owner, mak
 
 
 def _worker_pid(state, job_id: str, timeout: float = 60) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    deadline = Deadline(timeout)
+    while deadline:
         run = state.scheduler._runs.get(job_id)  # noqa: SLF001 - the test kills the real worker
         if run is not None:
             return run.worker.proc.pid
@@ -174,8 +175,8 @@ def _worker_pid(state, job_id: str, timeout: float = 60) -> int:
 
 
 def _wait_checkpoint(api, job_id: str, timeout: float = 120) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    deadline = Deadline(timeout)
+    while deadline:
         data = api.fine_tuning.jobs.checkpoints.list(job_id).data
         if data:
             return data[0].step_number
@@ -215,10 +216,10 @@ def test_cancel_stops_a_running_job_within_seconds(client, state, tiny_model, tr
     assert wait_for(api, queued.id, statuses={"queued"}).status == "queued"
     assert api.fine_tuning.jobs.cancel(queued.id).status == "cancelled"
     time.sleep(1)
-    started = time.monotonic()
+    stopped_in_time = Deadline(15)
     assert api.fine_tuning.jobs.cancel(job.id).status == "running"  # told to stop...
     done = wait_for(api, job.id, timeout=30)
-    assert done.status == "cancelled" and time.monotonic() - started < 15  # ...and stopped within seconds
+    assert done.status == "cancelled" and stopped_in_time  # ...and stopped within seconds
     assert state.scheduler.running() == []
     with pytest.raises(openai.ConflictError):
         api.fine_tuning.jobs.cancel(job.id)
@@ -304,9 +305,9 @@ def test_sigkill_of_the_whole_server_leaves_the_job_resumable(tmp_path):
             "model": "tiny-llama", "training_file": file_id,
             "method": {"type": "lora", "lora": {"hyperparameters": hp(n_epochs=4, batch_size=2,
                                                                           checkpoint_every_steps=5)}}}).json()
-        deadline = time.monotonic() + 120
+        deadline = Deadline(120)
         while not http.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", headers=bearer(trainer)).json()["data"]:
-            assert time.monotonic() < deadline, "no checkpoint"
+            assert deadline, "no checkpoint"
             time.sleep(0.2)
         workers = _worker_pids()
         assert workers
@@ -314,9 +315,9 @@ def test_sigkill_of_the_whole_server_leaves_the_job_resumable(tmp_path):
         assert all(d.name.startswith("appliance-job-") for d in worker_dirs), worker_dirs
         os.kill(server.proc.pid, signal.SIGKILL)  # the server only: the worker must notice and exit
         server.proc.wait(10)
-        deadline = time.monotonic() + 30
+        deadline = Deadline(30)
         while any(pid in _worker_pids() for pid in workers):
-            assert time.monotonic() < deadline, "worker outlived the killed server"
+            assert deadline, "worker outlived the killed server"
             time.sleep(0.2)
     finally:
         server.stop()
@@ -329,10 +330,10 @@ def test_sigkill_of_the_whole_server_leaves_the_job_resumable(tmp_path):
         after = http.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=bearer(trainer)).json()
         assert after["status"] == "failed" and after["resumable"] and after["error"]["code"] == "worker_lost"
         assert http.post(f"/v1/fine_tuning/jobs/{job['id']}/resume", headers=bearer(trainer)).json()["status"] == "queued"
-        deadline = time.monotonic() + 240
+        deadline = Deadline(240)
         while (status := http.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=bearer(trainer)).json()["status"]) \
                 not in TERMINAL:
-            assert time.monotonic() < deadline
+            assert deadline
             time.sleep(0.5)
         assert status == "succeeded"
     finally:

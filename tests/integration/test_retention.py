@@ -29,6 +29,7 @@ from appliance.storage.models import DataKey
 from tests.cli_helpers import run_cli
 from tests.conftest import CLI_CTX, bearer, make_settings
 from tests.integration.test_files_api import chat, jsonl, upload
+from tests.timing import Deadline
 
 BASE = "tiny-llama"
 POLICY = """version: 1
@@ -330,13 +331,13 @@ def test_the_server_sweeps_at_start_and_on_its_interval(tmp_path):
         first = publish(state, "acme", "first")
         age(state, AdapterRecord, first, 1)
         with TestClient(create_app(settings, state)):
-            deadline = time.monotonic() + 30
-            while key_of(state, "adapter-first").wrapped is not None and time.monotonic() < deadline:
+            deadline = Deadline(30)
+            while key_of(state, "adapter-first").wrapped is not None and not deadline.expired():
                 time.sleep(0.1)
             assert_shredded(state, "adapter-first")  # the sweep at start-up
             second = publish(state, "acme", "second")
             age(state, AdapterRecord, second, 1)
-            while key_of(state, "adapter-second").wrapped is not None and time.monotonic() < deadline:
+            while key_of(state, "adapter-second").wrapped is not None and not deadline.expired():
                 time.sleep(0.1)
             assert_shredded(state, "adapter-second")  # a later sweep
         assert {e.actor for e in events(state, "adapter.delete")} == {"system:retention"}

@@ -10,6 +10,7 @@ import openai
 from appliance.modelstore import build_tiny_causal_lm
 from tests.cli_helpers import APPLIANCE, Server, run_cli
 from tests.conftest import free_port
+from tests.timing import Deadline
 
 
 def _home(tmp_path):
@@ -29,9 +30,9 @@ def test_control_plane_serves_chat_through_a_serving_replica(tmp_path):
                                                str(replica_port)])
     control = None
     try:
-        deadline = time.monotonic() + 120
+        deadline = Deadline(120)
         while True:  # a replica has no /health: vLLM's protocol has /v1/models
-            assert replica.proc.poll() is None and time.monotonic() < deadline, replica.output()
+            assert replica.proc.poll() is None and not deadline.expired(), replica.output()
             try:
                 if httpx.get(f"{replica.base_url}/v1/models", timeout=2).status_code == 200:
                     break

@@ -24,6 +24,7 @@ from appliance.audit.models import AuditEvent
 from appliance.identity.roles import Role
 from tests.conftest import CLI_CTX, bearer, free_port, make_settings
 from tests.integration.test_inference import BASE, api_for, ask, publish, random_lora
+from tests.timing import Deadline
 
 
 class ReplicaProcess:
@@ -48,8 +49,8 @@ class ReplicaProcess:
         return self
 
     def wait_ready(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        deadline = Deadline(timeout)
+        while deadline:
             assert self.proc is not None and self.proc.poll() is None, self.output()
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
@@ -116,9 +117,9 @@ def upstream_of(adapter_id: str, names: list[str]) -> list[str]:
 
 
 def wait_for(check, timeout: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
+    deadline = Deadline(timeout)
     while not check():
-        if time.monotonic() > deadline:
+        if deadline.expired():
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.2)
 

@@ -27,6 +27,7 @@ from appliance.modelstore import build_tiny_causal_lm
 from tests.cli_helpers import Server, run_cli
 from tests.conftest import bearer, free_port
 from tests.db_helpers import dump_all_tables
+from tests.timing import Deadline
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -118,10 +119,10 @@ def test_no_planted_value_token_or_key_leaks_from_any_feature(tmp_path):
             "memorization": {"canaries": 1, "canary_repetitions": 2, "probe_samples": 2}})
         assert resp.status_code in (200, 201), resp.text
         job_id = resp.json()["id"]
-        deadline = time.monotonic() + 300
+        deadline = Deadline(300)
         while (job := http.get(f"/v1/fine_tuning/jobs/{job_id}", headers=trainer).json())["status"] not in (
                 "succeeded", "failed", "cancelled"):
-            assert time.monotonic() < deadline, job
+            assert deadline, job
             time.sleep(0.5)
         assert job["status"] == "succeeded", job
         answers["job"] = json.dumps(job)
