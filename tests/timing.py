@@ -69,3 +69,8 @@ class Deadline:
 
     def __str__(self) -> str:
         return f"{self.seconds:g}s (x{self.factor:.1f} for load: {self.seconds * self.factor:.0f}s)"
+
+
+def ms(seconds: float) -> float:
+    """:func:`scaled` in milliseconds (Playwright's timeouts)."""
+    return scaled(seconds) * 1000

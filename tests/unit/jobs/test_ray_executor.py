@@ -10,6 +10,7 @@ import pytest
 from appliance.jobs import tunnel
 from appliance.jobs.executors import ray as ray_executor
 from appliance.settings import JobSettings
+from tests.timing import scaled
 
 
 class FakeJobs:
@@ -61,7 +62,7 @@ def test_the_ray_job_gets_the_entrypoint_and_a_ticket_never_a_data_key(executor)
     assert base64.b64decode(env[ray_executor.TICKET_ENV]) == worker.session.ticket
     assert env["HF_HUB_OFFLINE"] == "1" and job["metadata"] == {"appliance_job_id": "ftjob-1", "workers": "2"}
     assert data_key not in repr(job)
-    header, _ = worker.read(timeout=1)
+    header, _ = worker.read(timeout=scaled(1))
     assert header["message"].startswith("Submitted to Ray as appliance-ftjob-1-")
     # The ranks dial in and get the start frame, marked as a Ray run.
     conn = tunnel.connect(executor.gateway.address, job_id="ftjob-1", rank=0, ticket=worker.session.ticket)
@@ -73,7 +74,7 @@ def test_the_ray_job_gets_the_entrypoint_and_a_ticket_never_a_data_key(executor)
 
 def test_workers_that_never_connect_make_the_job_lost(executor, monkeypatch):
     worker = executor.launch("ftjob-1", {})
-    worker.read(timeout=1)  # the "submitted" event
+    worker.read(timeout=scaled(1))  # the "submitted" event
     assert worker.alive()
     monkeypatch.setattr(worker, "_launched", worker._launched - 11)  # noqa: SLF001
     assert not worker.alive()
@@ -83,7 +84,7 @@ def test_workers_that_never_connect_make_the_job_lost(executor, monkeypatch):
 
 def test_a_finished_ray_job_is_not_alive_once_its_ranks_have_hung_up(executor):
     worker = executor.launch("ftjob-1", {})
-    worker.read(timeout=1)
+    worker.read(timeout=scaled(1))
     executor.client().status = "FAILED"
     worker._polled = 0  # noqa: SLF001 - poll now
     assert not worker.alive()

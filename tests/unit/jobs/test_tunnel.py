@@ -11,6 +11,7 @@ import pytest
 
 from appliance.jobs import tunnel
 from appliance.jobs.executors.gateway import WorkerGateway
+from tests.timing import scaled
 
 DATA_KEY = os.urandom(32)
 START = {"type": "start", "job_id": "ftjob-1", "datasets": [{"key": base64.b64encode(DATA_KEY).decode()}]}
@@ -51,11 +52,11 @@ def test_a_rank_with_the_ticket_gets_the_start_frame_encrypted_and_reports_back(
     header, payload = conn.read()
     assert header == START and payload == b"resume-bytes"
     conn.write({"type": "event", "message": "hello"})
-    assert session.frames.get(timeout=5)[0]["message"] == "hello"
+    assert session.frames.get(timeout=scaled(5))[0]["message"] == "hello"
     session.broadcast({"type": "stop"})
     assert conn.read()[0] == {"type": "stop"}
     conn.write({"type": "artifact", "name": "adapter"}, b"weights")
-    assert session.frames.get(timeout=5) == ({"type": "artifact", "name": "adapter"}, b"weights")
+    assert session.frames.get(timeout=scaled(5)) == ({"type": "artifact", "name": "adapter"}, b"weights")
     conn.close()
     # Neither the data key nor the ticket crossed the network in the clear.
     wire_bytes = bytes(captured)
@@ -84,7 +85,7 @@ def test_a_ticket_presented_twice_for_a_rank_fails_the_job(gateway):
     assert first.read()[0] == START
     with pytest.raises(tunnel.TunnelError):
         tunnel.connect(gateway.address, job_id="ftjob-1", rank=0, ticket=session.ticket)
-    header, _ = session.frames.get(timeout=5)
+    header, _ = session.frames.get(timeout=scaled(5))
     assert header["type"] == "error" and header["code"] == "worker_auth_failed"
 
 
@@ -96,7 +97,7 @@ def test_every_rank_gets_the_start_frame_once_then_the_keys_are_dropped(gateway)
     assert session.all_connected() and session._start is None  # noqa: SLF001 - the keys are gone
     ranks[1].write({"type": "event", "message": "rank 1 is quiet"})  # only rank 0 reports...
     ranks[1].write({"type": "error", "code": "worker_error", "message": "boom"})  # ...but any rank may fail
-    assert session.frames.get(timeout=5)[0]["code"] == "worker_error"
+    assert session.frames.get(timeout=scaled(5))[0]["code"] == "worker_error"
     gateway.close_session(session)
     assert ranks[0].read() is None  # closing the session hangs up on its ranks
 
