@@ -112,3 +112,53 @@ def test_failed_tests_are_read_from_the_short_summary():
            "FAILED tests/a.py::test_x[1] - AssertionError: boom\nERROR tests/b.py::test_y - RuntimeError\n"
            "1 failed, 1 error, 4 passed in 2.0s\n")
     assert lockfile.failed_tests(out) == {"tests/a.py::test_x[1]", "tests/b.py::test_y"}
+
+
+def _wheel(directory: Path, name: str, version: str, source: str) -> Path:
+    """A minimal pure-Python wheel of a one-module distribution."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {f"{name}.py": source.encode(),
+             f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+             f"{name}-{version}.dist-info/WHEEL":
+                 b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join(
+        f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}\n"
+        for path, data in files.items()) + f"{name}-{version}.dist-info/RECORD,,\n"
+    path = directory / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        for member, data in {**files, f"{name}-{version}.dist-info/RECORD": record.encode()}.items():
+            zf.writestr(member, data)
+    return path
+
+
+@pytest.mark.slow
+def test_blame_names_the_upgrade_that_breaks_a_test(tmp_path, monkeypatch):
+    """make test-latest's last step, for real: a venv holding a newer release than the lock, a test it breaks."""
+    import site
+    import subprocess
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels, "tinydep", "1.0", "VALUE = 1\n")
+    _wheel(wheels, "tinydep", "2.0", "VALUE = 2\n")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    # pytest, pip and the rest come from the suite's venv, after the new venv's own site-packages.
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    Path(purelib, "suite.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "tinydep==2.0"], check=True)
+    (tmp_path / "test_dep.py").write_text(
+        "import tinydep\n\ndef test_value():\n    assert tinydep.VALUE == 1\n\ndef test_unrelated():\n    assert False\n")
+    monkeypatch.chdir(tmp_path)
+    lock = lockfile.Lock("", {"tinydep": lockfile.Pin("tinydep", "1.0")})
+
+    culprits = lockfile.blame(python, ["test_dep.py::test_value", "test_dep.py::test_unrelated"], lock, [])
+    assert culprits == {"test_dep.py::test_value": ["tinydep 1.0 -> 2.0"], "test_dep.py::test_unrelated": []}
+    assert lockfile.installed(python)["tinydep"] == "2.0"  # put back as it was
