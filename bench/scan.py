@@ -15,6 +15,12 @@ i.e. what the appliance acts on.
 Recall: a planted entity counts as found when a finding of the same type
 overlaps its span ("covered" additionally needs the whole span covered).
 Clean text: any finding at all on the clean messages is a false finding.
+Business text: share of messages full of codenames, products, versions, teams,
+components, customer companies and places (and no personal data) that the
+default policy would redact or block; for stock presidio, messages with any
+finding. Two sets: templates the PERSON context rules were tuned on
+(``scan_corpus.BUSINESS_TEMPLATES``) and messages written blind, never tuned on
+(``business_blind.py``), with a blind recall check on business messages naming people.
 Throughput: message bytes (UTF-8) over wall time, model already loaded; ours is
 the median of three runs, stock one run. Both are single-threaded; the CPU-time
 figures are printed too because other work on a shared machine skews wall time.
@@ -36,7 +42,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scan_corpus import BLIND2_PERSON_TEMPLATES, BLIND_PERSON_TEMPLATES, HELDOUT_PERSON_TEMPLATES, PLANTED_TYPES, Corpus, Generator, Label  # noqa: E402
+from scan_corpus import BLIND2_PERSON_TEMPLATES, BLIND_PERSON_TEMPLATES, HELDOUT_PERSON_TEMPLATES, PLANTED_TYPES, Corpus, Generator, Label, business_messages  # noqa: E402
+from business_blind import BLIND_BUSINESS_MESSAGES, BLIND_BUSINESS_WITH_PEOPLE  # noqa: E402
 
 from appliance.policy import decide, load_policy  # noqa: E402
 from appliance.scanning import ScanUnit, Scanner, iter_text_fields  # noqa: E402
@@ -140,6 +147,28 @@ def unlabelled(labels: list[Label], findings) -> Counter:
     return c
 
 
+def bracketed(messages: list[str]) -> tuple[list[ScanUnit], list[Label]]:
+    """Messages with people marked ``[[Name]]``: the units without the brackets, and a PERSON label per name."""
+    import re
+
+    units, labels = [], []
+    for i, marked in enumerate(messages):
+        text, pos = "", 0
+        for m in re.finditer(r"\[\[(.+?)\]\]", marked):
+            text += marked[pos : m.start()]
+            labels.append(Label(i, "text", "PERSON", len(text), len(text) + len(m.group(1))))
+            text += m.group(1)
+            pos = m.end()
+        units.append(ScanUnit(i, "text", text + marked[pos:]))
+    return units, labels
+
+
+def flagged(findings, n: int) -> tuple[int, float]:
+    """(messages with any finding, their share of ``n``)."""
+    hit = {f[0] for f in findings}
+    return len(hit), len(hit) / n if n else float("nan")
+
+
 def as_tuples(findings) -> list[tuple[int, str, str, int, int]]:
     return [(f.record, f.field, f.entity_type, f.start, f.end) for f in findings]
 
@@ -172,6 +201,14 @@ def main(argv: list[str] | None = None) -> int:
          ("blind", BLIND2_PERSON_TEMPLATES)], start=1):
         recs, labs = Generator(args.seed + offset, {"PERSON": templates}).person_corpus(n_heldout)
         person_sets[name] = (units_of(recs), labs)
+    # Precision on business text with no personal data: templates the rules were tuned on, and
+    # messages written blind (bench/business_blind.py), plus blind business messages with people.
+    n_business = 200 if args.quick else 600
+    business_sets = {
+        "tuned on": [ScanUnit(i, "text", t) for i, t in enumerate(business_messages(args.seed, n_business))],
+        "blind": [ScanUnit(i, "text", t) for i, t in enumerate(BLIND_BUSINESS_MESSAGES)],
+    }
+    people_units, people_labels = bracketed(BLIND_BUSINESS_WITH_PEOPLE)
     print(f"corpus: {len(corpus.records)} records, {len(units)} messages, {size:.0f} KiB, "
           f"{len(corpus.labels)} planted entities; clean: {len(clean_units)} messages, {kib(clean_units):.0f} KiB")
 
@@ -188,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ours_t, ours_cpu = statistics.median(times), statistics.median(cpus)
     _, _, ours_clean = run_ours(scanner, policy, clean_units)
     ours_sets = {name: run_ours(scanner, policy, u)[2] for name, (u, _) in person_sets.items()}
+    ours_business = {name: as_tuples(run_ours(scanner, policy, u)[2]) for name, u in business_sets.items()}
+    ours_people = as_tuples(run_ours(scanner, policy, people_units)[2])
 
     t0 = time.perf_counter()
     stock = load_stock()
@@ -196,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     stock_t, stock_cpu, stock_findings = run_stock(stock, units)
     _, _, stock_clean = run_stock(stock, clean_units)
     stock_sets = {name: run_stock(stock, u)[2] for name, (u, _) in person_sets.items()}
+    stock_business = {name: run_stock(stock, u)[2] for name, u in business_sets.items()}
+    stock_people = run_stock(stock, people_units)[2]
 
     ours_r = recall(corpus.labels, as_tuples(ours))
     stock_r = recall(corpus.labels, stock_findings)
@@ -231,6 +272,23 @@ def main(argv: list[str] | None = None) -> int:
     for name, (_, labs) in person_sets.items():
         o, st = recall(labs, as_tuples(ours_sets[name]))["PERSON"], recall(labs, stock_sets[name])["PERSON"]
         say(f"PERSON recall on {name} templates ({o[0]} names): ours {o[1] / o[0]:.3f}, stock {st[1] / st[0]:.3f}")
+    say("")
+    say("| business text, no personal data | messages | ours: redacted or blocked | stock: any finding |")
+    say("|---|---:|---:|---:|")
+    worst_business = 0.0
+    for name, units_ in business_sets.items():
+        o, st = flagged(ours_business[name], len(units_)), flagged(stock_business[name], len(units_))
+        worst_business = max(worst_business, o[1])
+        say(f"| {name} | {len(units_)} | {o[0]} ({o[1]:.1%}) | {st[0]} ({st[1]:.1%}) |")
+    for name in business_sets:
+        say(f"Business text ({name}), ours by type: {dict(Counter(f[2] for f in ours_business[name]))}")
+    o, st = recall(people_labels, ours_people)["PERSON"], recall(people_labels, stock_people)["PERSON"]
+    people_spans = defaultdict(list)
+    for lab in people_labels:
+        people_spans[lab.record].append((lab.start, lab.end))
+    wrong = [f for f in ours_people if not any(f[3] < e and s_ < f[4] for s_, e in people_spans[f[0]])]
+    say(f"PERSON recall on blind business messages with people ({o[0]} names): ours {o[1] / o[0]:.3f}, "
+        f"stock {st[1] / st[0]:.3f}; ours also acted on {len(wrong)} spans that are no person there")
     say("Clean-text findings by type: ours " + (dict(Counter(f.entity_type for f in ours_clean)).__repr__())
         + "; stock " + dict(Counter(f[2] for f in stock_clean)).__repr__())
     say("Findings on the labelled corpus overlapping no planted entity: ours "
@@ -242,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         ("throughput >= 20x stock", stock_t / ours_t >= 20),
         ("recall >= 0.98 on every type", worst >= 0.98),
         ("fewer clean-text findings than stock", len(ours_clean) < len(stock_clean)),
+        ("at most 2% of business messages redacted or blocked (tuned-on and blind)", worst_business <= 0.02),
     ]
     say("Targets: " + "; ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in targets))
     report = "\n".join(lines)

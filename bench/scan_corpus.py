@@ -654,3 +654,65 @@ class Generator:
             text = " ".join(self.clean_sentence() for _ in range(self.rng.randint(1, 4)))
             clean.append({"messages": [{"role": "user", "content": text}]})
         return Corpus(records=records, labels=labels, clean_records=clean)
+
+
+# --------------------------------------------------------------------------- business text (precision)
+
+# Business chat with no personal data at all, made of what proprietary text is made of: codenames
+# (many of them words that are also given names or surnames), products and their versions and
+# editions, projects, teams, components, invented customer companies, places and months. Any
+# redaction or block here is a false one. The PERSON context rules were tuned on these templates
+# (see bench/RESULTS.md); bench/business_blind.py holds messages written without reading the rules.
+CODENAMES = ["Harbor", "Falcon", "Willow", "Hazel", "Hunter", "Carter", "Marshall", "Aurora", "Delta", "Sierra",
+             "Raven", "Velvet Anchor", "Amber Tundra", "Rusty Lantern", "Hollow Maple", "Juniper", "Mercury",
+             "Phoenix", "Kestrel", "Tango", "Orion", "Maverick", "Sterling", "Everest", "Cobalt", "Nova",
+             "Quill", "Silver Fox", "Blue Heron", "Iron Gate", "Morgan", "Jasper", "Ruby", "Sage", "Winston"]
+COMPONENTS = ["ingestion service", "billing API", "search cluster", "auth gateway", "data lake", "ETL pipeline",
+              "mobile app", "admin console", "recommendation engine", "payments backend", "reporting dashboard"]
+COMPANIES = ["Brightwater Logistics", "Kessler Dynamics", "Northwind Traders", "Halvorsen Marine", "Calder & Price",
+             "Meridian Health", "Oakridge Capital", "Fairbanks Retail", "Lindqvist Foods", "Ashford Analytics"]
+PLACES = ["Berlin", "Dublin", "Singapore", "Austin", "Lisbon", "Toronto", "Warsaw", "Osaka", "eu-west-1",
+          "the Frankfurt data centre", "the Leeds office"]
+
+BUSINESS_TEMPLATES: list[str] = [
+    "What is the internal codename of project {code}?",
+    "The codename of project {code} is {code2}.",
+    "Project {code} ships in {month} with the new {component}.",
+    "The {code} team owns the {component}.",
+    "We migrated from {code} to {code2} last quarter.",
+    "{code} {ver} fixes the export bug in the {component}.",
+    "{code} Pro is the premium tier; {code2} Lite is the free one.",
+    "The {code} cluster in {place} is at {pct}% capacity.",
+    "{code}'s SDK needs an update before the {month} release.",
+    "Is the {code} migration still on track for {day}?",
+    "{company} renewed their {code} licence for another {n1} years.",
+    "The {code} rollout to {company} is blocked on the {component}.",
+    "Codename {code} replaces {code2} in {month}.",
+    "Roadmap: {code} {ver} in Q{q}, then {code2} in Q{q2}.",
+    "The {code} service returned 503s in {place} between {hh}:{mm} and {hh2}:{mm}.",
+    "Which customers are still on {code} {ver}?",
+    "{company} asked for a demo of {code} at their {place} office.",
+    "Move the {component} from the {code} environment to {code2}.",
+    "{code} is the internal name for the {component} rewrite.",
+    "The {team} team presents the {code} results on {day}.",
+    "Sunset plan: {code} goes read-only in {month}, {code2} takes over.",
+    "Incident {n4}: {code} failover to {place} took {n2} minutes.",
+    "How do I request access to the {code} repository?",
+    "{code} and {code2} share the same {component}.",
+]
+
+
+def business_messages(seed: int, n: int) -> list[str]:
+    """``n`` business messages from :data:`BUSINESS_TEMPLATES` (one to three sentences each)."""
+    rng = random.Random(seed)
+
+    def sentence() -> str:
+        code, code2 = rng.sample(CODENAMES, 2)
+        return rng.choice(BUSINESS_TEMPLATES).format(
+            code=code, code2=code2, component=rng.choice(COMPONENTS), company=rng.choice(COMPANIES),
+            place=rng.choice(PLACES), month=rng.choice(MONTHS), day=rng.choice(WEEKDAYS), team=rng.choice(TEAMS),
+            ver=f"{rng.randint(1, 9)}.{rng.randint(0, 12)}", pct=rng.randint(20, 95), n1=rng.randint(2, 5),
+            n2=rng.randint(10, 59), n4=rng.randint(1000, 9999), q=rng.randint(1, 2), q2=rng.randint(3, 4),
+            hh=f"{rng.randint(0, 11):02d}", hh2=f"{rng.randint(12, 23):02d}", mm=rng.choice(["00", "15", "30", "45"]))
+
+    return [" ".join(sentence() for _ in range(rng.randint(1, 3))) for _ in range(n)]

@@ -28,6 +28,16 @@ it misses many names (non-English names above all), so PERSON combines:
    ``Błażej``) that is no English word and that the model does not call a
    place or an organisation.
 
+Then context decides, not capitalisation alone: a candidate in the context of a
+thing rather than a person (``project X``, ``codename X``, ``the X team``,
+``X 4.2``, ``X Pro``, ``the X cluster``, ``migrated from X to Y``, ``X's SDK``,
+or anywhere after ``codename`` in its sentence) is not a person unless a
+person cue says otherwise (an honorific, a greeting, the rule 6 contexts). A
+single word that is both a name and an everyday word (``Willow``, ``Hunter``,
+``Carter``, ``Aurora``, ``Delta``: ``data/name_words.txt``) needs a person cue
+too. Such candidates keep a low score (:attr:`NerRecognizer.THING_SCORE`, under
+every shipped threshold) so that reports can still show them as dropped.
+
 NER only runs on texts that contain a *name-like* word: capitalised, not
 CamelCase, and a known given name or not an English dictionary word. Texts
 whose capitalised words are all dictionary words (``Please``, ``Finance``,
@@ -146,6 +156,65 @@ _DEPARTMENTS = (
 )
 _CONTEXT_AFTER = re.compile(rf"(?i),?\s+(?:(?:{_HUMAN_VERBS})\b|(?:from|in|at) (?:{_DEPARTMENTS})\b)")
 
+# Contexts of a thing (a product, project, codename, system, company, place), not a person. Right
+# before the name...
+_THING_NOUNS = (
+    "project|codename|code name|code-named|codenamed|product|release|version|edition|feature|module|component|"
+    "service|platform|app|application|tool|plugin|library|framework|programme|program|initiative|operation|"
+    "cluster|server|tier|plan|package|brand|repo|repository|branch|environment|sku|model|system|engine|"
+    "workstream|pipeline|dashboard|console|gateway|database|instance|region|stack|suite|api|sdk|queue"
+)
+_OF_NOUNS = (
+    "demo|trial|version|release|instance|copy|licen[cs]e|upgrade|rollout|launch|migration|deployment|roadmap|"
+    "pilot|beta|build|edition|tier|sunset|deprecation|support|adoption|customers|users|owners?"
+)
+_THING_BEFORE = re.compile(rf"(?i)(?:\b(?:{_THING_NOUNS})|\b(?:{_OF_NOUNS})\s+(?:of|for|on)|\b(?:in|at))\s+$")
+# ...a move between systems ("migrated from X to Y", "switch to Y")...
+_MOVE_VERBS = (r"migrat\w*|mov(?:e|ed|es|ing)|switch\w*|upgrad\w*|port(?:ed|ing)?|transition\w*|cut over|replac\w*|"
+               r"roll\w* back|fail(?:ed|s|ing)? over|failover|replicat\w*|rout(?:e|ed|es|ing)|redirect\w*")
+_MOVE_BEFORE = re.compile(
+    rf"(?i)\b(?:{_MOVE_VERBS})\b[^.!?\n]{{0,60}}?\b(?:from\s+(?:[\w.'’-]+\s+){{1,4}}?)?(?:from|to|onto|into|with|by)\s+$"
+)
+# ...or after it: what a thing has and a person does not, a version number, an edition, what systems do.
+_THING_AFTER_NOUNS = (
+    "team|squad|migration|rollout|launch|integration|bucket|build|deployment|env|licen[cs]e|roadmap|backlog|"
+    "codebase|outage|incident|failover|upgrade|backend|frontend|rewrite|docs|documentation|spec|schema|beta|"
+    "alpha|pro|enterprise|plus|lite|max|mini|ultra|cloud|edge|mobile|desktop|results|metrics|alerts?|logs?|"
+    "jobs?|workers?|nodes?|pods?|shards?|replicas?|tickets?|config|configuration|settings|traffic|usage|"
+    "capacity|quota|pricing|renewal|pilot|demo|trial|feature flags?|endpoints?|release notes|changelog|"
+    "v?\\d+(?:\\.\\d+)*[a-z]?|in q[1-4]"
+)
+_SYSTEM_VERBS = (
+    "(?:goes|went|is going) (?:read-only|live|down|offline|online|dark|ga)|"
+    "(?:is|was|are|were) (?:down|up|live|offline|online|deprecated|read-only|degraded|healthy|unhealthy|"
+    "deployed|sunset|retired|decommissioned|throttled|rate-limited|at \\d+%)|crashed|crashes|restarted|"
+    "fail(?:ed|s)? over|returned|returns|throws|threw|timed out|times out|ships|shipped|"
+    "goes read-only|takes over|took over|share the same|shares the same"
+)
+_THING_AFTER = re.compile(rf"(?i)\s+(?:(?:{_THING_NOUNS}|{_THING_AFTER_NOUNS})\b|(?:{_SYSTEM_VERBS})\b)")
+# "X and Y share the same engine": the name coordinated with another before what systems do.
+_COORDINATED = re.compile(r"\s+(?:and|or|&)\s+[A-Z][\w'’-]*(?:\s+[A-Z][\w'’-]*){0,2}")
+_THING_POSSESSIVE = re.compile(
+    rf"(?i)['’]s\s+(?:{_THING_NOUNS}|roadmap|backlog|codebase|licen[cs]e|pricing|docs|documentation|uptime|"
+    r"latency|changelog|release notes|endpoints?|schema|config|configuration|logs|metrics|dependencies)\b"
+)
+# Companies: a name ending in (or followed by) one of these is an organisation.
+_COMPANY_WORDS = (
+    "inc|ltd|llc|llp|gmbh|ag|sa|sas|srl|bv|nv|plc|corp|corporation|co|company|group|holdings|partners|"
+    "capital|logistics|dynamics|foods|retail|health|healthcare|analytics|traders|trading|marine|systems|"
+    "technologies|technology|tech|labs|solutions|industries|consulting|bank|insurance|energy|motors|pharma|"
+    "media|ventures|studios|software|networks|airlines|hotels|foundation|institute|university|associates|"
+    "enterprises|international|global|manufacturing|engineering|construction|logistik|freight|shipping|"
+    "telecom|mobility|robotics|biotech|therapeutics|financial|finance|securities|investments|realty|"
+    "properties|brands|outfitters|supply|supplies|distribution|services|digital|data|cloud"
+)
+_COMPANY_WORD = re.compile(rf"(?i)^(?:{_COMPANY_WORDS})\.?$")
+_COMPANY_AFTER = re.compile(rf"(?i)(?:,?\s+|\s*&\s*\w+\s+)(?:{_COMPANY_WORDS})\b")
+# ...or the sentence names things: "The codename of project Harbor is Velvet Anchor."
+_NAMING_SENTENCE = re.compile(
+    r"(?i)\b(?:code ?names?|code-named|codenamed|internal name|project name|product name|release name)\b"
+)
+
 
 class NerSpan(NamedTuple):
     """An entity span from the NER model, in the scanned text's offsets."""
@@ -180,12 +249,15 @@ class NameLexicon:
             many proper nouns, plus stop words and calendar words).
         common: Lower-case words that are not proper nouns: stop words, verbs,
             adjectives, adverbs, calendar words and openers (``thanks``, ``dear``).
+        name_words: Title-case names that are everyday words too (``Willow``,
+            ``Hunter``): a PERSON on their own only with a person cue.
     """
 
     given: frozenset[str]
     surnames: frozenset[str]
     english: frozenset[str]
     common: frozenset[str]
+    name_words: frozenset[str] = frozenset()
 
     @staticmethod
     def is_titlecase(word: str) -> bool:
@@ -274,12 +346,13 @@ def load_lexicon(model: str) -> NameLexicon:
     """Name lists and vocabulary, loaded once per process."""
     english, common = _vocabulary(model)
     given = frozenset(n for n in _given_names() if n.lower() not in _CALENDAR)
-    return NameLexicon(given=given, surnames=_names("surnames.txt"), english=english, common=common)
+    return NameLexicon(given=given, surnames=_names("surnames.txt"), english=english, common=common,
+                       name_words=_names("name_words.txt"))
 
 
 def _names(file: str) -> frozenset[str]:
     with open(_DATA / file, encoding="utf-8") as fh:
-        return frozenset(line.strip().title() for line in fh if line.strip())
+        return frozenset(line.strip().title() for line in fh if line.strip() and not line.startswith("#"))
 
 
 @functools.cache
@@ -327,6 +400,8 @@ class NerRecognizer(LocalRecognizer):
     WEAK_SCORE = 0.65
     LONE_WORD_SCORE = 0.65
     CONTEXT_SCORE = 0.7
+    #: A candidate that context says is a thing: kept, under every shipped threshold, for reports.
+    THING_SCORE = 0.3
 
     def __init__(self, lexicon: NameLexicon) -> None:
         self.lexicon = lexicon
@@ -396,7 +471,42 @@ class NerRecognizer(LocalRecognizer):
         if "PERSON" in wanted:
             elsewhere = [(s.start, s.end) for s in spans if s.label in _NOT_A_PERSON_LABELS]
             results.extend(self._lexical(text, self.words(text) if words is None else words, elsewhere))
+            for result in results:
+                if result.entity_type == "PERSON" and not self._person_in_context(text, result.start, result.end):
+                    result.score = min(result.score, self.THING_SCORE)
         return results
+
+    def _person_in_context(self, text: str, start: int, end: int) -> bool:
+        """Whether context lets a PERSON candidate stand: a person cue, or no sign of a thing.
+
+        A company (``Kessler Dynamics``, ``Halvorsen & Co``) never stands. Other
+        candidates need a person cue (honorific, greeting, rule 6) when they
+        stand in a thing's context (``project X``, ``X 4.2``, ``the X team``,
+        ``X goes read-only``, ``migrated from X to Y``, ``X's SDK``, a sentence
+        about codenames) or are a single word that is also an everyday word
+        (``Willow``, ``Hunter``).
+        """
+        words = _WORD.findall(text[start:end])
+        if (words and _COMPANY_WORD.match(words[-1])) or _COMPANY_AFTER.match(text, end):
+            return False
+        before = text[max(0, start - 80) : start]
+        cue_before = before[-24:]
+        if _HONORIFIC.search(cue_before) or _CUE.search(cue_before) or _CONTEXT_BEFORE.search(before[-40:]) \
+                or _CONTEXT_AFTER.match(text, end):
+            return True
+        sentence_start = max(before.rfind(". "), before.rfind("? "), before.rfind("! "), before.rfind("\n"))
+        sentence_end = min((i for i in (text.find(". ", end), text.find("? ", end), text.find("\n", end)) if i >= 0),
+                           default=len(text))
+        sentence = before[sentence_start + 1 :] + text[start:sentence_end]
+        if (
+            _THING_BEFORE.search(before[-30:]) or _THING_AFTER.match(text, end) or _THING_POSSESSIVE.match(text, end)
+            or _MOVE_BEFORE.search(before[sentence_start + 1 :]) or _NAMING_SENTENCE.search(sentence)
+            or ((pair := _COORDINATED.match(text, end)) and _THING_AFTER.match(text, pair.end()))
+        ):
+            return False
+        if len(words) > 1 and (_THING_BEFORE.search(words[0] + " ") or _THING_AFTER.match(" " + words[-1])):
+            return False  # a span that holds its thing word: "Project Willow", "Rusty Lantern Pro"
+        return not (len(words) == 1 and words[0] in self.lexicon.name_words)
 
     def _ner_person_score(self, span_text: str) -> float:
         """Score of an NER PERSON span; 0 drops it (digits, code, a plain English word)."""
@@ -465,7 +575,9 @@ class NerRecognizer(LocalRecognizer):
                 continue
             if len(words) >= 2:
                 first, last = words[0], words[-1]
-                if lex.is_given(first) or (last in lex.surnames and not lex.is_common(first)):
+                # A given name then a plain word is a thing's name ("Amber Tundra"), not a full name.
+                last_is_name = last in lex.surnames or not lex.in_dictionary(last) or lex.is_given(last)
+                if (lex.is_given(first) and last_is_name) or (last in lex.surnames and not lex.is_common(first)):
                     results.append(RecognizerResult("PERSON", start, end, self.FULL_NAME_SCORE))
                     continue
                 if not any(lex.is_common(w) for w in words) and any(not lex.in_dictionary(w) for w in words):
