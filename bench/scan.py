@@ -18,9 +18,12 @@ Clean text: any finding at all on the clean messages is a false finding.
 Business text: share of messages full of codenames, products, versions, teams,
 components, customer companies and places (and no personal data) that the
 default policy would redact or block; for stock presidio, messages with any
-finding. Two sets: templates the PERSON context rules were tuned on
-(``scan_corpus.BUSINESS_TEMPLATES``) and messages written blind, never tuned on
-(``business_blind.py``), with a blind recall check on business messages naming people.
+finding. Three sets: templates the PERSON context rules were tuned on
+(``scan_corpus.BUSINESS_TEMPLATES``), messages written without reading the rules
+and then tuned on (``business_tuning.py``: codenames that are plain given names,
+as grammatical subjects, the hard case), and messages written without reading the
+rules and never tuned on (``business_blind.py``); the last two come with business
+messages naming people (marked ``[[...]]``) for PERSON recall.
 Throughput: message bytes (UTF-8) over wall time, model already loaded; ours is
 the median of three runs, stock one run. Both are single-threaded; the CPU-time
 figures are printed too because other work on a shared machine skews wall time.
@@ -44,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scan_corpus import BLIND2_PERSON_TEMPLATES, BLIND_PERSON_TEMPLATES, HELDOUT_PERSON_TEMPLATES, PLANTED_TYPES, Corpus, Generator, Label, business_messages  # noqa: E402
 from business_blind import BLIND_BUSINESS_MESSAGES, BLIND_BUSINESS_WITH_PEOPLE  # noqa: E402
+from business_tuning import TUNING_BUSINESS_MESSAGES, TUNING_BUSINESS_WITH_PEOPLE  # noqa: E402
 
 from appliance.policy import decide, load_policy  # noqa: E402
 from appliance.scanning import ScanUnit, Scanner, iter_text_fields  # noqa: E402
@@ -205,10 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     # messages written blind (bench/business_blind.py), plus blind business messages with people.
     n_business = 200 if args.quick else 600
     business_sets = {
-        "tuned on": [ScanUnit(i, "text", t) for i, t in enumerate(business_messages(args.seed, n_business))],
-        "blind": [ScanUnit(i, "text", t) for i, t in enumerate(BLIND_BUSINESS_MESSAGES)],
+        "templates, tuned on": [ScanUnit(i, "text", t) for i, t in enumerate(business_messages(args.seed, n_business))],
+        "written blind, then tuned on": [ScanUnit(i, "text", t) for i, t in enumerate(TUNING_BUSINESS_MESSAGES)],
+        "written blind, never tuned on": [ScanUnit(i, "text", t) for i, t in enumerate(BLIND_BUSINESS_MESSAGES)],
     }
-    people_units, people_labels = bracketed(BLIND_BUSINESS_WITH_PEOPLE)
+    people_sets = {"written blind, then tuned on": bracketed(TUNING_BUSINESS_WITH_PEOPLE),
+                   "written blind, never tuned on": bracketed(BLIND_BUSINESS_WITH_PEOPLE)}
     print(f"corpus: {len(corpus.records)} records, {len(units)} messages, {size:.0f} KiB, "
           f"{len(corpus.labels)} planted entities; clean: {len(clean_units)} messages, {kib(clean_units):.0f} KiB")
 
@@ -226,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     _, _, ours_clean = run_ours(scanner, policy, clean_units)
     ours_sets = {name: run_ours(scanner, policy, u)[2] for name, (u, _) in person_sets.items()}
     ours_business = {name: as_tuples(run_ours(scanner, policy, u)[2]) for name, u in business_sets.items()}
-    ours_people = as_tuples(run_ours(scanner, policy, people_units)[2])
+    ours_people = {name: as_tuples(run_ours(scanner, policy, u)[2]) for name, (u, _) in people_sets.items()}
 
     t0 = time.perf_counter()
     stock = load_stock()
@@ -236,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     _, _, stock_clean = run_stock(stock, clean_units)
     stock_sets = {name: run_stock(stock, u)[2] for name, (u, _) in person_sets.items()}
     stock_business = {name: run_stock(stock, u)[2] for name, u in business_sets.items()}
-    stock_people = run_stock(stock, people_units)[2]
+    stock_people = {name: run_stock(stock, u)[2] for name, (u, _) in people_sets.items()}
 
     ours_r = recall(corpus.labels, as_tuples(ours))
     stock_r = recall(corpus.labels, stock_findings)
@@ -282,13 +288,16 @@ def main(argv: list[str] | None = None) -> int:
         say(f"| {name} | {len(units_)} | {o[0]} ({o[1]:.1%}) | {st[0]} ({st[1]:.1%}) |")
     for name in business_sets:
         say(f"Business text ({name}), ours by type: {dict(Counter(f[2] for f in ours_business[name]))}")
-    o, st = recall(people_labels, ours_people)["PERSON"], recall(people_labels, stock_people)["PERSON"]
-    people_spans = defaultdict(list)
-    for lab in people_labels:
-        people_spans[lab.record].append((lab.start, lab.end))
-    wrong = [f for f in ours_people if not any(f[3] < e and s_ < f[4] for s_, e in people_spans[f[0]])]
-    say(f"PERSON recall on blind business messages with people ({o[0]} names): ours {o[1] / o[0]:.3f}, "
-        f"stock {st[1] / st[0]:.3f}; ours also acted on {len(wrong)} spans that are no person there")
+    for name, (_, people_labels) in people_sets.items():
+        o = recall(people_labels, ours_people[name])["PERSON"]
+        st = recall(people_labels, stock_people[name])["PERSON"]
+        worst = min(worst, o[1] / o[0])
+        people_spans = defaultdict(list)
+        for lab in people_labels:
+            people_spans[lab.record].append((lab.start, lab.end))
+        wrong = [f for f in ours_people[name] if not any(f[3] < e and s_ < f[4] for s_, e in people_spans[f[0]])]
+        say(f"PERSON recall on business messages with people, {name} ({o[0]} names): ours {o[1] / o[0]:.3f}, "
+            f"stock {st[1] / st[0]:.3f}; ours also acted on {len(wrong)} spans that are no person there")
     say("Clean-text findings by type: ours " + (dict(Counter(f.entity_type for f in ours_clean)).__repr__())
         + "; stock " + dict(Counter(f[2] for f in stock_clean)).__repr__())
     say("Findings on the labelled corpus overlapping no planted entity: ours "
@@ -298,9 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Load average (1 min) {load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.")
     targets = [
         ("throughput >= 20x stock", stock_t / ours_t >= 20),
-        ("recall >= 0.98 on every type", worst >= 0.98),
+        ("recall >= 0.98 on every type (and on business messages with people)", worst >= 0.98),
         ("fewer clean-text findings than stock", len(ours_clean) < len(stock_clean)),
-        ("at most 2% of business messages redacted or blocked (tuned-on and blind)", worst_business <= 0.02),
+        ("at most 2% of business messages redacted or blocked (every set)", worst_business <= 0.02),
     ]
     say("Targets: " + "; ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in targets))
     report = "\n".join(lines)

@@ -28,6 +28,7 @@ tldextract's bundled suffix list.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import logging
 import threading
@@ -46,7 +47,7 @@ from appliance.scanning.findings import (
     Finding,
     ScanUnit,
 )
-from appliance.scanning.person import NerRecognizer, NerSpan, load_lexicon
+from appliance.scanning.person import NO_SIGN, PERSON_CONTEXT, THING, NerRecognizer, NerSpan, load_lexicon
 from appliance.scanning.pii_recognizers import build_pii_recognizers
 from appliance.scanning.secret_recognizers import SECRET_RECOGNIZERS
 
@@ -164,6 +165,7 @@ class Scanner:
         wanted_list = sorted(wanted)
         recognizers = [r for r in self.recognizers if wanted.intersection(r.supported_entities)]
         use_ner = bool(wanted & NER_ENTITIES)
+        things: set[str] = set()  # names seen as things in this scan (see _propagate_things)
         for batch in _batched(units, self.batch_size):
             for unit in batch:
                 if not isinstance(unit[2], str):
@@ -179,12 +181,30 @@ class Scanner:
                 else:
                     words = [None] * len(batch)
                     spans = [[] for _ in batch]
-                found = [
-                    finding
+                analysed = [
+                    (text, finding, context)
                     for (record, field, text), ner_spans, text_words in zip(batch, spans, words, strict=True)
-                    for finding in self._analyze(record, field, text, ner_spans, text_words, recognizers, wanted, wanted_list)
+                    for finding, context in self._analyze(
+                        record, field, text, ner_spans, text_words, recognizers, wanted, wanted_list)
                 ]
-            yield from found
+            yield from self._propagate_things(analysed, things)
+
+    def _propagate_things(self, analysed: list[tuple[str, Finding, str | None]], things: set[str]) -> list[Finding]:
+        """One name, one meaning within a scan: a name that context shows to be a thing somewhere is one everywhere.
+
+        A codename is rarely in a thing's context every time it is written
+        (``Otto now handles refunds`` beside ``the Otto service``). A PERSON
+        candidate with no sign either way (:data:`~appliance.scanning.person.NO_SIGN`)
+        whose exact text was seen as a thing in this batch or an earlier one of
+        the same scan gets the thing score; one with a person cue keeps its own.
+        """
+        things.update(text[f.start : f.end] for text, f, context in analysed if context == THING)
+        out = []
+        for text, finding, context in analysed:
+            if context == NO_SIGN and text[finding.start : finding.end] in things:
+                finding = dataclasses.replace(finding, score=min(finding.score, NerRecognizer.THING_SCORE))
+            out.append(finding)
+        return out
 
     def _ner(self, texts: list[str], words: list[list[Any]]) -> list[list[NerSpan]]:
         """NER spans per text: the windows around name-like words of the whole batch go through one ``nlp.pipe``."""
@@ -211,7 +231,8 @@ class Scanner:
         recognizers: list[LocalRecognizer],
         wanted: frozenset[str],
         wanted_list: list[str],
-    ) -> list[Finding]:
+    ) -> list[tuple[Finding, str | None]]:
+        """The findings in one text, each with its PERSON context verdict (None for other types)."""
         if not text:
             return []
         results: list[RecognizerResult] = []
@@ -222,7 +243,8 @@ class Scanner:
         results = [r for r in results if r.entity_type in wanted]
         results = _drop_shadowed(EntityRecognizer.remove_duplicates(results))
         results.sort(key=lambda r: (r.start, r.end, r.entity_type))
-        return [Finding(record, field, r.entity_type, r.start, r.end, float(r.score)) for r in results]
+        return [(Finding(record, field, r.entity_type, r.start, r.end, float(r.score)),
+                 (r.recognition_metadata or {}).get(PERSON_CONTEXT)) for r in results]
 
 
 # Where spans of different types overlap, the more specific type stands and the

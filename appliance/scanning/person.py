@@ -168,12 +168,20 @@ _OF_NOUNS = (
     "demo|trial|version|release|instance|copy|licen[cs]e|upgrade|rollout|launch|migration|deployment|roadmap|"
     "pilot|beta|build|edition|tier|sunset|deprecation|support|adoption|customers|users|owners?"
 )
-_THING_BEFORE = re.compile(rf"(?i)(?:\b(?:{_THING_NOUNS})|\b(?:{_OF_NOUNS})\s+(?:of|for|on)|\b(?:in|at))\s+$")
-# ...a move between systems ("migrated from X to Y", "switch to Y")...
-_MOVE_VERBS = (r"migrat\w*|mov(?:e|ed|es|ing)|switch\w*|upgrad\w*|port(?:ed|ing)?|transition\w*|cut over|replac\w*|"
-               r"roll\w* back|fail(?:ed|s|ing)? over|failover|replicat\w*|rout(?:e|ed|es|ing)|redirect\w*")
+_THING_BEFORE = re.compile(rf"(?i)(?:\b(?:{_THING_NOUNS})|\b(?:{_OF_NOUNS})\s+(?:of|for|on))\s+$")
+# A single word where things are: "the servers in Austin", "hosted at Sierra" (not "loop in Kenji").
+_PLACE_BEFORE = re.compile(
+    r"(?i)\b(?:based|located|hosted|deployed|running|runs|stored|office|offices|site|sites|region|data ?cent(?:er|re)|"
+    r"warehouse|cluster|servers?|lives?|living|headquartered|headquarters|hq|store|stores|plant|factory|depot|"
+    r"branch|campus|conference|summit|event)\s+(?:in|at)\s+$"
+)
+# ...a move between systems: "migrated to Y", "switched from X to Y" (not "send the migration plan to Aisha").
+_MOVE_VERBS = (r"migrat(?:e|ed|es|ing)|switch(?:ed|es|ing)?|upgrad(?:e|ed|es|ing)|transition(?:ed|s|ing)?|cut over|"
+               r"fail(?:ed|s|ing)? over|replicat(?:e|ed|es|ing)")
 _MOVE_BEFORE = re.compile(
-    rf"(?i)\b(?:{_MOVE_VERBS})\b[^.!?\n]{{0,60}}?\b(?:from\s+(?:[\w.'’-]+\s+){{1,4}}?)?(?:from|to|onto|into|with|by)\s+$"
+    rf"(?i)\b(?:(?:{_MOVE_VERBS})\s+(?:[\w-]+\s+){{0,3}}?(?:from|to|onto|into)|"
+    rf"(?:{_MOVE_VERBS}|mov(?:e|ed|es|ing)|replac(?:e|ed|es|ing)|roll(?:ed|s|ing)? back)\s+(?:[\w-]+\s+){{0,3}}?"
+    rf"from\s+(?:[\w.'’-]+\s+){{1,4}}?to)\s+$"
 )
 # ...or after it: what a thing has and a person does not, a version number, an edition, what systems do.
 _THING_AFTER_NOUNS = (
@@ -184,14 +192,30 @@ _THING_AFTER_NOUNS = (
     "capacity|quota|pricing|renewal|pilot|demo|trial|feature flags?|endpoints?|release notes|changelog|"
     "v?\\d+(?:\\.\\d+)*[a-z]?|in q[1-4]"
 )
+# What systems do and people hardly ever ("Maria restarted the server" is a person: not listed).
 _SYSTEM_VERBS = (
     "(?:goes|went|is going) (?:read-only|live|down|offline|online|dark|ga)|"
-    "(?:is|was|are|were) (?:down|up|live|offline|online|deprecated|read-only|degraded|healthy|unhealthy|"
-    "deployed|sunset|retired|decommissioned|throttled|rate-limited|at \\d+%)|crashed|crashes|restarted|"
-    "fail(?:ed|s)? over|returned|returns|throws|threw|timed out|times out|ships|shipped|"
-    "goes read-only|takes over|took over|share the same|shares the same"
+    "(?:is|was|are|were) (?:down|live|offline|online|deprecated|read-only|degraded|unhealthy|"
+    "deployed|sunset|decommissioned|throttled|rate-limited|at \\d+%)|crashed|crashes|"
+    "fail(?:ed|s)? over|throws|timed out|times out"
 )
-_THING_AFTER = re.compile(rf"(?i)\s+(?:(?:{_THING_NOUNS}|{_THING_AFTER_NOUNS})\b|(?:{_SYSTEM_VERBS})\b)")
+_THING_AFTER = re.compile(rf"(?i)\s+(?:(?:{_THING_NOUNS}|{_THING_AFTER_NOUNS})s?\b|(?:{_SYSTEM_VERBS})\b)")
+# "Matilda is the backup job for Florence", "Solomon is our internal cost tracker".
+_DEFINED_AS_THING = re.compile(
+    rf"(?i)\s+(?:is|was|are|were|remains)\s+(?:the|our|an?|their|your|its)\s+(?:[\w-]+\s+){{0,3}}?"
+    rf"(?:{_THING_NOUNS}|job|tracker|sandbox|store|cache|bot|scheduler|runner|index|warehouse|lake|"
+    r"feature store|backup|replica|mirror|proxy|worker|daemon|cron|script|integration|connector|portal|"
+    r"website|site|page|form|report|template|workflow|agent|assistant|chatbot|model|codename|code name|"
+    r"internal name|project name|product name)s?"
+    r"(?=\s*(?:[,.;:!?)]|$)|\s+(?:for|of|in|on|at|that|which|and|with|from|to|behind|under)\b)"  # the head noun
+)
+# The lower-case word right after a name (a possessive is no such word).
+_NEXT_WORD = re.compile(r"\s+([a-z][a-z-]*[a-z])\b(?!['’])")
+
+#: :meth:`NerRecognizer.person_context` verdicts, kept in a PERSON result's ``recognition_metadata``.
+PERSON_CONTEXT = "person_context"
+PERSON_CUE, THING, NAME_WORD, NO_SIGN = "person", "thing", "name-word", "none"
+
 # "X and Y share the same engine": the name coordinated with another before what systems do.
 _COORDINATED = re.compile(r"\s+(?:and|or|&)\s+[A-Z][\w'’-]*(?:\s+[A-Z][\w'’-]*){0,2}")
 _THING_POSSESSIVE = re.compile(
@@ -206,13 +230,25 @@ _COMPANY_WORDS = (
     "media|ventures|studios|software|networks|airlines|hotels|foundation|institute|university|associates|"
     "enterprises|international|global|manufacturing|engineering|construction|logistik|freight|shipping|"
     "telecom|mobility|robotics|biotech|therapeutics|financial|finance|securities|investments|realty|"
-    "properties|brands|outfitters|supply|supplies|distribution|services|digital|data|cloud"
+    "properties|brands|outfitters|supply|supplies|distribution|services|digital|data|cloud|dairy|farms?|"
+    "foods|works|werke|apparel|furniture|textiles|electric|electronics|power|water|paper|printing|packaging|"
+    "steel|metals|mining|oil|gas|chemicals|plastics|glass|timber|builders|homes|housing|coffee|bakery|"
+    "brewing|brewery|wines|beverages|kitchens|fashion|sports|toys|games|books|travel|tours|transport|"
+    "trucking|fleet|cargo|express|couriers|clinics?|dental|medical|pharmacy|care|fitness|beauty|cosmetics|"
+    "optics|design|architects|law|legal|accounting|consultancy|advisors|agency|marketing|cleaning|catering|"
+    "events|hospitality|restaurants|resorts|aviation|aerospace|automotive|auto|garage|rail|solar|wind|"
+    "tiles|bikes|outdoor|organics|naturals|pharmaceuticals|laboratories|diagnostics|instruments|controls|"
+    "automation|components|materials|minerals|resources|utilities|renewables|imports|exports|wholesale|"
+    "markets|stores|shops|mart|partners|bancorp|credit|lending|mortgage|assurance|re|mutual|trust|fund|funds"
 )
-_COMPANY_WORD = re.compile(rf"(?i)^(?:{_COMPANY_WORDS})\.?$")
-_COMPANY_AFTER = re.compile(rf"(?i)(?:,?\s+|\s*&\s*\w+\s+)(?:{_COMPANY_WORDS})\b")
-# ...or the sentence names things: "The codename of project Harbor is Velvet Anchor."
+# Capitalised, as in a company's name ("Kessler Dynamics", "Lindgren & Voss"); "Kalina works remotely" is no company.
+_COMPANY_WORD = re.compile(rf"^(?i:{_COMPANY_WORDS})\.?$")
+_COMPANY_AFTER = re.compile(rf"(?:,?\s+|\s*&\s*\w+\s+)(?=[A-Z])(?i:{_COMPANY_WORDS})\b")
+_CAPITALISED_BEFORE = re.compile(r"[A-Z][\w'’-]*\s+$")  # "Meridian" before a span that is only "Health"
+# ...or the sentence named things before it: "The codename of project Harbor is Velvet Anchor."
 _NAMING_SENTENCE = re.compile(
     r"(?i)\b(?:code ?names?|code-named|codenamed|internal name|project name|product name|release name)\b"
+    r"(?!\s+(?:was|were)\s+(?:chosen|picked|proposed|suggested)\s+by)"
 )
 
 
@@ -472,41 +508,59 @@ class NerRecognizer(LocalRecognizer):
             elsewhere = [(s.start, s.end) for s in spans if s.label in _NOT_A_PERSON_LABELS]
             results.extend(self._lexical(text, self.words(text) if words is None else words, elsewhere))
             for result in results:
-                if result.entity_type == "PERSON" and not self._person_in_context(text, result.start, result.end):
-                    result.score = min(result.score, self.THING_SCORE)
+                if result.entity_type == "PERSON":
+                    context = self.person_context(text, result.start, result.end)
+                    result.recognition_metadata = {**(result.recognition_metadata or {}), PERSON_CONTEXT: context}
+                    if context in (THING, NAME_WORD):
+                        result.score = min(result.score, self.THING_SCORE)
         return results
 
-    def _person_in_context(self, text: str, start: int, end: int) -> bool:
-        """Whether context lets a PERSON candidate stand: a person cue, or no sign of a thing.
+    def person_context(self, text: str, start: int, end: int) -> str:
+        """What the context of a PERSON candidate says: :data:`PERSON_CUE`, :data:`THING`, :data:`NAME_WORD` or :data:`NO_SIGN`.
 
-        A company (``Kessler Dynamics``, ``Halvorsen & Co``) never stands. Other
-        candidates need a person cue (honorific, greeting, rule 6) when they
-        stand in a thing's context (``project X``, ``X 4.2``, ``the X team``,
-        ``X goes read-only``, ``migrated from X to Y``, ``X's SDK``, a sentence
-        about codenames) or are a single word that is also an everyday word
-        (``Willow``, ``Hunter``).
+        A company (``Kessler Dynamics``, ``Halvorsen & Co``) is a thing whatever
+        surrounds it. Otherwise a person cue (honorific, greeting, rule 6) wins;
+        then a thing's context (``project X``, ``X 4.2``, ``the X team``, ``X
+        goes read-only``, ``migrated from X to Y``, ``X's SDK``, ``the X
+        timeouts``, a sentence about codenames) makes it a thing; a single word
+        that is also an everyday word (``Willow``, ``Hunter``) is a name-word.
         """
         words = _WORD.findall(text[start:end])
-        if (words and _COMPANY_WORD.match(words[-1])) or _COMPANY_AFTER.match(text, end):
-            return False
+        company_name = words and words[-1][0].isupper() and _COMPANY_WORD.match(words[-1]) and len(words) > 1 \
+            and not any(w in _PARTICLES for w in words)  # "Bjorn van Tours" is a person
+        company_tail = len(words) == 1 and _COMPANY_WORD.match(words[0]) and _CAPITALISED_BEFORE.search(text, 0, start)
+        if company_name or company_tail or _COMPANY_AFTER.match(text, end):
+            return THING
         before = text[max(0, start - 80) : start]
         cue_before = before[-24:]
         if _HONORIFIC.search(cue_before) or _CUE.search(cue_before) or _CONTEXT_BEFORE.search(before[-40:]) \
                 or _CONTEXT_AFTER.match(text, end):
-            return True
+            return PERSON_CUE
         sentence_start = max(before.rfind(". "), before.rfind("? "), before.rfind("! "), before.rfind("\n"))
-        sentence_end = min((i for i in (text.find(". ", end), text.find("? ", end), text.find("\n", end)) if i >= 0),
-                           default=len(text))
-        sentence = before[sentence_start + 1 :] + text[start:sentence_end]
         if (
             _THING_BEFORE.search(before[-30:]) or _THING_AFTER.match(text, end) or _THING_POSSESSIVE.match(text, end)
-            or _MOVE_BEFORE.search(before[sentence_start + 1 :]) or _NAMING_SENTENCE.search(sentence)
+            or (len(words) == 1 and _PLACE_BEFORE.search(before[-40:])) or _DEFINED_AS_THING.match(text, end)
+            or _MOVE_BEFORE.search(before[sentence_start + 1 :]) or _NAMING_SENTENCE.search(before[sentence_start + 1 :])
             or ((pair := _COORDINATED.match(text, end)) and _THING_AFTER.match(text, pair.end()))
+            or self._modifies_a_noun(text, end)
         ):
-            return False
+            return THING
         if len(words) > 1 and (_THING_BEFORE.search(words[0] + " ") or _THING_AFTER.match(" " + words[-1])):
-            return False  # a span that holds its thing word: "Project Willow", "Rusty Lantern Pro"
-        return not (len(words) == 1 and words[0] in self.lexicon.name_words)
+            return THING  # a span that holds its thing word: "Project Willow", "Rusty Lantern Pro"
+        return NAME_WORD if len(words) == 1 and words[0] in self.lexicon.name_words else NO_SIGN
+
+    def _modifies_a_noun(self, text: str, end: int) -> bool:
+        """Whether the name is followed by a plain noun it qualifies (``the Nadia timeouts``, ``Bruno error rate``).
+
+        People are followed by verbs, adverbs and function words (``Nadia
+        said``, ``Nadia today``, ``Nadia and``); a noun right after a name
+        makes the name a modifier, as systems' names are.
+        """
+        match = _NEXT_WORD.match(text, end)
+        if match is None:
+            return False
+        word = match.group(1)
+        return self.lexicon.in_dictionary(word) and not self.lexicon.is_common(word)
 
     def _ner_person_score(self, span_text: str) -> float:
         """Score of an NER PERSON span; 0 drops it (digits, code, a plain English word)."""

@@ -62,7 +62,7 @@ def test_no_token_or_key_material_leaks_anywhere(tmp_path):
     secrets.append(cli_token)
     run_cli(home, "tokens", "revoke", cli_token)  # the whole token pasted by mistake: accepted, never echoed
 
-    needles = [s.encode() for s in secrets] + [s.split("_")[2].encode() for s in secrets] + _key_material(home)
+    needles = [s.encode() for s in secrets] + [s.split("_", 2)[2].encode() for s in secrets] + _key_material(home)
     haystacks: dict[str, bytes] = {"server output": server.output().encode(), "error bodies": "\n".join(bodies).encode()}
     for path in (home / "logs").iterdir():
         haystacks[f"log {path.name}"] = path.read_bytes()

@@ -170,7 +170,7 @@ def test_no_planted_value_token_or_key_leaks_from_any_feature(tmp_path):
     needles = {value: value.encode() for value in PLANTED}
     for role, token in tokens.items():
         needles[f"{role} token"] = token.encode()
-        needles[f"{role} token secret"] = token.split("_")[2].encode()
+        needles[f"{role} token secret"] = token.split("_", 2)[2].encode()
     for i, material in enumerate(_key_material(home)):
         needles[f"master key material {i}"] = material
     haystacks: dict[str, bytes] = {f"response: {k}": v.encode() for k, v in answers.items()}
