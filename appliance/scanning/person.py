@@ -112,7 +112,8 @@ _TO_VERBS = (
 )
 _FROM_NOUNS = (
     "complaint|message|email|e-mail|letter|note|request|call|feedback|reply|response|invoice|order|"
-    "greetings|regards|word|approval|visit|question|update|signature|go-ahead"
+    "greetings|regards|word|approval|visit|question|update|signature|go-ahead|standup|stand-up|notes|minutes|"
+    "summary|recap|status|handover|handoff|comments|input|answer|thoughts|ok|okay|sign-off"
 )
 _ROLE_NOUNS = (
     "manager|colleague|boss|supervisor|co-?worker|teammate|assistant|lawyer|attorney|doctor|landlord|"
@@ -209,6 +210,8 @@ _DEFINED_AS_THING = re.compile(
     r"internal name|project name|product name)s?"
     r"(?=\s*(?:[,.;:!?)]|$)|\s+(?:for|of|in|on|at|that|which|and|with|from|to|behind|under)\b)"  # the head noun
 )
+# A determiner before a name and a word after it: "the Otto refund flow", "our Harper consumers".
+_DETERMINER_BEFORE = re.compile(r"(?i)\b(?:the|our|their|its|your|every|each)\s+$")  # not "that": "the complaint that Eric sent"
 # The lower-case word right after a name (a possessive is no such word).
 _NEXT_WORD = re.compile(r"\s+([a-z][a-z-]*[a-z])\b(?!['’])")
 
@@ -392,6 +395,13 @@ def _names(file: str) -> frozenset[str]:
 
 
 @functools.cache
+def _stop_words() -> frozenset[str]:
+    from spacy.lang.en.stop_words import STOP_WORDS
+
+    return frozenset(STOP_WORDS)
+
+
+@functools.cache
 def _given_names() -> frozenset[str]:
     return _names("given_names.txt")
 
@@ -542,12 +552,24 @@ class NerRecognizer(LocalRecognizer):
             or (len(words) == 1 and _PLACE_BEFORE.search(before[-40:])) or _DEFINED_AS_THING.match(text, end)
             or _MOVE_BEFORE.search(before[sentence_start + 1 :]) or _NAMING_SENTENCE.search(before[sentence_start + 1 :])
             or ((pair := _COORDINATED.match(text, end)) and _THING_AFTER.match(text, pair.end()))
-            or self._modifies_a_noun(text, end)
+            or self._modifies_a_noun(text, end) or self._determined(before, text, end)
         ):
             return THING
         if len(words) > 1 and (_THING_BEFORE.search(words[0] + " ") or _THING_AFTER.match(" " + words[-1])):
             return THING  # a span that holds its thing word: "Project Willow", "Rusty Lantern Pro"
         return NAME_WORD if len(words) == 1 and words[0] in self.lexicon.name_words else NO_SIGN
+
+    @staticmethod
+    def _determined(before: str, text: str, end: int) -> bool:
+        """``the Otto refund flow``: a determiner, the name, then a word that is not a function word.
+
+        People's names take no article; a name between an article and a noun
+        qualifies the noun, as a system's name does (``the Nadia timeouts``).
+        """
+        if not _DETERMINER_BEFORE.search(before[-8:]):
+            return False
+        match = _NEXT_WORD.match(text, end)
+        return match is not None and match.group(1) not in _stop_words()
 
     def _modifies_a_noun(self, text: str, end: int) -> bool:
         """Whether the name is followed by a plain noun it qualifies (``the Nadia timeouts``, ``Bruno error rate``).
