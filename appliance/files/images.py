@@ -183,7 +183,8 @@ class ImageArchiveIntake:
         if self.instance_prompt:
             texts.append((len(ordered), "instance_prompt", self.instance_prompt))
         found = self.scanner.scan([t for t in texts if t[2]], entities=self.policy.scanned_entities())
-        decision = decide(found, self.policy)
+        text_of = {(i, field_): text for i, field_, text in texts}
+        decision = decide(found, self.policy, lambda f: text_of[(f.record, f.field)])
         by_record: dict[int, list[Any]] = {}
         for f in decision.findings:
             report.by_type[f.entity_type] += 1

@@ -138,7 +138,8 @@ class JsonlIntake:
         self._batch = []
         units = [(index, path, text) for index, record in batch for path, text in iter_text_fields(record)]
         found = self.scanner.scan(units, entities=self.policy.inventoried_entities())
-        decision = decide(found, self.policy)
+        texts = {(index, path): text for index, path, text in units}
+        decision = decide(found, self.policy, lambda f: texts[(f.record, f.field)])
         by_record: dict[int, list[Finding]] = {}
         allowed: dict[int, list[tuple[int, Finding]]] = {}  # record -> (index in report.findings, finding)
         first_stored = report.records - len(batch)  # blank lines are not stored: count records, not lines

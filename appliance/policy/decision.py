@@ -1,5 +1,9 @@
 """Applying a policy to findings: per-finding actions and the file's outcome.
 
+A finding whose text lies within a value of the policy's allow list is
+``allow`` whatever its type's rule (secrets excepted); that needs the texts,
+given as ``text_of``.
+
 A file is ``rejected`` when any finding's action is ``block``; otherwise it is
 ``accepted`` (its ``redact`` findings are replaced before training). Findings
 scoring under their type's threshold are *dropped*: they get no action, are
@@ -11,13 +15,16 @@ report can say that low-confidence matches were ignored.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, Literal
 
 from appliance.policy.model import Policy
-from appliance.scanning.findings import ACTIONS, Finding
+from appliance.scanning.findings import ACTIONS, SECRET_ENTITIES, Finding
+
+#: The text a finding was found in (its record's field).
+TextOf = Callable[[Finding], str]
 
 Outcome = Literal["accepted", "rejected"]
 
@@ -82,24 +89,42 @@ class DecisionBuilder:
         self._by_action: Counter[str] = Counter({a: 0 for a in ACTIONS})
         self._blocked: dict[str, set[int]] = defaultdict(set)
         self._dropped = 0
+        self._spans_of: tuple[str, list[tuple[int, int]]] | None = None
 
-    def add(self, findings: Iterable[Finding]) -> list[Finding]:
-        """Decide each finding; return those kept, with ``action`` set."""
+    def add(self, findings: Iterable[Finding], text_of: TextOf | None = None) -> list[Finding]:
+        """Decide each finding; return those kept, with ``action`` set.
+
+        Args:
+            findings: Findings straight from the scanner.
+            text_of: The text of a finding's field, for the allow list; without
+                it the allow list is not applied.
+        """
         kept = []
+        allowed = self._allowed if self.policy.allow_list and text_of is not None else None
         for finding in findings:
             rule = self.policy.rule_for(finding.entity_type)
             if finding.score < rule.threshold:
                 self._dropped += 1
                 continue
-            decided = replace(finding, action=rule.action)
+            action = "allow" if allowed is not None and allowed(finding, text_of) else rule.action
+            decided = replace(finding, action=action)
             kept.append(decided)
             self._by_type[finding.entity_type] += 1
-            self._by_action[rule.action] += 1
-            if rule.action == "block":
+            self._by_action[action] += 1
+            if action == "block":
                 self._blocked[finding.entity_type].add(finding.record)
         if self.keep_findings:
             self._findings.extend(kept)
         return kept
+
+    def _allowed(self, finding: Finding, text_of: TextOf) -> bool:
+        """Whether the finding lies within an occurrence of an allow-listed value (never for secrets)."""
+        if finding.entity_type in SECRET_ENTITIES:
+            return False
+        text = text_of(finding)
+        if self._spans_of is None or self._spans_of[0] is not text:  # findings come grouped by field
+            self._spans_of = (text, self.policy.allowed_spans(text))
+        return any(s <= finding.start and finding.end <= e for s, e in self._spans_of[1])
 
     def result(self) -> Decision:
         """The decision over everything added so far."""
@@ -114,8 +139,8 @@ class DecisionBuilder:
         )
 
 
-def decide(findings: Iterable[Finding], policy: Policy) -> Decision:
-    """Apply ``policy`` to ``findings`` in one go (see :class:`DecisionBuilder` for chunks)."""
+def decide(findings: Iterable[Finding], policy: Policy, text_of: TextOf | None = None) -> Decision:
+    """Apply ``policy`` to ``findings`` in one go (see :class:`DecisionBuilder` for chunks and ``text_of``)."""
     builder = DecisionBuilder(policy)
-    builder.add(findings)
+    builder.add(findings, text_of)
     return builder.result()

@@ -14,10 +14,19 @@ A policy file (YAML or JSON) looks like::
     retention:                                   # optional; a missing key keeps forever
       datasets: 90d                              # uploads, counted from the upload
       adapters: 365d                             # adapters, counted from their publication
+    allow_list:                                  # optional: this project's words that are no personal data
+      - Velvet Anchor
+      - Project Carter
 
 Actions: ``block`` rejects the whole file, ``redact`` replaces the text before
 training, ``allow`` keeps it. A finding scoring under its type's threshold (or
 the default threshold) is dropped, as if it had not been found.
+
+The allow list (presidio's term) holds values the project has reviewed as not
+personal data: codenames, products, customer companies. A finding whose text
+lies within an occurrence of an allowed value (case and spacing aside) is
+``allow`` whatever its type's rule, at intake and in the output guard; secrets
+are the exception, as no review makes a credential harmless.
 
 Retention periods are ``<n>d`` (days) or ``<n>h`` (hours), from 1 hour to
 36500 days; :mod:`appliance.retention` crypto-shreds what outlived them.
@@ -33,6 +42,7 @@ editing the description do not change it, while any change of meaning does.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -49,7 +59,10 @@ from appliance.errors import InvalidRequestError
 from appliance.scanning.findings import ACTIONS, SUPPORTED_ENTITIES, Action
 
 POLICY_VERSION = 1
-_TOP_KEYS = ("version", "description", "default", "entities", "retention")
+_TOP_KEYS = ("version", "description", "default", "entities", "retention", "allow_list")
+#: Limits of the allow list: entries, and characters per entry.
+MAX_ALLOW_LIST = 10_000
+MAX_ALLOWED_VALUE_CHARS = 200
 _RULE_KEYS = ("action", "threshold")
 #: What a retention period may apply to.
 RETENTION_KEYS = ("datasets", "adapters")
@@ -118,8 +131,15 @@ class Policy:
     entities: Mapping[str, EntityRule] = field(default_factory=dict)
     description: str = ""
     retention: Retention = field(default_factory=Retention)
+    allow_list: tuple[str, ...] = ()
     version: int = POLICY_VERSION
     content_hash: str = ""
+
+    def allowed_spans(self, text: str) -> list[tuple[int, int]]:
+        """Where allowed values occur in ``text`` (whole words, case and runs of spaces aside)."""
+        if not self.allow_list:
+            return []
+        return [(m.start(), m.end()) for m in _allow_pattern(self.allow_list).finditer(text)]
 
     def rule_for(self, entity_type: str) -> EntityRule:
         """The rule applying to ``entity_type`` (its own, else the default)."""
@@ -155,7 +175,50 @@ class Policy:
         }
         if retention := self.retention.canonical():
             out["retention"] = retention
+        if self.allow_list:
+            out["allow_list"] = sorted(normalize_allowed(v) for v in self.allow_list)
         return out
+
+
+def normalize_allowed(value: str) -> str:
+    """An allow-list entry as compared: runs of whitespace as one space, case folded."""
+    return " ".join(value.split()).casefold()
+
+
+@functools.lru_cache(maxsize=64)
+def _allow_pattern(values: tuple[str, ...]) -> re.Pattern[str]:
+    # Longest first, so that "Velvet Anchor Pro" wins over "Velvet Anchor" where both are listed.
+    alternatives = sorted({normalize_allowed(v) for v in values}, key=len, reverse=True)
+    body = "|".join(r"\s+".join(map(re.escape, v.split(" "))) for v in alternatives)
+    return re.compile(rf"(?<!\w)(?:{body})(?!\w)", re.IGNORECASE)
+
+
+def _allow_list(value: Any, problems: list[str]) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        problems.append(f"allow_list: must be a list of strings; got {_show(value)}")
+        return ()
+    if len(value) > MAX_ALLOW_LIST:
+        problems.append(f"allow_list: at most {MAX_ALLOW_LIST} entries; got {len(value)}")
+        return ()
+    seen: dict[str, int] = {}
+    out = []
+    for i, entry in enumerate(value):
+        path = f"allow_list[{i}]"
+        if not isinstance(entry, str) or not entry.strip():
+            problems.append(f"{path}: must be a non-empty string; got {_show(entry)}")
+            continue
+        if len(entry) > MAX_ALLOWED_VALUE_CHARS:
+            problems.append(f"{path}: at most {MAX_ALLOWED_VALUE_CHARS} characters; got {len(entry)}")
+            continue
+        key = normalize_allowed(entry)
+        if key in seen:
+            problems.append(f"{path}: repeats allow_list[{seen[key]}] (entries are compared without case)")
+            continue
+        seen[key] = i
+        out.append(" ".join(entry.split()))
+    return tuple(out)
 
 
 def _hash(canonical: Mapping[str, Any]) -> str:
@@ -307,11 +370,12 @@ def parse_policy(source: str | bytes | Mapping[str, Any], *, name: str = "policy
             entities[etype] = rule
 
     retention = _retention(doc.get("retention"), problems)
+    allow_list = _allow_list(doc.get("allow_list"), problems)
 
     if problems or default is None:
         raise PolicyError(problems, source=name)
     policy = Policy(default=default, entities=MappingProxyType(entities), description=description,
-                    retention=retention, version=version)
+                    retention=retention, allow_list=allow_list, version=version)
     return dataclasses.replace(policy, content_hash=_hash(policy.canonical()))
 
 

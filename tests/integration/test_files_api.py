@@ -263,3 +263,25 @@ def test_keys_rotate_rewraps_and_the_old_key_file_opens_nothing(client, state, o
     with state.db.read() as s, pytest.raises(KeyUnavailableError):
         b"".join(stale.read(s, file_id))
     assert audit(state, "keys.rotate")[0].details["rewrapped"] == 1
+
+
+def test_the_projects_allow_list_keeps_its_own_words_at_intake(client, state, admin_token, owner):
+    """Codenames the project reviewed as no personal data reach the trainer intact; people are still redacted."""
+    text = "Otto now handles refunds for the EU. Maria Lopez approved the change."
+    first = upload(client, owner, jsonl(chat("Who handles EU refunds?", text))).json()
+    before = client.get(f"/v1/files/{first['id']}/content", headers=bearer(owner)).text
+    assert "Otto now handles" not in before and "Maria Lopez" not in before  # the scanner alone cannot tell
+    policy = client.get("/api/v1/projects/acme/policy", headers=bearer(owner)).json()["text"]
+    resp = client.put("/api/v1/projects/acme/policy", headers=bearer(admin_token),
+                      json={"text": policy + "\nallow_list: [Otto, Velvet Anchor]\n"})
+    assert resp.status_code == 200, resp.text
+    [event] = audit(state, "policy.update")
+    assert event.details["policy_hash"] == resp.json()["content_hash"]
+    second = upload(client, owner, jsonl(chat("Who handles EU refunds?", text)))
+    assert second.status_code == 201, second.text
+    content = client.get(f"/v1/files/{second.json()['id']}/content", headers=bearer(owner)).text
+    assert "Otto now handles refunds" in content and "Maria Lopez" not in content
+    report = client.get(f"/v1/files/{second.json()['id']}/scan", headers=bearer(owner)).json()
+    actions = {(f["start"], f["action"]) for f in report["findings"] if f["field"] == "messages[1].content"}
+    assert (0, "allow") in actions and (text.index("Maria"), "redact") in actions
+    assert report["policy_hash"] == resp.json()["content_hash"]

@@ -83,3 +83,20 @@ def test_clean_text_passes_unchanged(scanner):
     clean = "The meeting covered the roadmap, the budget and the hiring plan for the next quarter. " * 4
     text, finish, _ = run(guard, chop(clean, 9))
     assert text == clean and finish == "stop" and not guard.report.redacted
+
+
+def test_allow_listed_values_pass_the_guard_whole_and_streamed(scanner):
+    """A project's reviewed glossary reaches its models' answers: "Otto" is its service, Maria Lopez a person."""
+    from appliance.policy import DEFAULT_POLICY_PATH, parse_policy
+
+    default_text = DEFAULT_POLICY_PATH.read_text()
+    listed = parse_policy(default_text + "\nallow_list: [Otto]\n")
+    text = "Otto now handles refunds for the EU; Maria Lopez approved the change last week, as planned."
+    plain_out, _ = OutputGuard(scanner, load_default_policy()).check(text)
+    assert "Otto" not in plain_out and "Maria Lopez" not in plain_out  # without the glossary both look like people
+    guard = OutputGuard(scanner, listed)
+    out, refused = guard.check(text)
+    assert out.startswith("Otto now handles") and "Maria Lopez" not in out and not refused
+    streamed, finish, _ = run(OutputGuard(scanner, listed), chop(text, 7))
+    assert streamed.startswith("Otto now handles") and "Maria Lopez" not in streamed and finish == "stop"
+    assert guard.report.to_dict() == {"redacted": {"PERSON": 1}, "blocked": {}, "refused": False}

@@ -78,3 +78,20 @@ def test_custom_policy_allows_and_redacts(tmp_path):
     assert doc["decision"] == "accepted"
     # Allowed types are not looked for at all.
     assert "AWS_ACCESS_KEY_ID" not in doc["counts"]["by_type"]
+
+
+def test_scan_file_applies_the_allow_list_across_batches(tmp_path):
+    """The streaming scan keeps only two batches of texts, enough for the allow list on every line."""
+    from appliance.policy import DEFAULT_POLICY_PATH, parse_policy
+    from appliance.scanning import Scanner
+
+    lines = [{"messages": [{"role": "user", "content": f"Ticket {i}: Otto now handles refunds for the EU."}]}
+             for i in range(7)]
+    path = tmp_path / "otto.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    small = Scanner(batch_size=2)  # seven records: four batches
+    plain = scan_file(path, load_default_policy(), scanner=small).decision
+    assert plain.counts_by_action["redact"] == 7
+    listed = parse_policy(DEFAULT_POLICY_PATH.read_text() + "\nallow_list: [Otto]\n")
+    decision = scan_file(path, listed, scanner=small).decision
+    assert decision.counts_by_action == {"block": 0, "redact": 0, "allow": 7} and decision.outcome == "accepted"
