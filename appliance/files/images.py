@@ -28,6 +28,8 @@ from typing import Any
 from appliance.errors import InvalidRequestError, PayloadTooLargeError
 from appliance.files.pipeline import IntakeReport
 from appliance.policy import Policy, decide, redact_text
+from appliance.policy.surrogates import Surrogates
+from appliance.scanning.findings import REPLACING_ACTIONS
 from appliance.storage.blobs import BlobWriter
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -76,6 +78,7 @@ class ImageArchiveIntake:
     def __init__(self, writer: BlobWriter, scanner: Any, policy: Policy, *, limits: ImageLimits | None = None,
                  instance_prompt: str | None = None, max_findings: int = 100_000) -> None:
         self.writer, self.scanner, self.policy = writer, scanner, policy
+        self.surrogates = Surrogates(writer.derive_secret("surrogates"))
         self.limits = limits or ImageLimits()
         self.instance_prompt = instance_prompt
         self.max_findings = max_findings
@@ -207,15 +210,15 @@ class ImageArchiveIntake:
                 stored = f"images/{i:04d}.png"
                 z.writestr(zipfile.ZipInfo(stored, date_time=(1980, 1, 1, 0, 0, 0)), png)
                 caption = texts[i][2]
-                redactions = [f for f in by_record.get(i, []) if f.action == "redact"]
+                redactions = [f for f in by_record.get(i, []) if f.action in REPLACING_ACTIONS]
                 if redactions:
-                    caption = redact_text(caption, redactions)
+                    caption = redact_text(caption, redactions, self.surrogates)
                     report.redacted_records += 1
                 meta.append({"file_name": f"{i:04d}.png", "text": caption})
             prompt = self.instance_prompt
             if prompt:
-                redactions = [f for f in by_record.get(len(ordered), []) if f.action == "redact"]
-                prompt = redact_text(prompt, redactions) if redactions else prompt
+                redactions = [f for f in by_record.get(len(ordered), []) if f.action in REPLACING_ACTIONS]
+                prompt = redact_text(prompt, redactions, self.surrogates) if redactions else prompt
             z.writestr(zipfile.ZipInfo("images/metadata.jsonl", date_time=(1980, 1, 1, 0, 0, 0)),
                        "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in meta))
             z.writestr(zipfile.ZipInfo("dataset.json", date_time=(1980, 1, 1, 0, 0, 0)),

@@ -17,8 +17,10 @@ from typing import Any
 
 from appliance.policy import Policy, decide, redact_record
 from appliance.policy.redaction import stored_span
+from appliance.policy.surrogates import Surrogates
 from appliance.errors import InvalidRequestError
 from appliance.scanning import Finding, Scanner, iter_text_fields, parse_line
+from appliance.scanning.findings import REPLACING_ACTIONS
 from appliance.storage.blobs import BlobWriter
 
 BATCH_RECORDS = 256
@@ -77,6 +79,8 @@ class JsonlIntake:
         policy: The project's policy.
         max_line_bytes: Longest accepted line; bounds memory per record.
         max_findings: Findings kept for the report; counts stay exact beyond it.
+        surrogates: The dataset's surrogates for ``pseudonymize`` findings; by
+            default keyed by a secret derived from the blob's data key.
     """
 
     def __init__(
@@ -87,8 +91,10 @@ class JsonlIntake:
         *,
         max_line_bytes: int = 8 * 1024 * 1024,
         max_findings: int = 100_000,
+        surrogates: Surrogates | None = None,
     ) -> None:
         self.writer, self.scanner, self.policy = writer, scanner, policy
+        self.surrogates = surrogates or Surrogates(writer.derive_secret("surrogates"))
         self.max_line_bytes, self.max_findings = max_line_bytes, max_findings
         self.report = IntakeReport()
         self._digest = hashlib.sha256()
@@ -161,13 +167,13 @@ class JsonlIntake:
         if report.blocked:
             return  # keep scanning for the report; nothing more is stored
         for index, record in batch:
-            redactions = [f for f in by_record.get(index, []) if f.action == "redact"]
+            redactions = [f for f in by_record.get(index, []) if f.action in REPLACING_ACTIONS]
             for position, f in allowed.get(index, []):
-                span = stored_span(f, redactions)
+                span = stored_span(f, redactions, texts[(index, f.field)], self.surrogates)
                 if span is not None:
                     report.stored_spans[position] = (stored_index[index], *span)
             if redactions:
-                record = redact_record(record, redactions)
+                record = redact_record(record, redactions, self.surrogates)
                 report.redacted_records += 1
             line = _encode(record)
             self._digest.update(line)

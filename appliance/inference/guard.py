@@ -1,6 +1,7 @@
 """The output guard: personal data and secrets in model responses, per the project's policy.
 
-``redact`` entities are replaced by ``<ENTITY_TYPE>``; a ``block`` entity
+``redact`` and ``pseudonymize`` entities are replaced by ``<ENTITY_TYPE>`` (the
+guard holds no dataset key to draw surrogates from); a ``block`` entity
 withholds the rest of the response (``finish_reason: content_filter``). For
 streams, text is held back until it can be judged: a tail of the pending text
 (cut at whitespace) is kept until more arrives, so an entity split across
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from appliance.policy import Policy, decide, redact_text
+from appliance.scanning.findings import REPLACING_ACTIONS
 from serving.protocol import Choice, Delta, GenerationResult
 
 #: Pending characters that trigger a scan of a stream.
@@ -61,7 +63,8 @@ class OutputGuard:
         found = self.scanner.scan([(0, "content", text)], entities=self.entities)
         decision = decide(found, self.policy, lambda _: text)  # the allow list is exempt here too
         kept = [f for f in decision.findings if f.end > start]
-        return [f for f in kept if f.action == "redact"], [f for f in kept if f.action == "block"]
+        # No dataset key here: pseudonymize becomes the placeholder, as redact does.
+        return [f for f in kept if f.action in REPLACING_ACTIONS], [f for f in kept if f.action == "block"]
 
     def check(self, text: str) -> tuple[str, bool]:
         """``(safe text, refused)`` for a whole response."""

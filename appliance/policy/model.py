@@ -18,9 +18,12 @@ A policy file (YAML or JSON) looks like::
       - Velvet Anchor
       - Project Carter
 
-Actions: ``block`` rejects the whole file, ``redact`` replaces the text before
-training, ``allow`` keeps it. A finding scoring under its type's threshold (or
-the default threshold) is dropped, as if it had not been found.
+Actions: ``block`` rejects the whole file, ``redact`` replaces the text with
+``<ENTITY_TYPE>`` before training, ``pseudonymize`` replaces it with a
+consistent surrogate (:mod:`appliance.policy.surrogates`; for PERSON,
+EMAIL_ADDRESS, PHONE_NUMBER, IP_ADDRESS and LOCATION only), ``allow`` keeps it.
+A finding scoring under its type's threshold (or the default threshold) is
+dropped, as if it had not been found.
 
 The allow list (presidio's term) holds values the project has reviewed as not
 personal data: codenames, products, customer companies. A finding whose text
@@ -268,6 +271,14 @@ def _rule(value: Any, path: str, default_threshold: float | None, problems: list
         threshold = None
     else:
         threshold = default_threshold
+    if action == "pseudonymize":
+        from appliance.policy.surrogates import SURROGATE_TYPES
+
+        etype = path.rsplit(".", 1)[-1]
+        if is_default or etype not in SURROGATE_TYPES:
+            problems.append(f"{path}.action: pseudonymize is available for {', '.join(sorted(SURROGATE_TYPES))} "
+                            f"(block or redact the others); got it for {'the default rule' if is_default else etype}")
+            action = None
     if action is None or threshold is None:
         return None
     return EntityRule(action=action, threshold=threshold)

@@ -11,8 +11,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, NamedTuple
 
-Action = Literal["block", "redact", "allow"]
-ACTIONS: tuple[Action, ...] = ("block", "redact", "allow")
+Action = Literal["block", "redact", "pseudonymize", "allow"]
+ACTIONS: tuple[Action, ...] = ("block", "redact", "pseudonymize", "allow")
+#: Actions that change the text before training: a placeholder, or a surrogate.
+REPLACING_ACTIONS: frozenset[str] = frozenset({"redact", "pseudonymize"})
 
 #: Credentials. Leaking one into a model is a security incident, not a privacy one.
 SECRET_ENTITIES: frozenset[str] = frozenset(

@@ -134,11 +134,12 @@ def _lines(records: tuple[int, ...]) -> str:
 def render_text(report: Report) -> str:
     """The report for a person: decision, counts by type and action, blocked types by line."""
     d = report.decision
+    replaces = d.counts_by_action.get("redact") or d.counts_by_action.get("pseudonymize")
     out = [
         f"File:      {report.file} ({report.records} records, {report.fields} text fields, {report.characters} characters)",
         f"Policy:    {d.policy_hash}",
         f"Decision:  {d.outcome.upper()}"
-        + (" (blocked types found)" if not d.accepted else " (redactions will be applied)" if d.counts_by_action.get("redact") else ""),
+        + (" (blocked types found)" if not d.accepted else " (redactions will be applied)" if replaces else ""),
     ]
     if d.counts_by_type:
         out.append("")

@@ -86,6 +86,14 @@ class BlobWriter:
     def plaintext_bytes(self) -> int:
         return self._enc.plaintext_bytes
 
+    def derive_secret(self, purpose: str) -> bytes:
+        """A 32-byte secret of this blob for ``purpose`` (HKDF-SHA256 of its data key): gone when the blob is shredded."""
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+        info = f"appliance {purpose} {self.project}/{self.object_id}".encode()
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(self._data_key)
+
     def write(self, data: bytes) -> None:
         out = self._enc.update(data)
         if out:

@@ -285,3 +285,44 @@ def test_the_projects_allow_list_keeps_its_own_words_at_intake(client, state, ad
     actions = {(f["start"], f["action"]) for f in report["findings"] if f["field"] == "messages[1].content"}
     assert (0, "allow") in actions and (text.index("Maria"), "redact") in actions
     assert report["policy_hash"] == resp.json()["content_hash"]
+
+
+PSEUDONYMIZE = """version: 1
+default: {action: block, threshold: 0.5}
+entities:
+  PERSON: {action: pseudonymize, threshold: 0.6}
+  EMAIL_ADDRESS: pseudonymize
+  LOCATION: allow
+"""
+
+
+def test_pseudonymize_stores_consistent_surrogates_keyed_per_dataset(client, state, admin_token, owner):
+    """The same person is the same stand-in throughout one dataset, another in the next; the real name is nowhere."""
+    resp = client.put("/api/v1/projects/acme/policy", headers=bearer(admin_token), json={"text": PSEUDONYMIZE})
+    assert resp.status_code == 200, resp.text
+    name = "Wojciech Brzęczyszczykiewicz"
+    email = f"w.{secrets.token_hex(4)}@acmecorp.com"
+    body = jsonl(chat(f"Please ask {name} about the invoice.", f"I spoke with {name} yesterday."),
+                 chat(f"Write to {email} today.", f"Sure, {name} reads {email} daily."))
+
+    def stored() -> tuple[str, dict]:
+        up = upload(client, owner, body)
+        assert up.status_code == 201, up.text
+        assert up.json()["scan"]["by_action"].get("pseudonymize", 0) >= 4
+        return client.get(f"/v1/files/{up.json()['id']}/content", headers=bearer(owner)).text, up.json()
+
+    first, meta = stored()
+    records = [json.loads(line) for line in first.splitlines()]
+    texts = [m["content"] for r in records for m in r["messages"]]
+    assert name not in first and email not in first and "<PERSON>" not in first
+    fake = texts[0].removeprefix("Please ask ").removesuffix(" about the invoice.")
+    assert len(fake.split()) == 2 and texts[1] == f"I spoke with {fake} yesterday."
+    fake_email = texts[2].removeprefix("Write to ").removesuffix(" today.")
+    assert fake_email.endswith("@example.com") and texts[3] == f"Sure, {fake} reads {fake_email} daily."
+    second, _ = stored()
+    assert fake not in second  # another dataset, another key: surrogates do not link datasets
+    for path in state.settings.home.home.rglob("*"):
+        if path.is_file():
+            assert name.encode() not in path.read_bytes() and email.encode() not in path.read_bytes(), path
+    report = client.get(f"/v1/files/{meta['id']}/scan", headers=bearer(owner)).json()
+    assert {f["action"] for f in report["findings"]} == {"pseudonymize"} and name not in json.dumps(report)

@@ -25,7 +25,7 @@ def test_accepted_with_redactions_and_allows():
     assert d.outcome == "accepted" and d.accepted
     assert [x.action for x in d.findings] == ["redact", "redact", "allow"]
     assert dict(d.counts_by_type) == {"EMAIL_ADDRESS": 1, "IP_ADDRESS": 1, "PERSON": 1}
-    assert dict(d.counts_by_action) == {"block": 0, "redact": 2, "allow": 1}
+    assert dict(d.counts_by_action) == {"block": 0, "redact": 2, "pseudonymize": 0, "allow": 1}
     assert dict(d.blocked) == {}
     assert d.dropped_below_threshold == 1  # the 0.65 PERSON is under its 0.7 threshold
     assert d.policy_hash == POLICY.content_hash
@@ -60,4 +60,4 @@ def test_builder_in_chunks_matches_one_go():
 
 def test_nothing_found_is_accepted():
     d = decide([], POLICY)
-    assert d.accepted and d.findings == () and dict(d.counts_by_action) == {"block": 0, "redact": 0, "allow": 0}
+    assert d.accepted and d.findings == () and dict(d.counts_by_action) == {"block": 0, "redact": 0, "pseudonymize": 0, "allow": 0}

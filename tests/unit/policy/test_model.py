@@ -70,12 +70,12 @@ def test_all_errors_reported_at_once():
         "colour: unknown key; allowed keys are version, description, default, entities, retention, allow_list",
         "version: must be 1; got 2",
         "default.threshold: is required for the default rule (a number between 0 and 1)",
-        "entities.EMAIL_ADDRESS.action: must be one of block, redact, allow; got 'hide'",
+        "entities.EMAIL_ADDRESS.action: must be one of block, redact, pseudonymize, allow; got 'hide'",
         "entities.PERSON.note: unknown key; allowed keys are action, threshold",
         "entities.PERSON.threshold: must be a number between 0 and 1; got 1.5",
         "entities.EMAIL: unknown entity type; known types are " + ", ".join(sorted(SUPPORTED_ENTITIES)),
         "entities.PHONE_NUMBER: must be a mapping with `action` and optional `threshold`, or an action name; got 3",
-        "entities.JWT.action: is required (one of block, redact, allow)",
+        "entities.JWT.action: is required (one of block, redact, pseudonymize, allow)",
         "entities.JWT.threshold: must be a number between 0 and 1; got True",
     ]
     assert info.value.param == "policy"
@@ -104,7 +104,7 @@ def test_load_policy_names_the_file(tmp_path):
     with pytest.raises(PolicyError) as info:
         load_policy(bad)
     assert str(bad) in info.value.message
-    assert "default.action: must be one of block, redact, allow; got 'nope'" in info.value.problems
+    assert "default.action: must be one of block, redact, pseudonymize, allow; got 'nope'" in info.value.problems
     with pytest.raises(InvalidRequestError) as missing:
         load_policy(tmp_path / "absent.yaml")
     assert missing.value.param == "policy"

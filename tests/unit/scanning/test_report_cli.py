@@ -63,7 +63,7 @@ def test_cli_exit_codes_and_output(tmp_path):
     policy.write_text("version: 1\ndefault: {action: block, threshold: 0.5}\nentities: {PERSON: hide}\n")
     bad_policy = runner.invoke(scan_command, [str(write(tmp_path, CLEAN)), "--policy", str(policy)])
     assert bad_policy.exit_code == 2
-    assert "entities.PERSON.action: must be one of block, redact, allow; got 'hide'" in bad_policy.output
+    assert "entities.PERSON.action: must be one of block, redact, pseudonymize, allow; got 'hide'" in bad_policy.output
 
     missing = runner.invoke(scan_command, [str(tmp_path / "nope.jsonl")])
     assert missing.exit_code == 2 and "error (file)" in missing.output
@@ -94,4 +94,4 @@ def test_scan_file_applies_the_allow_list_across_batches(tmp_path):
     assert plain.counts_by_action["redact"] == 7
     listed = parse_policy(DEFAULT_POLICY_PATH.read_text() + "\nallow_list: [Otto]\n")
     decision = scan_file(path, listed, scanner=small).decision
-    assert decision.counts_by_action == {"block": 0, "redact": 0, "allow": 7} and decision.outcome == "accepted"
+    assert decision.counts_by_action == {"block": 0, "redact": 0, "pseudonymize": 0, "allow": 7} and decision.outcome == "accepted"
