@@ -205,9 +205,11 @@ def generate(lock_path: Path = LOCK) -> Lock:
         report_path = Path(tmp) / "report.json"
         extras = ",".join(project.get("optional-dependencies", {}))
         run = subprocess.run([*pip, "install", "-q", "--dry-run", "--ignore-installed", "--report", str(report_path),
-                              TORCH, f"{ROOT}[{extras}]", *project["build-requires"]], stderr=subprocess.PIPE, text=True)
+                              TORCH, f"{ROOT}[{extras}]", *project["build-requires"]],
+                             stderr=subprocess.PIPE, text=True)
         # pip warns once per package about this machine's sparse local index; the rest is worth showing.
-        sys.stderr.writelines(line + "\n" for line in run.stderr.splitlines() if "is ignored: it is neither" not in line)
+        noise = "is ignored: it is neither"
+        sys.stderr.writelines(line + "\n" for line in run.stderr.splitlines() if noise not in line)
         if run.returncode != 0:
             raise LockError(f"pip could not resolve pyproject.toml's ranges (exit {run.returncode})")
         report = json.loads(report_path.read_text())

@@ -53,7 +53,7 @@ def redact_text(text: str, findings: Iterable[Finding], surrogates: Surrogates |
 
 def stored_span(finding: Finding, redactions: Iterable[Finding], text: str,
                 surrogates: Surrogates | None = None) -> tuple[int, int] | None:
-    """Where ``finding``'s value lies once ``redactions`` are applied to ``text`` (its field), or ``None`` if one overlaps it.
+    """Where ``finding``'s value lies once ``redactions`` are applied to ``text``, its field (``None``: one overlaps it).
 
     Each replacement moves everything after it by the difference in length.
     """
@@ -68,7 +68,7 @@ def stored_span(finding: Finding, redactions: Iterable[Finding], text: str,
 
 def redact_record(record: dict[str, Any], findings: Iterable[Finding],
                   surrogates: Surrogates | None = None) -> dict[str, Any]:
-    """A copy of ``record`` with every ``redact`` finding replaced by ``<ENTITY_TYPE>`` and every ``pseudonymize`` one by its surrogate.
+    """A copy of ``record``: ``redact`` findings replaced by ``<ENTITY_TYPE>``, ``pseudonymize`` ones by surrogates.
 
     The JSON structure is kept; only text fields change. Findings whose action
     is ``allow`` or ``block`` are left alone (a blocked file is not trained on).

@@ -35,8 +35,13 @@ or anywhere after ``codename`` in its sentence) is not a person unless a
 person cue says otherwise (an honorific, a greeting, the rule 6 contexts). A
 single word that is both a name and an everyday word (``Willow``, ``Hunter``,
 ``Carter``, ``Aurora``, ``Delta``: ``data/name_words.txt``) needs a person cue
-too. Such candidates keep a low score (:attr:`NerRecognizer.THING_SCORE`, under
-every shipped threshold) so that reports can still show them as dropped.
+too. Company names (``Kessler Dynamics``, ``Lindgren & Voss``), a name between an
+article and a noun (``the Otto refund flow``) and a name a definition calls a
+thing (``Matilda is the backup job``) are things too. Such candidates keep a
+low score (:attr:`NerRecognizer.THING_SCORE`, under every shipped threshold) so
+that reports can still show them as dropped. Within one scan a name has one
+meaning: a name context showed to be a thing is a thing wherever nothing says
+otherwise (:meth:`appliance.scanning.engine.Scanner.iter_scan`).
 
 NER only runs on texts that contain a *name-like* word: capitalised, not
 CamelCase, and a known given name or not an English dictionary word. Texts
@@ -211,7 +216,8 @@ _DEFINED_AS_THING = re.compile(
     r"(?=\s*(?:[,.;:!?)]|$)|\s+(?:for|of|in|on|at|that|which|and|with|from|to|behind|under)\b)"  # the head noun
 )
 # A determiner before a name and a word after it: "the Otto refund flow", "our Harper consumers".
-_DETERMINER_BEFORE = re.compile(r"(?i)\b(?:the|our|their|its|your|every|each)\s+$")  # not "that": "the complaint that Eric sent"
+# Not "that": "the complaint that Eric sent".
+_DETERMINER_BEFORE = re.compile(r"(?i)\b(?:the|our|their|its|your|every|each)\s+$")
 # The lower-case word right after a name (a possessive is no such word).
 _NEXT_WORD = re.compile(r"\s+([a-z][a-z-]*[a-z])\b(?!['’])")
 
@@ -234,7 +240,7 @@ _COMPANY_WORDS = (
     "enterprises|international|global|manufacturing|engineering|construction|logistik|freight|shipping|"
     "telecom|mobility|robotics|biotech|therapeutics|financial|finance|securities|investments|realty|"
     "properties|brands|outfitters|supply|supplies|distribution|services|digital|data|cloud|dairy|farms?|"
-    "foods|works|werke|apparel|furniture|textiles|electric|electronics|power|water|paper|printing|packaging|"
+    "works|werke|apparel|furniture|textiles|electric|electronics|power|water|paper|printing|packaging|"
     "steel|metals|mining|oil|gas|chemicals|plastics|glass|timber|builders|homes|housing|coffee|bakery|"
     "brewing|brewery|wines|beverages|kitchens|fashion|sports|toys|games|books|travel|tours|transport|"
     "trucking|fleet|cargo|express|couriers|clinics?|dental|medical|pharmacy|care|fitness|beauty|cosmetics|"
@@ -242,7 +248,7 @@ _COMPANY_WORDS = (
     "events|hospitality|restaurants|resorts|aviation|aerospace|automotive|auto|garage|rail|solar|wind|"
     "tiles|bikes|outdoor|organics|naturals|pharmaceuticals|laboratories|diagnostics|instruments|controls|"
     "automation|components|materials|minerals|resources|utilities|renewables|imports|exports|wholesale|"
-    "markets|stores|shops|mart|partners|bancorp|credit|lending|mortgage|assurance|re|mutual|trust|fund|funds"
+    "markets|stores|shops|mart|bancorp|credit|lending|mortgage|assurance|re|mutual|trust|fund|funds"
 )
 # Capitalised, as in a company's name ("Kessler Dynamics", "Lindgren & Voss"); "Kalina works remotely" is no company.
 _COMPANY_WORD = re.compile(rf"^(?i:{_COMPANY_WORDS})\.?$")
@@ -526,7 +532,7 @@ class NerRecognizer(LocalRecognizer):
         return results
 
     def person_context(self, text: str, start: int, end: int) -> str:
-        """What the context of a PERSON candidate says: :data:`PERSON_CUE`, :data:`THING`, :data:`NAME_WORD` or :data:`NO_SIGN`.
+        """What surrounds a PERSON candidate says: :data:`PERSON_CUE`, :data:`THING`, :data:`NAME_WORD` or none.
 
         A company (``Kessler Dynamics``, ``Halvorsen & Co``) is a thing whatever
         surrounds it. Otherwise a person cue (honorific, greeting, rule 6) wins;
@@ -536,8 +542,12 @@ class NerRecognizer(LocalRecognizer):
         that is also an everyday word (``Willow``, ``Hunter``) is a name-word.
         """
         words = _WORD.findall(text[start:end])
-        company_name = words and words[-1][0].isupper() and _COMPANY_WORD.match(words[-1]) and len(words) > 1 \
-            and not any(w in _PARTICLES for w in words)  # "Bjorn van Tours" is a person
+        lex = self.lexicon
+        company_name = (
+            len(words) > 1 and words[-1][0].isupper() and _COMPANY_WORD.match(words[-1])
+            and not any(w in _PARTICLES for w in words)  # "Bjorn van Tours" is a person...
+            and not (lex.is_given(words[0]) and words[-1] in lex.surnames)  # ...and so is "Maria Power"
+        )
         company_tail = len(words) == 1 and _COMPANY_WORD.match(words[0]) and _CAPITALISED_BEFORE.search(text, 0, start)
         if company_name or company_tail or _COMPANY_AFTER.match(text, end):
             return THING
@@ -547,17 +557,18 @@ class NerRecognizer(LocalRecognizer):
                 or _CONTEXT_AFTER.match(text, end):
             return PERSON_CUE
         sentence_start = max(before.rfind(". "), before.rfind("? "), before.rfind("! "), before.rfind("\n"))
+        sentence = before[sentence_start + 1 :]  # its part before the candidate
         if (
             _THING_BEFORE.search(before[-30:]) or _THING_AFTER.match(text, end) or _THING_POSSESSIVE.match(text, end)
             or (len(words) == 1 and _PLACE_BEFORE.search(before[-40:])) or _DEFINED_AS_THING.match(text, end)
-            or _MOVE_BEFORE.search(before[sentence_start + 1 :]) or _NAMING_SENTENCE.search(before[sentence_start + 1 :])
+            or _MOVE_BEFORE.search(sentence) or _NAMING_SENTENCE.search(sentence)
             or ((pair := _COORDINATED.match(text, end)) and _THING_AFTER.match(text, pair.end()))
             or self._modifies_a_noun(text, end) or self._determined(before, text, end)
         ):
             return THING
         if len(words) > 1 and (_THING_BEFORE.search(words[0] + " ") or _THING_AFTER.match(" " + words[-1])):
             return THING  # a span that holds its thing word: "Project Willow", "Rusty Lantern Pro"
-        return NAME_WORD if len(words) == 1 and words[0] in self.lexicon.name_words else NO_SIGN
+        return NAME_WORD if len(words) == 1 and words[0] in lex.name_words else NO_SIGN
 
     @staticmethod
     def _determined(before: str, text: str, end: int) -> bool:

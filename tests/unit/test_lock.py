@@ -121,7 +121,8 @@ def _wheel(directory: Path, name: str, version: str, source: str) -> Path:
     import zipfile
 
     files = {f"{name}.py": source.encode(),
-             f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+             f"{name}-{version}.dist-info/METADATA":
+                 f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
              f"{name}-{version}.dist-info/WHEEL":
                  b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
     record = "".join(
@@ -155,7 +156,8 @@ def test_blame_names_the_upgrade_that_breaks_a_test(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
     subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "tinydep==2.0"], check=True)
     (tmp_path / "test_dep.py").write_text(
-        "import tinydep\n\ndef test_value():\n    assert tinydep.VALUE == 1\n\ndef test_unrelated():\n    assert False\n")
+        "import tinydep\n\ndef test_value():\n    assert tinydep.VALUE == 1\n\n"
+        "def test_unrelated():\n    assert False\n")
     monkeypatch.chdir(tmp_path)
     lock = lockfile.Lock("", {"tinydep": lockfile.Pin("tinydep", "1.0")})
 
