@@ -257,7 +257,8 @@ def drift(have: dict[str, str], lock: Lock) -> tuple[list[tuple[str, str, str]],
     """(changed as (name, locked, installed), missing from the venv, extra in the venv)."""
     changed = [(n, p.version, have[n]) for n, p in sorted(lock.pins.items())
                if n in have and Version(have[n]).public != Version(p.version).public]
-    missing = sorted(n for n in lock.pins if n not in have)
+    # What only builds the appliance's wheel (wheel) need not be in a venv.
+    missing = sorted(n for n, p in lock.pins.items() if n not in have and p.groups != ["build"])
     extra = sorted(n for n in have if n not in lock.pins and n not in NOT_LOCKED)
     return changed, missing, extra
 
