@@ -88,7 +88,7 @@ test: $(STAMP) browser validators postgres
 # directory, free loopback port, removed afterwards even when tests fail). It runs the
 # tests that work through the database (PG_TESTS) except those marked `slow` (real
 # processes killed mid-write, Ray, the demo model, fuzzing, load): those run on SQLite
-# only, to keep `make test` near 15 minutes on 2 cores. The whole suite on PostgreSQL:
+# only, to keep `make test` within about 45 minutes on 2 cores. The whole suite on PostgreSQL:
 #   make test-postgres PG_TESTS= PG_MARKS=
 PG_TESTS := tests/integration tests/security tests/faults tests/bench tests/unit/jobs tests/unit/storage \
             tests/unit/audit tests/unit/identity
