@@ -123,7 +123,7 @@ def test_stored_span_follows_redactions_before_it():
                                              0.9, action)
     allowed = f("EMAIL_ADDRESS", "ada@y.org", "allow")
     redactions = [f("EMAIL_ADDRESS", "bob@x.io", "redact"), f("PHONE_NUMBER", "555-0100", "redact")]
-    start, end = stored_span(allowed, redactions)
+    start, end = stored_span(allowed, redactions, text)
     assert redact_text(text, redactions)[start:end] == "ada@y.org"
     overlapping = f("EMAIL_ADDRESS", "bob@x.io", "allow")
-    assert stored_span(overlapping, redactions) is None
+    assert stored_span(overlapping, redactions, text) is None
