@@ -79,8 +79,9 @@ class JsonlIntake:
         policy: The project's policy.
         max_line_bytes: Longest accepted line; bounds memory per record.
         max_findings: Findings kept for the report; counts stay exact beyond it.
-        surrogates: The dataset's surrogates for ``pseudonymize`` findings; by
-            default keyed by a secret derived from the blob's data key.
+
+    ``pseudonymize`` findings get surrogates keyed by a secret derived from the
+    blob's data key (:meth:`BlobWriter.derive_secret`).
     """
 
     def __init__(
@@ -91,10 +92,9 @@ class JsonlIntake:
         *,
         max_line_bytes: int = 8 * 1024 * 1024,
         max_findings: int = 100_000,
-        surrogates: Surrogates | None = None,
     ) -> None:
         self.writer, self.scanner, self.policy = writer, scanner, policy
-        self.surrogates = surrogates or Surrogates(writer.derive_secret("surrogates"))
+        self.surrogates = Surrogates(writer.derive_secret("surrogates"))
         self.max_line_bytes, self.max_findings = max_line_bytes, max_findings
         self.report = IntakeReport()
         self._digest = hashlib.sha256()

@@ -59,6 +59,7 @@ from typing import Any
 import yaml
 
 from appliance.errors import InvalidRequestError
+from appliance.policy.surrogates import SURROGATE_TYPES
 from appliance.scanning.findings import ACTIONS, SUPPORTED_ENTITIES, Action
 
 POLICY_VERSION = 1
@@ -272,8 +273,6 @@ def _rule(value: Any, path: str, default_threshold: float | None, problems: list
     else:
         threshold = default_threshold
     if action == "pseudonymize":
-        from appliance.policy.surrogates import SURROGATE_TYPES
-
         etype = path.rsplit(".", 1)[-1]
         if is_default or etype not in SURROGATE_TYPES:
             problems.append(f"{path}.action: pseudonymize is available for {', '.join(sorted(SURROGATE_TYPES))} "

@@ -563,36 +563,27 @@ class NerRecognizer(LocalRecognizer):
             or (len(words) == 1 and _PLACE_BEFORE.search(before[-40:])) or _DEFINED_AS_THING.match(text, end)
             or _MOVE_BEFORE.search(sentence) or _NAMING_SENTENCE.search(sentence)
             or ((pair := _COORDINATED.match(text, end)) and _THING_AFTER.match(text, pair.end()))
-            or self._modifies_a_noun(text, end) or self._determined(before, text, end)
+            or self._qualifies_the_next_word(before, text, end)
         ):
             return THING
         if len(words) > 1 and (_THING_BEFORE.search(words[0] + " ") or _THING_AFTER.match(" " + words[-1])):
             return THING  # a span that holds its thing word: "Project Willow", "Rusty Lantern Pro"
         return NAME_WORD if len(words) == 1 and words[0] in lex.name_words else NO_SIGN
 
-    @staticmethod
-    def _determined(before: str, text: str, end: int) -> bool:
-        """``the Otto refund flow``: a determiner, the name, then a word that is not a function word.
+    def _qualifies_the_next_word(self, before: str, text: str, end: int) -> bool:
+        """Whether the name qualifies the word after it, as systems' names do and people's do not.
 
-        People's names take no article; a name between an article and a noun
-        qualifies the noun, as a system's name does (``the Nadia timeouts``).
-        """
-        if not _DETERMINER_BEFORE.search(before[-8:]):
-            return False
-        match = _NEXT_WORD.match(text, end)
-        return match is not None and match.group(1) not in _stop_words()
-
-    def _modifies_a_noun(self, text: str, end: int) -> bool:
-        """Whether the name is followed by a plain noun it qualifies (``the Nadia timeouts``, ``Bruno error rate``).
-
-        People are followed by verbs, adverbs and function words (``Nadia
-        said``, ``Nadia today``, ``Nadia and``); a noun right after a name
-        makes the name a modifier, as systems' names are.
+        Two signs: a determiner before it and any word but a function word
+        after it (``the Otto refund flow``: people's names take no article), or
+        a plain noun right after it (``Bruno error rate``). People are followed
+        by verbs, adverbs and function words (``Nadia said``, ``Nadia today``).
         """
         match = _NEXT_WORD.match(text, end)
         if match is None:
             return False
         word = match.group(1)
+        if _DETERMINER_BEFORE.search(before[-8:]) and word not in _stop_words():
+            return True
         return self.lexicon.in_dictionary(word) and not self.lexicon.is_common(word)
 
     def _ner_person_score(self, span_text: str) -> float:

@@ -56,18 +56,16 @@ class _Counter:
         self.records = self.fields = self.characters = 0
 
 
-def _units(stream: BinaryIO, counter: _Counter, recent: OrderedDict | None = None,
-           keep: int = 0) -> Iterator[ScanUnit]:
+def _units(stream: BinaryIO, counter: _Counter, recent: OrderedDict, keep: int) -> Iterator[ScanUnit]:
     """The text fields of the stream's records; the last ``keep`` texts also go to ``recent`` (for the allow list)."""
     for line_no, record in iter_jsonl(stream):
         counter.records += 1
         for path, text in iter_text_fields(record):
             counter.fields += 1
             counter.characters += len(text)
-            if recent is not None:
-                recent[(line_no - 1, path)] = text
-                while len(recent) > keep:
-                    recent.popitem(last=False)
+            recent[(line_no - 1, path)] = text
+            if len(recent) > keep:
+                recent.popitem(last=False)
             yield ScanUnit(line_no - 1, path, text)  # `record` is the 0-based line index, as in the API
 
 
@@ -84,13 +82,10 @@ def scan_stream(
     counter = _Counter()
     builder = DecisionBuilder(policy)
     wanted = policy.scanned_entities() if entities is None else entities
-    if policy.allow_list:
-        # The scanner yields a batch's findings before it reads the next batch: two batches of texts suffice.
-        recent: OrderedDict = OrderedDict()
-        units = _units(stream, counter, recent, keep=2 * scanner.batch_size)
-        builder.add(scanner.iter_scan(units, entities=wanted), lambda f: recent[(f.record, f.field)])
-    else:
-        builder.add(scanner.iter_scan(_units(stream, counter), entities=wanted))
+    # The scanner yields a batch's findings before it reads the next batch: two batches of texts suffice.
+    recent: OrderedDict = OrderedDict()
+    units = _units(stream, counter, recent, keep=2 * scanner.batch_size)
+    builder.add(scanner.iter_scan(units, entities=wanted), lambda f: recent[(f.record, f.field)])
     return Report(
         file=name, records=counter.records, fields=counter.fields, characters=counter.characters, decision=builder.result()
     )

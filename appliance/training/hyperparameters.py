@@ -88,6 +88,7 @@ class HyperparameterError(InvalidRequestError):
 #: ``auto`` decides from the model's size, ``none`` replicates it, ``fsdp`` shards it.
 SHARDING = ("auto", "none", "fsdp")
 
+
 @dataclass(frozen=True)
 class DifferentialPrivacy:
     """DP-SGD settings: the run is (``epsilon``, ``delta``)-differentially private for each training record.
