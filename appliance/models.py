@@ -2,7 +2,7 @@
 
 from appliance.audit.models import AuditCheckpoint, AuditEvent, AuditHead
 from appliance.catalog.models import AdapterRecord, BaseModelRecord
-from appliance.files.models import ProjectPolicy, ScanFinding, StoredFile
+from appliance.files.models import ProjectGlossary, ProjectPolicy, ScanFinding, StoredFile
 from appliance.identity.models import ApiToken, Project, RoleBinding, User
 from appliance.jobs.models import FineTuningJob, JobCheckpoint, JobEvent
 from appliance.portal.models import PortalSession
@@ -10,5 +10,5 @@ from appliance.storage.models import DataKey
 
 __all__ = [
     "AdapterRecord", "ApiToken", "AuditCheckpoint", "AuditEvent", "AuditHead", "BaseModelRecord", "DataKey", "FineTuningJob",
-    "JobCheckpoint", "JobEvent", "PortalSession", "Project", "ProjectPolicy", "RoleBinding", "ScanFinding", "StoredFile", "User",
+    "JobCheckpoint", "JobEvent", "PortalSession", "Project", "ProjectGlossary", "ProjectPolicy", "RoleBinding", "ScanFinding", "StoredFile", "User",
 ]

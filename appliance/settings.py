@@ -147,6 +147,12 @@ class IntakeSettings:
             "APPLIANCE_DEFAULT_POLICY", "Policy for projects without their own; empty means the shipped default.yaml."
         ),
     )
+    keep_originals: bool = field(
+        default=True,
+        metadata=_env("APPLIANCE_KEEP_ORIGINALS",
+                      "Keep each JSONL upload as received (encrypted, shredded with the file) so that its data "
+                      "owners can review findings by value and re-scan it under a changed policy or glossary."),
+    )
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from litestar import Controller, Request, delete, get, post, put
 from litestar.di import NamedDependency
@@ -10,17 +10,23 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.openapi.spec import OpenAPIFormat, OpenAPIType, Schema
 from litestar.response import Stream
 
+from appliance.files.glossary import Glossary
 from appliance.files.schemas import (
     FileDeleted,
     FileList,
     FileObject,
+    FindingGroupOut,
     FindingOut,
+    GlossaryEntryOut,
+    GlossaryIn,
+    GlossaryOut,
     PolicyIn,
     PolicyOut,
+    ScanGroups,
     ScanReport,
 )
-from appliance.files.service import PURPOSES, FileService, FileView
-from appliance.identity.roles import Permission
+from appliance.files.service import PURPOSES, FileService, FileView, FindingGroup
+from appliance.identity.roles import Permission, role_allows
 from appliance.identity.service import IdentityService
 from appliance.server.context import audit_context
 from appliance.server.openapi import error_responses, operation
@@ -94,19 +100,62 @@ class FileController(Controller):
         return Stream(chunks, media_type="application/octet-stream",
                       headers={"Content-Disposition": f'attachment; filename="{view.row.id}.jsonl"'})
 
-    @get("/{file_id:str}/scan", opt={"permission": Permission.FILES_READ}, sync_to_thread=True)
-    def scan(self, request: Request, files: NamedDependency[FileService], file_id: FromPath[str]) -> ScanReport:
-        """What the scanner found, per record and field, and what the policy did: never the values."""
+    @get("/{file_id:str}/scan", opt={"permission": Permission.FILES_READ}, sync_to_thread=True,
+         responses=error_responses(409))
+    def scan(self, request: Request, files: NamedDependency[FileService], file_id: FromPath[str],
+             group_by: Annotated[Literal["finding", "value"], QueryParameter()] = "finding",
+             reveal: FromQuery[bool] = False) -> ScanReport | ScanGroups:
+        """What the scanner found and what the policy did.
+
+        `group_by=finding` (default): per record and field, never the values.
+        `group_by=value`: one group per distinct value, for reviewing a file
+        before training; `reveal=true` adds each value and its contexts (data
+        owners only; audited). Mark groups as not personal data with
+        `POST /api/v1/projects/{name}/glossary`, then re-scan with
+        `POST /v1/files/{file_id}/scan`.
+        """
+        if group_by == "value":
+            view, groups = files.scan_groups(request.user, audit_context(request), file_id, reveal=reveal)
+            return ScanGroups(
+                file_id=view.row.id, decision=view.row.decision, policy_hash=view.row.policy_hash,
+                revision=view.row.revision, records=view.row.records, counts=_counts(view),
+                groups=[_group_out(g, reveal) for g in groups],
+            )
         view, findings = files.scan_report(request.user, file_id)
-        summary = view.row.scan_summary
         return ScanReport(
             file_id=view.row.id, decision=view.row.decision, policy_hash=view.row.policy_hash,
-            records=view.row.records, counts={k: summary.get(k) for k in
-                                              ("findings", "by_entity_type", "by_action", "redacted_records",
-                                               "findings_truncated")},
+            records=view.row.records, counts=_counts(view),
             findings=[FindingOut(f.record, f.field, f.entity_type, f.start, f.end, f.score, f.action)
                       for f in findings],
         )
+
+
+    @post("/{file_id:str}/scan", opt={"permission": Permission.FILES_WRITE}, status_code=200, sync_to_thread=True,
+          responses=error_responses(409, 422))
+    def rescan(self, request: Request, files: NamedDependency[FileService], file_id: FromPath[str]) -> FileObject:
+        """Re-scan the file's kept original under the project's current policy and glossary.
+
+        No new upload: the stored content and findings are replaced (the
+        previous content is crypto-shredded) and the file keeps its id. 409
+        while an unfinished job uses the file; 422 (nothing changed) if the
+        policy now blocks something.
+        """
+        return file_object(files.rescan(request.user, audit_context(request), file_id))
+
+
+def _counts(view: FileView) -> dict[str, Any]:
+    summary = view.row.scan_summary
+    return {k: summary.get(k) for k in ("findings", "by_entity_type", "by_action", "redacted_records",
+                                        "findings_truncated")}
+
+
+def _group_out(g: FindingGroup, reveal: bool) -> FindingGroupOut:
+    return FindingGroupOut(
+        id=g.id, entity_type=g.entity_type, entity_types=g.entity_types, count=g.count, records=g.records,
+        score=round(g.score, 4), actions=g.actions, first_lines=g.first_lines,
+        value=g.value if reveal else None, contexts=g.contexts if reveal else None,
+        allowed=g.allowed,
+    )
 
 
 class PolicyController(Controller):
@@ -119,7 +168,8 @@ class PolicyController(Controller):
         """The policy that applies to the project's uploads (its own or the default)."""
         project = identity.get_project(request.user, name)
         eff = files.policies.describe(project)
-        return PolicyOut(project=name, source=eff.source, content_hash=eff.policy.content_hash, text=eff.text)
+        return PolicyOut(project=name, source=eff.source, content_hash=eff.policy.content_hash, text=eff.text,
+                         glossary={"entries": len(eff.glossary.entries), "content_hash": eff.glossary.content_hash})
 
     @put(opt={"permission": Permission.PROJECTS_MANAGE}, sync_to_thread=True)
     def set_policy(self, request: Request, identity: NamedDependency[IdentityService],
@@ -127,4 +177,54 @@ class PolicyController(Controller):
         """Replace the project's policy; every error in it is reported at once."""
         project = identity.get_project(request.user, name)
         eff = files.policies.set(audit_context(request), project, data.text)
-        return PolicyOut(project=name, source=eff.source, content_hash=eff.policy.content_hash, text=eff.text)
+        return PolicyOut(project=name, source=eff.source, content_hash=eff.policy.content_hash, text=eff.text,
+                         glossary={"entries": len(eff.glossary.entries), "content_hash": eff.glossary.content_hash})
+
+
+class GlossaryController(Controller):
+    """A project's reviewed glossary: values marked as not personal data, merged into its policy's allow list."""
+
+    path = "/api/v1/projects/{name:str}/glossary"
+    tags = ["policy"]
+
+    @get(opt={"permission": Permission.FILES_READ}, sync_to_thread=True)
+    def list_glossary(self, request: Request, identity: NamedDependency[IdentityService],
+                      files: NamedDependency[FileService], name: FromPath[str]) -> GlossaryOut:
+        """The glossary's entries; their values only for those who may read file contents."""
+        project = identity.get_project(request.user, name)
+        glossary = files.policies.describe(project).glossary
+        return _glossary_out(name, glossary, role_allows(request.user.role, Permission.FILES_CONTENT))
+
+    @post(opt={"permission": Permission.FILES_WRITE}, status_code=200, sync_to_thread=True,
+          responses=error_responses(409))
+    def add_to_glossary(self, request: Request, identity: NamedDependency[IdentityService],
+                        files: NamedDependency[FileService], name: FromPath[str],
+                        data: JSONBody[GlossaryIn]) -> GlossaryOut:
+        """Mark values as not personal data for this project: by text, or by group ids of a file's review.
+
+        Audited with counts and the glossary's content hash, never the values.
+        Applies to later uploads, re-scans (`POST /v1/files/{id}/scan`) and
+        the output guard of the project's models.
+        """
+        project = identity.get_project(request.user, name)
+        glossary, added = files.add_to_glossary(request.user, audit_context(request), project, values=data.values,
+                                                file_id=data.file_id, groups=data.groups)
+        out = _glossary_out(name, glossary, True)
+        out.added = added
+        return out
+
+    @delete("/{entry_id:str}", opt={"permission": Permission.FILES_WRITE}, status_code=200, sync_to_thread=True)
+    def remove_from_glossary(self, request: Request, identity: NamedDependency[IdentityService],
+                             files: NamedDependency[FileService], name: FromPath[str],
+                             entry_id: FromPath[str]) -> GlossaryOut:
+        """Remove one entry; files already scanned keep their content until re-scanned."""
+        project = identity.get_project(request.user, name)
+        glossary = files.remove_from_glossary(audit_context(request), project, entry_id)
+        return _glossary_out(name, glossary, True)
+
+
+def _glossary_out(project: str, glossary: Glossary, show_values: bool) -> GlossaryOut:
+    return GlossaryOut(project=project, content_hash=glossary.content_hash, data=[
+        GlossaryEntryOut(id=e.id, entity_type=e.entity_type, file_id=e.file_id, added_by=e.added_by,
+                         added_at=e.added_at, value=e.value if show_values else None)
+        for e in glossary.entries])

@@ -36,6 +36,17 @@ class StoredFile(Base):
     decision: Mapped[str] = mapped_column(String(16))
     #: counts by entity type and by action, redacted count, findings truncation.
     scan_summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: The encrypted object holding the stored content; ``None`` means ``id`` (a re-scan writes a new one).
+    blob_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    #: The encrypted upload as received, kept for review and re-scanning; ``None`` when not kept.
+    original_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    #: 1 at upload, +1 per re-scan.
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+
+    @property
+    def content_object(self) -> str:
+        """The blob-store object of the stored (cleared) content."""
+        return self.blob_id or self.id
 
 
 class ScanFinding(Base):
@@ -66,6 +77,26 @@ class ProjectPolicy(Base):
 
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True)
     text: Mapped[str] = mapped_column(Text)
+    content_hash: Mapped[str] = mapped_column(String(80))
+    updated_by: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+
+class ProjectGlossary(Base):
+    """A project's reviewed glossary: values its data owners marked as not personal data.
+
+    The values themselves are customer data: they live encrypted in the blob
+    store (object ``object_id``, one JSON document per revision); this row only
+    points at the current revision.
+    """
+
+    __tablename__ = "project_glossaries"
+
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True)
+    object_id: Mapped[str] = mapped_column(String(64))
+    entries: Mapped[int] = mapped_column(Integer)
+    #: ``sha256:<hex>`` of the normalised values, sorted.
     content_hash: Mapped[str] = mapped_column(String(80))
     updated_by: Mapped[str] = mapped_column(String(64))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import secrets
 import threading
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -10,28 +12,34 @@ from dataclasses import dataclass
 from typing import Any
 
 from anyio import to_thread
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from appliance.audit.service import AuditContext, record
 from appliance.db.base import Database, utcnow
 from appliance.errors import (
     ApplianceError,
+    ConflictError,
     CrossProjectDenied,
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
+    PermissionDeniedError,
     PolicyViolationError,
 )
 from appliance.files.models import ScanFinding, StoredFile
 from appliance.files.multipart import Field, FileData, FileEnd, FileStart, MultipartReader, boundary_of
 from appliance.files.images import ImageArchiveIntake, ImageLimits
 from appliance.files.pipeline import IntakeReport, JsonlIntake
+from appliance.files.glossary import Glossary, check_value
 from appliance.files.policies import PolicyService
 from appliance.identity.models import Project
+from appliance.identity.roles import Permission, role_allows
 from appliance.identity.service import Principal
+from appliance.jobs.models import TERMINAL, FineTuningJob
 from appliance.policy import decide, redact_record
-from appliance.scanning import Scanner
+from appliance.policy.model import normalize_allowed
+from appliance.scanning import Scanner, iter_text_fields, parse_line
 from appliance.settings import IntakeSettings
 from appliance.storage.blobs import BlobStore, BlobWriter, ShredEvidence
 
@@ -132,6 +140,7 @@ class FileService:
         """
         limit = self.settings.max_upload_bytes
         writer: BlobWriter | None = None
+        original: BlobWriter | None = None
         state: dict[str, Any] = {"purpose": None, "project": None, "filename": None}
         try:
             declared = headers.get("content-length")
@@ -173,6 +182,11 @@ class FileService:
                                 writer, self.scanner, policy, max_line_bytes=self.settings.max_line_bytes,
                                 max_findings=self.settings.max_findings,
                             )
+                            if self.settings.keep_originals:
+                                # Kept for review and re-scanning, encrypted under its own key, shredded
+                                # with the file; workers never receive it.
+                                original = self.blobs.create(original_id(state["file_id"]), project.name,
+                                                             "file-original")
                     elif isinstance(event, FileData):
                         pending += event.data
                     elif isinstance(event, FileEnd):
@@ -180,7 +194,10 @@ class FileService:
                 if pending and intake is not None:
                     if intake.report.original_bytes + len(pending) > limit:
                         raise PayloadTooLargeError(f"file is over the {limit}-byte limit", param="file")
-                    await to_thread.run_sync(intake.feed, bytes(pending))
+                    data = bytes(pending)
+                    await to_thread.run_sync(intake.feed, data)
+                    if original is not None:
+                        await to_thread.run_sync(original.write, data)
             reader.close()
             if intake is None:
                 if "purpose" not in fields:
@@ -193,20 +210,20 @@ class FileService:
                 raise PolicyViolationError(_blocked_message(report), param="file",
                                            details=report.summary(state["policy"]) | {"blocked_lines": report.blocked_lines})
             filename = await to_thread.run_sync(self._clean_filename, state["filename"] or "upload.jsonl", state["policy"])
-            key_row = writer.finish()
-            try:
-                return await to_thread.run_sync(self._commit, ctx, principal, state, filename, report, key_row)
-            except BaseException:
-                writer.abort()
-                raise
+            key_rows = [writer.finish()]
+            if original is not None:
+                key_rows.append(original.finish())
+            return await to_thread.run_sync(self._commit, ctx, principal, state, filename, report, key_rows)
         except ApplianceError as exc:
-            if writer is not None:
-                writer.abort()
+            for w in (writer, original):
+                if w is not None:
+                    w.abort()
             await to_thread.run_sync(self._audit_rejection, ctx, state, exc)
             raise
         except BaseException:
-            if writer is not None:
-                writer.abort()
+            for w in (writer, original):
+                if w is not None:
+                    w.abort()
             raise
 
     def _check_purpose(self, purpose: str | None) -> str:
@@ -233,7 +250,7 @@ class FileService:
         return redacted + dot + ext
 
     def _commit(self, ctx: AuditContext, principal: Principal, state: dict[str, Any], filename: str,
-                report: IntakeReport, key_row) -> FileView:
+                report: IntakeReport, key_rows: list) -> FileView:
         project, policy = state["project"], state["policy"]
         with self.db.transaction() as s:
             row = StoredFile(
@@ -241,34 +258,32 @@ class FileService:
                 bytes=report.stored_bytes, original_bytes=report.original_bytes, records=report.records,
                 status="processed", created_by=principal.user, content_sha256=report.content_sha256,
                 policy_hash=policy.content_hash, decision="accepted", scan_summary=report.summary(policy),
+                original_id=key_rows[1].object_id if len(key_rows) > 1 else None, revision=1,
             )
-            s.add(key_row)
+            s.add_all(key_rows)
             s.add(row)
             s.flush()
-            s.add_all(
-                ScanFinding(file_id=row.id, record=f.record, field=f.field, entity_type=f.entity_type,
-                            start=f.start, end=f.end, score=round(float(f.score), 4), action=f.action,
-                            **_stored_location(report.stored_spans.get(i)))
-                for i, f in enumerate(report.findings)
-            )
+            _add_findings(s, row.id, report)
             record(
                 s, ctx, "file.upload", resource_type="file", resource_id=row.id, project=project.name,
                 details={"purpose": row.purpose, "bytes": row.bytes, "records": row.records,
                          "policy_hash": policy.content_hash, "by_entity_type": dict(report.by_type),
-                         "by_action": dict(report.by_action), "kek_id": key_row.kek_id},
+                         "by_action": dict(report.by_action), "kek_id": key_rows[0].kek_id,
+                         "original_kept": row.original_id is not None},
             )
         return FileView(row, project.name)
 
-    def _audit_rejection(self, ctx: AuditContext, state: dict[str, Any], exc: ApplianceError) -> None:
+    def _audit_rejection(self, ctx: AuditContext, state: dict[str, Any], exc: ApplianceError, *,
+                         action: str = "file.reject", file_id: str | None = None) -> None:
         project = state.get("project")
         details: dict[str, Any] = {"code": exc.code, "param": exc.param, "purpose": state.get("purpose")}
         if isinstance(exc, PolicyViolationError):
             details.update(exc.details or {})
         with self.db.transaction() as s:
             record(
-                s, ctx, "file.reject", outcome="denied" if isinstance(exc, PolicyViolationError) else "failure",
-                resource_type="file", project=project.name if project else None, reason=exc.message[:500],
-                details=details,
+                s, ctx, action, outcome="denied" if isinstance(exc, PolicyViolationError) else "failure",
+                resource_type="file", resource_id=file_id, project=project.name if project else None,
+                reason=exc.message[:500], details=details,
             )
 
     # -- reading ------------------------------------------------------------
@@ -318,7 +333,7 @@ class FileService:
         """Decrypted content; the read is audited before the first byte leaves."""
         view = self._get(principal, file_id)
         with self.db.transaction() as s:
-            chunks = self.blobs.read(s, file_id)
+            chunks = self.blobs.read(s, view.row.content_object)
             first = next(chunks, b"")  # authenticate the first segment before auditing success
             record(s, ctx, "file.read_content", resource_type="file", resource_id=file_id, project=view.project,
                    details={"bytes": view.row.bytes})
@@ -336,6 +351,167 @@ class FileService:
                 select(ScanFinding).where(ScanFinding.file_id == file_id).order_by(ScanFinding.record, ScanFinding.id)
             ))
         return view, findings
+
+    # -- review -------------------------------------------------------------
+    def scan_groups(self, principal: Principal, ctx: AuditContext | None, file_id: str, *,
+                    reveal: bool) -> tuple[FileView, list[FindingGroup]]:
+        """The file's findings grouped by distinct value (case and spacing aside).
+
+        Each group has a stable id (an HMAC of the value under a key of the
+        file's original, so it names the value without showing it), counts,
+        types, the highest score and the actions taken. With ``reveal`` (data
+        owners: ``files:content``) the value and up to three contexts, where
+        other findings show as ``<TYPE>``, are included and the read is audited
+        (unless ``ctx`` is ``None``: values read to add them to the glossary,
+        which audits that instead).
+        """
+        view = self._get(principal, file_id)
+        row = view.row
+        if reveal and not role_allows(principal.role, Permission.FILES_CONTENT):
+            raise PermissionDeniedError(f"role {principal.role.value!r} may not reveal scanned values "
+                                        f"({Permission.FILES_CONTENT.value!r} needed)", param="reveal")
+        if row.original_id is None:
+            raise ConflictError(f"file {file_id!r} has no kept original, so its findings cannot be grouped by "
+                                "value: upload it again", param="file_id")
+        with self.db.read() as s:
+            findings = list(s.scalars(select(ScanFinding).where(ScanFinding.file_id == file_id)
+                                      .order_by(ScanFinding.record, ScanFinding.field, ScanFinding.start)))
+            secret = self.blobs.derive_secret(s, row.original_id, "review-groups")
+            chunks = self.blobs.read(s, row.original_id)
+        groups: dict[str, FindingGroup] = {}
+        by_field: dict[tuple[int, str], list[ScanFinding]] = {}
+        for f in findings:
+            by_field.setdefault((f.record, f.field), []).append(f)
+        for (record_index, path), text in _texts_of(chunks, {k[0] for k in by_field}):
+            in_field = by_field.get((record_index, path), [])
+            for f in in_field:
+                value = text[f.start:f.end]
+                key = normalize_allowed(value)
+                gid = "grp_" + hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()[:20]
+                group = groups.get(gid)
+                if group is None:
+                    group = groups[gid] = FindingGroup(id=gid, value=value)
+                group.add(f, record_index)
+                if reveal and len(group.contexts) < 3:
+                    group.contexts.append(_context(text, f, in_field))
+        ordered = sorted(groups.values(), key=lambda g: (-g.count, g.id))
+        with self.db.read() as s:
+            policy = self.policies.effective(s.get(Project, row.project_id))
+        for g in ordered:
+            g.allowed = bool(policy.allowed_spans(g.value))
+        if reveal and ctx is not None:
+            with self.db.transaction() as s:
+                record(s, ctx, "file.scan_reveal", resource_type="file", resource_id=file_id, project=view.project,
+                       details={"groups": len(ordered), "findings": len(findings)})
+        return view, ordered
+
+    def add_to_glossary(self, principal: Principal, ctx: AuditContext, project: Project, *,
+                        values: list[str], file_id: str | None, groups: list[str]) -> tuple[Glossary, int]:
+        """Mark values as not personal data for ``project``: given as text, or as groups of a file's review."""
+        glossary = self.policies.glossary
+        if glossary is None:
+            raise ConflictError("this appliance keeps no glossaries", param="values")
+        if groups and not file_id:
+            raise InvalidRequestError("`groups` name groups of a file's review: give `file_id` too", param="file_id")
+        pairs: list[tuple[str, str | None]] = [(check_value(v, f"values[{i}]"), None) for i, v in enumerate(values)]
+        if file_id:
+            view = self._get(principal, file_id)
+            if view.row.project_id != project.id:
+                raise NotFoundError(f"file {file_id!r} not found in project {project.name!r}", param="file_id")
+            if groups:
+                _, found = self.scan_groups(principal, None, file_id, reveal=True)
+                by_id = {g.id: g for g in found}
+                for i, gid in enumerate(groups):
+                    if gid not in by_id:
+                        raise InvalidRequestError(f"groups[{i}]: no group {gid!r} in the review of file {file_id!r}",
+                                                  param=f"groups[{i}]")
+                    pairs.append((check_value(by_id[gid].value, f"groups[{i}]"), by_id[gid].entity_type))
+        if not pairs:
+            raise InvalidRequestError("give `values` or `groups` to add", param="values")
+        return glossary.add(ctx, project, pairs, file_id=file_id)
+
+    def remove_from_glossary(self, ctx: AuditContext, project: Project, entry_id: str) -> Glossary:
+        if self.policies.glossary is None:
+            raise ConflictError("this appliance keeps no glossaries", param="entry_id")
+        return self.policies.glossary.remove(ctx, project, entry_id)
+
+    def rescan(self, principal: Principal, ctx: AuditContext, file_id: str) -> FileView:
+        """Apply the project's current policy and glossary to the kept original, without a new upload.
+
+        The stored content, its findings and the file's ``policy_hash`` and
+        ``content_sha256`` are replaced; the previous content is
+        crypto-shredded. Refused while a job that is not finished uses the
+        file; if the policy now blocks something, nothing changes (422).
+        """
+        view = self._get(principal, file_id)
+        row = view.row
+        if row.purpose != "fine-tune":
+            raise InvalidRequestError(f"file {file_id!r} has purpose {row.purpose!r}: only `fine-tune` files are "
+                                      "re-scanned", param="file_id")
+        if row.original_id is None:
+            raise ConflictError(f"file {file_id!r} has no kept original to re-scan: upload it again",
+                                param="file_id")
+        with self.db.read() as s:
+            project = s.get(Project, row.project_id)
+            self._check_unused(s, file_id)
+        policy = self.policies.effective(project)
+        blob_id = f"{file_id}.r{row.revision + 1}"
+        writer = self.blobs.create(blob_id, project.name, "file")
+        state: dict[str, Any] = {"purpose": row.purpose, "project": project, "policy": policy}
+        try:
+            intake = JsonlIntake(writer, self.scanner, policy, max_line_bytes=self.settings.max_line_bytes,
+                                 max_findings=self.settings.max_findings)
+            with self.db.read() as s:
+                chunks = self.blobs.read(s, row.original_id)
+            for chunk in chunks:
+                intake.feed(chunk)
+            report = intake.close()
+            if report.blocked:
+                raise PolicyViolationError(_blocked_message(report).replace("file rejected", "re-scan refused"),
+                                           param="file_id",
+                                           details=report.summary(policy) | {"blocked_lines": report.blocked_lines})
+            key_row = writer.finish()
+            with self.db.transaction() as s:
+                current = s.get(StoredFile, file_id, with_for_update=True)
+                if current.deleted_at is not None or current.revision != row.revision:
+                    raise ConflictError(f"file {file_id!r} changed during the re-scan: try again", param="file_id")
+                self._check_unused(s, file_id)
+                previous = {"policy_hash": current.policy_hash, "content_sha256": current.content_sha256,
+                            "by_entity_type": current.scan_summary.get("by_entity_type"),
+                            "by_action": current.scan_summary.get("by_action")}
+                old_blob = current.content_object
+                s.add(key_row)
+                self.blobs.shred(s, old_blob)
+                s.query(ScanFinding).filter(ScanFinding.file_id == file_id).delete()
+                current.blob_id, current.revision = blob_id, current.revision + 1
+                current.bytes, current.records = report.stored_bytes, report.records
+                current.content_sha256, current.policy_hash = report.content_sha256, policy.content_hash
+                current.scan_summary = report.summary(policy)
+                s.flush()
+                _add_findings(s, file_id, report)
+                record(s, ctx, "file.rescan", resource_type="file", resource_id=file_id, project=project.name,
+                       details={"revision": current.revision, "previous": previous,
+                                "policy_hash": policy.content_hash, "content_sha256": report.content_sha256,
+                                "by_entity_type": dict(report.by_type), "by_action": dict(report.by_action),
+                                "kek_id": key_row.kek_id})
+        except ApplianceError as exc:
+            writer.abort()
+            self._audit_rejection(ctx, state, exc, action="file.rescan", file_id=file_id)
+            raise
+        except BaseException:
+            writer.abort()
+            raise
+        self.blobs.remove(old_blob)
+        return self._get(principal, file_id)
+
+    @staticmethod
+    def _check_unused(s: Session, file_id: str) -> None:
+        job = s.scalar(select(FineTuningJob.id).where(
+            or_(FineTuningJob.training_file == file_id, FineTuningJob.validation_file == file_id),
+            FineTuningJob.status.notin_(TERMINAL)).limit(1))
+        if job is not None:
+            raise ConflictError(f"file {file_id!r} is in use by job {job!r}, which has not finished: cancel it or "
+                                "wait before re-scanning", param="file_id")
 
     def delete(self, principal: Principal, ctx: AuditContext, file_id: str) -> FileView:
         """Crypto-shred: destroy the data key, remove the blob, hide the file."""
@@ -357,7 +533,9 @@ class FileService:
         transaction. Call :meth:`finish_shred` once it has committed.
         """
         row.deleted_at = utcnow()
-        evidence = self.blobs.shred(s, row.id)
+        evidence = self.blobs.shred(s, row.content_object)
+        if row.original_id is not None:
+            self.blobs.shred(s, row.original_id)
         s.query(ScanFinding).filter(ScanFinding.file_id == row.id).delete()
         record(s, ctx, "file.delete", resource_type="file", resource_id=row.id, project=project, reason=reason,
                details={**(details or {}), "crypto_shred": {"kek_id": evidence.kek_id,
@@ -366,7 +544,12 @@ class FileService:
 
     def finish_shred(self, file_id: str, ctx: AuditContext) -> None:
         """After a deletion committed: remove the ciphertext and run :attr:`on_delete` (adapter withdrawal)."""
-        self.blobs.remove(file_id)  # after the commit: the key is gone either way
+        with self.db.read() as s:
+            row = s.get(StoredFile, file_id)
+            objects = [row.content_object, row.original_id] if row is not None else [file_id]
+        for object_id in objects:
+            if object_id:
+                self.blobs.remove(object_id)  # after the commit: the key is gone either way
         for hook in self.on_delete:
             hook(file_id, ctx)
 
@@ -378,6 +561,97 @@ def _blocked_message(report: IntakeReport) -> str:
         more = " and more" if len(lines) >= 20 else ""
         parts.append(f"{entity} on line{'s' if len(lines) > 1 else ''} {shown}{more}")
     return "file rejected by the project's policy: " + "; ".join(parts)
+
+
+@dataclass
+class FindingGroup:
+    """The findings of one distinct value in a file (see :meth:`FileService.scan_groups`)."""
+
+    id: str
+    #: The value: callers show it only to those allowed to reveal it.
+    value: str
+    #: Whether the project's policy (its allow list or glossary) now allows it.
+    allowed: bool = False
+    count: int = 0
+    records: int = 0
+    score: float = 0.0
+    entity_types: dict[str, int] = dataclasses.field(default_factory=dict)
+    actions: dict[str, int] = dataclasses.field(default_factory=dict)
+    first_lines: list[int] = dataclasses.field(default_factory=list)
+    contexts: list[str] = dataclasses.field(default_factory=list)
+    _last_record: int = -1
+
+    def add(self, f: ScanFinding, record_index: int) -> None:
+        self.count += 1
+        self.score = max(self.score, f.score)
+        self.entity_types[f.entity_type] = self.entity_types.get(f.entity_type, 0) + 1
+        self.actions[f.action] = self.actions.get(f.action, 0) + 1
+        if record_index != self._last_record:
+            self._last_record = record_index
+            self.records += 1
+            if len(self.first_lines) < 5:
+                self.first_lines.append(record_index + 1)
+
+    @property
+    def entity_type(self) -> str:
+        """The type it was found as most often."""
+        return max(self.entity_types.items(), key=lambda kv: (kv[1], kv[0]))[0]
+
+
+def _texts_of(chunks: Iterator[bytes], records: set[int]) -> Iterator[tuple[tuple[int, str], str]]:
+    """``((record index, field path), text)`` of the wanted records of a JSONL stream, in order."""
+    pending = bytearray()
+    line_no = 0
+
+    def one(raw: bytes) -> Iterator[tuple[tuple[int, str], str]]:
+        if line_no - 1 in records:
+            record = parse_line(raw, line_no)
+            if record is not None:
+                for path, text in iter_text_fields(record):
+                    yield (line_no - 1, path), text
+
+    for chunk in chunks:
+        pending += chunk
+        start = 0
+        while (end := pending.find(b"\n", start)) >= 0:
+            line_no += 1
+            yield from one(bytes(pending[start:end]))
+            start = end + 1
+        del pending[:start]
+    if pending:
+        line_no += 1
+        yield from one(bytes(pending))
+
+
+def _context(text: str, target: ScanFinding, in_field: list[ScanFinding], width: int = 48) -> str:
+    """The text around ``target``, the value as ``[[value]]`` and other findings as ``<TYPE>``."""
+    left, right = max(0, target.start - width), min(len(text), target.end + width)
+    marks = [(max(f.start, left), min(f.end, right), f"<{f.entity_type}>") for f in in_field
+             if f is not target and f.end > left and f.start < right
+             and not (f.start < target.end and target.start < f.end)]
+    marks.append((target.start, target.end, f"[[{text[target.start:target.end]}]]"))
+    out, pos = ["…" if left > 0 else ""], left
+    for start, end, label in sorted(marks):
+        if start < pos:
+            continue  # overlaps the previous mark, which hides it
+        out += [text[pos:start], label]
+        pos = end
+    out += [text[pos:right], "…" if right < len(text) else ""]
+    return "".join(out)
+
+
+def original_id(file_id: str) -> str:
+    """The blob-store object of a file's kept original."""
+    return f"{file_id}.original"
+
+
+def _add_findings(s: Session, file_id: str, report: IntakeReport) -> None:
+    s.add_all(
+        ScanFinding(file_id=file_id, record=f.record, field=f.field, entity_type=f.entity_type,
+                    start=f.start, end=f.end, score=round(float(f.score), 4), action=f.action,
+                    **_stored_location(report.stored_spans.get(i)))
+        for i, f in enumerate(report.findings)
+    )
 
 
 def _stored_location(span: tuple[int, int, int] | None) -> dict[str, int | None]:

@@ -10,6 +10,9 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from appliance.db.base import Base, UTCDateTime, utcnow
 
+#: Job statuses after which nothing more happens.
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+
 
 class FineTuningJob(Base):
     """A job in OpenAI's shape, plus what the queue and recovery need."""

@@ -301,11 +301,13 @@ class Scheduler:
             for role, fid in (("train", job.training_file), ("validation", job.validation_file)):
                 if not fid:
                     continue
-                key_row = s.get(DataKey, fid)
+                object_id = s.get(StoredFile, fid).content_object  # a re-scan writes a new object
+                key_row = s.get(DataKey, object_id)
                 data_key = self.blobs.keys.unwrap(WrappedKey(key_row.kek_id, key_row.wrapped),
-                                                  key_context(fid, key_row.project))
-                datasets.append({"role": role, "object_id": fid, "project": key_row.project,
-                                 "path": str(self.blobs.path_of(fid)), "key": base64.b64encode(data_key).decode()})
+                                                  key_context(object_id, key_row.project))
+                datasets.append({"role": role, "object_id": object_id, "project": key_row.project,
+                                 "path": str(self.blobs.path_of(object_id)),
+                                 "key": base64.b64encode(data_key).decode()})
             checkpoint = s.scalar(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)
                                   .order_by(JobCheckpoint.step_number.desc()).limit(1))
             resume = b"".join(self.blobs.read(s, checkpoint.object_id)) if checkpoint else b""
@@ -496,7 +498,7 @@ class Scheduler:
             "job_id": job.id, "project": project.name, "trained_by": job.created_by,
             "method": job.method_type, "base_model": {"name": base.name, "content_hash": base.content_hash},
             "datasets": [{"id": f.id, "sha256": f.content_sha256, "policy_hash": f.policy_hash,
-                          "records": f.records} for f in files.values()],
+                          "records": f.records, "revision": f.revision} for f in files.values()],
             "hyperparameters": header.get("resolved") or job.hyperparameters,
             "metrics": header.get("metrics") or {}, "seed": job.seed, "privacy": header.get("privacy") or {},
             "code_version": __version__, "created_at": utcnow().isoformat(),

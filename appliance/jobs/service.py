@@ -26,14 +26,13 @@ from appliance.files.models import StoredFile
 from appliance.identity.models import Project
 from appliance.identity.service import Principal
 from appliance.jobs.memorization import parse_memorization, public_view
-from appliance.jobs.models import FineTuningJob, JobCheckpoint, JobEvent
+from appliance.jobs.models import TERMINAL, FineTuningJob, JobCheckpoint, JobEvent
 from appliance.jobs.recipes import DATASET_PURPOSE, validate_method
 from appliance.training.hyperparameters import SHARDING
 
 if TYPE_CHECKING:
     from appliance.jobs.executors import Executor
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE = frozenset({"validating_files", "queued", "running"})
 _SUFFIX_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 

@@ -145,6 +145,24 @@ class Policy:
             return []
         return [(m.start(), m.end()) for m in _allow_pattern(self.allow_list).finditer(text)]
 
+    def with_allowed(self, values: Iterable[str]) -> Policy:
+        """This policy with ``values`` added to its allow list (a project's reviewed glossary).
+
+        The content hash covers the merged list, so a file's ``policy_hash``
+        tells which glossary applied to it as well.
+        """
+        seen = {normalize_allowed(v) for v in self.allow_list}
+        extra = []
+        for value in values:
+            key = normalize_allowed(value)
+            if key and key not in seen:
+                seen.add(key)
+                extra.append(value)
+        if not extra:
+            return self
+        merged = dataclasses.replace(self, allow_list=(*self.allow_list, *extra))
+        return dataclasses.replace(merged, content_hash=_hash(merged.canonical()))
+
     def rule_for(self, entity_type: str) -> EntityRule:
         """The rule applying to ``entity_type`` (its own, else the default)."""
         return self.entities.get(entity_type, self.default)

@@ -16,7 +16,7 @@ from litestar.plugins.jinja import JinjaTemplateEngine
 from appliance.audit.controllers import AuditController, AuditProofController, AuditReportController
 from appliance.identity.auth import PUBLIC_OPT, BearerAuthMiddleware, csrf_guard, permission_guard
 from appliance.catalog.controllers import ModelController
-from appliance.files.controllers import FileController, PolicyController
+from appliance.files.controllers import FileController, GlossaryController, PolicyController
 from appliance.identity.controllers import MeController, ProjectController, TokenController, UserController
 from appliance.inference.controllers import ImageController, InferenceController, RuntimeLoraController
 from appliance.jobs.controllers import JobController
@@ -38,7 +38,7 @@ from appliance.settings import Settings, get_settings
 ROUTE_HANDLERS = [
     health, MeController, ProjectController, UserController, TokenController, AuditController, AuditProofController,
     AuditReportController, FileController,
-    PolicyController, ModelController, JobController, InferenceController, RuntimeLoraController,
+    PolicyController, GlossaryController, ModelController, JobController, InferenceController, RuntimeLoraController,
     ImageController,
 ]
 PORTAL_DIR = Path(__file__).resolve().parent.parent / "portal"

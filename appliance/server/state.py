@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from appliance.catalog.service import CatalogService
 from appliance.crypto.envelope import FileKeyProvider
 from appliance.db.base import Database
+from appliance.files.glossary import GlossaryService
 from appliance.files.policies import PolicyService
 from appliance.files.service import FileService
 from appliance.identity.auth import FailureLimiter
@@ -50,7 +51,7 @@ def build_state(
     )
     keys = FileKeyProvider(settings.key_file)
     blobs = BlobStore(settings.blobs_dir, keys)
-    policies = PolicyService(db, settings.intake.default_policy)
+    policies = PolicyService(db, settings.intake.default_policy, GlossaryService(db, blobs))
     catalog = CatalogService(db, blobs, settings.models_dir, settings.signing_key_file)
     scheduler_settings = scheduler_settings or SchedulerSettings(lease_s=settings.jobs.lease_s)
     if scheduler_settings.executor is None:

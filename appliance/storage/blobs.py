@@ -64,6 +64,14 @@ class ShredEvidence:
     shredded_at: datetime
 
 
+def _derive(data_key: bytes, purpose: str, project: str, object_id: str) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    info = f"appliance {purpose} {project}/{object_id}".encode()
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(data_key)
+
+
 class BlobWriter:
     """Streams plaintext into a new encrypted blob; see :meth:`BlobStore.create`."""
 
@@ -88,11 +96,7 @@ class BlobWriter:
 
     def derive_secret(self, purpose: str) -> bytes:
         """A 32-byte secret of this blob for ``purpose`` (HKDF-SHA256 of its data key): gone when the blob is shredded."""
-        from cryptography.hazmat.primitives import hashes
-        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-        info = f"appliance {purpose} {self.project}/{self.object_id}".encode()
-        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(self._data_key)
+        return _derive(self._data_key, purpose, self.project, self.object_id)
 
     def write(self, data: bytes) -> None:
         out = self._enc.update(data)
@@ -176,6 +180,14 @@ class BlobStore:
                 yield from decrypt_stream(data_key, context, fh)
 
         return generate()
+
+    def derive_secret(self, session: Session, object_id: str, purpose: str) -> bytes:
+        """:meth:`BlobWriter.derive_secret` of a stored object."""
+        row = session.get(DataKey, object_id)
+        if row is None or row.wrapped is None:
+            raise NotFoundError(f"object {object_id!r} has no key (deleted)")
+        data_key = self.keys.unwrap(WrappedKey(row.kek_id, row.wrapped), key_context(object_id, row.project))
+        return _derive(data_key, purpose, row.project, object_id)
 
     def shred(self, session: Session, object_id: str) -> ShredEvidence:
         """Destroy the wrapped data key in ``session``'s transaction.
