@@ -72,8 +72,8 @@ def build_report(db: Database, scope: ReportScope) -> dict[str, Any]:
     for e in events:
         by_resource[(e.resource_type, e.resource_id)].append(e)
 
-    def readers(file_id: str) -> list[dict[str, Any]]:
-        counts: Counter[str] = Counter(e.actor for e in by_resource[("file", file_id)] if e.action == "file.read_content")
+    def readers(file_id: str, action: str = "file.read_content") -> list[dict[str, Any]]:
+        counts: Counter[str] = Counter(e.actor for e in by_resource[("file", file_id)] if e.action == action)
         return [{"actor": a, "reads": n} for a, n in sorted(counts.items())]
 
     datasets = []
@@ -87,6 +87,11 @@ def build_report(db: Database, scope: ReportScope) -> dict[str, Any]:
             "content_sha256": f.content_sha256, "policy_hash": f.policy_hash, "decision": f.decision,
             "pii_by_type": summary.get("by_entity_type") or {}, "actions": summary.get("by_action") or {},
             "redacted_records": summary.get("redacted_records", 0), "content_read_by": readers(f.id),
+            "values_revealed_to": readers(f.id, "file.scan_reveal"), "revision": f.revision,
+            "rescans": [{"seq": e.seq, "at": _iso(e.ts), "actor": e.actor, "outcome": e.outcome,
+                         "policy_hash": (e.details or {}).get("policy_hash"),
+                         "previous_policy_hash": ((e.details or {}).get("previous") or {}).get("policy_hash")}
+                        for e in by_resource[("file", f.id)] if e.action == "file.rescan"],
             "upload_audit_seq": upload.seq if upload else None,
             "deleted_at": _iso(f.deleted_at), "deleted_by": deletion.actor if deletion else None,
         })
@@ -124,6 +129,12 @@ def build_report(db: Database, scope: ReportScope) -> dict[str, Any]:
                   "project": e.project, "reason": _deletion_reason(e),
                   "crypto_shred": (e.details or {}).get("crypto_shred")}
                  for e in events if e.action in ("file.delete", "adapter.delete")]
+    glossary = [{"seq": e.seq, "at": _iso(e.ts), "actor": e.actor, "project": e.project,
+                 "change": e.action.removeprefix("glossary."),
+                 "values": (e.details or {}).get("added") or (e.details or {}).get("removed"),
+                 "from_file": (e.details or {}).get("file_id"), "entries": (e.details or {}).get("entries"),
+                 "content_hash": (e.details or {}).get("content_hash")}
+                for e in events if e.action in ("glossary.add", "glossary.remove")]
     chain = verify_chain(db)
     return {
         "format": "appliance-audit-report/1",
@@ -131,8 +142,9 @@ def build_report(db: Database, scope: ReportScope) -> dict[str, Any]:
         "scope": {"from": scope.since.isoformat(), "to": scope.until.isoformat(), "project": scope.project},
         "summary": {"events": len(events), "datasets": len(datasets), "rejected_uploads": len(rejected),
                     "models": len(models), "denials": len(denials), "key_rotations": len(rotations),
-                    "deletions": len(deletions)},
-        "datasets": datasets, "rejected_uploads": rejected, "models": models, "access_denials": denials,
+                    "deletions": len(deletions), "glossary_changes": len(glossary)},
+        "datasets": datasets, "rejected_uploads": rejected, "glossary_changes": glossary, "models": models,
+        "access_denials": denials,
         "key_rotations": rotations, "deletions": deletions,
         "chain": {"ok": chain.ok, "events": chain.events, "head_seq": chain.head_seq, "bad_seq": chain.bad_seq,
                   "problem": chain.problem,
@@ -181,10 +193,12 @@ def _cell(value: Any) -> str:
 
 SECTIONS = [
     ("datasets", "Datasets", ["id", "project", "filename", "uploaded_by", "uploaded_at", "records", "decision",
-                              "pii_by_type", "actions", "redacted_records", "policy_hash", "content_read_by",
-                              "deleted_at", "deleted_by"]),
+                              "pii_by_type", "actions", "redacted_records", "policy_hash", "revision", "rescans",
+                              "content_read_by", "values_revealed_to", "deleted_at", "deleted_by"]),
     ("rejected_uploads", "Rejected uploads", ["seq", "at", "actor", "project", "outcome", "code", "param",
                                               "blocked_types"]),
+    ("glossary_changes", "Glossary changes (values marked as not personal data)",
+     ["seq", "at", "actor", "project", "change", "values", "from_file", "entries", "content_hash"]),
     ("models", "Models and their lineage", ["id", "project", "kind", "base_model", "datasets", "trained_by",
                                             "published_at", "hyperparameters", "metrics", "privacy", "queries",
                                             "query_tokens",

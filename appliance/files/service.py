@@ -299,6 +299,10 @@ class FileService:
     def get(self, principal: Principal, file_id: str) -> FileView:
         return self._get(principal, file_id)
 
+    def project_of(self, view: FileView) -> Project:
+        with self.db.read() as s:
+            return s.get(Project, view.row.project_id)
+
     def list(self, principal: Principal, *, project: str | None, purpose: str | None, after: str | None,
              limit: int, order: str) -> tuple[list[FileView], bool]:
         with self.db.read() as s:

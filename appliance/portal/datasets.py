@@ -8,6 +8,7 @@ import json
 import zipfile
 from typing import Annotated, Any
 
+from anyio import to_thread
 from litestar import Request, get, post
 from litestar.di import NamedDependency
 from litestar.enums import RequestEncodingType
@@ -15,8 +16,8 @@ from litestar.params import Body, FromPath
 from litestar.response import Redirect, Response, Template
 
 from appliance.errors import ApplianceError, PolicyViolationError
-from appliance.files.service import FileService
-from appliance.identity.roles import Permission
+from appliance.files.service import FileService, FileView
+from appliance.identity.roles import Permission, role_allows
 from appliance.portal.render import bar_chart, page, portal, session_of
 from appliance.server.context import audit_context
 from appliance.server.state import AppState
@@ -26,6 +27,8 @@ PREVIEW_RECORDS = 5
 PREVIEW_IMAGES = 8
 #: Image archives are read whole for their captions: only up to this size.
 PREVIEW_ARCHIVE_BYTES = 32 * 1024 * 1024
+#: Value groups shown in the review step (the API has them all).
+REVIEW_GROUPS = 200
 
 
 @get("/datasets", opt=portal(Permission.FILES_READ), include_in_schema=False, sync_to_thread=True)
@@ -70,8 +73,6 @@ def dataset(request: Request, files: NamedDependency[FileService], file_id: From
     view, findings = files.scan_report(principal, file_id)
     preview: list[str] = []
     archive: dict[str, Any] = {}
-    from appliance.identity.roles import role_allows
-
     if role_allows(principal.role, Permission.FILES_CONTENT):
         # The stored content is already redacted by the policy; show its first records.
         _, chunks = files.content(principal, audit_context(request), file_id)
@@ -86,9 +87,50 @@ def dataset(request: Request, files: NamedDependency[FileService], file_id: From
             preview = [json.dumps(json.loads(line), ensure_ascii=False, indent=1)
                        for line in buffer.splitlines()[:PREVIEW_RECORDS]]
     summary = view.row.scan_summary
+    review = _review(request, files, view, bool(findings))
     return page(request, "dataset.html", section="datasets", title=view.row.filename, view=view,
                 findings=findings[:500], more_findings=max(0, len(findings) - 500), preview=preview, archive=archive,
-                chart=bar_chart(summary.get("by_entity_type") or {}), summary=summary)
+                chart=bar_chart(summary.get("by_entity_type") or {}), summary=summary, review=review,
+                flashes=_review_flashes(request))
+
+
+def _review(request: Request, files: FileService, view: FileView, any_findings: bool) -> dict[str, Any] | None:
+    """The review step between upload and training: findings by value, values for data owners on request."""
+    if not any_findings or view.row.original_id is None or view.row.purpose != "fine-tune":
+        return None
+    principal = session_of(request).principal
+    may_reveal = role_allows(principal.role, Permission.FILES_CONTENT)
+    reveal = may_reveal and request.query_params.get("reveal") == "1"
+    _, groups = files.scan_groups(principal, audit_context(request), view.row.id, reveal=reveal)
+    return {"groups": groups[:REVIEW_GROUPS], "more": max(0, len(groups) - REVIEW_GROUPS), "reveal": reveal,
+            "may_reveal": may_reveal}
+
+
+def _review_flashes(request: Request) -> list[tuple[str, str]]:
+    added, revision = request.query_params.get("added"), request.query_params.get("revision")
+    if not (added and added.isdigit() and revision and revision.isdigit()):
+        return []
+    return [("ok", f"{added} value{'s' if added != '1' else ''} added to the project's glossary; "
+                   f"the file was re-scanned (revision {revision}).")]
+
+
+@post("/datasets/{file_id:str}/review", opt=portal(Permission.FILES_WRITE), include_in_schema=False)
+async def review(request: Request, files: NamedDependency[FileService], file_id: FromPath[str]) -> Redirect:
+    """Mark the checked groups as not personal data for the project, then re-scan the file."""
+    form = await request.form()
+    groups = [g for g in form.getall("group", []) if g]
+    principal, ctx = session_of(request).principal, audit_context(request)
+
+    def apply() -> tuple[int, int]:
+        view = files.get(principal, file_id)
+        added = 0
+        if groups:
+            project = files.project_of(view)
+            _, added = files.add_to_glossary(principal, ctx, project, values=[], file_id=file_id, groups=groups)
+        return added, files.rescan(principal, ctx, file_id).row.revision
+
+    added, revision = await to_thread.run_sync(apply)
+    return Redirect(f"/datasets/{file_id}?added={added}&revision={revision}", status_code=303)
 
 
 def _archive_preview(chunks, size: int) -> dict[str, Any]:
@@ -128,4 +170,4 @@ def delete_dataset(request: Request, files: NamedDependency[FileService], file_i
     return Redirect("/datasets", status_code=303)
 
 
-ROUTES = [dataset_list, upload, dataset, delete_dataset]
+ROUTES = [dataset_list, upload, dataset, review, delete_dataset]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import select
 
+from appliance.audit.reports import ReportScope, build_report
 from appliance.files.models import ProjectGlossary, StoredFile
 from appliance.identity.roles import Role
 from appliance.jobs.models import FineTuningJob
@@ -101,6 +103,16 @@ def test_review_glossary_and_rescan_keep_the_projects_words(client, state, owner
         assert first_key.wrapped is None and first_key.shredded_at is not None  # the redacted copy is shredded
         assert s.get(DataKey, row.original_id).kind == "file-original"
     assert not state.blobs.path_of(file["id"]).exists()
+
+    # The auditors' report shows the review: who saw values, the glossary change, the re-scan.
+    report = build_report(state.db, ReportScope(since=datetime(2000, 1, 1, tzinfo=UTC),
+                                                until=datetime.now(UTC) + timedelta(minutes=1)))
+    [dataset] = [d for d in report["datasets"] if d["id"] == file["id"]]
+    assert dataset["revision"] == 2 and dataset["values_revealed_to"] == [{"actor": "olivia", "reads": 2}]
+    assert [(r["outcome"], r["policy_hash"]) for r in dataset["rescans"]] == [("success", policy["content_hash"])]
+    [change] = report["glossary_changes"]
+    assert change["change"] == "add" and change["values"] == 2 and change["from_file"] == file["id"]
+    assert "Jonas" not in json.dumps(report)
 
     # A later upload in the project applies the glossary straight away.
     second = _uploaded(client, owner)

@@ -189,3 +189,43 @@ def test_form_post_without_csrf_token_is_refused(portal_server, browser):
     ok = client.post("/role", data={"binding": "1", "csrf_token": token}, follow_redirects=False)
     assert ok.status_code in (303, 400)  # accepted by the CSRF check (binding may not be the user's)
     context.close()
+
+
+def test_review_step_marks_codenames_and_rescans(portal_server, browser, tmp_path):
+    """Between upload and training: values grouped, revealed on request (audited), marked, file re-scanned."""
+    context, page = login(browser, portal_server, "olivia")
+    records = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in [
+        ("Who runs the payments rewrite?", "Jonas owns the payments rewrite until March."),
+        ("What replaced the billing cron?", "Jonas replaced the billing cron last quarter."),
+        ("Who approved the refund?", "Maria Lopez approved the refund on Tuesday."),
+    ]]
+    data = tmp_path / "codenames.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    page.goto("/datasets")
+    page.set_input_files("#file", str(data))
+    page.get_by_role("button", name="Upload and scan").click()
+    page.wait_for_url(re.compile(r"/datasets/file-"))
+    file_id = page.url.rsplit("/", 1)[1]
+    assert page.get_by_role("heading", name="Review before training").is_visible()
+    rows = page.locator("#review-groups tbody tr")
+    assert rows.count() == 2 and "Jonas" not in page.content()  # groups by id until revealed
+    page.locator("#reveal-values").click()
+    page.wait_for_url(re.compile(r"reveal=1"))
+    table = page.inner_text("#review-groups")
+    assert "Jonas" in table and "Maria Lopez" in table and "[[Jonas]] owns the payments rewrite" in table
+    shot(page, "09-review")
+    page.get_by_label("Mark Jonas as not personal data").check()
+    page.get_by_role("button", name="Add the checked values to the glossary and re-scan").click()
+    page.wait_for_url(re.compile(r"revision=2"))
+    assert "1 value added to the project's glossary" in page.inner_text("main")
+    preview = " ".join(page.locator("pre").all_inner_texts())
+    assert "Jonas owns the payments rewrite" in preview and "Maria Lopez" not in preview and "<PERSON>" in preview
+    assert "in glossary" in page.inner_text("#review-groups")
+    shot(page, "10-reviewed")
+    context.close()
+
+    context, page = login(browser, portal_server, "audrey")
+    page.goto("/audit")
+    events = page.inner_text("#events")
+    assert "file.scan_reveal" in events and "glossary.add" in events and "file.rescan" in events
+    context.close()

@@ -103,6 +103,15 @@ def _other_file(method: str, fmt: str, **kw) -> Callable[[World], Req]:
     return make
 
 
+def _other_glossary(kw: dict[str, Any]) -> Callable[[World], Req]:
+    def make(w: World) -> Req:
+        path = f"/api/v1/projects/{OTHER}/glossary"
+        before = _admin_get(w, path).json()["content_hash"]
+        return Req("POST", path, kw, intact=lambda w2: _admin_get(w2, path).json()["content_hash"] == before)
+
+    return make
+
+
 def _other_job(method: str, fmt: str, status: str = "queued") -> Callable[[World], Req]:
     def make(w: World) -> Req:
         j = w.job(OTHER, status)
@@ -190,6 +199,16 @@ ROUTES: dict[str, Route] = {
                                                  lambda w: Req("GET", f"/v1/files/{w.files[OTHER]}/content")),
     "GET /v1/files/{file_id:str}/scan": Route(lambda w: Req("GET", f"/v1/files/{w.files[OWN]}/scan"),
                                               lambda w: Req("GET", f"/v1/files/{w.files[OTHER]}/scan")),
+    "POST /v1/files/{file_id:str}/scan": Route(lambda w: Req("POST", f"/v1/files/{w.upload(OWN)}/scan"),
+                                               _other_file("POST", "/v1/files/{f}/scan")),
+    "GET /api/v1/projects/{name:str}/glossary": Route(G(f"/api/v1/projects/{OWN}/glossary"),
+                                                      G(f"/api/v1/projects/{OTHER}/glossary")),
+    "POST /api/v1/projects/{name:str}/glossary": Route(
+        lambda w: Req("POST", f"/api/v1/projects/{OWN}/glossary", {"json": {"values": ["Matrix Codename"]}}),
+        _other_glossary({"json": {"values": ["Matrix Codename"]}})),
+    "DELETE /api/v1/projects/{name:str}/glossary/{entry_id:str}": Route(
+        lambda w: Req("DELETE", f"/api/v1/projects/{OWN}/glossary/gle_none"),
+        lambda w: Req("DELETE", f"/api/v1/projects/{OTHER}/glossary/gle_none")),
     # -- models -------------------------------------------------------------------------------
     "GET /v1/models": Route(G("/v1/models"), G("/v1/models"), "scoped", _no_other_ids),
     "GET /v1/models/{model_id:str}": Route(lambda w: Req("GET", f"/v1/models/{w.adapters[OWN]}"),
@@ -248,6 +267,8 @@ ROUTES: dict[str, Route] = {
                "files")),
     "GET /datasets/{file_id:str}": Route(lambda w: Req("GET", f"/datasets/{w.files[OWN]}"),
                                          lambda w: Req("GET", f"/datasets/{w.files[OTHER]}")),
+    "POST /datasets/{file_id:str}/review": Route(lambda w: Req("POST", f"/datasets/{w.upload(OWN)}/review"),
+                                                 _other_file("POST", "/datasets/{f}/review")),
     "POST /datasets/{file_id:str}/delete": Route(
         lambda w: (lambda f: Req("POST", f"/datasets/{f}/delete", {"data": {"confirm": f}}))(w.upload(OWN)),
         _other_file("POST", "/datasets/{f}/delete", data={"confirm": "{f}"})),
