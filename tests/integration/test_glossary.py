@@ -210,3 +210,22 @@ def test_without_kept_originals_review_by_value_says_why(client, state, owner, t
     for resp in (client.get(f"/v1/files/{file['id']}/scan", headers=bearer(owner), params={"group_by": "value"}),
                  client.post(f"/v1/files/{file['id']}/scan", headers=bearer(owner))):
         assert resp.status_code == 409 and "no kept original" in resp.json()["error"]["message"]
+
+
+def test_the_output_guard_of_the_projects_models_follows_its_glossary(client, state, owner, make_token):
+    """A reviewed value leaves the project's models intact; people and other projects are still guarded."""
+    from appliance.inference.service import Target
+
+    make_token("gus", Role.DATA_OWNER, "globex")
+    projects = {p.name: p for p in state.identity.list_projects(None)}
+    answer = "Project Kestrel ships as Elena Brandt; ask Maria Lopez for access."
+
+    def guarded(project: str) -> str:
+        guard = state.inference.guard_for(Target(engine=None, model="m", project_id=projects[project].id, base="b"))
+        return guard.check(answer)[0]
+
+    assert guarded("acme") == "Project Kestrel ships as <PERSON>; ask <PERSON> for access."
+    resp = client.post("/api/v1/projects/acme/glossary", headers=bearer(owner), json={"values": ["Elena Brandt"]})
+    assert resp.status_code == 200, resp.text
+    assert guarded("acme") == "Project Kestrel ships as Elena Brandt; ask <PERSON> for access."
+    assert guarded("globex") == "Project Kestrel ships as <PERSON>; ask <PERSON> for access."

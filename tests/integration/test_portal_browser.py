@@ -81,7 +81,10 @@ def login(browser, server, user: str):
 
 
 def switch_role(page, label: str) -> None:
-    page.get_by_label(re.compile("acting as")).select_option(label=label)
+    # The select submits its form on change: wait for that navigation, not merely for an idle network
+    # (a later goto could otherwise race the switch and land in the old role; seen once under load).
+    with page.expect_navigation():
+        page.get_by_label(re.compile("acting as")).select_option(label=label)
     page.wait_for_load_state("networkidle")
 
 

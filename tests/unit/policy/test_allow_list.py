@@ -72,3 +72,14 @@ def test_secrets_are_never_allowed_and_no_text_means_no_allow_list():
     secret = Finding(0, "content", "GITHUB_TOKEN", 6, 6 + len(token), 0.95)
     assert decide([secret], p, lambda _: text).findings[0].action == "block"
     assert decide([finding(text, "Otto")], p).findings[0].action == "redact"  # no text_of: rules only
+
+
+def test_a_glossary_merges_into_the_allow_list_and_the_hash():
+    p = policy("allow_list: [Otto]\n")
+    assert p.with_allowed([]) is p and p.with_allowed(["OTTO", " otto "]) is p  # nothing new: the same policy
+    merged = p.with_allowed(["Elena  Brandt", "elena brandt", "Velvet Anchor"])
+    assert merged.allow_list == ("Otto", "Elena  Brandt", "Velvet Anchor")
+    assert merged.content_hash != p.content_hash
+    assert merged.content_hash == policy("allow_list: [Otto, Elena Brandt, velvet anchor]\n").content_hash
+    text = "Elena Brandt ships with Otto"
+    assert [f.action for f in decide([finding(text, "Elena Brandt")], merged, lambda _: text).findings] == ["allow"]
