@@ -62,6 +62,7 @@ import functools
 import importlib
 import logging
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,6 +297,8 @@ class NameLexicon:
             adjectives, adverbs, calendar words and openers (``thanks``, ``dear``).
         name_words: Title-case names that are everyday words too (``Willow``,
             ``Hunter``): a PERSON on their own only with a person cue.
+        places: Countries, states and cities, lower case without accents
+            (``sao paulo``): as a whole candidate, a PERSON only with a person cue.
     """
 
     given: frozenset[str]
@@ -303,6 +306,10 @@ class NameLexicon:
     english: frozenset[str]
     common: frozenset[str]
     name_words: frozenset[str] = frozenset()
+    places: frozenset[str] = frozenset()
+
+    def is_place(self, span_text: str) -> bool:
+        return fold_place(span_text) in self.places
 
     @staticmethod
     def is_titlecase(word: str) -> bool:
@@ -392,7 +399,18 @@ def load_lexicon(model: str) -> NameLexicon:
     english, common = _vocabulary(model)
     given = frozenset(n for n in _given_names() if n.lower() not in _CALENDAR)
     return NameLexicon(given=given, surnames=_names("surnames.txt"), english=english, common=common,
-                       name_words=_names("name_words.txt"))
+                       name_words=_names("name_words.txt") | _names("products.txt"), places=_places())
+
+
+def fold_place(text: str) -> str:
+    """A place name as compared: accents removed, lower case, single spaces."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return " ".join("".join(c for c in decomposed if not unicodedata.combining(c)).lower().split())
+
+
+def _places() -> frozenset[str]:
+    with open(_DATA / "places.txt", encoding="utf-8") as fh:
+        return frozenset(line.strip() for line in fh if line.strip() and not line.startswith("#"))
 
 
 def _names(file: str) -> frozenset[str]:
@@ -568,7 +586,9 @@ class NerRecognizer(LocalRecognizer):
             return THING
         if len(words) > 1 and (_THING_BEFORE.search(words[0] + " ") or _THING_AFTER.match(" " + words[-1])):
             return THING  # a span that holds its thing word: "Project Willow", "Rusty Lantern Pro"
-        return NAME_WORD if len(words) == 1 and words[0] in lex.name_words else NO_SIGN
+        if (len(words) == 1 and words[0] in lex.name_words) or lex.is_place(text[start:end]):
+            return NAME_WORD  # "Willow", "Florence", "Sao Paulo": a person only with a person cue
+        return NO_SIGN
 
     def _qualifies_the_next_word(self, before: str, text: str, end: int) -> bool:
         """Whether the name qualifies the word after it, as systems' names do and people's do not.
