@@ -153,7 +153,8 @@ def _group_out(g: FindingGroup, reveal: bool) -> FindingGroupOut:
     return FindingGroupOut(
         id=g.id, entity_type=g.entity_type, entity_types=g.entity_types, count=g.count, records=g.records,
         score=round(g.score, 4), actions=g.actions, first_lines=g.first_lines,
-        value=g.value if reveal else None, contexts=g.contexts if reveal else None,
+        value=g.value if reveal and not g.secret else None, contexts=g.contexts if reveal else None,
+        secret=g.secret,
         allowed=g.allowed,
     )
 

@@ -88,6 +88,8 @@ class FindingGroupOut(msgspec.Struct):
     contexts: list[str] | None = None
     #: Whether the project's glossary (or policy allow list) already allows it.
     allowed: bool = False
+    #: A credential: its value is never shown, even with ``reveal=true``, and no glossary allows it.
+    secret: bool = False
 
 
 class ScanGroups(msgspec.Struct):

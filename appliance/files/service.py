@@ -40,6 +40,7 @@ from appliance.jobs.models import TERMINAL, FineTuningJob
 from appliance.policy import decide, redact_record
 from appliance.policy.model import normalize_allowed
 from appliance.scanning import Scanner, iter_text_fields, parse_line
+from appliance.scanning.findings import SECRET_ENTITIES
 from appliance.settings import IntakeSettings
 from appliance.storage.blobs import BlobStore, BlobWriter, ShredEvidence
 
@@ -396,7 +397,7 @@ class FileService:
                 if group is None:
                     group = groups[gid] = FindingGroup(id=gid, value=value)
                 group.add(f, record_index)
-                if reveal and len(group.contexts) < 3:
+                if reveal and not group.secret and len(group.contexts) < 3:
                     group.contexts.append(_context(text, f, in_field))
         ordered = sorted(groups.values(), key=lambda g: (-g.count, g.id))
         with self.db.read() as s:
@@ -429,6 +430,9 @@ class FileService:
                     if gid not in by_id:
                         raise InvalidRequestError(f"groups[{i}]: no group {gid!r} in the review of file {file_id!r}",
                                                   param=f"groups[{i}]")
+                    if by_id[gid].secret:
+                        raise InvalidRequestError(f"groups[{i}]: {gid!r} is a secret ({by_id[gid].entity_type}); no "
+                                                  "review makes a credential safe to train on", param=f"groups[{i}]")
                     pairs.append((check_value(by_id[gid].value, f"groups[{i}]"), by_id[gid].entity_type))
         if not pairs:
             raise InvalidRequestError("give `values` or `groups` to add", param="values")
@@ -576,6 +580,8 @@ class FindingGroup:
     value: str
     #: Whether the project's policy (its allow list or glossary) now allows it.
     allowed: bool = False
+    #: Found as a secret (a credential): its value is never shown and no glossary allows it.
+    secret: bool = False
     count: int = 0
     records: int = 0
     score: float = 0.0
@@ -586,6 +592,7 @@ class FindingGroup:
     _last_record: int = -1
 
     def add(self, f: ScanFinding, record_index: int) -> None:
+        self.secret = self.secret or f.entity_type in SECRET_ENTITIES
         self.count += 1
         self.score = max(self.score, f.score)
         self.entity_types[f.entity_type] = self.entity_types.get(f.entity_type, 0) + 1

@@ -229,3 +229,29 @@ def test_the_output_guard_of_the_projects_models_follows_its_glossary(client, st
     assert resp.status_code == 200, resp.text
     assert guarded("acme") == "Project Kestrel ships as Elena Brandt; ask <PERSON> for access."
     assert guarded("globex") == "Project Kestrel ships as <PERSON>; ask <PERSON> for access."
+
+
+def test_secrets_are_never_revealed_nor_allowed_and_deletion_shreds_the_original(client, state, owner, admin_token):
+    policy = "version: 1\ndefault: {action: block, threshold: 0.5}\nentities:\n  GITHUB_TOKEN: redact\n  PERSON: redact\n"
+    assert client.put("/api/v1/projects/acme/policy", headers=bearer(admin_token),
+                      json={"text": policy}).status_code == 200
+    token = "ghp_" + "Zq7x" * 9
+    resp = upload(client, owner, jsonl(chat("Which token does Jonas use?", f"Jonas deploys with {token} daily.")))
+    assert resp.status_code == 201, resp.text
+    file_id = resp.json()["id"]
+    review = _groups(client, owner, file_id, reveal="true")
+    [secret] = [g for g in review["groups"] if g["entity_type"] == "GITHUB_TOKEN"]
+    assert secret["secret"] and secret["value"] is None and secret["contexts"] == []
+    assert token not in json.dumps(review) and "Zq7x" not in json.dumps(review)
+    assert any("<GITHUB_TOKEN>" in c for g in review["groups"] for c in g["contexts"] or [])  # masked elsewhere
+    resp = client.post("/api/v1/projects/acme/glossary", headers=bearer(owner),
+                       json={"file_id": file_id, "groups": [secret["id"]]})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "groups[0]" and token not in resp.text
+
+    with state.db.read() as s:
+        original = s.get(StoredFile, file_id).original_id
+    assert state.blobs.path_of(original).exists()
+    assert client.delete(f"/v1/files/{file_id}", headers=bearer(owner)).status_code == 200
+    with state.db.read() as s:
+        assert s.get(DataKey, original).wrapped is None and s.get(DataKey, file_id).wrapped is None
+    assert not state.blobs.path_of(original).exists() and not state.blobs.path_of(file_id).exists()
