@@ -14,11 +14,15 @@ glossary's content hash, never the values.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import secrets
 import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+
+from sqlalchemy.exc import IntegrityError
 
 from appliance.audit.service import AuditContext, record
 from appliance.db.base import Database, utcnow
@@ -80,6 +84,15 @@ def check_value(value: object, param: str) -> str:
     return value
 
 
+@contextlib.contextmanager
+def _first_insert_races_are_stale() -> Iterator[None]:
+    """Two first additions at once: the one whose insert loses retries, like any other stale write."""
+    try:
+        yield
+    except IntegrityError:
+        raise _Stale from None
+
+
 class GlossaryService:
     """Reads and changes project glossaries.
 
@@ -113,7 +126,7 @@ class GlossaryService:
     def add(self, ctx: AuditContext, project: Project, values: list[tuple[str, str | None]], *,
             file_id: str | None = None) -> tuple[Glossary, int]:
         """Add ``(value, entity_type)`` pairs; values already present are skipped. Returns (glossary, added)."""
-        for _ in range(5):
+        for _ in range(20):  # each retry follows a commit of someone else
             try:
                 return self._add(ctx, project, values, file_id)
             except _Stale:
@@ -142,7 +155,7 @@ class GlossaryService:
         return glossary, len(new)
 
     def remove(self, ctx: AuditContext, project: Project, entry_id: str) -> Glossary:
-        for _ in range(5):
+        for _ in range(20):  # each retry follows a commit of someone else
             try:
                 return self._remove(ctx, project, entry_id)
             except _Stale:
@@ -166,7 +179,7 @@ class GlossaryService:
         with self.blobs.writing(object_id, project.name, "glossary") as writer:
             writer.write(json.dumps(doc, ensure_ascii=False).encode())
             key_row = writer.finish()
-            with self.db.transaction() as s:
+            with _first_insert_races_are_stale(), self.db.transaction() as s:
                 row = s.get(ProjectGlossary, project.id, with_for_update=True)
                 if (row.object_id if row else None) != read.object_id:
                     raise _Stale
@@ -183,9 +196,11 @@ class GlossaryService:
                 record(s, ctx, action, resource_type="glossary", resource_id=project.name, project=project.name,
                        details={**details, "entries": len(entries), "content_hash": content_hash,
                                 "previous_hash": previous, "object_id": object_id})
-        if old is not None:
-            self.blobs.remove(old)
         glossary = Glossary(entries, content_hash, object_id)
         with self._lock:
             self._cache[object_id] = glossary
+            if old is not None:
+                self._cache.pop(old, None)  # shredded: its values leave this process's memory too
+        if old is not None:
+            self.blobs.remove(old)
         return glossary

@@ -255,3 +255,21 @@ def test_secrets_are_never_revealed_nor_allowed_and_deletion_shreds_the_original
     with state.db.read() as s:
         assert s.get(DataKey, original).wrapped is None and s.get(DataKey, file_id).wrapped is None
     assert not state.blobs.path_of(original).exists() and not state.blobs.path_of(file_id).exists()
+
+
+def test_concurrent_additions_lose_nothing(state, owner):  # owner: makes the project
+    """Writers that raced each other retry on the newer revision: every value is kept."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from appliance.audit.service import AuditContext
+
+    project = state.identity.get_project(None, "acme")
+    glossary = state.policies.glossary
+
+    def add(i: int) -> int:
+        return glossary.add(AuditContext(actor=f"u{i}", auth_method="test"), project, [(f"Codename {i}", None)])[1]
+
+    with ThreadPoolExecutor(4) as pool:
+        assert sum(pool.map(add, range(8))) == 8
+    assert sorted(e.value for e in glossary.get(project).entries) == [f"Codename {i}" for i in range(8)]
+    assert len(audit(state, "glossary.add")) == 8
