@@ -47,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.resources
 import json
 import re
 from collections.abc import Mapping
@@ -426,7 +427,9 @@ def load_policy(path: str | Path) -> Policy:
 
 
 #: The shipped default policy file (``policies/default.yaml`` in the repository).
-DEFAULT_POLICY_PATH = Path(__file__).resolve().parent.parent.parent / "policies" / "default.yaml"
+#: Read as package data of ``policies`` (installed with the appliance; see pyproject's package-data), not
+#: through a path relative to this file, so that it is found wherever the packages are installed.
+DEFAULT_POLICY_PATH = Path(str(importlib.resources.files("policies").joinpath("default.yaml")))
 
 
 def load_default_policy() -> Policy:
