@@ -11,6 +11,7 @@ from litestar.openapi.spec import OpenAPIFormat, OpenAPIType, Schema
 from litestar.response import Stream
 
 from appliance.files.glossary import Glossary
+from appliance.files.policies import EffectivePolicy
 from appliance.files.schemas import (
     FileDeleted,
     FileList,
@@ -168,18 +169,19 @@ class PolicyController(Controller):
                    files: NamedDependency[FileService], name: FromPath[str]) -> PolicyOut:
         """The policy that applies to the project's uploads (its own or the default)."""
         project = identity.get_project(request.user, name)
-        eff = files.policies.describe(project)
-        return PolicyOut(project=name, source=eff.source, content_hash=eff.policy.content_hash, text=eff.text,
-                         glossary={"entries": len(eff.glossary.entries), "content_hash": eff.glossary.content_hash})
+        return _policy_out(name, files.policies.describe(project))
 
     @put(opt={"permission": Permission.PROJECTS_MANAGE}, sync_to_thread=True)
     def set_policy(self, request: Request, identity: NamedDependency[IdentityService],
                    files: NamedDependency[FileService], name: FromPath[str], data: JSONBody[PolicyIn]) -> PolicyOut:
         """Replace the project's policy; every error in it is reported at once."""
         project = identity.get_project(request.user, name)
-        eff = files.policies.set(audit_context(request), project, data.text)
-        return PolicyOut(project=name, source=eff.source, content_hash=eff.policy.content_hash, text=eff.text,
-                         glossary={"entries": len(eff.glossary.entries), "content_hash": eff.glossary.content_hash})
+        return _policy_out(name, files.policies.set(audit_context(request), project, data.text))
+
+
+def _policy_out(project: str, eff: EffectivePolicy) -> PolicyOut:
+    return PolicyOut(project=project, source=eff.source, content_hash=eff.policy.content_hash, text=eff.text,
+                     glossary={"entries": len(eff.glossary.entries), "content_hash": eff.glossary.content_hash})
 
 
 class GlossaryController(Controller):
