@@ -26,6 +26,8 @@ from tests.timing import Deadline
 pytestmark = pytest.mark.slow  # real processes started and killed
 
 FILES = 6
+#: Data keys per uploaded file: its stored content and its kept original.
+KEYS_PER_FILE = 2
 #: Wrapped keys of (ciphertext-less) checkpoints besides the files: enough that re-wrapping takes a while.
 EXTRA_KEYS = 20_000
 KILLS = 3
@@ -84,7 +86,7 @@ def assert_every_object_opens_with_one_key(client, state, owner, files: dict[str
     ring = load_keyring(state.settings.key_file)
     with state.db.read() as s:
         rows = list(s.scalars(select(DataKey).where(DataKey.wrapped.is_not(None))))
-    assert len(rows) == FILES + EXTRA_KEYS
+    assert len(rows) == FILES * KEYS_PER_FILE + EXTRA_KEYS
     for row in rows:
         assert row.kek_id in ring.keys
         fresh.unwrap(WrappedKey(row.kek_id, row.wrapped), key_context(row.object_id, row.project))
@@ -115,7 +117,7 @@ def test_sigkill_during_key_rotation_keeps_everything_readable_and_a_rerun_finis
     assert any(o[1:] == ("killed", "rolled back") for o in outcomes), (seed, outcomes)
     # A re-run completes: one KEK left, every object under it and readable.
     out = run_cli(home, "keys", "rotate").stdout
-    assert f"{FILES + EXTRA_KEYS} data keys re-wrapped" in out, out
+    assert f"{FILES * KEYS_PER_FILE + EXTRA_KEYS} data keys re-wrapped" in out, out
     ring = load_keyring(key_file)
     assert len(ring.keys) == 1
     assert not list(key_file.parent.glob(".*.tmp")), "a copy of the keyring (old KEKs) outlived the rotation"
