@@ -7,49 +7,30 @@ token or raw personal data: they name the argument and, where safe, the value.
 
 from __future__ import annotations
 
-import re
-from typing import Any
+from serving.errors import (
+    MODEL_NAME_LIKE,
+    ROLE_LIKE,
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    ServingError,
+    echo,
+)
 
-from appliance.logs import scrub
+__all__ = [
+    "MODEL_NAME_LIKE", "ROLE_LIKE", "ApplianceError", "AuditChainError", "AuthenticationError", "ConflictError",
+    "CrossProjectDenied", "InsufficientStorageError", "InvalidRequestError", "NotFoundError", "NotInitializedError",
+    "PayloadTooLargeError", "PermissionDeniedError", "PolicyViolationError", "RateLimitedError", "SettingsError",
+    "echo",
+]
 
-#: What model names look like (``tiny-llama``, ``ft:base:project:suffix:ftjob-...``).
-MODEL_NAME_LIKE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,199}$")
-ROLE_LIKE = re.compile(r"^[A-Za-z_-]{1,20}$")
-
-
-def echo(value: Any, like: re.Pattern[str]) -> str:
-    """``value`` quoted for an error message if it looks like what was expected, else only its size.
-
-    A client may put anything in any field (an address, a card number, a
-    prompt): error bodies end up in client logs and proxies, so a value that
-    does not look like an identifier is never repeated back.
-    """
-    if isinstance(value, str) and like.match(value):
-        return repr(value)
-    if isinstance(value, str):
-        return f"a {len(value)}-character string (not shown)"
-    return f"a value of type {type(value).__name__}"
-
-
-class ApplianceError(Exception):
-    """Base of every error the appliance raises on purpose.
-
-    Args:
-        message: A sentence for the user saying what is wrong and how to fix it.
-        param: The request field, CLI option or setting at fault, if any.
-        code: A stable machine-readable code; defaults to the class's.
-    """
-
-    code: str = "error"
-
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
-        # Defence in depth: a value echoed back may be a pasted secret.
-        message = scrub(message)
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        if code is not None:
-            self.code = code
+#: Base of every error the appliance raises on purpose: the serving base itself, so that one tree holds
+#: the engines' errors and the appliance's, ``except ApplianceError`` catches both, and one handler maps them.
+#: ``message`` (scrubbed), ``param`` (the request field, CLI option or setting at fault) and ``code``
+#: (stable, machine-readable) as documented on :class:`serving.errors.ServingError`.
+#: :class:`InvalidRequestError` (400), :class:`NotFoundError` (404) and :class:`ConflictError` (409)
+#: are defined in :mod:`serving.errors` too, as the engines raise them.
+ApplianceError = ServingError
 
 
 class SettingsError(ApplianceError):
@@ -68,12 +49,6 @@ class NotInitializedError(ApplianceError):
     code = "not_initialized"
 
 
-class InvalidRequestError(ApplianceError):
-    """The input is malformed or breaks a rule (HTTP 400)."""
-
-    code = "invalid_request"
-
-
 class AuthenticationError(ApplianceError):
     """No valid credential was presented (HTTP 401)."""
 
@@ -84,12 +59,6 @@ class PermissionDeniedError(ApplianceError):
     """The caller is authenticated but its role may not do this (HTTP 403)."""
 
     code = "permission_denied"
-
-
-class NotFoundError(ApplianceError):
-    """The resource does not exist *for this caller* (HTTP 404)."""
-
-    code = "not_found"
 
 
 class CrossProjectDenied(NotFoundError):
@@ -108,12 +77,6 @@ class PolicyViolationError(InvalidRequestError):
     def __init__(self, message: str, *, param: str | None = None, details: dict | None = None) -> None:
         super().__init__(message, param=param)
         self.details = details or {}
-
-
-class ConflictError(ApplianceError):
-    """The request clashes with existing state, e.g. a duplicate name (HTTP 409)."""
-
-    code = "conflict"
 
 
 class PayloadTooLargeError(ApplianceError):

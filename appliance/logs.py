@@ -12,30 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
-import re
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-_SCRUB_PATTERNS = [
-    (re.compile(r"apl_[0-9a-f]{12}_[A-Za-z0-9_-]{8,}"), "apl_[REDACTED]"),
-    (re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]{8,}"), r"\1 [REDACTED]"),
-    (
-        re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)", re.S),
-        "[REDACTED PRIVATE KEY]",
-    ),
-]
+# The patterns live with the error base, in serving (which imports nothing from the appliance).
+from serving.redact import _SCRUB_PATTERNS, scrub  # noqa: F401  (re-exported)
 
 #: Attributes every LogRecord has; anything else was passed through ``extra``.
 _STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
-
-
-def scrub(text: str) -> str:
-    """Replace token-, bearer- and private-key-shaped substrings with placeholders."""
-    for pattern, replacement in _SCRUB_PATTERNS:
-        text = pattern.sub(replacement, text)
-    return text
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:

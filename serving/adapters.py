@@ -25,8 +25,7 @@ from typing import Any
 
 import torch
 
-from appliance.errors import InvalidRequestError
-from serving.errors import AdapterLoadError
+from serving.errors import AdapterLoadError, InvalidRequestError
 
 __all__ = [
     "ADAPTER_CONFIG",

@@ -61,11 +61,10 @@ from typing import Any, Literal
 
 import torch
 
-from appliance.diffusion.compat import text_encoder_lora_supported
-from appliance.errors import InvalidRequestError
 from serving.adapters import check_adapter_name
 from serving.engine import AdapterInfo, AdapterRegistry, AdapterSource
-from serving.errors import AdapterLoadError, EngineError
+from serving.diffusers_compat import text_encoder_lora_supported
+from serving.errors import AdapterLoadError, EngineError, InvalidRequestError
 
 log = logging.getLogger("serving.diffusers")
 
@@ -147,6 +146,9 @@ class _Handle:
 
 class DiffusersEngine:
     """Serve one diffusers text-to-image pipeline with LoRA and DreamBooth fine-tunes.
+
+    Implements :class:`serving.engine.ImageEngine` (the common :class:`~serving.engine.Engine`
+    lifecycle plus image generation); registered as ``"diffusers"`` in :mod:`serving.registry`.
 
     Args:
         pipeline: A loaded ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` on its device.

@@ -29,9 +29,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
-from appliance.errors import ConflictError
 from serving.adapters import AdapterFiles, ValidatedAdapter
-from serving.errors import MODEL_NAME_LIKE, AdapterLoadError, AdapterNotFoundError, EngineError, echo, model_not_found
+from serving.errors import (
+    MODEL_NAME_LIKE,
+    AdapterLoadError,
+    AdapterNotFoundError,
+    ConflictError,
+    EngineError,
+    echo,
+    model_not_found,
+)
 from serving.protocol import Delta, GenerationRequest, GenerationResult, Usage
 
 log = logging.getLogger("serving.engine")
@@ -42,6 +49,8 @@ __all__ = [
     "AdapterSource",
     "Engine",
     "GenerationStream",
+    "ImageEngine",
+    "TextEngine",
 ]
 
 #: Returns an adapter's files (decrypted, in memory) by name; raises if it has none.
@@ -75,13 +84,17 @@ class AdapterInfo:
 
 @runtime_checkable
 class Engine(Protocol):
-    """One base model plus named LoRA adapters, answering OpenAI-shaped requests.
+    """What every engine implements, whatever it generates: one base model plus named fine-tunes.
 
-    ``request.model`` is either :attr:`base_model_name` or a registered adapter's name.
+    The protocol is the common lifecycle (adapters in and out, listing them,
+    closing); what an engine generates differs too much to share a signature
+    (chat turns and token streams, images from a prompt), so generation lives in
+    the modality sub-protocols :class:`TextEngine` (transformers, vLLM) and
+    :class:`ImageEngine` (diffusers). :mod:`serving.registry` builds engines of
+    any kind by name; callers that generate check for the sub-protocol they need.
     """
 
     base_model_name: str
-    max_context: int
 
     def load_adapter(self, name: str, files: AdapterFiles | Path | None = None, *,
                      replace: bool = False) -> AdapterInfo:
@@ -101,6 +114,18 @@ class Engine(Protocol):
 
     def has_adapter(self, name: str) -> bool: ...
 
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class TextEngine(Engine, Protocol):
+    """An engine answering OpenAI-shaped chat and text completion requests.
+
+    ``request.model`` is either :attr:`base_model_name` or a registered adapter's name.
+    """
+
+    max_context: int
+
     def apply_chat_template(self, messages: list[dict[str, Any]] | list[Any]) -> str:
         """The prompt the base model's chat template makes of ``messages`` (generation prompt added)."""
         ...
@@ -109,7 +134,16 @@ class Engine(Protocol):
 
     def stream(self, request: GenerationRequest) -> GenerationStream: ...
 
-    def close(self) -> None: ...
+
+@runtime_checkable
+class ImageEngine(Engine, Protocol):
+    """An engine generating images from a prompt (``POST /v1/images/generations``)."""
+
+    def generate(self, prompt: str, *, model: str | None = None, n: int = 1, size: str | None = None,
+                 seed: int | None = None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, negative_prompt: str | None = None) -> list[bytes]:
+        """``n`` PNG images for ``prompt`` with the base model (``model=None``) or a fine-tune."""
+        ...
 
 
 class GenerationStream(Iterator[Delta]):

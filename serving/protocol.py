@@ -2,7 +2,7 @@
 
 Requests are parsed with :func:`parse_chat_request` / :func:`parse_completion_request`
 from a JSON body or a dict: types are checked by msgspec, ranges by
-``validate()``, and every problem raises :class:`~appliance.errors.InvalidRequestError`
+``validate()``, and every problem raises :class:`~serving.errors.InvalidRequestError`
 naming the field (``param``) and the value received. Unknown fields are accepted
 and ignored, as vLLM does, and their names are kept in ``ignored_fields`` so the
 caller can log or echo them. Fields OpenAI defines but the engines do not
@@ -24,8 +24,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from appliance.errors import InvalidRequestError
-from serving.errors import ROLE_LIKE, echo
+from serving.errors import ROLE_LIKE, InvalidRequestError, echo
 
 __all__ = [
     "MAX_N",

@@ -33,10 +33,9 @@ from typing import Any, Literal
 
 import torch
 
-from appliance.errors import InvalidRequestError
 from serving.adapters import AdapterFiles, BaseModelShape, ValidatedAdapter, check_adapter_name, validate_adapter
 from serving.engine import AdapterInfo, AdapterRegistry, AdapterSource, GenerationStream, Pin, queue_events
-from serving.errors import AdapterLoadError, EngineError
+from serving.errors import AdapterLoadError, EngineError, InvalidRequestError
 from serving.protocol import (
     ChatCompletionRequest,
     ChatMessage,

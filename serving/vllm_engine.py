@@ -41,10 +41,9 @@ from typing import Any
 
 import httpx
 
-from appliance.errors import InvalidRequestError
 from serving.adapters import AdapterFiles, BaseModelShape, ValidatedAdapter, check_adapter_name, validate_adapter
 from serving.engine import AdapterInfo, AdapterRegistry, AdapterSource, GenerationStream, Pin
-from serving.errors import AdapterLoadError, EngineError, model_not_found
+from serving.errors import AdapterLoadError, EngineError, InvalidRequestError, model_not_found
 from serving.replicas import Replica, ReplicaReport, ReplicaSet
 from serving.protocol import (
     ChatCompletionRequest,

@@ -12,7 +12,7 @@ with vLLM's request and response shapes and status codes:
 - ``GET /health``, and ``GET /metrics`` with vLLM's ``vllm:request_success_total`` counter
   (per model name requested), in Prometheus' text format.
 
-Errors are ``{"error": {"message", "type", "param", "code"}}``. With ``api_key``
+Errors are ``{"error": {"message", "type", "param", "code"}}`` (built by :func:`serving.errors.error_body`). With ``api_key``
 every ``/v1`` request must carry it as a bearer token (vLLM's ``--api-key``: 401
 otherwise); without, bind it to loopback only. :func:`serve_in_thread` runs it
 under uvicorn in a thread; ``appliance serve-engine`` runs it as a process (a
@@ -34,10 +34,17 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.params import JSONBody
 from litestar.response import Stream
 
-from appliance.errors import ApplianceError, ConflictError, InvalidRequestError, NotFoundError
 from serving.adapters import ADAPTER_CONFIG
-from serving.engine import Engine
-from serving.errors import AdapterLoadError
+from serving.engine import TextEngine
+from serving.errors import (
+    AdapterLoadError,
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    ServingError,
+    error_body,
+    unauthorized_body,
+)
 from serving.protocol import (
     chat_chunks,
     chat_completion,
@@ -53,8 +60,8 @@ __all__ = ["create_vllm_compatible_app", "serve_in_thread"]
 
 
 def _error(status: int, type_: str, message: str, param: str | None = None) -> Response[Any]:
-    return Response({"error": {"message": message, "type": type_, "param": param, "code": status}},
-                    status_code=status)
+    """An error in vLLM's dialect: the HTTP status as ``code``, vLLM's exception name as ``type``."""
+    return Response(error_body(status, message, param, type_), status_code=status)
 
 
 def _on_error(_: Request, exc: Exception) -> Response[Any]:
@@ -62,12 +69,12 @@ def _on_error(_: Request, exc: Exception) -> Response[Any]:
         return _error(404, "NotFoundError", exc.message, exc.param)
     if isinstance(exc, (InvalidRequestError, AdapterLoadError, ConflictError)):
         return _error(400, "BadRequestError", exc.message, exc.param)
-    if isinstance(exc, ApplianceError):
+    if isinstance(exc, ServingError):
         return _error(500, "InternalServerError", exc.message, exc.param)
     return _error(500, "InternalServerError", f"{type(exc).__name__}: {exc}")
 
 
-def create_vllm_compatible_app(engine: Engine, *, api_key: str | None = None) -> Litestar:
+def create_vllm_compatible_app(engine: TextEngine, *, api_key: str | None = None) -> Litestar:
     """A litestar app answering like ``vllm serve --enable-lora [--api-key KEY]`` for ``engine``."""
     roots: dict[str, str] = {}
     created = int(time.time())
@@ -83,7 +90,7 @@ def create_vllm_compatible_app(engine: Engine, *, api_key: str | None = None) ->
         given = request.headers.get("authorization", "").encode()
         if hmac.compare_digest(given, expected):
             return None
-        return Response({"error": "Unauthorized"}, status_code=401)
+        return Response(unauthorized_body(), status_code=401)
 
     @post("/v1/load_lora_adapter", status_code=200)
     async def load_lora_adapter(data: JSONBody[dict[str, Any]]) -> Response[Any]:

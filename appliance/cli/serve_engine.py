@@ -33,15 +33,15 @@ def serve_engine_command(model_dir: Path, name: str | None, host: str, port: int
     """Serve MODEL_DIR with the embedded engine behind vLLM's OpenAI protocol (a serving replica)."""
     import uvicorn
 
+    from serving.registry import EngineSpec, create_engine
     from serving.vllm_server import create_vllm_compatible_app
-    from serving.transformers_engine import EngineConfig, TransformersEngine
 
     api_key = api_key_file.read_text().strip() if api_key_file else None
     if api_key_file is not None and not api_key:
         raise click.BadParameter(f"{str(api_key_file)!r} is empty", param_hint="--api-key-file")
-    engine = TransformersEngine.from_pretrained(
+    engine = create_engine("transformers", EngineSpec(
         model_dir, name=name or model_dir.resolve().name, device=None if device == "auto" else device,
-        config=EngineConfig(max_resident_adapters=max_loras, max_lora_rank=max_lora_rank))
+        max_resident_adapters=max_loras, max_lora_rank=max_lora_rank))
     app = create_vllm_compatible_app(engine, api_key=api_key)
     click.echo(f"serving {engine.base_model_name} (vLLM protocol) on http://{host}:{port}")
     sys.stdout.flush()

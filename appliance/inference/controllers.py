@@ -20,7 +20,7 @@ from appliance.identity.roles import Permission
 from appliance.inference.service import InferenceService
 from appliance.server.context import audit_context
 from appliance.server.openapi import ErrorBody, VllmErrorBody, error_responses, operation
-from serving.errors import AdapterLoadError
+from serving.errors import AdapterLoadError, error_body
 from serving.protocol import (
     chat_chunks,
     chat_completion,
@@ -119,8 +119,8 @@ _VLLM_ERRORS = error_responses(400, 404, body=ErrorBody | VllmErrorBody)
 
 
 def _vllm_error(status: int, type_: str, message: str) -> Response:
-    return Response({"error": {"message": message, "type": type_, "param": None, "code": status}},
-                    status_code=status, media_type=MediaType.JSON)
+    """An error in vLLM's dialect (the HTTP status as ``code``, vLLM's exception name as ``type``)."""
+    return Response(error_body(status, message, None, type_), status_code=status, media_type=MediaType.JSON)
 
 
 class RuntimeLoraController(Controller):

@@ -1,6 +1,7 @@
 """Chat and completions over the catalogue's models: routing, access, hot-load, guard, audit.
 
-One engine serves one base model and its adapters. Engines start on first use
+One engine serves one base model and its adapters; its kind (``transformers``, ``vllm`` or
+``diffusers``) is looked up in :mod:`serving.registry`. Engines start on first use
 (or when an adapter of their base is published) and are kept while the
 process lives; ``max_engines`` bounds how many base models are resident.
 Adapters are decrypted in memory by the catalogue whenever an engine needs
@@ -38,6 +39,7 @@ from appliance.identity.service import Principal
 from appliance.inference.guard import OutputGuard
 from appliance.settings import ServingSettings
 from serving.engine import Engine
+from serving.registry import EngineSpec, create_engine
 from serving.errors import EngineError
 from serving.protocol import GenerationRequest, GenerationResult
 
@@ -51,7 +53,7 @@ SERVING_CTX = AuditContext(actor="system:serving", auth_method="internal", origi
 class Target:
     """Where a request goes: the engine, the name to use in it, whose policy guards it."""
 
-    engine: Any  # serving.engine.Engine for text, serving.diffusers_engine.DiffusersEngine for images
+    engine: Any  # serving.engine.TextEngine for text (kind "llm"), serving.engine.ImageEngine for images
     model: str
     project_id: int | None
     base: str
@@ -84,41 +86,28 @@ class InferenceService:
         catalog.on_remove.append(self.on_adapter_removed)
 
     # -- engines ------------------------------------------------------------
-    def _new_engine(self, base: BaseModelRecord) -> Any:
+    def _engine_kind(self, base: BaseModelRecord) -> str:
+        """The :mod:`serving.registry` kind serving ``base``: images by diffusers, text as configured."""
+        return "diffusers" if base.kind == "diffusion" else self.settings.engine
+
+    def _new_engine(self, base: BaseModelRecord) -> Engine:
         if self.settings.engine != "vllm" and base.kind in ("llm", "diffusion") and not Path(base.path).is_dir():
             # Else the loader takes the path for a hub repository id and fails with a 500.
             raise EngineError(f"base model {base.name!r} has no files at {base.path}: re-import it with "
                               "`appliance models import`", param="model")
-        if base.kind == "diffusion":
-            from serving.diffusers_engine import DiffusersEngine, DiffusersEngineConfig
-
-            device = None if self.settings.device == "auto" else self.settings.device
-            return DiffusersEngine.from_pretrained(
-                Path(base.path), name=base.name, device=device, adapter_source=self.catalog.adapter_files,
-                config=DiffusersEngineConfig(max_resident_adapters=self.settings.max_resident_adapters),
-            )
-        if self.settings.engine == "vllm":
-            from serving.vllm_engine import VllmEngine
-
-            key_file = self.settings.vllm_api_key_file
-            engine = VllmEngine(self.settings.vllm_urls, base_model_name=base.name, base_model_dir=base.path,
-                                adapter_source=self.catalog.adapter_files,
-                                max_resident_adapters=self.settings.max_resident_adapters,
-                                shm_dir=self.settings.shm_dir,
-                                api_key=key_file.read_text().strip() if key_file else None)
+        kind = self._engine_kind(base)
+        engine = create_engine(kind, EngineSpec(
+            model_dir=base.path, name=base.name, device=None if self.settings.device == "auto" else self.settings.device,
+            adapter_source=self.catalog.adapter_files, max_resident_adapters=self.settings.max_resident_adapters,
+            replica_urls=self.settings.vllm_urls, shm_dir=self.settings.shm_dir,
+            api_key_file=self.settings.vllm_api_key_file))
+        if hasattr(engine, "reconcile"):  # replicated engines: published adapters onto every replica, strays off
             try:
-                self._reconcile_engine(base.name, engine)  # published adapters onto every replica, strays off
+                self._reconcile_engine(base.name, engine)
             except Exception:
                 log.exception("could not reconcile the serving replicas; the reconciler will retry",
                               extra={"base_model": base.name})
-            return engine
-        from serving.transformers_engine import EngineConfig, TransformersEngine
-
-        device = None if self.settings.device == "auto" else self.settings.device
-        return TransformersEngine.from_pretrained(
-            Path(base.path), name=base.name, device=device, adapter_source=self.catalog.adapter_files,
-            config=EngineConfig(max_resident_adapters=self.settings.max_resident_adapters),
-        )
+        return engine
 
     def engine_for(self, base_name: str) -> Engine:
         """The engine of a base model, started if needed (one start at a time per base)."""

@@ -15,7 +15,7 @@ from litestar.enums import RequestEncodingType
 from litestar.params import Body, FromPath
 from litestar.response import Redirect, Response, Template
 
-from appliance.errors import ApplianceError, PolicyViolationError
+from appliance.errors import ApplianceError
 from appliance.files.service import FileService, FileView
 from appliance.identity.roles import Permission, role_allows
 from appliance.portal.render import bar_chart, page, portal, session_of
@@ -55,12 +55,10 @@ async def upload(request: Request, files: NamedDependency[FileService]) -> Respo
     except ApplianceError as exc:
         if not wants_json:
             raise
-        body: dict[str, Any] = {"error": {"code": exc.code, "message": exc.message, "param": exc.param}}
-        if isinstance(exc, PolicyViolationError):
-            body["error"]["scan"] = exc.details
-        from appliance.server.errors import _status_of
+        from appliance.server.errors import body_of
 
-        return Response(body, status_code=_status_of(exc)[0])
+        status, body = body_of(exc)  # the API's error body, with the scan report of a policy violation
+        return Response(body, status_code=status)
     target = f"/datasets/{view.row.id}"
     if wants_json:
         return Response({"id": view.row.id, "redirect": target}, status_code=201)

@@ -20,11 +20,8 @@ from appliance.audit.service import AuditContext, record
 from appliance.errors import (
     ApplianceError,
     AuthenticationError,
-    ConflictError,
     CrossProjectDenied,
     InsufficientStorageError,
-    InvalidRequestError,
-    NotFoundError,
     NotInitializedError,
     PayloadTooLargeError,
     PermissionDeniedError,
@@ -34,27 +31,23 @@ from appliance.errors import (
 from appliance.identity.auth import LoginRequired
 from appliance.identity.service import Principal, TokenRejected
 from appliance.logs import scrub
-from serving.errors import AdapterLoadError, EngineError, NoReplicaError
+from serving.errors import ServingError
+from serving.errors import error_body as _body
 from appliance.server.context import request_id_of
 
 log = logging.getLogger("appliance.errors")
 
-#: Domain error -> (HTTP status, OpenAI error type). Most specific first.
+#: Domain error -> (HTTP status, OpenAI error type). Most specific first. The errors defined in
+#: :mod:`serving.errors` (400 invalid request, 404 not found, 409 conflict, 400 adapter load failure, 502 engine
+#: error, 503 no replica) carry their status and type on the class; any other error not listed here is a 500.
 STATUS: list[tuple[type[ApplianceError], int, str]] = [
     (AuthenticationError, 401, "authentication_error"),
     (PermissionDeniedError, 403, "permission_error"),
-    (NotFoundError, 404, "not_found_error"),
-    (ConflictError, 409, "conflict_error"),
     (PayloadTooLargeError, 413, "invalid_request_error"),
     (RateLimitedError, 429, "rate_limit_error"),
     (PolicyViolationError, 422, "invalid_request_error"),
-    (InvalidRequestError, 400, "invalid_request_error"),
     (NotInitializedError, 503, "server_error"),
     (InsufficientStorageError, 507, "server_error"),
-    # Serving: a broken adapter is the request's problem (as vLLM answers), an engine failure ours.
-    (AdapterLoadError, 400, "invalid_request_error"),
-    (NoReplicaError, 503, "server_error"),
-    (EngineError, 502, "server_error"),
 ]
 
 _HTTP_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -63,14 +56,24 @@ _HTTP_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 
 
 def error_body(code: str, message: str, param: str | None, type_: str) -> dict[str, Any]:
-    return {"error": {"code": code, "message": scrub(message), "param": param, "type": type_}}
+    """``{"error": {"code", "message", "param", "type"}}``, built by :func:`serving.errors.error_body`."""
+    return _body(code, message, param, type_)
+
+
+def body_of(exc: ApplianceError) -> tuple[int, dict[str, Any]]:
+    """The status and body the API answers ``exc`` with (a policy violation adds its scan report)."""
+    status, type_ = _status_of(exc)
+    body = error_body(exc.code, exc.message, exc.param, type_)
+    if isinstance(exc, PolicyViolationError):
+        body["error"]["scan"] = exc.details
+    return status, body
 
 
 def _status_of(exc: ApplianceError) -> tuple[int, str]:
     for cls, status, type_ in STATUS:
         if isinstance(exc, cls):
             return status, type_
-    return 500, "server_error"
+    return exc.status, exc.error_type
 
 
 def _origin(request: Request) -> str | None:
@@ -126,9 +129,7 @@ def appliance_error_handler(request: Request, exc: ApplianceError) -> Response:
         log.error("request failed", extra={"code": exc.code, "request_id": request_id_of(request)})
     if _is_portal(request):
         return _portal_error(request, status, exc.message, headers)
-    body = error_body(exc.code, exc.message, exc.param, type_)
-    if isinstance(exc, PolicyViolationError):
-        body["error"]["scan"] = exc.details
+    _, body = body_of(exc)
     return Response(body, status_code=status, headers=headers)
 
 
@@ -205,7 +206,7 @@ def internal_error_handler(request: Request, exc: Exception) -> Response:
 
 
 EXCEPTION_HANDLERS = {
-    ApplianceError: appliance_error_handler,
+    ServingError: appliance_error_handler,  # ApplianceError is ServingError: the engines' errors and ours
     HTTPException: http_exception_handler,
     Exception: internal_error_handler,
 }
