@@ -122,6 +122,9 @@ class TextEngine(Engine, Protocol):
     """An engine answering OpenAI-shaped chat and text completion requests.
 
     ``request.model`` is either :attr:`base_model_name` or a registered adapter's name.
+
+    ``isinstance(engine, TextEngine)`` reads every member before Python 3.12, and
+    :attr:`max_context` of a vLLM engine asks a replica: do not call it on a hot path.
     """
 
     max_context: int
