@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 # The patterns live with the error base, in serving (which imports nothing from the appliance).
-from serving.redact import _SCRUB_PATTERNS, scrub  # noqa: F401  (re-exported)
+from serving.redact import scrub
 
 #: Attributes every LogRecord has; anything else was passed through ``extra``.
 _STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}

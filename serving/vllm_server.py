@@ -12,7 +12,8 @@ with vLLM's request and response shapes and status codes:
 - ``GET /health``, and ``GET /metrics`` with vLLM's ``vllm:request_success_total`` counter
   (per model name requested), in Prometheus' text format.
 
-Errors are ``{"error": {"message", "type", "param", "code"}}`` (built by :func:`serving.errors.error_body`). With ``api_key``
+Errors are ``{"error": {"message", "type", "param", "code"}}``, built by
+:func:`serving.errors.error_body` in vLLM's dialect (the status as ``code``). With ``api_key``
 every ``/v1`` request must carry it as a bearer token (vLLM's ``--api-key``: 401
 otherwise); without, bind it to loopback only. :func:`serve_in_thread` runs it
 under uvicorn in a thread; ``appliance serve-engine`` runs it as a process (a

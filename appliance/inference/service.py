@@ -39,9 +39,9 @@ from appliance.identity.service import Principal
 from appliance.inference.guard import OutputGuard
 from appliance.settings import ServingSettings
 from serving.engine import Engine
-from serving.registry import EngineSpec, create_engine
 from serving.errors import EngineError
 from serving.protocol import GenerationRequest, GenerationResult
+from serving.registry import EngineSpec, create_engine
 
 log = logging.getLogger("appliance.inference")
 
@@ -95,9 +95,9 @@ class InferenceService:
             # Else the loader takes the path for a hub repository id and fails with a 500.
             raise EngineError(f"base model {base.name!r} has no files at {base.path}: re-import it with "
                               "`appliance models import`", param="model")
-        kind = self._engine_kind(base)
-        engine = create_engine(kind, EngineSpec(
-            model_dir=base.path, name=base.name, device=None if self.settings.device == "auto" else self.settings.device,
+        device = None if self.settings.device == "auto" else self.settings.device
+        engine = create_engine(self._engine_kind(base), EngineSpec(
+            model_dir=base.path, name=base.name, device=device,
             adapter_source=self.catalog.adapter_files, max_resident_adapters=self.settings.max_resident_adapters,
             replica_urls=self.settings.vllm_urls, shm_dir=self.settings.shm_dir,
             api_key_file=self.settings.vllm_api_key_file))
