@@ -77,7 +77,9 @@ def _error_bodies(tree: ast.AST) -> list[int]:
       ``{"error": "Unauthorized"}``): the envelope of OpenAI's and vLLM's error bodies.
       Dicts with more keys (log ``extra=``, status reports with an ``"error"`` field,
       worker frames ``{"type": "error", ...}``) are not error bodies and do not count;
-    - ``dict(error=...)``, the same envelope built by a call.
+    - ``dict(error=...)``, the same envelope built by a call;
+    - ``body["error"] = ...``, the envelope built by item assignment (adding a field inside it,
+      ``body["error"]["scan"] = ...``, is not building one).
     """
     lines = []
     for node in ast.walk(tree):
@@ -88,6 +90,11 @@ def _error_bodies(tree: ast.AST) -> list[int]:
         elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict"
               and any(k.arg == "error" for k in node.keywords)):
             lines.append(node.lineno)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Subscript) and isinstance(t.slice, ast.Constant) and t.slice.value == "error"
+                   for t in targets):
+                lines.append(node.lineno)
     return lines
 
 
@@ -109,6 +116,8 @@ def test_error_bodies_are_built_in_one_place() -> None:
     ('log.info("x", extra={"adapter": name, "error": exc.message})', []),
     ('frame = {"type": "error", "code": c, "message": m, "param": None}', []),
     ('status = {"up": up, "error": err}', []),
+    ('body = {}\nbody["error"] = {"code": c}', [2]),
+    ('body["error"]["scan"] = details', []),
 ])
 def test_the_body_pattern_catches_bodies_only(source: str, expected: list[int]) -> None:
     assert _error_bodies(ast.parse(source)) == expected
