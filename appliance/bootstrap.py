@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from appliance.audit.service import AuditContext, record
 from appliance.crypto.keyfile import create_keyring, load_keyring
 from appliance.db.base import Database
-from appliance.db.migrate import upgrade_to_head
+from appliance.migrations import upgrade_to_head
 from appliance.errors import NotInitializedError
 from appliance.identity import tokens
 from appliance.identity.models import ApiToken, RoleBinding, User

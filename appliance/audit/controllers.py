@@ -16,9 +16,9 @@ from appliance.audit.service import EventFilter, read_events, record_verificatio
 from appliance.errors import InvalidRequestError
 from appliance.identity.roles import Permission
 from appliance.identity.service import Principal
-from appliance.server.context import audit_context
-from appliance.server.openapi import operation
-from appliance.server.state import AppState
+from appliance.web.context import audit_context
+from appliance.web.openapi import operation
+from appliance.services import AppState
 
 
 #: Sequence numbers are SQL BIGINTs: a larger cursor is a 400, not an overflow in the driver.

@@ -11,7 +11,7 @@ from appliance.catalog.service import AdapterView, CatalogService
 from appliance.errors import MODEL_NAME_LIKE, NotFoundError, echo
 from appliance.identity.roles import Permission
 from appliance.inference.service import InferenceService
-from appliance.server.context import audit_context
+from appliance.web.context import audit_context
 
 
 def _adapter_object(v: AdapterView) -> ModelObject:

@@ -251,7 +251,7 @@ def users_grant(name: str, role: str, project: str | None) -> None:
 @handle_errors
 def users_passwd(name: str, password_stdin: bool) -> None:
     """Set NAME's portal password (12+ characters); ends their sessions."""
-    from appliance.portal.sessions import SessionService
+    from appliance.identity.sessions import SessionService
 
     if password_stdin:
         password = sys.stdin.readline().rstrip("\n")

@@ -19,9 +19,9 @@ from appliance.files.models import StoredFile
 from appliance.identity.auth import PUBLIC_OPT, origin_of
 from appliance.jobs.models import FineTuningJob
 from appliance.portal.render import page, portal, session_of
-from appliance.portal.sessions import COOKIE
-from appliance.server.context import audit_context
-from appliance.server.state import AppState
+from appliance.identity.sessions import COOKIE
+from appliance.web.context import audit_context
+from appliance.services import AppState
 
 LOGIN_CSRF_COOKIE = "appliance_login_csrf"
 Form = Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]

@@ -19,8 +19,8 @@ from appliance.errors import ApplianceError, PolicyViolationError
 from appliance.files.service import FileService, FileView
 from appliance.identity.roles import Permission, role_allows
 from appliance.portal.render import bar_chart, page, portal, session_of
-from appliance.server.context import audit_context
-from appliance.server.state import AppState
+from appliance.web.context import audit_context
+from appliance.services import AppState
 
 Form = Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]
 PREVIEW_RECORDS = 5

@@ -31,8 +31,8 @@ from appliance.jobs.models import JobEvent
 from appliance.jobs.recipes import DATASET_PURPOSE
 from appliance.jobs.service import JobService
 from appliance.portal.render import line_chart, page, percent, portal, session_of
-from appliance.server.context import audit_context
-from appliance.server.state import AppState
+from appliance.web.context import audit_context
+from appliance.services import AppState
 
 Form = Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]
 ALL = ("lora", "qlora", "dreambooth", "dreambooth_lora")

@@ -21,7 +21,7 @@ from appliance.errors import ApplianceError, CrossProjectDenied
 from appliance.identity.roles import Permission
 from appliance.inference.service import InferenceService
 from appliance.portal.render import page, portal, session_of
-from appliance.server.context import audit_context
+from appliance.web.context import audit_context
 from serving.protocol import chat_chunks, chat_completion, new_id, parse_chat_request, sse
 
 Form = Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]

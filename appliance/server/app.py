@@ -31,7 +31,7 @@ from appliance.server.context import (
 )
 from appliance.server.errors import EXCEPTION_HANDLERS
 from appliance.server.health import health
-from appliance.server.openapi import document_errors, openapi_config
+from appliance.web.openapi import document_errors, openapi_config
 from appliance.server.state import AppState, build_state
 from appliance.settings import Settings, get_settings
 

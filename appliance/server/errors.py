@@ -35,7 +35,7 @@ from appliance.identity.auth import LoginRequired
 from appliance.identity.service import Principal, TokenRejected
 from appliance.logs import scrub
 from serving.errors import AdapterLoadError, EngineError, NoReplicaError
-from appliance.server.context import request_id_of
+from appliance.web.context import request_id_of
 
 log = logging.getLogger("appliance.errors")
 

@@ -1,8 +1,8 @@
-"""What the running application holds: settings, database and services."""
+"""Builds what the running application holds (:class:`appliance.services.AppState`): settings, database and services."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from appliance.catalog.service import CatalogService
 from appliance.crypto.envelope import FileKeyProvider
@@ -16,31 +16,12 @@ from appliance.jobs.executors import make_executor
 from appliance.jobs.scheduler import Scheduler, SchedulerSettings
 from appliance.inference.service import InferenceService
 from appliance.jobs.service import JobService
-from appliance.portal.sessions import SessionService
+from appliance.identity.sessions import SessionService
 from appliance.retention import RetentionSweeper
 from appliance.scanning import get_scanner
+from appliance.services import AppState
 from appliance.settings import Settings
 from appliance.storage.blobs import BlobStore
-
-
-@dataclass
-class AppState:
-    """Services shared by every request; built once by :func:`build_state`."""
-
-    settings: Settings
-    db: Database
-    identity: IdentityService
-    limiter: FailureLimiter
-    keys: FileKeyProvider
-    blobs: BlobStore
-    policies: PolicyService
-    files: FileService
-    catalog: CatalogService
-    jobs: JobService
-    scheduler: Scheduler
-    sessions: SessionService
-    inference: InferenceService
-    retention: RetentionSweeper
 
 
 def build_state(
