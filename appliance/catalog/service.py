@@ -91,6 +91,9 @@ class CatalogService:
         self.signing_key_path = signing_key_path
         self.on_publish: list[AdapterHook] = []
         self.on_remove: list[AdapterHook] = []
+        #: Adapters operators loaded at run time, name -> base model: the serving layer answers
+        #: (:class:`appliance.inference.service.InferenceService` sets it); none without one.
+        self.runtime_adapters: Callable[[], dict[str, str]] = dict
 
     # -- base models --------------------------------------------------------
     def import_model(self, ctx: AuditContext, src: Path, name: str, *, demo: bool = False) -> BaseModelRecord:

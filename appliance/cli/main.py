@@ -384,7 +384,7 @@ def _parse_when(value: str, param: str):
 @handle_errors
 def audit_report(since: str, until: str, fmt: str, project: str | None, out: Path | None) -> None:
     """A compliance report: datasets, PII, models and lineage, usage, denials, key rotations, deletions."""
-    from appliance.audit.reports import ReportScope, produce
+    from appliance.auditor.reports import ReportScope, produce
 
     db = open_initialized(_settings())
     body = produce(db, _ctx(), ReportScope(_parse_when(since, "--from"), _parse_when(until, "--to"), project), fmt)

@@ -7,12 +7,12 @@ import hashlib
 import hmac
 import secrets
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from anyio import to_thread
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from appliance.audit.service import AuditContext, record
@@ -36,7 +36,6 @@ from appliance.files.policies import PolicyService
 from appliance.identity.models import Project
 from appliance.identity.roles import Permission, role_allows
 from appliance.identity.service import Principal
-from appliance.jobs.models import TERMINAL, FineTuningJob
 from appliance.policy import decide, redact_record
 from appliance.policy.model import normalize_allowed
 from appliance.scanning import Scanner, iter_text_fields, parse_line
@@ -93,6 +92,9 @@ class FileService:
         self._scanner_factory = scanner_factory
         #: Called with (file id, audit context) after a file is crypto-shredded.
         self.on_delete: list[Any] = []
+        #: ``(session, file_id) -> job id | None``: who may still read a file (the jobs package registers its
+        #: unfinished jobs; wired in :mod:`appliance.server.state`), asked in the caller's transaction.
+        self.users_of: list[Callable[[Session, str], str | None]] = []
         self._scanner: LockedScanner | None = None
         self._scanner_lock = threading.Lock()
 
@@ -512,11 +514,8 @@ class FileService:
         self.blobs.remove(old_blob)
         return self._get(principal, file_id)
 
-    @staticmethod
-    def _check_unused(s: Session, file_id: str) -> None:
-        job = s.scalar(select(FineTuningJob.id).where(
-            or_(FineTuningJob.training_file == file_id, FineTuningJob.validation_file == file_id),
-            FineTuningJob.status.notin_(TERMINAL)).limit(1))
+    def _check_unused(self, s: Session, file_id: str) -> None:
+        job = next((found for finder in self.users_of if (found := finder(s, file_id)) is not None), None)
         if job is not None:
             raise ConflictError(f"file {file_id!r} is in use by job {job!r}, which has not finished: cancel it or "
                                 "wait before re-scanning", param="file_id")

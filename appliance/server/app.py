@@ -13,7 +13,7 @@ from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 from litestar.plugins.jinja import JinjaTemplateEngine
 
-from appliance.audit.controllers import AuditController, AuditProofController, AuditReportController
+from appliance.auditor.controllers import AuditController, AuditProofController, AuditReportController
 from appliance.identity.auth import PUBLIC_OPT, BearerAuthMiddleware, csrf_guard, permission_guard
 from appliance.catalog.controllers import ModelController
 from appliance.files.controllers import FileController, GlossaryController, PolicyController

@@ -15,7 +15,7 @@ from appliance.identity.service import IdentityService
 from appliance.jobs.executors import make_executor
 from appliance.jobs.scheduler import Scheduler, SchedulerSettings
 from appliance.inference.service import InferenceService
-from appliance.jobs.service import JobService
+from appliance.jobs.service import JobService, unfinished_job_using
 from appliance.identity.sessions import SessionService
 from appliance.retention import RetentionSweeper
 from appliance.scanning import get_scanner
@@ -42,6 +42,7 @@ def build_state(
     scheduler = Scheduler(db, blobs, catalog, scheduler_settings)
     files = FileService(db, blobs, get_scanner, policies, settings.intake)
     files.on_delete.append(catalog.withdraw_trained_on)
+    files.users_of.append(unfinished_job_using)
     return AppState(
         settings=settings,
         db=db,

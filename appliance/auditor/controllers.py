@@ -11,7 +11,7 @@ from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromQuery, QueryParameter
 
-from appliance.audit.schemas import AuditEventList, AuditEventOut, ChainStatus
+from appliance.auditor.schemas import AuditEventList, AuditEventOut, ChainStatus
 from appliance.audit.service import EventFilter, read_events, record_verification, verify_chain
 from appliance.errors import InvalidRequestError
 from appliance.identity.roles import Permission
@@ -118,7 +118,7 @@ class AuditReportController(Controller):
         project: FromQuery[str | None] = None,
     ) -> Response:
         """The compliance report for a period (a project auditor gets their project's)."""
-        from appliance.audit.reports import MEDIA_TYPES, ReportScope, produce
+        from appliance.auditor.reports import MEDIA_TYPES, ReportScope, produce
 
         _require_rfc3339(request, "from", "to")
         principal: Principal = request.user
