@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from appliance.audit.service import AuditContext, record
@@ -159,6 +159,14 @@ class JobService:
         return JobView(job, project.name)
 
     # -- read ---------------------------------------------------------------
+    def count(self, principal: Principal) -> int:
+        """How many jobs the caller's project has; every project's for a global role."""
+        with self.db.read() as s:
+            stmt = select(func.count()).select_from(FineTuningJob)
+            if principal.project_id is not None:
+                stmt = stmt.where(FineTuningJob.project_id == principal.project_id)
+            return s.scalar(stmt) or 0
+
     def _job(self, principal: Principal, job_id: str) -> JobView:
         with self.db.read() as s:
             row = s.get(FineTuningJob, job_id)

@@ -39,8 +39,8 @@ def build_state(
         scheduler_settings = replace(scheduler_settings, executor=make_executor(
             settings.jobs, worker_module=scheduler_settings.worker_module, limits=scheduler_settings.limits,
             isolate_network=scheduler_settings.isolate_network))
-    scheduler = Scheduler(db, blobs, catalog, scheduler_settings)
     files = FileService(db, blobs, get_scanner, policies, settings.intake)
+    scheduler = Scheduler(db, files, catalog, scheduler_settings)
     files.on_delete.append(catalog.withdraw_trained_on)
     files.users_of.append(unfinished_job_using)
     return AppState(
