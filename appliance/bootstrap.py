@@ -6,16 +6,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import func, select
-
 from appliance.audit.service import AuditContext, record
 from appliance.crypto.keyfile import create_keyring, load_keyring
 from appliance.db.base import Database
-from appliance.db.migrate import upgrade_to_head
 from appliance.errors import NotInitializedError
-from appliance.identity import tokens
-from appliance.identity.models import ApiToken, RoleBinding, User
 from appliance.identity.roles import Role
+from appliance.identity.service import create_first_admin, has_users
+from appliance.migrations import upgrade_to_head
 from appliance.settings import Settings
 
 ADMIN_USER = "admin"
@@ -45,7 +42,7 @@ def _write_secret_file(path: Path, text: str) -> None:
 
 def _has_users(db: Database) -> bool:
     with db.read() as s:
-        return (s.scalar(select(func.count()).select_from(User)) or 0) > 0
+        return has_users(s)
 
 
 def initialize(settings: Settings, ctx: AuditContext) -> InitResult:
@@ -65,16 +62,8 @@ def initialize(settings: Settings, ctx: AuditContext) -> InitResult:
         upgrade_to_head(db)
         if _has_users(db):
             return InitResult(False, home, settings.key_file, token_file)
-        issued = tokens.mint()
         with db.transaction() as s:
-            admin = User(name=ADMIN_USER)
-            s.add(admin)
-            s.flush()
-            s.add(RoleBinding(user_id=admin.id, role=Role.ADMIN.value, project_id=None))
-            s.add(ApiToken(
-                token_id=issued.token_id, secret_hash=issued.secret_hash, user_id=admin.id,
-                role=Role.ADMIN.value, project_id=None, description="created by appliance init",
-            ))
+            issued = create_first_admin(s, ctx, ADMIN_USER)
             record(s, ctx, "system.init", resource_type="appliance", resource_id=str(home),
                    details={"admin_user": ADMIN_USER, "key_file": str(settings.key_file)})
             record(s, ctx, "token.create", resource_type="token", resource_id=issued.token_id,

@@ -19,6 +19,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from appliance.audit import merkle
 from appliance.audit.models import AuditCheckpoint, AuditEvent, AuditHead
@@ -70,6 +71,10 @@ class CheckpointFile:
     def from_json(cls, text: str) -> CheckpointFile:
         doc = json.loads(text)
         return cls(doc["checkpoint"], doc["signature"], doc["public_key"])
+
+
+def latest_checkpoint(s: Session) -> AuditCheckpoint | None:
+    return s.scalar(select(AuditCheckpoint).order_by(AuditCheckpoint.id.desc()).limit(1))
 
 
 def create_checkpoint(db: Database, key: Ed25519PrivateKey, ctx: AuditContext) -> CheckpointFile:

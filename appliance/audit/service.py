@@ -206,6 +206,14 @@ def event_query(f: EventFilter) -> Select[tuple[AuditEvent]]:
     return stmt.order_by(AuditEvent.seq).limit(f.limit + 1)
 
 
+def events_between(s: Session, since: datetime, until: datetime, project: str | None = None) -> list[AuditEvent]:
+    """The events from ``since`` (inclusive) to ``until`` (exclusive), of one project or all, in chain order."""
+    stmt = select(AuditEvent).where(AuditEvent.ts >= since, AuditEvent.ts < until)
+    if project:
+        stmt = stmt.where(AuditEvent.project == project)
+    return list(s.scalars(stmt.order_by(AuditEvent.seq)))
+
+
 def read_events(db: Database, ctx: AuditContext, f: EventFilter) -> tuple[list[AuditEvent], bool]:
     """Events matching ``f`` and whether more follow; the read itself is audited.
 

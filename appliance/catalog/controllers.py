@@ -10,8 +10,7 @@ from appliance.catalog.schemas import ModelDeleted, ModelList, ModelObject
 from appliance.catalog.service import AdapterView, CatalogService
 from appliance.errors import MODEL_NAME_LIKE, NotFoundError, echo
 from appliance.identity.roles import Permission
-from appliance.inference.service import InferenceService
-from appliance.server.context import audit_context
+from appliance.web.context import audit_context
 
 
 def _adapter_object(v: AdapterView) -> ModelObject:
@@ -25,8 +24,7 @@ class ModelController(Controller):
     tags = ["models"]
 
     @get(opt={"permission": Permission.MODELS_READ}, sync_to_thread=True)
-    def list_models(self, request: Request, catalog: NamedDependency[CatalogService],
-                    inference: NamedDependency[InferenceService]) -> ModelList:
+    def list_models(self, request: Request, catalog: NamedDependency[CatalogService]) -> ModelList:
         """Base models, the caller's projects' adapters (with `parent`), and for global roles the
         adapters operators loaded at run time."""
         base = [ModelObject(id=m.name, created=int(m.created_at.timestamp()), owned_by="appliance", parent=None,
@@ -35,7 +33,7 @@ class ModelController(Controller):
         data = base + [_adapter_object(a) for a in catalog.list_adapters(request.user)]
         if request.user.is_global:
             data += [ModelObject(id=name, created=0, owned_by="operator", parent=parent, root=name, kind="lora")
-                     for name, parent in sorted(inference.runtime_adapters().items())]
+                     for name, parent in sorted(catalog.runtime_adapters().items())]
         return ModelList(data=data)
 
     @get("/{model_id:str}", opt={"permission": Permission.MODELS_READ}, sync_to_thread=True)

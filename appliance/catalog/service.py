@@ -9,20 +9,24 @@ import shutil
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from appliance import __version__
 from appliance.audit.service import AuditContext, record
 from appliance.catalog.models import AdapterRecord, BaseModelRecord
 from appliance.crypto.signing import load_or_create_signing_key, public_key_pem, sign, verify
 from appliance.db.base import Database, utcnow
 from appliance.errors import MODEL_NAME_LIKE, ConflictError, InvalidRequestError, NotFoundError, echo
-from appliance.identity.models import Project
-from appliance.identity.service import Principal
+from appliance.identity.service import Principal, project_by_id, project_names
 from appliance.storage.blobs import BlobStore, ShredEvidence
+
+if TYPE_CHECKING:
+    from appliance.identity.models import Project
 
 _MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -91,6 +95,9 @@ class CatalogService:
         self.signing_key_path = signing_key_path
         self.on_publish: list[AdapterHook] = []
         self.on_remove: list[AdapterHook] = []
+        #: Adapters operators loaded at run time, name -> base model: the serving layer answers
+        #: (:class:`appliance.inference.service.InferenceService` sets it); none without one.
+        self.runtime_adapters: Callable[[], dict[str, str]] = dict
 
     # -- base models --------------------------------------------------------
     def import_model(self, ctx: AuditContext, src: Path, name: str, *, demo: bool = False) -> BaseModelRecord:
@@ -137,9 +144,14 @@ class CatalogService:
         with self.db.read() as s:
             return list(s.scalars(select(BaseModelRecord).order_by(BaseModelRecord.created_at)))
 
+    @staticmethod
+    def base_model_in(s: Session, name: str) -> BaseModelRecord | None:
+        """The base model named ``name``, read in the caller's transaction."""
+        return s.scalar(select(BaseModelRecord).where(BaseModelRecord.name == name))
+
     def get_base_model(self, name: str, *, param: str = "model") -> BaseModelRecord:
         with self.db.read() as s:
-            row = s.scalar(select(BaseModelRecord).where(BaseModelRecord.name == name))
+            row = self.base_model_in(s, name)
         if row is None:
             raise NotFoundError(f"model {echo(name, MODEL_NAME_LIKE)} not found; see GET /v1/models", param=param)
         return row
@@ -150,6 +162,53 @@ class CatalogService:
 
     def public_key_pem(self) -> str:
         return public_key_pem(self.signing_key())
+
+    @staticmethod
+    def created_before(s: Session, until: datetime, project_id: int | None = None) -> list[AdapterRecord]:
+        """Every adapter created before ``until`` (deleted ones too), of one project or all, oldest first (reports)."""
+        stmt = select(AdapterRecord).where(AdapterRecord.created_at < until)
+        if project_id is not None:
+            stmt = stmt.where(AdapterRecord.project_id == project_id)
+        return list(s.scalars(stmt.order_by(AdapterRecord.created_at)))
+
+    @staticmethod
+    def adapters_created_before(s: Session, project_id: int, cutoff: datetime) -> list[tuple[str, datetime]]:
+        """``(id, created_at)`` of the project's live adapters created by ``cutoff`` (retention)."""
+        stmt = select(AdapterRecord.id, AdapterRecord.created_at).where(
+            AdapterRecord.project_id == project_id, AdapterRecord.deleted_at.is_(None),
+            AdapterRecord.created_at <= cutoff)
+        return [tuple(r) for r in s.execute(stmt.order_by(AdapterRecord.created_at, AdapterRecord.id))]
+
+    @staticmethod
+    def lock_live_adapter(s: Session, adapter_id: str) -> AdapterRecord | None:
+        """Lock a live adapter's row for a deletion in ``s``; None when gone or another transaction holds it."""
+        return s.scalar(select(AdapterRecord).where(AdapterRecord.id == adapter_id,
+                                                    AdapterRecord.deleted_at.is_(None))
+                        .with_for_update(skip_locked=True))
+
+    def publish_from_job(self, s: Session, ctx: AuditContext, *, job_id: str, project_id: int, base_model: str,
+                         method: str, suffix: str | None, trained_by: str, datasets: list[dict[str, Any]],
+                         hyperparameters: dict[str, Any], metrics: dict[str, Any], seed: int | None,
+                         privacy: dict[str, Any], files: dict[str, bytes]) -> str:
+        """Publish a finished job's adapter with its signed lineage manifest; its id (``ft:base:project:suffix:job``).
+
+        ``datasets`` is the training data's lineage (:meth:`appliance.files.service.FileService.lineage`).
+        """
+        project = project_by_id(s, project_id)
+        base = self.base_model_in(s, base_model)
+        adapter_id = ":".join(["ft", base_model, project.name, suffix or "", job_id])
+        manifest = {
+            "format": "appliance-adapter-manifest/1",
+            "job_id": job_id, "project": project.name, "trained_by": trained_by,
+            "method": method, "base_model": {"name": base.name, "content_hash": base.content_hash},
+            "datasets": datasets,
+            "hyperparameters": hyperparameters,
+            "metrics": metrics, "seed": seed, "privacy": privacy,
+            "code_version": __version__, "created_at": utcnow().isoformat(),
+        }
+        self.publish(s, ctx, adapter_id=adapter_id, job_id=job_id, project=project, base_model=base.name,
+                     kind=method, files=files, manifest=manifest)
+        return adapter_id
 
     def publish(self, s: Session, ctx: AuditContext, *, adapter_id: str, job_id: str, project: Project,
                 base_model: str, kind: str, files: dict[str, bytes], manifest: dict[str, Any]) -> AdapterRecord:
@@ -178,7 +237,7 @@ class CatalogService:
     def _adapter(self, principal: Principal | None, adapter_id: str) -> AdapterView:
         with self.db.read() as s:
             row = s.get(AdapterRecord, adapter_id)
-            project = s.get(Project, row.project_id) if row else None
+            project = project_by_id(s, row.project_id) if row else None
         if row is None or row.deleted_at is not None:
             raise NotFoundError(f"model {echo(adapter_id, MODEL_NAME_LIKE)} not found", param="model")
         if principal is not None:
@@ -190,11 +249,12 @@ class CatalogService:
 
     def list_adapters(self, principal: Principal | None) -> list[AdapterView]:
         with self.db.read() as s:
-            stmt = (select(AdapterRecord, Project.name).join(Project, Project.id == AdapterRecord.project_id)
-                    .where(AdapterRecord.deleted_at.is_(None)).order_by(AdapterRecord.created_at))
+            stmt = select(AdapterRecord).where(AdapterRecord.deleted_at.is_(None)).order_by(AdapterRecord.created_at)
             if principal is not None and principal.project_id is not None:
                 stmt = stmt.where(AdapterRecord.project_id == principal.project_id)
-            return [AdapterView(r, p) for r, p in s.execute(stmt).all()]
+            rows = list(s.scalars(stmt))
+            names = project_names(s, {r.project_id for r in rows})
+            return [AdapterView(r, names[r.project_id]) for r in rows]
 
     def adapter_files(self, adapter_id: str) -> dict[str, bytes]:
         """Decrypt an adapter's files into memory (serving and export)."""

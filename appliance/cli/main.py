@@ -251,7 +251,7 @@ def users_grant(name: str, role: str, project: str | None) -> None:
 @handle_errors
 def users_passwd(name: str, password_stdin: bool) -> None:
     """Set NAME's portal password (12+ characters); ends their sessions."""
-    from appliance.portal.sessions import SessionService
+    from appliance.identity.sessions import SessionService
 
     if password_stdin:
         password = sys.stdin.readline().rstrip("\n")
@@ -384,7 +384,7 @@ def _parse_when(value: str, param: str):
 @handle_errors
 def audit_report(since: str, until: str, fmt: str, project: str | None, out: Path | None) -> None:
     """A compliance report: datasets, PII, models and lineage, usage, denials, key rotations, deletions."""
-    from appliance.audit.reports import ReportScope, produce
+    from appliance.auditor.reports import ReportScope, produce
 
     db = open_initialized(_settings())
     body = produce(db, _ctx(), ReportScope(_parse_when(since, "--from"), _parse_when(until, "--to"), project), fmt)

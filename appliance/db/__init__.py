@@ -1,6 +1,5 @@
-"""Database access: engine, transactions and migrations."""
+"""Database access: engine and transactions (the schema's migrations live in :mod:`appliance.migrations`)."""
 
 from appliance.db.base import Base, Database
-from appliance.db.migrate import upgrade_to_head
 
-__all__ = ["Base", "Database", "upgrade_to_head"]
+__all__ = ["Base", "Database"]

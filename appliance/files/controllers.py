@@ -29,8 +29,8 @@ from appliance.files.schemas import (
 from appliance.files.service import PURPOSES, FileService, FileView, FindingGroup
 from appliance.identity.roles import Permission, role_allows
 from appliance.identity.service import IdentityService
-from appliance.server.context import audit_context
-from appliance.server.openapi import error_responses, operation
+from appliance.web.context import audit_context
+from appliance.web.openapi import error_responses, operation
 
 #: The upload form as the OpenAPI description shows it (the handler streams it, see ``FileService.upload``).
 UPLOAD_FORM = Schema(type=OpenAPIType.OBJECT, required=["purpose", "file"], properties={

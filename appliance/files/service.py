@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import hmac
+import random
 import secrets
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from anyio import to_thread
-from sqlalchemy import or_, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from appliance.audit.service import AuditContext, record
@@ -36,7 +39,6 @@ from appliance.files.policies import PolicyService
 from appliance.identity.models import Project
 from appliance.identity.roles import Permission, role_allows
 from appliance.identity.service import Principal
-from appliance.jobs.models import TERMINAL, FineTuningJob
 from appliance.policy import decide, redact_record
 from appliance.policy.model import normalize_allowed
 from appliance.scanning import Scanner, iter_text_fields, parse_line
@@ -93,6 +95,9 @@ class FileService:
         self._scanner_factory = scanner_factory
         #: Called with (file id, audit context) after a file is crypto-shredded.
         self.on_delete: list[Any] = []
+        #: ``(session, file_id) -> job id | None``: who may still read a file (the jobs package registers its
+        #: unfinished jobs; wired in :mod:`appliance.server.state`), asked in the caller's transaction.
+        self.users_of: list[Callable[[Session, str], str | None]] = []
         self._scanner: LockedScanner | None = None
         self._scanner_lock = threading.Lock()
 
@@ -512,14 +517,90 @@ class FileService:
         self.blobs.remove(old_blob)
         return self._get(principal, file_id)
 
-    @staticmethod
-    def _check_unused(s: Session, file_id: str) -> None:
-        job = s.scalar(select(FineTuningJob.id).where(
-            or_(FineTuningJob.training_file == file_id, FineTuningJob.validation_file == file_id),
-            FineTuningJob.status.notin_(TERMINAL)).limit(1))
+    def _check_unused(self, s: Session, file_id: str) -> None:
+        job = next((found for finder in self.users_of if (found := finder(s, file_id)) is not None), None)
         if job is not None:
             raise ConflictError(f"file {file_id!r} is in use by job {job!r}, which has not finished: cancel it or "
                                 "wait before re-scanning", param="file_id")
+
+    def count(self, principal: Principal) -> int:
+        """How many files (not deleted) the caller's project holds; every project's for a global role."""
+        with self.db.read() as s:
+            stmt = select(func.count()).select_from(StoredFile).where(StoredFile.deleted_at.is_(None))
+            if principal.project_id is not None:
+                stmt = stmt.where(StoredFile.project_id == principal.project_id)
+            return s.scalar(stmt) or 0
+
+    # -- what a job reads and writes (in the caller's transaction) ----------------------------
+    def is_live(self, s: Session, file_id: str) -> bool:
+        """Whether ``file_id`` exists and has not been deleted (crypto-shredded)."""
+        row = s.get(StoredFile, file_id)
+        return row is not None and row.deleted_at is None
+
+    @staticmethod
+    def created_before(s: Session, until: datetime, project_id: int | None = None) -> list[StoredFile]:
+        """Every file created before ``until`` (deleted ones too), of one project or all, oldest first (reports)."""
+        stmt = select(StoredFile).where(StoredFile.created_at < until)
+        if project_id is not None:
+            stmt = stmt.where(StoredFile.project_id == project_id)
+        return list(s.scalars(stmt.order_by(StoredFile.created_at)))
+
+    @staticmethod
+    def datasets_created_before(s: Session, project_id: int, cutoff: datetime) -> list[tuple[str, datetime]]:
+        """``(id, created_at)`` of the project's live datasets (fine-tune data, not results) created by ``cutoff``."""
+        stmt = select(StoredFile.id, StoredFile.created_at).where(
+            StoredFile.project_id == project_id, StoredFile.deleted_at.is_(None), StoredFile.created_at <= cutoff,
+            StoredFile.purpose.in_(PURPOSES))
+        return [tuple(r) for r in s.execute(stmt.order_by(StoredFile.created_at, StoredFile.id))]
+
+    @staticmethod
+    def lock_live(s: Session, file_id: str) -> StoredFile | None:
+        """Lock a live file's row for a deletion in ``s``; None when gone or another transaction holds it."""
+        return s.scalar(select(StoredFile).where(StoredFile.id == file_id, StoredFile.deleted_at.is_(None))
+                        .with_for_update(skip_locked=True))
+
+    def dataset_keys(self, s: Session, datasets: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        """What a worker needs to decrypt each ``(role, file_id)`` in memory: object, project, path, data key.
+
+        The stored content is the file's current object (a re-scan writes a new one).
+        """
+        specs = []
+        for role, file_id in datasets:
+            object_id = s.get(StoredFile, file_id).content_object
+            data_key, project = self.blobs.data_key(s, object_id)
+            specs.append({"role": role, "object_id": object_id, "project": project,
+                          "path": str(self.blobs.path_of(object_id)), "key": base64.b64encode(data_key).decode()})
+        return specs
+
+    def lineage(self, s: Session, file_ids: list[str]) -> list[dict[str, Any]]:
+        """The datasets of an adapter's manifest: id, content hash, policy hash, records and revision."""
+        rows = [s.get(StoredFile, fid) for fid in file_ids]
+        return [{"id": f.id, "sha256": f.content_sha256, "policy_hash": f.policy_hash, "records": f.records,
+                 "revision": f.revision} for f in rows]
+
+    @staticmethod
+    def allowed_findings(s: Session, file_id: str, limit: int, seed: int) -> list[list[Any]]:
+        """Up to ``limit`` allowed findings of a file, as stored (record, field, start, end, type; seeded sample)."""
+        rows = s.execute(select(ScanFinding.stored_record, ScanFinding.field, ScanFinding.stored_start,
+                                ScanFinding.stored_end, ScanFinding.entity_type)
+                         .where(ScanFinding.file_id == file_id, ScanFinding.action == "allow",
+                                ScanFinding.stored_record.is_not(None))
+                         .order_by(ScanFinding.id)).all()
+        picked = [list(r) for r in rows]
+        if len(picked) > limit:
+            picked = sorted(random.Random(seed).sample(picked, limit))
+        return picked
+
+    @staticmethod
+    def add_result_file(s: Session, *, file_id: str, project_id: int, filename: str, payload: bytes,
+                        created_by: str, generated_by: str) -> None:
+        """Register a job's result (an evaluation grid, a validation image) already written encrypted as ``file_id``."""
+        s.add(StoredFile(
+            id=file_id, project_id=project_id, filename=filename, purpose="fine-tune-results",
+            bytes=len(payload), original_bytes=len(payload), records=0, status="processed",
+            created_by=created_by, content_sha256=hashlib.sha256(payload).hexdigest(),
+            policy_hash="", decision="accepted", scan_summary={"generated_by": generated_by},
+        ))
 
     def delete(self, principal: Principal, ctx: AuditContext, file_id: str) -> FileView:
         """Crypto-shred: destroy the data key, remove the blob, hide the file."""

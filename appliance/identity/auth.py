@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from litestar.concurrency import sync_to_thread
 from litestar.connection import ASGIConnection
@@ -13,17 +13,21 @@ from litestar.middleware.authentication import AbstractAuthenticationMiddleware,
 
 from appliance.errors import AuthenticationError, PermissionDeniedError, RateLimitedError
 from appliance.identity.roles import Permission, role_allows
-from appliance.identity.service import Principal
+from appliance.identity.service import IdentityService, Principal
+from appliance.identity.sessions import COOKIE, SessionService
+from appliance.web.options import PERMISSION_OPT, PORTAL_OPT, PUBLIC_OPT
 
 if TYPE_CHECKING:
     from litestar.handlers.base import BaseRouteHandler
 
-    from appliance.server.state import AppState
 
-#: Route option naming the permission a handler needs.
-PERMISSION_OPT = "permission"
-#: Route option marking a handler as reachable without a token.
-PUBLIC_OPT = "exclude_from_auth"
+class AuthState(Protocol):
+    """What authentication needs of the app's state (``app.state.appliance``, wired in :mod:`appliance.server`)."""
+
+    identity: IdentityService
+    sessions: SessionService
+    limiter: FailureLimiter
+
 
 
 class FailureLimiter:
@@ -84,8 +88,6 @@ def bearer_of(connection: ASGIConnection) -> str | None:
     return value.strip()
 
 
-#: Route option marking a portal page: authenticated by session cookie, CSRF-checked.
-PORTAL_OPT = "portal"
 CSRF_HEADER = "x-csrf-token"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -110,10 +112,8 @@ class BearerAuthMiddleware(AbstractAuthenticationMiddleware):
     """
 
     async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:
-        state: AppState = connection.app.state.appliance
+        state: AuthState = connection.app.state.appliance
         if connection.route_handler.opt.get(PORTAL_OPT):
-            from appliance.portal.sessions import COOKIE
-
             try:
                 info = await sync_to_thread(state.sessions.resolve, connection.cookies.get(COOKIE))
             except AuthenticationError as exc:
@@ -156,7 +156,7 @@ async def csrf_guard(connection: ASGIConnection, handler: BaseRouteHandler) -> N
     if not handler.opt.get(PORTAL_OPT) or connection.scope["method"] in _SAFE_METHODS:
         return
     info = connection.scope.get("state", {}).get("portal_session")
-    state: AppState = connection.app.state.appliance
+    state: AuthState = connection.app.state.appliance
     if info is None or not state.sessions.check_csrf(info, await _presented_csrf(connection)):
         raise PermissionDeniedError("missing or wrong CSRF token: reload the page and try again",
                                     code="csrf_failed", param="csrf_token")

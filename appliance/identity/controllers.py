@@ -24,8 +24,8 @@ from appliance.identity.schemas import (
     UserOut,
 )
 from appliance.identity.service import IdentityService, Principal, TokenView
-from appliance.server.context import audit_context
-from appliance.server.openapi import error_responses
+from appliance.web.context import audit_context
+from appliance.web.openapi import error_responses
 
 
 def _token_out(t: TokenView) -> TokenOut:

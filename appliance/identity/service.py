@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -76,6 +76,45 @@ class TokenView:
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
+
+
+def project_by_id(s: Session, project_id: int) -> Project:
+    """The project a row of another package points at (its ``project_id``), in the caller's transaction."""
+    return s.get(Project, project_id)
+
+
+def project_name(s: Session, project_id: int) -> str:
+    return project_by_id(s, project_id).name
+
+
+def project_names(s: Session, project_ids: set[int]) -> dict[int, str]:
+    """Project id -> name for the ids given (one query)."""
+    if not project_ids:
+        return {}
+    return dict(s.execute(select(Project.id, Project.name).where(Project.id.in_(project_ids))).all())
+
+
+def all_projects(s: Session) -> list[Project]:
+    """Every project, by name."""
+    return list(s.scalars(select(Project).order_by(Project.name)))
+
+
+def has_users(s: Session) -> bool:
+    return (s.scalar(select(func.count()).select_from(User)) or 0) > 0
+
+
+def create_first_admin(s: Session, ctx: AuditContext, name: str) -> tokens.IssuedToken:
+    """The first admin and its token, in the caller's transaction (``appliance init``); the token to hand over."""
+    issued = tokens.mint()
+    admin = User(name=name)
+    s.add(admin)
+    s.flush()
+    s.add(RoleBinding(user_id=admin.id, role=Role.ADMIN.value, project_id=None))
+    s.add(ApiToken(
+        token_id=issued.token_id, secret_hash=issued.secret_hash, user_id=admin.id,
+        role=Role.ADMIN.value, project_id=None, description="created by appliance init",
+    ))
+    return issued
 
 
 def _token_view(t: ApiToken) -> TokenView:

@@ -18,8 +18,8 @@ from appliance.audit.service import record
 from appliance.errors import ConflictError, InvalidRequestError, NotFoundError
 from appliance.identity.roles import Permission
 from appliance.inference.service import InferenceService
-from appliance.server.context import audit_context
-from appliance.server.openapi import ErrorBody, VllmErrorBody, error_responses, operation
+from appliance.web.context import audit_context
+from appliance.web.openapi import ErrorBody, VllmErrorBody, error_responses, operation
 from serving.errors import AdapterLoadError, error_body
 from serving.protocol import (
     chat_chunks,

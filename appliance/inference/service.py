@@ -84,6 +84,7 @@ class InferenceService:
         self._last_failures: dict[str, str] = {}
         catalog.on_publish.append(self.on_adapter_published)
         catalog.on_remove.append(self.on_adapter_removed)
+        catalog.runtime_adapters = self.runtime_adapters
 
     # -- engines ------------------------------------------------------------
     def _engine_kind(self, base: BaseModelRecord) -> str:

@@ -21,8 +21,8 @@ from appliance.jobs.schemas import (
     JobObject,
 )
 from appliance.jobs.service import JobService, JobView, event_id
-from appliance.server.context import audit_context
-from appliance.server.openapi import error_responses
+from appliance.web.context import audit_context
+from appliance.web.openapi import error_responses
 
 #: OpenAI's top-level ``hyperparameters`` keys, echoed from the method's.
 _OPENAI_HP = ("n_epochs", "batch_size", "learning_rate_multiplier")

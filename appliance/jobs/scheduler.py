@@ -22,11 +22,9 @@ error, never ``running``.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import logging
 import os
-import random
 import secrets
 import socket
 import threading
@@ -38,20 +36,15 @@ from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 
-from appliance import __version__
 from appliance.audit.service import AuditContext, record
-from appliance.catalog.models import BaseModelRecord
 from appliance.catalog.service import CatalogService
-from appliance.crypto.envelope import WrappedKey
 from appliance.db.base import Database, utcnow
-from appliance.files.models import ScanFinding, StoredFile
-from appliance.identity.models import Project
+from appliance.files.service import FileService, new_file_id
+from appliance.identity.service import project_by_id, project_name
 from appliance.jobs.executors import Executor, LocalExecutor, Worker
 from appliance.jobs.models import FineTuningJob, JobCheckpoint
 from appliance.jobs.sandbox import WorkerLimits, sweep_orphaned_tmpdirs
 from appliance.jobs.service import add_event
-from appliance.storage.blobs import BlobStore, key_context
-from appliance.storage.models import DataKey
 
 log = logging.getLogger("appliance.jobs")
 
@@ -110,9 +103,9 @@ class Scheduler:
         settings: Concurrency, polling and worker limits.
     """
 
-    def __init__(self, db: Database, blobs: BlobStore, catalog: CatalogService,
+    def __init__(self, db: Database, files: FileService, catalog: CatalogService,
                  settings: SchedulerSettings | None = None) -> None:
-        self.db, self.blobs, self.catalog = db, blobs, catalog
+        self.db, self.files, self.blobs, self.catalog = db, files, files.blobs, catalog
         self.settings = settings or SchedulerSettings()
         self.node = _node_id()
         #: the lease owner's name: host (for people), node (see _node_id), pid, and a per-instance nonce
@@ -238,7 +231,7 @@ class Scheduler:
             # Two schedulers promoting at once: each job is queued (and audited) once.
             for job in s.scalars(select(FineTuningJob).where(FineTuningJob.status == "validating_files")
                                  .with_for_update(skip_locked=True)):
-                missing = [fid for fid in (job.training_file, job.validation_file) if fid and not _file_ok(s, fid)]
+                missing = [fid for fid in (job.training_file, job.validation_file) if fid and not self.files.is_live(s, fid)]
                 if missing:
                     self._fail(s, job, {"code": "invalid_file", "param": "training_file",
                                         "message": f"file {missing[0]} is no longer available"}, resumable=False)
@@ -246,7 +239,7 @@ class Scheduler:
                 job.status = "queued"
                 add_event(s, job.id, "Files validated, job queued")
                 record(s, SYSTEM, "job.queue", resource_type="fine_tuning_job", resource_id=job.id,
-                       project=_project_name(s, job))
+                       project=project_name(s, job.project_id))
 
     def _claim(self) -> tuple[str, int] | None:
         """Take the oldest queued job under this scheduler's lease; return its id and attempt number.
@@ -268,7 +261,7 @@ class Scheduler:
             job.lease_expires_at = now + timedelta(seconds=self.settings.lease_s)
             add_event(s, job.id, f"Fine-tuning job started (attempt {job.attempts})")
             record(s, SYSTEM, "job.start", resource_type="fine_tuning_job", resource_id=job.id,
-                   project=_project_name(s, job), details={"attempt": job.attempts, "worker": self.name})
+                   project=project_name(s, job.project_id), details={"attempt": job.attempts, "worker": self.name})
             return job.id, job.attempts
 
     def _forward_cancellations(self) -> None:
@@ -295,26 +288,17 @@ class Scheduler:
     def _start_message(self, job_id: str) -> tuple[dict[str, Any], bytes]:
         with self.db.read() as s:
             job = s.get(FineTuningJob, job_id)
-            project = s.get(Project, job.project_id)
-            base = s.scalar(select(BaseModelRecord).where(BaseModelRecord.name == job.model))
-            datasets = []
-            for role, fid in (("train", job.training_file), ("validation", job.validation_file)):
-                if not fid:
-                    continue
-                object_id = s.get(StoredFile, fid).content_object  # a re-scan writes a new object
-                key_row = s.get(DataKey, object_id)
-                data_key = self.blobs.keys.unwrap(WrappedKey(key_row.kek_id, key_row.wrapped),
-                                                  key_context(object_id, key_row.project))
-                datasets.append({"role": role, "object_id": object_id, "project": key_row.project,
-                                 "path": str(self.blobs.path_of(object_id)),
-                                 "key": base64.b64encode(data_key).decode()})
+            project = project_by_id(s, job.project_id)
+            base = self.catalog.base_model_in(s, job.model)
+            datasets = self.files.dataset_keys(s, [(role, fid) for role, fid in (
+                ("train", job.training_file), ("validation", job.validation_file)) if fid])
             checkpoint = s.scalar(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)
                                   .order_by(JobCheckpoint.step_number.desc()).limit(1))
             resume = b"".join(self.blobs.read(s, checkpoint.object_id)) if checkpoint else b""
             memorization = dict(job.memorization or {})
             if memorization.get("extraction_probe") and base.kind == "llm":
-                memorization["probe_targets"] = _probe_targets(s, job.training_file, memorization["probe_samples"],
-                                                               job.seed)
+                memorization["probe_targets"] = self.files.allowed_findings(
+                    s, job.training_file, memorization["probe_samples"], job.seed)
         start = {
             "type": "start", "job_id": job.id, "project": project.name, "method_type": job.method_type,
             "hyperparameters": job.hyperparameters, "seed": job.seed, "model_dir": base.path,
@@ -404,7 +388,7 @@ class Scheduler:
     def _store_checkpoint(self, job_id: str, step: int, metrics: dict[str, Any], payload: bytes) -> None:
         ckpt_id = f"ftckpt-{secrets.token_hex(12)}"
         with self.db.read() as s:
-            project = _project_name(s, s.get(FineTuningJob, job_id))
+            project = project_name(s, s.get(FineTuningJob, job_id).project_id)
         with self.blobs.writing(ckpt_id, project, "checkpoint") as writer:
             writer.write(payload)
             key_row = writer.finish()
@@ -421,16 +405,13 @@ class Scheduler:
 
     def _store_result_file(self, job_id: str, name: str, payload: bytes) -> None:
         """An evaluation grid or validation image: stored encrypted as a file of the job's project."""
-        import hashlib
         import re
-
-        from appliance.files.service import new_file_id
 
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:200] or "result.bin"
         file_id = new_file_id()
         with self.db.read() as s:
             job = s.get(FineTuningJob, job_id)
-            project = _project_name(s, job)
+            project = project_name(s, job.project_id)
         with self.blobs.writing(file_id, project, "file") as writer:
             writer.write(payload)
             key_row = writer.finish()
@@ -438,12 +419,9 @@ class Scheduler:
                 with self.db.transaction() as s:
                     job = s.get(FineTuningJob, job_id)
                     s.add(key_row)
-                    s.add(StoredFile(
-                        id=file_id, project_id=job.project_id, filename=f"{job_id}-{safe}", purpose="fine-tune-results",
-                        bytes=len(payload), original_bytes=len(payload), records=0, status="processed",
-                        created_by=job.created_by, content_sha256=hashlib.sha256(payload).hexdigest(),
-                        policy_hash="", decision="accepted", scan_summary={"generated_by": job_id},
-                    ))
+                    self.files.add_result_file(s, file_id=file_id, project_id=job.project_id,
+                                               filename=f"{job_id}-{safe}", payload=payload,
+                                               created_by=job.created_by, generated_by=job_id)
                     job.result_files = [*(job.result_files or []), file_id]
                     add_event(s, job_id, f"Result file {safe} stored as {file_id}", data={"file": file_id})
                     record(s, SYSTEM, "file.result", resource_type="file", resource_id=file_id, project=project,
@@ -471,7 +449,7 @@ class Scheduler:
                 job.status, job.finished_at, job.resumable = "cancelled", utcnow(), True
                 add_event(s, job.id, "Job cancelled")
                 record(s, SYSTEM, "job.cancelled", resource_type="fine_tuning_job", resource_id=job.id,
-                       project=_project_name(s, job), details={"step": header.get("step")})
+                       project=project_name(s, job.project_id), details={"step": header.get("step")})
             elif kind == "error":
                 error = {"code": header.get("code", "worker_error"), "message": header.get("message", ""),
                          "param": header.get("param")}
@@ -489,22 +467,13 @@ class Scheduler:
                     log.exception("adapter publish hook failed", extra={"adapter": published})
 
     def _succeed(self, s, job: FineTuningJob, header: dict[str, Any], artefacts: dict[str, bytes]) -> str:
-        project = s.get(Project, job.project_id)
-        base = s.scalar(select(BaseModelRecord).where(BaseModelRecord.name == job.model))
-        adapter_id = ":".join(["ft", job.model, project.name, job.suffix or "", job.id])
-        files = {fid: s.get(StoredFile, fid) for fid in (job.training_file, job.validation_file) if fid}
-        manifest = {
-            "format": "appliance-adapter-manifest/1",
-            "job_id": job.id, "project": project.name, "trained_by": job.created_by,
-            "method": job.method_type, "base_model": {"name": base.name, "content_hash": base.content_hash},
-            "datasets": [{"id": f.id, "sha256": f.content_sha256, "policy_hash": f.policy_hash,
-                          "records": f.records, "revision": f.revision} for f in files.values()],
-            "hyperparameters": header.get("resolved") or job.hyperparameters,
-            "metrics": header.get("metrics") or {}, "seed": job.seed, "privacy": header.get("privacy") or {},
-            "code_version": __version__, "created_at": utcnow().isoformat(),
-        }
-        self.catalog.publish(s, SYSTEM, adapter_id=adapter_id, job_id=job.id, project=project, base_model=base.name,
-                             kind=job.method_type, files=artefacts, manifest=manifest)
+        adapter_id = self.catalog.publish_from_job(
+            s, SYSTEM, job_id=job.id, project_id=job.project_id, base_model=job.model, method=job.method_type,
+            suffix=job.suffix, trained_by=job.created_by,
+            datasets=self.files.lineage(s, [fid for fid in (job.training_file, job.validation_file) if fid]),
+            hyperparameters=header.get("resolved") or job.hyperparameters, metrics=header.get("metrics") or {},
+            seed=job.seed, privacy=header.get("privacy") or {}, files=artefacts)
+        project = project_name(s, job.project_id)
         job.status, job.finished_at, job.fine_tuned_model = "succeeded", utcnow(), adapter_id
         job.trained_tokens = header.get("trained_tokens")
         job.metrics = header.get("metrics") or {}
@@ -513,7 +482,7 @@ class Scheduler:
         job.resumable = False
         add_event(s, job.id, f"New fine-tuned model created: {adapter_id}", data=job.metrics)
         add_event(s, job.id, "The job has successfully completed")
-        record(s, SYSTEM, "job.succeed", resource_type="fine_tuning_job", resource_id=job.id, project=project.name,
+        record(s, SYSTEM, "job.succeed", resource_type="fine_tuning_job", resource_id=job.id, project=project,
                details={"fine_tuned_model": adapter_id, "trained_tokens": job.trained_tokens,
                         "metrics": job.metrics, "privacy": job.privacy})
         return adapter_id
@@ -523,29 +492,7 @@ class Scheduler:
         job.lease_expires_at = None
         add_event(s, job.id, f"Job failed: {error['message']}", level="error")
         record(s, SYSTEM, "job.fail", outcome="failure", resource_type="fine_tuning_job", resource_id=job.id,
-               project=_project_name(s, job), reason=error["code"], details={"resumable": resumable})
-
-
-def _probe_targets(s, file_id: str, limit: int, seed: int) -> list[list[Any]]:
-    """Up to ``limit`` allowed findings of the training file, as stored, for the extraction probe (seeded sample)."""
-    rows = s.execute(select(ScanFinding.stored_record, ScanFinding.field, ScanFinding.stored_start,
-                            ScanFinding.stored_end, ScanFinding.entity_type)
-                     .where(ScanFinding.file_id == file_id, ScanFinding.action == "allow",
-                            ScanFinding.stored_record.is_not(None))
-                     .order_by(ScanFinding.id)).all()
-    picked = [list(r) for r in rows]
-    if len(picked) > limit:
-        picked = sorted(random.Random(seed).sample(picked, limit))
-    return picked
-
-
-def _file_ok(s, file_id: str) -> bool:
-    row = s.get(StoredFile, file_id)
-    return row is not None and row.deleted_at is None
-
-
-def _project_name(s, job: FineTuningJob) -> str:
-    return s.get(Project, job.project_id).name
+               project=project_name(s, job.project_id), reason=error["code"], details={"resumable": resumable})
 
 
 def _node_id() -> str | None:

@@ -8,7 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session
 
 from appliance.audit.service import AuditContext, record
 from appliance.catalog.service import CatalogService
@@ -53,6 +54,16 @@ def add_event(s, job_id: str, message: str, *, level: str = "info", type: str = 
     s.add(event)
     return event
 
+
+
+def unfinished_job_using(s: Session, file_id: str) -> str | None:
+    """The id of a job that has not finished and reads ``file_id`` (training or validation), if any.
+
+    Registered on :attr:`appliance.files.service.FileService.users_of`: a file in use is not re-scanned.
+    """
+    return s.scalar(select(FineTuningJob.id).where(
+        or_(FineTuningJob.training_file == file_id, FineTuningJob.validation_file == file_id),
+        FineTuningJob.status.notin_(TERMINAL)).limit(1))
 
 class JobService:
     """Validates requests and moves jobs through their states; the scheduler runs them.
@@ -148,6 +159,14 @@ class JobService:
         return JobView(job, project.name)
 
     # -- read ---------------------------------------------------------------
+    def count(self, principal: Principal) -> int:
+        """How many jobs the caller's project has; every project's for a global role."""
+        with self.db.read() as s:
+            stmt = select(func.count()).select_from(FineTuningJob)
+            if principal.project_id is not None:
+                stmt = stmt.where(FineTuningJob.project_id == principal.project_id)
+            return s.scalar(stmt) or 0
+
     def _job(self, principal: Principal, job_id: str) -> JobView:
         with self.db.read() as s:
             row = s.get(FineTuningJob, job_id)

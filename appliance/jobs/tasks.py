@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from appliance.jobs.worker import Channel
+    from appliance.jobs.channel import Channel
 
 
 def run_task(channel: Channel, start: dict[str, Any], datasets: dict[str, Any], resume: bytes | None) -> None:

@@ -39,6 +39,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from appliance.jobs import wire
 
 TICKET_BYTES = 32
+#: The environment variable that hands a Ray worker its ticket (set by the executor, read by the rank).
+TICKET_ENV = "APPLIANCE_TUNNEL_TICKET"
 _NONCE_BYTES = 16
 _LEN = struct.Struct(">I")
 _MAX_PLAIN = 4096  # hello and challenge are tiny: a stranger cannot make us buffer much

@@ -6,8 +6,7 @@ data keys on ``IN_FD``, decrypts the datasets in memory, trains, and sends
 events, checkpoints and the adapter back on ``OUT_FD``. It writes nothing of
 the data to disk. If the scheduler goes away (its pipe closes), it exits.
 
-Under the Ray executor the same module is the Ray job's entrypoint
-(``--ray ...``, :mod:`appliance.jobs.executors.ray_job`): each rank then
+Under the Ray executor the Ray job's entrypoint is :mod:`appliance.jobs.ray_worker`: each rank then
 talks to the scheduler through an encrypted tunnel instead of the pipes and
 runs the same :func:`serve`.
 """
@@ -17,7 +16,6 @@ from __future__ import annotations
 import base64
 import errno
 import json
-import os
 import socket
 import sys
 import threading
@@ -26,63 +24,8 @@ from typing import Any
 
 from appliance.crypto.stream import blob_context, decrypt_stream
 from appliance.errors import ApplianceError
-from appliance.jobs.wire import FrameReader, write_frame
-
-
-class PipeTransport:
-    """Frames over the two pipes the sandbox hands a local worker."""
-
-    def __init__(self, in_fd: int, out_fd: int) -> None:
-        self.reader = FrameReader(in_fd)
-        self.out_fd = out_fd
-
-    def read(self) -> tuple[dict[str, Any], bytes] | None:
-        return self.reader.read()
-
-    def write(self, header: dict[str, Any], payload: bytes = b"") -> None:
-        write_frame(self.out_fd, header, payload)
-
-
-class Channel:
-    """The worker's side of its link to the scheduler (pipes, or a tunnel for a Ray rank).
-
-    Args:
-        transport: Anything with ``read() -> frame | None`` and ``write(header, payload)``.
-        primary: Whether this worker reports; a non-primary data-parallel rank
-            sends only its errors (rank 0 reports for all).
-    """
-
-    def __init__(self, transport: Any, *, primary: bool = True) -> None:
-        self.transport = transport
-        self.primary = primary
-        self.stop = threading.Event()
-        self._lock = threading.Lock()
-
-    def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
-        if not self.primary and header.get("type") != "error":
-            return
-        with self._lock:
-            try:
-                self.transport.write(header, payload)
-            except OSError:
-                os._exit(3)  # the scheduler is gone: nobody to report to
-
-    def event(self, message: str, *, level: str = "info", type: str = "message", data: dict | None = None) -> None:
-        self.send({"type": "event", "level": level, "event_type": type, "message": message, "data": data})
-
-    def watch_control(self) -> None:
-        """Background: set :attr:`stop` on a stop message; exit if the scheduler died."""
-        from appliance.jobs.tunnel import TunnelError
-
-        while True:
-            try:
-                frame = self.transport.read()
-            except (OSError, TunnelError):
-                frame = None
-            if frame is None:
-                os._exit(3)  # link closed: the server was killed; die with it
-            if frame[0].get("type") == "stop":
-                self.stop.set()
+from appliance.jobs.channel import Channel, PipeTransport
+from appliance.jobs.tasks import run_task
 
 
 def network_probe() -> dict[str, Any]:
@@ -112,8 +55,6 @@ def load_records(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def run(channel: Channel, start: dict[str, Any], resume: bytes) -> None:
-    from appliance.jobs.tasks import run_task
-
     if start.get("executor") == "ray":
         # A Ray worker needs the network: it dials the control plane and its peer ranks.
         channel.event("Ray executor: the worker is not network-isolated; the cluster's network policy applies "
@@ -152,10 +93,6 @@ def serve(channel: Channel) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1 and argv[1] == "--ray":
-        from appliance.jobs.executors.ray_job import main as ray_job_main
-
-        return ray_job_main(argv[2:])
     return serve(Channel(PipeTransport(int(argv[1]), int(argv[2]))))
 
 

@@ -14,8 +14,8 @@ from appliance.errors import ApplianceError
 from appliance.files.service import FileService
 from appliance.identity.roles import Permission, Role, parse_role
 from appliance.portal.render import page, portal
-from appliance.server.context import audit_context
-from appliance.server.state import AppState
+from appliance.web.context import audit_context
+from appliance.services import AppState
 
 Form = Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]
 

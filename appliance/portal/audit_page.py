@@ -16,8 +16,8 @@ from appliance.audit.service import EventFilter, read_events, verify_chain
 from appliance.errors import InvalidRequestError
 from appliance.identity.roles import Permission
 from appliance.portal.render import page, portal, session_of
-from appliance.server.context import audit_context
-from appliance.server.state import AppState
+from appliance.web.context import audit_context
+from appliance.services import AppState
 
 COLUMNS = ("seq", "ts", "actor", "auth_method", "action", "resource_type", "resource_id", "project", "outcome",
            "reason", "origin_ip", "request_id")

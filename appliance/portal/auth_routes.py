@@ -12,16 +12,13 @@ from litestar.di import NamedDependency
 from litestar.enums import RequestEncodingType
 from litestar.params import Body, FromQuery
 from litestar.response import Redirect, Template
-from sqlalchemy import func, select
 
 from appliance.errors import AuthenticationError, RateLimitedError
-from appliance.files.models import StoredFile
 from appliance.identity.auth import PUBLIC_OPT, origin_of
-from appliance.jobs.models import FineTuningJob
 from appliance.portal.render import page, portal, session_of
-from appliance.portal.sessions import COOKIE
-from appliance.server.context import audit_context
-from appliance.server.state import AppState
+from appliance.identity.sessions import COOKIE
+from appliance.web.context import audit_context
+from appliance.services import AppState
 
 LOGIN_CSRF_COOKIE = "appliance_login_csrf"
 Form = Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]
@@ -109,13 +106,7 @@ def home(request: Request, appliance: NamedDependency[AppState]) -> Template:
     principal = session_of(request).principal
     counts = {"files": 0, "jobs": 0, "models": 0}
     if principal is not None:
-        with appliance.db.read() as s:
-            files = select(func.count()).select_from(StoredFile).where(StoredFile.deleted_at.is_(None))
-            jobs = select(func.count()).select_from(FineTuningJob)
-            if principal.project_id is not None:
-                files = files.where(StoredFile.project_id == principal.project_id)
-                jobs = jobs.where(FineTuningJob.project_id == principal.project_id)
-            counts["files"], counts["jobs"] = s.scalar(files), s.scalar(jobs)
+        counts["files"], counts["jobs"] = appliance.files.count(principal), appliance.jobs.count(principal)
         counts["models"] = len(appliance.catalog.list_base_models()) + len(appliance.catalog.list_adapters(principal))
     return page(request, "home.html", title="Start", counts=counts)
 

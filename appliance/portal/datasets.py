@@ -19,8 +19,9 @@ from appliance.errors import ApplianceError
 from appliance.files.service import FileService, FileView
 from appliance.identity.roles import Permission, role_allows
 from appliance.portal.render import bar_chart, page, portal, session_of
-from appliance.server.context import audit_context
-from appliance.server.state import AppState
+from appliance.web.context import audit_context
+from appliance.web.errors import body_of
+from appliance.services import AppState
 
 Form = Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]
 PREVIEW_RECORDS = 5
@@ -55,8 +56,6 @@ async def upload(request: Request, files: NamedDependency[FileService]) -> Respo
     except ApplianceError as exc:
         if not wants_json:
             raise
-        from appliance.server.errors import body_of
-
         status, body = body_of(exc)  # the API's error body, with the scan report of a policy violation
         return Response(body, status_code=status)
     target = f"/datasets/{view.row.id}"

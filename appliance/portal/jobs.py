@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from litestar import Request, get, post
 from litestar.di import NamedDependency
@@ -27,12 +27,14 @@ from appliance.files.service import FileService
 from appliance.identity.roles import Permission
 from appliance.jobs.memorization import DEFAULTS as MEMORIZATION_DEFAULTS
 from appliance.jobs.memorization import parse_memorization
-from appliance.jobs.models import JobEvent
 from appliance.jobs.recipes import DATASET_PURPOSE
 from appliance.jobs.service import JobService
 from appliance.portal.render import line_chart, page, percent, portal, session_of
-from appliance.server.context import audit_context
-from appliance.server.state import AppState
+from appliance.web.context import audit_context
+from appliance.services import AppState
+
+if TYPE_CHECKING:
+    from appliance.jobs.models import JobEvent
 
 Form = Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]
 ALL = ("lora", "qlora", "dreambooth", "dreambooth_lora")

@@ -21,7 +21,8 @@ from appliance.errors import ApplianceError, CrossProjectDenied
 from appliance.identity.roles import Permission
 from appliance.inference.service import InferenceService
 from appliance.portal.render import page, portal, session_of
-from appliance.server.context import audit_context
+from appliance.web.context import audit_context
+from appliance.web.errors import status_of
 from serving.protocol import chat_chunks, chat_completion, new_id, parse_chat_request, sse
 
 Form = Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]
@@ -109,9 +110,7 @@ def playground_generate(request: Request, catalog: NamedDependency[CatalogServic
     except CrossProjectDenied:
         raise  # a 404, audited, like the API
     except ApplianceError as exc:
-        from appliance.server.errors import _status_of
-
-        status = _status_of(exc)[0]
+        status = status_of(exc)[0]
         if status in (401, 403):
             raise
         field = (exc.param or "form").rsplit(".", 1)[-1]

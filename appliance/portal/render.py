@@ -10,7 +10,7 @@ from litestar.response import Template
 from markupsafe import Markup, escape
 
 from appliance.identity.roles import Permission, role_allows
-from appliance.portal.sessions import SessionInfo
+from appliance.identity.sessions import SessionInfo
 
 #: The portal's Content-Security-Policy: its own scripts and styles only (no inline code), images from
 #: itself and ``data:`` URLs (generated images and dataset previews are sent in the page, never stored).

@@ -35,17 +35,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import select
-
 from appliance.audit.service import AuditContext
-from appliance.catalog.models import AdapterRecord
 from appliance.catalog.service import CatalogService
 from appliance.db.base import Database, utcnow
 from appliance.errors import ApplianceError
-from appliance.files.models import StoredFile
 from appliance.files.policies import PolicyService
-from appliance.files.service import PURPOSES, FileService
-from appliance.identity.models import Project
+from appliance.files.service import FileService
+from appliance.identity.service import all_projects
 from appliance.policy import format_duration
 
 log = logging.getLogger("appliance.retention")
@@ -119,7 +115,7 @@ def find_expired(db: Database, policies: PolicyService, now: datetime,
         errors: Receives a line per project whose policy cannot be read (that project is skipped).
     """
     with db.read() as s:
-        projects = list(s.scalars(select(Project).order_by(Project.name)))
+        projects = all_projects(s)
     found: list[Expired] = []
     for project in projects:
         try:
@@ -136,12 +132,9 @@ def find_expired(db: Database, policies: PolicyService, now: datetime,
             for kind, period in periods.items():
                 if period is None:
                     continue
-                model = StoredFile if kind == "dataset" else AdapterRecord
-                stmt = select(model.id, model.created_at).where(
-                    model.project_id == project.id, model.deleted_at.is_(None), model.created_at <= now - period)
-                if kind == "dataset":
-                    stmt = stmt.where(StoredFile.purpose.in_(PURPOSES))
-                for item_id, created_at in s.execute(stmt.order_by(model.created_at, model.id)):
+                older = (FileService.datasets_created_before if kind == "dataset"
+                         else CatalogService.adapters_created_before)
+                for item_id, created_at in older(s, project.id, now - period):
                     found.append(Expired(kind, item_id, project.name, created_at, created_at + period,
                                          format_duration(period), policy.content_hash))
     return found
@@ -201,8 +194,7 @@ class RetentionSweeper:
     def _shred_dataset(self, item: Expired, result: SweepResult) -> bool:
         dependents = self.catalog.trained_on(item.id)
         with self.db.transaction() as s:
-            row = s.scalar(select(StoredFile).where(StoredFile.id == item.id, StoredFile.deleted_at.is_(None))
-                           .with_for_update(skip_locked=True))
+            row = self.files.lock_live(s, item.id)
             if row is None:  # another sweeper holds it, or it is gone
                 return False
             self.files.shred(s, SYSTEM, row, item.project, reason=item.reason, details=item.details())
@@ -214,8 +206,7 @@ class RetentionSweeper:
     def _shred_adapter(self, item: Expired) -> bool:
         self.catalog.unload(item.id)  # as a user's deletion: out of serving before the key goes
         with self.db.transaction() as s:
-            row = s.scalar(select(AdapterRecord).where(AdapterRecord.id == item.id, AdapterRecord.deleted_at.is_(None))
-                           .with_for_update(skip_locked=True))
+            row = self.catalog.lock_live_adapter(s, item.id)
             if row is None:
                 return False
             object_id = row.object_id

@@ -13,7 +13,7 @@ from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 from litestar.plugins.jinja import JinjaTemplateEngine
 
-from appliance.audit.controllers import AuditController, AuditProofController, AuditReportController
+from appliance.auditor.controllers import AuditController, AuditProofController, AuditReportController
 from appliance.identity.auth import PUBLIC_OPT, BearerAuthMiddleware, csrf_guard, permission_guard
 from appliance.catalog.controllers import ModelController
 from appliance.files.controllers import FileController, GlossaryController, PolicyController
@@ -31,7 +31,7 @@ from appliance.server.context import (
 )
 from appliance.server.errors import EXCEPTION_HANDLERS
 from appliance.server.health import health
-from appliance.server.openapi import document_errors, openapi_config
+from appliance.web.openapi import document_errors, openapi_config
 from appliance.server.state import AppState, build_state
 from appliance.settings import Settings, get_settings
 

@@ -12,7 +12,6 @@ from typing import Any
 from litestar import Request
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from appliance.audit.service import AuditContext
 from appliance.errors import InvalidRequestError
 from appliance.identity.service import Principal
 from appliance.identity.tokens import TOKEN_PATTERN
@@ -151,15 +150,3 @@ class ApplianceRequest(Request):
             return await super().json()
         except UNDECODABLE as exc:
             raise undecodable_body(exc) from None
-
-
-def request_id_of(request: Request) -> str | None:
-    return request.scope.get("state", {}).get("request_id")
-
-
-def audit_context(request: Request) -> AuditContext:
-    """The audit context of an authenticated request."""
-    principal: Principal = request.user
-    return principal.audit_context(
-        origin_ip=request.client.host if request.client else None, request_id=request_id_of(request)
-    )

@@ -21,59 +21,20 @@ from appliance.errors import (
     ApplianceError,
     AuthenticationError,
     CrossProjectDenied,
-    InsufficientStorageError,
-    NotInitializedError,
-    PayloadTooLargeError,
-    PermissionDeniedError,
-    PolicyViolationError,
     RateLimitedError,
 )
 from appliance.identity.auth import LoginRequired
 from appliance.identity.service import Principal, TokenRejected
 from appliance.logs import scrub
+from appliance.web.context import request_id_of
+from appliance.web.errors import body_of, error_body, status_of
 from serving.errors import ServingError
-from serving.errors import error_body as _body
-from appliance.server.context import request_id_of
 
 log = logging.getLogger("appliance.errors")
-
-#: Domain error -> (HTTP status, OpenAI error type). Most specific first. The errors defined in
-#: :mod:`serving.errors` (400 invalid request, 404 not found, 409 conflict, 400 adapter load failure, 502 engine
-#: error, 503 no replica) carry their status and type on the class; any other error not listed here is a 500.
-STATUS: list[tuple[type[ApplianceError], int, str]] = [
-    (AuthenticationError, 401, "authentication_error"),
-    (PermissionDeniedError, 403, "permission_error"),
-    (PayloadTooLargeError, 413, "invalid_request_error"),
-    (RateLimitedError, 429, "rate_limit_error"),
-    (PolicyViolationError, 422, "invalid_request_error"),
-    (NotInitializedError, 503, "server_error"),
-    (InsufficientStorageError, 507, "server_error"),
-]
 
 _HTTP_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
                413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error"}
-
-
-def error_body(code: str, message: str, param: str | None, type_: str) -> dict[str, Any]:
-    """``{"error": {"code", "message", "param", "type"}}``, built by :func:`serving.errors.error_body`."""
-    return _body(code, message, param, type_)
-
-
-def body_of(exc: ApplianceError) -> tuple[int, dict[str, Any]]:
-    """The status and body the API answers ``exc`` with (a policy violation adds its scan report)."""
-    status, type_ = _status_of(exc)
-    body = error_body(exc.code, exc.message, exc.param, type_)
-    if isinstance(exc, PolicyViolationError):
-        body["error"]["scan"] = exc.details
-    return status, body
-
-
-def _status_of(exc: ApplianceError) -> tuple[int, str]:
-    for cls, status, type_ in STATUS:
-        if isinstance(exc, cls):
-            return status, type_
-    return exc.status, exc.error_type
 
 
 def _origin(request: Request) -> str | None:
@@ -117,7 +78,7 @@ def appliance_error_handler(request: Request, exc: ApplianceError) -> Response:
             from urllib.parse import quote
 
             return Redirect(f"/login?next={quote(exc.next_path)}", status_code=303)
-    status, type_ = _status_of(exc)
+    status, type_ = status_of(exc)
     headers = {}
     if isinstance(exc, RateLimitedError):
         headers["Retry-After"] = str(exc.retry_after_s)

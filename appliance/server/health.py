@@ -8,7 +8,7 @@ from sqlalchemy import text
 
 from appliance import __version__
 from appliance.identity.auth import PUBLIC_OPT
-from appliance.server.state import AppState
+from appliance.services import AppState
 
 
 @get("/health", opt={PUBLIC_OPT: True}, tags=["health"], security=[{}], sync_to_thread=True)

@@ -1,8 +1,8 @@
-"""What the running application holds: settings, database and services."""
+"""Builds what the running application holds (:class:`appliance.services.AppState`): settings, database and services."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from appliance.catalog.service import CatalogService
 from appliance.crypto.envelope import FileKeyProvider
@@ -15,32 +15,13 @@ from appliance.identity.service import IdentityService
 from appliance.jobs.executors import make_executor
 from appliance.jobs.scheduler import Scheduler, SchedulerSettings
 from appliance.inference.service import InferenceService
-from appliance.jobs.service import JobService
-from appliance.portal.sessions import SessionService
+from appliance.jobs.service import JobService, unfinished_job_using
+from appliance.identity.sessions import SessionService
 from appliance.retention import RetentionSweeper
 from appliance.scanning import get_scanner
+from appliance.services import AppState
 from appliance.settings import Settings
 from appliance.storage.blobs import BlobStore
-
-
-@dataclass
-class AppState:
-    """Services shared by every request; built once by :func:`build_state`."""
-
-    settings: Settings
-    db: Database
-    identity: IdentityService
-    limiter: FailureLimiter
-    keys: FileKeyProvider
-    blobs: BlobStore
-    policies: PolicyService
-    files: FileService
-    catalog: CatalogService
-    jobs: JobService
-    scheduler: Scheduler
-    sessions: SessionService
-    inference: InferenceService
-    retention: RetentionSweeper
 
 
 def build_state(
@@ -58,9 +39,10 @@ def build_state(
         scheduler_settings = replace(scheduler_settings, executor=make_executor(
             settings.jobs, worker_module=scheduler_settings.worker_module, limits=scheduler_settings.limits,
             isolate_network=scheduler_settings.isolate_network))
-    scheduler = Scheduler(db, blobs, catalog, scheduler_settings)
     files = FileService(db, blobs, get_scanner, policies, settings.intake)
+    scheduler = Scheduler(db, files, catalog, scheduler_settings)
     files.on_delete.append(catalog.withdraw_trained_on)
+    files.users_of.append(unfinished_job_using)
     return AppState(
         settings=settings,
         db=db,

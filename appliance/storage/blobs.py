@@ -166,13 +166,17 @@ class BlobStore:
             writer.abort()
             raise
 
-    def read(self, session: Session, object_id: str) -> Iterator[bytes]:
-        """Decrypt an object segment by segment (raises IntegrityError on tampering)."""
+    def data_key(self, session: Session, object_id: str) -> tuple[bytes, str]:
+        """The unwrapped data key of a stored object and its project (a worker decrypts in memory with it)."""
         row = session.get(DataKey, object_id)
         if row is None or row.wrapped is None:
             raise NotFoundError(f"object {object_id!r} has no key (deleted)")
-        data_key = self.keys.unwrap(WrappedKey(row.kek_id, row.wrapped), key_context(object_id, row.project))
-        context = blob_context(object_id, row.project)
+        return self.keys.unwrap(WrappedKey(row.kek_id, row.wrapped), key_context(object_id, row.project)), row.project
+
+    def read(self, session: Session, object_id: str) -> Iterator[bytes]:
+        """Decrypt an object segment by segment (raises IntegrityError on tampering)."""
+        data_key, project = self.data_key(session, object_id)
+        context = blob_context(object_id, project)
         path = self.path_of(object_id)
 
         def generate() -> Iterator[bytes]:
@@ -183,11 +187,8 @@ class BlobStore:
 
     def derive_secret(self, session: Session, object_id: str, purpose: str) -> bytes:
         """:meth:`BlobWriter.derive_secret` of a stored object."""
-        row = session.get(DataKey, object_id)
-        if row is None or row.wrapped is None:
-            raise NotFoundError(f"object {object_id!r} has no key (deleted)")
-        data_key = self.keys.unwrap(WrappedKey(row.kek_id, row.wrapped), key_context(object_id, row.project))
-        return _derive(data_key, purpose, row.project, object_id)
+        data_key, project = self.data_key(session, object_id)
+        return _derive(data_key, purpose, project, object_id)
 
     def shred(self, session: Session, object_id: str) -> ShredEvidence:
         """Destroy the wrapped data key in ``session``'s transaction.

@@ -12,7 +12,7 @@ import appliance.models  # noqa: F401
 from appliance.audit.models import AuditEvent
 from appliance.audit.service import AuditContext, record, verify_chain
 from appliance.db.base import Base, Database
-from appliance.db.migrate import current_revision, head_revision, upgrade_to_head
+from appliance.migrations import current_revision, head_revision, upgrade_to_head
 
 
 def _database(tmp_path, name: str) -> Database:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select
 
-from appliance.audit.reports import ReportScope, build_report
+from appliance.auditor.reports import ReportScope, build_report
 from appliance.files.models import ProjectGlossary, StoredFile
 from appliance.identity.roles import Role
 from appliance.jobs.models import FineTuningJob

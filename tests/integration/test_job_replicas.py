@@ -56,13 +56,13 @@ def _audit_counts(db: Database, action: str) -> Counter[str]:
 def _replica(state: AppState, **settings) -> tuple[Database, Scheduler]:
     """A second control plane's scheduler: its own engine on the same database, the same storage."""
     db = Database(state.settings.database_url)
-    return db, Scheduler(db, state.blobs, state.catalog, SchedulerSettings(**settings))
+    return db, Scheduler(db, state.files, state.catalog, SchedulerSettings(**settings))
 
 
 def test_concurrent_claims_take_each_job_once(state):
     ids = _queued_jobs(state, 12)
     db_b, b = _replica(state)
-    a = Scheduler(state.db, state.blobs, state.catalog)
+    a = Scheduler(state.db, state.files, state.catalog)
     claims: list[tuple[str, int, str]] = []
     errors: list[BaseException] = []
     barrier = threading.Barrier(4)
@@ -95,7 +95,7 @@ def test_concurrent_claims_take_each_job_once(state):
 
 def test_recovery_takes_over_expired_leases_and_exited_owners_only(state):
     ids = _queued_jobs(state, 5)
-    a = Scheduler(state.db, state.blobs, state.catalog)
+    a = Scheduler(state.db, state.files, state.catalog)
     host, node, _, _ = a.name.split(":")
     exited = subprocess.Popen(["true"])
     exited.wait()

@@ -261,7 +261,7 @@ def test_server_restart_marks_running_jobs_failed_resumable(state, tiny_model, t
         s.add(FineTuningJob(id="ftjob-stuck", project_id=project.id, created_by="trish", model=tiny_model,
                             training_file="file-x", seed=1, method_type="lora", status="running"))
     assert project_id is None
-    assert Scheduler(state.db, state.blobs, state.catalog).recover() == 1
+    assert Scheduler(state.db, state.files, state.catalog).recover() == 1
     with state.db.read() as s:
         job = s.get(FineTuningJob, "ftjob-stuck")
     assert job.status == "failed" and job.resumable and job.error["code"] == "worker_lost"

@@ -13,7 +13,7 @@ from litestar.testing import TestClient
 from sqlalchemy import select, update
 
 from appliance.audit.models import AuditEvent, AuditHead
-from appliance.audit.reports import ReportScope, build_report
+from appliance.auditor.reports import ReportScope, build_report
 from appliance.audit.service import verify_chain
 from appliance.bootstrap import initialize, open_initialized
 from appliance.catalog.models import AdapterRecord

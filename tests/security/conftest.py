@@ -25,7 +25,7 @@ from appliance.identity.models import Project
 from appliance.identity.roles import Role
 from appliance.jobs.models import FineTuningJob
 from appliance.jobs.service import new_job_id
-from appliance.portal.sessions import COOKIE
+from appliance.identity.sessions import COOKIE
 from appliance.server.app import create_app
 from appliance.server.state import AppState, build_state
 from tests.conftest import CLI_CTX, bearer, make_settings

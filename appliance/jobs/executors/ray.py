@@ -3,8 +3,8 @@
 A launch opens a gateway session (a fresh ticket, the number of ranks) and
 submits a Ray job through the job submission API, authenticated with the
 cluster's Ray token. The job's entrypoint is the worker entry point,
-``python -m appliance.jobs.worker --ray --connect HOST:PORT --job ID --workers N``
-(:mod:`appliance.jobs.executors.ray_job`); it runs N Ray Train workers whose
+``python -m appliance.jobs.ray_worker --connect HOST:PORT --job ID --workers N``
+(:mod:`appliance.jobs.ray_worker`); it runs N Ray Train workers whose
 ranks dial the control plane, prove the ticket and receive the same start
 frame a local worker reads from its pipe.
 
@@ -34,11 +34,11 @@ from typing import Any
 
 from appliance.errors import SettingsError
 from appliance.jobs.executors.gateway import Session, WorkerGateway
+from appliance.jobs.tunnel import TICKET_ENV
 from appliance.jobs.sandbox import OFFLINE_ENV
 from appliance.settings import JobSettings
 
 #: The runtime-environment variable that carries the ticket to the Ray job's workers.
-TICKET_ENV = "APPLIANCE_TUNNEL_TICKET"
 STATUS_POLL_S = 2.0
 REAP_TIMEOUT_S = 60.0
 HUNG_UP_GRACE_S = 30.0
@@ -77,7 +77,7 @@ class RayExecutor:
         host, port = self.gateway.address
         python = self.settings.ray_python or sys.executable
         entrypoint = shlex.join([
-            python, "-m", "appliance.jobs.worker", "--ray", "--connect", f"[{host}]:{port}" if ":" in host
+            python, "-m", "appliance.jobs.ray_worker", "--connect", f"[{host}]:{port}" if ":" in host
             else f"{host}:{port}", "--job", job_id, "--workers", str(workers),
         ])
         submission_id = f"appliance-{job_id}-{secrets.token_hex(4)}"

@@ -56,7 +56,7 @@ def test_the_ray_job_gets_the_entrypoint_and_a_ticket_never_a_data_key(executor)
     (job,) = executor.client().submitted
     argv = shlex.split(job["entrypoint"])
     host, port = executor.gateway.address
-    assert argv[1:] == ["-m", "appliance.jobs.worker", "--ray", "--connect", f"{host}:{port}",
+    assert argv[1:] == ["-m", "appliance.jobs.ray_worker", "--connect", f"{host}:{port}",
                         "--job", "ftjob-1", "--workers", "2"]
     env = job["runtime_env"]["env_vars"]
     assert base64.b64decode(env[ray_executor.TICKET_ENV]) == worker.session.ticket

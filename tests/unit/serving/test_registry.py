@@ -143,7 +143,7 @@ def test_diffusers_from_the_registry_is_an_image_engine(tmp_path):
     (ServingError("odd"), 500, "server_error", "error"),
 ])
 def test_the_control_plane_answers_serving_errors_as_before(exc, status, type_, code):
-    from appliance.server.errors import body_of
+    from appliance.web.errors import body_of
 
     assert body_of(exc) == (status, {"error": {"code": code, "message": exc.message, "param": exc.param,
                                                "type": type_}})

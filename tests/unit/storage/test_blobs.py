@@ -12,7 +12,7 @@ from appliance.crypto.envelope import FileKeyProvider, KeyUnavailableError
 from appliance.crypto.keyfile import create_keyring
 from appliance.crypto.stream import HEADER, SEGMENT_SIZE, TAG_SIZE, IntegrityError
 from appliance.db.base import Database
-from appliance.db.migrate import upgrade_to_head
+from appliance.migrations import upgrade_to_head
 from appliance.errors import NotFoundError
 from appliance.storage.blobs import BlobStore
 from appliance.storage.models import DataKey

@@ -1,6 +1,9 @@
 """What runs inside a Ray job: the entrypoint starts Ray Train workers; each rank serves the job.
 
-``python -m appliance.jobs.worker --ray --connect HOST:PORT --job ID --workers N``
+Worker side only: it imports the worker, the tunnel and the wire format, nothing of the control plane
+(the executor that submits the job, :mod:`appliance.jobs.executors.ray`, is never imported here).
+
+``python -m appliance.jobs.ray_worker --connect HOST:PORT --job ID --workers N``
 runs :func:`main` as the Ray job's driver. It asks for nothing secret and
 trains nothing itself: it runs a :class:`ray.train.torch.TorchTrainer` with N
 workers (GPUs when the cluster has them, else CPUs with gloo). Every worker,
@@ -22,15 +25,16 @@ import base64
 import os
 import resource
 import shutil
+import sys
 import tempfile
 
-from appliance.jobs.executors.ray import TICKET_ENV
+from appliance.jobs.tunnel import TICKET_ENV
 from appliance.settings import parse_host_port
 
 
 def main(argv: list[str]) -> int:
     """The Ray job's entrypoint; the exit status."""
-    parser = argparse.ArgumentParser(prog="appliance.jobs.worker --ray")
+    parser = argparse.ArgumentParser(prog="appliance.jobs.ray_worker")
     parser.add_argument("--connect", required=True, help="host:port of the control plane's worker gateway")
     parser.add_argument("--job", required=True, help="the fine-tuning job's id")
     parser.add_argument("--workers", type=int, default=1, help="data-parallel ranks")
@@ -64,7 +68,8 @@ def rank_main(config: dict) -> None:
     import ray.train
 
     from appliance.jobs import tunnel
-    from appliance.jobs.worker import Channel, serve
+    from appliance.jobs.channel import Channel
+    from appliance.jobs.worker import serve
 
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a core dump would be plaintext training data on disk
     rank = ray.train.get_context().get_world_rank()
@@ -73,3 +78,7 @@ def rank_main(config: dict) -> None:
     code = serve(Channel(conn, primary=rank == 0))
     if code != 0:
         raise RuntimeError(f"rank {rank} failed (exit status {code}); its error went to the control plane")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -11,14 +11,14 @@ from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromQuery, QueryParameter
 
-from appliance.audit.schemas import AuditEventList, AuditEventOut, ChainStatus
+from appliance.auditor.schemas import AuditEventList, AuditEventOut, ChainStatus
 from appliance.audit.service import EventFilter, read_events, record_verification, verify_chain
 from appliance.errors import InvalidRequestError
 from appliance.identity.roles import Permission
 from appliance.identity.service import Principal
-from appliance.server.context import audit_context
-from appliance.server.openapi import operation
-from appliance.server.state import AppState
+from appliance.web.context import audit_context
+from appliance.web.openapi import operation
+from appliance.services import AppState
 
 
 #: Sequence numbers are SQL BIGINTs: a larger cursor is a 400, not an overflow in the driver.
@@ -118,7 +118,7 @@ class AuditReportController(Controller):
         project: FromQuery[str | None] = None,
     ) -> Response:
         """The compliance report for a period (a project auditor gets their project's)."""
-        from appliance.audit.reports import MEDIA_TYPES, ReportScope, produce
+        from appliance.auditor.reports import MEDIA_TYPES, ReportScope, produce
 
         _require_rfc3339(request, "from", "to")
         principal: Principal = request.user

@@ -1,4 +1,4 @@
-"""Alembic environment: runs against the engine handed over by appliance.db.migrate."""
+"""Alembic environment: runs against the engine handed over by appliance.migrations."""
 
 from __future__ import annotations
 

@@ -19,11 +19,10 @@ from sqlalchemy import select
 from appliance.audit.service import AuditContext, record
 from appliance.db.base import Database, utcnow
 from appliance.errors import AuthenticationError, InvalidRequestError, NotFoundError
-from appliance.identity.models import Project, RoleBinding, User
+from appliance.identity.models import PortalSession, Project, RoleBinding, User
+from appliance.identity.passwords import check_strength, hash_password, verify_password
 from appliance.identity.roles import Role
 from appliance.identity.service import Principal
-from appliance.portal.models import PortalSession
-from appliance.portal.passwords import check_strength, hash_password, verify_password
 
 COOKIE = "appliance_session"
 

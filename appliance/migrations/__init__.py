@@ -1,4 +1,8 @@
-"""Alembic migrations, applied programmatically by ``appliance init`` and ``serve``."""
+"""Alembic migrations of the whole schema, applied programmatically by ``appliance init`` and ``serve``.
+
+A package of its own, above every feature package: its environment imports every table
+(:mod:`appliance.models`), which :mod:`appliance.db` (the layer every package uses) must not.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from alembic.script import ScriptDirectory
 
 from appliance.db.base import Database
 
-MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+MIGRATIONS_DIR = Path(__file__).parent
 
 
 def alembic_config(db: Database) -> Config:

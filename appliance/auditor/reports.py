@@ -18,18 +18,19 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
-
-from sqlalchemy import select
+from typing import TYPE_CHECKING, Any, Literal
 
 from appliance import __version__
-from appliance.audit.models import AuditCheckpoint, AuditEvent
-from appliance.audit.service import AuditContext, record, verify_chain
-from appliance.catalog.models import AdapterRecord
+from appliance.audit.checkpoints import latest_checkpoint
+from appliance.audit.service import AuditContext, events_between, record, verify_chain
+from appliance.catalog.service import CatalogService
 from appliance.db.base import Database, utcnow
 from appliance.errors import InvalidRequestError
-from appliance.files.models import StoredFile
-from appliance.identity.models import Project
+from appliance.files.service import FileService
+from appliance.identity.service import all_projects
+
+if TYPE_CHECKING:
+    from appliance.audit.models import AuditEvent
 
 Format = Literal["json", "csv", "html", "pdf"]
 FORMATS = ("json", "csv", "html", "pdf")
@@ -53,20 +54,12 @@ def build_report(db: Database, scope: ReportScope) -> dict[str, Any]:
     if scope.until <= scope.since:
         raise InvalidRequestError("`to` must be after `from`", param="to")
     with db.read() as s:
-        ev_stmt = select(AuditEvent).where(AuditEvent.ts >= scope.since, AuditEvent.ts < scope.until)
-        if scope.project:
-            ev_stmt = ev_stmt.where(AuditEvent.project == scope.project)
-        events = list(s.scalars(ev_stmt.order_by(AuditEvent.seq)))
-        projects = {p.id: p.name for p in s.scalars(select(Project))}
-        file_stmt = select(StoredFile).where(StoredFile.created_at < scope.until)
-        adapter_stmt = select(AdapterRecord).where(AdapterRecord.created_at < scope.until)
-        if scope.project:
-            pid = next((i for i, n in projects.items() if n == scope.project), -1)
-            file_stmt = file_stmt.where(StoredFile.project_id == pid)
-            adapter_stmt = adapter_stmt.where(AdapterRecord.project_id == pid)
-        files = list(s.scalars(file_stmt.order_by(StoredFile.created_at)))
-        adapters = list(s.scalars(adapter_stmt.order_by(AdapterRecord.created_at)))
-        checkpoint = s.scalar(select(AuditCheckpoint).order_by(AuditCheckpoint.id.desc()).limit(1))
+        events = events_between(s, scope.since, scope.until, scope.project)
+        projects = {p.id: p.name for p in all_projects(s)}
+        pid = next((i for i, n in projects.items() if n == scope.project), -1) if scope.project else None
+        files = FileService.created_before(s, scope.until, pid)
+        adapters = CatalogService.created_before(s, scope.until, pid)
+        checkpoint = latest_checkpoint(s)
 
     by_resource: dict[tuple[str | None, str | None], list[AuditEvent]] = defaultdict(list)
     for e in events:

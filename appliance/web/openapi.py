@@ -28,7 +28,7 @@ from litestar.openapi.spec import (
 )
 
 from appliance import __version__
-from appliance.identity.auth import PUBLIC_OPT
+from appliance.web.options import PUBLIC_OPT
 
 BEARER = "BearerToken"
 

@@ -1,0 +1,64 @@
+"""The worker's link to the scheduler: frames over the sandbox's pipes, or over a Ray rank's tunnel."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from appliance.jobs.tunnel import TunnelError
+from appliance.jobs.wire import FrameReader, write_frame
+
+
+class PipeTransport:
+    """Frames over the two pipes the sandbox hands a local worker."""
+
+    def __init__(self, in_fd: int, out_fd: int) -> None:
+        self.reader = FrameReader(in_fd)
+        self.out_fd = out_fd
+
+    def read(self) -> tuple[dict[str, Any], bytes] | None:
+        return self.reader.read()
+
+    def write(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        write_frame(self.out_fd, header, payload)
+
+
+class Channel:
+    """The worker's side of its link to the scheduler (pipes, or a tunnel for a Ray rank).
+
+    Args:
+        transport: Anything with ``read() -> frame | None`` and ``write(header, payload)``.
+        primary: Whether this worker reports; a non-primary data-parallel rank
+            sends only its errors (rank 0 reports for all).
+    """
+
+    def __init__(self, transport: Any, *, primary: bool = True) -> None:
+        self.transport = transport
+        self.primary = primary
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+
+    def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        if not self.primary and header.get("type") != "error":
+            return
+        with self._lock:
+            try:
+                self.transport.write(header, payload)
+            except OSError:
+                os._exit(3)  # the scheduler is gone: nobody to report to
+
+    def event(self, message: str, *, level: str = "info", type: str = "message", data: dict | None = None) -> None:
+        self.send({"type": "event", "level": level, "event_type": type, "message": message, "data": data})
+
+    def watch_control(self) -> None:
+        """Background: set :attr:`stop` on a stop message; exit if the scheduler died."""
+        while True:
+            try:
+                frame = self.transport.read()
+            except (OSError, TunnelError):
+                frame = None
+            if frame is None:
+                os._exit(3)  # link closed: the server was killed; die with it
+            if frame[0].get("type") == "stop":
+                self.stop.set()
