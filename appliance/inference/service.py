@@ -26,22 +26,23 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.audit.service import AuditContext, record
-from appliance.catalog.models import BaseModelRecord
 from appliance.catalog.service import CatalogService
 from appliance.db.base import Database
 from appliance.errors import MODEL_NAME_LIKE, ApplianceError, ConflictError, InvalidRequestError, NotFoundError, echo
 from appliance.files.policies import PolicyService
-from appliance.identity.models import Project
-from appliance.identity.service import Principal
+from appliance.identity.service import Principal, project_by_id
 from appliance.inference.guard import OutputGuard
 from appliance.settings import ServingSettings
 from serving.engine import Engine
 from serving.errors import EngineError
 from serving.protocol import GenerationRequest, GenerationResult
 from serving.registry import EngineSpec, create_engine
+
+if TYPE_CHECKING:
+    from appliance.catalog.models import BaseModelRecord
 
 log = logging.getLogger("appliance.inference")
 
@@ -311,7 +312,7 @@ class InferenceService:
         if target.project_id is None:
             return None
         with self.db.read() as s:
-            project = s.get(Project, target.project_id)
+            project = project_by_id(s, target.project_id)
         if project is None:
             return None
         return OutputGuard(self._scanner_factory(), self.policies.effective(project))
@@ -351,7 +352,7 @@ class InferenceService:
                                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                         negative_prompt=negative_prompt)
         with self.db.read() as s:
-            project = s.get(Project, target.project_id) if target.project_id else None
+            project = project_by_id(s, target.project_id) if target.project_id else None
         with self.db.transaction() as s:
             record(s, ctx, "inference.image", resource_type="model", resource_id=target.model,
                    project=project.name if project else None,
@@ -363,7 +364,7 @@ class InferenceService:
     def audit(self, ctx: AuditContext, principal: Principal, target: Target, kind: str, usage: Any, started: float,
               guard: OutputGuard | None, *, stream: bool, ttft_s: float | None = None) -> None:
         with self.db.read() as s:
-            project = s.get(Project, target.project_id) if target.project_id else None
+            project = project_by_id(s, target.project_id) if target.project_id else None
         details: dict[str, Any] = {
             "base_model": target.base, "stream": stream,
             "prompt_tokens": getattr(usage, "prompt_tokens", None),
