@@ -185,3 +185,16 @@ def test_the_ray_side_entry_point_imports_nothing_of_the_control_plane():
             todo.extend(edges.get(mod, ()))
     wrong = sorted(m for m in seen if any(m == p or m.startswith(p + ".") for p in CONTROL_PLANE))
     assert not wrong, f"the Ray worker reaches control-plane modules: {wrong}"
+
+
+#: The modules that may import every package's tables: the alembic environment's aggregate of them.
+ALL_TABLES = ("appliance.models", "appliance.migrations")
+
+
+def test_no_package_imports_another_packages_tables():
+    """A package reaches another's tables through that package's service, never its ORM models."""
+    edges = module_graph()
+    wrong = sorted(f"{a} -> {b}" for a, bs in edges.items() for b in bs
+                   if b.endswith(".models") and b.startswith("appliance.") and package_of(a) != package_of(b)
+                   and package_of(a) not in ALL_TABLES and b != "appliance.models")
+    assert not wrong, "imports of another package's ORM models:\n  " + "\n  ".join(wrong)
