@@ -145,6 +145,11 @@ class CatalogService:
             return list(s.scalars(select(BaseModelRecord).order_by(BaseModelRecord.created_at)))
 
     @staticmethod
+    def base_models_in(s: Session) -> list[BaseModelRecord]:
+        """Every base model, by name, read in the caller's transaction."""
+        return list(s.scalars(select(BaseModelRecord).order_by(BaseModelRecord.name)))
+
+    @staticmethod
     def base_model_in(s: Session, name: str) -> BaseModelRecord | None:
         """The base model named ``name``, read in the caller's transaction."""
         return s.scalar(select(BaseModelRecord).where(BaseModelRecord.name == name))
