@@ -32,10 +32,10 @@ from appliance.catalog.models import BaseModelRecord
 from appliance.catalog.service import CatalogService
 from appliance.db.base import Database
 from appliance.errors import MODEL_NAME_LIKE, ApplianceError, ConflictError, InvalidRequestError, NotFoundError, echo
-from appliance.files.policies import PolicyService
 from appliance.identity.models import Project
 from appliance.identity.service import Principal
 from appliance.inference.guard import OutputGuard
+from appliance.policy.service import PolicyService
 from appliance.settings import ServingSettings
 from serving.engine import Engine
 from serving.errors import EngineError

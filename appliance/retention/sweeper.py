@@ -43,10 +43,10 @@ from appliance.catalog.service import CatalogService
 from appliance.db.base import Database, utcnow
 from appliance.errors import ApplianceError
 from appliance.files.models import StoredFile
-from appliance.files.policies import PolicyService
 from appliance.files.service import PURPOSES, FileService
 from appliance.identity.models import Project
 from appliance.policy import format_duration
+from appliance.policy.service import PolicyService
 
 log = logging.getLogger("appliance.retention")
 

@@ -7,8 +7,6 @@ from dataclasses import dataclass, replace
 from appliance.catalog.service import CatalogService
 from appliance.crypto.envelope import FileKeyProvider
 from appliance.db.base import Database
-from appliance.files.glossary import GlossaryService
-from appliance.files.policies import PolicyService
 from appliance.files.service import FileService
 from appliance.identity.auth import FailureLimiter
 from appliance.identity.service import IdentityService
@@ -16,6 +14,8 @@ from appliance.jobs.executors import make_executor
 from appliance.jobs.scheduler import Scheduler, SchedulerSettings
 from appliance.inference.service import InferenceService
 from appliance.jobs.service import JobService
+from appliance.policy.glossary import GlossaryService
+from appliance.policy.service import PolicyService
 from appliance.portal.sessions import SessionService
 from appliance.retention import RetentionSweeper
 from appliance.scanning import get_scanner
@@ -60,6 +60,7 @@ def build_state(
             isolate_network=scheduler_settings.isolate_network))
     scheduler = Scheduler(db, blobs, catalog, scheduler_settings)
     files = FileService(db, blobs, get_scanner, policies, settings.intake)
+    policies.file_review = files.review_values
     files.on_delete.append(catalog.withdraw_trained_on)
     return AppState(
         settings=settings,

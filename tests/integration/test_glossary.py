@@ -10,9 +10,10 @@ import pytest
 from sqlalchemy import select
 
 from appliance.audit.reports import ReportScope, build_report
-from appliance.files.models import ProjectGlossary, StoredFile
+from appliance.files.models import StoredFile
 from appliance.identity.roles import Role
 from appliance.jobs.models import FineTuningJob
+from appliance.policy.models import ProjectGlossary
 from appliance.storage.models import DataKey
 from tests.conftest import bearer, make_settings
 from tests.integration.test_files_api import audit, chat, jsonl, upload
