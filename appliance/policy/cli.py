@@ -13,8 +13,8 @@ from pathlib import Path
 import click
 
 from appliance.errors import ApplianceError
-from appliance.policy import DEFAULT_POLICY_PATH, load_policy
-from appliance.scanning.report import render_json, render_text, scan_file
+from appliance.policy.model import DEFAULT_POLICY_PATH, load_policy
+from appliance.policy.report import render_json, render_text, scan_file
 
 
 @click.command("scan")
