@@ -2,7 +2,7 @@
 
 * :func:`parse_policy`, :func:`load_policy`, :func:`load_default_policy` -> :class:`Policy`
   (with its :class:`Retention` periods); the shipped default is ``default.yaml``, package
-  data of ``policies`` read through importlib.resources (:data:`DEFAULT_POLICY_PATH`)
+  data of ``policies`` read through importlib.resources (:func:`default_policy_text`)
 * :func:`decide`, :class:`DecisionBuilder` -> :class:`Decision`
 * :func:`redact_record`, :func:`redact_text`
 
@@ -27,6 +27,7 @@ from appliance.policy.model import (
     Policy,
     PolicyError,
     Retention,
+    default_policy_text,
     format_duration,
     load_default_policy,
     load_policy,
@@ -45,6 +46,7 @@ __all__ = [
     "PolicyError",
     "Retention",
     "decide",
+    "default_policy_text",
     "format_duration",
     "load_default_policy",
     "load_policy",

@@ -13,7 +13,14 @@ from appliance.errors import ConflictError, InvalidRequestError
 from appliance.identity.models import Project
 from appliance.identity.service import Principal
 from appliance.policy.glossary import EMPTY, Glossary, GlossaryService, check_value
-from appliance.policy.model import DEFAULT_POLICY_PATH, Policy, load_policy, parse_policy
+from appliance.policy.model import (
+    DEFAULT_POLICY_PATH,
+    Policy,
+    default_policy_text,
+    load_default_policy,
+    load_policy,
+    parse_policy,
+)
 from appliance.policy.models import ProjectPolicy
 
 #: ``(principal, project, file_id, groups) -> [(value, entity_type)]``: checks that ``file_id`` is a file of
@@ -47,8 +54,10 @@ class PolicyService:
         self.db = db
         self.glossary = glossary
         self.default_path = default_path or DEFAULT_POLICY_PATH
-        self.default_text = self.default_path.read_text()
-        self.default = load_policy(self.default_path)
+        if default_path is None:  # the shipped one, read as package data
+            self.default_text, self.default = default_policy_text(), load_default_policy()
+        else:
+            self.default_text, self.default = default_path.read_text(), load_policy(default_path)
         #: Reads the groups of a file's review for :meth:`add_to_glossary` (set when the file service is built).
         self.file_review: FileReview | None = None
 
