@@ -29,6 +29,7 @@ from appliance.policy.models import ProjectPolicy
 #: policy, not the other way round.
 FileReview = Callable[[Principal, Project, str, list[str]], list[tuple[str, str | None]]]
 
+
 @dataclass(frozen=True)
 class EffectivePolicy:
     """A project's policy as served by the API."""
