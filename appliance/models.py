@@ -2,9 +2,10 @@
 
 from appliance.audit.models import AuditCheckpoint, AuditEvent, AuditHead
 from appliance.catalog.models import AdapterRecord, BaseModelRecord
-from appliance.files.models import ProjectGlossary, ProjectPolicy, ScanFinding, StoredFile
+from appliance.files.models import ScanFinding, StoredFile
 from appliance.identity.models import ApiToken, PortalSession, Project, RoleBinding, User
 from appliance.jobs.models import FineTuningJob, JobCheckpoint, JobEvent
+from appliance.policy.models import ProjectGlossary, ProjectPolicy
 from appliance.storage.models import DataKey
 
 __all__ = [

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from appliance.catalog.service import CatalogService
 from appliance.crypto.envelope import FileKeyProvider
 from appliance.db.base import Database
-from appliance.files.policies import PolicyService
+from appliance.policy.service import PolicyService
 from appliance.files.service import FileService
 from appliance.identity.auth import FailureLimiter
 from appliance.identity.service import IdentityService

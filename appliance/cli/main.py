@@ -66,7 +66,7 @@ main.add_command(_LazyCommand(
     "serve-engine", "appliance.cli.serve_engine:serve_engine_command",
     "Serve a base model with the embedded engine behind vLLM's protocol (a serving replica)."))
 main.add_command(_LazyCommand(
-    "scan", "appliance.scanning.cli:scan_command",
+    "scan", "appliance.policy.cli:scan_command",
     "Dry-run the intake scanner and policy on a JSONL file, without uploading it."))
 
 

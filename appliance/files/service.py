@@ -34,13 +34,13 @@ from appliance.files.models import ScanFinding, StoredFile
 from appliance.files.multipart import Field, FileData, FileEnd, FileStart, MultipartReader, boundary_of
 from appliance.files.images import ImageArchiveIntake, ImageLimits
 from appliance.files.pipeline import IntakeReport, JsonlIntake
-from appliance.files.glossary import Glossary, check_value
-from appliance.files.policies import PolicyService
 from appliance.identity.models import Project
 from appliance.identity.roles import Permission, role_allows
 from appliance.identity.service import Principal
 from appliance.policy import decide, redact_record
+from appliance.policy.glossary import check_value
 from appliance.policy.model import normalize_allowed
+from appliance.policy.service import PolicyService
 from appliance.scanning import Scanner, iter_text_fields, parse_line
 from appliance.scanning.findings import SECRET_ENTITIES
 from appliance.settings import IntakeSettings
@@ -415,38 +415,30 @@ class FileService:
                        details={"groups": len(ordered), "findings": len(findings)})
         return view, ordered
 
-    def add_to_glossary(self, principal: Principal, ctx: AuditContext, project: Project, *,
-                        values: list[str], file_id: str | None, groups: list[str]) -> tuple[Glossary, int]:
-        """Mark values as not personal data for ``project``: given as text, or as groups of a file's review."""
-        glossary = self.policies.glossary
-        if glossary is None:
-            raise ConflictError("this appliance keeps no glossaries", param="values")
-        if groups and not file_id:
-            raise InvalidRequestError("`groups` name groups of a file's review: give `file_id` too", param="file_id")
-        pairs: list[tuple[str, str | None]] = [(check_value(v, f"values[{i}]"), None) for i, v in enumerate(values)]
-        if file_id:
-            view = self._get(principal, file_id)
-            if view.row.project_id != project.id:
-                raise NotFoundError(f"file {file_id!r} not found in project {project.name!r}", param="file_id")
-            if groups:
-                _, found = self.scan_groups(principal, None, file_id, reveal=True)
-                by_id = {g.id: g for g in found}
-                for i, gid in enumerate(groups):
-                    if gid not in by_id:
-                        raise InvalidRequestError(f"groups[{i}]: no group {gid!r} in the review of file {file_id!r}",
-                                                  param=f"groups[{i}]")
-                    if by_id[gid].secret:
-                        raise InvalidRequestError(f"groups[{i}]: {gid!r} is a secret ({by_id[gid].entity_type}); no "
-                                                  "review makes a credential safe to train on", param=f"groups[{i}]")
-                    pairs.append((check_value(by_id[gid].value, f"groups[{i}]"), by_id[gid].entity_type))
-        if not pairs:
-            raise InvalidRequestError("give `values` or `groups` to add", param="values")
-        return glossary.add(ctx, project, pairs, file_id=file_id)
+    def review_values(self, principal: Principal, project: Project, file_id: str,
+                      groups: list[str]) -> list[tuple[str, str | None]]:
+        """The ``(value, entity_type)`` of the named groups of a file's review, to add to ``project``'s glossary.
 
-    def remove_from_glossary(self, ctx: AuditContext, project: Project, entry_id: str) -> Glossary:
-        if self.policies.glossary is None:
-            raise ConflictError("this appliance keeps no glossaries", param="entry_id")
-        return self.policies.glossary.remove(ctx, project, entry_id)
+        The file must be one of ``project``'s that ``principal`` may read (else 404); every group must be in its
+        review and none may be a secret (else 400). The policy service calls this
+        (:attr:`appliance.policy.service.PolicyService.file_review`).
+        """
+        view = self._get(principal, file_id)
+        if view.row.project_id != project.id:
+            raise NotFoundError(f"file {file_id!r} not found in project {project.name!r}", param="file_id")
+        pairs: list[tuple[str, str | None]] = []
+        if groups:
+            _, found = self.scan_groups(principal, None, file_id, reveal=True)
+            by_id = {g.id: g for g in found}
+            for i, gid in enumerate(groups):
+                if gid not in by_id:
+                    raise InvalidRequestError(f"groups[{i}]: no group {gid!r} in the review of file {file_id!r}",
+                                              param=f"groups[{i}]")
+                if by_id[gid].secret:
+                    raise InvalidRequestError(f"groups[{i}]: {gid!r} is a secret ({by_id[gid].entity_type}); no "
+                                              "review makes a credential safe to train on", param=f"groups[{i}]")
+                pairs.append((check_value(by_id[gid].value, f"groups[{i}]"), by_id[gid].entity_type))
+        return pairs
 
     def rescan(self, principal: Principal, ctx: AuditContext, file_id: str) -> FileView:
         """Apply the project's current policy and glossary to the kept original, without a new upload.

@@ -32,9 +32,9 @@ from appliance.audit.service import AuditContext, record
 from appliance.catalog.service import CatalogService
 from appliance.db.base import Database
 from appliance.errors import MODEL_NAME_LIKE, ApplianceError, ConflictError, InvalidRequestError, NotFoundError, echo
-from appliance.files.policies import PolicyService
 from appliance.identity.service import Principal, project_by_id
 from appliance.inference.guard import OutputGuard
+from appliance.policy.service import PolicyService
 from appliance.settings import ServingSettings
 from serving.engine import Engine
 from serving.errors import EngineError

@@ -426,12 +426,20 @@ def load_policy(path: str | Path) -> Policy:
     return parse_policy(text, name=f"policy {path}")
 
 
-#: The shipped default policy file (``policies/default.yaml`` in the repository).
-#: Read as package data of ``policies`` (installed with the appliance; see pyproject's package-data), not
-#: through a path relative to this file, so that it is found wherever the packages are installed.
-DEFAULT_POLICY_PATH = Path(str(importlib.resources.files("policies").joinpath("default.yaml")))
+#: The shipped default policy (``policies/default.yaml`` in the repository): package data of ``policies``
+#: (installed with the appliance; see pyproject's package-data), read through importlib.resources, not
+#: through a path relative to this file, so that it is found wherever and however the packages are
+#: installed (a zipped wheel included).
+DEFAULT_POLICY = importlib.resources.files("policies").joinpath("default.yaml")
+#: Its name as shown in messages and ``--help``; a readable path only where the packages are plain files.
+DEFAULT_POLICY_PATH = Path(str(DEFAULT_POLICY))
+
+
+def default_policy_text() -> str:
+    """The shipped default policy's text, read as package data."""
+    return DEFAULT_POLICY.read_text(encoding="utf-8")
 
 
 def load_default_policy() -> Policy:
     """The shipped default policy."""
-    return load_policy(DEFAULT_POLICY_PATH)
+    return parse_policy(default_policy_text(), name=f"policy {DEFAULT_POLICY_PATH}")

@@ -23,9 +23,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
-from pathlib import Path
+import importlib.resources
 
-_DATA = Path(__file__).resolve().parent.parent / "scanning" / "data"
+#: The name lists are package data of ``appliance.scanning`` (``scanning/data/*.txt``), read through
+#: importlib.resources rather than a path relative to this module.
+_DATA = importlib.resources.files("appliance.scanning").joinpath("data")
 
 #: Entity types that ``pseudonymize`` applies to.
 SURROGATE_TYPES = frozenset({"PERSON", "EMAIL_ADDRESS", "PHONE_NUMBER", "IP_ADDRESS", "LOCATION"})
@@ -40,7 +42,7 @@ _TEST_NETS = ("192.0.2", "198.51.100", "203.0.113")
 @functools.cache
 def _names(file: str, limit: int) -> tuple[str, ...]:
     """The ``limit`` first (most frequent) names of a bundled list, title-case."""
-    with open(_DATA / file, encoding="utf-8") as fh:
+    with _DATA.joinpath(file).open(encoding="utf-8") as fh:
         names = [line.strip().title() for line in fh if line.strip() and not line.startswith("#")]
     return tuple(n for n in names[:limit] if n.isalpha())
 

@@ -123,7 +123,8 @@ async def review(request: Request, files: NamedDependency[FileService], file_id:
         added = 0
         if groups:
             project = files.project_of(view)
-            _, added = files.add_to_glossary(principal, ctx, project, values=[], file_id=file_id, groups=groups)
+            _, added = files.policies.add_to_glossary(principal, ctx, project, values=[], file_id=file_id,
+                                                         groups=groups)
         return added, files.rescan(principal, ctx, file_id).row.revision
 
     added, revision = await to_thread.run_sync(apply)

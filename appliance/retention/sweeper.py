@@ -39,10 +39,10 @@ from appliance.audit.service import AuditContext
 from appliance.catalog.service import CatalogService
 from appliance.db.base import Database, utcnow
 from appliance.errors import ApplianceError
-from appliance.files.policies import PolicyService
 from appliance.files.service import FileService
 from appliance.identity.service import all_projects
 from appliance.policy import format_duration
+from appliance.policy.service import PolicyService
 
 log = logging.getLogger("appliance.retention")
 

@@ -6,12 +6,14 @@ Public API:
 * :class:`Finding`, :class:`ScanUnit` and the entity type sets.
 * :func:`iter_text_fields`, :func:`iter_text_slots`, :func:`validate_record` - the record shapes.
 * :func:`iter_jsonl` - streaming JSONL reader with line-numbered errors.
-* :func:`scan_file`, :func:`scan_stream`, :class:`Report`, :func:`render_text`,
-  :func:`render_json` - the dry-run report (``appliance.scanning.report``).
-* ``scan_command`` in :mod:`appliance.scanning.cli` - the click command.
 
-The scanner and report are imported lazily, so that importing the light parts
-(finding types, record shapes, the JSONL reader) does not load presidio.
+The scanner is imported lazily, so that importing the light parts (finding
+types, record shapes, the JSONL reader) does not load presidio.
+
+Scanning knows nothing of policies (it is the layer below
+:mod:`appliance.policy`): the dry-run report that applies a policy to a
+file's findings, ``appliance scan FILE``, lives in :mod:`appliance.policy.report`
+and :mod:`appliance.policy.cli`.
 """
 
 from typing import Any
@@ -34,11 +36,6 @@ _LAZY = {
     "DEFAULT_MODEL": "appliance.scanning.engine",
     "Scanner": "appliance.scanning.engine",
     "get_scanner": "appliance.scanning.engine",
-    "Report": "appliance.scanning.report",
-    "scan_file": "appliance.scanning.report",
-    "scan_stream": "appliance.scanning.report",
-    "render_text": "appliance.scanning.report",
-    "render_json": "appliance.scanning.report",
 }
 
 
@@ -62,7 +59,6 @@ __all__ = [
     "SUPPORTED_ENTITIES",
     "Action",
     "Finding",
-    "Report",
     "ScanUnit",
     "Scanner",
     "get_scanner",
@@ -70,9 +66,5 @@ __all__ = [
     "parse_line",
     "iter_text_fields",
     "iter_text_slots",
-    "render_json",
-    "render_text",
-    "scan_file",
-    "scan_stream",
     "validate_record",
 ]

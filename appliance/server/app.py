@@ -16,10 +16,11 @@ from litestar.plugins.jinja import JinjaTemplateEngine
 from appliance.auditor.controllers import AuditController, AuditProofController, AuditReportController
 from appliance.identity.auth import PUBLIC_OPT, BearerAuthMiddleware, csrf_guard, permission_guard
 from appliance.catalog.controllers import ModelController
-from appliance.files.controllers import FileController, GlossaryController, PolicyController
+from appliance.files.controllers import FileController
 from appliance.identity.controllers import MeController, ProjectController, TokenController, UserController
 from appliance.inference.controllers import ImageController, InferenceController, RuntimeLoraController
 from appliance.jobs.controllers import JobController
+from appliance.policy.controllers import GlossaryController, PolicyController
 from appliance.portal import admin as portal_admin
 from appliance.portal import audit_page, auth_routes, datasets, models_page, playground
 from appliance.portal import jobs as portal_jobs
@@ -103,6 +104,7 @@ def create_app(
             "appliance": Provide(lambda: state, sync_to_thread=False),
             "identity": Provide(lambda: state.identity, sync_to_thread=False),
             "files": Provide(lambda: state.files, sync_to_thread=False),
+            "policies": Provide(lambda: state.policies, sync_to_thread=False),
             "catalog": Provide(lambda: state.catalog, sync_to_thread=False),
             "jobs": Provide(lambda: state.jobs, sync_to_thread=False),
             "inference": Provide(lambda: state.inference, sync_to_thread=False),

@@ -7,8 +7,6 @@ from dataclasses import replace
 from appliance.catalog.service import CatalogService
 from appliance.crypto.envelope import FileKeyProvider
 from appliance.db.base import Database
-from appliance.files.glossary import GlossaryService
-from appliance.files.policies import PolicyService
 from appliance.files.service import FileService
 from appliance.identity.auth import FailureLimiter
 from appliance.identity.service import IdentityService
@@ -17,6 +15,8 @@ from appliance.jobs.scheduler import Scheduler, SchedulerSettings
 from appliance.inference.service import InferenceService
 from appliance.jobs.service import JobService, unfinished_job_using
 from appliance.identity.sessions import SessionService
+from appliance.policy.glossary import GlossaryService
+from appliance.policy.service import PolicyService
 from appliance.retention import RetentionSweeper
 from appliance.scanning import get_scanner
 from appliance.services import AppState
@@ -41,6 +41,7 @@ def build_state(
             isolate_network=scheduler_settings.isolate_network))
     files = FileService(db, blobs, get_scanner, policies, settings.intake)
     scheduler = Scheduler(db, files, catalog, scheduler_settings)
+    policies.file_review = files.review_values
     files.on_delete.append(catalog.withdraw_trained_on)
     files.users_of.append(unfinished_job_using)
     return AppState(

@@ -10,7 +10,8 @@ import pytest
 from sqlalchemy import select
 
 from appliance.auditor.reports import ReportScope, build_report
-from appliance.files.models import ProjectGlossary, StoredFile
+from appliance.files.models import StoredFile
+from appliance.policy.models import ProjectGlossary
 from appliance.identity.roles import Role
 from appliance.jobs.models import FineTuningJob
 from appliance.storage.models import DataKey
@@ -273,3 +274,24 @@ def test_concurrent_additions_lose_nothing(state, owner):  # owner: makes the pr
         assert sum(pool.map(add, range(8))) == 8
     assert sorted(e.value for e in glossary.get(project).entries) == [f"Codename {i}" for i in range(8)]
     assert len(audit(state, "glossary.add")) == 8
+
+
+def test_the_portal_review_form_adds_the_checked_groups_and_rescans(client, state, owner):
+    """The review page's form (no browser): checked groups join the glossary, then the file is re-scanned."""
+    from appliance.identity.sessions import COOKIE
+    from tests.conftest import CLI_CTX
+
+    file = _uploaded(client, owner)
+    by_value = {g["value"]: g for g in _groups(client, owner, file["id"], reveal="true")["groups"]}
+    state.sessions.set_password(CLI_CTX, "olivia", "correct horse battery staple")
+    cookie = state.sessions.login("olivia", "correct horse battery staple", "testclient")
+    headers = {"Cookie": f"{COOKIE}={cookie}", "X-CSRF-Token": state.sessions.resolve(cookie).csrf_token}
+    resp = client.post(f"/datasets/{file['id']}/review", headers=headers, data={"group": [by_value["Jonas"]["id"]]},
+                       follow_redirects=False)
+    assert resp.status_code == 303, resp.text
+    assert resp.headers["location"] == f"/datasets/{file['id']}?added=1&revision=2"
+    glossary = client.get("/api/v1/projects/acme/glossary", headers=bearer(owner)).json()
+    assert [(e["value"], e["file_id"], e["added_by"]) for e in glossary["data"]] == [("Jonas", file["id"], "olivia")]
+    content = client.get(f"/v1/files/{file['id']}/content", headers=bearer(owner)).text
+    assert "Jonas owns the payments rewrite" in content and "Maria Lopez" not in content
+    assert [e.details["added"] for e in audit(state, "glossary.add")] == [1]

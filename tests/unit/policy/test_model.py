@@ -25,6 +25,22 @@ def test_shipped_default_policy_is_strict():
     assert policy.content_hash.startswith("sha256:") and len(policy.content_hash) == 7 + 64
 
 
+def test_shipped_default_policy_is_read_as_package_data_even_from_a_zip(tmp_path):
+    """Read through importlib.resources, not a file system path: found however ``policies`` is installed."""
+    import subprocess
+    import sys
+    import zipfile
+
+    archive = tmp_path / "policies.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("policies/__init__.py", "")
+        z.writestr("policies/default.yaml", DEFAULT_POLICY_PATH.read_text())
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import policies; assert '.zip' in policies.__file__; "
+            "from appliance.policy import load_default_policy; print(load_default_policy().content_hash)")
+    out = subprocess.run([sys.executable, "-c", code, str(archive)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == load_default_policy().content_hash
+
+
 def test_shorthand_and_defaults():
     policy = parse_policy({**MINIMAL, "entities": {"EMAIL_ADDRESS": "redact", "PERSON": {"action": "allow", "threshold": 0.9}}})
     assert policy.rule_for("EMAIL_ADDRESS").action == "redact"

@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.audit.service import AuditContext, record
 from appliance.db.base import Database, utcnow
-from appliance.files.glossary import EMPTY, Glossary, GlossaryService
-from appliance.files.models import ProjectPolicy
+from appliance.errors import ConflictError, InvalidRequestError
 from appliance.identity.models import Project
-from appliance.policy import DEFAULT_POLICY_PATH, Policy, load_policy, parse_policy
+from appliance.identity.service import Principal
+from appliance.policy.glossary import EMPTY, Glossary, GlossaryService, check_value
+from appliance.policy.model import (
+    DEFAULT_POLICY_PATH,
+    Policy,
+    default_policy_text,
+    load_default_policy,
+    load_policy,
+    parse_policy,
+)
+from appliance.policy.models import ProjectPolicy
+
+#: ``(principal, project, file_id, groups) -> [(value, entity_type)]``: checks that ``file_id`` is a file of
+#: ``project`` that the principal may read, and reads the values of the named groups of its review (raising
+#: the errors to report). The file service provides it (:attr:`PolicyService.file_review`): files depend on
+#: policy, not the other way round.
+FileReview = Callable[[Principal, Project, str, list[str]], list[tuple[str, str | None]]]
+
 
 @dataclass(frozen=True)
 class EffectivePolicy:
@@ -38,8 +55,12 @@ class PolicyService:
         self.db = db
         self.glossary = glossary
         self.default_path = default_path or DEFAULT_POLICY_PATH
-        self.default_text = self.default_path.read_text()
-        self.default = load_policy(self.default_path)
+        if default_path is None:  # the shipped one, read as package data
+            self.default_text, self.default = default_policy_text(), load_default_policy()
+        else:
+            self.default_text, self.default = default_path.read_text(), load_policy(default_path)
+        #: Reads the groups of a file's review for :meth:`add_to_glossary` (set when the file service is built).
+        self.file_review: FileReview | None = None
 
     def describe(self, project: Project) -> EffectivePolicy:
         with self.db.read() as s:
@@ -73,3 +94,25 @@ class PolicyService:
                    details={"policy_hash": policy.content_hash, "previous_hash": previous,
                             "text_sha256": hashlib.sha256(text.encode()).hexdigest()})
         return self.describe(project)
+
+    def add_to_glossary(self, principal: Principal, ctx: AuditContext, project: Project, *,
+                        values: list[str], file_id: str | None, groups: list[str]) -> tuple[Glossary, int]:
+        """Mark values as not personal data for ``project``: given as text, or as groups of a file's review."""
+        glossary = self.glossary
+        if glossary is None:
+            raise ConflictError("this appliance keeps no glossaries", param="values")
+        if groups and not file_id:
+            raise InvalidRequestError("`groups` name groups of a file's review: give `file_id` too", param="file_id")
+        pairs: list[tuple[str, str | None]] = [(check_value(v, f"values[{i}]"), None) for i, v in enumerate(values)]
+        if file_id:
+            if self.file_review is None:
+                raise ConflictError("this appliance keeps no files to review", param="file_id")
+            pairs.extend(self.file_review(principal, project, file_id, groups))
+        if not pairs:
+            raise InvalidRequestError("give `values` or `groups` to add", param="values")
+        return glossary.add(ctx, project, pairs, file_id=file_id)
+
+    def remove_from_glossary(self, ctx: AuditContext, project: Project, entry_id: str) -> Glossary:
+        if self.glossary is None:
+            raise ConflictError("this appliance keeps no glossaries", param="entry_id")
+        return self.glossary.remove(ctx, project, entry_id)

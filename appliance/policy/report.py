@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from appliance.errors import InvalidRequestError
-from appliance.policy import Decision, DecisionBuilder, Policy
+from appliance.policy.decision import Decision, DecisionBuilder
+from appliance.policy.model import Policy
 from appliance.scanning.engine import Scanner, get_scanner
 from appliance.scanning.findings import ScanUnit
 from appliance.scanning.jsonl import iter_jsonl

@@ -13,8 +13,8 @@ from pathlib import Path
 import click
 
 from appliance.errors import ApplianceError
-from appliance.policy import DEFAULT_POLICY_PATH, load_policy
-from appliance.scanning.report import render_json, render_text, scan_file
+from appliance.policy.model import load_default_policy, load_policy
+from appliance.policy.report import render_json, render_text, scan_file
 
 
 @click.command("scan")
@@ -34,7 +34,7 @@ def scan_command(file: Path, policy_path: Path | None, as_json: bool) -> None:
     Exits 0 if the file would be accepted, 1 if rejected, 2 on invalid input.
     """
     try:
-        policy = load_policy(policy_path or DEFAULT_POLICY_PATH)
+        policy = load_policy(policy_path) if policy_path else load_default_policy()
         report = scan_file(file, policy)
     except ApplianceError as exc:
         where = f" ({exc.param})" if exc.param else ""

@@ -7,8 +7,8 @@ import json
 from click.testing import CliRunner
 
 from appliance.policy import load_default_policy
-from appliance.scanning.cli import scan_command
-from appliance.scanning.report import render_json, render_text, scan_file
+from appliance.policy.cli import scan_command
+from appliance.policy.report import render_json, render_text, scan_file
 
 CHAT = {"messages": [{"role": "user", "content": "Hi, I'm Maria Kowalczyk (maria@example.org)."}]}
 SECRET = {"prompt": "why is AKIAQ3EGRX5BLWZ7TY4P denied?", "completion": "Rotate it."}

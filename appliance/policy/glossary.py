@@ -27,9 +27,9 @@ from sqlalchemy.exc import IntegrityError
 from appliance.audit.service import AuditContext, record
 from appliance.db.base import Database, utcnow
 from appliance.errors import ConflictError, InvalidRequestError, NotFoundError
-from appliance.files.models import ProjectGlossary
 from appliance.identity.models import Project
 from appliance.policy.model import MAX_ALLOW_LIST, MAX_ALLOWED_VALUE_CHARS, normalize_allowed
+from appliance.policy.models import ProjectGlossary
 from appliance.storage.blobs import BlobStore
 
 FORMAT = "appliance-glossary/1"
