@@ -12,7 +12,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from anyio import to_thread
 from sqlalchemy import func, select
@@ -34,9 +34,8 @@ from appliance.files.models import ScanFinding, StoredFile
 from appliance.files.multipart import Field, FileData, FileEnd, FileStart, MultipartReader, boundary_of
 from appliance.files.images import ImageArchiveIntake, ImageLimits
 from appliance.files.pipeline import IntakeReport, JsonlIntake
-from appliance.identity.models import Project
 from appliance.identity.roles import Permission, role_allows
-from appliance.identity.service import Principal
+from appliance.identity.service import Principal, project_by_id, project_named, project_names
 from appliance.policy import decide, redact_record
 from appliance.policy.glossary import check_value
 from appliance.policy.model import normalize_allowed
@@ -45,6 +44,9 @@ from appliance.scanning import Scanner, iter_text_fields, parse_line
 from appliance.scanning.findings import SECRET_ENTITIES
 from appliance.settings import IntakeSettings
 from appliance.storage.blobs import BlobStore, BlobWriter, ShredEvidence
+
+if TYPE_CHECKING:
+    from appliance.identity.models import Project
 
 #: Purposes accepted now, with the shape each takes.
 PURPOSES = {
@@ -127,7 +129,7 @@ class FileService:
                 )
             name = requested
         with self.db.read() as s:
-            project = s.scalar(select(Project).where(Project.name == name))
+            project = project_named(s, name)
         if project is None:
             raise NotFoundError(f"project {name!r} not found", param="project")
         return project
@@ -296,7 +298,7 @@ class FileService:
     def _get(self, principal: Principal, file_id: str) -> FileView:
         with self.db.read() as s:
             row = s.get(StoredFile, file_id)
-            project = s.get(Project, row.project_id) if row is not None else None
+            project = project_by_id(s, row.project_id) if row is not None else None
         if row is None or row.deleted_at is not None:
             raise NotFoundError(f"file {file_id!r} not found", param="file_id")
         principal.check_project(row.project_id, resource=f"file {file_id!r}")
@@ -307,21 +309,20 @@ class FileService:
 
     def project_of(self, view: FileView) -> Project:
         with self.db.read() as s:
-            return s.get(Project, view.row.project_id)
+            return project_by_id(s, view.row.project_id)
 
     def list(self, principal: Principal, *, project: str | None, purpose: str | None, after: str | None,
              limit: int, order: str) -> tuple[list[FileView], bool]:
         with self.db.read() as s:
-            stmt = select(StoredFile, Project.name).join(Project, Project.id == StoredFile.project_id).where(
-                StoredFile.deleted_at.is_(None)
-            )
+            stmt = select(StoredFile).where(StoredFile.deleted_at.is_(None))
             if principal.project_id is not None:
                 if project not in (None, "", principal.project):
                     # Named another project: refused like upload does, never quietly answered with our own.
                     raise CrossProjectDenied(f"project {project!r} not found", param="project")
                 stmt = stmt.where(StoredFile.project_id == principal.project_id)
             elif project:
-                stmt = stmt.where(Project.name == project)
+                named = project_named(s, project)
+                stmt = stmt.where(StoredFile.project_id == (named.id if named is not None else None))
             if purpose:
                 stmt = stmt.where(StoredFile.purpose == purpose)
             desc = order == "desc"
@@ -335,8 +336,9 @@ class FileService:
                     stmt = stmt.where(tuple_(*cmp) < key if desc else tuple_(*cmp) > key)
             ordering = (StoredFile.created_at.desc(), StoredFile.id.desc()) if desc else (
                 StoredFile.created_at, StoredFile.id)
-            rows = s.execute(stmt.order_by(*ordering).limit(limit + 1)).all()
-        views = [FileView(r, p) for r, p in rows[:limit]]
+            rows = list(s.scalars(stmt.order_by(*ordering).limit(limit + 1)))
+            names = project_names(s, {r.project_id for r in rows})
+        views = [FileView(r, names[r.project_id]) for r in rows[:limit]]
         return views, len(rows) > limit
 
     def content(self, principal: Principal, ctx: AuditContext, file_id: str) -> tuple[FileView, Iterator[bytes]]:
@@ -406,7 +408,7 @@ class FileService:
                     group.contexts.append(_context(text, f, in_field))
         ordered = sorted(groups.values(), key=lambda g: (-g.count, g.id))
         with self.db.read() as s:
-            policy = self.policies.effective(s.get(Project, row.project_id))
+            policy = self.policies.effective(project_by_id(s, row.project_id))
         for g in ordered:
             g.allowed = bool(policy.allowed_spans(g.value))
         if reveal and ctx is not None:
@@ -457,7 +459,7 @@ class FileService:
             raise ConflictError(f"file {file_id!r} has no kept original to re-scan: upload it again",
                                 param="file_id")
         with self.db.read() as s:
-            project = s.get(Project, row.project_id)
+            project = project_by_id(s, row.project_id)
             self._check_unused(s, file_id)
         policy = self.policies.effective(project)
         blob_id = f"{file_id}.r{row.revision + 1}"

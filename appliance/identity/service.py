@@ -94,6 +94,10 @@ def project_names(s: Session, project_ids: set[int]) -> dict[int, str]:
     return dict(s.execute(select(Project.id, Project.name).where(Project.id.in_(project_ids))).all())
 
 
+def project_named(s: Session, name: str) -> Project | None:
+    return s.scalar(select(Project).where(Project.name == name))
+
+
 def all_projects(s: Session) -> list[Project]:
     """Every project, by name."""
     return list(s.scalars(select(Project).order_by(Project.name)))

@@ -21,16 +21,19 @@ import secrets
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import IntegrityError
 
 from appliance.audit.service import AuditContext, record
 from appliance.db.base import Database, utcnow
 from appliance.errors import ConflictError, InvalidRequestError, NotFoundError
-from appliance.identity.models import Project
 from appliance.policy.model import MAX_ALLOW_LIST, MAX_ALLOWED_VALUE_CHARS, normalize_allowed
 from appliance.policy.models import ProjectGlossary
 from appliance.storage.blobs import BlobStore
+
+if TYPE_CHECKING:
+    from appliance.identity.models import Project
 
 FORMAT = "appliance-glossary/1"
 

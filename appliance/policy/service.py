@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,7 +12,6 @@ from pathlib import Path
 from appliance.audit.service import AuditContext, record
 from appliance.db.base import Database, utcnow
 from appliance.errors import ConflictError, InvalidRequestError
-from appliance.identity.models import Project
 from appliance.identity.service import Principal
 from appliance.policy.glossary import EMPTY, Glossary, GlossaryService, check_value
 from appliance.policy.model import (
@@ -23,11 +24,14 @@ from appliance.policy.model import (
 )
 from appliance.policy.models import ProjectPolicy
 
+if TYPE_CHECKING:
+    from appliance.identity.models import Project
+
 #: ``(principal, project, file_id, groups) -> [(value, entity_type)]``: checks that ``file_id`` is a file of
 #: ``project`` that the principal may read, and reads the values of the named groups of its review (raising
 #: the errors to report). The file service provides it (:attr:`PolicyService.file_review`): files depend on
 #: policy, not the other way round.
-FileReview = Callable[[Principal, Project, str, list[str]], list[tuple[str, str | None]]]
+FileReview = Callable[[Principal, "Project", str, list[str]], list[tuple[str, str | None]]]
 
 
 @dataclass(frozen=True)
