@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -16,8 +17,10 @@ from appliance.db.base import Database, utcnow
 from appliance.errors import (
     MODEL_NAME_LIKE,
     ROLE_LIKE,
+    ApplianceError,
     ConflictError,
     CrossProjectDenied,
+    InvalidFieldsError,
     InvalidRequestError,
     NotFoundError,
     echo,
@@ -71,14 +74,18 @@ class JobService:
         self.max_workers = executor.max_workers if executor else 1
 
     # -- create -------------------------------------------------------------
-    def _check_file(self, s, principal: Principal, project: Project, file_id: str | None, param: str,
-                    purpose: str = "fine-tune") -> StoredFile:
+    def _check_file(self, s, principal: Principal, project: Project, file_id: Any, param: str,
+                    purpose: str | None = "fine-tune") -> StoredFile:
+        """The named file, usable for training; ``purpose`` None (the model is unknown) skips the purpose check."""
+        if file_id is not None and not isinstance(file_id, str):
+            raise InvalidRequestError(f"`{param}` must be a file id such as 'file-abc123'; got "
+                                      f"{echo(file_id, MODEL_NAME_LIKE)}", param=param)
         row = s.get(StoredFile, file_id) if file_id else None
         if row is not None and row.deleted_at is None and principal.project_id not in (None, row.project_id):
             raise CrossProjectDenied(f"file {file_id!r} not found in project {project.name!r}", param=param)
         if row is None or row.deleted_at is not None or row.project_id != project.id:
             raise NotFoundError(f"file {file_id!r} not found in project {project.name!r}", param=param)
-        if row.purpose != purpose:
+        if purpose is not None and row.purpose != purpose:
             raise InvalidRequestError(f"file {file_id!r} has purpose {row.purpose!r}; this model trains on "
                                       f"{purpose!r} files", param=param)
         if row.status != "processed" or row.decision != "accepted":
@@ -87,11 +94,21 @@ class JobService:
         return row
 
     def create(self, principal: Principal, ctx: AuditContext, project: Project, body: dict[str, Any]) -> JobView:
-        """Validate everything the request names, then create the job in ``validating_files``."""
+        """Validate everything the request (a :class:`~appliance.jobs.schemas.JobCreate`) names, then create
+        the job in ``validating_files``.
+
+        Every field is checked, so that every problem is reported at once: one problem is answered as
+        itself (a 404 for an unknown model or file), several as one 400 that lists them all, ``param``
+        naming the first. A file of another project is always answered alone, as not found (and audited).
+        """
+        problems = _Problems()
+        base = None
         model = body.get("model")
         if not isinstance(model, str) or not model:
-            raise InvalidRequestError("`model` is required: the name of a base model", param="model")
-        base = self.catalog.get_base_model(model)
+            problems.add(InvalidRequestError("`model` is required: the name of a base model", param="model"))
+        else:
+            with problems.collect():
+                base = self.catalog.get_base_model(model)
         method = body.get("method")
         if method is None and body.get("hyperparameters") is not None:
             # OpenAI's older top-level form means supervised fine-tuning: LoRA here.
@@ -100,36 +117,51 @@ class JobService:
             method = {"type": "lora"}
         seed = body.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31):
-            raise InvalidRequestError(f"`seed` must be an integer in [0, 2^31); got {seed!r}", param="seed")
+            problems.add(InvalidRequestError(f"`seed` must be an integer in [0, 2^31); got {seed!r}", param="seed"))
+            seed = None
         explicit = _method_seed(method)
         if seed is None:
             seed = explicit if isinstance(explicit, int) else secrets.randbelow(2**31)
-        method_type, hyperparameters = validate_method(method, base_kind=base.kind, seed=seed)
-        memorization = parse_memorization(body.get("memorization"), base_kind=base.kind)
-        if memorization.get("canaries"):
-            from appliance.training.memorization import new_canaries
-
-            memorization["canary_texts"] = new_canaries(memorization["canaries"])
-        compute = validate_compute(body.get("compute"), base_kind=base.kind, executor=self.executor_name,
-                                   max_workers=self.max_workers, method=method_type)
-        if compute.get("workers", 1) > 1 and hyperparameters.get("dp") is not None:
-            raise InvalidRequestError(
-                f"differentially private training (`dp`) runs in one worker; got `compute.workers` "
-                f"{compute['workers']}", param="compute.workers")
+        method_type, hyperparameters, memorization, compute = None, {}, {}, {}
+        if base is not None:
+            with problems.collect():
+                method_type, hyperparameters = validate_method(method, base_kind=base.kind, seed=seed)
+            with problems.collect():
+                memorization = parse_memorization(body.get("memorization"), base_kind=base.kind)
+            with problems.collect():
+                compute = validate_compute(body.get("compute"), base_kind=base.kind, executor=self.executor_name,
+                                           max_workers=self.max_workers, method=method_type or "lora")
+            if compute.get("workers", 1) > 1 and hyperparameters.get("dp") is not None:
+                problems.add(InvalidRequestError(
+                    f"differentially private training (`dp`) runs in one worker; got `compute.workers` "
+                    f"{compute['workers']}", param="compute.workers"))
         suffix = body.get("suffix")
         if suffix is not None and (not isinstance(suffix, str) or not _SUFFIX_RE.match(suffix)):
-            raise InvalidRequestError(f"`suffix` must be 1-64 characters of letters, digits, '.', '_' or '-'; "
-                                      f"got {suffix!r}", param="suffix")
+            problems.add(InvalidRequestError(f"`suffix` must be 1-64 characters of letters, digits, '.', '_' or '-'; "
+                                             f"got {suffix!r}", param="suffix"))
+        if body.get("training_file") is None:
+            problems.add(InvalidRequestError("`training_file` is required: the id of an uploaded, scanned file",
+                                             param="training_file"))
         with self.db.transaction() as s:
-            purpose = DATASET_PURPOSE[base.kind]
-            training = self._check_file(s, principal, project, body.get("training_file"), "training_file", purpose)
-            validation = None
+            purpose = DATASET_PURPOSE[base.kind] if base is not None else None
+            training = validation = None
+            if body.get("training_file") is not None:
+                with problems.collect():
+                    training = self._check_file(s, principal, project, body["training_file"], "training_file",
+                                                purpose)
             if body.get("validation_file"):
-                if base.kind != "llm":
-                    raise InvalidRequestError("image jobs take no `validation_file`: fidelity is measured against "
-                                              "the instance images", param="validation_file")
-                validation = self._check_file(s, principal, project, body["validation_file"], "validation_file",
-                                              purpose)
+                if base is not None and base.kind != "llm":
+                    problems.add(InvalidRequestError("image jobs take no `validation_file`: fidelity is measured "
+                                                     "against the instance images", param="validation_file"))
+                else:
+                    with problems.collect():
+                        validation = self._check_file(s, principal, project, body["validation_file"],
+                                                      "validation_file", purpose)
+            problems.raise_if_any()
+            if memorization.get("canaries"):
+                from appliance.training.memorization import new_canaries
+
+                memorization["canary_texts"] = new_canaries(memorization["canaries"])
             job = FineTuningJob(
                 id=new_job_id(), project_id=project.id, created_by=principal.user, model=base.name,
                 training_file=training.id, validation_file=validation.id if validation else None, suffix=suffix,
@@ -282,6 +314,42 @@ def validate_compute(
     if workers == 1:
         return {}
     return {"workers": workers} | ({"sharding": sharding} if sharding != "auto" else {})
+
+
+class _Problems:
+    """The problems found in one request, answered together by :meth:`raise_if_any`."""
+
+    def __init__(self) -> None:
+        self.errors: list[ApplianceError] = []
+
+    def add(self, error: ApplianceError) -> None:
+        self.errors.append(error)
+
+    @contextmanager
+    def collect(self) -> Iterator[None]:
+        """Note the request's problem raised in the block and carry on (other failures propagate)."""
+        try:
+            yield
+        except (InvalidRequestError, NotFoundError) as exc:
+            self.errors.append(exc)
+
+    def raise_if_any(self) -> None:
+        """One problem as itself; several as one :class:`InvalidFieldsError` listing each, field by field.
+
+        A file of another project is answered alone, as not found, so that the denial is audited.
+        """
+        if not self.errors:
+            return
+        denied = [e for e in self.errors if isinstance(e, CrossProjectDenied)]
+        if denied or len(self.errors) == 1:
+            raise (denied or self.errors)[0]
+        problems: list[tuple[str, str]] = []
+        for error in self.errors:
+            if isinstance(error, InvalidFieldsError):
+                problems += error.problems
+            else:
+                problems.append((error.param or "body", error.message))
+        raise InvalidFieldsError(problems)
 
 
 def _method_seed(method: Any) -> Any:
