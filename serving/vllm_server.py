@@ -35,9 +35,11 @@ from litestar.params import JSONBody
 from litestar.response import Stream
 
 from appliance.errors import ApplianceError, ConflictError, InvalidRequestError, NotFoundError
+from appliance.server.bodies import documented_body
 from serving.adapters import ADAPTER_CONFIG
 from serving.engine import Engine
 from serving.errors import AdapterLoadError
+from serving.requests import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from serving.protocol import (
     chat_chunks,
     chat_completion,
@@ -85,7 +87,8 @@ def create_vllm_compatible_app(engine: Engine, *, api_key: str | None = None) ->
             return None
         return Response({"error": "Unauthorized"}, status_code=401)
 
-    @post("/v1/load_lora_adapter", status_code=200)
+    # The bodies are the JSON objects the structs document, checked here with vLLM's messages.
+    @post("/v1/load_lora_adapter", status_code=200, dto=documented_body(LoadLoraAdapterRequest), return_dto=None)
     async def load_lora_adapter(data: JSONBody[dict[str, Any]]) -> Response[Any]:
         name, path = data.get("lora_name"), data.get("lora_path")
         if not name or not path:
@@ -101,7 +104,7 @@ def create_vllm_compatible_app(engine: Engine, *, api_key: str | None = None) ->
         roots[name] = path
         return Response(f"Success: LoRA adapter '{name}' added successfully.", media_type="text/plain")
 
-    @post("/v1/unload_lora_adapter", status_code=200)
+    @post("/v1/unload_lora_adapter", status_code=200, dto=documented_body(UnloadLoraAdapterRequest), return_dto=None)
     async def unload_lora_adapter(data: JSONBody[dict[str, Any]]) -> Response[Any]:
         name = data.get("lora_name")
         if not name or not engine.has_adapter(name):

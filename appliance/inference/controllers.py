@@ -17,7 +17,9 @@ from litestar.response import Stream
 from appliance.audit.service import record
 from appliance.errors import ConflictError, InvalidRequestError, NotFoundError
 from appliance.identity.roles import Permission
+from appliance.inference.schemas import ImageGenerationRequest, LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from appliance.inference.service import InferenceService
+from appliance.server.bodies import documented_body
 from appliance.server.context import audit_context
 from appliance.server.openapi import ErrorBody, VllmErrorBody, error_responses, operation
 from serving.errors import AdapterLoadError
@@ -86,7 +88,7 @@ class ImageController(Controller):
     tags = ["inference"]
 
     @post("/generations", opt={"permission": Permission.INFERENCE}, status_code=200, responses=error_responses(502),
-          sync_to_thread=True)
+          sync_to_thread=True, dto=documented_body(ImageGenerationRequest), return_dto=None)
     def generations(self, request: Request, inference: NamedDependency[InferenceService],
                     data: JSONBody[dict[str, Any]]) -> dict[str, Any]:
         """OpenAI image generation: `model`, `prompt`, `n`, `size` ("WxH"), `response_format: b64_json`,
@@ -134,7 +136,8 @@ class RuntimeLoraController(Controller):
     tags = ["serving-admin"]
 
     @post("/load_lora_adapter", opt={"permission": Permission.SERVING_ADMIN}, status_code=200,
-          responses=_VLLM_ERRORS, media_type=MediaType.TEXT, sync_to_thread=True)
+          responses=_VLLM_ERRORS, media_type=MediaType.TEXT, sync_to_thread=True,
+          dto=documented_body(LoadLoraAdapterRequest), return_dto=None)
     def load_lora_adapter(self, request: Request, inference: NamedDependency[InferenceService],
                           data: JSONBody[dict[str, Any]]) -> Response:
         name, path = data.get("lora_name"), data.get("lora_path")
@@ -162,7 +165,8 @@ class RuntimeLoraController(Controller):
         return Response(f"Success: LoRA adapter '{name}' added successfully.", media_type="text/plain")
 
     @post("/unload_lora_adapter", opt={"permission": Permission.SERVING_ADMIN}, status_code=200,
-          responses=_VLLM_ERRORS, media_type=MediaType.TEXT, sync_to_thread=True)
+          responses=_VLLM_ERRORS, media_type=MediaType.TEXT, sync_to_thread=True,
+          dto=documented_body(UnloadLoraAdapterRequest), return_dto=None)
     def unload_lora_adapter(self, request: Request, inference: NamedDependency[InferenceService],
                             data: JSONBody[dict[str, Any]]) -> Response:
         name = data.get("lora_name")

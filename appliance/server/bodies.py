@@ -15,6 +15,7 @@ from collections.abc import Generator
 from typing import Any
 
 import msgspec
+from litestar.datastructures import URL
 from litestar.dto import AbstractDTO
 from litestar.exceptions import ValidationException
 from litestar.typing import FieldDefinition
@@ -55,8 +56,9 @@ class _DocumentedBody(AbstractDTO[Any]):
         except msgspec.ValidationError as exc:
             # As Litestar words a ``data: dict[str, Any]`` that is not an object.
             connection = self.asgi_connection
+            path = URL.from_components(path=connection.url.path, query=connection.url.query)
             raise ValidationException(
-                detail=f"Validation failed for {connection.method} {connection.url}",
+                detail=f"Validation failed for {connection.method} {path}",
                 extra=[{"message": str(exc).split(" - ", maxsplit=1)[0], "key": "data", "source": "body"}],
             ) from None
 
