@@ -10,14 +10,19 @@ from litestar import Controller, Request, Response, get, post
 from litestar.concurrency import sync_to_thread
 from litestar.di import NamedDependency
 from litestar.enums import MediaType
-from litestar.openapi.spec import OpenAPIType, Schema
 from litestar.params import JSONBody
 from litestar.response import Stream
 
 from appliance.audit.service import record
 from appliance.errors import ConflictError, InvalidRequestError, NotFoundError
 from appliance.identity.roles import Permission
-from appliance.inference.schemas import ImageGenerationRequest, LoadLoraAdapterRequest, UnloadLoraAdapterRequest
+from appliance.inference.schemas import (
+    ChatCompletionBody,
+    CompletionBody,
+    ImageGenerationRequest,
+    LoadLoraAdapterRequest,
+    UnloadLoraAdapterRequest,
+)
 from appliance.inference.service import InferenceService
 from appliance.server.bodies import documented_body
 from appliance.server.context import audit_context
@@ -35,17 +40,9 @@ from serving.protocol import (
 )
 
 
-_STRING, _OBJECT = Schema(type=OpenAPIType.STRING), Schema(type=OpenAPIType.OBJECT)
-#: The bodies as the OpenAPI description shows them: the required fields (``serving.protocol`` has them all).
-_CHAT_OPERATION = operation(also_answers=("text/event-stream",), body={"application/json": Schema(
-    type=OpenAPIType.OBJECT, required=["model", "messages"], properties={
-        "model": _STRING, "stream": Schema(type=OpenAPIType.BOOLEAN),
-        "messages": Schema(type=OpenAPIType.ARRAY, items=Schema(
-            type=OpenAPIType.OBJECT, required=["role"], properties={"role": _STRING}))})})
-_COMPLETION_OPERATION = operation(also_answers=("text/event-stream",), body={"application/json": Schema(
-    type=OpenAPIType.OBJECT, required=["model", "prompt"], properties={
-        "model": _STRING, "stream": Schema(type=OpenAPIType.BOOLEAN),
-        "prompt": Schema(one_of=[_STRING, Schema(type=OpenAPIType.ARRAY, items=_STRING)])})})
+#: The bodies are documented by structs (``appliance.inference.schemas``) and parsed by ``serving.protocol``
+#: from the bytes received; a streamed answer is server-sent events.
+_STREAMING_OPERATION = operation(also_answers=("text/event-stream",))
 
 
 class InferenceController(Controller):
@@ -53,14 +50,16 @@ class InferenceController(Controller):
     tags = ["inference"]
 
     @post("/chat/completions", opt={"permission": Permission.INFERENCE}, status_code=200,
-          responses=error_responses(413, 502, 503), operation_class=_CHAT_OPERATION)
-    async def chat_completions(self, request: Request, inference: NamedDependency[InferenceService]) -> Any:
+          responses=error_responses(413, 502, 503), operation_class=_STREAMING_OPERATION,
+          dto=documented_body(ChatCompletionBody, raw=True), return_dto=None)
+    async def chat_completions(self, request: Request, inference: NamedDependency[InferenceService],
+                               data: JSONBody[bytes] = b"") -> Any:
         """OpenAI chat completions, streamed (server-sent events ending with `data: [DONE]`) or not.
 
         `model` is a base model or a fine-tuned `ft:` model of one of the caller's projects. The
         response passes the project's output guard; the request is audited as metadata only.
         """
-        req = parse_chat_request(await request.body())
+        req = parse_chat_request(data)
         ctx = audit_context(request)
         if not req.stream:
             result = await sync_to_thread(inference.generate, request.user, ctx, req, "chat")
@@ -70,10 +69,12 @@ class InferenceController(Controller):
         return Stream(sse(chunks), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
     @post("/completions", opt={"permission": Permission.INFERENCE}, status_code=200,
-          responses=error_responses(413, 502, 503), operation_class=_COMPLETION_OPERATION)
-    async def completions(self, request: Request, inference: NamedDependency[InferenceService]) -> Any:
+          responses=error_responses(413, 502, 503), operation_class=_STREAMING_OPERATION,
+          dto=documented_body(CompletionBody, raw=True), return_dto=None)
+    async def completions(self, request: Request, inference: NamedDependency[InferenceService],
+                          data: JSONBody[bytes] = b"") -> Any:
         """OpenAI (legacy) completions over a raw prompt."""
-        req = parse_completion_request(await request.body())
+        req = parse_completion_request(data)
         ctx = audit_context(request)
         if not req.stream:
             result = await sync_to_thread(inference.generate, request.user, ctx, req, "completion")

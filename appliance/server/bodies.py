@@ -7,6 +7,8 @@ reports every problem at once, or that answers its own messages, declares
 ``SomeStruct`` as the request body, and the handler receives the JSON object
 (a ``dict``) to check field by field. A body that is not a JSON object fails as
 it does for a ``dict`` body, with Litestar's own validation error.
+``documented_body(SomeStruct, raw=True)`` hands the body's bytes as received, for
+handlers with their own parser (chat and text completions).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class _DocumentedBody(AbstractDTO[Any]):
     """The DTO behind :func:`documented_body` (``model_type`` is the documented struct)."""
 
     model_type: Any
+    raw: bool = False
 
     @classmethod
     def generate_field_definitions(cls, model_type: type[Any]) -> Generator[Any, None, None]:
@@ -46,7 +49,9 @@ class _DocumentedBody(AbstractDTO[Any]):
         return schema_creator.for_field_definition(
             FieldDefinition.from_annotation(cls.model_type, kwarg_definition=field_definition.kwarg_definition))
 
-    def decode_bytes(self, value: bytes) -> dict[str, Any]:
+    def decode_bytes(self, value: bytes) -> Any:
+        if self.raw:
+            return value
         # The app's before_request hook has already answered bodies that are not JSON.
         return self.decode_builtins(msgspec.json.decode(value))
 
@@ -63,6 +68,11 @@ class _DocumentedBody(AbstractDTO[Any]):
             ) from None
 
 
-def documented_body(model: type[msgspec.Struct]) -> type[AbstractDTO[Any]]:
-    """A ``dto=`` for a handler whose ``data`` is the JSON object that ``model`` documents."""
-    return type(f"DocumentedBody[{model.__name__}]", (_DocumentedBody,), {"model_type": model})
+def documented_body(model: type[msgspec.Struct], *, raw: bool = False) -> type[AbstractDTO[Any]]:
+    """A ``dto=`` for a handler whose ``data`` is the JSON object that ``model`` documents.
+
+    Args:
+        model: The struct the OpenAPI document shows as the request body.
+        raw: Hand the handler the body's bytes, not the decoded object.
+    """
+    return type(f"DocumentedBody[{model.__name__}]", (_DocumentedBody,), {"model_type": model, "raw": raw})

@@ -70,11 +70,17 @@ def test_every_request_body_of_the_api_is_typed(client, admin_token):
     # The bodies the routes once took as `dict[str, Any]`, by name.
     ops = doc["paths"]
     for path, component in [("/v1/fine_tuning/jobs", "JobCreate"),
+                            ("/v1/chat/completions", "ChatCompletionRequest"),
+                            ("/v1/completions", "CompletionRequest"),
                             ("/v1/images/generations", "ImageGenerationRequest"),
                             ("/v1/load_lora_adapter", "LoadLoraAdapterRequest"),
                             ("/v1/unload_lora_adapter", "UnloadLoraAdapterRequest")]:
         schema = ops[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert schema == {"$ref": f"#/components/schemas/{component}"}, (path, schema)
+    chat = doc["components"]["schemas"]["ChatCompletionRequest"]
+    assert set(chat["required"]) == {"model", "messages"} and "ignored_fields" not in chat["properties"]
+    assert {"temperature", "top_p", "max_tokens", "max_completion_tokens", "n", "stop", "stream", "seed"} \
+        <= set(chat["properties"])
     job = doc["components"]["schemas"]["JobCreate"]
     assert set(job["required"]) == {"model", "training_file"}
     assert {"validation_file", "suffix", "seed", "method", "hyperparameters", "memorization", "compute"} \
