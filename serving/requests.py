@@ -1,9 +1,10 @@
-"""Bodies of vLLM's runtime-LoRA endpoints, as the OpenAPI documents show them.
+"""Request bodies of the OpenAI/vLLM routes, as the OpenAPI documents show them.
 
 The handlers (``serving.vllm_server`` and the appliance's
-``appliance.inference.controllers``) check the JSON object themselves, so that
-they answer exactly as vLLM does (its messages and its error shape); these
-structs say what they read. Fields not listed are ignored, as vLLM ignores them.
+``appliance.inference.controllers``) check what they receive themselves: chat
+and text completions with :mod:`serving.protocol`'s parsers, the runtime-LoRA
+bodies with vLLM's messages and error shape. These structs say what they read;
+fields not listed are ignored, as vLLM ignores them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,29 @@ from __future__ import annotations
 from typing import Annotated
 
 import msgspec
+
+from serving import protocol
+
+
+def _as_sent(model: type[msgspec.Struct]) -> type[msgspec.Struct]:
+    """``model`` as a client sends it: its fields less ``ignored_fields`` (which the parser fills in)."""
+    fields = []
+    for f in msgspec.structs.fields(model):
+        if f.name == "ignored_fields":
+            continue
+        if f.default is not msgspec.NODEFAULT:
+            fields.append((f.name, f.type, f.default))
+        elif f.default_factory is not msgspec.NODEFAULT:
+            fields.append((f.name, f.type, msgspec.field(default_factory=f.default_factory)))
+        else:
+            fields.append((f.name, f.type))
+    return msgspec.defstruct(model.__name__, fields, kw_only=True, module=__name__)
+
+
+#: ``POST /v1/chat/completions`` and ``POST /v1/completions`` as documented: the fields that
+#: :func:`serving.protocol.parse_chat_request` and :func:`~serving.protocol.parse_completion_request` read.
+ChatCompletionBody = _as_sent(protocol.ChatCompletionRequest)
+CompletionBody = _as_sent(protocol.CompletionRequest)
 
 
 class LoadLoraAdapterRequest(msgspec.Struct, kw_only=True):

@@ -39,7 +39,7 @@ from appliance.server.bodies import documented_body
 from serving.adapters import ADAPTER_CONFIG
 from serving.engine import Engine
 from serving.errors import AdapterLoadError
-from serving.requests import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
+from serving.requests import ChatCompletionBody, CompletionBody, LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from serving.protocol import (
     chat_chunks,
     chat_completion,
@@ -122,9 +122,10 @@ def create_vllm_compatible_app(engine: Engine, *, api_key: str | None = None) ->
                    "root": roots.get(a.name), "parent": base} for a in engine.adapters()]
         return {"object": "list", "data": cards}
 
-    @post("/v1/chat/completions", status_code=200)
-    async def chat_completions(request: Request) -> Any:
-        req = parse_chat_request(await request.body())
+    # The bytes as received, parsed by serving.protocol; the structs document them.
+    @post("/v1/chat/completions", status_code=200, dto=documented_body(ChatCompletionBody, raw=True), return_dto=None)
+    async def chat_completions(data: JSONBody[bytes] = b"") -> Any:
+        req = parse_chat_request(data)
         if not req.stream:
             result = await anyio.to_thread.run_sync(engine.generate, req)
             count(req.model)
@@ -135,9 +136,9 @@ def create_vllm_compatible_app(engine: Engine, *, api_key: str | None = None) ->
                              id=new_id("chatcmpl"))
         return Stream(sse(chunks), media_type="text/event-stream")
 
-    @post("/v1/completions", status_code=200)
-    async def completions(request: Request) -> Any:
-        req = parse_completion_request(await request.body())
+    @post("/v1/completions", status_code=200, dto=documented_body(CompletionBody, raw=True), return_dto=None)
+    async def completions(data: JSONBody[bytes] = b"") -> Any:
+        req = parse_completion_request(data)
         if not req.stream:
             result = await anyio.to_thread.run_sync(engine.generate, req)
             count(req.model)
