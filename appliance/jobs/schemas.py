@@ -48,6 +48,9 @@ class ComputeOptions(msgspec.Struct, forbid_unknown_fields=True):
     sharding: Literal["auto", "none", "fsdp"] = "auto"
 
 
+_IGNORED = msgspec.Meta(description="Accepted for OpenAI's clients; ignored.")
+
+
 class JobCreate(msgspec.Struct):
     """Create a fine-tuning job (OpenAI's shape, plus ``memorization`` and ``compute``).
 
@@ -63,11 +66,12 @@ class JobCreate(msgspec.Struct):
     method: JobMethod | None = None
     #: OpenAI's older top-level form: the hyperparameters of supervised (LoRA) fine-tuning.
     hyperparameters: Annotated[dict[str, Any], msgspec.Meta(
-        description="OpenAI's older form of `method.lora.hyperparameters` (used when `method` is absent).")] | None = None
+        description="OpenAI's older form of `method.lora.hyperparameters` (used when `method` is absent)."
+    )] | None = None
     memorization: MemorizationOptions | None = None
     compute: ComputeOptions | None = None
-    integrations: Annotated[list[Any], msgspec.Meta(description="Accepted for OpenAI's clients; ignored.")] | None = None
-    metadata: Annotated[dict[str, str], msgspec.Meta(description="Accepted for OpenAI's clients; ignored.")] | None = None
+    integrations: Annotated[list[Any], _IGNORED] | None = None
+    metadata: Annotated[dict[str, str], _IGNORED] | None = None
 
 
 # -- responses ---------------------------------------------------------------------
