@@ -49,6 +49,18 @@ class NotInitializedError(ApplianceError):
     code = "not_initialized"
 
 
+class InvalidFieldsError(InvalidRequestError):
+    """Several fields of one request are wrong: ``problems`` lists each as ``(param, message)``.
+
+    The message lists them all (``"param: message; param: message"``); ``param``
+    names the first. Hyperparameter errors have this shape, and so does job creation.
+    """
+
+    def __init__(self, problems: list[tuple[str, str]], *, code: str | None = None) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{p}: {m}" for p, m in problems), param=problems[0][0], code=code)
+
+
 class AuthenticationError(ApplianceError):
     """No valid credential was presented (HTTP 401)."""
 

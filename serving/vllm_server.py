@@ -36,6 +36,7 @@ from litestar.params import JSONBody
 from litestar.response import Stream
 
 from serving.adapters import ADAPTER_CONFIG
+from serving.bodies import documented_body
 from serving.engine import TextEngine
 from serving.errors import (
     AdapterLoadError,
@@ -46,6 +47,7 @@ from serving.errors import (
     error_body,
     unauthorized_body,
 )
+from serving.requests import ChatCompletionBody, CompletionBody, LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from serving.protocol import (
     chat_chunks,
     chat_completion,
@@ -93,7 +95,8 @@ def create_vllm_compatible_app(engine: TextEngine, *, api_key: str | None = None
             return None
         return Response(unauthorized_body(), status_code=401)
 
-    @post("/v1/load_lora_adapter", status_code=200)
+    # The bodies are the JSON objects the structs document, checked here with vLLM's messages.
+    @post("/v1/load_lora_adapter", status_code=200, dto=documented_body(LoadLoraAdapterRequest), return_dto=None)
     async def load_lora_adapter(data: JSONBody[dict[str, Any]]) -> Response[Any]:
         name, path = data.get("lora_name"), data.get("lora_path")
         if not name or not path:
@@ -109,7 +112,7 @@ def create_vllm_compatible_app(engine: TextEngine, *, api_key: str | None = None
         roots[name] = path
         return Response(f"Success: LoRA adapter '{name}' added successfully.", media_type="text/plain")
 
-    @post("/v1/unload_lora_adapter", status_code=200)
+    @post("/v1/unload_lora_adapter", status_code=200, dto=documented_body(UnloadLoraAdapterRequest), return_dto=None)
     async def unload_lora_adapter(data: JSONBody[dict[str, Any]]) -> Response[Any]:
         name = data.get("lora_name")
         if not name or not engine.has_adapter(name):
@@ -127,9 +130,10 @@ def create_vllm_compatible_app(engine: TextEngine, *, api_key: str | None = None
                    "root": roots.get(a.name), "parent": base} for a in engine.adapters()]
         return {"object": "list", "data": cards}
 
-    @post("/v1/chat/completions", status_code=200)
-    async def chat_completions(request: Request) -> Any:
-        req = parse_chat_request(await request.body())
+    # The bytes as received, parsed by serving.protocol; the structs document them.
+    @post("/v1/chat/completions", status_code=200, dto=documented_body(ChatCompletionBody, raw=True), return_dto=None)
+    async def chat_completions(data: JSONBody[bytes] = b"") -> Any:
+        req = parse_chat_request(data)
         if not req.stream:
             result = await anyio.to_thread.run_sync(engine.generate, req)
             count(req.model)
@@ -140,9 +144,9 @@ def create_vllm_compatible_app(engine: TextEngine, *, api_key: str | None = None
                              id=new_id("chatcmpl"))
         return Stream(sse(chunks), media_type="text/event-stream")
 
-    @post("/v1/completions", status_code=200)
-    async def completions(request: Request) -> Any:
-        req = parse_completion_request(await request.body())
+    @post("/v1/completions", status_code=200, dto=documented_body(CompletionBody, raw=True), return_dto=None)
+    async def completions(data: JSONBody[bytes] = b"") -> Any:
+        req = parse_completion_request(data)
         if not req.stream:
             result = await anyio.to_thread.run_sync(engine.generate, req)
             count(req.model)

@@ -53,7 +53,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
-from appliance.errors import InvalidRequestError
+from appliance.errors import InvalidFieldsError, InvalidRequestError
 
 Auto = Literal["auto"]
 AUTO: Auto = "auto"
@@ -78,14 +78,10 @@ COMMON_DEFAULTS: dict[str, Any] = {
 }
 
 
-class HyperparameterError(InvalidRequestError):
+class HyperparameterError(InvalidFieldsError):
     """One or more hyperparameters are invalid; ``problems`` lists each as ``(param, message)``."""
 
     code = "invalid_hyperparameters"
-
-    def __init__(self, problems: list[tuple[str, str]]) -> None:
-        self.problems = problems
-        super().__init__("; ".join(f"{p}: {m}" for p, m in problems), param=problems[0][0])
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from appliance.audit.service import AuditContext, record
 from appliance.db.base import Database, utcnow
 from appliance.errors import (
+    MODEL_NAME_LIKE,
     ApplianceError,
     ConflictError,
     CrossProjectDenied,
@@ -29,6 +30,7 @@ from appliance.errors import (
     PayloadTooLargeError,
     PermissionDeniedError,
     PolicyViolationError,
+    echo,
 )
 from appliance.files.models import ScanFinding, StoredFile
 from appliance.files.multipart import Field, FileData, FileEnd, FileStart, MultipartReader, boundary_of
@@ -526,6 +528,29 @@ class FileService:
             return s.scalar(stmt) or 0
 
     # -- what a job reads and writes (in the caller's transaction) ----------------------------
+    @staticmethod
+    def trainable_file(s: Session, principal: Principal, project: Project, file_id: Any, param: str,
+                       purpose: str | None = "fine-tune") -> StoredFile:
+        """The named file if a job of ``project`` may train on it (in the caller's transaction).
+
+        ``purpose`` None (the model is unknown) skips the purpose check.
+        """
+        if file_id is not None and not isinstance(file_id, str):
+            raise InvalidRequestError(f"`{param}` must be a file id such as 'file-abc123'; got "
+                                      f"{echo(file_id, MODEL_NAME_LIKE)}", param=param)
+        row = s.get(StoredFile, file_id) if file_id else None
+        if row is not None and row.deleted_at is None and principal.project_id not in (None, row.project_id):
+            raise CrossProjectDenied(f"file {file_id!r} not found in project {project.name!r}", param=param)
+        if row is None or row.deleted_at is not None or row.project_id != project.id:
+            raise NotFoundError(f"file {file_id!r} not found in project {project.name!r}", param=param)
+        if purpose is not None and row.purpose != purpose:
+            raise InvalidRequestError(f"file {file_id!r} has purpose {row.purpose!r}; this model trains on "
+                                      f"{purpose!r} files", param=param)
+        if row.status != "processed" or row.decision != "accepted":
+            raise InvalidRequestError(f"file {file_id!r} has not passed scanning (status {row.status!r})",
+                                      param=param)
+        return row
+
     def is_live(self, s: Session, file_id: str) -> bool:
         """Whether ``file_id`` exists and has not been deleted (crypto-shredded)."""
         row = s.get(StoredFile, file_id)

@@ -10,16 +10,23 @@ from litestar import Controller, Request, Response, get, post
 from litestar.concurrency import sync_to_thread
 from litestar.di import NamedDependency
 from litestar.enums import MediaType
-from litestar.openapi.spec import OpenAPIType, Schema
 from litestar.params import JSONBody
 from litestar.response import Stream
 
 from appliance.audit.service import record
 from appliance.errors import ConflictError, InvalidRequestError, NotFoundError
 from appliance.identity.roles import Permission
+from appliance.inference.schemas import (
+    ChatCompletionBody,
+    CompletionBody,
+    ImageGenerationRequest,
+    LoadLoraAdapterRequest,
+    UnloadLoraAdapterRequest,
+)
 from appliance.inference.service import InferenceService
 from appliance.web.context import audit_context
 from appliance.web.openapi import ErrorBody, VllmErrorBody, error_responses, operation
+from serving.bodies import documented_body
 from serving.errors import AdapterLoadError, error_body
 from serving.protocol import (
     chat_chunks,
@@ -33,17 +40,9 @@ from serving.protocol import (
 )
 
 
-_STRING, _OBJECT = Schema(type=OpenAPIType.STRING), Schema(type=OpenAPIType.OBJECT)
-#: The bodies as the OpenAPI description shows them: the required fields (``serving.protocol`` has them all).
-_CHAT_OPERATION = operation(also_answers=("text/event-stream",), body={"application/json": Schema(
-    type=OpenAPIType.OBJECT, required=["model", "messages"], properties={
-        "model": _STRING, "stream": Schema(type=OpenAPIType.BOOLEAN),
-        "messages": Schema(type=OpenAPIType.ARRAY, items=Schema(
-            type=OpenAPIType.OBJECT, required=["role"], properties={"role": _STRING}))})})
-_COMPLETION_OPERATION = operation(also_answers=("text/event-stream",), body={"application/json": Schema(
-    type=OpenAPIType.OBJECT, required=["model", "prompt"], properties={
-        "model": _STRING, "stream": Schema(type=OpenAPIType.BOOLEAN),
-        "prompt": Schema(one_of=[_STRING, Schema(type=OpenAPIType.ARRAY, items=_STRING)])})})
+#: The bodies are documented by structs (``appliance.inference.schemas``) and parsed by ``serving.protocol``
+#: from the bytes received; a streamed answer is server-sent events.
+_STREAMING_OPERATION = operation(also_answers=("text/event-stream",))
 
 
 class InferenceController(Controller):
@@ -51,14 +50,16 @@ class InferenceController(Controller):
     tags = ["inference"]
 
     @post("/chat/completions", opt={"permission": Permission.INFERENCE}, status_code=200,
-          responses=error_responses(413, 502, 503), operation_class=_CHAT_OPERATION)
-    async def chat_completions(self, request: Request, inference: NamedDependency[InferenceService]) -> Any:
+          responses=error_responses(413, 502, 503), operation_class=_STREAMING_OPERATION,
+          dto=documented_body(ChatCompletionBody, raw=True), return_dto=None)
+    async def chat_completions(self, request: Request, inference: NamedDependency[InferenceService],
+                               data: JSONBody[bytes] = b"") -> Any:
         """OpenAI chat completions, streamed (server-sent events ending with `data: [DONE]`) or not.
 
         `model` is a base model or a fine-tuned `ft:` model of one of the caller's projects. The
         response passes the project's output guard; the request is audited as metadata only.
         """
-        req = parse_chat_request(await request.body())
+        req = parse_chat_request(data)
         ctx = audit_context(request)
         if not req.stream:
             result = await sync_to_thread(inference.generate, request.user, ctx, req, "chat")
@@ -68,10 +69,12 @@ class InferenceController(Controller):
         return Stream(sse(chunks), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
     @post("/completions", opt={"permission": Permission.INFERENCE}, status_code=200,
-          responses=error_responses(413, 502, 503), operation_class=_COMPLETION_OPERATION)
-    async def completions(self, request: Request, inference: NamedDependency[InferenceService]) -> Any:
+          responses=error_responses(413, 502, 503), operation_class=_STREAMING_OPERATION,
+          dto=documented_body(CompletionBody, raw=True), return_dto=None)
+    async def completions(self, request: Request, inference: NamedDependency[InferenceService],
+                          data: JSONBody[bytes] = b"") -> Any:
         """OpenAI (legacy) completions over a raw prompt."""
-        req = parse_completion_request(await request.body())
+        req = parse_completion_request(data)
         ctx = audit_context(request)
         if not req.stream:
             result = await sync_to_thread(inference.generate, request.user, ctx, req, "completion")
@@ -86,7 +89,7 @@ class ImageController(Controller):
     tags = ["inference"]
 
     @post("/generations", opt={"permission": Permission.INFERENCE}, status_code=200, responses=error_responses(502),
-          sync_to_thread=True)
+          sync_to_thread=True, dto=documented_body(ImageGenerationRequest), return_dto=None)
     def generations(self, request: Request, inference: NamedDependency[InferenceService],
                     data: JSONBody[dict[str, Any]]) -> dict[str, Any]:
         """OpenAI image generation: `model`, `prompt`, `n`, `size` ("WxH"), `response_format: b64_json`,
@@ -134,7 +137,8 @@ class RuntimeLoraController(Controller):
     tags = ["serving-admin"]
 
     @post("/load_lora_adapter", opt={"permission": Permission.SERVING_ADMIN}, status_code=200,
-          responses=_VLLM_ERRORS, media_type=MediaType.TEXT, sync_to_thread=True)
+          responses=_VLLM_ERRORS, media_type=MediaType.TEXT, sync_to_thread=True,
+          dto=documented_body(LoadLoraAdapterRequest), return_dto=None)
     def load_lora_adapter(self, request: Request, inference: NamedDependency[InferenceService],
                           data: JSONBody[dict[str, Any]]) -> Response:
         name, path = data.get("lora_name"), data.get("lora_path")
@@ -162,7 +166,8 @@ class RuntimeLoraController(Controller):
         return Response(f"Success: LoRA adapter '{name}' added successfully.", media_type="text/plain")
 
     @post("/unload_lora_adapter", opt={"permission": Permission.SERVING_ADMIN}, status_code=200,
-          responses=_VLLM_ERRORS, media_type=MediaType.TEXT, sync_to_thread=True)
+          responses=_VLLM_ERRORS, media_type=MediaType.TEXT, sync_to_thread=True,
+          dto=documented_body(UnloadLoraAdapterRequest), return_dto=None)
     def unload_lora_adapter(self, request: Request, inference: NamedDependency[InferenceService],
                             data: JSONBody[dict[str, Any]]) -> Response:
         name = data.get("lora_name")

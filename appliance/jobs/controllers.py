@@ -17,12 +17,14 @@ from appliance.jobs.schemas import (
     EventList,
     EventObject,
     JobError,
+    JobCreate,
     JobList,
     JobObject,
 )
 from appliance.jobs.service import JobService, JobView, event_id
 from appliance.web.context import audit_context
 from appliance.web.openapi import error_responses
+from serving.bodies import documented_body
 
 #: OpenAI's top-level ``hyperparameters`` keys, echoed from the method's.
 _OPENAI_HP = ("n_epochs", "batch_size", "learning_rate_multiplier")
@@ -53,12 +55,15 @@ class JobController(Controller):
     path = "/v1/fine_tuning/jobs"
     tags = ["fine-tuning"]
 
-    @post(opt={"permission": Permission.JOBS_WRITE}, status_code=200, sync_to_thread=True)
+    @post(opt={"permission": Permission.JOBS_WRITE}, status_code=200, sync_to_thread=True,
+          dto=documented_body(JobCreate), return_dto=None)
     def create(self, request: Request, jobs: NamedDependency[JobService], files: NamedDependency[FileService],
                data: JSONBody[dict[str, Any]]) -> JobObject:
         """Create a fine-tuning job: `model`, `training_file`, optional `validation_file`, `suffix`, `seed`,
         `method` `{"type": "lora" | "qlora", "<type>": {"hyperparameters": {...}}}`, and `compute`
-        `{"workers": n}` for n data-parallel workers (Ray executor)."""
+        `{"workers": n}` for n data-parallel workers (Ray executor).
+
+        Every problem of the body is reported at once (`param` names the first; the message lists each)."""
         project = files.resolve_project(request.user, request.headers.get("openai-project"))
         return job_object(jobs.create(request.user, audit_context(request), project, data))
 

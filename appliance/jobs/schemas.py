@@ -2,10 +2,79 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
+
+# -- request: POST /v1/fine_tuning/jobs -------------------------------------------
+# What the OpenAPI document shows. The service checks the body field by field
+# (``JobService.create``), so that every problem is reported at once.
+
+class MethodSettings(msgspec.Struct):
+    """The settings of one training method."""
+
+    hyperparameters: Annotated[dict[str, Any], msgspec.Meta(
+        description="The method's hyperparameters, each a value or \"auto\" (see the README for each method's "
+                    "fields); unknown names are errors.")] = msgspec.field(default_factory=dict)
+
+
+class JobMethod(msgspec.Struct):
+    """``{"type": "lora", "lora": {"hyperparameters": {...}}}``; only the object named by ``type`` may be given."""
+
+    type: Annotated[Literal["lora", "qlora", "supervised", "dreambooth", "dreambooth_lora"], msgspec.Meta(
+        description="LoRA or QLoRA for language models ('supervised' means LoRA); LoRA, DreamBooth or "
+                    "DreamBooth-LoRA for image models.")] = "lora"
+    lora: MethodSettings | None = None
+    qlora: MethodSettings | None = None
+    supervised: MethodSettings | None = None
+    dreambooth: MethodSettings | None = None
+    dreambooth_lora: MethodSettings | None = None
+
+
+class MemorizationOptions(msgspec.Struct, forbid_unknown_fields=True):
+    """Memorisation tests of a language-model job: canaries and the extraction probe."""
+
+    canaries: Annotated[int, msgspec.Meta(ge=0, le=16)] = 0
+    canary_repetitions: Annotated[int, msgspec.Meta(ge=1, le=100)] = 10
+    extraction_probe: bool = True
+    probe_samples: Annotated[int, msgspec.Meta(ge=1, le=256)] = 32
+
+
+class ComputeOptions(msgspec.Struct, forbid_unknown_fields=True):
+    """How the job runs: ``workers`` data-parallel workers (Ray executor), the base model laid out by ``sharding``."""
+
+    workers: Annotated[int, msgspec.Meta(ge=1)] = 1
+    sharding: Literal["auto", "none", "fsdp"] = "auto"
+
+
+_IGNORED = msgspec.Meta(description="Accepted for OpenAI's clients; ignored.")
+
+
+class JobCreate(msgspec.Struct):
+    """Create a fine-tuning job (OpenAI's shape, plus ``memorization`` and ``compute``).
+
+    Every problem is reported in one 400: ``param`` names the first field, the message lists each
+    as ``field: problem``. Fields not listed here are ignored, as OpenAI's are.
+    """
+
+    model: Annotated[str, msgspec.Meta(description="A base model of the catalogue.")]
+    training_file: Annotated[str, msgspec.Meta(description="A scanned and accepted file of the project.")]
+    validation_file: str | None = None
+    suffix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")] | None = None
+    seed: Annotated[int, msgspec.Meta(ge=0, lt=2**31)] | None = None
+    method: JobMethod | None = None
+    #: OpenAI's older top-level form: the hyperparameters of supervised (LoRA) fine-tuning.
+    hyperparameters: Annotated[dict[str, Any], msgspec.Meta(
+        description="OpenAI's older form of `method.lora.hyperparameters` (used when `method` is absent)."
+    )] | None = None
+    memorization: MemorizationOptions | None = None
+    compute: ComputeOptions | None = None
+    integrations: Annotated[list[Any], _IGNORED] | None = None
+    metadata: Annotated[dict[str, str], _IGNORED] | None = None
+
+
+# -- responses ---------------------------------------------------------------------
 
 class JobError(msgspec.Struct):
     code: str

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,21 +18,23 @@ from appliance.db.base import Database, utcnow
 from appliance.errors import (
     MODEL_NAME_LIKE,
     ROLE_LIKE,
+    ApplianceError,
     ConflictError,
     CrossProjectDenied,
+    InvalidFieldsError,
     InvalidRequestError,
     NotFoundError,
     echo,
 )
-from appliance.files.models import StoredFile
-from appliance.identity.models import Project
-from appliance.identity.service import Principal
+from appliance.files.service import FileService
+from appliance.identity.service import Principal, project_by_id, project_names
 from appliance.jobs.memorization import parse_memorization, public_view
 from appliance.jobs.models import TERMINAL, FineTuningJob, JobCheckpoint, JobEvent
 from appliance.jobs.recipes import DATASET_PURPOSE, validate_method
 from appliance.training.hyperparameters import SHARDING
 
 if TYPE_CHECKING:
+    from appliance.identity.models import Project
     from appliance.jobs.executors import Executor
 
 ACTIVE = frozenset({"validating_files", "queued", "running"})
@@ -75,34 +78,29 @@ class JobService:
         executor: Where the scheduler runs workers (bounds ``compute.workers``); None: one local worker.
     """
 
-    def __init__(self, db: Database, catalog: CatalogService, wake: Callable[[], None] = lambda: None,
-                 executor: Executor | None = None) -> None:
-        self.db, self.catalog, self.wake = db, catalog, wake
+    def __init__(self, db: Database, catalog: CatalogService, files: FileService,
+                 wake: Callable[[], None] = lambda: None, executor: Executor | None = None) -> None:
+        self.db, self.catalog, self.files, self.wake = db, catalog, files, wake
         self.executor_name = executor.name if executor else "local"
         self.max_workers = executor.max_workers if executor else 1
 
     # -- create -------------------------------------------------------------
-    def _check_file(self, s, principal: Principal, project: Project, file_id: str | None, param: str,
-                    purpose: str = "fine-tune") -> StoredFile:
-        row = s.get(StoredFile, file_id) if file_id else None
-        if row is not None and row.deleted_at is None and principal.project_id not in (None, row.project_id):
-            raise CrossProjectDenied(f"file {file_id!r} not found in project {project.name!r}", param=param)
-        if row is None or row.deleted_at is not None or row.project_id != project.id:
-            raise NotFoundError(f"file {file_id!r} not found in project {project.name!r}", param=param)
-        if row.purpose != purpose:
-            raise InvalidRequestError(f"file {file_id!r} has purpose {row.purpose!r}; this model trains on "
-                                      f"{purpose!r} files", param=param)
-        if row.status != "processed" or row.decision != "accepted":
-            raise InvalidRequestError(f"file {file_id!r} has not passed scanning (status {row.status!r})",
-                                      param=param)
-        return row
-
     def create(self, principal: Principal, ctx: AuditContext, project: Project, body: dict[str, Any]) -> JobView:
-        """Validate everything the request names, then create the job in ``validating_files``."""
+        """Validate everything the request (a :class:`~appliance.jobs.schemas.JobCreate`) names, then create
+        the job in ``validating_files``.
+
+        Every field is checked, so that every problem is reported at once: one problem is answered as
+        itself (a 404 for an unknown model or file), several as one 400 that lists them all, ``param``
+        naming the first. A file of another project is always answered alone, as not found (and audited).
+        """
+        problems = _Problems()
+        base = None
         model = body.get("model")
         if not isinstance(model, str) or not model:
-            raise InvalidRequestError("`model` is required: the name of a base model", param="model")
-        base = self.catalog.get_base_model(model)
+            problems.add(InvalidRequestError("`model` is required: the name of a base model", param="model"))
+        else:
+            with problems.collect():
+                base = self.catalog.get_base_model(model)
         method = body.get("method")
         if method is None and body.get("hyperparameters") is not None:
             # OpenAI's older top-level form means supervised fine-tuning: LoRA here.
@@ -111,36 +109,51 @@ class JobService:
             method = {"type": "lora"}
         seed = body.get("seed")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31):
-            raise InvalidRequestError(f"`seed` must be an integer in [0, 2^31); got {seed!r}", param="seed")
+            problems.add(InvalidRequestError(f"`seed` must be an integer in [0, 2^31); got {seed!r}", param="seed"))
+            seed = None
         explicit = _method_seed(method)
         if seed is None:
             seed = explicit if isinstance(explicit, int) else secrets.randbelow(2**31)
-        method_type, hyperparameters = validate_method(method, base_kind=base.kind, seed=seed)
-        memorization = parse_memorization(body.get("memorization"), base_kind=base.kind)
-        if memorization.get("canaries"):
-            from appliance.training.memorization import new_canaries
-
-            memorization["canary_texts"] = new_canaries(memorization["canaries"])
-        compute = validate_compute(body.get("compute"), base_kind=base.kind, executor=self.executor_name,
-                                   max_workers=self.max_workers, method=method_type)
-        if compute.get("workers", 1) > 1 and hyperparameters.get("dp") is not None:
-            raise InvalidRequestError(
-                f"differentially private training (`dp`) runs in one worker; got `compute.workers` "
-                f"{compute['workers']}", param="compute.workers")
+        method_type, hyperparameters, memorization, compute = None, {}, {}, {}
+        if base is not None:
+            with problems.collect():
+                method_type, hyperparameters = validate_method(method, base_kind=base.kind, seed=seed)
+            with problems.collect():
+                memorization = parse_memorization(body.get("memorization"), base_kind=base.kind)
+            with problems.collect():
+                compute = validate_compute(body.get("compute"), base_kind=base.kind, executor=self.executor_name,
+                                           max_workers=self.max_workers, method=method_type or "lora")
+            if compute.get("workers", 1) > 1 and hyperparameters.get("dp") is not None:
+                problems.add(InvalidRequestError(
+                    f"differentially private training (`dp`) runs in one worker; got `compute.workers` "
+                    f"{compute['workers']}", param="compute.workers"))
         suffix = body.get("suffix")
         if suffix is not None and (not isinstance(suffix, str) or not _SUFFIX_RE.match(suffix)):
-            raise InvalidRequestError(f"`suffix` must be 1-64 characters of letters, digits, '.', '_' or '-'; "
-                                      f"got {suffix!r}", param="suffix")
+            problems.add(InvalidRequestError(f"`suffix` must be 1-64 characters of letters, digits, '.', '_' or '-'; "
+                                             f"got {suffix!r}", param="suffix"))
+        if body.get("training_file") is None:
+            problems.add(InvalidRequestError("`training_file` is required: the id of an uploaded, scanned file",
+                                             param="training_file"))
         with self.db.transaction() as s:
-            purpose = DATASET_PURPOSE[base.kind]
-            training = self._check_file(s, principal, project, body.get("training_file"), "training_file", purpose)
-            validation = None
+            purpose = DATASET_PURPOSE[base.kind] if base is not None else None
+            training = validation = None
+            if body.get("training_file") is not None:
+                with problems.collect():
+                    training = self.files.trainable_file(s, principal, project, body["training_file"], "training_file",
+                                                purpose)
             if body.get("validation_file"):
-                if base.kind != "llm":
-                    raise InvalidRequestError("image jobs take no `validation_file`: fidelity is measured against "
-                                              "the instance images", param="validation_file")
-                validation = self._check_file(s, principal, project, body["validation_file"], "validation_file",
-                                              purpose)
+                if base is not None and base.kind != "llm":
+                    problems.add(InvalidRequestError("image jobs take no `validation_file`: fidelity is measured "
+                                                     "against the instance images", param="validation_file"))
+                else:
+                    with problems.collect():
+                        validation = self.files.trainable_file(s, principal, project, body["validation_file"],
+                                                      "validation_file", purpose)
+            problems.raise_if_any()
+            if memorization.get("canaries"):
+                from appliance.training.memorization import new_canaries
+
+                memorization["canary_texts"] = new_canaries(memorization["canaries"])
             job = FineTuningJob(
                 id=new_job_id(), project_id=project.id, created_by=principal.user, model=base.name,
                 training_file=training.id, validation_file=validation.id if validation else None, suffix=suffix,
@@ -170,7 +183,7 @@ class JobService:
     def _job(self, principal: Principal, job_id: str) -> JobView:
         with self.db.read() as s:
             row = s.get(FineTuningJob, job_id)
-            project = s.get(Project, row.project_id) if row else None
+            project = project_by_id(s, row.project_id) if row else None
         if row is None:
             raise NotFoundError(f"fine-tuning job {job_id!r} not found", param="fine_tuning_job_id")
         principal.check_project(row.project_id, resource=f"fine-tuning job {job_id!r}")
@@ -181,7 +194,7 @@ class JobService:
 
     def list(self, principal: Principal, *, after: str | None, limit: int) -> tuple[list[JobView], bool]:
         with self.db.read() as s:
-            stmt = select(FineTuningJob, Project.name).join(Project, Project.id == FineTuningJob.project_id)
+            stmt = select(FineTuningJob)
             if principal.project_id is not None:
                 stmt = stmt.where(FineTuningJob.project_id == principal.project_id)
             if after:
@@ -189,9 +202,10 @@ class JobService:
                 if anchor is not None:
                     stmt = stmt.where((FineTuningJob.created_at < anchor.created_at) | (
                         (FineTuningJob.created_at == anchor.created_at) & (FineTuningJob.id < anchor.id)))
-            rows = s.execute(stmt.order_by(FineTuningJob.created_at.desc(), FineTuningJob.id.desc())
-                             .limit(limit + 1)).all()
-        return [JobView(r, p) for r, p in rows[:limit]], len(rows) > limit
+            rows = list(s.scalars(stmt.order_by(FineTuningJob.created_at.desc(), FineTuningJob.id.desc())
+                                  .limit(limit + 1)))
+            names = project_names(s, {r.project_id for r in rows})
+        return [JobView(r, names[r.project_id]) for r in rows[:limit]], len(rows) > limit
 
     def events(self, principal: Principal, job_id: str, *, after: str | None, limit: int) -> tuple[list[JobEvent], bool]:
         self._job(principal, job_id)
@@ -301,6 +315,42 @@ def validate_compute(
     if workers == 1:
         return {}
     return {"workers": workers} | ({"sharding": sharding} if sharding != "auto" else {})
+
+
+class _Problems:
+    """The problems found in one request, answered together by :meth:`raise_if_any`."""
+
+    def __init__(self) -> None:
+        self.errors: list[ApplianceError] = []
+
+    def add(self, error: ApplianceError) -> None:
+        self.errors.append(error)
+
+    @contextmanager
+    def collect(self) -> Iterator[None]:
+        """Note the request's problem raised in the block and carry on (other failures propagate)."""
+        try:
+            yield
+        except (InvalidRequestError, NotFoundError) as exc:
+            self.errors.append(exc)
+
+    def raise_if_any(self) -> None:
+        """One problem as itself; several as one :class:`InvalidFieldsError` listing each, field by field.
+
+        A file of another project is answered alone, as not found, so that the denial is audited.
+        """
+        if not self.errors:
+            return
+        denied = [e for e in self.errors if isinstance(e, CrossProjectDenied)]
+        if denied or len(self.errors) == 1:
+            raise (denied or self.errors)[0]
+        problems: list[tuple[str, str]] = []
+        for error in self.errors:
+            if isinstance(error, InvalidFieldsError):
+                problems += error.problems
+            else:
+                problems.append((error.param or "body", error.message))
+        raise InvalidFieldsError(problems)
 
 
 def _method_seed(method: Any) -> Any:

@@ -54,7 +54,7 @@ def build_state(
         policies=policies,
         files=files,
         catalog=catalog,
-        jobs=JobService(db, catalog, wake=scheduler.wake, executor=scheduler.executor),
+        jobs=JobService(db, catalog, files, wake=scheduler.wake, executor=scheduler.executor),
         scheduler=scheduler,
         sessions=SessionService(db, idle_minutes=settings.portal.session_idle_minutes,
                                 max_hours=settings.portal.session_max_hours),

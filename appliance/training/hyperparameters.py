@@ -56,7 +56,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
-from appliance.errors import InvalidRequestError
+from appliance.errors import InvalidFieldsError, InvalidRequestError
 from appliance.modelstore.architectures import FORBIDDEN_TARGET_MODULES
 
 Auto = Literal["auto"]
@@ -74,14 +74,10 @@ _NOT_FOR_METHOD = {
 }
 
 
-class HyperparameterError(InvalidRequestError):
+class HyperparameterError(InvalidFieldsError):
     """One or more hyperparameters are invalid; ``problems`` lists each as ``(param, message)``."""
 
     code = "invalid_hyperparameters"
-
-    def __init__(self, problems: list[tuple[str, str]]) -> None:
-        self.problems = problems
-        super().__init__("; ".join(f"{p}: {m}" for p, m in problems), param=problems[0][0])
 
 
 #: How a data-parallel LoRA run lays the base model over its workers (``compute.sharding``):

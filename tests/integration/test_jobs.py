@@ -164,6 +164,35 @@ def test_invalid_requests_name_the_field(client, tiny_model, trainer, owner, mak
         consumer.fine_tuning.jobs.create(model=tiny_model, training_file=train_id)
 
 
+def test_job_creation_reports_every_problem_at_once(client, tiny_model, trainer, owner):
+    """An unknown model, a missing training file and a bad suffix: one 400 naming all three fields."""
+    resp = client.post("/v1/fine_tuning/jobs", headers=bearer(trainer),
+                       json={"model": "no-such-model", "suffix": "bad suffix!"})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == "model"
+    for field in ("model", "training_file", "suffix"):
+        assert f"{field}: " in error["message"], (field, error["message"])
+    # Type problems and rule problems of a known model, hyperparameters included, come together too.
+    train_id = upload(client, owner, [qa(i) for i in range(4)])
+    resp = client.post("/v1/fine_tuning/jobs", headers=bearer(trainer),
+                       json={"model": tiny_model, "training_file": train_id, "seed": "seven",
+                             "validation_file": 12, "compute": {"workers": 0},
+                             "method": {"type": "lora", "lora": {"hyperparameters": {"lora_r": -4}}}})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == "seed"
+    for field in ("seed", "method.lora.hyperparameters.lora_r", "compute.workers", "validation_file"):
+        assert f"{field}: " in error["message"], (field, error["message"])
+    # A single problem is answered as before: an unknown model alone is a 404 naming it.
+    resp = client.post("/v1/fine_tuning/jobs", headers=bearer(trainer),
+                       json={"model": "no-such-model", "training_file": train_id})
+    assert resp.status_code == 404 and resp.json()["error"]["param"] == "model"
+    # A body that is not an object is refused as before, naming no field of it.
+    resp = client.post("/v1/fine_tuning/jobs", headers=bearer(trainer), json=[1, 2])
+    assert resp.status_code == 400 and "object" in resp.json()["error"]["message"]
+
+
 def _worker_pid(state, job_id: str, timeout: float = 60) -> int:
     deadline = Deadline(timeout)
     while deadline:
