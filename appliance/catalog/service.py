@@ -20,7 +20,7 @@ from appliance import __version__
 from appliance.audit.service import AuditContext, record
 from appliance.catalog.models import AdapterRecord, BaseModelRecord
 from appliance.crypto.signing import load_or_create_signing_key, public_key_pem, sign, verify
-from appliance.db.base import Database, utcnow
+from appliance.db.base import Database, created_before, utcnow
 from appliance.errors import MODEL_NAME_LIKE, ConflictError, InvalidRequestError, NotFoundError, echo
 from appliance.identity.service import Principal, project_by_id, project_names
 from appliance.storage.blobs import BlobStore, ShredEvidence
@@ -171,10 +171,7 @@ class CatalogService:
     @staticmethod
     def created_before(s: Session, until: datetime, project_id: int | None = None) -> list[AdapterRecord]:
         """Every adapter created before ``until`` (deleted ones too), of one project or all, oldest first (reports)."""
-        stmt = select(AdapterRecord).where(AdapterRecord.created_at < until)
-        if project_id is not None:
-            stmt = stmt.where(AdapterRecord.project_id == project_id)
-        return list(s.scalars(stmt.order_by(AdapterRecord.created_at)))
+        return created_before(s, AdapterRecord, until, project_id)
 
     @staticmethod
     def adapters_created_before(s: Session, project_id: int, cutoff: datetime) -> list[tuple[str, datetime]]:

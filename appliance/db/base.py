@@ -12,8 +12,9 @@ import contextlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy import DateTime, Engine, MetaData, create_engine, event, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -57,6 +58,15 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value.tzinfo is not None:
             value = value.astimezone(UTC).replace(tzinfo=None)
         return value.replace(tzinfo=UTC)
+
+
+def created_before(s: Session, table: type[Base], until: datetime, project_id: int | None = None) -> list[Any]:
+    """Rows of a project-owned ``table`` created before ``until`` (deleted ones too), of one project or all,
+    oldest first: what audit reports list."""
+    stmt = select(table).where(table.created_at < until)
+    if project_id is not None:
+        stmt = stmt.where(table.project_id == project_id)
+    return list(s.scalars(stmt.order_by(table.created_at)))
 
 
 def utcnow() -> datetime:

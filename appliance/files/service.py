@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from appliance.audit.service import AuditContext, record
-from appliance.db.base import Database, utcnow
+from appliance.db.base import Database, created_before, utcnow
 from appliance.errors import (
     MODEL_NAME_LIKE,
     ApplianceError,
@@ -559,10 +559,7 @@ class FileService:
     @staticmethod
     def created_before(s: Session, until: datetime, project_id: int | None = None) -> list[StoredFile]:
         """Every file created before ``until`` (deleted ones too), of one project or all, oldest first (reports)."""
-        stmt = select(StoredFile).where(StoredFile.created_at < until)
-        if project_id is not None:
-            stmt = stmt.where(StoredFile.project_id == project_id)
-        return list(s.scalars(stmt.order_by(StoredFile.created_at)))
+        return created_before(s, StoredFile, until, project_id)
 
     @staticmethod
     def datasets_created_before(s: Session, project_id: int, cutoff: datetime) -> list[tuple[str, datetime]]:
