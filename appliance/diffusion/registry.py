@@ -1,27 +1,23 @@
-"""``method.type`` -> image recipe. Add a method by writing ``recipes/<name>.py`` and listing it here."""
+"""``method.type`` -> image recipe. Add a method by writing ``recipes/<name>.py`` and its hyperparameters class."""
 
 from __future__ import annotations
 
-from appliance.diffusion.protocol import Recipe
-from appliance.diffusion.recipes import dreambooth, dreambooth_lora, lora
-from appliance.errors import InvalidRequestError
+from typing import Any
 
-RECIPES: dict[str, Recipe] = {
-    lora.method: lora,
-    dreambooth.method: dreambooth,
-    dreambooth_lora.method: dreambooth_lora,
-}
+from appliance.diffusion.hyperparameters import HYPERPARAMETERS
+from appliance.trainkit.registry import RecipeRegistry
+
+REGISTRY = RecipeRegistry("appliance.diffusion.recipes", HYPERPARAMETERS)
+#: What each method supports (DP, FSDP, its output), read without loading torch.
+capabilities = REGISTRY.capabilities
 
 
-def get_recipe(method: str) -> Recipe:
-    """The recipe for ``method``.
+def get_recipe(method: str) -> Any:
+    """The image recipe for ``method`` (:class:`appliance.diffusion.protocol.Recipe`); raises for an unknown one."""
+    return REGISTRY.recipe(method)
 
-    Raises:
-        InvalidRequestError: Unknown method.
-    """
-    try:
-        return RECIPES[method]
-    except KeyError:
-        raise InvalidRequestError(
-            f"`method.type` must be one of {', '.join(map(repr, RECIPES))}; got {method!r}", param="method.type"
-        ) from None
+
+def __getattr__(name: str) -> Any:
+    if name == "RECIPES":  # every recipe module by method, loaded on first use
+        return REGISTRY.recipes()
+    raise AttributeError(f"module 'appliance.diffusion.registry' has no attribute {name!r}")
