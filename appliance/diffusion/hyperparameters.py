@@ -215,13 +215,10 @@ class ImageTrainingSpec:
         Raises:
             HyperparameterError: Listing every problem found.
         """
-        if method is None:
-            return cls("lora", ImageLoraHyperparameters())
-        return cls(*parse_method(method, HYPERPARAMETERS, default="lora", unknown=_unknown))
+        def unknown(kind: str, key: str, known: set[str]) -> str:
+            return f"is not a known hyperparameter of {kind!r}; known: {', '.join(sorted(known))}"
 
-
-def _unknown(method: str, field: str, known: set[str]) -> str:
-    return f"is not a known hyperparameter of {method!r}; known: {', '.join(sorted(known))}"
+        return cls(*parse_method(method, HYPERPARAMETERS, default="lora", unknown=unknown))
 
 
 def resolve(

@@ -1,23 +1,16 @@
-"""``method.type`` -> image recipe. Add a method by writing ``recipes/<name>.py`` and its hyperparameters class."""
+"""``method.type`` -> image recipe. Add a method by writing ``recipes/<name>.py`` and its hyperparameters class.
+
+``RECIPES`` (every recipe module by method) loads torch on first use;
+``capabilities(method)`` (DP, FSDP, its output) does not.
+"""
 
 from __future__ import annotations
-
-from typing import Any
 
 from appliance.diffusion.hyperparameters import HYPERPARAMETERS
 from appliance.trainkit.registry import RecipeRegistry
 
 REGISTRY = RecipeRegistry("appliance.diffusion.recipes", HYPERPARAMETERS)
-#: What each method supports (DP, FSDP, its output), read without loading torch.
+__getattr__ = REGISTRY.module_getattr(__name__)
 capabilities = REGISTRY.capabilities
-
-
-def get_recipe(method: str) -> Any:
-    """The image recipe for ``method`` (:class:`appliance.diffusion.protocol.Recipe`); raises for an unknown one."""
-    return REGISTRY.recipe(method)
-
-
-def __getattr__(name: str) -> Any:
-    if name == "RECIPES":  # every recipe module by method, loaded on first use
-        return REGISTRY.recipes()
-    raise AttributeError(f"module 'appliance.diffusion.registry' has no attribute {name!r}")
+#: The image recipe (:class:`appliance.diffusion.protocol.Recipe`) of a method; raises for an unknown one.
+get_recipe = REGISTRY.recipe

@@ -37,14 +37,7 @@ from appliance.diffusion.protocol import Models, Setup
 from appliance.diffusion.registry import get_recipe
 from appliance.diffusion.results import ImageTrainingEvent, ImageTrainMetrics, ImageTrainResult
 from appliance.errors import InvalidRequestError
-from appliance.trainkit.checkpoint import (
-    capture_rng,
-    full_optimizer_state,
-    full_weights,
-    load_optimizer_state,
-    restore_rng,
-    restore_weights,
-)
+from appliance.trainkit import checkpoint as kit
 from appliance.trainkit.device import pick_device
 from appliance.trainkit.errors import Cancelled, check_finite_loss, require_positive_int
 from appliance.trainkit.events import ProgressWindow
@@ -579,22 +572,22 @@ def _checkpoint(recipe, models: Models, setup: Setup, optimizer, scheduler, scal
         "before_metrics": dict(state.before or {}),
         "before_grid": before_png,
         "class_digest": state.class_digest,
-        "trainable": full_weights(setup.trainable),
+        "trainable": kit.full_weights(setup.trainable),
         "payload": recipe.checkpoint_payload(models, setup),
-        "optimizer": full_optimizer_state(optimizer),
+        "optimizer": kit.full_optimizer_state(optimizer),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": capture_rng(),
+        "rng": kit.capture_rng(),
     })
 
 
 def _restore(setup: Setup, optimizer, scheduler, scaler, saved: dict, state: _RunState) -> None:
-    restore_weights(setup.trainable, saved["trainable"])
-    load_optimizer_state(optimizer, saved["optimizer"])
+    kit.restore_weights(setup.trainable, saved["trainable"])
+    kit.load_optimizer_state(optimizer, saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     if scaler is not None and saved.get("scaler"):
         scaler.load_state_dict(saved["scaler"])
-    restore_rng(saved["rng"])
+    kit.restore_rng(saved["rng"])
     state.step = saved["step"]
     state.losses = list(saved["losses"])
     state.train_seconds = saved["train_seconds"]

@@ -228,8 +228,6 @@ class TrainingSpec:
         Raises:
             HyperparameterError: Listing every problem found.
         """
-        if method is None:
-            return cls("lora", LoraHyperparameters())
         return cls(*parse_method(method, HYPERPARAMETERS, default="lora", unknown=_unknown))
 
 

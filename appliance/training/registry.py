@@ -1,8 +1,12 @@
-"""``method.type`` -> LLM recipe. Add a method by writing ``recipes/<name>.py`` and its hyperparameters class."""
+"""``method.type`` -> LLM recipe. Add a method by writing ``recipes/<name>.py`` and its hyperparameters class.
+
+``RECIPES`` (every recipe module by method) loads torch on first use;
+:func:`capabilities` does not.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from appliance.trainkit.registry import RecipeCapabilities, RecipeRegistry
 from appliance.training.hyperparameters import HYPERPARAMETERS
@@ -11,6 +15,7 @@ if TYPE_CHECKING:
     from appliance.training.protocol import Recipe
 
 REGISTRY = RecipeRegistry("appliance.training.recipes", HYPERPARAMETERS)
+__getattr__ = REGISTRY.module_getattr(__name__)
 
 
 def get_recipe(method: str) -> Recipe:
@@ -25,9 +30,3 @@ def get_recipe(method: str) -> Recipe:
 def capabilities(method: str) -> RecipeCapabilities:
     """What ``method`` supports (DP, FSDP, its output); loads no torch."""
     return REGISTRY.capabilities(method)
-
-
-def __getattr__(name: str) -> Any:
-    if name == "RECIPES":  # every recipe module by method, loaded on first use
-        return REGISTRY.recipes()
-    raise AttributeError(f"module 'appliance.training.registry' has no attribute {name!r}")

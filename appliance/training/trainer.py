@@ -38,14 +38,7 @@ from transformers import AutoConfig, AutoTokenizer, get_linear_schedule_with_war
 
 from appliance.errors import InvalidRequestError
 from appliance.modelstore.architectures import SUPPORTED_ARCHITECTURES
-from appliance.trainkit.checkpoint import (
-    capture_rng,
-    full_optimizer_state,
-    full_weights,
-    load_optimizer_state,
-    restore_rng,
-    restore_weights,
-)
+from appliance.trainkit import checkpoint as kit
 from appliance.trainkit.device import pick_device
 from appliance.trainkit.errors import Cancelled, TrainingDivergedError, check_finite_loss, require_positive_int
 from appliance.trainkit.events import ProgressWindow
@@ -565,7 +558,7 @@ def _metrics(
 def _checkpoint(run: _Run) -> bytes:
     setup, state, dp = run.setup, run.state, run.dp
     # Whole tensors: when sharded, every rank gathers them (collectives), and rank 0 keeps them.
-    trainable = full_weights({n: p for n, p in setup.model.named_parameters() if p.requires_grad})
+    trainable = kit.full_weights({n: p for n, p in setup.model.named_parameters() if p.requires_grad})
     adapter = run.recipe.save(setup, run.base_model_name)
     return ckpt.dump(
         {
@@ -579,19 +572,19 @@ def _checkpoint(run: _Run) -> bytes:
             "valid_before": state.valid_before,
             "trainable": trainable,
             "adapter": adapter,
-            "optimizer": full_optimizer_state(run.optimizer),
+            "optimizer": kit.full_optimizer_state(run.optimizer),
             "scheduler": run.scheduler.state_dict(),
-            "rng": capture_rng(),
+            "rng": kit.capture_rng(),
         }
     )
 
 
 def _restore(run: _Run, saved: dict[str, Any]) -> None:
     state = run.state
-    restore_weights({n: p for n, p in run.setup.model.named_parameters() if p.requires_grad}, saved["trainable"])
-    load_optimizer_state(run.optimizer, saved["optimizer"])
+    kit.restore_weights({n: p for n, p in run.setup.model.named_parameters() if p.requires_grad}, saved["trainable"])
+    kit.load_optimizer_state(run.optimizer, saved["optimizer"])
     run.scheduler.load_state_dict(saved["scheduler"])
-    restore_rng(saved["rng"])
+    kit.restore_rng(saved["rng"])
     state.step = saved["step"]
     state.trained_tokens = saved["trained_tokens"]
     state.epoch_losses = list(saved["epoch_losses"])

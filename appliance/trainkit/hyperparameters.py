@@ -103,7 +103,7 @@ def check_spec(method: str, hyperparameters: Any, table: Mapping[str, type]) -> 
 
 
 def parse_method(
-    method: Mapping[str, Any],
+    method: Mapping[str, Any] | None,
     table: Mapping[str, type],
     *,
     default: str,
@@ -114,14 +114,16 @@ def parse_method(
     Unknown keys are errors (a misspelt ``lora_rank`` must not be ignored).
 
     Args:
-        method: The job's ``method`` (``None`` is the caller's to handle).
+        method: The job's ``method``; ``None`` means ``default`` with every hyperparameter at its default.
         table: ``method.type`` -> hyperparameters dataclass.
-        default: The type when ``method`` names none.
+        default: The type when ``method`` is ``None`` or names none.
         unknown: ``(method type, field, known fields)`` -> the message for an unknown hyperparameter.
 
     Raises:
         HyperparameterError: Listing every problem found.
     """
+    if method is None:
+        return default, table[default]()
     if not isinstance(method, Mapping):
         raise HyperparameterError([("method", f"must be an object; got {type(method).__name__}")])
     kind = method.get("type", default)

@@ -84,3 +84,13 @@ class RecipeRegistry:
     def recipes(self) -> dict[str, Any]:
         """Every recipe module by method (imports them all)."""
         return {method: self.recipe(method) for method in self.hyperparameters}
+
+    def module_getattr(self, module: str) -> Any:
+        """A registry module's ``__getattr__`` serving ``RECIPES`` (:meth:`recipes`) on first use."""
+
+        def __getattr__(name: str) -> Any:
+            if name == "RECIPES":
+                return self.recipes()
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+        return __getattr__
