@@ -90,8 +90,8 @@ class ImageLoraHyperparameters:
     """LoRA on the UNet's attention (and optionally the text encoder), trained on captioned images.
 
     Each image is paired with its caption; images without one use the
-    instance prompt. Construction validates every field and raises
-    :class:`HyperparameterError` listing all problems.
+    instance prompt. Every field is validated on construction, all problems
+    at once (:class:`HyperparameterError`).
     """
 
     resolution: int | Auto = AUTO
