@@ -15,7 +15,7 @@ Typical use::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from appliance.diffusion.hyperparameters import (
     HYPERPARAMETERS,
@@ -27,13 +27,15 @@ from appliance.diffusion.hyperparameters import (
     resolve,
 )
 from appliance.diffusion.results import FIDELITY_PROXY, ImageTrainingEvent, ImageTrainMetrics, ImageTrainResult
+from appliance.trainkit.errors import TrainingDivergedError
+from appliance.trainkit.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from appliance.diffusion.checkpoint import checkpoint_artifacts
     from appliance.diffusion.data import ImageDatasetError, build_dataset_zip, read_image_dataset
     from appliance.diffusion.importer import DiffusionModelInfo, import_diffusers_model
     from appliance.diffusion.tiny import build_tiny_sd_pipeline
-    from appliance.diffusion.trainer import TrainingDivergedError, train_images
+    from appliance.diffusion.trainer import train_images
 
 __all__ = [
     "FIDELITY_PROXY",
@@ -58,9 +60,8 @@ __all__ = [
     "train_images",
 ]
 
-_LAZY = {
+__getattr__ = lazy_attributes(__name__, {
     "train_images": "appliance.diffusion.trainer",
-    "TrainingDivergedError": "appliance.diffusion.trainer",
     "checkpoint_artifacts": "appliance.diffusion.checkpoint",
     "ImageDatasetError": "appliance.diffusion.data",
     "build_dataset_zip": "appliance.diffusion.data",
@@ -68,12 +69,4 @@ _LAZY = {
     "DiffusionModelInfo": "appliance.diffusion.importer",
     "import_diffusers_model": "appliance.diffusion.importer",
     "build_tiny_sd_pipeline": "appliance.diffusion.tiny",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'appliance.diffusion' has no attribute {name!r}")
+})

@@ -51,17 +51,24 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
-from appliance.errors import InvalidFieldsError, InvalidRequestError
+from appliance.trainkit.errors import HyperparameterError
+from appliance.trainkit.hyperparameters import AUTO, Auto, FieldChecks, check_spec, parse_method
+from appliance.trainkit.hyperparameters import is_int as _is_int
+from appliance.trainkit.hyperparameters import prefix as _prefix
+from appliance.trainkit.hyperparameters import raise_if as _raise_if
+from appliance.trainkit.registry import RecipeCapabilities
 
-Auto = Literal["auto"]
-AUTO: Auto = "auto"
+__all__ = ["AUTO", "COMMON_DEFAULTS", "DEFAULTS", "HYPERPARAMETERS", "Auto", "DreamBoothHyperparameters",
+           "DreamBoothLoraHyperparameters", "HyperparameterError", "ImageHyperparameters",
+           "ImageLoraHyperparameters", "ImageTrainingSpec", "hyperparameters_from_dict", "resolve",
+           "uses_prior_preservation"]
+
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 ImageMethod = Literal["lora", "dreambooth", "dreambooth_lora"]
 
 MAX_PROMPT_CHARS = 1000
-_OR_AUTO = ' or "auto"'
 
 #: Per-method defaults behind ``"auto"`` (see the module docstring for sources).
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -78,19 +85,13 @@ COMMON_DEFAULTS: dict[str, Any] = {
 }
 
 
-class HyperparameterError(InvalidFieldsError):
-    """One or more hyperparameters are invalid; ``problems`` lists each as ``(param, message)``."""
-
-    code = "invalid_hyperparameters"
-
-
 @dataclass(frozen=True)
 class ImageLoraHyperparameters:
     """LoRA on the UNet's attention (and optionally the text encoder), trained on captioned images.
 
     Each image is paired with its caption; images without one use the
-    instance prompt. Construction validates every field and raises
-    :class:`HyperparameterError` listing all problems.
+    instance prompt. Every field is validated on construction, all problems
+    at once (:class:`HyperparameterError`).
     """
 
     resolution: int | Auto = AUTO
@@ -108,6 +109,7 @@ class ImageLoraHyperparameters:
     validation_every_steps: int | Auto = AUTO
 
     method = "lora"
+    capabilities: ClassVar[RecipeCapabilities] = RecipeCapabilities(output="adapter")
 
     def __post_init__(self) -> None:
         _raise_if(_check(self))
@@ -142,6 +144,7 @@ class DreamBoothHyperparameters:
     validation_every_steps: int | Auto = AUTO
 
     method = "dreambooth"
+    capabilities: ClassVar[RecipeCapabilities] = RecipeCapabilities(output="full_weights")
 
     def __post_init__(self) -> None:
         _raise_if(_check(self))
@@ -172,6 +175,7 @@ class DreamBoothLoraHyperparameters:
     validation_every_steps: int | Auto = AUTO
 
     method = "dreambooth_lora"
+    capabilities: ClassVar[RecipeCapabilities] = RecipeCapabilities(output="adapter")
 
     def __post_init__(self) -> None:
         _raise_if(_check(self))
@@ -198,18 +202,7 @@ class ImageTrainingSpec:
     hyperparameters: ImageHyperparameters
 
     def __post_init__(self) -> None:
-        expected = HYPERPARAMETERS.get(self.method)
-        if expected is None:
-            raise InvalidRequestError(
-                f"`method.type` must be one of {', '.join(map(repr, HYPERPARAMETERS))}; got {self.method!r}",
-                param="method.type",
-            )
-        if not isinstance(self.hyperparameters, expected):
-            raise InvalidRequestError(
-                f"`method.{self.method}.hyperparameters` must be {expected.__name__}; "
-                f"got {type(self.hyperparameters).__name__}",
-                param=f"method.{self.method}.hyperparameters",
-            )
+        check_spec(self.method, self.hyperparameters, HYPERPARAMETERS)
 
     @classmethod
     def from_method(cls, method: Mapping[str, Any] | None) -> ImageTrainingSpec:
@@ -222,41 +215,10 @@ class ImageTrainingSpec:
         Raises:
             HyperparameterError: Listing every problem found.
         """
-        if method is None:
-            return cls("lora", ImageLoraHyperparameters())
-        if not isinstance(method, Mapping):
-            raise HyperparameterError([("method", f"must be an object; got {type(method).__name__}")])
-        kind = method.get("type", "lora")
-        if kind not in HYPERPARAMETERS:
-            raise HyperparameterError(
-                [("method.type", f"must be one of {', '.join(map(repr, HYPERPARAMETERS))}; got {kind!r}")]
-            )
-        problems = [
-            (f"method.{key}", f"is not allowed with method.type {kind!r}") for key in method if key not in ("type", kind)
-        ]
-        body = method.get(kind) or {}
-        if not isinstance(body, Mapping):
-            raise HyperparameterError(problems + [(f"method.{kind}", f"must be an object; got {type(body).__name__}")])
-        problems += [(f"method.{kind}.{key}", "is not a known field") for key in body if key != "hyperparameters"]
-        raw = body.get("hyperparameters") or {}
-        if not isinstance(raw, Mapping):
-            raise HyperparameterError(
-                problems + [(f"method.{kind}.hyperparameters", f"must be an object; got {type(raw).__name__}")]
-            )
-        hp_cls = HYPERPARAMETERS[kind]
-        known = {f.name for f in dataclasses.fields(hp_cls)}
-        problems += [
-            (f"{_prefix(kind)}.{key}", f"is not a known hyperparameter of {kind!r}; known: {', '.join(sorted(known))}")
-            for key in raw
-            if key not in known
-        ]
-        try:
-            hp = hp_cls(**{k: v for k, v in raw.items() if k in known})
-        except HyperparameterError as exc:
-            problems += exc.problems
-        if problems:
-            raise HyperparameterError(problems)
-        return cls(kind, hp)
+        def unknown(kind: str, key: str, known: set[str]) -> str:
+            return f"is not a known hyperparameter of {kind!r}; known: {', '.join(sorted(known))}"
+
+        return cls(*parse_method(method, HYPERPARAMETERS, default="lora", unknown=unknown))
 
 
 def resolve(
@@ -291,7 +253,7 @@ def resolve(
         values.update({f: None for f in ("prior_loss_weight", "num_class_images") if hasattr(hp, f)})
     if hp.resolution == AUTO:
         values["resolution"] = default_resolution
-    if hp.max_train_steps == AUTO and method == "lora":
+    if hp.max_train_steps == AUTO and "num_train_epochs" in defaults:  # the method's default is in epochs
         batch = values.get("train_batch_size", hp.train_batch_size)
         accumulation = values.get("gradient_accumulation_steps", hp.gradient_accumulation_steps)
         values["max_train_steps"] = defaults["num_train_epochs"] * math.ceil(max(1, n_images) / (batch * accumulation))
@@ -323,50 +285,10 @@ def uses_prior_preservation(hp: ImageHyperparameters) -> bool:
     return getattr(hp, "class_prompt", None) is not None
 
 
-def _prefix(method: str) -> str:
-    return f"method.{method}.hyperparameters"
-
-
-def _raise_if(problems: list[tuple[str, str]]) -> None:
-    if problems:
-        raise HyperparameterError(problems)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check(hp: ImageHyperparameters) -> list[tuple[str, str]]:
     """Every problem with ``hp``, in field order."""
-    prefix = _prefix(hp.method)
-    problems: list[tuple[str, str]] = []
-    fields = {f.name for f in dataclasses.fields(hp)}
-
-    def bad(field: str, rule: str) -> None:
-        problems.append((f"{prefix}.{field}", f"{rule}; got {getattr(hp, field)!r}"))
-
-    def int_in(field: str, low: int, high: int, *, auto: bool = True) -> None:
-        if field not in fields:
-            return
-        value = getattr(hp, field)
-        if auto and value == AUTO:
-            return
-        if not _is_int(value) or not low <= value <= high:
-            what = "a positive integer" if low == 1 else f"an integer from {low}"
-            bad(field, f"must be {what} (at most {high}){_OR_AUTO if auto else ''}")
-
-    def number(field: str, rule: str, ok: Any, *, auto: bool = True, none: bool = False) -> None:
-        if field not in fields:
-            return
-        value = getattr(hp, field)
-        if (auto and value == AUTO) or (none and value is None):
-            return
-        if not _is_number(value) or not ok(value):
-            bad(field, f"must be {rule}{_OR_AUTO if auto else ''}{' or null' if none else ''}")
+    check = FieldChecks(hp, at_least="an integer from")
+    fields, bad, int_in, number = check.fields, check.bad, check.int_in, check.number
 
     def prompt(field: str) -> None:
         if field not in fields:
@@ -405,4 +327,4 @@ def _check(hp: ImageHyperparameters) -> list[tuple[str, str]]:
         value = getattr(hp, field)
         if value != AUTO and (not _is_int(value) or not 0 <= value <= 1_000_000):
             bad(field, 'must be a non-negative integer (0 = never) or "auto"')
-    return problems
+    return check.problems

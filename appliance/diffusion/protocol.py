@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from appliance.diffusion.data import ImageDataset
+from appliance.trainkit.registry import RecipeCapabilities
 
 
 @dataclass
@@ -57,6 +58,9 @@ class Recipe(Protocol):
     """An image training method; ``recipes/<method>.py`` modules implement it."""
 
     method: str
+    #: What the method supports (DP, FSDP) and makes (``adapter`` or ``full_weights``); the same
+    #: object as its hyperparameters class declares, so it can be read without loading the recipe.
+    capabilities: RecipeCapabilities
 
     def prompts(self, dataset: ImageDataset, instance_prompt: str | None) -> list[str]:
         """The prompt each training image is paired with (raises naming what is missing)."""

@@ -1,27 +1,16 @@
-"""``method.type`` -> image recipe. Add a method by writing ``recipes/<name>.py`` and listing it here."""
+"""``method.type`` -> image recipe. Add a method by writing ``recipes/<name>.py`` and its hyperparameters class.
+
+``RECIPES`` (every recipe module by method) loads torch on first use;
+``capabilities(method)`` (DP, FSDP, its output) does not.
+"""
 
 from __future__ import annotations
 
-from appliance.diffusion.protocol import Recipe
-from appliance.diffusion.recipes import dreambooth, dreambooth_lora, lora
-from appliance.errors import InvalidRequestError
+from appliance.diffusion.hyperparameters import HYPERPARAMETERS
+from appliance.trainkit.registry import RecipeRegistry
 
-RECIPES: dict[str, Recipe] = {
-    lora.method: lora,
-    dreambooth.method: dreambooth,
-    dreambooth_lora.method: dreambooth_lora,
-}
-
-
-def get_recipe(method: str) -> Recipe:
-    """The recipe for ``method``.
-
-    Raises:
-        InvalidRequestError: Unknown method.
-    """
-    try:
-        return RECIPES[method]
-    except KeyError:
-        raise InvalidRequestError(
-            f"`method.type` must be one of {', '.join(map(repr, RECIPES))}; got {method!r}", param="method.type"
-        ) from None
+REGISTRY = RecipeRegistry("appliance.diffusion.recipes", HYPERPARAMETERS)
+__getattr__ = REGISTRY.module_getattr(__name__)
+capabilities = REGISTRY.capabilities
+#: The image recipe (:class:`appliance.diffusion.protocol.Recipe`) of a method; raises for an unknown one.
+get_recipe = REGISTRY.recipe

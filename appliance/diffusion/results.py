@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from appliance.diffusion.hyperparameters import ImageHyperparameters
+from appliance.trainkit.events import AsDict
 
 #: How the subject-fidelity proxy is computed (also in the metrics, so a reader of a job cannot miss it).
 FIDELITY_PROXY = (
@@ -54,7 +55,7 @@ class ImageTrainingEvent:
 
 
 @dataclass(frozen=True)
-class ImageTrainMetrics:
+class ImageTrainMetrics(AsDict):
     """Numbers for the job's result.
 
     The ``subject_fidelity_proxy_*`` figures are a pixel-statistics proxy (see
@@ -75,9 +76,6 @@ class ImageTrainMetrics:
     subject_fidelity_proxy_mean_color_distance_before: float | None
     subject_fidelity_proxy_mean_color_distance_after: float | None
     subject_fidelity_metric: str = FIDELITY_PROXY
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -38,7 +36,11 @@ from appliance.diffusion.hyperparameters import ImageTrainingSpec, resolve, uses
 from appliance.diffusion.protocol import Models, Setup
 from appliance.diffusion.registry import get_recipe
 from appliance.diffusion.results import ImageTrainingEvent, ImageTrainMetrics, ImageTrainResult
-from appliance.errors import ApplianceError, InvalidRequestError
+from appliance.errors import InvalidRequestError
+from appliance.trainkit import checkpoint as kit
+from appliance.trainkit.device import pick_device
+from appliance.trainkit.errors import Cancelled, check_finite_loss, require_positive_int
+from appliance.trainkit.events import ProgressWindow
 
 #: Fixed as in diffusers' training scripts (``--adam_*``, ``--max_grad_norm``, ``--lr_scheduler constant``).
 ADAM_BETAS = (0.9, 0.999)
@@ -50,16 +52,6 @@ SAMPLE_BATCH_SIZE = 4
 NUM_VALIDATION_IMAGES = 4
 LOSS_WINDOW = 50
 TRAINABLE_PIPELINES = ("StableDiffusionPipeline",)
-
-
-class TrainingDivergedError(ApplianceError):
-    """The loss became NaN or infinite; a lower learning rate usually helps."""
-
-    code = "training_diverged"
-
-
-class _Cancelled(Exception):
-    pass
 
 
 def train_images(
@@ -106,10 +98,9 @@ def train_images(
     model_dir = Path(model_dir)
     emit = on_event or (lambda event: None)
     stop = should_stop or (lambda: False)
-    for name, value in (("event_every_steps", event_every_steps), ("sample_steps", sample_steps)):
-        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-            raise InvalidRequestError(f"`{name}` must be a positive integer; got {value!r}", param=name)
-    torch_device = _pick_device(device)
+    require_positive_int("event_every_steps", event_every_steps)
+    require_positive_int("sample_steps", sample_steps)
+    torch_device = pick_device(device)
     recipe = get_recipe(spec.method)
     data = read_image_dataset(dataset)
     pipeline_class = _check_trainable(model_dir)
@@ -125,7 +116,7 @@ def train_images(
         bf16_supported=torch_device.type == "cuda" and torch.cuda.is_bf16_supported(),
     )
     prefix = f"method.{spec.method}.hyperparameters"
-    if hp.train_text_encoder and hasattr(hp, "rank"):  # LoRA on the text encoder: fail before any work
+    if hp.train_text_encoder and recipe.capabilities.output == "adapter":  # LoRA on the text encoder: fail early
         supported, why = text_encoder_lora_supported()
         if not supported:
             raise InvalidRequestError(f"`train_text_encoder` with LoRA is not available on this appliance: {why}; "
@@ -136,7 +127,7 @@ def train_images(
     prior = uses_prior_preservation(hp)
     total_steps = hp.max_train_steps
     fingerprint = _fingerprint(data, prompts)
-    resume = _load_resume(resume_from, spec.method, hp, fingerprint, total_steps)
+    resume = ckpt.load_resume(resume_from, spec.method, hp, fingerprint, total_steps)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[hp.mixed_precision]
     amp = hp.mixed_precision != "no"
     details: dict[str, Any] = {
@@ -179,7 +170,7 @@ def train_images(
                 event("info", 0, message=f"generated {len(class_images)} class images for {hp.class_prompt!r}")
             instance = _encode_images(models, _pixels(data.images, hp.resolution), torch_device)
             klass = _encode_images(models, class_pixels, torch_device) if class_pixels is not None else None
-        except _Cancelled:
+        except Cancelled:
             return _cancelled(hp, state, data, details, images, total_steps, 0)
 
         with torch.random.fork_rng(devices=[torch_device] if torch_device.type == "cuda" else []):
@@ -203,49 +194,39 @@ def train_images(
         if setup.train_text_encoder:
             models.text_encoder.train()
         try:
-            started = time.perf_counter()
-            window_start, window_images, window_losses = started, 0, []
+            window = ProgressWindow()
+            train_seconds_before = state.train_seconds
             while state.step < total_steps:
                 if stop():
-                    raise _Cancelled
+                    raise Cancelled
                 loss, n_images = _train_step(models, setup, optimizer, scheduler, scaler, texts, instance, klass,
                                              hp, state.step, torch_device, weight_dtype if amp else None)
-                if not math.isfinite(loss):
-                    raise TrainingDivergedError(
-                        f"the training loss became {loss} at step {state.step + 1}; lower `learning_rate` "
-                        f"(now {hp.learning_rate:g})", param=f"{prefix}.learning_rate")
+                check_finite_loss(loss, state.step, hp.learning_rate, f"{prefix}.learning_rate")
                 state.step += 1
                 state.losses = (state.losses + [loss])[-LOSS_WINDOW:]
                 state.session_images += n_images
-                window_images += n_images
-                window_losses.append(loss)
+                window.add(loss, n_images)
                 last = state.step == total_steps
                 if state.step % event_every_steps == 0 or last:
-                    now = time.perf_counter()
-                    event("train", state.step, train_loss=sum(window_losses) / len(window_losses),
-                          learning_rate=scheduler.get_last_lr()[0],
-                          images_per_second=window_images / max(now - window_start, 1e-9))
-                    window_start, window_images, window_losses = now, 0, []
-                paused = time.perf_counter()
-                if hp.validation_every_steps and state.step % hp.validation_every_steps == 0 and not last:
-                    shown = sampler.sample(sample_prompt, NUM_VALIDATION_IMAGES, hp.resolution, offset=0)
-                    name = f"validation_step_{state.step:06d}.png"
-                    images[name] = grid_png([shown])
-                    event("validation", state.step, message=f"validation images for {sample_prompt!r}: "
-                          f"{_describe(fidelity_proxy(shown, references))}", images={name: images[name]})
-                if on_checkpoint and hp.checkpoint_every_steps and state.step % hp.checkpoint_every_steps == 0 \
-                        and not last:
-                    if not before_png:
-                        before_png = _before_grid(references, before_images)
-                    on_checkpoint(state.step, _checkpoint(recipe, models, setup, optimizer, scheduler, scaler, state,
-                                                          spec, hp, fingerprint, before_png))
-                # Validation and checkpoints are not training time.
-                pause = time.perf_counter() - paused
-                started += pause
-                window_start += pause
-            state.train_seconds += time.perf_counter() - started
+                    train_loss, images_per_second = window.flush()
+                    event("train", state.step, train_loss=train_loss, learning_rate=scheduler.get_last_lr()[0],
+                          images_per_second=images_per_second)
+                with window.paused():  # validation and checkpoints are not training time
+                    if hp.validation_every_steps and state.step % hp.validation_every_steps == 0 and not last:
+                        shown = sampler.sample(sample_prompt, NUM_VALIDATION_IMAGES, hp.resolution, offset=0)
+                        name = f"validation_step_{state.step:06d}.png"
+                        images[name] = grid_png([shown])
+                        event("validation", state.step, message=f"validation images for {sample_prompt!r}: "
+                              f"{_describe(fidelity_proxy(shown, references))}", images={name: images[name]})
+                    if on_checkpoint and hp.checkpoint_every_steps and state.step % hp.checkpoint_every_steps == 0 \
+                            and not last:
+                        if not before_png:
+                            before_png = _before_grid(references, before_images)
+                        on_checkpoint(state.step, _checkpoint(recipe, models, setup, optimizer, scheduler, scaler,
+                                                              state, spec, hp, fingerprint, before_png))
+            state.train_seconds = train_seconds_before + window.elapsed()
             after_images = sampler.sample(sample_prompt, NUM_VALIDATION_IMAGES, hp.resolution, offset=0)
-        except _Cancelled:
+        except Cancelled:
             images["before_after.png"] = grid_png([references, before_images or []]) if before_images else before_png
             return _cancelled(hp, state, data, details, images, total_steps, _class_count(klass))
         after = fidelity_proxy(after_images, references)
@@ -316,20 +297,6 @@ def _describe(scores: dict[str, float]) -> str:
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def _pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device)
-    except (RuntimeError, TypeError):
-        chosen = None
-    if chosen is None or chosen.type not in ("cpu", "cuda"):
-        raise InvalidRequestError(f"`device` must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}", param="device")
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidRequestError(f"`device` is {device!r} but no CUDA device is available", param="device")
-    return chosen
 
 
 def _check_trainable(model_dir: Path) -> str:
@@ -426,7 +393,7 @@ class _Sampler:
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 for start in range(0, n, SAMPLE_BATCH_SIZE):
                     if self.stop():
-                        raise _Cancelled
+                        raise Cancelled
                     count = min(SAMPLE_BATCH_SIZE, n - start)
                     generators = [torch.Generator("cpu").manual_seed(self.seed + offset + start + i)
                                   for i in range(count)]
@@ -605,47 +572,22 @@ def _checkpoint(recipe, models: Models, setup: Setup, optimizer, scheduler, scal
         "before_metrics": dict(state.before or {}),
         "before_grid": before_png,
         "class_digest": state.class_digest,
-        "trainable": {n: p.detach().to("cpu").clone() for n, p in setup.trainable.items()},
+        "trainable": kit.full_weights(setup.trainable),
         "payload": recipe.checkpoint_payload(models, setup),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": kit.full_optimizer_state(optimizer),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": ckpt.capture_rng(),
+        "rng": kit.capture_rng(),
     })
 
 
-def _load_resume(data: bytes | None, method: str, hp: Any, fingerprint: str, total_steps: int) -> dict | None:
-    if data is None:
-        return None
-    state = ckpt.load(data)
-    problems = []
-    if state.get("method") != method:
-        problems.append(f"it was made by method {state.get('method')!r}, not {method!r}")
-    if state.get("hyperparameters") != hp.to_dict():
-        problems.append("its resolved hyperparameters differ from this job's")
-    if state.get("data_fingerprint") != fingerprint:
-        problems.append("it was trained on different images or prompts")
-    if not 0 < state.get("step", 0) < total_steps:
-        problems.append(f"its step {state.get('step')} is outside this run's 1..{total_steps - 1}")
-    if problems:
-        raise InvalidRequestError(f"`resume_from` cannot continue this run: {'; '.join(problems)}",
-                                  param="resume_from")
-    return state
-
-
 def _restore(setup: Setup, optimizer, scheduler, scaler, saved: dict, state: _RunState) -> None:
-    missing = sorted(set(setup.trainable) - set(saved["trainable"]))
-    if missing:
-        raise InvalidRequestError(f"`resume_from` lacks trainable weights such as {missing[0]!r}",
-                                  param="resume_from")
-    with torch.no_grad():
-        for name, param in setup.trainable.items():
-            param.copy_(saved["trainable"][name])
-    optimizer.load_state_dict(saved["optimizer"])
+    kit.restore_weights(setup.trainable, saved["trainable"])
+    kit.load_optimizer_state(optimizer, saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     if scaler is not None and saved.get("scaler"):
         scaler.load_state_dict(saved["scaler"])
-    ckpt.restore_rng(saved["rng"])
+    kit.restore_rng(saved["rng"])
     state.step = saved["step"]
     state.losses = list(saved["losses"])
     state.train_seconds = saved["train_seconds"]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.errors import InvalidRequestError
 
-LLM_METHODS = ("lora", "qlora")
-IMAGE_METHODS = ("lora", "dreambooth", "dreambooth_lora")
+if TYPE_CHECKING:
+    from appliance.trainkit.registry import RecipeCapabilities, RecipeRegistry
+
 #: The file purpose each kind of base model trains on.
 DATASET_PURPOSE = {"llm": "fine-tune", "diffusion": "fine-tune-images"}
 #: OpenAI's name for plain supervised fine-tuning; here it means LoRA.
@@ -38,6 +39,30 @@ def validate_method(method: Any, *, base_kind: str, seed: int | None = None) -> 
         method = _with_seed(method, seed)
     spec = TrainingSpec.from_method(method)
     return spec.method, spec.hyperparameters.to_dict()
+
+
+def capabilities(base_kind: str, method: str) -> RecipeCapabilities | None:
+    """What ``method`` declares it supports on a base model of ``base_kind``; ``None`` for an unknown pair.
+
+    Read from the modality's recipe registry without loading torch.
+    """
+    registry = registry_of(base_kind)
+    if registry is None or method not in registry.methods:
+        return None
+    return registry.capabilities(method)
+
+
+def registry_of(base_kind: str) -> RecipeRegistry | None:
+    """The recipe registry of a kind of base model (``llm``, ``diffusion``); ``None`` for another kind."""
+    if base_kind == "llm":
+        from appliance.training.registry import REGISTRY
+
+        return REGISTRY
+    if base_kind == "diffusion":
+        from appliance.diffusion.registry import REGISTRY as IMAGE_REGISTRY
+
+        return IMAGE_REGISTRY
+    return None
 
 
 def _with_seed(method: dict[str, Any], seed: int) -> dict[str, Any]:

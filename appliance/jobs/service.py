@@ -30,7 +30,7 @@ from appliance.files.service import FileService
 from appliance.identity.service import Principal, project_by_id, project_names
 from appliance.jobs.memorization import parse_memorization, public_view
 from appliance.jobs.models import TERMINAL, FineTuningJob, JobCheckpoint, JobEvent
-from appliance.jobs.recipes import DATASET_PURPOSE, validate_method
+from appliance.jobs.recipes import DATASET_PURPOSE, capabilities, validate_method
 from appliance.training.hyperparameters import SHARDING
 
 if TYPE_CHECKING:
@@ -277,7 +277,8 @@ def validate_compute(
     """The job's ``compute`` as stored: ``{}`` for one worker, ``{"workers": n}`` for n data-parallel ones.
 
     ``sharding`` (several workers only) lays the base model out over them:
-    ``none`` replicates it (DDP), ``fsdp`` shards it (LoRA only), ``auto``
+    ``none`` replicates it (DDP), ``fsdp`` shards it (methods that declare
+    ``supports_fsdp``: LoRA), ``auto``
     (the default, not stored) shards when a copy per worker would not fit.
     Every problem is reported at once, each naming its field and the value received.
     """
@@ -305,7 +306,7 @@ def validate_compute(
     if sharding not in SHARDING:
         problems.append(("compute.sharding", f"`compute.sharding` must be one of {', '.join(map(repr, SHARDING))}; "
                          f"got {echo(sharding, MODEL_NAME_LIKE)}"))
-    elif sharding == "fsdp" and method != "lora":
+    elif sharding == "fsdp" and not _supports_fsdp(base_kind, method):
         problems.append(("compute.sharding", f"`compute.sharding` 'fsdp' shards LoRA jobs only; got method "
                          f"{echo(method, ROLE_LIKE)} (QLoRA's base model is already 4-bit)"))
     elif sharding == "fsdp" and isinstance(workers, int) and workers == 1:
@@ -315,6 +316,11 @@ def validate_compute(
     if workers == 1:
         return {}
     return {"workers": workers} | ({"sharding": sharding} if sharding != "auto" else {})
+
+
+def _supports_fsdp(base_kind: str, method: str) -> bool:
+    declared = capabilities(base_kind, method)
+    return declared is not None and declared.supports_fsdp
 
 
 class _Problems:

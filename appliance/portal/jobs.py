@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Annotated, Any
 
 from litestar import Request, get, post
@@ -27,7 +27,7 @@ from appliance.files.service import FileService
 from appliance.identity.roles import Permission
 from appliance.jobs.memorization import DEFAULTS as MEMORIZATION_DEFAULTS
 from appliance.jobs.memorization import parse_memorization
-from appliance.jobs.recipes import DATASET_PURPOSE
+from appliance.jobs.recipes import DATASET_PURPOSE, registry_of
 from appliance.jobs.service import JobService
 from appliance.portal.render import line_chart, page, percent, portal, session_of
 from appliance.web.context import audit_context
@@ -37,16 +37,19 @@ if TYPE_CHECKING:
     from appliance.jobs.models import JobEvent
 
 Form = Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]
-ALL = ("lora", "qlora", "dreambooth", "dreambooth_lora")
 
 
 @dataclass(frozen=True)
 class Field:
-    """One hyperparameter input: its name (the validator's), a hint, the methods it applies to, its input type."""
+    """One hyperparameter input: its name (the validator's), a hint, its input type.
+
+    ``methods`` (the methods that have this hyperparameter) is filled in from
+    the recipe registry when the form is rendered (:func:`_fields`).
+    """
 
     name: str
     hint: str
-    methods: tuple[str, ...] = ALL
+    methods: tuple[str, ...] = ()
     type: str = "number"  # number ("auto" or a number), text (empty = none), select, checkbox
     default: str = "auto"
     choices: tuple[str, ...] = ()
@@ -65,14 +68,13 @@ FIELDS: dict[str, list[Field]] = {
         Field("resolution", "pixels, a multiple of 8; auto = the model's size"),
         Field("max_train_steps", "optimizer steps, e.g. 500"),
         Field("learning_rate", "e.g. 1e-4 (LoRA), 5e-6 (DreamBooth)"),
-        Field("rank", "LoRA rank, e.g. 4", ("lora", "dreambooth_lora")),
+        Field("rank", "LoRA rank, e.g. 4"),
         Field("train_batch_size", "images per step"),
         Field("gradient_accumulation_steps", "micro-batches per step"),
         Field("instance_prompt", "e.g. a photo of sks dog; empty = the dataset's", type="text", default=""),
-        Field("class_prompt", "e.g. a photo of a dog; turns on prior preservation",
-              ("dreambooth", "dreambooth_lora"), type="text", default=""),
-        Field("prior_loss_weight", "with a class prompt, e.g. 1.0", ("dreambooth", "dreambooth_lora")),
-        Field("num_class_images", "with a class prompt, e.g. 100", ("dreambooth", "dreambooth_lora")),
+        Field("class_prompt", "e.g. a photo of a dog; turns on prior preservation", type="text", default=""),
+        Field("prior_loss_weight", "with a class prompt, e.g. 1.0"),
+        Field("num_class_images", "with a class prompt, e.g. 100"),
         Field("snr_gamma", "empty = plain MSE; 5.0 is usual", type="number", default=""),
         Field("mixed_precision", "auto = bf16 where the GPU has it", type="select",
               choices=("auto", "no", "fp16", "bf16")),
@@ -108,6 +110,19 @@ def _number(value: str) -> Any:
             return value  # let the validator name it
 
 
+def _fields(kind: str) -> list[Field]:
+    """The form's inputs for ``kind``, each with the methods that have that hyperparameter (from the registry)."""
+    registry = registry_of(kind)
+    return [replace(f, methods=tuple(m for m in registry.methods if registry.has_field(m, f.name)))
+            for f in FIELDS[kind]]
+
+
+def _dp_methods(kind: str) -> tuple[str, ...]:
+    """The methods of ``kind`` that declare differential privacy (``supports_dp``)."""
+    registry = registry_of(kind)
+    return tuple(m for m in registry.methods if registry.capabilities(m).supports_dp)
+
+
 def _defaults(kind: str) -> dict[str, str]:
     values = {f.name: f.default for f in FIELDS[kind]}
     values["method"] = DEFAULT_METHOD[kind]
@@ -129,7 +144,8 @@ def _form_context(request: Request, files: FileService, appliance: AppState, val
                           order="desc")
     return {"models": [m for m in appliance.catalog.list_base_models() if m.kind in FIELDS],
             "datasets": [v for v in views if v.row.decision == "accepted"], "methods": METHODS[kind],
-            "fields": FIELDS[kind], "values": values, "errors": errors, "kind": kind, "kind_label": KIND_LABEL}
+            "fields": _fields(kind), "dp_methods": _dp_methods(kind), "values": values, "errors": errors,
+            "kind": kind, "kind_label": KIND_LABEL}
 
 
 def _form_page(request: Request, files: FileService, appliance: AppState, values: dict[str, str],

@@ -14,8 +14,10 @@ Typical use::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from appliance.trainkit.errors import TrainingDivergedError
+from appliance.trainkit.lazy import lazy_attributes
 from appliance.training.data import TrainingDataError
 from appliance.training.hyperparameters import (
     HYPERPARAMETERS,
@@ -30,7 +32,7 @@ from appliance.training.results import TrainingEvent, TrainMetrics, TrainResult
 
 if TYPE_CHECKING:
     from appliance.training.checkpoint import checkpoint_adapter_files
-    from appliance.training.trainer import TrainingDivergedError, train
+    from appliance.training.trainer import train
 
 __all__ = [
     "HYPERPARAMETERS",
@@ -49,16 +51,7 @@ __all__ = [
     "train",
 ]
 
-_LAZY = {
+__getattr__ = lazy_attributes(__name__, {
     "train": "appliance.training.trainer",
-    "TrainingDivergedError": "appliance.training.trainer",
     "checkpoint_adapter_files": "appliance.training.checkpoint",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'appliance.training' has no attribute {name!r}")
+})

@@ -18,7 +18,7 @@ from safetensors.torch import save as safetensors_save
 
 from appliance.errors import InvalidRequestError
 from appliance.modelstore.architectures import FORBIDDEN_TARGET_MODULES
-from appliance.training import distributed
+from appliance.trainkit.checkpoint import full
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -88,7 +88,7 @@ def adapter_files(model: PeftModel, base_model_name: str) -> dict[str, bytes]:
     if unexpected:
         raise RuntimeError(f"adapter holds non-LoRA tensors: {unexpected[:5]}")
     # Whole tensors (a sharded model's state dict holds this rank's shards: gathering is a collective).
-    tensors = {k: distributed.full(v).contiguous() for k, v in state.items()}
+    tensors = {k: full(v).contiguous() for k, v in state.items()}
     weights = safetensors_save(tensors, metadata={"format": "pt"})
 
     config = model.peft_config["default"].to_dict()

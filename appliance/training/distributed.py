@@ -34,7 +34,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -42,6 +42,7 @@ import torch.distributed as dist
 from appliance.errors import InvalidRequestError
 from appliance.training.hyperparameters import SHARDING
 from appliance.training.memory import available_memory
+from appliance.training.registry import capabilities
 
 T = TypeVar("T")
 
@@ -154,11 +155,11 @@ def resolve_sharding(sharding: str, method: str, model_dir: Path, device: torch.
         raise InvalidRequestError(
             f"`compute.sharding` must be one of {', '.join(map(repr, SHARDING))}; got {sharding!r}",
             param="compute.sharding")
-    if method != "lora":
+    if not capabilities(method).supports_fsdp:
         if sharding == "fsdp":
             raise InvalidRequestError(f"`compute.sharding` 'fsdp' shards LoRA jobs only; got method {method!r}",
                                       param="compute.sharding")
-        return False  # QLoRA's 4-bit base is already a quarter of the size
+        return False  # e.g. QLoRA: its 4-bit base is already a quarter of the size
     if sharding == "auto":
         ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         return needs_sharding(model_dir, device, ranks_here)
@@ -193,45 +194,3 @@ def shard_model(causal_lm: torch.nn.Module, dp: DataParallel, device: torch.devi
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     return len(layers)
-
-
-def is_sharded(tensor: Any) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
-
-
-def full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole of a (possibly sharded) tensor, on the CPU (a collective when sharded)."""
-    whole = tensor.full_tensor() if is_sharded(tensor) else tensor
-    return whole.detach().to("cpu").clone()
-
-
-def like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``value`` (whole) laid out as ``param`` is: this rank's shard when ``param`` is sharded."""
-    if not is_sharded(param):
-        return value
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(value.to(param.device_mesh.device_type), param.device_mesh, param.placements)
-
-
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with whole tensors (the same on every rank, as one process saves it)."""
-    state = optimizer.state_dict()
-    state["state"] = {
-        index: {k: full(v) if is_sharded(v) else v for k, v in entry.items()} for index, entry in state["state"].items()
-    }
-    return state
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """Load a :func:`full_optimizer_state` (or a one-process state) into a sharded or replicated optimizer."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    state = dict(saved)
-    state["state"] = {
-        index: {k: like(params[int(index)], v) if torch.is_tensor(v) and v.shape == params[int(index)].shape else v
-                for k, v in entry.items()}
-        for index, entry in saved["state"].items()
-    }
-    optimizer.load_state_dict(state)

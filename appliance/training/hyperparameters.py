@@ -54,32 +54,26 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
-from appliance.errors import InvalidFieldsError, InvalidRequestError
 from appliance.modelstore.architectures import FORBIDDEN_TARGET_MODULES
+from appliance.trainkit.errors import HyperparameterError
+from appliance.trainkit.hyperparameters import AUTO, Auto, FieldChecks, check_spec, parse_method
+from appliance.trainkit.hyperparameters import is_int as _is_int
+from appliance.trainkit.hyperparameters import is_number as _is_number
+from appliance.trainkit.hyperparameters import prefix as _prefix
+from appliance.trainkit.registry import RecipeCapabilities
 
-Auto = Literal["auto"]
-AUTO: Auto = "auto"
+__all__ = ["AUTO", "HYPERPARAMETERS", "SHARDING", "Auto", "DifferentialPrivacy", "HyperparameterError",
+           "Hyperparameters", "LoraHyperparameters", "QloraHyperparameters", "TrainingSpec",
+           "hyperparameters_from_dict", "resolve"]
+
 Precision = Literal["auto", "fp32", "bf16"]
 
 BASE_LEARNING_RATE = 2e-4
 MICRO_BATCH_TOKEN_BUDGET = 16384
 _MODULE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 DP_AUTO_DELTA_CAP = 1e-5
-#: Hyperparameters a method does not have, and why (said instead of "not a known hyperparameter").
-_NOT_FOR_METHOD = {
-    ("qlora", "dp"): "is not supported with QLoRA (its activation checkpointing re-runs forward passes, which "
-                     "Opacus' per-example gradients cannot follow); use method.type 'lora' for differential privacy",
-}
-
-
-class HyperparameterError(InvalidFieldsError):
-    """One or more hyperparameters are invalid; ``problems`` lists each as ``(param, message)``."""
-
-    code = "invalid_hyperparameters"
-
-
 #: How a data-parallel LoRA run lays the base model over its workers (``compute.sharding``):
 #: ``auto`` decides from the model's size, ``none`` replicates it, ``fsdp`` shards it.
 SHARDING = ("auto", "none", "fsdp")
@@ -132,6 +126,9 @@ class LoraHyperparameters:
     dp: DifferentialPrivacy | None = None
 
     method = "lora"
+    capabilities: ClassVar[RecipeCapabilities] = RecipeCapabilities(
+        supports_dp=True, supports_fsdp=True, output="adapter"
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
@@ -177,6 +174,15 @@ class QloraHyperparameters:
     seed: int = 0
 
     method = "qlora"
+    #: No DP (activation checkpointing), no FSDP (the 4-bit base is already a quarter of the size).
+    capabilities: ClassVar[RecipeCapabilities] = RecipeCapabilities(
+        supports_dp=False, supports_fsdp=False, output="adapter"
+    )
+    #: Said of ``dp`` instead of "not a known hyperparameter".
+    no_dp_reason: ClassVar[str] = (
+        "is not supported with QLoRA (its activation checkpointing re-runs forward passes, which "
+        "Opacus' per-example gradients cannot follow); use method.type 'lora' for differential privacy"
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
@@ -210,18 +216,7 @@ class TrainingSpec:
     hyperparameters: Hyperparameters
 
     def __post_init__(self) -> None:
-        expected = HYPERPARAMETERS.get(self.method)
-        if expected is None:
-            raise InvalidRequestError(
-                f"`method.type` must be one of {', '.join(map(repr, HYPERPARAMETERS))}; got {self.method!r}",
-                param="method.type",
-            )
-        if not isinstance(self.hyperparameters, expected):
-            raise InvalidRequestError(
-                f"`method.{self.method}.hyperparameters` must be {expected.__name__}; "
-                f"got {type(self.hyperparameters).__name__}",
-                param=f"method.{self.method}.hyperparameters",
-            )
+        check_spec(self.method, self.hyperparameters, HYPERPARAMETERS)
 
     @classmethod
     def from_method(cls, method: Mapping[str, Any] | None) -> TrainingSpec:
@@ -233,46 +228,14 @@ class TrainingSpec:
         Raises:
             HyperparameterError: Listing every problem found.
         """
-        if method is None:
-            return cls("lora", LoraHyperparameters())
-        if not isinstance(method, Mapping):
-            raise HyperparameterError([("method", f"must be an object; got {type(method).__name__}")])
-        kind = method.get("type", "lora")
-        if kind not in HYPERPARAMETERS:
-            raise HyperparameterError(
-                [("method.type", f"must be one of {', '.join(map(repr, HYPERPARAMETERS))}; got {kind!r}")]
-            )
-        problems = [
-            (f"method.{key}", f"is not allowed with method.type {kind!r}")
-            for key in method
-            if key not in ("type", kind)
-        ]
-        body = method.get(kind) or {}
-        if not isinstance(body, Mapping):
-            raise HyperparameterError(problems + [(f"method.{kind}", f"must be an object; got {type(body).__name__}")])
-        problems += [(f"method.{kind}.{key}", "is not a known field") for key in body if key != "hyperparameters"]
-        raw = body.get("hyperparameters") or {}
-        if not isinstance(raw, Mapping):
-            raise HyperparameterError(
-                problems + [(f"method.{kind}.hyperparameters", f"must be an object; got {type(raw).__name__}")]
-            )
-        hp_cls = HYPERPARAMETERS[kind]
-        known = {f.name for f in dataclasses.fields(hp_cls)}
-        unknown = [key for key in raw if key not in known]
-        problems += [
-            (
-                f"{_prefix(kind)}.{key}",
-                _NOT_FOR_METHOD.get((kind, key)) or f"is not a known hyperparameter; known: {', '.join(sorted(known))}",
-            )
-            for key in unknown
-        ]
-        try:
-            hp = hp_cls(**{k: v for k, v in raw.items() if k in known})
-        except HyperparameterError as exc:
-            problems += exc.problems
-        if problems:
-            raise HyperparameterError(problems)
-        return cls(kind, hp)
+        return cls(*parse_method(method, HYPERPARAMETERS, default="lora", unknown=_unknown))
+
+
+def _unknown(method: str, field: str, known: set[str]) -> str:
+    hp_cls = HYPERPARAMETERS[method]
+    if field == "dp" and not hp_cls.capabilities.supports_dp and hasattr(hp_cls, "no_dp_reason"):
+        return hp_cls.no_dp_reason
+    return f"is not a known hyperparameter; known: {', '.join(sorted(known))}"
 
 
 def resolve(
@@ -373,10 +336,6 @@ def hyperparameters_from_dict(method: str, values: Mapping[str, Any]) -> Hyperpa
     return HYPERPARAMETERS[method](**values)
 
 
-def _prefix(method: str) -> str:
-    return f"method.{method}.hyperparameters"
-
-
 def _to_dict(hp: Hyperparameters) -> dict[str, Any]:
     out = dataclasses.asdict(hp)
     if isinstance(out["target_modules"], tuple):
@@ -384,66 +343,38 @@ def _to_dict(hp: Hyperparameters) -> dict[str, Any]:
     return out
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
-
-
 def _check_common(hp: Hyperparameters, prefix: str) -> list[tuple[str, str]]:
     """Every problem with the fields both methods share, in field order."""
-    problems: list[tuple[str, str]] = []
-
-    def bad(field: str, rule: str) -> None:
-        problems.append((f"{prefix}.{field}", f"{rule}; got {getattr(hp, field)!r}"))
-
-    def int_in(field: str, low: int, high: int, *, auto: bool = True) -> None:
-        value = getattr(hp, field)
-        if auto and value == AUTO:
-            return
-        if not _is_int(value) or not low <= value <= high:
-            what = "a positive integer" if low == 1 else f"an integer of at least {low}"
-            or_auto = ' or "auto"' if auto else ""
-            bad(field, f"must be {what} (at most {high}){or_auto}")
-
-    def number(field: str, rule: str, ok: Any) -> None:
-        value = getattr(hp, field)
-        if value == AUTO:
-            return
-        if not _is_number(value) or not ok(value):
-            bad(field, f"must be {rule} or \"auto\"")
-
-    int_in("n_epochs", 1, 100)
-    int_in("batch_size", 1, 1024)
-    number("learning_rate", "a number greater than 0 and at most 1", lambda v: 0 < v <= 1)
-    number("learning_rate_multiplier", "a number greater than 0 and at most 100", lambda v: 0 < v <= 100)
+    check = FieldChecks(hp, at_least="an integer of at least")
+    check.int_in("n_epochs", 1, 100)
+    check.int_in("batch_size", 1, 1024)
+    check.number("learning_rate", "a number greater than 0 and at most 1", lambda v: 0 < v <= 1)
+    check.number("learning_rate_multiplier", "a number greater than 0 and at most 100", lambda v: 0 < v <= 100)
     if (
         _is_number(hp.learning_rate)
         and _is_number(hp.learning_rate_multiplier)
         and not math.isclose(hp.learning_rate, BASE_LEARNING_RATE * hp.learning_rate_multiplier, rel_tol=1e-9)
     ):
-        bad("learning_rate_multiplier", "must be \"auto\" when learning_rate is set (set one or the other)")
-    int_in("lora_r", 1, 256)
-    number("lora_alpha", "a number greater than 0", lambda v: v > 0)
-    number("lora_dropout", "a number from 0 up to (not including) 1", lambda v: 0 <= v < 1)
-    _check_target_modules(hp, prefix, problems)
-    int_in("max_seq_length", 16, 131072)
-    number("warmup_ratio", "a number from 0 up to (not including) 1", lambda v: 0 <= v < 1)
-    number("weight_decay", "a number from 0 to 1", lambda v: 0 <= v <= 1)
-    int_in("gradient_accumulation_steps", 1, 1024)
+        check.bad("learning_rate_multiplier", "must be \"auto\" when learning_rate is set (set one or the other)")
+    check.int_in("lora_r", 1, 256)
+    check.number("lora_alpha", "a number greater than 0", lambda v: v > 0)
+    check.number("lora_dropout", "a number from 0 up to (not including) 1", lambda v: 0 <= v < 1)
+    _check_target_modules(hp, prefix, check.problems)
+    check.int_in("max_seq_length", 16, 131072)
+    check.number("warmup_ratio", "a number from 0 up to (not including) 1", lambda v: 0 <= v < 1)
+    check.number("weight_decay", "a number from 0 to 1", lambda v: 0 <= v <= 1)
+    check.int_in("gradient_accumulation_steps", 1, 1024)
     if (
         _is_int(hp.gradient_accumulation_steps)
         and _is_int(hp.batch_size)
         and hp.gradient_accumulation_steps > hp.batch_size
     ):
-        bad("gradient_accumulation_steps", f"must not exceed batch_size ({hp.batch_size})")
+        check.bad("gradient_accumulation_steps", f"must not exceed batch_size ({hp.batch_size})")
     value = hp.checkpoint_every_steps
     if value != AUTO and (not _is_int(value) or value < 0):
-        bad("checkpoint_every_steps", "must be a non-negative integer (0 = no checkpoints) or \"auto\"")
-    int_in("seed", 0, 2**31 - 1, auto=False)
-    return problems
+        check.bad("checkpoint_every_steps", "must be a non-negative integer (0 = no checkpoints) or \"auto\"")
+    check.int_in("seed", 0, 2**31 - 1, auto=False)
+    return check.problems
 
 
 def _parse_dp(value: Any, prefix: str) -> tuple[Any, list[tuple[str, str]]]:

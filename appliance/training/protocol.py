@@ -14,6 +14,8 @@ from typing import Any, Protocol
 import torch
 from peft import PeftModel
 
+from appliance.trainkit.registry import RecipeCapabilities
+
 
 @dataclass
 class Setup:
@@ -36,6 +38,9 @@ class Recipe(Protocol):
     """A training method; ``recipes/<method>.py`` modules implement it."""
 
     method: str
+    #: What the method supports (DP, FSDP) and makes (``adapter`` or ``full_weights``); the same
+    #: object as its hyperparameters class declares, so it can be read without loading the recipe.
+    capabilities: RecipeCapabilities
 
     def setup(self, model_dir: Path, hp: Any, device: torch.device) -> Setup:
         """Load the base model from ``model_dir`` and attach LoRA per resolved ``hp``."""

@@ -1,15 +1,21 @@
-"""``method.type`` -> recipe. Add a method by writing ``recipes/<name>.py`` and listing it here."""
+"""``method.type`` -> LLM recipe. Add a method by writing ``recipes/<name>.py`` and its hyperparameters class.
+
+``RECIPES`` (every recipe module by method) loads torch on first use;
+:func:`capabilities` does not.
+"""
 
 from __future__ import annotations
 
-from appliance.errors import InvalidRequestError
-from appliance.training.protocol import Recipe
-from appliance.training.recipes import lora, qlora
+from typing import TYPE_CHECKING
 
-RECIPES: dict[str, Recipe] = {
-    lora.method: lora,
-    qlora.method: qlora,
-}
+from appliance.trainkit.registry import RecipeCapabilities, RecipeRegistry
+from appliance.training.hyperparameters import HYPERPARAMETERS
+
+if TYPE_CHECKING:
+    from appliance.training.protocol import Recipe
+
+REGISTRY = RecipeRegistry("appliance.training.recipes", HYPERPARAMETERS)
+__getattr__ = REGISTRY.module_getattr(__name__)
 
 
 def get_recipe(method: str) -> Recipe:
@@ -18,9 +24,9 @@ def get_recipe(method: str) -> Recipe:
     Raises:
         InvalidRequestError: Unknown method.
     """
-    try:
-        return RECIPES[method]
-    except KeyError:
-        raise InvalidRequestError(
-            f"`method.type` must be one of {', '.join(map(repr, RECIPES))}; got {method!r}", param="method.type"
-        ) from None
+    return REGISTRY.recipe(method)
+
+
+def capabilities(method: str) -> RecipeCapabilities:
+    """What ``method`` supports (DP, FSDP, its output); loads no torch."""
+    return REGISTRY.capabilities(method)

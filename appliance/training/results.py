@@ -5,14 +5,15 @@ No torch here: the API process can import these to type the worker's output.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from appliance.trainkit.events import AsDict
 from appliance.training.hyperparameters import Hyperparameters
 
 
 @dataclass(frozen=True)
-class TrainingEvent:
+class TrainingEvent(AsDict):
     """Progress, passed to ``on_event``.
 
     ``type`` is ``train`` every few steps (and at the last step), ``validation``
@@ -43,12 +44,9 @@ class TrainingEvent:
     trained_tokens: int = 0
     message: str = ""
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class TrainMetrics:
+class TrainMetrics(AsDict):
     """Numbers for the job's result.
 
     Validation figures are ``None`` when there is no validation data (a single
@@ -68,9 +66,6 @@ class TrainMetrics:
     n_train_examples: int
     n_valid_examples: int
     dropped_examples: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -37,8 +36,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import AutoConfig, AutoTokenizer, get_linear_schedule_with_warmup
 
-from appliance.errors import ApplianceError, InvalidRequestError
+from appliance.errors import InvalidRequestError
 from appliance.modelstore.architectures import SUPPORTED_ARCHITECTURES
+from appliance.trainkit import checkpoint as kit
+from appliance.trainkit.device import pick_device
+from appliance.trainkit.errors import Cancelled, TrainingDivergedError, check_finite_loss, require_positive_int
+from appliance.trainkit.events import ProgressWindow
 from appliance.training import checkpoint as ckpt
 from appliance.training import distributed
 from appliance.training.data import Example, fingerprint, split_validation, tokenize_records
@@ -55,16 +58,6 @@ if TYPE_CHECKING:
 
 MAX_GRAD_NORM = 1.0
 EVAL_TOKEN_BUDGET = 8192
-
-
-class TrainingDivergedError(ApplianceError):
-    """The loss became NaN or infinite; a lower learning rate usually helps."""
-
-    code = "training_diverged"
-
-
-class _Cancelled(Exception):
-    pass
 
 
 def train(
@@ -114,8 +107,8 @@ def train(
         probe_targets: Allowed scanner findings in ``train_records`` for the
             extraction probe run after training.
         sharding: With several data-parallel ranks, ``none`` replicates the
-            base model on each, ``fsdp`` shards it over them (LoRA only), and
-            ``auto`` shards when a copy per rank would not fit
+            base model on each, ``fsdp`` shards it over them (methods that
+            support it), and ``auto`` shards when a copy per rank would not fit
             (:func:`~appliance.training.distributed.needs_sharding`). Ignored
             when training alone.
 
@@ -127,27 +120,14 @@ def train(
         TrainingDivergedError: The loss became non-finite.
     """
     model_dir = Path(model_dir)
-    emit = on_event or (lambda event: None)
-    stop = should_stop or (lambda: False)
-    torch_device = _pick_device(device)
-    ddp = distributed.current(torch_device)
-    if ddp is not None:
-        sharded = distributed.resolve_sharding(sharding, spec.method, model_dir, torch_device, ddp.world)
-        ddp = dataclasses.replace(ddp, sharded=sharded)
-    if ddp is not None:
-        stop = ddp.agreed(stop)  # every rank stops at the same step
-        if ddp.rank != 0:
-            emit, on_checkpoint = (lambda event: None), None  # rank 0 reports for all
+    torch_device = pick_device(device)
+    ddp, emit, stop, on_checkpoint = _join_data_parallel(
+        spec, model_dir, torch_device, sharding, on_event or (lambda event: None), should_stop or (lambda: False),
+        on_checkpoint,
+    )
     recipe = get_recipe(spec.method)
-    if not _is_positive_int(event_every_steps):
-        raise InvalidRequestError(
-            f"`event_every_steps` must be a positive integer; got {event_every_steps!r}", param="event_every_steps"
-        )
-
-    if not _is_positive_int(canary_repetitions):
-        raise InvalidRequestError(
-            f"`canary_repetitions` must be a positive integer; got {canary_repetitions!r}", param="canary_repetitions"
-        )
+    require_positive_int("event_every_steps", event_every_steps)
+    require_positive_int("canary_repetitions", canary_repetitions)
     hp, train_set, val_set, dropped = _prepare_data(
         spec, model_dir, train_records, val_records, torch_device,
         extra_train_records=canary_records(canaries, canary_repetitions),
@@ -155,7 +135,7 @@ def train(
     steps_per_epoch = math.ceil(len(train_set) / hp.batch_size)
     total_steps = steps_per_epoch * hp.n_epochs
     data_fingerprint = fingerprint(train_set, val_set)
-    resume = _load_resume(resume_from, spec.method, hp, data_fingerprint, total_steps)
+    resume = ckpt.load_resume(resume_from, spec.method, hp, data_fingerprint, total_steps)
 
     def event(kind: str, step: int, **fields: Any) -> None:
         emit(TrainingEvent(type=kind, step=step, total_steps=total_steps, epoch=step / steps_per_epoch, **fields))
@@ -170,132 +150,203 @@ def train(
         cuda_devices = [torch_device.index if torch_device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(hp.seed)
-        setup = recipe.setup(model_dir, hp, torch_device)
-        setup.model.train()  # from_pretrained leaves the base model in eval mode (no dropout, no checkpointing)
-        if ddp is not None:
-            setup.details["data_parallel"] = {"workers": ddp.world, "sharding": "fsdp" if ddp.sharded else "none"}
-        if ddp is not None and ddp.sharded:
-            units = distributed.shard_model(setup.model.get_base_model(), ddp, torch_device)
-            event("info", 0, message=f"base model sharded over {ddp.world} workers (FSDP, {units} layers)")
-        trainable = [p for p in setup.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-        scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(total_steps * hp.warmup_ratio), total_steps)
-        state = _RunState()
-        dp: DpTraining | None = None
-        if getattr(hp, "dp", None) is not None:
-            from appliance.training.dp import DpTraining  # opacus loads only for DP runs
-
-            if ddp is not None:
-                raise InvalidRequestError(
-                    f"`dp` trains in one worker; got {ddp.world} data-parallel workers", param="compute.workers")
-
-            dp = DpTraining(setup, optimizer, hp, n_train=len(train_set), total_steps=total_steps)
-
-        def privacy() -> dict[str, Any]:
-            return {"dp": dp.report()} if dp is not None else {}
-
+        run = _build(spec, hp, recipe, model_dir, torch_device, ddp, train_set, val_set, total_steps,
+                     steps_per_epoch, data_fingerprint, base_model_name or model_dir.name, event, stop, on_checkpoint)
         try:
-            if resume is not None:
-                _restore(setup, optimizer, scheduler, resume, state, dp)
-            if dp is not None:
-                event("info", state.step, message=dp.message())
-            if resume is None and val_set:
-                state.valid_before = _evaluate(setup, val_set, stop)
-                event("validation", 0, valid_loss=state.valid_before, message="validation loss before training")
-
-            started = time.perf_counter()
-            window_start, window_tokens, window_losses = started, 0, []
-            while state.step < total_steps:
-                epoch, index = divmod(state.step, steps_per_epoch)
-                if dp is not None:
-                    batch = [train_set[i] for i in dp.sample()]
-                else:
-                    order = _epoch_order(len(train_set), hp.seed, epoch)
-                    batch = [train_set[i] for i in order[index * hp.batch_size : (index + 1) * hp.batch_size]]
-                if stop():
-                    raise _Cancelled
-                if dp is not None:
-                    loss, tokens = dp.step(setup, batch, scheduler, lambda: _autocast(setup))
-                else:
-                    loss, tokens = _train_step(setup, optimizer, scheduler, trainable, batch, hp, ddp)
-                if loss is not None and not math.isfinite(loss):
-                    raise TrainingDivergedError(
-                        f"the training loss became {loss} at step {state.step + 1}; "
-                        f"lower `learning_rate` (now {hp.learning_rate:g})",
-                        param=f"method.{spec.method}.hyperparameters.learning_rate",
-                    )
-                state.step += 1
-                state.train_seconds = time.perf_counter() - started
-                state.trained_tokens += tokens
-                state.session_tokens += tokens
-                if index == 0:
-                    state.epoch_losses = []
-                if loss is not None:  # None: an empty Poisson batch (DP), noise only
-                    state.epoch_losses.append(loss)
-                    window_losses.append(loss)
-                window_tokens += tokens
-
-                last = state.step == total_steps
-                if state.step % event_every_steps == 0 or last:
-                    now = time.perf_counter()
-                    event(
-                        "train",
-                        state.step,
-                        train_loss=sum(window_losses) / len(window_losses) if window_losses else None,
-                        learning_rate=scheduler.get_last_lr()[0],
-                        tokens_per_second=window_tokens / max(now - window_start, 1e-9),
-                        trained_tokens=state.trained_tokens,
-                    )
-                    window_start, window_tokens, window_losses = now, 0, []
-                every = hp.checkpoint_every_steps
-                # Sharded, every rank takes part in gathering the weights; rank 0 keeps them.
-                gathering = on_checkpoint or (ddp is not None and ddp.sharded)
-                if gathering and every and state.step % every == 0 and not last:
-                    paused = time.perf_counter()
-                    blob = _checkpoint(
-                        setup, recipe, optimizer, scheduler, state, spec, hp, data_fingerprint,
-                        base_model_name or model_dir.name, dp,
-                    )
-                    if on_checkpoint:
-                        on_checkpoint(state.step, blob)
-                    pause = time.perf_counter() - paused  # checkpointing is not training time
-                    started += pause
-                    window_start += pause
-            valid_after = None
-            if val_set:
-                valid_after = _evaluate(setup, val_set, stop)
-                event(
-                    "validation",
-                    state.step,
-                    valid_loss=valid_after,
-                    trained_tokens=state.trained_tokens,
-                    message="validation loss after training",
-                )
-            evidence = _memorization(setup, model_dir, train_records, canaries, canary_repetitions, probe_targets,
-                                    hp.seed, event, state.step)
-        except _Cancelled:
-            return TrainResult(
-                status="cancelled",
-                adapter=None,
-                hyperparameters=hp,
-                metrics=_metrics(state, None, total_steps, train_set, val_set, dropped),
-                details=setup.details,
-                privacy=privacy(),
-            )
+            _start(run, resume)
+            _train_steps(run, event_every_steps)
+            valid_after = _validate_after(run)
+            evidence = _memorization(run.setup, model_dir, train_records, canaries, canary_repetitions,
+                                     probe_targets, hp.seed, event, run.state.step)
+        except Cancelled:
+            return _result(run, "cancelled", None, None, dropped)
         finally:
-            if dp is not None:
-                dp.close()
-        adapter = recipe.save(setup, base_model_name or model_dir.name)  # every rank: gathering is collective
-        if dp is not None:
-            dp.verify(adapter)
+            if run.dp is not None:
+                run.dp.close()
+        adapter = recipe.save(run.setup, run.base_model_name)  # every rank: gathering is collective
+        if run.dp is not None:
+            run.dp.verify(adapter)
+    return _result(run, "succeeded", adapter, valid_after, dropped, evidence)
 
+
+@dataclass
+class _Run:
+    """Everything one training run works with, once the model is set up."""
+
+    spec: TrainingSpec
+    hp: Any
+    recipe: Any
+    setup: Setup
+    ddp: distributed.DataParallel | None
+    dp: DpTraining | None
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_set: list[Example]
+    val_set: list[Example]
+    total_steps: int
+    steps_per_epoch: int
+    data_fingerprint: str
+    base_model_name: str
+    event: Callable[..., None]
+    stop: Callable[[], bool]
+    on_checkpoint: Callable[[int, bytes], None] | None
+    state: _RunState = field(default_factory=lambda: _RunState())
+
+    def privacy(self) -> dict[str, Any]:
+        return {"dp": self.dp.report()} if self.dp is not None else {}
+
+
+def _join_data_parallel(
+    spec: TrainingSpec,
+    model_dir: Path,
+    device: torch.device,
+    sharding: str,
+    emit: Callable[[TrainingEvent], None],
+    stop: Callable[[], bool],
+    on_checkpoint: Callable[[int, bytes], None] | None,
+) -> tuple[distributed.DataParallel | None, Callable[[TrainingEvent], None], Callable[[], bool],
+           Callable[[int, bytes], None] | None]:
+    """The process group this rank trains in (``None``: alone), and the callbacks as this rank uses them.
+
+    Every rank stops at the same step; rank 0 alone reports events and checkpoints.
+    """
+    ddp = distributed.current(device)
+    if ddp is None:
+        return None, emit, stop, on_checkpoint
+    sharded = distributed.resolve_sharding(sharding, spec.method, model_dir, device, ddp.world)
+    ddp = dataclasses.replace(ddp, sharded=sharded)
+    stop = ddp.agreed(stop)
+    if ddp.rank != 0:
+        emit, on_checkpoint = (lambda event: None), None
+    return ddp, emit, stop, on_checkpoint
+
+
+def _build(
+    spec: TrainingSpec,
+    hp: Any,
+    recipe: Any,
+    model_dir: Path,
+    device: torch.device,
+    ddp: distributed.DataParallel | None,
+    train_set: list[Example],
+    val_set: list[Example],
+    total_steps: int,
+    steps_per_epoch: int,
+    data_fingerprint: str,
+    base_model_name: str,
+    event: Callable[..., None],
+    stop: Callable[[], bool],
+    on_checkpoint: Callable[[int, bytes], None] | None,
+) -> _Run:
+    """The recipe's model (sharded over the ranks when ``ddp`` says so), its optimizer, scheduler and DP engine."""
+    setup = recipe.setup(model_dir, hp, device)
+    setup.model.train()  # from_pretrained leaves the base model in eval mode (no dropout, no checkpointing)
+    if ddp is not None:
+        setup.details["data_parallel"] = {"workers": ddp.world, "sharding": "fsdp" if ddp.sharded else "none"}
+    if ddp is not None and ddp.sharded:
+        units = distributed.shard_model(setup.model.get_base_model(), ddp, device)
+        event("info", 0, message=f"base model sharded over {ddp.world} workers (FSDP, {units} layers)")
+    trainable = [p for p in setup.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(total_steps * hp.warmup_ratio), total_steps)
+    dp: DpTraining | None = None
+    if getattr(hp, "dp", None) is not None:
+        from appliance.training.dp import DpTraining  # opacus loads only for DP runs
+
+        if ddp is not None:
+            raise InvalidRequestError(
+                f"`dp` trains in one worker; got {ddp.world} data-parallel workers", param="compute.workers")
+
+        dp = DpTraining(setup, optimizer, hp, n_train=len(train_set), total_steps=total_steps)
+    return _Run(spec, hp, recipe, setup, ddp, dp, trainable, optimizer, scheduler, train_set, val_set, total_steps,
+                steps_per_epoch, data_fingerprint, base_model_name, event, stop, on_checkpoint)
+
+
+def _start(run: _Run, resume: dict[str, Any] | None) -> None:
+    """Continue from ``resume``, or measure the validation loss before training."""
+    if resume is not None:
+        _restore(run, resume)
+    if run.dp is not None:
+        run.event("info", run.state.step, message=run.dp.message())
+    if resume is None and run.val_set:
+        run.state.valid_before = _evaluate(run.setup, run.val_set, run.stop)
+        run.event("validation", 0, valid_loss=run.state.valid_before, message="validation loss before training")
+
+
+def _train_steps(run: _Run, event_every_steps: int) -> None:
+    """The optimizer steps left, with ``train`` events and checkpoints (raises :class:`Cancelled` when stopped)."""
+    state, hp = run.state, run.hp
+    window = ProgressWindow()
+    while state.step < run.total_steps:
+        epoch, index = divmod(state.step, run.steps_per_epoch)
+        batch = _next_batch(run, epoch, index)
+        if run.stop():
+            raise Cancelled
+        if run.dp is not None:
+            loss, tokens = run.dp.step(run.setup, batch, run.scheduler, lambda: _autocast(run.setup))
+        else:
+            loss, tokens = _train_step(run.setup, run.optimizer, run.scheduler, run.trainable, batch, hp, run.ddp)
+        check_finite_loss(loss, state.step, hp.learning_rate, f"method.{run.spec.method}.hyperparameters.learning_rate")
+        state.step += 1
+        state.train_seconds = window.elapsed()
+        state.trained_tokens += tokens
+        state.session_tokens += tokens
+        if index == 0:
+            state.epoch_losses = []
+        if loss is not None:  # None: an empty Poisson batch (DP), noise only
+            state.epoch_losses.append(loss)
+        window.add(loss, tokens)
+
+        last = state.step == run.total_steps
+        if state.step % event_every_steps == 0 or last:
+            train_loss, tokens_per_second = window.flush()
+            run.event("train", state.step, train_loss=train_loss, learning_rate=run.scheduler.get_last_lr()[0],
+                      tokens_per_second=tokens_per_second, trained_tokens=state.trained_tokens)
+        every = hp.checkpoint_every_steps
+        # Sharded, every rank takes part in gathering the weights; rank 0 keeps them.
+        gathering = run.on_checkpoint or (run.ddp is not None and run.ddp.sharded)
+        if gathering and every and state.step % every == 0 and not last:
+            with window.paused():  # checkpointing is not training time
+                blob = _checkpoint(run)
+                if run.on_checkpoint:
+                    run.on_checkpoint(state.step, blob)
+
+
+def _next_batch(run: _Run, epoch: int, index: int) -> list[Example]:
+    """The examples of the next step: Poisson-sampled under DP, else the epoch's seeded order."""
+    if run.dp is not None:
+        return [run.train_set[i] for i in run.dp.sample()]
+    size = run.hp.batch_size
+    order = _epoch_order(len(run.train_set), run.hp.seed, epoch)
+    return [run.train_set[i] for i in order[index * size : (index + 1) * size]]
+
+
+def _validate_after(run: _Run) -> float | None:
+    """The validation loss after training (``None`` without validation data)."""
+    if not run.val_set:
+        return None
+    valid_after = _evaluate(run.setup, run.val_set, run.stop)
+    run.event("validation", run.state.step, valid_loss=valid_after, trained_tokens=run.state.trained_tokens,
+              message="validation loss after training")
+    return valid_after
+
+
+def _result(
+    run: _Run,
+    status: str,
+    adapter: dict[str, bytes] | None,
+    valid_after: float | None,
+    dropped: int,
+    evidence: dict[str, Any] | None = None,
+) -> TrainResult:
     return TrainResult(
-        status="succeeded",
+        status=status,
         adapter=adapter,
-        hyperparameters=hp,
-        metrics=_metrics(state, valid_after, total_steps, train_set, val_set, dropped),
-        details=setup.details,
-        privacy={**privacy(), **evidence},
+        hyperparameters=run.hp,
+        metrics=_metrics(run.state, valid_after, run.total_steps, run.train_set, run.val_set, dropped),
+        details=run.setup.details,
+        privacy={**run.privacy(), **(evidence or {})},
     )
 
 
@@ -397,24 +448,6 @@ class _RunState:
     valid_before: float | None = None
 
 
-def _pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device)
-    except (RuntimeError, TypeError):
-        chosen = None
-    if chosen is None or chosen.type not in ("cpu", "cuda"):
-        raise InvalidRequestError(f"`device` must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}", param="device")
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidRequestError(f"`device` is {device!r} but no CUDA device is available", param="device")
-    return chosen
-
-
-def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The shuffled example order of one epoch: a pure function of (seed, epoch), so resumes need no saved order."""
     order = list(range(n))
@@ -479,7 +512,7 @@ def _evaluate(setup: Setup, examples: list[Example], stop: Callable[[], bool]) -
             start = 0
             while start < len(examples):
                 if stop():
-                    raise _Cancelled
+                    raise Cancelled
                 end, tokens = start + 1, len(examples[start])
                 while end < len(examples) and tokens + len(examples[end]) <= EVAL_TOKEN_BUDGET:
                     tokens += len(examples[end])
@@ -522,78 +555,39 @@ def _metrics(
     )
 
 
-def _checkpoint(
-    setup: Setup,
-    recipe: Any,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    state: _RunState,
-    spec: TrainingSpec,
-    hp: Any,
-    data_fingerprint: str,
-    base_model_name: str,
-    dp: DpTraining | None = None,
-) -> bytes:
+def _checkpoint(run: _Run) -> bytes:
+    setup, state, dp = run.setup, run.state, run.dp
     # Whole tensors: when sharded, every rank gathers them (collectives), and rank 0 keeps them.
-    trainable = {n: distributed.full(p) for n, p in setup.model.named_parameters() if p.requires_grad}
-    adapter = recipe.save(setup, base_model_name)
+    trainable = kit.full_weights({n: p for n, p in setup.model.named_parameters() if p.requires_grad})
+    adapter = run.recipe.save(setup, run.base_model_name)
     return ckpt.dump(
         {
             **({"dp": dp.state()} if dp is not None else {}),
-            "method": spec.method,
-            "hyperparameters": hp.to_dict(),
-            "data_fingerprint": data_fingerprint,
+            "method": run.spec.method,
+            "hyperparameters": run.hp.to_dict(),
+            "data_fingerprint": run.data_fingerprint,
             "step": state.step,
             "trained_tokens": state.trained_tokens,
             "epoch_losses": list(state.epoch_losses),
             "valid_before": state.valid_before,
             "trainable": trainable,
             "adapter": adapter,
-            "optimizer": distributed.full_optimizer_state(optimizer),
-            "scheduler": scheduler.state_dict(),
-            "rng": ckpt.capture_rng(),
+            "optimizer": kit.full_optimizer_state(run.optimizer),
+            "scheduler": run.scheduler.state_dict(),
+            "rng": kit.capture_rng(),
         }
     )
 
 
-def _load_resume(
-    data: bytes | None, method: str, hp: Any, data_fingerprint: str, total_steps: int
-) -> dict[str, Any] | None:
-    if data is None:
-        return None
-    state = ckpt.load(data)
-    problems = []
-    if state.get("method") != method:
-        problems.append(f"it was made by method {state.get('method')!r}, not {method!r}")
-    if state.get("hyperparameters") != hp.to_dict():
-        problems.append("its resolved hyperparameters differ from this job's")
-    if state.get("data_fingerprint") != data_fingerprint:
-        problems.append("it was trained on different data")
-    if not 0 < state.get("step", 0) < total_steps:
-        problems.append(f"its step {state.get('step')} is outside this run's 1..{total_steps - 1}")
-    if problems:
-        raise InvalidRequestError(f"`resume_from` cannot continue this run: {'; '.join(problems)}", param="resume_from")
-    return state
-
-
-def _restore(
-    setup: Setup,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    saved: dict[str, Any],
-    state: _RunState,
-    dp: DpTraining | None = None,
-) -> None:
-    params = dict(setup.model.named_parameters())
-    with torch.no_grad():
-        for name, value in saved["trainable"].items():
-            params[name].copy_(distributed.like(params[name], value))
-    distributed.load_optimizer_state(optimizer, saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    ckpt.restore_rng(saved["rng"])
+def _restore(run: _Run, saved: dict[str, Any]) -> None:
+    state = run.state
+    kit.restore_weights({n: p for n, p in run.setup.model.named_parameters() if p.requires_grad}, saved["trainable"])
+    kit.load_optimizer_state(run.optimizer, saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    kit.restore_rng(saved["rng"])
     state.step = saved["step"]
     state.trained_tokens = saved["trained_tokens"]
     state.epoch_losses = list(saved["epoch_losses"])
     state.valid_before = saved["valid_before"]
-    if dp is not None:
-        dp.restore(saved.get("dp"), state.step)
+    if run.dp is not None:
+        run.dp.restore(saved.get("dp"), state.step)

@@ -29,6 +29,7 @@ from appliance.diffusion.hyperparameters import DreamBoothHyperparameters
 from appliance.diffusion.protocol import Models, Setup
 
 method = "dreambooth"
+capabilities = DreamBoothHyperparameters.capabilities
 
 
 def prompts(dataset: ImageDataset, instance_prompt: str | None) -> list[str]:

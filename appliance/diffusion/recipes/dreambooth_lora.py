@@ -25,6 +25,7 @@ from appliance.diffusion.protocol import Models, Setup
 from appliance.diffusion.recipes.lora import attach_lora, save_lora
 
 method = "dreambooth_lora"
+capabilities = DreamBoothLoraHyperparameters.capabilities
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
 
 

@@ -22,6 +22,7 @@ from appliance.diffusion.protocol import Models, Setup
 from appliance.errors import InvalidRequestError
 
 method = "lora"
+capabilities = ImageLoraHyperparameters.capabilities
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 

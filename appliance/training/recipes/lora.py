@@ -19,6 +19,7 @@ from appliance.training.packing import PACKED_ATTENTION
 from appliance.training.protocol import Setup
 
 method = "lora"
+capabilities = LoraHyperparameters.capabilities
 
 
 def setup(model_dir: Path, hp: LoraHyperparameters, device: torch.device) -> Setup:

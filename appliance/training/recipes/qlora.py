@@ -22,6 +22,7 @@ from appliance.training.packing import PACKED_ATTENTION
 from appliance.training.protocol import Setup
 
 method = "qlora"
+capabilities = QloraHyperparameters.capabilities
 
 
 def setup(model_dir: Path, hp: QloraHyperparameters, device: torch.device) -> Setup:
