@@ -63,7 +63,7 @@ def initialize(settings: Settings, ctx: AuditContext) -> InitResult:
         if _has_users(db):
             return InitResult(False, home, settings.key_file, token_file)
         with db.transaction() as s:
-            issued = create_first_admin(s, ctx, ADMIN_USER)
+            issued = create_first_admin(s, ADMIN_USER)
             record(s, ctx, "system.init", resource_type="appliance", resource_id=str(home),
                    details={"admin_user": ADMIN_USER, "key_file": str(settings.key_file)})
             record(s, ctx, "token.create", resource_type="token", resource_id=issued.token_id,

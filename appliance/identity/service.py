@@ -107,8 +107,8 @@ def has_users(s: Session) -> bool:
     return (s.scalar(select(func.count()).select_from(User)) or 0) > 0
 
 
-def create_first_admin(s: Session, ctx: AuditContext, name: str) -> tokens.IssuedToken:
-    """The first admin and its token, in the caller's transaction (``appliance init``); the token to hand over."""
+def create_first_admin(s: Session, name: str) -> tokens.IssuedToken:
+    """The first admin and its token, in the caller's transaction (``appliance init`` audits both); the token to show."""
     issued = tokens.mint()
     admin = User(name=name)
     s.add(admin)

@@ -33,7 +33,8 @@ from appliance.server.context import (
 from appliance.server.errors import EXCEPTION_HANDLERS
 from appliance.server.health import health
 from appliance.web.openapi import document_errors, openapi_config
-from appliance.server.state import AppState, build_state
+from appliance.server.state import build_state
+from appliance.services import AppState
 from appliance.settings import Settings, get_settings
 
 ROUTE_HANDLERS = [
