@@ -18,7 +18,9 @@ from appliance.errors import (
     PolicyViolationError,
     RateLimitedError,
 )
-from serving.errors import error_body as _body
+from serving.errors import error_body
+
+__all__ = ["STATUS", "body_of", "error_body", "status_of"]
 
 #: Domain error -> (HTTP status, OpenAI error type). Most specific first. The errors defined in
 #: :mod:`serving.errors` (400 invalid request, 404 not found, 409 conflict, 400 adapter load failure, 502 engine
@@ -32,10 +34,6 @@ STATUS: list[tuple[type[ApplianceError], int, str]] = [
     (NotInitializedError, 503, "server_error"),
     (InsufficientStorageError, 507, "server_error"),
 ]
-
-def error_body(code: str, message: str, param: str | None, type_: str) -> dict[str, Any]:
-    """``{"error": {"code", "message", "param", "type"}}``, built by :func:`serving.errors.error_body`."""
-    return _body(code, message, param, type_)
 
 
 def body_of(exc: ApplianceError) -> tuple[int, dict[str, Any]]:
