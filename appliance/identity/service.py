@@ -108,7 +108,10 @@ def has_users(s: Session) -> bool:
 
 
 def create_first_admin(s: Session, name: str) -> tokens.IssuedToken:
-    """The first admin and its token, in the caller's transaction (``appliance init`` audits both); the token to show."""
+    """The first admin and its token, in the caller's transaction; the token to show.
+
+    ``appliance init`` audits both.
+    """
     issued = tokens.mint()
     admin = User(name=name)
     s.add(admin)

@@ -231,7 +231,8 @@ class Scheduler:
             # Two schedulers promoting at once: each job is queued (and audited) once.
             for job in s.scalars(select(FineTuningJob).where(FineTuningJob.status == "validating_files")
                                  .with_for_update(skip_locked=True)):
-                missing = [fid for fid in (job.training_file, job.validation_file) if fid and not self.files.is_live(s, fid)]
+                missing = [fid for fid in (job.training_file, job.validation_file)
+                           if fid and not self.files.is_live(s, fid)]
                 if missing:
                     self._fail(s, job, {"code": "invalid_file", "param": "training_file",
                                         "message": f"file {missing[0]} is no longer available"}, resumable=False)
