@@ -23,7 +23,7 @@ def validate_method(method: Any, *, base_kind: str, seed: int | None = None) -> 
     """
     from appliance.training import TrainingSpec
 
-    if isinstance(method, dict) and method.get("type") in ALIASES:
+    if isinstance(method, dict) and isinstance(method.get("type"), str) and method["type"] in ALIASES:
         alias = method["type"]
         method = {"type": ALIASES[alias], ALIASES[alias]: method.get(alias) or {}}
     if base_kind == "diffusion":
@@ -68,7 +68,7 @@ def registry_of(base_kind: str) -> RecipeRegistry | None:
 def _with_seed(method: dict[str, Any], seed: int) -> dict[str, Any]:
     """The method with the job's ``seed`` in its hyperparameters (an explicit different one is an error)."""
     kind = method.get("type", "lora")
-    body = method.get(kind) or {}
+    body = (method.get(kind) or {}) if isinstance(kind, str) else None
     if not isinstance(body, dict):
         return method  # the recipe's parser names this problem
     hp = dict(body.get("hyperparameters") or {})

@@ -362,7 +362,8 @@ class _Problems:
 def _method_seed(method: Any) -> Any:
     if not isinstance(method, dict):
         return None
-    body = method.get(method.get("type", "lora"))
+    kind = method.get("type", "lora")
+    body = method.get(kind) if isinstance(kind, str) else None
     hp = body.get("hyperparameters") if isinstance(body, dict) else None
     return hp.get("seed") if isinstance(hp, dict) else None
 

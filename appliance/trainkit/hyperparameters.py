@@ -127,8 +127,9 @@ def parse_method(
     if not isinstance(method, Mapping):
         raise HyperparameterError([("method", f"must be an object; got {type(method).__name__}")])
     kind = method.get("type", default)
-    if kind not in table:
-        raise HyperparameterError([("method.type", f"must be one of {', '.join(map(repr, table))}; got {kind!r}")])
+    if not isinstance(kind, str) or kind not in table:
+        got = repr(kind) if isinstance(kind, str) else type(kind).__name__
+        raise HyperparameterError([("method.type", f"must be one of {', '.join(map(repr, table))}; got {got}")])
     problems = [
         (f"method.{key}", f"is not allowed with method.type {kind!r}") for key in method if key not in ("type", kind)
     ]

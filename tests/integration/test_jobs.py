@@ -191,6 +191,13 @@ def test_job_creation_reports_every_problem_at_once(client, tiny_model, trainer,
     # A body that is not an object is refused as before, naming no field of it.
     resp = client.post("/v1/fine_tuning/jobs", headers=bearer(trainer), json=[1, 2])
     assert resp.status_code == 400 and "object" in resp.json()["error"]["message"]
+    # A `method.type` that is not a string (found by the schema fuzzer: it was a 500) names the field.
+    for odd in ({}, [], 3, None):
+        resp = client.post("/v1/fine_tuning/jobs", headers=bearer(trainer),
+                           json={"model": tiny_model, "training_file": train_id, "seed": 0,
+                                 "method": {"type": odd, "lora": None}})
+        assert resp.status_code == 400, (odd, resp.text)
+        assert "method.type" in resp.json()["error"]["message"], (odd, resp.json())
 
 
 def _worker_pid(state, job_id: str, timeout: float = 60) -> int:
