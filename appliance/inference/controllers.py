@@ -144,11 +144,15 @@ class RuntimeLoraController(Controller):
         name, path = data.get("lora_name"), data.get("lora_path")
         if not name or not path:
             return _vllm_error(400, "InvalidUserInput", "Both 'lora_name' and 'lora_path' must be provided.")
+        if not isinstance(name, str) or not isinstance(path, str):
+            return _vllm_error(400, "InvalidUserInput", "'lora_name' and 'lora_path' must be strings.")
         config = Path(path) / "adapter_config.json"
         if not config.is_file():
             return _vllm_error(404, "NotFoundError", f"No adapter found for {path}")
         try:
-            base = json.loads(config.read_text()).get("base_model_name_or_path") or ""
+            adapter_config = json.loads(config.read_text())
+            base = adapter_config.get("base_model_name_or_path") if isinstance(adapter_config, dict) else None
+            base = base if isinstance(base, str) else ""
             base = Path(base).name or base
             engine = inference.engine_for(base)
         except (NotFoundError, ValueError):
@@ -171,7 +175,7 @@ class RuntimeLoraController(Controller):
     def unload_lora_adapter(self, request: Request, inference: NamedDependency[InferenceService],
                             data: JSONBody[dict[str, Any]]) -> Response:
         name = data.get("lora_name")
-        if name and inference.unload_runtime_adapter(name):
+        if isinstance(name, str) and name and inference.unload_runtime_adapter(name):
             with inference.db.transaction() as s:
                 record(s, audit_context(request), "serving.unload_adapter", resource_type="model", resource_id=name)
             return Response(f"Success: LoRA adapter '{name}' removed successfully.", media_type="text/plain")

@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from sqlalchemy import select
@@ -222,6 +223,14 @@ def test_vllm_engine_client_against_the_embedded_server(state, tiny, admin_token
             broken = {**files, "adapter_model.safetensors": b"not safetensors"}
             with pytest.raises(AdapterLoadError):
                 engine.load_adapter("broken", broken)
+            # Fields of the wrong type are vLLM-shaped 400s, never a 500.
+            for body in ({"lora_name": 7, "lora_path": "/x"}, {"lora_name": "n", "lora_path": ["/x"]}):
+                resp = httpx.post(url + "/v1/load_lora_adapter", json=body,
+                                  headers={"Authorization": f"Bearer {admin_token}"})
+                assert resp.status_code == 400 and resp.json()["error"]["type"] == "InvalidUserInput", resp.text
+            resp = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": {"x": 1}},
+                              headers={"Authorization": f"Bearer {admin_token}"})
+            assert resp.status_code == 404, resp.text
             engine.unload_adapter("ops-adapter")
             assert not engine.has_adapter("ops-adapter")
             assert not state.inference.engine_for(BASE).has_adapter("ops-adapter")
