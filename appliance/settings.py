@@ -207,7 +207,8 @@ class ServingSettings:
         default="http://127.0.0.1:8000",
         metadata=_env("APPLIANCE_VLLM_URL",
                       "Base URL of the vLLM server when APPLIANCE_SERVING_ENGINE=vllm; several, comma-separated, "
-                      "are serving replicas of one base model on this host."),
+                      "are serving replicas of one base model on this host. An entry BASE_MODEL=URL serves that "
+                      "base model only (one vLLM server per base model); plain URLs serve the others."),
     )
     vllm_api_key_file: Path | None = field(
         default=None,
@@ -238,8 +239,19 @@ class ServingSettings:
 
     @property
     def vllm_urls(self) -> list[str]:
-        """The serving replicas of ``APPLIANCE_VLLM_URL``, in order."""
-        return [u.strip().rstrip("/") for u in self.vllm_url.split(",") if u.strip()]
+        """Every serving replica ``APPLIANCE_VLLM_URL`` names, in order (base model names dropped)."""
+        return [u.strip().rstrip("/").partition("=")[2] or u.strip().rstrip("/")
+                for u in self.vllm_url.split(",") if u.strip()]
+
+    def vllm_urls_for(self, base_model: str) -> list[str]:
+        """The serving replicas of ``base_model``: its own entries of ``APPLIANCE_VLLM_URL``, else the plain URLs.
+
+        Raises:
+            ValueError: ``APPLIANCE_VLLM_URL`` names servers for other base models only.
+        """
+        from serving.replicas import replicas_for
+
+        return replicas_for(self.vllm_url, base_model)
 
 
 @dataclass(frozen=True)
@@ -469,10 +481,10 @@ def _check_jobs(jobs: JobSettings, errors: list[str]) -> None:
 
 
 def _check_serving(serving: ServingSettings, errors: list[str]) -> None:
-    from serving.replicas import parse_replica_urls
+    from serving.replicas import parse_replica_map
 
     try:
-        parse_replica_urls(serving.vllm_url)
+        parse_replica_map(serving.vllm_url)
     except ValueError as exc:
         errors.append(f"APPLIANCE_VLLM_URL={serving.vllm_url!r}: {exc}")
     if serving.engine != "vllm":

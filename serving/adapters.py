@@ -43,7 +43,10 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 AdapterFiles = Mapping[str, bytes]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+/-]{0,254}$")
-_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+# vLLM's rule (vllm.lora.utils.parse_fine_tuned_lora_name): a LoRA weight's key ends in exactly
+# ``.lora_A.weight`` or ``.lora_B.weight``; one that still carries peft's adapter name is refused.
+_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+_NAMED_KEY_RE = re.compile(r"\.lora_[AB]\.(?P<adapter>[^.]+)\.weight$")
 #: LoraConfig fields whose presence with a non-neutral value we refuse, and why.
 _REFUSED = {
     "modules_to_save": "`modules_to_save` (fully trained layers such as embed_tokens or lm_head) is not servable "
@@ -208,7 +211,10 @@ def validate_adapter(
     if rank > max_rank:
         raise AdapterLoadError(f"{ADAPTER_CONFIG}: `r` is {rank} but this engine serves ranks up to {max_rank} "
                                "(vLLM's --max-lora-rank); retrain with a smaller rank or raise the limit", param="r")
-    alpha = config.get("lora_alpha", 8)
+    if "lora_alpha" not in config:
+        raise AdapterLoadError(f"{ADAPTER_CONFIG}: `lora_alpha` is missing (vLLM requires it); save the adapter "
+                               "with peft's save_pretrained, which writes it", param="lora_alpha")
+    alpha = config["lora_alpha"]
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise AdapterLoadError(f"{ADAPTER_CONFIG}: `lora_alpha` must be a number, got {alpha!r}", param="lora_alpha")
     targets = config.get("target_modules")
@@ -282,6 +288,11 @@ def _check_tensors(
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _KEY_RE.match(key)
+        named = _NAMED_KEY_RE.search(key)
+        if m is None and named is not None:
+            raise AdapterLoadError(f"{ADAPTER_WEIGHTS}: tensor {key!r} carries the adapter name "
+                                   f"{named['adapter']!r}, which vLLM refuses; keys must end in .lora_A.weight or "
+                                   ".lora_B.weight (peft's save_pretrained writes them so)", param=ADAPTER_WEIGHTS)
         if m is None:
             raise AdapterLoadError(f"{ADAPTER_WEIGHTS}: tensor {key!r} is not a LoRA A/B weight (embeddings, "
                                    "biases and fully trained modules are not servable)", param=ADAPTER_WEIGHTS)

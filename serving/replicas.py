@@ -27,7 +27,7 @@ import httpx
 
 from serving.errors import NoReplicaError
 
-__all__ = ["Replica", "ReplicaReport", "ReplicaSet", "parse_replica_urls"]
+__all__ = ["Replica", "ReplicaReport", "ReplicaSet", "parse_replica_map", "parse_replica_urls", "replicas_for"]
 
 
 def parse_replica_urls(value: str | Sequence[str]) -> list[str]:
@@ -45,6 +45,51 @@ def parse_replica_urls(value: str | Sequence[str]) -> list[str]:
             raise ValueError(f"expected http(s) URLs such as http://127.0.0.1:8000; got {url!r}")
     if len(set(urls)) != len(urls):
         raise ValueError(f"a replica is listed twice in {','.join(urls)!r}")
+    return urls
+
+
+def parse_replica_map(value: str) -> dict[str | None, list[str]]:
+    """Base model name -> its replica URLs, from ``APPLIANCE_VLLM_URL``'s comma-separated entries.
+
+    Each entry is ``URL`` or ``BASE_MODEL=URL``: ``"llama-8b=http://127.0.0.1:8000,qwen-7b=http://127.0.0.1:8001"``
+    serves each base model through its own vLLM server (one vLLM server serves one base model). Plain
+    URLs go under the key ``None`` and serve every LLM base model that no entry names.
+
+    Raises:
+        ValueError: a URL is not http(s), a URL is given twice, a name is empty, or no URL is given.
+    """
+    groups: dict[str | None, list[str]] = {}
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue
+        name, sep, url = entry.partition("=")
+        if not sep:
+            name, url = "", entry
+        elif not name.strip():
+            raise ValueError(f"an entry {entry!r} names no base model before '='; write BASE_MODEL=URL or a URL")
+        groups.setdefault(name.strip() or None, []).append(url)
+    if not groups:
+        raise ValueError("expected one or more comma-separated URLs such as http://127.0.0.1:8000")
+    parsed = {name: parse_replica_urls(urls) for name, urls in groups.items()}
+    every = [u for urls in parsed.values() for u in urls]
+    if len(set(every)) != len(every):
+        twice = sorted({u for u in every if every.count(u) > 1})
+        raise ValueError(f"a replica is listed twice: {', '.join(twice)} (one vLLM server serves one base model)")
+    return parsed
+
+
+def replicas_for(value: str, base_model: str) -> list[str]:
+    """The replica URLs serving ``base_model`` under ``APPLIANCE_VLLM_URL`` (its own, else the plain URLs).
+
+    Raises:
+        ValueError: the value does not parse, or names other base models only.
+    """
+    groups = parse_replica_map(value)
+    urls = groups.get(base_model) or groups.get(None)
+    if not urls:
+        named = ", ".join(sorted(n for n in groups if n))
+        raise ValueError(f"no vLLM server is set for base model {base_model!r} (servers are set for {named}); "
+                         f"add {base_model}=URL")
     return urls
 
 

@@ -74,7 +74,7 @@ def serve(host: str | None, port: int | None, role: str, model: str | None) -> N
     port = port or settings.server.port
     shown_host = f"[{host}]" if ":" in host else host
     click.echo(f"Appliance {__version__} listening on http://{shown_host}:{port}"
-               + (f" (control plane; serving replicas: {', '.join(settings.serving.vllm_urls)})"
+               + (f" (control plane; serving replicas: {settings.serving.vllm_url})"
                   if role == "control" else ""))
     click.echo(f"  Portal:      http://{shown_host}:{port}/")
     click.echo(f"  API:         http://{shown_host}:{port}/v1  (OpenAPI: /schema/openapi.json)")

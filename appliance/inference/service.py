@@ -98,10 +98,16 @@ class InferenceService:
             raise EngineError(f"base model {base.name!r} has no files at {base.path}: re-import it with "
                               "`appliance models import`", param="model")
         device = None if self.settings.device == "auto" else self.settings.device
+        replica_urls: list[str] = []
+        if self._engine_kind(base) == "vllm":
+            try:
+                replica_urls = self.settings.vllm_urls_for(base.name)
+            except ValueError as exc:
+                raise EngineError(f"APPLIANCE_VLLM_URL: {exc}", param="model") from None
         engine = create_engine(self._engine_kind(base), EngineSpec(
             model_dir=base.path, name=base.name, device=device,
             adapter_source=self.catalog.adapter_files, max_resident_adapters=self.settings.max_resident_adapters,
-            replica_urls=self.settings.vllm_urls, shm_dir=self.settings.shm_dir,
+            replica_urls=replica_urls, shm_dir=self.settings.shm_dir,
             api_key_file=self.settings.vllm_api_key_file))
         if hasattr(engine, "reconcile"):  # replicated engines: published adapters onto every replica, strays off
             try:

@@ -95,6 +95,13 @@ def test_vllm_url_lists_serving_replicas_and_each_is_checked(tmp_path):
     s = load_settings({"APPLIANCE_HOME": str(tmp_path), "APPLIANCE_SERVING_ENGINE": "vllm",
                        "APPLIANCE_VLLM_URL": "http://127.0.0.1:8000, http://127.0.0.1:8001/"})
     assert s.serving.vllm_urls == ["http://127.0.0.1:8000", "http://127.0.0.1:8001"]
+    assert s.serving.vllm_urls_for("any-base") == ["http://127.0.0.1:8000", "http://127.0.0.1:8001"]
+    per_base = load_settings({"APPLIANCE_HOME": str(tmp_path), "APPLIANCE_SERVING_ENGINE": "vllm",
+                              "APPLIANCE_VLLM_URL": "llama=http://127.0.0.1:8000,qwen=http://127.0.0.1:8001"})
+    assert per_base.serving.vllm_urls_for("qwen") == ["http://127.0.0.1:8001"]
+    with pytest.raises(SettingsError, match="listed twice"):
+        load_settings({"APPLIANCE_HOME": str(tmp_path), "APPLIANCE_SERVING_ENGINE": "vllm",
+                       "APPLIANCE_VLLM_URL": "llama=http://127.0.0.1:8000,qwen=http://127.0.0.1:8000"})
     assert s.serving.reconcile_s == 30 and s.serving.shm_dir == Path("/dev/shm")
     with pytest.raises(SettingsError) as info:
         load_settings({"APPLIANCE_HOME": str(tmp_path), "APPLIANCE_SERVING_ENGINE": "vllm",

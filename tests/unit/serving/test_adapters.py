@@ -104,6 +104,22 @@ def test_weights_rules(shape, good):
     refuse(with_tensors(good, drop_b), shape, "no lora_B")
     refuse(with_tensors(good, extra), shape, "not a LoRA A/B weight")
 
+    def named(t):  # peft's in-memory key, with the adapter's name: vLLM refuses it
+        k = first_key(t, "lora_A.weight")
+        t[k.replace("lora_A.weight", "lora_A.default.weight")] = t.pop(k)
+        return t
+
+    refuse(with_tensors(good, named), shape, "carries the adapter name 'default'")
+
+
+def test_lora_alpha_is_required_as_vllm_requires_it(shape, good):
+    import json
+
+    config = json.loads(good["adapter_config.json"])
+    del config["lora_alpha"]
+    refuse({**good, "adapter_config.json": json.dumps(config).encode()}, shape, "`lora_alpha` is missing",
+           "lora_alpha")
+
 
 def test_lora_on_lm_head_is_refused(tiny_parts, shape):
     model, _ = tiny_parts

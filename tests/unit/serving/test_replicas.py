@@ -11,7 +11,7 @@ import pytest
 
 from serving.errors import AdapterLoadError, EngineError, NoReplicaError
 from serving.protocol import parse_chat_request
-from serving.replicas import ReplicaSet, parse_replica_urls
+from serving.replicas import ReplicaSet, parse_replica_map, parse_replica_urls, replicas_for
 from serving.vllm_server import create_vllm_compatible_app, serve_in_thread
 from serving.transformers_engine import EngineConfig, TransformersEngine
 from serving.vllm_engine import VllmEngine
@@ -65,6 +65,21 @@ def test_replica_urls_are_parsed_and_checked():
     for bad, why in (("", "one or more"), ("a:1", "http"), ("http://a:1,http://a:1/", "twice")):
         with pytest.raises(ValueError, match=why):
             parse_replica_urls(bad)
+
+
+def test_each_base_model_has_its_own_replicas():
+    value = "llama=http://a:1, llama=http://a:2, qwen=http://b:1"
+    assert parse_replica_map(value) == {"llama": ["http://a:1", "http://a:2"], "qwen": ["http://b:1"]}
+    assert replicas_for(value, "qwen") == ["http://b:1"]
+    with pytest.raises(ValueError, match="no vLLM server is set for base model 'mistral'.*add mistral=URL"):
+        replicas_for(value, "mistral")
+    # Plain URLs serve every base model no entry names (one base model: the old form).
+    mixed = "http://c:1,llama=http://a:1"
+    assert replicas_for(mixed, "llama") == ["http://a:1"] and replicas_for(mixed, "qwen") == ["http://c:1"]
+    for bad, why in (("=http://a:1", "names no base model"), ("llama=http://a:1,qwen=http://a:1", "twice"),
+                     ("llama=a:1", "http"), (" , ", "one or more")):
+        with pytest.raises(ValueError, match=why):
+            parse_replica_map(bad)
 
 
 def test_least_outstanding_then_round_robin():
