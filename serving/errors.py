@@ -30,7 +30,8 @@ from serving.redact import scrub
 
 __all__ = [
     "MODEL_NAME_LIKE", "ROLE_LIKE", "AdapterLoadError", "AdapterNotFoundError", "ConflictError", "EngineError",
-    "InvalidRequestError", "NoReplicaError", "NotFoundError", "ServingError", "echo", "error_body",
+    "InvalidRequestError", "NoReplicaError", "NotFoundError", "ServerConfigError", "ServingError", "echo",
+    "error_body",
     "model_not_found", "unauthorized_body",
 ]
 
@@ -133,6 +134,17 @@ class EngineError(ServingError):
     code = "engine_error"
     status = 502
     error_type = "server_error"
+
+
+class ServerConfigError(EngineError):
+    """A vLLM server answers but is set up so that it cannot serve adapters (HTTP 502).
+
+    Runtime LoRA updating is off, the api key is wrong, or it cannot see the
+    appliance's tmpfs. Not an outage (the replica is not marked down) and not a
+    broken adapter: the message says which, and what to change.
+    """
+
+    code = "serving_misconfigured"
 
 
 class NoReplicaError(EngineError):

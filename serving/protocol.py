@@ -387,7 +387,20 @@ def _to_wire(req: msgspec.Struct) -> dict[str, Any]:
     out.pop("ignored_fields", None)
     if not out.get("ignore_eos"):
         out.pop("ignore_eos", None)
-    return {k: v for k, v in out.items() if v is not None}
+    return _without_nulls(out)
+
+
+def _without_nulls(value: Any) -> Any:
+    """``value`` with every ``None`` member of every object dropped, at any depth.
+
+    vLLM's request models refuse ``null`` where OpenAI's schema has an optional
+    string (``"name": null`` in a message is a 400 there), so unset fields are left out.
+    """
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 # --------------------------------------------------------------------------- engine results

@@ -122,6 +122,10 @@ class ReplicaReport:
     unloaded: list[str] = field(default_factory=list)
     #: Adapter (upstream name) -> why loading or unloading it failed; retried next pass.
     failed: dict[str, str] = field(default_factory=dict)
+    #: Adapter (upstream name) -> why the replica refused to load it; not retried (the same adapter
+    #: would be refused again), until it is published anew.
+    refused: dict[str, str] = field(default_factory=dict)
+    #: Why the replica cannot serve adapters at all (wrong api key, runtime updating off), if so.
     error: str | None = None
 
     @property
@@ -130,7 +134,7 @@ class ReplicaReport:
 
     def to_dict(self) -> dict[str, object]:
         return {"replica": self.replica, "up": self.up, "came_back": self.came_back, "loaded": self.loaded,
-                "unloaded": self.unloaded, "failed": self.failed, "error": self.error}
+                "unloaded": self.unloaded, "failed": self.failed, "refused": self.refused, "error": self.error}
 
 
 class ReplicaSet:
@@ -214,6 +218,11 @@ class ReplicaSet:
             was_down = not replica.up
             replica.up, replica.last_error = True, None
             return was_down
+
+    def note_error(self, replica: Replica, error: str) -> None:
+        """Record what is wrong with a replica that answers (it stays up: the base model still serves)."""
+        with self._lock:
+            replica.last_error = error
 
     def status(self) -> list[dict[str, object]]:
         with self._lock:

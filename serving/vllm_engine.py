@@ -30,6 +30,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -43,7 +44,7 @@ import httpx
 
 from serving.adapters import AdapterFiles, BaseModelShape, ValidatedAdapter, check_adapter_name, validate_adapter
 from serving.engine import AdapterInfo, AdapterRegistry, AdapterSource, GenerationStream, Pin
-from serving.errors import AdapterLoadError, EngineError, InvalidRequestError, model_not_found
+from serving.errors import AdapterLoadError, EngineError, InvalidRequestError, ServerConfigError, model_not_found
 from serving.replicas import Replica, ReplicaReport, ReplicaSet
 from serving.protocol import (
     ChatCompletionRequest,
@@ -132,6 +133,10 @@ class VllmEngine:
         self._sync = threading.Lock()
         self._live: dict[str, _Upstream] = {}
         self._busy: set[str] = set()
+        #: (replica URL, upstream name) -> why that replica refused that adapter: not retried.
+        self._refused: dict[tuple[str, str], str] = {}
+        #: Replicas whose runtime-LoRA routes were probed since they last came up.
+        self._probed: set[str] = set()
         #: Adapter name -> replica URL -> what the last load or unload did there (for the audit log).
         self._fanouts: dict[str, dict[str, str]] = {}
         self._registry: AdapterRegistry[_Upstream] = AdapterRegistry(
@@ -199,7 +204,12 @@ class VllmEngine:
         while True:
             try:
                 self._models()
+                problems = self.check_replicas()
+                if problems:
+                    raise ServerConfigError("; ".join(problems))
                 return
+            except ServerConfigError:
+                raise
             except EngineError:
                 if time.monotonic() > deadline:
                     raise
@@ -260,7 +270,7 @@ class VllmEngine:
             AdapterLoadError: no replica took it and at least one refused it (a broken adapter).
             NoReplicaError: no replica answered.
         """
-        loaded, refused, outcome = [], [], {}
+        loaded, refused, misconfigured, outcome = [], [], [], {}
         for replica in self._replicas.reachable():  # a replica known to be down is the reconciler's
             try:
                 self._load_on(replica, up)
@@ -269,41 +279,75 @@ class VllmEngine:
             except AdapterLoadError as exc:
                 refused.append(exc)
                 outcome[replica.url] = f"refused: {exc.message}"
+                with self._sync:
+                    self._refused[(replica.url, up.name)] = exc.message
+            except ServerConfigError as exc:
+                misconfigured.append(exc)
+                outcome[replica.url] = f"misconfigured: {exc.message}"
             except EngineError as exc:
                 outcome[replica.url] = f"down: {exc.message}"
         self._record_fanout(up, outcome)
         if not loaded:
             if refused:
                 raise refused[0]
+            if misconfigured:
+                raise misconfigured[0]
             raise self._replicas.no_replica(self._replicas.replicas)
         if len(loaded) < len(self._replicas):
             log.warning("adapter not loaded on every replica; the reconciler will retry",
                         extra={"adapter": up.name, "replicas": self.last_fanout(up.name.rsplit("@", 1)[0])})
 
     def _load_on(self, replica: Replica, up: _Upstream) -> None:
+        """Load ``up`` on one replica.
+
+        Raises:
+            AdapterLoadError: the server refused the adapter, whatever the status (vLLM >= 0.20 answers
+                500 for an adapter it cannot load, earlier releases 400 or 404): never an outage.
+            ServerConfigError: the server cannot take adapters at all (runtime updating off, wrong api
+                key, no view of our tmpfs).
+            EngineError: the server did not answer.
+        """
         body = {"lora_name": up.name, "lora_path": str(up.path)}
-        resp = self._call_on(replica, "POST", "/v1/load_lora_adapter", body)
+        resp = self._call_on(replica, "POST", "/v1/load_lora_adapter", body, raw=True)
         if resp.status_code == 400 and "already" in _error_message(resp):
             # Left by an earlier life of this engine (same versioned name, maybe another directory):
             # replace it with ours.
-            self._call_on(replica, "POST", "/v1/unload_lora_adapter", {"lora_name": up.name})
-            resp = self._call_on(replica, "POST", "/v1/load_lora_adapter", body)
+            self._call_on(replica, "POST", "/v1/unload_lora_adapter", {"lora_name": up.name}, raw=True)
+            resp = self._call_on(replica, "POST", "/v1/load_lora_adapter", body, raw=True)
         if resp.status_code != 200:
-            message = _error_message(resp)
-            where = f" {replica.url}" if len(self._replicas) > 1 else ""
-            raise AdapterLoadError(f"the vLLM server{where} refused the adapter ({resp.status_code}): {message}",
-                                   param="files")
+            raise self._load_refusal(replica, up, resp)
+
+    def _load_refusal(self, replica: Replica, up: _Upstream, resp: httpx.Response) -> EngineError | AdapterLoadError:
+        """What a refused load means: a server set up wrong, or an adapter it cannot take."""
+        message = _error_message(resp)
+        misconfigured = _misconfiguration(replica.url, resp)
+        if misconfigured is None and "No adapter found" in message and up.path.is_dir():
+            misconfigured = (f"the vLLM server {replica.url} cannot read the adapter directory the appliance "
+                             f"just wrote ({up.path}): run vLLM on this host, as the appliance's user, with "
+                             f"{self._root.parent} visible to it (deploy/vllm.md)")
+        if misconfigured is not None:
+            self._replicas.note_error(replica, misconfigured)
+            return ServerConfigError(misconfigured)
+        where = f" {replica.url}" if len(self._replicas) > 1 else ""
+        return AdapterLoadError(f"the vLLM server{where} refused the adapter ({resp.status_code}): {message}",
+                                param="files")
 
     def _unload_on(self, replica: Replica, upstream_name: str) -> None:
-        resp = self._call_on(replica, "POST", "/v1/unload_lora_adapter", {"lora_name": upstream_name})
-        if resp.status_code not in (200, 404):  # 404: the server already forgot it
-            raise EngineError(f"the vLLM server {replica.url} refused to unload {upstream_name!r} "
-                              f"({resp.status_code}): {_error_message(resp)}")
+        resp = self._call_on(replica, "POST", "/v1/unload_lora_adapter", {"lora_name": upstream_name}, raw=True)
+        if resp.status_code in (200, 404) and _misconfiguration(replica.url, resp) is None:
+            return  # 404: the server already forgot it
+        misconfigured = _misconfiguration(replica.url, resp)
+        if misconfigured is not None:
+            raise ServerConfigError(misconfigured)
+        raise EngineError(f"the vLLM server {replica.url} refused to unload {upstream_name!r} "
+                          f"({resp.status_code}): {_error_message(resp)}")
 
     def _deregister(self, up: _Upstream) -> None:
         with self._sync:
             self._busy.add(up.name)
             self._live.pop(up.name, None)
+            for key in [k for k in self._refused if k[1] == up.name]:
+                del self._refused[key]
         outcome: dict[str, str] = {}
         try:
             for replica in self._replicas.reachable():  # one that is down drops it when the reconciler sees it
@@ -337,20 +381,37 @@ class VllmEngine:
             was_down = not replica.up
             try:
                 cards = self._models_on(replica)  # marks it up or down
+            except ServerConfigError as exc:  # answers, but not to us (api key)
+                report.up, report.error = True, exc.message
+                continue
             except EngineError as exc:
                 report.error = exc.message
+                self._probed.discard(replica.url)
                 continue
             report.up, report.came_back = True, was_down
+            if replica.url not in self._probed or was_down:
+                report.error = self._probe(replica)
+                if report.error is not None:
+                    continue
             listed = {c["id"] for c in cards if c.get("parent")}  # vLLM lists adapters with their base as parent
             with self._sync:
                 live, busy = dict(self._live), set(self._busy)
+                refused = {name: why for (url, name), why in self._refused.items() if url == replica.url}
             for name in sorted(set(live) - listed - busy):
+                if name in refused:  # it would refuse it again: reported, not retried
+                    report.refused[name] = refused[name]
+                    continue
                 try:
                     self._load_on(replica, live[name])
                     report.loaded.append(name)
-                except EngineError as exc:
-                    report.failed[name] = exc.message
                 except AdapterLoadError as exc:
+                    report.refused[name] = exc.message
+                    with self._sync:
+                        self._refused[(replica.url, name)] = exc.message
+                except ServerConfigError as exc:
+                    report.error = exc.message
+                    break
+                except EngineError as exc:
                     report.failed[name] = exc.message
             for name in sorted(listed - set(live) - busy):
                 if stray is not None and not stray(name):
@@ -363,6 +424,42 @@ class VllmEngine:
             if report.changed:
                 log.info("replica reconciled", extra=report.to_dict())
         return reports
+
+    def _probe(self, replica: Replica) -> str | None:
+        """Whether ``replica`` takes runtime LoRA updates; the problem in words if not.
+
+        An empty load request costs nothing: a server with the routes answers 400 (no name, no
+        path), one started without ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` 404 ``{"detail": "Not Found"}``.
+        """
+        try:
+            resp = self._call_on(replica, "POST", "/v1/load_lora_adapter", {}, raw=True)
+        except ServerConfigError as exc:
+            return exc.message
+        except EngineError:
+            return None  # down: the next pass probes it again
+        problem = _misconfiguration(replica.url, resp)
+        if problem is None:
+            self._probed.add(replica.url)
+        else:
+            self._replicas.note_error(replica, problem)
+            log.warning("vLLM replica cannot take adapters", extra={"replica": replica.url, "error": problem})
+        return problem
+
+    def check_replicas(self) -> list[str]:
+        """The set-up problems of the replicas that answer (wrong api key, runtime LoRA updating off); [] if none."""
+        problems = []
+        for replica in self._replicas.replicas:
+            try:
+                self._models_on(replica)
+            except ServerConfigError as exc:
+                problems.append(exc.message)
+                continue
+            except EngineError:
+                continue
+            problem = self._probe(replica)
+            if problem is not None:
+                problems.append(problem)
+        return problems
 
     # ------------------------------------------------------------------ prompts
 
@@ -506,7 +603,8 @@ class VllmEngine:
                         extra={"replica": replica.url, "error": str(exc)})
 
     def _call_on(self, replica: Replica, method: str, path: str,
-                 body: dict[str, Any] | None = None) -> httpx.Response:
+                 body: dict[str, Any] | None = None, *, raw: bool = False) -> httpx.Response:
+        """One request to one replica; a 5xx raises :class:`EngineError` unless ``raw`` (the caller reads it)."""
         try:
             resp = replica.http.request(method, path, json=body)
         except httpx.ReadTimeout as exc:  # it took the request and hangs: skip it, but do not run the request twice
@@ -516,7 +614,9 @@ class VllmEngine:
             self._down(replica, exc)
             raise _ReplicaFailed(f"the vLLM server {replica.url} is unreachable: {exc}") from exc
         self._replicas.mark_up(replica)
-        if resp.status_code >= 500:
+        if resp.status_code == 401:
+            raise ServerConfigError(_misconfiguration(replica.url, resp) or "")
+        if resp.status_code >= 500 and not raw:
             raise EngineError(f"the vLLM server {replica.url} failed ({resp.status_code}): {_error_message(resp)}")
         return resp
 
@@ -538,15 +638,61 @@ class VllmEngine:
 # ---------------------------------------------------------------------- helpers
 
 
+#: The adapter directories this process made (several engines, one per base model, share a pid).
+_OURS: set[str] = set()
+_DIR_RE = re.compile(r"^appliance-lora-(?P<pid>\d+)-[0-9a-f]{12}$")
+
+
 def _private_dir(shm: Path) -> Path:
     if not shm.is_dir():
         raise EngineError(f"shm_dir {str(shm)!r} does not exist; point it at a tmpfs such as /dev/shm")
+    swept = sweep_stale_dirs(shm)
+    if swept:
+        log.warning("removed decrypted adapters left in tmpfs by a process that is gone",
+                    extra={"shm_dir": str(shm), "directories": swept})
     path = shm / f"appliance-lora-{os.getpid()}-{secrets.token_hex(6)}"
     os.mkdir(path, 0o700)
+    _OURS.add(path.name)
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) != 0o700:
         raise EngineError(f"{str(path)!r} is not a private directory")
     return path
+
+
+def sweep_stale_dirs(shm: Path) -> int:
+    """Remove this user's ``appliance-lora-<pid>-*`` directories whose process is gone; how many.
+
+    They hold decrypted adapters and outlive a crash (SIGKILL, OOM, power loss of the process, not
+    of the host): an engine sweeps them when it starts. A directory whose pid is this process's
+    but which this process did not make is a former life's (a container restarts with the same pid).
+    """
+    swept = 0
+    for entry in shm.iterdir():
+        m = _DIR_RE.match(entry.name)
+        if m is None or entry.name in _OURS:
+            continue
+        try:
+            st = os.lstat(entry)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            continue
+        pid = int(m["pid"])
+        if pid != os.getpid() and _alive(pid):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        swept += 1
+    return swept
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _path(request: GenerationRequest) -> str:
@@ -575,6 +721,22 @@ def _error_message(resp: httpx.Response) -> str:
         if isinstance(err, dict) and "message" in err:
             return str(err["message"])
     return str(data)[:500]
+
+
+def _misconfiguration(url: str, resp: httpx.Response) -> str | None:
+    """The set-up problem a vLLM answer reveals (wrong api key, runtime LoRA updating off), if any."""
+    if resp.status_code == 401:
+        return (f"the vLLM server {url} refused the appliance's api key (401): write the token it was started "
+                "with (--api-key or VLLM_API_KEY) to the file APPLIANCE_VLLM_API_KEY_FILE names")
+    if resp.status_code == 404 and resp.request.url.path.endswith("_lora_adapter"):
+        try:
+            route_missing = resp.json() == {"detail": "Not Found"}  # FastAPI's answer for a route it lacks
+        except ValueError:
+            route_missing = False
+        if route_missing:
+            return (f"runtime LoRA updating is off on the vLLM server {url} (it has no "
+                    f"{resp.request.url.path}): start it with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora")
+    return None
 
 
 def _raise_for(resp: httpx.Response, model: str) -> None:

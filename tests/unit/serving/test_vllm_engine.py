@@ -186,3 +186,23 @@ def test_closing_a_stream_early_releases_the_adapter(client, adapters):
     stream.close()
     client.unload_adapter("ad3")  # would wait for the pin if the stream still held it
     assert not client.has_adapter("ad3")
+
+
+def test_decrypted_adapters_left_by_a_dead_process_are_swept_at_start(tmp_path):
+    """A crash leaves `appliance-lora-<pid>-*` in tmpfs: the next engine removes those of dead processes."""
+    import subprocess
+
+    gone = subprocess.Popen(["true"])  # noqa: S607 - a short-lived process gives a dead pid
+    gone.wait()
+    stale = tmp_path / f"appliance-lora-{gone.pid}-{'ab' * 6}"
+    (stale / "1").mkdir(parents=True, mode=0o700)
+    (stale / "1" / "adapter_model.safetensors").write_bytes(b"decrypted weights")
+    alive = tmp_path / f"appliance-lora-1-{'cd' * 6}"  # pid 1 lives: another appliance's, left alone
+    alive.mkdir(mode=0o700)
+    unrelated = tmp_path / "appliance-lora-notes"
+    unrelated.mkdir()
+    with VllmEngine("http://127.0.0.1:9", base_model_name="b", shm_dir=tmp_path) as eng:
+        mine = eng._root  # noqa: SLF001
+        assert not stale.exists() and alive.is_dir() and unrelated.is_dir() and mine.is_dir()
+        with VllmEngine("http://127.0.0.1:9", base_model_name="c", shm_dir=tmp_path):
+            assert mine.is_dir()  # a second engine of this process keeps the first one's directory
