@@ -5,12 +5,19 @@ server started with ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=Tru
 with vLLM's request and response shapes and status codes:
 
 - ``POST /v1/load_lora_adapter {"lora_name", "lora_path"}`` -> 200 text; 400 when the
-  name is taken or the adapter fails to load; 404 when the path holds no adapter.
-- ``POST /v1/unload_lora_adapter {"lora_name"}`` -> 200 text; 404 for an unknown name.
+  name is taken; 404 when the path holds no adapter; 500 ``InternalServerError`` when the
+  adapter fails to load (as vLLM >= 0.20 answers; earlier releases said 400).
+- ``POST /v1/unload_lora_adapter {"lora_name"}`` -> 200 text; 404 for an unknown name. Like
+  vLLM (issues 42633, 54839), an unloaded adapter's weights stay in the server's memory, in an
+  LRU of ``max_cpu_loras`` adapters: only a restart forgets them.
 - ``GET /v1/models`` (base card with ``max_model_len``; adapters with ``root`` and ``parent``).
 - ``POST /v1/chat/completions`` and ``/v1/completions``, streaming as server-sent events.
-- ``GET /health``, and ``GET /metrics`` with vLLM's ``vllm:request_success_total`` counter
-  (per model name requested), in Prometheus' text format.
+- ``GET /health``, and ``GET /metrics`` with vLLM's ``vllm:request_success_total`` counter,
+  labelled as vLLM labels it: by the served base model's name, whatever adapter was asked for.
+
+The real vLLM is what the suite tests the vLLM engine against (``tests/vllm_helpers.py``); this
+server stays where a fault must be injected (a replica killed mid-request, a server that forgot
+its adapters) and as ``appliance serve-engine``, CPU serving replicas without vLLM.
 
 Errors are ``{"error": {"message", "type", "param", "code"}}``, built by
 :func:`serving.errors.error_body` in vLLM's dialect (the status as ``code``). With ``api_key``
@@ -25,6 +32,7 @@ from __future__ import annotations
 import hmac
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,14 +85,18 @@ def _on_error(_: Request, exc: Exception) -> Response[Any]:
     return _error(500, "InternalServerError", f"{type(exc).__name__}: {exc}")
 
 
-def create_vllm_compatible_app(engine: TextEngine, *, api_key: str | None = None) -> Litestar:
+def create_vllm_compatible_app(engine: TextEngine, *, api_key: str | None = None,
+                               max_cpu_loras: int = 4) -> Litestar:
     """A litestar app answering like ``vllm serve --enable-lora [--api-key KEY]`` for ``engine``."""
     roots: dict[str, str] = {}
     created = int(time.time())
-    served: dict[str, int] = {}  # model name requested -> requests answered
+    served: dict[str, int] = {}  # served base model name -> requests answered
+    #: What vLLM keeps of unloaded adapters (its CPU LoRA cache): name -> weights, oldest first.
+    retained: OrderedDict[str, bytes] = OrderedDict()
 
-    def count(model: str) -> None:
-        served[model] = served.get(model, 0) + 1
+    def count(_model: str) -> None:
+        base = engine.base_model_name
+        served[base] = served.get(base, 0) + 1
     expected = f"Bearer {api_key}".encode() if api_key else None
 
     def check_key(request: Request) -> Response[Any] | None:
@@ -108,7 +120,7 @@ def create_vllm_compatible_app(engine: TextEngine, *, api_key: str | None = None
         try:
             await anyio.to_thread.run_sync(engine.load_adapter, name, Path(path))
         except (AdapterLoadError, InvalidRequestError) as exc:
-            return _error(400, "BadRequestError", f"Loading lora {name} failed: {exc.message}")
+            return _error(500, "InternalServerError", f"Loading lora {name} failed: {exc.message}")
         roots[name] = path
         return Response(f"Success: LoRA adapter '{name}' added successfully.", media_type="text/plain")
 
@@ -117,8 +129,13 @@ def create_vllm_compatible_app(engine: TextEngine, *, api_key: str | None = None
         name = data.get("lora_name")
         if not name or not engine.has_adapter(name):
             return _error(404, "NotFoundError", f"The lora adapter '{name}' cannot be found.")
+        path = roots.pop(name, None)
         await anyio.to_thread.run_sync(engine.unload_adapter, name)
-        roots.pop(name, None)
+        weights = Path(path or "") / "adapter_model.safetensors"
+        if path and weights.is_file():  # vLLM keeps them; so does this server
+            retained[name] = weights.read_bytes()
+            while len(retained) > max_cpu_loras:
+                retained.popitem(last=False)
         return Response(f"Success: LoRA adapter '{name}' removed successfully.", media_type="text/plain")
 
     @get("/v1/models")
@@ -163,7 +180,9 @@ def create_vllm_compatible_app(engine: TextEngine, *, api_key: str | None = None
     @get("/metrics")
     async def metrics() -> Response[Any]:
         lines = ["# TYPE vllm:request_success_total counter"]
-        lines += [f'vllm:request_success_total{{model_name="{m}"}} {n}' for m, n in sorted(served.items())]
+        lines += [f'vllm:request_success_total{{engine="0",model_name="{m}"}} {n}' for m, n in sorted(served.items())]
+        lines += ["# TYPE appliance_standin_retained_lora_bytes gauge",
+                  f"appliance_standin_retained_lora_bytes {sum(map(len, retained.values()))}"]
         return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     return Litestar(

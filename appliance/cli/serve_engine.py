@@ -42,7 +42,7 @@ def serve_engine_command(model_dir: Path, name: str | None, host: str, port: int
     engine = create_engine("transformers", EngineSpec(
         model_dir, name=name or model_dir.resolve().name, device=None if device == "auto" else device,
         max_resident_adapters=max_loras, max_lora_rank=max_lora_rank))
-    app = create_vllm_compatible_app(engine, api_key=api_key)
+    app = create_vllm_compatible_app(engine, api_key=api_key, max_cpu_loras=max_loras)
     click.echo(f"serving {engine.base_model_name} (vLLM protocol) on http://{host}:{port}")
     sys.stdout.flush()
     try:

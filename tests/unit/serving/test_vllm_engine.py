@@ -123,13 +123,16 @@ def test_errors_map_to_our_exceptions(client, server, adapters, base_dir, tmp_pa
         client.load_adapter("bad", bad_shape)
     assert inner.adapters() == []
 
-    # Without the base directory only the server can see the shape mismatch: its 400 maps the same way.
+    # Without the base directory only the server can see the shape mismatch. It answers 500, as vLLM
+    # >= 0.20 does: still a refused adapter (a 4xx to the caller), never an outage.
     shm = tmp_path / "blind"
     shm.mkdir()
     with VllmEngine(url, shm_dir=shm) as blind:
-        with pytest.raises(AdapterLoadError, match="refused the adapter \\(400\\)"):
+        with pytest.raises(AdapterLoadError, match="refused the adapter \\(500\\).*another base model") as info:
             blind.load_adapter("bad", bad_shape)
+        assert info.value.status == 400
         assert not blind.has_adapter("bad") and inner.adapters() == []
+        assert [r["up"] for r in blind.replica_status()] == [True]
         (root,) = list(shm.iterdir())
         assert list(root.iterdir()) == []  # its directory is gone too
     assert not root.exists()  # close() removes the private root
