@@ -37,7 +37,7 @@ from appliance.inference.guard import OutputGuard
 from appliance.policy.service import PolicyService
 from appliance.settings import ServingSettings
 from serving.engine import Engine
-from serving.errors import EngineError
+from serving.errors import AdapterLoadError, EngineError
 from serving.protocol import GenerationRequest, GenerationResult
 from serving.registry import EngineSpec, create_engine
 
@@ -83,6 +83,9 @@ class InferenceService:
         self._runtime: dict[str, str] = {}
         #: Last failures the reconciler audited per base model and replica (JSON), to audit changes only.
         self._last_failures: dict[str, str] = {}
+        #: Published adapters the serving replicas refused: adapter id -> why. The reconciler does not
+        #: retry them (the same bytes would be refused again) until a replica restarts; a request does.
+        self._refused: dict[str, str] = {}
         catalog.on_publish.append(self.on_adapter_published)
         catalog.on_remove.append(self.on_adapter_removed)
         catalog.runtime_adapters = self.runtime_adapters
@@ -185,8 +188,27 @@ class InferenceService:
             engine = self._engines.get(base)
         if engine is None and self._replicated(self.catalog.get_base_model(base)):
             engine = self.engine_for(base)
-        if engine is not None and self._ensure_loaded(engine, adapter_id):
+        if engine is None:
+            return
+        try:
+            loaded = self._ensure_loaded(engine, adapter_id)
+        except AdapterLoadError as exc:
+            self._refusal(engine, adapter_id, view.project, exc)
+            raise
+        if loaded:
             self._audit_fanout(engine, "serving.load_adapter", adapter_id, view.project, "published")
+
+    def _refusal(self, engine: Engine, adapter_id: str, project: str | None, exc: AdapterLoadError) -> None:
+        """Remember and audit (once) that the engine refused a published adapter."""
+        if self._refused.get(adapter_id) == exc.message:
+            return
+        self._refused[adapter_id] = exc.message
+        fanout = getattr(engine, "last_fanout", None)
+        with self.db.transaction() as s:
+            record(s, SERVING_CTX, "serving.load_adapter", resource_type="model", resource_id=adapter_id,
+                   project=project, reason="refused", outcome="failure",
+                   details={"base_model": engine.base_model_name, "error": exc.message,
+                            "replicas": fanout(adapter_id) if fanout else {}})
 
     def on_adapter_removed(self, adapter_id: str) -> None:
         with self._lock:
@@ -255,8 +277,13 @@ class InferenceService:
         for name in sorted(set(published) - registered):
             if len(registered) >= self.settings.max_resident_adapters:
                 break  # the rest load on first use, as after an eviction
+            if name in self._refused:
+                continue  # refused as it is; retried when a replica restarts, or by a request
             try:
                 loaded = self._ensure_loaded(engine, name)
+            except AdapterLoadError as exc:
+                self._refusal(engine, name, published[name], exc)
+                continue
             except ApplianceError as exc:
                 log.warning("could not load a published adapter onto the replicas",
                             extra={"adapter": name, "error": exc.message})
@@ -267,17 +294,22 @@ class InferenceService:
         # Unload from the replicas what is no longer published, whoever loaded it; leave other
         # adapters alone (another control-plane process may share these replicas).
         reports = engine.reconcile(stray=lambda up: _is_withdrawn(up, published))
+        if any(r.came_back for r in reports):  # a restarted server may take what it refused (new flags)
+            for name in [n for n in self._refused if n in published]:
+                del self._refused[name]
         changed = []
         for r in reports:
             # A failure that persists is audited once, not every pass.
-            key, seen = f"{base} {r.replica}", json.dumps(r.failed, sort_keys=True)
-            if r.loaded or r.unloaded or r.came_back or (r.failed and self._last_failures.get(key) != seen):
+            key, seen = f"{base} {r.replica}", json.dumps([r.failed, r.refused, r.error], sort_keys=True)
+            trouble = r.failed or r.refused or r.error
+            if r.loaded or r.unloaded or r.came_back or (trouble and self._last_failures.get(key) != seen):
                 changed.append(r)
             self._last_failures[key] = seen
         if changed:
             with self.db.transaction() as s:
                 for r in changed:
-                    record(s, SERVING_CTX, "serving.reconcile", outcome="failure" if r.failed else "success",
+                    record(s, SERVING_CTX, "serving.reconcile",
+                           outcome="failure" if r.failed or r.refused or r.error else "success",
                            resource_type="serving_replica", resource_id=r.replica,
                            details={"base_model": base, **r.to_dict()})
         return [r.to_dict() for r in reports]
@@ -295,7 +327,12 @@ class InferenceService:
             view = self.catalog.get_adapter(principal, model)
             base = self.catalog.get_base_model(view.row.base_model)
             engine = self.engine_for(base.name)
-            self._ensure_loaded(engine, model)
+            try:
+                self._ensure_loaded(engine, model)
+            except AdapterLoadError as exc:
+                self._refusal(engine, model, view.project, exc)
+                raise
+            self._refused.pop(model, None)
             return Target(engine, model, view.row.project_id, base.name, base.kind)
         runtime_base = self.runtime_adapters().get(model)
         if runtime_base is not None and principal.is_global:

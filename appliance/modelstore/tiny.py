@@ -54,7 +54,7 @@ def build_tiny_tokenizer(vocab_size: int = 512):
     return tokenizer
 
 
-def build_tiny_causal_lm(dest_dir: Path, seed: int = 0) -> Path:
+def build_tiny_causal_lm(dest_dir: Path, seed: int = 0, *, head_dim: int = 16) -> Path:
     """Write a tiny randomly initialised Llama with a real tokenizer to ``dest_dir``.
 
     Two layers, hidden size 64, grouped-query attention, tied embeddings: the
@@ -64,6 +64,8 @@ def build_tiny_causal_lm(dest_dir: Path, seed: int = 0) -> Path:
     Args:
         dest_dir: Directory to write (created if needed).
         seed: Seeds the weight initialisation.
+        head_dim: Size of an attention head; vLLM's CPU attention takes 32 and up (16 is smaller
+            and faster, for everything but a real vLLM).
 
     Returns:
         ``dest_dir``, loadable with ``AutoModelForCausalLM.from_pretrained``.
@@ -80,7 +82,7 @@ def build_tiny_causal_lm(dest_dir: Path, seed: int = 0) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=head_dim,
         max_position_embeddings=512,
         tie_word_embeddings=True,
         bos_token_id=None,
