@@ -14,7 +14,11 @@ import yaml
 from tests.deploy.validators import (
     DEPLOY,
     ENGINE_MAX_LORA_RANK,
+    MAX_CPU_LORAS,
+    VLLM_IMAGE,
     check_appliance_env,
+    check_key_wrapper,
+    check_vllm_start_env,
     cli_flags,
     missing_validator,
     run,
@@ -34,10 +38,10 @@ def compose_cli() -> list[str]:
                       "apt-get install docker-compose (`make test` does it as root)")
 
 
-def compose_config(compose_file: Path) -> tuple[int, str, str]:
-    # A bare environment: only env.example may feed the interpolation.
+def compose_config(compose_file: Path, env_file: Path = COMPOSE_DIR / "env.example") -> tuple[int, str, str]:
+    # A bare environment: only the env file may feed the interpolation.
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(compose_file.parent)}
-    proc = run([*compose_cli(), "--env-file", str(COMPOSE_DIR / "env.example"), "-f", str(compose_file), "config"],
+    proc = run([*compose_cli(), "--env-file", str(env_file), "-f", str(compose_file), "config"],
                env=env, cwd=compose_file.parent)
     return proc.returncode, proc.stdout, proc.stderr
 
@@ -59,6 +63,21 @@ def _mounts(service: dict[str, Any]) -> dict[str, tuple[str, bool]]:
         else:
             mounts[v["target"]] = (v["source"], bool(v.get("read_only")))
     return mounts
+
+
+def _secrets(service: dict[str, Any]) -> dict[str, str]:
+    """Path in the container -> secret name, from either syntax (Compose mounts them under /run/secrets)."""
+    targets = {}
+    for secret in service.get("secrets", []):
+        source = secret if isinstance(secret, str) else secret["source"]
+        target = source if isinstance(secret, str) else secret.get("target", source)
+        targets[target if target.startswith("/") else f"/run/secrets/{target}"] = source
+    return targets
+
+
+def _unescape(value: str) -> str:
+    """A rendered value as the container gets it: Compose writes a literal ``$`` as ``$$``."""
+    return value.replace("$$", "$")
 
 
 def test_the_validator_rejects_a_broken_file(tmp_path: Path) -> None:
@@ -91,7 +110,8 @@ def test_the_appliance_settings_are_real_and_point_at_vllm_and_postgres(rendered
 def test_vllm_loads_lora_adapters_at_run_time_from_the_appliance_shm(rendered: dict[str, Any]) -> None:
     services = rendered["services"]
     vllm, appliance = services["vllm"], services["appliance"]
-    assert vllm["entrypoint"] == ["vllm", "serve"]
+    # `vllm serve`, behind the wrapper that sets its API key (test_vllm_and_the_appliance_share_one_api_key).
+    assert vllm["entrypoint"][:2] == ["sh", "-c"] and vllm["entrypoint"][3:] == ["vllm", "serve"]
     flags = cli_flags(vllm["command"])
     assert "enable-lora" in flags
     assert vllm["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
@@ -102,12 +122,43 @@ def test_vllm_loads_lora_adapters_at_run_time_from_the_appliance_shm(rendered: d
     # The appliance's client refuses adapters above its max_lora_rank; vLLM must accept that rank.
     assert int(flags["max-lora-rank"]) == ENGINE_MAX_LORA_RANK
     assert flags["max-cpu-loras"] == appliance["environment"]["APPLIANCE_MAX_RESIDENT_ADAPTERS"]
+    assert int(flags["max-cpu-loras"]) <= MAX_CPU_LORAS
     # It serves the base model from the appliance's models directory, read-only, under its catalogue name.
     model_dir = Path(vllm["command"][0])
     assert flags["served-model-name"] == model_dir.name
     home_source = _mounts(appliance)[appliance["environment"]["APPLIANCE_HOME"]][0]
     source, read_only = _mounts(vllm)[model_dir.parent.as_posix()]
     assert read_only and source == f"{home_source}/models"
+
+
+def test_vllm_is_the_tested_release(rendered: dict[str, Any], tmp_path: Path) -> None:
+    assert rendered["services"]["vllm"]["image"] == VLLM_IMAGE
+    # compose.yaml's own default, without env.example.
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    code, out, err = compose_config(COMPOSE_DIR / "compose.yaml", empty)
+    assert code == 0, err
+    assert yaml.safe_load(out)["services"]["vllm"]["image"] == VLLM_IMAGE
+
+
+def test_vllm_and_the_appliance_share_one_api_key(rendered: dict[str, Any], tmp_path: Path) -> None:
+    services = rendered["services"]
+    vllm, appliance = services["vllm"], services["appliance"]
+    # One file-based secret, in both containers; the appliance is told where.
+    key_path = appliance["environment"]["APPLIANCE_VLLM_API_KEY_FILE"]
+    secret = _secrets(appliance)[key_path]
+    assert Path(rendered["secrets"][secret]["file"]).parent == COMPOSE_DIR / "secrets"
+    assert _secrets(vllm).get(key_path) == secret
+    # vLLM reads it into VLLM_API_KEY (not --api-key: the command line shows in `ps`), and never starts without it.
+    assert "VLLM_API_KEY" not in vllm["environment"] and "api-key" not in cli_flags(vllm["command"])
+    check_key_wrapper(_unescape(vllm["entrypoint"][2]), key_path, tmp_path, "compose.yaml")
+
+
+def test_vllm_starts_as_a_uid_without_a_name(rendered: dict[str, Any]) -> None:
+    vllm = rendered["services"]["vllm"]
+    writable = [target for target, (_, read_only) in _mounts(vllm).items() if not read_only]
+    writable += [tmpfs.split(":")[0] for tmpfs in vllm.get("tmpfs", [])]
+    check_vllm_start_env(vllm["environment"], writable, "compose.yaml")
 
 
 def test_hardening(rendered: dict[str, Any]) -> None:

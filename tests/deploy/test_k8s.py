@@ -9,7 +9,16 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy.validators import DEPLOY, ENGINE_MAX_LORA_RANK, check_appliance_env, cli_flags, import_validator
+from tests.deploy.validators import (
+    DEPLOY,
+    ENGINE_MAX_LORA_RANK,
+    MAX_CPU_LORAS,
+    VLLM_IMAGE,
+    check_appliance_env,
+    check_vllm_start_env,
+    cli_flags,
+    import_validator,
+)
 
 K8S_DIR = DEPLOY / "kubernetes"
 #: The oldest Kubernetes the manifests are written for.
@@ -116,6 +125,7 @@ def test_appliance_pod_serves_adapters_through_vllm_beside_it() -> None:
     appliance, vllm = containers["appliance"], containers["vllm"]
     env = {e["name"]: e["value"] for e in appliance["env"] if "value" in e}
     secret_env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in appliance["env"] if "valueFrom" in e}
+    assert vllm["image"] == VLLM_IMAGE
     # The database URL carries the password: it comes from the Secret deploy/README.md creates.
     assert secret_env == {"APPLIANCE_DATABASE_URL": {"name": "appliance-database", "key": "url"}}
     check_appliance_env({**env, "APPLIANCE_DATABASE_URL": "postgresql+psycopg://appliance:pw@postgres:5432/appliance"},
@@ -125,6 +135,7 @@ def test_appliance_pod_serves_adapters_through_vllm_beside_it() -> None:
     assert "enable-lora" in args and env["APPLIANCE_VLLM_URL"] == f"http://{args['host']}:{args['port']}"
     assert int(args["max-lora-rank"]) == ENGINE_MAX_LORA_RANK
     assert args["max-cpu-loras"] == env["APPLIANCE_MAX_RESIDENT_ADAPTERS"]
+    assert int(args["max-cpu-loras"]) <= MAX_CPU_LORAS
     assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in vllm["env"]
     # Same memory-backed /dev/shm: the appliance writes adapters there, vLLM reads them.
     shm = {v["name"] for v in spec["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"}
@@ -138,6 +149,40 @@ def test_appliance_pod_serves_adapters_through_vllm_beside_it() -> None:
     assert Path(vllm["args"][0]).parent == Path("/var/lib/appliance/models")
     # Explicit GPUs for training and for serving.
     assert appliance["resources"]["limits"]["nvidia.com/gpu"] == vllm["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def _appliance_pod() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    (deployment,) = by_kind("Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    return spec, {c["name"]: c for c in spec["containers"]}
+
+
+def test_vllm_and_the_appliance_share_one_api_key() -> None:
+    spec, containers = _appliance_pod()
+    appliance, vllm = containers["appliance"], containers["vllm"]
+    # vLLM: VLLM_API_KEY from the Secret, and nowhere else (no literal, no --api-key).
+    (key_env,) = [e for e in vllm["env"] if e["name"] == "VLLM_API_KEY"]
+    ref = key_env["valueFrom"]["secretKeyRef"]
+    assert "value" not in key_env and not ref.get("optional")
+    assert not any(a.startswith("--api-key") for a in vllm["args"])
+    # The appliance: the same Secret's key as a file, where APPLIANCE_VLLM_API_KEY_FILE says.
+    key_file = Path(next(e["value"] for e in appliance["env"] if e["name"] == "APPLIANCE_VLLM_API_KEY_FILE"))
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    (mount,) = [m for m in appliance["volumeMounts"] if Path(m["mountPath"]) == key_file.parent]
+    secret = volumes[mount["name"]]["secret"]
+    assert mount.get("readOnly") is True and secret["secretName"] == ref["name"]
+    paths = {item["key"]: item["path"] for item in secret.get("items", [])} or {ref["key"]: ref["key"]}
+    assert paths[ref["key"]] == key_file.name
+    # vLLM does not get the file as well: the key reaches it once.
+    assert not any(m["name"] == mount["name"] for m in vllm["volumeMounts"])
+
+
+def test_vllm_starts_as_a_uid_without_a_name() -> None:
+    spec, containers = _appliance_pod()
+    vllm = containers["vllm"]
+    empty_dirs = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+    writable = [m["mountPath"] for m in vllm["volumeMounts"] if m["name"] in empty_dirs and not m.get("readOnly")]
+    check_vllm_start_env({e["name"]: e.get("value", "") for e in vllm["env"]}, writable, "20-appliance.yaml")
 
 
 def test_network_is_denied_unless_allowed() -> None:

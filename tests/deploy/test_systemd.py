@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -16,8 +17,12 @@ from appliance.jobs.wire import FrameReader, write_frame
 from tests.deploy.validators import (
     DEPLOY,
     ENGINE_MAX_LORA_RANK,
+    MAX_CPU_LORAS,
     REPO,
+    VLLM_VERSION,
     check_appliance_env,
+    check_key_wrapper,
+    check_vllm_start_env,
     cli_flags,
     missing_validator,
     run,
@@ -27,6 +32,8 @@ UNITS_DIR = DEPLOY / "systemd"
 UNITS = sorted(p.name for p in UNITS_DIR.iterdir() if p.suffix in (".service", ".socket"))
 #: Exposure ceilings (systemd-analyze security: 0 best, 10 worst); raise one only with a reason.
 EXPOSURE = {"appliance.service": 2.5, "appliance-vllm.service": 2.0, "appliance-worker@.service": 1.5}
+#: vLLM's API key: one file, loaded as this credential by both appliance.service and appliance-vllm.service.
+KEY_CREDENTIAL = "vllm_api_key:/etc/appliance/vllm.token"
 
 
 def parse_unit(path: Path) -> dict[str, list[str]]:
@@ -43,6 +50,11 @@ def parse_unit(path: Path) -> dict[str, list[str]]:
 
 def environment(unit: dict[str, list[str]]) -> dict[str, str]:
     return dict(item.split("=", 1) for line in unit.get("Environment", []) for item in line.split())
+
+
+def specifiers(value: str, unit_name: str) -> str:
+    """``value`` with the specifiers the units use resolved as systemd would for ``unit_name``."""
+    return value.replace("%d", f"/run/credentials/{unit_name}")
 
 
 def instance(name: str) -> str:
@@ -126,8 +138,12 @@ def test_appliance_unit() -> None:
     # The workers it starts make a user + network namespace (appliance/jobs/sandbox.py): only those.
     assert unit["RestrictNamespaces"] == ["user net"]
     assert unit["IPAddressDeny"] == ["any"]
-    env = environment(unit)
+    env = {k: specifiers(v, "appliance.service") for k, v in environment(unit).items()}
     check_appliance_env(env, "appliance.service")
+    # vLLM's API key, from the credential appliance-vllm.service loads too.
+    assert unit["LoadCredential"] == [KEY_CREDENTIAL]
+    credential = KEY_CREDENTIAL.split(":")[0]
+    assert env["APPLIANCE_VLLM_API_KEY_FILE"] == specifiers(f"%d/{credential}", "appliance.service")
     # The key file lives outside the home (backed up apart), in a state directory of its own.
     key_dir = Path(env["APPLIANCE_KEY_FILE"]).parent
     assert key_dir != Path(env["APPLIANCE_HOME"])
@@ -140,18 +156,47 @@ def test_vllm_unit() -> None:
     _gpu_only_devices(unit)
     env = environment(unit)
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
-    argv = unit["ExecStart"][0].split()
-    assert argv[1:2] == ["serve"] and "--enable-lora" in argv
+    # `sh -c WRAPPER vllm serve ...`: the wrapper sets VLLM_API_KEY (test_vllm_unit_api_key).
+    wrapper_argv = shlex.split(unit["ExecStart"][0])
+    argv = wrapper_argv[3:]
+    assert wrapper_argv[:2] == ["/bin/sh", "-c"] and argv[:2] == ["/opt/vllm/bin/vllm", "serve"]
+    assert "--enable-lora" in argv
     flag = cli_flags(argv)
     assert int(flag["max-lora-rank"]) == ENGINE_MAX_LORA_RANK
-    # Where the appliance's default APPLIANCE_VLLM_URL looks for it.
+    max_cpu_loras = env["VLLM_MAX_CPU_LORAS"]
+    assert flag["max-cpu-loras"] == "${VLLM_MAX_CPU_LORAS}" and int(max_cpu_loras) <= MAX_CPU_LORAS
+    # Equal to the appliance's default, which appliance.service does not change.
     from appliance.settings import ServingSettings
 
+    assert "APPLIANCE_MAX_RESIDENT_ADAPTERS" not in environment(parse_unit(UNITS_DIR / "appliance.service"))
+    assert int(max_cpu_loras) == ServingSettings().max_resident_adapters
+    # Where the appliance's default APPLIANCE_VLLM_URL looks for it.
     assert f"http://{flag['host']}:{flag['port']}" == ServingSettings().vllm_url
     # Only the base models of the appliance's state, read-only; never the keys.
     assert unit["BindReadOnlyPaths"] == ["/var/lib/appliance/models"]
     assert unit["TemporaryFileSystem"] == ["/var/lib/appliance:ro"]
     assert unit["InaccessiblePaths"] == ["-/var/lib/appliance-keys"]
+
+
+def test_vllm_unit_api_key(tmp_path: Path) -> None:
+    unit = parse_unit(UNITS_DIR / "appliance-vllm.service")
+    assert unit["LoadCredential"] == [KEY_CREDENTIAL]
+    credential = KEY_CREDENTIAL.split(":")[0]
+    # Never a literal key: not in the environment, not as --api-key.
+    wrapper_argv = shlex.split(unit["ExecStart"][0])
+    assert "VLLM_API_KEY" not in environment(unit) and "api-key" not in cli_flags(wrapper_argv[3:])
+    # systemd turns $$ into $ and resolves %d; run the wrapper as sh will see it.
+    check_key_wrapper(wrapper_argv[2].replace("$$", "$"), f"%d/{credential}", tmp_path, "appliance-vllm.service")
+
+
+def test_vllm_unit_starts_with_writable_caches_and_the_pinned_release() -> None:
+    unit = parse_unit(UNITS_DIR / "appliance-vllm.service")
+    env = environment(unit)
+    # The appliance's user (the adapter directories are 0700); the caches in its CacheDirectory=.
+    assert env["USER"] == env["LOGNAME"] == unit["User"][0] == parse_unit(UNITS_DIR / "appliance.service")["User"][0]
+    check_vllm_start_env(env, ["/var/cache/" + d for d in unit["CacheDirectory"][0].split()], "appliance-vllm.service")
+    # The venv's install instructions name the tested release.
+    assert f"/opt/vllm/bin/pip install vllm=={VLLM_VERSION}" in (UNITS_DIR / "appliance-vllm.service").read_text()
 
 
 def test_worker_units() -> None:
