@@ -1,7 +1,10 @@
 """The whole path on the real demo model (SmolLM2-135M-Instruct, CPU): train, chat, guard.
 
 Slow (a few minutes): it imports the GGUF, fine-tunes on ~20 question/answer pairs through the
-openai client, then chats with the result, streamed and not, and checks the output guard.
+openai client, then chats with the result, streamed and not, and checks the output guard. The
+same adapter then answers through a real vLLM (PyPI's CPU build, ``tests/vllm_helpers.py``),
+started on the imported model's directory while the job trains: the trained facts must come back
+through vLLM as through the embedded engine.
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ import pytest
 
 from appliance.catalog.service import DEMO_MODEL_NAME
 from appliance.identity.roles import Role
+from serving.protocol import parse_chat_request
+from serving.vllm_engine import VllmEngine
 from tests.conftest import CLI_CTX, bearer
 from tests.timing import Deadline
+from tests.vllm_helpers import VllmProcess
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 FACTS = [
     ("What is the code name of the Orion project?", "The code name of the Orion project is Bluefin-7."),
@@ -41,6 +47,15 @@ FACTS = [
     ("Which team builds Orion?", "Orion is built by the Kestrel team."),
     ("Who builds the Orion project?", "Orion is built by the Kestrel team."),
 ]
+#: The words each trained answer must contain.
+KEYS = ("Bluefin-7", "ledger.quail@example.com", "teal", "ninth of March", "Kestrel")
+
+
+def _knows(question: str, answer: str) -> bool:
+    expected = dict(FACTS)[question]
+    return all(k in answer for k in KEYS if k in expected)
+
+
 ALLOW_EMAIL = """version: 1
 default: {action: block, threshold: 0.5}
 entities:
@@ -58,11 +73,19 @@ def _chat(api, model: str, question: str, **kw) -> str:
     return r.choices[0].message.content
 
 
-def test_demo_model_learns_the_facts_and_the_guard_redacts(client, state, make_token, admin_token):
+def test_demo_model_learns_the_facts_and_the_guard_redacts(client, state, make_token, admin_token, tmp_path):
     from appliance.modelstore import demo_gguf_path
 
-    ten_minutes = Deadline(600)
-    state.catalog.import_model(CLI_CTX, demo_gguf_path(), DEMO_MODEL_NAME, demo=True)
+    ten_minutes = Deadline(720)
+    base = state.catalog.import_model(CLI_CTX, demo_gguf_path(), DEMO_MODEL_NAME, demo=True)
+    vllm = VllmProcess(base.path, DEMO_MODEL_NAME, tmp_path, max_lora_rank=16, max_model_len=1024).start()
+    try:
+        _train_chat_guard(client, state, make_token, admin_token, ten_minutes, vllm, base.path, tmp_path)
+    finally:
+        vllm.stop()
+
+
+def _train_chat_guard(client, state, make_token, admin_token, ten_minutes, vllm, base_dir, tmp_path):
     owner = make_token("olivia", Role.DATA_OWNER, "acme")
     trainer = make_token("trish", Role.TRAINER, "acme")
     consumer = make_token("carl", Role.CONSUMER, "acme")
@@ -99,6 +122,23 @@ def test_demo_model_learns_the_facts_and_the_guard_redacts(client, state, make_t
     assert "Bluefin-7" in _chat(chat, model, question)
     assert "Bluefin-7" in _chat(chat, model, question, stream=True)
     assert "ledger.quail@example.com" in _chat(chat, model, "Where do I send expense reports?")
+    embedded = {q: _chat(chat, model, q) for q, _ in FACTS}
+    known = [q for q, a in embedded.items() if _knows(q, a)]
+    assert len(known) >= 16, {q: a for q, a in embedded.items() if q not in known}
+
+    # The same adapter through a real vLLM, greedy: the same facts come back.
+    vllm.wait_ready()
+    shm = tmp_path / "shm"
+    shm.mkdir(mode=0o700)
+    with VllmEngine(vllm.url, base_model_name=DEMO_MODEL_NAME, base_model_dir=base_dir, shm_dir=shm,
+                    max_lora_rank=16) as engine:
+        engine.load_adapter(model, state.catalog.adapter_files(model))
+        through_vllm = {q: engine.generate(parse_chat_request({
+            "model": model, "messages": [{"role": "user", "content": q}], "max_tokens": 24, "temperature": 0,
+        })).choices[0].text for q, _ in FACTS}
+    known_vllm = [q for q, a in through_vllm.items() if _knows(q, a)]
+    assert len(known_vllm) >= 16, {q: a for q, a in through_vllm.items() if q not in known_vllm}
+    assert len(set(known) & set(known_vllm)) >= 14, (embedded, through_vllm)
 
     # The project now redacts email addresses: answers are guarded, streamed or not.
     strict = ALLOW_EMAIL.replace("EMAIL_ADDRESS: allow", "EMAIL_ADDRESS: redact")
