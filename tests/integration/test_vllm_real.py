@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from appliance.audit.models import AuditEvent
 from appliance.identity.roles import Role
-from serving.errors import AdapterLoadError, ServerConfigError
+from serving.errors import AdapterLoadError, InvalidRequestError, ServerConfigError
 from serving.vllm_engine import VllmEngine
 from tests.conftest import CLI_CTX, bearer, make_settings
 from tests.integration.test_inference import BASE, api_for, ask, publish, random_lora
@@ -72,9 +72,8 @@ def settings(servers, tmp_path):
 
 @pytest.fixture
 def tiny(state, servers) -> Path:
-    for name, proc in (("main", servers["main"]), ("locked", servers["locked"])):
+    for proc in servers.values():
         state.catalog.import_model(CLI_CTX, proc.model_dir, proc.name)
-        del name
     return Path(state.catalog.get_base_model(BASE).path)
 
 
@@ -211,3 +210,102 @@ def test_set_up_mistakes_are_named_not_taken_for_outages(client, state, tiny, se
         with pytest.raises(ServerConfigError, match="APPLIANCE_VLLM_API_KEY_FILE"):
             keyless.wait_ready(timeout_s=10)
     assert json.loads(resp.text)  # vLLM's own 401 body is JSON
+
+
+# -- the engine (serving.vllm_engine.VllmEngine) on its own, against the real server -----------------
+
+
+@pytest.fixture
+def engine(servers, tmp_path) -> Iterator[VllmEngine]:
+    main = servers["main"]
+    with VllmEngine(main.url, api_key=KEY, base_model_dir=main.model_dir, shm_dir=tmp_path, max_lora_rank=16) as eng:
+        yield eng
+
+
+def _chat(model: str, **kw):
+    from serving.protocol import parse_chat_request
+
+    return parse_chat_request({"model": model, "messages": [{"role": "user", "content": "Write a haiku about tea."}],
+                               "temperature": 0, "max_tokens": 8, **kw})
+
+
+def test_engine_base_facts_load_chat_stream_unload(engine, servers, tmp_path):
+    import os
+    import stat
+
+    from transformers import AutoTokenizer
+
+    from serving.errors import AdapterNotFoundError
+    from serving.protocol import parse_completion_request
+
+    main = servers["main"]
+    assert engine.base_model_name == BASE and engine.max_context == 512  # vLLM's --max-model-len
+    messages = [{"role": "user", "content": "hi"}]
+    assert engine.apply_chat_template(messages) == AutoTokenizer.from_pretrained(main.model_dir).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+
+    info = engine.load_adapter("ad0", random_lora(main.model_dir, seed=11))
+    assert info.rank == 4 and engine.has_adapter("ad0")
+    # The adapter's files sit in a private directory, written nowhere else, until unload.
+    (root,) = [p for p in tmp_path.iterdir() if p.name.startswith("appliance-lora-")]
+    (adir,) = list(root.iterdir())
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o700 and stat.S_IMODE(os.stat(adir).st_mode) == 0o700
+    assert sorted(p.name for p in adir.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert all(stat.S_IMODE(os.stat(p).st_mode) == 0o600 for p in adir.iterdir())
+    (upstream,) = upstream_of("ad0", main.adapters())
+
+    got = engine.generate(_chat("ad0"))
+    direct = httpx.post(main.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                        json={**_chat("ad0").to_dict(), "model": upstream}).json()
+    assert got.model == "ad0" and got.choices[0].text == direct["choices"][0]["message"]["content"]
+    assert got.usage.completion_tokens == direct["usage"]["completion_tokens"] == 8
+    stream = engine.stream(_chat("ad0", stream=True))
+    deltas = list(stream)
+    assert "".join(d.text for d in deltas) == got.choices[0].text
+    assert deltas[-1].finish_reason == "length" and stream.usage == got.usage
+
+    comp = engine.generate(parse_completion_request({"model": "ad0", "prompt": "Once", "max_tokens": 4,
+                                                     "temperature": 0}))
+    streamed = list(engine.stream(parse_completion_request({"model": "ad0", "prompt": "Once", "max_tokens": 4,
+                                                            "temperature": 0, "stream": True})))
+    assert "".join(d.text for d in streamed) == comp.choices[0].text and comp.usage.completion_tokens == 4
+    sampled = engine.generate(parse_completion_request({"model": "ad0", "prompt": "Once", "max_tokens": 4,
+                                                        "temperature": 1.0, "seed": 7, "n": 2}))
+    assert [c.index for c in sampled.choices] == [0, 1] and sampled.usage.completion_tokens == 8
+    # vLLM's own rules come back as 400s naming them (it refuses n > 1 with greedy sampling).
+    with pytest.raises(InvalidRequestError, match="n must be 1"):
+        engine.generate(parse_completion_request({"model": "ad0", "prompt": "Once", "max_tokens": 4,
+                                                  "temperature": 0, "n": 2}))
+
+    # Closing a stream early releases the adapter (unload would wait for its pin otherwise).
+    early = engine.stream(_chat("ad0", max_tokens=200, stream=True))
+    assert next(early).index == 0
+    early.close()
+    engine.unload_adapter("ad0")
+    assert not adir.exists() and upstream_of("ad0", main.adapters()) == [] and not engine.has_adapter("ad0")
+    with pytest.raises(AdapterNotFoundError):
+        engine.generate(_chat("ad0"))
+
+
+def test_engine_concurrent_clients_on_different_adapters(engine, servers):
+    import threading
+
+    main = servers["main"]
+    for i, name in enumerate(("ad1", "ad2", "ad3")):
+        engine.load_adapter(name, random_lora(main.model_dir, seed=20 + i))
+    models = [BASE, "ad1", "ad2", "ad3"]
+    results, errors = [], []
+
+    def run(model: str) -> None:
+        try:
+            results.append((model, engine.generate(_chat(model)).choices[0].text))
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(m,)) for m in models * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and len(results) == 8
+    assert len({text for _, text in results}) >= 3  # different adapters, different answers
