@@ -247,6 +247,24 @@ class InferenceService:
                    reason=reason, outcome="success" if all(v == done for v in replicas.values()) else "failure",
                    details={"base_model": engine.base_model_name, "replicas": replicas})
 
+    def start_replicated_engines(self) -> list[str]:
+        """Start the vLLM engine of each LLM base model (up to ``max_engines``): the start-up check.
+
+        Starting one checks its servers (api key, runtime LoRA updating; a problem is logged and
+        audited as ``serving.reconcile``) and puts the published adapters back on them. Returns the
+        base models whose engine started.
+        """
+        started = []
+        bases = [b for b in self.catalog.list_base_models() if self._replicated(b)]
+        for base in bases[: self.settings.max_engines]:
+            try:
+                self.engine_for(base.name)
+                started.append(base.name)
+            except Exception:
+                log.exception("could not start the serving engine; the reconciler retries on use",
+                              extra={"base_model": base.name})
+        return started
+
     def reconcile(self) -> dict[str, list[dict[str, Any]]]:
         """Bring every running vLLM engine, and each of its replicas, in line with the catalogue.
 
@@ -442,6 +460,7 @@ class ServingReconciler:
         self._thread: threading.Thread | None = None
 
     def _run(self) -> None:
+        self.inference.start_replicated_engines()
         while not self._stop.wait(self.interval_s):
             try:
                 self.inference.reconcile()

@@ -182,6 +182,13 @@ def test_an_adapter_vllm_refuses_is_a_4xx_not_an_outage(client, state, tiny, ser
 
 def test_set_up_mistakes_are_named_not_taken_for_outages(client, state, tiny, servers, make_token, tmp_path):
     locked = servers["locked"]
+    # The start-up check (the reconciler's first act) finds it and audits it, naming the fix.
+    assert sorted(state.inference.start_replicated_engines()) == sorted([BASE, OTHER])
+    with state.db.read() as s:
+        checks = [e for e in s.scalars(select(AuditEvent).where(AuditEvent.action == "serving.reconcile"))
+                  if e.resource_id == locked.url]
+    assert checks and checks[0].outcome == "failure"
+    assert "runtime LoRA updating is off" in checks[0].details["error"]
     # Runtime LoRA updating off: the base model serves, an adapter cannot, and the answer says why.
     api = api_for(client, make_token("carl", Role.CONSUMER, "acme"))
     assert ask(api, OTHER).choices[0].message.content  # routed to its own server (APPLIANCE_VLLM_URL)
