@@ -270,26 +270,28 @@ class VllmEngine:
             AdapterLoadError: no replica took it and at least one refused it (a broken adapter).
             NoReplicaError: no replica answered.
         """
-        loaded, refused, misconfigured, outcome = [], [], [], {}
+        loaded, misconfigured, outcome = [], [], {}
+        refused: list[tuple[str, AdapterLoadError]] = []
         for replica in self._replicas.reachable():  # a replica known to be down is the reconciler's
             try:
                 self._load_on(replica, up)
                 loaded.append(replica.url)
                 outcome[replica.url] = "loaded"
             except AdapterLoadError as exc:
-                refused.append(exc)
+                refused.append((replica.url, exc))
                 outcome[replica.url] = f"refused: {exc.message}"
-                with self._sync:
-                    self._refused[(replica.url, up.name)] = exc.message
             except ServerConfigError as exc:
                 misconfigured.append(exc)
                 outcome[replica.url] = f"misconfigured: {exc.message}"
             except EngineError as exc:
                 outcome[replica.url] = f"down: {exc.message}"
         self._record_fanout(up, outcome)
+        if loaded and refused:  # live on some replicas: the reconciler must not retry it on the others
+            with self._sync:
+                self._refused.update({(url, up.name): exc.message for url, exc in refused})
         if not loaded:
             if refused:
-                raise refused[0]
+                raise refused[0][1]
             if misconfigured:
                 raise misconfigured[0]
             raise self._replicas.no_replica(self._replicas.replicas)
