@@ -100,6 +100,22 @@ def test_adapter_the_server_forgot_is_loaded_again(client, server, adapters):
     assert "".join(d.text for d in client.stream(chat("ad2", stream=True))) == want[0].text
 
 
+def test_the_stand_in_keeps_unloaded_weights_and_counts_by_base_model(client, server, adapters):
+    """As vLLM >= 0.20 does (issues 42633, 54839): unloading frees nothing; metrics name the base model."""
+    url, _ = server
+
+    def metric(name: str) -> list[str]:
+        return [line for line in httpx.get(url + "/metrics").text.splitlines() if line.startswith(name)]
+
+    before = float(metric("appliance_standin_retained_lora_bytes")[0].split()[-1])
+    client.load_adapter("kept", adapters["ad1"])
+    client.generate(chat("kept"))
+    client.unload_adapter("kept")
+    after = float(metric("appliance_standin_retained_lora_bytes")[0].split()[-1])
+    assert after > before  # the weights stay in the server's memory after the unload
+    assert all('model_name="tiny-llama"' in line for line in metric("vllm:request_success_total{"))
+
+
 def test_unreachable_server(tmp_path):
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
