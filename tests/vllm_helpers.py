@@ -40,12 +40,13 @@ class VllmProcess:
         log_dir: Where each start's output goes (``vllm-<port>-<n>.log``), shown when a start fails.
         api_key: ``--api-key`` (given through ``VLLM_API_KEY``, as the deploy files do).
         runtime_lora: ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``; off, vLLM has no load route.
+        cpus: Run vLLM on these CPUs only (``taskset -c``, and its OpenMP threads bound there), e.g. ``"1"``.
     """
 
     def __init__(self, model_dir: Path, name: str, log_dir: Path, *, api_key: str | None = None,
                  runtime_lora: bool = True, max_lora_rank: int = 16, max_loras: int = 2, max_cpu_loras: int = 4,
-                 dtype: str = "bfloat16", max_model_len: int = 512) -> None:
-        self.model_dir, self.name, self.log_dir = model_dir, name, log_dir
+                 dtype: str = "bfloat16", max_model_len: int = 512, cpus: str | None = None) -> None:
+        self.model_dir, self.name, self.log_dir, self.cpus = model_dir, name, log_dir, cpus
         self.api_key, self.runtime_lora = api_key, runtime_lora
         self.args = ["--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", str(max_loras),
                      "--max-cpu-loras", str(max_cpu_loras), "--dtype", dtype, "--max-model-len", str(max_model_len)]
@@ -66,9 +67,13 @@ class VllmProcess:
                    VLLM_ALLOW_RUNTIME_LORA_UPDATING="True" if self.runtime_lora else "False")
         if self.api_key:
             env["VLLM_API_KEY"] = self.api_key
+        pin: list[str] = []
+        if self.cpus:
+            pin = ["taskset", "-c", self.cpus]
+            env["VLLM_CPU_OMP_THREADS_BIND"] = self.cpus
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
+                [*pin, str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
                  "--served-model-name", self.name, "--host", "127.0.0.1", "--port", str(self.port), *self.args],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=self.log_dir)
         return self
