@@ -87,6 +87,14 @@ def check_value(value: object, param: str) -> str:
     return value
 
 
+class _Replaced(Exception):
+    """The document a reader found in the table was removed before it read it."""
+
+    def __init__(self, object_id: str) -> None:
+        super().__init__(object_id)
+        self.object_id = object_id
+
+
 @contextlib.contextmanager
 def _first_insert_races_are_stale() -> Iterator[None]:
     """Two first additions at once: the one whose insert loses retries, like any other stale write."""
@@ -110,6 +118,18 @@ class GlossaryService:
         self._lock = threading.Lock()
 
     def get(self, project: Project) -> Glossary:
+        seen: str | None = None
+        while True:
+            try:
+                return self._get(project)
+            except _Replaced as replaced:
+                # A writer committed a newer document and removed this one between our reading the row and
+                # the blob: read again. The same object missing twice is not a race but a lost file.
+                if replaced.object_id == seen:
+                    raise replaced.__cause__ from None
+                seen = replaced.object_id
+
+    def _get(self, project: Project) -> Glossary:
         with self.db.read() as s:
             row = s.get(ProjectGlossary, project.id)
             if row is None:
@@ -117,7 +137,10 @@ class GlossaryService:
             cached = self._cache.get(row.object_id)
             if cached is not None:
                 return cached
-            data = b"".join(self.blobs.read(s, row.object_id))
+            try:
+                data = b"".join(self.blobs.read(s, row.object_id))
+            except FileNotFoundError as exc:
+                raise _Replaced(row.object_id) from exc
         doc = json.loads(data)
         glossary = Glossary(tuple(GlossaryEntry(**e) for e in doc["entries"]), row.content_hash, row.object_id)
         with self._lock:

@@ -276,6 +276,34 @@ def test_concurrent_additions_lose_nothing(state, owner):  # owner: makes the pr
     assert len(audit(state, "glossary.add")) == 8
 
 
+def test_a_reader_whose_document_is_replaced_meanwhile_reads_the_newer_one(state, owner, monkeypatch):
+    """A writer commits and removes the old document between a reader's row and blob reads: no FileNotFoundError."""
+    import threading
+
+    from appliance.audit.service import AuditContext
+
+    project = state.identity.get_project(None, "acme")
+    glossary = state.policies.glossary
+    glossary.add(AuditContext(actor="u0", auth_method="test"), project, [("Codename 0", None)])
+    glossary._cache.clear()
+    real_read, raced = glossary.blobs.read, []
+
+    def read(session, object_id):
+        if not raced:  # the first read: another writer wins the race before this one opens the file
+            raced.append(object_id)
+            writer = threading.Thread(target=glossary.add, args=(AuditContext(actor="u1", auth_method="test"),
+                                                                  project, [("Codename 1", None)]))
+            writer.start()
+            writer.join()
+            glossary._cache.clear()
+        return real_read(session, object_id)
+
+    monkeypatch.setattr(glossary.blobs, "read", read)
+    got = glossary.get(project)
+    assert raced and not state.blobs.path_of(raced[0]).exists()  # the race happened: the first object is gone
+    assert [e.value for e in got.entries] == ["Codename 0", "Codename 1"]
+
+
 def test_the_portal_review_form_adds_the_checked_groups_and_rescans(client, state, owner):
     """The review page's form (no browser): checked groups join the glossary, then the file is re-scanned."""
     from appliance.identity.sessions import COOKIE
