@@ -301,6 +301,13 @@ class JobSettings:
         metadata=_env("APPLIANCE_RAY_MAX_WORKERS", "Most data-parallel workers one job may ask for (compute.workers).",
                       minimum=1),
     )
+    training_device_memory_gib: float = field(
+        default=0.0,
+        metadata=_env("APPLIANCE_TRAINING_DEVICE_MEMORY_GIB",
+                      "GiB of one training GPU, for the memory plan made when a job is created (Ray workers' cards, "
+                      "or to plan for a smaller card than this host's); 0 = detect (nvidia-smi, else host memory).",
+                      minimum=0),
+    )
     ray_connect_timeout_s: int = field(
         default=600,
         metadata=_env("APPLIANCE_RAY_CONNECT_TIMEOUT_S",
@@ -385,6 +392,16 @@ def _parse(raw: str, typ: Any, meta: Mapping[str, Any]) -> Any:
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             raise ValueError(expected)
         return value
+    if typ is float:
+        lo = meta.get("minimum")
+        expected = "expected a number" + (f" of at least {lo}" if lo is not None else "")
+        try:
+            number = float(raw)
+        except ValueError:
+            raise ValueError(expected) from None
+        if number != number or (lo is not None and number < lo):  # NaN, or below the minimum
+            raise ValueError(expected)
+        return number
     if typ is Path or (origin_args and Path in origin_args):
         if not raw and type(None) in origin_args:
             return None

@@ -138,7 +138,7 @@ def upstream_names(vllm_url: str, ids: list[str]) -> dict[str, str]:
 
 
 def one_arm(url: str, token: str, models: list[str], clients: int, per_client: int, max_tokens: int,
-            offset: int) -> tuple[int, float, list[str]]:
+            offset: int, latencies: list[float] | None = None) -> tuple[int, float, list[str]]:
     """``clients`` threads, ``per_client`` chats each; (completion tokens, wall seconds, errors)."""
     tokens, errors, lock = [0], [], threading.Lock()
 
@@ -148,7 +148,10 @@ def one_arm(url: str, token: str, models: list[str], clients: int, per_client: i
                 i = offset + c * per_client + k
                 body = {"model": models[i % len(models)], "max_tokens": max_tokens, "temperature": 0,
                         "ignore_eos": True, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}
+                started = time.perf_counter()
                 resp = http.post("/v1/chat/completions", json=body)
+                if latencies is not None:
+                    latencies.append(time.perf_counter() - started)
                 with lock:
                     if resp.status_code == 200:
                         tokens[0] += resp.json()["usage"]["completion_tokens"]
@@ -170,19 +173,23 @@ def throughput(vllm_url: str, appliance_url: str, token: str, upstream: dict[str
     ours_models = [BASE, *upstream]
     arms = {"direct": (vllm_url, KEY, direct_models), "appliance": (appliance_url, token, ours_models)}
     totals = {name: [0, 0.0] for name in arms}
+    latencies: dict[str, list[float]] = {name: [] for name in arms}
     for name, (url, key, models) in arms.items():  # warm-up, not counted
         one_arm(url, key, models, clients, 1, max_tokens, 0)
     for r in range(rounds):
         order = list(arms) if r % 2 == 0 else list(reversed(arms))
         for name in order:
             url, key, models = arms[name]
-            n, wall, errors = one_arm(url, key, models, clients, per_client, max_tokens, r * clients * per_client)
+            n, wall, errors = one_arm(url, key, models, clients, per_client, max_tokens, r * clients * per_client,
+                                      latencies[name])
             if errors:
                 raise SystemExit(f"{name}: {len(errors)} failed requests, e.g. {errors[0]}")
             totals[name][0] += n
             totals[name][1] += wall
     out = {f"{name}_tok_s": n / wall for name, (n, wall) in totals.items()}
     out["ratio"] = out["appliance_tok_s"] / out["direct_tok_s"]
+    for name, values in latencies.items():
+        out[f"{name}_p50_s"], out[f"{name}_p95_s"] = statistics.median(values), pct(values, 0.95)
     return out
 
 
@@ -192,9 +199,13 @@ def render(result: dict) -> str:
              f"Machine: {result['machine']}. vLLM: {result['vllm']} (CPU build), {result['dtype']}. Model: {BASE} "
              f"(135M, measured on this model only: says nothing about a 7B one). {result['max_tokens']} tokens per "
              f"request (ignore_eos), base + 4 rank-16 adapters interleaved. Cores: {result['cores']}.", "",
-             "| | vLLM direct tok/s | through the appliance tok/s | ratio (target >= 0.9) |", "|---|---|---|---|"]
+             f"Each client sends {result['per_client']} requests a round, back to back.", "",
+             "| | vLLM direct tok/s | through the appliance tok/s | ratio (target >= 0.9) | request p50/p95 s, direct "
+             "| through the appliance |", "|---|---|---|---|---|---|"]
     for label, t in result["throughput"].items():
-        lines.append(f"| {label} | {t['direct_tok_s']:.1f} | {t['appliance_tok_s']:.1f} | {t['ratio']:.2f} |")
+        lines.append(f"| {label} | {t['direct_tok_s']:.1f} | {t['appliance_tok_s']:.1f} | {t['ratio']:.2f} | "
+                     f"{t['direct_p50_s']:.2f} / {t['direct_p95_s']:.2f} | "
+                     f"{t['appliance_p50_s']:.2f} / {t['appliance_p95_s']:.2f} |")
     lines += ["", f"Publish-to-servable through vLLM (rank 16, {p['n']} adapters): p50 {p['p50_ms']:.0f} ms, "
               f"p95 {p['p95_ms']:.0f} ms (target <= 250 ms).", ""]
     return "\n".join(lines)
@@ -206,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--publishes", type=int, default=20)
+    parser.add_argument("--per-client", type=int, default=2,
+                        help="requests each client sends per round, back to back (more: closer to a steady state)")
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--vllm-python", type=Path, default=None)
     parser.add_argument("--split-cores", action="store_true",
                         help="vLLM on CPU 1, the appliance and the clients on CPU 0 (as vLLM on a GPU)")
@@ -217,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.serve import prepare_model
     from tests.vllm_helpers import VllmProcess, vllm_python
 
-    rounds, per_client, publishes = (2, 1, 6) if args.quick else (4, 2, args.publishes)
+    rounds, per_client, publishes = (2, 1, 6) if args.quick else (args.rounds, args.per_client, args.publishes)
     work = Path(tempfile.mkdtemp(prefix="bench-serve-vllm-"))
     model_dir = work / BASE
     print("preparing the demo model ...", flush=True)
@@ -256,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {"when": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
                   "vllm": subprocess.run([str(vllm_python()), "-c", "import vllm; print(vllm.__version__)"],
                                          capture_output=True, text=True).stdout.strip().splitlines()[-1:] or ["?"],
-                  "dtype": "bfloat16", "max_tokens": args.max_tokens,
+                  "dtype": "bfloat16", "max_tokens": args.max_tokens, "per_client": per_client,
                   "cores": "vLLM on CPU 1, the appliance and clients on CPU 0" if args.split_cores
                   else "all processes share every core",
                   "publish": {"n": len(times), "p50_ms": statistics.median(times) * 1000,

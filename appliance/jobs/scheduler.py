@@ -480,6 +480,10 @@ class Scheduler:
         job.metrics = header.get("metrics") or {}
         job.privacy = header.get("privacy") or {}
         job.resolved = header.get("resolved") or {}
+        memory = (header.get("details") or {}).get("memory")
+        if memory:  # the worker's plan, made on its device with the data at hand, beside what it measured
+            job.compute = {**(job.compute or {}), "plan": {**memory["plan"], "made": "by the worker, on its device",
+                                                           **{k: v for k, v in memory.items() if k != "plan"}}}
         job.resumable = False
         add_event(s, job.id, f"New fine-tuned model created: {adapter_id}", data=job.metrics)
         add_event(s, job.id, "The job has successfully completed")

@@ -30,8 +30,10 @@ from appliance.files.service import FileService
 from appliance.identity.service import Principal, project_by_id, project_names
 from appliance.jobs.memorization import parse_memorization, public_view
 from appliance.jobs.models import TERMINAL, FineTuningJob, JobCheckpoint, JobEvent
+from appliance.jobs.planning import plan_or_problem, training_device
 from appliance.jobs.recipes import DATASET_PURPOSE, capabilities, validate_method
 from appliance.training.hyperparameters import SHARDING
+from appliance.training.planner import Device
 
 if TYPE_CHECKING:
     from appliance.identity.models import Project
@@ -79,10 +81,12 @@ class JobService:
     """
 
     def __init__(self, db: Database, catalog: CatalogService, files: FileService,
-                 wake: Callable[[], None] = lambda: None, executor: Executor | None = None) -> None:
+                 wake: Callable[[], None] = lambda: None, executor: Executor | None = None,
+                 training_device: Callable[[], Device] = training_device) -> None:
         self.db, self.catalog, self.files, self.wake = db, catalog, files, wake
         self.executor_name = executor.name if executor else "local"
         self.max_workers = executor.max_workers if executor else 1
+        self.training_device = training_device
 
     # -- create -------------------------------------------------------------
     def create(self, principal: Principal, ctx: AuditContext, project: Project, body: dict[str, Any]) -> JobView:
@@ -127,6 +131,12 @@ class JobService:
                 problems.add(InvalidRequestError(
                     f"differentially private training (`dp`) runs in one worker; got `compute.workers` "
                     f"{compute['workers']}", param="compute.workers"))
+            if base.kind == "llm" and method_type is not None and not problems.errors:
+                with problems.collect():  # a job that cannot fit is refused now, not an hour in
+                    plan = plan_or_problem(base.path, method_type, hyperparameters, compute, self.training_device(),
+                                           max_workers=self.max_workers)
+                    if plan is not None:
+                        compute = {**compute, "plan": plan}
         suffix = body.get("suffix")
         if suffix is not None and (not isinstance(suffix, str) or not _SUFFIX_RE.match(suffix)):
             problems.add(InvalidRequestError(f"`suffix` must be 1-64 characters of letters, digits, '.', '_' or '-'; "

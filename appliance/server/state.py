@@ -9,6 +9,7 @@ from appliance.crypto.envelope import FileKeyProvider
 from appliance.db.base import Database
 from appliance.files.service import FileService
 from appliance.identity.auth import FailureLimiter
+from appliance.jobs.planning import training_device
 from appliance.identity.service import IdentityService
 from appliance.jobs.executors import make_executor
 from appliance.jobs.scheduler import Scheduler, SchedulerSettings
@@ -54,7 +55,8 @@ def build_state(
         policies=policies,
         files=files,
         catalog=catalog,
-        jobs=JobService(db, catalog, files, wake=scheduler.wake, executor=scheduler.executor),
+        jobs=JobService(db, catalog, files, wake=scheduler.wake, executor=scheduler.executor,
+                        training_device=lambda: training_device(settings.jobs.training_device_memory_gib)),
         scheduler=scheduler,
         sessions=SessionService(db, idle_minutes=settings.portal.session_idle_minutes,
                                 max_hours=settings.portal.session_max_hours),

@@ -27,4 +27,5 @@ def checkpoint_adapter_files(data: bytes) -> dict[str, bytes]:
 def load_resume(data: bytes | None, method: str, hp: Any, data_fingerprint: str, total_steps: int) -> dict | None:
     """The checkpoint to resume from, checked against this run (:func:`~appliance.trainkit.checkpoint.check_resume`)."""
     return check_resume(CHECKPOINT, data, method=method, hp=hp, data_fingerprint=data_fingerprint,
-                        total_steps=total_steps, other_data="it was trained on different data")
+                        total_steps=total_steps, other_data="it was trained on different data",
+                        layout_only=("gradient_accumulation_steps", "gradient_checkpointing"))

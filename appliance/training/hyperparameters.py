@@ -29,9 +29,13 @@ warmup_ratio                   0.03
 weight_decay                   0.0
 gradient_accumulation_steps    enough micro-batches to keep each under 16384 tokens
                                (``ceil(batch_size * max_seq_length / 16384)``, at most
-                               ``batch_size``)
+                               ``batch_size``), more when the memory plan says a
+                               micro-batch that large does not fit the device
 checkpoint_every_steps         one checkpoint per epoch (``ceil(n / batch_size)``); 0 = never
 precision (LoRA)               ``bf16`` on a CUDA device with bf16, else ``fp32``
+gradient_checkpointing (LoRA)  the memory plan's choice (:mod:`appliance.training.planner`):
+                               on when the step's micro-batches would not fit without it
+                               (never with ``dp``); QLoRA always checkpoints
 dp.delta (LoRA)                ``min(1e-5, 1 / (10 n))``: well below ``1 / n``, as (epsilon,
                                delta)-DP needs
 =============================  ==============================================================
@@ -123,6 +127,7 @@ class LoraHyperparameters:
     checkpoint_every_steps: int | Auto = AUTO
     seed: int = 0
     precision: Precision = AUTO
+    gradient_checkpointing: bool | Auto = AUTO
     dp: DifferentialPrivacy | None = None
 
     method = "lora"
@@ -141,6 +146,13 @@ class LoraHyperparameters:
         dp, dp_problems = _parse_dp(self.dp, f"{_prefix(self.method)}.dp")
         object.__setattr__(self, "dp", dp)
         problems += dp_problems
+        if self.gradient_checkpointing != AUTO and not isinstance(self.gradient_checkpointing, bool):
+            problems.append((f"{_prefix(self.method)}.gradient_checkpointing",
+                             f"must be true, false or \"auto\"; got {self.gradient_checkpointing!r}"))
+        elif self.gradient_checkpointing is True and dp is not None:
+            problems.append((f"{_prefix(self.method)}.gradient_checkpointing",
+                             "must not be true with `dp`: Opacus' per-example gradients cannot follow a "
+                             "recomputed forward pass"))
         if problems:
             raise HyperparameterError(problems)
 
@@ -247,6 +259,8 @@ def resolve(
     default_target_modules: Sequence[str],
     device_type: str = "cpu",
     bf16_supported: bool = False,
+    micro_batch_examples: int | None = None,
+    checkpointing: bool | None = None,
 ) -> Hyperparameters:
     """Replace every ``"auto"`` with a concrete value (rules in the module docstring).
 
@@ -258,6 +272,9 @@ def resolve(
         default_target_modules: The architecture's attention and MLP projections.
         device_type: ``cpu`` or ``cuda``.
         bf16_supported: Whether the device computes in bfloat16.
+        micro_batch_examples: The memory plan's largest micro-batch, in examples (bounds
+            ``gradient_accumulation_steps`` from below).
+        checkpointing: The memory plan's activation checkpointing (LoRA's ``gradient_checkpointing``).
 
     Returns:
         A copy of ``hp`` with no ``"auto"`` left.
@@ -301,11 +318,15 @@ def resolve(
         values["weight_decay"] = 0.0
     if hp.gradient_accumulation_steps == AUTO:
         micro = math.ceil(batch_size * max_seq_length / MICRO_BATCH_TOKEN_BUDGET)
+        if micro_batch_examples:
+            micro = max(micro, math.ceil(batch_size / micro_batch_examples))
         values["gradient_accumulation_steps"] = max(1, min(batch_size, micro))
     if hp.checkpoint_every_steps == AUTO:
         values["checkpoint_every_steps"] = math.ceil(n / batch_size)
     if getattr(hp, "precision", None) == AUTO:
         values["precision"] = "bf16" if device_type == "cuda" and bf16_supported else "fp32"
+    if getattr(hp, "gradient_checkpointing", None) == AUTO:
+        values["gradient_checkpointing"] = bool(checkpointing) and getattr(hp, "dp", None) is None
     dp = getattr(hp, "dp", None)
     if dp is not None and dp.delta == AUTO:
         values["dp"] = dataclasses.replace(dp, delta=min(DP_AUTO_DELTA_CAP, 1 / (10 * n)))

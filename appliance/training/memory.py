@@ -57,3 +57,27 @@ def available_memory() -> int:
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     limit = resource.getrlimit(resource.RLIMIT_DATA)[0]
     return min(available, limit) if limit != resource.RLIM_INFINITY else available
+
+
+def peak_resident_reset() -> int | None:
+    """Restart this process's peak resident set (VmHWM) from now; its resident set now, or None off Linux."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_bytes("VmRSS")
+    except (OSError, ValueError):
+        return None
+
+
+def peak_resident() -> int | None:
+    """This process's peak resident set (VmHWM) since the last :func:`peak_resident_reset`, or None off Linux."""
+    try:
+        return _status_bytes("VmHWM")
+    except (OSError, ValueError):
+        return None
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise ValueError(f"/proc/self/status has no {field}")

@@ -45,9 +45,10 @@ from appliance.trainkit.events import ProgressWindow
 from appliance.training import checkpoint as ckpt
 from appliance.training import distributed
 from appliance.training.data import Example, fingerprint, split_validation, tokenize_records
-from appliance.training.hyperparameters import TrainingSpec, resolve
+from appliance.training.hyperparameters import AUTO, TrainingSpec, resolve
 from appliance.training.memorization import ProbeTarget, canary_exposure, canary_records, extraction_probe
-from appliance.training.memory import bound_malloc_cache
+from appliance.training import planner
+from appliance.training.memory import available_memory, bound_malloc_cache, peak_resident, peak_resident_reset
 from appliance.training.packing import pack, packed_loss_sum
 from appliance.training.protocol import Setup
 from appliance.training.registry import get_recipe
@@ -128,9 +129,12 @@ def train(
     recipe = get_recipe(spec.method)
     require_positive_int("event_every_steps", event_every_steps)
     require_positive_int("canary_repetitions", canary_repetitions)
-    hp, train_set, val_set, dropped = _prepare_data(
+    resident_before = peak_resident_reset() if torch_device.type == "cpu" else None
+    if torch_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(torch_device)
+    hp, train_set, val_set, dropped, plan = _prepare_data(
         spec, model_dir, train_records, val_records, torch_device,
-        extra_train_records=canary_records(canaries, canary_repetitions),
+        extra_train_records=canary_records(canaries, canary_repetitions), ddp=ddp,
     )
     steps_per_epoch = math.ceil(len(train_set) / hp.batch_size)
     total_steps = steps_per_epoch * hp.n_epochs
@@ -142,6 +146,7 @@ def train(
 
     if dropped:
         event("warning", 0, message=f"{dropped} record(s) dropped: no target tokens within max_seq_length")
+    event("info", 0, message=_plan_message(plan))
 
     bound_malloc_cache()
     # Seeded inside a fork so the caller's global RNG state is left untouched.
@@ -152,6 +157,9 @@ def train(
         torch.manual_seed(hp.seed)
         run = _build(spec, hp, recipe, model_dir, torch_device, ddp, train_set, val_set, total_steps,
                      steps_per_epoch, data_fingerprint, base_model_name or model_dir.name, event, stop, on_checkpoint)
+        run.setup.details["memory"] = {"plan": plan.to_dict()}
+        if resident_before is not None:  # loading's page-cache peak is host memory, not the plan's to predict
+            peak_resident_reset()
         try:
             _start(run, resume)
             _train_steps(run, event_every_steps)
@@ -163,6 +171,7 @@ def train(
         finally:
             if run.dp is not None:
                 run.dp.close()
+            run.setup.details["memory"].update(_measured_peak(torch_device, resident_before))
         adapter = recipe.save(run.setup, run.base_model_name)  # every rank: gathering is collective
         if run.dp is not None:
             run.dp.verify(adapter)
@@ -389,12 +398,18 @@ def _prepare_data(
     device: torch.device,
     *,
     extra_train_records: Sequence[Mapping[str, Any]] = (),
-) -> tuple[Any, list[Example], list[Example], int]:
-    """Tokenise, split, resolve ``"auto"`` and truncate.
+    ddp: distributed.DataParallel | None = None,
+) -> tuple[Any, list[Example], list[Example], int, planner.Plan]:
+    """Tokenise, split, plan memory, resolve ``"auto"`` and truncate.
 
     Returns:
-        Resolved hyperparameters, training and validation examples, and how
-        many records were dropped for having no target tokens left after truncation.
+        Resolved hyperparameters, training and validation examples, how many
+        records were dropped for having no target tokens left after truncation,
+        and the memory plan the micro-batches and checkpointing follow.
+
+    Raises:
+        InvalidRequestError: Among others, the job does not fit the device
+            whatever the plan (before any weight is loaded).
     """
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     architecture = SUPPORTED_ARCHITECTURES.get(config.model_type)
@@ -414,8 +429,7 @@ def _prepare_data(
     if extra_train_records:  # after the split: canaries are training data only
         train_set = train_set + tokenize_records(extra_train_records, tokenizer, param="canaries")
 
-    hp = resolve(
-        spec.hyperparameters,
+    facts = dict(
         n_train_examples=len(train_set),
         longest_example_tokens=max(len(e) for e in train_set),
         context_length=getattr(config, "max_position_embeddings", None),
@@ -423,6 +437,10 @@ def _prepare_data(
         device_type=device.type,
         bf16_supported=device.type == "cuda" and torch.cuda.is_bf16_supported(),
     )
+    plan = _plan(spec, resolve(spec.hyperparameters, **facts), config.to_dict(), device, ddp)
+    workers = ddp.world if ddp is not None else 1  # resolve() counts micro-batches of the whole step
+    hp = resolve(spec.hyperparameters, **facts, micro_batch_examples=plan.examples_per_micro_batch * workers,
+                 checkpointing=plan.checkpointing)
     n_records = len(train_set) + len(val_set)
     train_set = [e for e in (x.truncated(hp.max_seq_length) for x in train_set) if e.n_targets > 0]
     val_set = [e for e in (x.truncated(hp.max_seq_length) for x in val_set) if e.n_targets > 0]
@@ -433,7 +451,58 @@ def _prepare_data(
             "raise `max_seq_length` or shorten the prompts",
             param=f"method.{spec.method}.hyperparameters.max_seq_length",
         )
-    return hp, train_set, val_set, dropped
+    return hp, train_set, val_set, dropped, plan
+
+
+def _plan(spec: TrainingSpec, hp: Any, config: dict[str, Any], device: torch.device,
+          ddp: distributed.DataParallel | None) -> planner.Plan:
+    """The memory plan for ``hp`` (resolved once without it) on this rank's device; refused if none fits."""
+    given = spec.hyperparameters
+    workers = ddp.world if ddp is not None else 1
+    per_rank = math.ceil(hp.batch_size / workers)
+    checkpointing = getattr(given, "gradient_checkpointing", AUTO)
+    job = planner.JobShape(
+        method=spec.method, rank=hp.lora_r, targets=tuple(hp.target_modules), max_seq_length=hp.max_seq_length,
+        batch_size=hp.batch_size, precision=getattr(hp, "precision", "fp32"), lora_dropout=hp.lora_dropout,
+        dp=getattr(hp, "dp", None) is not None, workers=workers, fsdp=bool(ddp is not None and ddp.sharded),
+        checkpointing=None if checkpointing == AUTO else bool(checkpointing),
+        micro_batch_examples=(None if given.gradient_accumulation_steps == AUTO
+                              else math.ceil(per_rank / given.gradient_accumulation_steps)),
+    )
+    shape = planner.ModelShape.from_config(config)
+    target = plan_device(device, ranks_here=workers if device.type == "cpu" else 1)
+    chosen = planner.plan(shape, job, target)
+    if chosen is None:
+        raise planner.refuse(shape, job, target, field=f"method.{spec.method}.hyperparameters.max_seq_length")
+    return chosen
+
+
+def plan_device(device: torch.device, ranks_here: int = 1) -> planner.Device:
+    """What one rank may use: a GPU's free memory, or the host's available memory shared by its ranks."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return planner.Device("cuda", int(free), torch.cuda.get_device_name(device))
+    return planner.Device("cpu", available_memory() // max(1, ranks_here), "host memory")
+
+
+def _plan_message(plan: planner.Plan) -> str:
+    return (f"memory plan: predicted peak {plan.estimate.total / planner.GIB:.2f} GiB of "
+            f"{plan.device.budget / planner.GIB:.1f} GiB usable on {plan.device.kind}; micro-batches of up to "
+            f"{plan.micro_batch_tokens} tokens ({plan.gradient_accumulation_steps} per step), activation "
+            f"checkpointing {'on' if plan.checkpointing else 'off'}, sharding {'fsdp' if plan.fsdp else 'none'}")
+
+
+def _measured_peak(device: torch.device, resident_before: int | None) -> dict[str, Any]:
+    """The run's measured peak, to stand beside the plan's prediction."""
+    if device.type == "cuda":
+        return {"measured_peak_bytes": int(torch.cuda.max_memory_reserved(device)),
+                "measured_allocated_bytes": int(torch.cuda.max_memory_allocated(device)),
+                "measured_how": "torch.cuda.max_memory_reserved"}
+    peak = peak_resident()
+    if peak is None or resident_before is None:
+        return {"measured_peak_bytes": None, "measured_how": "not measurable on this platform"}
+    return {"measured_peak_bytes": max(0, peak - resident_before),
+            "measured_how": "peak resident set of the worker from the loaded model on, less its resident set before loading"}
 
 
 @dataclass

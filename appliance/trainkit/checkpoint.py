@@ -68,12 +68,16 @@ def check_resume(
     data_fingerprint: str,
     total_steps: int,
     other_data: str,
+    layout_only: tuple[str, ...] = (),
 ) -> dict[str, Any] | None:
     """The checkpoint ``data`` when this run can continue from it; ``None`` when there is none.
 
     Args:
         other_data: The problem to name when the data fingerprint differs
             (``it was trained on different data``).
+        layout_only: Hyperparameters that only lay a step out in memory (how many
+            micro-batches, activation checkpointing) without changing its maths: the
+            memory plan may choose them differently on the resuming device.
 
     Raises:
         InvalidRequestError: Unreadable, or made by another method, hyperparameters,
@@ -85,7 +89,10 @@ def check_resume(
     problems = []
     if state.get("method") != method:
         problems.append(f"it was made by method {state.get('method')!r}, not {method!r}")
-    if state.get("hyperparameters") != hp.to_dict():
+    def maths(values: Any) -> Any:
+        return {k: v for k, v in values.items() if k not in layout_only} if isinstance(values, dict) else values
+
+    if maths(state.get("hyperparameters")) != maths(hp.to_dict()):
         problems.append("its resolved hyperparameters differ from this job's")
     if state.get("data_fingerprint") != data_fingerprint:
         problems.append(other_data)

@@ -86,6 +86,9 @@ def test_lora_job_through_the_openai_client(client, state, tiny_model, trainer, 
     assert job.status == "succeeded", job.error
     assert job.fine_tuned_model == f"ft:{tiny_model}:acme:demo:{job.id}"
     assert job.trained_tokens > 0
+    plan = job.model_extra["compute"]["plan"]  # the worker's memory plan beside its measured peak
+    assert plan["made"] == "by the worker, on its device" and plan["predicted_peak_bytes"] > 0
+    assert plan["measured_peak_bytes"] > 0 and plan["activation_checkpointing"] is False
     metrics = job.model_extra["metrics"]
     assert metrics["valid_loss_after"] < metrics["valid_loss_before"]
     events = api.fine_tuning.jobs.list_events(job.id, limit=100).data
@@ -162,6 +165,29 @@ def test_invalid_requests_name_the_field(client, tiny_model, trainer, owner, mak
     consumer = api_for(client, make_token("cy", Role.CONSUMER, "acme"))
     with pytest.raises(openai.PermissionDeniedError):
         consumer.fine_tuning.jobs.create(model=tiny_model, training_file=train_id)
+
+
+def test_a_job_that_cannot_fit_is_refused_at_creation_and_one_that_fits_shows_its_plan(
+        client, state, tiny_model, trainer, owner, monkeypatch):
+    from appliance.training.planner import GIB, Device
+
+    train_id = upload(client, owner, [qa(i) for i in range(8)])
+    api = api_for(client, trainer)
+    method = {"type": "lora", "lora": {"hyperparameters": hp()}}
+    monkeypatch.setattr(state.jobs, "training_device", lambda: Device("cuda", 256 << 10, "a 256 KiB card"))
+    with pytest.raises(openai.BadRequestError) as info:
+        api.fine_tuning.jobs.create(model=tiny_model, training_file=train_id, method=method)
+    assert info.value.body["param"] == "method.lora.hyperparameters.max_seq_length"
+    assert "a 256 KiB card (cuda)" in info.value.message and "GiB per worker" in info.value.message
+    assert not api.fine_tuning.jobs.list().data  # nothing was created
+    monkeypatch.setattr(state.jobs, "training_device", lambda: Device("cuda", 24 * GIB, "a 24 GiB card"))
+    job = api.fine_tuning.jobs.create(model=tiny_model, training_file=train_id, method=method)
+    plan = job.model_extra["compute"]["plan"]
+    assert plan["device"] == {"kind": "cuda", "name": "a 24 GiB card", "free_bytes": 24 * GIB,
+                              "budget_bytes": int(24 * GIB * 0.9)}
+    assert plan["made"].startswith("at creation") and plan["assumed"] == {"max_seq_length": 512, "batch_size": 4}
+    assert plan["breakdown_bytes"]["runtime"] == GIB and 0 < plan["breakdown_bytes"]["weights"] < 1 << 20
+    api.fine_tuning.jobs.cancel(job.id)
 
 
 def test_job_creation_reports_every_problem_at_once(client, tiny_model, trainer, owner):

@@ -1,9 +1,11 @@
 """LoRA on a full-precision base model.
 
 The base model is loaded in float32 or bfloat16 (``precision``); LoRA weights
-stay float32 (peft keeps adapter weights in float32 by default). No activation
-checkpointing: on the small models this appliance trains, speed wins over
-memory (QLoRA is the memory-lean recipe).
+stay float32 (peft keeps adapter weights in float32 by default). The weights
+load straight onto the device in that dtype (``device_map``), never through
+an fp32 copy on the host. Activation checkpointing (non-reentrant, per decoder
+layer) is on when ``hp.gradient_checkpointing`` says so: the memory plan turns
+it on when a micro-batch would not fit without it.
 """
 
 from __future__ import annotations
@@ -26,11 +28,15 @@ def setup(model_dir: Path, hp: LoraHyperparameters, device: torch.device) -> Set
     """Load the base model in ``hp.precision`` and attach LoRA to ``hp.target_modules``."""
     dtype = torch.bfloat16 if hp.precision == "bf16" else torch.float32
     base = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, attn_implementation=PACKED_ATTENTION, local_files_only=True
-    ).to(device)
+        model_dir, dtype=dtype, attn_implementation=PACKED_ATTENTION, local_files_only=True, device_map={"": device}
+    )
     base.config.use_cache = False
+    checkpointing = hp.gradient_checkpointing is True
+    if checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = attach_lora(base, hp)
-    return Setup(model=model, device=device, details={"precision": hp.precision, "base_dtype": str(dtype)[6:]})
+    return Setup(model=model, device=device, details={"precision": hp.precision, "base_dtype": str(dtype)[6:],
+                                                      "gradient_checkpointing": checkpointing})
 
 
 def save(setup: Setup, base_model_name: str) -> dict[str, bytes]:

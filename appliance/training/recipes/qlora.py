@@ -53,6 +53,8 @@ def setup(model_dir: Path, hp: QloraHyperparameters, device: torch.device) -> Se
     base = prepare_model_for_kbit_training(
         base, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
     )
+    if device.type == "cpu":
+        _release_checkpoint_mapping(base)
     model = attach_lora(base, hp)
     return Setup(
         model=model,
@@ -60,6 +62,21 @@ def setup(model_dir: Path, hp: QloraHyperparameters, device: torch.device) -> Se
         autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
         details={"quantization": "nf4-double", "compute_dtype": str(compute_dtype)[6:], "gradient_checkpointing": True},
     )
+
+
+def _release_checkpoint_mapping(model: torch.nn.Module) -> None:
+    """Give the weights that stayed unquantised storage of their own.
+
+    On a CPU they load zero-copy from the checkpoint's memory map, which keeps
+    the whole mapped file resident after quantisation has read every page of it
+    (measured: 405 MiB of a 540 MiB checkpoint for a 135M model, a resident set
+    about 2.5x what training needs). A copy of the few weights that stay fp32
+    (embeddings, norms) lets the mapping go.
+    """
+    with torch.no_grad():
+        for param in model.parameters():
+            if not isinstance(param, bnb.nn.Params4bit):
+                param.data = param.data.clone()
 
 
 def save(setup: Setup, base_model_name: str) -> dict[str, bytes]:

@@ -69,6 +69,7 @@ def test_auto_rules():
         n_epochs=3, batch_size=4, learning_rate=2e-4, learning_rate_multiplier=1.0, lora_r=16, lora_alpha=32.0,
         lora_dropout=0.05, target_modules=PROJECTIONS, max_seq_length=320, warmup_ratio=0.03, weight_decay=0.0,
         gradient_accumulation_steps=1, checkpoint_every_steps=250, seed=0, precision="fp32",
+        gradient_checkpointing=False,
     )
     assert "auto" not in r.to_dict().values()
     # Small sets train for more epochs, huge ones for fewer; batch grows with the data.
@@ -101,3 +102,17 @@ def test_round_trip_through_dict():
     assert hp.target_modules == ("q_proj", "v_proj")
     assert QloraHyperparameters(**hp.to_dict()) == hp
     assert hp.to_dict()["target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_the_memory_plan_sets_micro_batches_and_checkpointing_left_to_auto():
+    planned = resolve_for(LoraHyperparameters(batch_size=16), n=1000, longest=300)
+    assert planned.gradient_accumulation_steps == 1 and planned.gradient_checkpointing is False
+    from appliance.training.hyperparameters import resolve
+
+    r = resolve(LoraHyperparameters(batch_size=16), n_train_examples=1000, longest_example_tokens=300,
+                context_length=None, default_target_modules=PROJECTIONS, micro_batch_examples=3, checkpointing=True)
+    assert r.gradient_accumulation_steps == 6 and r.gradient_checkpointing is True  # ceil(16 / 3)
+    chosen = resolve(LoraHyperparameters(batch_size=16, gradient_accumulation_steps=2, gradient_checkpointing=False),
+                     n_train_examples=1000, longest_example_tokens=300, context_length=None,
+                     default_target_modules=PROJECTIONS, micro_batch_examples=3, checkpointing=True)
+    assert chosen.gradient_accumulation_steps == 2 and chosen.gradient_checkpointing is False  # what was asked

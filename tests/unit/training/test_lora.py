@@ -123,3 +123,35 @@ def test_records_without_targets_after_truncation_are_dropped_with_a_warning(tin
     with pytest.raises(InvalidRequestError, match="no training record has target tokens") as info:
         train(make_spec("lora", max_seq_length=64), tiny_model_dir, [long_prompt])
     assert info.value.param == "method.lora.hyperparameters.max_seq_length"
+
+
+def test_activation_checkpointing_trains_to_the_same_loss(tiny_model_dir):
+    """LoRA with activation checkpointing (the plan's choice, or asked for) computes the same step as without."""
+    records, val = reverse_records(24), reverse_records(8, seed=7)
+    runs = {}
+    for checkpointing in (False, True):
+        spec = make_spec("lora", n_epochs=1, batch_size=8, learning_rate=1e-2, checkpoint_every_steps=0,
+                         gradient_checkpointing=checkpointing)
+        runs[checkpointing] = train(spec, tiny_model_dir, records, val)
+    plain, ckpt = runs[False], runs[True]
+    assert ckpt.details["gradient_checkpointing"] is True and plain.details["gradient_checkpointing"] is False
+    assert ckpt.details["memory"]["plan"]["activation_checkpointing"] is True
+    assert ckpt.metrics.train_loss == pytest.approx(plain.metrics.train_loss, rel=1e-5)
+    assert ckpt.metrics.valid_loss_after == pytest.approx(plain.metrics.valid_loss_after, rel=1e-5)
+
+
+def test_the_run_reports_its_memory_plan_beside_the_measured_peak(lora_run):
+    result, events = lora_run
+    memory = result.details["memory"]
+    assert memory["plan"]["predicted_peak_bytes"] > 0 and memory["plan"]["device"]["kind"] == "cpu"
+    assert memory["plan"]["activation_checkpointing"] is False  # a tiny model fits without it
+    assert memory["measured_peak_bytes"] > 0 and "resident" in memory["measured_how"]
+    assert any(e.type == "info" and e.message.startswith("memory plan: predicted peak") for e in events)
+
+
+def test_checkpointing_is_refused_with_dp():
+    from appliance.trainkit.errors import HyperparameterError
+
+    with pytest.raises(HyperparameterError) as info:
+        make_spec("lora", gradient_checkpointing=True, dp={"epsilon": 8})
+    assert "method.lora.hyperparameters.gradient_checkpointing" in str(info.value)

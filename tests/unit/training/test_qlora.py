@@ -16,7 +16,9 @@ def test_qlora_trains_and_its_adapter_loads_in_stock_peft(tiny_model_dir, tmp_pa
         tiny_model_dir, reverse_records(24), reverse_records(8, seed=7),
     )
     assert result.status == "succeeded"
+    memory = result.details.pop("memory")
     assert result.details == {"quantization": "nf4-double", "compute_dtype": "float32", "gradient_checkpointing": True}
+    assert memory["plan"]["activation_checkpointing"] is True and memory["measured_peak_bytes"] > 0
     assert result.metrics.valid_loss_after < result.metrics.valid_loss_before
 
     config = json.loads(result.adapter["adapter_config.json"])

@@ -1,0 +1,107 @@
+"""A new LLM job's memory plan, made when it is created: a job that cannot fit is refused then, not an hour in.
+
+The API process knows the model's shape (its ``config.json``) and the request's
+settings, not yet the data: ``"auto"`` fields take the values the trainer would
+give them at most (``max_seq_length``: 2048 or the model's context; the batch
+its smallest share). The worker plans again once the data is tokenised and
+its device's free memory is known (:func:`appliance.training.trainer._plan`),
+and the job's ``compute.plan`` then shows that plan beside the measured peak.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from appliance.errors import InvalidRequestError
+from appliance.modelstore.architectures import SUPPORTED_ARCHITECTURES
+from appliance.training import planner
+from appliance.training.memory import available_memory
+
+AUTO = "auto"
+
+
+@functools.lru_cache(maxsize=4)
+def training_device(memory_gib: float = 0.0) -> planner.Device:
+    """The device a training worker gets: ``memory_gib`` when the administrator set it, else detected (once).
+
+    Detection asks ``nvidia-smi`` for the first GPU's total memory (a queued job has the card to
+    itself when it runs; no torch in the API process) and falls back to the host's available
+    memory (workers train on the CPU there).
+    """
+    if memory_gib > 0:
+        return planner.Device("cuda", int(memory_gib * planner.GIB), "APPLIANCE_TRAINING_DEVICE_MEMORY_GIB")
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10, check=True).stdout
+            name, total_mib = out.strip().splitlines()[0].rsplit(",", 1)
+            return planner.Device("cuda", int(float(total_mib)) << 20, name.strip())
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            pass
+    return planner.Device("cpu", available_memory(), "host memory")
+
+
+def plan_at_creation(model_dir: str | Path, method: str, hyperparameters: dict[str, Any], compute: dict[str, Any],
+                     device: planner.Device, *, max_workers: int) -> dict[str, Any]:
+    """``compute.plan`` for a new job on ``device``.
+
+    Raises:
+        InvalidRequestError: Even the smallest plan does not fit; the message says
+            what would (QLoRA, more workers with FSDP, a shorter ``max_seq_length``).
+    """
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    shape = planner.ModelShape.from_config(config)
+    hp = hyperparameters
+    context = shape.max_position_embeddings or 2048
+    max_seq_length = hp.get("max_seq_length", AUTO)
+    if max_seq_length == AUTO:
+        max_seq_length = min(2048, context)
+    architecture = SUPPORTED_ARCHITECTURES.get(config.get("model_type", ""))
+    targets = hp.get("target_modules", AUTO)
+    if targets == AUTO:
+        targets = architecture.default_target_modules if architecture else planner._DEFAULT_TARGETS
+    batch_size = hp.get("batch_size", AUTO)
+    batch_size = 4 if batch_size == AUTO else int(batch_size)  # the auto rule's smallest batch
+    workers = int(compute.get("workers", 1))
+    sharding = compute.get("sharding", AUTO)
+    accumulation = hp.get("gradient_accumulation_steps", AUTO)
+    checkpointing = hp.get("gradient_checkpointing", AUTO)
+    precision = hp.get("precision", AUTO)
+    if precision == AUTO:
+        precision = "bf16" if device.kind == "cuda" else "fp32"
+    job = planner.JobShape(
+        method=method, rank=16 if hp.get("lora_r", AUTO) == AUTO else int(hp["lora_r"]), targets=tuple(targets),
+        max_seq_length=int(max_seq_length), batch_size=batch_size, precision=precision,
+        lora_dropout=0.05 if hp.get("lora_dropout", AUTO) == AUTO else float(hp["lora_dropout"]),
+        dp=hp.get("dp") is not None, workers=workers,
+        fsdp=None if sharding == AUTO else sharding == "fsdp",
+        checkpointing=None if checkpointing == AUTO else bool(checkpointing),
+        micro_batch_examples=None if accumulation == AUTO else math.ceil(math.ceil(batch_size / workers)
+                                                                          / int(accumulation)),
+    )
+    chosen = planner.plan(shape, job, device)
+    if chosen is None:
+        raise planner.refuse(shape, job, device, field=f"method.{method}.hyperparameters.max_seq_length",
+                             max_workers=max(max_workers, 1))
+    return {**chosen.to_dict(), "made": "at creation, before the data was tokenised",
+            "assumed": {"max_seq_length": job.max_seq_length, "batch_size": batch_size}}
+
+
+def plan_or_problem(model_dir: str | Path, method: str, hyperparameters: dict[str, Any], compute: dict[str, Any],
+                    device: planner.Device, *, max_workers: int) -> dict[str, Any] | None:
+    """:func:`plan_at_creation`, or ``None`` when the model's config cannot be planned (never blocks a job)."""
+    try:
+        return plan_at_creation(model_dir, method, hyperparameters, compute, device, max_workers=max_workers)
+    except InvalidRequestError as exc:
+        if exc.param == "model":  # a config the planner does not understand: the worker will tell
+            return None
+        raise
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
