@@ -100,13 +100,14 @@ def source_size(source: Source) -> int | None:
 
 
 def send(write: Callable[[dict[str, Any], bytes | memoryview], None], header: dict[str, Any], source: Source,
-         *, chunk_bytes: int = CHUNK_BYTES) -> int:
+         *, size: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> int:
     """Send ``source`` as one artefact: a begin frame (``header`` plus its size), chunks, an end frame.
 
     Args:
         write: Writes one frame (``(header, payload)``).
         header: The begin frame's fields; ``kind`` names the artefact (``checkpoint``, ``artifact``, ...).
         source: The bytes, a path or binary file (read ``chunk_bytes`` at a time), or an iterable of chunks.
+        size: The size to declare when ``source`` cannot tell it (an iterable); the receiver holds the sender to it.
         chunk_bytes: Payload bytes per chunk frame.
 
     Returns:
@@ -116,7 +117,7 @@ def send(write: Callable[[dict[str, Any], bytes | memoryview], None], header: di
         raise ValueError(f"`chunk_bytes` must be in 1..{MAX_PAYLOAD}; got {chunk_bytes}")
     if "kind" not in header:
         raise ValueError(f"a stream's begin header needs a `kind`; got {sorted(header)}")
-    write({**header, "type": "begin", "size": source_size(source)}, b"")
+    write({**header, "type": "begin", "size": source_size(source) if size is None else size}, b"")
     digest, sent = hashlib.sha256(), 0
     for chunk in chunks(source, chunk_bytes):
         if len(chunk):
