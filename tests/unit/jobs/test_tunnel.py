@@ -115,3 +115,51 @@ def test_a_tampered_frame_ends_the_tunnel(gateway):
     conn.sock.sendall(len(flipped).to_bytes(4, "big") + flipped)
     assert conn.read() is None  # the gateway dropped the connection
     assert session.frames.empty()
+
+
+def test_a_long_chunk_stream_crosses_in_order_and_a_replayed_or_dropped_chunk_ends_the_tunnel(gateway):
+    """Each chunk is its own sealed frame under the per-direction counter: a big artefact is many frames, and
+    replaying or dropping one of them mid-stream breaks authentication, not the artefact silently."""
+    session = gateway.open_session("ftjob-1", ranks=1)
+    session.offer_start(START)
+    conn = tunnel.connect(gateway.address, job_id="ftjob-1", rank=0, ticket=session.ticket)
+    conn.read()
+    data = os.urandom(300 * 1024)
+    sealed: list[bytes] = []
+    real_sock = conn.sock
+
+    class Recorder:
+        def sendall(self, frame: bytes) -> None:
+            sealed.append(frame)
+            real_sock.sendall(frame)
+
+        def __getattr__(self, name):
+            return getattr(real_sock, name)
+
+    conn.sock = Recorder()
+    threading.Thread(target=streams.send, args=(conn.write, {"kind": "checkpoint", "step": 1}, data),
+                     kwargs={"chunk_bytes": 1024}, daemon=True).start()
+    out = streams.Buffer()
+    incoming = streams.receive(lambda: session.frames.get(timeout=scaled(5)), out, kind="checkpoint")
+    assert out == data and incoming.received == len(data) and len(sealed) == 302  # begin, 300 chunks, end
+    real_sock.sendall(sealed[150])  # a chunk frame replayed: its counter is long past
+    assert conn.read() is None and session.frames.empty()
+
+    session = gateway.open_session("ftjob-2", ranks=1)
+    session.offer_start({**START, "job_id": "ftjob-2"})
+    conn = tunnel.connect(gateway.address, job_id="ftjob-2", rank=0, ticket=session.ticket)
+    conn.read()
+    conn.write({"type": "chunk"}, b"first")
+    conn._sent += 1  # noqa: SLF001 - a frame dropped on the way: the next one is sealed under the wrong counter
+    conn.write({"type": "chunk"}, b"third")
+    assert session.frames.get(timeout=scaled(5)) == ({"type": "chunk"}, b"first")
+    assert conn.read() is None and session.frames.empty()
+
+
+def test_a_sealed_frame_announced_over_the_bound_ends_the_tunnel_before_buffering(gateway):
+    session = gateway.open_session("ftjob-1", ranks=1)
+    session.offer_start(START)
+    conn = tunnel.connect(gateway.address, job_id="ftjob-1", rank=0, ticket=session.ticket)
+    conn.read()
+    conn.sock.sendall((tunnel.MAX_SEALED + 1).to_bytes(4, "big"))
+    assert conn.read() is None and session.frames.empty()
