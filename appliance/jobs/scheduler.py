@@ -46,11 +46,11 @@ from appliance.db.base import Database, utcnow
 from appliance.files.service import FileService, new_file_id
 from appliance.identity.service import project_by_id, project_name
 from appliance.jobs.executors import Executor, LocalExecutor, Worker
-from appliance.jobs.streams import STREAM_TYPES, Incoming, Opener, Receiver, StreamError
-from appliance.jobs.wire import FrameError
 from appliance.jobs.models import FineTuningJob, JobCheckpoint
 from appliance.jobs.sandbox import WorkerLimits, sweep_orphaned_tmpdirs
 from appliance.jobs.service import add_event
+from appliance.jobs.streams import Incoming, Opener, Receiver, StreamError
+from appliance.jobs.wire import FrameError
 from appliance.storage.blobs import BlobWriter
 
 log = logging.getLogger("appliance.jobs")
@@ -63,7 +63,7 @@ RESUMABLE_LOST = {
     "param": None,
 }
 #: Error codes after which the job may be resumed from its last checkpoint.
-RESUMABLE_ERRORS = frozenset({"worker_error", "transfer_failed"})
+RESUMABLE_ERRORS = frozenset({"worker_error", "worker_start_failed", "transfer_failed"})
 
 
 @dataclass
@@ -366,7 +366,15 @@ class Scheduler:
         outcome: tuple[str, dict[str, Any]] | None = None
         inbox = _Inbox(project=start["project"])
         try:
-            worker.start(start, resume)
+            try:
+                worker.start(start, resume)
+            except OSError:
+                raise  # the worker is gone already: recorded as lost
+            except Exception as exc:  # the checkpoint to resume from cannot be read (shredded, tampered)
+                log.exception("could not start the worker", extra={"job_id": job_id})
+                worker.kill()
+                outcome = ("error", {"code": "worker_start_failed", "param": None,
+                                     "message": f"could not start the worker: {type(exc).__name__}"})
             del start["datasets"], resume  # drop the data keys from memory as soon as they are sent
             while outcome is None and not run.lost:
                 try:

@@ -31,7 +31,6 @@ from appliance.jobs.wire import MAX_PAYLOAD
 
 #: Payload bytes per chunk frame.
 CHUNK_BYTES = 1 << 20
-STREAM_TYPES = frozenset({"begin", "chunk", "end"})
 
 Frame = tuple[dict[str, Any], bytes]
 #: What can be sent: bytes (sliced, never copied), a file path or binary file (read chunk by chunk),

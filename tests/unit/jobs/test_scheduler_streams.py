@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from appliance.crypto.stream import IntegrityError
 from appliance.identity.models import Project
 from appliance.jobs import streams
 from appliance.jobs.models import FineTuningJob, JobCheckpoint
@@ -31,7 +32,9 @@ class FakeWorker:
         self.frames, self.killed, self.started = list(frames), False, None
 
     def start(self, header, resume=None) -> None:
-        self.started = header
+        self.started, self.resumed = header, []
+        if resume is not None:  # as the executors do: stream it, decrypting as it goes
+            streams.send(lambda h, p: self.resumed.append((h, bytes(p))), {"kind": "resume"}, resume())
 
     def send(self, header, payload=b"") -> None:
         pass
@@ -79,10 +82,11 @@ def _stream(header: dict, data: bytes, chunk_bytes: int = 1000) -> list[tuple[di
     return sent
 
 
-def _supervise(state, frames) -> tuple[FineTuningJob, list[JobCheckpoint], FakeWorker]:
+def _supervise(state, frames, resume=None) -> tuple[FineTuningJob, list[JobCheckpoint], FakeWorker]:
     project = _running_job(state)
     worker = FakeWorker(frames)
-    state.scheduler._supervise(_Run("ftjob-streams", 1, worker), {"project": project, "datasets": []}, None)  # noqa: SLF001
+    state.scheduler._supervise(_Run("ftjob-streams", 1, worker), {"project": project, "datasets": []},  # noqa: SLF001
+                               resume)
     with state.db.read() as s:
         job = s.get(FineTuningJob, "ftjob-streams")
         checkpoints = list(s.scalars(select(JobCheckpoint).where(JobCheckpoint.job_id == job.id)))
@@ -138,6 +142,32 @@ def test_an_adapter_file_out_of_name_order_or_with_a_bad_name_is_refused(state):
               *_stream({"kind": "artifact", "name": "a.json"}, b"{}")]
     job, _, _ = _supervise(state, frames)
     assert job.error["code"] == "transfer_failed" and "must come in name order" in job.error["message"]
+
+
+def test_a_resume_checkpoint_that_cannot_be_read_fails_the_start_resumable(state):
+    def tampered():
+        yield b"the first segment"
+        raise IntegrityError("encrypted blob is truncated")
+
+    job, _, worker = _supervise(state, [], resume=tampered)
+    assert worker.killed and job.status == "failed" and job.resumable
+    assert job.error == {"code": "worker_start_failed", "param": None,
+                         "message": "could not start the worker: IntegrityError"}
+
+
+def test_the_resume_checkpoint_streams_from_its_blob(state):
+    data = os.urandom(200_000)
+    with state.blobs.writing("ftckpt-resume", "acme", "checkpoint") as writer:
+        writer.write(data)
+        key_row = writer.finish()
+    with state.db.transaction() as s:
+        s.add(key_row)
+    with state.db.read() as s:
+        opener = state.blobs.opener(s, "ftckpt-resume")
+    _, _, worker = _supervise(state, [], resume=opener)
+    out = streams.Buffer()
+    streams.receive(iter(worker.resumed).__next__, out, kind="resume")
+    assert out == data and worker.started["project"]
 
 
 SENDER = """
