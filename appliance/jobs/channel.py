@@ -8,7 +8,7 @@ from typing import Any
 
 from appliance.jobs import streams
 from appliance.jobs.tunnel import TunnelError
-from appliance.jobs.wire import FrameReader, write_frame
+from appliance.jobs.wire import FrameError, FrameReader, write_frame
 
 
 class PipeTransport:
@@ -81,7 +81,7 @@ class Channel:
         while True:
             try:
                 frame = self.transport.read()
-            except (OSError, TunnelError):
+            except (OSError, TunnelError, FrameError):
                 frame = None
             if frame is None:
                 os._exit(3)  # link closed: the server was killed; die with it

@@ -18,7 +18,7 @@ from appliance.identity.models import Project
 from appliance.jobs import streams
 from appliance.jobs.models import FineTuningJob, JobCheckpoint
 from appliance.jobs.scheduler import _Inbox, _Run
-from appliance.jobs.wire import FrameReader
+from appliance.jobs.wire import MAX_PAYLOAD, FrameError, FrameReader
 from tests.timing import scaled
 
 REPO = Path(__file__).resolve().parents[3]
@@ -135,6 +135,25 @@ def test_a_good_checkpoint_is_kept_and_a_broken_adapter_file_discards_the_whole_
     with state.db.read() as s:
         assert b"".join(state.blobs.read(s, checkpoint.object_id)) == ckpt
     assert _blob_files(state) == before | {state.blobs.path_of(checkpoint.object_id)}  # no adapter, no temporary
+
+
+def test_a_frame_with_an_absurd_length_mid_stream_fails_the_job_and_stores_nothing(state):
+    before = _blob_files(state)
+    frames = _stream({"kind": "checkpoint", "step": 3, "metrics": {}}, os.urandom(5000))[:2]
+
+    class Garbled(FakeWorker):
+        def read(self, timeout: float):
+            if self.frames:
+                return super().read(timeout)
+            raise FrameError(f"frame payload of {5 << 30} bytes declared; the limit is {MAX_PAYLOAD}")
+
+    worker = Garbled(frames)
+    project = _running_job(state)
+    state.scheduler._supervise(_Run("ftjob-streams", 1, worker), {"project": project, "datasets": []}, None)  # noqa: SLF001
+    with state.db.read() as s:
+        job = s.get(FineTuningJob, "ftjob-streams")
+        assert job.error["code"] == "transfer_failed" and "5368709120 bytes declared" in job.error["message"]
+    assert worker.killed and _blob_files(state) == before
 
 
 def test_an_adapter_file_out_of_name_order_or_with_a_bad_name_is_refused(state):
