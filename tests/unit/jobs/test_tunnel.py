@@ -163,3 +163,26 @@ def test_a_sealed_frame_announced_over_the_bound_ends_the_tunnel_before_bufferin
     conn.read()
     conn.sock.sendall((tunnel.MAX_SEALED + 1).to_bytes(4, "big"))
     assert conn.read() is None and session.frames.empty()
+
+
+def test_a_rank_streaming_faster_than_the_scheduler_reads_is_held_back_not_buffered(gateway):
+    """The session's queue is bounded: the pump stops reading and TCP pushes back on the worker."""
+    from appliance.jobs.executors.gateway import QUEUED_FRAMES
+
+    session = gateway.open_session("ftjob-1", ranks=1)
+    session.offer_start(START)
+    conn = tunnel.connect(gateway.address, job_id="ftjob-1", rank=0, ticket=session.ticket)
+    conn.read()
+    chunk = os.urandom(streams.CHUNK_BYTES)
+    sent = threading.Event()
+
+    def flood():
+        for i in range(64):
+            conn.write({"type": "chunk", "i": i}, chunk)
+        sent.set()
+
+    threading.Thread(target=flood, daemon=True).start()
+    assert not sent.wait(scaled(1.5))  # 64 MiB cannot all be in flight: the writer is held back
+    assert session.frames.qsize() == QUEUED_FRAMES
+    received = [session.frames.get(timeout=scaled(5))[0]["i"] for _ in range(64)]
+    assert received == list(range(64)) and sent.wait(scaled(5))
