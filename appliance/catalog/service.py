@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import shutil
-import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from appliance import __version__
 from appliance.audit.service import AuditContext, record
+from appliance.catalog.archive import AdapterArchive, unpack_files
 from appliance.catalog.models import AdapterRecord, BaseModelRecord
 from appliance.crypto.signing import load_or_create_signing_key, public_key_pem, sign, verify
 from appliance.db.base import Database, created_before, utcnow
@@ -34,40 +33,16 @@ DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEMO_IMAGE_MODEL_NAME = "tiny-sd-random"
 
 
+def _adapter_object_id(job_id: str) -> str:
+    return f"adapter-{job_id.removeprefix('ftjob-')}"
+
+
 def check_model_name(name: str, *, param: str = "name") -> str:
     if not _MODEL_NAME_RE.match(name or ""):
         raise InvalidRequestError(
             f"`{param}` must be 1-128 characters of letters, digits, '.', '_' or '-'; got {name!r}", param=param
         )
     return name
-
-
-def pack_files(files: dict[str, bytes]) -> bytes:
-    """A deterministic uncompressed tar of ``{name: bytes}`` (the adapter directory)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name in sorted(files):
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(files[name]), 0o600, 0
-            tar.addfile(info, io.BytesIO(files[name]))
-    return buf.getvalue()
-
-
-def _safe_relative(name: str) -> bool:
-    parts = name.split("/")
-    return bool(name) and not name.startswith("/") and all(p not in ("", ".", "..") and not p.startswith(".")
-                                                           for p in parts)
-
-
-def unpack_files(data: bytes) -> dict[str, bytes]:
-    """The ``{relative path: bytes}`` of an adapter archive (DreamBooth ones have ``unet/...`` paths)."""
-    out: dict[str, bytes] = {}
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
-        for member in tar.getmembers():
-            if not member.isfile() or not _safe_relative(member.name):
-                raise InvalidRequestError(f"unexpected member {member.name!r} in an adapter archive")
-            out[member.name] = tar.extractfile(member).read()
-    return out
 
 
 @dataclass(frozen=True)
@@ -191,7 +166,7 @@ class CatalogService:
     def publish_from_job(self, s: Session, ctx: AuditContext, *, job_id: str, project_id: int, base_model: str,
                          method: str, suffix: str | None, trained_by: str, datasets: list[dict[str, Any]],
                          hyperparameters: dict[str, Any], metrics: dict[str, Any], seed: int | None,
-                         privacy: dict[str, Any], files: dict[str, bytes]) -> str:
+                         privacy: dict[str, Any], files: dict[str, bytes] | AdapterArchive) -> str:
         """Publish a finished job's adapter with its signed lineage manifest; its id (``ft:base:project:suffix:job``).
 
         ``datasets`` is the training data's lineage (:meth:`appliance.files.service.FileService.lineage`).
@@ -212,28 +187,47 @@ class CatalogService:
                      kind=method, files=files, manifest=manifest)
         return adapter_id
 
+    def adapter_archive(self, job_id: str, project: str) -> AdapterArchive:
+        """An encrypted adapter archive for ``job_id`` to stream files into, then hand to :meth:`publish`.
+
+        Nothing is visible until it is published; :meth:`AdapterArchive.abort` discards it.
+        """
+        return AdapterArchive(self.blobs.create(_adapter_object_id(job_id), project, "adapter"))
+
     def publish(self, s: Session, ctx: AuditContext, *, adapter_id: str, job_id: str, project: Project,
-                base_model: str, kind: str, files: dict[str, bytes], manifest: dict[str, Any]) -> AdapterRecord:
-        """Encrypt and register an adapter inside the caller's transaction (the job's success)."""
-        object_id = f"adapter-{job_id.removeprefix('ftjob-')}"
-        packed = pack_files(files)
-        with self.blobs.writing(object_id, project.name, "adapter") as writer:
-            writer.write(packed)
-            key_row = writer.finish()
+                base_model: str, kind: str, files: dict[str, bytes] | AdapterArchive,
+                manifest: dict[str, Any]) -> AdapterRecord:
+        """Encrypt and register an adapter inside the caller's transaction (the job's success).
+
+        ``files`` is ``{name: bytes}``, or an archive from :meth:`adapter_archive` whose files
+        have already streamed into storage.
+        """
+        object_id = _adapter_object_id(job_id)
+        if isinstance(files, AdapterArchive):
+            archive = files
+        else:
+            archive = self.adapter_archive(job_id, project.name)
             try:
-                manifest = dict(manifest, adapter=adapter_id, files={n: len(b) for n, b in sorted(files.items())})
-                signature = sign(self.signing_key(), manifest)
-                s.add(key_row)
-                row = AdapterRecord(id=adapter_id, job_id=job_id, project_id=project.id, base_model=base_model,
-                                    kind=kind, object_id=object_id, manifest=manifest, signature=signature)
-                s.add(row)
-                s.flush()
-                record(s, ctx, "adapter.publish", resource_type="adapter", resource_id=adapter_id,
-                       project=project.name, details={"job_id": job_id, "base_model": base_model,
-                                                      "manifest_signature": signature[:16]})
+                for name in sorted(files):
+                    archive.add(name, files[name])
             except BaseException:
-                writer.abort()
+                archive.abort()
                 raise
+        try:
+            key_row = archive.finish()
+            manifest = dict(manifest, adapter=adapter_id, files=dict(sorted(archive.sizes.items())))
+            signature = sign(self.signing_key(), manifest)
+            s.add(key_row)
+            row = AdapterRecord(id=adapter_id, job_id=job_id, project_id=project.id, base_model=base_model,
+                                kind=kind, object_id=object_id, manifest=manifest, signature=signature)
+            s.add(row)
+            s.flush()
+            record(s, ctx, "adapter.publish", resource_type="adapter", resource_id=adapter_id,
+                   project=project.name, details={"job_id": job_id, "base_model": base_model,
+                                                  "manifest_signature": signature[:16]})
+        except BaseException:
+            archive.abort()  # before or after finish(): nothing of it remains
+            raise
         return row
 
     def _adapter(self, principal: Principal | None, adapter_id: str) -> AdapterView:

@@ -608,13 +608,16 @@ class FileService:
         return picked
 
     @staticmethod
-    def add_result_file(s: Session, *, file_id: str, project_id: int, filename: str, payload: bytes,
+    def add_result_file(s: Session, *, file_id: str, project_id: int, filename: str, size: int, sha256: str,
                         created_by: str, generated_by: str) -> None:
-        """Register a job's result (an evaluation grid, a validation image) already written encrypted as ``file_id``."""
+        """Register a job's result (an evaluation grid, a validation image) already written encrypted as ``file_id``.
+
+        ``size`` and ``sha256`` describe its plaintext (counted as it streamed in).
+        """
         s.add(StoredFile(
             id=file_id, project_id=project_id, filename=filename, purpose="fine-tune-results",
-            bytes=len(payload), original_bytes=len(payload), records=0, status="processed",
-            created_by=created_by, content_sha256=hashlib.sha256(payload).hexdigest(),
+            bytes=size, original_bytes=size, records=0, status="processed",
+            created_by=created_by, content_sha256=sha256,
             policy_hash="", decision="accepted", scan_summary={"generated_by": generated_by},
         ))
 

@@ -6,8 +6,9 @@ import os
 import threading
 from typing import Any
 
+from appliance.jobs import streams
 from appliance.jobs.tunnel import TunnelError
-from appliance.jobs.wire import FrameReader, write_frame
+from appliance.jobs.wire import FrameError, FrameReader, write_frame
 
 
 class PipeTransport:
@@ -20,7 +21,7 @@ class PipeTransport:
     def read(self) -> tuple[dict[str, Any], bytes] | None:
         return self.reader.read()
 
-    def write(self, header: dict[str, Any], payload: bytes = b"") -> None:
+    def write(self, header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
         write_frame(self.out_fd, header, payload)
 
 
@@ -38,8 +39,9 @@ class Channel:
         self.primary = primary
         self.stop = threading.Event()
         self._lock = threading.Lock()
+        self._stream_lock = threading.Lock()
 
-    def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+    def send(self, header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
         if not self.primary and header.get("type") != "error":
             return
         with self._lock:
@@ -47,6 +49,29 @@ class Channel:
                 self.transport.write(header, payload)
             except OSError:
                 os._exit(3)  # the scheduler is gone: nobody to report to
+
+    def send_artefact(self, header: dict[str, Any], source: streams.Source) -> None:
+        """Send a checkpoint, adapter file or result file of any size as a stream of chunks.
+
+        Args:
+            header: The artefact's fields, ``kind`` first (``checkpoint``, ``artifact``, ``result_file``).
+            source: Its bytes (sent slice by slice, not copied), or a path or binary file read chunk by chunk.
+        """
+        if not self.primary:
+            return
+        with self._stream_lock:  # one artefact at a time; events may still pass between its chunks
+            streams.send(self.send, header, source)
+
+    def receive_resume(self) -> bytes:
+        """Read the checkpoint the scheduler streams after the start frame (before :meth:`watch_control` runs)."""
+        buffer = streams.Buffer()
+
+        def on_other(frame: tuple[dict[str, Any], bytes]) -> None:
+            if frame[0].get("type") == "stop":
+                self.stop.set()
+
+        streams.receive(self.transport.read, buffer, kind="resume", on_other=on_other)
+        return bytes(buffer)
 
     def event(self, message: str, *, level: str = "info", type: str = "message", data: dict | None = None) -> None:
         self.send({"type": "event", "level": level, "event_type": type, "message": message, "data": data})
@@ -56,7 +81,7 @@ class Channel:
         while True:
             try:
                 frame = self.transport.read()
-            except (OSError, TunnelError):
+            except (OSError, TunnelError, FrameError):
                 frame = None
             if frame is None:
                 os._exit(3)  # link closed: the server was killed; die with it

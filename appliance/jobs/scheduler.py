@@ -8,7 +8,10 @@ makes the claiming transaction the only writer), starts a sandboxed worker per
 job through its executor (a sandboxed process on this host, or a Ray job:
 :mod:`appliance.jobs.executors`; one job per device by default), hands it the
 job and its datasets' data keys, and stores events, encrypted checkpoints and
-the final adapter.
+the final adapter. Artefacts travel both ways as streams of bounded chunks
+(:mod:`appliance.jobs.streams`): each chunk from the worker is encrypted into
+its blob as it arrives, so a checkpoint of any size costs the control plane a
+chunk of memory, and one that arrives short or corrupted leaves nothing behind.
 
 A claim is a lease: the job row names the scheduler (``worker``) and when its
 ownership ends (``lease_expires_at``), which the scheduler renews while it
@@ -37,6 +40,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 
 from appliance.audit.service import AuditContext, record
+from appliance.catalog.archive import AdapterArchive
 from appliance.catalog.service import CatalogService
 from appliance.db.base import Database, utcnow
 from appliance.files.service import FileService, new_file_id
@@ -45,6 +49,9 @@ from appliance.jobs.executors import Executor, LocalExecutor, Worker
 from appliance.jobs.models import FineTuningJob, JobCheckpoint
 from appliance.jobs.sandbox import WorkerLimits, sweep_orphaned_tmpdirs
 from appliance.jobs.service import add_event
+from appliance.jobs.streams import Incoming, Opener, Receiver, StreamError
+from appliance.jobs.wire import FrameError
+from appliance.storage.blobs import BlobWriter
 
 log = logging.getLogger("appliance.jobs")
 
@@ -55,6 +62,8 @@ RESUMABLE_LOST = {
                "resume the job to continue from its last checkpoint",
     "param": None,
 }
+#: Error codes after which the job may be resumed from its last checkpoint.
+RESUMABLE_ERRORS = frozenset({"worker_error", "worker_start_failed", "transfer_failed"})
 
 
 @dataclass
@@ -91,6 +100,23 @@ class _Run:
     lost: bool = False
     #: set once the worker ended and its outcome is about to be recorded
     ending: bool = False
+
+
+@dataclass
+class _Inbox:
+    """What a run is receiving from its worker: the artefact streaming in, the adapter archive filling up."""
+
+    project: str
+    streams: Receiver = field(default_factory=Receiver)
+    #: the adapter's files, encrypted into storage as they arrive; published on success, else discarded
+    archive: AdapterArchive | None = None
+
+    def discard(self) -> None:
+        """Abort whatever was not stored: the open stream's blob and an unpublished adapter."""
+        self.streams.abandon()
+        if self.archive is not None:
+            self.archive.abort()
+            self.archive = None
 
 
 class Scheduler:
@@ -286,7 +312,7 @@ class Scheduler:
                 run.worker.kill()
 
     # -- one run ------------------------------------------------------------
-    def _start_message(self, job_id: str) -> tuple[dict[str, Any], bytes]:
+    def _start_message(self, job_id: str) -> tuple[dict[str, Any], Opener | None]:
         with self.db.read() as s:
             job = s.get(FineTuningJob, job_id)
             project = project_by_id(s, job.project_id)
@@ -295,7 +321,8 @@ class Scheduler:
                 ("train", job.training_file), ("validation", job.validation_file)) if fid])
             checkpoint = s.scalar(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)
                                   .order_by(JobCheckpoint.step_number.desc()).limit(1))
-            resume = b"".join(self.blobs.read(s, checkpoint.object_id)) if checkpoint else b""
+            # Decrypted chunk by chunk as it streams to the worker (once per Ray rank).
+            resume = self.blobs.opener(s, checkpoint.object_id) if checkpoint else None
             memorization = dict(job.memorization or {})
             if memorization.get("extraction_probe") and base.kind == "llm":
                 memorization["probe_targets"] = self.files.allowed_findings(
@@ -334,29 +361,46 @@ class Scheduler:
             return None
         return job
 
-    def _supervise(self, run: _Run, start: dict[str, Any], resume: bytes) -> None:
+    def _supervise(self, run: _Run, start: dict[str, Any], resume: Opener | None) -> None:
         job_id, worker = run.job_id, run.worker
         outcome: tuple[str, dict[str, Any]] | None = None
-        artefacts: dict[str, bytes] = {}
+        inbox = _Inbox(project=start["project"])
         try:
-            worker.send(start, resume)
-            del start["datasets"]  # drop the data keys from memory as soon as they are sent
+            try:
+                worker.start(start, resume)
+            except OSError:
+                raise  # the worker is gone already: recorded as lost
+            except Exception as exc:  # the checkpoint to resume from cannot be read (shredded, tampered)
+                log.exception("could not start the worker", extra={"job_id": job_id})
+                worker.kill()
+                outcome = ("error", {"code": "worker_start_failed", "param": None,
+                                     "message": f"could not start the worker: {type(exc).__name__}"})
+            del start["datasets"], resume  # drop the data keys from memory as soon as they are sent
             while outcome is None and not run.lost:
-                frame = worker.read(timeout=1.0)
-                if frame is None:
-                    if not worker.alive():
-                        break
-                elif not run.lost:
-                    outcome = self._handle(job_id, frame, artefacts)
+                try:
+                    frame = worker.read(timeout=1.0)
+                    if frame is None:
+                        if not worker.alive():
+                            break
+                    elif not run.lost:
+                        outcome = self._handle(job_id, frame, inbox)
+                except (StreamError, FrameError) as exc:
+                    log.warning("a worker's stream broke", extra={"job_id": job_id, "error": str(exc)[:300]})
+                    worker.kill()  # it no longer speaks the protocol: nothing more it says can be trusted
+                    outcome = ("error", {"code": "transfer_failed", "param": None,
+                                         "message": f"an artefact from the worker did not arrive intact ({exc}); "
+                                                    "nothing of it was stored; resume the job to continue "
+                                                    "from its last checkpoint"})
         except Exception:
             log.exception("supervising the worker failed", extra={"job_id": job_id})
         finally:
             run.ending = True
             worker.reap()
             try:
-                self._finish(run, outcome, artefacts)
+                self._finish(run, outcome, inbox)
             except Exception:
                 log.exception("recording the end of a job failed", extra={"job_id": job_id})
+            inbox.discard()
             worker.cleanup()
             with self._lock:
                 if self._runs.get(job_id) is run:
@@ -364,7 +408,7 @@ class Scheduler:
             self._wake.set()
 
     def _handle(self, job_id: str, frame: tuple[dict[str, Any], bytes],
-                artefacts: dict[str, bytes]) -> tuple[str, dict[str, Any]] | None:
+                inbox: _Inbox) -> tuple[str, dict[str, Any]] | None:
         header, payload = frame
         kind = header.get("type")
         if kind == "event":
@@ -372,66 +416,84 @@ class Scheduler:
                 add_event(s, job_id, str(header.get("message", ""))[:2000], level=header.get("level", "info"),
                           type=header.get("event_type", "message"), data=header.get("data"))
             return None
-        if kind == "checkpoint":
-            self._store_checkpoint(job_id, int(header["step"]), header.get("metrics") or {}, payload)
+        if kind == "chunk":
+            inbox.streams.chunk(payload)
             return None
-        if kind == "artifact":
-            artefacts[str(header["name"])] = payload
+        if kind == "begin":
+            inbox.streams.begin(header, self._artefact_sink(job_id, header, inbox))
             return None
-        if kind == "result_file":
-            self._store_result_file(job_id, str(header["name"]), payload)
+        if kind == "end":
+            incoming = inbox.streams.end(header)
+            try:
+                self._store_artefact(job_id, incoming, inbox)
+            except BaseException:
+                incoming.abort()
+                raise
             return None
         if kind in ("result", "cancelled", "error"):
+            if inbox.streams.abandon() is not None and kind == "result":
+                raise StreamError("the worker reported its result with an artefact still streaming")
             return kind, header
         log.warning("unknown frame from worker", extra={"job_id": job_id, "frame_type": kind})
         return None
 
-    def _store_checkpoint(self, job_id: str, step: int, metrics: dict[str, Any], payload: bytes) -> None:
-        ckpt_id = f"ftckpt-{secrets.token_hex(12)}"
-        with self.db.read() as s:
-            project = project_name(s, s.get(FineTuningJob, job_id).project_id)
-        with self.blobs.writing(ckpt_id, project, "checkpoint") as writer:
-            writer.write(payload)
-            key_row = writer.finish()
+    def _artefact_sink(self, job_id: str, header: dict[str, Any], inbox: _Inbox) -> BlobWriter | AdapterArchive:
+        """Where an artefact beginning to stream in is written, encrypted, as its chunks arrive."""
+        what = header.get("kind")
+        if what == "checkpoint":
+            return self.blobs.create(f"ftckpt-{secrets.token_hex(12)}", inbox.project, "checkpoint")
+        if what == "result_file":
+            return self.blobs.create(new_file_id(), inbox.project, "file")
+        if what == "artifact":
+            if inbox.archive is None:
+                inbox.archive = self.catalog.adapter_archive(job_id, inbox.project)
             try:
-                with self.db.transaction() as s:
-                    s.add(key_row)
-                    s.add(JobCheckpoint(id=ckpt_id, job_id=job_id, step_number=step, object_id=ckpt_id,
-                                        metrics={"step": step, **metrics}))
-                    add_event(s, job_id, f"Checkpoint saved at step {step}", type="checkpoint",
-                              data={"step": step, **metrics})
-            except BaseException:
-                writer.abort()
-                raise
+                inbox.archive.begin(str(header.get("name")), header.get("size"))
+            except ValueError as exc:
+                raise StreamError(str(exc)) from None
+            return inbox.archive
+        raise StreamError(f"the worker began an artefact of unknown kind {what!r}")
 
-    def _store_result_file(self, job_id: str, name: str, payload: bytes) -> None:
+    def _store_artefact(self, job_id: str, incoming: Incoming, inbox: _Inbox) -> None:
+        """Record an artefact that arrived whole (its blob is aborted by the caller if this fails)."""
+        header = incoming.begin
+        if incoming.kind == "artifact":
+            inbox.archive.end()
+        elif incoming.kind == "checkpoint":
+            self._store_checkpoint(job_id, int(header["step"]), header.get("metrics") or {}, incoming.sink)
+        else:
+            self._store_result_file(job_id, str(header.get("name")), incoming)
+
+    def _store_checkpoint(self, job_id: str, step: int, metrics: dict[str, Any], writer: BlobWriter) -> None:
+        key_row = writer.finish()
+        with self.db.transaction() as s:
+            s.add(key_row)
+            s.add(JobCheckpoint(id=writer.object_id, job_id=job_id, step_number=step, object_id=writer.object_id,
+                                metrics={"step": step, **metrics}))
+            add_event(s, job_id, f"Checkpoint saved at step {step}", type="checkpoint",
+                      data={"step": step, **metrics})
+
+    def _store_result_file(self, job_id: str, name: str, incoming: Incoming) -> None:
         """An evaluation grid or validation image: stored encrypted as a file of the job's project."""
         import re
 
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:200] or "result.bin"
-        file_id = new_file_id()
-        with self.db.read() as s:
+        writer: BlobWriter = incoming.sink
+        file_id = writer.object_id
+        key_row = writer.finish()
+        with self.db.transaction() as s:
             job = s.get(FineTuningJob, job_id)
             project = project_name(s, job.project_id)
-        with self.blobs.writing(file_id, project, "file") as writer:
-            writer.write(payload)
-            key_row = writer.finish()
-            try:
-                with self.db.transaction() as s:
-                    job = s.get(FineTuningJob, job_id)
-                    s.add(key_row)
-                    self.files.add_result_file(s, file_id=file_id, project_id=job.project_id,
-                                               filename=f"{job_id}-{safe}", payload=payload,
-                                               created_by=job.created_by, generated_by=job_id)
-                    job.result_files = [*(job.result_files or []), file_id]
-                    add_event(s, job_id, f"Result file {safe} stored as {file_id}", data={"file": file_id})
-                    record(s, SYSTEM, "file.result", resource_type="file", resource_id=file_id, project=project,
-                           details={"job_id": job_id, "name": safe, "bytes": len(payload)})
-            except BaseException:
-                writer.abort()
-                raise
+            s.add(key_row)
+            self.files.add_result_file(s, file_id=file_id, project_id=job.project_id,
+                                       filename=f"{job_id}-{safe}", size=incoming.received, sha256=incoming.sha256,
+                                       created_by=job.created_by, generated_by=job_id)
+            job.result_files = [*(job.result_files or []), file_id]
+            add_event(s, job_id, f"Result file {safe} stored as {file_id}", data={"file": file_id})
+            record(s, SYSTEM, "file.result", resource_type="file", resource_id=file_id, project=project,
+                   details={"job_id": job_id, "name": safe, "bytes": incoming.received})
 
-    def _finish(self, run: _Run, outcome: tuple[str, dict[str, Any]] | None, artefacts: dict[str, bytes]) -> None:
+    def _finish(self, run: _Run, outcome: tuple[str, dict[str, Any]] | None, inbox: _Inbox) -> None:
         job_id, worker = run.job_id, run.worker
         published: str | None = None
         with self.db.transaction() as s:
@@ -445,7 +507,7 @@ class Scheduler:
             job.lease_expires_at = None
             kind, header = outcome if outcome else ("lost", {})
             if kind == "result":
-                published = self._succeed(s, job, header, artefacts)
+                published = self._succeed(s, job, header, inbox.archive or {})
             elif kind == "cancelled" or (kind == "lost" and job.cancel_requested):
                 job.status, job.finished_at, job.resumable = "cancelled", utcnow(), True
                 add_event(s, job.id, "Job cancelled")
@@ -456,18 +518,20 @@ class Scheduler:
                          "param": header.get("param")}
                 if header.get("trace"):
                     log.error("worker failed", extra={"job_id": job_id, "trace": header["trace"]})
-                self._fail(s, job, error, resumable=error["code"] == "worker_error")
+                self._fail(s, job, error, resumable=error["code"] in RESUMABLE_ERRORS)
             else:
                 self._fail(s, job, dict(RESUMABLE_LOST, message=RESUMABLE_LOST["message"] + worker.exit_detail()),
                            resumable=True)
         if published:
+            inbox.archive = None  # published and committed: no longer the run's to discard
             for hook in self.catalog.on_publish:
                 try:
                     hook(published)
                 except Exception:
                     log.exception("adapter publish hook failed", extra={"adapter": published})
 
-    def _succeed(self, s, job: FineTuningJob, header: dict[str, Any], artefacts: dict[str, bytes]) -> str:
+    def _succeed(self, s, job: FineTuningJob, header: dict[str, Any],
+                 artefacts: AdapterArchive | dict[str, bytes]) -> str:
         adapter_id = self.catalog.publish_from_job(
             s, SYSTEM, job_id=job.id, project_id=job.project_id, base_model=job.model, method=job.method_type,
             suffix=job.suffix, trained_by=job.created_by,

@@ -33,7 +33,7 @@ def run_task(channel: Channel, start: dict[str, Any], datasets: dict[str, Any], 
                       type="metrics" if event.type in ("train", "validation") else "message", data=data)
 
     def on_checkpoint(step: int, state: bytes) -> None:
-        channel.send({"type": "checkpoint", "step": step, "metrics": {}}, state)
+        channel.send_artefact({"kind": "checkpoint", "step": step, "metrics": {}}, state)
         last_checkpoint[0] = time.monotonic()
 
     memorization = start.get("memorization") or {}
@@ -53,7 +53,7 @@ def run_task(channel: Channel, start: dict[str, Any], datasets: dict[str, Any], 
         channel.send({"type": "cancelled", "step": result.metrics.steps})
         return
     for name, data in sorted(result.adapter.items()):
-        channel.send({"type": "artifact", "name": name}, data)
+        channel.send_artefact({"kind": "artifact", "name": name}, data)
     channel.send({
         "type": "result", "metrics": result.metrics.to_dict(), "trained_tokens": result.metrics.trained_tokens,
         "resolved": result.hyperparameters.to_dict(), "details": result.details, "privacy": result.privacy,
@@ -84,10 +84,10 @@ def run_image_task(channel: Channel, start: dict[str, Any], datasets: dict[str, 
         channel.event(event.message or f"Step {event.step}/{event.total_steps}", level=level,
                       type="metrics" if event.type == "train" else "message", data=data)
         for name, png in sorted((event.images or {}).items()):
-            channel.send({"type": "result_file", "name": name}, png)
+            channel.send_artefact({"kind": "result_file", "name": name}, png)
 
     def on_checkpoint(step: int, state: bytes) -> None:
-        channel.send({"type": "checkpoint", "step": step, "metrics": {}}, state)
+        channel.send_artefact({"kind": "checkpoint", "step": step, "metrics": {}}, state)
 
     result = train_images(spec, Path(start["model_dir"]), datasets["train"], on_event=on_event,
                           on_checkpoint=on_checkpoint, should_stop=channel.stop.is_set, resume_from=resume)
@@ -95,8 +95,8 @@ def run_image_task(channel: Channel, start: dict[str, Any], datasets: dict[str, 
         channel.send({"type": "cancelled", "step": result.metrics.steps})
         return
     for name, data in sorted(result.images.items()):
-        channel.send({"type": "result_file", "name": name}, data)
+        channel.send_artefact({"kind": "result_file", "name": name}, data)
     for name, data in sorted(result.artifacts.items()):
-        channel.send({"type": "artifact", "name": name}, data)
+        channel.send_artefact({"kind": "artifact", "name": name}, data)
     channel.send({"type": "result", "metrics": result.metrics.to_dict(), "trained_tokens": None,
                   "resolved": result.hyperparameters.to_dict(), "details": result.details})

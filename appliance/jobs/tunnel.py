@@ -19,7 +19,12 @@ Handshake (``W`` worker, ``C`` control plane)::
     C -> W  start      sealed with k_cw: the job and its data keys, as on the pipe
 
 A sealed frame is ``len (4 bytes) | AES-GCM(key, nonce = frame counter, wire frame)``;
-each direction counts its own frames from 0, so keys are never reused with a nonce.
+each direction counts its own frames from 0, so keys are never reused with a nonce,
+and a frame dropped, repeated or moved within a long stream of chunks fails to
+open. Frames are bounded (:data:`appliance.jobs.wire.MAX_FRAME`), so a large
+artefact crosses as many sealed chunks (:mod:`appliance.jobs.streams`) and
+neither end holds more than one frame of it; a length prefix over the bound
+ends the connection before anything is buffered.
 """
 
 from __future__ import annotations
@@ -44,7 +49,9 @@ TICKET_ENV = "APPLIANCE_TUNNEL_TICKET"
 _NONCE_BYTES = 16
 _LEN = struct.Struct(">I")
 _MAX_PLAIN = 4096  # hello and challenge are tiny: a stranger cannot make us buffer much
-MAX_SEALED = 2**31 - 1  # AES-GCM's limit in `cryptography`
+_TAG_BYTES = 16
+#: The largest sealed frame: one wire frame and its tag (far below AES-GCM's 2**31-1 in `cryptography`).
+MAX_SEALED = wire.MAX_FRAME + _TAG_BYTES
 HANDSHAKE_TIMEOUT_S = 15.0
 
 Frame = tuple[dict[str, Any], bytes]
@@ -69,7 +76,7 @@ class Tunnel:
 
     def write(self, header: dict[str, Any], payload: bytes = b"") -> None:
         """Seal and send one frame (blocking); OSError when the peer has gone."""
-        body = wire.encode(header, payload)
+        body = wire.encode_prefix(header, len(payload)) + payload
         with self._write_lock:
             sealed = self._seal.encrypt(self._sent.to_bytes(12, "big"), body, None)
             self._sent += 1
@@ -82,7 +89,7 @@ class Tunnel:
             return None
         (size,) = _LEN.unpack(head)
         if size > MAX_SEALED:
-            raise TunnelError(f"frame of {size} bytes is over the limit")
+            raise TunnelError(f"a sealed frame of {size} bytes was announced; the limit is {MAX_SEALED}")
         sealed = _recv_exact(self.sock, size)
         if sealed is None:
             return None

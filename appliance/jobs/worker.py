@@ -2,8 +2,9 @@
 
 Started by :mod:`appliance.jobs.sandbox` with no network, a scrubbed
 environment and a private temp dir. It receives the job and its datasets'
-data keys on ``IN_FD``, decrypts the datasets in memory, trains, and sends
-events, checkpoints and the adapter back on ``OUT_FD``. It writes nothing of
+data keys on ``IN_FD`` (and the checkpoint to resume from, streamed after
+them: :mod:`appliance.jobs.streams`), decrypts the datasets in memory, trains, and sends
+events, and checkpoints and the adapter as chunked streams, back on ``OUT_FD``. It writes nothing of
 the data to disk. If the scheduler goes away (its pipe closes), it exits.
 
 Under the Ray executor the Ray job's entrypoint is :mod:`appliance.jobs.ray_worker`: each rank then
@@ -78,8 +79,10 @@ def serve(channel: Channel) -> int:
     if frame is None or frame[0].get("type") != "start":
         return 2
     start, resume = frame
-    threading.Thread(target=channel.watch_control, daemon=True).start()
     try:
+        if start.get("resume_stream"):
+            resume = channel.receive_resume()  # before the control watcher starts reading the same link
+        threading.Thread(target=channel.watch_control, daemon=True).start()
         run(channel, start, resume)
     except ApplianceError as exc:
         channel.send({"type": "error", "code": exc.code, "message": exc.message, "param": exc.param})

@@ -16,7 +16,7 @@ import fcntl
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -175,6 +175,14 @@ class BlobStore:
 
     def read(self, session: Session, object_id: str) -> Iterator[bytes]:
         """Decrypt an object segment by segment (raises IntegrityError on tampering)."""
+        return self.opener(session, object_id)()
+
+    def opener(self, session: Session, object_id: str) -> Callable[[], Iterator[bytes]]:
+        """A function that decrypts the object segment by segment each time it is called.
+
+        The key is looked up now (NotFoundError if the object is gone), so the
+        reads may come later, outside ``session``, and more than once.
+        """
         data_key, project = self.data_key(session, object_id)
         context = blob_context(object_id, project)
         path = self.path_of(object_id)
@@ -183,7 +191,7 @@ class BlobStore:
             with open(path, "rb") as fh:
                 yield from decrypt_stream(data_key, context, fh)
 
-        return generate()
+        return generate
 
     def derive_secret(self, session: Session, object_id: str, purpose: str) -> bytes:
         """:meth:`BlobWriter.derive_secret` of a stored object."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from appliance.jobs.executors.local import LocalExecutor, LocalWorker
+from appliance.jobs.streams import Opener
 from appliance.settings import JobSettings
 
 Frame = tuple[dict[str, Any], bytes]
@@ -28,8 +29,11 @@ Frame = tuple[dict[str, Any], bytes]
 class Worker(Protocol):
     """One launched run of one job, as the scheduler sees it."""
 
+    def start(self, header: dict[str, Any], resume: Opener | None = None) -> None:
+        """Deliver the start frame, then stream the checkpoint ``resume`` opens, if any; OSError when it cannot."""
+
     def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
-        """Deliver a frame (the start frame first, later ``stop``); OSError when it cannot."""
+        """Deliver a control frame (``stop``); OSError when it cannot."""
 
     def read(self, timeout: float) -> Frame | None:
         """The next frame the worker sent, or ``None`` after ``timeout`` seconds."""

@@ -8,6 +8,12 @@ keys are dropped from memory as soon as every rank has them. Rank 0 reports
 (events, checkpoints, artefacts, the result); other ranks may only report an
 error. A second connection for a rank already served means the ticket leaked:
 the session refuses it and fails the job.
+
+Frames from the ranks wait in a bounded queue: when the scheduler falls behind
+(a checkpoint streaming in faster than it is encrypted to disk) the pump stops
+reading, TCP pushes back on the worker, and the control plane's memory stays
+bounded. A checkpoint to resume from is streamed to each rank after its start
+frame (:mod:`appliance.jobs.streams`), decrypted from storage chunk by chunk.
 """
 
 from __future__ import annotations
@@ -18,12 +24,15 @@ import socket
 import threading
 from typing import Any
 
-from appliance.jobs import tunnel
+from appliance.jobs import streams, tunnel
 from appliance.settings import parse_host_port
 
 log = logging.getLogger("appliance.jobs.gateway")
 
 START_WAIT_S = 60.0
+#: Frames (each at most a chunk) waiting for the scheduler before the pump stops reading.
+QUEUED_FRAMES = 16
+_PUT_POLL_S = 0.5
 Frame = tuple[dict[str, Any], bytes]
 
 
@@ -33,8 +42,8 @@ class Session:
     def __init__(self, job_id: str, ranks: int) -> None:
         self.job_id, self.ranks = job_id, ranks
         self.ticket = tunnel.new_ticket()
-        self.frames: queue.Queue[Frame] = queue.Queue()
-        self._start: Frame | None = None
+        self.frames: queue.Queue[Frame] = queue.Queue(maxsize=QUEUED_FRAMES)
+        self._start: tuple[dict[str, Any], streams.Opener | None] | None = None
         self._start_offered = threading.Event()
         self._tunnels: dict[int, tunnel.Tunnel] = {}
         self._open: set[int] = set()
@@ -43,12 +52,27 @@ class Session:
         self.closed = False
 
     # -- the scheduler's side -------------------------------------------------
-    def offer_start(self, header: dict[str, Any], payload: bytes) -> None:
-        """Hold the start frame for the ranks (a copy: the caller drops its data keys at once)."""
+    def offer_start(self, header: dict[str, Any], resume: streams.Opener | None = None) -> None:
+        """Hold the start frame for the ranks (a copy: the caller drops its data keys at once).
+
+        Args:
+            header: The start frame.
+            resume: Opens the checkpoint to resume from, streamed to each rank after the start frame.
+        """
         with self._lock:
             if not self.closed:
-                self._start = (dict(header), payload)
+                self._start = (dict(header, resume_stream=resume is not None), resume)
         self._start_offered.set()
+
+    def deliver(self, frame: Frame) -> bool:
+        """Queue a frame for the scheduler, waiting while the queue is full; False once the session closed."""
+        while not self.closed:
+            try:
+                self.frames.put(frame, timeout=_PUT_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def broadcast(self, header: dict[str, Any]) -> None:
         """Send a control frame (``stop``) to every connected rank."""
@@ -83,14 +107,14 @@ class Session:
         with self._lock:
             if self.closed or not 0 <= rank < self.ranks:
                 return None
-            if rank in self._tunnels:
-                # A valid ticket a second time: someone else holds it. Fail the job rather than race.
-                self.frames.put(({"type": "error", "code": "worker_auth_failed", "param": None,
-                                  "message": f"a second worker presented this launch's ticket for rank {rank}, so "
-                                             "the ticket leaked: the job was stopped; check who can read the Ray "
-                                             "cluster's job details"}, b""))
-                return None
-            return self.ticket
+            if rank not in self._tunnels:
+                return self.ticket
+        # A valid ticket a second time: someone else holds it. Fail the job rather than race.
+        self.deliver(({"type": "error", "code": "worker_auth_failed", "param": None,
+                       "message": f"a second worker presented this launch's ticket for rank {rank}, so "
+                                  "the ticket leaked: the job was stopped; check who can read the Ray "
+                                  "cluster's job details"}, b""))
+        return None
 
     def serve(self, rank: int, conn: tunnel.Tunnel) -> None:
         """Give an authenticated rank its start frame, then pump its frames into :attr:`frames`."""
@@ -109,12 +133,22 @@ class Session:
                     self._start = None  # every rank has its copy: no data key stays here
             if start is None:
                 return
-            conn.write(*start)
+            header, resume = start
             del start
+            conn.write(header)
+            del header
+            if resume is not None:
+                streams.send(conn.write, {"kind": "resume"}, resume())
+                del resume
             self._pump(rank, conn)
         except (OSError, tunnel.TunnelError) as exc:
             log.warning("worker connection ended", extra={"job_id": self.job_id, "rank": rank,
                                                            "error": type(exc).__name__})
+        except Exception:  # the resume checkpoint could not be read (shredded, tampered): the run cannot start
+            log.exception("streaming the resume checkpoint to a worker failed",
+                          extra={"job_id": self.job_id, "rank": rank})
+            self.deliver(({"type": "error", "code": "worker_error", "param": None,
+                           "message": f"the checkpoint to resume from could not be sent to rank {rank}"}, b""))
         finally:
             conn.close()
             with self._lock:
@@ -122,8 +156,8 @@ class Session:
 
     def _pump(self, rank: int, conn: tunnel.Tunnel) -> None:
         while (frame := conn.read()) is not None:
-            if rank == 0 or frame[0].get("type") == "error":
-                self.frames.put(frame)
+            if (rank == 0 or frame[0].get("type") == "error") and not self.deliver(frame):
+                return
 
 
 class WorkerGateway:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from appliance.jobs import streams
 from appliance.jobs.sandbox import SandboxedProcess, WorkerLimits, spawn
 from appliance.jobs.wire import FrameReader, write_frame
 
@@ -18,9 +20,16 @@ class LocalWorker:
         self.process = process
         self.proc = process.proc  # tests and operators signal the worker's process group by this pid
         self._reader = FrameReader(process.from_child)
+        self._write_lock = threading.Lock()  # a stop may be sent while the resume checkpoint streams
 
-    def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
-        write_frame(self.process.to_child, header, payload)
+    def start(self, header: dict[str, Any], resume: streams.Opener | None = None) -> None:
+        self.send(dict(header, resume_stream=resume is not None))
+        if resume is not None:
+            streams.send(self.send, {"kind": "resume"}, resume())
+
+    def send(self, header: dict[str, Any], payload: bytes | memoryview = b"") -> None:
+        with self._write_lock:
+            write_frame(self.process.to_child, header, payload)
 
     def read(self, timeout: float) -> tuple[dict[str, Any], bytes] | None:
         return self._reader.read(timeout=timeout)

@@ -34,6 +34,7 @@ from typing import Any
 
 from appliance.errors import SettingsError
 from appliance.jobs.executors.gateway import Session, WorkerGateway
+from appliance.jobs.streams import Opener
 from appliance.jobs.tunnel import TICKET_ENV
 from appliance.jobs.sandbox import OFFLINE_ENV
 from appliance.settings import JobSettings
@@ -90,7 +91,7 @@ class RayExecutor:
         except BaseException:
             self.gateway.close_session(session)
             raise
-        session.frames.put(({"type": "event", "level": "info", "event_type": "message",
+        session.deliver(({"type": "event", "level": "info", "event_type": "message",
                              "message": f"Submitted to Ray as {submission_id} with {workers} worker(s)",
                              "data": {"ray_submission_id": submission_id, "workers": workers}}, b""))
         return RayWorker(self, session, submission_id)
@@ -117,9 +118,14 @@ class RayWorker:
         self._lost: str | None = None
         self._hung_up_at: float | None = None
 
+    def start(self, header: dict[str, Any], resume: Opener | None = None) -> None:
+        self.session.offer_start({**header, "executor": "ray"}, resume)
+
     def send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        if payload:
+            raise ValueError("frames to Ray ranks carry no payload; stream artefacts (appliance.jobs.streams)")
         if header.get("type") == "start":
-            self.session.offer_start({**header, "executor": "ray"}, payload)
+            self.start(header)
         else:
             self.session.broadcast(header)
 

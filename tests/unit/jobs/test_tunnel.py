@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from appliance.jobs import tunnel
+from appliance.jobs import streams, tunnel
 from appliance.jobs.executors.gateway import WorkerGateway
 from tests.timing import scaled
 
@@ -46,17 +46,20 @@ def _relay(target: tuple[str, int], captured: bytearray) -> tuple[str, int]:
 
 def test_a_rank_with_the_ticket_gets_the_start_frame_encrypted_and_reports_back(gateway):
     session = gateway.open_session("ftjob-1", ranks=1)
-    session.offer_start(START, b"resume-bytes")
+    session.offer_start(START, lambda: [b"resume-", b"bytes"])
     captured = bytearray()
     conn = tunnel.connect(_relay(gateway.address, captured), job_id="ftjob-1", rank=0, ticket=session.ticket)
     header, payload = conn.read()
-    assert header == START and payload == b"resume-bytes"
+    assert header == {**START, "resume_stream": True} and payload == b""
+    resume = streams.Buffer()
+    streams.receive(conn.read, resume, kind="resume")  # the checkpoint to resume from follows, streamed
+    assert resume == b"resume-bytes"
     conn.write({"type": "event", "message": "hello"})
     assert session.frames.get(timeout=scaled(5))[0]["message"] == "hello"
     session.broadcast({"type": "stop"})
     assert conn.read()[0] == {"type": "stop"}
-    conn.write({"type": "artifact", "name": "adapter"}, b"weights")
-    assert session.frames.get(timeout=scaled(5)) == ({"type": "artifact", "name": "adapter"}, b"weights")
+    conn.write({"type": "chunk"}, b"weights")
+    assert session.frames.get(timeout=scaled(5)) == ({"type": "chunk"}, b"weights")
     conn.close()
     # Neither the data key nor the ticket crossed the network in the clear.
     wire_bytes = bytes(captured)
@@ -67,22 +70,22 @@ def test_a_rank_with_the_ticket_gets_the_start_frame_encrypted_and_reports_back(
 
 def test_a_wrong_ticket_gets_nothing_and_the_right_one_still_works(gateway):
     session = gateway.open_session("ftjob-1", ranks=1)
-    session.offer_start(START, b"")
+    session.offer_start(START)
     impostor = tunnel.connect(gateway.address, job_id="ftjob-1", rank=0, ticket=tunnel.new_ticket())
     assert impostor.read() is None  # the gateway hung up without sending a byte
     for job_id, rank in (("ftjob-other", 0), ("ftjob-1", 1)):  # another job, a rank the launch does not have
         with pytest.raises(tunnel.TunnelError):
             tunnel.connect(gateway.address, job_id=job_id, rank=rank, ticket=session.ticket)
     conn = tunnel.connect(gateway.address, job_id="ftjob-1", rank=0, ticket=session.ticket)
-    assert conn.read()[0] == START
+    assert conn.read()[0] == {**START, "resume_stream": False}
     assert session.frames.empty()
 
 
 def test_a_ticket_presented_twice_for_a_rank_fails_the_job(gateway):
     session = gateway.open_session("ftjob-1", ranks=2)
-    session.offer_start(START, b"")
+    session.offer_start(START)
     first = tunnel.connect(gateway.address, job_id="ftjob-1", rank=0, ticket=session.ticket)
-    assert first.read()[0] == START
+    assert first.read()[0]["job_id"] == "ftjob-1"
     with pytest.raises(tunnel.TunnelError):
         tunnel.connect(gateway.address, job_id="ftjob-1", rank=0, ticket=session.ticket)
     header, _ = session.frames.get(timeout=scaled(5))
@@ -92,8 +95,8 @@ def test_a_ticket_presented_twice_for_a_rank_fails_the_job(gateway):
 def test_every_rank_gets_the_start_frame_once_then_the_keys_are_dropped(gateway):
     session = gateway.open_session("ftjob-1", ranks=2)
     ranks = [tunnel.connect(gateway.address, job_id="ftjob-1", rank=r, ticket=session.ticket) for r in (0, 1)]
-    session.offer_start(START, b"")
-    assert [c.read()[0] for c in ranks] == [START, START]
+    session.offer_start(START)
+    assert [c.read()[0] for c in ranks] == [{**START, "resume_stream": False}] * 2
     assert session.all_connected() and session._start is None  # noqa: SLF001 - the keys are gone
     ranks[1].write({"type": "event", "message": "rank 1 is quiet"})  # only rank 0 reports...
     ranks[1].write({"type": "error", "code": "worker_error", "message": "boom"})  # ...but any rank may fail
@@ -104,7 +107,7 @@ def test_every_rank_gets_the_start_frame_once_then_the_keys_are_dropped(gateway)
 
 def test_a_tampered_frame_ends_the_tunnel(gateway):
     session = gateway.open_session("ftjob-1", ranks=1)
-    session.offer_start(START, b"")
+    session.offer_start(START)
     conn = tunnel.connect(gateway.address, job_id="ftjob-1", rank=0, ticket=session.ticket)
     conn.read()
     sealed = conn._seal.encrypt(conn._sent.to_bytes(12, "big"), b"x" * 40, None)  # noqa: SLF001
@@ -112,3 +115,74 @@ def test_a_tampered_frame_ends_the_tunnel(gateway):
     conn.sock.sendall(len(flipped).to_bytes(4, "big") + flipped)
     assert conn.read() is None  # the gateway dropped the connection
     assert session.frames.empty()
+
+
+def test_a_long_chunk_stream_crosses_in_order_and_a_replayed_or_dropped_chunk_ends_the_tunnel(gateway):
+    """Each chunk is its own sealed frame under the per-direction counter: a big artefact is many frames, and
+    replaying or dropping one of them mid-stream breaks authentication, not the artefact silently."""
+    session = gateway.open_session("ftjob-1", ranks=1)
+    session.offer_start(START)
+    conn = tunnel.connect(gateway.address, job_id="ftjob-1", rank=0, ticket=session.ticket)
+    conn.read()
+    data = os.urandom(300 * 1024)
+    sealed: list[bytes] = []
+    real_sock = conn.sock
+
+    class Recorder:
+        def sendall(self, frame: bytes) -> None:
+            sealed.append(frame)
+            real_sock.sendall(frame)
+
+        def __getattr__(self, name):
+            return getattr(real_sock, name)
+
+    conn.sock = Recorder()
+    threading.Thread(target=streams.send, args=(conn.write, {"kind": "checkpoint", "step": 1}, data),
+                     kwargs={"chunk_bytes": 1024}, daemon=True).start()
+    out = streams.Buffer()
+    incoming = streams.receive(lambda: session.frames.get(timeout=scaled(5)), out, kind="checkpoint")
+    assert out == data and incoming.received == len(data) and len(sealed) == 302  # begin, 300 chunks, end
+    real_sock.sendall(sealed[150])  # a chunk frame replayed: its counter is long past
+    assert conn.read() is None and session.frames.empty()
+
+    session = gateway.open_session("ftjob-2", ranks=1)
+    session.offer_start({**START, "job_id": "ftjob-2"})
+    conn = tunnel.connect(gateway.address, job_id="ftjob-2", rank=0, ticket=session.ticket)
+    conn.read()
+    conn.write({"type": "chunk"}, b"first")
+    conn._sent += 1  # noqa: SLF001 - a frame dropped on the way: the next one is sealed under the wrong counter
+    conn.write({"type": "chunk"}, b"third")
+    assert session.frames.get(timeout=scaled(5)) == ({"type": "chunk"}, b"first")
+    assert conn.read() is None and session.frames.empty()
+
+
+def test_a_sealed_frame_announced_over_the_bound_ends_the_tunnel_before_buffering(gateway):
+    session = gateway.open_session("ftjob-1", ranks=1)
+    session.offer_start(START)
+    conn = tunnel.connect(gateway.address, job_id="ftjob-1", rank=0, ticket=session.ticket)
+    conn.read()
+    conn.sock.sendall((tunnel.MAX_SEALED + 1).to_bytes(4, "big"))
+    assert conn.read() is None and session.frames.empty()
+
+
+def test_a_rank_streaming_faster_than_the_scheduler_reads_is_held_back_not_buffered(gateway):
+    """The session's queue is bounded: the pump stops reading and TCP pushes back on the worker."""
+    from appliance.jobs.executors.gateway import QUEUED_FRAMES
+
+    session = gateway.open_session("ftjob-1", ranks=1)
+    session.offer_start(START)
+    conn = tunnel.connect(gateway.address, job_id="ftjob-1", rank=0, ticket=session.ticket)
+    conn.read()
+    chunk = os.urandom(streams.CHUNK_BYTES)
+    sent = threading.Event()
+
+    def flood():
+        for i in range(64):
+            conn.write({"type": "chunk", "i": i}, chunk)
+        sent.set()
+
+    threading.Thread(target=flood, daemon=True).start()
+    assert not sent.wait(scaled(1.5))  # 64 MiB cannot all be in flight: the writer is held back
+    assert session.frames.qsize() == QUEUED_FRAMES
+    received = [session.frames.get(timeout=scaled(5))[0]["i"] for _ in range(64)]
+    assert received == list(range(64)) and sent.wait(scaled(5))
