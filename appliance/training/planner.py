@@ -264,8 +264,14 @@ def _weights(shape: ModelShape, job: JobShape, b: int) -> int:
     return shape.n_params * b
 
 
-def _layer_activation_bytes(shape: ModelShape, job: JobShape, b: int) -> int:
-    """Bytes autograd keeps per token for one decoder layer (no checkpointing)."""
+def _layer_activation_bytes(shape: ModelShape, job: JobShape, b: int, device_kind: str = "cuda") -> int:
+    """Bytes autograd keeps per token for one decoder layer (no checkpointing).
+
+    Checked tensor by tensor with ``torch.autograd.graph.saved_tensors_hooks`` on the demo model
+    (bench/memory_plan.py's notes in bench/RESULTS.md): dropout keeps its mask as a bool on CUDA
+    and in the input's dtype (fp32 for LoRA's paths) on a CPU.
+    """
+    mask = 1 if device_kind == "cuda" else 4
     h, a, g, i = shape.hidden_size, shape.attn_width, shape.kv_width, shape.intermediate_size
     experts = shape.experts_per_token
     total = 2 * 4 * h  # two RMSNorms keep their input in fp32
@@ -278,7 +284,7 @@ def _layer_activation_bytes(shape: ModelShape, job: JobShape, b: int) -> int:
         mlp = name in ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "w1", "w2", "w3")
         copies = experts if mlp else 1
         if dropout:
-            total += d_in * (4 + 1) * copies  # the dropped-out fp32 input and its mask
+            total += d_in * (4 + mask) * copies  # the dropped-out fp32 input and its mask
         else:
             inputs[_input_of(name)] = d_in * 4 * copies  # shared by the projections reading one tensor
         total += 2 * job.rank * 4 * copies  # lora_A's output, kept for lora_B
@@ -305,7 +311,7 @@ def estimate(shape: ModelShape, job: JobShape, device_kind: str, *, examples_per
     adapter = lora * ADAPTER_BYTES_PER_PARAM
     if job.dp:  # Opacus: one gradient per example, and their clipped sum
         adapter += 2 * examples_per_micro_batch * lora * 4
-    per_layer = _layer_activation_bytes(shape, job, b)
+    per_layer = _layer_activation_bytes(shape, job, b, device_kind)
     if checkpointing:
         activations = tokens * (shape.num_layers * b * h + per_layer)
     else:
