@@ -71,13 +71,16 @@ def prepare(kind: str, dest: Path) -> Path:
 
 def measure(model_dir: Path, method: str, seq: int, examples: int, checkpointing: bool | None) -> dict:
     """Run in this process: two steps of one packed micro-batch; the peak beside the prediction."""
-    import torch  # noqa: F401  (imported before the baseline: the runtime is not the job's memory)
+    import torch
     import transformers  # noqa: F401
     from peft import PeftModel  # noqa: F401
 
     from appliance.training import planner
     from appliance.training.data import Example
-    from appliance.training.hyperparameters import LoraHyperparameters, QloraHyperparameters
+    from appliance.training.hyperparameters import (
+        LoraHyperparameters,
+        QloraHyperparameters,
+    )
     from appliance.training.memory import bound_malloc_cache
     from appliance.training.packing import pack, packed_loss_sum
     from appliance.training.registry import get_recipe
@@ -138,7 +141,7 @@ def run_case(model_dir: Path, method: str, seq: int, examples: int, checkpointin
     if checkpointing is not None:
         cmd += ["--checkpointing", "on" if checkpointing else "off"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"measuring {method} on {model_dir.name} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -153,11 +156,11 @@ CASES = [  # (model, method, seq, examples)
 
 def render(rows: list[dict], when: str) -> str:
     lines = [f"## `bench/memory_plan.py` — {when}", "",
-             "Predicted peak (the planner, `appliance/training/planner.py`) beside the measured one (peak resident "
+             ("Predicted peak (the planner, `appliance/training/planner.py`) beside the measured one (peak resident "
              "set less the process before loading the model), CPU, fp32, LoRA/QLoRA rank 16 on all 7 projections, "
-             "dropout 0.05, two AdamW steps over one packed micro-batch. Target: within 20 %.", "",
-             "| model | params | method | tokens (examples x length) | checkpointing | predicted MiB | measured MiB "
-             "| measured / predicted |", "|---|---|---|---|---|---|---|---|"]
+             "dropout 0.05, two AdamW steps over one packed micro-batch. Target: within 20 %."), "",
+             ("| model | params | method | tokens (examples x length) | checkpointing | predicted MiB | measured MiB "
+             "| measured / predicted |"), "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.0f}M | {r['method']} | {r['tokens']} ({r['examples']} x "
                      f"{r['seq']}) | {'on' if r['checkpointing'] else 'off'} | {r['predicted_bytes'] / 2**20:.0f} | "
@@ -189,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"{kind:9} {method:5} {row['tokens']:6} tokens: predicted {row['predicted_bytes'] / 2**20:7.0f} MiB, "
               f"measured {row['measured_bytes'] / 2**20:7.0f} MiB, ratio {row['ratio']:.2f}", flush=True)
-    text = render(rows, dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    text = render(rows, dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"))
     print(text)
     if args.results:
         with open(args.results, "a") as f:

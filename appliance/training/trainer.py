@@ -43,11 +43,10 @@ from appliance.trainkit.device import pick_device
 from appliance.trainkit.errors import Cancelled, TrainingDivergedError, check_finite_loss, require_positive_int
 from appliance.trainkit.events import ProgressWindow
 from appliance.training import checkpoint as ckpt
-from appliance.training import distributed
+from appliance.training import distributed, planner
 from appliance.training.data import Example, fingerprint, split_validation, tokenize_records
 from appliance.training.hyperparameters import AUTO, TrainingSpec, resolve
 from appliance.training.memorization import ProbeTarget, canary_exposure, canary_records, extraction_probe
-from appliance.training import planner
 from appliance.training.memory import available_memory, bound_malloc_cache, peak_resident, peak_resident_reset
 from appliance.training.packing import pack, packed_loss_sum
 from appliance.training.protocol import Setup

@@ -19,7 +19,14 @@ import pytest
 
 from appliance.errors import InvalidRequestError
 from appliance.training import planner
-from appliance.training.planner import GIB, Device, JobShape, ModelShape, estimate, plan, refuse
+from appliance.training.planner import (
+    Device,
+    JobShape,
+    ModelShape,
+    estimate,
+    plan,
+    refuse,
+)
 
 LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
              "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
@@ -61,7 +68,7 @@ def test_llama3_8b_lora_fits_one_80gb_gpu_with_checkpointing_for_large_micro_bat
     chosen = plan(s, job, gpu(80, "H100 80GB"))
     assert chosen is not None and chosen.estimate.total <= gpu(80).budget
     # 16,384-token micro-batches (the most the trainer packs) need checkpointing on this card ...
-    big = dict(examples_per_micro_batch=8)
+    big = {"examples_per_micro_batch": 8}
     assert estimate(s, job, "cuda", checkpointing=False, **big).total > gpu(80).budget
     assert estimate(s, job, "cuda", checkpointing=True, **big).total < gpu(80).budget
     # ... and a job that asks for them without choosing gets checkpointing from the plan.
