@@ -24,6 +24,15 @@ def gateway():
     gw.close()
 
 
+def _connected(gateway, job_id: str):
+    """A one-rank session whose worker has connected and read its start frame."""
+    session = gateway.open_session(job_id, ranks=1)
+    session.offer_start(START)
+    conn = tunnel.connect(gateway.address, job_id=job_id, rank=0, ticket=session.ticket)
+    conn.read()
+    return session, conn
+
+
 def _relay(target: tuple[str, int], captured: bytearray) -> tuple[str, int]:
     """A TCP relay that records every byte both ways: what an eavesdropper on the network sees."""
     listener = socket.create_server(("127.0.0.1", 0))
@@ -106,10 +115,7 @@ def test_every_rank_gets_the_start_frame_once_then_the_keys_are_dropped(gateway)
 
 
 def test_a_tampered_frame_ends_the_tunnel(gateway):
-    session = gateway.open_session("ftjob-1", ranks=1)
-    session.offer_start(START)
-    conn = tunnel.connect(gateway.address, job_id="ftjob-1", rank=0, ticket=session.ticket)
-    conn.read()
+    session, conn = _connected(gateway, "ftjob-1")
     sealed = conn._seal.encrypt(conn._sent.to_bytes(12, "big"), b"x" * 40, None)  # noqa: SLF001
     flipped = sealed[:-1] + bytes([sealed[-1] ^ 1])
     conn.sock.sendall(len(flipped).to_bytes(4, "big") + flipped)
@@ -120,10 +126,7 @@ def test_a_tampered_frame_ends_the_tunnel(gateway):
 def test_a_long_chunk_stream_crosses_in_order_and_a_replayed_or_dropped_chunk_ends_the_tunnel(gateway):
     """Each chunk is its own sealed frame under the per-direction counter: a big artefact is many frames, and
     replaying or dropping one of them mid-stream breaks authentication, not the artefact silently."""
-    session = gateway.open_session("ftjob-1", ranks=1)
-    session.offer_start(START)
-    conn = tunnel.connect(gateway.address, job_id="ftjob-1", rank=0, ticket=session.ticket)
-    conn.read()
+    session, conn = _connected(gateway, "ftjob-1")
     data = os.urandom(300 * 1024)
     sealed: list[bytes] = []
     real_sock = conn.sock
@@ -157,10 +160,7 @@ def test_a_long_chunk_stream_crosses_in_order_and_a_replayed_or_dropped_chunk_en
 
 
 def test_a_sealed_frame_announced_over_the_bound_ends_the_tunnel_before_buffering(gateway):
-    session = gateway.open_session("ftjob-1", ranks=1)
-    session.offer_start(START)
-    conn = tunnel.connect(gateway.address, job_id="ftjob-1", rank=0, ticket=session.ticket)
-    conn.read()
+    session, conn = _connected(gateway, "ftjob-1")
     conn.sock.sendall((tunnel.MAX_SEALED + 1).to_bytes(4, "big"))
     assert conn.read() is None and session.frames.empty()
 
@@ -169,10 +169,7 @@ def test_a_rank_streaming_faster_than_the_scheduler_reads_is_held_back_not_buffe
     """The session's queue is bounded: the pump stops reading and TCP pushes back on the worker."""
     from appliance.jobs.executors.gateway import QUEUED_FRAMES
 
-    session = gateway.open_session("ftjob-1", ranks=1)
-    session.offer_start(START)
-    conn = tunnel.connect(gateway.address, job_id="ftjob-1", rank=0, ticket=session.ticket)
-    conn.read()
+    session, conn = _connected(gateway, "ftjob-1")
     chunk = os.urandom(streams.CHUNK_BYTES)
     sent = threading.Event()
 
