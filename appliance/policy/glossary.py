@@ -139,7 +139,9 @@ class GlossaryService:
                 return cached
             try:
                 data = b"".join(self.blobs.read(s, row.object_id))
-            except FileNotFoundError as exc:
+            except (FileNotFoundError, NotFoundError) as exc:
+                # SQLite's reader still sees the old key but the file is gone; PostgreSQL's (read committed)
+                # already sees the key shredded.
                 raise _Replaced(row.object_id) from exc
         doc = json.loads(data)
         glossary = Glossary(tuple(GlossaryEntry(**e) for e in doc["entries"]), row.content_hash, row.object_id)
