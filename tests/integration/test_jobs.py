@@ -6,7 +6,10 @@ import json
 import os
 import secrets
 import signal
+import stat
+import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -289,6 +292,7 @@ def test_cancel_stops_a_running_job_within_seconds(client, state, tiny_model, tr
 
 def test_training_leaves_no_plaintext_on_disk(client, state, tiny_model, trainer, owner, tmp_path):
     before = set(Path("/dev/shm").glob("appliance-job-*"))  # other test processes may share the host
+    started = time.time() - 2  # file times may be a tick coarser than the clock
     planted = [f"qvz{secrets.token_hex(6)}" for _ in range(3)]
     train_id = upload(client, owner, [qa(i, planted[i % 3]) for i in range(12)])
     api = api_for(client, trainer)
@@ -296,18 +300,37 @@ def test_training_leaves_no_plaintext_on_disk(client, state, tiny_model, trainer
                                       method={"type": "lora", "lora": {"hyperparameters": hp(n_epochs=1)}})
     job = wait_for(api, job.id)
     assert job.status == "succeeded", job.error
-    roots = [state.settings.home.home, Path("/dev/shm"), Path(os.environ.get("TMPDIR", "/tmp"))]
-    for root in roots:
-        for path in root.rglob("*"):
+    # The whole home; elsewhere, every file written since the upload (the temporary directories also hold
+    # the test run's virtual environments and models, which reading whole would take minutes).
+    roots = [(state.settings.home.home, 0.0), (Path("/dev/shm"), started), (Path("/var/tmp"), started),
+             (Path(tempfile.gettempdir()), started)]
+    scanned = 0
+    for root, since in roots:
+        for path in _files_written_since(root, since):
             try:
-                if not path.is_file() or path.stat().st_size > 50_000_000:
+                if path.stat().st_size > 50_000_000:
                     continue
                 data = path.read_bytes()
             except OSError:
                 continue
+            scanned += 1
             for p in planted:
                 assert p.encode() not in data, f"planted value in plaintext in {path}"
+    assert scanned > 0
     assert not set(Path("/dev/shm").glob("appliance-job-*")) - before, "the worker's tmpfs directory was left"
+
+
+def _files_written_since(root: Path, since: float) -> Iterator[Path]:
+    """Regular files under ``root`` (links not followed) changed at or after ``since``."""
+    for top, _dirs, files in os.walk(root):
+        for name in files:
+            path = Path(top, name)
+            try:
+                st = path.lstat()
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and max(st.st_mtime, st.st_ctime) >= since:
+                yield path
 
 
 def test_server_restart_marks_running_jobs_failed_resumable(state, tiny_model, trainer, owner):
