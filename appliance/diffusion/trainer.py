@@ -38,6 +38,7 @@ from appliance.diffusion.registry import get_recipe
 from appliance.diffusion.results import ImageTrainingEvent, ImageTrainMetrics, ImageTrainResult
 from appliance.errors import InvalidRequestError
 from appliance.trainkit import checkpoint as kit
+from appliance.trainkit.checkpoint import CheckpointOpener
 from appliance.trainkit.device import pick_device
 from appliance.trainkit.errors import Cancelled, check_finite_loss, require_positive_int
 from appliance.trainkit.events import ProgressWindow
@@ -61,6 +62,7 @@ def train_images(
     *,
     on_event: Callable[[ImageTrainingEvent], None] | None = None,
     on_checkpoint: Callable[[int, bytes], None] | None = None,
+    open_checkpoint: CheckpointOpener | None = None,
     should_stop: Callable[[], bool] | None = None,
     resume_from: bytes | None = None,
     device: str = "auto",
@@ -81,6 +83,9 @@ def train_images(
             steps (not at the last step: the result carries the final artefact).
         should_stop: Polled before every step and every sampling batch; when it
             returns true the run stops and returns a ``cancelled`` result.
+        open_checkpoint: Instead of ``on_checkpoint``: called with the step, returns a context manager
+            whose binary file the checkpoint is serialised into as it is written (the worker's stream
+            to the control plane), so a multi-GB DreamBooth checkpoint is never whole in memory.
         resume_from: Bytes from ``on_checkpoint``; the run continues from there and
             ends with the same weights as an uninterrupted run (same spec, data and device).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
@@ -128,6 +133,7 @@ def train_images(
     total_steps = hp.max_train_steps
     fingerprint = _fingerprint(data, prompts)
     resume = ckpt.load_resume(resume_from, spec.method, hp, fingerprint, total_steps)
+    save_checkpoint = ckpt.CHECKPOINT.saver(on_checkpoint, open_checkpoint)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[hp.mixed_precision]
     amp = hp.mixed_precision != "no"
     details: dict[str, Any] = {
@@ -218,11 +224,11 @@ def train_images(
                         images[name] = grid_png([shown])
                         event("validation", state.step, message=f"validation images for {sample_prompt!r}: "
                               f"{_describe(fidelity_proxy(shown, references))}", images={name: images[name]})
-                    if on_checkpoint and hp.checkpoint_every_steps and state.step % hp.checkpoint_every_steps == 0 \
+                    if save_checkpoint and hp.checkpoint_every_steps and state.step % hp.checkpoint_every_steps == 0 \
                             and not last:
                         if not before_png:
                             before_png = _before_grid(references, before_images)
-                        on_checkpoint(state.step, _checkpoint(recipe, models, setup, optimizer, scheduler, scaler,
+                        save_checkpoint(state.step, _checkpoint(recipe, models, setup, optimizer, scheduler, scaler,
                                                               state, spec, hp, fingerprint, before_png))
             state.train_seconds = train_seconds_before + window.elapsed()
             after_images = sampler.sample(sample_prompt, NUM_VALIDATION_IMAGES, hp.resolution, offset=0)
@@ -561,8 +567,8 @@ def _fingerprint(data: ImageDataset, prompts: list[str]) -> str:
 
 
 def _checkpoint(recipe, models: Models, setup: Setup, optimizer, scheduler, scaler, state: _RunState,
-                spec: ImageTrainingSpec, hp: Any, fingerprint: str, before_png: bytes) -> bytes:
-    return ckpt.dump({
+                spec: ImageTrainingSpec, hp: Any, fingerprint: str, before_png: bytes) -> dict[str, Any]:
+    return {
         "method": spec.method,
         "hyperparameters": hp.to_dict(),
         "data_fingerprint": fingerprint,
@@ -578,7 +584,7 @@ def _checkpoint(recipe, models: Models, setup: Setup, optimizer, scheduler, scal
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": kit.capture_rng(),
-    })
+    }
 
 
 def _restore(setup: Setup, optimizer, scheduler, scaler, saved: dict, state: _RunState) -> None:

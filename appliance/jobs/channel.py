@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from appliance.jobs import streams
@@ -62,6 +64,21 @@ class Channel:
         with self._stream_lock:  # one artefact at a time; events may still pass between its chunks
             streams.send(self.send, header, source)
 
+    @contextlib.contextmanager
+    def artefact_writer(self, header: dict[str, Any]) -> Iterator[streams.Writer | _Discard]:
+        """A binary file whose bytes are sent as one artefact as they are written (a checkpoint being saved).
+
+        The stream ends when the block does; if the block raises, no end is sent (the error that
+        follows makes the scheduler discard what arrived). A non-primary rank's bytes go nowhere.
+        """
+        if not self.primary:
+            yield _Discard()
+            return
+        with self._stream_lock:
+            writer = streams.Writer(self.send, header)
+            yield writer
+            writer.close()
+
     def receive_resume(self) -> bytes:
         """Read the checkpoint the scheduler streams after the start frame (before :meth:`watch_control` runs)."""
         buffer = streams.Buffer()
@@ -87,3 +104,13 @@ class Channel:
                 os._exit(3)  # link closed: the server was killed; die with it
             if frame[0].get("type") == "stop":
                 self.stop.set()
+
+
+class _Discard:
+    """Where a non-primary rank's artefacts go: nowhere."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+    def flush(self) -> None:
+        pass

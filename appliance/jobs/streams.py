@@ -112,19 +112,81 @@ def send(write: Callable[[dict[str, Any], bytes | memoryview], None], header: di
     Returns:
         The number of bytes sent.
     """
-    if not 0 < chunk_bytes <= MAX_PAYLOAD:
-        raise ValueError(f"`chunk_bytes` must be in 1..{MAX_PAYLOAD}; got {chunk_bytes}")
-    if "kind" not in header:
-        raise ValueError(f"a stream's begin header needs a `kind`; got {sorted(header)}")
-    write({**header, "type": "begin", "size": source_size(source) if size is None else size}, b"")
-    digest, sent = hashlib.sha256(), 0
+    writer = Writer(write, header, size=source_size(source) if size is None else size, chunk_bytes=chunk_bytes)
     for chunk in chunks(source, chunk_bytes):
-        if len(chunk):
-            digest.update(chunk)
-            sent += len(chunk)
-            write({"type": "chunk"}, chunk)
-    write({"type": "end", "size": sent, "sha256": digest.hexdigest()}, b"")
-    return sent
+        writer.write(chunk)
+    return writer.close()
+
+
+class Writer:
+    """One artefact sent as it is written: a binary file whose bytes leave in chunk frames.
+
+    What produces an artefact by writing to a file (``torch.save``, a zip writer) writes
+    into this instead, so the artefact is never whole in the sender's memory: at most one
+    chunk is held. :meth:`close` sends the rest and the end frame; a writer left unclosed
+    (its producer failed) sends no end, and the receiver discards the stream when the
+    sender's error frame arrives.
+
+    Args:
+        write: Writes one frame (``(header, payload)``).
+        header: The begin frame's fields; ``kind`` names the artefact.
+        size: The size, when known before writing (the receiver holds the sender to it).
+        chunk_bytes: Payload bytes per chunk frame.
+    """
+
+    def __init__(self, write: Callable[[dict[str, Any], bytes | memoryview], None], header: dict[str, Any], *,
+                 size: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> None:
+        if not 0 < chunk_bytes <= MAX_PAYLOAD:
+            raise ValueError(f"`chunk_bytes` must be in 1..{MAX_PAYLOAD}; got {chunk_bytes}")
+        if "kind" not in header:
+            raise ValueError(f"a stream's begin header needs a `kind`; got {sorted(header)}")
+        self._write, self._chunk_bytes = write, chunk_bytes
+        self._pending = bytearray()
+        self._digest = hashlib.sha256()
+        self.sent = 0
+        self.closed = False
+        write({**header, "type": "begin", "size": size}, b"")
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self.closed:
+            raise ValueError("write to a closed artefact stream")
+        view = memoryview(data).cast("B")
+        n = len(view)
+        if self._pending:  # top the pending chunk up first
+            room = self._chunk_bytes - len(self._pending)
+            self._pending += view[:room]
+            view = view[room:]
+            if len(self._pending) < self._chunk_bytes:
+                return n
+            self._send(self._pending)
+            self._pending = bytearray()
+        # Whole chunks straight from the caller's buffer when it is immutable (the link may queue them);
+        # copied when the caller may reuse it.
+        immutable = isinstance(data, bytes) or (isinstance(data, memoryview) and data.readonly)
+        while len(view) >= self._chunk_bytes:
+            piece = view[:self._chunk_bytes]
+            self._send(piece if immutable else bytes(piece))
+            view = view[self._chunk_bytes:]
+        self._pending += view
+        return n
+
+    def flush(self) -> None:
+        """Nothing to do: chunks leave when full, the rest at :meth:`close`."""
+
+    def close(self) -> int:
+        """Send what is pending and the end frame; the number of bytes sent."""
+        if not self.closed:
+            if self._pending:
+                self._send(self._pending)
+                self._pending = bytearray()
+            self._write({"type": "end", "size": self.sent, "sha256": self._digest.hexdigest()}, b"")
+            self.closed = True
+        return self.sent
+
+    def _send(self, chunk: bytes | bytearray | memoryview) -> None:
+        self._digest.update(chunk)
+        self.sent += len(chunk)
+        self._write({"type": "chunk"}, chunk)  # a pending bytearray is replaced, never reused, once sent
 
 
 class Incoming:

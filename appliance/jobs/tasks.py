@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +24,6 @@ def run_task(channel: Channel, start: dict[str, Any], datasets: dict[str, Any], 
     channel.event(f"Training {spec.method} on {len(datasets['train'])} records"
                   + (f", validating on {len(datasets['validation'])}" if "validation" in datasets else
                      " (10% held out for validation)") + _data_parallel_note())
-    last_checkpoint = [time.monotonic()]
 
     def on_event(event) -> None:
         data = {k: v for k, v in event.to_dict().items() if v is not None and k != "message"}
@@ -32,9 +31,9 @@ def run_task(channel: Channel, start: dict[str, Any], datasets: dict[str, Any], 
         channel.event(event.message or f"Step {event.step}/{event.total_steps}", level=level,
                       type="metrics" if event.type in ("train", "validation") else "message", data=data)
 
-    def on_checkpoint(step: int, state: bytes) -> None:
-        channel.send_artefact({"kind": "checkpoint", "step": step, "metrics": {}}, state)
-        last_checkpoint[0] = time.monotonic()
+    def open_checkpoint(step: int) -> contextlib.AbstractContextManager[Any]:
+        # The trainer serialises the checkpoint into the stream as it goes: never whole in memory.
+        return channel.artefact_writer({"kind": "checkpoint", "step": step, "metrics": {}})
 
     memorization = start.get("memorization") or {}
     canaries = memorization.get("canary_texts") or []
@@ -44,7 +43,7 @@ def run_task(channel: Channel, start: dict[str, Any], datasets: dict[str, Any], 
                       "data to measure their exposure after training")
     result = train(
         spec, Path(start["model_dir"]), datasets["train"], datasets.get("validation"),
-        on_event=on_event, on_checkpoint=on_checkpoint, should_stop=channel.stop.is_set,
+        on_event=on_event, open_checkpoint=open_checkpoint, should_stop=channel.stop.is_set,
         resume_from=resume, base_model_name=Path(start["model_dir"]).name,
         canaries=canaries, canary_repetitions=memorization.get("canary_repetitions", 1), probe_targets=probe_targets,
         sharding=(start.get("compute") or {}).get("sharding", "auto"),
@@ -86,11 +85,11 @@ def run_image_task(channel: Channel, start: dict[str, Any], datasets: dict[str, 
         for name, png in sorted((event.images or {}).items()):
             channel.send_artefact({"kind": "result_file", "name": name}, png)
 
-    def on_checkpoint(step: int, state: bytes) -> None:
-        channel.send_artefact({"kind": "checkpoint", "step": step, "metrics": {}}, state)
+    def open_checkpoint(step: int) -> contextlib.AbstractContextManager[Any]:
+        return channel.artefact_writer({"kind": "checkpoint", "step": step, "metrics": {}})
 
     result = train_images(spec, Path(start["model_dir"]), datasets["train"], on_event=on_event,
-                          on_checkpoint=on_checkpoint, should_stop=channel.stop.is_set, resume_from=resume)
+                          open_checkpoint=open_checkpoint, should_stop=channel.stop.is_set, resume_from=resume)
     if result.status == "cancelled":
         channel.send({"type": "cancelled", "step": result.metrics.steps})
         return

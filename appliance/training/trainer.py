@@ -39,6 +39,7 @@ from transformers import AutoConfig, AutoTokenizer, get_linear_schedule_with_war
 from appliance.errors import InvalidRequestError
 from appliance.modelstore.architectures import SUPPORTED_ARCHITECTURES
 from appliance.trainkit import checkpoint as kit
+from appliance.trainkit.checkpoint import CheckpointOpener
 from appliance.trainkit.device import pick_device
 from appliance.trainkit.errors import Cancelled, TrainingDivergedError, check_finite_loss, require_positive_int
 from appliance.trainkit.events import ProgressWindow
@@ -68,6 +69,7 @@ def train(
     *,
     on_event: Callable[[TrainingEvent], None] | None = None,
     on_checkpoint: Callable[[int, bytes], None] | None = None,
+    open_checkpoint: CheckpointOpener | None = None,
     should_stop: Callable[[], bool] | None = None,
     resume_from: bytes | None = None,
     device: str = "auto",
@@ -90,7 +92,10 @@ def train(
             steps, at the last step, and after each validation pass.
         on_checkpoint: Called with ``(step, checkpoint_bytes)`` every
             ``checkpoint_every_steps`` steps (not at the last step: the result
-            carries the final adapter).
+            carries the final adapter). The checkpoint is whole in memory first.
+        open_checkpoint: Instead of ``on_checkpoint``: called with the step, returns a context
+            manager whose binary file the checkpoint is serialised into as it is written (the
+            worker's stream to the control plane), so it is never whole in memory.
         should_stop: Polled before every step and evaluation batch; when it
             returns true the run stops and returns a ``cancelled`` result.
         resume_from: Bytes from ``on_checkpoint``; the run continues from there
@@ -121,9 +126,9 @@ def train(
     """
     model_dir = Path(model_dir)
     torch_device = pick_device(device)
-    ddp, emit, stop, on_checkpoint = _join_data_parallel(
+    ddp, emit, stop, save_checkpoint = _join_data_parallel(
         spec, model_dir, torch_device, sharding, on_event or (lambda event: None), should_stop or (lambda: False),
-        on_checkpoint,
+        ckpt.CHECKPOINT.saver(on_checkpoint, open_checkpoint),
     )
     recipe = get_recipe(spec.method)
     require_positive_int("event_every_steps", event_every_steps)
@@ -155,7 +160,8 @@ def train(
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(hp.seed)
         run = _build(spec, hp, recipe, model_dir, torch_device, ddp, train_set, val_set, total_steps,
-                     steps_per_epoch, data_fingerprint, base_model_name or model_dir.name, event, stop, on_checkpoint)
+                     steps_per_epoch, data_fingerprint, base_model_name or model_dir.name, event, stop,
+                     save_checkpoint)
         run.setup.details["memory"] = {"plan": plan.to_dict()}
         if resident_before is not None:  # loading's page-cache peak is host memory, not the plan's to predict
             peak_resident_reset()
@@ -198,7 +204,7 @@ class _Run:
     base_model_name: str
     event: Callable[..., None]
     stop: Callable[[], bool]
-    on_checkpoint: Callable[[int, bytes], None] | None
+    save_checkpoint: Callable[[int, dict[str, Any]], None] | None  # (step, checkpoint dict)
     state: _RunState = field(default_factory=lambda: _RunState())
 
     def privacy(self) -> dict[str, Any]:
@@ -212,22 +218,22 @@ def _join_data_parallel(
     sharding: str,
     emit: Callable[[TrainingEvent], None],
     stop: Callable[[], bool],
-    on_checkpoint: Callable[[int, bytes], None] | None,
+    save_checkpoint: Callable[[int, dict[str, Any]], None] | None,
 ) -> tuple[distributed.DataParallel | None, Callable[[TrainingEvent], None], Callable[[], bool],
-           Callable[[int, bytes], None] | None]:
+           Callable[[int, dict[str, Any]], None] | None]:
     """The process group this rank trains in (``None``: alone), and the callbacks as this rank uses them.
 
     Every rank stops at the same step; rank 0 alone reports events and checkpoints.
     """
     ddp = distributed.current(device)
     if ddp is None:
-        return None, emit, stop, on_checkpoint
+        return None, emit, stop, save_checkpoint
     sharded = distributed.resolve_sharding(sharding, spec.method, model_dir, device, ddp.world)
     ddp = dataclasses.replace(ddp, sharded=sharded)
     stop = ddp.agreed(stop)
     if ddp.rank != 0:
-        emit, on_checkpoint = (lambda event: None), None
-    return ddp, emit, stop, on_checkpoint
+        emit, save_checkpoint = (lambda event: None), None
+    return ddp, emit, stop, save_checkpoint
 
 
 def _build(
@@ -245,7 +251,7 @@ def _build(
     base_model_name: str,
     event: Callable[..., None],
     stop: Callable[[], bool],
-    on_checkpoint: Callable[[int, bytes], None] | None,
+    save_checkpoint: Callable[[int, dict[str, Any]], None] | None,
 ) -> _Run:
     """The recipe's model (sharded over the ranks when ``ddp`` says so), its optimizer, scheduler and DP engine."""
     setup = recipe.setup(model_dir, hp, device)
@@ -268,7 +274,7 @@ def _build(
 
         dp = DpTraining(setup, optimizer, hp, n_train=len(train_set), total_steps=total_steps)
     return _Run(spec, hp, recipe, setup, ddp, dp, trainable, optimizer, scheduler, train_set, val_set, total_steps,
-                steps_per_epoch, data_fingerprint, base_model_name, event, stop, on_checkpoint)
+                steps_per_epoch, data_fingerprint, base_model_name, event, stop, save_checkpoint)
 
 
 def _start(run: _Run, resume: dict[str, Any] | None) -> None:
@@ -313,12 +319,13 @@ def _train_steps(run: _Run, event_every_steps: int) -> None:
                       tokens_per_second=tokens_per_second, trained_tokens=state.trained_tokens)
         every = hp.checkpoint_every_steps
         # Sharded, every rank takes part in gathering the weights; rank 0 keeps them.
-        gathering = run.on_checkpoint or (run.ddp is not None and run.ddp.sharded)
+        gathering = run.save_checkpoint or (run.ddp is not None and run.ddp.sharded)
         if gathering and every and state.step % every == 0 and not last:
             with window.paused():  # checkpointing is not training time
-                blob = _checkpoint(run)
-                if run.on_checkpoint:
-                    run.on_checkpoint(state.step, blob)
+                saved = _checkpoint(run)
+                if run.save_checkpoint:
+                    run.save_checkpoint(state.step, saved)
+                del saved
 
 
 def _next_batch(run: _Run, epoch: int, index: int) -> list[Example]:
@@ -623,28 +630,26 @@ def _metrics(
     )
 
 
-def _checkpoint(run: _Run) -> bytes:
+def _checkpoint(run: _Run) -> dict[str, Any]:
     setup, state, dp = run.setup, run.state, run.dp
     # Whole tensors: when sharded, every rank gathers them (collectives), and rank 0 keeps them.
     trainable = kit.full_weights({n: p for n, p in setup.model.named_parameters() if p.requires_grad})
     adapter = run.recipe.save(setup, run.base_model_name)
-    return ckpt.dump(
-        {
-            **({"dp": dp.state()} if dp is not None else {}),
-            "method": run.spec.method,
-            "hyperparameters": run.hp.to_dict(),
-            "data_fingerprint": run.data_fingerprint,
-            "step": state.step,
-            "trained_tokens": state.trained_tokens,
-            "epoch_losses": list(state.epoch_losses),
-            "valid_before": state.valid_before,
-            "trainable": trainable,
-            "adapter": adapter,
-            "optimizer": kit.full_optimizer_state(run.optimizer),
-            "scheduler": run.scheduler.state_dict(),
-            "rng": kit.capture_rng(),
-        }
-    )
+    return {
+        **({"dp": dp.state()} if dp is not None else {}),
+        "method": run.spec.method,
+        "hyperparameters": run.hp.to_dict(),
+        "data_fingerprint": run.data_fingerprint,
+        "step": state.step,
+        "trained_tokens": state.trained_tokens,
+        "epoch_losses": list(state.epoch_losses),
+        "valid_before": state.valid_before,
+        "trainable": trainable,
+        "adapter": adapter,
+        "optimizer": kit.full_optimizer_state(run.optimizer),
+        "scheduler": run.scheduler.state_dict(),
+        "rng": kit.capture_rng(),
+    }
 
 
 def _restore(run: _Run, saved: dict[str, Any]) -> None:

@@ -12,13 +12,26 @@ itself otherwise), so one checkpoint format serves one process and many.
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from appliance.errors import InvalidRequestError
+
+
+class BinaryWriter(Protocol):
+    """Where a checkpoint is serialised: anything with ``write`` and ``flush`` (no seeking needed)."""
+
+    def write(self, data: bytes, /) -> Any: ...
+
+    def flush(self) -> None: ...
+
+
+#: Opens where the checkpoint of a step is written: ``with open_checkpoint(step) as fh: ...``.
+CheckpointOpener = Callable[[int], AbstractContextManager[BinaryWriter]]
 
 
 @dataclass(frozen=True)
@@ -36,8 +49,33 @@ class CheckpointFormat:
     def dump(self, state: dict[str, Any]) -> bytes:
         """Serialise a checkpoint dict to bytes, in memory."""
         buf = io.BytesIO()
-        torch.save({"format": self.name, **state}, buf)
+        self.dump_to(state, buf)
         return buf.getvalue()
+
+    def dump_to(self, state: dict[str, Any], fh: BinaryWriter) -> None:
+        """Serialise a checkpoint dict into ``fh`` as it is written (only sequential writes, no seeking)."""
+        torch.save({"format": self.name, **state}, fh)
+
+    def saver(self, on_checkpoint: Callable[[int, bytes], None] | None,
+              open_checkpoint: CheckpointOpener | None) -> Callable[[int, dict[str, Any]], None] | None:
+        """How a trainer hands over the checkpoint dict of a step, from the two ways a caller may take it.
+
+        Args:
+            on_checkpoint: Called with ``(step, checkpoint_bytes)``: simple, but the checkpoint is whole in memory.
+            open_checkpoint: Called with the step; returns a context manager whose binary file the
+                checkpoint is serialised into as it is written (a stream to the control plane), never whole
+                in memory. At most one of the two may be given.
+        """
+        if on_checkpoint is not None and open_checkpoint is not None:
+            raise ValueError("give `on_checkpoint` or `open_checkpoint`, not both")
+        if open_checkpoint is not None:
+            def stream(step: int, state: dict[str, Any]) -> None:
+                with open_checkpoint(step) as fh:
+                    self.dump_to(state, fh)
+            return stream
+        if on_checkpoint is not None:
+            return lambda step, state: on_checkpoint(step, self.dump(state))
+        return None
 
     def load(self, data: bytes, *, param: str = "resume_from") -> dict[str, Any]:
         """Read a checkpoint produced by :meth:`dump`.

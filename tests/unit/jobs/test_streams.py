@@ -180,3 +180,87 @@ def test_a_5_gib_artefact_streams_through_a_real_pipe(tmp_path):
     os.close(r)
     assert incoming.declared == incoming.received == sink.bytes == size and not sink.aborted
     print(f"5 GiB streamed in {time.monotonic() - started:.1f}s")
+
+
+def test_a_writer_sends_what_is_written_in_bounded_chunks_whatever_the_write_sizes():
+    data = os.urandom(3 * streams.CHUNK_BYTES + 77)
+    sent: list[tuple[dict, bytes]] = []
+    writer = streams.Writer(lambda h, p: sent.append((h, bytes(p))), {"kind": "checkpoint", "step": 3})
+    cuts = [0, 5, 5 + streams.CHUNK_BYTES - 1, 2 * streams.CHUNK_BYTES + 9, len(data)]  # small, odd and large writes
+    for a, b in zip(cuts, cuts[1:], strict=False):
+        assert writer.write(bytearray(data[a:b])) == b - a
+    assert writer.close() == len(data) and writer.close() == len(data)  # closing twice sends one end
+    assert sent[0][0] == {"kind": "checkpoint", "step": 3, "type": "begin", "size": None}
+    assert all(0 < len(p) <= streams.CHUNK_BYTES for _, p in sent[1:-1])
+    assert [h["type"] for h, _ in sent].count("end") == 1
+    out = streams.Buffer()
+    streams.receive(iter(sent).__next__, out, kind="checkpoint")
+    assert out == data
+    with pytest.raises(ValueError, match="closed"):
+        writer.write(b"x")
+
+
+def test_a_writer_copies_chunks_of_a_buffer_the_caller_may_reuse():
+    kept: list = []
+    writer = streams.Writer(lambda h, p: kept.append(p), {"kind": "artifact"}, chunk_bytes=4)
+    buffer = bytearray(b"abcdefgh")
+    writer.write(buffer)
+    buffer[:] = b"XXXXXXXX"  # a producer reusing its buffer must not change what was queued to send
+    writer.close()
+    assert b"".join(bytes(p) for p in kept[1:-1]) == b"abcdefgh"
+
+
+def test_a_checkpoint_serialised_into_a_writer_is_never_whole_in_memory():
+    """torch.save into the stream: the sender holds a chunk, not the checkpoint (BytesIO holds it twice)."""
+    import tracemalloc
+
+    import torch
+
+    from appliance.trainkit.checkpoint import CheckpointFormat
+
+    fmt = CheckpointFormat("test.checkpoint/1", "test checkpoint")
+    state = {f"w{i}": torch.randn(2 << 20) for i in range(4)}  # 4 x 8 MiB of tensors
+    digest, sizes = hashlib.sha256(), []
+
+    def write(header, payload):
+        if header["type"] == "chunk":
+            sizes.append(len(payload))
+            digest.update(payload)
+
+    tracemalloc.start()
+    try:
+        writer = streams.Writer(write, {"kind": "checkpoint"})
+        fmt.dump_to(state, writer)
+        writer.close()
+        streamed_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        whole = fmt.dump(state)
+        whole_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sum(sizes) == len(whole) > 32 << 20 and digest.hexdigest() == hashlib.sha256(whole).hexdigest()
+    assert max(sizes) <= streams.CHUNK_BYTES
+    assert streamed_peak < 3 * streams.CHUNK_BYTES < 32 << 20 < whole_peak
+    assert fmt.load(whole)["w3"].equal(state["w3"])
+
+
+def test_a_trainer_takes_its_checkpoints_as_bytes_or_as_a_stream_never_both():
+    from appliance.trainkit.checkpoint import CheckpointFormat
+
+    fmt = CheckpointFormat("test.checkpoint/1", "test checkpoint")
+    got: dict = {}
+    fmt.saver(got.__setitem__, None)(4, {"step": 4})
+    assert fmt.load(got[4])["step"] == 4
+    buffers: dict = {}
+
+    def open_checkpoint(step):
+        import contextlib
+
+        buffers[step] = io.BytesIO()
+        return contextlib.nullcontext(buffers[step])
+
+    fmt.saver(None, open_checkpoint)(6, {"step": 6})
+    assert fmt.load(buffers[6].getvalue())["step"] == 6
+    assert fmt.saver(None, None) is None
+    with pytest.raises(ValueError, match="not both"):
+        fmt.saver(got.__setitem__, open_checkpoint)
