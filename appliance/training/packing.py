@@ -9,7 +9,9 @@ on masked-out blocks. Any other attention implementation (``sdpa``, ``eager``)
 ignores ``packed_boundaries`` and still isolates the examples, because with
 ``attention_mask=None`` transformers derives a block-diagonal causal mask from
 the position-id restarts (``masking_utils.find_packed_sequence_indices``):
-that is how the benchmark baseline and the tests check the equivalence.
+that is how the benchmark baseline and the tests check the equivalence, and
+what a GPU trains with (:func:`packed_attention`: FlashAttention varlen,
+FlexAttention or SDPA, one kernel call per layer instead of a loop).
 Targets are shifted *per example* before packing, so no token learns to
 predict the first token of its neighbour.
 
@@ -71,6 +73,28 @@ def packed_sdpa_attention(
 
 
 AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+
+
+def packed_attention(device: torch.device, dtype: torch.dtype) -> str:
+    """The attention implementation packed rows train with on ``device`` (``attn_implementation``).
+
+    On a CPU, :data:`PACKED_ATTENTION`: one causal SDPA per example, the fastest there
+    (``bench/train.py``). On a GPU that Python loop per example per layer would starve
+    the device, so one kernel call per layer covers the whole row: FlashAttention-2's
+    varlen kernel where ``flash-attn`` is installed (fp16/bf16 only), else PyTorch's
+    FlexAttention with a document mask, else SDPA with a block-diagonal causal mask.
+    transformers derives the documents from the position-id restarts in all three
+    (``attention_mask=None``), so the loss equals the per-example path's.
+    """
+    from transformers.utils import is_flash_attn_2_available, is_torch_flex_attn_available
+
+    if device.type != "cuda":
+        return PACKED_ATTENTION
+    if dtype in (torch.float16, torch.bfloat16) and is_flash_attn_2_available():
+        return "flash_attention_2"
+    if is_torch_flex_attn_available():
+        return "flex_attention"
+    return "sdpa"
 
 
 @dataclass

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from appliance.training.adapter import adapter_files, attach_lora
 from appliance.training.hyperparameters import LoraHyperparameters
-from appliance.training.packing import PACKED_ATTENTION
+from appliance.training.packing import packed_attention
 from appliance.training.protocol import Setup
 
 method = "lora"
@@ -27,8 +27,9 @@ capabilities = LoraHyperparameters.capabilities
 def setup(model_dir: Path, hp: LoraHyperparameters, device: torch.device) -> Setup:
     """Load the base model in ``hp.precision`` and attach LoRA to ``hp.target_modules``."""
     dtype = torch.bfloat16 if hp.precision == "bf16" else torch.float32
+    attention = packed_attention(device, dtype)
     base = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, attn_implementation=PACKED_ATTENTION, local_files_only=True, device_map={"": device}
+        model_dir, dtype=dtype, attn_implementation=attention, local_files_only=True, device_map={"": device}
     )
     base.config.use_cache = False
     checkpointing = hp.gradient_checkpointing is True

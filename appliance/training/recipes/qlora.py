@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from appliance.training.adapter import adapter_files, attach_lora
 from appliance.training.hyperparameters import QloraHyperparameters
-from appliance.training.packing import PACKED_ATTENTION
+from appliance.training.packing import packed_attention
 from appliance.training.protocol import Setup
 
 method = "qlora"
@@ -39,7 +39,7 @@ def setup(model_dir: Path, hp: QloraHyperparameters, device: torch.device) -> Se
         quantization_config=quantization,
         dtype=compute_dtype,
         device_map={"": device},
-        attn_implementation=PACKED_ATTENTION,
+        attn_implementation=packed_attention(device, compute_dtype),
         local_files_only=True,
     )
     base.config.use_cache = False
