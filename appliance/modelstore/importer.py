@@ -47,7 +47,8 @@ _HF_FILES = (
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 #: ``general.architecture`` values in GGUF files that map onto a supported model type.
-_GGUF_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
+#: transformers' GGUF loader reads these (``gemma3`` as ``gemma3_text``).
+_GGUF_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"}
 
 
 @dataclass(frozen=True)

@@ -166,7 +166,7 @@ def test_sharded_checkpoint_imports_exactly_the_indexed_shards(tiny_model_dir, t
 
 def test_an_index_naming_a_missing_shard_is_refused_naming_it(tiny_model_dir, tmp_path):
     src = save_sharded(tiny_model_dir, tmp_path / "src")
-    shard = sorted(src.glob("model-*.safetensors"))[-1]
+    shard = max(src.glob("model-*.safetensors"))
     shard.unlink()
     with pytest.raises(InvalidRequestError, match=f"names the shard {shard.name}, which is missing") as info:
         import_model(src, tmp_path / "dest", "x")
