@@ -84,16 +84,7 @@ def build_tiny_causal_lm(dest_dir: Path, seed: int = 0, *, head_dim: int = 16, m
         ValueError: ``model_type`` is not one of :data:`TINY_MODEL_TYPES`.
     """
     import torch
-    from transformers import (
-        Gemma2Config,
-        Gemma2ForCausalLM,
-        Gemma3ForCausalLM,
-        Gemma3TextConfig,
-        LlamaConfig,
-        LlamaForCausalLM,
-        Phi3Config,
-        Phi3ForCausalLM,
-    )
+    import transformers
 
     if model_type not in TINY_MODEL_TYPES:
         raise ValueError(f"`model_type` must be one of {', '.join(TINY_MODEL_TYPES)}; got {model_type!r}")
@@ -111,15 +102,17 @@ def build_tiny_causal_lm(dest_dir: Path, seed: int = 0, *, head_dim: int = 16, m
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    gemma = {**common, "head_dim": head_dim, "sliding_window": 16, "tie_word_embeddings": True}
-    config, model_class = {
-        "llama": lambda: (LlamaConfig(**common, head_dim=head_dim, tie_word_embeddings=True), LlamaForCausalLM),
-        "gemma2": lambda: (Gemma2Config(**gemma, layer_types=["sliding_attention", "full_attention"]),
-                           Gemma2ForCausalLM),
-        "gemma3_text": lambda: (Gemma3TextConfig(**gemma, layer_types=["sliding_attention", "full_attention"]),
-                                Gemma3ForCausalLM),
-        "phi3": lambda: (Phi3Config(**common, sliding_window=16, tie_word_embeddings=False), Phi3ForCausalLM),
-    }[model_type]()
+    gemma = {"head_dim": head_dim, "sliding_window": 16, "tie_word_embeddings": True}
+    layer_types = ["sliding_attention", "full_attention"]
+    config_name, class_name, extra = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM", {"head_dim": head_dim, "tie_word_embeddings": True}),
+        "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**gemma, "layer_types": layer_types}),
+        "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {**gemma, "layer_types": layer_types}),
+        "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": 16, "tie_word_embeddings": False}),
+    }[model_type]
+    # Looked up by name: transformers imports only this family's modelling code.
+    model_class = getattr(transformers, class_name)
+    config = getattr(transformers, config_name)(**{**common, **extra})
     config.architectures = [model_class.__name__]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -83,7 +83,8 @@ def test_unsupported_architecture_is_rejected(tiny_model_dir, tmp_path):
     config = json.loads((src / "config.json").read_text())
     config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
     (src / "config.json").write_text(json.dumps(config))
-    with pytest.raises(InvalidRequestError, match="architecture 'gpt2', which is not supported; supported: llama"):
+    supported = "gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3"
+    with pytest.raises(InvalidRequestError, match=f"architecture 'gpt2', which is not supported; supported: {supported}"):
         import_model(src, tmp_path / "dest", "x")
 
 
