@@ -14,6 +14,7 @@ re-hash later to prove the base model is the one that was imported.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
 import uuid
@@ -46,7 +47,8 @@ _HF_FILES = (
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 #: ``general.architecture`` values in GGUF files that map onto a supported model type.
-_GGUF_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
+#: transformers' GGUF loader reads these (``gemma3`` as ``gemma3_text``).
+_GGUF_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"}
 
 
 @dataclass(frozen=True)
@@ -210,7 +212,7 @@ def _import_gguf(src: Path, staging: Path) -> None:
 def _import_hf_dir(src: Path, staging: Path) -> list[Path]:
     if not (src / "config.json").is_file():
         raise InvalidRequestError(f"`src` {src} is not a model directory: it has no config.json", param="src")
-    weights = sorted(src.glob("*.safetensors"))
+    weights = _weight_files(src, src)
     if not weights:
         pickled = [p.name for p in src.iterdir() if p.suffix in _PICKLE_SUFFIXES]
         hint = (
@@ -229,6 +231,45 @@ def _import_hf_dir(src: Path, staging: Path) -> list[Path]:
     for path in copied:
         shutil.copyfile(path, staging / path.name)  # follows hub-cache symlinks to the blobs
     return copied
+
+
+def _weight_files(model_dir: Path, src: Path) -> list[Path]:
+    """The safetensors files that hold the model's weights, as transformers would load them.
+
+    With ``model.safetensors.index.json``, exactly the shards its ``weight_map``
+    names (each must exist). Without one, every ``*.safetensors`` file, except
+    that Mistral's ``consolidated*.safetensors`` (the same weights under other
+    names, shipped beside the Hugging Face ones) is left out when any other
+    weights are there.
+
+    Raises:
+        InvalidRequestError: The index is malformed or names a shard that is absent.
+    """
+    index = model_dir / "model.safetensors.index.json"
+    if not index.is_file():
+        weights = sorted(model_dir.glob("*.safetensors"))
+        hf_named = [p for p in weights if not p.name.startswith("consolidated")]
+        return hf_named or weights
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InvalidRequestError(
+            f"`src` {src}: {index.name} is not a safetensors index with a `weight_map`: {exc!r}", param="src"
+        ) from exc
+    for shard in shards:
+        # A shard is a file beside the index, never a path that leaves the directory.
+        if not isinstance(shard, str) or not shard.endswith(".safetensors") or Path(shard).name != shard:
+            raise InvalidRequestError(
+                f"`src` {src}: {index.name} names {shard!r} as a shard; shards are .safetensors files "
+                "in the model directory",
+                param="src",
+            )
+        if not (model_dir / shard).is_file():
+            raise InvalidRequestError(
+                f"`src` {src}: {index.name} names the shard {shard}, which is missing", param="src"
+            )
+    return [model_dir / shard for shard in shards]
 
 
 def _load_config(model_dir: Path) -> Any:
@@ -266,7 +307,7 @@ def _inspect(
         raise InvalidRequestError(f"`src` {src}: the tokenizer cannot be loaded: {exc}", param="src") from exc
 
     stored: dict[str, str] = {}
-    for path in model_dir.glob("*.safetensors"):
+    for path in _weight_files(model_dir, src):
         with safe_open(path, framework="pt") as fh:
             for key in fh.keys():
                 stored[key] = fh.get_slice(key).get_dtype()

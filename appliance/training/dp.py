@@ -64,7 +64,7 @@ from appliance.errors import InvalidRequestError
 from appliance.training.adapter import ADAPTER_WEIGHTS
 from appliance.training.data import IGNORE_INDEX, Example
 from appliance.training.hyperparameters import HyperparameterError, LoraHyperparameters
-from appliance.training.packing import linear_cross_entropy
+from appliance.training.packing import linear_cross_entropy, output_head
 from appliance.training.protocol import Setup
 
 ACCOUNTANT = "rdp"
@@ -305,13 +305,13 @@ def example_losses(causal_lm: torch.nn.Module, examples: list[Example], device: 
     hidden = causal_lm.get_decoder()(
         input_ids=input_ids.to(device), attention_mask=None, use_cache=False
     ).last_hidden_state
-    head = causal_lm.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
-        raise ValueError("output heads with a bias are not supported")
+    weight, softcap = output_head(causal_lm)
     losses = []
     for row, example in enumerate(examples):
         targets = torch.tensor(example.labels[1:], device=device)
         keep = targets != IGNORE_INDEX
-        token_losses = linear_cross_entropy(hidden[row, : len(example) - 1][keep], head.weight, targets[keep])
+        token_losses = linear_cross_entropy(
+            hidden[row, : len(example) - 1][keep], weight, targets[keep], softcap=softcap
+        )
         losses.append(token_losses / example.n_targets)
     return torch.stack(losses)

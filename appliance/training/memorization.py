@@ -95,10 +95,13 @@ class ProbeTarget:
 
 @contextmanager
 def _standard_attention(model: Any) -> Iterator[None]:
-    """Eval mode with stock SDPA attention (padding masks, KV cache); training's packed kernel takes neither."""
+    """Eval mode with stock attention (padding masks, KV cache); training's packed kernel takes neither.
+
+    SDPA, or eager attention for models transformers runs without it (Gemma 2: soft-capped scores).
+    """
     base = model.get_base_model()
     previous, was_training = base.config._attn_implementation, model.training
-    base.set_attn_implementation("sdpa")
+    base.set_attn_implementation("sdpa" if base._supports_sdpa else "eager")
     model.eval()
     try:
         yield

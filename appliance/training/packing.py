@@ -23,6 +23,7 @@ with respect to the hidden states during the forward pass: the full
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,7 +33,9 @@ from transformers import AttentionInterface
 from appliance.training.data import IGNORE_INDEX, Example
 
 LOSS_CHUNK_TOKENS = 512
-PACKED_ATTENTION = "appliance_packed_sdpa"
+#: Not named ``*sdpa*``: transformers would then refuse it for models without SDPA support (Gemma 2),
+#: which this function serves all the same (it runs their soft-capped layers eagerly).
+PACKED_ATTENTION = "appliance_packed"
 
 
 def packed_sdpa_attention(
@@ -44,6 +47,8 @@ def packed_sdpa_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     packed_boundaries: Sequence[int] | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Causal SDPA run separately on each packed example of a one-row batch.
@@ -52,6 +57,12 @@ def packed_sdpa_attention(
     (grouped-query) heads. ``packed_boundaries`` are the examples' start
     offsets plus the row length; without them the row is one sequence. A
     padding mask is not supported (packed rows have no padding).
+
+    Custom attention gets no mask from transformers, so the layer's own
+    variations are applied here: ``sliding_window`` (Mistral, Phi-3, Gemma's
+    local layers; a query sees the ``sliding_window`` latest keys, itself
+    included) and ``softcap`` (Gemma 2's ``tanh(scores / softcap) * softcap``
+    before the softmax, which SDPA cannot do, so those layers run eagerly).
     """
     if attention_mask is not None:
         raise ValueError(f"{PACKED_ATTENTION} takes packed rows without an attention mask")
@@ -61,15 +72,44 @@ def packed_sdpa_attention(
         raise ValueError(f"{PACKED_ATTENTION} needs one packed row per batch; got {query.shape[0]}")
     gqa = key.shape[1] != query.shape[1]
     dropout = dropout if module.training else 0.0
-    outputs = [
-        torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
-            dropout_p=dropout, scale=scaling, is_causal=b - a > 1, enable_gqa=gqa,
-        )
-        for a, b in zip(bounds[:-1], bounds[1:])
-    ]
+    outputs = []
+    for a, b in itertools.pairwise(bounds):
+        q, k, v = query[:, :, a:b], key[:, :, a:b], value[:, :, a:b]
+        windowed = sliding_window is not None and b - a > sliding_window
+        if softcap is None and not windowed:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, scale=scaling, is_causal=b - a > 1, enable_gqa=gqa
+            )
+        else:
+            out = _masked_attention(q, k, v, dropout, scaling, sliding_window if windowed else None, softcap)
+        outputs.append(out)
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float, scaling: float | None,
+    sliding_window: int | None, softcap: float | None,
+) -> torch.Tensor:
+    """Causal attention over one example with a sliding window and/or soft-capped scores."""
+    n = q.shape[2]
+    i = torch.arange(n, device=q.device)
+    allowed = i[None, :] <= i[:, None]
+    if sliding_window is not None:
+        allowed &= i[:, None] - i[None, :] < sliding_window
+    if softcap is None:
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scaling, enable_gqa=k.shape[1] != q.shape[1]
+        )
+    # As transformers' eager attention for Gemma 2: cap the scaled scores, mask, softmax in fp32.
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * (scaling if scaling is not None else q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=dropout > 0)
+    return weights @ v
 
 
 AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
@@ -157,15 +197,19 @@ def pack(examples: Sequence[Example]) -> PackedBatch:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of ``hidden @ weight.T`` against targets, chunked.
+    """Summed cross-entropy of ``hidden @ weight.T`` (soft-capped if asked) against targets, chunked.
 
     The output head is frozen in LoRA, so the only gradient needed is the one
     for ``hidden``: ``(softmax(logits) - onehot) @ weight``, computed chunk by
-    chunk during the forward pass while the logits are at hand.
+    chunk during the forward pass while the logits are at hand. With a
+    ``softcap``, ``logits = tanh(raw / softcap) * softcap`` and the gradient
+    through the cap is ``1 - tanh(raw / softcap)**2``.
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(
+        ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, softcap: float | None
+    ) -> torch.Tensor:
         needs_grad = ctx.needs_input_grad[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
@@ -173,11 +217,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk]
             t = targets[start : start + chunk]
             logits = (h @ weight.t()).float()
+            if softcap is not None:
+                capped = logits.div_(softcap).tanh_()
+                logits = capped * softcap
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             if needs_grad:
                 probs = torch.exp(logits.sub_(lse[:, None]))
                 probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                if softcap is not None:
+                    probs.mul_(capped.square_().neg_().add_(1.0))
                 grad_hidden[start : start + chunk] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad_hidden if needs_grad else hidden.new_empty(0))
         return total
@@ -185,16 +234,35 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (grad_hidden,) = ctx.saved_tensors
-        return (grad_hidden * grad_output).to(grad_hidden.dtype), None, None, None
+        return (grad_hidden * grad_output).to(grad_hidden.dtype), None, None, None, None
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = LOSS_CHUNK_TOKENS
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int = LOSS_CHUNK_TOKENS,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Sum of token cross-entropies for ``hidden [N, H]`` through a frozen head ``weight [V, H]``."""
+    """Sum of token cross-entropies for ``hidden [N, H]`` through a frozen head ``weight [V, H]``.
+
+    ``softcap`` caps the logits as Gemma 2 does (``tanh(logits / softcap) * softcap``).
+    """
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("linear_cross_entropy needs a frozen output head (LoRA never trains lm_head)")
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, softcap)
+
+
+def output_head(causal_lm: torch.nn.Module) -> tuple[torch.Tensor, float | None]:
+    """The output head's weight and the logit soft-cap the model applies after it (``None``: none).
+
+    Raises:
+        ValueError: The head has a bias (no supported architecture has one).
+    """
+    head = causal_lm.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("output heads with a bias are not supported")
+    return head.weight, getattr(causal_lm.config, "final_logit_softcapping", None)
 
 
 def packed_loss_sum(causal_lm: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
@@ -202,14 +270,12 @@ def packed_loss_sum(causal_lm: torch.nn.Module, batch: PackedBatch) -> torch.Ten
 
     ``causal_lm`` is the transformers model (with LoRA layers injected): its
     decoder runs on the packed rows, and only positions with a target go
-    through the output head.
+    through the output head (and the model's logit soft-cap, if any).
     """
     hidden = _decode(causal_lm, batch)
     mask = batch.targets != IGNORE_INDEX
-    head = causal_lm.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
-        raise ValueError("output heads with a bias are not supported")
-    return linear_cross_entropy(hidden[mask], head.weight, batch.targets[mask])
+    weight, softcap = output_head(causal_lm)
+    return linear_cross_entropy(hidden[mask], weight, batch.targets[mask], softcap=softcap)
 
 
 def packed_token_losses(causal_lm: torch.nn.Module, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,7 +283,10 @@ def packed_token_losses(causal_lm: torch.nn.Module, batch: PackedBatch) -> tuple
     with torch.no_grad():
         hidden = _decode(causal_lm, batch)
         mask = batch.targets != IGNORE_INDEX
+        _, softcap = output_head(causal_lm)
         logits = causal_lm.get_output_embeddings()(hidden[mask]).float()
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
         losses = torch.nn.functional.cross_entropy(logits, batch.targets[mask], reduction="none")
     return losses, batch.example_index[mask]
 

@@ -74,6 +74,11 @@ class ModelShape:
     num_experts: int = 1
     experts_per_token: int = 1
     max_position_embeddings: int | None = None
+    #: Gemma 2 soft-caps attention scores: the packed attention runs those layers eagerly (see
+    #: ``appliance.training.packing``), keeping ``heads x length x length`` scores per example.
+    attention_softcap: bool = False
+    #: Gemma 2 soft-caps logits: the fused loss holds one more fp32 chunk of them.
+    logit_softcap: bool = False
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ModelShape:
@@ -102,6 +107,8 @@ class ModelShape:
             num_experts=int(cfg.get("num_local_experts") or cfg.get("num_experts") or 1),
             experts_per_token=int(cfg.get("num_experts_per_tok") or 1),
             max_position_embeddings=cfg.get("max_position_embeddings"),
+            attention_softcap=bool(cfg.get("attn_logit_softcapping")),
+            logit_softcap=bool(cfg.get("final_logit_softcapping")),
         )
 
     # -- parameter counts -------------------------------------------------------------------------
@@ -291,6 +298,10 @@ def _layer_activation_bytes(shape: ModelShape, job: JobShape, b: int, device_kin
     total += sum(inputs.values())
     if job.method == "qlora":  # bitsandbytes' 4-bit matmul keeps its input for the backward pass
         total += b * (h + a + h + i * experts)
+    if shape.attention_softcap:
+        # Eager attention per example (estimated, not measured): the scaled scores, their tanh, the
+        # fp32 softmax and its cast, each heads x length per token of an example up to max_seq_length.
+        total += shape.num_heads * job.max_seq_length * (3 * b + 4)
     return total
 
 
@@ -320,7 +331,7 @@ def estimate(shape: ModelShape, job: JobShape, device_kind: str, *, examples_per
     # The fused loss: one chunk of logits in fp32 and its probabilities (and, computing in bf16, the
     # probabilities cast back), and the hidden states' gradient it keeps for the whole micro-batch.
     chunk = min(LOSS_CHUNK_TOKENS, tokens)
-    loss = chunk * shape.vocab_size * (8 + (b if b < 4 else 0)) + tokens * b * h
+    loss = chunk * shape.vocab_size * (8 + (b if b < 4 else 0) + (4 if shape.logit_softcap else 0)) + tokens * b * h
     runtime = CUDA_RUNTIME_BYTES if device_kind == "cuda" else 0
     return Estimate(weights=_weights(shape, job, b), adapter=int(adapter), activations=int(activations),
                     loss=int(loss), runtime=runtime)

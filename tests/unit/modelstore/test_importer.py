@@ -83,7 +83,8 @@ def test_unsupported_architecture_is_rejected(tiny_model_dir, tmp_path):
     config = json.loads((src / "config.json").read_text())
     config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
     (src / "config.json").write_text(json.dumps(config))
-    with pytest.raises(InvalidRequestError, match="architecture 'gpt2', which is not supported; supported: llama"):
+    supported = "gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3"
+    with pytest.raises(InvalidRequestError, match=f"architecture 'gpt2', which is not supported; supported: {supported}"):
         import_model(src, tmp_path / "dest", "x")
 
 
@@ -135,3 +136,59 @@ def test_import_demo_gguf(tmp_path):
     assert "quantization_config" not in config
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "smollm2", local_files_only=True)
     assert model.num_parameters() == info.parameter_count
+
+
+def save_sharded(tiny_model_dir: Path, dest: Path) -> Path:
+    """The tiny model as large checkpoints ship: several shards and their index."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True)
+    model.save_pretrained(dest, max_shard_size="100KB")
+    for path in tiny_model_dir.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copyfile(path, dest / path.name)
+    return dest
+
+
+def test_sharded_checkpoint_imports_exactly_the_indexed_shards(tiny_model_dir, tmp_path):
+    src = save_sharded(tiny_model_dir, tmp_path / "src")
+    shards = sorted(p.name for p in src.glob("model-*.safetensors"))
+    assert len(shards) >= 2 and (src / "model.safetensors.index.json").is_file()
+    (src / "model-stale.safetensors").write_bytes(b"left over from an earlier download")
+
+    info = import_model(src, tmp_path / "dest", "sharded")
+
+    dest = tmp_path / "dest"
+    assert sorted(p.name for p in dest.glob("*.safetensors")) == shards
+    imported = AutoModelForCausalLM.from_pretrained(dest, local_files_only=True).state_dict()
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True).state_dict()
+    assert imported.keys() == original.keys()
+    assert all(imported[k].equal(original[k]) for k in original)
+    assert info.parameter_count == sum(t.numel() for t in original.values()) - original["lm_head.weight"].numel()
+
+
+def test_an_index_naming_a_missing_shard_is_refused_naming_it(tiny_model_dir, tmp_path):
+    src = save_sharded(tiny_model_dir, tmp_path / "src")
+    shard = max(src.glob("model-*.safetensors"))
+    shard.unlink()
+    with pytest.raises(InvalidRequestError, match=f"names the shard {shard.name}, which is missing") as info:
+        import_model(src, tmp_path / "dest", "x")
+    assert info.value.status == 400 and info.value.param == "src"
+    assert not (tmp_path / "dest").exists()
+
+
+def test_an_index_naming_a_path_outside_the_directory_is_refused(tiny_model_dir, tmp_path):
+    src = save_sharded(tiny_model_dir, tmp_path / "src")
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../elsewhere.safetensors"
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(InvalidRequestError, match="'../elsewhere.safetensors' as a shard"):
+        import_model(src, tmp_path / "dest", "x")
+
+
+def test_mistral_consolidated_weights_beside_hf_weights_are_left_behind(tiny_model_dir, tmp_path):
+    src = copy_model(tiny_model_dir, tmp_path / "src")
+    # Mistral ships its own-format copy of the weights; unreadable here, it would fail if read.
+    (src / "consolidated.safetensors").write_bytes(b"not read")
+    info = import_model(src, tmp_path / "dest", "mistral-like")
+    assert not (tmp_path / "dest" / "consolidated.safetensors").exists()
+    assert info.content_hash == import_model(tiny_model_dir, tmp_path / "plain", "plain").content_hash

@@ -57,6 +57,22 @@ def test_fused_loss_matches_cross_entropy_and_its_gradient():
     torch.testing.assert_close(grad, hidden.grad)
 
 
+def test_fused_loss_with_soft_capped_logits_matches_cross_entropy_and_its_gradient():
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(50, 16)
+    targets = torch.randint(0, 50, (37,))
+    fused = linear_cross_entropy(hidden, weight, targets, chunk=8, softcap=2.0)
+    (fused * 0.5).backward()
+    grad = hidden.grad.clone()
+    hidden.grad = None
+    reference = torch.nn.functional.cross_entropy(torch.tanh(hidden @ weight.T / 2.0) * 2.0, targets, reduction="sum")
+    (reference * 0.5).backward()
+    torch.testing.assert_close(fused, reference)
+    torch.testing.assert_close(grad, hidden.grad)
+    assert not torch.allclose(fused, linear_cross_entropy(hidden, weight, targets))
+
+
 def test_packed_loss_sum_matches_transformers(tiny_model_dir, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=PACKED_ATTENTION)
     (example,) = tokenize_records(reverse_records(1), tokenizer, param="r")

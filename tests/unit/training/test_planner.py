@@ -20,6 +20,7 @@ import pytest
 from appliance.errors import InvalidRequestError
 from appliance.training import planner
 from appliance.training.planner import (
+    LOSS_CHUNK_TOKENS,
     Device,
     JobShape,
     ModelShape,
@@ -164,3 +165,21 @@ def test_the_planner_imports_no_torch():
     code = "import sys; import appliance.training.planner; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_gemma2_soft_capping_costs_quadratic_attention_memory_and_a_logit_chunk():
+    gemma2_9b = {"hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42, "num_attention_heads": 16,
+                 "num_key_value_heads": 8, "head_dim": 256, "vocab_size": 256000, "tie_word_embeddings": True,
+                 "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
+    capped, plain = shape(gemma2_9b), shape({**gemma2_9b, "attn_logit_softcapping": None,
+                                             "final_logit_softcapping": None})
+    assert capped.attention_softcap and capped.logit_softcap and capped.head_dim == 256
+    assert capped.n_params / 1e9 == pytest.approx(9.24, rel=0.02)
+
+    def extra(length: int) -> int:
+        job = JobShape(max_seq_length=length, batch_size=1)
+        a, b = (estimate(s, job, "cuda", examples_per_micro_batch=1, checkpointing=False) for s in (capped, plain))
+        assert a.loss - b.loss == LOSS_CHUNK_TOKENS * 256000 * 4
+        return a.activations - b.activations
+
+    assert extra(2048) == 2 * 2 * extra(1024)  # twice the tokens, each attending to twice as many
