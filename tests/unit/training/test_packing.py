@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -81,3 +82,62 @@ def test_packed_loss_sum_matches_transformers(tiny_model_dir, tokenizer):
         ours = packed_loss_sum(model, batch) / batch.n_targets
         theirs = model(input_ids=torch.tensor([example.input_ids]), labels=torch.tensor([example.labels])).loss
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_a_gpu_packs_with_one_kernel_per_layer_and_a_cpu_with_the_per_example_loop(monkeypatch):
+    import transformers.utils as tu
+
+    from appliance.training.packing import packed_attention
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert packed_attention(cpu, torch.bfloat16) == PACKED_ATTENTION
+    monkeypatch.setattr(tu, "is_flash_attn_2_available", lambda: True)
+    monkeypatch.setattr(tu, "is_torch_flex_attn_available", lambda: True)
+    assert packed_attention(cuda, torch.bfloat16) == "flash_attention_2"
+    assert packed_attention(cuda, torch.float32) == "flex_attention"  # flash-attn has no fp32 kernel
+    monkeypatch.setattr(tu, "is_flash_attn_2_available", lambda: False)
+    assert packed_attention(cuda, torch.bfloat16) == "flex_attention"
+    monkeypatch.setattr(tu, "is_torch_flex_attn_available", lambda: False)
+    assert packed_attention(cuda, torch.bfloat16) == "sdpa"
+
+
+def _loss_and_grads(model_dir, attn: str, batch, device: str = "cpu", dtype=torch.float32):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attn, local_files_only=True,
+                                                 dtype=dtype, device_map={"": device})
+    model.train()  # the tiny config has no dropout: training mode changes nothing but the code path
+    model.get_output_embeddings().weight.requires_grad_(False)  # frozen, as under LoRA (tied: the embeddings too)
+    loss = packed_loss_sum(model, batch.to(torch.device(device))) / batch.n_targets
+    loss.backward()
+    grads = {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach().float().cpu(), grads
+
+
+@pytest.mark.slow
+def test_flex_attention_gives_a_packed_row_the_per_example_losses(tiny_model_dir, tokenizer):
+    """The GPU's FlexAttention document mask, compiled for the CPU here (forward only: torch has no CPU backward)."""
+    examples = tokenize_records(reverse_records(5, seed=3) + [{"text": "hello world " * 7}], tokenizer, param="r")
+    batch = pack(examples)
+    got = {}
+    for attn in (PACKED_ATTENTION, "flex_attention"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn, local_files_only=True)
+        got[attn] = packed_token_losses(model, batch)
+    (ours, owner), (flex, flex_owner) = got[PACKED_ATTENTION], got["flex_attention"]
+    assert owner.equal(flex_owner) and len(set(owner.tolist())) == len(examples)
+    torch.testing.assert_close(flex, ours, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_chosen_kernel_gives_the_per_example_loss(tiny_model_dir, tokenizer):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from appliance.training.packing import packed_attention
+
+    examples = tokenize_records(reverse_records(8, seed=4), tokenizer, param="r")
+    batch = pack(examples)
+    kernel = packed_attention(torch.device("cuda"), torch.bfloat16)
+    assert kernel != PACKED_ATTENTION
+    ours, our_grads = _loss_and_grads(tiny_model_dir, PACKED_ATTENTION, batch, "cuda", torch.bfloat16)
+    theirs, their_grads = _loss_and_grads(tiny_model_dir, kernel, batch, "cuda", torch.bfloat16)
+    torch.testing.assert_close(theirs, ours, rtol=2e-2, atol=2e-2)
+    for name in our_grads:  # bf16: loose, but a mask crossing examples would be far off
+        torch.testing.assert_close(their_grads[name], our_grads[name], rtol=5e-2, atol=5e-3)
