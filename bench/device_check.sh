@@ -15,6 +15,12 @@ export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZ
 python3 bench/make_random_model.py .gpu/smollm2-config /tmp/smol 2>&1 | tail -1
 echo "== training (bench/gpu_check.py)"
 timeout 150 python3 bench/gpu_check.py --model-dir /tmp/smol --steps 24 2>"$OUT/gpu_check.err" | tee "$OUT/gpu_check.jsonl"
+echo "== training speed: ours vs Trainer padded vs Trainer padding-free (bench/train.py), bf16"
+timeout 200 python3 bench/train.py --device cuda --precision bf16 --model-dir /tmp/smol --examples 256 --no-memory \
+  --results - --json "$OUT/train_smollm2_shape.json" > "$OUT/train_smollm2_shape.txt" 2>&1; tail -5 "$OUT/train_smollm2_shape.txt"
+python3 bench/make_random_model.py .gpu/smollm2-config /tmp/llama1b --like llama-3.2-1b --dtype bf16 --device cuda 2>&1 | tail -1
+timeout 300 python3 bench/train.py --device cuda --precision bf16 --model-dir /tmp/llama1b --examples 256 --no-memory \
+  --results - --json "$OUT/train_llama1b_shape.json" > "$OUT/train_llama1b_shape.txt" 2>&1; tail -5 "$OUT/train_llama1b_shape.txt"
 echo "== serving (bench/serve.py)"
 timeout 150 python3 bench/serve.py --device cuda --model-dir /tmp/smol --json "$OUT/serve.json" \
   > "$OUT/serve.txt" 2>&1; tail -25 "$OUT/serve.txt"

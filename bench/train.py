@@ -1,19 +1,27 @@
-"""Training benchmark: our LoRA recipe vs a plain Hugging Face Trainer + peft baseline.
+"""Training benchmark: our LoRA recipe vs the stock Hugging Face Trainer + peft, two ways.
 
     python bench/train.py            # full run on SmolLM2-135M (imported from the demo GGUF)
     python bench/train.py --quick    # a small run, a minute or two
+    python bench/train.py --device cuda --precision bf16 --model-dir DIR --json out.json   # on a GPU
+
+Three arms, side by side in one run: ours; the Trainer padding each batch to
+its longest example (``DataCollatorForSeq2Seq``, the common default); and the
+best stock configuration, the Trainer padding-free (``DataCollatorWithFlattening``:
+each batch one row, position ids restarting per example, attention kept inside
+each example by transformers; FlashAttention-2 on a GPU where installed).
 
 Both sides get the same model, the same tokenised examples (same assistant-only
 labels, same truncation), the same LoRA config and optimizer hyperparameters,
 the same number of epochs and optimizer steps, and see the same tokens in the
 same order (the baseline's sampler yields our recipe's shuffle; nothing else of
 the stock ``Trainer`` is changed). The
-baseline pads each batch to its longest example (``DataCollatorForSeq2Seq``),
-does not pack, and computes the loss with the model's own forward, as a stock
-``Trainer`` run does. Tokens/s counts real (non-padding) tokens for both, over
+baselines compute the loss with the model's own forward, as a stock
+``Trainer`` run does. Tokens/s counts real (non-padding) tokens for all, over
 the training loop only. Validation loss is measured by the same function for
-both. Peak RSS of LoRA and QLoRA is measured in fresh subprocesses running the
-same workload for a few steps.
+all. Peak memory per arm is the process's peak resident set over the arm
+(VmHWM, restarted before it) on a CPU, ``torch.cuda.max_memory_allocated`` on a
+GPU. Peak RSS of LoRA and QLoRA is also measured in fresh subprocesses running
+the same workload for a few steps.
 
 Figures are appended to ``bench/RESULTS.md``.
 """
@@ -41,7 +49,9 @@ from bench.synthetic import instruction_corpus  # noqa: E402
 
 CACHE = REPO / "bench" / ".cache"
 DEMO_DIR = CACHE / "smollm2-135m"
-SPEED_TARGET, LOSS_TOLERANCE, MEMORY_TARGET = 2.0, 0.02, 0.6
+SPEED_TARGET, FLAT_SPEED_TARGET, LOSS_TOLERANCE, MEMORY_TARGET = 2.0, 1.3, 0.02, 0.6
+ARMS = {"ours": "appliance.training, LoRA, packed", "padded": "transformers.Trainer + peft, dynamic padding",
+        "flattening": "transformers.Trainer + peft, DataCollatorWithFlattening (padding-free)"}
 
 
 def main() -> int:
@@ -57,8 +67,13 @@ def main() -> int:
                         help="run the ours/baseline pair this many times, alternating; medians are reported")
     parser.add_argument("--memory-steps", type=int, default=3, help="steps per peak-RSS subprocess")
     parser.add_argument("--no-memory", action="store_true", help="skip the LoRA/QLoRA peak-RSS comparison")
-    parser.add_argument("--results", type=Path, default=REPO / "bench" / "RESULTS.md")
-    parser.add_argument("--memory-child", choices=["lora", "qlora"], help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], help="default: fp32 on cpu, bf16 on cuda")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    parser.add_argument("--results", type=Path, default=REPO / "bench" / "RESULTS.md",
+                        help="markdown file the figures are appended to ('-': none)")
+    parser.add_argument("--memory-child", choices=["lora", "qlora", "padded", "flattening"], help=argparse.SUPPRESS)
+    parser.add_argument("--memory-hp", help=argparse.SUPPRESS)
     args = parser.parse_args()
     n_train = args.examples or (64 if args.quick else 256)
     n_val = max(8, n_train // 8)
@@ -67,52 +82,80 @@ def main() -> int:
         return memory_child(args, n_train)
 
     model_dir = args.model_dir or ensure_demo_model()
-    print(f"model: {model_dir}", flush=True)
+    precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+    print(f"model: {model_dir}; device {args.device}, {precision}", flush=True)
+    import bitsandbytes
+    import peft
     import torch
     import transformers
-    import peft
-    import bitsandbytes
 
     train_records = instruction_corpus(n_train, seed=0)
     val_records = instruction_corpus(n_val, seed=1)
     hp = dict(
         n_epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        max_seq_length=args.max_seq_length, checkpoint_every_steps=0, seed=0, precision="fp32",
+        max_seq_length=args.max_seq_length, checkpoint_every_steps=0, seed=0, precision=precision,
     )
 
-    # The machine is shared: alternate the two sides so that load from elsewhere
-    # hits both, and report medians.
-    ours_runs, base_runs = [], []
+    # The machine may be shared: alternate the arms so that load from elsewhere hits all, and report medians.
+    runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for repeat in range(args.repeats):
-        print(f"== ours (appliance.training, LoRA), run {repeat + 1}/{args.repeats} ==", flush=True)
-        ours_runs.append(run_ours(model_dir, train_records, val_records, hp))
-        print(json.dumps(ours_runs[-1]), flush=True)
-        print(f"== baseline (transformers.Trainer + peft, dynamic padding), run {repeat + 1}/{args.repeats} ==", flush=True)
-        base_runs.append(run_baseline(model_dir, train_records, val_records, ours_runs[-1]["resolved"]))
-        print(json.dumps(base_runs[-1]), flush=True)
-    ours, base = median_run(ours_runs), median_run(base_runs)
-    if base["tokens"] != ours["tokens"] or base["steps"] != ours["steps"]:
-        print("WARNING: the two runs did not see the same tokens/steps", flush=True)
+        for arm, what in ARMS.items():
+            print(f"== {arm} ({what}), run {repeat + 1}/{args.repeats} ==", flush=True)
+            if arm == "ours":
+                runs[arm].append(measured(args.device, lambda: run_ours(model_dir, train_records, val_records, hp,
+                                                                         args.device)))
+            else:
+                resolved = {**runs["ours"][-1]["resolved"], "precision": precision}
+                runs[arm].append(measured(args.device, lambda arm=arm, resolved=resolved: run_baseline(
+                    model_dir, train_records, val_records, resolved, args.device, flatten=arm == "flattening")))
+            print(json.dumps(runs[arm][-1]), flush=True)
+    best = {arm: median_run(r) for arm, r in runs.items()}
+    ours, base, flat = best["ours"], best["padded"], best["flattening"]
+    for arm in ("padded", "flattening"):
+        if best[arm]["tokens"] != ours["tokens"] or best[arm]["steps"] != ours["steps"]:
+            print(f"WARNING: {arm} and ours did not see the same tokens/steps", flush=True)
 
     memory = None
     if not args.no_memory:
-        memory = {m: run_memory_child(m, args, model_dir, n_train) for m in ("lora", "qlora")}
+        resolved = {**ours["resolved"], "precision": precision}
+        memory = {m: run_memory_child(m, args, model_dir, n_train, resolved) for m in ("lora", "qlora")}
+        if not args.device.startswith("cuda"):  # a CPU's RSS is fair only from a fresh process per arm
+            memory.update({m: run_memory_child(m, args, model_dir, n_train, resolved)
+                           for m in ("padded", "flattening")})
+            for arm, child in (("ours", "lora"), ("padded", "padded"), ("flattening", "flattening")):
+                best[arm] = {**best[arm], "peak_memory_mib": memory[child]["peak_rss_mib"],
+                             "memory_how": f"peak RSS of a fresh process, {args.memory_steps} steps"}
         print(json.dumps(memory), flush=True)
+    ours, base, flat = best["ours"], best["padded"], best["flattening"]
 
     speedup = ours["tokens_per_second"] / base["tokens_per_second"]
+    flat_speedup = ours["tokens_per_second"] / flat["tokens_per_second"]
     loss_gap = (ours["valid_loss_after"] - base["valid_loss_after"]) / base["valid_loss_after"]
+    flat_gap = (ours["valid_loss_after"] - flat["valid_loss_after"]) / flat["valid_loss_after"]
+    peak_ratio = ours["peak_memory_mib"] / flat["peak_memory_mib"] if flat["peak_memory_mib"] else None
     mem_ratio = memory["qlora"]["peak_rss_mib"] / memory["lora"]["peak_rss_mib"] if memory else None
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
     lines = [
-        f"tokens/s   ours {ours['tokens_per_second']:.0f}   baseline {base['tokens_per_second']:.0f}   "
-        f"ratio {speedup:.2f}x (target >= {SPEED_TARGET}x: {'met' if speedup >= SPEED_TARGET else 'NOT met'})",
-        f"val loss   ours {ours['valid_loss_after']:.4f}   baseline {base['valid_loss_after']:.4f}   "
-        f"(before {ours['valid_loss_before']:.4f}; gap {loss_gap:+.2%}, target within {LOSS_TOLERANCE:.0%}: "
-        f"{'met' if abs(loss_gap) <= LOSS_TOLERANCE else 'NOT met'})",
+        f"tokens/s   ours {ours['tokens_per_second']:.0f}   padded {base['tokens_per_second']:.0f}   "
+        f"padding-free {flat['tokens_per_second']:.0f}",
+        f"ratio      vs padded {speedup:.2f}x (target >= {SPEED_TARGET}x: {verdict(speedup >= SPEED_TARGET)})   "
+        f"vs padding-free {flat_speedup:.2f}x (target >= {FLAT_SPEED_TARGET}x: "
+        f"{verdict(flat_speedup >= FLAT_SPEED_TARGET)})",
+        f"val loss   ours {ours['valid_loss_after']:.4f}   padded {base['valid_loss_after']:.4f}   "
+        f"padding-free {flat['valid_loss_after']:.4f}   (before {ours['valid_loss_before']:.4f}; gaps "
+        f"{loss_gap:+.2%} / {flat_gap:+.2%}, target within {LOSS_TOLERANCE:.0%}: "
+        f"{verdict(max(abs(loss_gap), abs(flat_gap)) <= LOSS_TOLERANCE)})",
+        f"peak mem   ours {ours['peak_memory_mib']:.0f} MiB   padded {base['peak_memory_mib']:.0f} MiB   "
+        f"padding-free {flat['peak_memory_mib']:.0f} MiB ({ours['memory_how']}; ours / padding-free "
+        + (f"{peak_ratio:.2f}, target <= 1: {verdict(peak_ratio <= 1)})" if peak_ratio else "n/a)"),
     ]
     if memory:
         lines.append(
             f"peak RSS   LoRA {memory['lora']['peak_rss_mib']:.0f} MiB   QLoRA {memory['qlora']['peak_rss_mib']:.0f} MiB   "
-            f"ratio {mem_ratio:.2f} (target <= {MEMORY_TARGET}: {'met' if mem_ratio <= MEMORY_TARGET else 'NOT met'})"
+            f"ratio {mem_ratio:.2f} (target <= {MEMORY_TARGET}: {verdict(mem_ratio <= MEMORY_TARGET)})"
         )
     print("\n".join(lines), flush=True)
 
@@ -121,36 +164,74 @@ def main() -> int:
         f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
         f"bitsandbytes {bitsandbytes.__version__}"
     )
+    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else \
+        f"{os.cpu_count()} CPU cores ({cpu_name()}), no GPU"
+    if args.json:
+        args.json.write_text(json.dumps({
+            "date": date, "device": device_name, "precision": precision, "model": model_dir.name, "runs": runs,
+            "median": best, "ratio_vs_padded": speedup, "ratio_vs_padding_free": flat_speedup,
+            "loss_gap_vs_padded": loss_gap, "loss_gap_vs_padding_free": flat_gap,
+            "peak_memory_ratio_vs_padding_free": peak_ratio, "memory_children": memory, "versions": versions,
+        }, indent=1))
+    if str(args.results) == "-":
+        return 0
     record = [
         f"\n## {date} — `bench/train.py{' --quick' if args.quick else ''}`\n",
-        f"- machine: {os.cpu_count()} CPU cores ({cpu_name()}), no GPU, {platform.python_version()}; {versions}",
-        f"- model: {model_dir.name}; {n_train} train / {n_val} val chat records (synthetic, seed 0/1), "
+        f"- machine: {device_name}, {platform.python_version()}; {versions}",
+        f"- model: {model_dir.name}, {precision}; {n_train} train / {n_val} val chat records (synthetic, seed 0/1), "
         f"{ours['steps']} optimizer steps, {ours['tokens']} real tokens; hyperparameters "
         f"{json.dumps({k: ours['resolved'][k] for k in ('n_epochs', 'batch_size', 'learning_rate', 'lora_r', 'lora_alpha', 'lora_dropout', 'max_seq_length', 'warmup_ratio')})}",
-        f"- baseline padding efficiency (real / padded tokens): {base['padding_efficiency']:.2f}; "
-        f"ours pads nothing (one packed row per micro-batch)",
-        f"- runs (alternating, medians in the table): ours tokens/s "
-        f"{[round(r['tokens_per_second']) for r in ours_runs]}, baseline "
-        f"{[round(r['tokens_per_second']) for r in base_runs]}; load average at the end "
-        f"{os.getloadavg()[0]:.1f} (other work shares this machine)",
+        f"- padded baseline's padding efficiency (real / padded tokens): {base['padding_efficiency']:.2f}; "
+        f"ours and the padding-free baseline pad nothing",
+        "- runs (alternating, medians in the table): tokens/s "
+        + "; ".join(f"{arm} {[round(r['tokens_per_second']) for r in runs[arm]]}" for arm in ARMS)
+        + f"; load average at the end {os.getloadavg()[0]:.1f}",
         "",
-        "| | ours | HF Trainer baseline | ratio |",
-        "|---|---|---|---|",
-        f"| tokens/s (real tokens) | {ours['tokens_per_second']:.0f} | {base['tokens_per_second']:.0f} | {speedup:.2f}x |",
-        f"| train loop seconds | {ours['train_seconds']:.1f} | {base['train_seconds']:.1f} | |",
+        "| | ours | Trainer, padded | Trainer, padding-free | ours / padded | ours / padding-free |",
+        "|---|---|---|---|---|---|",
+        f"| tokens/s (real tokens) | {ours['tokens_per_second']:.0f} | {base['tokens_per_second']:.0f} | "
+        f"{flat['tokens_per_second']:.0f} | {speedup:.2f}x | {flat_speedup:.2f}x |",
+        f"| train loop seconds | {ours['train_seconds']:.1f} | {base['train_seconds']:.1f} | "
+        f"{flat['train_seconds']:.1f} | | |",
         f"| val loss before → after | {ours['valid_loss_before']:.4f} → {ours['valid_loss_after']:.4f} | "
-        f"{base['valid_loss_before']:.4f} → {base['valid_loss_after']:.4f} | {loss_gap:+.2%} |",
+        f"{base['valid_loss_before']:.4f} → {base['valid_loss_after']:.4f} | "
+        f"{flat['valid_loss_before']:.4f} → {flat['valid_loss_after']:.4f} | {loss_gap:+.2%} | {flat_gap:+.2%} |",
+        f"| peak memory, MiB ({ours['memory_how']}) | {ours['peak_memory_mib']:.0f} | {base['peak_memory_mib']:.0f} | "
+        f"{flat['peak_memory_mib']:.0f} | | " + (f"{peak_ratio:.2f} |" if peak_ratio else "|"),
     ]
     if memory:
         record.append(
             f"| peak RSS, LoRA vs QLoRA ({args.memory_steps} steps, fresh process) | LoRA {memory['lora']['peak_rss_mib']:.0f} MiB | "
-            f"QLoRA {memory['qlora']['peak_rss_mib']:.0f} MiB | {mem_ratio:.2f} |"
+            f"QLoRA {memory['qlora']['peak_rss_mib']:.0f} MiB | | {mem_ratio:.2f} | |"
         )
     record += ["", "```", *lines, "```"]
     with args.results.open("a") as fh:
         fh.write("\n".join(record) + "\n")
     print(f"appended to {args.results}")
     return 0
+
+
+def measured(device: str, run) -> dict:
+    """``run()``'s figures plus the peak memory it took (process RSS on a CPU, allocated CUDA memory on a GPU)."""
+    import gc
+
+    import torch
+
+    from appliance.training.memory import peak_resident, peak_resident_reset
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        figures = run()
+        peak, how = torch.cuda.max_memory_allocated() - before, "CUDA allocated, over the arm"
+    else:
+        before = peak_resident_reset() or 0
+        figures = run()
+        peak, how = (peak_resident() or 0) - before, "process peak RSS growth over the arm"
+    gc.collect()
+    return {**figures, "peak_memory_mib": peak / 2**20, "memory_how": how}
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -179,13 +260,14 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def run_ours(model_dir: Path, train_records: list, val_records: list, hp: dict) -> dict:
+def run_ours(model_dir: Path, train_records: list, val_records: list, hp: dict, device: str = "cpu") -> dict:
     from appliance.training import TrainingSpec, train
 
     spec = TrainingSpec.from_method({"type": "lora", "lora": {"hyperparameters": hp}})
-    result = train(spec, model_dir, train_records, val_records, device="cpu", event_every_steps=8,
-                   on_event=lambda e: print(f"  {e.type} step {e.step}/{e.total_steps} loss "
-                                            f"{e.train_loss or e.valid_loss:.4f}", flush=True))
+    result = train(spec, model_dir, train_records, val_records, device=device, event_every_steps=8,
+                   on_event=lambda e: print(f"  {e.type} step {e.step}/{e.total_steps} " + (
+                       f"loss {e.train_loss or e.valid_loss:.4f}" if e.type in ("train", "validation")
+                       else (e.message or "")), flush=True))
     m = result.metrics
     return {
         "tokens_per_second": m.tokens_per_second, "tokens": m.trained_tokens, "steps": m.steps,
@@ -214,23 +296,34 @@ def eval_loss(causal_lm, examples: list, pad_id: int) -> float:
     total = count = 0
     with torch.no_grad():
         for i in range(0, len(examples), 16):
-            batch = pack(examples[i : i + 16])
+            batch = pack(examples[i : i + 16]).to(next(causal_lm.parameters()).device)
             total += packed_loss_sum(causal_lm, batch).item()
             count += batch.n_targets
     return total / count
 
 
-def run_baseline(model_dir: Path, train_records: list, val_records: list, hp: dict) -> dict:
+def run_baseline(model_dir: Path, train_records: list, val_records: list, hp: dict, device: str = "cpu",
+                 flatten: bool = False) -> dict:
+    """The stock Trainer + peft: batches padded to their longest example, or (``flatten``) padding-free."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, TrainingArguments
+    from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, DataCollatorWithFlattening,
+                              TrainingArguments)
+    from transformers.utils import is_flash_attn_2_available
 
     SameOrderTrainer = _make_same_order_trainer()
 
     tokenizer, train_set = tokenised(model_dir, train_records, hp["max_seq_length"])
     _, val_set = tokenised(model_dir, val_records, hp["max_seq_length"])
     torch.manual_seed(hp["seed"])
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+    bf16 = hp["precision"] == "bf16"
+    # Padding-free needs attention that follows the position-id restarts: FlashAttention-2's varlen kernel
+    # where installed (a GPU), else SDPA with the block-diagonal mask transformers derives from them.
+    attention = "flash_attention_2" if flatten and bf16 and device.startswith("cuda") and \
+        is_flash_attn_2_available() else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32,
+                                                 attn_implementation=attention, local_files_only=True,
+                                                 device_map={"": device})
     model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(
         r=hp["lora_r"], lora_alpha=hp["lora_alpha"], lora_dropout=hp["lora_dropout"],
@@ -245,10 +338,11 @@ def run_baseline(model_dir: Path, train_records: list, val_records: list, hp: di
             gradient_accumulation_steps=hp["gradient_accumulation_steps"], num_train_epochs=hp["n_epochs"],
             learning_rate=hp["learning_rate"], weight_decay=hp["weight_decay"], warmup_steps=hp["warmup_ratio"],
             lr_scheduler_type="linear", max_grad_norm=1.0, seed=hp["seed"], data_seed=hp["seed"],
-            save_strategy="no", eval_strategy="no", logging_steps=8, report_to=[], use_cpu=True,
-            dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
+            save_strategy="no", eval_strategy="no", logging_steps=8, report_to=[], use_cpu=device == "cpu",
+            bf16=bf16, dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
         )
-        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+        collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100) if flatten else \
+            DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
         trainer = SameOrderTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
         trainer.order_seed = hp["seed"]
         output = trainer.train()
@@ -267,7 +361,8 @@ def run_baseline(model_dir: Path, train_records: list, val_records: list, hp: di
         "tokens_per_second": tokens / seconds, "tokens": tokens, "steps": output.global_step,
         "train_seconds": seconds, "valid_loss_before": before,
         "valid_loss_after": eval_loss(model.get_base_model(), val_set, pad_id),
-        "padding_efficiency": sum(len(e) for e in train_set) / padded,
+        "padding_efficiency": 1.0 if flatten else sum(len(e) for e in train_set) / padded,
+        "attention": attention,
     }
 
 
@@ -307,11 +402,12 @@ def _make_same_order_trainer():
     return SameOrderTrainer
 
 
-def run_memory_child(method: str, args: argparse.Namespace, model_dir: Path, n_train: int) -> dict:
+def run_memory_child(method: str, args: argparse.Namespace, model_dir: Path, n_train: int, resolved: dict) -> dict:
     command = [
         sys.executable, str(Path(__file__).resolve()), "--memory-child", method, "--model-dir", str(model_dir),
         "--examples", str(n_train), "--batch-size", str(args.batch_size), "--max-seq-length",
         str(args.max_seq_length), "--memory-steps", str(args.memory_steps), "--learning-rate", str(args.learning_rate),
+        "--memory-hp", json.dumps(resolved),
     ]
     print(f"== peak RSS: {method} in a fresh process ==", flush=True)
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -326,6 +422,17 @@ def memory_child(args: argparse.Namespace, n_train: int) -> int:
 
     steps = args.memory_steps
     records = instruction_corpus(n_train, seed=0)[: steps * args.batch_size]
+    if args.memory_child in ("padded", "flattening"):
+        started = time.perf_counter()
+        hp = {**json.loads(args.memory_hp), "n_epochs": 1}
+        figures = run_baseline(args.model_dir, records, instruction_corpus(8, seed=1), hp,
+                               flatten=args.memory_child == "flattening")
+        status = Path("/proc/self/status").read_text()
+        peak_kib = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+        print(json.dumps({"method": args.memory_child, "peak_rss_mib": peak_kib / 1024, "steps": figures["steps"],
+                          "tokens_per_second": figures["tokens_per_second"],
+                          "seconds": time.perf_counter() - started}))
+        return 0
     hp = dict(n_epochs=1, batch_size=args.batch_size, learning_rate=args.learning_rate,
               max_seq_length=args.max_seq_length, checkpoint_every_steps=0, seed=0)
     spec = TrainingSpec.from_method({"type": args.memory_child, args.memory_child: {"hyperparameters": hp}})
