@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import stat
 
+import pytest
+
 from tests.cli_helpers import run_cli
 from tests.db_helpers import is_postgres
 
@@ -81,6 +83,7 @@ def test_key_file_readable_by_others_is_refused(tmp_path):
     assert proc.returncode == 2 and "0644" in proc.stderr and "chmod 600" in proc.stderr
 
 
+@pytest.mark.slow  # minutes of compute and no database behaviour of its own: the SQLite pass only
 def test_scan_dry_run_prints_the_report_without_uploading(tmp_path):
     import json
 

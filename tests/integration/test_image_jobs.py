@@ -54,6 +54,7 @@ def run_job(client, trainer: str, model: str, file_id: str, method: dict) -> ope
     return job
 
 
+@pytest.mark.slow  # minutes of compute and no database behaviour of its own: the SQLite pass only
 def test_dreambooth_lora_and_dreambooth_jobs_then_images_through_the_openai_client(
         client, state, image_model, make_token, tmp_path):
     owner = make_token("olivia", Role.DATA_OWNER, "acme")

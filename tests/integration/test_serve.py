@@ -27,6 +27,7 @@ def test_appliance_serve_answers_health_and_requires_tokens(tmp_path):
         server.stop()
 
 
+@pytest.mark.slow  # minutes of compute and no database behaviour of its own: the SQLite pass only
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_run_initialises_home_on_first_use_and_serves_health(tmp_path):
     home = tmp_path / "var"
