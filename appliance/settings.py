@@ -35,9 +35,20 @@ class HomeSettings:
         metadata=_env("APPLIANCE_HOME", "State directory: database, encrypted blobs, keys, logs."),
     )
 
+    model_import_dir: Path | None = field(
+        default=None,
+        metadata=_env("APPLIANCE_MODEL_IMPORT_DIR",
+                      "Directory on the host that POST /v1/model_imports imports base models from (admins place "
+                      "model folders or GGUF files there); empty means <home>/imports."),
+    )
+
     @property
     def logs_dir(self) -> Path:
         return self.home / "logs"
+
+    @property
+    def imports_dir(self) -> Path:
+        return self.model_import_dir or self.home / "imports"
 
     @property
     def data_dir(self) -> Path:

@@ -1,16 +1,30 @@
-"""``/v1/models``: base models and the caller's projects' adapters (vLLM's shape: adapters carry `parent`)."""
+"""``/v1/models``: base models and the caller's projects' adapters (vLLM's shape: adapters carry `parent`);
+``/v1/model_imports``: admins import base models from the host's import directory and follow the import."""
 
 from __future__ import annotations
 
-from litestar import Controller, Request, delete, get
-from litestar.di import NamedDependency
-from litestar.params import FromPath
+from typing import Any
 
-from appliance.catalog.schemas import ModelDeleted, ModelList, ModelObject
+from litestar import Controller, Request, delete, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody
+
+from appliance.catalog.imports import ModelImport
+from appliance.catalog.schemas import (
+    ModelDeleted,
+    ModelImportCreate,
+    ModelImportEvent,
+    ModelImportList,
+    ModelImportObject,
+    ModelList,
+    ModelObject,
+)
 from appliance.catalog.service import AdapterView, CatalogService
-from appliance.errors import MODEL_NAME_LIKE, NotFoundError, echo
+from appliance.errors import MODEL_NAME_LIKE, InvalidRequestError, NotFoundError, echo
 from appliance.identity.roles import Permission
 from appliance.web.context import audit_context
+from appliance.web.openapi import error_responses
+from serving.bodies import documented_body
 
 
 def _adapter_object(v: AdapterView) -> ModelObject:
@@ -54,3 +68,44 @@ class ModelController(Controller):
                                 "on the host", param="model")
         catalog.delete_adapter(request.user, audit_context(request), model_id)
         return ModelDeleted(id=model_id)
+
+
+def _import_object(task: ModelImport) -> ModelImportObject:
+    view = task.to_dict()
+    return ModelImportObject(
+        id=view["id"], model=view["model"], source=view["source"], status=view["status"],
+        created_by=view["created_by"], created_at=view["created_at"], finished_at=view["finished_at"],
+        error=view["error"], events=[ModelImportEvent(**e) for e in view["events"]])
+
+
+class ModelImportController(Controller):
+    path = "/v1/model_imports"
+    tags = ["models"]
+
+    @post(opt={"permission": Permission.MODELS_IMPORT}, status_code=202, sync_to_thread=True,
+          dto=documented_body(ModelImportCreate), return_dto=None, responses=error_responses(404, 409))
+    def create(self, request: Request, catalog: NamedDependency[CatalogService],
+               data: JSONBody[dict[str, Any]]) -> ModelImportObject:
+        """Import a base model placed in the import directory (admin). Answers at once with the running
+        import; follow it with `GET /v1/model_imports/{id}` (its `events` say each file copied and each check)."""
+        if not isinstance(data, dict):
+            raise InvalidRequestError(f"the body must be a JSON object; got {type(data).__name__}", param="body")
+        unknown = sorted(set(data) - {"source", "model"})
+        if unknown:
+            raise InvalidRequestError(f"unknown field(s) {', '.join(map(repr, unknown[:5]))}; expected `source` "
+                                      "and `model`", param=str(unknown[0])[:64])
+        model = data.get("model")
+        if not isinstance(model, str):
+            raise InvalidRequestError(f"`model` must be the new base model's name (a string); got "
+                                      f"{type(model).__name__}", param="model")
+        task = catalog.imports.start(audit_context(request), data.get("source"), model)
+        return _import_object(task)
+
+    @get(opt={"permission": Permission.MODELS_IMPORT}, sync_to_thread=True)
+    def list_imports(self, catalog: NamedDependency[CatalogService]) -> ModelImportList:
+        """Imports since the server started, newest first."""
+        return ModelImportList(data=[_import_object(t) for t in catalog.imports.list()])
+
+    @get("/{import_id:str}", opt={"permission": Permission.MODELS_IMPORT}, sync_to_thread=True)
+    def retrieve(self, catalog: NamedDependency[CatalogService], import_id: FromPath[str]) -> ModelImportObject:
+        return _import_object(catalog.imports.get(import_id))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -28,3 +28,41 @@ class ModelDeleted(msgspec.Struct):
     id: str
     deleted: bool = True
     object: str = "model"
+
+
+# -- /v1/model_imports -------------------------------------------------------------
+
+
+class ModelImportCreate(msgspec.Struct):
+    """``POST /v1/model_imports``: what to import from the import directory, and its name in the store."""
+
+    source: Annotated[str, msgspec.Meta(
+        description="Path of a Hugging Face model directory (sharded safetensors included), a .gguf file or a "
+                    "diffusers pipeline, relative to the import directory (APPLIANCE_MODEL_IMPORT_DIR).")]
+    model: Annotated[str, msgspec.Meta(
+        description="The base model's name in the store (and in /v1/models): letters, digits, '.', '_', '-'.")]
+
+
+class ModelImportEvent(msgspec.Struct):
+    created_at: int
+    message: str
+
+
+class ModelImportObject(msgspec.Struct):
+    """An import: running, succeeded (the model is in ``/v1/models``) or failed (``error`` says why)."""
+
+    id: str
+    model: str
+    source: str
+    status: str
+    created_by: str
+    created_at: int
+    finished_at: int | None
+    error: dict[str, Any] | None
+    events: list[ModelImportEvent]
+    object: str = "model.import"
+
+
+class ModelImportList(msgspec.Struct):
+    data: list[ModelImportObject]
+    object: str = "list"

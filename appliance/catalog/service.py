@@ -65,8 +65,13 @@ class CatalogService:
         signing_key_path: Ed25519 key signing adapter manifests.
     """
 
-    def __init__(self, db: Database, blobs: BlobStore, models_dir: Path, signing_key_path: Path) -> None:
+    def __init__(self, db: Database, blobs: BlobStore, models_dir: Path, signing_key_path: Path,
+                 import_dir: Path | None = None) -> None:
+        from appliance.catalog.imports import ModelImports
+
         self.db, self.blobs, self.models_dir = db, blobs, models_dir
+        #: Imports started through the API, from ``import_dir`` only.
+        self.imports = ModelImports(self, import_dir or models_dir.parent / "imports")
         self.signing_key_path = signing_key_path
         self.on_publish: list[AdapterHook] = []
         self.on_remove: list[AdapterHook] = []
@@ -75,8 +80,12 @@ class CatalogService:
         self.runtime_adapters: Callable[[], dict[str, str]] = dict
 
     # -- base models --------------------------------------------------------
-    def import_model(self, ctx: AuditContext, src: Path, name: str, *, demo: bool = False) -> BaseModelRecord:
-        """Import a Hugging Face directory or GGUF file as base model ``name`` (no network)."""
+    def import_model(self, ctx: AuditContext, src: Path, name: str, *, demo: bool = False,
+                     on_progress: Callable[[str], None] | None = None) -> BaseModelRecord:
+        """Import a Hugging Face directory, GGUF file or diffusers pipeline as base model ``name`` (no network).
+
+        ``on_progress`` is called with a sentence at each stage (each weight file copied, the checks).
+        """
         from appliance.modelstore import import_model
 
         check_model_name(name)
@@ -91,11 +100,13 @@ class CatalogService:
             if (Path(src) / "model_index.json").is_file():
                 from appliance.diffusion import import_diffusers_model
 
+                if on_progress:
+                    on_progress("copying and checking the diffusers pipeline")
                 dinfo = import_diffusers_model(src, dest, name)
                 kind, architecture, parameters = "diffusion", dinfo.pipeline_class, dinfo.parameter_count
                 info, details = dinfo, {"family": dinfo.family, "test_pipeline": dinfo.test_pipeline}
             else:
-                info = import_model(src, dest, name)
+                info = import_model(src, dest, name, on_progress=on_progress)
                 kind, architecture, parameters, details = "llm", info.architecture, info.parameter_count, {}
             with self.db.transaction() as s:
                 row = BaseModelRecord(
@@ -114,6 +125,10 @@ class CatalogService:
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
             raise
+
+    def has_base_model(self, name: str) -> bool:
+        with self.db.read() as s:
+            return self.base_model_in(s, name) is not None
 
     def list_base_models(self) -> list[BaseModelRecord]:
         with self.db.read() as s:

@@ -67,7 +67,8 @@ def models_import(path: Path | None, name: str | None, demo: bool, demo_images: 
         click.echo(f"model {name} already imported")
         return
     click.echo(f"importing {path} as {name} (dequantising a GGUF takes a minute on CPU)...", err=True)
-    row = catalog.import_model(_ctx(), Path(path), name, demo=demo)
+    row = catalog.import_model(_ctx(), Path(path), name, demo=demo,
+                               on_progress=lambda message: click.echo(f"  {message}", err=True))
     click.echo(f"imported {row.name}: {row.architecture}, {row.parameters:,} parameters, {row.content_hash[:23]}")
 
 

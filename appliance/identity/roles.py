@@ -44,6 +44,7 @@ class Permission(enum.StrEnum):
     # Serving
     MODELS_READ = "models:read"
     MODELS_MANAGE = "models:manage"
+    MODELS_IMPORT = "models:import"
     INFERENCE = "inference"
     SERVING_ADMIN = "serving:admin"
     # Audit
@@ -67,6 +68,7 @@ ROLE_PERMISSIONS: dict[Permission, frozenset[Role]] = {
     Permission.JOBS_READ: frozenset({Role.ADMIN, Role.TRAINER, Role.DATA_OWNER, Role.AUDITOR}),
     Permission.MODELS_READ: frozenset({Role.ADMIN, Role.TRAINER, Role.CONSUMER, Role.AUDITOR}),
     Permission.MODELS_MANAGE: frozenset({Role.ADMIN, Role.TRAINER}),
+    Permission.MODELS_IMPORT: frozenset({Role.ADMIN}),
     Permission.INFERENCE: frozenset({Role.ADMIN, Role.TRAINER, Role.CONSUMER}),
     Permission.SERVING_ADMIN: frozenset({Role.ADMIN}),
     Permission.AUDIT_READ: frozenset({Role.ADMIN, Role.AUDITOR}),

@@ -19,6 +19,7 @@ import re
 import shutil
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -87,7 +88,8 @@ class ModelInfo:
         return asdict(self)
 
 
-def import_model(src: Path, dest_dir: Path, name: str) -> ModelInfo:
+def import_model(src: Path, dest_dir: Path, name: str, *,
+                 on_progress: Callable[[str], None] | None = None) -> ModelInfo:
     """Import a base model from a Hugging Face directory or a GGUF file.
 
     GGUF weights are dequantised (to float32) and saved as safetensors. The
@@ -98,6 +100,8 @@ def import_model(src: Path, dest_dir: Path, name: str) -> ModelInfo:
         src: A Hugging Face model directory or a ``.gguf`` file.
         dest_dir: Where the model goes; must not exist or be empty.
         name: The store name, ``[A-Za-z0-9][A-Za-z0-9._-]*``, at most 128 characters.
+        on_progress: Called with a sentence at each stage and after each file copied
+            (an import of a 70B model moves a few hundred GB).
 
     Returns:
         The imported model's :class:`ModelInfo`.
@@ -119,6 +123,7 @@ def import_model(src: Path, dest_dir: Path, name: str) -> ModelInfo:
     if dest_dir.exists() and (not dest_dir.is_dir() or any(dest_dir.iterdir())):
         raise ConflictError(f"`dest_dir` {dest_dir} already exists and is not empty; choose another", param="dest_dir")
 
+    progress = on_progress or (lambda message: None)
     staging = dest_dir.parent / f".{dest_dir.name}.importing-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     try:
@@ -128,12 +133,16 @@ def import_model(src: Path, dest_dir: Path, name: str) -> ModelInfo:
                     f"`src` {src} is neither a model directory nor a .gguf file", param="src"
                 )
             source_format: Literal["hf", "gguf"] = "gguf"
+            progress(f"hashing {src.name} ({_gib(src.stat().st_size)})")
             source_hash = _sha256_file(src)
+            progress("dequantising the GGUF weights to safetensors")
             _import_gguf(src, staging)
         else:
             source_format = "hf"
-            copied = _import_hf_dir(src, staging)
+            copied = _import_hf_dir(src, staging, progress)
+            progress("hashing the source files")
             source_hash = _hash_files(src, copied)
+        progress("checking the weights cover the model and hashing the stored copy")
         info = _inspect(staging, name=name, source_format=source_format, source_hash=source_hash, src=src)
         if dest_dir.exists():
             dest_dir.rmdir()
@@ -209,7 +218,11 @@ def _import_gguf(src: Path, staging: Path) -> None:
     tokenizer.save_pretrained(staging)
 
 
-def _import_hf_dir(src: Path, staging: Path) -> list[Path]:
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
+
+
+def _import_hf_dir(src: Path, staging: Path, progress: Callable[[str], None]) -> list[Path]:
     if not (src / "config.json").is_file():
         raise InvalidRequestError(f"`src` {src} is not a model directory: it has no config.json", param="src")
     weights = _weight_files(src, src)
@@ -228,8 +241,14 @@ def _import_hf_dir(src: Path, staging: Path) -> list[Path]:
     _check_model_type(_load_config(src), src)
 
     copied = [src / f for f in _HF_FILES if (src / f).is_file()] + weights
-    for path in copied:
+    total = sum(p.stat().st_size for p in copied)
+    progress(f"copying {len(copied)} files ({_gib(total)})")
+    done = 0
+    for i, path in enumerate(copied, 1):
         shutil.copyfile(path, staging / path.name)  # follows hub-cache symlinks to the blobs
+        done += path.stat().st_size
+        if path in weights:
+            progress(f"copied {path.name} ({i}/{len(copied)} files, {_gib(done)} of {_gib(total)})")
     return copied
 
 

@@ -15,7 +15,7 @@ from litestar.plugins.jinja import JinjaTemplateEngine
 
 from appliance.auditor.controllers import AuditController, AuditProofController, AuditReportController
 from appliance.identity.auth import PUBLIC_OPT, BearerAuthMiddleware, csrf_guard, permission_guard
-from appliance.catalog.controllers import ModelController
+from appliance.catalog.controllers import ModelController, ModelImportController
 from appliance.files.controllers import FileController
 from appliance.identity.controllers import MeController, ProjectController, TokenController, UserController
 from appliance.inference.controllers import ImageController, InferenceController, RuntimeLoraController
@@ -40,7 +40,7 @@ from appliance.settings import Settings, get_settings
 ROUTE_HANDLERS = [
     health, MeController, ProjectController, UserController, TokenController, AuditController, AuditProofController,
     AuditReportController, FileController,
-    PolicyController, GlossaryController, ModelController, JobController, InferenceController, RuntimeLoraController,
+    PolicyController, GlossaryController, ModelController, ModelImportController, JobController, InferenceController, RuntimeLoraController,
     ImageController,
 ]
 PORTAL_DIR = Path(__file__).resolve().parent.parent / "portal"

@@ -34,7 +34,8 @@ def build_state(
     keys = FileKeyProvider(settings.key_file)
     blobs = BlobStore(settings.blobs_dir, keys)
     policies = PolicyService(db, settings.intake.default_policy, GlossaryService(db, blobs))
-    catalog = CatalogService(db, blobs, settings.models_dir, settings.signing_key_file)
+    catalog = CatalogService(db, blobs, settings.models_dir, settings.signing_key_file,
+                             import_dir=settings.home.imports_dir)
     scheduler_settings = scheduler_settings or SchedulerSettings(lease_s=settings.jobs.lease_s)
     if scheduler_settings.executor is None:
         scheduler_settings = replace(scheduler_settings, executor=make_executor(

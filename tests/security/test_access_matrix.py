@@ -210,6 +210,10 @@ ROUTES: dict[str, Route] = {
         lambda w: Req("DELETE", f"/api/v1/projects/{OWN}/glossary/gle_none"),
         lambda w: Req("DELETE", f"/api/v1/projects/{OTHER}/glossary/gle_none")),
     # -- models -------------------------------------------------------------------------------
+    "GET /v1/model_imports": Route(G("/v1/model_imports")),
+    "GET /v1/model_imports/{import_id:str}": Route(G("/v1/model_imports/modelimport-none")),
+    "POST /v1/model_imports": Route(lambda w: Req("POST", "/v1/model_imports",
+                                                  {"json": {"source": "none", "model": w.unique("m")}})),
     "GET /v1/models": Route(G("/v1/models"), G("/v1/models"), "scoped", _no_other_ids),
     "GET /v1/models/{model_id:str}": Route(lambda w: Req("GET", f"/v1/models/{w.adapters[OWN]}"),
                                            lambda w: Req("GET", f"/v1/models/{w.adapters[OTHER]}")),
