@@ -133,10 +133,15 @@ class ModelImports:
                 f"`source` must be a relative path inside the import directory (no '..'); got {source!r}",
                 param="source")
         root = self.import_dir.resolve()
-        path = (root / relative).resolve()
+        try:
+            path = (root / relative).resolve()
+            exists = path.exists()
+        except (OSError, ValueError) as exc:  # a NUL byte, a name too long for the file system
+            raise InvalidRequestError(f"`source` {source[:200]!r} is not a usable path: {type(exc).__name__}",
+                                      param="source") from None
         if not path.is_relative_to(root):
             raise InvalidRequestError(f"`source` {source!r} leads out of the import directory", param="source")
-        if not path.exists():
+        if not exists:
             raise NotFoundError(f"`source` {source!r} is not in the import directory; place the model there "
                                 "first", param="source")
         return path
