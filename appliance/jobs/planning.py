@@ -105,3 +105,18 @@ def plan_or_problem(model_dir: str | Path, method: str, hyperparameters: dict[st
         raise
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def worker_sharding(compute: dict[str, Any] | None) -> str:
+    """The ``sharding`` a worker trains with: the job's choice, or with ``auto`` the memory plan's.
+
+    The plan made at creation (``compute.plan``) is what the job shows; the worker follows it, so
+    what was shown is what runs. Without a plan (a model whose config could not be planned) the
+    worker decides from the weights' size against its own device (``auto``).
+    """
+    compute = compute or {}
+    sharding = compute.get("sharding", AUTO)
+    planned = (compute.get("plan") or {}).get("sharding")
+    if sharding == AUTO and planned in ("fsdp", "none"):
+        return planned
+    return sharding

@@ -14,6 +14,7 @@ def run_task(channel: Channel, start: dict[str, Any], datasets: dict[str, Any], 
     """Train the job's adapter (LLM or image model) and report everything over ``channel``."""
     if start.get("model_kind") == "diffusion":
         return run_image_task(channel, start, datasets, resume)
+    from appliance.jobs.planning import worker_sharding
     from appliance.training import TrainingSpec, train
     from appliance.training.memorization import ProbeTarget
 
@@ -46,7 +47,7 @@ def run_task(channel: Channel, start: dict[str, Any], datasets: dict[str, Any], 
         on_event=on_event, open_checkpoint=open_checkpoint, should_stop=channel.stop.is_set,
         resume_from=resume, base_model_name=Path(start["model_dir"]).name,
         canaries=canaries, canary_repetitions=memorization.get("canary_repetitions", 1), probe_targets=probe_targets,
-        sharding=(start.get("compute") or {}).get("sharding", "auto"),
+        sharding=worker_sharding(start.get("compute")),
     )
     if result.status == "cancelled":
         channel.send({"type": "cancelled", "step": result.metrics.steps})

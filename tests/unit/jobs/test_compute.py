@@ -46,3 +46,13 @@ def test_all_problems_are_reported_at_once():
     with pytest.raises(InvalidRequestError) as info:
         check({"gpus": 1, "workers": "x"})
     assert "compute.gpus" in info.value.message and "got 'x'" in info.value.message
+
+
+def test_a_worker_shards_as_the_plan_shown_at_creation_says_unless_the_job_chose():
+    from appliance.jobs.planning import worker_sharding
+
+    assert worker_sharding({"workers": 4, "plan": {"sharding": "fsdp"}}) == "fsdp"
+    assert worker_sharding({"workers": 4, "sharding": "auto", "plan": {"sharding": "none"}}) == "none"
+    assert worker_sharding({"workers": 4, "sharding": "none", "plan": {"sharding": "fsdp"}}) == "none"
+    assert worker_sharding({"workers": 4}) == "auto"  # no plan (config not plannable): the worker decides
+    assert worker_sharding(None) == "auto"
