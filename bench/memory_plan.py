@@ -94,7 +94,7 @@ def measure(model_dir: Path, method: str, seq: int, examples: int, checkpointing
     if method == "lora" and ckpt is not None:
         extra["gradient_checkpointing"] = ckpt
     hp = cls(n_epochs=1, batch_size=examples, learning_rate=1e-4, lora_r=16, lora_alpha=32, lora_dropout=0.05,
-             target_modules=list(planner._DEFAULT_TARGETS), max_seq_length=seq, warmup_ratio=0.0, weight_decay=0.0,
+             target_modules=list(planner.DEFAULT_TARGETS), max_seq_length=seq, warmup_ratio=0.0, weight_decay=0.0,
              gradient_accumulation_steps=1, checkpoint_every_steps=0, **extra)
     job = planner.JobShape(method=method, rank=16, max_seq_length=seq, batch_size=examples, precision="fp32",
                            lora_dropout=0.05)

@@ -21,6 +21,12 @@ from typing import Any
 from appliance.errors import InvalidRequestError
 from appliance.modelstore.architectures import SUPPORTED_ARCHITECTURES
 from appliance.training import planner
+from appliance.training.hyperparameters import (
+    AUTO_LORA_DROPOUT,
+    AUTO_LORA_R,
+    AUTO_MAX_SEQ_LENGTH_CAP,
+    AUTO_MIN_BATCH_SIZE,
+)
 from appliance.training.memory import available_memory
 
 AUTO = "auto"
@@ -62,13 +68,13 @@ def plan_at_creation(model_dir: str | Path, method: str, hyperparameters: dict[s
     context = shape.max_position_embeddings or 2048
     max_seq_length = hp.get("max_seq_length", AUTO)
     if max_seq_length == AUTO:
-        max_seq_length = min(2048, context)
+        max_seq_length = min(AUTO_MAX_SEQ_LENGTH_CAP, context)
     architecture = SUPPORTED_ARCHITECTURES.get(config.get("model_type", ""))
     targets = hp.get("target_modules", AUTO)
     if targets == AUTO:
-        targets = architecture.default_target_modules if architecture else planner._DEFAULT_TARGETS
+        targets = architecture.default_target_modules if architecture else planner.DEFAULT_TARGETS
     batch_size = hp.get("batch_size", AUTO)
-    batch_size = 4 if batch_size == AUTO else int(batch_size)  # the auto rule's smallest batch
+    batch_size = AUTO_MIN_BATCH_SIZE if batch_size == AUTO else int(batch_size)  # the auto rule's smallest batch
     workers = int(compute.get("workers", 1))
     sharding = compute.get("sharding", AUTO)
     accumulation = hp.get("gradient_accumulation_steps", AUTO)
@@ -77,9 +83,11 @@ def plan_at_creation(model_dir: str | Path, method: str, hyperparameters: dict[s
     if precision == AUTO:
         precision = "bf16" if device.kind == "cuda" else "fp32"
     job = planner.JobShape(
-        method=method, rank=16 if hp.get("lora_r", AUTO) == AUTO else int(hp["lora_r"]), targets=tuple(targets),
+        method=method, targets=tuple(targets),
+        rank=AUTO_LORA_R if hp.get("lora_r", AUTO) == AUTO else int(hp["lora_r"]),
         max_seq_length=int(max_seq_length), batch_size=batch_size, precision=precision,
-        lora_dropout=0.05 if hp.get("lora_dropout", AUTO) == AUTO else float(hp["lora_dropout"]),
+        lora_dropout=(AUTO_LORA_DROPOUT if hp.get("lora_dropout", AUTO) == AUTO
+                      else float(hp["lora_dropout"])),
         dp=hp.get("dp") is not None, workers=workers,
         fsdp=None if sharding == AUTO else sharding == "fsdp",
         checkpointing=None if checkpointing == AUTO else bool(checkpointing),

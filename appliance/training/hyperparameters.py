@@ -75,6 +75,11 @@ __all__ = ["AUTO", "HYPERPARAMETERS", "SHARDING", "Auto", "DifferentialPrivacy",
 Precision = Literal["auto", "fp32", "bf16"]
 
 BASE_LEARNING_RATE = 2e-4
+#: ``auto`` values that do not depend on the data (the job planner assumes the same at creation).
+AUTO_LORA_R = 16
+AUTO_LORA_DROPOUT = 0.05
+AUTO_MAX_SEQ_LENGTH_CAP = 2048
+AUTO_MIN_BATCH_SIZE = 4
 MICRO_BATCH_TOKEN_BUDGET = 16384
 _MODULE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 DP_AUTO_DELTA_CAP = 1e-5
@@ -291,7 +296,7 @@ def resolve(
         values["n_epochs"] = epochs
     if hp.batch_size == AUTO:
         target = max(1, math.ceil(0.002 * n))
-        values["batch_size"] = min(n, max(4, min(32, 1 << (target - 1).bit_length())))
+        values["batch_size"] = min(n, max(AUTO_MIN_BATCH_SIZE, min(32, 1 << (target - 1).bit_length())))
     batch_size = values.get("batch_size", hp.batch_size)
 
     if hp.learning_rate == AUTO:
@@ -301,15 +306,15 @@ def resolve(
     else:
         values["learning_rate_multiplier"] = float(hp.learning_rate) / BASE_LEARNING_RATE
     if hp.lora_r == AUTO:
-        values["lora_r"] = 16
+        values["lora_r"] = AUTO_LORA_R
     if hp.lora_alpha == AUTO:
         values["lora_alpha"] = float(2 * values.get("lora_r", hp.lora_r))
     if hp.lora_dropout == AUTO:
-        values["lora_dropout"] = 0.05
+        values["lora_dropout"] = AUTO_LORA_DROPOUT
     if hp.target_modules == AUTO:
         values["target_modules"] = tuple(default_target_modules)
     if hp.max_seq_length == AUTO:
-        cap = min(2048, context_length or 2048)
+        cap = min(AUTO_MAX_SEQ_LENGTH_CAP, context_length or AUTO_MAX_SEQ_LENGTH_CAP)
         values["max_seq_length"] = min(cap, max(64, math.ceil(longest_example_tokens / 64) * 64))
     max_seq_length = values.get("max_seq_length", hp.max_seq_length)
     if hp.warmup_ratio == AUTO:

@@ -56,7 +56,8 @@ NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
 #: AdamW on fp32 LoRA weights: the weight, its gradient and two moments.
 ADAPTER_BYTES_PER_PARAM = 16
 
-_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: LoRA targets when a config names no known architecture: every projection of a Llama-like block.
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ class JobShape:
 
     method: str = "lora"
     rank: int = 16
-    targets: tuple[str, ...] = _DEFAULT_TARGETS
+    targets: tuple[str, ...] = DEFAULT_TARGETS
     max_seq_length: int = 2048
     batch_size: int = 8
     precision: str = "bf16"

@@ -61,7 +61,7 @@ def test_parameter_counts_match_the_published_sizes(config, billions):
 
 def test_lora_parameters_are_counted_per_projection():
     # Llama-3-8B, rank 16 on all seven projections: 16 * sum(in + out) * 32 layers (peft prints 41,943,040).
-    assert shape(LLAMA3_8B).lora_params(16, planner._DEFAULT_TARGETS) == 41_943_040
+    assert shape(LLAMA3_8B).lora_params(16, planner.DEFAULT_TARGETS) == 41_943_040
 
 
 def test_llama3_8b_lora_fits_one_80gb_gpu_with_checkpointing_for_large_micro_batches():
