@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -100,7 +100,8 @@ def materialise(model: torch.nn.Module, model_dir: Path, device: torch.device,
         first_module, first_name = group[0]
         for module, name in group[1:]:
             module._parameters[name] = first_module._parameters[first_name]
-    with torch.no_grad(), _Checkpoint(model_dir) as checkpoint:
+    checkpoint = _Checkpoint(model_dir)
+    with torch.no_grad():
         for name, param in model.named_parameters():
             source = initial.get(name)
             if source is None:
@@ -142,7 +143,7 @@ def _fill(param: torch.nn.Parameter, source, name: str) -> None:
 
 
 class _Checkpoint:
-    """The safetensors files of a model directory, opened once each, tensors found by name."""
+    """The safetensors files of a model directory, tensors found by name."""
 
     def __init__(self, model_dir: Path) -> None:
         model_dir = Path(model_dir)
@@ -151,43 +152,39 @@ class _Checkpoint:
             weight_map = json.loads(index.read_text())["weight_map"]
             self._files = {key: model_dir / file for key, file in weight_map.items()}
         elif (model_dir / SAFETENSORS_FILE).is_file():
-            self._files = None
-            self._single = model_dir / SAFETENSORS_FILE
+            with safe_open(str(model_dir / SAFETENSORS_FILE), framework="pt", device="cpu") as handle:
+                self._files = dict.fromkeys(handle.keys(), model_dir / SAFETENSORS_FILE)
         else:
             raise ValueError(f"`model_dir` {model_dir.name} has neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX}")
         self._model_dir = model_dir
-        self._stack = ExitStack()
-        self._open: dict[Path, tuple[object, set[str]]] = {}
-
-    def __enter__(self) -> _Checkpoint:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stack.close()
 
     def tensor(self, key: str) -> _Stored:
         """Tensor ``key``, not read yet."""
-        path = self._single if self._files is None else self._files.get(key)
+        path = self._files.get(key)
         if path is None:
             raise ValueError(f"weight {key!r} is in no safetensors file of `model_dir` {self._model_dir.name}")
-        if path not in self._open:
-            handle = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-            self._open[path] = (handle, set(handle.keys()))
-        handle, keys = self._open[path]
-        if key not in keys:
-            raise ValueError(f"weight {key!r} is not in {path.name} of `model_dir` {self._model_dir.name}")
-        return _Stored(handle, key)
+        return _Stored(path, key)
 
 
 class _Stored:
-    """One tensor of an open safetensors file: its shape, and reads of all of it or of some rows."""
+    """One tensor of a safetensors file: its shape, and reads of all of it or of some rows.
 
-    def __init__(self, handle, key: str) -> None:
-        self._handle, self._key = handle, key
-        self.shape = tuple(handle.get_slice(key).get_shape())
+    Each read opens the file anew: safetensors maps the whole file, and every
+    page read stays resident in this process until the file is closed, which
+    over a whole load would add up to this rank's share of the checkpoint on
+    top of the weights copied out of it. What a read returns maps only its
+    own pages, released once the rows are copied into the model.
+    """
+
+    def __init__(self, path: Path, key: str) -> None:
+        self._path, self._key = str(path), key
+        with safe_open(self._path, framework="pt", device="cpu") as handle:
+            self.shape = tuple(handle.get_slice(key).get_shape())
 
     def whole(self) -> torch.Tensor:
-        return self._handle.get_tensor(self._key)
+        with safe_open(self._path, framework="pt", device="cpu") as handle:
+            return handle.get_tensor(self._key)
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
-        return self._handle.get_slice(self._key)[start:stop]
+        with safe_open(self._path, framework="pt", device="cpu") as handle:
+            return handle.get_slice(self._key)[start:stop]
