@@ -21,7 +21,7 @@ from appliance.training import trainer as trainer_module
 from appliance.training.distributed import DataParallel, needs_sharding, shard_model
 from appliance.training.hyperparameters import LoraHyperparameters, resolve
 from appliance.training.memorization import new_canaries
-from appliance.training.memory import peak_resident, peak_resident_reset
+from appliance.training.memory import peak_resident
 from appliance.training.recipes import lora
 
 from .conftest import make_spec, reverse_records
