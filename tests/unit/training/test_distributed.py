@@ -238,8 +238,8 @@ def test_fsdp_ranks_load_well_under_a_whole_copy_of_the_weights(tmp_path):
     mp.spawn(_memory_rank, args=(2, str(model_dir), str(tmp_path)), nprocs=2, join=True)
 
     # Measured (2 cores, gloo, fp32, 456 MiB of weights): loading peaks at 0.60x the weights per rank
-    # (its half of the decoder, the whole embeddings, 0.55x, plus reading); opening the file once for the
-    # whole load kept every page read resident, 1.2x. The whole run, training included, peaks at 1.05x
+    # (its half of the decoder and the whole embeddings, 0.53x, plus reading); opening the file once for the
+    # whole load kept every page read resident, 1.35x. The whole run, training included, peaks at 1.05x
     # (a replicated rank: 1.28x): the steps add some 200 MiB beyond the shards (FSDP's gathered layers,
     # the allocator), not yet under the bound; see `run` in the report.
     for rank in (0, 1):
