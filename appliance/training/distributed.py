@@ -193,4 +193,11 @@ def shard_model(causal_lm: torch.nn.Module, dp: DataParallel, device: torch.devi
         raise ValueError(f"{type(causal_lm).__name__} names no decoder layers (_no_split_modules) to shard")
     for layer in layers:
         fully_shard(layer, mesh=mesh)
+    # The decoder around the layers is the FSDP root, managing none of its own weights (the embeddings
+    # and the final norm stay whole): with each layer its own root, FSDP would keep every layer gathered
+    # after its forward (a root reshards only after backward), so an evaluation pass would end with the
+    # whole decoder on every rank.
+    decoder = causal_lm.get_decoder()
+    whole = {p for p in decoder.parameters() if not any(p is q for layer in layers for q in layer.parameters())}
+    fully_shard(decoder, mesh=mesh, ignored_params=whole)
     return len(layers)

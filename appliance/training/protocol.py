@@ -7,6 +7,7 @@ activation checkpointing) and how the adapter is saved; the loop in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,8 +43,14 @@ class Recipe(Protocol):
     #: object as its hyperparameters class declares, so it can be read without loading the recipe.
     capabilities: RecipeCapabilities
 
-    def setup(self, model_dir: Path, hp: Any, device: torch.device) -> Setup:
-        """Load the base model from ``model_dir`` and attach LoRA per resolved ``hp``."""
+    def setup(self, model_dir: Path, hp: Any, device: torch.device,
+              shard: Callable[[torch.nn.Module], None] | None = None) -> Setup:
+        """Load the base model from ``model_dir`` and attach LoRA per resolved ``hp``.
+
+        ``shard`` is given only to recipes whose capabilities say ``supports_fsdp``, in a
+        sharded run: the recipe calls it with the causal LM (adapter attached) before
+        loading the weights, and then loads only this rank's shards.
+        """
         ...
 
     def save(self, setup: Setup, base_model_name: str) -> dict[str, bytes]:

@@ -254,13 +254,17 @@ def _build(
     save_checkpoint: Callable[[int, dict[str, Any]], None] | None,
 ) -> _Run:
     """The recipe's model (sharded over the ranks when ``ddp`` says so), its optimizer, scheduler and DP engine."""
-    setup = recipe.setup(model_dir, hp, device)
+    if ddp is not None and ddp.sharded:
+        units: list[int] = []
+        # The recipe shards the model before loading its weights: each rank loads its shards only.
+        setup = recipe.setup(model_dir, hp, device,
+                             shard=lambda causal_lm: units.append(distributed.shard_model(causal_lm, ddp, device)))
+        event("info", 0, message=f"base model sharded over {ddp.world} workers (FSDP, {sum(units)} layers)")
+    else:
+        setup = recipe.setup(model_dir, hp, device)
     setup.model.train()  # from_pretrained leaves the base model in eval mode (no dropout, no checkpointing)
     if ddp is not None:
         setup.details["data_parallel"] = {"workers": ddp.world, "sharding": "fsdp" if ddp.sharded else "none"}
-    if ddp is not None and ddp.sharded:
-        units = distributed.shard_model(setup.model.get_base_model(), ddp, device)
-        event("info", 0, message=f"base model sharded over {ddp.world} workers (FSDP, {units} layers)")
     trainable = [p for p in setup.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(total_steps * hp.warmup_ratio), total_steps)
