@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from appliance.audit.service import AuditContext, record
+from appliance.catalog.names import check_model_name
 from appliance.db.base import utcnow
 from appliance.errors import ApplianceError, ConflictError, InvalidRequestError, NotFoundError
 
@@ -91,8 +92,6 @@ class ModelImports:
             NotFoundError: Nothing is at ``source``.
             ConflictError: A model ``name`` exists or is being imported.
         """
-        from appliance.catalog.service import check_model_name
-
         check_model_name(name, param="model")
         path = self.resolve(source)
         if self.catalog.has_base_model(name):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from appliance import __version__
 from appliance.audit.service import AuditContext, record
 from appliance.catalog.archive import AdapterArchive, unpack_files
 from appliance.catalog.models import AdapterRecord, BaseModelRecord
+from appliance.catalog.names import check_model_name
 from appliance.crypto.signing import load_or_create_signing_key, public_key_pem, sign, verify
 from appliance.db.base import Database, created_before, utcnow
 from appliance.errors import MODEL_NAME_LIKE, ConflictError, InvalidRequestError, NotFoundError, echo
@@ -27,7 +27,6 @@ from appliance.storage.blobs import BlobStore, ShredEvidence
 if TYPE_CHECKING:
     from appliance.identity.models import Project
 
-_MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
 #: The tiny randomly initialised Stable Diffusion pipeline (``models import --demo-images``).
 DEMO_IMAGE_MODEL_NAME = "tiny-sd-random"
@@ -35,14 +34,6 @@ DEMO_IMAGE_MODEL_NAME = "tiny-sd-random"
 
 def _adapter_object_id(job_id: str) -> str:
     return f"adapter-{job_id.removeprefix('ftjob-')}"
-
-
-def check_model_name(name: str, *, param: str = "name") -> str:
-    if not _MODEL_NAME_RE.match(name or ""):
-        raise InvalidRequestError(
-            f"`{param}` must be 1-128 characters of letters, digits, '.', '_' or '-'; got {name!r}", param=param
-        )
-    return name
 
 
 @dataclass(frozen=True)
