@@ -71,11 +71,10 @@ class ModelController(Controller):
 
 
 def _import_object(task: ModelImport) -> ModelImportObject:
-    view = task.to_dict()
     return ModelImportObject(
-        id=view["id"], model=view["model"], source=view["source"], status=view["status"],
-        created_by=view["created_by"], created_at=view["created_at"], finished_at=view["finished_at"],
-        error=view["error"], events=[ModelImportEvent(**e) for e in view["events"]])
+        id=task.id, model=task.name, source=task.source, status=task.status, created_by=task.created_by,
+        created_at=task.created_at, finished_at=task.finished_at, error=task.error,
+        events=[ModelImportEvent(**e) for e in list(task.events)])
 
 
 class ModelImportController(Controller):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -60,11 +59,6 @@ class ModelImport:
     def event(self, message: str) -> None:
         self.events.append({"created_at": int(utcnow().timestamp()), "message": message})
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "object": "model.import", "model": self.name, "source": self.source,
-                "status": self.status, "created_by": self.created_by, "created_at": self.created_at,
-                "finished_at": self.finished_at, "error": self.error, "events": list(self.events)}
-
 
 class ModelImports:
     """Starts imports in background threads and answers for them.
@@ -72,14 +66,10 @@ class ModelImports:
     Args:
         catalog: Imports the model and records it (:meth:`CatalogService.import_model`).
         import_dir: The only directory sources may be named in.
-        start_thread: Runs the import (a daemon thread; tests may run it inline).
     """
 
-    def __init__(self, catalog: CatalogService, import_dir: Path,
-                 start_thread: Callable[[Callable[[], None]], None] | None = None) -> None:
+    def __init__(self, catalog: CatalogService, import_dir: Path) -> None:
         self.catalog, self.import_dir = catalog, Path(import_dir)
-        self._start = start_thread or (lambda run: threading.Thread(target=run, daemon=True,
-                                                                    name="model-import").start())
         self._imports: dict[str, ModelImport] = {}
         self._lock = threading.Lock()
 
@@ -106,7 +96,7 @@ class ModelImports:
             record(s, ctx, "model.import.request", resource_type="base_model", resource_id=name,
                    details={"import_id": task.id, "source": source})
         task.event(f"import of {source!r} as {name!r} requested by {ctx.actor}")
-        self._start(lambda: self._run(ctx, task, path))
+        threading.Thread(target=self._run, args=(ctx, task, path), daemon=True, name="model-import").start()
         return task
 
     def get(self, import_id: str) -> ModelImport:

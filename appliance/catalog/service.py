@@ -80,9 +80,8 @@ class CatalogService:
         from appliance.modelstore import import_model
 
         check_model_name(name)
-        with self.db.read() as s:
-            if s.scalar(select(BaseModelRecord).where(BaseModelRecord.name == name)) is not None:
-                raise ConflictError(f"base model {name!r} already exists", param="name")
+        if self.has_base_model(name):
+            raise ConflictError(f"base model {name!r} already exists", param="name")
         dest = self.models_dir / name
         if dest.exists():
             shutil.rmtree(dest)  # leftover of an interrupted import: nothing references it
