@@ -1,6 +1,6 @@
 """vLLM directly vs the same vLLM through the appliance, side by side on one host.
 
-    .venv/bin/python bench/serve_vllm.py            # default run, about 6 minutes on 2 CPU cores
+    .venv/bin/python bench/serve_vllm.py            # default run, about 15 minutes on 2 CPU cores
     .venv/bin/python bench/serve_vllm.py --quick    # smoke run
     .venv/bin/python bench/serve_vllm.py --results bench/RESULTS.md   # also append the figures
 
@@ -217,9 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--publishes", type=int, default=20)
-    parser.add_argument("--per-client", type=int, default=2,
-                        help="requests each client sends per round, back to back (more: closer to a steady state)")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--per-client", type=int, default=8,
+                        help="requests each client sends per round, back to back: 8 measures the steady state; "
+                             "with 2 a round is mostly ramp-up and tail, where a few ms of added latency per "
+                             "request decide which arm's last request ends the round")
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--vllm-python", type=Path, default=None)
     parser.add_argument("--split-cores", action="store_true",
                         help="vLLM on CPU 1, the appliance and the clients on CPU 0 (as vLLM on a GPU)")
