@@ -19,7 +19,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test test-postgres test-latest lock venv clean-venv browser validators postgres wheelhouse audit-deps \
+.PHONY: run test test-postgres test-latest lock venv clean-venv sandbox browser validators postgres wheelhouse audit-deps \
         vllm-venv vllm-lock
 
 venv: $(STAMP)
@@ -70,10 +70,17 @@ vllm-lock:
 lock:
 	$(PYTHON) $(LOCKPY) generate
 
-run: $(STAMP)
+run: $(STAMP) sandbox
 	$(BIN)/appliance init
 	$(BIN)/appliance models import --demo --if-missing
 	$(BIN)/appliance serve
+
+# Training workers run in a bubblewrap sandbox by default (APPLIANCE_WORKER_ISOLATION, README "Worker
+# isolation"); without bwrap jobs fail closed, so it is installed here as chromium is for the tests.
+sandbox:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q bubblewrap >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q bubblewrap >/dev/null; }; \
+	  else echo "note: install Debian's bubblewrap (sudo apt-get install bubblewrap): training jobs fail without it unless APPLIANCE_WORKER_ISOLATION is weakened"; fi; }
 
 # The portal tests drive Debian's chromium through Playwright (never a downloaded browser).
 browser:
@@ -102,7 +109,7 @@ postgres:
 
 # The whole suite twice: on SQLite, then on PostgreSQL (test-postgres). Both passes
 # always run; make fails if either failed.
-test: $(STAMP) $(VLLM_STAMP) browser validators postgres
+test: $(STAMP) $(VLLM_STAMP) sandbox browser validators postgres
 	@status=0; \
 	$(BIN)/python -m pytest $(PYTEST_ARGS) || status=$$?; \
 	$(MAKE) --no-print-directory test-postgres || status=$$?; \
@@ -117,7 +124,7 @@ test: $(STAMP) $(VLLM_STAMP) browser validators postgres
 PG_TESTS := tests/integration tests/security tests/faults tests/bench tests/unit/jobs tests/unit/storage \
             tests/unit/audit tests/unit/identity
 PG_MARKS := not slow
-test-postgres: $(STAMP) postgres
+test-postgres: $(STAMP) sandbox postgres
 	@if $(PYTHON) tests/with_postgres.py --check >/dev/null 2>&1; then \
 	  $(PYTHON) tests/with_postgres.py $(BIN)/python -m pytest $(if $(PG_MARKS),-m "$(PG_MARKS)") $(PG_TESTS) $(PYTEST_ARGS); \
 	else echo "note: PostgreSQL is not installed; skipping the PostgreSQL pass"; fi
@@ -154,7 +161,7 @@ wheelhouse: $(LOCK)
 # not part of `make test` or CI. It prints what moved past the lock, the failing tests, and for each the
 # upgrade whose rollback alone makes it pass, so drift is seen before a customer's install meets it.
 LATEST := .venv-latest
-test-latest: browser validators
+test-latest: sandbox browser validators
 	@test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
 	@$(LATEST)/bin/pip install -q 'pip>=25.3'
 	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager $(TORCH_CPU) -e '.[dev,postgres,ray]'

@@ -279,6 +279,14 @@ class JobSettings:
                       minimum=10),
     )
 
+    worker_isolation: Literal["sandbox", "network-only", "none"] = field(
+        default="sandbox",
+        metadata=_env("APPLIANCE_WORKER_ISOLATION",
+                      "How local training workers are shut in: sandbox (bubblewrap: own namespaces and user, a "
+                      "file system view of only what the job needs, a seccomp filter), network-only (own network "
+                      "namespace only) or none. Jobs fail, never run weaker, when the level cannot be built; a "
+                      "weaker level is audited at start-up and on every job."),
+    )
     executor: Literal["local", "ray"] = field(
         default="local",
         metadata=_env("APPLIANCE_EXECUTOR", "local (sandboxed worker processes here) or ray (Ray job submission)."),

@@ -2,12 +2,13 @@
 
 Each worker gets:
 
-* its own network namespace (``unshare -n`` as root, ``unshare -rn`` through a
-  user namespace otherwise) where the host allows it; the offline switches of
-  every ML library in any case;
-* a scrubbed environment (no ``APPLIANCE_*``, no proxies, no tokens);
-* limits on open files and memory, and no core dumps (a core would be
-  plaintext training data on disk);
+* the isolation level ``APPLIANCE_WORKER_ISOLATION`` names (:mod:`appliance.jobs.isolation`):
+  by default a bubblewrap sandbox with its own namespaces, a file system view of only what it
+  needs and a seccomp filter; failing closed when that cannot be built;
+* a scrubbed environment (no ``APPLIANCE_*``, no proxies, no tokens) with the offline switches
+  of every ML library;
+* limits on open files, memory and file size, and no core dumps (a core would be plaintext
+  training data on disk);
 * a private temporary directory on tmpfs, removed when it exits (and, should
   the control plane itself be killed first, by the next one to start:
   :func:`sweep_orphaned_tmpdirs`);
@@ -25,8 +26,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from appliance.jobs.isolation import (
+    IsolationLevel,
+    bwrap_argv,
+    bwrap_path,
+    gpu_devices,
+    network_isolation_prefix,
+    network_prefix,
+    seccomp_program,
+)
 
 #: Variables passed through to workers; everything else is dropped.
 _PASSTHROUGH = ("PATH", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "PYTHONPATH")
@@ -43,23 +55,8 @@ OFFLINE_ENV = {
     "PYTHONUNBUFFERED": "1",
 }
 
-
-def _probe(argv: list[str]) -> bool:
-    try:
-        return subprocess.run([*argv, "true"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-def network_isolation_prefix() -> list[str]:
-    """The command prefix that puts a process in a fresh network namespace, or ``[]``."""
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        return []
-    for argv in ([unshare, "--net"], [unshare, "--net", "--map-root-user"]):
-        if _probe(argv):
-            return argv
-    return []
+__all__ = ["OFFLINE_ENV", "SandboxedProcess", "WorkerLimits", "network_isolation_prefix", "spawn",
+           "sweep_orphaned_tmpdirs"]
 
 
 @dataclass
@@ -67,8 +64,19 @@ class WorkerLimits:
     """Resource limits applied in the child before it runs."""
 
     max_open_files: int = 4096
-    max_memory_bytes: int | None = None  # RLIMIT_DATA; None: unlimited
+    #: RLIMIT_DATA; by default the host's physical memory (a runaway allocation fails in the worker
+    #: instead of pushing the host into swap and the OOM killer's choice); None: unlimited
+    max_memory_bytes: int | None = field(default_factory=lambda: _physical_memory())
+    #: RLIMIT_FSIZE: the largest file the worker may write (its tmpfs holds only scratch files)
+    max_file_bytes: int | None = 64 << 30
     nice: int = 5
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
 
 
 @dataclass
@@ -79,8 +87,13 @@ class SandboxedProcess:
     to_child: int
     from_child: int
     tmpdir: Path
-    isolated: bool
+    #: the isolation level it runs at (an :class:`~appliance.jobs.isolation.IsolationLevel` value)
+    isolation: str
     argv: list[str] = field(default_factory=list)
+
+    @property
+    def isolated(self) -> bool:
+        return self.isolation != IsolationLevel.NONE.value
 
     def cleanup(self) -> None:
         for fd in (self.to_child, self.from_child):
@@ -162,7 +175,10 @@ def spawn(
     *,
     limits: WorkerLimits | None = None,
     extra_env: dict[str, str] | None = None,
-    isolate_network: bool = True,
+    isolation: IsolationLevel | str = IsolationLevel.SANDBOX,
+    reads: Sequence[str | Path] = (),
+    hide: Sequence[str | Path] = (),
+    gpu: bool | None = None,
 ) -> SandboxedProcess:
     """Start ``python -m module IN_FD OUT_FD`` isolated, talking over two inherited pipes.
 
@@ -170,20 +186,50 @@ def spawn(
         module: The worker's module (its ``main`` reads the spec from fd 3).
         limits: Resource limits.
         extra_env: Non-secret variables to add (e.g. ``CUDA_VISIBLE_DEVICES``).
-        isolate_network: Put the worker in its own network namespace when possible.
+        isolation: The isolation level; the worker never runs at a weaker one.
+        reads: What a sandboxed worker may read beside its Python and code: its base model's
+            directory and its dataset blobs.
+        hide: What must stay out of a sandboxed worker's view even inside a bound directory
+            (the appliance's home).
+        gpu: Pass the GPU device nodes into the sandbox; None: when the host has them.
+
+    Raises:
+        appliance.jobs.isolation.SandboxUnavailable: The level cannot be built here (fail closed).
     """
+    level = IsolationLevel(isolation)
     limits = limits or WorkerLimits()
+    # Each level's tools are checked before anything is made (fail closed, nothing left behind).
+    program = seccomp_program() if level is IsolationLevel.SANDBOX else b""
+    if level is IsolationLevel.SANDBOX:
+        bwrap_path()
+    prefix = network_prefix() if level is IsolationLevel.NETWORK_ONLY else []
     tmpdir = Path(tempfile.mkdtemp(prefix=TMPDIR_PREFIX, dir=_tmp_root()))
     os.chmod(tmpdir, 0o700)
     (tmpdir / _OWNER_FILE).write_text(_process_identity(os.getpid()) or "")
     env = {k: os.environ[k] for k in _PASSTHROUGH if k in os.environ}
     env.update(OFFLINE_ENV)
     env.update({"HOME": str(tmpdir), "TMPDIR": str(tmpdir), "XDG_CACHE_HOME": str(tmpdir / "cache"),
-                "HF_HOME": str(tmpdir / "hf"), "TORCHINDUCTOR_CACHE_DIR": str(tmpdir / "inductor")})
+                "HF_HOME": str(tmpdir / "hf"), "TORCHINDUCTOR_CACHE_DIR": str(tmpdir / "inductor"),
+                "USER": "worker", "LOGNAME": "worker"})
     env.update(extra_env or {})
     child_in_r, parent_out_w = os.pipe()
     parent_in_r, child_out_w = os.pipe()
-    prefix = network_isolation_prefix() if isolate_network else []
+    fds = [child_in_r, child_out_w]
+    try:
+        if level is IsolationLevel.SANDBOX:
+            seccomp_fd = os.memfd_create("appliance-seccomp", 0)
+            fds.append(seccomp_fd)
+            os.write(seccomp_fd, program)
+            os.lseek(seccomp_fd, 0, os.SEEK_SET)
+            devices = gpu_devices() if gpu or gpu is None else []
+            code = [Path(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).exists()]
+            prefix = bwrap_argv(tmpdir=tmpdir, reads=[*code, *map(Path, reads)], hide=[Path(p) for p in hide],
+                                seccomp_fd=seccomp_fd, devices=devices)
+    except BaseException:
+        for fd in (*fds, parent_out_w, parent_in_r):
+            os.close(fd)
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
     argv = [*prefix, sys.executable, "-m", module, str(child_in_r), str(child_out_w)]
 
     def preexec() -> None:  # runs in the child between fork and exec
@@ -191,18 +237,20 @@ def spawn(
         resource.setrlimit(resource.RLIMIT_NOFILE, (limits.max_open_files, limits.max_open_files))
         if limits.max_memory_bytes:
             resource.setrlimit(resource.RLIMIT_DATA, (limits.max_memory_bytes, limits.max_memory_bytes))
+        if limits.max_file_bytes:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limits.max_file_bytes, limits.max_file_bytes))
         os.nice(limits.nice)
 
     try:
         proc = subprocess.Popen(
             argv, env=env, cwd=tmpdir, stdin=subprocess.DEVNULL, preexec_fn=preexec,  # noqa: PLW1509
-            pass_fds=(child_in_r, child_out_w), start_new_session=True,
+            pass_fds=fds, start_new_session=True,
         )
     except BaseException:
-        for fd in (child_in_r, child_out_w, parent_out_w, parent_in_r):
+        for fd in (*fds, parent_out_w, parent_in_r):
             os.close(fd)
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise
-    os.close(child_in_r)
-    os.close(child_out_w)
-    return SandboxedProcess(proc, parent_out_w, parent_in_r, tmpdir, isolated=bool(prefix), argv=argv)
+    for fd in fds:
+        os.close(fd)
+    return SandboxedProcess(proc, parent_out_w, parent_in_r, tmpdir, isolation=level.value, argv=argv)

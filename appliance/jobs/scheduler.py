@@ -47,6 +47,7 @@ from appliance.files.service import FileService, new_file_id
 from appliance.identity.service import project_by_id, project_name
 from appliance.jobs.executors import Executor, LocalExecutor, Worker
 from appliance.jobs.models import FineTuningJob, JobCheckpoint
+from appliance.jobs.isolation import IsolationLevel
 from appliance.jobs.sandbox import WorkerLimits, sweep_orphaned_tmpdirs
 from appliance.jobs.service import add_event
 from appliance.jobs.streams import Incoming, Opener, Receiver, StreamError
@@ -84,7 +85,7 @@ class SchedulerSettings:
     lease_s: float = 60.0
     worker_module: str = "appliance.jobs.worker"
     limits: WorkerLimits = field(default_factory=WorkerLimits)
-    isolate_network: bool = True
+    isolation: IsolationLevel = IsolationLevel.SANDBOX
     #: Where workers run; None: sandboxed local processes from the three fields above.
     executor: Executor | None = None
 
@@ -138,7 +139,7 @@ class Scheduler:
         self.name = f"{socket.gethostname()[:60]}:{self.node or '-'}:{os.getpid()}:{secrets.token_hex(3)}"
         self._last_beat = 0.0
         self.executor: Executor = self.settings.executor or LocalExecutor(
-            self.settings.worker_module, self.settings.limits, self.settings.isolate_network)
+            self.settings.worker_module, self.settings.limits, self.settings.isolation)
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._runs: dict[str, _Run] = {}
@@ -146,8 +147,22 @@ class Scheduler:
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ----------------------------------------------------------
+    @property
+    def isolation(self) -> str | None:
+        """The level local workers run at (``APPLIANCE_WORKER_ISOLATION``); None for executors without one."""
+        level = getattr(self.executor, "isolation", None)
+        return level.value if isinstance(level, IsolationLevel) else None
+
     def start(self) -> None:
         self.recover()
+        if self.isolation not in (None, IsolationLevel.SANDBOX.value):
+            # A weaker level than the default is the administrator's choice: on the record at every start.
+            with self.db.transaction() as s:
+                record(s, SYSTEM, "worker.isolation.weakened", resource_type="scheduler", resource_id=self.name,
+                       details={"level": self.isolation, "default": IsolationLevel.SANDBOX.value,
+                                "setting": "APPLIANCE_WORKER_ISOLATION"})
+            log.warning("training workers run below the default isolation",
+                        extra={"level": self.isolation, "setting": "APPLIANCE_WORKER_ISOLATION"})
         if swept := sweep_orphaned_tmpdirs():
             log.warning("removed worker directories left by a killed control plane", extra={"count": len(swept)})
         self._last_beat = time.monotonic()
@@ -288,7 +303,8 @@ class Scheduler:
             job.lease_expires_at = now + timedelta(seconds=self.settings.lease_s)
             add_event(s, job.id, f"Fine-tuning job started (attempt {job.attempts})")
             record(s, SYSTEM, "job.start", resource_type="fine_tuning_job", resource_id=job.id,
-                   project=project_name(s, job.project_id), details={"attempt": job.attempts, "worker": self.name})
+                   project=project_name(s, job.project_id),
+                   details={"attempt": job.attempts, "worker": self.name, "isolation": self.isolation})
             return job.id, job.attempts
 
     def _forward_cancellations(self) -> None:
@@ -332,13 +348,15 @@ class Scheduler:
             "hyperparameters": job.hyperparameters, "seed": job.seed, "model_dir": base.path,
             "model_kind": base.kind, "datasets": datasets, "compute": job.compute or {},
             "resume_step": checkpoint.step_number if checkpoint else None, "memorization": memorization,
+            "isolation": self.isolation,
         }
         return start, resume
 
     def _launch(self, job_id: str, attempt: int) -> None:
         try:
             start, resume = self._start_message(job_id)
-            worker = self.executor.launch(job_id, start["compute"])
+            reads = [start["model_dir"], *(d["path"] for d in start["datasets"])]
+            worker = self.executor.launch(job_id, start["compute"], reads)
         except Exception as exc:
             log.exception("could not start a worker", extra={"job_id": job_id})
             with self.db.transaction() as s:

@@ -21,6 +21,7 @@ import socket
 import sys
 import threading
 import traceback
+from pathlib import Path
 from typing import Any
 
 from appliance.crypto.stream import blob_context, decrypt_stream
@@ -30,14 +31,27 @@ from appliance.jobs.tasks import run_task
 
 
 def network_probe() -> dict[str, Any]:
-    """Try to open a connection out; report interfaces and the error."""
-    interfaces = sorted(name for _, name in socket.if_nameindex())
+    """Try to open a connection out; report interfaces and the error.
+
+    Interfaces come from ``/proc/net/dev`` (the worker's network namespace): listing them through
+    a netlink socket is itself refused by the sandbox's seccomp filter.
+    """
+    try:
+        lines = Path("/proc/net/dev").read_text().splitlines()[2:]
+        interfaces = sorted(line.split(":", 1)[0].strip() for line in lines if ":" in line)
+    except OSError:
+        interfaces = sorted(name for _, name in socket.if_nameindex())
     try:
         with socket.create_connection(("10.255.255.1", 9), timeout=1.5):
             outcome = "connected"
     except OSError as exc:
         outcome = errno.errorcode.get(exc.errno, type(exc).__name__) if exc.errno else type(exc).__name__
     return {"interfaces": interfaces, "connect": outcome}
+
+
+#: What a connection attempt out ends with in a worker that has no route out: no route in its own
+#: network namespace, or no socket at all under the sandbox's seccomp filter.
+_NO_ROUTE = ("ENETUNREACH", "EHOSTUNREACH", "EAFNOSUPPORT")
 
 
 def load_bytes(spec: dict[str, Any]) -> bytes:
@@ -62,12 +76,22 @@ def run(channel: Channel, start: dict[str, Any], resume: bytes) -> None:
                       "and it relies on offline libraries", level="warn", type="isolation")
     else:
         probe = network_probe()
-        isolated = probe["connect"] in ("ENETUNREACH", "EHOSTUNREACH") and probe["interfaces"] == ["lo"]
-        channel.event(
-            "Network isolation verified: the worker has no route out" if isolated
-            else "Network isolation unavailable on this host: the worker relies on offline libraries only",
-            level="info" if isolated else "warn", type="isolation", data=probe,
-        )
+        # The level the scheduler launched it at; None when started another way (the systemd worker unit).
+        level = start.get("isolation")
+        probe["level"] = level
+        isolated = probe["connect"] in _NO_ROUTE and probe["interfaces"] in (["lo"], [])
+        weaker = level not in (None, "sandbox")
+        if not isolated:
+            message = "Network isolation unavailable on this host: the worker relies on offline libraries only"
+        elif level == "sandbox":
+            message = ("Network isolation verified: the worker has no route out; it runs in the sandbox "
+                       "(own namespaces and user, a view of only its own files, a seccomp filter)")
+        elif weaker:
+            message = (f"Network isolation verified: the worker has no route out; isolation level {level!r}, "
+                       "weaker than the sandbox (APPLIANCE_WORKER_ISOLATION)")
+        else:
+            message = "Network isolation verified: the worker has no route out"
+        channel.event(message, level="warn" if weaker or not isolated else "info", type="isolation", data=probe)
     load = load_bytes if start.get("model_kind") == "diffusion" else load_records
     datasets = {d["role"]: load(d) for d in start["datasets"]}
     run_task(channel, start, datasets, resume or None)

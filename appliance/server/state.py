@@ -12,6 +12,7 @@ from appliance.identity.auth import FailureLimiter
 from appliance.jobs.planning import training_device
 from appliance.identity.service import IdentityService
 from appliance.jobs.executors import make_executor
+from appliance.jobs.isolation import IsolationLevel
 from appliance.jobs.scheduler import Scheduler, SchedulerSettings
 from appliance.inference.service import InferenceService
 from appliance.jobs.service import JobService, unfinished_job_using
@@ -36,11 +37,12 @@ def build_state(
     policies = PolicyService(db, settings.intake.default_policy, GlossaryService(db, blobs))
     catalog = CatalogService(db, blobs, settings.models_dir, settings.signing_key_file,
                              import_dir=settings.home.imports_dir)
-    scheduler_settings = scheduler_settings or SchedulerSettings(lease_s=settings.jobs.lease_s)
+    scheduler_settings = scheduler_settings or SchedulerSettings(
+        lease_s=settings.jobs.lease_s, isolation=IsolationLevel(settings.jobs.worker_isolation))
     if scheduler_settings.executor is None:
         scheduler_settings = replace(scheduler_settings, executor=make_executor(
             settings.jobs, worker_module=scheduler_settings.worker_module, limits=scheduler_settings.limits,
-            isolate_network=scheduler_settings.isolate_network))
+            isolation=scheduler_settings.isolation, hide=(settings.home.home, settings.key_file)))
     files = FileService(db, blobs, get_scanner, policies, settings.intake)
     scheduler = Scheduler(db, files, catalog, scheduler_settings)
     policies.file_review = files.review_values

@@ -97,6 +97,8 @@ def test_lora_job_through_the_openai_client(client, state, tiny_model, trainer, 
     events = api.fine_tuning.jobs.list_events(job.id, limit=100).data
     messages = [e.message for e in events]
     assert any("Network isolation verified" in m for m in messages), messages
+    isolation = next(e for e in events if e.type == "isolation")  # the default level: the bubblewrap sandbox
+    assert isolation.data["level"] == "sandbox" and "runs in the sandbox" in isolation.message, isolation
     assert any(e.type == "metrics" and e.data and "train_loss" in e.data for e in events)
     assert messages[0] == "The job has successfully completed"
     checkpoints = api.fine_tuning.jobs.checkpoints.list(job.id).data

@@ -17,6 +17,8 @@ same start frame. ``APPLIANCE_EXECUTOR`` picks one (:func:`make_executor`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from appliance.jobs.executors.local import LocalExecutor, LocalWorker
@@ -60,8 +62,12 @@ class Executor(Protocol):
     name: str
     max_workers: int
 
-    def launch(self, job_id: str, compute: dict[str, Any]) -> Worker:
-        """Start a worker for ``job_id``; the scheduler then sends it the start frame."""
+    def launch(self, job_id: str, compute: dict[str, Any], reads: Sequence[str | Path] = ()) -> Worker:
+        """Start a worker for ``job_id``; the scheduler then sends it the start frame.
+
+        ``reads``: the files the worker opens by path (its base model, its dataset blobs); a
+        sandboxed worker sees only those of the host's files, beside its Python and code.
+        """
 
     def close(self) -> None:
         """Release the executor's own resources (listeners, clients) on shutdown."""

@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from appliance.jobs import streams
+from appliance.jobs.isolation import IsolationLevel
 from appliance.jobs.sandbox import SandboxedProcess, WorkerLimits, spawn
 from appliance.jobs.wire import FrameReader, write_frame
 
@@ -65,12 +68,16 @@ class LocalExecutor:
 
     worker_module: str = "appliance.jobs.worker"
     limits: WorkerLimits = field(default_factory=WorkerLimits)
-    isolate_network: bool = True
+    isolation: IsolationLevel = IsolationLevel.SANDBOX
+    #: kept out of a sandboxed worker's view (the appliance's home: key file, database, storage)
+    hide: tuple[Path, ...] = ()
     name: str = "local"
     max_workers: int = 1
 
-    def launch(self, job_id: str, compute: dict[str, Any]) -> LocalWorker:  # noqa: ARG002 - one process per job
-        return LocalWorker(spawn(self.worker_module, limits=self.limits, isolate_network=self.isolate_network))
+    def launch(self, job_id: str, compute: dict[str, Any],  # noqa: ARG002 - one process per job
+               reads: Sequence[str | Path] = ()) -> LocalWorker:
+        return LocalWorker(spawn(self.worker_module, limits=self.limits, isolation=self.isolation,
+                                 reads=reads, hide=self.hide, gpu=compute.get("device") != "cpu" or None))
 
     def close(self) -> None:
         pass

@@ -30,6 +30,8 @@ import secrets
 import shlex
 import sys
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from appliance.errors import SettingsError
@@ -72,7 +74,8 @@ class RayExecutor:
                                                headers={"Authorization": f"Bearer {self._token}"})
         return self._client
 
-    def launch(self, job_id: str, compute: dict[str, Any]) -> RayWorker:
+    def launch(self, job_id: str, compute: dict[str, Any],
+               reads: Sequence[str | Path] = ()) -> RayWorker:  # noqa: ARG002 - Ray ranks are not sandboxed by this executor
         workers = int(compute.get("workers", 1))
         session = self.gateway.open_session(job_id, workers)
         host, port = self.gateway.address
