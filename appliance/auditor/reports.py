@@ -168,6 +168,8 @@ def _privacy_summary(privacy: dict[str, Any] | None) -> dict[str, Any] | None:
     if dp := privacy.get("dp"):
         out["dp_epsilon_spent"] = _round(dp.get("epsilon_spent"))
         out["dp_delta"] = dp.get("delta")
+    if isolation := privacy.get("worker_isolation"):
+        out["worker_isolation"] = f"{isolation.get('level')} ({isolation.get('executor')} executor)"
     return out or None
 
 

@@ -3,11 +3,13 @@
 ``APPLIANCE_WORKER_ISOLATION`` picks one level for every local worker:
 
 * ``sandbox`` (the default): the worker runs under Debian's ``bubblewrap`` (the sandbox Flatpak
-  uses) in its own user, network, PID, IPC, UTS, cgroup and mount namespaces, as uid/gid 65534
-  inside its user namespace, with every capability dropped and no new privileges. Its file system
+  uses) in its own network, PID, IPC, UTS, cgroup and mount namespaces, with no capability and no
+  new privileges, under a user of its own: when the server runs as root, a host uid of its own
+  (:data:`WORKER_UID_BASE` onwards; ``setpriv`` drops to it once bubblewrap has built the sandbox),
+  with a process limit that holds a fork bomb; otherwise uid 65534 in a user namespace. Its file system
   is built from nothing: read-only ``/usr`` (and the ``/lib``, ``/bin`` links), a few loader files
   from ``/etc``, the Python environment and the appliance's code, the job's own base-model
-  directory and dataset blobs (encrypted; the keys come over the pipe), its private temporary
+  directory, its dataset blobs as open descriptors (encrypted; the keys come over the pipe), its private temporary
   directory, a fresh ``/proc``, a minimal ``/dev`` and an empty ``/tmp``. The key file, the
   database, the rest of the storage root and other jobs' directories are not in its view; when
   one of them lies inside a bound directory it is covered by an empty tmpfs. A seccomp filter
@@ -18,23 +20,28 @@
   and the resource limits; it can see the host's files as the server's user.
 * ``none``: the scrubbed environment and the resource limits only.
 
-Fail closed: when the chosen level cannot be built, :func:`prefix` raises
+Fail closed: when the chosen level cannot be built, :func:`appliance.jobs.sandbox.spawn` raises
 :class:`SandboxUnavailable` naming what is missing and how to install it, and the job fails with
 that message; it never runs at a weaker level than the administrator chose.
 
-What the user namespace means: inside it the worker is uid 65534 with no capabilities; outside
-it, the kernel sees the user that started bubblewrap (the server's). The mount namespace, not the
-uid, is what keeps the key file and the database out of reach.
+Under a server that is not root, the worker is uid 65534 only inside its user namespace; outside
+it, the kernel sees the server's user, so there the mount namespace, not the uid, is what keeps the
+key file and the database out of reach (and no process limit is set: it would count the server's
+own threads).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import secrets
 import shutil
 import socket
+import stat
 import subprocess
 import sys
+import threading
+from collections.abc import Sequence
 from enum import Enum
 from functools import cache
 from pathlib import Path
@@ -54,6 +61,67 @@ class SandboxUnavailable(RuntimeError):
 
 #: uid and gid the worker has inside its user namespace (``nobody``).
 SANDBOX_UID = 65534
+
+#: When the server runs as root, each sandboxed worker also runs, outside its user namespace, as a
+#: host uid of its own from this range (no passwd entry, no files but its directory): it cannot read
+#: the server's 0600 files even through a path it should never see, and its process count limit
+#: (RLIMIT_NPROC, which root is exempt from) holds a fork bomb to that worker alone.
+WORKER_UID_BASE = 1_900_000_000
+WORKER_UID_COUNT = 4096
+_uids_lock = threading.Lock()
+_uids_in_use: set[int] = set()
+
+
+def allocate_worker_uid() -> int:
+    """A host uid no other live worker of this process holds.
+
+    The search starts at a random place, so that two control planes on one host rarely pick the same.
+    """
+    start = secrets.randbelow(WORKER_UID_COUNT)
+    with _uids_lock:
+        for i in range(WORKER_UID_COUNT):
+            uid = WORKER_UID_BASE + (start + i) % WORKER_UID_COUNT
+            if uid not in _uids_in_use:
+                _uids_in_use.add(uid)
+                return uid
+    raise SandboxUnavailable(f"all {WORKER_UID_COUNT} worker uids are in use")
+
+
+def release_worker_uid(uid: int) -> None:
+    with _uids_lock:
+        _uids_in_use.discard(uid)
+
+
+def is_worker_uid(uid: int) -> bool:
+    return WORKER_UID_BASE <= uid < WORKER_UID_BASE + WORKER_UID_COUNT
+
+
+def grant_read(path: Path, owned_roots: Sequence[Path]) -> None:
+    """Make ``path`` (a base model's directory) readable by a worker's own uid.
+
+    Inside the appliance's home (``owned_roots``) the missing read bits for others are added: the
+    home's own directories stay 0700, so no host user gains anything, and the sandbox binds the model
+    directory itself. Elsewhere nothing is changed.
+
+    Raises:
+        SandboxUnavailable: ``path`` lies outside the home and a worker uid could not read it.
+    """
+    path = Path(path).resolve()
+    ours = any(path == r or r in path.parents for r in (Path(x).resolve() for x in owned_roots))
+    todo = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for item in todo:
+        mode = item.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            continue
+        want = (stat.S_IROTH | stat.S_IXOTH) if stat.S_ISDIR(mode) else stat.S_IROTH
+        if mode & want == want:
+            continue
+        if not ours:
+            raise SandboxUnavailable(f"{item} is not readable by the sandboxed worker's own user (mode "
+                                     f"{stat.S_IMODE(mode):04o}): make the base model's files readable (o+r, "
+                                     "and o+x on its directories) or import it into the appliance")
+        os.chmod(item, stat.S_IMODE(mode) | want)
+
 
 #: System calls the sandbox's seccomp filter refuses with EPERM, whatever their arguments.
 BLOCKED_SYSCALLS = (
@@ -139,14 +207,33 @@ def bwrap_path() -> str:
 
 @cache
 def _bwrap_problem(bwrap: str) -> str:
-    argv = [bwrap, "--unshare-all", "--die-with-parent", "--cap-drop", "ALL", "--uid", str(SANDBOX_UID),
-            "--gid", str(SANDBOX_UID), *_system_binds(), "--proc", "/proc", "--dev", "/dev", "true"]
+    argv = [bwrap, *_namespaces(None if os.geteuid() else WORKER_UID_BASE), *_system_binds(),
+            "--proc", "/proc", "--dev", "/dev", "true"]
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"{type(exc).__name__}: {exc}"
     return "" if done.returncode == 0 else (done.stderr.strip().splitlines() or ["exit status "
                                                                                   f"{done.returncode}"])[-1]
+
+
+def _namespaces(uid: int | None) -> list[str]:
+    """bwrap's namespace options: as root (``uid``: the worker's own host uid, dropped to by setpriv
+    once the sandbox is built) every namespace but the user one, which root does not need and which
+    would map the worker back to root; otherwise all of them, as uid 65534 in a user namespace."""
+    common = ["--die-with-parent", "--new-session", "--hostname", "worker"]
+    if uid is not None:
+        return ["--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", *common]
+    return ["--unshare-all", "--cap-drop", "ALL", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), *common]
+
+
+def _setpriv(uid: int) -> list[str]:
+    """The command that turns the sandbox's root into the worker's own uid, with no capabilities left."""
+    setpriv = shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
+    if setpriv is None:
+        raise SandboxUnavailable("util-linux's setpriv is missing: apt-get install util-linux")
+    return [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
+            "--bounding-set=-all", "--"]
 
 
 def network_prefix() -> list[str]:
@@ -217,7 +304,7 @@ def _outermost(paths) -> list[Path]:  # noqa: ANN001 - an iterable of paths
 
 
 def bwrap_argv(*, tmpdir: Path, reads: list[Path], hide: list[Path], seccomp_fd: int,
-               devices: list[str] | None = None) -> list[str]:
+               devices: list[str] | None = None, uid: int | None = None) -> list[str]:
     """The ``bwrap ...`` prefix for one worker.
 
     Args:
@@ -227,11 +314,20 @@ def bwrap_argv(*, tmpdir: Path, reads: list[Path], hide: list[Path], seccomp_fd:
             appliance's home: key file, database, storage root). Each is covered by an empty tmpfs.
         seccomp_fd: An inherited descriptor holding :func:`seccomp_program`'s bytes.
         devices: Device nodes to pass through (GPU nodes for a job that uses a GPU).
+        uid: The worker's own host uid (a server running as root), else None: uid 65534 in a user
+            namespace, the server's user outside it.
     """
-    argv = [bwrap_path(), "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-            "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--hostname", "worker",
-            *_system_binds(), "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    argv = [bwrap_path(), *_namespaces(uid), *_system_binds(), "--proc", "/proc", "--dev", "/dev",
+            "--perms", "1777", "--tmpfs", "/tmp"]
     roots = _python_roots()
+    # The directories above each bind are made by bwrap; as root it makes them 0700, which the
+    # worker's own uid could not pass through: 0755, each once, top down.
+    made: set[Path] = {Path("/"), Path("/usr"), Path("/proc"), Path("/dev"), Path("/tmp")}
+    for dest in sorted({p.resolve() for p in [*roots, *reads, tmpdir]}, key=lambda p: len(p.parts)):
+        for parent in reversed(dest.parents):
+            if parent not in made:
+                argv += ["--perms", "0755", "--dir", str(parent)]
+                made.add(parent)
     for root in roots:
         argv += ["--ro-bind", str(root), str(root)]
     for path in hide:
@@ -244,7 +340,7 @@ def bwrap_argv(*, tmpdir: Path, reads: list[Path], hide: list[Path], seccomp_fd:
     for node in devices or []:
         argv += ["--dev-bind-try", node, node]
     argv += ["--bind", str(tmpdir), str(tmpdir), "--chdir", str(tmpdir), "--seccomp", str(seccomp_fd)]
-    return argv
+    return argv + (_setpriv(uid) if uid is not None else [])
 
 
 def gpu_devices() -> list[str]:

@@ -32,11 +32,15 @@ from pathlib import Path
 
 from appliance.jobs.isolation import (
     IsolationLevel,
+    allocate_worker_uid,
     bwrap_argv,
     bwrap_path,
     gpu_devices,
+    grant_read,
+    is_worker_uid,
     network_isolation_prefix,
     network_prefix,
+    release_worker_uid,
     seccomp_program,
 )
 
@@ -69,6 +73,10 @@ class WorkerLimits:
     max_memory_bytes: int | None = field(default_factory=lambda: _physical_memory())
     #: RLIMIT_FSIZE: the largest file the worker may write (its tmpfs holds only scratch files)
     max_file_bytes: int | None = 64 << 30
+    #: RLIMIT_NPROC: processes and threads of a sandboxed worker running under its own host uid
+    #: (a server running as root); a fork bomb stops there. Not applied otherwise: root is exempt from
+    #: it, and under a non-root server it would count the server's own threads too.
+    max_processes: int | None = 4096
     nice: int = 5
 
 
@@ -90,6 +98,10 @@ class SandboxedProcess:
     #: the isolation level it runs at (an :class:`~appliance.jobs.isolation.IsolationLevel` value)
     isolation: str
     argv: list[str] = field(default_factory=list)
+    #: files passed in as open descriptors: path -> the descriptor's number in the worker
+    fds: dict[str, int] = field(default_factory=dict)
+    #: the host uid the worker runs as, when it has one of its own
+    uid: int | None = None
 
     @property
     def isolated(self) -> bool:
@@ -102,6 +114,9 @@ class SandboxedProcess:
             except OSError:
                 pass
         shutil.rmtree(self.tmpdir, ignore_errors=True)
+        if self.uid is not None:
+            release_worker_uid(self.uid)
+            self.uid = None
 
 
 TMPDIR_PREFIX = "appliance-job-"
@@ -149,7 +164,7 @@ def sweep_orphaned_tmpdirs(root: str | Path | None = None) -> list[Path]:
     for tmpdir in sorted(base.glob(f"{TMPDIR_PREFIX}*")):
         try:
             info = tmpdir.lstat()  # a symlink is not ours to follow
-            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+            if not stat.S_ISDIR(info.st_mode) or not (info.st_uid == os.geteuid() or is_worker_uid(info.st_uid)):
                 continue
             try:
                 owner = (tmpdir / _OWNER_FILE).read_text().strip()
@@ -177,6 +192,7 @@ def spawn(
     extra_env: dict[str, str] | None = None,
     isolation: IsolationLevel | str = IsolationLevel.SANDBOX,
     reads: Sequence[str | Path] = (),
+    files: Sequence[str | Path] = (),
     hide: Sequence[str | Path] = (),
     gpu: bool | None = None,
 ) -> SandboxedProcess:
@@ -187,8 +203,11 @@ def spawn(
         limits: Resource limits.
         extra_env: Non-secret variables to add (e.g. ``CUDA_VISIBLE_DEVICES``).
         isolation: The isolation level; the worker never runs at a weaker one.
-        reads: What a sandboxed worker may read beside its Python and code: its base model's
-            directory and its dataset blobs.
+        reads: Directories a sandboxed worker may read beside its Python and code: its base
+            model's. Inside the appliance's home (``hide``) they are made readable by the worker's
+            own uid.
+        files: Files it gets as open read-only descriptors (:attr:`SandboxedProcess.fds`), never
+            by path: its dataset blobs (encrypted; 0600, which its own uid could not open).
         hide: What must stay out of a sandboxed worker's view even inside a bound directory
             (the appliance's home).
         gpu: Pass the GPU device nodes into the sandbox; None: when the host has them.
@@ -202,10 +221,15 @@ def spawn(
     program = seccomp_program() if level is IsolationLevel.SANDBOX else b""
     if level is IsolationLevel.SANDBOX:
         bwrap_path()
+        for path in reads:
+            grant_read(Path(path), [Path(h) for h in hide])
     prefix = network_prefix() if level is IsolationLevel.NETWORK_ONLY else []
+    uid = allocate_worker_uid() if level is IsolationLevel.SANDBOX and os.geteuid() == 0 else None
     tmpdir = Path(tempfile.mkdtemp(prefix=TMPDIR_PREFIX, dir=_tmp_root()))
     os.chmod(tmpdir, 0o700)
     (tmpdir / _OWNER_FILE).write_text(_process_identity(os.getpid()) or "")
+    if uid is not None:
+        os.chown(tmpdir, uid, uid)
     env = {k: os.environ[k] for k in _PASSTHROUGH if k in os.environ}
     env.update(OFFLINE_ENV)
     env.update({"HOME": str(tmpdir), "TMPDIR": str(tmpdir), "XDG_CACHE_HOME": str(tmpdir / "cache"),
@@ -215,7 +239,11 @@ def spawn(
     child_in_r, parent_out_w = os.pipe()
     parent_in_r, child_out_w = os.pipe()
     fds = [child_in_r, child_out_w]
+    passed: dict[str, int] = {}
     try:
+        for path in files:
+            passed[str(path)] = os.open(path, os.O_RDONLY)
+            fds.append(passed[str(path)])
         if level is IsolationLevel.SANDBOX:
             seccomp_fd = os.memfd_create("appliance-seccomp", 0)
             fds.append(seccomp_fd)
@@ -224,11 +252,13 @@ def spawn(
             devices = gpu_devices() if gpu or gpu is None else []
             code = [Path(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).exists()]
             prefix = bwrap_argv(tmpdir=tmpdir, reads=[*code, *map(Path, reads)], hide=[Path(p) for p in hide],
-                                seccomp_fd=seccomp_fd, devices=devices)
+                                seccomp_fd=seccomp_fd, devices=devices, uid=uid)
     except BaseException:
         for fd in (*fds, parent_out_w, parent_in_r):
             os.close(fd)
         shutil.rmtree(tmpdir, ignore_errors=True)
+        if uid is not None:
+            release_worker_uid(uid)
         raise
     argv = [*prefix, sys.executable, "-m", module, str(child_in_r), str(child_out_w)]
 
@@ -240,6 +270,8 @@ def spawn(
         if limits.max_file_bytes:
             resource.setrlimit(resource.RLIMIT_FSIZE, (limits.max_file_bytes, limits.max_file_bytes))
         os.nice(limits.nice)
+        if uid is not None and limits.max_processes:  # enforced once setpriv has made it the worker's uid
+            resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes))
 
     try:
         proc = subprocess.Popen(
@@ -250,7 +282,10 @@ def spawn(
         for fd in (*fds, parent_out_w, parent_in_r):
             os.close(fd)
         shutil.rmtree(tmpdir, ignore_errors=True)
+        if uid is not None:
+            release_worker_uid(uid)
         raise
     for fd in fds:
         os.close(fd)
-    return SandboxedProcess(proc, parent_out_w, parent_in_r, tmpdir, isolation=level.value, argv=argv)
+    return SandboxedProcess(proc, parent_out_w, parent_in_r, tmpdir, isolation=level.value, argv=argv,
+                            fds=passed, uid=uid)

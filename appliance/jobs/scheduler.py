@@ -47,7 +47,8 @@ from appliance.files.service import FileService, new_file_id
 from appliance.identity.service import project_by_id, project_name
 from appliance.jobs.executors import Executor, LocalExecutor, Worker
 from appliance.jobs.models import FineTuningJob, JobCheckpoint
-from appliance.jobs.isolation import IsolationLevel
+from appliance.jobs.isolation import IsolationLevel, SandboxUnavailable
+from appliance.jobs.isolation import check as isolation_problem
 from appliance.jobs.sandbox import WorkerLimits, sweep_orphaned_tmpdirs
 from appliance.jobs.service import add_event
 from appliance.jobs.streams import Incoming, Opener, Receiver, StreamError
@@ -64,7 +65,7 @@ RESUMABLE_LOST = {
     "param": None,
 }
 #: Error codes after which the job may be resumed from its last checkpoint.
-RESUMABLE_ERRORS = frozenset({"worker_error", "worker_start_failed", "transfer_failed"})
+RESUMABLE_ERRORS = frozenset({"worker_error", "worker_start_failed", "worker_sandbox_unavailable", "transfer_failed"})
 
 
 @dataclass
@@ -163,6 +164,10 @@ class Scheduler:
                                 "setting": "APPLIANCE_WORKER_ISOLATION"})
             log.warning("training workers run below the default isolation",
                         extra={"level": self.isolation, "setting": "APPLIANCE_WORKER_ISOLATION"})
+        if self.isolation is not None and (problem := isolation_problem(IsolationLevel(self.isolation))):
+            # Said at start-up, not first when a job fails: every job will fail closed until it is fixed.
+            log.error("training workers cannot be isolated as configured; jobs will fail until this is fixed",
+                      extra={"level": self.isolation, "problem": problem})
         if swept := sweep_orphaned_tmpdirs():
             log.warning("removed worker directories left by a killed control plane", extra={"count": len(swept)})
         self._last_beat = time.monotonic()
@@ -359,11 +364,16 @@ class Scheduler:
             worker = self.executor.launch(job_id, start["compute"], reads)
         except Exception as exc:
             log.exception("could not start a worker", extra={"job_id": job_id})
+            # A sandbox that cannot be built says what is missing (its message holds no data); anything
+            # else is named by its type only, since its message might quote a path or a value.
+            error = ({"code": "worker_sandbox_unavailable", "message": f"could not start the worker: {exc}",
+                      "param": None} if isinstance(exc, SandboxUnavailable) else
+                     {"code": "worker_start_failed", "message": f"could not start the worker: {type(exc).__name__}",
+                      "param": None})
             with self.db.transaction() as s:
                 job = self._owned(s, job_id, attempt)
                 if job is not None:
-                    self._fail(s, job, {"code": "worker_start_failed", "message": f"could not start the worker: "
-                                        f"{type(exc).__name__}", "param": None}, resumable=True)
+                    self._fail(s, job, error, resumable=True)
             return
         run = _Run(job_id, attempt, worker)
         run.thread = threading.Thread(target=self._supervise, args=(run, start, resume),
@@ -550,6 +560,9 @@ class Scheduler:
 
     def _succeed(self, s, job: FineTuningJob, header: dict[str, Any],
                  artefacts: AdapterArchive | dict[str, bytes]) -> str:
+        # The privacy evidence says how the worker was shut in (the manifest signs it, the report shows it).
+        header = {**header, "privacy": {**(header.get("privacy") or {}), "worker_isolation": {
+            "level": self.isolation or "none", "executor": self.executor.name}}}
         adapter_id = self.catalog.publish_from_job(
             s, SYSTEM, job_id=job.id, project_id=job.project_id, base_model=job.model, method=job.method_type,
             suffix=job.suffix, trained_by=job.created_by,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import errno
 import json
+import os
 import socket
 import sys
 import threading
@@ -55,10 +56,10 @@ _NO_ROUTE = ("ENETUNREACH", "EHOSTUNREACH", "EAFNOSUPPORT")
 
 
 def load_bytes(spec: dict[str, Any]) -> bytes:
-    """Decrypt one dataset blob into memory."""
+    """Decrypt one dataset blob into memory: from the descriptor the sandbox passed in, or by path."""
     key = base64.b64decode(spec["key"])
     buffer = bytearray()
-    with open(spec["path"], "rb") as fh:
+    with (os.fdopen(spec["fd"], "rb") if "fd" in spec else open(spec["path"], "rb")) as fh:
         for chunk in decrypt_stream(key, blob_context(spec["object_id"], spec["project"]), fh):
             buffer += chunk
     return bytes(buffer)

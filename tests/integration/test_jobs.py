@@ -465,6 +465,7 @@ def test_memorization_evidence_reaches_job_manifest_and_report(client, state, ti
     assert len(privacy["canaries"]["exposure"]) == 1 and privacy["canaries"]["exposure_base"][0] >= 0
     assert privacy["extraction"]["probed"] == 4 and privacy["extraction"]["skipped"] == 0
     assert set(privacy["extraction"]["by_entity_type"]) == {"EMAIL_ADDRESS"}
+    assert privacy["worker_isolation"] == {"level": "sandbox", "executor": "local"}
     manifest = next(m for m in api.models.list().data if m.id == job.fine_tuned_model).model_extra["manifest"]
     assert manifest["privacy"] == privacy
     now = datetime.now(UTC)
@@ -475,6 +476,7 @@ def test_memorization_evidence_reaches_job_manifest_and_report(client, state, ti
     model = next(m for m in report["models"] if m["id"] == job.fine_tuned_model)
     assert model["privacy"]["canaries"] == 1 and model["privacy"]["canary_exposure_bits"] is not None
     assert model["privacy"]["extraction_probe"].endswith("of 4 allowed values completed")
+    assert model["privacy"]["worker_isolation"] == "sandbox (local executor)"
     assert "ada@quill.io" not in json.dumps(report) and "ada@quill.io" not in json.dumps(job.model_dump())
 
 
@@ -488,3 +490,27 @@ def test_memorization_option_is_validated(client, tiny_model, trainer, owner):
     assert error["param"] == "memorization"
     assert "`memorization.probe` is not a known field" in error["message"]
     assert "`memorization.canaries` must be an integer in [0, 16]; got 99" in error["message"]
+
+
+def test_a_job_whose_sandbox_cannot_be_built_fails_closed_and_says_what_to_install(
+        client, state, tiny_model, trainer, owner, tmp_path, monkeypatch):
+    """No bubblewrap on the host: the job fails (resumable, once it is installed), never runs unsandboxed."""
+    train_id = upload(client, owner, [qa(i) for i in range(8)])
+    api = api_for(client, trainer)
+    empty = tmp_path / "no-tools"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    job = api.fine_tuning.jobs.create(model=tiny_model, training_file=train_id,
+                                      method={"type": "lora", "lora": {"hyperparameters": hp()}})
+    job = wait_for(api, job.id)
+    assert job.status == "failed" and job.error.code == "worker_sandbox_unavailable", job.error
+    assert "bubblewrap" in job.error.message and "apt-get install bubblewrap" in job.error.message
+    assert "APPLIANCE_WORKER_ISOLATION" in job.error.message
+    assert job.model_extra["resumable"] is True
+    with state.db.read() as s:
+        failed = s.scalars(select(AuditEvent).where(AuditEvent.action == "job.fail",
+                                                    AuditEvent.resource_id == job.id)).all()
+        started = s.scalars(select(AuditEvent).where(AuditEvent.action == "job.start",
+                                                     AuditEvent.resource_id == job.id)).all()
+    assert failed and failed[0].reason == "worker_sandbox_unavailable" and failed[0].details["resumable"]
+    assert started and started[0].details["isolation"] == "sandbox"

@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,39 @@ def bpf(t: dict[str, Any]) -> tuple[bool, str]:  # noqa: ARG001
     return _refused(SYS_BPF, 0, 0, 0)
 
 
+def fork_bomb(t: dict[str, Any]) -> tuple[bool, str]:
+    """Fork ``fork_attempts`` children (bounded, so a level that does not stop it harms no one)."""
+    children = []
+    try:
+        for _ in range(t["fork_attempts"]):
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                return False, f"{_errno_name(exc.errno or 0)} after {len(children)} children"
+            if pid == 0:
+                time.sleep(2)
+                os._exit(0)
+            children.append(pid)
+        return True, f"{len(children)} children"
+    finally:
+        for pid in children:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+
+
+def fill_memory(t: dict[str, Any]) -> tuple[bool, str]:
+    """Allocate ``memory_attempt_bytes`` in 64 MiB pieces."""
+    pieces = []
+    try:
+        while len(pieces) * (64 << 20) < t["memory_attempt_bytes"]:
+            pieces.append(bytearray(64 << 20))
+        return True, f"{len(pieces) * 64} MiB allocated"
+    except MemoryError:
+        return False, f"MemoryError after {len(pieces) * 64} MiB"
+    finally:
+        pieces.clear()
+
+
 ATTACKS: dict[str, Callable[[dict[str, Any]], tuple[bool, str]]] = {
     "tcp_appliance_port": tcp_appliance_port,
     "tcp_outside": tcp_outside,
@@ -187,6 +221,8 @@ ATTACKS: dict[str, Callable[[dict[str, Any]], tuple[bool, str]]] = {
     "load_kernel_module": load_kernel_module,
     "keyctl": keyctl,
     "bpf": bpf,
+    "fork_bomb": fork_bomb,
+    "fill_memory": fill_memory,
 }
 
 

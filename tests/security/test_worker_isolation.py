@@ -14,6 +14,8 @@ import os
 import select
 import shutil
 import socket
+import stat
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import pytest
 
 from appliance.jobs import isolation
 from appliance.jobs.isolation import IsolationLevel, SandboxUnavailable
-from appliance.jobs.sandbox import spawn
+from appliance.jobs.sandbox import WorkerLimits, spawn
 
 pytestmark = [pytest.mark.no_database]
 
@@ -31,6 +33,8 @@ NETWORK = {"tcp_appliance_port", "tcp_outside", "udp_appliance_host", "resolve_n
 FILES = {"read_key_file", "read_database", "read_other_job_tmp", "read_other_blob", "write_outside_tmp"}
 PROCESSES = {"list_server_processes", "signal_server", "ptrace_parent"}
 PRIVILEGED = {"mount_tmpfs", "load_kernel_module", "keyctl", "bpf"}
+#: The catalogue's limits: a fork bomb of 300 against 64 processes, 2 GiB against 512 MiB.
+LIMITS = WorkerLimits(max_memory_bytes=512 << 20, max_processes=64)
 #: Attempts whose outcome at the weakest level depends on the host's routes, not on us.
 HOST_ROUTES = {"tcp_outside", "resolve_name"}
 
@@ -66,7 +70,8 @@ class _Scene:
         return {"tcp_port": self.tcp.getsockname()[1], "udp_port": self.udp.getsockname()[1],
                 "key_file": str(self.key_file), "database": str(self.database),
                 "other_job_file": str(self.other_job / "scratch"), "other_blob": str(self.other_blob),
-                "write_target": str(self.write_target), "server_pid": os.getpid()}
+                "write_target": str(self.write_target), "server_pid": os.getpid(),
+                "fork_attempts": 300, "memory_attempt_bytes": 2 << 30}
 
     def what_reached_the_host(self) -> set[str]:
         reached = set()
@@ -97,8 +102,9 @@ def scene(tmp_path):
 
 
 def _attack(scene: _Scene, level: IsolationLevel) -> dict:
-    worker = spawn(HOSTILE, isolation=level, reads=[scene.own_blob], hide=[scene.home], gpu=False,
-                   extra_env={"PYTHONPATH": str(REPO)})
+    worker = spawn(HOSTILE, isolation=level, files=[scene.own_blob], hide=[scene.home], gpu=False,
+                   extra_env={"PYTHONPATH": str(REPO)}, limits=LIMITS)
+    uid = worker.uid  # released by cleanup
     try:
         os.write(worker.to_child, (json.dumps(scene.targets()) + "\n").encode())
         ready, _, _ = select.select([worker.from_child], [], [], 120)
@@ -115,6 +121,7 @@ def _attack(scene: _Scene, level: IsolationLevel) -> dict:
             worker.proc.wait()
         worker.cleanup()
     report = json.loads(data)
+    report["worker_uid"] = uid
     # Judged on the host, not by the worker: a datagram sent in a network namespace of its own, or a
     # file written into the sandbox's private /tmp, reaches nothing of the host's.
     reached = scene.what_reached_the_host()
@@ -136,7 +143,10 @@ def _privileged_here(report: dict) -> set[str]:
 def test_the_sandbox_stops_every_attack_and_nothing_outside_changes(scene):
     report = _attack(scene, IsolationLevel.SANDBOX)
     assert _through(report) == set(), json.dumps(report, indent=1)
-    assert report["uid"] == isolation.SANDBOX_UID
+    if os.geteuid() == 0:  # a host uid of its own, not root's, and not any other worker's
+        assert isolation.is_worker_uid(report["uid"]) and report["uid"] == report["worker_uid"]
+    else:  # nobody in its user namespace
+        assert report["uid"] == isolation.SANDBOX_UID
     assert not scene.write_target.exists()
     assert (scene.other_job / "scratch").read_bytes() == b"another job's plaintext scratch"
     assert scene.key_file.read_bytes() == b"planted-master-key"
@@ -147,41 +157,58 @@ def test_the_sandbox_stops_every_attack_and_nothing_outside_changes(scene):
     assert report["read_other_blob"]["detail"] == "ENOENT"
     assert report["ptrace_parent"]["detail"] == "EPERM"
     assert report["load_kernel_module"]["detail"] == "EPERM"
+    assert report["fork_bomb"]["detail"].startswith("EAGAIN"), report["fork_bomb"]
+    assert report["fill_memory"]["detail"].startswith("MemoryError"), report["fill_memory"]
+    assert subprocess.run(["true"]).returncode == 0  # the host still forks
 
 
-def test_the_sandbox_lets_the_worker_read_its_own_blob_and_write_its_own_directory(scene, tmp_path):
-    """The reads the job needs still work: a sandbox that stops the training itself is no sandbox."""
-    probe = tmp_path / "probe.py"
-    probe.write_text(
+def test_the_sandbox_lets_the_worker_read_what_its_job_needs_and_write_its_own_directory(scene, tmp_path):
+    """A sandbox that stops the training itself is no sandbox: the job's blob (an open descriptor), its
+    base model (a read-only bind, made readable for the worker's uid inside the home), its Python
+    and torch, and its own directory all work."""
+    code = tmp_path / "code"
+    code.mkdir(mode=0o755)
+    (code / "probe.py").write_text(
         "import json, os, sys\n"
         "t = json.loads(os.fdopen(int(sys.argv[1])).readline())\n"
-        "own = open(t['own_blob'], 'rb').read()\n"
+        "own = os.fdopen(t['blob_fd'], 'rb').read()\n"
+        "config = open(os.path.join(t['model_dir'], 'config.json')).read()\n"
         "open('scratch', 'wb').write(b'x' * 1024)\n"
         "import torch, transformers, peft, appliance.jobs.worker\n"
         "os.fdopen(int(sys.argv[2]), 'w').write(json.dumps({'own': own.decode(), 'cwd': os.getcwd(),\n"
-        "    'torch': torch.__version__, 'threads': torch.get_num_threads()}) + '\\n')\n")
-    worker = spawn("probe", isolation=IsolationLevel.SANDBOX, reads=[scene.own_blob], hide=[scene.home],
-                   gpu=False, extra_env={"PYTHONPATH": str(tmp_path)})
+        "    'config': config, 'torch': torch.__version__}) + '\\n')\n")
+    (code / "probe.py").chmod(0o644)
+    model_dir = scene.home / "models" / "tiny"
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text('{"model_type": "llama"}')
+    (model_dir / "config.json").chmod(0o600)  # as under a 0077 umask: the sandbox must make it readable
+    worker = spawn("probe", isolation=IsolationLevel.SANDBOX, reads=[model_dir], files=[scene.own_blob],
+                   hide=[scene.home], gpu=False, extra_env={"PYTHONPATH": str(code)})
     try:
-        os.write(worker.to_child, (json.dumps({"own_blob": str(scene.own_blob)}) + "\n").encode())
+        message = {"blob_fd": worker.fds[str(scene.own_blob)], "model_dir": str(model_dir)}
+        os.write(worker.to_child, (json.dumps(message) + "\n").encode())
         with os.fdopen(os.dup(worker.from_child)) as out:
             line = out.readline()
         assert worker.proc.wait(120) == 0, line
         result = json.loads(line)
         assert result["own"] == "ciphertext of this job's dataset"
+        assert result["config"] == '{"model_type": "llama"}'
         assert result["cwd"] == str(worker.tmpdir)
         assert (worker.tmpdir / "scratch").stat().st_size == 1024
     finally:
         if worker.proc.poll() is None:
             worker.proc.kill()
         worker.cleanup()
+    assert stat.S_IMODE(scene.key_file.stat().st_mode) == 0o600  # only the model's files were opened up
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the weaker levels' reach is stated for a server running as root, "
                     "as make test and the appliance's images run it")
 def test_network_only_stops_the_network_attacks_and_nothing_else(scene):
     report = _attack(scene, IsolationLevel.NETWORK_ONLY)
-    assert _through(report) == FILES | PROCESSES | _privileged_here(report), json.dumps(report, indent=1)
+    # The fork bomb gets through (root is exempt from RLIMIT_NPROC); memory stays limited at every level.
+    assert _through(report) == FILES | PROCESSES | _privileged_here(report) | {"fork_bomb"}, \
+        json.dumps(report, indent=1)
     assert scene.write_target.read_bytes() == b"hostile"
 
 
@@ -189,7 +216,8 @@ def test_network_only_stops_the_network_attacks_and_nothing_else(scene):
                     "as make test and the appliance's images run it")
 def test_no_isolation_stops_nothing(scene):
     report = _attack(scene, IsolationLevel.NONE)
-    assert _through(report) - HOST_ROUTES == (NETWORK - HOST_ROUTES) | FILES | PROCESSES | _privileged_here(report), \
+    assert _through(report) - HOST_ROUTES == ((NETWORK - HOST_ROUTES) | FILES | PROCESSES | _privileged_here(report)
+                                              | {"fork_bomb"}), \
         json.dumps(report, indent=1)
 
 

@@ -26,6 +26,10 @@ class LocalWorker:
         self._write_lock = threading.Lock()  # a stop may be sent while the resume checkpoint streams
 
     def start(self, header: dict[str, Any], resume: streams.Opener | None = None) -> None:
+        if self.process.fds and header.get("datasets"):  # the blobs it was given as descriptors, not paths
+            header = dict(header, datasets=[
+                {k: v for k, v in d.items() if k != "path"} | {"fd": self.process.fds[d["path"]]}
+                if d.get("path") in self.process.fds else d for d in header["datasets"]])
         self.send(dict(header, resume_stream=resume is not None))
         if resume is not None:
             streams.send(self.send, {"kind": "resume"}, resume())
@@ -76,8 +80,14 @@ class LocalExecutor:
 
     def launch(self, job_id: str, compute: dict[str, Any],  # noqa: ARG002 - one process per job
                reads: Sequence[str | Path] = ()) -> LocalWorker:
+        # In the sandbox, files (the dataset blobs) come in as open descriptors, directories (the base
+        # model) as read-only binds; at the weaker levels the worker opens them by path.
+        sandboxed = self.isolation is IsolationLevel.SANDBOX
+        files = [p for p in reads if Path(p).is_file()] if sandboxed else []
+        dirs = [p for p in reads if not Path(p).is_file()] if sandboxed else []
         return LocalWorker(spawn(self.worker_module, limits=self.limits, isolation=self.isolation,
-                                 reads=reads, hide=self.hide, gpu=compute.get("device") != "cpu" or None))
+                                 reads=dirs, files=files, hide=self.hide,
+                                 gpu=compute.get("device") != "cpu" or None))
 
     def close(self) -> None:
         pass
