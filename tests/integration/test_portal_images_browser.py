@@ -188,6 +188,7 @@ def test_dp_and_canaries_through_the_form_show_privacy_evidence(image_portal, br
     assert re.search(r"2 canaries: mean exposure [0-9.]+ bits after training vs -?[0-9.]+ bits for the base model",
                      canaries), canaries
     assert re.search(r"^\d+ of [1-9]\d* allowed values completed", page.inner_text("#privacy-extraction"))
+    assert page.inner_text("#privacy-isolation").startswith("sandbox: own namespaces and user")
     shot(page, "privacy-02-job-evidence")
     context.close()
 
