@@ -4,17 +4,24 @@ A worker on a Ray node cannot inherit a pipe from the scheduler, so it dials
 back over TCP and speaks the same frames (:mod:`appliance.jobs.wire`) through
 this tunnel. Both ends hold a per-launch *ticket*: 32 random bytes the
 control plane makes for one launch of one job and forgets when that launch
-ends. The ticket never crosses the connection: the handshake proves the
-worker holds it and derives one AES-256-GCM key per direction, so the start
-frame (job spec and data keys), checkpoints and artefacts travel encrypted,
-and a tampered, replayed, reordered or forged frame ends the connection.
+ends. The ticket never crosses the connection. The handshake is an ephemeral
+X25519 exchange authenticated by the ticket (the shape of TLS 1.3's PSK-DHE mode):
+both ends derive one AES-256-GCM key per direction from the Diffie-Hellman secret
+*and* the ticket, so
+
+* only a holder of the ticket completes the handshake (its first sealed frame proves it);
+* the session keys die with the connection: whoever records the traffic and later
+  learns the ticket (from the Ray job's runtime_env, a log) still cannot decrypt the
+  start frame (job spec and data keys), checkpoints or artefacts: forward secrecy;
+* a tampered, replayed, reordered or forged frame ends the connection.
 
 Handshake (``W`` worker, ``C`` control plane)::
 
-    W -> C  hello      {"type": "hello", "job_id", "rank", "nonce"}   plain frame, 16 random bytes of nonce
-    C -> W  challenge  {"type": "challenge", "nonce"}                 plain frame, 16 random bytes of nonce
-    both    k_wc | k_cw = HKDF-SHA256(ticket, salt = nonce_w | nonce_c,
-                                      info = "appliance-tunnel/1|<job_id>|<rank>")
+    W -> C  hello      {"type": "hello", "job_id", "rank", "nonce", "share"}   plain; 16 random bytes, X25519 public key
+    C -> W  challenge  {"type": "challenge", "nonce", "share"}                 plain; the same from C
+    both    dh = X25519(own ephemeral private key, peer's share)
+            k_wc | k_cw = HKDF-SHA256(dh | ticket, salt = nonce_w | nonce_c | share_w | share_c,
+                                      info = "appliance-tunnel/2|<job_id>|<rank>")
     W -> C  ready      sealed with k_wc: C checks it before it sends anything secret
     C -> W  start      sealed with k_cw: the job and its data keys, as on the pipe
 
@@ -25,6 +32,11 @@ open. Frames are bounded (:data:`appliance.jobs.wire.MAX_FRAME`), so a large
 artefact crosses as many sealed chunks (:mod:`appliance.jobs.streams`) and
 neither end holds more than one frame of it; a length prefix over the bound
 ends the connection before anything is buffered.
+
+What it does not do: a party that reads the ticket *before* the worker connects can
+connect first in its place. The gateway serves each rank once, so the real worker's
+connection then fails the job loudly ("the ticket leaked"); keeping the Ray job's
+runtime_env unreadable (the cluster's token authentication) is what prevents it.
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ import threading
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -47,6 +60,7 @@ TICKET_BYTES = 32
 #: The environment variable that hands a Ray worker its ticket (set by the executor, read by the rank).
 TICKET_ENV = "APPLIANCE_TUNNEL_TICKET"
 _NONCE_BYTES = 16
+_SHARE_BYTES = 32  # an X25519 public key
 _LEN = struct.Struct(">I")
 _MAX_PLAIN = 4096  # hello and challenge are tiny: a stranger cannot make us buffer much
 _TAG_BYTES = 16
@@ -113,13 +127,16 @@ def connect(address: tuple[str, int], *, job_id: str, rank: int, ticket: bytes,
     """The worker's side: dial the control plane and prove the ticket; the start frame follows."""
     sock = socket.create_connection(address, timeout=timeout)
     try:
-        nonce_w = os.urandom(_NONCE_BYTES)
-        _write_plain(sock, {"type": "hello", "job_id": job_id, "rank": rank, "nonce": _b64(nonce_w)})
+        nonce_w, secret = os.urandom(_NONCE_BYTES), X25519PrivateKey.generate()
+        share_w = _share(secret)
+        _write_plain(sock, {"type": "hello", "job_id": job_id, "rank": rank, "nonce": _b64(nonce_w),
+                            "share": _b64(share_w)})
         challenge = _read_plain(sock)
         if challenge.get("type") != "challenge":
             raise TunnelError("the control plane refused the connection")
-        nonce_c = _unb64(challenge.get("nonce"))
-        k_wc, k_cw = _derive(ticket, nonce_w, nonce_c, job_id, rank)
+        nonce_c, share_c = _unb64(challenge.get("nonce")), _unb64(challenge.get("share"), _SHARE_BYTES)
+        dh = _exchange(secret, share_c)
+        k_wc, k_cw = _derive(ticket, dh, nonce_w + nonce_c + share_w + share_c, job_id, rank)
         tunnel = Tunnel(sock, send_key=k_wc, recv_key=k_cw)
         tunnel.write({"type": "ready"})
         sock.settimeout(None)
@@ -148,13 +165,15 @@ def accept(sock: socket.socket, ticket_for, timeout: float = HANDSHAKE_TIMEOUT_S
     job_id, rank = hello.get("job_id"), hello.get("rank")
     if hello.get("type") != "hello" or not isinstance(job_id, str) or not isinstance(rank, int):
         raise TunnelError("malformed hello")
-    nonce_w = _unb64(hello.get("nonce"))
+    nonce_w, share_w = _unb64(hello.get("nonce")), _unb64(hello.get("share"), _SHARE_BYTES)
     ticket = ticket_for(job_id, rank)
     if ticket is None:
         raise TunnelError(f"no launch of job {job_id!r} is waiting for rank {rank}")
-    nonce_c = os.urandom(_NONCE_BYTES)
-    _write_plain(sock, {"type": "challenge", "nonce": _b64(nonce_c)})
-    k_wc, k_cw = _derive(ticket, nonce_w, nonce_c, job_id, rank)
+    nonce_c, secret = os.urandom(_NONCE_BYTES), X25519PrivateKey.generate()
+    share_c = _share(secret)
+    dh = _exchange(secret, share_w)  # before answering: a low-order share gets nothing back
+    _write_plain(sock, {"type": "challenge", "nonce": _b64(nonce_c), "share": _b64(share_c)})
+    k_wc, k_cw = _derive(ticket, dh, nonce_w + nonce_c + share_w + share_c, job_id, rank)
     tunnel = Tunnel(sock, send_key=k_cw, recv_key=k_wc)
     ready = tunnel.read()  # TunnelError here: the worker does not hold the ticket
     if ready is None or ready[0].get("type") != "ready":
@@ -163,10 +182,22 @@ def accept(sock: socket.socket, ticket_for, timeout: float = HANDSHAKE_TIMEOUT_S
     return tunnel, job_id, rank
 
 
-def _derive(ticket: bytes, nonce_w: bytes, nonce_c: bytes, job_id: str, rank: int) -> tuple[bytes, bytes]:
-    info = f"appliance-tunnel/1|{job_id}|{rank}".encode()
-    keys = HKDF(algorithm=SHA256(), length=64, salt=nonce_w + nonce_c, info=info).derive(ticket)
+def _derive(ticket: bytes, dh: bytes, transcript: bytes, job_id: str, rank: int) -> tuple[bytes, bytes]:
+    """Both directions' keys from the ephemeral secret and the ticket, bound to the handshake's transcript."""
+    info = f"appliance-tunnel/2|{job_id}|{rank}".encode()
+    keys = HKDF(algorithm=SHA256(), length=64, salt=transcript, info=info).derive(dh + ticket)
     return keys[:32], keys[32:]
+
+
+def _share(secret: X25519PrivateKey) -> bytes:
+    return secret.public_key().public_bytes_raw()
+
+
+def _exchange(secret: X25519PrivateKey, peer_share: bytes) -> bytes:
+    try:
+        return secret.exchange(X25519PublicKey.from_public_bytes(peer_share))
+    except ValueError:  # an all-zero (low-order) share: no shared secret
+        raise TunnelError("the peer's key share is invalid") from None
 
 
 def _write_plain(sock: socket.socket, header: dict[str, Any]) -> None:
@@ -210,11 +241,11 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _unb64(value: Any) -> bytes:
+def _unb64(value: Any, size: int = _NONCE_BYTES) -> bytes:
     try:
         data = base64.b64decode(value, validate=True) if isinstance(value, str) else b""
     except ValueError:
         data = b""
-    if len(data) != _NONCE_BYTES:
-        raise TunnelError("malformed nonce")
+    if len(data) != size:
+        raise TunnelError("malformed nonce or key share")
     return data

@@ -183,3 +183,96 @@ def test_a_rank_streaming_faster_than_the_scheduler_reads_is_held_back_not_buffe
     assert session.frames.qsize() == QUEUED_FRAMES
     received = [session.frames.get(timeout=scaled(5))[0]["i"] for _ in range(64)]
     assert received == list(range(64)) and sent.wait(scaled(5))
+
+
+def _frames(data: bytes) -> list[bytes]:
+    """Split a recorded direction into its length-prefixed frames (plain or sealed)."""
+    out, i = [], 0
+    while i + 4 <= len(data):
+        size = int.from_bytes(data[i:i + 4], "big")
+        out.append(data[i + 4:i + 4 + size])
+        i += 4 + size
+    return out
+
+
+def test_a_recording_and_the_ticket_learnt_later_do_not_open_the_start_frame(gateway, monkeypatch):
+    """Forward secrecy: the session keys come from an ephemeral X25519 exchange, not from the ticket alone."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.hashes import SHA256
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    from appliance.jobs import wire
+
+    ephemeral = []  # the worker's and the control plane's ephemeral keys, kept here to check the test itself
+    real_generate = X25519PrivateKey.generate
+    monkeypatch.setattr(tunnel.X25519PrivateKey, "generate",
+                        staticmethod(lambda: ephemeral.append(real_generate()) or ephemeral[-1]))
+    w2c, c2w = bytearray(), bytearray()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def pipe(src, dst, record):
+        while chunk := src.recv(65536):
+            record.extend(chunk)
+            dst.sendall(chunk)
+        dst.shutdown(socket.SHUT_WR)
+
+    def serve():
+        client, _ = listener.accept()
+        upstream = socket.create_connection(gateway.address)
+        threading.Thread(target=pipe, args=(client, upstream, w2c), daemon=True).start()
+        threading.Thread(target=pipe, args=(upstream, client, c2w), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    session = gateway.open_session("ftjob-fs", ranks=1)
+    session.offer_start(START)
+    ticket = session.ticket
+    conn = tunnel.connect(listener.getsockname()[:2], job_id="ftjob-fs", rank=0, ticket=ticket)
+    assert conn.read()[0]["datasets"] == START["datasets"]
+    conn.close()
+    gateway.close_session(session)
+
+    hello, _ = wire.decode(_frames(bytes(w2c))[0])
+    challenge, _ = wire.decode(_frames(bytes(c2w))[0])
+    sealed_start = _frames(bytes(c2w))[1]
+    nonce_w, nonce_c = base64.b64decode(hello["nonce"]), base64.b64decode(challenge["nonce"])
+    share_w, share_c = base64.b64decode(hello["share"]), base64.b64decode(challenge["share"])
+
+    def opens(ikm: bytes, salt: bytes, info: bytes) -> bool:
+        key = HKDF(algorithm=SHA256(), length=64, salt=salt, info=info).derive(ikm)[32:]
+        try:
+            AESGCM(key).decrypt((0).to_bytes(12, "big"), sealed_start, None)
+            return True
+        except InvalidTag:
+            return False
+
+    transcript = nonce_w + nonce_c + share_w + share_c
+    info = b"appliance-tunnel/2|ftjob-fs|0"
+    # The eavesdropper has every public value and, later, the ticket: nothing it can compute opens it,
+    # neither the old ticket-only derivation nor a Diffie-Hellman with a key of its own.
+    assert not opens(ticket, nonce_w + nonce_c, b"appliance-tunnel/1|ftjob-fs|0")
+    assert not opens(ticket, transcript, info)
+    stranger = X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(share_c))
+    assert not opens(stranger + ticket, transcript, info)
+    # Only with an ephemeral private key (gone with the connection) does it open: the test reads it right.
+    worker_secret = next(k for k in ephemeral if k.public_key().public_bytes_raw() == share_w)
+    assert opens(worker_secret.exchange(X25519PublicKey.from_public_bytes(share_c)) + ticket, transcript, info)
+
+
+def test_a_low_order_key_share_is_refused(gateway):
+    session = gateway.open_session("ftjob-low", ranks=1)
+    session.offer_start(START)
+    sock = socket.create_connection(gateway.address)
+    tunnel._write_plain(sock, {"type": "hello", "job_id": "ftjob-low", "rank": 0,  # noqa: SLF001
+                               "nonce": base64.b64encode(os.urandom(16)).decode(),
+                               "share": base64.b64encode(bytes(32)).decode()})
+    sock.settimeout(scaled(5))
+    try:
+        data = b""  # the gateway hangs up without a word
+        while chunk := sock.recv(65536):
+            data += chunk
+    finally:
+        sock.close()
+    assert data == b""
+    assert session.frames.empty()
