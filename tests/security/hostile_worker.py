@@ -1,10 +1,11 @@
 """A hostile training worker, for the attack catalogue only (tests/security/test_worker_isolation.py).
 
 Started exactly as a real worker is (:func:`appliance.jobs.sandbox.spawn`, ``python -m MODULE IN_FD
-OUT_FD``), it reads its targets as one JSON line from IN_FD, tries every attack in :data:`ATTACKS`
-from inside the worker, and writes one JSON line back on OUT_FD: for each attack, whether it got
-through (``true``) and what happened. It lives under tests/: no API, job field or setting can select
-it; only a test that passes this module name to ``spawn`` runs it.
+OUT_FD``). Two ways: the catalogue test (``HOSTILE_TARGETS=line``) gives it its targets as one JSON line on IN_FD; it tries
+every attack in :data:`ATTACKS` and writes one JSON line back: for each attack, whether it got
+through (``true``) and what happened. As a job's worker (the scheduler started with this module,
+which only a test can choose) it reads the start frame, works out its targets from it, and ends the
+job with the report. It lives under tests/: no API, job field or setting can select it.
 """
 
 from __future__ import annotations
@@ -226,19 +227,63 @@ ATTACKS: dict[str, Callable[[dict[str, Any]], tuple[bool, str]]] = {
 }
 
 
-def main(argv: list[str]) -> int:
-    with os.fdopen(int(argv[1]), "r") as inp:
-        targets = json.loads(inp.readline())
+def run_catalogue(targets: dict[str, Any], attacks: dict[str, Callable] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {"uid": os.getuid(), "pid": os.getpid()}
-    for name, attack in ATTACKS.items():
+    for name, attack in (attacks or ATTACKS).items():
         try:
             through, detail = attack(targets)
         except Exception as exc:  # noqa: BLE001 - an attack that crashed did not get through
             through, detail = False, f"{type(exc).__name__}: {exc}"
         report[name] = {"through": through, "detail": detail}
-    with os.fdopen(int(argv[2]), "w") as out:
-        out.write(json.dumps(report) + "\n")
-    return 0
+    return report
+
+
+def list_storage(t: dict[str, Any]) -> tuple[bool, str]:
+    """List the storage root, where every project's encrypted blobs are."""
+    try:
+        return True, f"{len(os.listdir(t['storage']))} entries"
+    except OSError as exc:
+        return False, _errno_name(exc.errno or 0)
+
+
+#: What a hostile *job* tries: it is told nothing but its start frame, and works the rest out as an
+#: intruder would (the appliance's home is two levels above its base model's directory).
+JOB_ATTACKS: dict[str, Callable[[dict[str, Any]], tuple[bool, str]]] = {
+    "tcp_outside": tcp_outside, "resolve_name": resolve_name, "read_key_file": read_key_file,
+    "read_database": read_database, "list_storage": list_storage, "write_outside_tmp": write_outside_tmp,
+    "ptrace_parent": ptrace_parent, "mount_tmpfs": mount_tmpfs, "keyctl": keyctl, "bpf": bpf,
+}
+
+
+def serve_job(in_fd: int, out_fd: int) -> int:
+    """Started by the scheduler as a job's worker (``SchedulerSettings(worker_module=...)``, tests only):
+    run the catalogue from the start frame alone and end the job with the report as its error."""
+    from appliance.jobs.channel import Channel, PipeTransport
+
+    channel = Channel(PipeTransport(in_fd, out_fd))
+    frame = channel.transport.read()
+    if frame is None:
+        return 2
+    start = frame[0]
+    home = Path(start["model_dir"]).parent.parent
+    targets = {"key_file": str(home / "keys" / "master.key"), "database": str(home / "appliance.db"),
+               "storage": str(home / "data" / "blobs"), "write_target": str(home / "written-by-a-job")}
+    report = run_catalogue(targets, JOB_ATTACKS)
+    through = sorted(name for name, outcome in report.items() if isinstance(outcome, dict) and outcome["through"])
+    channel.event("hostile catalogue ran", type="hostile", data=report)
+    channel.send({"type": "error", "code": "hostile_catalogue", "param": None,
+                  "message": f"attempts that got through: {', '.join(through) or 'none'}"})
+    return 1
+
+
+def main(argv: list[str]) -> int:
+    if os.environ.get("HOSTILE_TARGETS") == "line":  # the catalogue test: targets as one JSON line
+        with os.fdopen(int(argv[1]), "r") as inp:
+            targets = json.loads(inp.readline())
+        with os.fdopen(int(argv[2]), "w") as out:
+            out.write(json.dumps(run_catalogue(targets)) + "\n")
+        return 0
+    return serve_job(int(argv[1]), int(argv[2]))
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def scene(tmp_path):
 
 def _attack(scene: _Scene, level: IsolationLevel) -> dict:
     worker = spawn(HOSTILE, isolation=level, files=[scene.own_blob], hide=[scene.home], gpu=False,
-                   extra_env={"PYTHONPATH": str(REPO)}, limits=LIMITS)
+                   extra_env={"PYTHONPATH": str(REPO), "HOSTILE_TARGETS": "line"}, limits=LIMITS)
     uid = worker.uid  # released by cleanup
     try:
         os.write(worker.to_child, (json.dumps(scene.targets()) + "\n").encode())
