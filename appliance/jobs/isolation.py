@@ -339,6 +339,8 @@ def bwrap_argv(*, tmpdir: Path, reads: list[Path], hide: list[Path], seccomp_fd:
         argv += ["--ro-bind", str(path), str(path)]
     for node in devices or []:
         argv += ["--dev-bind-try", node, node]
+    if devices:  # CUDA and NCCL read the devices' topology from /sys (read-only)
+        argv += ["--ro-bind-try", "/sys", "/sys"]
     argv += ["--bind", str(tmpdir), str(tmpdir), "--chdir", str(tmpdir), "--seccomp", str(seccomp_fd)]
     return argv + (_setpriv(uid) if uid is not None else [])
 

@@ -194,7 +194,7 @@ def spawn(
     reads: Sequence[str | Path] = (),
     files: Sequence[str | Path] = (),
     hide: Sequence[str | Path] = (),
-    gpu: bool | None = None,
+    gpu: bool = True,
 ) -> SandboxedProcess:
     """Start ``python -m module IN_FD OUT_FD`` isolated, talking over two inherited pipes.
 
@@ -210,7 +210,8 @@ def spawn(
             by path: its dataset blobs (encrypted; 0600, which its own uid could not open).
         hide: What must stay out of a sandboxed worker's view even inside a bound directory
             (the appliance's home).
-        gpu: Pass the GPU device nodes into the sandbox; None: when the host has them.
+        gpu: Pass the host's GPU device nodes, if it has any, into the sandbox (a job trains on
+            the GPU whenever the host has one); False for workers that must not touch it.
 
     Raises:
         appliance.jobs.isolation.SandboxUnavailable: The level cannot be built here (fail closed).
@@ -249,7 +250,7 @@ def spawn(
             fds.append(seccomp_fd)
             os.write(seccomp_fd, program)
             os.lseek(seccomp_fd, 0, os.SEEK_SET)
-            devices = gpu_devices() if gpu or gpu is None else []
+            devices = gpu_devices() if gpu else []
             code = [Path(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).exists()]
             prefix = bwrap_argv(tmpdir=tmpdir, reads=[*code, *map(Path, reads)], hide=[Path(p) for p in hide],
                                 seccomp_fd=seccomp_fd, devices=devices, uid=uid)

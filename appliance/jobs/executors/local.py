@@ -86,8 +86,7 @@ class LocalExecutor:
         files = [p for p in reads if Path(p).is_file()] if sandboxed else []
         dirs = [p for p in reads if not Path(p).is_file()] if sandboxed else []
         return LocalWorker(spawn(self.worker_module, limits=self.limits, isolation=self.isolation,
-                                 reads=dirs, files=files, hide=self.hide,
-                                 gpu=compute.get("device") != "cpu" or None))
+                                 reads=dirs, files=files, hide=self.hide))
 
     def close(self) -> None:
         pass
