@@ -233,7 +233,7 @@ def _setpriv(uid: int) -> list[str]:
     if setpriv is None:
         raise SandboxUnavailable("util-linux's setpriv is missing: apt-get install util-linux")
     return [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
-            "--bounding-set=-all", "--"]
+            "--bounding-set=-all", "--no-new-privs", "--"]
 
 
 def network_prefix() -> list[str]:

@@ -228,7 +228,9 @@ ATTACKS: dict[str, Callable[[dict[str, Any]], tuple[bool, str]]] = {
 
 
 def run_catalogue(targets: dict[str, Any], attacks: dict[str, Callable] | None = None) -> dict[str, Any]:
-    report: dict[str, Any] = {"uid": os.getuid(), "pid": os.getpid()}
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    report: dict[str, Any] = {"uid": os.getuid(), "pid": os.getpid(), "no_new_privs": status["NoNewPrivs"].strip(),
+                              "effective_caps": status["CapEff"].strip()}
     for name, attack in (attacks or ATTACKS).items():
         try:
             through, detail = attack(targets)

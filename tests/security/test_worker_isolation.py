@@ -143,6 +143,7 @@ def _privileged_here(report: dict) -> set[str]:
 def test_the_sandbox_stops_every_attack_and_nothing_outside_changes(scene):
     report = _attack(scene, IsolationLevel.SANDBOX)
     assert _through(report) == set(), json.dumps(report, indent=1)
+    assert report["no_new_privs"] == "1" and int(report["effective_caps"], 16) == 0  # no way back up
     if os.geteuid() == 0:  # a host uid of its own, not root's, and not any other worker's
         assert isolation.is_worker_uid(report["uid"]) and report["uid"] == report["worker_uid"]
     else:  # nobody in its user namespace
