@@ -254,32 +254,24 @@ def spawn(
             code = [Path(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).exists()]
             prefix = bwrap_argv(tmpdir=tmpdir, reads=[*code, *map(Path, reads)], hide=[Path(p) for p in hide],
                                 seccomp_fd=seccomp_fd, devices=devices, uid=uid)
-    except BaseException:
-        for fd in (*fds, parent_out_w, parent_in_r):
-            os.close(fd)
-        shutil.rmtree(tmpdir, ignore_errors=True)
-        if uid is not None:
-            release_worker_uid(uid)
-        raise
-    argv = [*prefix, sys.executable, "-m", module, str(child_in_r), str(child_out_w)]
+        argv = [*prefix, sys.executable, "-m", module, str(child_in_r), str(child_out_w)]
 
-    def preexec() -> None:  # runs in the child between fork and exec
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.max_open_files, limits.max_open_files))
-        if limits.max_memory_bytes:
-            resource.setrlimit(resource.RLIMIT_DATA, (limits.max_memory_bytes, limits.max_memory_bytes))
-        if limits.max_file_bytes:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limits.max_file_bytes, limits.max_file_bytes))
-        os.nice(limits.nice)
-        if uid is not None and limits.max_processes:  # enforced once setpriv has made it the worker's uid
-            resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes))
+        def preexec() -> None:  # runs in the child between fork and exec
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limits.max_open_files, limits.max_open_files))
+            if limits.max_memory_bytes:
+                resource.setrlimit(resource.RLIMIT_DATA, (limits.max_memory_bytes, limits.max_memory_bytes))
+            if limits.max_file_bytes:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (limits.max_file_bytes, limits.max_file_bytes))
+            os.nice(limits.nice)
+            if uid is not None and limits.max_processes:  # enforced once setpriv has made it the worker's uid
+                resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes))
 
-    try:
         proc = subprocess.Popen(
             argv, env=env, cwd=tmpdir, stdin=subprocess.DEVNULL, preexec_fn=preexec,  # noqa: PLW1509
             pass_fds=fds, start_new_session=True,
         )
-    except BaseException:
+    except BaseException:  # nothing of a worker that never started is left behind
         for fd in (*fds, parent_out_w, parent_in_r):
             os.close(fd)
         shutil.rmtree(tmpdir, ignore_errors=True)

@@ -46,9 +46,9 @@ from appliance.db.base import Database, utcnow
 from appliance.files.service import FileService, new_file_id
 from appliance.identity.service import project_by_id, project_name
 from appliance.jobs.executors import Executor, LocalExecutor, Worker
-from appliance.jobs.models import FineTuningJob, JobCheckpoint
 from appliance.jobs.isolation import IsolationLevel, SandboxUnavailable
 from appliance.jobs.isolation import check as isolation_problem
+from appliance.jobs.models import FineTuningJob, JobCheckpoint
 from appliance.jobs.sandbox import WorkerLimits, sweep_orphaned_tmpdirs
 from appliance.jobs.service import add_event
 from appliance.jobs.streams import Incoming, Opener, Receiver, StreamError

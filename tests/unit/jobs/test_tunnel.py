@@ -33,21 +33,25 @@ def _connected(gateway, job_id: str):
     return session, conn
 
 
-def _relay(target: tuple[str, int], captured: bytearray) -> tuple[str, int]:
-    """A TCP relay that records every byte both ways: what an eavesdropper on the network sees."""
+def _relay(target: tuple[str, int], captured: bytearray, back: bytearray | None = None) -> tuple[str, int]:
+    """A TCP relay that records every byte both ways: what an eavesdropper on the network sees.
+
+    With ``back``, the bytes towards the dialling side are recorded there, apart from ``captured``.
+    """
     listener = socket.create_server(("127.0.0.1", 0))
 
-    def pipe(src, dst):
+    def pipe(src, dst, record):
         while chunk := src.recv(65536):
-            captured.extend(chunk)
+            record.extend(chunk)
             dst.sendall(chunk)
         dst.shutdown(socket.SHUT_WR)
 
     def serve():
         client, _ = listener.accept()
         upstream = socket.create_connection(target)
-        threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
-        threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+        threading.Thread(target=pipe, args=(client, upstream, captured), daemon=True).start()
+        threading.Thread(target=pipe, args=(upstream, client, captured if back is None else back),
+                         daemon=True).start()
 
     threading.Thread(target=serve, daemon=True).start()
     return listener.getsockname()[:2]
@@ -209,26 +213,11 @@ def test_a_recording_and_the_ticket_learnt_later_do_not_open_the_start_frame(gat
     real_generate = X25519PrivateKey.generate
     monkeypatch.setattr(tunnel.X25519PrivateKey, "generate",
                         staticmethod(lambda: ephemeral.append(real_generate()) or ephemeral[-1]))
-    w2c, c2w = bytearray(), bytearray()
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def pipe(src, dst, record):
-        while chunk := src.recv(65536):
-            record.extend(chunk)
-            dst.sendall(chunk)
-        dst.shutdown(socket.SHUT_WR)
-
-    def serve():
-        client, _ = listener.accept()
-        upstream = socket.create_connection(gateway.address)
-        threading.Thread(target=pipe, args=(client, upstream, w2c), daemon=True).start()
-        threading.Thread(target=pipe, args=(upstream, client, c2w), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
+    w2c, c2w = bytearray(), bytearray()  # each direction recorded apart
     session = gateway.open_session("ftjob-fs", ranks=1)
     session.offer_start(START)
     ticket = session.ticket
-    conn = tunnel.connect(listener.getsockname()[:2], job_id="ftjob-fs", rank=0, ticket=ticket)
+    conn = tunnel.connect(_relay(gateway.address, w2c, c2w), job_id="ftjob-fs", rank=0, ticket=ticket)
     assert conn.read()[0]["datasets"] == START["datasets"]
     conn.close()
     gateway.close_session(session)
