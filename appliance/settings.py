@@ -300,6 +300,13 @@ class JobSettings:
         metadata=_env("APPLIANCE_RAY_TOKEN_FILE",
                       "File holding the Ray cluster's auth token (clusters run with RAY_AUTH_MODE=token)."),
     )
+    ray_node_key_file: Path | None = field(
+        default=None,
+        metadata=_env("APPLIANCE_RAY_NODE_KEY_FILE",
+                      "File of 32 random bytes held at this same path on the control plane and on every Ray node "
+                      "(distributed like the Ray token, readable by Ray's user only): each launch's tunnel ticket "
+                      "is derived from it, so the Ray job's details and logs carry only a public nonce."),
+    )
     ray_callback_address: str = field(
         default="127.0.0.1:0",
         metadata=_env("APPLIANCE_RAY_CALLBACK_ADDRESS",
@@ -503,6 +510,17 @@ def _check_jobs(jobs: JobSettings, errors: list[str]) -> None:
         errors.append(f"APPLIANCE_RAY_TOKEN_FILE={str(jobs.ray_token_file or '')!r}: APPLIANCE_EXECUTOR=ray needs "
                       "the file holding the cluster's Ray auth token (`ray get-auth-token`); Ray clusters without "
                       "token authentication are not supported")
+    key = jobs.ray_node_key_file
+    make_key = "make one with `head -c 32 /dev/urandom > FILE; chmod 0400 FILE` and copy it to every Ray node"
+    if key is None or not key.is_file():
+        errors.append(f"APPLIANCE_RAY_NODE_KEY_FILE={str(key or '')!r}: APPLIANCE_EXECUTOR=ray needs the node key "
+                      f"file that the control plane and every Ray node hold at the same path; {make_key}")
+    elif key.stat().st_size < 32:
+        errors.append(f"APPLIANCE_RAY_NODE_KEY_FILE={str(key)!r}: holds {key.stat().st_size} bytes, need at least "
+                      f"32 random bytes; {make_key}")
+    elif key.stat().st_mode & 0o077:
+        errors.append(f"APPLIANCE_RAY_NODE_KEY_FILE={str(key)!r}: mode {key.stat().st_mode & 0o777:04o} lets other "
+                      "users read it; chmod 0400 (or 0600) it here and on the Ray nodes")
     for name, value in (("APPLIANCE_RAY_CALLBACK_ADDRESS", jobs.ray_callback_address),
                         ("APPLIANCE_RAY_CALLBACK_ADVERTISE", jobs.ray_callback_advertise)):
         if value:

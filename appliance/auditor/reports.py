@@ -170,6 +170,9 @@ def _privacy_summary(privacy: dict[str, Any] | None) -> dict[str, Any] | None:
         out["dp_delta"] = dp.get("delta")
     if isolation := privacy.get("worker_isolation"):
         out["worker_isolation"] = f"{isolation.get('level')} ({isolation.get('executor')} executor)"
+        if ranks := isolation.get("ranks"):  # a Ray job: where each rank's worker ran, as it reported
+            out["worker_isolation"] += "; " + ", ".join(
+                f"rank {r.get('rank')}: {r.get('level')}, {r.get('network')} network" for r in ranks)
     return out or None
 
 

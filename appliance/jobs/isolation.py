@@ -144,10 +144,21 @@ _INSTALL_SECCOMP = ("install libseccomp (apt-get install libseccomp2) and the py
 #: Loader and name-service files a Python process reads from /etc; nothing else of /etc is shown.
 _ETC_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime",
               "/etc/nsswitch.conf", "/etc/alternatives")
+#: ... and, for a worker that keeps its node's network, the resolver's.
+_RESOLVER_FILES = ("/etc/hosts", "/etc/resolv.conf", "/etc/host.conf", "/etc/gai.conf")
 
 
-def seccomp_program() -> bytes:
+#: Socket families a worker that keeps its node's network may open (a data-parallel rank reaching its
+#: peers: TCP for gloo and NCCL, netlink for their interface lookup); every other family stays refused.
+NETWORK_FAMILIES = (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6, socket.AF_NETLINK)
+
+
+def seccomp_program(network: bool = False) -> bytes:
     """The sandbox's seccomp filter as a BPF program (what ``bwrap --seccomp`` reads).
+
+    Args:
+        network: Admit the :data:`NETWORK_FAMILIES` sockets (a worker that keeps its node's network);
+            otherwise ``AF_UNIX`` only.
 
     Raises:
         SandboxUnavailable: libseccomp or its Python binding is missing.
@@ -157,15 +168,21 @@ def seccomp_program() -> bytes:
     except (ImportError, OSError) as exc:  # OSError: the binding is there, libseccomp.so.2 is not
         raise SandboxUnavailable(f"the seccomp filter cannot be built ({type(exc).__name__}: {exc}): "
                                  f"{_INSTALL_SECCOMP}") from exc
-    return _program(sc)
+    return _program(sc, network)
 
 
 @cache
-def _program(sc) -> bytes:  # noqa: ANN001 - the pyseccomp module
+def _program(sc, network: bool = False) -> bytes:  # noqa: ANN001 - the pyseccomp module
     filt = sc.SyscallFilter(sc.ALLOW)
     refuse_family = sc.ERRNO(errno.EAFNOSUPPORT)
+    allowed = NETWORK_FAMILIES if network else (socket.AF_UNIX,)
     for call in ("socket", "socketpair"):
-        filt.add_rule(refuse_family, call, sc.Arg(0, sc.NE, socket.AF_UNIX))
+        # One comparison per rule (libseccomp's rules are or-ed): above the highest allowed family, and
+        # each family below it that is not allowed.
+        filt.add_rule(refuse_family, call, sc.Arg(0, sc.GT, max(allowed)))
+        for family in range(max(allowed)):
+            if family not in allowed:
+                filt.add_rule(refuse_family, call, sc.Arg(0, sc.EQ, family))
     for call in BLOCKED_SYSCALLS:
         try:
             filt.add_rule(sc.ERRNO(errno.EPERM), call)
@@ -217,14 +234,17 @@ def _bwrap_problem(bwrap: str) -> str:
                                                                                   f"{done.returncode}"])[-1]
 
 
-def _namespaces(uid: int | None) -> list[str]:
+def _namespaces(uid: int | None, network: bool = False) -> list[str]:
     """bwrap's namespace options: as root (``uid``: the worker's own host uid, dropped to by setpriv
     once the sandbox is built) every namespace but the user one, which root does not need and which
-    would map the worker back to root; otherwise all of them, as uid 65534 in a user namespace."""
-    common = ["--die-with-parent", "--new-session", "--hostname", "worker"]
+    would map the worker back to root; otherwise all of them, as uid 65534 in a user namespace.
+    ``network``: keep the host's network namespace (and its host name, which gloo resolves)."""
+    common = ["--die-with-parent", "--new-session", *([] if network else ["--hostname", "worker"])]
     if uid is not None:
-        return ["--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", *common]
-    return ["--unshare-all", "--cap-drop", "ALL", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), *common]
+        return [*([] if network else ["--unshare-net"]), "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+                "--unshare-cgroup-try", *common]
+    return ["--unshare-all", *(["--share-net"] if network else []), "--cap-drop", "ALL",
+            "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), *common]
 
 
 def _setpriv(uid: int) -> list[str]:
@@ -265,8 +285,9 @@ def network_isolation_prefix() -> list[str]:
     return []
 
 
-def _system_binds() -> list[str]:
-    """/usr read-only, /bin, /lib, /lib64, /sbin as the host has them (links on merged-/usr hosts)."""
+def _system_binds(network: bool = False) -> list[str]:
+    """/usr read-only, /bin, /lib, /lib64, /sbin as the host has them (links on merged-/usr hosts);
+    with ``network``, the resolver's files too."""
     args = ["--ro-bind", "/usr", "/usr"]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         path = Path(top)
@@ -274,7 +295,7 @@ def _system_binds() -> list[str]:
             args += ["--symlink", os.readlink(path), top]
         elif path.is_dir():
             args += ["--ro-bind", top, top]
-    for etc in _ETC_FILES:
+    for etc in (*_ETC_FILES, *(_RESOLVER_FILES if network else ())):
         args += ["--ro-bind-try", etc, etc]
     return args
 
@@ -304,7 +325,7 @@ def _outermost(paths) -> list[Path]:  # noqa: ANN001 - an iterable of paths
 
 
 def bwrap_argv(*, tmpdir: Path, reads: list[Path], hide: list[Path], seccomp_fd: int,
-               devices: list[str] | None = None, uid: int | None = None) -> list[str]:
+               devices: list[str] | None = None, uid: int | None = None, network: bool = False) -> list[str]:
     """The ``bwrap ...`` prefix for one worker.
 
     Args:
@@ -316,8 +337,10 @@ def bwrap_argv(*, tmpdir: Path, reads: list[Path], hide: list[Path], seccomp_fd:
         devices: Device nodes to pass through (GPU nodes for a job that uses a GPU).
         uid: The worker's own host uid (a server running as root), else None: uid 65534 in a user
             namespace, the server's user outside it.
+        network: Keep the host's network namespace (a Ray rank's worker reaching its peer ranks);
+            pair it with ``seccomp_program(network=True)``.
     """
-    argv = [bwrap_path(), *_namespaces(uid), *_system_binds(), "--proc", "/proc", "--dev", "/dev",
+    argv = [bwrap_path(), *_namespaces(uid, network), *_system_binds(network), "--proc", "/proc", "--dev", "/dev",
             "--perms", "1777", "--tmpfs", "/tmp"]
     roots = _python_roots()
     # The directories above each bind are made by bwrap; as root it makes them 0700, which the

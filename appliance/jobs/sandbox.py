@@ -102,6 +102,8 @@ class SandboxedProcess:
     fds: dict[str, int] = field(default_factory=dict)
     #: the host uid the worker runs as, when it has one of its own
     uid: int | None = None
+    #: "none" (a network namespace of its own) or "shared" (the host's network)
+    network: str = "none"
 
     @property
     def isolated(self) -> bool:
@@ -195,6 +197,7 @@ def spawn(
     files: Sequence[str | Path] = (),
     hide: Sequence[str | Path] = (),
     gpu: bool = True,
+    network: bool = False,
 ) -> SandboxedProcess:
     """Start ``python -m module IN_FD OUT_FD`` isolated, talking over two inherited pipes.
 
@@ -212,6 +215,9 @@ def spawn(
             (the appliance's home).
         gpu: Pass the host's GPU device nodes, if it has any, into the sandbox (a job trains on
             the GPU whenever the host has one); False for workers that must not touch it.
+        network: Keep the host's network: a Ray rank's worker of a multi-rank job, which must reach
+            its peer ranks for the gradient collective. The sandbox's other walls stay (its seccomp
+            filter then admits IP and netlink sockets); ``network-only`` then amounts to ``none``.
 
     Raises:
         appliance.jobs.isolation.SandboxUnavailable: The level cannot be built here (fail closed).
@@ -219,12 +225,12 @@ def spawn(
     level = IsolationLevel(isolation)
     limits = limits or WorkerLimits()
     # Each level's tools are checked before anything is made (fail closed, nothing left behind).
-    program = seccomp_program() if level is IsolationLevel.SANDBOX else b""
+    program = seccomp_program(network) if level is IsolationLevel.SANDBOX else b""
     if level is IsolationLevel.SANDBOX:
         bwrap_path()
         for path in reads:
             grant_read(Path(path), [Path(h) for h in hide])
-    prefix = network_prefix() if level is IsolationLevel.NETWORK_ONLY else []
+    prefix = network_prefix() if level is IsolationLevel.NETWORK_ONLY and not network else []
     uid = allocate_worker_uid() if level is IsolationLevel.SANDBOX and os.geteuid() == 0 else None
     tmpdir = Path(tempfile.mkdtemp(prefix=TMPDIR_PREFIX, dir=_tmp_root()))
     os.chmod(tmpdir, 0o700)
@@ -253,7 +259,7 @@ def spawn(
             devices = gpu_devices() if gpu else []
             code = [Path(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).exists()]
             prefix = bwrap_argv(tmpdir=tmpdir, reads=[*code, *map(Path, reads)], hide=[Path(p) for p in hide],
-                                seccomp_fd=seccomp_fd, devices=devices, uid=uid)
+                                seccomp_fd=seccomp_fd, devices=devices, uid=uid, network=network)
         argv = [*prefix, sys.executable, "-m", module, str(child_in_r), str(child_out_w)]
 
         def preexec() -> None:  # runs in the child between fork and exec
@@ -281,4 +287,5 @@ def spawn(
     for fd in fds:
         os.close(fd)
     return SandboxedProcess(proc, parent_out_w, parent_in_r, tmpdir, isolation=level.value, argv=argv,
-                            fds=passed, uid=uid)
+                            fds=passed, uid=uid, network="shared" if network or level is IsolationLevel.NONE
+                            else "none")

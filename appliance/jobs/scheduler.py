@@ -112,6 +112,8 @@ class _Inbox:
     streams: Receiver = field(default_factory=Receiver)
     #: the adapter's files, encrypted into storage as they arrive; published on success, else discarded
     archive: AdapterArchive | None = None
+    #: where each Ray rank's worker ran: {"rank", "level", "network"}, as the ranks reported it
+    ranks: list[dict[str, Any]] = field(default_factory=list)
 
     def discard(self) -> None:
         """Abort whatever was not stored: the open stream's blob and an unpublished adapter."""
@@ -164,7 +166,8 @@ class Scheduler:
                                 "setting": "APPLIANCE_WORKER_ISOLATION"})
             log.warning("training workers run below the default isolation",
                         extra={"level": self.isolation, "setting": "APPLIANCE_WORKER_ISOLATION"})
-        if self.isolation is not None and (problem := isolation_problem(IsolationLevel(self.isolation))):
+        if (self.isolation is not None and self.executor.name == "local"  # a Ray rank checks on its own node
+                and (problem := isolation_problem(IsolationLevel(self.isolation)))):
             # Said at start-up, not first when a job fails: every job will fail closed until it is fixed.
             log.error("training workers cannot be isolated as configured; jobs will fail until this is fixed",
                       extra={"level": self.isolation, "problem": problem})
@@ -440,6 +443,9 @@ class Scheduler:
         header, payload = frame
         kind = header.get("type")
         if kind == "event":
+            data = header.get("data")
+            if header.get("event_type") == "isolation" and isinstance(data, dict) and "rank" in data:
+                inbox.ranks.append({k: data.get(k) for k in ("rank", "level", "network")})
             with self.db.transaction() as s:
                 add_event(s, job_id, str(header.get("message", ""))[:2000], level=header.get("level", "info"),
                           type=header.get("event_type", "message"), data=header.get("data"))
@@ -535,7 +541,7 @@ class Scheduler:
             job.lease_expires_at = None
             kind, header = outcome if outcome else ("lost", {})
             if kind == "result":
-                published = self._succeed(s, job, header, inbox.archive or {})
+                published = self._succeed(s, job, header, inbox.archive or {}, ranks=inbox.ranks)
             elif kind == "cancelled" or (kind == "lost" and job.cancel_requested):
                 job.status, job.finished_at, job.resumable = "cancelled", utcnow(), True
                 add_event(s, job.id, "Job cancelled")
@@ -559,10 +565,13 @@ class Scheduler:
                     log.exception("adapter publish hook failed", extra={"adapter": published})
 
     def _succeed(self, s, job: FineTuningJob, header: dict[str, Any],
-                 artefacts: AdapterArchive | dict[str, bytes]) -> str:
-        # The privacy evidence says how the worker was shut in (the manifest signs it, the report shows it).
-        header = {**header, "privacy": {**(header.get("privacy") or {}), "worker_isolation": {
-            "level": self.isolation or "none", "executor": self.executor.name}}}
+                 artefacts: AdapterArchive | dict[str, bytes], ranks: list[dict[str, Any]] | None = None) -> str:
+        # The privacy evidence says how the worker was shut in (the manifest signs it, the report shows it);
+        # under Ray, also where each rank's worker ran, as the ranks reported it.
+        isolation = {"level": self.isolation or "none", "executor": self.executor.name}
+        if ranks:
+            isolation["ranks"] = sorted(ranks, key=lambda r: r.get("rank") or 0)
+        header = {**header, "privacy": {**(header.get("privacy") or {}), "worker_isolation": isolation}}
         adapter_id = self.catalog.publish_from_job(
             s, SYSTEM, job_id=job.id, project_id=job.project_id, base_model=job.model, method=job.method_type,
             suffix=job.suffix, trained_by=job.created_by,

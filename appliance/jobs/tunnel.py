@@ -33,10 +33,16 @@ artefact crosses as many sealed chunks (:mod:`appliance.jobs.streams`) and
 neither end holds more than one frame of it; a length prefix over the bound
 ends the connection before anything is buffered.
 
-What it does not do: a party that reads the ticket *before* the worker connects can
-connect first in its place. The gateway serves each rank once, so the real worker's
-connection then fails the job loudly ("the ticket leaked"); keeping the Ray job's
-runtime_env unreadable (the cluster's token authentication) is what prevents it.
+Where a Ray rank's ticket comes from: never from the Ray job. The control plane and every
+Ray node hold a *node key* (``APPLIANCE_RAY_NODE_KEY_FILE``, 32 random bytes distributed
+like the Ray token); a launch draws a random public *nonce* and both ends derive the
+ticket as ``HKDF-SHA256(node key, salt = nonce, info = "appliance-ray-ticket/1|<job_id>")``
+(:func:`derive_ticket`). The Ray job's runtime_env, Ray's job table and its logs carry
+the nonce and the key file's path, nothing usable: whoever reads them, or records the
+traffic, can neither connect in a rank's place nor decrypt anything. Only a reader of the
+key file on a node (the node's Ray user, who can run code there anyway) could; the
+sandboxed worker a rank starts cannot see it. A rank the gateway has already served that
+connects again fails the job loudly ("the ticket leaked").
 """
 
 from __future__ import annotations
@@ -57,8 +63,11 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from appliance.jobs import wire
 
 TICKET_BYTES = 32
-#: The environment variable that hands a Ray worker its ticket (set by the executor, read by the rank).
-TICKET_ENV = "APPLIANCE_TUNNEL_TICKET"
+#: The runtime-environment variable that hands a Ray rank its launch's public nonce.
+NONCE_ENV = "APPLIANCE_TUNNEL_NONCE"
+#: ... and the path of the node key on the Ray nodes (the same path as on the control plane).
+NODE_KEY_ENV = "APPLIANCE_RAY_NODE_KEY_FILE"
+NODE_KEY_BYTES = 32
 _NONCE_BYTES = 16
 _SHARE_BYTES = 32  # an X25519 public key
 _LEN = struct.Struct(">I")
@@ -77,6 +86,35 @@ class TunnelError(Exception):
 
 def new_ticket() -> bytes:
     return os.urandom(TICKET_BYTES)
+
+
+def new_nonce() -> bytes:
+    """A launch's public nonce (goes into the Ray job's runtime_env)."""
+    return os.urandom(TICKET_BYTES)
+
+
+def derive_ticket(node_key: bytes, nonce: bytes, job_id: str) -> bytes:
+    """The ticket of one launch of ``job_id``: only holders of the node key can compute it from the nonce."""
+    if len(node_key) < NODE_KEY_BYTES:
+        raise ValueError(f"node_key: {len(node_key)} bytes, need at least {NODE_KEY_BYTES} random bytes")
+    if len(nonce) != TICKET_BYTES:
+        raise ValueError(f"nonce: {len(nonce)} bytes, expected {TICKET_BYTES}")
+    return HKDF(algorithm=SHA256(), length=TICKET_BYTES, salt=nonce,
+                info=b"appliance-ray-ticket/1|" + job_id.encode()).derive(node_key)
+
+
+def read_node_key(path: str | os.PathLike) -> bytes:
+    """The node key from its file (raw bytes, at least :data:`NODE_KEY_BYTES`).
+
+    Raises:
+        ValueError: the file is too short, naming the path and how to make one.
+    """
+    with open(path, "rb") as fh:
+        key = fh.read(4096)
+    if len(key) < NODE_KEY_BYTES:
+        raise ValueError(f"{NODE_KEY_ENV}={str(path)!r}: holds {len(key)} bytes, need at least {NODE_KEY_BYTES} "
+                         f"random bytes (head -c {NODE_KEY_BYTES} /dev/urandom > FILE)")
+    return key
 
 
 class Tunnel:

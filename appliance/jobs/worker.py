@@ -7,9 +7,9 @@ them: :mod:`appliance.jobs.streams`), decrypts the datasets in memory, trains, a
 events, and checkpoints and the adapter as chunked streams, back on ``OUT_FD``. It writes nothing of
 the data to disk. If the scheduler goes away (its pipe closes), it exits.
 
-Under the Ray executor the Ray job's entrypoint is :mod:`appliance.jobs.ray_worker`: each rank then
-talks to the scheduler through an encrypted tunnel instead of the pipes and
-runs the same :func:`serve`.
+Under the Ray executor the Ray job's entrypoint is :mod:`appliance.jobs.ray_worker`: each rank
+talks to the scheduler through an encrypted tunnel and starts this same worker, sandboxed on its node,
+relaying the frames between the tunnel and its pipes.
 """
 
 from __future__ import annotations
@@ -71,14 +71,15 @@ def load_records(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def run(channel: Channel, start: dict[str, Any], resume: bytes) -> None:
-    if start.get("executor") == "ray":
-        # A Ray worker needs the network: it dials the control plane and its peer ranks.
-        channel.event("Ray executor: the worker is not network-isolated; the cluster's network policy applies "
-                      "and it relies on offline libraries", level="warn", type="isolation")
+    level = start.get("isolation")  # the level it was launched at; None when started another way (systemd unit)
+    if start.get("network") == "shared":
+        # A Ray rank's worker of a multi-rank job: it must reach its peer ranks, so it kept its node's network.
+        channel.event(f"Ray rank's worker at isolation level {level!r} with its node's network, shared with its "
+                      "peer ranks for the gradient collective: the cluster's network policy applies and the "
+                      "worker relies on offline libraries", level="warn", type="isolation",
+                      data={"level": level, "network": "shared"})
     else:
         probe = network_probe()
-        # The level the scheduler launched it at; None when started another way (the systemd worker unit).
-        level = start.get("isolation")
         probe["level"] = level
         isolated = probe["connect"] in _NO_ROUTE and probe["interfaces"] in (["lo"], [])
         weaker = level not in (None, "sandbox")
@@ -93,9 +94,20 @@ def run(channel: Channel, start: dict[str, Any], resume: bytes) -> None:
         else:
             message = "Network isolation verified: the worker has no route out"
         channel.event(message, level="warn" if weaker or not isolated else "info", type="isolation", data=probe)
+    if group := start.get("process_group"):
+        join_process_group(group)
     load = load_bytes if start.get("model_kind") == "diffusion" else load_records
     datasets = {d["role"]: load(d) for d in start["datasets"]}
     run_task(channel, start, datasets, resume or None)
+
+
+def join_process_group(group: dict[str, Any]) -> None:
+    """Join the data-parallel ranks' process group (a Ray rank's worker; its rank picked the address)."""
+    import torch.distributed as dist
+
+    host = f"[{group['host']}]" if ":" in str(group["host"]) else group["host"]
+    dist.init_process_group(group["backend"], init_method=f"tcp://{host}:{group['port']}",
+                            rank=int(group["rank"]), world_size=int(group["world"]))
 
 
 def serve(channel: Channel) -> int:
@@ -104,6 +116,7 @@ def serve(channel: Channel) -> int:
     if frame is None or frame[0].get("type") != "start":
         return 2
     start, resume = frame
+    channel.primary = start.get("primary", True)  # a Ray rank other than 0 reports only its errors
     try:
         if start.get("resume_stream"):
             resume = channel.receive_resume()  # before the control watcher starts reading the same link

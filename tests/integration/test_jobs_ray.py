@@ -25,6 +25,7 @@ import openai
 import pytest
 
 from appliance.crypto.envelope import WrappedKey
+from appliance.jobs import tunnel
 from appliance.storage.blobs import key_context
 from appliance.storage.models import DataKey
 from tests.conftest import CLI_CTX, REPO, free_port, make_settings
@@ -45,6 +46,7 @@ class RayCluster:
     address: str
     token_file: Path
     client: JobSubmissionClient
+    node_key_file: Path
 
 
 def _start_head(temp_dir: str, token: str, log: Path) -> tuple[subprocess.Popen, str]:
@@ -78,6 +80,9 @@ def ray_cluster(tmp_path_factory) -> Iterator[RayCluster]:
     token_file = base / "ray.token"
     token_file.write_text(token + "\n")
     token_file.chmod(0o600)
+    node_key_file = base / "node.key"  # the same path on the control plane and the (one) node
+    node_key_file.write_bytes(os.urandom(32))
+    node_key_file.chmod(0o400)
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's unix sockets live under it
     proc, address = _start_head(temp_dir, token, base / "head.log")
     try:
@@ -90,7 +95,7 @@ def ray_cluster(tmp_path_factory) -> Iterator[RayCluster]:
                 if proc.poll() is not None or deadline.expired():
                     pytest.fail(f"the Ray head did not come up:\n{(base / 'head.log').read_text()[-3000:]}")
                 time.sleep(0.5)
-        yield RayCluster(address, token_file, client)
+        yield RayCluster(address, token_file, client, node_key_file)
     finally:
         _stop_head(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -124,6 +129,7 @@ def settings(tmp_path, ray_cluster):
     return make_settings(
         tmp_path / "home", APPLIANCE_EXECUTOR="ray", APPLIANCE_RAY_ADDRESS=ray_cluster.address,
         APPLIANCE_RAY_TOKEN_FILE=str(ray_cluster.token_file), APPLIANCE_RAY_CALLBACK_ADDRESS="127.0.0.1:0",
+        APPLIANCE_RAY_NODE_KEY_FILE=str(ray_cluster.node_key_file),
         APPLIANCE_RAY_MAX_WORKERS="2", APPLIANCE_RAY_CONNECT_TIMEOUT_S="300",
     )
 
@@ -157,7 +163,11 @@ def test_lora_job_with_two_ddp_workers_on_ray(client, state, tiny_model, trainer
     submitted = next(e for e in events if e.message.startswith("Submitted to Ray as "))
     assert submitted.data["workers"] == 2
     assert any("with 2 data-parallel workers (gloo)" in m for m in messages), messages
-    assert any(e.type == "isolation" and "Ray executor" in e.message for e in events)
+    # Each rank ran its worker in the sandbox on its node, keeping the node's network for the collective,
+    # and the job says so for every rank: in its events and in the privacy evidence the manifest signs.
+    placed = sorted((e.data["rank"], e.data["level"], e.data["network"]) for e in events
+                    if e.type == "isolation" and e.data and "rank" in e.data)
+    assert placed == [(0, "sandbox", "shared"), (1, "sandbox", "shared")], placed
     assert any(e.type == "metrics" and e.data and "train_loss" in e.data for e in events)
     assert api.fine_tuning.jobs.checkpoints.list(job.id).data  # rank 0 checkpointed
 
@@ -167,7 +177,12 @@ def test_lora_job_with_two_ddp_workers_on_ray(client, state, tiny_model, trainer
     assert manifest["format"] == "appliance-adapter-manifest/1" and manifest["seed"] == 7
     assert manifest["datasets"][0]["id"] == train_id and manifest["base_model"]["name"] == tiny_model
     assert manifest["hyperparameters"]["lora_r"] == 4
+    assert manifest["privacy"]["worker_isolation"] == {
+        "level": "sandbox", "executor": "ray",
+        "ranks": [{"rank": 0, "level": "sandbox", "network": "shared"},
+                  {"rank": 1, "level": "sandbox", "network": "shared"}]}
     assert state.catalog.verify_manifest(state.catalog.get_adapter(None, job.fine_tuned_model))
+    assert job.model_extra["privacy"]["worker_isolation"] == manifest["privacy"]["worker_isolation"]
     out = state.catalog.export(None, CLI_CTX, job.fine_tuned_model, tmp_path / "export")
     assert {p.name for p in out.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors", "manifest.json"}
     from peft import PeftModel
@@ -186,6 +201,11 @@ def test_lora_job_with_two_ddp_workers_on_ray(client, state, tiny_model, trainer
         data_key = state.blobs.keys.unwrap(WrappedKey(row.kek_id, row.wrapped), key_context(train_id, row.project))
     seen_by_ray = json.dumps(info.__dict__, default=str) + ray_cluster.client.get_job_logs(submission_id)
     for form in (base64.b64encode(data_key).decode(), data_key.hex()):
+        assert form not in seen_by_ray
+    # Nor the launch's ticket: Ray holds the nonce it is derived from, useless without the node key.
+    nonce = bytes.fromhex(info.runtime_env["env_vars"][tunnel.NONCE_ENV])
+    ticket = tunnel.derive_ticket(ray_cluster.node_key_file.read_bytes(), nonce, job.id)
+    for form in (base64.b64encode(ticket).decode(), ticket.hex()):
         assert form not in seen_by_ray
     assert "Item 3 is a blue box" not in seen_by_ray  # nor a training record
 

@@ -87,6 +87,15 @@ def resolve_name(t: dict[str, Any]) -> tuple[bool, str]:  # noqa: ARG001
         return False, _errno_name(exc.errno or 0)
 
 
+def packet_socket(t: dict[str, Any]) -> tuple[bool, str]:  # noqa: ARG001
+    """Open a raw packet socket (sniff or forge the node's traffic; needs CAP_NET_RAW)."""
+    try:
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3)):
+            return True, "opened"
+    except OSError as exc:
+        return False, _errno_name(exc.errno or 0)
+
+
 def _read(path: str) -> tuple[bool, str]:
     try:
         with open(path, "rb") as fh:
@@ -222,6 +231,7 @@ ATTACKS: dict[str, Callable[[dict[str, Any]], tuple[bool, str]]] = {
     "load_kernel_module": load_kernel_module,
     "keyctl": keyctl,
     "bpf": bpf,
+    "packet_socket": packet_socket,
     "fork_bomb": fork_bomb,
     "fill_memory": fill_memory,
 }

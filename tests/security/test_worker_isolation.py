@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 NETWORK = {"tcp_appliance_port", "tcp_outside", "udp_appliance_host", "resolve_name"}
 FILES = {"read_key_file", "read_database", "read_other_job_tmp", "read_other_blob", "write_outside_tmp"}
 PROCESSES = {"list_server_processes", "signal_server", "ptrace_parent"}
-PRIVILEGED = {"mount_tmpfs", "load_kernel_module", "keyctl", "bpf"}
+PRIVILEGED = {"mount_tmpfs", "load_kernel_module", "keyctl", "bpf", "packet_socket"}
 #: The catalogue's limits: a fork bomb of 300 against 64 processes, 2 GiB against 512 MiB.
 LIMITS = WorkerLimits(max_memory_bytes=512 << 20, max_processes=64)
 #: Attempts whose outcome at the weakest level depends on the host's routes, not on us.
@@ -101,9 +101,9 @@ def scene(tmp_path):
     s.close()
 
 
-def _attack(scene: _Scene, level: IsolationLevel) -> dict:
+def _attack(scene: _Scene, level: IsolationLevel, network: bool = False) -> dict:
     worker = spawn(HOSTILE, isolation=level, files=[scene.own_blob], hide=[scene.home], gpu=False,
-                   extra_env={"PYTHONPATH": str(REPO), "HOSTILE_TARGETS": "line"}, limits=LIMITS)
+                   extra_env={"PYTHONPATH": str(REPO), "HOSTILE_TARGETS": "line"}, limits=LIMITS, network=network)
     uid = worker.uid  # released by cleanup
     try:
         os.write(worker.to_child, (json.dumps(scene.targets()) + "\n").encode())
@@ -161,6 +161,20 @@ def test_the_sandbox_stops_every_attack_and_nothing_outside_changes(scene):
     assert report["fork_bomb"]["detail"].startswith("EAGAIN"), report["fork_bomb"]
     assert report["fill_memory"]["detail"].startswith("MemoryError"), report["fill_memory"]
     assert subprocess.run(["true"]).returncode == 0  # the host still forks
+
+
+def test_a_ray_ranks_sandbox_keeps_the_network_for_its_peers_and_every_other_wall(scene):
+    """A Ray rank's worker in a multi-rank job keeps its node's network (the gradient collective needs
+    TCP to the peer ranks): the network attempts go through, and nothing else does."""
+    report = _attack(scene, IsolationLevel.SANDBOX, network=True)
+    assert _through(report) - HOST_ROUTES == {"tcp_appliance_port", "udp_appliance_host"}, json.dumps(report, indent=1)
+    assert report["no_new_privs"] == "1" and int(report["effective_caps"], 16) == 0
+    assert report["read_key_file"]["detail"] == "ENOENT" and report["read_other_blob"]["detail"] == "ENOENT"
+    assert report["ptrace_parent"]["detail"] == "EPERM" and report["load_kernel_module"]["detail"] == "EPERM"
+    assert report["fork_bomb"]["detail"].startswith("EAGAIN"), report["fork_bomb"]
+    assert not scene.write_target.exists()
+    # Its seccomp filter admits IP and netlink sockets only: a raw packet socket is still refused.
+    assert report["packet_socket"]["detail"] == "EAFNOSUPPORT", report["packet_socket"]
 
 
 def test_the_sandbox_lets_the_worker_read_what_its_job_needs_and_write_its_own_directory(scene, tmp_path):

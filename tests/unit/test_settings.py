@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -69,17 +70,28 @@ def test_the_ray_executor_needs_its_address_and_token_and_reports_all_problems(t
         load_settings({"APPLIANCE_HOME": str(tmp_path), "APPLIANCE_EXECUTOR": "ray",
                        "APPLIANCE_RAY_CALLBACK_ADDRESS": "0.0.0.0:7070"})
     problems = "\n".join(info.value.problems)
-    for name in ("APPLIANCE_RAY_ADDRESS=''", "APPLIANCE_RAY_TOKEN_FILE=''", "APPLIANCE_RAY_CALLBACK_ADVERTISE=''"):
+    for name in ("APPLIANCE_RAY_ADDRESS=''", "APPLIANCE_RAY_TOKEN_FILE=''", "APPLIANCE_RAY_CALLBACK_ADVERTISE=''",
+                 "APPLIANCE_RAY_NODE_KEY_FILE=''"):
         assert name in problems
+    assert "head -c 32 /dev/urandom" in problems  # how to make the node key
     token = tmp_path / "ray.token"
     token.write_text("t0ken\n")
-    settings = load_settings({"APPLIANCE_HOME": str(tmp_path), "APPLIANCE_EXECUTOR": "ray",
-                              "APPLIANCE_RAY_ADDRESS": "http://127.0.0.1:8265", "APPLIANCE_RAY_TOKEN_FILE": str(token)})
+    node_key = tmp_path / "node.key"
+    ray = {"APPLIANCE_HOME": str(tmp_path), "APPLIANCE_EXECUTOR": "ray", "APPLIANCE_RAY_ADDRESS": "http://127.0.0.1:8265",
+           "APPLIANCE_RAY_TOKEN_FILE": str(token), "APPLIANCE_RAY_NODE_KEY_FILE": str(node_key)}
+    node_key.write_bytes(b"k" * 16)
+    node_key.chmod(0o600)
+    with pytest.raises(SettingsError, match="APPLIANCE_RAY_NODE_KEY_FILE=.*holds 16 bytes, need at least 32"):
+        load_settings(ray)
+    node_key.write_bytes(os.urandom(32))
+    node_key.chmod(0o644)
+    with pytest.raises(SettingsError, match="APPLIANCE_RAY_NODE_KEY_FILE=.*mode 0644 lets other users read it"):
+        load_settings(ray)
+    node_key.chmod(0o400)
+    settings = load_settings(ray)
     assert settings.jobs.executor == "ray" and settings.jobs.ray_callback_address == "127.0.0.1:0"
     with pytest.raises(SettingsError, match="APPLIANCE_RAY_CALLBACK_ADDRESS='nowhere': expected host:port"):
-        load_settings({"APPLIANCE_HOME": str(tmp_path), "APPLIANCE_EXECUTOR": "ray",
-                       "APPLIANCE_RAY_ADDRESS": "http://127.0.0.1:8265", "APPLIANCE_RAY_TOKEN_FILE": str(token),
-                       "APPLIANCE_RAY_CALLBACK_ADDRESS": "nowhere"})
+        load_settings({**ray, "APPLIANCE_RAY_CALLBACK_ADDRESS": "nowhere"})
     # The local executor ignores the Ray variables.
     assert load_settings({"APPLIANCE_HOME": str(tmp_path)}).jobs.executor == "local"
 

@@ -74,11 +74,12 @@ class Executor(Protocol):
 
 
 def make_executor(settings: JobSettings, **local_options: Any) -> Executor:
-    """The executor ``APPLIANCE_EXECUTOR`` names; ``local_options`` go to :class:`LocalExecutor`."""
+    """The executor ``APPLIANCE_EXECUTOR`` names; ``local_options`` go to :class:`LocalExecutor`
+    (the Ray executor takes its ``isolation`` and ``hide``: each rank sandboxes its worker alike)."""
     if settings.executor == "ray":
         from appliance.jobs.executors.ray import RayExecutor
 
-        return RayExecutor(settings)
+        return RayExecutor(settings, isolation=local_options.get("isolation"), hide=local_options.get("hide", ()))
     return LocalExecutor(**local_options)
 
 

@@ -6,7 +6,8 @@ ranks it expects. A worker dials in, proves the ticket for its job and rank
 keys included, over the encrypted tunnel; each rank is served once, and the
 keys are dropped from memory as soon as every rank has them. Rank 0 reports
 (events, checkpoints, artefacts, the result); other ranks may only report an
-error. A second connection for a rank already served means the ticket leaked:
+error and, once, the isolation level they run at (stamped with their rank here).
+A second connection for a rank already served means the ticket leaked:
 the session refuses it and fails the job.
 
 Frames from the ranks wait in a bounded queue: when the scheduler falls behind
@@ -39,9 +40,9 @@ Frame = tuple[dict[str, Any], bytes]
 class Session:
     """One launch of one job: its ticket, the start frame its ranks receive, what they send back."""
 
-    def __init__(self, job_id: str, ranks: int) -> None:
+    def __init__(self, job_id: str, ranks: int, ticket: bytes | None = None) -> None:
         self.job_id, self.ranks = job_id, ranks
-        self.ticket = tunnel.new_ticket()
+        self.ticket = ticket if ticket is not None else tunnel.new_ticket()
         self.frames: queue.Queue[Frame] = queue.Queue(maxsize=QUEUED_FRAMES)
         self._start: tuple[dict[str, Any], streams.Opener | None] | None = None
         self._start_offered = threading.Event()
@@ -155,8 +156,14 @@ class Session:
                 self._open.discard(rank)
 
     def _pump(self, rank: int, conn: tunnel.Tunnel) -> None:
+        placed = False  # each rank says once at which isolation level it runs
         while (frame := conn.read()) is not None:
-            if (rank == 0 or frame[0].get("type") == "error") and not self.deliver(frame):
+            header = frame[0]
+            isolation = header.get("type") == "event" and header.get("event_type") == "isolation" and not placed
+            if isolation:
+                placed = True
+                frame = ({**header, "data": {**(header.get("data") or {}), "rank": rank}}, b"")
+            if (rank == 0 or isolation or header.get("type") == "error") and not self.deliver(frame):
                 return
 
 
@@ -198,8 +205,9 @@ class WorkerGateway:
             self._thread = threading.Thread(target=self._accept_loop, name="worker-gateway", daemon=True)
             self._thread.start()
 
-    def open_session(self, job_id: str, ranks: int) -> Session:
-        session = Session(job_id, ranks)
+    def open_session(self, job_id: str, ranks: int, ticket: bytes | None = None) -> Session:
+        """A launch's session; ``ticket`` derived from the node key (Ray), else a random one."""
+        session = Session(job_id, ranks, ticket)
         with self._lock:
             previous = self._sessions.get(job_id)
             self._sessions[job_id] = session

@@ -9,12 +9,18 @@ ranks dial the control plane, prove the ticket and receive the same start
 frame a local worker reads from its pipe.
 
 What the Ray cluster holds: the entrypoint (address, job id, worker count)
-and, in the runtime environment, the ticket and the offline switches. Never
-a data key: keys leave the control plane only through a tunnel opened with
-the ticket, once per rank, while the launch is live. The ticket is readable
-by whoever can read the Ray job's details, that is whoever holds the Ray
-token, who can run code on the cluster anyway; a ticket presented twice for
-the same rank fails the job (see :mod:`appliance.jobs.executors.gateway`).
+and, in the runtime environment, the launch's public nonce, the node key's
+path, the isolation level and the offline switches. Never a data key, nor
+the ticket: each rank derives the ticket from the nonce and the node key
+file it holds (:func:`appliance.jobs.tunnel.derive_ticket`), so Ray's job
+table and logs carry nothing that opens a tunnel. Keys leave the control
+plane only through a tunnel opened with the ticket, once per rank, while the
+launch is live; a ticket presented twice for the same rank fails the job
+(see :mod:`appliance.jobs.executors.gateway`).
+
+Each rank runs the job in a worker sandboxed at ``APPLIANCE_WORKER_ISOLATION``
+on its node, or fails closed (:mod:`appliance.jobs.ray_worker`), and says at
+which level it runs: the job's events and privacy evidence list every rank.
 
 Ray jobs are not durable here: the queue, the job's state, its checkpoints and
 its adapter live in the appliance's database and blob store. A Ray job that
@@ -23,7 +29,6 @@ vanishes leaves its job ``failed`` and resumable, as a killed local worker does.
 
 from __future__ import annotations
 
-import base64
 import importlib.util
 import queue
 import secrets
@@ -37,11 +42,11 @@ from typing import Any
 from appliance.errors import SettingsError
 from appliance.jobs.executors.gateway import Session, WorkerGateway
 from appliance.jobs.streams import Opener
-from appliance.jobs.tunnel import TICKET_ENV
+from appliance.jobs.isolation import IsolationLevel, grant_read
+from appliance.jobs.ray_worker import ISOLATION_ENV
 from appliance.jobs.sandbox import OFFLINE_ENV
+from appliance.jobs.tunnel import NODE_KEY_ENV, NONCE_ENV, derive_ticket, new_nonce, read_node_key
 from appliance.settings import JobSettings
-
-#: The runtime-environment variable that carries the ticket to the Ray job's workers.
 STATUS_POLL_S = 2.0
 REAP_TIMEOUT_S = 60.0
 HUNG_UP_GRACE_S = 30.0
@@ -53,15 +58,24 @@ class RayExecutor:
     Args:
         settings: The ``APPLIANCE_EXECUTOR``/``APPLIANCE_RAY_*`` settings (validated by
             :func:`appliance.settings.load_settings`).
+        isolation: The level every rank's worker runs at; by default ``APPLIANCE_WORKER_ISOLATION``.
+        hide: The control plane's home and key file, kept out of a rank's sandbox should a node
+            share this host's file system.
     """
 
     name = "ray"
 
-    def __init__(self, settings: JobSettings) -> None:
+    def __init__(self, settings: JobSettings, isolation: IsolationLevel | str | None = None,
+                 hide: Sequence[str | Path] = ()) -> None:
         _require_ray()
         self.settings = settings
         self.max_workers = settings.ray_max_workers
         self._token = settings.ray_token_file.read_text().strip()
+        self._node_key_file = settings.ray_node_key_file
+        self._node_key = read_node_key(settings.ray_node_key_file)
+        #: the level every rank's worker runs at on its node (or the rank fails closed)
+        self.isolation = IsolationLevel(isolation or settings.worker_isolation)
+        self.hide = tuple(Path(p) for p in hide)
         self._client = None
         self.gateway = WorkerGateway(settings.ray_callback_address, settings.ray_callback_advertise)
 
@@ -74,10 +88,14 @@ class RayExecutor:
                                                headers={"Authorization": f"Bearer {self._token}"})
         return self._client
 
-    def launch(self, job_id: str, compute: dict[str, Any],
-               reads: Sequence[str | Path] = ()) -> RayWorker:  # noqa: ARG002 - Ray ranks are not sandboxed by this executor
+    def launch(self, job_id: str, compute: dict[str, Any], reads: Sequence[str | Path] = ()) -> RayWorker:
         workers = int(compute.get("workers", 1))
-        session = self.gateway.open_session(job_id, workers)
+        if self.isolation is IsolationLevel.SANDBOX:  # the ranks' own uids must read the base model
+            for path in reads:
+                if Path(path).is_dir():
+                    grant_read(Path(path), list(self.hide))
+        nonce = new_nonce()
+        session = self.gateway.open_session(job_id, workers, derive_ticket(self._node_key, nonce, job_id))
         host, port = self.gateway.address
         python = self.settings.ray_python or sys.executable
         entrypoint = shlex.join([
@@ -88,7 +106,8 @@ class RayExecutor:
         try:
             self.client().submit_job(
                 entrypoint=entrypoint, submission_id=submission_id,
-                runtime_env={"env_vars": {**OFFLINE_ENV, TICKET_ENV: base64.b64encode(session.ticket).decode()}},
+                runtime_env={"env_vars": {**OFFLINE_ENV, NONCE_ENV: nonce.hex(), NODE_KEY_ENV: str(self._node_key_file),
+                                          ISOLATION_ENV: self.isolation.value}},
                 metadata={"appliance_job_id": job_id, "workers": str(workers)},
             )
         except BaseException:

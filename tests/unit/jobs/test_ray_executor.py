@@ -42,14 +42,17 @@ def executor(tmp_path, monkeypatch):
     monkeypatch.setattr(ray_executor, "_require_ray", lambda: None)
     token = tmp_path / "ray.token"
     token.write_text("cluster-token\n")
+    node_key = tmp_path / "node.key"
+    node_key.write_bytes(b"n" * 32)
     ex = ray_executor.RayExecutor(JobSettings(executor="ray", ray_address="http://127.0.0.1:1",
-                                              ray_token_file=token, ray_connect_timeout_s=10))
+                                              ray_token_file=token, ray_node_key_file=node_key,
+                                              ray_connect_timeout_s=10))
     ex._client = FakeJobs()  # noqa: SLF001
     yield ex
     ex.close()
 
 
-def test_the_ray_job_gets_the_entrypoint_and_a_ticket_never_a_data_key(executor):
+def test_the_ray_job_gets_the_entrypoint_and_a_nonce_never_the_ticket_nor_a_data_key(executor):
     worker = executor.launch("ftjob-1", {"workers": 2})
     data_key = base64.b64encode(b"k" * 32).decode()
     worker.send({"type": "start", "datasets": [{"key": data_key}]}, b"")
@@ -59,12 +62,27 @@ def test_the_ray_job_gets_the_entrypoint_and_a_ticket_never_a_data_key(executor)
     assert argv[1:] == ["-m", "appliance.jobs.ray_worker", "--connect", f"{host}:{port}",
                         "--job", "ftjob-1", "--workers", "2"]
     env = job["runtime_env"]["env_vars"]
-    assert base64.b64decode(env[ray_executor.TICKET_ENV]) == worker.session.ticket
+    # What Ray holds opens nothing: a public nonce and the key file's path; a rank derives the ticket
+    # from them and the node key, which only the nodes and the control plane hold.
+    nonce = bytes.fromhex(env[tunnel.NONCE_ENV])
+    assert env[tunnel.NODE_KEY_ENV] == str(executor.settings.ray_node_key_file)
+    assert tunnel.derive_ticket(b"n" * 32, nonce, "ftjob-1") == worker.session.ticket
+    assert env["APPLIANCE_WORKER_ISOLATION"] == "sandbox"
+    ticket = worker.session.ticket
+    for form in (ticket.hex(), base64.b64encode(ticket).decode(), base64.urlsafe_b64encode(ticket).decode()):
+        assert form not in repr(job)
     assert env["HF_HUB_OFFLINE"] == "1" and job["metadata"] == {"appliance_job_id": "ftjob-1", "workers": "2"}
     assert data_key not in repr(job)
+    # A second launch of the same job draws another nonce, hence another ticket.
+    again = executor.launch("ftjob-1", {"workers": 2})
+    assert again.session.ticket != ticket
     header, _ = worker.read(timeout=scaled(1))
     assert header["message"].startswith("Submitted to Ray as appliance-ftjob-1-")
     # The ranks dial in and get the start frame, marked as a Ray run.
+    again.cleanup()
+    worker = executor.launch("ftjob-1", {"workers": 2})
+    worker.read(timeout=scaled(1))
+    worker.send({"type": "start", "datasets": [{"key": data_key}]}, b"")
     conn = tunnel.connect(executor.gateway.address, job_id="ftjob-1", rank=0, ticket=worker.session.ticket)
     start, _ = conn.read()
     assert start["executor"] == "ray" and start["datasets"][0]["key"] == data_key

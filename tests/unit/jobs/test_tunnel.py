@@ -111,6 +111,13 @@ def test_every_rank_gets_the_start_frame_once_then_the_keys_are_dropped(gateway)
     session.offer_start(START)
     assert [c.read()[0] for c in ranks] == [{**START, "resume_stream": False}] * 2
     assert session.all_connected() and session._start is None  # noqa: SLF001 - the keys are gone
+    # Every rank says once where its worker runs; the gateway stamps the rank it authenticated.
+    ranks[1].write({"type": "event", "event_type": "isolation", "message": "rank 1 placed",
+                    "data": {"rank": 0, "level": "sandbox", "network": "shared"}})
+    placed = session.frames.get(timeout=scaled(5))[0]
+    assert placed["event_type"] == "isolation" and placed["data"] == {"rank": 1, "level": "sandbox",
+                                                                      "network": "shared"}
+    ranks[1].write({"type": "event", "event_type": "isolation", "message": "again"})  # once only
     ranks[1].write({"type": "event", "message": "rank 1 is quiet"})  # only rank 0 reports...
     ranks[1].write({"type": "error", "code": "worker_error", "message": "boom"})  # ...but any rank may fail
     assert session.frames.get(timeout=scaled(5))[0]["code"] == "worker_error"
@@ -265,3 +272,26 @@ def test_a_low_order_key_share_is_refused(gateway):
         sock.close()
     assert data == b""
     assert session.frames.empty()
+
+
+def test_a_ray_ticket_is_derived_from_the_node_key_and_a_public_nonce():
+    """The Ray job carries the nonce; without the node key it yields nothing that opens a tunnel."""
+    key, nonce = os.urandom(32), tunnel.new_nonce()
+    ticket = tunnel.derive_ticket(key, nonce, "ftjob-1")
+    assert len(ticket) == tunnel.TICKET_BYTES and ticket == tunnel.derive_ticket(key, nonce, "ftjob-1")
+    assert ticket not in (nonce, key)
+    others = {tunnel.derive_ticket(os.urandom(32), nonce, "ftjob-1"), tunnel.derive_ticket(key, tunnel.new_nonce(),
+              "ftjob-1"), tunnel.derive_ticket(key, nonce, "ftjob-2")}
+    assert ticket not in others and len(others) == 3
+    with pytest.raises(ValueError, match="node_key: 16 bytes"):
+        tunnel.derive_ticket(key[:16], nonce, "ftjob-1")
+
+
+def test_the_node_key_file_must_hold_enough_random_bytes(tmp_path):
+    short = tmp_path / "short.key"
+    short.write_bytes(b"x" * 8)
+    with pytest.raises(ValueError, match=r"APPLIANCE_RAY_NODE_KEY_FILE=.*short.key.*holds 8 bytes.*head -c 32"):
+        tunnel.read_node_key(short)
+    good = tmp_path / "node.key"
+    good.write_bytes(b"k" * 32)
+    assert tunnel.read_node_key(good) == b"k" * 32
