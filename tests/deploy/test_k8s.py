@@ -94,6 +94,12 @@ def test_raycluster(kv) -> None:
         assert group["groupName"] and group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
         (container,) = group["template"]["spec"]["containers"]
         assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
+    # Every Ray pod holds the node key the ranks derive their tunnel ticket from, read-only, owner-only.
+    for template in ray_templates(cluster):
+        (key,) = [v for v in template["spec"]["volumes"] if v["name"] == "node-key"]
+        assert key["secret"] == {"secretName": "appliance-ray-node-key", "defaultMode": 0o400}
+        (mount,) = [m for m in template["spec"]["containers"][0]["volumeMounts"] if m["name"] == "node-key"]
+        assert mount == {"name": "node-key", "mountPath": "/run/secrets/appliance-ray-node-key", "readOnly": True}
     # The templates are core PodTemplateSpecs: validate them as such.
     for template in ray_templates(cluster):
         validate_strict(kv, {"apiVersion": "v1", "kind": "PodTemplate",

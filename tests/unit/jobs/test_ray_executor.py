@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import shlex
+import threading
 
 import pytest
 
@@ -107,3 +108,67 @@ def test_a_finished_ray_job_is_not_alive_once_its_ranks_have_hung_up(executor):
     worker._polled = 0  # noqa: SLF001 - poll now
     assert not worker.alive()
     assert worker.exit_detail() == f" (Ray job {worker.submission_id} failed)"
+
+
+class _Tunnel:
+    """A rank's tunnel, reduced to the frames it carries."""
+
+    def __init__(self, frames: list) -> None:
+        self.incoming, self.written = list(frames), []
+        self.closed = threading.Event()
+
+    def read(self):
+        if self.incoming:
+            return self.incoming.pop(0)
+        self.closed.wait(60)  # the control plane stays on the line until the rank hangs up
+        return None
+
+    def close(self) -> None:
+        self.closed.set()
+
+    def write(self, header, payload=b""):
+        self.written.append((header, payload))
+
+
+def test_a_ray_rank_whose_sandbox_cannot_be_built_fails_closed_and_says_why(monkeypatch):
+    from appliance.jobs import ray_worker, sandbox
+    from appliance.jobs.isolation import IsolationLevel, SandboxUnavailable
+
+    def unavailable(*args, **kwargs):
+        raise SandboxUnavailable("bubblewrap (bwrap) is not installed: install Debian's bubblewrap "
+                                 "(apt-get install bubblewrap)")
+
+    monkeypatch.setattr(sandbox, "spawn", unavailable)
+    conn = _Tunnel([({"type": "start", "model_dir": "/models/m", "datasets": [{"path": "/blobs/a", "key": "k"}]},
+                     b"")])
+    assert ray_worker._run_rank(conn, rank=1, world=1, level=IsolationLevel.SANDBOX, hide=[]) == 1  # noqa: SLF001
+    ((error, _),) = conn.written
+    assert error["type"] == "error" and error["code"] == "worker_sandbox_unavailable"
+    assert "rank 1" in error["message"] and "apt-get install bubblewrap" in error["message"]
+
+
+def test_a_ray_rank_with_one_worker_runs_it_in_the_sandbox_without_network_and_relays_its_frames(tmp_path):
+    """Rank 0 of a one-rank job: its worker gets no network, the dataset blob as a descriptor, the start
+    frame marked primary; what it sends comes back up the tunnel after the rank's placement event."""
+    from appliance.jobs import ray_worker
+    from appliance.jobs.isolation import IsolationLevel
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"ciphertext")
+    conn = _Tunnel([({"type": "start", "model_dir": str(model_dir), "model_kind": "llm", "datasets": [
+        {"role": "train", "path": str(blob), "key": "not-a-real-key", "object_id": "file-1", "project": "p"}]}, b"")])
+    # The worker fails at decryption (a fake key): its error frame is what travels back.
+    try:
+        code = ray_worker._run_rank(conn, rank=0, world=1, level=IsolationLevel.SANDBOX, hide=[])  # noqa: SLF001
+    finally:
+        conn.close()
+    assert code == 1
+    headers = [h for h, _ in conn.written]
+    placed = headers[0]
+    assert placed["event_type"] == "isolation" and placed["data"]["level"] == "sandbox"
+    assert placed["data"]["network"] == "none" and placed["data"]["rank"] == 0
+    probe = next(h for h in headers[1:] if h.get("event_type") == "isolation")
+    assert "Network isolation verified" in probe["message"], probe
+    assert headers[-1]["type"] == "error"
