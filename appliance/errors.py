@@ -61,6 +61,27 @@ class InvalidFieldsError(InvalidRequestError):
         super().__init__("; ".join(f"{p}: {m}" for p, m in problems), param=problems[0][0], code=code)
 
 
+class InvalidLinesError(InvalidRequestError):
+    """Several lines of an uploaded file are not valid records, all found in one pass.
+
+    ``problems`` lists the first :data:`MAX_REPORTED_LINES` as ``(param, message)`` (``param``:
+    ``line N`` or ``line N: <field>``; each message starts with its line); ``total`` counts them all.
+    The message is the one problem's, or a count followed by the first ten; ``param`` names the first.
+    """
+
+    MAX_REPORTED_LINES = 100
+
+    def __init__(self, problems: list[tuple[str, str]], total: int) -> None:
+        self.problems, self.total = problems[: self.MAX_REPORTED_LINES], total
+        if total == 1:
+            message = problems[0][1]
+        else:
+            shown = "; ".join(m for _, m in problems[:10])
+            more = f"; and {total - 10} more" if total > 10 else ""
+            message = f"{total} lines are not valid records: {shown}{more}"
+        super().__init__(message, param=problems[0][0])
+
+
 class AuthenticationError(ApplianceError):
     """No valid credential was presented (HTTP 401)."""
 

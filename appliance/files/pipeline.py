@@ -18,7 +18,7 @@ from typing import Any
 from appliance.policy import Policy, decide, redact_record
 from appliance.policy.redaction import stored_span
 from appliance.policy.surrogates import Surrogates
-from appliance.errors import InvalidRequestError
+from appliance.errors import InvalidLinesError, InvalidRequestError
 from appliance.scanning import Finding, Scanner, iter_text_fields, parse_line
 from appliance.scanning.findings import REPLACING_ACTIONS
 from appliance.storage.blobs import BlobWriter
@@ -79,6 +79,8 @@ class JsonlIntake:
         policy: The project's policy.
         max_line_bytes: Longest accepted line; bounds memory per record.
         max_findings: Findings kept for the report; counts stay exact beyond it.
+        require_answers: Refuse records with nothing to train on (a chat without an assistant
+            answer, an empty completion).
 
     ``pseudonymize`` findings get surrogates keyed by a secret derived from the
     blob's data key (:meth:`BlobWriter.derive_secret`).
@@ -92,8 +94,10 @@ class JsonlIntake:
         *,
         max_line_bytes: int = 8 * 1024 * 1024,
         max_findings: int = 100_000,
+        require_answers: bool = True,
     ) -> None:
         self.writer, self.scanner, self.policy = writer, scanner, policy
+        self.require_answers = require_answers
         self.surrogates = Surrogates(writer.derive_secret("surrogates"))
         self.max_line_bytes, self.max_findings = max_line_bytes, max_findings
         self.report = IntakeReport()
@@ -101,6 +105,9 @@ class JsonlIntake:
         self._pending = bytearray()
         self._line_no = 0
         self._batch: list[tuple[int, dict[str, Any]]] = []
+        #: the bad lines, ``(param, message)``, reported together at :meth:`close` (the first 100)
+        self.problems: list[tuple[str, str]] = []
+        self.bad_lines = 0
 
     def feed(self, data: bytes) -> None:
         self.report.original_bytes += len(data)
@@ -119,9 +126,17 @@ class JsonlIntake:
             )
 
     def close(self) -> IntakeReport:
+        """Finish the pass; the report.
+
+        Raises:
+            InvalidLinesError: Some lines are not valid records: every one of them, found in this pass.
+            InvalidRequestError: The file holds no records.
+        """
         if self._pending:
             self._line(bytes(self._pending))
             self._pending.clear()
+        if self.bad_lines:
+            raise InvalidLinesError(self.problems, self.bad_lines)
         if self._batch:
             self._flush()
         if self.report.records == 0:
@@ -131,8 +146,17 @@ class JsonlIntake:
 
     def _line(self, raw: bytes) -> None:
         self._line_no += 1
-        record = parse_line(raw, self._line_no)
-        if record is None:
+        try:
+            record = parse_line(raw, self._line_no, answer=self.require_answers)
+        except InvalidRequestError as exc:
+            # Every bad line is reported at the end of the pass, not only the first; once one is found
+            # nothing more is scanned or stored (the upload is refused), only checked.
+            self.bad_lines += 1
+            if len(self.problems) < InvalidLinesError.MAX_REPORTED_LINES:
+                self.problems.append((exc.param or f"line {self._line_no}", exc.message))
+            self._batch.clear()
+            return
+        if record is None or self.bad_lines:
             return  # blank lines carry nothing; JSONL tools commonly allow them
         self._batch.append((self._line_no - 1, record))  # `record` is the 0-based line index
         self.report.records += 1

@@ -12,14 +12,17 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from appliance.errors import InvalidRequestError
-from appliance.scanning.records import validate_record
+from appliance.scanning.records import require_answer, validate_record
 
 #: Longest line accepted by default; a longer one is almost surely not a record.
 MAX_LINE_BYTES = 16 * 1024 * 1024
 
 
-def parse_line(raw: bytes, line_no: int, *, validate: bool = True) -> dict[str, Any] | None:
+def parse_line(raw: bytes, line_no: int, *, validate: bool = True,
+               answer: bool = False) -> dict[str, Any] | None:
     """One JSONL line (newline optional) as a record; ``None`` for a blank line.
+
+    ``answer``: also require something to train on (:func:`~appliance.scanning.records.require_answer`).
 
     Raises:
         InvalidRequestError: With ``param`` ``line N`` (or ``line N: <field path>``)
@@ -50,6 +53,8 @@ def parse_line(raw: bytes, line_no: int, *, validate: bool = True) -> dict[str, 
     if validate:
         try:
             validate_record(record)
+            if answer:
+                require_answer(record)
         except InvalidRequestError as exc:
             where = f"line {line_no}" if exc.param == "record" else f"line {line_no}: {exc.param}"
             raise InvalidRequestError(f"line {line_no}: {exc.message}", param=where) from None

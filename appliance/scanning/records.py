@@ -139,3 +139,29 @@ def validate_record(record: Any) -> None:
     """
     for _ in iter_text_slots(record):
         pass
+
+
+def require_answer(record: dict[str, Any]) -> None:
+    """Check that a fine-tuning record has something to learn: a chat record an ``assistant`` message
+    with text, a completion record a non-empty ``completion``. Call after :func:`validate_record`.
+
+    Raises:
+        InvalidRequestError: ``param`` ``messages`` or ``completion``.
+    """
+    if "messages" in record:
+        answers = [m for m in record["messages"] if m.get("role") == "assistant"]
+        if not answers:
+            roles = ", ".join(f"`{r}`" for r in dict.fromkeys(str(m.get("role")) for m in record["messages"]))
+            raise _fail("messages", f"a chat record needs an `assistant` message, the answer to train on; "
+                                    f"this one has only {roles} messages")
+        if not any(_text_of(m.get("content")).strip() for m in answers):
+            raise _fail("messages", "a chat record's `assistant` messages are all empty: there is no answer to "
+                                    "train on")
+    elif "completion" in record and not record["completion"].strip():
+        raise _fail("completion", "`completion` is empty: there is no answer to train on")
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content or [] if isinstance(part, dict))

@@ -12,6 +12,8 @@ from appliance.errors import (
     ApplianceError,
     AuthenticationError,
     InsufficientStorageError,
+    InvalidFieldsError,
+    InvalidLinesError,
     NotInitializedError,
     PayloadTooLargeError,
     PermissionDeniedError,
@@ -42,6 +44,8 @@ def body_of(exc: ApplianceError) -> tuple[int, dict[str, Any]]:
     body = error_body(exc.code, exc.message, exc.param, type_)
     if isinstance(exc, PolicyViolationError):
         body["error"]["scan"] = exc.details
+    if isinstance(exc, (InvalidFieldsError, InvalidLinesError)):  # every problem, each with its field or line
+        body["error"]["errors"] = [{"param": param, "message": message} for param, message in exc.problems]
     return status, body
 
 

@@ -110,6 +110,42 @@ def test_invalid_files_are_rejected_naming_the_line_and_leave_nothing(client, st
     assert event.outcome == "failure" and event.details["param"] == param
 
 
+def test_every_bad_line_is_reported_in_one_pass_and_nothing_is_kept(client, state, owner):
+    """A file with several problems gets them all at once, each naming its line in plain words."""
+    body = (jsonl(chat("a", "b")) + b'{"messages": [\n' + jsonl(chat("c", "d"))
+            + jsonl({"messages": [{"role": "user", "content": "a question with no answer"}]})
+            + jsonl({"prompt": "p", "completion": "  "}) + b'{"text": "caf\xe9"}\n'
+            + jsonl({"messages": [{"role": "wizard", "content": "x"}]}))
+    resp = upload(client, owner, body)
+    assert resp.status_code == 400, resp.text
+    err = resp.json()["error"]
+    assert err["param"] == "line 2"
+    assert err["message"].startswith("5 lines are not valid records: line 2 is not valid JSON")
+    assert [e["param"] for e in err["errors"]] == ["line 2", "line 4: messages", "line 5: completion", "line 6",
+                                                   "line 7: messages[0].role"]
+    messages = [e["message"] for e in err["errors"]]
+    assert "needs an `assistant` message" in messages[1] and "only `user` messages" in messages[1]
+    assert "`completion` is empty" in messages[2] and "UTF-8" in messages[3]
+    for message in messages:  # each starts with its line, once, and carries no bracketed parameter
+        assert message.startswith(("line 2 ", "line 4: ", "line 5: ", "line 6 ", "line 7: ")), message
+        assert "[" not in message.split(":")[0] and " at at " not in message
+    assert "a question with no answer" not in resp.text  # problems are described, never quoted
+    assert stored_count(state) == 0
+    assert [p for p in state.settings.blobs_dir.rglob("*") if p.is_file()] == []
+    [event] = audit(state, "file.reject")
+    assert event.outcome == "failure" and event.details["param"] == "line 2"
+
+
+def test_a_bad_line_after_many_good_ones_still_leaves_nothing(client, state, owner):
+    """Records already scanned and written before the bad line are discarded with the upload."""
+    body = b"".join(jsonl(chat(f"q{i}", f"a{i}")) for i in range(600)) + b'{"text": 1}\n'
+    resp = upload(client, owner, body)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "line 601: text"
+    assert "errors" in resp.json()["error"] and len(resp.json()["error"]["errors"]) == 1
+    assert stored_count(state) == 0
+    assert [p for p in state.settings.blobs_dir.rglob("*") if p.is_file()] == []
+
+
 def test_unknown_purpose_and_missing_parts(client, state, owner):
     resp = upload(client, owner, jsonl(chat("a", "b")), purpose="assistants")
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "purpose"

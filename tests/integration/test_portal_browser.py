@@ -156,6 +156,26 @@ def test_upload_scan_train_and_audit_in_the_browser(portal_server, browser, tmp_
     context.close()
 
 
+def test_a_file_with_several_bad_lines_shows_them_all_in_plain_words(portal_server, browser, tmp_path):
+    context, page = login(browser, portal_server, "olivia")
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    lines = [json.dumps(good), '{"messages": [', json.dumps({"messages": [{"role": "user", "content": "q"}]}),
+             json.dumps(good), json.dumps({"prompt": "p"})]
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    page.set_input_files("#file", str(data))
+    page.get_by_role("button", name="Upload and scan").click()
+    result = page.locator("#upload-result")
+    result.locator("li").first.wait_for()
+    assert result.inner_text().startswith("3 lines are not valid records:")
+    items = result.locator("li").all_inner_texts()
+    assert len(items) == 3 and [i.split(" ", 2)[1].rstrip(":") for i in items] == ["2", "3", "5"], items
+    assert "needs an `assistant` message" in items[1]
+    assert "[" not in result.inner_text()  # no internal parameter suffixes
+    shot(page, "01b-upload-bad-lines")
+    context.close()
+
+
 def test_other_projects_cannot_see_or_reach_anything(portal_server, browser):
     context, page = login(browser, portal_server, "gus")
     assert "boxes.jsonl" not in page.inner_text("main")

@@ -40,7 +40,20 @@ document.addEventListener("DOMContentLoaded", () => {
         try { body = JSON.parse(xhr.responseText); } catch (err) { /* not JSON */ }
         if (xhr.status < 300 && body.redirect) { window.location = body.redirect; return; }
         const error = body.error || {};
-        out.textContent = (error.message || ("Upload failed (" + xhr.status + ")")) + (error.param ? " [" + error.param + "]" : "");
+        // The message says what is wrong and where, in words; several bad lines are listed one per item.
+        const problems = Array.isArray(error.errors) && error.errors.length > 1 ? error.errors : [];
+        out.textContent = problems.length
+          ? error.message.split(":")[0] + ":"  // "N lines are not valid records:"
+          : (error.message || ("Upload failed (" + xhr.status + ")"));
+        if (problems.length) {
+          const list = document.createElement("ul");
+          for (const problem of problems) {
+            const item = document.createElement("li");
+            item.textContent = problem.message;
+            list.appendChild(item);
+          }
+          out.appendChild(list);
+        }
         out.className = "flash error";
       });
       xhr.addEventListener("error", () => { out.textContent = "The upload was interrupted."; out.className = "flash error"; });
