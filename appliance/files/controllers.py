@@ -150,3 +150,19 @@ def _group_out(g: FindingGroup, reveal: bool) -> FindingGroupOut:
         secret=g.secret,
         allowed=g.allowed,
     )
+
+
+class RejectedUploadController(Controller):
+    """The caller's own refused uploads (an appliance extension beside OpenAI's files API)."""
+
+    path = "/api/v1/files/rejected"
+    tags = ["files"]
+
+    @get(opt={"permission": Permission.FILES_WRITE}, sync_to_thread=True,
+         summary="Your refused uploads, newest first, with the reason")
+    def list_rejected(
+        self, request: Request, files: NamedDependency[FileService],
+        limit: Annotated[int, QueryParameter(ge=1, le=500)] = 50,
+    ) -> dict[str, Any]:
+        """Nothing of a refused upload's content is kept; its owner still sees when, which file and why."""
+        return {"object": "list", "data": files.rejections(request.user, limit=limit)}

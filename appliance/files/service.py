@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import hashlib
 import hmac
+import logging
 import random
 import secrets
 import threading
@@ -18,6 +19,7 @@ from anyio import to_thread
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from appliance.audit.models import AuditEvent
 from appliance.audit.service import AuditContext, record
 from appliance.db.base import Database, created_before, utcnow
 from appliance.errors import (
@@ -46,6 +48,8 @@ from appliance.scanning import Scanner, iter_text_fields, parse_line
 from appliance.scanning.findings import SECRET_ENTITIES
 from appliance.settings import IntakeSettings
 from appliance.storage.blobs import BlobStore, BlobWriter, ShredEvidence
+
+log = logging.getLogger("appliance.files")
 
 if TYPE_CHECKING:
     from appliance.identity.models import Project
@@ -287,6 +291,11 @@ class FileService:
                          action: str = "file.reject", file_id: str | None = None) -> None:
         project = state.get("project")
         details: dict[str, Any] = {"code": exc.code, "param": exc.param, "purpose": state.get("purpose")}
+        if state.get("filename") and state.get("policy") is not None:
+            try:  # the name as it would have been stored (personal data in it redacted), for the owner's list
+                details["filename"] = self._clean_filename(state["filename"], state["policy"])
+            except Exception:  # noqa: BLE001 - the rejection is recorded without it
+                log.warning("could not clean a rejected upload's file name", exc_info=True)
         if isinstance(exc, PolicyViolationError):
             details.update(exc.details or {})
         with self.db.transaction() as s:
@@ -295,6 +304,25 @@ class FileService:
                 resource_type="file", resource_id=file_id, project=project.name if project else None,
                 reason=exc.message[:500], details=details,
             )
+
+    def rejections(self, principal: Principal, limit: int = 50) -> list[dict[str, Any]]:
+        """The caller's own refused uploads in its project, newest first, with the reason (from the audit log).
+
+        A refused upload keeps nothing of its content; this is what its owner may still see: when, the
+        file name as it would have been stored, the purpose, and the error (code, field or line, message;
+        for a policy block, the entity types and lines).
+        """
+        with self.db.read() as s:
+            stmt = (select(AuditEvent).where(AuditEvent.action == "file.reject", AuditEvent.actor == principal.user)
+                    .order_by(AuditEvent.seq.desc()).limit(limit))
+            if principal.project is not None:
+                stmt = stmt.where(AuditEvent.project == principal.project)
+            events = s.scalars(stmt).all()
+        return [{"rejected_at": int(e.ts.timestamp()), "filename": e.details.get("filename"),
+                 "purpose": e.details.get("purpose"), "project": e.project, "code": e.details.get("code"),
+                 "param": e.details.get("param"), "message": e.reason or "",
+                 "by_entity_type": e.details.get("by_entity_type") or {},
+                 "blocked_lines": e.details.get("blocked_lines") or {}} for e in events]
 
     # -- reading ------------------------------------------------------------
     def _get(self, principal: Principal, file_id: str) -> FileView:

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import zipfile
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from anyio import to_thread
@@ -37,7 +38,11 @@ def dataset_list(request: Request, files: NamedDependency[FileService], applianc
     principal = session_of(request).principal
     views, _ = files.list(principal, project=None, purpose=None, after=None, limit=500, order="desc")
     projects = [p.name for p in appliance.identity.list_projects(principal)] if principal.project is None else []
-    return page(request, "datasets.html", section="datasets", title="Datasets", files=views, projects=projects)
+    rejected = [r | {"when": datetime.fromtimestamp(r["rejected_at"], UTC).strftime("%Y-%m-%d %H:%M UTC")}
+                for r in files.rejections(principal, limit=20)] \
+        if role_allows(principal.role, Permission.FILES_WRITE) else []
+    return page(request, "datasets.html", section="datasets", title="Datasets", files=views, projects=projects,
+                rejected=rejected)
 
 
 @post("/datasets/upload", opt=portal(Permission.FILES_WRITE), include_in_schema=False, request_max_body_size=None)

@@ -16,7 +16,7 @@ from litestar.plugins.jinja import JinjaTemplateEngine
 from appliance.auditor.controllers import AuditController, AuditProofController, AuditReportController
 from appliance.identity.auth import PUBLIC_OPT, BearerAuthMiddleware, csrf_guard, permission_guard
 from appliance.catalog.controllers import ModelController, ModelImportController
-from appliance.files.controllers import FileController
+from appliance.files.controllers import FileController, RejectedUploadController
 from appliance.identity.controllers import MeController, ProjectController, TokenController, UserController
 from appliance.inference.controllers import ImageController, InferenceController, RuntimeLoraController
 from appliance.jobs.controllers import JobController
@@ -39,7 +39,7 @@ from appliance.settings import Settings, get_settings
 
 ROUTE_HANDLERS = [
     health, MeController, ProjectController, UserController, TokenController, AuditController, AuditProofController,
-    AuditReportController, FileController,
+    AuditReportController, FileController, RejectedUploadController,
     PolicyController, GlossaryController, ModelController, ModelImportController, JobController, InferenceController, RuntimeLoraController,
     ImageController,
 ]

@@ -201,6 +201,33 @@ def test_blocked_entities_reject_the_file_with_types_and_lines(client, state, ow
     assert event.outcome == "denied" and "AKIA" not in json.dumps(event.details)
 
 
+def test_refused_uploads_are_listed_for_their_owner_with_the_reason(client, state, owner, make_token):
+    """Nothing of a refused file is kept, but its owner can still see when, which file and why."""
+    assert client.get("/api/v1/files/rejected", headers=bearer(owner)).json() == {"object": "list", "data": []}
+    blocked = upload(client, owner, jsonl(chat("deploy with AKIAIOSFODNN7EXAMPLE please", "done")),
+                     filename="keys for maria.kowalczyk@example.org.jsonl")
+    assert blocked.status_code == 422
+    bad = upload(client, owner, jsonl(chat("a", "b")) + b'{"text": 1}\n', filename="broken.jsonl")
+    assert bad.status_code == 400
+    upload(client, owner, jsonl(chat("fine", "ok")), filename="good.jsonl")  # accepted: not listed
+    resp = client.get("/api/v1/files/rejected", headers=bearer(owner))
+    assert resp.status_code == 200, resp.text
+    newest, older = resp.json()["data"]
+    assert newest["filename"] == "broken.jsonl" and newest["code"] == "invalid_request"
+    assert newest["param"] == "line 2: text" and "`text` must be a string" in newest["message"]
+    assert newest["project"] == "acme" and newest["purpose"] == "fine-tune" and newest["rejected_at"] > 0
+    assert older["code"] == "policy_violation" and older["by_entity_type"] == {"AWS_ACCESS_KEY_ID": 1}
+    assert older["blocked_lines"] == {"AWS_ACCESS_KEY_ID": [1]} and "AWS_ACCESS_KEY" in older["message"]
+    # The file name is shown as it would have been stored: the email in it redacted.
+    assert "maria.kowalczyk" not in resp.text and older["filename"].endswith(".jsonl")
+    assert "AKIAIOSFODNN7EXAMPLE" not in resp.text
+    # Another user of the same project sees only their own; a consumer may not upload, so has no list.
+    other = make_token("oscar", Role.DATA_OWNER, "acme")
+    assert client.get("/api/v1/files/rejected", headers=bearer(other)).json()["data"] == []
+    consumer = make_token("carl", Role.CONSUMER, "acme")
+    assert client.get("/api/v1/files/rejected", headers=bearer(consumer)).status_code == 403
+
+
 def test_redactable_entities_are_stored_redacted_and_reported(client, state, owner):
     email = f"jane.{secrets.token_hex(4)}@example.com"
     resp = upload(client, owner, jsonl(chat("hi", "hello"), chat(f"Please email {email} about it", "Sure.")))

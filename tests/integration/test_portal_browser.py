@@ -173,6 +173,11 @@ def test_a_file_with_several_bad_lines_shows_them_all_in_plain_words(portal_serv
     assert "needs an `assistant` message" in items[1]
     assert "[" not in result.inner_text()  # no internal parameter suffixes
     shot(page, "01b-upload-bad-lines")
+    # Nothing of it was kept, but its owner finds it listed with the reason.
+    page.goto("/datasets")
+    row = page.locator("#rejected tbody tr").first
+    assert "bad.jsonl" in row.inner_text() and "3 lines are not valid records" in row.inner_text()
+    shot(page, "01c-refused-uploads")
     context.close()
 
 
