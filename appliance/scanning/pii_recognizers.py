@@ -61,8 +61,27 @@ def _context_before(text: str, start: int, pattern: re.Pattern[str], window: int
     return pattern.search(text, lo, start) is not None
 
 
+# Top-level labels that are not on the public suffix list but end the domains of
+# real addresses on-prem: reserved by RFC 2606 and RFC 6761 (example, test,
+# invalid, localhost), mDNS's special-use .local (RFC 6762, in the RFC 6761
+# registry), home.arpa (RFC 8375; arpa itself is on the list), .internal
+# (reserved by ICANN for private use in 2024), and the labels in common
+# internal use (corp and home: ICANN name-collision strings never delegated).
+# Compared case-insensitively against the last label(s) of the domain.
+INTERNAL_EMAIL_TLDS: tuple[str, ...] = (
+    "example", "test", "invalid", "localhost", "local", "internal", "corp", "lan", "home", "home.arpa",
+    "localdomain", "intranet", "private",
+)
+_INTERNAL_ENDINGS = tuple("." + label for label in INTERNAL_EMAIL_TLDS)
+
+
 class OfflineEmailRecognizer(EmailRecognizer):
-    """Presidio's email recogniser, validating domains against the bundled suffix list."""
+    """Presidio's email recogniser, validating domains against the bundled suffix list.
+
+    Domains ending in a reserved or internal label (:data:`INTERNAL_EMAIL_TLDS`,
+    e.g. ``ops@build01.local``) are accepted too. Presidio's pattern needs a dot
+    in the domain, so a bare host (``root@localhost``) is never a candidate.
+    """
 
     def analyze(self, text, entities, nlp_artifacts=None, regex_flags=None):  # noqa: D102
         if "@" not in text:
@@ -72,7 +91,10 @@ class OfflineEmailRecognizer(EmailRecognizer):
     def validate_result(self, pattern_text: str) -> bool:  # noqa: D102
         # A known public suffix is enough: presidio's fqdn check rejects real
         # addresses at domains that are themselves suffixes (x@aparecida.br).
-        return offline_tld_extract()(pattern_text.rsplit("@", 1)[-1]).suffix != ""
+        domain = pattern_text.rsplit("@", 1)[-1]
+        if domain.lower().endswith(_INTERNAL_ENDINGS):
+            return True
+        return offline_tld_extract()(domain).suffix != ""
 
 
 _IBAN_CANDIDATE = re.compile(r"(?<![A-Z0-9])[A-Z]{2}\d{2}(?:[ -]?[A-Z0-9]{1,4}){3,9}(?![A-Z0-9])")

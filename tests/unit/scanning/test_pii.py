@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+from appliance.scanning import ScanUnit
+
 
 @pytest.mark.parametrize(
     ("entity", "text", "value"),
     [
         ("EMAIL_ADDRESS", "Send it to jane.doe@example.co.uk please.", "jane.doe@example.co.uk"),
         ("EMAIL_ADDRESS", "CC helena19@aparecida.br on the update.", "helena19@aparecida.br"),
+        # An scp-style ssh address is user@host too: the address part is found, as before.
+        ("EMAIL_ADDRESS", "Clone git@github.com:org/repo.git first.", "git@github.com"),
         ("PHONE_NUMBER", "Call me on +44 20 7946 0958 after 3pm.", "+44 20 7946 0958"),
         ("PHONE_NUMBER", "My mobile number is (415) 555-2671.", "(415) 555-2671"),
         ("PHONE_NUMBER", "Tel. 030 901820", "030 901820"),
@@ -32,6 +36,56 @@ import pytest
 def test_pii_found(scan_text, entity, text, value):
     found = [(t, v) for t, v, _ in scan_text(text)]
     assert (entity, value) in found, found
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "j.pierce@acme-corp.example",
+        "ops@build01.local",
+        "alice@hr.internal",
+        "bob@mail.corp",
+        "carol@nas.lan",
+        "x@intranet.home.arpa",
+        "y@test.test",
+        "z@host.localdomain",
+        "it@srv.localhost",
+        "a@invalid.invalid",
+        "helpdesk@fs01.intranet",
+        "payroll@vault.private",
+        "dad@nas.home",
+        "Ops.Team@Build01.LOCAL",
+        "deploy@ci.example.org",
+    ],
+)
+def test_email_at_internal_and_reserved_domains(scanner, address):
+    text = f"Send the logs to {address}, then ping me."
+    start = text.index(address)
+    found = [(f.entity_type, f.start, f.end) for f in scanner.scan([ScanUnit(0, "text", text)])]
+    assert ("EMAIL_ADDRESS", start, start + len(address)) in found, found
+
+
+def test_several_internal_addresses_in_one_text(scanner):
+    text = "Owners: ops@build01.local (builds), alice@hr.internal and bob@mail.corp.\nBackup: carol@nas.lan"
+    emails = [text[f.start : f.end] for f in scanner.scan([ScanUnit(0, "text", text)]) if f.entity_type == "EMAIL_ADDRESS"]
+    assert emails == ["ops@build01.local", "alice@hr.internal", "bob@mail.corp", "carol@nas.lan"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Thanks @team, the fix is merged.",
+        "Log in as root@localhost and restart the agent.",  # no dot in the host: not an address here
+        "@dataclass\nclass Row:\n    name: str",
+        "npm install @babel/core --save-dev",
+        "Pin pkg@1.2.3 in the lockfile.",
+        "npm i lodash@4.17.21 fixed it.",
+        "Use logo@2x.png on retina screens and icon@3x.jpg elsewhere.",
+        "Rename report@final.pdf before sending.",
+    ],
+)
+def test_email_lookalikes_are_not_emails(scan_text, text):
+    assert "EMAIL_ADDRESS" not in [t for t, _, _ in scan_text(text)], scan_text(text)
 
 
 @pytest.mark.parametrize(
