@@ -112,20 +112,21 @@ class AuditReportController(Controller):
         self,
         request: Request,
         appliance: NamedDependency[AppState],
-        since: Annotated[datetime, QueryParameter(name="from", description="Start of the period (inclusive).")],
-        until: Annotated[datetime, QueryParameter(name="to", description="End of the period (exclusive).")],
+        since: Annotated[str, QueryParameter(name="from", description="Start of the period (inclusive): a date "
+                                              "(2026-11-01, midnight UTC) or a date-time (2026-11-01T12:00:00Z).")],
+        until: Annotated[str, QueryParameter(name="to", description="End of the period (exclusive), as `from`.")],
         format: FromQuery[Literal["json", "csv", "html", "pdf"]] = "json",
         project: FromQuery[str | None] = None,
     ) -> Response:
         """The compliance report for a period (a project auditor gets their project's)."""
-        from appliance.auditor.reports import MEDIA_TYPES, ReportScope, produce
+        from appliance.auditor.reports import MEDIA_TYPES, ReportScope, parse_when, produce
 
-        _require_rfc3339(request, "from", "to")
+        # The same forms as the CLI's --from/--to: a date or a date-time; errors name `from`/`to`.
+        start, end = parse_when(since, "from"), parse_when(until, "to")
         principal: Principal = request.user
         if not principal.is_global:
             project = principal.project
-        body = produce(appliance.db, audit_context(request), ReportScope(_aware(since), _aware(until), project),
-                       format)
+        body = produce(appliance.db, audit_context(request), ReportScope(start, end, project), format)
         return Response(body, media_type=MEDIA_TYPES[format],
                         headers={"Content-Disposition": f'attachment; filename="audit-report.{format}"'})
 

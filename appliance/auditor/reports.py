@@ -16,7 +16,7 @@ import io
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -320,3 +320,18 @@ generated {{ r.generated_at }} by appliance {{ r.code_version }}</p>
 {% endfor %}
 </body></html>
 """
+
+
+def parse_when(value: str, param: str) -> datetime:
+    """A report period's bound as the CLI and the API both take it: a date (midnight UTC) or an ISO
+    8601 / RFC 3339 date-time (UTC when it has no offset).
+
+    Raises:
+        InvalidRequestError: naming ``param`` (``from``/``to``, or the CLI's ``--from``/``--to``).
+    """
+    try:
+        ts = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise InvalidRequestError(f"`{param}` must be a date or time such as 2026-11-01 or 2026-11-01T12:00:00Z; "
+                                  f"got {value[:64]!r}", param=param) from None
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts

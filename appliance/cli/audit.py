@@ -56,14 +56,9 @@ def audit_verify(checkpoint_path: Path | None, public_key_path: Path | None) -> 
 
 
 def _parse_when(value: str, param: str):
-    from datetime import UTC, datetime
+    from appliance.auditor.reports import parse_when
 
-    try:
-        ts = datetime.fromisoformat(value)
-    except ValueError:
-        raise InvalidRequestError(f"`{param}` must be a date or time such as 2026-11-01 or 2026-11-01T12:00; "
-                                  f"got {value!r}", param=param) from None
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts
+    return parse_when(value, param)
 
 
 @audit.command("report")

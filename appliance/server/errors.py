@@ -97,6 +97,7 @@ def appliance_error_handler(request: Request, exc: ApplianceError) -> Response:
 _FIELD_PATTERNS = [
     re.compile(r"at `\$\.([^`]+)`"),
     re.compile(r"(?:unknown|missing required) field `([^`]+)`"),
+    re.compile(r"Missing required (?:query|header|path|cookie) parameter '([^']+)'"),
 ]
 
 
@@ -142,7 +143,8 @@ def http_exception_handler(request: Request, exc: HTTPException) -> Response:
             if isinstance(d, dict)
         ]
         message = "invalid request: " + ("; ".join(parts) if parts else exc.detail)
-        param = _validation_param(details[0]) if details and isinstance(details[0], dict) else None
+        param = (_validation_param(details[0]) if details and isinstance(details[0], dict)
+                 else _validation_param({"message": exc.detail}))
         body = error_body("invalid_request", message, param, "invalid_request_error")
         return Response(body, status_code=400)
     code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(status, "http_error")

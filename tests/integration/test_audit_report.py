@@ -130,3 +130,19 @@ def test_cli_report_writes_a_pdf(state, scenario, tmp_path):
     run_cli(state.settings.home.home, "audit", "report", "--from", period["from"], "--to", period["to"],
             "--format", "pdf", "--out", str(out))
     assert scenario["model"] in _text_of(out.read_bytes(), "pdf")
+
+
+def test_the_report_period_takes_dates_like_the_cli_and_errors_name_from_and_to(client, make_token):
+    auditor = make_token("audrey", Role.AUDITOR, None)
+    today = datetime.now(UTC).date()
+    resp = client.get("/api/v1/audit/report", headers=bearer(auditor),
+                      params={"from": str(today), "to": str(today + timedelta(days=1)), "format": "json"})
+    assert resp.status_code == 200, resp.text
+    for params, param in (({"from": "yesterday", "to": str(today)}, "from"),
+                          ({"from": str(today), "to": "0.5"}, "to"),
+                          ({"from": str(today)}, "to")):
+        resp = client.get("/api/v1/audit/report", headers=bearer(auditor), params=params)
+        assert resp.status_code == 400, resp.text
+        err = resp.json()["error"]
+        assert err["param"] == param, err
+        assert "since" not in err["message"] and "until" not in err["message"]
