@@ -1,7 +1,7 @@
 """Structured logging with secret scrubbing.
 
-Log records become one JSON object per line (or a readable line with
-``APPLIANCE_LOG_FORMAT=console``), written to stderr and to
+Log records become one JSON object per line, or a readable line on a terminal
+(``APPLIANCE_LOG_FORMAT``: ``auto`` by default, ``json``, ``console``), written to stderr and to
 ``$APPLIANCE_HOME/logs/appliance.log``. Every record passes :func:`scrub`
 first, so a token or key that slips into a message never reaches disk.
 Code must still not log secrets; this is the second line of defence.
@@ -59,11 +59,15 @@ class ConsoleFormatter(logging.Formatter):
 _HANDLER_NAME = "appliance"
 
 
-def configure_logging(level: str = "INFO", fmt: str = "json", log_dir: Path | None = None) -> None:
+def configure_logging(level: str = "INFO", fmt: str = "auto", log_dir: Path | None = None) -> None:
     """Route the root logger to stderr (and ``log_dir/appliance.log``), scrubbed.
 
-    Idempotent: calling it again replaces the handlers it installed before.
+    ``fmt``: ``json``, ``console``, or ``auto``: console when stderr is a terminal (a person running
+    ``make run``), JSON otherwise (a service manager or a log collector). Idempotent: calling it
+    again replaces the handlers it installed before.
     """
+    if fmt == "auto":
+        fmt = "console" if sys.stderr.isatty() else "json"
     formatter: logging.Formatter = JsonFormatter() if fmt == "json" else ConsoleFormatter()
     root = logging.getLogger()
     for handler in list(root.handlers):

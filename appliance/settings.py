@@ -19,7 +19,7 @@ from typing import Any, Literal, get_args, get_type_hints
 from appliance.errors import SettingsError
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
-LogFormat = Literal["json", "console"]
+LogFormat = Literal["auto", "json", "console"]
 
 
 def _env(name: str, help: str, **limits: Any) -> dict[str, Any]:
@@ -110,7 +110,9 @@ class LogSettings:
     """Structured logs."""
 
     level: LogLevel = field(default="INFO", metadata=_env("APPLIANCE_LOG_LEVEL", "Least severe level logged."))
-    format: LogFormat = field(default="json", metadata=_env("APPLIANCE_LOG_FORMAT", "json or console."))
+    format: LogFormat = field(default="auto", metadata=_env(
+        "APPLIANCE_LOG_FORMAT", "auto (readable lines on a terminal, JSON otherwise), json or console. The log "
+                                "file under APPLIANCE_HOME/logs is always JSON."))
 
 
 @dataclass(frozen=True)
