@@ -38,6 +38,7 @@ from collections.abc import Collection, Iterable, Iterator
 from itertools import islice
 from typing import Any
 
+import appliance.scanning._presidio  # noqa: F401, I001 - first: presidio without transformers
 from presidio_analyzer import EntityRecognizer, LocalRecognizer, RecognizerResult
 
 from appliance.errors import InvalidRequestError

@@ -68,6 +68,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import appliance.scanning._presidio  # noqa: F401, I001 - first: presidio without transformers
 from presidio_analyzer import LocalRecognizer, RecognizerResult
 
 logger = logging.getLogger(__name__)

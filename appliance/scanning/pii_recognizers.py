@@ -25,6 +25,7 @@ import re
 
 import phonenumbers
 import tldextract
+import appliance.scanning._presidio  # noqa: F401, I001 - first: presidio without transformers
 from presidio_analyzer import LocalRecognizer, RecognizerResult
 from presidio_analyzer.predefined_recognizers import (
     EmailRecognizer,

@@ -15,6 +15,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+import appliance.scanning._presidio  # noqa: F401, I001 - first: presidio without transformers
 from presidio_analyzer import LocalRecognizer, RecognizerResult
 
 #: Shannon entropy, in bits per character, a ``password=``-style value needs to
