@@ -10,7 +10,6 @@ import click
 from appliance.audit.service import record_verification, verify_chain
 from appliance.bootstrap import open_initialized
 from appliance.cli.common import _ctx, _settings, handle_errors
-from appliance.errors import InvalidRequestError
 
 
 @click.group()
