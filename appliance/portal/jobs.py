@@ -53,16 +53,28 @@ class Field:
     type: str = "number"  # number ("auto" or a number), text (empty = none), select, checkbox
     default: str = "auto"
     choices: tuple[str, ...] = ()
+    #: the server's range for a number (checked in the browser too; a test keeps them equal)
+    min: float | None = None
+    max: float | None = None
+    integer: bool = False
+    #: ``min`` itself is refused (a learning rate must be above 0)
+    above: bool = False
 
 
 #: Hyperparameters offered on the form per kind of base model ("auto" by default).
 FIELDS: dict[str, list[Field]] = {
     "llm": [
-        Field("n_epochs", "passes over the data"), Field("batch_size", "examples per step"),
-        Field("learning_rate", "e.g. 2e-4"), Field("lora_r", "adapter rank, e.g. 16"), Field("lora_alpha", "e.g. 32"),
-        Field("lora_dropout", "0 to 0.5"), Field("max_seq_length", "tokens"), Field("warmup_ratio", "0 to 0.5"),
-        Field("weight_decay", "e.g. 0.0"), Field("gradient_accumulation_steps", "micro-batches per step"),
-        Field("checkpoint_every_steps", "0 = never"),
+        Field("n_epochs", "passes over the data, 1 to 100", min=1, max=100, integer=True),
+        Field("batch_size", "examples per step, 1 to 1024", min=1, max=1024, integer=True),
+        Field("learning_rate", "e.g. 2e-4; above 0, at most 1", min=0, max=1, above=True),
+        Field("lora_r", "adapter rank, e.g. 16; 1 to 256", min=1, max=256, integer=True),
+        Field("lora_alpha", "e.g. 32; above 0", min=0, above=True),
+        Field("lora_dropout", "0 to 0.5", min=0, max=0.5),
+        Field("max_seq_length", "tokens, 16 to 131072", min=16, max=131072, integer=True),
+        Field("warmup_ratio", "0 to 0.5", min=0, max=0.5),
+        Field("weight_decay", "e.g. 0.0; 0 to 1", min=0, max=1),
+        Field("gradient_accumulation_steps", "micro-batches per step, 1 to 1024", min=1, max=1024, integer=True),
+        Field("checkpoint_every_steps", "0 = never", min=0, integer=True),
     ],
     "diffusion": [
         Field("resolution", "pixels, a multiple of 8; auto = the model's size"),

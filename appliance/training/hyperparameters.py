@@ -384,10 +384,11 @@ def _check_common(hp: Hyperparameters, prefix: str) -> list[tuple[str, str]]:
         check.bad("learning_rate_multiplier", "must be \"auto\" when learning_rate is set (set one or the other)")
     check.int_in("lora_r", 1, 256)
     check.number("lora_alpha", "a number greater than 0", lambda v: v > 0)
-    check.number("lora_dropout", "a number from 0 up to (not including) 1", lambda v: 0 <= v < 1)
+    # The form's hints say the same ranges: dropout or warm-up over half the run is almost surely a slip.
+    check.number("lora_dropout", "a number from 0 to 0.5", lambda v: 0 <= v <= 0.5)
     _check_target_modules(hp, prefix, check.problems)
     check.int_in("max_seq_length", 16, 131072)
-    check.number("warmup_ratio", "a number from 0 up to (not including) 1", lambda v: 0 <= v < 1)
+    check.number("warmup_ratio", "a number from 0 to 0.5", lambda v: 0 <= v <= 0.5)
     check.number("weight_decay", "a number from 0 to 1", lambda v: 0 <= v <= 1)
     check.int_in("gradient_accumulation_steps", 1, 1024)
     if (

@@ -77,15 +77,31 @@ document.addEventListener("DOMContentLoaded", () => {
     setTimeout(tick, every);
   }
 
-  // Inline validation of hyperparameters: "auto" or a number.
+  // Inline validation of hyperparameters: "auto" or a number within the server's range (data-min/max).
+  const problemOf = (el) => {
+    const v = el.value.trim();
+    if (v === "" || (v === "auto" && !el.hasAttribute("data-optional"))) { return ""; }
+    const n = Number(v);
+    const lo = el.dataset.min, hi = el.dataset.max, whole = el.hasAttribute("data-integer");
+    const above = el.hasAttribute("data-above");
+    const from = lo === undefined ? "" : above ? " above " + lo : (hi !== undefined ? " from " : " of at least ") + lo;
+    const what = (whole ? "a whole number" : "a number") + from +
+      (hi === undefined ? "" : (above || lo === undefined ? " and at most " : " to ") + hi);
+    const expected = (el.hasAttribute("data-optional") ? "empty or " : "\"auto\" or ") + what;
+    const low = lo !== undefined && (above ? n <= Number(lo) : n < Number(lo));
+    if (Number.isNaN(n) || (whole && !Number.isInteger(n)) || low ||
+        (hi !== undefined && n > Number(hi))) { return "must be " + expected + "; got " + v; }
+    return "";
+  };
+  const checkField = (el) => {
+    const problem = problemOf(el);
+    const msg = document.getElementById(el.id + "-err");
+    if (msg) { msg.textContent = problem; }
+    el.setAttribute("aria-invalid", problem ? "true" : "false");
+    return problem;
+  };
   document.querySelectorAll("input[data-validate]").forEach((el) => {
-    el.addEventListener("input", () => {
-      const v = el.value.trim();
-      const ok = v === "" || (v === "auto" && !el.hasAttribute("data-optional")) || !Number.isNaN(Number(v));
-      const msg = document.getElementById(el.id + "-err");
-      if (msg) { msg.textContent = ok ? "" : "must be \"auto\" or a number"; }
-      el.setAttribute("aria-invalid", ok ? "false" : "true");
-    });
+    el.addEventListener("input", () => checkField(el));
   });
 
   // Job form: show only the inputs of the chosen method (hidden ones are disabled, so not sent);
@@ -103,6 +119,31 @@ document.addEventListener("DOMContentLoaded", () => {
     };
     jobForm.querySelectorAll("input[name=method]").forEach((el) => el.addEventListener("change", sync));
     sync();
+    // Every field checked at once before sending: a summary in words at the top, each problem by its field.
+    jobForm.addEventListener("submit", (e) => {
+      if (e.submitter && e.submitter.name === "step") { return; }
+      const bad = [...jobForm.querySelectorAll("input[data-validate]:not([disabled])")]
+        .map((el) => [el, checkField(el)]).filter(([, problem]) => problem);
+      let summary = document.getElementById("form-summary");
+      if (!bad.length) { if (summary) { summary.remove(); } return; }
+      e.preventDefault();
+      if (!summary) {
+        summary = document.createElement("div");
+        summary.id = "form-summary"; summary.className = "flash error"; summary.setAttribute("role", "alert");
+        summary.tabIndex = -1;
+        jobForm.prepend(summary);
+      }
+      summary.textContent = bad.length === 1 ? "One field needs fixing:" : bad.length + " fields need fixing:";
+      const list = document.createElement("ul");
+      for (const [el, problem] of bad) {
+        const item = document.createElement("li");
+        const link = document.createElement("a");
+        link.href = "#" + el.id; link.textContent = el.name + " " + problem;
+        item.append(link); list.append(item);
+      }
+      summary.append(list);
+      summary.focus();
+    });
     const model = jobForm.querySelector("#model");
     model.addEventListener("change", () => {
       const option = model.options[model.selectedIndex];

@@ -51,3 +51,32 @@ def test_memorisation_and_unknown_params_are_placed():
     assert "memorization.canaries" in _field_errors(info.value, "llm")["canaries"]
     shown = _field_errors(InvalidRequestError("`compute.workers` must be 1", param="compute.workers"), "llm")
     assert shown == {"form": "`compute.workers` must be 1"}  # never lost for want of a field
+
+
+def test_the_forms_ranges_are_the_servers():
+    """What the browser checks (each field's min, max, whole numbers) is exactly what the API refuses."""
+    from appliance.portal.jobs import FIELDS
+    from appliance.trainkit.errors import HyperparameterError
+    from appliance.training.hyperparameters import TrainingSpec
+
+    def accepted(name: str, value) -> bool:
+        try:
+            TrainingSpec.from_method({"type": "lora", "lora": {"hyperparameters": {name: value}}})
+        except HyperparameterError as exc:
+            assert any(p.endswith(name) for p, _ in exc.problems), exc.problems
+            return False
+        return True
+
+    ranged = [f for f in FIELDS["llm"] if f.min is not None or f.max is not None]
+    assert {f.name for f in ranged} >= {"n_epochs", "batch_size", "learning_rate", "lora_r", "lora_dropout",
+                                        "max_seq_length", "warmup_ratio", "weight_decay"}
+    for f in ranged:
+        step = 1 if f.integer else 1e-6
+        if f.min is not None:
+            assert accepted(f.name, f.min + step if f.above else f.min) and not accepted(f.name, f.min - step)
+            if f.above:
+                assert not accepted(f.name, f.min)
+        if f.max is not None:
+            assert accepted(f.name, f.max) and not accepted(f.name, f.max + step), f.name
+        if f.integer:
+            assert not accepted(f.name, (f.min or 0) + 1.5), f.name

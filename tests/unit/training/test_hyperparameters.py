@@ -32,7 +32,7 @@ def test_every_problem_is_reported_at_once_naming_field_and_value():
     assert problems[p + "lora_r"].startswith("must be a positive integer") and problems[p + "lora_r"].endswith("got -4")
     assert problems[p + "n_epochs"].endswith("got 'many'")
     assert problems[p + "learning_rate"].endswith("got 0")
-    assert problems[p + "lora_dropout"].endswith("got 1.5")
+    assert problems[p + "lora_dropout"].endswith("got 1.5") and "from 0 to 0.5" in problems[p + "lora_dropout"]
     assert problems[p + "batch_size"].endswith("got True")
     assert "vLLM refuses" in problems[p + "target_modules[1]"]
     assert problems[p + "precision"] == "must be one of 'auto', 'fp32', 'bf16'; got 'fp16'"
@@ -116,3 +116,14 @@ def test_the_memory_plan_sets_micro_batches_and_checkpointing_left_to_auto():
                      n_train_examples=1000, longest_example_tokens=300, context_length=None,
                      default_target_modules=PROJECTIONS, micro_batch_examples=3, checkpointing=True)
     assert chosen.gradient_accumulation_steps == 2 and chosen.gradient_checkpointing is False  # what was asked
+
+
+def test_dropout_and_warm_up_take_the_ranges_the_form_hints():
+    """The portal's hints say "0 to 0.5"; the server refuses what the hint rules out (0.9 was accepted)."""
+    for name in ("lora_dropout", "warmup_ratio"):
+        for good in (0, 0.1, 0.5):
+            TrainingSpec.from_method({"type": "lora", "lora": {"hyperparameters": {name: good}}})
+        with pytest.raises(HyperparameterError) as info:
+            TrainingSpec.from_method({"type": "lora", "lora": {"hyperparameters": {name: 0.9}}})
+        (problem,) = [m for p, m in info.value.problems if p.endswith(name)]
+        assert "from 0 to 0.5" in problem and problem.endswith("got 0.9")
