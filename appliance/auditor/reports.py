@@ -164,7 +164,8 @@ def _privacy_summary(privacy: dict[str, Any] | None) -> dict[str, Any] | None:
         out["canary_exposure_bits"] = _round(canaries.get("mean_exposure"))
         out["canary_exposure_base_model_bits"] = _round(canaries.get("mean_exposure_base"))
     if extraction := privacy.get("extraction"):
-        out["extraction_probe"] = f"{extraction.get('extracted')} of {extraction.get('probed')} allowed values completed"
+        out["extraction_probe"] = (f"not run: {extraction['not_run']}" if extraction.get("not_run") else
+                                   f"{extraction.get('extracted')} of {extraction.get('probed')} allowed values completed")
     if dp := privacy.get("dp"):
         out["dp_epsilon_spent"] = _round(dp.get("epsilon_spent"))
         out["dp_delta"] = dp.get("delta")

@@ -28,7 +28,7 @@ from appliance.errors import (
 )
 from appliance.files.service import FileService
 from appliance.identity.service import Principal, project_by_id, project_names
-from appliance.jobs.memorization import parse_memorization, public_view
+from appliance.jobs.memorization import fit_canaries, parse_memorization, public_view, training_examples
 from appliance.jobs.models import TERMINAL, FineTuningJob, JobCheckpoint, JobEvent
 from appliance.jobs.planning import plan_or_problem, training_device
 from appliance.jobs.recipes import DATASET_PURPOSE, capabilities, validate_method
@@ -51,6 +51,10 @@ def new_job_id() -> str:
 class JobView:
     row: FineTuningJob
     project: str
+
+
+#: Below this many validation examples a job warns that its validation figures are noisy.
+SMALL_VALIDATION = 20
 
 
 def add_event(s, job_id: str, message: str, *, level: str = "info", type: str = "message",
@@ -159,6 +163,10 @@ class JobService:
                     with problems.collect():
                         validation = self.files.trainable_file(s, principal, project, body["validation_file"],
                                                       "validation_file", purpose)
+            if memorization.get("canaries") and training is not None:
+                with problems.collect():  # canaries must not outweigh the data
+                    memorization = fit_canaries(memorization, training_examples(training.records, validation
+                                                                                is not None), body.get("memorization"))
             problems.raise_if_any()
             if memorization.get("canaries"):
                 from appliance.training.memorization import new_canaries
@@ -174,6 +182,15 @@ class JobService:
             s.flush()
             add_event(s, job.id, f"Created fine-tuning job: {job.id}")
             add_event(s, job.id, "Validating training file: " + training.id)
+            if base.kind == "llm":
+                held = validation.records if validation is not None else training.records - training_examples(
+                    training.records, False)
+                if held < SMALL_VALIDATION:  # its loss swings with a single example: say so before the run
+                    source = "the validation file holds" if validation is not None else "holding out 10% leaves"
+                    add_event(s, job.id, f"Small validation set: {source} only {held} example{'s' * (held != 1)}, "
+                              "so validation loss and perplexity are noisy; upload a validation file of at least "
+                              f"{SMALL_VALIDATION} records for figures to rely on", level="warn", type="data",
+                              data={"validation_examples": held, "recommended": SMALL_VALIDATION})
             record(s, ctx, "job.create", resource_type="fine_tuning_job", resource_id=job.id, project=project.name,
                    details={"model": base.name, "method": method_type, "training_file": training.id,
                             "validation_file": job.validation_file, "hyperparameters": hyperparameters,

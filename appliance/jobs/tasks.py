@@ -56,7 +56,7 @@ def run_task(channel: Channel, start: dict[str, Any], datasets: dict[str, Any], 
         channel.send_artefact({"kind": "artifact", "name": name}, data)
     channel.send({
         "type": "result", "metrics": result.metrics.to_dict(), "trained_tokens": result.metrics.trained_tokens,
-        "resolved": result.hyperparameters.to_dict(), "details": result.details, "privacy": result.privacy,
+        "resolved": result.hyperparameters.to_dict(), "details": result.details, "privacy": _with_probe_outcome(result.privacy, memorization, probe_targets),
     })
 
 
@@ -100,3 +100,13 @@ def run_image_task(channel: Channel, start: dict[str, Any], datasets: dict[str, 
         channel.send_artefact({"kind": "artifact", "name": name}, data)
     channel.send({"type": "result", "metrics": result.metrics.to_dict(), "trained_tokens": None,
                   "resolved": result.hyperparameters.to_dict(), "details": result.details})
+
+
+def _with_probe_outcome(privacy: dict[str, Any], memorization: dict[str, Any], targets: list[Any]) -> dict[str, Any]:
+    """The privacy evidence, saying why the extraction probe did not run when it was asked for and did not."""
+    if not memorization.get("extraction_probe") or "extraction" in privacy:
+        return privacy
+    reason = ("the policy allowed no personal data values in the training file, so there was nothing to probe for"
+              if not targets else "it did not complete")
+    return {**privacy, "extraction": {"probed": 0, "extracted": 0, "skipped": 0, "by_entity_type": {},
+                                      "not_run": reason}}

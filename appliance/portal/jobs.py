@@ -307,6 +307,25 @@ def _result_files(principal: Any, files: FileService, job_id: str, ids: list[str
     return out
 
 
+def canary_verdict(canaries: dict[str, Any] | None, max_bits: float | None) -> str | None:
+    """Canary exposure in plain words: how much more likely the trained model finds its canaries than chance.
+
+    Exposure (Carlini et al., "The Secret Sharer") is in bits: about 0 for a secret the model never saw,
+    up to log2 of the number of possible secrets for one it reproduces. Compared with the base model's
+    exposure to the same canaries, so that what the base model finds likely anyway is not counted.
+    """
+    if not canaries or canaries.get("mean_exposure") is None:
+        return None
+    gained = canaries["mean_exposure"] - (canaries.get("mean_exposure_base") or 0.0)
+    if max_bits and canaries.get("max_exposure") is not None and canaries["max_exposure"] >= 0.5 * max_bits:
+        return ("Memorised: the model would likely reproduce a secret seen this often in its training data. "
+                "Train with differential privacy, fewer epochs, or deduplicate repeated records.")
+    if gained < 1.0:
+        return "No sign of memorisation: the canaries are no more likely than for the base model."
+    return (f"Some memorisation: the canaries became about {2 ** gained:,.0f}x more likely than for the base "
+            "model, though far from being reproduced. Watch this figure if the data repeats secrets.")
+
+
 @get("/jobs/{job_id:str}", opt=portal(Permission.JOBS_READ), include_in_schema=False, sync_to_thread=True)
 def job_page(request: Request, jobs: NamedDependency[JobService], files: NamedDependency[FileService],
              catalog: NamedDependency[CatalogService], job_id: FromPath[str]) -> Template:
@@ -323,9 +342,10 @@ def job_page(request: Request, jobs: NamedDependency[JobService], files: NamedDe
         kind = "diffusion" if "subject_fidelity_metric" in (view.row.metrics or {}) else "llm"
     privacy = view.row.privacy or {}
     space = (privacy.get("canaries") or {}).get("randomness_space")
+    max_bits = math.log2(space) if isinstance(space, int | float) and space > 1 else None
     return page(request, "job.html", section="jobs", title=view.row.id, view=view, events=events[:200],
                 checkpoints=checkpoints, progress=progress, kind=kind, privacy=privacy,
-                canary_max_bits=math.log2(space) if isinstance(space, int | float) and space > 1 else None,
+                canary_max_bits=max_bits, canary_verdict=canary_verdict(privacy.get("canaries"), max_bits),
                 results=_result_files(principal, files, job_id, list(view.row.result_files or [])),
                 live=view.row.status in ("validating_files", "queued", "running"))
 

@@ -107,6 +107,13 @@ def _is_portal(request: Request) -> bool:
     return bool(handler is not None and handler.opt.get("portal") and wants_html)
 
 
+def _browser_page(request: Request) -> bool:
+    """A browser asking for a page outside the APIs (``/v1``, ``/api``, ``/static``)."""
+    path = request.url.path
+    return ("text/html" in request.headers.get("accept", "")
+            and not path.startswith(("/v1/", "/api/", "/static/", "/healthz")))
+
+
 _HEADINGS = {400: "That did not work", 401: "Please log in", 403: "Not allowed", 404: "Not found",
              409: "Conflict", 413: "Too large", 422: "Rejected", 429: "Slow down", 507: "Out of space"}
 
@@ -151,6 +158,8 @@ def http_exception_handler(request: Request, exc: HTTPException) -> Response:
     message = exc.detail if status < 500 else "internal server error"
     if _is_portal(request):
         return _portal_error(request, status, message)
+    if status == 404 and _browser_page(request):  # an address no route knows, typed or followed in a browser
+        return _portal_error(request, 404, "There is no page at this address.")
     return Response(
         error_body(code, message, None, _HTTP_TYPES.get(status, "server_error")),
         status_code=status,

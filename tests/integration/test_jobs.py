@@ -94,6 +94,8 @@ def test_lora_job_through_the_openai_client(client, state, tiny_model, trainer, 
     assert plan["measured_peak_bytes"] > 0 and plan["activation_checkpointing"] is False
     metrics = job.model_extra["metrics"]
     assert metrics["valid_loss_after"] < metrics["valid_loss_before"]
+    # The extraction probe is on by default; with no values the policy allowed, it says why it did not run.
+    assert "nothing to probe for" in job.model_extra["privacy"]["extraction"]["not_run"]
     events = api.fine_tuning.jobs.list_events(job.id, limit=100).data
     messages = [e.message for e in events]
     assert any("Network isolation verified" in m for m in messages), messages
@@ -445,15 +447,28 @@ def test_memorization_evidence_reaches_job_manifest_and_report(client, state, ti
     # A phone number redacted before the allowed address moves it in the stored text; the probe must follow.
     records = [{"messages": [{"role": "user", "content": "Who handles billing?"},
                              {"role": "assistant", "content": "Call 212-555-0147 or write to ada@quill.io today"}]}
-               for _ in range(6)] + [qa(i) for i in range(10)]
+               for _ in range(6)] + [qa(i) for i in range(20)]
     train_id = upload(client, owner, records)
     api = api_for(client, trainer)
+    # 24 training examples (2 of 26 held out): one canary, repeated once, is within 5% of them; five times is not.
+    with pytest.raises(openai.BadRequestError) as info:
+        api.fine_tuning.jobs.create(model=tiny_model, training_file=train_id,
+                                    extra_body={"memorization": {"canaries": 1, "canary_repetitions": 5}})
+    assert info.value.body["param"] == "memorization.canary_repetitions"
+    assert "use at most 1" in info.value.body["message"]
+    # The case: 4 canaries where they would outweigh the data are refused before anything runs.
+    with pytest.raises(openai.BadRequestError) as info:
+        api.fine_tuning.jobs.create(model=tiny_model, training_file=train_id,
+                                    extra_body={"memorization": {"canaries": 4}})
+    assert info.value.body["param"] == "memorization.canaries" and "at least 80 examples" in info.value.body["message"]
     job = api.fine_tuning.jobs.create(
         model=tiny_model, training_file=train_id,
         method={"type": "lora", "lora": {"hyperparameters": hp(n_epochs=3)}},
-        extra_body={"memorization": {"canaries": 1, "canary_repetitions": 5, "probe_samples": 4}},
+        extra_body={"memorization": {"canaries": 1, "probe_samples": 4}},
     )
-    assert job.model_extra["memorization"] == {"canaries": 1, "canary_repetitions": 5, "extraction_probe": True,
+    warning = next(e for e in api.fine_tuning.jobs.list_events(job.id).data if e.message.startswith("Small valid"))
+    assert warning.level == "warn" and "only 2 examples" in warning.message  # 10% of 26 held out
+    assert job.model_extra["memorization"] == {"canaries": 1, "canary_repetitions": 1, "extraction_probe": True,
                                                "probe_samples": 4}
     with state.db.read() as s:
         canary = s.get(FineTuningJob, job.id).memorization["canary_texts"][0]
@@ -461,7 +476,7 @@ def test_memorization_evidence_reaches_job_manifest_and_report(client, state, ti
     job = wait_for(api, job.id)
     assert job.status == "succeeded", job.error
     privacy = job.model_extra["privacy"]
-    assert privacy["canaries"]["count"] == 1 and privacy["canaries"]["repetitions"] == 5
+    assert privacy["canaries"]["count"] == 1 and privacy["canaries"]["repetitions"] == 1
     assert len(privacy["canaries"]["exposure"]) == 1 and privacy["canaries"]["exposure_base"][0] >= 0
     assert privacy["extraction"]["probed"] == 4 and privacy["extraction"]["skipped"] == 0
     assert set(privacy["extraction"]["by_entity_type"]) == {"EMAIL_ADDRESS"}

@@ -188,6 +188,29 @@ def test_a_file_with_several_bad_lines_shows_them_all_in_plain_words(portal_serv
     context.close()
 
 
+def test_unknown_pages_get_an_html_404_logout_asks_first_and_there_is_a_favicon(portal_server, browser):
+    context, page = login(browser, portal_server, "olivia")
+    resp = page.goto("/no/such/page")
+    assert resp.status == 404 and page.get_by_role("heading", name="Not found").is_visible()
+    assert "There is no page at this address." in page.inner_text("main")
+    shot(page, "09-not-found")
+    assert page.locator("link[rel=icon]").get_attribute("href") == "/static/favicon.svg"
+    assert page.request.get("/static/favicon.svg").headers["content-type"].startswith("image/svg+xml")
+    api = page.request.get("/v1/no-such-endpoint")  # the APIs keep answering JSON
+    assert api.status == 404 and api.json()["error"]["code"] == "not_found"
+    page.goto("/datasets")
+    seen: list[str] = []
+    page.once("dialog", lambda d: (seen.append(d.message), d.dismiss()))
+    page.get_by_role("button", name="Log out").click()
+    assert seen == ["Log out of the appliance?"] and "/datasets" in page.url  # dismissed: still logged in
+    page.once("dialog", lambda d: d.accept())
+    with page.expect_navigation():
+        page.get_by_role("button", name="Log out").click()
+    page.goto("/datasets")
+    assert "/login" in page.url
+    context.close()
+
+
 def test_other_projects_cannot_see_or_reach_anything(portal_server, browser):
     context, page = login(browser, portal_server, "gus")
     assert "boxes.jsonl" not in page.inner_text("main")

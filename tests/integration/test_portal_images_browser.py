@@ -161,7 +161,7 @@ def test_dp_and_canaries_through_the_form_show_privacy_evidence(image_portal, br
     data.write_text("".join(json.dumps({"messages": [
         {"role": "user", "content": f"What colour is box {i}?"},
         {"role": "assistant", "content": f"Box {i} is blue." + (" Write to ada@quill.io" if i < 4 else "")}]})
-        + "\n" for i in range(24)))
+        + "\n" for i in range(48)))  # 2 canaries must stay within 5% of the training examples
     file_id = upload_in_page(page, data)
 
     switch_role(page, "trainer @ acme")
@@ -188,6 +188,8 @@ def test_dp_and_canaries_through_the_form_show_privacy_evidence(image_portal, br
     assert re.search(r"2 canaries: mean exposure [0-9.]+ bits after training vs -?[0-9.]+ bits for the base model",
                      canaries), canaries
     assert re.search(r"^\d+ of [1-9]\d* allowed values completed", page.inner_text("#privacy-extraction"))
+    assert page.inner_text("#privacy-canary-verdict").startswith(("No sign of memorisation", "Some memorisation",
+                                                                   "Memorised"))
     assert page.inner_text("#privacy-isolation").startswith("sandbox: own namespaces and user")
     shot(page, "privacy-02-job-evidence")
     context.close()

@@ -116,7 +116,7 @@ def test_no_planted_value_token_or_key_leaks_from_any_feature(tmp_path):
         resp = http.post("/v1/fine_tuning/jobs", headers=trainer, json={
             "model": "tiny-llama", "training_file": file_id, "suffix": "accounts",
             "method": {"type": "lora", "lora": {"hyperparameters": {"n_epochs": 1, "batch_size": 4, "lora_r": 4}}},
-            "memorization": {"canaries": 1, "canary_repetitions": 2, "probe_samples": 2}})
+            "memorization": {"canaries": 1, "canary_repetitions": 1, "probe_samples": 2}})
         assert resp.status_code in (200, 201), resp.text
         job_id = resp.json()["id"]
         deadline = Deadline(300)

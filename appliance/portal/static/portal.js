@@ -2,6 +2,10 @@
 "use strict";
 
 document.addEventListener("DOMContentLoaded", () => {
+  // Forms that end something (log out, cancel a job, delete a dataset) ask first.
+  document.querySelectorAll("form[data-confirm]").forEach((form) =>
+    form.addEventListener("submit", (e) => { if (!window.confirm(form.dataset.confirm)) { e.preventDefault(); } }));
+
   // Role switcher submits on change.
   document.querySelectorAll("select[data-autosubmit]").forEach((el) =>
     el.addEventListener("change", () => el.form.submit()));

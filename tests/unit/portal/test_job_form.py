@@ -80,3 +80,36 @@ def test_the_forms_ranges_are_the_servers():
             assert accepted(f.name, f.max) and not accepted(f.name, f.max + step), f.name
         if f.integer:
             assert not accepted(f.name, (f.min or 0) + 1.5), f.name
+
+
+def test_canaries_stay_within_five_percent_of_the_training_examples():
+    from appliance.jobs.memorization import fit_canaries, training_examples
+
+    option = parse_memorization({"canaries": 4}, base_kind="llm")
+    assert training_examples(22, has_validation_file=False) == 20 and training_examples(22, True) == 22
+    # The default repetitions (10) shrink to fit: 4 canaries in 400 examples may take 20 records, 5 each.
+    assert fit_canaries(option, 400, {"canaries": 4})["canary_repetitions"] == 5
+    assert fit_canaries(option, 2000, {"canaries": 4})["canary_repetitions"] == 10  # the default, when it fits
+    # The case: 4 canaries x 10 in a 22-record dataset is refused, naming the field and the fix.
+    with pytest.raises(InvalidRequestError) as info:
+        fit_canaries(option, training_examples(22, False), {"canaries": 4, "canary_repetitions": 10})
+    assert info.value.param == "memorization.canaries"
+    assert "5% of the 20 training examples" in info.value.message and "at least 80 examples" in info.value.message
+    asked = parse_memorization({"canaries": 2, "canary_repetitions": 10}, base_kind="llm")
+    with pytest.raises(InvalidRequestError) as info:
+        fit_canaries(asked, 100, {"canaries": 2, "canary_repetitions": 10})
+    assert info.value.param == "memorization.canary_repetitions" and "use at most 2" in info.value.message
+    assert fit_canaries(parse_memorization({}, base_kind="llm"), 5, {}) == parse_memorization({}, base_kind="llm")
+
+
+def test_canary_exposure_comes_with_a_verdict_in_plain_words():
+    from appliance.portal.jobs import canary_verdict
+
+    bits = 36.5  # log2 of the canary space
+    assert canary_verdict(None, bits) is None
+    assert canary_verdict({"mean_exposure": 1.2, "mean_exposure_base": 0.9, "max_exposure": 1.5}, bits).startswith(
+        "No sign of memorisation")
+    some = canary_verdict({"mean_exposure": 5.0, "mean_exposure_base": 1.0, "max_exposure": 6.0}, bits)
+    assert some.startswith("Some memorisation") and "16x more likely" in some
+    assert canary_verdict({"mean_exposure": 30.0, "mean_exposure_base": 1.0, "max_exposure": 33.0}, bits).startswith(
+        "Memorised")
