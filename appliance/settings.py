@@ -123,13 +123,15 @@ class AuthSettings:
         default=10,
         metadata=_env(
             "APPLIANCE_AUTH_MAX_FAILURES",
-            "Failed authentications one origin may make per window before it is refused.",
+            "Failed authentications of one key (an address, a token id, an account) before further failing "
+            "attempts are held back with a growing back-off; valid tokens are never refused.",
             minimum=1,
         ),
     )
     failure_window_s: int = field(
         default=300,
-        metadata=_env("APPLIANCE_AUTH_FAILURE_WINDOW_S", "Window for counting failures, seconds.", minimum=1),
+        metadata=_env("APPLIANCE_AUTH_FAILURE_WINDOW_S", "A key's failures are forgotten this many seconds after its "
+                                                         "last one.", minimum=1),
     )
 
 

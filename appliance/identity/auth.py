@@ -31,50 +31,82 @@ class AuthState(Protocol):
 
 
 class FailureLimiter:
-    """Counts failed authentications per origin in a sliding window.
+    """Failed authentications counted per key, answered with exponential back-off; never a valid credential.
 
-    Once an origin reaches ``max_failures`` within ``window_s`` seconds, every
-    authentication attempt from it is refused until the oldest failure ages
-    out, so a guesser learns nothing more, valid token or not.
+    A key is whatever a failure is pinned on: an address (``("addr", ip)``), a token id, an account
+    and the address it is tried from, an account anywhere. Once a key has ``max_failures`` failures,
+    each counted within ``window_s`` of the one before, it is *locked* for 1 s, then 2, 4... up to
+    ``max_backoff_s`` with every further failure; ``window_s`` after its last failure it is forgotten.
+
+    What a lock refuses is the caller's choice: the API verifies every bearer token and answers 429
+    instead of 401 only for a wrong one (a token is 256 random bits: no one guesses it, so a valid
+    token is never refused, whoever else fails from the same address); the log-in form checks its
+    keys *before* the password, since passwords can be guessed (:func:`appliance.portal.auth_routes.login`).
     """
 
-    def __init__(self, max_failures: int, window_s: float, clock=time.monotonic) -> None:
+    #: Keys of these kinds lock only after this many times ``max_failures``: an address trying many accounts
+    #: (password spraying) is held back late, since people behind one NAT share it.
+    SCALE = {"login-addr": 5}
+
+    def __init__(self, max_failures: int, window_s: float, clock=time.monotonic, max_backoff_s: float = 900.0) -> None:
         self.max_failures = max_failures
         self.window_s = window_s
+        self.max_backoff_s = max_backoff_s
         self._clock = clock
-        self._failures: dict[str, deque[float]] = {}
+        self._failures: dict[tuple, tuple[int, float]] = {}  # key -> (count, time of the last failure)
         self._lock = threading.Lock()
 
-    def _prune(self, origin: str, now: float) -> deque[float]:
-        q = self._failures.setdefault(origin, deque())
-        while q and q[0] <= now - self.window_s:
-            q.popleft()
-        if not q:
-            del self._failures[origin]
-            return deque()
-        return q
+    def _live(self, key: tuple, now: float) -> tuple[int, float]:
+        count, last = self._failures.get(key, (0, 0.0))
+        if count and now - last > self.window_s:
+            del self._failures[key]
+            return 0, 0.0
+        return count, last
 
-    def check(self, origin: str) -> None:
-        """Raise :class:`RateLimitedError` if ``origin`` is currently locked out."""
+    def retry_after(self, key: tuple) -> int:
+        """Seconds until ``key`` may try again; 0 when it is not locked."""
         with self._lock:
             now = self._clock()
-            q = self._prune(origin, now)
-            if len(q) >= self.max_failures:
-                retry = max(1, int(q[0] + self.window_s - now) + 1)
-                raise RateLimitedError(
-                    f"too many failed authentication attempts from this address; retry in {retry} s",
-                    retry_after_s=retry,
-                )
+            count, last = self._live(key, now)
+            limit = self.max_failures * self.SCALE.get(key[0], 1)
+            if count < limit:
+                return 0
+            wait = last + min(self.max_backoff_s, 2.0 ** (count - limit)) - now
+            return max(0, int(wait + 0.999))
 
-    def fail(self, origin: str) -> None:
+    def check(self, *keys: tuple) -> None:
+        """Raise :class:`RateLimitedError` when one of ``keys`` is locked."""
+        wait = max((self.retry_after(k) for k in keys), default=0)
+        if wait:
+            raise RateLimitedError(f"too many failed authentication attempts; retry in {wait} s", retry_after_s=wait)
+
+    def fail(self, *keys: tuple) -> None:
         with self._lock:
             now = self._clock()
-            self._prune(origin, now)
-            self._failures.setdefault(origin, deque()).append(now)
+            for key in keys:
+                count, _ = self._live(key, now)
+                self._failures[key] = (count + 1, now)
+        if len(self._failures) > 100_000:  # a flood of distinct keys: keep memory bounded
+            with self._lock:
+                now = self._clock()
+                for key in [k for k, (_, last) in self._failures.items() if now - last > self.window_s]:
+                    del self._failures[key]
+
+    def succeed(self, *keys: tuple) -> None:
+        """Forget ``keys``' failures (a correct password from the account's own address)."""
+        with self._lock:
+            for key in keys:
+                self._failures.pop(key, None)
 
 
 def origin_of(connection: ASGIConnection) -> str:
     return connection.client.host if connection.client else "unknown"
+
+
+def token_id_of(bearer: str | None) -> str | None:
+    """The public id part of an appliance token (``apl_<id>_<secret>``), if it has that shape."""
+    parts = (bearer or "").split("_", 2)
+    return parts[1] if len(parts) == 3 and parts[0] == "apl" and parts[1] else None
 
 
 def bearer_of(connection: ASGIConnection) -> str | None:
@@ -121,11 +153,15 @@ class BearerAuthMiddleware(AbstractAuthenticationMiddleware):
             connection.scope.setdefault("state", {})["portal_session"] = info
             return AuthenticationResult(user=info.principal, auth=info)
         origin = origin_of(connection)
-        state.limiter.check(origin)
+        presented = bearer_of(connection)
         try:
-            principal = await sync_to_thread(state.identity.authenticate, bearer_of(connection))
+            principal = await sync_to_thread(state.identity.authenticate, presented)
         except AuthenticationError:
-            state.limiter.fail(origin)
+            # Every token is checked, so a valid one always passes, whatever others behind the same address
+            # do; a wrong one from an address (or for a token id) that keeps failing waits, with back-off.
+            keys = [("addr", origin), *([("token", tid)] if (tid := token_id_of(presented)) else [])]
+            state.limiter.check(*keys)
+            state.limiter.fail(*keys)
             raise
         return AuthenticationResult(user=principal, auth=principal.token_id)
 

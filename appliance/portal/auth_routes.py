@@ -50,28 +50,80 @@ def login_form(request: Request, appliance: NamedDependency[AppState], next: Fro
     return _login_page(request, appliance, next_path=_safe_next(next))
 
 
+#: A browser that has logged in to an account before carries this cookie (OWASP's "device cookie"):
+#: its attempts on that account count on their own, so failures of others (an attacker guessing that
+#: account, or anyone behind the same address) never hold up its owner's correct password.
+DEVICE_COOKIE = "appliance_device"
+DEVICE_MAX_AGE_S = 90 * 24 * 3600
+#: Signs device cookies. Per process: after a restart old cookies no longer count, and their holders
+#: are judged by their address like anyone else until they log in again.
+_DEVICE_KEY = secrets.token_bytes(32)
+
+
+def _device_sign(username: str, device: str) -> str:
+    return hmac.new(_DEVICE_KEY, f"{username}\x00{device}".encode(), "sha256").hexdigest()[:32]
+
+
+def _device_of(request: Request, username: str) -> str | None:
+    """This browser's device id for ``username``, when it carries a valid device cookie for that account."""
+    device, _, mac = request.cookies.get(DEVICE_COOKIE, "").partition(".")
+    if device and mac and hmac.compare_digest(mac, _device_sign(username, device)):
+        return device
+    return None
+
+
+def _login_keys(username: str, origin: str, device: str | None) -> list[tuple]:
+    """What a log-in attempt's failures count against (see :class:`appliance.identity.auth.FailureLimiter`).
+
+    A known device: only itself. Anyone else: the account from this address, the account from anywhere
+    (slow guessing from many addresses) and this address across accounts (spraying).
+    """
+    if device is not None:
+        return [("device", username, device)]
+    return [("login", username, origin), ("account", username), ("login-addr", origin)]
+
+
 @post("/login", opt={PUBLIC_OPT: True}, include_in_schema=False, sync_to_thread=True)
 def login(request: Request, appliance: NamedDependency[AppState], data: Form) -> Template | Redirect:
-    """Check the double-submit CSRF cookie, then the password; rate limited per origin like tokens."""
+    """Check the double-submit CSRF cookie, then the throttle, then the password."""
     next_path = _safe_next(data.get("next"))
     cookie = request.cookies.get(LOGIN_CSRF_COOKIE, "")
     if not cookie or not hmac.compare_digest(cookie, data.get("csrf_token", "")):
         return _login_page(request, appliance, next_path=next_path, status_code=403,
                            error="The form expired or was not sent by this page; please try again.")
     origin = origin_of(request)
+    username = data.get("username", "")[:128]
+    device = _device_of(request, username)
+    keys = _login_keys(username, origin, device)
     try:
-        appliance.limiter.check(origin)
-        token = appliance.sessions.login(data.get("username", ""), data.get("password", ""), origin)
+        appliance.limiter.check(*keys)  # before the password: passwords can be guessed
+        token = appliance.sessions.login(username, data.get("password", ""), origin)
     except RateLimitedError as exc:
-        return _login_page(request, appliance, next_path=next_path, error=exc.message, status_code=429)
+        _audit_throttled(appliance, username, origin, exc)
+        page_ = _login_page(request, appliance, next_path=next_path, error=exc.message, status_code=429)
+        page_.headers["Retry-After"] = str(exc.retry_after_s)
+        return page_
     except AuthenticationError:
-        appliance.limiter.fail(origin)
+        appliance.limiter.fail(*keys)
         return _login_page(request, appliance, next_path=next_path, error="Wrong username or password.",
-                           username=data.get("username", "")[:64], status_code=401)
+                           username=username[:64], status_code=401)
+    appliance.limiter.succeed(keys[0])
     response = Redirect(next_path, status_code=303)
     response.cookies.append(_cookie(appliance, COOKIE, token, max_age=appliance.settings.portal.session_max_hours * 3600))
     response.cookies.append(Cookie(key=LOGIN_CSRF_COOKIE, value="", max_age=0, path="/"))
+    device = device or secrets.token_urlsafe(12)
+    response.cookies.append(_cookie(appliance, DEVICE_COOKIE, f"{device}.{_device_sign(username, device)}",
+                                    max_age=DEVICE_MAX_AGE_S))
     return response
+
+
+def _audit_throttled(appliance: AppState, username: str, origin: str, exc: RateLimitedError) -> None:
+    from appliance.audit.service import AuditContext, record
+
+    with appliance.db.transaction() as s:
+        record(s, AuditContext("anonymous", "password", origin), "auth.rate_limited", outcome="denied",
+               resource_type="user", resource_id=username[:64] or None,
+               reason=f"log-in attempt held back {exc.retry_after_s} s after repeated failures")
 
 
 @post("/logout", opt=portal(), include_in_schema=False, sync_to_thread=True)

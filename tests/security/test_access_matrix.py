@@ -188,6 +188,8 @@ ROUTES: dict[str, Route] = {
                                       lambda w, r: r.json()["scope"]["project"] == OWN),
     # -- files --------------------------------------------------------------------------------
     "GET /v1/files": Route(G("/v1/files"), G("/v1/files", params={"project": OTHER})),
+    "GET /api/v1/files/rejected": Route(G("/api/v1/files/rejected"), G("/api/v1/files/rejected"), "scoped",
+                                        lambda w, r: OTHER not in r.text),
     "POST /v1/files": Route(lambda w: Req("POST", "/v1/files", _upload_kw(OWN)),
                             _other(lambda w: Req("POST", "/v1/files", _upload_kw(OTHER)),
                                    "files")),

@@ -34,7 +34,7 @@ from sqlalchemy import func, select, text
 from appliance.audit.models import AuditEvent
 from appliance.files.models import StoredFile
 from appliance.identity.roles import Role
-from tests.conftest import bearer
+from tests.conftest import CLI_CTX, bearer
 from tests.security.conftest import OWN, PASSWORD, World, chat, error_of, jsonl
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -400,11 +400,63 @@ def test_xss_in_file_names_and_captions_is_escaped(world):
     assert "&lt;img src=x onerror=alert(&#34;caption&#34;)&gt;" in pages["image dataset"]  # the caption, as text
 
 
+def test_throttling_never_refuses_a_valid_credential_because_of_other_clients_behind_the_same_address(home):
+    """Many clients behind one address (a NAT): one guesses tokens and a colleague's password; everyone
+    else's valid tokens and passwords keep working, the guesser is held back, and it is all audited."""
+    from litestar.testing import TestClient
+
+    from appliance.bootstrap import open_initialized
+    from appliance.identity.roles import Role
+    from appliance.server.app import create_app
+    from appliance.server.state import build_state
+    from tests.conftest import make_settings
+
+    settings = make_settings(home.home.home, APPLIANCE_AUTH_MAX_FAILURES="3")
+    state = build_state(settings, open_initialized(settings))
+    state.identity.create_project(CLI_CTX, "acme")
+    tokens = []
+    for i in range(12):
+        state.identity.create_user(CLI_CTX, f"user{i}")
+        state.sessions.set_password(CLI_CTX, f"user{i}", "correct horse battery " + str(i))
+        state.identity.grant(CLI_CTX, f"user{i}", Role.DATA_OWNER, "acme")
+        tokens.append(state.identity.create_token(CLI_CTX, f"user{i}", Role.DATA_OWNER, "acme")[1])
+
+    def log_in(client, user: str, password: str, cookies: dict[str, str] | None = None):
+        jar = {"appliance_login_csrf": "c" * 32, **(cookies or {})}
+        return client.post("/login", data={"username": user, "password": password, "csrf_token": "c" * 32},
+                           headers={"Cookie": "; ".join(f"{k}={v}" for k, v in jar.items())}, follow_redirects=False)
+
+    with TestClient(create_app(settings, state, run_scheduler=False)) as client:  # every request: "testclient"
+        first = log_in(client, "user0", "correct horse battery 0")  # user0 has logged in from this browser before
+        assert first.status_code == 303
+        device = first.cookies["appliance_device"]
+        answers = []
+        for round_ in range(8):
+            answers.append(client.get("/api/v1/me", headers=bearer("apl_000000000000_" + "G" * 43)).status_code)
+            answers.append(log_in(client, "user0", f"guess {round_}").status_code)  # guessing user0's password
+            for token in tokens:  # the colleagues' valid tokens, every round
+                assert client.get("/api/v1/me", headers=bearer(token)).status_code == 200
+        assert answers[:2] == [401, 401] and 429 in answers  # the guesser is held back...
+        # ...but a colleague behind the same address logs in, and so does user0 from the known browser.
+        assert log_in(client, "user5", "correct horse battery 5").status_code == 303
+        assert log_in(client, "user0", "correct horse battery 0", {"appliance_device": device}).status_code == 303
+        # From a browser it never used, user0 waits (the guesses were on that account): the price of no lock-out
+        # being possible for a known device.
+        held = log_in(client, "user0", "correct horse battery 0")
+        assert held.status_code == 429 and int(held.headers["retry-after"]) >= 1
+    with state.db.read() as s:
+        throttled = list(s.scalars(select(AuditEvent).where(AuditEvent.action == "auth.rate_limited")))
+    assert {e.resource_id for e in throttled if e.resource_type == "user"} == {"user0"}
+    assert any(e.resource_type != "user" for e in throttled)  # the API's 429s too
+    state.db.dispose()
+
+
 def test_token_brute_force_is_rate_limited_and_audited(home, make_token):
-    """Guessing tokens (or portal passwords) from one address: each failure is audited as ``auth.denied``
-    (``portal.login`` denied for passwords); after APPLIANCE_AUTH_MAX_FAILURES the address gets 429 with
-    Retry-After, even with a valid token, and the lock-out is audited as ``auth.rate_limited``.
-    (The limiter's window: tests/unit/identity/test_limiter.py; the API case: test_auth.py.)"""
+    """Guessing tokens from one address: each failure is audited as ``auth.denied``; after
+    APPLIANCE_AUTH_MAX_FAILURES further wrong tokens get 429 with Retry-After and a growing back-off,
+    audited as ``auth.rate_limited``; a valid token still passes (no one guesses one). Passwords:
+    test_throttling_never_refuses_a_valid_credential_because_of_other_clients_behind_the_same_address.
+    (The limiter's back-off: tests/unit/identity/test_limiter.py; the API case: test_auth.py.)"""
     from litestar.testing import TestClient
 
     from appliance.bootstrap import open_initialized
@@ -420,12 +472,9 @@ def test_token_brute_force_is_rate_limited_and_audited(home, make_token):
         guesses = [f"apl_{token_id}_" + c * 43 for c in "ABCDE"]  # the real id, wrong secrets
         for guess in guesses:
             error_of(client.get("/api/v1/me", headers=bearer(guess)), 401, "token_invalid")
-        limited = client.get("/api/v1/me", headers=bearer(admin))
+        limited = client.get("/api/v1/me", headers=bearer(f"apl_{token_id}_" + "F" * 43))
         assert int(error_of(limited, 429, "rate_limited") and limited.headers["retry-after"]) >= 1
-        # The portal's log-in form shares the limit: a correct password is refused too.
-        resp = client.post("/login", data={"username": "admin", "password": "x" * 20, "csrf_token": "c" * 32},
-                           headers={"Cookie": "appliance_login_csrf=" + "c" * 32})
-        assert resp.status_code == 429
+        assert client.get("/api/v1/me", headers=bearer(admin)).status_code == 200  # the real token still works
     with state.db.read() as s:
         denied = list(s.scalars(select(AuditEvent).where(AuditEvent.action == "auth.denied")))
         limited_events = list(s.scalars(select(AuditEvent).where(AuditEvent.action == "auth.rate_limited")))
