@@ -214,6 +214,15 @@ def events_between(s: Session, since: datetime, until: datetime, project: str | 
     return list(s.scalars(stmt.order_by(AuditEvent.seq)))
 
 
+def latest_events(s: Session, *, action: str, actor: str, project: str | None = None,
+                  limit: int = 50) -> list[AuditEvent]:
+    """One actor's newest events of one action (of one project, when given), newest first."""
+    stmt = select(AuditEvent).where(AuditEvent.action == action, AuditEvent.actor == actor)
+    if project is not None:
+        stmt = stmt.where(AuditEvent.project == project)
+    return list(s.scalars(stmt.order_by(AuditEvent.seq.desc()).limit(limit)))
+
+
 def read_events(db: Database, ctx: AuditContext, f: EventFilter) -> tuple[list[AuditEvent], bool]:
     """Events matching ``f`` and whether more follow; the read itself is audited.
 

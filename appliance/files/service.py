@@ -19,8 +19,7 @@ from anyio import to_thread
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from appliance.audit.models import AuditEvent
-from appliance.audit.service import AuditContext, record
+from appliance.audit.service import AuditContext, latest_events, record
 from appliance.db.base import Database, created_before, utcnow
 from appliance.errors import (
     MODEL_NAME_LIKE,
@@ -313,11 +312,8 @@ class FileService:
         for a policy block, the entity types and lines).
         """
         with self.db.read() as s:
-            stmt = (select(AuditEvent).where(AuditEvent.action == "file.reject", AuditEvent.actor == principal.user)
-                    .order_by(AuditEvent.seq.desc()).limit(limit))
-            if principal.project is not None:
-                stmt = stmt.where(AuditEvent.project == principal.project)
-            events = s.scalars(stmt).all()
+            events = latest_events(s, action="file.reject", actor=principal.user, project=principal.project,
+                                   limit=limit)
         return [{"rejected_at": int(e.ts.timestamp()), "filename": e.details.get("filename"),
                  "purpose": e.details.get("purpose"), "project": e.project, "code": e.details.get("code"),
                  "param": e.details.get("param"), "message": e.reason or "",

@@ -152,17 +152,28 @@ def _relay(conn, worker) -> int:  # noqa: ANN001 - a tunnel, a SandboxedProcess
     """Frames from the tunnel to the worker's pipe (a background thread) and back, until the worker ends."""
     import threading
 
+    lock = threading.Lock()  # the pipe to the worker is written and closed by one side at a time
+
+    def close_down() -> None:
+        with lock:
+            if worker.to_child >= 0:
+                try:
+                    os.close(worker.to_child)
+                except OSError:
+                    pass
+                worker.to_child = -1  # never closed twice (its number may be reused)
+
     def downstream() -> None:
         try:
             while (frame := conn.read()) is not None:
-                write_frame(worker.to_child, *frame)
-        except (OSError, Exception):  # noqa: BLE001 - the tunnel or the pipe closed: the worker sees EOF
+                with lock:
+                    if worker.to_child < 0:
+                        return
+                    write_frame(worker.to_child, *frame)
+        except Exception:  # noqa: BLE001 - the tunnel or the pipe closed
             pass
-        try:
-            os.close(worker.to_child)  # the control plane hung up: the worker exits (its pipe closed)
-        except OSError:
-            pass
-        worker.to_child = -1
+        finally:
+            close_down()  # the control plane hung up: the worker sees its pipe close and exits
 
     threading.Thread(target=downstream, name="rank-downstream", daemon=True).start()
     reader = FrameReader(worker.from_child)
@@ -171,7 +182,9 @@ def _relay(conn, worker) -> int:  # noqa: ANN001 - a tunnel, a SandboxedProcess
             conn.write(*frame)
         except OSError:
             break
-    return worker.proc.wait()
+    code = worker.proc.wait()
+    close_down()
+    return code
 
 
 def _collective_address(rank: int) -> dict[str, str | int]:
