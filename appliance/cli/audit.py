@@ -54,12 +54,6 @@ def audit_verify(checkpoint_path: Path | None, public_key_path: Path | None) -> 
         sys.exit(1)
 
 
-def _parse_when(value: str, param: str):
-    from appliance.auditor.reports import parse_when
-
-    return parse_when(value, param)
-
-
 @audit.command("report")
 @click.option("--from", "since", required=True, help="Start (inclusive), e.g. 2026-11-01.")
 @click.option("--to", "until", required=True, help="End (exclusive), e.g. 2026-12-01.")
@@ -69,10 +63,10 @@ def _parse_when(value: str, param: str):
 @handle_errors
 def audit_report(since: str, until: str, fmt: str, project: str | None, out: Path | None) -> None:
     """A compliance report: datasets, PII, models and lineage, usage, denials, key rotations, deletions."""
-    from appliance.auditor.reports import ReportScope, produce
+    from appliance.auditor.reports import ReportScope, parse_when, produce
 
     db = open_initialized(_settings())
-    body = produce(db, _ctx(), ReportScope(_parse_when(since, "--from"), _parse_when(until, "--to"), project), fmt)
+    body = produce(db, _ctx(), ReportScope(parse_when(since, "--from"), parse_when(until, "--to"), project), fmt)
     if out is not None:
         out.write_bytes(body)
         click.echo(f"wrote {len(body)} bytes to {out}", err=True)

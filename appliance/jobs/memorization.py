@@ -17,6 +17,7 @@ import math
 from typing import Any
 
 from appliance.errors import InvalidRequestError
+from appliance.training.data import holdout_size
 
 DEFAULTS = {"canaries": 0, "canary_repetitions": 10, "extraction_probe": True, "probe_samples": 32}
 #: Canary records (canaries x repetitions) may be at most this share of the training examples: more, and
@@ -62,11 +63,9 @@ def public_view(stored: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def training_examples(records: int, has_validation_file: bool) -> int:
-    """How many of a training file's records are trained on: 10% are held out without a validation file
-    (as :func:`appliance.training.data.split_validation` does)."""
-    if has_validation_file or records < 2:
-        return records
-    return records - max(1, records // 10)
+    """How many of a training file's records are trained on: without a validation file, some are held out
+    (:func:`appliance.training.data.holdout_size`)."""
+    return records if has_validation_file else records - holdout_size(records)
 
 
 def fit_canaries(option: dict[str, Any], examples: int, requested: dict[str, Any] | None) -> dict[str, Any]:

@@ -135,8 +135,7 @@ def _run_rank(conn, rank: int, world: int, level: IsolationLevel, hide: list[str
                              **({"node": node} if node else {})}})
         header = {**start, "primary": rank == 0, "network": worker.network, "isolation": worker.isolation,
                   "process_group": group and {**group, "rank": rank, "world": world}}
-        header["datasets"] = [{k: v for k, v in d.items() if k != "path"} | {"fd": worker.fds[d["path"]]}
-                              if d.get("path") in worker.fds else d for d in datasets]
+        header["datasets"] = worker.by_descriptor(datasets)
         del start, frame
         write_frame(worker.to_child, header)
         del header

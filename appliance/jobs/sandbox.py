@@ -29,6 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from appliance.jobs.isolation import (
     IsolationLevel,
@@ -104,6 +105,11 @@ class SandboxedProcess:
     uid: int | None = None
     #: "none" (a network namespace of its own) or "shared" (the host's network)
     network: str = "none"
+
+    def by_descriptor(self, datasets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A start frame's dataset entries with the blobs it was given as descriptors named by ``fd``, not path."""
+        return [{k: v for k, v in d.items() if k != "path"} | {"fd": self.fds[d["path"]]}
+                if d.get("path") in self.fds else d for d in datasets]
 
     @property
     def isolated(self) -> bool:

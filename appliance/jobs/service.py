@@ -32,6 +32,7 @@ from appliance.jobs.memorization import fit_canaries, parse_memorization, public
 from appliance.jobs.models import TERMINAL, FineTuningJob, JobCheckpoint, JobEvent
 from appliance.jobs.planning import plan_or_problem, training_device
 from appliance.jobs.recipes import DATASET_PURPOSE, capabilities, validate_method
+from appliance.training.data import holdout_size
 from appliance.training.hyperparameters import SHARDING
 from appliance.training.planner import Device
 
@@ -183,8 +184,7 @@ class JobService:
             add_event(s, job.id, f"Created fine-tuning job: {job.id}")
             add_event(s, job.id, "Validating training file: " + training.id)
             if base.kind == "llm":
-                held = validation.records if validation is not None else training.records - training_examples(
-                    training.records, False)
+                held = validation.records if validation is not None else holdout_size(training.records)
                 if held < SMALL_VALIDATION:  # its loss swings with a single example: say so before the run
                     source = "the validation file holds" if validation is not None else "holding out 10% leaves"
                     add_event(s, job.id, f"Small validation set: {source} only {held} example{'s' * (held != 1)}, "

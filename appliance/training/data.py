@@ -96,13 +96,19 @@ def tokenize_records(records: Sequence[Mapping[str, Any]], tokenizer: Any, *, pa
     return examples
 
 
+def holdout_size(n: int) -> int:
+    """How many of ``n`` training examples are held out for validation without a validation file:
+    10%, at least one when there are two or more."""
+    return 0 if n < 2 else max(1, n // 10)
+
+
 def split_validation(examples: list[Example], seed: int) -> tuple[list[Example], list[Example]]:
-    """Hold out 10% (at least one example, when there are two or more) for validation, seeded."""
-    if len(examples) < 2:
+    """Hold out :func:`holdout_size` examples for validation, seeded."""
+    n_val = holdout_size(len(examples))
+    if not n_val:
         return list(examples), []
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    n_val = max(1, len(examples) // 10)
     held = set(order[:n_val])
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 

@@ -27,9 +27,7 @@ class LocalWorker:
 
     def start(self, header: dict[str, Any], resume: streams.Opener | None = None) -> None:
         if self.process.fds and header.get("datasets"):  # the blobs it was given as descriptors, not paths
-            header = dict(header, datasets=[
-                {k: v for k, v in d.items() if k != "path"} | {"fd": self.process.fds[d["path"]]}
-                if d.get("path") in self.process.fds else d for d in header["datasets"]])
+            header = dict(header, datasets=self.process.by_descriptor(header["datasets"]))
         self.send(dict(header, resume_stream=resume is not None))
         if resume is not None:
             streams.send(self.send, {"kind": "resume"}, resume())
