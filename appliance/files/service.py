@@ -293,8 +293,9 @@ class FileService:
         if state.get("filename") and state.get("policy") is not None:
             try:  # the name as it would have been stored (personal data in it redacted), for the owner's list
                 details["filename"] = self._clean_filename(state["filename"], state["policy"])
-            except Exception:  # noqa: BLE001 - the rejection is recorded without it
-                log.warning("could not clean a rejected upload's file name", exc_info=True)
+            except Exception as err:  # noqa: BLE001 - the rejection is recorded without it
+                # Its type only: a traceback's message might quote the very name being cleaned.
+                log.warning("could not clean a rejected upload's file name", extra={"error": type(err).__name__})
         if isinstance(exc, PolicyViolationError):
             details.update(exc.details or {})
         with self.db.transaction() as s:
