@@ -295,7 +295,7 @@ class FileService:
                 details["filename"] = self._clean_filename(state["filename"], state["policy"])
             except Exception as err:  # noqa: BLE001 - the rejection is recorded without it
                 # Its type only: a traceback's message might quote the very name being cleaned.
-                log.warning("could not clean a rejected upload's file name", extra={"error": type(err).__name__})
+                log.warning("could not clean a rejected upload's file name", extra={"exception": type(err).__name__})
         if isinstance(exc, PolicyViolationError):
             details.update(exc.details or {})
         with self.db.transaction() as s:
