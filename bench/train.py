@@ -152,6 +152,14 @@ def main() -> int:
         f"padding-free {flat['peak_memory_mib']:.0f} MiB ({ours['memory_how']}; ours / padding-free "
         + (f"{peak_ratio:.2f}, target <= 1: {verdict(peak_ratio <= 1)})" if peak_ratio else "n/a)"),
     ]
+    plan = ours.get("memory_plan") or {}
+    if plan.get("plan") and plan.get("measured_peak_bytes"):
+        predicted, peak = plan["plan"]["predicted_peak_bytes"], plan["measured_peak_bytes"]
+        lines.append(
+            f"plan       ours predicted {predicted / 2**20:.0f} MiB, measured {peak / 2**20:.0f} MiB "
+            f"({plan['measured_how']}; measured / predicted {peak / predicted:.2f}); micro-batch "
+            f"{plan['plan']['micro_batch_tokens']} tokens, checkpointing "
+            f"{'on' if plan['plan']['activation_checkpointing'] else 'off'}")
     if memory:
         lines.append(
             f"peak RSS   LoRA {memory['lora']['peak_rss_mib']:.0f} MiB   QLoRA {memory['qlora']['peak_rss_mib']:.0f} MiB   "
@@ -273,6 +281,7 @@ def run_ours(model_dir: Path, train_records: list, val_records: list, hp: dict, 
         "tokens_per_second": m.tokens_per_second, "tokens": m.trained_tokens, "steps": m.steps,
         "train_seconds": m.train_seconds, "valid_loss_before": m.valid_loss_before,
         "valid_loss_after": m.valid_loss_after, "resolved": result.hyperparameters.to_dict(),
+        "memory_plan": result.details.get("memory"),  # the planner's prediction and the run's measured peak
     }
 
 
