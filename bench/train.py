@@ -50,6 +50,8 @@ from bench.synthetic import instruction_corpus  # noqa: E402
 CACHE = REPO / "bench" / ".cache"
 DEMO_DIR = CACHE / "smollm2-135m"
 SPEED_TARGET, FLAT_SPEED_TARGET, LOSS_TOLERANCE, MEMORY_TARGET = 2.0, 1.3, 0.02, 0.6
+#: Optimizer steps before the steady-state clock starts (compilation, kernel autotuning, allocator growth).
+WARMUP_STEPS = 8
 ARMS = {"ours": "appliance.training, LoRA, packed", "padded": "transformers.Trainer + peft, dynamic padding",
         "flattening": "transformers.Trainer + peft, DataCollatorWithFlattening (padding-free)"}
 
@@ -70,6 +72,8 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--precision", choices=["fp32", "bf16"], help="default: fp32 on cpu, bf16 on cuda")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    parser.add_argument("--attention", help="our arm's attention kernel instead of the one the recipe picks "
+                        "(appliance_packed, flash_attention_2, flex_attention, sdpa): to compare them")
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "RESULTS.md",
                         help="markdown file the figures are appended to ('-': none)")
     parser.add_argument("--memory-child", choices=["lora", "qlora", "padded", "flattening"], help=argparse.SUPPRESS)
@@ -81,6 +85,10 @@ def main() -> int:
     if args.memory_child:
         return memory_child(args, n_train)
 
+    if args.attention:
+        from appliance.training.recipes import lora
+
+        lora.packed_attention = lambda device, dtype: args.attention
     model_dir = args.model_dir or ensure_demo_model()
     precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     print(f"model: {model_dir}; device {args.device}, {precision}", flush=True)
@@ -141,6 +149,12 @@ def main() -> int:
     lines = [
         f"tokens/s   ours {ours['tokens_per_second']:.0f}   padded {base['tokens_per_second']:.0f}   "
         f"padding-free {flat['tokens_per_second']:.0f}",
+    ]
+    if all(r.get("steady_tokens_per_second") for r in (ours, base, flat)):
+        s_ours, s_base, s_flat = (r["steady_tokens_per_second"] for r in (ours, base, flat))
+        lines.append(f"steady     after {WARMUP_STEPS} warm-up steps: ours {s_ours:.0f}   padded {s_base:.0f}   "
+                     f"padding-free {s_flat:.0f}   (ratios {s_ours / s_base:.2f}x / {s_ours / s_flat:.2f}x)")
+    lines += [
         f"ratio      vs padded {speedup:.2f}x (target >= {SPEED_TARGET}x: {verdict(speedup >= SPEED_TARGET)})   "
         f"vs padding-free {flat_speedup:.2f}x (target >= {FLAT_SPEED_TARGET}x: "
         f"{verdict(flat_speedup >= FLAT_SPEED_TARGET)})",
@@ -272,13 +286,24 @@ def run_ours(model_dir: Path, train_records: list, val_records: list, hp: dict, 
     from appliance.training import TrainingSpec, train
 
     spec = TrainingSpec.from_method({"type": "lora", "lora": {"hyperparameters": hp}})
-    result = train(spec, model_dir, train_records, val_records, device=device, event_every_steps=8,
-                   on_event=lambda e: print(f"  {e.type} step {e.step}/{e.total_steps} " + (
-                       f"loss {e.train_loss or e.valid_loss:.4f}" if e.type in ("train", "validation")
-                       else (e.message or "")), flush=True))
+    marks: list[tuple[float, int, int]] = []  # (time, step, trained tokens) at each train event, after its sync
+
+    def on_event(e) -> None:
+        if e.type == "train":
+            marks.append((time.perf_counter(), e.step, e.trained_tokens))
+        print(f"  {e.type} step {e.step}/{e.total_steps} " + (
+            f"loss {e.train_loss or e.valid_loss:.4f}" if e.type in ("train", "validation") else (e.message or "")),
+            flush=True)
+
+    result = train(spec, model_dir, train_records, val_records, device=device, event_every_steps=WARMUP_STEPS,
+                   on_event=on_event)
     m = result.metrics
+    steady = None
+    if len(marks) >= 2 and marks[0][1] == WARMUP_STEPS:  # from the end of step WARMUP_STEPS to the last event
+        steady = (marks[-1][2] - marks[0][2]) / (marks[-1][0] - marks[0][0])
     return {
-        "tokens_per_second": m.tokens_per_second, "tokens": m.trained_tokens, "steps": m.steps,
+        "tokens_per_second": m.tokens_per_second, "steady_tokens_per_second": steady,
+        "tokens": m.trained_tokens, "steps": m.steps,
         "train_seconds": m.train_seconds, "valid_loss_before": m.valid_loss_before,
         "valid_loss_after": m.valid_loss_after, "resolved": result.hyperparameters.to_dict(),
         "memory_plan": result.details.get("memory"),  # the planner's prediction and the run's measured peak
@@ -352,7 +377,9 @@ def run_baseline(model_dir: Path, train_records: list, val_records: list, hp: di
         )
         collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100) if flatten else \
             DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-        trainer = SameOrderTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+        clock = _make_step_clock(device)
+        trainer = SameOrderTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                                   callbacks=[clock])
         trainer.order_seed = hp["seed"]
         output = trainer.train()
     seconds = output.metrics["train_runtime"]
@@ -366,13 +393,42 @@ def run_baseline(model_dir: Path, train_records: list, val_records: list, hp: di
             max(len(train_set[j]) for j in order[i : i + hp["batch_size"]]) * len(order[i : i + hp["batch_size"]])
             for i in range(0, len(order), hp["batch_size"])
         )
+    steady = None
+    if clock.end is not None and clock.start is not None and output.global_step > WARMUP_STEPS:
+        # The tokens of the steps after the warm-up: the batches are our recipe's (see SameOrderTrainer).
+        per_step = [sum(len(train_set[j]) for j in order[i : i + hp["batch_size"]])
+                    for epoch in range(hp["n_epochs"]) for order in [_epoch_order(len(train_set), hp["seed"], epoch)]
+                    for i in range(0, len(order), hp["batch_size"])]
+        steady = sum(per_step[WARMUP_STEPS:output.global_step]) / (clock.end - clock.start)
     return {
-        "tokens_per_second": tokens / seconds, "tokens": tokens, "steps": output.global_step,
+        "tokens_per_second": tokens / seconds, "steady_tokens_per_second": steady,
+        "tokens": tokens, "steps": output.global_step,
         "train_seconds": seconds, "valid_loss_before": before,
         "valid_loss_after": eval_loss(model.get_base_model(), val_set, pad_id),
         "padding_efficiency": 1.0 if flatten else sum(len(e) for e in train_set) / padded,
         "attention": attention,
     }
+
+
+def _make_step_clock(device: str):
+    """A ``TrainerCallback`` noting the time at the end of step :data:`WARMUP_STEPS` and of the last step."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        start: float | None = None
+        end: float | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step in (WARMUP_STEPS, state.max_steps):
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                if state.global_step == WARMUP_STEPS:
+                    self.start = time.perf_counter()
+                else:
+                    self.end = time.perf_counter()
+
+    return StepClock()
 
 
 class _EpochOrder:
