@@ -23,7 +23,7 @@ timeout 60 python3 -m pytest --confcutdir=tests/unit/serving -p no:cacheprovider
   -o "filterwarnings=error::DeprecationWarning:serving.*" tests/unit/serving/test_gpu.py -q 2>&1 | tail -3 | tee -a "$OUT/gpu_tests.txt"
 python3 bench/make_random_model.py .gpu/smollm2-config /tmp/llama1b --like llama-3.2-1b --dtype bf16 --device cuda 2>&1 | tail -1
 echo "== training speed: ours vs Trainer padded vs Trainer padding-free (bench/train.py), bf16, Llama-3.2-1B shape"
-timeout 180 python3 bench/train.py --device cuda --precision bf16 --model-dir /tmp/llama1b --examples 256 --no-memory \
+timeout 220 python3 bench/train.py --device cuda --precision bf16 --model-dir /tmp/llama1b --examples 768 --no-memory \
   --results - --json "$OUT/train_llama1b_shape.json" > "$OUT/train_llama1b_shape.txt" 2>&1; tail -6 "$OUT/train_llama1b_shape.txt"
 python3 bench/make_random_model.py .gpu/smollm2-config /tmp/smol 2>&1 | tail -1
 echo "== the same, SmolLM2-135M shape"
