@@ -6,7 +6,8 @@ Diffusion 1.x/2.x (``StableDiffusionPipeline``) and SDXL
 (``StableDiffusionXLPipeline``), told apart by ``model_index.json``'s
 ``_class_name`` and, for 1.x vs 2.x, the text encoder's width. It copies only
 ``model_index.json``, each component's configs, tokenizer files and
-safetensors weights. Pickled weights (``.bin``, ``.ckpt``, ``.pt``, ...) are
+safetensors weights (plain, sharded, or only a ``fp16``/``bf16``/``fp32``
+variant, stored under the plain names). Pickled weights (``.bin``, ``.ckpt``, ``.pt``, ...) are
 never loaded or copied, and custom code is refused: every component must be a
 known diffusers or transformers class, and no ``.py`` file may come along.
 
@@ -218,13 +219,12 @@ def _copy_component(src: Path, staging: Path, component: str, library: str, cls:
     if component in ("scheduler", "feature_extractor"):
         return 0, Counter()
     stem = _WEIGHTS[library]
-    files = _weight_files(folder, stem)
-    for path in files:
-        shutil.copyfile(path, staging / component / path.name)
-    index_file = folder / f"{stem}.safetensors.index.json"
-    if index_file.is_file():
-        shutil.copyfile(index_file, staging / component / index_file.name)
-    stored = _stored_tensors(staging / component, [p.name for p in files])
+    files, index_file = _weight_files(folder, stem)
+    for path, stored_name in files:
+        shutil.copyfile(path, staging / component / stored_name)
+    if index_file is not None:  # stored under the plain name: the model loads without ``variant=``
+        shutil.copyfile(index_file, staging / component / f"{stem}.safetensors.index.json")
+    stored = _stored_tensors(staging / component, [name for _, name in files])
     _check_weights(folder, component, library, cls, set(stored))
     count = 0
     dtypes: Counter = Counter()
@@ -237,31 +237,51 @@ def _copy_component(src: Path, staging: Path, component: str, library: str, cls:
     return count, dtypes
 
 
-def _weight_files(folder: Path, stem: str) -> list[Path]:
-    single = folder / f"{stem}.safetensors"
-    index_file = folder / f"{stem}.safetensors.index.json"
-    if single.is_file():
-        return [single]
-    if index_file.is_file():
-        try:
-            shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise InvalidRequestError(f"`src` {index_file} is not a valid shard index: {exc}", param="src") from None
-        missing = [s for s in shards if not (folder / s).is_file() or "/" in s or s.startswith(".")]
-        if missing:
-            raise InvalidRequestError(f"`src` {folder}: shard {missing[0]} listed in {index_file.name} is missing",
-                                      param="src")
-        return [folder / s for s in shards]
+#: Weight variants accepted where a component has no plain weights, most preferred first.
+VARIANTS = ("fp16", "bf16", "fp32")
+
+
+def _weight_files(folder: Path, stem: str) -> tuple[list[tuple[Path, str]], Path | None]:
+    """The component's safetensors files with the names they are stored under, and its shard index if any.
+
+    Plain weights (``{stem}.safetensors`` or a shard index) are preferred; a folder holding only a
+    variant (``{stem}.fp16.safetensors``, or ``{stem}.safetensors.index.fp16.json`` and its
+    ``{stem}.fp16-0000N-of-0000M.safetensors`` shards, as diffusers and transformers write them with
+    ``variant="fp16"``) is taken as well: a single variant file is stored as ``{stem}.safetensors``, a
+    variant index as ``{stem}.safetensors.index.json`` (its shards keep their names), so the stored
+    model loads without ``variant=``.
+    """
+    for variant in (None, *VARIANTS):
+        single = folder / (f"{stem}.safetensors" if variant is None else f"{stem}.{variant}.safetensors")
+        index_file = folder / (f"{stem}.safetensors.index.json" if variant is None
+                               else f"{stem}.safetensors.index.{variant}.json")
+        if single.is_file():
+            return [(single, f"{stem}.safetensors")], None
+        if index_file.is_file():
+            return [(folder / s, s) for s in _shards(folder, index_file)], index_file
     pickled = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-    variants = sorted(p.name for p in folder.glob(f"{stem}.*.safetensors"))
+    others = sorted(p.name for p in folder.glob(f"{stem}.*.safetensors"))
     if pickled:
         hint = (f" ({', '.join(pickled)} are pickle files, which the appliance never loads; convert them to "
                 "safetensors)")
-    elif variants:
-        hint = f" (only variants such as {variants[0]}; save the pipeline without `variant=`)"
+    elif others:
+        hint = f" (only {others[0]}, a variant other than {', '.join(VARIANTS)})"
     else:
         hint = ""
     raise InvalidRequestError(f"`src` {folder} has no {stem}.safetensors weights{hint}", param="src")
+
+
+def _shards(folder: Path, index_file: Path) -> list[str]:
+    try:
+        shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InvalidRequestError(f"`src` {index_file} is not a valid shard index: {exc}", param="src") from None
+    missing = [s for s in shards if not isinstance(s, str) or "/" in s or s.startswith(".")
+               or not (folder / s).is_file()]
+    if missing:
+        raise InvalidRequestError(f"`src` {folder}: shard {missing[0]} listed in {index_file.name} is missing",
+                                  param="src")
+    return shards
 
 
 def _stored_tensors(folder: Path, names: list[str]) -> dict[str, tuple[list[int], str]]:

@@ -117,3 +117,41 @@ def test_import_detects_sdxl(tmp_path):
     with pytest.raises(InvalidRequestError, match="SDXL can be imported and served but not trained") as err:
         train_images(make_spec("dreambooth", **QUICK), tmp_path / "store" / "sdxl", disc_dataset())
     assert err.value.param == "model"
+
+
+def test_import_takes_fp16_variant_folders_single_and_sharded(tiny_sd, tmp_path):
+    """Folders holding only ``variant="fp16"`` weights (as hub snapshots of SD 1.5/SDXL often do) import;
+    the store keeps them under the plain names, so they load without ``variant=``."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, local_files_only=True, dtype=torch.float16)
+    src = tmp_path / "fp16"
+    pipe.save_pretrained(src, variant="fp16")
+    shutil.rmtree(src / "unet")
+    pipe.unet.save_pretrained(src / "unet", variant="fp16", max_shard_size="40KB")  # sharded: index + shards
+    unet_files = {p.name for p in (src / "unet").iterdir()}
+    assert "diffusion_pytorch_model.safetensors.index.fp16.json" in unet_files
+    assert not any(n in unet_files for n in ("diffusion_pytorch_model.safetensors",
+                                             "diffusion_pytorch_model.fp16.safetensors"))
+    assert (src / "vae" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert (src / "text_encoder" / "model.fp16.safetensors").is_file()
+
+    dest = tmp_path / "store" / "fp16"
+    info = import_diffusers_model(src, dest, "tiny-fp16")
+    assert info.dtype == "float16" and info.parameter_count > 100_000
+    assert (dest / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (dest / "text_encoder" / "model.safetensors").is_file()
+    assert (dest / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    loaded = StableDiffusionPipeline.from_pretrained(dest, local_files_only=True, dtype=torch.float16)
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(loaded, name).state_dict(), getattr(pipe, name).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_import_names_the_variant_it_cannot_take(tiny_sd, tmp_path):
+    src = _broken(tiny_sd, tmp_path, lambda d: (d / "vae" / "diffusion_pytorch_model.safetensors").rename(
+        d / "vae" / "diffusion_pytorch_model.ema.safetensors"))
+    with pytest.raises(InvalidRequestError, match=r"vae has no diffusion_pytorch_model.safetensors weights \(only "
+                                                  r"diffusion_pytorch_model.ema.safetensors, a variant other than fp16"):
+        import_diffusers_model(src, tmp_path / "store" / "x", "x")
+    assert not (tmp_path / "store" / "x").exists()
