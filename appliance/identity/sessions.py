@@ -91,8 +91,12 @@ class SessionService:
         ok = verify_password(password, user.password_hash if user else None)
         if not ok or user is None or user.disabled:
             with self.db.transaction() as s:
-                record(s, ctx if user else AuditContext("anonymous", "password", origin_ip), "portal.login",
-                       outcome="denied", reason="wrong username or password")
+                if user is None:  # an unknown name: not recorded as a name (it may be a mistyped password)
+                    record(s, AuditContext("anonymous", "password", origin_ip), "portal.login",
+                           outcome="denied", reason="wrong username or password")
+                else:
+                    self._audit_failed_login(s, ctx, user, "account disabled" if ok and user.disabled
+                                             else "wrong username or password")
             raise AuthenticationError("wrong username or password", code="login_failed")
         token = secrets.token_urlsafe(32)
         with self.db.transaction() as s:
@@ -106,6 +110,24 @@ class SessionService:
             record(s, AuditContext(user.name, f"session:{_hash(token)[:12]}", origin_ip), "portal.login",
                    resource_type="user", resource_id=user.name)
         return token
+
+    def _audit_failed_login(self, s, ctx: AuditContext, user: User, reason: str) -> None:
+        """One denied ``portal.login`` per project the user works in, so each project's auditor sees
+        attempts on its members' accounts; one without a project for a user bound to none (or only
+        to appliance-wide roles)."""
+        for project in self.projects_of(s, user.id) or [None]:
+            record(s, ctx, "portal.login", outcome="denied", resource_type="user", resource_id=user.name,
+                   project=project, reason=reason)
+
+    def projects_of(self, s, user_id: int) -> list[str]:
+        """The projects ``user_id`` has a role in, sorted (appliance-wide roles name none)."""
+        return sorted({b.project for b in self._bindings(s, user_id) if b.project is not None})
+
+    def known_user_projects(self, username: str) -> list[str] | None:
+        """The projects of the user called ``username``; ``None`` when there is no such user."""
+        with self.db.read() as s:
+            user = s.scalar(select(User).where(User.name == username))
+            return None if user is None else self.projects_of(s, user.id)
 
     def _bindings(self, s, user_id: int) -> list[Binding]:
         rows = s.execute(select(RoleBinding, Project.name).outerjoin(Project, Project.id == RoleBinding.project_id)

@@ -120,10 +120,14 @@ def login(request: Request, appliance: NamedDependency[AppState], data: Form) ->
 def _audit_throttled(appliance: AppState, username: str, origin: str, exc: RateLimitedError) -> None:
     from appliance.audit.service import AuditContext, record
 
+    # A known user's projects each get the event (their auditors watch attempts on their members);
+    # an unknown name stays out of the log, as a failed log-in's does.
+    projects = appliance.sessions.known_user_projects(username) if username else None
     with appliance.db.transaction() as s:
-        record(s, AuditContext("anonymous", "password", origin), "auth.rate_limited", outcome="denied",
-               resource_type="user", resource_id=username[:64] or None,
-               reason=f"log-in attempt held back {exc.retry_after_s} s after repeated failures")
+        for project in projects or [None]:
+            record(s, AuditContext("anonymous", "password", origin), "auth.rate_limited", outcome="denied",
+                   resource_type="user", resource_id=username[:64] if projects is not None else None,
+                   project=project, reason=f"log-in attempt held back {exc.retry_after_s} s after repeated failures")
 
 
 @post("/logout", opt=portal(), include_in_schema=False, sync_to_thread=True)

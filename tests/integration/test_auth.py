@@ -198,3 +198,43 @@ def test_admin_api_creates_users_grants_and_tokens_that_work(client, state, admi
     assert all("token" not in t for t in listed) and created.json()["id"] in [t["id"] for t in listed]
     actions = [e.action for e in events(state, actor="admin")]
     assert actions == ["project.create", "user.create", "role.grant", "token.create"]
+
+
+def test_failed_log_ins_are_filed_under_each_project_of_the_account(state):
+    """A project auditor sees failed log-ins on its members' accounts: one denied ``portal.login`` per
+    project the user works in; an appliance-wide user's has no project; an unknown name is not recorded
+    (it may be a password typed into the wrong box); a disabled account says so to the auditor only."""
+    from appliance.errors import AuthenticationError
+    from tests.conftest import CLI_CTX
+
+    for project in ("acme", "globex"):
+        state.identity.create_project(CLI_CTX, project)
+    state.identity.create_user(CLI_CTX, "dana")
+    state.sessions.set_password(CLI_CTX, "dana", "correct horse battery staple")
+    state.identity.grant(CLI_CTX, "dana", Role.DATA_OWNER, "acme")
+    state.identity.grant(CLI_CTX, "dana", Role.TRAINER, "globex")
+    state.identity.create_user(CLI_CTX, "root2")
+    state.sessions.set_password(CLI_CTX, "root2", "correct horse battery staple")
+    state.identity.grant(CLI_CTX, "root2", Role.ADMIN, None)
+
+    for user, password in (("dana", "wrong"), ("root2", "wrong"), ("Tr0ub4dor&3", "x")):
+        with pytest.raises(AuthenticationError):
+            state.sessions.login(user, password, "10.0.0.7")
+    failed = [(e.actor, e.resource_id, e.project, e.reason, e.origin_ip)
+              for e in events(state, action="portal.login", outcome="denied")]
+    assert failed == [
+        ("dana", "dana", "acme", "wrong username or password", "10.0.0.7"),
+        ("dana", "dana", "globex", "wrong username or password", "10.0.0.7"),
+        ("root2", "root2", None, "wrong username or password", "10.0.0.7"),
+        ("anonymous", None, None, "wrong username or password", "10.0.0.7"),
+    ]
+    assert "Tr0ub4dor" not in str([e.details for e in events(state, action="portal.login")])
+
+    from appliance.identity.models import User
+
+    with state.db.transaction() as s:
+        s.execute(update(User).where(User.name == "dana").values(disabled=True))
+    with pytest.raises(AuthenticationError, match="wrong username or password"):  # the client learns nothing
+        state.sessions.login("dana", "correct horse battery staple", "10.0.0.7")
+    assert {(e.project, e.reason) for e in events(state, action="portal.login", outcome="denied")[4:]} == {
+        ("acme", "account disabled"), ("globex", "account disabled")}

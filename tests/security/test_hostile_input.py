@@ -446,8 +446,13 @@ def test_throttling_never_refuses_a_valid_credential_because_of_other_clients_be
         assert held.status_code == 429 and int(held.headers["retry-after"]) >= 1
     with state.db.read() as s:
         throttled = list(s.scalars(select(AuditEvent).where(AuditEvent.action == "auth.rate_limited")))
+        failed = list(s.scalars(select(AuditEvent).where(AuditEvent.action == "portal.login",
+                                                         AuditEvent.outcome == "denied")))
     assert {e.resource_id for e in throttled if e.resource_type == "user"} == {"user0"}
     assert any(e.resource_type != "user" for e in throttled)  # the API's 429s too
+    # The failed and held-back log-ins on user0 are filed under user0's project, where acme's auditor looks.
+    assert failed and {(e.actor, e.resource_id, e.project) for e in failed} == {("user0", "user0", "acme")}
+    assert {e.project for e in throttled if e.resource_type == "user"} == {"acme"}
     state.db.dispose()
 
 
