@@ -51,6 +51,11 @@ class ComputeOptions(msgspec.Struct, forbid_unknown_fields=True):
 _IGNORED = msgspec.Meta(description="Accepted for OpenAI's clients; ignored.")
 
 
+#: A job's ``suffix`` (part of the model's name); the portal's form checks the same pattern, in the same words.
+SUFFIX_PATTERN = "[A-Za-z0-9._-]{1,64}"
+SUFFIX_EXPECTED = "1-64 characters of letters, digits, '.', '_' or '-'"
+
+
 class JobCreate(msgspec.Struct):
     """Create a fine-tuning job (OpenAI's shape, plus ``memorization`` and ``compute``).
 
@@ -61,7 +66,7 @@ class JobCreate(msgspec.Struct):
     model: Annotated[str, msgspec.Meta(description="A base model of the catalogue.")]
     training_file: Annotated[str, msgspec.Meta(description="A scanned and accepted file of the project.")]
     validation_file: str | None = None
-    suffix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")] | None = None
+    suffix: Annotated[str, msgspec.Meta(pattern=f"^{SUFFIX_PATTERN}$")] | None = None
     seed: Annotated[int, msgspec.Meta(ge=0, lt=2**31)] | None = None
     method: JobMethod | None = None
     #: OpenAI's older top-level form: the hyperparameters of supervised (LoRA) fine-tuning.

@@ -32,6 +32,7 @@ from appliance.jobs.memorization import fit_canaries, parse_memorization, public
 from appliance.jobs.models import TERMINAL, FineTuningJob, JobCheckpoint, JobEvent
 from appliance.jobs.planning import plan_or_problem, training_device
 from appliance.jobs.recipes import DATASET_PURPOSE, capabilities, validate_method
+from appliance.jobs.schemas import SUFFIX_EXPECTED, SUFFIX_PATTERN
 from appliance.training.data import holdout_size
 from appliance.training.hyperparameters import SHARDING
 from appliance.training.planner import Device
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from appliance.jobs.executors import Executor
 
 ACTIVE = frozenset({"validating_files", "queued", "running"})
-_SUFFIX_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_SUFFIX_RE = re.compile(f"^{SUFFIX_PATTERN}$")
 
 
 def new_job_id() -> str:
@@ -144,8 +145,7 @@ class JobService:
                         compute = {**compute, "plan": plan}
         suffix = body.get("suffix")
         if suffix is not None and (not isinstance(suffix, str) or not _SUFFIX_RE.match(suffix)):
-            problems.add(InvalidRequestError(f"`suffix` must be 1-64 characters of letters, digits, '.', '_' or '-'; "
-                                             f"got {suffix!r}", param="suffix"))
+            problems.add(InvalidRequestError(f"`suffix` must be {SUFFIX_EXPECTED}; got {suffix!r}", param="suffix"))
         if body.get("training_file") is None:
             problems.add(InvalidRequestError("`training_file` is required: the id of an uploaded, scanned file",
                                              param="training_file"))

@@ -28,6 +28,7 @@ from appliance.identity.roles import Permission
 from appliance.jobs.memorization import DEFAULTS as MEMORIZATION_DEFAULTS
 from appliance.jobs.memorization import parse_memorization
 from appliance.jobs.recipes import DATASET_PURPOSE, registry_of
+from appliance.jobs.schemas import SUFFIX_EXPECTED, SUFFIX_PATTERN
 from appliance.jobs.service import JobService
 from appliance.portal.render import line_chart, page, percent, portal, session_of
 from appliance.web.context import audit_context
@@ -157,7 +158,7 @@ def _form_context(request: Request, files: FileService, appliance: AppState, val
     return {"models": [m for m in appliance.catalog.list_base_models() if m.kind in FIELDS],
             "datasets": [v for v in views if v.row.decision == "accepted"], "methods": METHODS[kind],
             "fields": _fields(kind), "dp_methods": _dp_methods(kind), "values": values, "errors": errors,
-            "kind": kind, "kind_label": KIND_LABEL}
+            "kind": kind, "kind_label": KIND_LABEL, "suffix_pattern": SUFFIX_PATTERN, "suffix_expected": SUFFIX_EXPECTED}
 
 
 def _form_page(request: Request, files: FileService, appliance: AppState, values: dict[str, str],

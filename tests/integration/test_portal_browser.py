@@ -112,15 +112,18 @@ def test_upload_scan_train_and_audit_in_the_browser(portal_server, browser, tmp_
     page.get_by_label("Training dataset").select_option(file_id)
     page.get_by_label("n_epochs").fill("-3")
     page.get_by_label("lora_dropout").fill("0.9")
+    page.get_by_label("Suffix").fill("my model!")
     page.get_by_role("button", name="Start training").click()
     # Checked in the browser, all fields at once, with the server's own ranges: nothing was sent.
     assert "from 1 to 100; got -3" in page.inner_text("#hp-n_epochs-err")  # shown next to the field
     assert "from 0 to 0.5; got 0.9" in page.inner_text("#hp-lora_dropout-err")
     summary = page.locator("#form-summary")
-    assert summary.is_visible() and summary.inner_text().startswith("2 fields need fixing:")
+    assert "must be 1-64 characters of letters, digits, '.', '_' or '-'; got my model!" in page.inner_text("#suffix-err")
+    assert summary.is_visible() and summary.inner_text().startswith("3 fields need fixing:")
     assert "/jobs/new" in page.url
     shot(page, "03-job-form-error")
     page.get_by_label("lora_dropout").fill("auto")
+    page.get_by_label("Suffix").fill("")
     page.get_by_label("n_epochs").fill("2")
     page.get_by_label("batch_size").fill("4")
     page.get_by_label("learning_rate").fill("0.005")

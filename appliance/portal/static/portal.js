@@ -84,6 +84,10 @@ document.addEventListener("DOMContentLoaded", () => {
   // Inline validation of hyperparameters: "auto" or a number within the server's range (data-min/max).
   const problemOf = (el) => {
     const v = el.value.trim();
+    if (el.dataset.pattern !== undefined) {  // a name-like field: the server's own pattern and words
+      const ok = v === "" || new RegExp("^(?:" + el.dataset.pattern + ")$").test(v);
+      return ok ? "" : "must be " + el.dataset.expected + "; got " + v;
+    }
     if (v === "" || (v === "auto" && !el.hasAttribute("data-optional"))) { return ""; }
     const n = Number(v);
     const lo = el.dataset.min, hi = el.dataset.max, whole = el.hasAttribute("data-integer");
