@@ -60,6 +60,7 @@ def train_images(
     model_dir: Path,
     dataset: bytes,
     *,
+    class_dataset: bytes | None = None,
     on_event: Callable[[ImageTrainingEvent], None] | None = None,
     on_checkpoint: Callable[[int, bytes], None] | None = None,
     open_checkpoint: CheckpointOpener | None = None,
@@ -77,6 +78,10 @@ def train_images(
         model_dir: An imported Stable Diffusion 1.x/2.x pipeline directory
             (:func:`appliance.diffusion.import_diffusers_model`).
         dataset: The sanitised dataset zip (:mod:`appliance.diffusion.data`).
+        class_dataset: With prior preservation (``class_prompt``): an uploaded dataset zip of class
+            images, used before any generated ones; ``num_class_images`` ("auto": as many as were
+            uploaded) beyond its count are generated, as diffusers' DreamBooth scripts top up their
+            ``--class_data_dir``.
         on_event: Called with an :class:`ImageTrainingEvent` every ``event_every_steps``
             steps, at the last step, for validation images and for phases.
         on_checkpoint: Called with ``(step, checkpoint_bytes)`` every ``checkpoint_every_steps``
@@ -108,6 +113,10 @@ def train_images(
     torch_device = pick_device(device)
     recipe = get_recipe(spec.method)
     data = read_image_dataset(dataset)
+    uploaded = read_image_dataset(class_dataset, param="class_images_file") if class_dataset is not None else None
+    if uploaded is not None and getattr(spec.hyperparameters, "class_prompt", None) is None:
+        raise InvalidRequestError("`class_images_file` needs `class_prompt`: the prompt the class images are "
+                                  "trained with (prior preservation)", param="class_images_file")
     pipeline_class = _check_trainable(model_dir)
 
     models = _load_models(model_dir, torch_device)
@@ -115,6 +124,7 @@ def train_images(
     hp = resolve(
         spec.hyperparameters,
         n_images=len(data.images),
+        n_class_images=len(uploaded.images) if uploaded is not None else None,
         default_resolution=int(models.unet.config.sample_size) * vae_scale,
         size_multiple=vae_scale,
         device_type=torch_device.type,
@@ -165,7 +175,11 @@ def train_images(
                 event("info", 0, message=f"before training: {_describe(state.before)}")
             class_pixels = None
             if prior:
-                class_images = sampler.sample(hp.class_prompt, hp.num_class_images, hp.resolution, offset=10**6)
+                given = uploaded.images[:hp.num_class_images] if uploaded is not None else []
+                generated = (sampler.sample(hp.class_prompt, hp.num_class_images - len(given), hp.resolution,
+                                            offset=10**6) if hp.num_class_images > len(given) else [])
+                class_images = [*given, *generated]
+                details["class_images"] = {"uploaded": len(given), "generated": len(generated)}
                 class_digest = hashlib.sha256(b"".join(im.tobytes() for im in class_images)).hexdigest()
                 if resume is not None and resume["class_digest"] != class_digest:
                     raise InvalidRequestError(
@@ -173,7 +187,9 @@ def train_images(
                         "(another device or library version?)", param="resume_from")
                 state.class_digest = class_digest
                 class_pixels = _pixels(class_images, hp.resolution)
-                event("info", 0, message=f"generated {len(class_images)} class images for {hp.class_prompt!r}")
+                counted = (f"{len(given)} uploaded" + (f" and {len(generated)} generated" if generated else "")
+                           if given else f"generated {len(generated)}")
+                event("info", 0, message=f"{counted} class images for {hp.class_prompt!r}")
             instance = _encode_images(models, _pixels(data.images, hp.resolution), torch_device)
             klass = _encode_images(models, class_pixels, torch_device) if class_pixels is not None else None
         except Cancelled:

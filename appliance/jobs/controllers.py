@@ -45,6 +45,7 @@ def job_object(view: JobView) -> JobObject:
         hyperparameters={k: shown.get(k, "auto") for k in _OPENAI_HP},
         method={"type": r.method_type, r.method_type: {"hyperparameters": shown}},
         training_file=r.training_file, validation_file=r.validation_file, result_files=list(r.result_files or []),
+        class_images_file=r.class_images_file,
         trained_tokens=r.trained_tokens, seed=r.seed, estimated_finish=_ts(r.estimated_finish),
         user_provided_suffix=r.suffix, metrics=r.metrics or {}, resumable=r.resumable, compute=r.compute or {},
         memorization=public_view(r.memorization), privacy=r.privacy or {},

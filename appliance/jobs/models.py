@@ -25,6 +25,8 @@ class FineTuningJob(Base):
     model: Mapped[str] = mapped_column(String(128))
     training_file: Mapped[str] = mapped_column(String(64))
     validation_file: Mapped[str | None] = mapped_column(String(64), default=None)
+    #: an image dataset of the class, for DreamBooth's prior preservation (None: the base model generates them)
+    class_images_file: Mapped[str | None] = mapped_column(String(64), default=None)
     suffix: Mapped[str | None] = mapped_column(String(64), default=None)
     seed: Mapped[int] = mapped_column(Integer)
     method_type: Mapped[str] = mapped_column(String(32))

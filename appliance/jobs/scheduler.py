@@ -280,11 +280,12 @@ class Scheduler:
             # Two schedulers promoting at once: each job is queued (and audited) once.
             for job in s.scalars(select(FineTuningJob).where(FineTuningJob.status == "validating_files")
                                  .with_for_update(skip_locked=True)):
-                missing = [fid for fid in (job.training_file, job.validation_file)
-                           if fid and not self.files.is_live(s, fid)]
+                missing = [(field, fid) for field, fid in (
+                    ("training_file", job.training_file), ("validation_file", job.validation_file),
+                    ("class_images_file", job.class_images_file)) if fid and not self.files.is_live(s, fid)]
                 if missing:
-                    self._fail(s, job, {"code": "invalid_file", "param": "training_file",
-                                        "message": f"file {missing[0]} is no longer available"}, resumable=False)
+                    self._fail(s, job, {"code": "invalid_file", "param": missing[0][0],
+                                        "message": f"file {missing[0][1]} is no longer available"}, resumable=False)
                     continue
                 job.status = "queued"
                 add_event(s, job.id, "Files validated, job queued")
@@ -342,7 +343,8 @@ class Scheduler:
             project = project_by_id(s, job.project_id)
             base = self.catalog.base_model_in(s, job.model)
             datasets = self.files.dataset_keys(s, [(role, fid) for role, fid in (
-                ("train", job.training_file), ("validation", job.validation_file)) if fid])
+                ("train", job.training_file), ("validation", job.validation_file),
+                ("class", job.class_images_file)) if fid])
             checkpoint = s.scalar(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)
                                   .order_by(JobCheckpoint.step_number.desc()).limit(1))
             # Decrypted chunk by chunk as it streams to the worker (once per Ray rank).
@@ -575,7 +577,8 @@ class Scheduler:
         adapter_id = self.catalog.publish_from_job(
             s, SYSTEM, job_id=job.id, project_id=job.project_id, base_model=job.model, method=job.method_type,
             suffix=job.suffix, trained_by=job.created_by,
-            datasets=self.files.lineage(s, [fid for fid in (job.training_file, job.validation_file) if fid]),
+            datasets=self.files.lineage(s, [fid for fid in (job.training_file, job.validation_file,
+                                                            job.class_images_file) if fid]),
             hyperparameters=header.get("resolved") or job.hyperparameters, metrics=header.get("metrics") or {},
             seed=job.seed, privacy=header.get("privacy") or {}, files=artefacts)
         project = project_name(s, job.project_id)

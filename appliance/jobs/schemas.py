@@ -66,6 +66,10 @@ class JobCreate(msgspec.Struct):
     model: Annotated[str, msgspec.Meta(description="A base model of the catalogue.")]
     training_file: Annotated[str, msgspec.Meta(description="A scanned and accepted file of the project.")]
     validation_file: str | None = None
+    class_images_file: Annotated[str, msgspec.Meta(description=(
+        "DreamBooth with prior preservation (`class_prompt` set): an image dataset of the class, used instead of "
+        "images the base model generates; with fewer images than `num_class_images`, the rest are generated."
+    ))] | None = None
     suffix: Annotated[str, msgspec.Meta(pattern=f"^{SUFFIX_PATTERN}$")] | None = None
     seed: Annotated[int, msgspec.Meta(ge=0, lt=2**31)] | None = None
     method: JobMethod | None = None
@@ -101,6 +105,8 @@ class JobObject(msgspec.Struct):
     training_file: str
     validation_file: str | None
     result_files: list[str]
+    #: extension: the uploaded class images of a DreamBooth job with prior preservation (None: generated)
+    class_images_file: str | None
     trained_tokens: int | None
     seed: int
     estimated_finish: int | None

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from appliance.jobs.executors import Executor
 
 ACTIVE = frozenset({"validating_files", "queued", "running"})
+#: The image methods that take uploaded class images (prior preservation).
+CLASS_IMAGE_METHODS = ("dreambooth", "dreambooth_lora")
 _SUFFIX_RE = re.compile(f"^{SUFFIX_PATTERN}$")
 
 
@@ -68,12 +70,13 @@ def add_event(s, job_id: str, message: str, *, level: str = "info", type: str = 
 
 
 def unfinished_job_using(s: Session, file_id: str) -> str | None:
-    """The id of a job that has not finished and reads ``file_id`` (training or validation), if any.
+    """The id of a job that has not finished and reads ``file_id`` (training, validation or class images), if any.
 
     Registered on :attr:`appliance.files.service.FileService.users_of`: a file in use is not re-scanned.
     """
     return s.scalar(select(FineTuningJob.id).where(
-        or_(FineTuningJob.training_file == file_id, FineTuningJob.validation_file == file_id),
+        or_(FineTuningJob.training_file == file_id, FineTuningJob.validation_file == file_id,
+            FineTuningJob.class_images_file == file_id),
         FineTuningJob.status.notin_(TERMINAL)).limit(1))
 
 class JobService:
@@ -95,6 +98,30 @@ class JobService:
         self.training_device = training_device
 
     # -- create -------------------------------------------------------------
+    def _class_images(self, s, principal: Principal, project: Project, body: dict[str, Any], base: Any,
+                      method_type: str | None, hyperparameters: dict[str, Any]) -> Any:
+        """The uploaded class images of a DreamBooth job with prior preservation, checked like its training file."""
+        file_id = body["class_images_file"]
+        if not isinstance(file_id, str) or not file_id:
+            raise InvalidRequestError(f"`class_images_file` must be a file id; got {file_id!r}",
+                                      param="class_images_file")
+        if base is None or method_type is None:
+            raise InvalidRequestError("`class_images_file` needs a valid image base model and method first",
+                                      param="class_images_file")
+        if base.kind != "diffusion" or method_type not in CLASS_IMAGE_METHODS:
+            raise InvalidRequestError(
+                f"`class_images_file` is for DreamBooth image jobs ({', '.join(CLASS_IMAGE_METHODS)}) with prior "
+                f"preservation; this job's method is {method_type!r}", param="class_images_file")
+        if not hyperparameters.get("class_prompt"):
+            raise InvalidRequestError(
+                f"`class_images_file` needs `method.{method_type}.hyperparameters.class_prompt`: the prompt the class "
+                "images are trained with (setting it turns prior preservation on)", param="class_images_file")
+        if file_id == body.get("training_file"):
+            raise InvalidRequestError("`class_images_file` must be another dataset than `training_file`: class "
+                                      "images show the class in general, not the subject", param="class_images_file")
+        return self.files.trainable_file(s, principal, project, file_id, "class_images_file",
+                                         DATASET_PURPOSE["diffusion"])
+
     def create(self, principal: Principal, ctx: AuditContext, project: Project, body: dict[str, Any]) -> JobView:
         """Validate everything the request (a :class:`~appliance.jobs.schemas.JobCreate`) names, then create
         the job in ``validating_files``.
@@ -164,6 +191,11 @@ class JobService:
                     with problems.collect():
                         validation = self.files.trainable_file(s, principal, project, body["validation_file"],
                                                       "validation_file", purpose)
+            class_images = None
+            if body.get("class_images_file") is not None:
+                with problems.collect():
+                    class_images = self._class_images(s, principal, project, body, base, method_type,
+                                                      hyperparameters)
             if memorization.get("canaries") and training is not None:
                 with problems.collect():  # canaries must not outweigh the data
                     memorization = fit_canaries(memorization, training_examples(training.records, validation
@@ -176,6 +208,7 @@ class JobService:
             job = FineTuningJob(
                 id=new_job_id(), project_id=project.id, created_by=principal.user, model=base.name,
                 training_file=training.id, validation_file=validation.id if validation else None, suffix=suffix,
+                class_images_file=class_images.id if class_images else None,
                 seed=seed, method_type=method_type, hyperparameters=hyperparameters, status="validating_files",
                 memorization=memorization, compute=compute,
             )
@@ -193,7 +226,8 @@ class JobService:
                               data={"validation_examples": held, "recommended": SMALL_VALIDATION})
             record(s, ctx, "job.create", resource_type="fine_tuning_job", resource_id=job.id, project=project.name,
                    details={"model": base.name, "method": method_type, "training_file": training.id,
-                            "validation_file": job.validation_file, "hyperparameters": hyperparameters,
+                            "validation_file": job.validation_file, "class_images_file": job.class_images_file,
+                            "hyperparameters": hyperparameters,
                             "seed": seed, "memorization": public_view(memorization), "compute": compute})
         self.wake()
         return JobView(job, project.name)

@@ -76,7 +76,8 @@ def run_image_task(channel: Channel, start: dict[str, Any], datasets: dict[str, 
     spec = ImageTrainingSpec.from_method(method)
     if resume is not None:
         channel.event(f"Resuming from the checkpoint at step {start.get('resume_step')}")
-    channel.event(f"Training {spec.method} on the image dataset")
+    channel.event(f"Training {spec.method} on the image dataset"
+                  + (", with the uploaded class images" if "class" in datasets else ""))
 
     def on_event(event) -> None:
         data = {k: v for k, v in event.to_dict().items() if v is not None and k not in ("message", "images")}
@@ -89,7 +90,8 @@ def run_image_task(channel: Channel, start: dict[str, Any], datasets: dict[str, 
     def open_checkpoint(step: int) -> contextlib.AbstractContextManager[Any]:
         return channel.artefact_writer({"kind": "checkpoint", "step": step, "metrics": {}})
 
-    result = train_images(spec, Path(start["model_dir"]), datasets["train"], on_event=on_event,
+    result = train_images(spec, Path(start["model_dir"]), datasets["train"], class_dataset=datasets.get("class"),
+                          on_event=on_event,
                           open_checkpoint=open_checkpoint, should_stop=channel.stop.is_set, resume_from=resume)
     if result.status == "cancelled":
         channel.send({"type": "cancelled", "step": result.metrics.steps})

@@ -122,3 +122,71 @@ def test_image_jobs_need_image_datasets(client, image_model, make_token):
         api.fine_tuning.jobs.create(model=image_model, training_file=text_file, method={
             "type": "dreambooth", "dreambooth": {"hyperparameters": {"resolution": -5, "snr_gamma": "x"}}})
     assert "resolution" in info.value.message and "snr_gamma" in info.value.message
+
+
+def square(size: int = 48) -> bytes:
+    img = Image.new("RGB", (size, size), "white")
+    ImageDraw.Draw(img).rectangle((size // 5, size // 5, size - size // 5, size - size // 5), fill=(30, 30, 200))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_dreambooth_with_the_data_owners_own_class_images(client, state, image_model, make_token):
+    """Prior preservation with uploaded class images (``class_images_file``): an image dataset scanned and
+    encrypted like the instance images, checked at creation, fed to the worker, named in the job, its
+    events, the audit log and the adapter's lineage."""
+    from sqlalchemy import select
+
+    from appliance.audit.models import AuditEvent
+
+    owner = make_token("olivia", Role.DATA_OWNER, "acme")
+    trainer = make_token("trish", Role.TRAINER, "acme")
+    stranger = make_token("sam", Role.DATA_OWNER, "globex")
+
+    def upload(token: str, images: dict[str, bytes], **data) -> str:
+        resp = client.post("/v1/files", headers=bearer(token), data={"purpose": "fine-tune-images", **data},
+                           files={"file": ("images.zip", zip_of(images))})
+        assert resp.status_code == 201, resp.text
+        return resp.json()["id"]
+
+    instance = upload(owner, {f"disc{i}.png": disc() for i in range(2)}, instance_prompt=PROMPT)
+    classes = upload(owner, {f"square{i}.png": square() for i in range(3)})
+    elsewhere = upload(stranger, {"square.png": square()})
+    api = openai.OpenAI(api_key=trainer, base_url=str(client.base_url) + "/v1", http_client=client, max_retries=0)
+    hp = {"max_train_steps": 2, "train_batch_size": 1, "validation_every_steps": 0, "checkpoint_every_steps": 0}
+    method = {"type": "dreambooth_lora", "dreambooth_lora": {"hyperparameters": {**hp, "class_prompt": "a disc"}}}
+
+    def refused(expect, **kw) -> dict:
+        with pytest.raises(expect) as info:
+            api.fine_tuning.jobs.create(model=image_model, training_file=instance, **kw)
+        return info.value.body
+
+    no_prompt = refused(openai.BadRequestError, method={"type": "dreambooth_lora", "dreambooth_lora": {
+        "hyperparameters": hp}}, extra_body={"class_images_file": classes})
+    assert no_prompt["param"] == "class_images_file" and "class_prompt" in no_prompt["message"]
+    lora = refused(openai.BadRequestError, method={"type": "lora", "lora": {"hyperparameters": hp}},
+                   extra_body={"class_images_file": classes})
+    assert lora["param"] == "class_images_file" and "'lora'" in lora["message"]
+    same = refused(openai.BadRequestError, method=method, extra_body={"class_images_file": instance})
+    assert same["param"] == "class_images_file" and "another dataset" in same["message"]
+    assert refused(openai.NotFoundError, method=method, extra_body={"class_images_file": elsewhere})
+
+    job = api.fine_tuning.jobs.create(model=image_model, training_file=instance, seed=3, method=method,
+                                      extra_body={"class_images_file": classes})
+    assert job.model_extra["class_images_file"] == classes
+    deadline = Deadline(240)
+    while (job := api.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+        assert deadline
+        time.sleep(0.5)
+    assert job.status == "succeeded", job.error
+    assert job.model_extra["class_images_file"] == classes
+    assert job.method.model_extra["dreambooth_lora"]["hyperparameters"]["num_class_images"] == 3  # auto: all uploaded
+    messages = [e.message for e in api.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert "3 uploaded class images for 'a disc'" in messages
+    with state.db.read() as s:
+        created = s.scalar(select(AuditEvent).where(AuditEvent.action == "job.create",
+                                                    AuditEvent.resource_id == job.id))
+    assert created.details["class_images_file"] == classes
+    manifest = state.catalog.get_adapter(None, job.fine_tuned_model).row.manifest
+    assert {d["id"] for d in manifest["datasets"]} == {instance, classes}  # the signed lineage names both

@@ -125,3 +125,49 @@ def test_bad_arguments_name_the_parameter(tiny_sd, discs):
         train_images(make_spec("lora", **QUICK), tiny_sd, "images.zip")
     with pytest.raises(InvalidRequestError, match="resolution: must be a multiple"):
         train_images(make_spec("lora", **{**QUICK, "resolution": 12}), tiny_sd, discs)
+
+
+def blue_square(i: int, size: int = 24) -> Image.Image:
+    """A class image: not the subject (and of another size: cropped to the resolution like any)."""
+    image = Image.new("RGB", (size, size + 4 * i), "white")
+    image.paste((30, 30, 200), (4, 4, size - 4, size - 4))
+    return image
+
+
+def test_uploaded_class_images_come_first_and_generated_ones_top_them_up(tiny_sd, discs):
+    """Prior preservation with the data owner's own class images (``class_images_file``): as many as were
+    uploaded by default; ``num_class_images`` beyond them are generated, as diffusers' scripts top up
+    ``--class_data_dir``; the uploaded images are really trained on (the run differs from a generated one)."""
+    from appliance.diffusion.data import build_dataset_zip
+
+    classes = build_dataset_zip([blue_square(i) for i in range(2)], None, None)
+    hp = {**QUICK, "class_prompt": "a photo of a disc", "prior_loss_weight": 1.0}
+    events = []
+    own = train_images(make_spec("dreambooth_lora", **hp), tiny_sd, discs, class_dataset=classes,
+                       on_event=events.append, sample_steps=1)
+    assert own.hyperparameters.num_class_images == 2 and own.metrics.n_class_images == 2
+    assert own.details["class_images"] == {"uploaded": 2, "generated": 0}
+    assert any(e.message == "2 uploaded class images for 'a photo of a disc'" for e in events)
+
+    events.clear()
+    topped = train_images(make_spec("dreambooth_lora", **hp, num_class_images=3), tiny_sd, discs,
+                          class_dataset=classes, on_event=events.append, sample_steps=1)
+    assert topped.details["class_images"] == {"uploaded": 2, "generated": 1} and topped.metrics.n_class_images == 3
+    assert any(e.message == "2 uploaded and 1 generated class images for 'a photo of a disc'" for e in events)
+
+    generated = train_images(make_spec("dreambooth_lora", **hp, num_class_images=2), tiny_sd, discs,
+                             sample_steps=1)
+    assert generated.details["class_images"] == {"uploaded": 0, "generated": 2}
+    ours = load_safetensors(own.artifacts["pytorch_lora_weights.safetensors"])
+    theirs = load_safetensors(generated.artifacts["pytorch_lora_weights.safetensors"])
+    assert any(not torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_class_images_need_a_class_prompt_and_a_readable_archive(tiny_sd, discs):
+    with pytest.raises(InvalidRequestError, match="`class_images_file` needs `class_prompt`") as info:
+        train_images(make_spec("dreambooth_lora", **QUICK), tiny_sd, discs, class_dataset=discs)
+    assert info.value.param == "class_images_file"
+    with pytest.raises(ImageDatasetError) as info:
+        train_images(make_spec("dreambooth_lora", **QUICK, class_prompt="a disc"), tiny_sd, discs,
+                     class_dataset=b"not a zip")
+    assert info.value.param == "class_images_file"
