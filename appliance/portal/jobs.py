@@ -29,7 +29,7 @@ from appliance.jobs.memorization import DEFAULTS as MEMORIZATION_DEFAULTS
 from appliance.jobs.memorization import parse_memorization
 from appliance.jobs.recipes import DATASET_PURPOSE, registry_of
 from appliance.jobs.schemas import SUFFIX_EXPECTED, SUFFIX_PATTERN
-from appliance.jobs.service import JobService
+from appliance.jobs.service import CLASS_IMAGE_METHODS, JobService
 from appliance.portal.render import line_chart, page, percent, portal, session_of
 from appliance.web.context import audit_context
 from appliance.services import AppState
@@ -87,7 +87,7 @@ FIELDS: dict[str, list[Field]] = {
         Field("instance_prompt", "e.g. a photo of sks dog; empty = the dataset's", type="text", default=""),
         Field("class_prompt", "e.g. a photo of a dog; turns on prior preservation", type="text", default=""),
         Field("prior_loss_weight", "with a class prompt, e.g. 1.0"),
-        Field("num_class_images", "with a class prompt, e.g. 100"),
+        Field("num_class_images", "with a class prompt; auto = as many as uploaded, else 100"),
         Field("snr_gamma", "empty = plain MSE; 5.0 is usual", type="number", default=""),
         Field("mixed_precision", "auto = bf16 where the GPU has it", type="select",
               choices=("auto", "no", "fp16", "bf16")),
@@ -239,6 +239,8 @@ def _job_body(data: dict[str, str], kind: str) -> dict[str, Any]:
         "model": data.get("model") or None, "training_file": data.get("training_file") or None,
         "suffix": data.get("suffix") or None, "method": {"type": method, method: {"hyperparameters": hp}},
     }
+    if kind == "diffusion" and data.get("class_images_file") and method in CLASS_IMAGE_METHODS:
+        body["class_images_file"] = data["class_images_file"]
     if kind == "llm":
         body["validation_file"] = data.get("validation_file") or None
         if data.get("dp_epsilon", "").strip():  # an epsilon turns differential privacy on
@@ -252,7 +254,8 @@ def _job_body(data: dict[str, str], kind: str) -> dict[str, Any]:
 
 def _field_errors(exc: Exception, kind: str) -> dict[str, str]:
     """Map a validation error onto the form's fields (hyperparameter errors list every field); the rest go on top."""
-    shown = {"model", "training_file", "validation_file", "suffix", "type", *(f.name for f in FIELDS[kind])}
+    shown = {"model", "training_file", "validation_file", "class_images_file", "suffix", "type",
+             *(f.name for f in FIELDS[kind])}
     if kind == "llm":
         shown |= {*DP_FIELDS, "canaries", "extraction_probe"}
     problems = getattr(exc, "problems", None) or [(getattr(exc, "param", None) or "form", exc.message)]

@@ -113,3 +113,14 @@ def test_canary_exposure_comes_with_a_verdict_in_plain_words():
     assert some.startswith("Some memorisation") and "16x more likely" in some
     assert canary_verdict({"mean_exposure": 30.0, "mean_exposure_base": 1.0, "max_exposure": 33.0}, bits).startswith(
         "Memorised")
+
+
+def test_class_images_go_with_the_dreambooth_methods_only():
+    form = {"model": "sd", "training_file": "file-1", "class_images_file": "file-2", "class_prompt": "a dog"}
+    assert _job_body({**form, "method": "dreambooth_lora"}, "diffusion")["class_images_file"] == "file-2"
+    assert _job_body({**form, "method": "dreambooth"}, "diffusion")["class_images_file"] == "file-2"
+    assert "class_images_file" not in _job_body({**form, "method": "lora"}, "diffusion")
+    assert "class_images_file" not in _job_body({**form, "class_images_file": ""}, "diffusion")
+    error = InvalidRequestError("`class_images_file` needs `method.dreambooth.hyperparameters.class_prompt`",
+                                param="class_images_file")
+    assert "class_images_file" in _field_errors(error, "diffusion")
