@@ -30,6 +30,10 @@ num_class_images            -                     100, or as many as    the same
                                                   were uploaded
                                                   (``class_images_file``)
 mixed_precision             ``bf16`` on a CUDA device with bf16, else ``no``
+gradient_checkpointing      off (``--gradient_checkpointing``: recompute the UNet's, and a trained text
+                            encoder's, activations in the backward pass; less memory, slower steps)
+use_8bit_adam               off (``--use_8bit_adam``: bitsandbytes' 8-bit AdamW, optimizer state in
+                            a quarter of the memory)
 checkpoint_every_steps      500 (``--checkpointing_steps``); 0 = never
 validation_every_steps      100 (``--validation_steps``); 0 = never
 ==========================  ====================  ====================  ====================
@@ -106,6 +110,8 @@ class ImageLoraHyperparameters:
     train_text_encoder: bool = False
     snr_gamma: float | None = None
     mixed_precision: MixedPrecision = AUTO
+    gradient_checkpointing: bool | Auto = AUTO
+    use_8bit_adam: bool | Auto = AUTO
     seed: int = 0
     checkpoint_every_steps: int | Auto = AUTO
     validation_every_steps: int | Auto = AUTO
@@ -141,6 +147,8 @@ class DreamBoothHyperparameters:
     train_text_encoder: bool = False
     snr_gamma: float | None = None
     mixed_precision: MixedPrecision = AUTO
+    gradient_checkpointing: bool | Auto = AUTO
+    use_8bit_adam: bool | Auto = AUTO
     seed: int = 0
     checkpoint_every_steps: int | Auto = AUTO
     validation_every_steps: int | Auto = AUTO
@@ -172,6 +180,8 @@ class DreamBoothLoraHyperparameters:
     train_text_encoder: bool = False
     snr_gamma: float | None = None
     mixed_precision: MixedPrecision = AUTO
+    gradient_checkpointing: bool | Auto = AUTO
+    use_8bit_adam: bool | Auto = AUTO
     seed: int = 0
     checkpoint_every_steps: int | Auto = AUTO
     validation_every_steps: int | Auto = AUTO
@@ -265,6 +275,9 @@ def resolve(
         values["max_train_steps"] = defaults["num_train_epochs"] * math.ceil(max(1, n_images) / (batch * accumulation))
     if hp.mixed_precision == AUTO:
         values["mixed_precision"] = "bf16" if device_type == "cuda" and bf16_supported else "no"
+    for field in ("gradient_checkpointing", "use_8bit_adam"):  # no image memory plan yet: off unless asked
+        if getattr(hp, field) == AUTO:
+            values[field] = False
     resolved = dataclasses.replace(hp, **values)
 
     prefix = _prefix(method)
@@ -328,6 +341,9 @@ def _check(hp: ImageHyperparameters) -> list[tuple[str, str]]:
     number("snr_gamma", "a number greater than 0 (5.0 is the usual choice)", lambda v: v > 0, auto=False, none=True)
     if hp.mixed_precision not in ("auto", "no", "fp16", "bf16"):
         bad("mixed_precision", "must be one of 'auto', 'no', 'fp16', 'bf16'")
+    for field in ("gradient_checkpointing", "use_8bit_adam"):
+        if getattr(hp, field) != AUTO and not isinstance(getattr(hp, field), bool):
+            bad(field, 'must be true, false or "auto"')
     int_in("seed", 0, 2**31 - 1, auto=False)
     for field in ("checkpoint_every_steps", "validation_every_steps"):
         value = getattr(hp, field)

@@ -202,10 +202,13 @@ def train_images(
         details["trainable_parameters"] = sum(p.numel() for p in setup.trainable.values())
         if weight_dtype != torch.float32:
             models.vae.to(dtype=weight_dtype)
-        optimizer = torch.optim.AdamW(
-            list(setup.trainable.values()), lr=hp.learning_rate, betas=ADAM_BETAS,
-            weight_decay=ADAM_WEIGHT_DECAY, eps=ADAM_EPSILON,
-        )
+        if hp.gradient_checkpointing:  # recompute activations in the backward pass: less memory, slower steps
+            models.unet.enable_gradient_checkpointing()
+            if setup.train_text_encoder:
+                models.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        optimizer = _optimizer(list(setup.trainable.values()), hp, prefix)
+        details["gradient_checkpointing"] = hp.gradient_checkpointing
+        details["optimizer"] = "adamw_8bit" if hp.use_8bit_adam else "adamw"
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # diffusers' "constant"
         scaler = torch.amp.GradScaler("cuda") if hp.mixed_precision == "fp16" else None
         texts = _TextConditioning(models, setup, prompts, getattr(hp, "class_prompt", None), torch_device)
@@ -356,6 +359,20 @@ def _load_models(model_dir: Path, device: torch.device) -> Models:
 
 
 # --------------------------------------------------------------------------- images and sampling
+
+
+def _optimizer(params: list[torch.nn.Parameter], hp: Any, prefix: str) -> torch.optim.Optimizer:
+    """AdamW with the scripts' betas, weight decay and epsilon; bitsandbytes' 8-bit AdamW with ``use_8bit_adam``
+    (as ``--use_8bit_adam``: both moments in 8 bits, blockwise scaled, for tensors of 4096 elements or more)."""
+    kwargs = {"lr": hp.learning_rate, "betas": ADAM_BETAS, "weight_decay": ADAM_WEIGHT_DECAY, "eps": ADAM_EPSILON}
+    if not hp.use_8bit_adam:
+        return torch.optim.AdamW(params, **kwargs)
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise InvalidRequestError(f"`use_8bit_adam` needs bitsandbytes, which is not installed here ({exc}); set it "
+                                  "to false", param=f"{prefix}.use_8bit_adam") from None
+    return bnb.optim.AdamW8bit(params, **kwargs)
 
 
 def _center_crop(image, size: int):

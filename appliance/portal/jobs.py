@@ -92,6 +92,10 @@ FIELDS: dict[str, list[Field]] = {
         Field("mixed_precision", "auto = bf16 where the GPU has it", type="select",
               choices=("auto", "no", "fp16", "bf16")),
         Field("train_text_encoder", "also train the text encoder", type="checkbox", default=""),
+        Field("gradient_checkpointing", "recompute activations: less memory, slower steps; auto = off",
+              type="select", choices=("auto", "on", "off")),
+        Field("use_8bit_adam", "8-bit optimizer state (bitsandbytes): less memory; auto = off", type="select",
+              choices=("auto", "on", "off")),
         Field("checkpoint_every_steps", "0 = never"),
         Field("validation_every_steps", "sample images every N steps; 0 = never"),
     ],
@@ -232,7 +236,7 @@ def _job_body(data: dict[str, str], kind: str) -> dict[str, Any]:
                 hp[f.name] = raw
         elif f.type == "select":
             if raw and raw != "auto":
-                hp[f.name] = raw
+                hp[f.name] = {"on": True, "off": False}.get(raw, raw) if "on" in f.choices else raw
         elif (value := _number(raw)) is not None:
             hp[f.name] = value
     body: dict[str, Any] = {

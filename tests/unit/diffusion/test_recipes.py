@@ -171,3 +171,61 @@ def test_class_images_need_a_class_prompt_and_a_readable_archive(tiny_sd, discs)
         train_images(make_spec("dreambooth_lora", **QUICK, class_prompt="a disc"), tiny_sd, discs,
                      class_dataset=b"not a zip")
     assert info.value.param == "class_images_file"
+
+
+def _weights(result) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, data in result.artifacts.items():
+        if name.endswith(".safetensors"):
+            out.update({f"{name}:{k}": v for k, v in load_safetensors(data).items()})
+    return out
+
+
+@pytest.mark.parametrize("method, extra", [("dreambooth_lora", {"rank": 4}),
+                                           ("dreambooth", {"train_text_encoder": True})])
+def test_gradient_checkpointing_trains_the_same_model(tiny_sd, discs, method, extra):
+    """``gradient_checkpointing`` recomputes activations in the backward pass: the same losses and weights
+    (the UNet's, and a trained text encoder's), only less memory held between the passes."""
+    hp = {**QUICK, **extra, "class_prompt": "a photo of a disc", "num_class_images": 2}
+    plain = train_images(make_spec(method, **hp), tiny_sd, discs, sample_steps=1)
+    recomputed = train_images(make_spec(method, **hp, gradient_checkpointing=True), tiny_sd, discs, sample_steps=1)
+    assert plain.details["gradient_checkpointing"] is False and recomputed.details["gradient_checkpointing"] is True
+    assert recomputed.metrics.train_loss == pytest.approx(plain.metrics.train_loss, rel=1e-5)
+    ours, theirs = _weights(recomputed), _weights(plain)
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-5, atol=1e-6)
+
+
+def test_8bit_adam_keeps_its_state_in_8_bits_and_resumes_exactly(tiny_sd, discs):
+    """``use_8bit_adam`` trains with bitsandbytes' AdamW8bit: its moments are stored as 8-bit codes (in the
+    checkpoint too), the run differs from 32-bit AdamW's, and a resumed run ends on the same weights."""
+    from appliance.diffusion.checkpoint import load
+
+    hp = {**QUICK, "max_train_steps": 4, "checkpoint_every_steps": 2, "learning_rate": 1e-3}
+    checkpoints = {}
+    eight = train_images(make_spec("dreambooth", **hp, use_8bit_adam=True), tiny_sd, discs,
+                         on_checkpoint=checkpoints.__setitem__, sample_steps=1)
+    assert eight.details["optimizer"] == "adamw_8bit" and eight.hyperparameters.use_8bit_adam is True
+    state = load(checkpoints[2], param="checkpoint")["optimizer"]
+    # bitsandbytes keeps tensors of 4096+ elements' moments as 8-bit codes (smaller ones in 32 bits)
+    moments = [v for per_param in state["state"].values()
+               for k, v in per_param.get("__bnb_optimizer_quant_state__", per_param).items() if k in ("state1", "state2")]
+    assert sum(m.dtype == torch.uint8 for m in moments) >= 20
+    full = train_images(make_spec("dreambooth", **hp), tiny_sd, discs, sample_steps=1)
+    assert full.details["optimizer"] == "adamw"
+    ours, adamw = _weights(eight), _weights(full)
+    assert ours.keys() == adamw.keys() and any(not torch.equal(ours[k], adamw[k]) for k in ours)
+    resumed = _weights(train_images(make_spec("dreambooth", **hp, use_8bit_adam=True), tiny_sd, discs,
+                                    resume_from=checkpoints[2], sample_steps=1))
+    assert resumed.keys() == ours.keys() and all(torch.equal(resumed[k], ours[k]) for k in ours)
+
+
+def test_memory_options_are_true_false_or_auto():
+    from appliance.diffusion.hyperparameters import HyperparameterError
+
+    with pytest.raises(HyperparameterError) as info:
+        make_spec("dreambooth", gradient_checkpointing="yes", use_8bit_adam=1)
+    assert dict(info.value.problems) == {
+        "method.dreambooth.hyperparameters.gradient_checkpointing": 'must be true, false or "auto"; got \'yes\'',
+        "method.dreambooth.hyperparameters.use_8bit_adam": 'must be true, false or "auto"; got 1'}

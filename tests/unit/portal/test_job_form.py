@@ -124,3 +124,13 @@ def test_class_images_go_with_the_dreambooth_methods_only():
     error = InvalidRequestError("`class_images_file` needs `method.dreambooth.hyperparameters.class_prompt`",
                                 param="class_images_file")
     assert "class_images_file" in _field_errors(error, "diffusion")
+
+
+def test_memory_options_go_as_booleans():
+    form = {"model": "sd", "training_file": "file-1", "method": "dreambooth", "gradient_checkpointing": "on",
+            "use_8bit_adam": "off", "mixed_precision": "bf16"}
+    hp = _job_body(form, "diffusion")["method"]["dreambooth"]["hyperparameters"]
+    assert hp["gradient_checkpointing"] is True and hp["use_8bit_adam"] is False and hp["mixed_precision"] == "bf16"
+    assert "use_8bit_adam" not in _job_body({**form, "use_8bit_adam": "auto"}, "diffusion")["method"]["dreambooth"][
+        "hyperparameters"]
+    validate_method({"type": "dreambooth", "dreambooth": {"hyperparameters": hp}}, base_kind="diffusion", seed=0)
