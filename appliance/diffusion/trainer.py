@@ -42,6 +42,7 @@ from appliance.trainkit.checkpoint import CheckpointOpener
 from appliance.trainkit.device import pick_device
 from appliance.trainkit.errors import Cancelled, check_finite_loss, require_positive_int
 from appliance.trainkit.events import ProgressWindow
+from appliance.training.memory import measured_peak, peak_resident_reset
 
 #: Fixed as in diffusers' training scripts (``--adam_*``, ``--max_grad_norm``, ``--lr_scheduler constant``).
 ADAM_BETAS = (0.9, 0.999)
@@ -119,7 +120,12 @@ def train_images(
                                   "trained with (prior preservation)", param="class_images_file")
     pipeline_class = _check_trainable(model_dir)
 
+    if torch_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(torch_device)
+    resident_before = peak_resident_reset() if torch_device.type == "cpu" else None
     models = _load_models(model_dir, torch_device)
+    if resident_before is not None:  # loading's page-cache peak is host memory, not training's
+        peak_resident_reset()
     vae_scale = 2 ** (len(models.vae.config.block_out_channels) - 1)
     hp = resolve(
         spec.hyperparameters,
@@ -250,6 +256,7 @@ def train_images(
                         save_checkpoint(state.step, _checkpoint(recipe, models, setup, optimizer, scheduler, scaler,
                                                               state, spec, hp, fingerprint, before_png))
             state.train_seconds = train_seconds_before + window.elapsed()
+            details["memory"] = measured_peak(torch_device, resident_before)
             after_images = sampler.sample(sample_prompt, NUM_VALIDATION_IMAGES, hp.resolution, offset=0)
         except Cancelled:
             images["before_after.png"] = grid_png([references, before_images or []]) if before_images else before_png

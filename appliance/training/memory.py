@@ -17,6 +17,7 @@ import os
 import resource
 import sys
 from pathlib import Path
+from typing import Any
 
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 1 << 20
@@ -81,3 +82,22 @@ def _status_bytes(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise ValueError(f"/proc/self/status has no {field}")
+
+
+def measured_peak(device: Any, resident_before: int | None) -> dict[str, Any]:
+    """A run's measured peak memory, to stand beside a plan's prediction.
+
+    On a GPU, the caching allocator's peak reserved bytes (reset them when the run starts); on a CPU, the
+    process's peak resident set since ``resident_before`` was taken by :func:`peak_resident_reset`, less it.
+    """
+    if device.type == "cuda":
+        import torch
+
+        return {"measured_peak_bytes": int(torch.cuda.max_memory_reserved(device)),
+                "measured_allocated_bytes": int(torch.cuda.max_memory_allocated(device)),
+                "measured_how": "torch.cuda.max_memory_reserved"}
+    peak = peak_resident()
+    if peak is None or resident_before is None:
+        return {"measured_peak_bytes": None, "measured_how": "not measurable on this platform"}
+    return {"measured_peak_bytes": max(0, peak - resident_before),
+            "measured_how": "peak resident set of the worker from the loaded model on, less its resident set before loading"}

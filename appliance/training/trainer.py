@@ -48,7 +48,7 @@ from appliance.training import distributed, planner
 from appliance.training.data import Example, fingerprint, split_validation, tokenize_records
 from appliance.training.hyperparameters import AUTO, TrainingSpec, resolve
 from appliance.training.memorization import ProbeTarget, canary_exposure, canary_records, extraction_probe
-from appliance.training.memory import available_memory, bound_malloc_cache, peak_resident, peak_resident_reset
+from appliance.training.memory import available_memory, bound_malloc_cache, measured_peak, peak_resident_reset
 from appliance.training.packing import pack, packed_loss_sum
 from appliance.training.protocol import Setup
 from appliance.training.registry import get_recipe
@@ -176,7 +176,7 @@ def train(
         finally:
             if run.dp is not None:
                 run.dp.close()
-            run.setup.details["memory"].update(_measured_peak(torch_device, resident_before))
+            run.setup.details["memory"].update(measured_peak(torch_device, resident_before))
         adapter = recipe.save(run.setup, run.base_model_name)  # every rank: gathering is collective
         if run.dp is not None:
             run.dp.verify(adapter)
@@ -500,19 +500,6 @@ def _plan_message(plan: planner.Plan) -> str:
             f"{plan.device.budget / planner.GIB:.1f} GiB usable on {plan.device.kind}; micro-batches of up to "
             f"{plan.micro_batch_tokens} tokens ({plan.gradient_accumulation_steps} per step), activation "
             f"checkpointing {'on' if plan.checkpointing else 'off'}, sharding {'fsdp' if plan.fsdp else 'none'}")
-
-
-def _measured_peak(device: torch.device, resident_before: int | None) -> dict[str, Any]:
-    """The run's measured peak, to stand beside the plan's prediction."""
-    if device.type == "cuda":
-        return {"measured_peak_bytes": int(torch.cuda.max_memory_reserved(device)),
-                "measured_allocated_bytes": int(torch.cuda.max_memory_allocated(device)),
-                "measured_how": "torch.cuda.max_memory_reserved"}
-    peak = peak_resident()
-    if peak is None or resident_before is None:
-        return {"measured_peak_bytes": None, "measured_how": "not measurable on this platform"}
-    return {"measured_peak_bytes": max(0, peak - resident_before),
-            "measured_how": "peak resident set of the worker from the loaded model on, less its resident set before loading"}
 
 
 @dataclass

@@ -190,6 +190,8 @@ def test_gradient_checkpointing_trains_the_same_model(tiny_sd, discs, method, ex
     plain = train_images(make_spec(method, **hp), tiny_sd, discs, sample_steps=1)
     recomputed = train_images(make_spec(method, **hp, gradient_checkpointing=True), tiny_sd, discs, sample_steps=1)
     assert plain.details["gradient_checkpointing"] is False and recomputed.details["gradient_checkpointing"] is True
+    for run in (plain, recomputed):  # the measured peak, beside which an image memory plan will stand
+        assert run.details["memory"]["measured_peak_bytes"] > 0 and "resident set" in run.details["memory"]["measured_how"]
     assert recomputed.metrics.train_loss == pytest.approx(plain.metrics.train_loss, rel=1e-5)
     ours, theirs = _weights(recomputed), _weights(plain)
     assert ours.keys() == theirs.keys()
