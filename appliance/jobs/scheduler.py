@@ -114,6 +114,21 @@ class _Inbox:
     archive: AdapterArchive | None = None
     #: where each Ray rank's worker ran: {"rank", "level", "network"}, as the ranks reported it
     ranks: list[dict[str, Any]] = field(default_factory=list)
+    #: the first progress report of this attempt: (monotonic time, step), the origin of the finish estimate
+    first_progress: tuple[float, int] | None = None
+
+    def estimate_finish(self, step: Any, total: Any, now: float | None = None) -> float | None:
+        """Seconds until the last training step, from this attempt's pace so far (None before a second report)."""
+        if not isinstance(step, int) or not isinstance(total, int) or isinstance(step, bool) or total <= 0:
+            return None
+        now = time.monotonic() if now is None else now
+        if self.first_progress is None or step < self.first_progress[1]:
+            self.first_progress = (now, step)
+            return None
+        t0, s0 = self.first_progress
+        if step == s0 or now <= t0:
+            return None
+        return max(0.0, (now - t0) / (step - s0) * (total - step))
 
     def discard(self) -> None:
         """Abort whatever was not stored: the open stream's blob and an unpublished adapter."""
@@ -448,9 +463,14 @@ class Scheduler:
             data = header.get("data")
             if header.get("event_type") == "isolation" and isinstance(data, dict) and "rank" in data:
                 inbox.ranks.append({k: data.get(k) for k in ("rank", "level", "network")})
+            remaining = inbox.estimate_finish(data.get("step"), data.get("total_steps")) \
+                if header.get("event_type") == "metrics" and isinstance(data, dict) else None
             with self.db.transaction() as s:
                 add_event(s, job_id, str(header.get("message", ""))[:2000], level=header.get("level", "info"),
                           type=header.get("event_type", "message"), data=header.get("data"))
+                if remaining is not None:  # OpenAI's estimated_finish: when the training steps will be done
+                    s.execute(update(FineTuningJob).where(FineTuningJob.id == job_id)
+                              .values(estimated_finish=utcnow() + timedelta(seconds=remaining)))
             return None
         if kind == "chunk":
             inbox.streams.chunk(payload)
@@ -546,6 +566,7 @@ class Scheduler:
                 published = self._succeed(s, job, header, inbox.archive or {}, ranks=inbox.ranks)
             elif kind == "cancelled" or (kind == "lost" and job.cancel_requested):
                 job.status, job.finished_at, job.resumable = "cancelled", utcnow(), True
+                job.estimated_finish = None
                 add_event(s, job.id, "Job cancelled")
                 record(s, SYSTEM, "job.cancelled", resource_type="fine_tuning_job", resource_id=job.id,
                        project=project_name(s, job.project_id), details={"step": header.get("step")})
@@ -583,6 +604,7 @@ class Scheduler:
             seed=job.seed, privacy=header.get("privacy") or {}, files=artefacts)
         project = project_name(s, job.project_id)
         job.status, job.finished_at, job.fine_tuned_model = "succeeded", utcnow(), adapter_id
+        job.estimated_finish = None
         job.trained_tokens = header.get("trained_tokens")
         job.metrics = header.get("metrics") or {}
         job.privacy = header.get("privacy") or {}
@@ -601,6 +623,7 @@ class Scheduler:
 
     def _fail(self, s, job: FineTuningJob, error: dict[str, Any], *, resumable: bool) -> None:
         job.status, job.error, job.finished_at, job.resumable = "failed", error, utcnow(), resumable
+        job.estimated_finish = None
         job.lease_expires_at = None
         add_event(s, job.id, f"Job failed: {error['message']}", level="error")
         record(s, SYSTEM, "job.fail", outcome="failure", resource_type="fine_tuning_job", resource_id=job.id,

@@ -268,6 +268,24 @@ class JobService:
             names = project_names(s, {r.project_id for r in rows})
         return [JobView(r, names[r.project_id]) for r in rows[:limit]], len(rows) > limit
 
+    def progress(self, job_ids: list[str]) -> dict[str, tuple[int, int]]:
+        """``{job id: (step, total steps)}`` from each job's latest progress report (jobs without one are left out).
+
+        For lists: one query for all the jobs, whose visibility the caller has already checked.
+        """
+        if not job_ids:
+            return {}
+        with self.db.read() as s:
+            latest = (select(func.max(JobEvent.id)).where(JobEvent.job_id.in_(job_ids), JobEvent.type == "metrics")
+                      .group_by(JobEvent.job_id))
+            rows = s.scalars(select(JobEvent).where(JobEvent.id.in_(latest)))
+            out = {}
+            for e in rows:
+                step, total = (e.data or {}).get("step"), (e.data or {}).get("total_steps")
+                if isinstance(step, int) and isinstance(total, int) and total > 0:
+                    out[e.job_id] = (step, total)
+        return out
+
     def events(self, principal: Principal, job_id: str, *, after: str | None, limit: int) -> tuple[list[JobEvent], bool]:
         self._job(principal, job_id)
         with self.db.read() as s:

@@ -30,6 +30,7 @@ from appliance.jobs.memorization import parse_memorization
 from appliance.jobs.recipes import DATASET_PURPOSE, registry_of
 from appliance.jobs.schemas import SUFFIX_EXPECTED, SUFFIX_PATTERN
 from appliance.jobs.service import CLASS_IMAGE_METHODS, JobService
+from appliance.db.base import utcnow
 from appliance.portal.render import line_chart, page, percent, portal, session_of
 from appliance.web.context import audit_context
 from appliance.services import AppState
@@ -175,7 +176,32 @@ def _form_page(request: Request, files: FileService, appliance: AppState, values
 @get("/jobs", opt=portal(Permission.JOBS_READ), include_in_schema=False, sync_to_thread=True)
 def job_list(request: Request, jobs: NamedDependency[JobService]) -> Template:
     views, _ = jobs.list(session_of(request).principal, after=None, limit=100)
-    return page(request, "jobs.html", section="jobs", title="Fine-tuning", jobs=views)
+    progress = jobs.progress([v.row.id for v in views])
+    now = utcnow()
+    rows = [{"view": v, "progress": progress.get(v.row.id), **timing(v.row, now)} for v in views]
+    live = any(v.row.status in ("validating_files", "queued", "running") for v in views)
+    return page(request, "jobs.html", section="jobs", title="Fine-tuning", rows=rows, live=live)
+
+
+def duration(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``3 h 05 min``: how long, to the precision a person reads."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def timing(row: Any, now: Any) -> dict[str, str]:
+    """A job's elapsed time (from its start to its end, or now) and, while it runs, the time left."""
+    out = {"elapsed": "", "eta": ""}
+    if row.started_at is not None:
+        out["elapsed"] = duration(((row.finished_at or now) - row.started_at).total_seconds())
+    if row.status == "running" and row.estimated_finish is not None:
+        left = (row.estimated_finish - now).total_seconds()
+        out["eta"] = f"about {duration(left)} left" if left > 0 else "finishing"
+    return out
 
 
 @get("/jobs/new", opt=portal(Permission.JOBS_WRITE), include_in_schema=False, sync_to_thread=True)
@@ -355,7 +381,7 @@ def job_page(request: Request, jobs: NamedDependency[JobService], files: NamedDe
                 checkpoints=checkpoints, progress=progress, kind=kind, privacy=privacy,
                 canary_max_bits=max_bits, canary_verdict=canary_verdict(privacy.get("canaries"), max_bits),
                 results=_result_files(principal, files, job_id, list(view.row.result_files or [])),
-                live=view.row.status in ("validating_files", "queued", "running"))
+                live=view.row.status in ("validating_files", "queued", "running"), timing=timing(view.row, utcnow()))
 
 
 @get("/jobs/{job_id:str}/results/{file_id:str}", opt=portal(Permission.FILES_CONTENT), include_in_schema=False,

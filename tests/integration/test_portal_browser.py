@@ -138,6 +138,13 @@ def test_upload_scan_train_and_audit_in_the_browser(portal_server, browser, tmp_
     shot(page, "04-job-succeeded")
     model = page.inner_text("#ft-model")
     assert model.startswith("ft:tiny-llama:acme::")
+    assert re.fullmatch(r"· \d+ (s|min) elapsed", page.inner_text("#job-timing"))  # no time left once done
+
+    page.goto("/jobs")  # the list: status, progress, elapsed time (and time left while running)
+    cells = [c.strip() for c in page.locator("#jobs tbody tr").first.locator("td").all_inner_texts()]
+    assert cells[0] == job_id and cells[3] == "succeeded"
+    assert re.fullmatch(r"(\d+)/\1", cells[4]) and re.fullmatch(r"\d+ (s|min)", cells[5]) and cells[6] == ""
+    shot(page, "04b-jobs-list")
 
     page.goto("/models")
     assert model in page.inner_text("main") and "verified" in page.inner_text("main")

@@ -261,3 +261,45 @@ def test_receiving_a_1_gib_checkpoint_grows_the_control_planes_rss_by_under_64_m
             assert not chunk.strip(b"\0")
             total += len(chunk)
     assert row.step_number == 5 and total == size
+
+
+def test_the_finish_estimate_follows_the_pace_of_this_attempt():
+    from appliance.jobs.scheduler import _Inbox
+
+    inbox = _Inbox(project="acme")
+    assert inbox.estimate_finish(10, 100, now=1000.0) is None  # the first report only sets the origin
+    assert inbox.estimate_finish(10, 100, now=1001.0) is None  # no step made yet
+    assert inbox.estimate_finish(20, 100, now=1020.0) == pytest.approx(160.0)  # 2 s a step, 80 steps left
+    assert inbox.estimate_finish(100, 100, now=1180.0) == 0.0
+    assert inbox.estimate_finish(None, 100) is None and inbox.estimate_finish(5, 0) is None
+    assert inbox.estimate_finish(True, 100) is None
+
+
+def test_progress_reports_set_the_jobs_estimated_finish(state):
+    """Each metrics event after the first moves OpenAI's ``estimated_finish`` to now plus the steps left at
+    this attempt's pace; other events leave it alone."""
+    from datetime import timedelta
+
+    from appliance.db.base import utcnow
+
+    job_id = "ftjob-streams"
+    inbox = _Inbox(project=_running_job(state, job_id))
+
+    def report(step: int) -> None:
+        state.scheduler._handle(job_id, ({"type": "event", "event_type": "metrics", "message": f"Step {step}/100",  # noqa: SLF001
+                                          "data": {"step": step, "total_steps": 100}}, b""), inbox)
+
+    def estimate():
+        with state.db.read() as s:
+            return s.get(FineTuningJob, job_id).estimated_finish
+
+    report(10)
+    assert estimate() is None  # one report gives no pace yet
+    inbox.first_progress = (inbox.first_progress[0] - 20.0, 10)  # as if step 10 came 20 s ago: 2 s a step
+    report(20)
+    left = (estimate() - utcnow()).total_seconds()
+    assert 150 < left <= 161  # 80 steps x 2 s
+    state.scheduler._handle(job_id, ({"type": "event", "message": "hello"}, b""), inbox)  # noqa: SLF001
+    assert abs((estimate() - utcnow()).total_seconds() - left) < 5
+    assert state.jobs.progress([job_id, "ftjob-none"]) == {job_id: (20, 100)}
+    assert utcnow() + timedelta(seconds=100) < estimate()

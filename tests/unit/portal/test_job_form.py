@@ -134,3 +134,24 @@ def test_memory_options_go_as_booleans():
     assert "use_8bit_adam" not in _job_body({**form, "use_8bit_adam": "auto"}, "diffusion")["method"]["dreambooth"][
         "hyperparameters"]
     validate_method({"type": "dreambooth", "dreambooth": {"hyperparameters": hp}}, base_kind="diffusion", seed=0)
+
+
+def test_durations_and_job_timing_read_as_a_person_would():
+    from datetime import datetime, timedelta, timezone
+    from types import SimpleNamespace
+
+    from appliance.portal.jobs import duration, timing
+
+    assert [duration(s) for s in (0, 45, 89.4, 90, 725, 3600, 3 * 3600 + 5 * 60 + 40)] == [
+        "0 s", "45 s", "89 s", "2 min", "12 min", "1 h 00 min", "3 h 05 min"]
+    now = datetime(2026, 12, 4, 12, 0, tzinfo=timezone.utc)
+    running = SimpleNamespace(status="running", started_at=now - timedelta(minutes=7), finished_at=None,
+                              estimated_finish=now + timedelta(seconds=200))
+    assert timing(running, now) == {"elapsed": "7 min", "eta": "about 3 min left"}
+    late = SimpleNamespace(**{**vars(running), "estimated_finish": now - timedelta(seconds=5)})
+    assert timing(late, now)["eta"] == "finishing"  # past the estimate: post-training phases
+    done = SimpleNamespace(status="succeeded", started_at=now - timedelta(hours=2), finished_at=now - timedelta(hours=1),
+                           estimated_finish=None)
+    assert timing(done, now) == {"elapsed": "1 h 00 min", "eta": ""}
+    queued = SimpleNamespace(status="queued", started_at=None, finished_at=None, estimated_finish=None)
+    assert timing(queued, now) == {"elapsed": "", "eta": ""}
