@@ -610,9 +610,11 @@ class Scheduler:
         job.privacy = header.get("privacy") or {}
         job.resolved = header.get("resolved") or {}
         memory = (header.get("details") or {}).get("memory")
-        if memory:  # the worker's plan, made on its device with the data at hand, beside what it measured
+        if memory and "plan" in memory:  # the worker's plan, made on its device with the data, beside what it measured
             job.compute = {**(job.compute or {}), "plan": {**memory["plan"], "made": "by the worker, on its device",
                                                            **{k: v for k, v in memory.items() if k != "plan"}}}
+        elif memory:  # measured only (image jobs have no memory plan yet)
+            job.compute = {**(job.compute or {}), "measured": dict(memory)}
         job.resumable = False
         add_event(s, job.id, f"New fine-tuned model created: {adapter_id}", data=job.metrics)
         add_event(s, job.id, "The job has successfully completed")

@@ -181,6 +181,7 @@ def test_dreambooth_with_the_data_owners_own_class_images(client, state, image_m
         time.sleep(0.5)
     assert job.status == "succeeded", job.error
     assert job.model_extra["class_images_file"] == classes
+    assert "measured_how" in job.model_extra["compute"]["measured"]  # the worker's measured peak memory
     assert job.method.model_extra["dreambooth_lora"]["hyperparameters"]["num_class_images"] == 3  # auto: all uploaded
     messages = [e.message for e in api.fine_tuning.jobs.list_events(job.id, limit=100).data]
     assert "3 uploaded class images for 'a disc'" in messages

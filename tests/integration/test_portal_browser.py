@@ -297,3 +297,44 @@ def test_review_step_marks_codenames_and_rescans(portal_server, browser, tmp_pat
     events = page.inner_text("#events")
     assert "file.scan_reveal" in events and "glossary.add" in events and "file.rescan" in events
     context.close()
+
+
+def _sideways(page) -> int:
+    """How far the page scrolls sideways, in CSS pixels (0: it fits the screen's width)."""
+    return page.evaluate("() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
+
+
+def test_every_page_fits_a_375_px_phone_screen(portal_server, browser):
+    """At 375 px no page scrolls sideways: wide tables scroll inside their own container."""
+    wide: dict[str, int] = {}
+    for user, role in (("olivia", "data-owner @ acme"), ("olivia", "trainer @ acme"), ("audrey", None)):
+        context = browser.new_context(base_url=portal_server.base_url, viewport={"width": 375, "height": 740})
+        context.set_default_timeout(ms(30))
+        page = context.new_page()
+        page.goto("/login")
+        page.get_by_label("Username").fill(user)
+        page.get_by_label("Password").fill(PASSWORD)
+        page.get_by_role("button", name="Log in").click()
+        page.wait_for_load_state("networkidle")
+        if role and role not in page.inner_text("header"):
+            switch_role(page, role)
+        paths = ["/", "/login?x=1", "/no/such/page"]
+        if user == "olivia":
+            page.goto("/datasets")
+            first = page.locator("a[href^='/datasets/file-']").first
+            paths += ["/datasets", first.get_attribute("href") if first.count() else "/datasets", "/models",
+                      "/playground", "/jobs", "/jobs/new"]
+            page.goto("/jobs")
+            job = page.locator("a[href^='/jobs/ftjob-']").first
+            if job.count():
+                paths.append(job.get_attribute("href"))
+        else:
+            paths += ["/audit", "/audit?action=job.create", "/models"]
+        for path in paths:
+            page.goto(path)
+            page.wait_for_load_state("networkidle")
+            if (over := _sideways(page)) > 0:
+                wide[f"{user} {path}"] = over
+        shot(page, f"10-phone-{user}")
+        context.close()
+    assert not wide, f"pages wider than a 375 px screen (px of sideways scroll): {wide}"
