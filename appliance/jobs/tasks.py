@@ -29,7 +29,7 @@ def run_task(channel: Channel, start: dict[str, Any], datasets: dict[str, Any], 
     def on_event(event) -> None:
         data = {k: v for k, v in event.to_dict().items() if v is not None and k != "message"}
         level = "warn" if event.type == "warning" else "info"
-        channel.event(event.message or f"Step {event.step}/{event.total_steps}", level=level,
+        channel.event(_progress_message(event), level=level,
                       type="metrics" if event.type in ("train", "validation") else "message", data=data)
 
     def open_checkpoint(step: int) -> contextlib.AbstractContextManager[Any]:
@@ -60,6 +60,16 @@ def run_task(channel: Channel, start: dict[str, Any], datasets: dict[str, Any], 
     })
 
 
+def _progress_message(event: Any) -> str:
+    """An event's line for people: the step with its loss, or the trainer's message with the number it is about."""
+    if event.type == "train":
+        loss = f": training loss {event.train_loss:.4f}" if event.train_loss is not None else ""
+        return f"Step {event.step}/{event.total_steps}{loss}"
+    if event.type == "validation" and event.valid_loss is not None:
+        return f"{event.message or f'Step {event.step}/{event.total_steps}: validation loss'} {event.valid_loss:.4f}"
+    return event.message or f"Step {event.step}/{event.total_steps}"
+
+
 def _data_parallel_note() -> str:
     import torch.distributed as dist
 
@@ -82,7 +92,7 @@ def run_image_task(channel: Channel, start: dict[str, Any], datasets: dict[str, 
     def on_event(event) -> None:
         data = {k: v for k, v in event.to_dict().items() if v is not None and k not in ("message", "images")}
         level = "warn" if event.type == "warning" else "info"
-        channel.event(event.message or f"Step {event.step}/{event.total_steps}", level=level,
+        channel.event(_progress_message(event), level=level,
                       type="metrics" if event.type == "train" else "message", data=data)
         for name, png in sorted((event.images or {}).items()):
             channel.send_artefact({"kind": "result_file", "name": name}, png)

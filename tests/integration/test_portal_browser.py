@@ -139,6 +139,10 @@ def test_upload_scan_train_and_audit_in_the_browser(portal_server, browser, tmp_
     model = page.inner_text("#ft-model")
     assert model.startswith("ft:tiny-llama:acme::")
     assert re.fullmatch(r"· \d+ (s|min) elapsed", page.inner_text("#job-timing"))  # no time left once done
+    assert re.match(r"Planned peak\s+[\d.]+ GiB on cpu", page.inner_text("#memory"))  # issue 20's compute.plan
+    events = page.inner_text("#job-events")  # every progress line carries its number
+    assert re.search(r"Step 12/12: training loss \d+\.\d{4}", events)
+    assert re.search(r"validation loss before training \d+\.\d{4}", events)
 
     page.goto("/jobs")  # the list: status, progress, elapsed time (and time left while running)
     cells = [c.strip() for c in page.locator("#jobs tbody tr").first.locator("td").all_inner_texts()]

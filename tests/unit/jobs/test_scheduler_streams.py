@@ -303,3 +303,16 @@ def test_progress_reports_set_the_jobs_estimated_finish(state):
     assert abs((estimate() - utcnow()).total_seconds() - left) < 5
     assert state.jobs.progress([job_id, "ftjob-none"]) == {job_id: (20, 100)}
     assert utcnow() + timedelta(seconds=100) < estimate()
+
+
+def test_progress_lines_carry_their_numbers():
+    from appliance.jobs.tasks import _progress_message
+    from appliance.training.results import TrainingEvent
+
+    train = TrainingEvent(type="train", step=30, total_steps=48, epoch=1.0, train_loss=1.23456)
+    assert _progress_message(train) == "Step 30/48: training loss 1.2346"
+    before = TrainingEvent(type="validation", step=0, total_steps=48, epoch=0.0, valid_loss=2.65,
+                           message="validation loss before training")
+    assert _progress_message(before) == "validation loss before training 2.6500"
+    info = TrainingEvent(type="info", step=0, total_steps=48, epoch=0.0, message="memory plan: ...")
+    assert _progress_message(info) == "memory plan: ..."
