@@ -157,12 +157,21 @@ def test_upload_scan_train_and_audit_in_the_browser(portal_server, browser, tmp_
     switch_role(page, "consumer @ acme")
     page.goto("/playground")
     page.get_by_label("Model").select_option(model)
+    assert page.get_by_label("Max tokens").input_value() == "256"  # long enough not to cut answers off
+    page.get_by_label("System prompt").fill("You answer questions about boxes.")
+    requests = []
+    page.on("request", lambda r: requests.append(r.post_data_json) if r.url.endswith("/playground/chat") else None)
     page.get_by_label("Message").fill("What colour is box 3?")
     page.get_by_role("button", name="Send").click()
     page.wait_for_selector("#chat-log .msg[data-done='1']", timeout=ms(60))
     answer = page.locator("#chat-log .msg").nth(1).inner_text()
-    assert answer.startswith("assistant:") and "error" not in answer.lower()
+    assert answer.startswith(f"assistant ({model}):") and "error" not in answer.lower()  # each answer names its model
+    assert page.get_by_role("button", name="Send").is_enabled() and page.inner_text("#chat-status") == ""
+    assert requests[0]["messages"] == [{"role": "system", "content": "You answer questions about boxes."},
+                                       {"role": "user", "content": "What colour is box 3?"}]
     shot(page, "06-playground")
+    page.get_by_role("button", name="Clear the conversation").click()
+    assert page.locator("#chat-log .msg").count() == 0
     context.close()
 
     context, page = login(browser, portal_server, "audrey")

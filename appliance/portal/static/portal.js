@@ -169,12 +169,19 @@ document.addEventListener("DOMContentLoaded", () => {
   const chat = document.getElementById("chat-form");
   if (chat) {
     const log = document.getElementById("chat-log");
+    const send = document.getElementById("send");
+    const status = document.getElementById("chat-status");
     const history = [];
+    document.getElementById("clear").addEventListener("click", () => {
+      history.length = 0; log.replaceChildren(); status.textContent = "";
+    });
     chat.addEventListener("submit", async (e) => {
       e.preventDefault();
       const prompt = chat.querySelector("#prompt");
       const text = prompt.value.trim();
-      if (!text) { return; }
+      if (!text || send.disabled) { return; }
+      const model = chat.querySelector("#model").value;
+      const system = chat.querySelector("#system").value.trim();
       history.push({ role: "user", content: text });
       const add = (role, content) => {
         const p = document.createElement("p"); p.className = "msg";
@@ -183,30 +190,37 @@ document.addEventListener("DOMContentLoaded", () => {
         p.append(r, c); log.append(p); return c;
       };
       add("user", text); prompt.value = "";
-      const out = add("assistant", "");
-      const resp = await fetch("/playground/chat", {
-        method: "POST",
-        headers: { "Content-Type": "application/json", "X-CSRF-Token": chat.dataset.csrf, Accept: "text/event-stream" },
-        body: JSON.stringify({ model: chat.querySelector("#model").value, messages: history, stream: true,
-                               max_tokens: parseInt(chat.querySelector("#max_tokens").value, 10) || 64,
-                               temperature: parseFloat(chat.querySelector("#temperature").value) || 0 }),
-      });
-      if (!resp.ok) { let b = {}; try { b = await resp.json(); } catch (err) { /* */ } out.textContent = (b.error && b.error.message) || ("error " + resp.status); return; }
-      const reader = resp.body.getReader(); const dec = new TextDecoder(); let buf = "";
-      for (;;) {
-        const { value, done } = await reader.read(); if (done) { break; }
-        buf += dec.decode(value, { stream: true });
-        let idx;
-        while ((idx = buf.indexOf("\n\n")) >= 0) {
-          const line = buf.slice(0, idx).trim(); buf = buf.slice(idx + 2);
-          if (!line.startsWith("data:")) { continue; }
-          const payload = line.slice(5).trim(); if (payload === "[DONE]") { continue; }
-          try { const chunk = JSON.parse(payload); const d = chunk.choices && chunk.choices[0] && chunk.choices[0].delta; if (d && d.content) { out.textContent += d.content; } } catch (err) { /* */ }
+      const out = add("assistant (" + model + ")", "");
+      send.disabled = true; status.textContent = "generating…";
+      const finish = () => { send.disabled = false; status.textContent = ""; out.parentElement.dataset.done = "1"; };
+      try {
+        const resp = await fetch("/playground/chat", {
+          method: "POST",
+          headers: { "Content-Type": "application/json", "X-CSRF-Token": chat.dataset.csrf, Accept: "text/event-stream" },
+          body: JSON.stringify({ model: model, stream: true,
+                                 messages: system ? [{ role: "system", content: system }, ...history] : history,
+                                 max_tokens: parseInt(chat.querySelector("#max_tokens").value, 10) || 256,
+                                 temperature: parseFloat(chat.querySelector("#temperature").value) || 0 }),
+        });
+        if (!resp.ok) { let b = {}; try { b = await resp.json(); } catch (err) { /* */ } out.textContent = (b.error && b.error.message) || ("error " + resp.status); history.pop(); finish(); return; }
+        const reader = resp.body.getReader(); const dec = new TextDecoder(); let buf = "";
+        for (;;) {
+          const { value, done } = await reader.read(); if (done) { break; }
+          buf += dec.decode(value, { stream: true });
+          let idx;
+          while ((idx = buf.indexOf("\n\n")) >= 0) {
+            const line = buf.slice(0, idx).trim(); buf = buf.slice(idx + 2);
+            if (!line.startsWith("data:")) { continue; }
+            const payload = line.slice(5).trim(); if (payload === "[DONE]") { continue; }
+            try { const chunk = JSON.parse(payload); const d = chunk.choices && chunk.choices[0] && chunk.choices[0].delta; if (d && d.content) { out.textContent += d.content; } } catch (err) { /* */ }
+          }
         }
+      } catch (err) {  // the connection broke: say so and let the user go on
+        out.textContent += " (interrupted: " + err.message + ")";
       }
       history.push({ role: "assistant", content: out.textContent });
       if (!out.textContent) { out.textContent = "(the model returned no text)"; out.classList.add("muted"); }
-      out.parentElement.dataset.done = "1";
+      finish();
     });
   }
 });
