@@ -29,7 +29,7 @@ from appliance.jobs.memorization import DEFAULTS as MEMORIZATION_DEFAULTS
 from appliance.jobs.memorization import parse_memorization
 from appliance.jobs.recipes import DATASET_PURPOSE, registry_of
 from appliance.jobs.schemas import SUFFIX_EXPECTED, SUFFIX_PATTERN
-from appliance.jobs.service import CLASS_IMAGE_METHODS, JobService
+from appliance.jobs.service import ACTIVE, CLASS_IMAGE_METHODS, JobService
 from appliance.db.base import utcnow
 from appliance.portal.render import line_chart, page, percent, portal, session_of
 from appliance.web.context import audit_context
@@ -179,7 +179,7 @@ def job_list(request: Request, jobs: NamedDependency[JobService]) -> Template:
     progress = jobs.progress([v.row.id for v in views])
     now = utcnow()
     rows = [{"view": v, "progress": progress.get(v.row.id), **timing(v.row, now)} for v in views]
-    live = any(v.row.status in ("validating_files", "queued", "running") for v in views)
+    live = any(v.row.status in ACTIVE for v in views)
     return page(request, "jobs.html", section="jobs", title="Fine-tuning", rows=rows, live=live)
 
 
@@ -381,7 +381,7 @@ def job_page(request: Request, jobs: NamedDependency[JobService], files: NamedDe
                 checkpoints=checkpoints, progress=progress, kind=kind, privacy=privacy,
                 canary_max_bits=max_bits, canary_verdict=canary_verdict(privacy.get("canaries"), max_bits),
                 results=_result_files(principal, files, job_id, list(view.row.result_files or [])),
-                live=view.row.status in ("validating_files", "queued", "running"), timing=timing(view.row, utcnow()))
+                live=view.row.status in ACTIVE, timing=timing(view.row, utcnow()))
 
 
 @get("/jobs/{job_id:str}/results/{file_id:str}", opt=portal(Permission.FILES_CONTENT), include_in_schema=False,

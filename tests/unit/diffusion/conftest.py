@@ -59,3 +59,19 @@ def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def discs() -> bytes:
     return disc_dataset()
+
+
+def tensors(result_or_files) -> dict[str, torch.Tensor]:
+    """Every tensor of a result's (or a checkpoint's) safetensors artefacts, keyed ``file:name``."""
+    from safetensors.torch import load as load_safetensors
+
+    files = getattr(result_or_files, "artifacts", result_or_files)
+    out = {}
+    for name, data in files.items():
+        if name.endswith(".safetensors"):
+            out.update({f"{name}:{k}": v for k, v in load_safetensors(data).items()})
+    return out
+
+
+def same(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -3,32 +3,17 @@
 import time
 
 import pytest
-import torch
-from safetensors.torch import load as load_safetensors
 
 from appliance.diffusion import checkpoint_artifacts, train_images
 from appliance.errors import InvalidRequestError
 
-from .conftest import disc_dataset, make_spec
+from .conftest import disc_dataset, make_spec, same, tensors
 
 # 6 steps, a checkpoint every 2; accumulation, Min-SNR and prior preservation on, so every piece of state matters.
 HP = {"max_train_steps": 6, "train_batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 5e-3,
       "checkpoint_every_steps": 2, "validation_every_steps": 0, "snr_gamma": 5.0,
       "class_prompt": "a photo of a disc", "num_class_images": 2}
 METHODS = {"dreambooth_lora": {**HP, "rank": 4}, "dreambooth": HP}
-
-
-def tensors(result_or_files) -> dict[str, torch.Tensor]:
-    files = getattr(result_or_files, "artifacts", result_or_files)
-    out = {}
-    for name, data in files.items():
-        if name.endswith(".safetensors"):
-            out.update({f"{name}:{k}": v for k, v in load_safetensors(data).items()})
-    return out
-
-
-def same(a, b) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.fixture(scope="module", params=list(METHODS))

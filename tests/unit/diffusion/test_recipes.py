@@ -11,7 +11,7 @@ from appliance.diffusion import ImageDatasetError, train_images
 from appliance.diffusion.compat import text_encoder_lora_supported
 from appliance.errors import InvalidRequestError
 
-from .conftest import PROMPT, QUICK, disc_dataset, make_spec
+from .conftest import PROMPT, QUICK, disc_dataset, make_spec, tensors
 
 
 def write(files: dict[str, bytes], dest):
@@ -173,14 +173,6 @@ def test_class_images_need_a_class_prompt_and_a_readable_archive(tiny_sd, discs)
     assert info.value.param == "class_images_file"
 
 
-def _weights(result) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, data in result.artifacts.items():
-        if name.endswith(".safetensors"):
-            out.update({f"{name}:{k}": v for k, v in load_safetensors(data).items()})
-    return out
-
-
 @pytest.mark.parametrize("method, extra", [("dreambooth_lora", {"rank": 4}),
                                            ("dreambooth", {"train_text_encoder": True})])
 def test_gradient_checkpointing_trains_the_same_model(tiny_sd, discs, method, extra):
@@ -193,7 +185,7 @@ def test_gradient_checkpointing_trains_the_same_model(tiny_sd, discs, method, ex
     for run in (plain, recomputed):  # the measured peak, beside which an image memory plan will stand
         assert run.details["memory"]["measured_peak_bytes"] > 0 and "resident set" in run.details["memory"]["measured_how"]
     assert recomputed.metrics.train_loss == pytest.approx(plain.metrics.train_loss, rel=1e-5)
-    ours, theirs = _weights(recomputed), _weights(plain)
+    ours, theirs = tensors(recomputed), tensors(plain)
     assert ours.keys() == theirs.keys()
     for k in ours:
         torch.testing.assert_close(ours[k], theirs[k], rtol=1e-5, atol=1e-6)
@@ -216,9 +208,9 @@ def test_8bit_adam_keeps_its_state_in_8_bits_and_resumes_exactly(tiny_sd, discs)
     assert sum(m.dtype == torch.uint8 for m in moments) >= 20
     full = train_images(make_spec("dreambooth", **hp), tiny_sd, discs, sample_steps=1)
     assert full.details["optimizer"] == "adamw"
-    ours, adamw = _weights(eight), _weights(full)
+    ours, adamw = tensors(eight), tensors(full)
     assert ours.keys() == adamw.keys() and any(not torch.equal(ours[k], adamw[k]) for k in ours)
-    resumed = _weights(train_images(make_spec("dreambooth", **hp, use_8bit_adam=True), tiny_sd, discs,
+    resumed = tensors(train_images(make_spec("dreambooth", **hp, use_8bit_adam=True), tiny_sd, discs,
                                     resume_from=checkpoints[2], sample_steps=1))
     assert resumed.keys() == ours.keys() and all(torch.equal(resumed[k], ours[k]) for k in ours)
 
