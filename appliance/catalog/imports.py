@@ -145,15 +145,15 @@ class ModelImports:
             else:
                 task.error = {"code": "import_failed", "message": f"the import failed with {type(exc).__name__}",
                               "param": None}
-            task.event(f"failed: {task.error['message']}")
-            task.status, task.finished_at = "failed", int(utcnow().timestamp())
-            try:
+            try:  # audited before the status flips, so whoever sees "failed" finds the audit event too
                 with self.catalog.db.transaction() as s:
                     record(s, ctx, "model.import", outcome="failure", resource_type="base_model",
                            resource_id=task.name, reason=task.error["code"],
                            details={"import_id": task.id, "source": task.source})
             except Exception:  # the import's own failure is what the admin sees; the log says why this failed
                 log.exception("auditing a failed model import failed", extra={"import_id": task.id})
+            task.event(f"failed: {task.error['message']}")
+            task.status, task.finished_at = "failed", int(utcnow().timestamp())
             return
         task.event(f"imported: {task.name!r} is listed in /v1/models")
         task.status, task.finished_at = "succeeded", int(utcnow().timestamp())
