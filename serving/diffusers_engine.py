@@ -74,6 +74,7 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 _DREAMBOOTH_FILES = {
     "unet": ("unet/config.json", "unet/diffusion_pytorch_model.safetensors"),
     "text_encoder": ("text_encoder/config.json", "text_encoder/model.safetensors"),
+    "text_encoder_2": ("text_encoder_2/config.json", "text_encoder_2/model.safetensors"),  # SDXL
 }
 #: ``<component>.<module>.lora.down.weight`` (diffusers) or ``...lora_A.weight`` (peft); ``...alpha`` scalars.
 _LORA_KEY = re.compile(
@@ -175,7 +176,7 @@ class DiffusersEngine:
                                      if getattr(pipeline, c, None) is not None)
         self._shapes = {c: _linear_shapes(getattr(pipeline, c)) for c in self.lora_components}
         self._state_shapes = {c: {k: tuple(v.shape) for k, v in getattr(pipeline, c).state_dict().items()}
-                              for c in ("unet", "text_encoder") if getattr(pipeline, c, None) is not None}
+                              for c in _DREAMBOOTH_FILES if getattr(pipeline, c, None) is not None}
         self._lock = threading.RLock()
         self._ids = itertools.count()
         self._active: str | None = None  # LoRA key active on the base, "" = LoRA disabled, None = unknown
@@ -350,7 +351,8 @@ class DiffusersEngine:
         if unknown:
             raise AdapterLoadError(f"DreamBooth model: unexpected file {unknown[0]!r} (expected "
                                    "unet/config.json, unet/diffusion_pytorch_model.safetensors and optionally "
-                                   "text_encoder/config.json, text_encoder/model.safetensors)", param="files")
+                                   "text_encoder/config.json, text_encoder/model.safetensors and, on SDXL, "
+                                   "text_encoder_2/...)", param="files")
         for component, (config_name, weights_name) in _DREAMBOOTH_FILES.items():
             present = [n for n in (config_name, weights_name) if n in files]
             if not present:
@@ -444,14 +446,16 @@ class DiffusersEngine:
         unet.to(self.device, **({} if unet.dtype == self.dtype else {"dtype": self.dtype})).eval()
         components = dict(self.pipe.components)
         components["unet"] = unet
-        if "text_encoder" in adapter.tensors:
-            te_cls = type(self.pipe.text_encoder)
-            config = type(self.pipe.text_encoder.config).from_dict(adapter.configs["text_encoder"])
+        for name in ("text_encoder", "text_encoder_2"):
+            if name not in adapter.tensors:
+                continue
+            base_encoder = getattr(self.pipe, name)
+            config = type(base_encoder.config).from_dict(adapter.configs[name])
             with init_empty_weights():
-                text_encoder = te_cls(config)
-            text_encoder.load_state_dict(adapter.tensors["text_encoder"], strict=True, assign=True)
+                text_encoder = type(base_encoder)(config)
+            text_encoder.load_state_dict(adapter.tensors[name], strict=True, assign=True)
             text_encoder.to(self.device, **({} if text_encoder.dtype == self.dtype else {"dtype": self.dtype})).eval()
-            components["text_encoder"] = text_encoder
+            components[name] = text_encoder
         components["scheduler"] = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
         extra = {k: v for k, v in self.pipe.config.items() if not k.startswith("_") and k not in components}
         pipeline = type(self.pipe)(**components, **extra)

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from appliance.diffusion.checkpoint import checkpoint_artifacts
     from appliance.diffusion.data import ImageDatasetError, build_dataset_zip, read_image_dataset
     from appliance.diffusion.importer import DiffusionModelInfo, import_diffusers_model
-    from appliance.diffusion.tiny import build_tiny_sd_pipeline
+    from appliance.diffusion.tiny import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
     from appliance.diffusion.trainer import train_images
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "TrainingDivergedError",
     "build_dataset_zip",
     "build_tiny_sd_pipeline",
+    "build_tiny_sdxl_pipeline",
     "checkpoint_artifacts",
     "import_diffusers_model",
     "read_image_dataset",
@@ -69,4 +70,5 @@ __getattr__ = lazy_attributes(__name__, {
     "DiffusionModelInfo": "appliance.diffusion.importer",
     "import_diffusers_model": "appliance.diffusion.importer",
     "build_tiny_sd_pipeline": "appliance.diffusion.tiny",
+    "build_tiny_sdxl_pipeline": "appliance.diffusion.tiny",
 })

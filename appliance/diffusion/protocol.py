@@ -29,6 +29,9 @@ class Models:
         tokenizer: ``CLIPTokenizer``.
         noise_scheduler: A ``DDPMScheduler`` built from the pipeline's scheduler config (training noise).
         sample_scheduler: The pipeline's own scheduler (sampling).
+        text_encoder_2: SDXL only: ``CLIPTextModelWithProjection`` (its pooled, projected output
+            conditions the UNet with the ``add_time_ids``); ``None`` for SD 1.x/2.x.
+        tokenizer_2: SDXL only: its tokenizer.
     """
 
     unet: Any
@@ -37,6 +40,17 @@ class Models:
     tokenizer: Any
     noise_scheduler: Any
     sample_scheduler: Any
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+
+    @property
+    def xl(self) -> bool:
+        """Whether this is an SDXL pipeline (two text encoders, ``text_time`` conditioning)."""
+        return self.text_encoder_2 is not None
+
+    def text_encoders(self) -> dict[str, Any]:
+        """``{"text_encoder": ..., "text_encoder_2": ...}``: the pipeline's text encoders by component name."""
+        return {"text_encoder": self.text_encoder, **({"text_encoder_2": self.text_encoder_2} if self.xl else {})}
 
 
 @dataclass
@@ -44,8 +58,9 @@ class Setup:
     """What a recipe made trainable.
 
     Attributes:
-        trainable: ``"unet.<name>"`` / ``"text_encoder.<name>"`` to each parameter that requires grad.
-        train_text_encoder: Whether the text encoder is in the graph (prompts are then encoded every step).
+        trainable: ``"unet.<name>"`` / ``"text_encoder.<name>"`` (/ ``"text_encoder_2.<name>"``) to each
+            parameter that requires grad.
+        train_text_encoder: Whether the text encoder(s) are in the graph (prompts are then encoded every step).
         details: What the recipe chose, for the result.
     """
 

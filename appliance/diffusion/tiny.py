@@ -195,6 +195,78 @@ def build_tiny_sd_pipeline(dest_dir: Path, seed: int = 0) -> Path:
     return dest_dir
 
 
+def tiny_sdxl_components(seed: int = 0, tokenizer_dir: Path | None = None) -> dict:
+    """A tiny SDXL pipeline's components, seeded (the shapes of diffusers' SDXL fast tests, 16x16 pixels).
+
+    Two text encoders (``CLIPTextModel`` and ``CLIPTextModelWithProjection``, 32 wide each, so the UNet's
+    cross-attention is 64 wide), a UNet with SDXL's ``text_time`` conditioning (pooled text embedding plus
+    the six ``add_time_ids``), the constructed near-identity VAE and an Euler scheduler predicting noise
+    (as SDXL does). Both tokenizers read the same vocabulary.
+    """
+    import tempfile
+
+    import torch
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_dir = Path(tokenizer_dir) if tokenizer_dir is not None else Path(tmp)
+        vocab, _ = write_clip_vocabulary(vocab_dir)
+        tokenizer = CLIPTokenizer.from_pretrained(vocab_dir, model_max_length=77)
+
+    def text_config() -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, layer_norm_eps=1e-5, projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
+    time_embed_dim = 8
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=SAMPLE_SIZE, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+            layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4),
+            use_linear_projection=True, norm_num_groups=4, cross_attention_dim=64,
+            addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
+            projection_class_embeddings_input_dim=6 * time_embed_dim + 32,
+        )
+        vae = near_identity_vae(seed + 1)
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(text_config())
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = CLIPTextModelWithProjection(text_config())
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+    )
+    return {
+        "unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+        "text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer, "scheduler": scheduler,
+    }
+
+
+def build_tiny_sdxl_pipeline(dest_dir: Path, seed: int = 0) -> Path:
+    """Write the tiny SDXL test pipeline to ``dest_dir`` (``StableDiffusionXLPipeline.from_pretrained`` loads it)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    dest_dir = Path(dest_dir)
+    components = tiny_sdxl_components(seed, tokenizer_dir=dest_dir / "tokenizer")
+    pipe = StableDiffusionXLPipeline(**components, add_watermarker=False)
+    pipe.save_pretrained(dest_dir, safe_serialization=True)
+    index_path = dest_dir / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index[TEST_PIPELINE_MARKER] = {
+        "seed": seed,
+        "weights": "random SDXL UNet and text encoders; constructed near-identity VAE; for tests only",
+    }
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (dest_dir / "README.txt").write_text(_README.format(seed=seed))
+    return dest_dir
+
+
 def near_identity_vae(seed: int = 0, *, channels: int = 8, big: float = 1000.0, shift: float = 10.0):
     """A one-block ``AutoencoderKL`` whose weights make ``decode(encode(x))`` approximate ``x``.
 

@@ -1,12 +1,21 @@
 """The image training entry point: dataset bytes in, artefact bytes out, nothing on disk.
 
 :func:`train_images` reads the sanitised dataset zip, loads the base Stable
-Diffusion pipeline, resolves ``"auto"`` hyperparameters, generates "before"
+Diffusion pipeline (1.x/2.x or SDXL), resolves ``"auto"`` hyperparameters, generates "before"
 images for the instance prompt (and class images for prior preservation),
 runs the optimizer steps of diffusers' training scripts (latents from the
 VAE, DDPM noise, MSE on the scheduler's prediction type, optional Min-SNR
 weighting, prior loss) with events, checkpoints, validation images and
 cancellation, then generates "after" images and returns the artefact.
+
+SDXL follows ``train_dreambooth_lora_sdxl.py``: the prompt is the concatenated
+penultimate hidden states of both text encoders, the second one's projected
+pooled output and six ``add_time_ids`` (original size, crop top-left, target
+size) condition the UNet, and with ``train_text_encoder`` both encoders train.
+Uploaded images of mixed shapes go into aspect-ratio buckets of about
+``resolution``² pixels (the crop is recorded in their ``add_time_ids``) instead of
+being centre-cropped square; a micro-batch mixing buckets runs one UNet pass
+per bucket.
 
 Reproducible by construction: the images of step ``k`` and its noise and
 timesteps are drawn from generators seeded by ``(seed, k)``, so a resumed run
@@ -53,7 +62,9 @@ MAX_GRAD_NORM = 1.0
 SAMPLE_BATCH_SIZE = 4
 NUM_VALIDATION_IMAGES = 4
 LOSS_WINDOW = 50
-TRAINABLE_PIPELINES = ("StableDiffusionPipeline",)
+TRAINABLE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+#: Aspect-ratio buckets (SDXL) span 1:2 to 2:1.
+MAX_BUCKET_RATIO = 2.0
 
 
 def train_images(
@@ -76,7 +87,7 @@ def train_images(
 
     Args:
         spec: Method and hyperparameters (:meth:`ImageTrainingSpec.from_method`).
-        model_dir: An imported Stable Diffusion 1.x/2.x pipeline directory
+        model_dir: An imported Stable Diffusion 1.x/2.x or SDXL pipeline directory
             (:func:`appliance.diffusion.import_diffusers_model`).
         dataset: The sanitised dataset zip (:mod:`appliance.diffusion.data`).
         class_dataset: With prior preservation (``class_prompt``): an uploaded dataset zip of class
@@ -123,7 +134,7 @@ def train_images(
     if torch_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(torch_device)
     resident_before = peak_resident_reset() if torch_device.type == "cpu" else None
-    models = _load_models(model_dir, torch_device)
+    models = _load_models(model_dir, torch_device, pipeline_class)
     if resident_before is not None:  # loading's page-cache peak is host memory, not training's
         peak_resident_reset()
     vae_scale = 2 ** (len(models.vae.config.block_out_channels) - 1)
@@ -157,8 +168,10 @@ def train_images(
         "prediction_type": models.noise_scheduler.config.prediction_type, "instance_prompt": instance_prompt,
         "sample_prompt": sample_prompt, "prior_preservation": prior,
         "class_prompt": getattr(hp, "class_prompt", None), "sample_steps": sample_steps,
-        "center_crop": True,
+        "center_crop": not models.xl,
     }
+    buckets = _buckets(hp.resolution, vae_scale * 2 ** (len(models.unet.config.block_out_channels) - 1)) \
+        if models.xl else None
 
     def event(kind: str, step: int, **fields: Any) -> None:
         emit(ImageTrainingEvent(type=kind, step=step, total_steps=total_steps, **fields))
@@ -192,11 +205,14 @@ def train_images(
                         "`resume_from` cannot continue this run: the class images came out differently "
                         "(another device or library version?)", param="resume_from")
                 state.class_digest = class_digest
-                class_pixels = _pixels(class_images, hp.resolution)
+                class_pixels = _prepare(class_images, hp.resolution, buckets)
                 counted = (f"{len(given)} uploaded" + (f" and {len(generated)} generated" if generated else "")
                            if given else f"generated {len(generated)}")
                 event("info", 0, message=f"{counted} class images for {hp.class_prompt!r}")
-            instance = _encode_images(models, _pixels(data.images, hp.resolution), torch_device)
+            instance_pixels = _prepare(data.images, hp.resolution, buckets)
+            if buckets is not None:
+                details["aspect_ratio_buckets"] = _bucket_counts(instance_pixels)
+            instance = _encode_images(models, instance_pixels, torch_device)
             klass = _encode_images(models, class_pixels, torch_device) if class_pixels is not None else None
         except Cancelled:
             return _cancelled(hp, state, data, details, images, total_steps, 0)
@@ -211,7 +227,8 @@ def train_images(
         if hp.gradient_checkpointing:  # recompute activations in the backward pass: less memory, slower steps
             models.unet.enable_gradient_checkpointing()
             if setup.train_text_encoder:
-                models.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                for encoder in models.text_encoders().values():
+                    encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         optimizer = _optimizer(list(setup.trainable.values()), hp, prefix)
         details["gradient_checkpointing"] = hp.gradient_checkpointing
         details["optimizer"] = "adamw_8bit" if hp.use_8bit_adam else "adamw"
@@ -223,7 +240,8 @@ def train_images(
 
         models.unet.train()
         if setup.train_text_encoder:
-            models.text_encoder.train()
+            for encoder in models.text_encoders().values():
+                encoder.train()
         try:
             window = ProgressWindow()
             train_seconds_before = state.train_seconds
@@ -294,8 +312,8 @@ class _RunState:
     class_digest: str | None = None
 
 
-def _class_count(klass: dict[str, torch.Tensor] | None) -> int:
-    return 0 if klass is None else int(klass["mean"].shape[0])
+def _class_count(klass: _Latents | None) -> int:
+    return 0 if klass is None else len(klass)
 
 
 def _metrics(state: _RunState, after: dict[str, float] | None, total_steps: int, data: ImageDataset,
@@ -342,26 +360,32 @@ def _check_trainable(model_dir: Path) -> str:
     if name not in TRAINABLE_PIPELINES:
         raise InvalidRequestError(
             f"`model_dir` {model_dir.name} is a {name!r}; image training supports "
-            f"{', '.join(TRAINABLE_PIPELINES)} (Stable Diffusion 1.x/2.x); SDXL can be imported and served "
-            "but not trained yet", param="model")
+            f"{', '.join(TRAINABLE_PIPELINES)} (Stable Diffusion 1.x/2.x and SDXL)", param="model")
     return name
 
 
-def _load_models(model_dir: Path, device: torch.device) -> Models:
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+def _load_models(model_dir: Path, device: torch.device, pipeline_class: str) -> Models:
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model_dir, local_files_only=True, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False, dtype=torch.float32,
-    )
+    if pipeline_class == "StableDiffusionXLPipeline":
+        pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, local_files_only=True, add_watermarker=False,
+                                                         dtype=torch.float32)
+        xl = {"text_encoder_2": pipe.text_encoder_2, "tokenizer_2": pipe.tokenizer_2}
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            model_dir, local_files_only=True, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, dtype=torch.float32,
+        )
+        xl = {}
     pipe.set_progress_bar_config(disable=True)
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
-        part.to(device)
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder, xl.get("text_encoder_2")):
+        if part is not None:
+            part.to(device)
     pipe.vae.requires_grad_(False)
     return Models(
         unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
-        sample_scheduler=pipe.scheduler,
+        sample_scheduler=pipe.scheduler, **xl,
     )
 
 
@@ -393,23 +417,96 @@ def _center_crop(image, size: int):
     return resized.crop((left, top, left + size, top + size))
 
 
-def _pixels(images: list, size: int) -> torch.Tensor:
-    """``(N, 3, size, size)`` float32 in [-1, 1]."""
-    import numpy as np
+@dataclass
+class _Pixels:
+    """Training images as ``(3, H, W)`` float32 tensors in [-1, 1] and their SDXL ``add_time_ids``."""
 
-    arrays = [np.asarray(_center_crop(im, size), dtype=np.float32) for im in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+    images: list[torch.Tensor]
+    time_ids: torch.Tensor  # (N, 6): original height, width, crop top, left, target height, width
+
+
+@dataclass
+class _Latents:
+    """Each image's VAE posterior (``(C, h, w)`` mean and std) and its ``add_time_ids``."""
+
+    mean: list[torch.Tensor]
+    std: list[torch.Tensor]
+    time_ids: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+
+def _buckets(resolution: int, multiple: int) -> list[tuple[int, int]]:
+    """Aspect-ratio buckets ``(width, height)``: multiples of ``multiple``, each the largest such height for its
+    width under ``resolution``² pixels, from 1:``MAX_BUCKET_RATIO`` to ``MAX_BUCKET_RATIO``:1 (kohya's and
+    SDXL's own training buckets are built the same way)."""
+    area, out = resolution * resolution, set()
+    for width in range(multiple, int(resolution * MAX_BUCKET_RATIO) + 1, multiple):
+        height = area // width // multiple * multiple
+        if height >= multiple and max(width, height) / min(width, height) <= MAX_BUCKET_RATIO:
+            out.add((width, height))
+    return sorted(out)
+
+
+def _bucket_for(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest the image's (on a log scale); the larger one on a tie."""
+    import math
+
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
+def _prepare(images: list, resolution: int, buckets: list[tuple[int, int]] | None) -> _Pixels:
+    """Each image resized to cover its bucket and centre-cropped to it (``buckets=None``: the square
+    ``resolution``, as the scripts' ``--center_crop``), with ``(orig h, orig w, top, left, h, w)`` for SDXL."""
+    import numpy as np
+    from PIL import Image
+
+    tensors, ids = [], []
+    for image in images:
+        w, h = image.size
+        bw, bh = _bucket_for(w, h, buckets) if buckets is not None else (resolution, resolution)
+        scale = max(bw / w, bh / h)
+        resized = image.convert("RGB").resize((max(bw, round(w * scale)), max(bh, round(h * scale))),
+                                              Image.BILINEAR)
+        left, top = (resized.width - bw) // 2, (resized.height - bh) // 2
+        array = np.asarray(resized.crop((left, top, left + bw, top + bh)), dtype=np.float32)
+        tensors.append(torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0)
+        ids.append((h, w, top, left, bh, bw))
+    return _Pixels(tensors, torch.tensor(ids, dtype=torch.float32).reshape(-1, 6))
+
+
+def _bucket_counts(pixels: _Pixels) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for image in pixels.images:
+        key = f"{image.shape[2]}x{image.shape[1]}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _by_shape(shapes: list[tuple[int, ...]]) -> list[list[int]]:
+    """Indices grouped by shape, groups in order of first appearance, indices in order within each."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, shape in enumerate(shapes):
+        groups.setdefault(shape, []).append(i)
+    return list(groups.values())
 
 
 @torch.no_grad()
-def _encode_images(models: Models, pixels: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+def _encode_images(models: Models, pixels: _Pixels, device: torch.device) -> _Latents:
     """The VAE posterior (mean, std) of each image; latents are sampled from it every step, as the scripts do."""
-    means, stds = [], []
-    for start in range(0, pixels.shape[0], 8):
-        dist = models.vae.encode(pixels[start : start + 8].to(device, dtype=models.vae.dtype)).latent_dist
-        means.append(dist.mean.float())
-        stds.append(dist.std.float())
-    return {"mean": torch.cat(means), "std": torch.cat(stds)}
+    n = len(pixels.images)
+    means: list[torch.Tensor | None] = [None] * n
+    stds: list[torch.Tensor | None] = [None] * n
+    for group in _by_shape([tuple(t.shape) for t in pixels.images]):
+        for start in range(0, len(group), 8):
+            chunk = group[start : start + 8]
+            batch = torch.stack([pixels.images[i] for i in chunk]).to(device, dtype=models.vae.dtype)
+            dist = models.vae.encode(batch).latent_dist
+            for j, i in enumerate(chunk):
+                means[i], stds[i] = dist.mean[j].float(), dist.std[j].float()
+    return _Latents(means, stds, pixels.time_ids.to(device))
 
 
 class _Sampler:
@@ -421,16 +518,22 @@ class _Sampler:
         self.steps, self.guidance_scale, self.seed, self.stop = steps, guidance_scale, seed, stop
 
     def sample(self, prompt: str, n: int, size: int, *, offset: int) -> list:
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         m = self.models
-        pipe = StableDiffusionPipeline(
-            vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
-            scheduler=type(m.sample_scheduler).from_config(m.sample_scheduler.config),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+        scheduler = type(m.sample_scheduler).from_config(m.sample_scheduler.config)
+        if m.xl:
+            pipe = StableDiffusionXLPipeline(
+                vae=m.vae, text_encoder=m.text_encoder, text_encoder_2=m.text_encoder_2, tokenizer=m.tokenizer,
+                tokenizer_2=m.tokenizer_2, unet=m.unet, scheduler=scheduler, add_watermarker=False,
+            )
+        else:
+            pipe = StableDiffusionPipeline(
+                vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet, scheduler=scheduler,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
         pipe.set_progress_bar_config(disable=True)
-        modes = [(part, part.training) for part in (m.unet, m.text_encoder)]
+        modes = [(part, part.training) for part in (m.unet, *m.text_encoders().values())]
         for part, _ in modes:
             part.eval()
         extra = {} if self.guidance_scale is None else {"guidance_scale": self.guidance_scale}
@@ -480,28 +583,43 @@ def _append_row(grid: bytes, row: list) -> bytes:
 
 
 class _TextConditioning:
-    """Prompt embeddings: computed once when the text encoder is frozen, per step when it trains."""
+    """Prompt embeddings: computed once when the text encoders are frozen, per step when they train.
+
+    SD 1.x/2.x: the text encoder's last hidden state. SDXL (as the pipeline and diffusers' SDXL scripts):
+    both encoders' penultimate hidden states, concatenated, and the second one's projected pooled output.
+    """
 
     def __init__(self, models: Models, setup: Setup, prompts: list[str], class_prompt: str | None,
                  device: torch.device) -> None:
         self.models, self.trains = models, setup.train_text_encoder
         unique = sorted(set(prompts) | ({class_prompt} if class_prompt else set()))
-        tok = models.tokenizer
-        ids = tok(unique, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(device)
+        tokenizers = [models.tokenizer] + ([models.tokenizer_2] if models.xl else [])
+        self.ids = [tok(unique, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device) for tok in tokenizers]
         self.index = {p: i for i, p in enumerate(unique)}
         self.prompt_ids = [self.index[p] for p in prompts]
         self.class_id = self.index[class_prompt] if class_prompt else None
-        self.ids = ids
         self.cached = None
         if not self.trains:
             with torch.no_grad():
-                self.cached = models.text_encoder(ids, return_dict=False)[0]
+                self.cached = self._encode(list(range(len(unique))))
 
-    def embed(self, which: list[int]) -> torch.Tensor:
+    def _encode(self, which: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        m = self.models
+        if not m.xl:
+            return m.text_encoder(self.ids[0][which], return_dict=False)[0], None
+        states = []
+        for encoder, ids in zip((m.text_encoder, m.text_encoder_2), self.ids, strict=True):
+            out = encoder(ids[which], output_hidden_states=True, return_dict=True)
+            states.append(out.hidden_states[-2])
+        return torch.cat(states, dim=-1), out.text_embeds
+
+    def embed(self, which: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(encoder hidden states, pooled embeddings or None)`` for prompts ``which``."""
         if self.cached is not None:
-            return self.cached[which]
-        return self.models.text_encoder(self.ids[which], return_dict=False)[0]
+            states, pooled = self.cached
+            return states[which], (pooled[which] if pooled is not None else None)
+        return self._encode(which)
 
 
 def _stream_positions(n: int, seed: int, salt: str, start: int, count: int) -> list[int]:
@@ -519,48 +637,69 @@ def _stream_positions(n: int, seed: int, salt: str, start: int, count: int) -> l
 
 
 def _train_step(models: Models, setup: Setup, optimizer, scheduler, scaler, texts: _TextConditioning,
-                instance: dict[str, torch.Tensor], klass: dict[str, torch.Tensor] | None, hp: Any, step: int,
+                instance: _Latents, klass: _Latents | None, hp: Any, step: int,
                 device: torch.device, autocast_dtype: torch.dtype | None) -> tuple[float, int]:
-    """One optimizer step of ``gradient_accumulation_steps`` micro-batches; returns (loss, images used)."""
+    """One optimizer step of ``gradient_accumulation_steps`` micro-batches; returns (loss, images used).
+
+    A micro-batch is ``train_batch_size`` instance images (plus as many class images with prior
+    preservation); images of different bucket shapes go through the UNet in one pass per shape and
+    their per-image losses are averaged together, so the loss is the same as one pass would give.
+    """
     from diffusers.training_utils import compute_snr
 
     batch, accumulation = hp.train_batch_size, hp.gradient_accumulation_steps
     noise_scheduler = models.noise_scheduler
     prediction = noise_scheduler.config.prediction_type
+    if prediction not in ("epsilon", "v_prediction", "sample"):
+        raise InvalidRequestError(f"the base model's scheduler has prediction_type {prediction!r}; "
+                                  "training supports 'epsilon', 'v_prediction' and 'sample'", param="model")
     scaling = models.vae.config.scaling_factor
     shift = getattr(models.vae.config, "shift_factor", None) or 0.0
     total, used = 0.0, 0
     for micro in range(accumulation):
         position = (step * accumulation + micro) * batch
-        picks = _stream_positions(instance["mean"].shape[0], hp.seed, "instance", position, batch)
+        picks = _stream_positions(len(instance), hp.seed, "instance", position, batch)
+        items = [(instance, i) for i in picks]
         prompt_ids = [texts.prompt_ids[i] for i in picks]
-        mean, std = instance["mean"][picks], instance["std"][picks]
         if klass is not None:
-            class_picks = _stream_positions(klass["mean"].shape[0], hp.seed, "class", position, batch)
-            mean = torch.cat([mean, klass["mean"][class_picks]])
-            std = torch.cat([std, klass["std"][class_picks]])
+            items += [(klass, i) for i in _stream_positions(len(klass), hp.seed, "class", position, batch)]
             prompt_ids += [texts.class_id] * batch
         generator = torch.Generator("cpu").manual_seed(_step_seed(hp.seed, step, micro))
-        eps = torch.randn(mean.shape, generator=generator).to(device)
-        noise = torch.randn(mean.shape, generator=generator).to(device)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (mean.shape[0],),
+        groups = _by_shape([tuple(source.mean[i].shape) for source, i in items])
+        draws = []
+        for group in groups:  # one shape: the same draws, in the same order, as one batched tensor
+            shape = (len(group), *items[group[0]][0].mean[items[group[0]][1]].shape)
+            draws.append((torch.randn(shape, generator=generator).to(device),
+                          torch.randn(shape, generator=generator).to(device)))
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(items),),
                                   generator=generator).to(device)
-        latents = ((mean + std * eps) - shift) * scaling
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        context = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
-        with context:
-            encoder_states = texts.embed(prompt_ids)
-            pred = models.unet(noisy, timesteps, encoder_states, return_dict=False)[0]
-        if prediction == "epsilon":
-            target = noise
-        elif prediction == "v_prediction":
-            target = noise_scheduler.get_velocity(latents, noise, timesteps)
-        elif prediction == "sample":
-            target = latents
-        else:
-            raise InvalidRequestError(f"the base model's scheduler has prediction_type {prediction!r}; "
-                                      "training supports 'epsilon', 'v_prediction' and 'sample'", param="model")
-        per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        losses, order = [], []
+        for group, (eps, noise) in zip(groups, draws, strict=True):
+            mean = torch.stack([items[k][0].mean[items[k][1]] for k in group])
+            std = torch.stack([items[k][0].std[items[k][1]] for k in group])
+            t = timesteps[group]
+            latents = ((mean + std * eps) - shift) * scaling
+            noisy = noise_scheduler.add_noise(latents, noise, t)
+            context = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                       else nullcontext())
+            with context:
+                encoder_states, pooled = texts.embed([prompt_ids[k] for k in group])
+                extra = {}
+                if models.xl:
+                    time_ids = torch.stack([items[k][0].time_ids[items[k][1]] for k in group])
+                    extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
+                pred = models.unet(noisy, t, encoder_states, return_dict=False, **extra)[0]
+            if prediction == "epsilon":
+                target = noise
+            elif prediction == "v_prediction":
+                target = noise_scheduler.get_velocity(latents, noise, t)
+            else:
+                target = latents
+            losses.append(F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)))
+            order.extend(group)
+        per_image = torch.cat(losses)
+        if order != sorted(order):
+            per_image = per_image[torch.tensor(order, device=per_image.device).argsort()]
         inst, prior = per_image[:batch], per_image[batch:]
         if hp.snr_gamma is not None:
             # Min-SNR weighting (arXiv:2303.09556), as train_text_to_image_lora.py computes it.
@@ -577,7 +716,7 @@ def _train_step(models: Models, setup: Setup, optimizer, scheduler, scaler, text
         loss = loss / accumulation
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.item()
-        used += mean.shape[0]
+        used += len(items)
     params = list(setup.trainable.values())
     if scaler is not None:
         scaler.unscale_(optimizer)

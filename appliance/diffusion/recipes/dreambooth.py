@@ -12,6 +12,7 @@ Artefact (paths relative to a pipeline directory)::
     unet/diffusion_pytorch_model.safetensors
     text_encoder/config.json            # with train_text_encoder only
     text_encoder/model.safetensors      # with train_text_encoder only
+    text_encoder_2/...                  # SDXL with train_text_encoder: both text encoders train
 
 VAE, tokenizer and scheduler are the base model's and are not repeated: the
 serving engine builds the fine-tuned pipeline around the base's components.
@@ -47,14 +48,15 @@ def setup(models: Models, hp: DreamBoothHyperparameters, weight_dtype: torch.dty
     """Train every UNet weight (float32); the text encoder too, or cast it to ``weight_dtype`` and freeze it."""
     # The models arrive in float32; only a frozen text encoder is cast (the script's weight_dtype).
     models.unet.requires_grad_(True)
-    models.text_encoder.requires_grad_(hp.train_text_encoder)
-    if not hp.train_text_encoder and weight_dtype != torch.float32:
-        models.text_encoder.to(dtype=weight_dtype)
-    trainable = {f"unet.{n}": p for n, p in models.unet.named_parameters()}
-    if hp.train_text_encoder:
-        trainable.update({f"text_encoder.{n}": p for n, p in models.text_encoder.named_parameters()})
+    encoders = models.text_encoders()
+    for encoder in encoders.values():
+        encoder.requires_grad_(hp.train_text_encoder)
+        if not hp.train_text_encoder and weight_dtype != torch.float32:
+            encoder.to(dtype=weight_dtype)
+    trained = {"unet": models.unet, **(encoders if hp.train_text_encoder else {})}
+    trainable = {f"{component}.{n}": p for component, part in trained.items() for n, p in part.named_parameters()}
     return Setup(trainable=trainable, train_text_encoder=hp.train_text_encoder,
-                 details={"trained_components": ["unet"] + (["text_encoder"] if hp.train_text_encoder else [])})
+                 details={"trained_components": list(trained)})
 
 
 def save(models: Models, setup: Setup) -> dict[str, bytes]:
@@ -65,20 +67,21 @@ def save(models: Models, setup: Setup) -> dict[str, bytes]:
 def checkpoint_payload(models: Models, setup: Setup) -> dict[str, Any]:
     payload = {"unet_config": models.unet.to_json_string()}
     if setup.train_text_encoder:
-        payload["text_encoder_config"] = models.text_encoder.config.to_json_string()
+        for component, encoder in models.text_encoders().items():
+            payload[f"{component}_config"] = encoder.config.to_json_string()
     return payload
 
 
 def artifacts_from_checkpoint(payload: dict[str, Any], trainable: dict[str, torch.Tensor]) -> dict[str, bytes]:
-    """The diffusers-layout files from the trained tensors (``unet.*`` and ``text_encoder.*``)."""
+    """The diffusers-layout files from the trained tensors (``unet.*``, ``text_encoder.*``, ``text_encoder_2.*``)."""
     files = artifacts.model_files(
         "unet", payload["unet_config"], _component(trainable, "unet"), diffusers_model=True
     )
-    if "text_encoder_config" in payload:
-        files.update(artifacts.model_files(
-            "text_encoder", payload["text_encoder_config"], _component(trainable, "text_encoder"),
-            diffusers_model=False,
-        ))
+    for component in ("text_encoder", "text_encoder_2"):
+        if f"{component}_config" in payload:
+            files.update(artifacts.model_files(
+                component, payload[f"{component}_config"], _component(trainable, component), diffusers_model=False,
+            ))
     return files
 
 

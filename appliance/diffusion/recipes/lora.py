@@ -3,7 +3,8 @@
 As diffusers' ``examples/text_to_image/train_text_to_image_lora.py``: a peft
 LoRA (``r = lora_alpha = rank``, Gaussian init) on ``to_q``, ``to_k``, ``to_v``
 and ``to_out.0`` of every attention block; with ``train_text_encoder`` another on
-the text encoder's ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``. Each image is
+the text encoder's ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj`` (on SDXL, on both text
+encoders, as ``train_text_to_image_lora_sdxl.py`` does). Each image is
 paired with its caption, or with the instance prompt when it has none. The
 artefact is ``pytorch_lora_weights.safetensors`` in diffusers' format.
 """
@@ -63,11 +64,11 @@ def attach_lora(models: Models, rank: int, train_text_encoder: bool, weight_dtyp
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
-    models.unet.requires_grad_(False)
-    models.text_encoder.requires_grad_(False)
-    if weight_dtype != torch.float32:
-        models.unet.to(dtype=weight_dtype)
-        models.text_encoder.to(dtype=weight_dtype)
+    encoders = models.text_encoders()
+    for part in (models.unet, *encoders.values()):
+        part.requires_grad_(False)
+        if weight_dtype != torch.float32:
+            part.to(dtype=weight_dtype)
     models.unet.add_adapter(
         LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=unet_targets)
     )
@@ -77,14 +78,13 @@ def attach_lora(models: Models, rank: int, train_text_encoder: bool, weight_dtyp
             raise InvalidRequestError(
                 f"`train_text_encoder` with LoRA is not available on this appliance: {why}; set it to false",
                 param=f"method.{method}.hyperparameters.train_text_encoder")
-        models.text_encoder.add_adapter(
-            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TEXT_ENCODER_TARGETS)
-        )
-    trained = [models.unet] + ([models.text_encoder] if train_text_encoder else [])
-    cast_training_params(trained, dtype=torch.float32)
-    trainable = {f"unet.{n}": p for n, p in models.unet.named_parameters() if p.requires_grad}
-    if train_text_encoder:
-        trainable.update({f"text_encoder.{n}": p for n, p in models.text_encoder.named_parameters() if p.requires_grad})
+        for encoder in encoders.values():
+            encoder.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                           target_modules=TEXT_ENCODER_TARGETS))
+    trained = {"unet": models.unet, **(encoders if train_text_encoder else {})}
+    cast_training_params(list(trained.values()), dtype=torch.float32)
+    trainable = {f"{component}.{n}": p for component, part in trained.items()
+                 for n, p in part.named_parameters() if p.requires_grad}
     return Setup(
         trainable=trainable,
         train_text_encoder=train_text_encoder,
@@ -94,10 +94,10 @@ def attach_lora(models: Models, rank: int, train_text_encoder: bool, weight_dtyp
 
 
 def save_lora(models: Models, setup: Setup) -> dict[str, bytes]:
-    """``pytorch_lora_weights.safetensors`` with the UNet (and text encoder) LoRA."""
-    layers = {"unet": artifacts.lora_layers(models.unet)}
-    configs = {"unet": artifacts.lora_config(models.unet)}
-    if setup.train_text_encoder:
-        layers["text_encoder"] = artifacts.lora_layers(models.text_encoder)
-        configs["text_encoder"] = artifacts.lora_config(models.text_encoder)
+    """``pytorch_lora_weights.safetensors`` with the UNet (and text encoders') LoRA, keys prefixed ``unet.``,
+    ``text_encoder.`` and, on SDXL, ``text_encoder_2.`` (what ``StableDiffusionXLPipeline.save_lora_weights``
+    writes)."""
+    parts = {"unet": models.unet, **(models.text_encoders() if setup.train_text_encoder else {})}
+    layers = {component: artifacts.lora_layers(part) for component, part in parts.items()}
+    configs = {component: artifacts.lora_config(part) for component, part in parts.items()}
     return {artifacts.LORA_WEIGHTS: artifacts.lora_file(layers, configs)}

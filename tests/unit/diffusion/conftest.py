@@ -75,3 +75,16 @@ def tensors(result_or_files) -> dict[str, torch.Tensor]:
 
 def same(a, b) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from appliance.diffusion import build_tiny_sdxl_pipeline
+
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl") / "tiny-sdxl", seed=0)
+
+
+def mixed_sizes_dataset() -> bytes:
+    """The disc subject photographed square, landscape (2:1, 3:2) and portrait: SDXL's buckets take them all."""
+    images = [red_disc(0), red_disc(1, 32).resize((32, 16)), red_disc(2), red_disc(3, 24).resize((16, 24))]
+    return build_dataset_zip(images, None, PROMPT)

@@ -83,7 +83,7 @@ def test_import_refuses_with_a_message_naming_the_path(tiny_sd, tmp_path, change
 
 
 def test_import_detects_sdxl(tmp_path):
-    """A tiny SDXL pipeline (diffusers' SDXL test shapes) is recognised; training refuses it clearly."""
+    """A tiny SDXL pipeline (diffusers' SDXL test shapes) is recognised (training it: test_sdxl.py)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -110,13 +110,6 @@ def test_import_detects_sdxl(tmp_path):
     info = import_diffusers_model(tmp_path / "sdxl", tmp_path / "store" / "sdxl", "tiny-sdxl")
     assert info.family == "sdxl" and info.pipeline_class == "StableDiffusionXLPipeline"
     assert info.default_resolution == 64 and not info.test_pipeline
-
-    from appliance.diffusion import train_images
-
-    from .conftest import QUICK, disc_dataset, make_spec
-    with pytest.raises(InvalidRequestError, match="SDXL can be imported and served but not trained") as err:
-        train_images(make_spec("dreambooth", **QUICK), tmp_path / "store" / "sdxl", disc_dataset())
-    assert err.value.param == "model"
 
 
 def test_import_takes_fp16_variant_folders_single_and_sharded(tiny_sd, tmp_path):
