@@ -211,7 +211,10 @@ def train_images(
                 event("info", 0, message=f"{counted} class images for {hp.class_prompt!r}")
             instance_pixels = _prepare(data.images, hp.resolution, buckets)
             if buckets is not None:
-                details["aspect_ratio_buckets"] = _bucket_counts(instance_pixels)
+                details["aspect_ratio_buckets"] = counts = _bucket_counts(instance_pixels)
+                event("info", 0, message=f"{len(data.images)} images in {len(counts)} aspect-ratio bucket(s) of "
+                      f"about {hp.resolution}x{hp.resolution} pixels: "
+                      + ", ".join(f"{size} ({n})" for size, n in counts.items()))
             instance = _encode_images(models, instance_pixels, torch_device)
             klass = _encode_images(models, class_pixels, torch_device) if class_pixels is not None else None
         except Cancelled:

@@ -57,6 +57,9 @@ def test_sdxl_dreambooth_lora_and_dreambooth_jobs_then_images(client, state, mak
     db_lora = run_job(client, trainer, SDXL, file_id, {"type": "dreambooth_lora", "dreambooth_lora": {
         "hyperparameters": {**hp, "rank": 4}}})
     assert db_lora.status == "succeeded", db_lora.error
+    jobs = openai.OpenAI(api_key=trainer, base_url=str(client.base_url) + "/v1", http_client=client, max_retries=0)
+    messages = [e.message for e in jobs.fine_tuning.jobs.list_events(db_lora.id, limit=100).data]
+    assert any(m.startswith("4 images in ") and "aspect-ratio bucket(s)" in m for m in messages), messages
     full = run_job(client, trainer, SDXL, file_id, {"type": "dreambooth", "dreambooth": {"hyperparameters": {
         **hp, "learning_rate": 1e-3, "train_text_encoder": True}}})
     assert full.status == "succeeded", full.error

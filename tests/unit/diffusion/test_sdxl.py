@@ -62,10 +62,13 @@ def test_sdxl_lora_trains_on_mixed_shapes_and_loads_in_stock_diffusers(tiny_sdxl
         return forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs)
 
     monkeypatch.setattr(UNet2DConditionModel, "forward", recording)
+    events = []
     result = train_images(make_spec(method, **QUICK, rank=4, **extra), tiny_sdxl, mixed_sizes_dataset(),
-                          sample_steps=2)
+                          sample_steps=2, on_event=events.append)
     monkeypatch.undo()
     assert result.status == "succeeded" and result.details["aspect_ratio_buckets"] == BUCKETS
+    assert "4 images in 3 aspect-ratio bucket(s) of about 16x16 pixels: 12x20 (1), 16x16 (2), 20x12 (1)" in [
+        e.message for e in events]
     assert result.details["pipeline_class"] == "StableDiffusionXLPipeline" and not result.details["center_crop"]
     keys = load_safetensors(result.artifacts["pytorch_lora_weights.safetensors"])
     assert keys and all(k.startswith("unet.") for k in keys)
