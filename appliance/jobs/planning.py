@@ -1,4 +1,4 @@
-"""A new LLM job's memory plan, made when it is created: a job that cannot fit is refused then, not an hour in.
+"""A new job's memory plan, made when it is created: a job that cannot fit is refused then, not an hour in.
 
 The API process knows the model's shape (its ``config.json``) and the request's
 settings, not yet the data: ``"auto"`` fields take the values the trainer would
@@ -6,6 +6,11 @@ give them at most (``max_seq_length``: 2048 or the model's context; the batch
 its smallest share). The worker plans again once the data is tokenised and
 its device's free memory is known (:func:`appliance.training.trainer._plan`),
 and the job's ``compute.plan`` then shows that plan beside the measured peak.
+
+Image jobs (:func:`image_plan_or_problem`) are planned once, here: the plan
+chooses ``gradient_checkpointing`` and ``use_8bit_adam`` where they are
+``"auto"``, and the worker trains with its choice (:func:`worker_image_hyperparameters`);
+the measured peak is stored beside it as ``compute.measured``.
 """
 
 from __future__ import annotations
@@ -128,3 +133,65 @@ def worker_sharding(compute: dict[str, Any] | None) -> str:
     if sharding == AUTO and planned in ("fsdp", "none"):
         return planned
     return sharding
+
+
+def image_plan_at_creation(model_dir: str | Path, method: str, hyperparameters: dict[str, Any],
+                           device: planner.Device) -> dict[str, Any]:
+    """``compute.plan`` for a new image job on ``device``: its memory options and predicted peak.
+
+    Raises:
+        InvalidRequestError: Even gradient checkpointing with 8-bit Adam does not fit; ``param`` names the
+            first field whose change would (``train_text_encoder``, ``method.type``, ``train_batch_size``,
+            ``resolution``...).
+    """
+    from appliance.diffusion import planner as image_planner
+    from appliance.diffusion.hyperparameters import DEFAULTS
+
+    shape = image_planner.ImageModelShape.from_model_dir(model_dir)
+    hp = hyperparameters
+    resolution = shape.default_resolution if hp.get("resolution", AUTO) == AUTO else int(hp["resolution"])
+    batch = hp.get("train_batch_size", AUTO)
+    batch = DEFAULTS[method]["train_batch_size"] if batch == AUTO else int(batch)
+    precision = hp.get("mixed_precision", AUTO)
+    if precision == AUTO:  # as resolve() on the worker, assuming a current GPU computes in bf16
+        precision = "bf16" if device.kind == "cuda" else "no"
+    rank = hp.get("rank", AUTO)
+
+    def option(name: str) -> bool | None:
+        value = hp.get(name, AUTO)
+        return None if value == AUTO else bool(value)
+
+    job = image_planner.ImageJobShape(
+        method=method, resolution=resolution, train_batch_size=batch,
+        prior_preservation=hp.get("class_prompt") is not None, mixed_precision=precision,
+        train_text_encoder=bool(hp.get("train_text_encoder", False)),
+        rank=DEFAULTS[method].get("rank", 4) if rank == AUTO else int(rank),
+        gradient_checkpointing=option("gradient_checkpointing"), use_8bit_adam=option("use_8bit_adam"))
+    chosen = image_planner.plan(shape, job, device)
+    if chosen is None:
+        raise image_planner.refuse(shape, job, device)
+    return {**chosen.to_dict(), "made": "at creation", "mixed_precision": precision}
+
+
+def image_plan_or_problem(model_dir: str | Path, method: str, hyperparameters: dict[str, Any],
+                          device: planner.Device) -> dict[str, Any] | None:
+    """:func:`image_plan_at_creation`, or ``None`` when the pipeline's configs cannot be planned (never blocks)."""
+    try:
+        return image_plan_at_creation(model_dir, method, hyperparameters, device)
+    except InvalidRequestError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+def worker_image_hyperparameters(hyperparameters: dict[str, Any], compute: dict[str, Any] | None) -> dict[str, Any]:
+    """An image job's hyperparameters with ``"auto"`` memory options replaced by the plan's choice.
+
+    Explicit ``true``/``false`` are the job's and stay; without a plan ``"auto"`` stays (and means off).
+    """
+    plan = (compute or {}).get("plan") or {}
+    out = dict(hyperparameters)
+    for name in ("gradient_checkpointing", "use_8bit_adam"):
+        if out.get(name, AUTO) == AUTO and isinstance(plan.get(name), bool):
+            out[name] = plan[name]
+    return out

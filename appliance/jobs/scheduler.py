@@ -613,7 +613,7 @@ class Scheduler:
         if memory and "plan" in memory:  # the worker's plan, made on its device with the data, beside what it measured
             job.compute = {**(job.compute or {}), "plan": {**memory["plan"], "made": "by the worker, on its device",
                                                            **{k: v for k, v in memory.items() if k != "plan"}}}
-        elif memory:  # measured only (image jobs have no memory plan yet)
+        elif memory:  # image jobs: the plan made at creation stays, the measured peak goes beside it
             job.compute = {**(job.compute or {}), "measured": dict(memory)}
         job.resumable = False
         add_event(s, job.id, f"New fine-tuned model created: {adapter_id}", data=job.metrics)

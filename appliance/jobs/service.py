@@ -30,7 +30,7 @@ from appliance.files.service import FileService
 from appliance.identity.service import Principal, project_by_id, project_names
 from appliance.jobs.memorization import fit_canaries, parse_memorization, public_view, training_examples
 from appliance.jobs.models import TERMINAL, FineTuningJob, JobCheckpoint, JobEvent
-from appliance.jobs.planning import plan_or_problem, training_device
+from appliance.jobs.planning import image_plan_or_problem, plan_or_problem, training_device
 from appliance.jobs.recipes import DATASET_PURPOSE, capabilities, validate_method
 from appliance.jobs.schemas import SUFFIX_EXPECTED, SUFFIX_PATTERN
 from appliance.training.data import holdout_size
@@ -168,6 +168,11 @@ class JobService:
                 with problems.collect():  # a job that cannot fit is refused now, not an hour in
                     plan = plan_or_problem(base.path, method_type, hyperparameters, compute, self.training_device(),
                                            max_workers=self.max_workers)
+                    if plan is not None:
+                        compute = {**compute, "plan": plan}
+            if base.kind == "diffusion" and method_type is not None and not problems.errors:
+                with problems.collect():  # the memory options chosen, or the job refused naming what would fit
+                    plan = image_plan_or_problem(base.path, method_type, hyperparameters, self.training_device())
                     if plan is not None:
                         compute = {**compute, "plan": plan}
         suffix = body.get("suffix")

@@ -81,8 +81,11 @@ def _data_parallel_note() -> str:
 def run_image_task(channel: Channel, start: dict[str, Any], datasets: dict[str, bytes], resume: bytes | None) -> None:
     """Stable Diffusion LoRA / DreamBooth / DreamBooth+LoRA; images become the job's result files."""
     from appliance.diffusion import ImageTrainingSpec, train_images
+    from appliance.jobs.planning import worker_image_hyperparameters
 
-    method = {"type": start["method_type"], start["method_type"]: {"hyperparameters": start["hyperparameters"]}}
+    # "auto" memory options become the plan's choice (compute.plan, made at creation): what was shown runs
+    hyperparameters = worker_image_hyperparameters(start["hyperparameters"], start.get("compute"))
+    method = {"type": start["method_type"], start["method_type"]: {"hyperparameters": hyperparameters}}
     spec = ImageTrainingSpec.from_method(method)
     if resume is not None:
         channel.event(f"Resuming from the checkpoint at step {start.get('resume_step')}")

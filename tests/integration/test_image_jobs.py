@@ -191,3 +191,38 @@ def test_dreambooth_with_the_data_owners_own_class_images(client, state, image_m
     assert created.details["class_images_file"] == classes
     manifest = state.catalog.get_adapter(None, job.fine_tuned_model).row.manifest
     assert {d["id"] for d in manifest["datasets"]} == {instance, classes}  # the signed lineage names both
+
+
+def test_an_image_job_stores_its_memory_plan_and_one_that_cannot_fit_is_refused(
+        client, state, image_model, make_token, monkeypatch):
+    from appliance.jobs.planning import worker_image_hyperparameters
+    from appliance.training.planner import GIB, Device
+
+    owner = make_token("olivia", Role.DATA_OWNER, "acme")
+    trainer = make_token("trish", Role.TRAINER, "acme")
+    upload = client.post("/v1/files", headers=bearer(owner), data={"purpose": "fine-tune-images",
+                                                                  "instance_prompt": PROMPT},
+                         files={"file": ("disc.zip", zip_of({f"disc{i}.png": disc() for i in range(2)}))})
+    assert upload.status_code == 201, upload.text
+    api = openai.OpenAI(api_key=trainer, base_url=str(client.base_url) + "/v1", http_client=client, max_retries=0)
+    method = {"type": "dreambooth", "dreambooth": {"hyperparameters": {"use_8bit_adam": False}}}
+    monkeypatch.setattr(state.jobs, "training_device", lambda: Device("cuda", 256 << 10, "a 256 KiB card"))
+    with pytest.raises(openai.BadRequestError) as info:
+        api.fine_tuning.jobs.create(model=image_model, training_file=upload.json()["id"], method=method)
+    assert info.value.body["param"].startswith("method.dreambooth.hyperparameters.")
+    assert "a 256 KiB card (cuda)" in info.value.message and "this image job needs about" in info.value.message
+    assert not api.fine_tuning.jobs.list().data  # nothing was created
+
+    monkeypatch.setattr(state.jobs, "training_device", lambda: Device("cuda", 24 * GIB, "a 24 GiB card"))
+    job = api.fine_tuning.jobs.create(model=image_model, training_file=upload.json()["id"], method=method)
+    plan = job.model_extra["compute"]["plan"]
+    assert plan["made"] == "at creation" and plan["device"]["name"] == "a 24 GiB card"
+    assert plan["gradient_checkpointing"] is False and plan["use_8bit_adam"] is False  # a tiny model fits as it is
+    assert plan["breakdown_bytes"]["runtime"] == GIB and plan["predicted_peak_bytes"] > GIB
+    # The worker trains with the plan's choice where the job said "auto", and with the job's own value elsewhere.
+    stored = job.model_dump()["method"]["dreambooth"]["hyperparameters"]
+    chosen = worker_image_hyperparameters({"gradient_checkpointing": "auto", "use_8bit_adam": False},
+                                          {"plan": {**plan, "gradient_checkpointing": True, "use_8bit_adam": True}})
+    assert chosen == {"gradient_checkpointing": True, "use_8bit_adam": False}
+    assert stored.get("gradient_checkpointing", "auto") == "auto"  # the job keeps what was asked
+    api.fine_tuning.jobs.cancel(job.id)
