@@ -30,10 +30,13 @@ num_class_images            -                     100, or as many as    the same
                                                   were uploaded
                                                   (``class_images_file``)
 mixed_precision             ``bf16`` on a CUDA device with bf16, else ``no``
-gradient_checkpointing      off (``--gradient_checkpointing``: recompute the UNet's, and a trained text
-                            encoder's, activations in the backward pass; less memory, slower steps)
-use_8bit_adam               off (``--use_8bit_adam``: bitsandbytes' 8-bit AdamW, optimizer state in
-                            a quarter of the memory)
+gradient_checkpointing      the memory plan's choice (``--gradient_checkpointing``: recompute the UNet's, and a
+                            trained text encoder's, activations in the backward pass; less memory, slower steps)
+use_8bit_adam               the memory plan's choice (``--use_8bit_adam``: bitsandbytes' 8-bit AdamW, optimizer
+                            state in a quarter of the memory). The plan (:mod:`appliance.diffusion.planner`,
+                            made when the job is created) turns neither on when the job fits without them,
+                            else checkpointing, then 8-bit Adam too (only on a GPU with bitsandbytes); the
+                            worker substitutes its choice for ``"auto"``. Without a plan, ``"auto"`` is off.
 checkpoint_every_steps      500 (``--checkpointing_steps``); 0 = never
 validation_every_steps      100 (``--validation_steps``); 0 = never
 ==========================  ====================  ====================  ====================
@@ -275,7 +278,7 @@ def resolve(
         values["max_train_steps"] = defaults["num_train_epochs"] * math.ceil(max(1, n_images) / (batch * accumulation))
     if hp.mixed_precision == AUTO:
         values["mixed_precision"] = "bf16" if device_type == "cuda" and bf16_supported else "no"
-    for field in ("gradient_checkpointing", "use_8bit_adam"):  # no image memory plan yet: off unless asked
+    for field in ("gradient_checkpointing", "use_8bit_adam"):  # still "auto": no memory plan chose, so off
         if getattr(hp, field) == AUTO:
             values[field] = False
     resolved = dataclasses.replace(hp, **values)
