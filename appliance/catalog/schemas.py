@@ -37,8 +37,9 @@ class ModelImportCreate(msgspec.Struct):
     """``POST /v1/model_imports``: what to import from the import directory, and its name in the store."""
 
     source: Annotated[str, msgspec.Meta(
-        description="Path of a Hugging Face model directory (sharded safetensors included), a .gguf file or a "
-                    "diffusers pipeline, relative to the import directory (APPLIANCE_MODEL_IMPORT_DIR).")]
+        description="Path of a Hugging Face model directory (sharded safetensors included), a .gguf file, a "
+                    "diffusers pipeline or a single-file Stable Diffusion 1.x/2.x/SDXL .safetensors checkpoint, "
+                    "relative to the import directory (APPLIANCE_MODEL_IMPORT_DIR).")]
     model: Annotated[str, msgspec.Meta(
         description="The base model's name in the store (and in /v1/models): letters, digits, '.', '_', '-'.")]
 

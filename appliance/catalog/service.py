@@ -46,6 +46,9 @@ class AdapterView:
 AdapterHook = Callable[[str], None]
 
 
+#: Files imported as single-file Stable Diffusion checkpoints (pickled ones only to be refused, naming why).
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
 class CatalogService:
     """The model catalogue.
 
@@ -87,14 +90,20 @@ class CatalogService:
             shutil.rmtree(dest)  # leftover of an interrupted import: nothing references it
         self.models_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
-            if (Path(src) / "model_index.json").is_file():
+            single_file = Path(src).is_file() and Path(src).suffix.lower() in SINGLE_FILE_SUFFIXES
+            if (Path(src) / "model_index.json").is_file() or single_file:
                 from appliance.diffusion import import_diffusers_model
+                from appliance.diffusion.single_file import import_single_file
 
-                if on_progress:
-                    on_progress("copying and checking the diffusers pipeline")
-                dinfo = import_diffusers_model(src, dest, name)
+                if single_file:  # a Stable Diffusion checkpoint in one file: converted with shipped configs
+                    dinfo = import_single_file(src, dest, name, on_progress=on_progress)
+                else:
+                    if on_progress:
+                        on_progress("copying and checking the diffusers pipeline")
+                    dinfo = import_diffusers_model(src, dest, name)
                 kind, architecture, parameters = "diffusion", dinfo.pipeline_class, dinfo.parameter_count
-                info, details = dinfo, {"family": dinfo.family, "test_pipeline": dinfo.test_pipeline}
+                info, details = dinfo, {"family": dinfo.family, "test_pipeline": dinfo.test_pipeline,
+                                        "single_file": single_file}
             else:
                 info = import_model(src, dest, name, on_progress=on_progress)
                 kind, architecture, parameters, details = "llm", info.architecture, info.parameter_count, {}

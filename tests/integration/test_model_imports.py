@@ -113,3 +113,30 @@ def test_only_an_admin_may_import_and_a_refusal_is_audited(client, state, make_t
     assert client.get("/v1/model_imports", headers=bearer(trainer)).status_code == 403
     denied = [e for e in _audit(state, "access.denied") if e.actor == "trish"]
     assert denied and all(e.outcome == "denied" for e in denied)
+
+
+def test_single_file_checkpoints_are_converted_or_refused_naming_what_was_expected(client, state, admin_token,
+                                                                                   tmp_path):
+    """A pickled checkpoint is refused unopened; a Stable Diffusion file that does not fit the shipped configs of
+    its detected family (the tiny one here: detected as SD 1.x) fails naming the family and what was expected;
+    both are audited and leave nothing in the store. (Conversion itself: tests/unit/diffusion/test_single_file.py.)"""
+    from tests.unit.diffusion.ldm_export import export_single_file
+    from tests.unit.diffusion.test_single_file import sd_structured
+
+    imports = state.settings.home.imports_dir
+    imports.mkdir(parents=True, exist_ok=True)
+    (imports / "old.ckpt").write_bytes(b"PK\x03\x04 a pickle")
+    export_single_file(sd_structured(tmp_path, xl=False), imports / "tiny-sd15.safetensors", xl=False)
+    for source, name, message in [("old.ckpt", "old-1", "pickled checkpoint"),
+                                  ("tiny-sd15.safetensors", "tiny-1", "could not be converted as a "
+                                                                      "StableDiffusionPipeline")]:
+        body = client.post("/v1/model_imports", headers=bearer(admin_token),
+                           json={"source": source, "model": name}).json()
+        done = _finished(client, admin_token, body["id"])
+        assert done["status"] == "failed" and done["error"]["param"] == "source", done
+        assert message in done["error"]["message"] and "single-file Stable Diffusion 1.x, 2.x or SDXL" in \
+            done["error"]["message"]
+        assert not (state.settings.models_dir / name).exists()
+    failures = [e for e in _audit(state, "model.import") if e.outcome == "failure"]
+    assert {e.resource_id for e in failures} == {"old-1", "tiny-1"}
+    assert not any(p.name.startswith(".single-file-") for p in state.settings.models_dir.iterdir())
