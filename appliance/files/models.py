@@ -63,8 +63,9 @@ class ScanFinding(Base):
     end: Mapped[int] = mapped_column(Integer)
     score: Mapped[float] = mapped_column(Float)
     action: Mapped[str] = mapped_column(String(16))
-    #: for ``allow`` findings kept intact: the record index and span in the stored (decrypted) file,
-    #: which blank lines and redactions shift; the extraction probe reads them
+    #: the record index and span in the stored (decrypted) file, which blank lines and redactions shift:
+    #: of the value for ``allow`` findings kept intact (the extraction probe reads them), of the placeholder or
+    #: surrogate for redacted and pseudonymized ones (the portal's masked context)
     stored_record: Mapped[int | None] = mapped_column(Integer, default=None)
     stored_start: Mapped[int | None] = mapped_column(Integer, default=None)
     stored_end: Mapped[int | None] = mapped_column(Integer, default=None)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.policy import Policy, decide, redact_record
-from appliance.policy.redaction import stored_span
+from appliance.policy.redaction import replaced_span, stored_span
 from appliance.policy.surrogates import Surrogates
 from appliance.errors import InvalidLinesError, InvalidRequestError
 from appliance.scanning import Finding, Scanner, iter_text_fields, parse_line
@@ -41,8 +41,9 @@ class IntakeReport:
     by_action: Counter[str] = field(default_factory=Counter)
     #: entity type -> 1-based line numbers where it was blocked (first 20 per type)
     blocked_lines: dict[str, list[int]] = field(default_factory=dict)
-    #: index in ``findings`` -> (record index in the stored file, start, end in the stored text), for
-    #: ``allow`` findings whose value is stored intact (blank lines and redaction shift both)
+    #: index in ``findings`` -> (record index in the stored file, start, end in the stored text): for
+    #: ``allow`` findings where the value is stored intact, for redacted and pseudonymized ones where their
+    #: placeholder or surrogate is (blank lines and redaction shift both)
     stored_spans: dict[int, tuple[int, int, int]] = field(default_factory=dict)
 
     @property
@@ -171,7 +172,7 @@ class JsonlIntake:
         texts = {(index, path): text for index, path, text in units}
         decision = decide(found, self.policy, lambda f: texts[(f.record, f.field)])
         by_record: dict[int, list[Finding]] = {}
-        allowed: dict[int, list[tuple[int, Finding]]] = {}  # record -> (index in report.findings, finding)
+        located: dict[int, list[tuple[int, Finding]]] = {}  # record -> (index in report.findings, finding)
         first_stored = report.records - len(batch)  # blank lines are not stored: count records, not lines
         stored_index = {line: first_stored + i for i, (line, _) in enumerate(batch)}
         for f in decision.findings:
@@ -184,16 +185,17 @@ class JsonlIntake:
             by_record.setdefault(f.record, []).append(f)
             if len(report.findings) < self.max_findings:
                 report.findings.append(f)
-                if f.action == "allow":
-                    allowed.setdefault(f.record, []).append((len(report.findings) - 1, f))
+                if f.action == "allow" or f.action in REPLACING_ACTIONS:
+                    located.setdefault(f.record, []).append((len(report.findings) - 1, f))
             else:
                 report.findings_truncated = True
         if report.blocked:
             return  # keep scanning for the report; nothing more is stored
         for index, record in batch:
             redactions = [f for f in by_record.get(index, []) if f.action in REPLACING_ACTIONS]
-            for position, f in allowed.get(index, []):
-                span = stored_span(f, redactions, texts[(index, f.field)], self.surrogates)
+            for position, f in located.get(index, []):
+                where = replaced_span if f.action in REPLACING_ACTIONS else stored_span
+                span = where(f, redactions, texts[(index, f.field)], self.surrogates)
                 if span is not None:
                     report.stored_spans[position] = (stored_index[index], *span)
             if redactions:

@@ -391,6 +391,24 @@ class FileService:
             ))
         return view, findings
 
+    def stored_records(self, principal: Principal, ctx: AuditContext, file_id: str,
+                       wanted: set[int]) -> dict[int, dict[str, Any]]:
+        """The stored (policy-redacted) records at indices ``wanted``, parsed; the read is audited.
+
+        Streams the stored content and keeps only the wanted records, so any record of a large
+        file can be shown without holding the file.
+        """
+        _, chunks = self.content(principal, ctx, file_id)
+        out: dict[int, dict[str, Any]] = {}
+        for index, raw in _lines_of(chunks):
+            if index in wanted:
+                parsed = parse_line(raw, index + 1, validate=False)
+                if parsed is not None:
+                    out[index] = parsed
+                if len(out) == len(wanted):
+                    break
+        return out
+
     # -- review -------------------------------------------------------------
     def scan_groups(self, principal: Principal, ctx: AuditContext | None, file_id: str, *,
                     reveal: bool) -> tuple[FileView, list[FindingGroup]]:
@@ -757,6 +775,40 @@ def _texts_of(chunks: Iterator[bytes], records: set[int]) -> Iterator[tuple[tupl
     if pending:
         line_no += 1
         yield from one(bytes(pending))
+
+
+def _lines_of(chunks: Iterator[bytes]) -> Iterator[tuple[int, bytes]]:
+    """``(0-based line index, raw line)`` of a JSONL stream."""
+    pending = bytearray()
+    index = 0
+    for chunk in chunks:
+        pending += chunk
+        start = 0
+        while (end := pending.find(b"\n", start)) >= 0:
+            yield index, bytes(pending[start:end])
+            index += 1
+            start = end + 1
+        del pending[:start]
+    if pending:
+        yield index, bytes(pending)
+
+
+def masked_context(text: str, target: ScanFinding, in_field: list[ScanFinding], width: int = 48) -> str:
+    """The stored (redacted) text around a finding's stored span, every finding of the field there
+    shown as ``<TYPE>`` (the target as ``⟦TYPE⟧``): where it is, never what it was."""
+    start, end = target.stored_start, target.stored_end
+    left, right = max(0, start - width), min(len(text), end + width)
+    marks = sorted((max(f.stored_start, left), min(f.stored_end, right),
+                    f"⟦{f.entity_type}⟧" if f is target else f"<{f.entity_type}>") for f in in_field
+                   if f.stored_start is not None and f.stored_end > left and f.stored_start < right)
+    out, pos = ["…" if left > 0 else ""], left
+    for mark_start, mark_end, label in marks:
+        if mark_start < pos:
+            continue  # overlaps the previous mark, which hides it
+        out += [text[pos:mark_start], label]
+        pos = mark_end
+    out += [text[pos:right], "…" if right < len(text) else ""]
+    return "".join(out)
 
 
 def _context(text: str, target: ScanFinding, in_field: list[ScanFinding], width: int = 48) -> str:

@@ -66,6 +66,19 @@ def stored_span(finding: Finding, redactions: Iterable[Finding], text: str,
     return finding.start + shift, finding.end + shift
 
 
+def replaced_span(finding: Finding, redactions: Iterable[Finding], text: str,
+                  surrogates: Surrogates | None = None) -> tuple[int, int] | None:
+    """Where the replacement of a redacted (or pseudonymized) ``finding`` lies once ``redactions`` (which include
+    it) are applied to ``text``: the placeholder or surrogate of the merged span that covers it."""
+    shift = 0
+    for start, end, value in _replacements(text, [r for r in redactions if r.field == finding.field], surrogates):
+        if start <= finding.start and finding.end <= end:
+            return start + shift, start + shift + len(value)
+        if end <= finding.start:
+            shift += len(value) - (end - start)
+    return None
+
+
 def redact_record(record: dict[str, Any], findings: Iterable[Finding],
                   surrogates: Surrogates | None = None) -> dict[str, Any]:
     """A copy of ``record``: ``redact`` findings replaced by ``<ENTITY_TYPE>``, ``pseudonymize`` ones by surrogates.

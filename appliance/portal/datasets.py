@@ -13,11 +13,11 @@ from anyio import to_thread
 from litestar import Request, get, post
 from litestar.di import NamedDependency
 from litestar.enums import RequestEncodingType
-from litestar.params import Body, FromPath
+from litestar.params import Body, FromPath, FromQuery
 from litestar.response import Redirect, Response, Template
 
 from appliance.errors import ApplianceError
-from appliance.files.service import FileService, FileView
+from appliance.files.service import FileService, FileView, masked_context
 from appliance.identity.roles import Permission, role_allows
 from appliance.portal.render import bar_chart, page, portal, session_of
 from appliance.web.context import audit_context
@@ -26,6 +26,8 @@ from appliance.services import AppState
 
 Form = Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]
 PREVIEW_RECORDS = 5
+#: Findings per page of the scan report (every page is reachable; so is every record with findings).
+FINDINGS_PAGE = 100
 PREVIEW_IMAGES = 8
 #: Image archives are read whole for their captions: only up to this size.
 PREVIEW_ARCHIVE_BYTES = 32 * 1024 * 1024
@@ -70,30 +72,61 @@ async def upload(request: Request, files: NamedDependency[FileService]) -> Respo
 
 
 @get("/datasets/{file_id:str}", opt=portal(Permission.FILES_READ), include_in_schema=False, sync_to_thread=True)
-def dataset(request: Request, files: NamedDependency[FileService], file_id: FromPath[str]) -> Template:
+def dataset(request: Request, files: NamedDependency[FileService], file_id: FromPath[str],
+            findings_page: FromQuery[int] = 1, records: FromQuery[str] = "first") -> Template:
+    """The scan report: findings page by page with their masked context, and a preview of the stored records:
+    the first ones, or (``records=findings``) those with this page's findings."""
     principal = session_of(request).principal
     view, findings = files.scan_report(principal, file_id)
-    preview: list[str] = []
+    pages = max(1, -(-len(findings) // FINDINGS_PAGE))
+    current = min(max(1, findings_page), pages)
+    shown = findings[(current - 1) * FINDINGS_PAGE: current * FINDINGS_PAGE]
+    with_findings = records == "findings"
+    preview: list[tuple[int, str]] = []
+    contexts: dict[int, str] = {}
     archive: dict[str, Any] = {}
     if role_allows(principal.role, Permission.FILES_CONTENT):
-        # The stored content is already redacted by the policy; show its first records.
-        _, chunks = files.content(principal, audit_context(request), file_id)
+        # The stored content is already redacted by the policy: show its records and the text around findings.
         if view.row.purpose == "fine-tune-images":
+            _, chunks = files.content(principal, audit_context(request), file_id)
             archive = _archive_preview(chunks, view.row.bytes)
         else:
-            buffer = b""
-            for chunk in chunks:
-                buffer += chunk
-                if buffer.count(b"\n") >= PREVIEW_RECORDS:
-                    break
-            preview = [json.dumps(json.loads(line), ensure_ascii=False, indent=1)
-                       for line in buffer.splitlines()[:PREVIEW_RECORDS]]
+            located = {f.stored_record for f in shown if f.stored_record is not None}
+            wanted = located | (set() if with_findings else set(range(PREVIEW_RECORDS)))
+            stored = files.stored_records(principal, audit_context(request), file_id, wanted)
+            contexts = _contexts(stored, shown, findings)
+            lines = sorted(located) if with_findings else sorted(set(range(PREVIEW_RECORDS)) & set(stored))
+            preview = [(i + 1, json.dumps(stored[i], ensure_ascii=False, indent=1)) for i in lines if i in stored]
     summary = view.row.scan_summary
     review = _review(request, files, view, bool(findings))
     return page(request, "dataset.html", section="datasets", title=view.row.filename, view=view,
-                findings=findings[:500], more_findings=max(0, len(findings) - 500), preview=preview, archive=archive,
+                findings=shown, findings_total=len(findings), findings_page=current, findings_pages=pages,
+                records_with_findings=len({f.record for f in findings}), with_findings=with_findings,
+                contexts=contexts, preview=preview, archive=archive,
                 chart=bar_chart(summary.get("by_entity_type") or {}), summary=summary, review=review,
                 flashes=_review_flashes(request))
+
+
+def _contexts(stored: dict[int, dict[str, Any]], shown: list, findings: list) -> dict[int, str]:
+    """Finding id -> the stored text around it, every finding there masked as its type."""
+    from appliance.scanning import iter_text_fields
+
+    by_field: dict[tuple[int, str], list] = {}
+    for f in findings:
+        if f.stored_record in stored:
+            by_field.setdefault((f.stored_record, f.field), []).append(f)
+    texts: dict[tuple[int, str], str] = {}
+    for index, record in stored.items():
+        try:
+            texts.update({(index, path): text for path, text in iter_text_fields(record)})
+        except ApplianceError:  # a stored record of another shape: no context, the finding still shows
+            continue
+    out = {}
+    for f in shown:
+        text = texts.get((f.stored_record, f.field))
+        if text is not None and f.stored_start is not None and f.stored_end <= len(text):
+            out[f.id] = masked_context(text, f, by_field[(f.stored_record, f.field)])
+    return out
 
 
 def _review(request: Request, files: FileService, view: FileView, any_findings: bool) -> dict[str, Any] | None:
@@ -166,7 +199,10 @@ def delete_dataset(request: Request, files: NamedDependency[FileService], file_i
     if data.get("confirm") != file_id:
         view, findings = files.scan_report(principal, file_id)
         return page(request, "dataset.html", section="datasets", title=view.row.filename, view=view,
-                    findings=findings[:500], more_findings=0, preview=[], summary=view.row.scan_summary,
+                    findings=findings[:FINDINGS_PAGE], findings_total=len(findings), findings_page=1,
+                    findings_pages=max(1, -(-len(findings) // FINDINGS_PAGE)), contexts={},
+                    records_with_findings=len({f.record for f in findings}), with_findings=False,
+                    preview=[], summary=view.row.scan_summary,
                     chart=bar_chart(view.row.scan_summary.get("by_entity_type") or {}), status_code=400,
                     flashes=[("error", "Type the file id to confirm the deletion.")])
     files.delete(principal, audit_context(request), file_id)

@@ -351,3 +351,41 @@ def test_every_page_fits_a_375_px_phone_screen(portal_server, browser):
         shot(page, f"10-phone-{user}")
         context.close()
     assert not wide, f"pages wider than a 375 px screen (px of sideways scroll): {wide}"
+
+
+def test_every_finding_and_every_record_with_findings_is_reachable_masked(portal_server, browser, tmp_path):
+    """Findings page by page, each with the stored text around it (every finding masked as its type), and the
+    stored records with findings one click away: nothing is out of reach, no value is shown."""
+    context, page = login(browser, portal_server, "olivia")
+    records = []
+    for i in range(130):
+        reply = f"Ticket {i} is closed." + (f" Reach me at agent{i}@acme-corp.example or 555-0{i:03d}." if i >= 5 else "")
+        records.append({"messages": [{"role": "user", "content": f"Status of ticket {i}?"},
+                                     {"role": "assistant", "content": reply}]})
+    data = tmp_path / "tickets.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    page.goto("/datasets")
+    page.set_input_files("#file", str(data))
+    page.get_by_role("button", name="Upload and scan").click()
+    page.wait_for_url(re.compile(r"/datasets/file-"))
+    table = page.locator("#findings-table")
+    assert table.locator("tbody tr").count() == 100  # page 1 of the findings
+    first = table.locator("tbody tr").first.inner_text()
+    assert "Ticket 5 is closed. Reach me at ⟦EMAIL_ADDRESS⟧" in first
+    assert "Line 1" in page.inner_text("#preview-records") and "Line 6" not in page.inner_text("#preview-records")
+    page.locator("#next-findings").click()
+    page.wait_for_url(re.compile(r"findings_page=2"))
+    nav = page.inner_text("#findings-pages")
+    assert "page 2 of 3" in nav and "Findings 101–200 of 250" in nav  # an e-mail and a phone number per record
+    second = page.inner_text("#findings-table")
+    assert "Ticket 60 is closed. Reach me at ⟦EMAIL_ADDRESS⟧ or <PHONE_NUMBER>" in second
+    page.locator("#show-records-with-findings").click()
+    page.wait_for_url(re.compile(r"records=findings"))
+    shown = page.inner_text("#preview-records")
+    assert "Line 56" in shown and "Line 105" in shown and "Line 130" not in shown and "Line 1\n" not in shown
+    assert "<EMAIL_ADDRESS>" in shown
+    assert "records with findings" in page.inner_text("#preview-filter")
+    content = page.content()
+    assert not any(f"agent{i}@acme-corp.example" in content for i in range(130))  # values never reach the page
+    shot(page, "14-findings-page-2-with-context")
+    context.close()

@@ -89,3 +89,25 @@ def test_overlaps_take_the_stricter_action_and_stored_spans_follow_the_surrogate
     otto = _found(text, "Otto", "PERSON", "allow")
     start, end = stored_span(otto, pseudo, text, s)
     assert out[start:end] == "Otto"
+
+
+def test_replaced_spans_point_at_each_findings_placeholder_or_surrogate():
+    """The portal's masked context finds a redacted value's placeholder (or surrogate) in the stored text."""
+    from appliance.policy.redaction import replaced_span
+
+    s = Surrogates(KEY_A)
+    text = "Ask Maria Lopez at maria@example.com about Otto."
+    name = _found(text, "Maria Lopez", "PERSON", "pseudonymize")
+    mail = _found(text, "maria@example.com", "EMAIL_ADDRESS", "redact")
+    inner = _found(text, "Lopez", "PERSON", "redact")  # merged into the name's span
+    both = [name, mail]
+    out = redact_text(text, both, s)
+    start, end = replaced_span(mail, both, text, s)
+    assert out[start:end] == "<EMAIL_ADDRESS>"
+    start, end = replaced_span(name, both, text, s)
+    assert out[start:end] == s.value("PERSON", "Maria Lopez")
+    merged = [name, mail, inner]
+    out = redact_text(text, merged, s)
+    start, end = replaced_span(inner, merged, text, s)
+    assert out[start:end] == "<PERSON>"  # the stricter action won the merged span; the inner finding lies in it
+    assert replaced_span(_found(text, "Otto", "PERSON", "allow"), both, text, s) is None
