@@ -45,7 +45,11 @@ Other fields: ``instance_prompt`` (``None``: the dataset's), ``class_prompt``
 (``None``: no prior preservation; setting it turns prior preservation on, the
 scripts' ``--with_prior_preservation``), ``train_text_encoder`` (``False``),
 ``snr_gamma`` (``None``: plain MSE; the scripts recommend 5.0), ``seed`` (0;
-the scripts default to unseeded, a job here is always reproducible).
+the scripts default to unseeded, a job here is always reproducible),
+``evaluation_prompts`` (``None``: DreamBooth-style templates on the instance
+prompt, :data:`appliance.diffusion.evaluation.DEFAULT_PROMPT_TEMPLATES`; prompts
+never trained on, for CLIP-T and the generations CLIP-I/DINO score when an
+evaluator model is imported).
 
 Fixed as in the scripts (not job options): AdamW (betas 0.9/0.999, weight
 decay 1e-2, eps 1e-8), constant learning rate, gradient clipping at 1.0, LoRA
@@ -78,6 +82,8 @@ MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 ImageMethod = Literal["lora", "dreambooth", "dreambooth_lora"]
 
 MAX_PROMPT_CHARS = 1000
+#: At most this many held-out evaluation prompts (each costs a few generations before and after training).
+MAX_EVALUATION_PROMPTS = 25
 
 #: Per-method defaults behind ``"auto"`` (see the module docstring for sources).
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -118,6 +124,7 @@ class ImageLoraHyperparameters:
     seed: int = 0
     checkpoint_every_steps: int | Auto = AUTO
     validation_every_steps: int | Auto = AUTO
+    evaluation_prompts: list[str] | None = None
 
     method = "lora"
     capabilities: ClassVar[RecipeCapabilities] = RecipeCapabilities(output="adapter")
@@ -155,6 +162,7 @@ class DreamBoothHyperparameters:
     seed: int = 0
     checkpoint_every_steps: int | Auto = AUTO
     validation_every_steps: int | Auto = AUTO
+    evaluation_prompts: list[str] | None = None
 
     method = "dreambooth"
     capabilities: ClassVar[RecipeCapabilities] = RecipeCapabilities(output="full_weights")
@@ -188,6 +196,7 @@ class DreamBoothLoraHyperparameters:
     seed: int = 0
     checkpoint_every_steps: int | Auto = AUTO
     validation_every_steps: int | Auto = AUTO
+    evaluation_prompts: list[str] | None = None
 
     method = "dreambooth_lora"
     capabilities: ClassVar[RecipeCapabilities] = RecipeCapabilities(output="adapter")
@@ -348,6 +357,13 @@ def _check(hp: ImageHyperparameters) -> list[tuple[str, str]]:
         if getattr(hp, field) != AUTO and not isinstance(getattr(hp, field), bool):
             bad(field, 'must be true, false or "auto"')
     int_in("seed", 0, 2**31 - 1, auto=False)
+    prompts = hp.evaluation_prompts
+    if prompts is not None and (
+            not isinstance(prompts, list) or not 1 <= len(prompts) <= MAX_EVALUATION_PROMPTS
+            or not all(isinstance(p, str) and p.strip() and len(p) <= MAX_PROMPT_CHARS for p in prompts)):
+        bad("evaluation_prompts", f"must be a list of 1 to {MAX_EVALUATION_PROMPTS} non-empty strings of at most "
+                                  f"{MAX_PROMPT_CHARS} characters (held-out prompts for CLIP-T), or null for the "
+                                  "default set")
     for field in ("checkpoint_every_steps", "validation_every_steps"):
         value = getattr(hp, field)
         if value != AUTO and (not _is_int(value) or not 0 <= value <= 1_000_000):

@@ -17,6 +17,9 @@ FIDELITY_PROXY = (
     "the instance images' mean histogram, averaged; 1 = same colour distribution. Not CLIP-I/DINO: no such "
     "weights are installed"
 )
+#: What the learned figures are when no evaluator model is imported (the proxy is all there is).
+NO_EVALUATOR = ("no CLIP or DINO evaluator model is imported: only the colour proxy above is measured; an admin "
+                "imports one (a transformers CLIPModel, ViTModel or Dinov2Model folder) to get CLIP-I, CLIP-T and DINO")
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,14 @@ class ImageTrainMetrics(AsDict):
     subject_fidelity_proxy_mean_color_distance_before: float | None
     subject_fidelity_proxy_mean_color_distance_after: float | None
     subject_fidelity_metric: str = FIDELITY_PROXY
+    clip_i_before: float | None = None
+    clip_i_after: float | None = None
+    dino_before: float | None = None
+    dino_after: float | None = None
+    clip_t_before: float | None = None
+    clip_t_after: float | None = None
+    fidelity_evaluators: dict[str, str] | None = None
+    fidelity_metric: str = NO_EVALUATOR
 
 
 @dataclass(frozen=True)

@@ -355,3 +355,61 @@ def near_identity_vae(seed: int = 0, *, channels: int = 8, big: float = 1000.0, 
             weight[i, pos[i]] = 1.0
         pointwise(vae.decoder.conv_out, weight, bias)
     return vae
+
+
+# --------------------------------------------------------------------------- tiny fidelity evaluators
+
+#: Pixel size the tiny evaluators' image processors resize and crop to.
+EVALUATOR_IMAGE_SIZE = 32
+
+
+def build_tiny_clip_model(dest_dir: Path, seed: int = 0) -> Path:
+    """Write a tiny random ``CLIPModel`` folder (config, safetensors, CLIP tokenizer, image processor config).
+
+    For tests of the fidelity evaluation: its similarities are meaningless, but the same
+    ``seed`` writes the same weights, so the same images give the same figures.
+    """
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
+
+    dest_dir = Path(dest_dir)
+    vocab, _ = write_clip_vocabulary(dest_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(dest_dir, model_max_length=77)
+    tokenizer.save_pretrained(dest_dir)
+    text = {"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "max_position_embeddings": 77, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    vision = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "image_size": EVALUATOR_IMAGE_SIZE, "patch_size": 8}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    model.save_pretrained(dest_dir, safe_serialization=True)
+    _tiny_processor(CLIPImageProcessorPil, "CLIPImageProcessor").save_pretrained(dest_dir)
+    return dest_dir
+
+
+def build_tiny_dino_model(dest_dir: Path, seed: int = 0, *, model_class: str = "ViTModel") -> Path:
+    """Write a tiny random DINO-style ``ViTModel`` (or ``Dinov2Model``) folder with its image processor config."""
+    import torch
+    from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTImageProcessorPil, ViTModel
+
+    dest_dir = Path(dest_dir)
+    shape = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "image_size": EVALUATOR_IMAGE_SIZE, "patch_size": 8}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = (ViTModel(ViTConfig(**shape), add_pooling_layer=False) if model_class == "ViTModel"
+                 else Dinov2Model(Dinov2Config(**shape)))
+    model.save_pretrained(dest_dir, safe_serialization=True)
+    _tiny_processor(ViTImageProcessorPil, "ViTImageProcessor").save_pretrained(dest_dir)
+    return dest_dir
+
+
+def _tiny_processor(cls, name: str):
+    size = EVALUATOR_IMAGE_SIZE
+    processor = (cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+                 if name == "CLIPImageProcessor" else cls(size={"height": size, "width": size}))
+    # Saved under the class name transformers writes with torchvision, so the folder loads either way.
+    processor.image_processor_type = name
+    return processor

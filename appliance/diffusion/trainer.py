@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ import torch.nn.functional as F
 from appliance.diffusion import checkpoint as ckpt
 from appliance.diffusion.compat import text_encoder_lora_supported
 from appliance.diffusion.data import ImageDataset, read_image_dataset
+from appliance.diffusion.evaluation import FIDELITY_METRIC, IMAGES_PER_PROMPT, Evaluators, evaluation_prompts
+from appliance.diffusion.evaluation import describe as describe_learned
 from appliance.diffusion.fidelity import fidelity_proxy, grid_png
 from appliance.diffusion.hyperparameters import ImageTrainingSpec, resolve, uses_prior_preservation
 from appliance.diffusion.protocol import Models, Setup
@@ -82,6 +85,8 @@ def train_images(
     event_every_steps: int = 10,
     sample_steps: int = 25,
     guidance_scale: float | None = None,
+    clip_model: Path | None = None,
+    dino_model: Path | None = None,
 ) -> ImageTrainResult:
     """Fine-tune a Stable Diffusion model on an in-memory image dataset.
 
@@ -109,6 +114,10 @@ def train_images(
         event_every_steps: Steps between ``train`` events.
         sample_steps: Denoising steps for class, validation and before/after images.
         guidance_scale: Classifier-free guidance for those images; ``None`` = the pipeline's default.
+        clip_model: An imported ``CLIPModel`` evaluator folder (:mod:`appliance.diffusion.evaluators`): CLIP-I and
+            CLIP-T are measured before and after training, on the instance prompt's generations and on
+            ``IMAGES_PER_PROMPT`` generations per held-out prompt (``evaluation_prompts``).
+        dino_model: An imported DINO ``ViTModel``/``Dinov2Model`` folder: DINO is measured on the same generations.
 
     Returns:
         An :class:`ImageTrainResult`.
@@ -178,6 +187,8 @@ def train_images(
 
     sampler = _Sampler(models, torch_device, weight_dtype if amp else None, sample_steps, guidance_scale, hp.seed, stop)
     references = [_center_crop(im, hp.resolution) for im in data.images]
+    fidelity = _Fidelity.start(clip_model, dino_model, torch_device, weight_dtype, sampler, data, hp, sample_prompt,
+                               prompts, details, event)
     state = _RunState()
     images: dict[str, bytes] = {}
     # Seeded inside a fork so the caller's global RNG state is left untouched.
@@ -185,13 +196,14 @@ def train_images(
         torch.manual_seed(hp.seed)
         try:
             if resume is not None:
-                before_png, state.before = resume["before_grid"], resume["before_metrics"]
+                before_png, state.before = resume["before_grid"], fidelity.resumed(resume["before_metrics"])
                 before_images = None
             else:
                 before_images = sampler.sample(sample_prompt, NUM_VALIDATION_IMAGES, hp.resolution, offset=0)
-                state.before = fidelity_proxy(before_images, references)
+                state.before = {**fidelity_proxy(before_images, references), **fidelity.measure(before_images),
+                                "evaluators": fidelity.names}
                 before_png = b""
-                event("info", 0, message=f"before training: {_describe(state.before)}")
+                event("info", 0, message=f"before training: {fidelity.describe(state.before)}")
             class_pixels = None
             if prior:
                 given = uploaded.images[:hp.num_class_images] if uploaded is not None else []
@@ -218,7 +230,7 @@ def train_images(
             instance = _encode_images(models, instance_pixels, torch_device)
             klass = _encode_images(models, class_pixels, torch_device) if class_pixels is not None else None
         except Cancelled:
-            return _cancelled(hp, state, data, details, images, total_steps, 0)
+            return _cancelled(hp, state, data, details, images, total_steps, 0, fidelity)
 
         with torch.random.fork_rng(devices=[torch_device] if torch_device.type == "cuda" else []):
             torch.manual_seed(hp.seed)  # LoRA initialisation
@@ -279,11 +291,12 @@ def train_images(
             state.train_seconds = train_seconds_before + window.elapsed()
             details["memory"] = measured_peak(torch_device, resident_before)
             after_images = sampler.sample(sample_prompt, NUM_VALIDATION_IMAGES, hp.resolution, offset=0)
+            after = {**fidelity_proxy(after_images, references), **fidelity.measure(after_images)}
         except Cancelled:
             images["before_after.png"] = grid_png([references, before_images or []]) if before_images else before_png
-            return _cancelled(hp, state, data, details, images, total_steps, _class_count(klass))
-        after = fidelity_proxy(after_images, references)
-        event("info", state.step, message=f"after training: {_describe(after)}")
+            return _cancelled(hp, state, data, details, images, total_steps, _class_count(klass), fidelity)
+        event("info", state.step, message=f"after training: {fidelity.describe(after)}")
+        fidelity.report(state.step)
         if before_images is None:  # resumed: the before row comes from the checkpoint's grid
             images["before_after.png"] = _append_row(before_png, after_images)
         else:
@@ -295,7 +308,7 @@ def train_images(
         artifacts=artifacts,
         images=images,
         hyperparameters=hp,
-        metrics=_metrics(state, after, total_steps, data, _class_count(klass)),
+        metrics=_metrics(state, after, total_steps, data, _class_count(klass), fidelity),
         details=details,
     )
 
@@ -311,7 +324,7 @@ class _RunState:
     losses: list[float] = field(default_factory=list)
     train_seconds: float = 0.0
     session_images: int = 0  # this call only, for images/s
-    before: dict[str, float] | None = None
+    before: dict[str, Any] | None = None  # proxy and learned figures, and the evaluators that measured them
     class_digest: str | None = None
 
 
@@ -319,10 +332,14 @@ def _class_count(klass: _Latents | None) -> int:
     return 0 if klass is None else len(klass)
 
 
-def _metrics(state: _RunState, after: dict[str, float] | None, total_steps: int, data: ImageDataset,
-             n_class: int) -> ImageTrainMetrics:
+def _metrics(state: _RunState, after: dict[str, Any] | None, total_steps: int, data: ImageDataset,
+             n_class: int, fidelity: _Fidelity) -> ImageTrainMetrics:
     before = state.before or {}
     after = after or {}
+    learned = {f"{key}_{when}": scores.get(key) for key in ("clip_i", "dino", "clip_t")
+               for when, scores in (("before", before), ("after", after))}
+    if fidelity.evaluators is not None:
+        learned.update(fidelity_evaluators=fidelity.evaluators.names, fidelity_metric=FIDELITY_METRIC)
     return ImageTrainMetrics(
         steps=state.step,
         total_steps=total_steps,
@@ -335,18 +352,90 @@ def _metrics(state: _RunState, after: dict[str, float] | None, total_steps: int,
         subject_fidelity_proxy_color_histogram_after=after.get("color_histogram"),
         subject_fidelity_proxy_mean_color_distance_before=before.get("mean_color_distance"),
         subject_fidelity_proxy_mean_color_distance_after=after.get("mean_color_distance"),
+        **learned,
     )
 
 
 def _cancelled(hp: Any, state: _RunState, data: ImageDataset, details: dict[str, Any], images: dict[str, bytes],
-               total_steps: int, n_class: int) -> ImageTrainResult:
+               total_steps: int, n_class: int, fidelity: _Fidelity) -> ImageTrainResult:
     return ImageTrainResult(status="cancelled", artifacts=None, images=images, hyperparameters=hp,
-                            metrics=_metrics(state, None, total_steps, data, n_class), details=details)
+                            metrics=_metrics(state, None, total_steps, data, n_class, fidelity), details=details)
 
 
 def _describe(scores: dict[str, float]) -> str:
     return (f"colour-histogram proxy {scores['color_histogram']:.3f}, "
             f"mean-colour distance proxy {scores['mean_color_distance']:.3f}")
+
+
+class _Fidelity:
+    """The learned fidelity figures of a run (CLIP-I, DINO, CLIP-T), when evaluator models were given.
+
+    Evaluators load once, on the CPU in the training dtype, and move to the training device only while they
+    embed. Each measurement generates ``IMAGES_PER_PROMPT`` images per held-out prompt (seeded apart from
+    the instance prompt's) and scores them with the instance prompt's generations against the instance images.
+    """
+
+    def __init__(self, evaluators: Evaluators | None, sampler: _Sampler, real: list, prompts: list[str],
+                 resolution: int, emit: Callable[..., None]) -> None:
+        self.evaluators, self.sampler, self.real, self.prompts = evaluators, sampler, real, prompts
+        self.resolution, self.emit, self.seconds = resolution, emit, 0.0
+
+    @classmethod
+    def start(cls, clip_model: Path | None, dino_model: Path | None, device: torch.device, dtype: torch.dtype,
+              sampler: _Sampler, data: ImageDataset, hp: Any, sample_prompt: str, trained: list[str],
+              details: dict[str, Any], emit: Callable[..., None]) -> _Fidelity:
+        if clip_model is None and dino_model is None:
+            details["fidelity"] = {"evaluators": None, "metric": "proxy only (no evaluator model imported)"}
+            return cls(None, sampler, [], [], hp.resolution, emit)
+        began = time.monotonic()
+        evaluators = Evaluators(clip_model, dino_model, device, dtype)
+        prompts = evaluation_prompts(sample_prompt, getattr(hp, "evaluation_prompts", None))
+        overlap = sorted(set(prompts) & set(trained))
+        if overlap:
+            emit("warning", 0, message=f"evaluation prompt {overlap[0]!r} is also a training prompt: CLIP-T on it "
+                 "is not held out; choose `evaluation_prompts` the job does not train on")
+        out = cls(evaluators, sampler, list(data.images), prompts, hp.resolution, emit)
+        out.seconds = time.monotonic() - began
+        details["fidelity"] = {"evaluators": evaluators.names, "evaluation_prompts": prompts,
+                               "images_per_prompt": IMAGES_PER_PROMPT, "real_images": len(data.images),
+                               "dtype": str(dtype).removeprefix("torch.")}
+        return out
+
+    @property
+    def names(self) -> dict[str, str] | None:
+        return self.evaluators.names if self.evaluators is not None else None
+
+    def measure(self, generated: list) -> dict[str, float]:
+        """CLIP-I/DINO of ``generated`` plus the held-out prompts' generations, CLIP-T of the latter; {} without evaluators."""
+        if self.evaluators is None:
+            return {}
+        began = time.monotonic()
+        prompted = []
+        for i, prompt in enumerate(self.prompts):
+            shown = self.sampler.sample(prompt, IMAGES_PER_PROMPT, self.resolution, offset=2 * 10**6 + 1000 * i)
+            prompted += [(prompt, image) for image in shown]
+        scores = self.evaluators.score([*generated, *(im for _, im in prompted)], self.real, prompted)
+        self.seconds += time.monotonic() - began
+        return scores
+
+    def resumed(self, before: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint's "before" figures, without learned ones another evaluator (or none) measured."""
+        names = self.names
+        if before.get("evaluators") == names:
+            return before
+        if names is not None:
+            self.emit("warning", 0, message="the checkpoint's before-training figures were measured without the "
+                      f"evaluators {', '.join(names.values())}: CLIP-I/DINO/CLIP-T before training are not reported")
+        return {k: v for k, v in before.items() if k not in ("clip_i", "dino", "clip_t", "evaluators")}
+
+    def describe(self, scores: dict[str, Any]) -> str:
+        learned = describe_learned(scores, self.evaluators.names) if self.evaluators is not None else ""
+        return (f"{learned}; " if learned else "") + _describe(scores)
+
+    def report(self, step: int) -> None:
+        if self.evaluators is not None:
+            self.emit("info", step, message=f"fidelity evaluation ({len(self.prompts)} held-out prompts x "
+                      f"{IMAGES_PER_PROMPT} images, before and after) added {self.seconds:.1f} s to the run")
 
 
 # --------------------------------------------------------------------------- loading
