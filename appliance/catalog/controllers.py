@@ -55,7 +55,7 @@ class ModelController(Controller):
                  model_id: FromPath[str]) -> ModelObject:
         if model_id.startswith("ft:"):
             return _adapter_object(catalog.get_adapter(request.user, model_id))
-        m = catalog.get_base_model(model_id)
+        m = catalog.get_base_model(model_id, evaluators=True)
         return ModelObject(id=m.name, created=int(m.created_at.timestamp()), owned_by="appliance", parent=None,
                            root=m.name, kind=m.kind)
 

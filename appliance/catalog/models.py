@@ -18,7 +18,7 @@ class BaseModelRecord(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
-    kind: Mapped[str] = mapped_column(String(16), default="llm")  # llm | diffusion
+    kind: Mapped[str] = mapped_column(String(16), default="llm")  # llm | diffusion | evaluator
     path: Mapped[str] = mapped_column(Text)
     #: ``sha256:<hex>`` over the stored files (lineage).
     content_hash: Mapped[str] = mapped_column(String(80))

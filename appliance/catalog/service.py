@@ -48,6 +48,21 @@ AdapterHook = Callable[[str], None]
 
 #: Files imported as single-file Stable Diffusion checkpoints (pickled ones only to be refused, naming why).
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+#: The ``kind`` of fidelity evaluators (a CLIP model, a DINO ViT): listed, never served or fine-tuned.
+EVALUATOR_KIND = "evaluator"
+
+
+@dataclass(frozen=True)
+class EvaluatorRef:
+    """An evaluator an image job is scored with: its store name, folder and content hash."""
+
+    name: str
+    path: str
+    content_hash: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "path": self.path, "content_hash": self.content_hash}
+
 
 class CatalogService:
     """The model catalogue.
@@ -76,10 +91,12 @@ class CatalogService:
     # -- base models --------------------------------------------------------
     def import_model(self, ctx: AuditContext, src: Path, name: str, *, demo: bool = False,
                      on_progress: Callable[[str], None] | None = None) -> BaseModelRecord:
-        """Import a Hugging Face directory, GGUF file or diffusers pipeline as base model ``name`` (no network).
+        """Import a Hugging Face directory, GGUF file or diffusers pipeline as base model ``name`` (no network),
+        or a CLIP model / DINO ViT folder as a fidelity evaluator (kind ``evaluator``).
 
         ``on_progress`` is called with a sentence at each stage (each weight file copied, the checks).
         """
+        from appliance.diffusion.evaluators import is_evaluator_folder
         from appliance.modelstore import import_model
 
         check_model_name(name)
@@ -104,6 +121,14 @@ class CatalogService:
                 kind, architecture, parameters = "diffusion", dinfo.pipeline_class, dinfo.parameter_count
                 info, details = dinfo, {"family": dinfo.family, "test_pipeline": dinfo.test_pipeline,
                                         "single_file": single_file}
+            elif is_evaluator_folder(Path(src)):  # scores image jobs; never served or trained
+                from appliance.diffusion.evaluators import import_evaluator_model
+
+                if on_progress:
+                    on_progress("copying and checking the evaluator model")
+                info = import_evaluator_model(src, dest, name)
+                kind, architecture, parameters = EVALUATOR_KIND, info.model_class, info.parameter_count
+                details = {"family": info.family, "image_processor": info.image_processor}
             else:
                 info = import_model(src, dest, name, on_progress=on_progress)
                 kind, architecture, parameters, details = "llm", info.architecture, info.parameter_count, {}
@@ -143,12 +168,34 @@ class CatalogService:
         """The base model named ``name``, read in the caller's transaction."""
         return s.scalar(select(BaseModelRecord).where(BaseModelRecord.name == name))
 
-    def get_base_model(self, name: str, *, param: str = "model") -> BaseModelRecord:
+    def get_base_model(self, name: str, *, param: str = "model", evaluators: bool = False) -> BaseModelRecord:
+        """The base model ``name``; an evaluator only with ``evaluators`` (else a 400: it serves and trains nothing)."""
         with self.db.read() as s:
             row = self.base_model_in(s, name)
         if row is None:
             raise NotFoundError(f"model {echo(name, MODEL_NAME_LIKE)} not found; see GET /v1/models", param=param)
+        if row.kind == EVALUATOR_KIND and not evaluators:
+            raise InvalidRequestError(
+                f"model {name!r} is a fidelity evaluator ({row.architecture}): it scores image fine-tuning jobs "
+                "(CLIP-I, CLIP-T, DINO) and cannot be used for chat, image generation or fine-tuning; name a "
+                "text or image base model (GET /v1/models lists each model's `kind`)", param=param)
         return row
+
+    @staticmethod
+    def evaluators_in(s: Session) -> dict[str, EvaluatorRef]:
+        """The evaluators image jobs are scored with: ``{"clip": ..., "dino": ...}``, each family's first imported.
+
+        The first, not the newest: importing another evaluator does not change how later jobs compare with
+        earlier ones.
+        """
+        rows = s.scalars(select(BaseModelRecord).where(BaseModelRecord.kind == EVALUATOR_KIND)
+                         .order_by(BaseModelRecord.created_at, BaseModelRecord.id))
+        out: dict[str, EvaluatorRef] = {}
+        for row in rows:
+            family = (row.info or {}).get("family")
+            if family in ("clip", "dino") and family not in out:
+                out[family] = EvaluatorRef(row.name, row.path, row.content_hash)
+        return out
 
     # -- adapters -----------------------------------------------------------
     def signing_key(self):

@@ -119,7 +119,8 @@ def _run_rank(conn, rank: int, world: int, level: IsolationLevel, hide: list[str
     sandboxed = level is IsolationLevel.SANDBOX
     try:
         worker = spawn("appliance.jobs.worker", isolation=level, hide=hide, network=world > 1,
-                       reads=[start["model_dir"]] if sandboxed else [],
+                       reads=[start["model_dir"], *(e["path"] for e in (start.get("evaluators") or {}).values())]
+                       if sandboxed else [],
                        files=[d["path"] for d in datasets if d.get("path")] if sandboxed else [])
     except SandboxUnavailable as exc:
         conn.write({"type": "error", "code": "worker_sandbox_unavailable", "param": None,

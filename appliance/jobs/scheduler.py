@@ -364,6 +364,9 @@ class Scheduler:
                                   .order_by(JobCheckpoint.step_number.desc()).limit(1))
             # Decrypted chunk by chunk as it streams to the worker (once per Ray rank).
             resume = self.blobs.opener(s, checkpoint.object_id) if checkpoint else None
+            # Image jobs are scored with the store's evaluators (CLIP-I/CLIP-T, DINO) when there are any.
+            evaluators = ({family: ref.to_dict() for family, ref in self.catalog.evaluators_in(s).items()}
+                          if base.kind == "diffusion" else {})
             memorization = dict(job.memorization or {})
             if memorization.get("extraction_probe") and base.kind == "llm":
                 memorization["probe_targets"] = self.files.allowed_findings(
@@ -373,14 +376,15 @@ class Scheduler:
             "hyperparameters": job.hyperparameters, "seed": job.seed, "model_dir": base.path,
             "model_kind": base.kind, "datasets": datasets, "compute": job.compute or {},
             "resume_step": checkpoint.step_number if checkpoint else None, "memorization": memorization,
-            "isolation": self.isolation,
+            "isolation": self.isolation, "evaluators": evaluators,
         }
         return start, resume
 
     def _launch(self, job_id: str, attempt: int) -> None:
         try:
             start, resume = self._start_message(job_id)
-            reads = [start["model_dir"], *(d["path"] for d in start["datasets"])]
+            reads = [start["model_dir"], *(e["path"] for e in start["evaluators"].values()),
+                     *(d["path"] for d in start["datasets"])]
             worker = self.executor.launch(job_id, start["compute"], reads)
         except Exception as exc:
             log.exception("could not start a worker", extra={"job_id": job_id})

@@ -91,6 +91,13 @@ def run_image_task(channel: Channel, start: dict[str, Any], datasets: dict[str, 
         channel.event(f"Resuming from the checkpoint at step {start.get('resume_step')}")
     channel.event(f"Training {spec.method} on the image dataset"
                   + (", with the uploaded class images" if "class" in datasets else ""))
+    evaluators = start.get("evaluators") or {}
+    if evaluators:
+        channel.event("Fidelity is measured with the evaluator model(s) "
+                      + ", ".join(f"{e['name']} ({family})" for family, e in sorted(evaluators.items()))
+                      + ": CLIP-I/CLIP-T need a CLIP model, DINO a DINO ViT")
+    else:
+        channel.event("No evaluator model is imported: fidelity is reported as the colour proxy only")
 
     def on_event(event) -> None:
         data = {k: v for k, v in event.to_dict().items() if v is not None and k not in ("message", "images")}
@@ -105,7 +112,9 @@ def run_image_task(channel: Channel, start: dict[str, Any], datasets: dict[str, 
 
     result = train_images(spec, Path(start["model_dir"]), datasets["train"], class_dataset=datasets.get("class"),
                           on_event=on_event,
-                          open_checkpoint=open_checkpoint, should_stop=channel.stop.is_set, resume_from=resume)
+                          open_checkpoint=open_checkpoint, should_stop=channel.stop.is_set, resume_from=resume,
+                          clip_model=Path(evaluators["clip"]["path"]) if "clip" in evaluators else None,
+                          dino_model=Path(evaluators["dino"]["path"]) if "dino" in evaluators else None)
     if result.status == "cancelled":
         channel.send({"type": "cancelled", "step": result.metrics.steps})
         return
