@@ -38,8 +38,8 @@ class ModelImportCreate(msgspec.Struct):
 
     source: Annotated[str, msgspec.Meta(
         description="Path of a Hugging Face model directory (sharded safetensors included), a .gguf file, a "
-                    "diffusers pipeline or a single-file Stable Diffusion 1.x/2.x/SDXL .safetensors checkpoint, "
-                    "relative to the import directory (APPLIANCE_MODEL_IMPORT_DIR).")]
+                    "diffusers pipeline, a single-file Stable Diffusion 1.x/2.x/SDXL .safetensors checkpoint, or a "
+                    "CLIPModel/ViTModel/Dinov2Model folder (a fidelity evaluator for image jobs), relative to the import directory (APPLIANCE_MODEL_IMPORT_DIR).")]
     model: Annotated[str, msgspec.Meta(
         description="The base model's name in the store (and in /v1/models): letters, digits, '.', '_', '-'.")]
 

@@ -36,7 +36,7 @@ def models() -> None:
 @click.option("--if-missing", is_flag=True, help="Do nothing if a model of that name exists.")
 @handle_errors
 def models_import(path: Path | None, name: str | None, demo: bool, demo_images: bool, if_missing: bool) -> None:
-    """Import a Hugging Face directory, a GGUF file or a diffusers pipeline directory, offline."""
+    """Import a Hugging Face directory, a GGUF file, a diffusers pipeline or a CLIP/DINO evaluator folder, offline."""
     import tempfile
 
     from appliance.catalog.service import DEMO_IMAGE_MODEL_NAME, DEMO_MODEL_NAME
