@@ -26,6 +26,9 @@ from typing import Any
 
 import torch
 
+from appliance.diffusion.evaluators import EVALUATOR_CLASSES, image_processor_class
+from appliance.errors import InvalidRequestError
+
 #: Held-out prompt templates after the DreamBooth paper's evaluation prompts (recontextualisation and
 #: property changes; ``{}`` is the instance prompt). Four, to keep the generation cost bounded.
 DEFAULT_PROMPT_TEMPLATES = (
@@ -162,14 +165,10 @@ def _load(folder: Path, dtype: torch.dtype, *, clip: bool) -> _Encoder:
     """An evaluator from its store folder, on the CPU in ``dtype``, offline; the allow-lists are checked again."""
     import transformers
 
-    from appliance.diffusion.evaluators import EVALUATOR_CLASSES, image_processor_class
-
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     model_class = (config.get("architectures") or [None])[0]
     family = EVALUATOR_CLASSES.get(model_class, (None, None))[1]
     if family != ("clip" if clip else "dino"):
-        from appliance.errors import InvalidRequestError
-
         raise InvalidRequestError(f"evaluator {folder.name!r} is a {model_class}, not a "
                                   f"{'CLIP model' if clip else 'DINO ViT'}", param="evaluator")
     processor_name = image_processor_class(json.loads((folder / "preprocessor_config.json").read_text()),

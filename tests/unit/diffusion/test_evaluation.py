@@ -185,3 +185,22 @@ def test_without_evaluators_only_the_labelled_proxy_is_reported(tiny_sd, discs):
     assert m.clip_i_after is None and m.dino_after is None and m.fidelity_evaluators is None
     assert m.subject_fidelity_metric.startswith("proxy:") and "no CLIP or DINO evaluator" in m.fidelity_metric
     assert result.details["fidelity"]["evaluators"] is None
+
+
+def test_a_resumed_run_keeps_before_figures_only_from_the_same_evaluators():
+    from types import SimpleNamespace
+
+    from appliance.diffusion.trainer import _Fidelity
+
+    warnings = []
+    before = {"color_histogram": 0.5, "mean_color_distance": 0.1, "clip_i": 0.7, "dino": 0.6, "clip_t": 0.2,
+              "evaluators": {"clip": "clip-a", "dino": "dino-a"}}
+    same = _Fidelity(SimpleNamespace(names={"clip": "clip-a", "dino": "dino-a"}), None, [], [], 16,
+                     lambda *a, **k: warnings.append(k["message"]))
+    assert same.resumed(before) == before and not warnings
+    other = _Fidelity(SimpleNamespace(names={"clip": "clip-b"}), None, [], [], 16,
+                      lambda *a, **k: warnings.append(k["message"]))
+    assert other.resumed(before) == {"color_histogram": 0.5, "mean_color_distance": 0.1}
+    assert "clip-b" in warnings[0]
+    none = _Fidelity(None, None, [], [], 16, lambda *a, **k: warnings.append(k["message"]))
+    assert "clip_i" not in none.resumed(before) and len(warnings) == 1  # no evaluator now: nothing to warn about
