@@ -58,8 +58,11 @@ def playground(request: Request, catalog: NamedDependency[CatalogService],
 
         return Redirect(f"/playground/images?model={quote(model, safe='')}", status_code=303)
     models = _models(catalog, principal, "llm")
+    base_names = {m.name for m in catalog.list_base_models() if m.kind == "llm"}
+    bases = {a.row.id: a.row.base_model for a in catalog.list_adapters(principal) if a.row.base_model in base_names}
     return page(request, "playground.html", section="playground", title="Playground", tab="chat", models=models,
-                selected=model if model in models else (models[-1] if models else None))
+                selected=model if model in models else (models[-1] if models else None), bases=bases,
+                base_names=base_names)
 
 
 @post("/playground/chat", opt=portal(Permission.INFERENCE), include_in_schema=False, status_code=200)

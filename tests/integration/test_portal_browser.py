@@ -170,6 +170,31 @@ def test_upload_scan_train_and_audit_in_the_browser(portal_server, browser, tmp_
     assert requests[0]["messages"] == [{"role": "system", "content": "You answer questions about boxes."},
                                        {"role": "user", "content": "What colour is box 3?"}]
     shot(page, "06-playground")
+    # Side by side: the fine-tune starts compared with its base; each keeps its own conversation.
+    page.goto(f"/playground?model={model}")
+    assert page.get_by_label("Compare with").input_value() == "tiny-llama"
+    requests.clear()
+    page.get_by_label("Message").fill("And box 4?")
+    page.get_by_role("button", name="Send").click()
+    page.locator("#chat-log .exchange.grid2 .msg[data-done='1']").nth(1).wait_for(timeout=ms(120))
+    pair = page.locator("#chat-log .exchange.grid2 .msg")
+    assert pair.nth(0).inner_text().startswith(f"assistant ({model}):")
+    assert pair.nth(1).inner_text().startswith("assistant (tiny-llama):")
+    assert [r["model"] for r in requests] == [model, "tiny-llama"]
+    shot(page, "06b-playground-side-by-side")
+    # Stop: an answer still on its way is abandoned, marked, and Send works again. The request is held in the
+    # browser until Stop is pressed, so the tiny model cannot finish first.
+    page.get_by_label("Compare with").select_option("")
+    held = []
+    page.route("**/playground/chat", lambda route: held.append(route))
+    page.get_by_label("Message").fill("Tell me everything about boxes.")
+    page.get_by_role("button", name="Send").click()
+    assert page.inner_text("#chat-status") == "generating…" and page.get_by_role("button", name="Send").is_disabled()
+    page.get_by_role("button", name="Stop").click()
+    page.locator("#chat-log .exchange").last.locator(".msg[data-done='1']").wait_for(timeout=ms(30))
+    assert page.locator("#chat-log .exchange").last.inner_text().endswith("(stopped)") and len(held) == 1
+    assert page.get_by_role("button", name="Send").is_enabled() and page.get_by_role("button", name="Stop").is_disabled()
+    page.unroute("**/playground/chat")
     page.get_by_role("button", name="Clear the conversation").click()
     assert page.locator("#chat-log .msg").count() == 0
     context.close()

@@ -165,44 +165,46 @@ document.addEventListener("DOMContentLoaded", () => {
     });
   }
 
-  // Playground: stream a chat completion over server-sent events.
+  // Playground: stream chat completions over server-sent events; optionally two models side by side.
   const chat = document.getElementById("chat-form");
   if (chat) {
     const log = document.getElementById("chat-log");
     const send = document.getElementById("send");
+    const stop = document.getElementById("stop");
     const status = document.getElementById("chat-status");
-    const history = [];
+    const histories = new Map();  // model -> its own conversation
+    let controller = null;
+    const add = (parent, role, content) => {
+      const p = document.createElement("p"); p.className = "msg";
+      const r = document.createElement("span"); r.className = "role"; r.textContent = role + ":";
+      const c = document.createElement("span"); c.textContent = content;
+      p.append(r, c); parent.append(p); return c;
+    };
+    stop.addEventListener("click", () => { if (controller) { controller.abort(); } });
     document.getElementById("clear").addEventListener("click", () => {
-      history.length = 0; log.replaceChildren(); status.textContent = "";
+      if (controller) { controller.abort(); }
+      histories.clear(); log.replaceChildren(); status.textContent = "";
     });
-    chat.addEventListener("submit", async (e) => {
-      e.preventDefault();
-      const prompt = chat.querySelector("#prompt");
-      const text = prompt.value.trim();
-      if (!text || send.disabled) { return; }
-      const model = chat.querySelector("#model").value;
+    // One model's answer streamed into `column`; returns false when the user stopped it.
+    const answer = async (model, text, column) => {
       const system = chat.querySelector("#system").value.trim();
-      history.push({ role: "user", content: text });
-      const add = (role, content) => {
-        const p = document.createElement("p"); p.className = "msg";
-        const r = document.createElement("span"); r.className = "role"; r.textContent = role + ":";
-        const c = document.createElement("span"); c.textContent = content;
-        p.append(r, c); log.append(p); return c;
-      };
-      add("user", text); prompt.value = "";
-      const out = add("assistant (" + model + ")", "");
-      send.disabled = true; status.textContent = "generating…";
-      const finish = () => { send.disabled = false; status.textContent = ""; out.parentElement.dataset.done = "1"; };
+      const history = histories.get(model) || [];
+      const messages = [...history, { role: "user", content: text }];
+      const out = add(column, "assistant (" + model + ")", "");
+      let stopped = false;
       try {
         const resp = await fetch("/playground/chat", {
-          method: "POST",
+          method: "POST", signal: controller.signal,
           headers: { "Content-Type": "application/json", "X-CSRF-Token": chat.dataset.csrf, Accept: "text/event-stream" },
           body: JSON.stringify({ model: model, stream: true,
-                                 messages: system ? [{ role: "system", content: system }, ...history] : history,
+                                 messages: system ? [{ role: "system", content: system }, ...messages] : messages,
                                  max_tokens: parseInt(chat.querySelector("#max_tokens").value, 10) || 256,
                                  temperature: parseFloat(chat.querySelector("#temperature").value) || 0 }),
         });
-        if (!resp.ok) { let b = {}; try { b = await resp.json(); } catch (err) { /* */ } out.textContent = (b.error && b.error.message) || ("error " + resp.status); history.pop(); finish(); return; }
+        if (!resp.ok) {
+          let b = {}; try { b = await resp.json(); } catch (err) { /* */ }
+          out.textContent = (b.error && b.error.message) || ("error " + resp.status); return true;
+        }
         const reader = resp.body.getReader(); const dec = new TextDecoder(); let buf = "";
         for (;;) {
           const { value, done } = await reader.read(); if (done) { break; }
@@ -215,12 +217,34 @@ document.addEventListener("DOMContentLoaded", () => {
             try { const chunk = JSON.parse(payload); const d = chunk.choices && chunk.choices[0] && chunk.choices[0].delta; if (d && d.content) { out.textContent += d.content; } } catch (err) { /* */ }
           }
         }
-      } catch (err) {  // the connection broke: say so and let the user go on
-        out.textContent += " (interrupted: " + err.message + ")";
+      } catch (err) {
+        if (err.name === "AbortError") { stopped = true; out.textContent += " (stopped)"; }
+        else { out.textContent += " (interrupted: " + err.message + ")"; }  // the connection broke: say so, go on
       }
-      history.push({ role: "assistant", content: out.textContent });
-      if (!out.textContent) { out.textContent = "(the model returned no text)"; out.classList.add("muted"); }
-      finish();
+      histories.set(model, [...messages, { role: "assistant", content: out.textContent }]);
+      if (!out.textContent.trim()) { out.textContent = "(the model returned no text)"; out.classList.add("muted"); }
+      return !stopped;
+    };
+    chat.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      const prompt = chat.querySelector("#prompt");
+      const text = prompt.value.trim();
+      if (!text || send.disabled) { return; }
+      const model = chat.querySelector("#model").value;
+      const compare = chat.querySelector("#compare").value;
+      const models = compare && compare !== model ? [model, compare] : [model];
+      add(log, "user", text); prompt.value = "";
+      const row = document.createElement("div"); row.className = models.length > 1 ? "grid2 exchange" : "exchange";
+      const columns = models.map(() => { const c = document.createElement("div"); row.append(c); return c; });
+      log.append(row);
+      controller = new AbortController();
+      send.disabled = true; stop.disabled = false;
+      for (let i = 0; i < models.length; i++) {
+        status.textContent = models.length > 1 ? "generating (" + (i + 1) + " of " + models.length + ")…" : "generating…";
+        if (!(await answer(models[i], text, columns[i]))) { break; }
+      }
+      controller = null; send.disabled = false; stop.disabled = true; status.textContent = "";
+      row.querySelectorAll(".msg").forEach((m) => { m.dataset.done = "1"; });  // all answered, Send is back
     });
   }
 });
