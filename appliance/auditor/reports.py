@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from markupsafe import Markup, escape
+
 from appliance import __version__
 from appliance.audit.checkpoints import latest_checkpoint
 from appliance.audit.service import AuditContext, events_between, record, verify_chain
@@ -36,6 +38,7 @@ Format = Literal["json", "csv", "html", "pdf"]
 FORMATS = ("json", "csv", "html", "pdf")
 MEDIA_TYPES = {"json": "application/json", "csv": "text/csv", "html": "text/html", "pdf": "application/pdf"}
 _DEJAVU = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
+_DEJAVU_BOLD = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
 
 
 @dataclass(frozen=True)
@@ -183,12 +186,61 @@ def _round(value: Any) -> Any:
 
 # -- rendering ---------------------------------------------------------------
 def _cell(value: Any) -> str:
+    """A value in one CSV cell: nested values as compact JSON (machine-readable)."""
     if value is None:
         return ""
     if isinstance(value, dict | list):
         return json.dumps(value, sort_keys=True, ensure_ascii=False)
     return str(value)
 
+
+def _label(key: Any) -> str:
+    """A field name for readers (``query_tokens`` -> ``query tokens``); entity types (``EMAIL_ADDRESS``) stay."""
+    key = str(key)
+    return key.replace("_", " ") if key.islower() else key
+
+
+def _plain(value: Any) -> str:
+    """A value as a reader would write it: ``key: value; ...`` for mappings, lists joined, yes/no for booleans."""
+    if value is None or value == "" or value == [] or value == {}:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return "; ".join(f"{_label(k)}: {_plain(v)}" for k, v in value.items()
+                         if _plain(v) != "")
+    if isinstance(value, list):
+        if value and all(isinstance(v, dict) for v in value):
+            return " | ".join(_plain(v) for v in value)
+        return ", ".join(_plain(v) for v in value)
+    return str(value)
+
+
+def _html(value: Any) -> Markup:
+    """A value as HTML for the report: a definition list for mappings, a list for lists of records."""
+    if isinstance(value, dict) and value:
+        items = "".join(f"<dt>{escape(_label(k))}</dt><dd>{_html(v)}</dd>" for k, v in value.items()
+                        if _plain(v) != "")
+        return Markup(f'<dl class="kv">{items}</dl>')
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return Markup("<ul>" + "".join(f"<li>{escape(_plain(v))}</li>" for v in value) + "</ul>")
+    return Markup(escape(_plain(value)))
+
+
+#: What each section holds, in a sentence, for the reader of the HTML and PDF documents.
+SECTION_NOTES = {
+    "datasets": "Every dataset uploaded by the end of the period: what the scan found per type, what the policy "
+                "did with it, who read its content or had its values revealed, re-scans and deletion.",
+    "rejected_uploads": "Uploads the policy refused (nothing of them was kept).",
+    "glossary_changes": "Values a data owner marked as not personal data, and removals.",
+    "models": "Every fine-tuned model: its base model, the datasets it was trained on (lineage, with their "
+              "content hashes), hyperparameters, evaluation and memorisation figures, who queried it.",
+    "access_denials": "Requests refused for lack of a role, project or permission, and failed log-ins.",
+    "key_rotations": "Rotations of the key-encryption key and how many data keys were re-wrapped.",
+    "deletions": "Files and models deleted, by whom and why; crypto-shredding destroys their keys.",
+}
 
 SECTIONS = [
     ("datasets", "Datasets", ["id", "project", "filename", "uploaded_by", "uploaded_at", "records", "decision",
@@ -226,53 +278,80 @@ def render_csv(report: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
-def render_html(report: dict[str, Any]) -> str:
+def _environment():
     from jinja2 import Environment, select_autoescape
 
     env = Environment(autoescape=select_autoescape(default=True))
-    env.filters["cell"] = _cell
-    return env.from_string(_HTML).render(r=report, sections=SECTIONS)
+    env.filters["html"] = _html
+    return env
+
+
+def render_html_body(report: dict[str, Any]) -> Markup:
+    """The report's content (headings, chain status, summary, one table per section), to embed in a page."""
+    return Markup(_environment().from_string(_BODY).render(r=report, sections=SECTIONS, notes=SECTION_NOTES))
+
+
+def render_html(report: dict[str, Any]) -> str:
+    """The report as a standalone HTML document (printable)."""
+    return _environment().from_string(_HTML).render(r=report, body=render_html_body(report))
 
 
 def render_pdf(report: dict[str, Any]) -> bytes:
-    """A PDF with real text (selectable, extractable), one table per section."""
+    """A PDF document with real text (selectable, extractable): the chain status and summary, then per section a
+    short note and, per entry, a two-column table of its fields."""
     from fpdf import FPDF
+    from fpdf.fonts import FontFace
 
-    pdf = FPDF(orientation="L", format="A4")
-    pdf.set_auto_page_break(True, margin=12)
+    pdf = FPDF(orientation="P", format="A4")
+    pdf.set_auto_page_break(True, margin=14)
+    pdf.set_margins(14, 14, 14)
     family = "Helvetica"
     if _DEJAVU.exists():
         pdf.add_font("DejaVu", "", str(_DEJAVU))
+        if _DEJAVU_BOLD.exists():
+            pdf.add_font("DejaVu", "B", str(_DEJAVU_BOLD))
         family = "DejaVu"
+    bold = "B" if family == "Helvetica" or _DEJAVU_BOLD.exists() else ""
 
     def text(value: str) -> str:
         return value if family == "DejaVu" else value.encode("latin-1", "replace").decode("latin-1")
 
+    def pairs(rows: list[tuple[str, str]], widths: tuple[int, int] = (48, 134)) -> None:
+        pdf.set_font(family, size=8)
+        with pdf.table(col_widths=widths, first_row_as_headings=False, text_align="LEFT", line_height=4.2,
+                       padding=1.2) as table:
+            for key, value in rows:
+                row = table.row()
+                row.cell(text(key), style=FontFace(emphasis=bold or None))
+                row.cell(text(value))
+        pdf.ln(2)
+
     pdf.add_page()
-    pdf.set_font(family, size=16)
+    pdf.set_font(family, bold, size=18)
     pdf.cell(0, 10, text("Appliance audit report"), new_x="LMARGIN", new_y="NEXT")
-    pdf.set_font(family, size=9)
-    scope = report["scope"]
-    lines = [f"Period: {scope['from']} to {scope['to']}; project: {scope['project'] or 'all'}",
-             f"Generated {report['generated_at']} by appliance {report['code_version']}",
-             "Hash chain: " + ("verified" if report["chain"]["ok"] else
-                               f"BROKEN at seq {report['chain']['bad_seq']}: {report['chain']['problem']}")
-             + f" ({report['chain']['events']} events)",
-             "Summary: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in report["summary"].items())]
-    for line in lines:
-        pdf.multi_cell(0, 5, text(line), new_x="LMARGIN", new_y="NEXT")
+    scope, chain = report["scope"], report["chain"]
+    checkpoint = chain.get("latest_checkpoint")
+    pairs([("Period", f"{scope['from']} to {scope['to']}"), ("Project", scope["project"] or "all projects"),
+           ("Generated", f"{report['generated_at']} by appliance {report['code_version']}"),
+           ("Hash chain", ("verified" if chain["ok"] else f"BROKEN at seq {chain['bad_seq']}: {chain['problem']}")
+            + f" ({chain['events']} events, head {chain['head_seq']})"),
+           ("Signed checkpoint", f"{checkpoint['tree_size']} events at {checkpoint['at']}, root "
+                                 f"{checkpoint['root_hash']}" if checkpoint else "none yet")])
+    pdf.set_font(family, bold, size=12)
+    pdf.cell(0, 8, text("Summary"), new_x="LMARGIN", new_y="NEXT")
+    pairs([(k.replace("_", " "), str(v)) for k, v in report["summary"].items()])
     for key, title, columns in SECTIONS:
-        pdf.ln(3)
-        pdf.set_font(family, size=12)
+        pdf.ln(2)
+        pdf.set_font(family, bold, size=13)
         pdf.cell(0, 8, text(f"{title} ({len(report[key])})"), new_x="LMARGIN", new_y="NEXT")
-        pdf.set_font(family, size=7)
+        pdf.set_font(family, size=8)
+        pdf.multi_cell(0, 4, text(SECTION_NOTES[key]), new_x="LMARGIN", new_y="NEXT")
+        pdf.ln(1)
         if not report[key]:
-            pdf.cell(0, 5, text("none"), new_x="LMARGIN", new_y="NEXT")
+            pdf.cell(0, 5, text("None in this period."), new_x="LMARGIN", new_y="NEXT")
             continue
         for row in report[key]:
-            entry = "; ".join(f"{c}: {_cell(row.get(c))}" for c in columns if row.get(c) not in (None, "", [], {}))
-            pdf.multi_cell(0, 4, text(entry), new_x="LMARGIN", new_y="NEXT")
-            pdf.ln(1)
+            pairs([(c.replace("_", " "), _plain(row.get(c))) for c in columns if _plain(row.get(c)) != ""])
     return bytes(pdf.output())
 
 
@@ -293,32 +372,52 @@ def produce(db: Database, ctx: AuditContext, scope: ReportScope, fmt: str) -> by
     if fmt not in FORMATS:
         raise InvalidRequestError(f"`format` must be one of {', '.join(FORMATS)}; got {fmt!r}", param="format")
     body = render(build_report(db, scope), fmt)  # type: ignore[arg-type]
+    _audit_report(db, ctx, scope, fmt, len(body))
+    return body
+
+
+def produce_page(db: Database, ctx: AuditContext, scope: ReportScope) -> Markup:
+    """The report's HTML content for a portal page (the session's report), built and audited as :func:`produce`."""
+    body = render_html_body(build_report(db, scope))
+    _audit_report(db, ctx, scope, "html", len(body))
+    return body
+
+
+def _audit_report(db: Database, ctx: AuditContext, scope: ReportScope, fmt: str, size: int) -> None:
     with db.transaction() as s:
         record(s, ctx, "audit.report", resource_type="audit_log", project=scope.project,
                details={"from": scope.since.isoformat(), "to": scope.until.isoformat(), "format": fmt,
-                        "bytes": len(body)})
-    return body
+                        "bytes": size})
 
+
+_BODY = """<h1>Appliance audit report</h1>
+<p>Period {{ r.scope.from }} to {{ r.scope.to }} · project {{ r.scope.project or "all" }} ·
+generated {{ r.generated_at }} by appliance {{ r.code_version }}</p>
+<p id="chain-status">Hash chain: {% if r.chain.ok %}<strong class="ok">verified</strong>{% else %}<strong class="bad">BROKEN at
+seq {{ r.chain.bad_seq }}</strong>: {{ r.chain.problem }}{% endif %} ({{ r.chain.events }} events, head
+{{ r.chain.head_seq }}){% if r.chain.latest_checkpoint %} · latest signed checkpoint: {{ r.chain.latest_checkpoint.tree_size }}
+events at {{ r.chain.latest_checkpoint.at }}{% endif %}</p>
+<nav aria-label="Sections"><ul class="toc">{% for key, title, columns in sections %}<li><a href="#{{ key }}">{{ title }}</a>
+ ({{ r[key] | length }})</li>{% endfor %}</ul></nav>
+<table class="summary"><tbody>{% for k, v in r.summary.items() %}<tr><th scope="row">{{ k.replace("_", " ") }}</th><td>{{ v }}</td></tr>{% endfor %}</tbody></table>
+{% for key, title, columns in sections %}
+<section id="{{ key }}"><h2>{{ title }} ({{ r[key] | length }})</h2>
+<p class="muted">{{ notes[key] }}</p>
+{% if r[key] %}<div class="table-scroll"><table><thead><tr>{% for c in columns %}<th scope="col">{{ c.replace("_", " ") }}</th>{% endfor %}</tr></thead>
+<tbody>{% for row in r[key] %}<tr>{% for c in columns %}<td>{{ row.get(c) | html }}</td>{% endfor %}</tr>{% endfor %}</tbody></table></div>
+{% else %}<p>None in this period.</p>{% endif %}</section>
+{% endfor %}
+"""
 
 _HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Audit report {{ r.scope.from }} to {{ r.scope.to }}</title>
 <style>body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#1b1f24}table{border-collapse:collapse;width:100%;
 margin:8px 0 20px}th,td{border:1px solid #d0d7de;padding:4px 6px;text-align:left;vertical-align:top;font-size:12px}
-th{background:#f6f8fa}code{font-size:11px}.bad{color:#cf222e}.ok{color:#1a7f37}</style></head><body>
-<h1>Appliance audit report</h1>
-<p>Period {{ r.scope.from }} to {{ r.scope.to }} · project {{ r.scope.project or "all" }} ·
-generated {{ r.generated_at }} by appliance {{ r.code_version }}</p>
-<p>Hash chain: {% if r.chain.ok %}<strong class="ok">verified</strong>{% else %}<strong class="bad">BROKEN at seq
-{{ r.chain.bad_seq }}</strong>: {{ r.chain.problem }}{% endif %} ({{ r.chain.events }} events, head {{ r.chain.head_seq }})
-{% if r.chain.latest_checkpoint %}· latest signed checkpoint: {{ r.chain.latest_checkpoint.tree_size }} events at
-{{ r.chain.latest_checkpoint.at }}{% endif %}</p>
-<table><tbody>{% for k, v in r.summary.items() %}<tr><th scope="row">{{ k.replace("_", " ") }}</th><td>{{ v }}</td></tr>{% endfor %}</tbody></table>
-{% for key, title, columns in sections %}
-<h2>{{ title }} ({{ r[key] | length }})</h2>
-{% if r[key] %}<table><thead><tr>{% for c in columns %}<th scope="col">{{ c.replace("_", " ") }}</th>{% endfor %}</tr></thead>
-<tbody>{% for row in r[key] %}<tr>{% for c in columns %}<td>{{ row.get(c) | cell }}</td>{% endfor %}</tr>{% endfor %}</tbody></table>
-{% else %}<p>None.</p>{% endif %}
-{% endfor %}
+th{background:#f6f8fa}.bad{color:#cf222e}.ok{color:#1a7f37}.muted{color:#57606a}dl.kv{margin:0}
+dl.kv dt{font-weight:600;float:left;clear:left;margin-right:4px}dl.kv dt::after{content:":"}dl.kv dd{margin:0}
+ul{margin:0;padding-left:16px}.table-scroll{overflow-x:auto}@media print{.toc{display:none}section{break-inside:auto}}</style>
+</head><body>
+{{ body }}
 </body></html>
 """
 

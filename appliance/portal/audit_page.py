@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from litestar import Request, get
 from litestar.di import NamedDependency
-from litestar.params import FromPath, FromQuery
+from typing import Annotated
+
+from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import Response, Template
 
 from appliance.audit.service import EventFilter, read_events, verify_chain
@@ -78,4 +80,45 @@ def export(request: Request, appliance: NamedDependency[AppState], fmt: FromPath
                     headers={"Content-Disposition": f'attachment; filename="audit-events.{fmt}"'})
 
 
-ROUTES = [audit, export]
+@get("/audit/report", opt=portal(Permission.AUDIT_READ), include_in_schema=False, sync_to_thread=True)
+def report(request: Request, appliance: NamedDependency[AppState],
+           since: Annotated[str | None, QueryParameter(name="from")] = None,
+           until: Annotated[str | None, QueryParameter(name="to")] = None,
+           format: FromQuery[str] = "html", project: FromQuery[str | None] = None) -> Template | Response:
+    """The compliance report for the session (no API token): a form, then the report as a page (HTML) or a
+    download (PDF, CSV, JSON). The same report, parameters (``from``, ``to``) and audit event as
+    ``GET /api/v1/audit/report`` and ``appliance audit report --from --to``."""
+    from appliance.auditor.reports import FORMATS, MEDIA_TYPES, ReportScope, parse_when, produce, produce_page
+    from appliance.identity.service import all_projects
+
+    principal = session_of(request).principal
+    today = datetime.now(UTC).date()  # by default this month up to now: "to" is exclusive, so tomorrow
+    values = {"from": since or today.replace(day=1).isoformat(), "to": until or (today + timedelta(days=1)).isoformat(),
+              "format": format, "project": project or ""}
+    if principal.is_global:
+        with appliance.db.read() as s:
+            projects = [p.name for p in all_projects(s)]
+    else:
+        projects, project = [], principal.project
+    context = {"values": values, "projects": projects, "formats": FORMATS, "body": None}
+    if since is None and until is None:
+        return page(request, "audit_report.html", section="audit", title="Audit report", **context)
+    try:
+        start, end = parse_when(values["from"], "from"), parse_when(values["to"], "to")
+        if format not in FORMATS:
+            raise InvalidRequestError(f"`format` must be one of {', '.join(FORMATS)}; got {format!r}",
+                                      param="format")
+        scope = ReportScope(start, end, project or None)
+        if format == "html":
+            body = produce_page(appliance.db, audit_context(request), scope)
+            return page(request, "audit_report.html", section="audit", title="Audit report",
+                        **{**context, "body": body})
+        body = produce(appliance.db, audit_context(request), scope, format)
+    except InvalidRequestError as exc:
+        return page(request, "audit_report.html", section="audit", title="Audit report", status_code=400,
+                    flashes=[("error", exc.message)], **context)
+    return Response(body, media_type=MEDIA_TYPES[format],
+                    headers={"Content-Disposition": f'attachment; filename="audit-report.{format}"'})
+
+
+ROUTES = [audit, export, report]

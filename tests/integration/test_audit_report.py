@@ -93,6 +93,8 @@ def test_report_has_every_fact_and_no_raw_pii(client, state, scenario, make_toke
         assert EMAIL not in text and PHONE not in text, fmt
         for fact in (scenario["train"], scenario["model"], "olivia", "trish", "carl", "EMAIL_ADDRESS"):
             assert fact in text, (fmt, fact)
+        if fmt == "html":  # a document: nested values as lists, not JSON pasted into cells
+            assert "&#34;" not in text and '<dl class="kv">' in text and 'id="chain-status"' in text
     with state.db.read() as s:
         from sqlalchemy import func, select
 

@@ -367,7 +367,8 @@ def test_every_page_fits_a_375_px_phone_screen(portal_server, browser):
             if job.count():
                 paths.append(job.get_attribute("href"))
         else:
-            paths += ["/audit", "/audit?action=job.create", "/models"]
+            paths += ["/audit", "/audit?action=job.create", "/models", "/audit/report",
+                      "/audit/report?from=2026-01-01&to=2100-01-01"]
         for path in paths:
             page.goto(path)
             page.wait_for_load_state("networkidle")
@@ -413,4 +414,36 @@ def test_every_finding_and_every_record_with_findings_is_reachable_masked(portal
     content = page.content()
     assert not any(f"agent{i}@acme-corp.example" in content for i in range(130))  # values never reach the page
     shot(page, "14-findings-page-2-with-context")
+    context.close()
+
+
+def test_auditor_generates_the_report_in_the_portal_as_a_page_and_a_pdf(portal_server, browser):
+    """No API token: the session's report, linked from the auditor's home, readable as a page with sections and
+    tables, downloadable as a PDF document; a bad period is a message naming `from`/`to`, as the CLI does."""
+    import io
+
+    from pypdf import PdfReader
+
+    context, page = login(browser, portal_server, "audrey")
+    page.goto("/")
+    page.locator("#home-report").click()
+    page.wait_for_url(re.compile(r"/audit/report$"))
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_url(re.compile(r"/audit/report\?from="))
+    report = page.locator("#report")
+    assert "Hash chain: verified" in report.inner_text()
+    for title in ("Datasets", "Rejected uploads", "Models and their lineage", "Access denials", "Deletions"):
+        assert report.get_by_role("heading", name=re.compile(f"^{title}")).count() == 1, title
+    assert "{" not in report.locator("table").first.inner_text()  # readable values, not JSON in cells
+    shot(page, "15-audit-report")
+    with page.expect_download() as download:
+        page.locator("#report-downloads").get_by_role("link", name="PDF").click()
+    pdf = download.value.path().read_bytes()
+    text = "\n".join(p.extract_text() for p in PdfReader(io.BytesIO(pdf)).pages)
+    assert pdf.startswith(b"%PDF") and "Appliance audit report" in text and "Hash chain" in text
+    assert "Access denials" in text and "Datasets" in text
+    page.goto("/audit/report?from=2026-12-31&to=2026-01-01")
+    assert "`to` must be after `from`" in page.inner_text("main")
+    page.goto("/audit/report?from=yesterday&to=2026-01-01")
+    assert "`from` must be a date or time" in page.inner_text("main")
     context.close()
