@@ -6,7 +6,6 @@ import struct
 import pytest
 import torch
 
-from appliance.diffusion.importer import import_diffusers_model
 from appliance.diffusion.single_file import checkpoint_type, import_single_file, read_header
 from appliance.diffusion.single_file_configs import CONFIGS, write_pipeline_configs
 from appliance.diffusion.tiny import write_clip_vocabulary
