@@ -52,6 +52,13 @@ def run_task(channel: Channel, start: dict[str, Any], datasets: dict[str, Any], 
     if result.status == "cancelled":
         channel.send({"type": "cancelled", "step": result.metrics.steps})
         return
+    if result.samples:  # validation text: an encrypted result file, never an event or a job field
+        import json
+
+        from appliance.training.samples import FILENAME, FORMAT
+
+        channel.send_artefact({"kind": "result_file", "name": FILENAME},
+                              json.dumps({"format": FORMAT, "samples": result.samples}, ensure_ascii=False).encode())
     for name, data in sorted(result.adapter.items()):
         channel.send_artefact({"kind": "artifact", "name": name}, data)
     channel.send({

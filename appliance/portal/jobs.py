@@ -10,6 +10,7 @@ its field.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, replace
@@ -24,7 +25,7 @@ from litestar.response import Redirect, Response, Template
 from appliance.catalog.service import CatalogService
 from appliance.errors import CrossProjectDenied, InvalidRequestError, NotFoundError
 from appliance.files.service import FileService
-from appliance.identity.roles import Permission
+from appliance.identity.roles import Permission, role_allows
 from appliance.jobs.memorization import DEFAULTS as MEMORIZATION_DEFAULTS
 from appliance.jobs.memorization import parse_memorization
 from appliance.jobs.recipes import DATASET_PURPOSE, registry_of
@@ -328,6 +329,10 @@ def _progress(events: list[JobEvent]) -> dict[str, Any]:
             "step": step, "total": total, "percent": percent(step, total)}
 
 
+#: The LLM jobs' sample generations (:mod:`appliance.training.samples`), a result file.
+SAMPLES_FILE = "samples.json"
+
+
 def _result_files(principal: Any, files: FileService, job_id: str, ids: list[str]) -> list[dict[str, Any]]:
     """The job's result files (evaluation grids, validation images) by name."""
     out = []
@@ -377,10 +382,16 @@ def job_page(request: Request, jobs: NamedDependency[JobService], files: NamedDe
     privacy = view.row.privacy or {}
     space = (privacy.get("canaries") or {}).get("randomness_space")
     max_bits = math.log2(space) if isinstance(space, int | float) and space > 1 else None
+    results = _result_files(principal, files, job_id, list(view.row.result_files or []))
+    sample_file = next((r for r in results if r["name"] == SAMPLES_FILE), None)
+    samples = None
+    if sample_file and role_allows(principal.role, Permission.FILES_CONTENT):  # validation text: read, audited
+        _, chunks = files.content(principal, audit_context(request), sample_file["id"])
+        samples = json.loads(b"".join(chunks)).get("samples") or []
     return page(request, "job.html", section="jobs", title=view.row.id, view=view, events=events[:200],
                 checkpoints=checkpoints, progress=progress, kind=kind, privacy=privacy,
                 canary_max_bits=max_bits, canary_verdict=canary_verdict(privacy.get("canaries"), max_bits),
-                results=_result_files(principal, files, job_id, list(view.row.result_files or [])),
+                results=[r for r in results if r is not sample_file], sample_file=sample_file, samples=samples,
                 live=view.row.status in ACTIVE, timing=timing(view.row, utcnow()))
 
 

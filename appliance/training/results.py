@@ -82,6 +82,9 @@ class TrainResult:
             differentially private (:func:`appliance.training.dp.DpTraining.report`);
             ``canaries`` (exposure) and ``extraction`` (probe counts) from
             :mod:`appliance.training.memorization`, when asked for.
+        samples: A few validation prompts with the reference answer and the greedy answers
+            before and after training (:mod:`appliance.training.samples`); validation text, so
+            the worker sends them as an encrypted result file.
     """
 
     status: Literal["succeeded", "cancelled"]
@@ -90,3 +93,4 @@ class TrainResult:
     metrics: TrainMetrics
     details: dict[str, Any]
     privacy: dict[str, Any] = field(default_factory=dict)
+    samples: list[dict[str, str]] = field(default_factory=list)

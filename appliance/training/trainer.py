@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -169,6 +170,7 @@ def train(
             _start(run, resume)
             _train_steps(run, event_every_steps)
             valid_after = _validate_after(run)
+            samples = _samples(run, model_dir)
             evidence = _memorization(run.setup, model_dir, train_records, canaries, canary_repetitions,
                                      probe_targets, hp.seed, event, run.state.step)
         except Cancelled:
@@ -180,7 +182,7 @@ def train(
         adapter = recipe.save(run.setup, run.base_model_name)  # every rank: gathering is collective
         if run.dp is not None:
             run.dp.verify(adapter)
-    return _result(run, "succeeded", adapter, valid_after, dropped, evidence)
+    return _result(run, "succeeded", adapter, valid_after, dropped, evidence, samples)
 
 
 @dataclass
@@ -351,6 +353,29 @@ def _validate_after(run: _Run) -> float | None:
     return valid_after
 
 
+def _samples(run: _Run, model_dir: Path) -> list[dict[str, str]]:
+    """A few validation prompts answered before and after training (:mod:`appliance.training.samples`).
+
+    One worker only: with several, generating is a collective step under FSDP and would be repeated by
+    every rank otherwise; the event says why there are none.
+    """
+    from transformers import AutoTokenizer
+
+    from appliance.training.samples import sample_generations
+
+    if not run.val_set:
+        return []
+    if run.ddp is not None:
+        run.event("info", run.state.step, message="sample generations: not made in multi-worker jobs")
+        return []
+    started = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    samples = sample_generations(run.setup.model, tokenizer, run.val_set, run.setup.device, stop=run.stop)
+    run.event("info", run.state.step, message=f"sample generations: {len(samples)} validation prompt(s) answered "
+              f"before and after training, greedily ({time.monotonic() - started:.1f} s; a result file)")
+    return samples
+
+
 def _result(
     run: _Run,
     status: str,
@@ -358,6 +383,7 @@ def _result(
     valid_after: float | None,
     dropped: int,
     evidence: dict[str, Any] | None = None,
+    samples: list[dict[str, str]] | None = None,
 ) -> TrainResult:
     return TrainResult(
         status=status,
@@ -366,6 +392,7 @@ def _result(
         metrics=_metrics(run.state, valid_after, run.total_steps, run.train_set, run.val_set, dropped),
         details=run.setup.details,
         privacy={**run.privacy(), **(evidence or {})},
+        samples=list(samples or []),
     )
 
 

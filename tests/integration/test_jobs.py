@@ -103,6 +103,13 @@ def test_lora_job_through_the_openai_client(client, state, tiny_model, trainer, 
     assert isolation.data["level"] == "sandbox" and "runs in the sandbox" in isolation.message, isolation
     assert any(e.type == "metrics" and e.data and "train_loss" in e.data for e in events)
     assert messages[0] == "The job has successfully completed"
+    # Sample generations: validation text, so an encrypted result file the data owner reads, not an event.
+    [samples_file] = job.result_files
+    assert any(m.startswith("sample generations: ") for m in messages)
+    assert client.get(f"/v1/files/{samples_file}/content", headers=bearer(trainer)).status_code == 403
+    samples = client.get(f"/v1/files/{samples_file}/content", headers=bearer(owner)).json()
+    assert samples["format"] == "appliance.samples/1" and 1 <= len(samples["samples"]) <= 3
+    assert all(set(smp) == {"prompt", "reference", "before", "after"} for smp in samples["samples"])
     checkpoints = api.fine_tuning.jobs.checkpoints.list(job.id).data
     assert checkpoints and checkpoints[0].fine_tuned_model_checkpoint.startswith(job.fine_tuned_model)
     assert [j.id for j in api.fine_tuning.jobs.list().data] == [job.id]

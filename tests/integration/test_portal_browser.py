@@ -143,6 +143,15 @@ def test_upload_scan_train_and_audit_in_the_browser(portal_server, browser, tmp_
     events = page.inner_text("#job-events")  # every progress line carries its number
     assert re.search(r"Step 12/12: training loss \d+\.\d{4}", events)
     assert re.search(r"validation loss before training \d+\.\d{4}", events)
+    # Sample generations hold validation text: a trainer sees that they exist, a data owner reads them.
+    assert "validation prompts answered before and after training" in page.inner_text("#samples-note")
+    switch_role(page, "data-owner @ acme")
+    page.goto(f"/jobs/{job_id}")
+    samples = page.locator("#samples")
+    assert samples.locator("tbody tr").count() >= 1 and "What colour is box" in samples.inner_text()
+    assert "Box " in samples.locator("tbody tr").first.locator("td").nth(1).inner_text()  # the reference answer
+    shot(page, "04c-job-sample-generations")
+    switch_role(page, "trainer @ acme")
 
     page.goto("/jobs")  # the list: status, progress, elapsed time (and time left while running)
     cells = [c.strip() for c in page.locator("#jobs tbody tr").first.locator("td").all_inner_texts()]

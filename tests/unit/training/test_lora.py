@@ -155,3 +155,35 @@ def test_checkpointing_is_refused_with_dp():
     with pytest.raises(HyperparameterError) as info:
         make_spec("lora", gradient_checkpointing=True, dp={"epsilon": 8})
     assert "method.lora.hyperparameters.gradient_checkpointing" in str(info.value)
+
+
+def test_sample_generations_show_the_base_and_the_fine_tuned_answers(lora_run, tiny_model_dir, tokenizer, tmp_path):
+    """Three validation prompts with their reference, answered greedily by the base model and the fine-tuned one:
+    the same answers stock transformers and peft give outside the appliance."""
+    from appliance.training.samples import MAX_NEW_TOKENS
+
+    result, events = lora_run
+    assert len(result.samples) == 3
+    assert any(e.message and e.message.startswith("sample generations: 3 validation prompt(s)") for e in events)
+    records = reverse_records(16, seed=99)
+    directory = write_adapter(result.adapter, tmp_path / "adapter")
+
+    def greedy(model, prompt_ids):
+        ids = torch.tensor([prompt_ids])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=MAX_NEW_TOKENS, pad_token_id=tokenizer.pad_token_id
+                                 if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        return tokenizer.decode(out[0, len(prompt_ids):], skip_special_tokens=True).strip()
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True).eval()
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True),
+                                      directory).eval()
+    for sample, record in zip(result.samples, records, strict=False):
+        [example] = tokenize_records([record], tokenizer, param="val")
+        first = next(i for i, label in enumerate(example.labels) if label != -100)
+        prompt = list(example.input_ids[:first])
+        assert record["messages"][0]["content"] in sample["prompt"]
+        assert sample["reference"] == record["messages"][1]["content"]
+        assert sample["before"] == greedy(base, prompt) and sample["after"] == greedy(tuned, prompt)
+    assert any(s["before"] != s["after"] for s in result.samples)  # training changed the answers
