@@ -111,24 +111,32 @@ def _standard_attention(model: Any) -> Iterator[None]:
 
 
 def _sequence_nll(model: Any, tokenizer: Any, prompts: list[list[int]], targets: list[list[int]],
-                  device: torch.device, batch_size: int = 32) -> list[float]:
-    """Summed negative log-likelihood (nats) of each ``target`` after its ``prompt``."""
+                  device: torch.device, batch_size: int = 64) -> list[float]:
+    """Summed negative log-likelihood (nats) of each ``target`` after its ``prompt``.
+
+    Only the positions that predict target tokens go through the output layer (``logits_to_keep``)
+    and the softmax: with a vocabulary of 50-150k tokens that is most of the cost, and a canary's
+    prompt is longer than its secret.
+    """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out: list[float] = []
     for i in range(0, len(prompts), batch_size):
-        rows = [p + t for p, t in zip(prompts[i : i + batch_size], targets[i : i + batch_size])]
+        batch_prompts, batch_targets = prompts[i : i + batch_size], targets[i : i + batch_size]
+        rows = [p + t for p, t in zip(batch_prompts, batch_targets)]
         width = max(len(r) for r in rows)
+        start = min(len(p) for p in batch_prompts) - 1  # the first position whose logits predict a target token
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for j, r in enumerate(rows):
             ids[j, : len(r)] = torch.tensor(r)
             mask[j, : len(r)] = 1
         with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits, dim=-1)
-        for j, (p, t) in enumerate(zip(prompts[i : i + batch_size], targets[i : i + batch_size])):
-            positions = torch.arange(len(p) - 1, len(p) + len(t) - 1)
-            picked = logp[j, positions.to(logp.device), torch.tensor(t, device=logp.device)]
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           logits_to_keep=width - start).logits
+        for j, (p, t) in enumerate(zip(batch_prompts, batch_targets)):
+            first = len(p) - 1 - start
+            logp = logits[j, first : first + len(t)].float().log_softmax(dim=-1)
+            picked = logp[torch.arange(len(t), device=logp.device), torch.tensor(t, device=logp.device)]
             out.append(-float(picked.sum()))
     return out
 
