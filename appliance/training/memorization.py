@@ -27,7 +27,7 @@ import math
 import random
 import re
 import secrets
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -159,8 +159,11 @@ def _exposure(canary_nll: float, candidate_nll: list[float]) -> tuple[float, flo
 
 
 def canary_exposure(model: Any, tokenizer: Any, canaries: Sequence[str], device: torch.device, *,
-                    seed: int = 0, n_candidates: int = EXPOSURE_CANDIDATES) -> dict[str, Any]:
+                    seed: int = 0, n_candidates: int = EXPOSURE_CANDIDATES,
+                    on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Exposure of each canary under ``model`` (a peft model) and under its base model.
+
+    ``on_progress(done, total)`` is called after each canary (it may raise to stop the measurement).
 
     Returns:
         ``{"count", "randomness_space", "candidates", "exposure": [...], "exposure_base": [...],
@@ -182,6 +185,8 @@ def canary_exposure(model: Any, tokenizer: Any, canaries: Sequence[str], device:
             exposure, sampled = _exposure(trained[0], trained[1:])
             exposure_base, _ = _exposure(base[0], base[1:])
             per_canary.append((exposure, exposure_base, sampled))
+            if on_progress is not None:
+                on_progress(len(per_canary), len(canaries))
     exposures = [e for e, _, _ in per_canary]
     bases = [b for _, b, _ in per_canary]
     return {
@@ -198,8 +203,11 @@ def canary_exposure(model: Any, tokenizer: Any, canaries: Sequence[str], device:
 
 
 def extraction_probe(model: Any, tokenizer: Any, records: Sequence[Mapping[str, Any]],
-                     targets: Sequence[ProbeTarget], device: torch.device) -> dict[str, Any]:
+                     targets: Sequence[ProbeTarget], device: torch.device, *,
+                     on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Prompt with the text before each allowed value and count exact greedy completions.
+
+    ``on_progress(done, total)`` is called after each target (it may raise to stop the probe).
 
     Targets whose record or field is missing, or whose span is empty, are
     counted as ``skipped`` (never guessed at).
@@ -210,7 +218,9 @@ def extraction_probe(model: Any, tokenizer: Any, records: Sequence[Mapping[str, 
     by_type: dict[str, dict[str, int]] = {}
     probed = extracted = skipped = 0
     with _standard_attention(model):
-        for target in targets:
+        for done, target in enumerate(targets, start=1):
+            if on_progress is not None and done > 1:
+                on_progress(done - 1, len(targets))
             located = _locate(tokenizer, records, target)
             if located is None:
                 skipped += 1

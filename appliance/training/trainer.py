@@ -48,7 +48,13 @@ from appliance.training import checkpoint as ckpt
 from appliance.training import distributed, planner
 from appliance.training.data import Example, fingerprint, split_validation, tokenize_records
 from appliance.training.hyperparameters import AUTO, TrainingSpec, resolve
-from appliance.training.memorization import ProbeTarget, canary_exposure, canary_records, extraction_probe
+from appliance.training.memorization import (
+    EXPOSURE_CANDIDATES,
+    ProbeTarget,
+    canary_exposure,
+    canary_records,
+    extraction_probe,
+)
 from appliance.training.memory import available_memory, bound_malloc_cache, measured_peak, peak_resident_reset
 from appliance.training.packing import pack, packed_loss_sum
 from appliance.training.protocol import Setup
@@ -172,7 +178,7 @@ def train(
             valid_after = _validate_after(run)
             samples = _samples(run, model_dir)
             evidence = _memorization(run.setup, model_dir, train_records, canaries, canary_repetitions,
-                                     probe_targets, hp.seed, event, run.state.step)
+                                     probe_targets, hp.seed, event, run.state.step, stop)
         except Cancelled:
             return _result(run, "cancelled", None, None, dropped)
         finally:
@@ -406,25 +412,62 @@ def _memorization(
     seed: int,
     event: Callable[..., None],
     step: int,
+    stop: Callable[[], bool] = lambda: False,
 ) -> dict[str, Any]:
-    """Canary exposure and the extraction probe on the trained model (see :mod:`appliance.training.memorization`)."""
+    """Canary exposure and the extraction probe on the trained model (see :mod:`appliance.training.memorization`),
+    each announced with its size, with progress and time left as it goes, and its duration at the end."""
     if not canaries and not probe_targets:
         return {}
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     out: dict[str, Any] = {}
     with _autocast(setup):
         if canaries:
-            out["canaries"] = canary_exposure(setup.model, tokenizer, canaries, setup.device, seed=seed) | {
-                "repetitions": repetitions
-            }
+            event("info", step, message=f"measuring canary exposure: {len(canaries)} canaries, each against "
+                  f"{EXPOSURE_CANDIDATES} random secrets, with and without the adapter")
+            started = time.monotonic()
+            out["canaries"] = canary_exposure(setup.model, tokenizer, canaries, setup.device, seed=seed,
+                                              on_progress=_phase_progress("canary exposure", "canary", event, step,
+                                                                          stop, started)) | {
+                "repetitions": repetitions, "seconds": round(time.monotonic() - started, 1)}
             event("validation", step, message=f"canary exposure {out['canaries']['mean_exposure']:.1f} bits "
-                  f"(base model {out['canaries']['mean_exposure_base']:.1f})")
+                  f"(base model {out['canaries']['mean_exposure_base']:.1f}; measured in "
+                  f"{out['canaries']['seconds']:.0f} s)")
         if probe_targets:
-            out["extraction"] = extraction_probe(setup.model, tokenizer, train_records, probe_targets, setup.device)
+            event("info", step, message=f"extraction probe: prompting with the context of {len(probe_targets)} "
+                  "allowed value(s)")
+            started = time.monotonic()
+            out["extraction"] = extraction_probe(setup.model, tokenizer, train_records, probe_targets, setup.device,
+                                                 on_progress=_phase_progress("extraction probe", "value", event,
+                                                                             step, stop, started))
             found = out["extraction"]
             event("validation", step, message=f"extraction probe: {found['extracted']} of {found['probed']} "
-                  "allowed values completed from their context")
+                  f"allowed values completed from their context ({time.monotonic() - started:.0f} s)")
     return out
+
+
+#: Post-training phases report progress at most this often (seconds), and at the end of each item.
+PHASE_EVENT_SECONDS = 10.0
+
+
+def _phase_progress(phase: str, item: str, event: Callable[..., None], step: int, stop: Callable[[], bool],
+                    started: float) -> Callable[[int, int], None]:
+    """A progress callback for a post-training phase: an event with the time left, every
+    :data:`PHASE_EVENT_SECONDS` at most; stops the phase when the job is cancelled."""
+    last = [started]
+
+    def report(done: int, total: int) -> None:
+        if stop():
+            raise Cancelled
+        now = time.monotonic()
+        if done < total and now - last[0] < PHASE_EVENT_SECONDS:
+            return
+        last[0] = now
+        elapsed = now - started
+        left = elapsed / done * (total - done) if done else 0.0
+        event("info", step, message=f"{phase}: {item} {done} of {total} ({elapsed:.0f} s"
+              + (f", about {left:.0f} s left)" if done < total else ")"))
+
+    return report
 
 
 def _prepare_data(

@@ -54,14 +54,45 @@ def trained(tiny_model_dir):
     records = reverse_records(24) + email_records(16)
     # Fixed secrets keep the figures reproducible (new_canaries draws them from `secrets`).
     canaries = [canary_text(1, "3 1 4 1 5 9 2 6 5"), canary_text(2, "2 7 1 8 2 8 1 8 2")]
+    events = []
     result = train(make_spec("lora", n_epochs=20, batch_size=8, learning_rate=2e-2, lora_r=8), tiny_model_dir,
                    records, canaries=canaries, canary_repetitions=10, probe_targets=targets_for(records)[:6],
-                   device="cpu")
-    return result, canaries
+                   device="cpu", on_event=events.append)
+    return result, canaries, events
+
+
+def test_post_training_phases_say_their_size_progress_and_duration(trained):
+    result, _, events = trained
+    messages = [e.message for e in events if e.message]
+    assert "measuring canary exposure: 2 canaries, each against 512 random secrets, with and without the adapter" \
+        in messages
+    assert any(m.startswith("canary exposure: canary 2 of 2 (") for m in messages)
+    assert any(m.startswith("canary exposure ") and "measured in" in m for m in messages)
+    assert "extraction probe: prompting with the context of 6 allowed value(s)" in messages
+    assert result.privacy["canaries"]["seconds"] >= 0
+
+
+def test_phase_progress_estimates_the_time_left_and_stops_on_cancel():
+    import time
+
+    from appliance.trainkit.errors import Cancelled
+    from appliance.training.trainer import _phase_progress
+
+    events = []
+    report = _phase_progress("canary exposure", "canary", lambda kind, step, **f: events.append(f["message"]), 7,
+                             lambda: False, time.monotonic() - 20)
+    report(1, 4)
+    report(2, 4)  # within PHASE_EVENT_SECONDS of the last report: not repeated
+    report(4, 4)  # the end always reports
+    assert events[0] == "canary exposure: canary 1 of 4 (20 s, about 60 s left)"
+    assert len(events) == 2 and events[1].startswith("canary exposure: canary 4 of 4 (20 s)")
+    stopping = _phase_progress("extraction probe", "value", lambda *a, **k: None, 7, lambda: True, time.monotonic())
+    with pytest.raises(Cancelled):
+        stopping(1, 3)
 
 
 def test_canary_exposure_is_higher_after_training_on_the_canary(trained, tiny_model_dir, tmp_path):
-    result, canaries = trained
+    result, canaries, _ = trained
     report = result.privacy["canaries"]
     assert report["count"] == 2 and report["repetitions"] == 10 and report["randomness_space"] == CANARY_SPACE
     cap = math.log2(CANARY_SPACE)
@@ -86,7 +117,7 @@ def test_canary_exposure_is_higher_after_training_on_the_canary(trained, tiny_mo
 
 
 def test_extraction_probe_counts_completed_values_without_reporting_them(trained):
-    result, _ = trained
+    result, _, _ = trained
     probe = result.privacy["extraction"]
     assert probe["probed"] == 6 and probe["skipped"] == 0
     assert probe["extracted"] >= 1 and probe["rate"] == probe["extracted"] / 6
