@@ -111,13 +111,16 @@ def _standard_attention(model: Any) -> Iterator[None]:
 
 
 def _sequence_nll(model: Any, tokenizer: Any, prompts: list[list[int]], targets: list[list[int]],
-                  device: torch.device, batch_size: int = 64) -> list[float]:
+                  device: torch.device, batch_size: int = 32) -> list[float]:
     """Summed negative log-likelihood (nats) of each ``target`` after its ``prompt``.
 
-    Only the positions that predict target tokens go through the output layer (``logits_to_keep``)
-    and the softmax: with a vocabulary of 50-150k tokens that is most of the cost, and a canary's
-    prompt is longer than its secret.
+    A canary's candidates share one prompt: it runs once and its key/value cache is reused for
+    every batch of targets of one length (:func:`_shared_prompt_nll`), so only the secrets' tokens
+    go through the model again. Otherwise each row runs whole, and only the positions that predict
+    target tokens go through the output layer and the softmax (``logits_to_keep``).
     """
+    if prompts and all(p == prompts[0] for p in prompts):
+        return _shared_prompt_nll(model, prompts[0], targets, device, batch_size)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out: list[float] = []
     for i in range(0, len(prompts), batch_size):
@@ -139,6 +142,39 @@ def _sequence_nll(model: Any, tokenizer: Any, prompts: list[list[int]], targets:
             picked = logp[torch.arange(len(t), device=logp.device), torch.tensor(t, device=logp.device)]
             out.append(-float(picked.sum()))
     return out
+
+
+def _shared_prompt_nll(model: Any, prompt: list[int], targets: list[list[int]], device: torch.device,
+                       batch_size: int) -> list[float]:
+    """:func:`_sequence_nll` for one prompt: the prompt's cache computed once, copied for each batch."""
+    import copy
+
+    with torch.no_grad():
+        ids = torch.tensor([prompt], device=device)
+        head = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    first_logp = head.logits[0, -1].float().log_softmax(dim=-1)  # predicts every target's first token
+    out: dict[int, float] = {}
+    by_length: dict[int, list[int]] = {}
+    for index, target in enumerate(targets):
+        by_length.setdefault(len(target), []).append(index)
+    for length, indices in by_length.items():
+        for i in range(0, len(indices), batch_size):
+            chunk = indices[i : i + batch_size]
+            rows = torch.tensor([targets[k] for k in chunk], device=device)
+            cache = copy.deepcopy(head.past_key_values)
+            cache.batch_repeat_interleave(len(chunk))
+            with torch.no_grad():
+                logits = model(input_ids=rows, past_key_values=cache, use_cache=True,
+                               attention_mask=torch.ones((len(chunk), len(prompt) + length), dtype=torch.long,
+                                                         device=device)).logits
+            rest = logits[:, : length - 1].float().log_softmax(dim=-1)  # predicts tokens 2..length
+            for j, k in enumerate(chunk):
+                nll = -float(first_logp[targets[k][0]])
+                if length > 1:
+                    picked = rest[j, torch.arange(length - 1, device=device), rows[j, 1:]]
+                    nll -= float(picked.sum())
+                out[k] = nll
+    return [out[k] for k in range(len(targets))]
 
 
 def _exposure(canary_nll: float, candidate_nll: list[float]) -> tuple[float, float]:

@@ -158,3 +158,23 @@ def test_stored_span_follows_redactions_before_it():
     assert redact_text(text, redactions)[start:end] == "ada@y.org"
     overlapping = f("EMAIL_ADDRESS", "bob@x.io", "allow")
     assert stored_span(overlapping, redactions, text) is None
+
+
+def test_the_shared_prompt_cache_gives_the_figures_of_whole_rows(tiny_model_dir, tokenizer):
+    """Exposure runs a canary's prompt once and reuses its cache; the likelihoods equal running each row whole."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from appliance.training.memorization import _encode, _sequence_nll
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    prompt = _encode(tokenizer, "The secret verification number of canary 1 is", special=True)
+    targets = [_encode(tokenizer, " " + s) for s in ("3 1 4 1 5", "2 7 1 8 2 8 1", "9", "1 6 1 8 0")]
+    cpu = torch.device("cpu")
+    shared = _sequence_nll(model, tokenizer, [prompt] * len(targets), targets, cpu, batch_size=2)
+    other = _encode(tokenizer, "Another prompt", special=True)  # two prompts: each row runs whole
+    whole = [_sequence_nll(model, tokenizer, [prompt, other], [t, t], cpu)[0] for t in targets]
+    assert len({len(t) for t in targets}) > 1  # lengths differ: batched by length
+    assert shared == pytest.approx(whole, abs=1e-4)
