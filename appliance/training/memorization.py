@@ -120,7 +120,10 @@ def _sequence_nll(model: Any, tokenizer: Any, prompts: list[list[int]], targets:
     target tokens go through the output layer and the softmax (``logits_to_keep``).
     """
     if prompts and all(p == prompts[0] for p in prompts):
-        return _shared_prompt_nll(model, prompts[0], targets, device, batch_size)
+        try:
+            return _shared_prompt_nll(model, prompts[0], targets, device, batch_size)
+        except (AttributeError, NotImplementedError, TypeError):  # a model whose cache cannot be copied and
+            pass  # repeated (no past_key_values, a cache class without batch_repeat_interleave): rows run whole
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out: list[float] = []
     for i in range(0, len(prompts), batch_size):
