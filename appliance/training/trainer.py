@@ -377,8 +377,9 @@ def _samples(run: _Run, model_dir: Path) -> list[dict[str, str]]:
     started = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     samples = sample_generations(run.setup.model, tokenizer, run.val_set, run.setup.device, stop=run.stop)
-    run.event("info", run.state.step, message=f"sample generations: {len(samples)} validation prompt(s) answered "
-              f"before and after training, greedily ({time.monotonic() - started:.1f} s; a result file)")
+    if samples:  # none when the validation records have no prompt before their target (plain text records)
+        run.event("info", run.state.step, message=f"sample generations: {len(samples)} validation prompt(s) "
+                  f"answered before and after training, greedily ({time.monotonic() - started:.1f} s; a result file)")
     return samples
 
 
