@@ -183,13 +183,16 @@ def build_tiny_sd_pipeline(dest_dir: Path, seed: int = 0) -> Path:
     dest_dir = Path(dest_dir)
     components = tiny_sd_components(seed, tokenizer_dir=dest_dir / "tokenizer")
     pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
+    return _save_test_pipeline(pipe, dest_dir, seed,
+                               "random UNet and text encoder; constructed near-identity VAE; for tests only")
+
+
+def _save_test_pipeline(pipe, dest_dir: Path, seed: int, weights: str) -> Path:
+    """Save ``pipe`` to ``dest_dir`` marked as random test weights (``model_index.json`` and ``README.txt``)."""
     pipe.save_pretrained(dest_dir, safe_serialization=True)
     index_path = dest_dir / "model_index.json"
     index = json.loads(index_path.read_text())
-    index[TEST_PIPELINE_MARKER] = {
-        "seed": seed,
-        "weights": "random UNet and text encoder; constructed near-identity VAE; for tests only",
-    }
+    index[TEST_PIPELINE_MARKER] = {"seed": seed, "weights": weights}
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     (dest_dir / "README.txt").write_text(_README.format(seed=seed))
     return dest_dir
@@ -255,16 +258,8 @@ def build_tiny_sdxl_pipeline(dest_dir: Path, seed: int = 0) -> Path:
     dest_dir = Path(dest_dir)
     components = tiny_sdxl_components(seed, tokenizer_dir=dest_dir / "tokenizer")
     pipe = StableDiffusionXLPipeline(**components, add_watermarker=False)
-    pipe.save_pretrained(dest_dir, safe_serialization=True)
-    index_path = dest_dir / "model_index.json"
-    index = json.loads(index_path.read_text())
-    index[TEST_PIPELINE_MARKER] = {
-        "seed": seed,
-        "weights": "random SDXL UNet and text encoders; constructed near-identity VAE; for tests only",
-    }
-    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    (dest_dir / "README.txt").write_text(_README.format(seed=seed))
-    return dest_dir
+    return _save_test_pipeline(pipe, dest_dir, seed,
+                               "random SDXL UNet and text encoders; constructed near-identity VAE; for tests only")
 
 
 def near_identity_vae(seed: int = 0, *, channels: int = 8, big: float = 1000.0, shift: float = 10.0):

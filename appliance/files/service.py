@@ -754,27 +754,12 @@ class FindingGroup:
 
 def _texts_of(chunks: Iterator[bytes], records: set[int]) -> Iterator[tuple[tuple[int, str], str]]:
     """``((record index, field path), text)`` of the wanted records of a JSONL stream, in order."""
-    pending = bytearray()
-    line_no = 0
-
-    def one(raw: bytes) -> Iterator[tuple[tuple[int, str], str]]:
-        if line_no - 1 in records:
-            record = parse_line(raw, line_no)
+    for index, raw in _lines_of(chunks):
+        if index in records:
+            record = parse_line(raw, index + 1)
             if record is not None:
                 for path, text in iter_text_fields(record):
-                    yield (line_no - 1, path), text
-
-    for chunk in chunks:
-        pending += chunk
-        start = 0
-        while (end := pending.find(b"\n", start)) >= 0:
-            line_no += 1
-            yield from one(bytes(pending[start:end]))
-            start = end + 1
-        del pending[:start]
-    if pending:
-        line_no += 1
-        yield from one(bytes(pending))
+                    yield (index, path), text
 
 
 def _lines_of(chunks: Iterator[bytes]) -> Iterator[tuple[int, bytes]]:
@@ -801,14 +786,7 @@ def masked_context(text: str, target: ScanFinding, in_field: list[ScanFinding], 
     marks = sorted((max(f.stored_start, left), min(f.stored_end, right),
                     f"⟦{f.entity_type}⟧" if f is target else f"<{f.entity_type}>") for f in in_field
                    if f.stored_start is not None and f.stored_end > left and f.stored_start < right)
-    out, pos = ["…" if left > 0 else ""], left
-    for mark_start, mark_end, label in marks:
-        if mark_start < pos:
-            continue  # overlaps the previous mark, which hides it
-        out += [text[pos:mark_start], label]
-        pos = mark_end
-    out += [text[pos:right], "…" if right < len(text) else ""]
-    return "".join(out)
+    return _splice(text, left, right, marks)
 
 
 def _context(text: str, target: ScanFinding, in_field: list[ScanFinding], width: int = 48) -> str:
@@ -818,8 +796,14 @@ def _context(text: str, target: ScanFinding, in_field: list[ScanFinding], width:
              if f is not target and f.end > left and f.start < right
              and not (f.start < target.end and target.start < f.end)]
     marks.append((target.start, target.end, f"[[{text[target.start:target.end]}]]"))
+    return _splice(text, left, right, sorted(marks))
+
+
+def _splice(text: str, left: int, right: int, marks: list[tuple[int, int, str]]) -> str:
+    """``text[left:right]`` with each ``(start, end, label)`` of ``marks`` (sorted) replaced by its label,
+    ``…`` where the window cuts the text."""
     out, pos = ["…" if left > 0 else ""], left
-    for start, end, label in sorted(marks):
+    for start, end, label in marks:
         if start < pos:
             continue  # overlaps the previous mark, which hides it
         out += [text[pos:start], label]
