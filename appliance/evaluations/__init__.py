@@ -1,0 +1,1 @@
+"""Test-set evaluation and comparison of LLM models (issue 24)."""

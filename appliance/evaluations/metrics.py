@@ -1,0 +1,168 @@
+"""Test-set figures of one causal LM: target-token loss and perplexity, exact match and token F1.
+
+The loss is training's validation loss (:func:`appliance.training.trainer._evaluate`'s maths): the
+records are tokenised by :func:`appliance.training.data.tokenize_records` (loss on the assistant
+turns, the completion, or the whole text) and packed as training packs them, and the figure is the
+mean over every target token of the file; perplexity is its exponential. A record whose first
+target span has tokens before it (a chat with an assistant answer, a prompt/completion pair) has a
+reference answer: the model answers its prompt greedily, and the answer is compared with the
+reference as SQuAD's evaluation script does (lower case, no punctuation, no articles, single spaces).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from appliance.trainkit.errors import Cancelled
+from appliance.training.data import IGNORE_INDEX, Example
+from appliance.training.packing import pack, packed_loss_sum
+
+#: Tokens per packed forward pass when measuring the loss (training's validation uses the same).
+EVAL_TOKEN_BUDGET = 8192
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalisation: lower case, punctuation and articles removed, whitespace collapsed."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """Whether the normalised answer equals the normalised reference."""
+    return normalize_answer(prediction) == normalize_answer(reference)
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD's token F1: the harmonic mean of precision and recall of the normalised answers' words."""
+    predicted, expected = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not predicted or not expected:
+        return float(predicted == expected)
+    common = sum((collections.Counter(predicted) & collections.Counter(expected)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+@dataclass(frozen=True)
+class Question:
+    """A record's prompt (every token before its first target) and reference answer (that first target span)."""
+
+    prompt: tuple[int, ...]
+    reference: tuple[int, ...]
+
+
+def question_of(example: Example) -> Question | None:
+    """The record's prompt and reference answer; None for records without a prompt (plain text)."""
+    first = next((i for i, label in enumerate(example.labels) if label != IGNORE_INDEX), None)
+    if not first:
+        return None
+    end = next((i for i in range(first, len(example.labels)) if example.labels[i] == IGNORE_INDEX),
+               len(example.labels))
+    return Question(tuple(example.input_ids[:first]), tuple(example.input_ids[first:end]))
+
+
+@dataclass(frozen=True)
+class Score:
+    """One model's figures on a test file.
+
+    Attributes:
+        loss: Mean next-token loss per target token (nats).
+        perplexity: ``exp(loss)``.
+        records: Records of the file.
+        target_tokens: Tokens the loss is the mean over.
+        answered: Records with a reference answer, each answered by the model.
+        exact_match: Share of those answers equal to the reference (normalised); None without any.
+        token_f1: Mean token F1 of those answers; None without any.
+    """
+
+    loss: float
+    perplexity: float
+    records: int
+    target_tokens: int
+    answered: int
+    exact_match: float | None
+    token_f1: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def target_loss(model: Any, examples: Sequence[Example], device: torch.device, *,
+                stop: Callable[[], bool] = lambda: False) -> tuple[float, int]:
+    """Summed loss over the target tokens of ``examples`` and how many there are (packed as training packs).
+
+    ``model``: a transformers causal LM, or a PEFT model (its active adapter applies).
+    """
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    total, count, start = 0.0, 0, 0
+    with torch.no_grad():
+        while start < len(examples):
+            if stop():
+                raise Cancelled
+            end, tokens = start + 1, len(examples[start])
+            while end < len(examples) and tokens + len(examples[end]) <= EVAL_TOKEN_BUDGET:
+                tokens += len(examples[end])
+                end += 1
+            batch = pack(examples[start:end]).to(device)
+            if batch.n_targets:
+                total += float(packed_loss_sum(causal_lm, batch))
+            count += batch.n_targets
+            start = end
+    return total, count
+
+
+def answer(model: Any, tokenizer: Any, prompt: Sequence[int], device: torch.device, max_new_tokens: int) -> str:
+    """The model's greedy answer to ``prompt`` (token ids), decoded without special tokens."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([list(prompt)], device=device)
+    with torch.no_grad():
+        generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                   max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=pad)
+    return tokenizer.decode(generated[0, len(prompt):], skip_special_tokens=True).strip()
+
+
+def score(model: Any, tokenizer: Any, examples: Sequence[Example], device: torch.device, *,
+          max_new_tokens: int, stop: Callable[[], bool] = lambda: False) -> tuple[Score, list[str | None]]:
+    """The model's :class:`Score` on ``examples`` and its answer to each (None where a record has no prompt).
+
+    Raises:
+        Cancelled: ``stop`` said so between two forward passes or two answers.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        loss_sum, n_targets = target_loss(model, examples, device, stop=stop)
+        answers: list[str | None] = []
+        matches, f1s = [], []
+        for example in examples:
+            question = question_of(example)
+            if question is None:
+                answers.append(None)
+                continue
+            if stop():
+                raise Cancelled
+            text = answer(model, tokenizer, question.prompt, device, max_new_tokens)
+            reference = tokenizer.decode(question.reference, skip_special_tokens=True).strip()
+            answers.append(text)
+            matches.append(exact_match(text, reference))
+            f1s.append(token_f1(text, reference))
+    finally:
+        model.train(was_training)
+    loss = loss_sum / n_targets if n_targets else float("nan")
+    return Score(
+        loss=loss, perplexity=math.exp(min(loss, 700.0)) if n_targets else float("nan"), records=len(examples),
+        target_tokens=n_targets, answered=len(matches),
+        exact_match=sum(matches) / len(matches) if matches else None,
+        token_f1=sum(f1s) / len(f1s) if f1s else None,
+    ), answers

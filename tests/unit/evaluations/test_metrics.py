@@ -1,0 +1,88 @@
+"""Test-set figures on a tiny seeded model, reproduced with stock transformers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from appliance.evaluations.metrics import exact_match, normalize_answer, question_of, score, target_loss, token_f1
+from appliance.modelstore import build_tiny_causal_lm
+from appliance.training.data import IGNORE_INDEX, tokenize_records
+
+RECORDS = [
+    {"messages": [{"role": "user", "content": "Reverse: red sea"}, {"role": "assistant", "content": "sea red"}]},
+    {"prompt": "Colour of the sky:", "completion": " blue"},
+    {"text": "the quick brown fox"},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say yes"},
+                  {"role": "assistant", "content": "yes"}, {"role": "user", "content": "Say no"},
+                  {"role": "assistant", "content": "no"}]},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path: Path = build_tiny_causal_lm(tmp_path_factory.mktemp("eval") / "tiny", seed=0)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+@pytest.mark.parametrize(("prediction", "reference", "em", "f1"), [
+    ("The Blue  sky.", "blue sky", True, 1.0),
+    ("a red box", "the blue box", False, 0.5),
+    ("nothing alike", "blue", False, 0.0),
+    ("", "", True, 1.0),
+    ("", "blue", False, 0.0),
+])
+def test_exact_match_and_token_f1_follow_squad(prediction, reference, em, f1):
+    assert exact_match(prediction, reference) is em
+    assert token_f1(prediction, reference) == pytest.approx(f1)
+    assert normalize_answer("  An Apple, the PEAR!  ") == "apple pear"
+
+
+def test_the_question_is_the_prompt_before_the_first_answer(tiny):
+    _, tokenizer = tiny
+    chat, completion, text, multi = tokenize_records(RECORDS, tokenizer, param="records")
+    assert question_of(text) is None  # plain text: nothing to prompt with
+    q = question_of(completion)
+    assert tokenizer.decode(q.reference, skip_special_tokens=True).strip() == "blue"
+    q = question_of(multi)  # the first assistant turn only; the second is context for nothing here
+    assert tokenizer.decode(q.reference, skip_special_tokens=True).strip() == "yes"
+    assert q.prompt == multi.input_ids[:len(q.prompt)]
+    assert tokenizer.decode(question_of(chat).reference, skip_special_tokens=True).strip() == "sea red"
+
+
+def test_loss_is_the_mean_over_target_tokens_as_stock_transformers_computes_it(tiny):
+    model, tokenizer = tiny
+    examples = tokenize_records(RECORDS, tokenizer, param="records")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for e in examples:
+            ids, labels = torch.tensor([e.input_ids]), torch.tensor([e.labels])
+            n = int((labels[0, 1:] != IGNORE_INDEX).sum())
+            total += model(input_ids=ids, labels=labels).loss.item() * n
+            count += n
+    loss_sum, n_targets = target_loss(model, examples, torch.device("cpu"))
+    assert n_targets == count == sum(e.n_targets for e in examples)
+    assert loss_sum / n_targets == pytest.approx(total / count, rel=1e-4)
+
+    result, answers = score(model, tokenizer, examples, torch.device("cpu"), max_new_tokens=5)
+    assert result.loss == pytest.approx(total / count, rel=1e-4)
+    assert result.perplexity == pytest.approx(math.exp(total / count), rel=1e-4)
+    assert (result.records, result.target_tokens, result.answered) == (4, count, 3)
+    assert answers[2] is None and all(isinstance(a, str) for i, a in enumerate(answers) if i != 2)
+    # The answers are the stock greedy generations, scored against the references.
+    references = ["sea red", "blue", "yes"]
+    expected = []
+    for e in (examples[0], examples[1], examples[3]):
+        prompt = torch.tensor([question_of(e).prompt])
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                             max_new_tokens=5, pad_token_id=tokenizer.eos_token_id)
+        expected.append(tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True).strip())
+    assert [answers[0], answers[1], answers[3]] == expected
+    assert result.exact_match == pytest.approx(sum(exact_match(a, r) for a, r in zip(expected, references)) / 3)
+    assert result.token_f1 == pytest.approx(sum(token_f1(a, r) for a, r in zip(expected, references)) / 3)
