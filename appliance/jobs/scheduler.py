@@ -138,6 +138,16 @@ class _Inbox:
             self.archive = None
 
 
+def _remaining(inbox: _Inbox, data: dict[str, Any]) -> float | None:
+    """Seconds left, from a progress report: a post-training phase's own estimate once training is done
+    (canary exposure, the extraction probe), else the training steps' pace."""
+    phase = data.get("phase")
+    if isinstance(phase, dict):
+        left = phase.get("seconds_left")
+        return float(left) if isinstance(left, (int, float)) and not isinstance(left, bool) and left >= 0 else None
+    return inbox.estimate_finish(data.get("step"), data.get("total_steps"))
+
+
 class Scheduler:
     """Runs queued jobs in sandboxed workers.
 
@@ -467,8 +477,8 @@ class Scheduler:
             data = header.get("data")
             if header.get("event_type") == "isolation" and isinstance(data, dict) and "rank" in data:
                 inbox.ranks.append({k: data.get(k) for k in ("rank", "level", "network")})
-            remaining = inbox.estimate_finish(data.get("step"), data.get("total_steps")) \
-                if header.get("event_type") == "metrics" and isinstance(data, dict) else None
+            remaining = _remaining(inbox, data) if header.get("event_type") == "metrics" and isinstance(data, dict) \
+                else None
             with self.db.transaction() as s:
                 add_event(s, job_id, str(header.get("message", ""))[:2000], level=header.get("level", "info"),
                           type=header.get("event_type", "message"), data=header.get("data"))

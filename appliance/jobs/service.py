@@ -7,7 +7,7 @@ import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
@@ -49,6 +49,34 @@ _SUFFIX_RE = re.compile(f"^{SUFFIX_PATTERN}$")
 
 def new_job_id() -> str:
     return f"ftjob-{secrets.token_hex(12)}"
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A post-training phase under way (canary exposure, the extraction probe): its items done of its total."""
+
+    name: str
+    done: int
+    total: int
+    seconds_left: int | None = None
+
+    @classmethod
+    def of(cls, data: Any) -> Phase | None:
+        """The phase an event's data reports, if it is still under way (a finished one is no longer shown)."""
+        if not isinstance(data, dict):
+            return None
+        name, done, total, left = data.get("name"), data.get("done"), data.get("total"), data.get("seconds_left")
+        if not isinstance(name, str) or not isinstance(done, int) or not isinstance(total, int) or not done < total:
+            return None
+        return cls(name, done, total, left if isinstance(left, int) else None)
+
+
+class Progress(NamedTuple):
+    """A job's latest progress report: the optimizer step of the total, and a post-training phase under way."""
+
+    step: int
+    total: int
+    phase: Phase | None = None
 
 
 @dataclass(frozen=True)
@@ -273,8 +301,9 @@ class JobService:
             names = project_names(s, {r.project_id for r in rows})
         return [JobView(r, names[r.project_id]) for r in rows[:limit]], len(rows) > limit
 
-    def progress(self, job_ids: list[str]) -> dict[str, tuple[int, int]]:
-        """``{job id: (step, total steps)}`` from each job's latest progress report (jobs without one are left out).
+    def progress(self, job_ids: list[str]) -> dict[str, Progress]:
+        """Each job's latest progress report: the step of its total and, after training, the post-training
+        phase under way (jobs without a report are left out).
 
         For lists: one query for all the jobs, whose visibility the caller has already checked.
         """
@@ -286,9 +315,10 @@ class JobService:
             rows = s.scalars(select(JobEvent).where(JobEvent.id.in_(latest)))
             out = {}
             for e in rows:
-                step, total = (e.data or {}).get("step"), (e.data or {}).get("total_steps")
+                data = e.data or {}
+                step, total = data.get("step"), data.get("total_steps")
                 if isinstance(step, int) and isinstance(total, int) and total > 0:
-                    out[e.job_id] = (step, total)
+                    out[e.job_id] = Progress(step, total, Phase.of(data.get("phase")))
         return out
 
     def events(self, principal: Principal, job_id: str, *, after: str | None, limit: int) -> tuple[list[JobEvent], bool]:

@@ -29,8 +29,10 @@ def run_task(channel: Channel, start: dict[str, Any], datasets: dict[str, Any], 
     def on_event(event) -> None:
         data = {k: v for k, v in event.to_dict().items() if v is not None and k != "message"}
         level = "warn" if event.type == "warning" else "info"
+        # A post-training phase's progress is a metrics event too: the job lists read progress from those.
         channel.event(_progress_message(event), level=level,
-                      type="metrics" if event.type in ("train", "validation") else "message", data=data)
+                      type="metrics" if event.type in ("train", "validation") or event.phase else "message",
+                      data=data)
 
     def open_checkpoint(step: int) -> contextlib.AbstractContextManager[Any]:
         # The trainer serialises the checkpoint into the stream as it goes: never whole in memory.

@@ -30,7 +30,7 @@ from appliance.jobs.memorization import DEFAULTS as MEMORIZATION_DEFAULTS
 from appliance.jobs.memorization import parse_memorization
 from appliance.jobs.recipes import DATASET_PURPOSE, registry_of
 from appliance.jobs.schemas import SUFFIX_EXPECTED, SUFFIX_PATTERN
-from appliance.jobs.service import ACTIVE, CLASS_IMAGE_METHODS, JobService
+from appliance.jobs.service import ACTIVE, CLASS_IMAGE_METHODS, JobService, Phase
 from appliance.db.base import utcnow
 from appliance.portal.render import line_chart, page, percent, portal, session_of
 from appliance.web.context import audit_context
@@ -316,7 +316,7 @@ def _field_of(path: str, text: str) -> tuple[str, str]:
 
 def _progress(events: list[JobEvent]) -> dict[str, Any]:
     train, valid = [], []
-    step = total = None
+    step = total = phase = None
     for e in events:
         d = e.data or {}
         if e.type == "metrics":
@@ -325,8 +325,10 @@ def _progress(events: list[JobEvent]) -> dict[str, Any]:
             if d.get("valid_loss") is not None:
                 valid.append((float(d["step"]), float(d["valid_loss"])))
             step, total = d.get("step", step), d.get("total_steps", total)
+            phase = Phase.of(d.get("phase"))  # the latest report's: a finished phase is no longer shown
     return {"chart": line_chart({"training loss": train, "validation loss": valid}),
-            "step": step, "total": total, "percent": percent(step, total)}
+            "step": step, "total": total, "percent": percent(step, total), "phase": phase,
+            "phase_left": duration(phase.seconds_left) if phase and phase.seconds_left is not None else None}
 
 
 #: The LLM jobs' sample generations (:mod:`appliance.training.samples`), a result file.

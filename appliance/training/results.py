@@ -31,6 +31,8 @@ class TrainingEvent(AsDict):
         tokens_per_second: Non-padding tokens trained per second since the previous event.
         trained_tokens: Non-padding tokens trained so far (epochs counted).
         message: Human-readable summary.
+        phase: A post-training phase's progress (canary exposure, extraction probe): ``{"name", "done",
+            "total", "seconds_left"}``, on ``info`` events; the job lists show it once training is done.
     """
 
     type: Literal["train", "validation", "info", "warning"]
@@ -43,6 +45,7 @@ class TrainingEvent(AsDict):
     tokens_per_second: float | None = None
     trained_tokens: int = 0
     message: str = ""
+    phase: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -466,7 +466,8 @@ def _phase_progress(phase: str, item: str, event: Callable[..., None], step: int
         elapsed = now - started
         left = elapsed / done * (total - done) if done else 0.0
         event("info", step, message=f"{phase}: {item} {done} of {total} ({elapsed:.0f} s"
-              + (f", about {left:.0f} s left)" if done < total else ")"))
+              + (f", about {left:.0f} s left)" if done < total else ")"),
+              phase={"name": phase, "done": done, "total": total, "seconds_left": round(left)})
 
     return report
 

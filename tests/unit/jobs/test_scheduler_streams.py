@@ -18,6 +18,7 @@ from appliance.identity.models import Project
 from appliance.jobs import streams
 from appliance.jobs.models import FineTuningJob, JobCheckpoint
 from appliance.jobs.scheduler import _Inbox, _Run
+from appliance.jobs.service import Phase
 from appliance.jobs.wire import MAX_PAYLOAD, FrameError, FrameReader
 from tests.timing import scaled
 
@@ -301,8 +302,19 @@ def test_progress_reports_set_the_jobs_estimated_finish(state):
     assert 150 < left <= 161  # 80 steps x 2 s
     state.scheduler._handle(job_id, ({"type": "event", "message": "hello"}, b""), inbox)  # noqa: SLF001
     assert abs((estimate() - utcnow()).total_seconds() - left) < 5
-    assert state.jobs.progress([job_id, "ftjob-none"]) == {job_id: (20, 100)}
+    assert state.jobs.progress([job_id, "ftjob-none"]) == {job_id: (20, 100, None)}
     assert utcnow() + timedelta(seconds=100) < estimate()
+    # After training, a post-training phase's own estimate is the time left, and the lists show the phase
+    for done, left in ((1, 300), (4, 0)):
+        state.scheduler._handle(job_id, ({"type": "event", "event_type": "metrics",  # noqa: SLF001
+                                          "message": f"canary exposure: canary {done} of 4",
+                                          "data": {"step": 100, "total_steps": 100, "phase": {
+                                              "name": "canary exposure", "done": done, "total": 4,
+                                              "seconds_left": left}}}, b""), inbox)
+        if done == 1:
+            assert 290 < (estimate() - utcnow()).total_seconds() <= 300
+            assert state.jobs.progress([job_id]) == {job_id: (100, 100, Phase("canary exposure", 1, 4, 300))}
+    assert state.jobs.progress([job_id]) == {job_id: (100, 100, None)}  # a finished phase is no longer shown
 
 
 def test_progress_lines_carry_their_numbers():

@@ -78,14 +78,21 @@ def test_phase_progress_estimates_the_time_left_and_stops_on_cancel():
     from appliance.trainkit.errors import Cancelled
     from appliance.training.trainer import _phase_progress
 
-    events = []
-    report = _phase_progress("canary exposure", "canary", lambda kind, step, **f: events.append(f["message"]), 7,
-                             lambda: False, time.monotonic() - 20)
+    events, phases = [], []
+
+    def event(kind, step, **fields):
+        events.append(fields["message"])
+        phases.append(fields["phase"])
+
+    report = _phase_progress("canary exposure", "canary", event, 7, lambda: False, time.monotonic() - 20)
     report(1, 4)
     report(2, 4)  # within PHASE_EVENT_SECONDS of the last report: not repeated
     report(4, 4)  # the end always reports
     assert events[0] == "canary exposure: canary 1 of 4 (20 s, about 60 s left)"
     assert len(events) == 2 and events[1].startswith("canary exposure: canary 4 of 4 (20 s)")
+    # the same figures as data, which the job lists show (tests/unit/jobs/test_scheduler_streams.py)
+    assert phases[0] == {"name": "canary exposure", "done": 1, "total": 4, "seconds_left": 60}
+    assert phases[1] == {"name": "canary exposure", "done": 4, "total": 4, "seconds_left": 0}
     stopping = _phase_progress("extraction probe", "value", lambda *a, **k: None, 7, lambda: True, time.monotonic())
     with pytest.raises(Cancelled):
         stopping(1, 3)
