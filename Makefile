@@ -71,9 +71,9 @@ lock:
 	$(PYTHON) $(LOCKPY) generate
 
 run: $(STAMP) sandbox
-	$(BIN)/appliance init
-	$(BIN)/appliance models import --demo --if-missing
-	$(BIN)/appliance serve
+	@$(BIN)/appliance init
+	@$(BIN)/appliance models import --demo --if-missing
+	@$(BIN)/appliance serve
 
 # Training workers run in a bubblewrap sandbox by default (APPLIANCE_WORKER_ISOLATION, README "Worker
 # isolation"); without bwrap jobs fail closed, so it is installed here as chromium is for the tests.

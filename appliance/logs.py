@@ -57,6 +57,8 @@ class ConsoleFormatter(logging.Formatter):
 
 
 _HANDLER_NAME = "appliance"
+#: Loggers kept at WARNING or above whatever the level: their INFO lines are start-up noise.
+QUIET_LIBRARIES = ("alembic.runtime.migration", "presidio-analyzer", "uvicorn.error")
 
 
 def configure_logging(level: str = "INFO", fmt: str = "auto", log_dir: Path | None = None) -> None:
@@ -88,6 +90,11 @@ def configure_logging(level: str = "INFO", fmt: str = "auto", log_dir: Path | No
         handler.setFormatter(JsonFormatter() if isinstance(handler, logging.FileHandler) else formatter)
         root.addHandler(handler)
     root.setLevel(level)
+    # Libraries' start-up chatter (alembic's migration context, presidio's "Loaded recognizer" per
+    # recognizer, uvicorn's "Started server process" beside our own "listening" line) would bury the
+    # lines a person starting the server reads; their warnings and errors still come through.
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     # Uvicorn's own access log would duplicate ours and include query strings.
     logging.getLogger("uvicorn.access").disabled = True
     for name in ("uvicorn", "uvicorn.error"):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import httpx
 import pytest
 
+from appliance import __version__
 from tests.cli_helpers import Server, run_cli
 from tests.conftest import REPO, free_port
 
@@ -36,7 +38,23 @@ def test_make_run_initialises_home_on_first_use_and_serves_health(tmp_path):
     try:
         server.wait_healthy()
         out = server.output()
-        assert "Initialised" in out and f"Portal:      http://127.0.0.1:{port}/" in out
         assert (home / "admin.token").exists() and (home / "keys" / "master.key").exists()
+        # What the README shows, and nothing else: no echoed commands, no libraries' start-up log lines
+        # (progress bars of the demo model's import aside), then only our request log. Before it, make may
+        # refresh .venv (when the Makefile or the lock changed since it was built): its lines are make's.
+        lines = [line for line in out.splitlines() if line.strip() and "%|" not in line]
+        lines = lines[next(i for i, line in enumerate(lines) if line.startswith("Initialised ")):]
+        listening = next(i for i, line in enumerate(lines) if line.startswith("Appliance "))
+        head, banner, rest = lines[:listening], lines[listening:listening + 4], lines[listening + 4:]
+        assert head[:3] == [f"Initialised {home}",
+                            f"  master key:  {home / 'keys' / 'master.key'} (mode 0600; back it up: without it "
+                            "nothing can be decrypted)", f"  admin token: {home / 'admin.token'} (mode 0600)"]
+        assert head[3].startswith("importing ") and head[-1].startswith("imported SmolLM2-135M-Instruct: ")
+        assert all(line.startswith("  ") for line in head[4:-1]), head
+        assert banner == [f"Appliance {__version__} listening on http://127.0.0.1:{port}",
+                          f"  Portal:      http://127.0.0.1:{port}/",
+                          f"  API:         http://127.0.0.1:{port}/v1  (OpenAPI: /schema/openapi.json)",
+                          f"  Admin token: {home / 'admin.token'}"]
+        assert rest and all(json.loads(line)["logger"] == "appliance.access" for line in rest), rest
     finally:
         server.stop()
