@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from appliance.catalog.service import CatalogService
 from appliance.crypto.envelope import FileKeyProvider
 from appliance.db.base import Database
+from appliance.evaluations.runner import EvaluationRunner
+from appliance.evaluations.service import EvaluationService
 from appliance.policy.service import PolicyService
 from appliance.files.service import FileService
 from appliance.identity.auth import FailureLimiter
@@ -42,3 +44,5 @@ class AppState:
     sessions: SessionService
     inference: InferenceService
     retention: RetentionSweeper
+    evaluations: EvaluationService
+    evaluation_runner: EvaluationRunner

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 PURPOSES = {
     "fine-tune": "JSONL: chat {messages}, {prompt, completion} or {text} per line",
     "fine-tune-images": "a zip of images with optional captions (<image>.txt or metadata.jsonl)",
+    "evals": "JSONL test file for evaluations, in fine-tune's shapes; never used for training",
 }
 _MULTIPART_OVERHEAD = 1024 * 1024
 
@@ -586,6 +587,10 @@ class FileService:
             raise CrossProjectDenied(f"file {file_id!r} not found in project {project.name!r}", param=param)
         if row is None or row.deleted_at is not None or row.project_id != project.id:
             raise NotFoundError(f"file {file_id!r} not found in project {project.name!r}", param=param)
+        if purpose is not None and row.purpose == "evals" and purpose != "evals":
+            raise InvalidRequestError(f"file {file_id!r} is a test file (purpose 'evals'): test files are never "
+                                      f"used for training; upload training data with purpose {purpose!r}",
+                                      param=param)
         if purpose is not None and row.purpose != purpose:
             raise InvalidRequestError(f"file {file_id!r} has purpose {row.purpose!r}; this model trains on "
                                       f"{purpose!r} files", param=param)

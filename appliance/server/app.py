@@ -16,6 +16,7 @@ from litestar.plugins.jinja import JinjaTemplateEngine
 from appliance.auditor.controllers import AuditController, AuditProofController, AuditReportController
 from appliance.identity.auth import PUBLIC_OPT, BearerAuthMiddleware, csrf_guard, permission_guard
 from appliance.catalog.controllers import ModelController, ModelImportController
+from appliance.evaluations.controllers import EvaluationController
 from appliance.files.controllers import FileController, RejectedUploadController
 from appliance.identity.controllers import MeController, ProjectController, TokenController, UserController
 from appliance.inference.controllers import ImageController, InferenceController, RuntimeLoraController
@@ -41,7 +42,7 @@ ROUTE_HANDLERS = [
     health, MeController, ProjectController, UserController, TokenController, AuditController, AuditProofController,
     AuditReportController, FileController, RejectedUploadController,
     PolicyController, GlossaryController, ModelController, ModelImportController, JobController, InferenceController, RuntimeLoraController,
-    ImageController,
+    ImageController, EvaluationController,
 ]
 PORTAL_DIR = Path(__file__).resolve().parent.parent / "portal"
 PORTAL_ROUTES = [
@@ -76,11 +77,13 @@ def create_app(
             state.scheduler.start()
             checkpoints.start()
             state.retention.start()
+            state.evaluation_runner.start()
         reconciler.start()
 
     def _on_shutdown() -> None:
         reconciler.stop()
         if run_scheduler:
+            state.evaluation_runner.stop()
             state.retention.stop()
             checkpoints.stop()
             state.scheduler.stop()
@@ -108,6 +111,7 @@ def create_app(
             "policies": Provide(lambda: state.policies, sync_to_thread=False),
             "catalog": Provide(lambda: state.catalog, sync_to_thread=False),
             "jobs": Provide(lambda: state.jobs, sync_to_thread=False),
+            "evaluations": Provide(lambda: state.evaluations, sync_to_thread=False),
             "inference": Provide(lambda: state.inference, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,

@@ -7,11 +7,13 @@ from dataclasses import replace
 from appliance.catalog.service import CatalogService
 from appliance.crypto.envelope import FileKeyProvider
 from appliance.db.base import Database
+from appliance.evaluations.runner import EvaluationRunner
+from appliance.evaluations.service import EvaluationService
 from appliance.files.service import FileService
 from appliance.identity.auth import FailureLimiter
 from appliance.jobs.planning import training_device
 from appliance.identity.service import IdentityService
-from appliance.jobs.executors import make_executor
+from appliance.jobs.executors import LocalExecutor, make_executor
 from appliance.jobs.isolation import IsolationLevel
 from appliance.jobs.scheduler import Scheduler, SchedulerSettings
 from appliance.inference.service import InferenceService
@@ -48,6 +50,10 @@ def build_state(
     policies.file_review = files.review_values
     files.on_delete.append(catalog.withdraw_trained_on)
     files.users_of.append(unfinished_job_using)
+    # Evaluations run one at a time in a sandboxed worker on this host, as a local training job's does.
+    evaluation_runner = EvaluationRunner(db, files, catalog, LocalExecutor(
+        "appliance.evaluations.worker", scheduler_settings.limits, scheduler_settings.isolation,
+        hide=(settings.home.home, settings.key_file)), lease_s=settings.jobs.lease_s)
     return AppState(
         settings=settings,
         db=db,
@@ -65,4 +71,6 @@ def build_state(
                                 max_hours=settings.portal.session_max_hours),
         inference=InferenceService(db, catalog, policies, lambda: files.scanner, settings.serving),
         retention=RetentionSweeper(db, policies, files, catalog, settings.retention.sweep_interval_s),
+        evaluations=EvaluationService(db, catalog, files, wake=evaluation_runner.wake),
+        evaluation_runner=evaluation_runner,
     )

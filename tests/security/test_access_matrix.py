@@ -143,6 +143,52 @@ def _policy_text(w: World) -> str:
     return w.state.files.policies.describe(w.state.identity.get_project(None, OWN)).text
 
 
+def _evals_file(w: World, project: str) -> str:
+    """The project's test file (purpose ``evals``), uploaded once."""
+    key = f"evals:{project}"
+    if key not in w.files:
+        resp = w.client.post("/v1/files", headers=bearer(w.owner_token[project]), data={"purpose": "evals"},
+                             files={"file": ("test.jsonl", jsonl({"messages": [
+                                 {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}))})
+        assert resp.status_code == 201, resp.text
+        w.files[key] = resp.json()["id"]
+    return w.files[key]
+
+
+def _evaluation(w: World, project: str, status: str = "queued") -> str:
+    """An evaluation row as the API would create it (the runner is off: it never runs)."""
+    from sqlalchemy import select
+
+    from appliance.evaluations.models import Evaluation
+    from appliance.evaluations.service import new_evaluation_id
+    from appliance.identity.models import Project
+
+    evaluation_id, file_id = new_evaluation_id(), _evals_file(w, project)
+    with w.state.db.transaction() as s:
+        project_id = s.scalar(select(Project.id).where(Project.name == project))
+        s.add(Evaluation(id=evaluation_id, project_id=project_id, created_by="test", file=file_id,
+                         models=[BASE_MODEL], base_model=BASE_MODEL, samples=1, max_tokens=8, status=status,
+                         results=[]))
+    return evaluation_id
+
+
+def _evaluations_of(w: World, project: str) -> list[dict[str, Any]]:
+    return [e for e in _admin_get(w, "/v1/evaluations", limit=100).json()["data"] if e["project"] == project]
+
+
+def _other_evaluation_create(w: World) -> Req:
+    before = len(_evaluations_of(w, OTHER))
+    return Req("POST", "/v1/evaluations", {"json": {"file": _evals_file(w, OTHER), "models": [BASE_MODEL]},
+                                           "headers": {"OpenAI-Project": OTHER}},
+               intact=lambda w2: len(_evaluations_of(w2, OTHER)) == before)
+
+
+def _other_evaluation_cancel(w: World) -> Req:
+    e = _evaluation(w, OTHER)
+    return Req("POST", f"/v1/evaluations/{e}/cancel",
+               intact=lambda w2: _admin_get(w2, f"/v1/evaluations/{e}").json()["status"] == "queued")
+
+
 G = lambda path, **kw: (lambda w: Req("GET", path, kw))  # noqa: E731 - a table of one-liners
 
 #: Every route of the application, keyed "METHOD path" as Litestar spells the path.
@@ -203,6 +249,8 @@ ROUTES: dict[str, Route] = {
                                               lambda w: Req("GET", f"/v1/files/{w.files[OTHER]}/scan")),
     "POST /v1/files/{file_id:str}/scan": Route(lambda w: Req("POST", f"/v1/files/{w.upload(OWN)}/scan"),
                                                _other_file("POST", "/v1/files/{f}/scan")),
+    "GET /v1/files/{file_id:str}/quality": Route(lambda w: Req("GET", f"/v1/files/{w.files[OWN]}/quality"),
+                                                 lambda w: Req("GET", f"/v1/files/{w.files[OTHER]}/quality")),
     "GET /api/v1/projects/{name:str}/glossary": Route(G(f"/api/v1/projects/{OWN}/glossary"),
                                                       G(f"/api/v1/projects/{OTHER}/glossary")),
     "POST /api/v1/projects/{name:str}/glossary": Route(
@@ -245,6 +293,19 @@ ROUTES: dict[str, Route] = {
         lambda w: Req("GET", f"/v1/fine_tuning/jobs/{w.jobs[OWN]}/checkpoints"),
         lambda w: Req("GET", f"/v1/fine_tuning/jobs/{w.jobs[OTHER]}/checkpoints")),
     # -- inference (own: a model nobody has, so nothing is loaded; other: the other project's adapter) ----
+    # -- evaluations (the runner is off: they stay queued) -------------------------------------------
+    "POST /v1/evaluations": Route(
+        lambda w: Req("POST", "/v1/evaluations", {"json": {"file": _evals_file(w, OWN), "models": [BASE_MODEL]},
+                                                  "headers": {"OpenAI-Project": OWN}}),
+        _other_evaluation_create),
+    "GET /v1/evaluations": Route(
+        G("/v1/evaluations", params={"limit": 100}), G("/v1/evaluations", params={"limit": 100}), "scoped",
+        lambda w, resp: all(e["project"] == OWN for e in resp.json()["data"]) and _no_other_ids(w, resp)),
+    "GET /v1/evaluations/{evaluation_id:str}": Route(
+        lambda w: Req("GET", f"/v1/evaluations/{_evaluation(w, OWN)}"),
+        lambda w: Req("GET", f"/v1/evaluations/{_evaluation(w, OTHER)}")),
+    "POST /v1/evaluations/{evaluation_id:str}/cancel": Route(
+        lambda w: Req("POST", f"/v1/evaluations/{_evaluation(w, OWN)}/cancel"), _other_evaluation_cancel),
     "POST /v1/chat/completions": Route(lambda w: Req("POST", "/v1/chat/completions", _chat("no-such-model")),
                                        lambda w: Req("POST", "/v1/chat/completions", _chat(w.adapters[OTHER]))),
     "POST /v1/completions": Route(

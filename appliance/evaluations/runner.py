@@ -1,0 +1,263 @@
+"""Runs queued evaluations, one at a time, each in a sandboxed worker started like a training job's.
+
+The runner claims the oldest queued evaluation under a lease (as the job scheduler claims jobs:
+``FOR UPDATE SKIP LOCKED`` on PostgreSQL, the writer lock on SQLite), starts
+:mod:`appliance.evaluations.worker` through a local executor (the training workers' sandbox, limits
+and isolation level), hands it the test file's data key and streams it the fine-tunes' adapter files,
+and records what it reports: the figures in the row, the generations as an encrypted result file of
+the project. An evaluation whose runner went away (its lease expired) is failed, never left running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import or_, select
+
+from appliance.audit.service import AuditContext, record
+from appliance.catalog.archive import pack_files
+from appliance.catalog.service import CatalogService
+from appliance.db.base import Database, utcnow
+from appliance.evaluations.models import Evaluation
+from appliance.evaluations.task import FILENAME
+from appliance.files.service import FileService, new_file_id
+from appliance.identity.service import project_by_id, project_name
+from appliance.jobs.executors import Executor, Worker
+from appliance.jobs.streams import Receiver, StreamError
+from appliance.jobs.wire import FrameError
+
+log = logging.getLogger("appliance.evaluations")
+
+SYSTEM = AuditContext(actor="system:evaluations", auth_method="internal", origin_ip="local")
+LOST = {"code": "worker_lost", "param": None,
+        "message": "the evaluation worker stopped unexpectedly (killed or the server restarted); run it again"}
+
+
+class EvaluationRunner:
+    """Runs evaluations in sandboxed workers, one at a time.
+
+    Args:
+        db: The database.
+        files: Test files in, result files out.
+        catalog: Base models and the fine-tunes' adapter files.
+        executor: Starts the workers (a :class:`~appliance.jobs.executors.LocalExecutor` of
+            :mod:`appliance.evaluations.worker`).
+        poll_s: Longest wait between looks at the queue.
+        lease_s: How long a claimed evaluation stays this runner's without renewal.
+        cancel_grace_s: Time a worker gets to stop before it is killed.
+    """
+
+    def __init__(self, db: Database, files: FileService, catalog: CatalogService, executor: Executor, *,
+                 poll_s: float = 0.5, lease_s: float = 60.0, cancel_grace_s: float = 10.0) -> None:
+        self.db, self.files, self.catalog, self.executor = db, files, catalog, executor
+        self.poll_s, self.lease_s, self.cancel_grace_s = poll_s, lease_s, cancel_grace_s
+        self.name = f"{socket.gethostname()[:60]}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._wake, self._stopping = threading.Event(), threading.Event()
+        self._thread: threading.Thread | None = None
+        self._worker: Worker | None = None
+
+    # -- lifecycle ----------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="evaluation-runner", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop claiming; kill a running worker (its evaluation is failed by whoever sees its lease expire)."""
+        self._stopping.set()
+        self._wake.set()
+        if (worker := self._worker) is not None:
+            worker.kill()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def recover(self) -> int:
+        """Fail the running evaluations whose runner's lease has expired; return how many."""
+        with self.db.transaction() as s:
+            stale = list(s.scalars(select(Evaluation).where(
+                Evaluation.status == "running",
+                or_(Evaluation.lease_expires_at.is_(None), Evaluation.lease_expires_at <= utcnow()))
+                .with_for_update(skip_locked=True)))
+            for row in stale:
+                self._end(s, row, "failed", error=dict(LOST))
+        return len(stale)
+
+    # -- loop ---------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.recover()
+                claimed = self._claim()
+                if claimed is not None:
+                    self._run(claimed)
+                    continue
+            except Exception:  # keep running; the failure is logged for operators
+                log.exception("evaluation runner tick failed")
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+
+    def _claim(self) -> str | None:
+        now = utcnow()
+        with self.db.transaction() as s:
+            row = s.scalar(select(Evaluation).where(Evaluation.status == "queued")
+                           .order_by(Evaluation.created_at, Evaluation.id).limit(1).with_for_update(skip_locked=True))
+            if row is None:
+                return None
+            row.status, row.worker, row.started_at = "running", self.name, now
+            row.lease_expires_at = now + timedelta(seconds=self.lease_s)
+            record(s, SYSTEM, "evaluation.start", resource_type="evaluation", resource_id=row.id,
+                   project=project_name(s, row.project_id), details={"worker": self.name})
+            return row.id
+
+    # -- one run ------------------------------------------------------------
+    def _start_message(self, evaluation_id: str) -> tuple[dict[str, Any], list[str]]:
+        with self.db.read() as s:
+            row = s.get(Evaluation, evaluation_id)
+            project = project_by_id(s, row.project_id)
+            base = self.catalog.base_model_in(s, row.base_model)
+            datasets = self.files.dataset_keys(s, [("test", row.file)])
+            isolation = getattr(getattr(self.executor, "isolation", None), "value", None)
+            models = [{"id": m, "adapter": f"a{i}" if m.startswith("ft:") else None} for i, m in enumerate(row.models)]
+            start = {"type": "start", "evaluation_id": row.id, "project": project.name, "model_dir": base.path,
+                     "datasets": datasets, "models": models, "samples": row.samples, "max_tokens": row.max_tokens,
+                     "isolation": isolation}
+        return start, [base.path, *(d["path"] for d in datasets)]
+
+    def _run(self, evaluation_id: str) -> None:
+        outcome: tuple[str, dict[str, Any]] = ("lost", {})
+        receiver, stored = Receiver(), None
+        worker = None
+        try:
+            start, reads = self._start_message(evaluation_id)
+            if not self._file_live(start):
+                outcome = ("error", {"code": "invalid_file", "param": "file", "message": "the test file is no "
+                                     "longer available"})
+                return
+            adapters = pack_files({f"{e['adapter']}/{name}": data for e in start["models"] if e["adapter"]
+                                   for name, data in self.catalog.adapter_files(e["id"]).items()})
+            has_adapters = any(e["adapter"] for e in start["models"])
+            worker = self._worker = self.executor.launch(evaluation_id, {}, reads)
+            # Decrypted in memory and streamed (serving does the same with the adapters it loads).
+            worker.start(start, (lambda: [adapters]) if has_adapters else None)
+            project = start["project"]
+            start, adapters = {}, b""  # the data key and the adapters' weights: out of memory once sent
+            renewed, stop_sent = time.monotonic(), None
+            while not self._stopping.is_set():
+                frame = worker.read(timeout=1.0)
+                if frame is None and not worker.alive():
+                    break
+                if frame is not None:
+                    header, payload = frame
+                    kind = header.get("type")
+                    if kind == "begin":
+                        receiver.begin(header, self.files.blobs.create(new_file_id(), project, "file"))
+                    elif kind == "chunk":
+                        receiver.chunk(payload)
+                    elif kind == "end":
+                        stored = receiver.end(header)
+                    elif kind in ("result", "cancelled", "error"):
+                        outcome = (kind, header)
+                        break
+                if time.monotonic() - renewed >= self.lease_s / 6:
+                    renewed = time.monotonic()
+                    if not self._renew(evaluation_id):
+                        outcome = ("taken", {})
+                        break
+                cancel = self._cancel_requested(evaluation_id)
+                if cancel and stop_sent is None:
+                    stop_sent = time.monotonic()
+                    worker.send({"type": "stop"})
+                elif cancel and time.monotonic() - stop_sent > self.cancel_grace_s:
+                    worker.kill()
+        except (StreamError, FrameError) as exc:
+            log.warning("an evaluation worker's stream broke", extra={"evaluation_id": evaluation_id,
+                                                                       "error": str(exc)[:300]})
+            outcome = ("error", {"code": "transfer_failed", "param": None,
+                                 "message": "the result from the worker did not arrive intact; run it again"})
+        except Exception as exc:
+            log.exception("running an evaluation failed", extra={"evaluation_id": evaluation_id})
+            outcome = ("error", {"code": "worker_start_failed", "param": None,
+                                 "message": f"could not run the worker: {type(exc).__name__}"})
+        finally:
+            if worker is not None and outcome[0] == "taken":
+                worker.kill()
+            elif worker is not None:
+                worker.reap()
+            try:
+                self._finish(evaluation_id, outcome, stored if outcome[0] == "result" else None)
+            except Exception:
+                log.exception("recording the end of an evaluation failed", extra={"evaluation_id": evaluation_id})
+            if stored is not None and outcome[0] != "result":
+                stored.abort()
+            receiver.abandon()
+            if worker is not None:
+                worker.cleanup()
+            self._worker = None
+
+    def _file_live(self, start: dict[str, Any]) -> bool:
+        with self.db.read() as s:
+            return self.files.is_live(s, s.get(Evaluation, start["evaluation_id"]).file)
+
+    def _renew(self, evaluation_id: str) -> bool:
+        with self.db.transaction() as s:
+            row = s.get(Evaluation, evaluation_id, with_for_update=True)
+            if row is None or row.status != "running" or row.worker != self.name:
+                return False
+            row.lease_expires_at = utcnow() + timedelta(seconds=self.lease_s)
+            return True
+
+    def _cancel_requested(self, evaluation_id: str) -> bool:
+        with self.db.read() as s:
+            return bool(s.scalar(select(Evaluation.cancel_requested).where(Evaluation.id == evaluation_id)))
+
+    def _finish(self, evaluation_id: str, outcome: tuple[str, dict[str, Any]], stored: Any) -> None:
+        kind, header = outcome
+        with self.db.transaction() as s:
+            row = s.get(Evaluation, evaluation_id, with_for_update=True)
+            if row is None or row.status != "running" or row.worker != self.name:
+                return  # taken over: its new owner records it
+            if kind == "result":
+                row.results = list(header.get("results") or [])
+                if stored is not None:
+                    self._store_result_file(s, row, stored)
+                self._end(s, row, "succeeded")
+            elif kind == "cancelled" or row.cancel_requested:
+                self._end(s, row, "cancelled")
+            elif kind == "error":
+                if header.get("trace"):
+                    log.error("evaluation worker failed", extra={"evaluation_id": evaluation_id,
+                                                                 "trace": header["trace"]})
+                self._end(s, row, "failed", error={"code": header.get("code", "worker_error"),
+                                                   "message": str(header.get("message", ""))[:2000],
+                                                   "param": header.get("param")})
+            else:
+                self._end(s, row, "failed", error=dict(LOST))
+
+    def _store_result_file(self, s, row: Evaluation, incoming: Any) -> None:
+        writer = incoming.sink
+        s.add(writer.finish())
+        self.files.add_result_file(s, file_id=writer.object_id, project_id=row.project_id,
+                                   filename=f"{row.id}-{FILENAME}", size=incoming.received, sha256=incoming.sha256,
+                                   created_by=row.created_by, generated_by=row.id)
+        row.result_file = writer.object_id
+        record(s, SYSTEM, "file.result", resource_type="file", resource_id=writer.object_id,
+               project=project_name(s, row.project_id),
+               details={"evaluation_id": row.id, "name": FILENAME, "bytes": incoming.received})
+
+    @staticmethod
+    def _end(s, row: Evaluation, status: str, *, error: dict[str, Any] | None = None) -> None:
+        row.status, row.finished_at, row.lease_expires_at, row.error = status, utcnow(), None, error
+        action = {"succeeded": "evaluation.succeed", "cancelled": "evaluation.cancelled"}.get(status, "evaluation.fail")
+        record(s, SYSTEM, action, outcome="failure" if status == "failed" else "success",
+               resource_type="evaluation", resource_id=row.id, project=project_name(s, row.project_id),
+               reason=error["code"] if error else None,
+               details={"results": row.results} if status == "succeeded" else None)

@@ -1,0 +1,194 @@
+"""Evaluations: validate a request, queue it, list, read and cancel; every state change audited.
+
+An evaluation runs 1-4 models (a base model, its fine-tunes) on one test file, an upload of purpose
+``evals`` (scanned, policy-applied and encrypted like training data, and refused as training data).
+The :class:`~appliance.evaluations.runner.EvaluationRunner` runs it in a sandboxed worker; the
+figures land in the row, the generations (text) in an encrypted result file of the project.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+
+from appliance.audit.service import AuditContext, record
+from appliance.catalog.service import CatalogService
+from appliance.db.base import Database, utcnow
+from appliance.errors import (
+    ApplianceError,
+    ConflictError,
+    CrossProjectDenied,
+    InvalidFieldsError,
+    InvalidRequestError,
+    NotFoundError,
+)
+from appliance.evaluations.models import TERMINAL, Evaluation
+from appliance.files.service import FileService
+from appliance.identity.service import Principal, project_by_id, project_names
+
+if TYPE_CHECKING:
+    from appliance.identity.models import Project
+
+#: The file purpose of test files (OpenAI's name for evaluation data).
+PURPOSE = "evals"
+MAX_MODELS = 4
+DEFAULT_SAMPLES, MAX_SAMPLES = 5, 50
+DEFAULT_MAX_TOKENS, MAX_MAX_TOKENS = 64, 512
+
+
+def new_evaluation_id() -> str:
+    return f"eval-{secrets.token_hex(12)}"
+
+
+@dataclass(frozen=True)
+class EvaluationView:
+    row: Evaluation
+    project: str
+
+
+class EvaluationService:
+    """Evaluations of a project.
+
+    Args:
+        db: The database.
+        catalog: Base models and fine-tuned adapters (what may be evaluated).
+        files: The test files.
+        wake: Tells the runner there is work.
+    """
+
+    def __init__(self, db: Database, catalog: CatalogService, files: FileService,
+                 wake: Callable[[], None] = lambda: None) -> None:
+        self.db, self.catalog, self.files, self.wake = db, catalog, files, wake
+
+    # -- create -------------------------------------------------------------
+    def create(self, principal: Principal, ctx: AuditContext, project: Project, body: dict[str, Any]) -> EvaluationView:
+        """Validate the request (every problem reported at once), then queue the evaluation.
+
+        ``body``: ``file`` (an ``evals`` file id), ``models`` (1-4 model ids on one base model),
+        ``samples`` (prompts whose generations are kept side by side) and ``max_tokens`` (per answer).
+        """
+        problems: list[ApplianceError] = []
+        samples = _bounded(body, "samples", DEFAULT_SAMPLES, 0, MAX_SAMPLES, problems)
+        max_tokens = _bounded(body, "max_tokens", DEFAULT_MAX_TOKENS, 1, MAX_MAX_TOKENS, problems)
+        models = body.get("models")
+        bases: list[str] = []
+        if (not isinstance(models, list) or not 1 <= len(models) <= MAX_MODELS
+                or not all(isinstance(m, str) and m for m in models)):
+            problems.append(InvalidRequestError(
+                f"`models` must be a list of 1 to {MAX_MODELS} model ids (base models or fine-tuned ones); "
+                f"got {str(models)[:80]!r}", param="models"))
+            models = []
+        elif len(set(models)) != len(models):
+            problems.append(InvalidRequestError(f"`models` names a model twice; got {models!r}", param="models"))
+        for i, model in enumerate(models):
+            try:
+                bases.append(self._base_of(principal, model, f"models[{i}]"))
+            except (InvalidRequestError, NotFoundError) as exc:
+                problems.append(exc)
+        if len(set(bases)) > 1:
+            problems.append(InvalidRequestError(
+                f"`models` must all run on one base model (one evaluation loads one); got {sorted(set(bases))!r}: "
+                "evaluate each base model's fine-tunes in their own evaluation", param="models"))
+        file_id = body.get("file")
+        with self.db.transaction() as s:
+            if file_id is None:
+                problems.append(InvalidRequestError("`file` is required: the id of an uploaded test file "
+                                                    f"(purpose `{PURPOSE}`)", param="file"))
+            else:
+                try:
+                    row = self.files.trainable_file(s, principal, project, file_id, "file", purpose=None)
+                    if row.purpose != PURPOSE:
+                        problems.append(InvalidRequestError(
+                            f"file {file_id!r} has purpose {row.purpose!r}; evaluations run on test files: "
+                            f"upload them with purpose `{PURPOSE}`", param="file"))
+                except (InvalidRequestError, NotFoundError) as exc:
+                    problems.append(exc)
+            _raise_all(problems)
+            evaluation = Evaluation(
+                id=new_evaluation_id(), project_id=project.id, created_by=principal.user, file=file_id,
+                models=list(models), base_model=bases[0], samples=samples, max_tokens=max_tokens, status="queued",
+                results=[],
+            )
+            s.add(evaluation)
+            s.flush()
+            record(s, ctx, "evaluation.create", resource_type="evaluation", resource_id=evaluation.id,
+                   project=project.name, details={"file": file_id, "models": list(models), "samples": samples,
+                                                  "max_tokens": max_tokens})
+        self.wake()
+        return EvaluationView(evaluation, project.name)
+
+    def _base_of(self, principal: Principal, model: str, param: str) -> str:
+        """The base model ``model`` runs on; raises naming ``param`` when it is unknown or not a text model."""
+        name = model
+        if model.startswith("ft:"):
+            name = self.catalog.get_adapter(principal, model).row.base_model
+        base = self.catalog.get_base_model(name, param=param)
+        if base.kind != "llm":
+            raise InvalidRequestError(f"model {model!r} runs on a {base.kind!r} model; evaluations run text models "
+                                      "(image models are not evaluated yet)", param=param)
+        return base.name
+
+    # -- read ---------------------------------------------------------------
+    def get(self, principal: Principal, evaluation_id: str) -> EvaluationView:
+        with self.db.read() as s:
+            row = s.get(Evaluation, evaluation_id)
+            project = project_by_id(s, row.project_id) if row else None
+        if row is None:
+            raise NotFoundError(f"evaluation {evaluation_id!r} not found", param="evaluation_id")
+        principal.check_project(row.project_id, resource=f"evaluation {evaluation_id!r}")
+        return EvaluationView(row, project.name)
+
+    def list(self, principal: Principal, *, after: str | None, limit: int) -> tuple[list[EvaluationView], bool]:
+        with self.db.read() as s:
+            stmt = select(Evaluation)
+            if principal.project_id is not None:
+                stmt = stmt.where(Evaluation.project_id == principal.project_id)
+            if after and (anchor := s.get(Evaluation, after)) is not None:
+                stmt = stmt.where((Evaluation.created_at < anchor.created_at) | (
+                    (Evaluation.created_at == anchor.created_at) & (Evaluation.id < anchor.id)))
+            rows = list(s.scalars(stmt.order_by(Evaluation.created_at.desc(), Evaluation.id.desc()).limit(limit + 1)))
+            names = project_names(s, {r.project_id for r in rows})
+        return [EvaluationView(r, names[r.project_id]) for r in rows[:limit]], len(rows) > limit
+
+    # -- cancel -------------------------------------------------------------
+    def cancel(self, principal: Principal, ctx: AuditContext, evaluation_id: str) -> EvaluationView:
+        """A queued evaluation stops at once; a running one is told to stop and ends within seconds."""
+        view = self.get(principal, evaluation_id)
+        with self.db.transaction() as s:
+            row = s.get(Evaluation, evaluation_id, with_for_update=True)
+            if row.status in TERMINAL:
+                raise ConflictError(f"evaluation {evaluation_id} is already {row.status}", param="evaluation_id")
+            if row.status == "running":
+                row.cancel_requested = True
+            else:
+                row.status, row.finished_at = "cancelled", utcnow()
+            record(s, ctx, "evaluation.cancel", resource_type="evaluation", resource_id=evaluation_id,
+                   project=view.project, details={"status": row.status})
+        self.wake()
+        return self.get(principal, evaluation_id)
+
+
+def _bounded(body: dict[str, Any], key: str, default: int, low: int, high: int,
+             problems: list[ApplianceError]) -> int:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        problems.append(InvalidRequestError(f"`{key}` must be an integer from {low} to {high}; got {value!r}",
+                                            param=key))
+        return default
+    return value
+
+
+def _raise_all(problems: list[ApplianceError]) -> None:
+    """One problem as itself; several as one 400 listing each. A denial is answered alone (it is audited)."""
+    if not problems:
+        return
+    denied = [e for e in problems if isinstance(e, CrossProjectDenied)]
+    if denied or len(problems) == 1:
+        raise (denied or problems)[0]
+    raise InvalidFieldsError([(e.param or "body", e.message) for e in problems])

@@ -1,0 +1,54 @@
+"""The evaluation worker: ``python -m appliance.evaluations.worker IN_FD OUT_FD``.
+
+Started like the training worker (:mod:`appliance.jobs.sandbox`: no network, a scrubbed environment,
+a view of only its base model and its test file's blob), and speaking the same frames. It receives
+the evaluation and the test file's data key on ``IN_FD``, then the fine-tunes' adapter files as one
+stream; it decrypts the test file in memory, never onto disk.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import traceback
+from typing import Any
+
+from appliance.errors import ApplianceError
+from appliance.evaluations.task import run_evaluation
+from appliance.jobs.channel import Channel, PipeTransport
+from appliance.jobs.worker import load_records, network_probe
+
+
+def serve(channel: Channel) -> int:
+    """Read the start frame, run the evaluation and report how it ended; the exit status."""
+    frame = channel.transport.read()
+    if frame is None or frame[0].get("type") != "start":
+        return 2
+    start: dict[str, Any] = frame[0]
+    try:
+        adapters = channel.receive_resume() if start.get("resume_stream") else b""
+        threading.Thread(target=channel.watch_control, daemon=True).start()
+        probe = network_probe()
+        channel.event("Network probe: " + ("no route out" if probe["connect"] in ("ENETUNREACH", "EHOSTUNREACH",
+                                                                                  "EAFNOSUPPORT")
+                                           else "isolation unavailable on this host"),
+                      type="isolation", data={**probe, "level": start.get("isolation")})
+        [dataset] = start["datasets"]
+        run_evaluation(channel, start, load_records(dataset), adapters)
+    except ApplianceError as exc:
+        channel.send({"type": "error", "code": exc.code, "message": exc.message, "param": exc.param})
+        return 1
+    except BaseException as exc:  # noqa: BLE001 - reported, never with its message (it may quote data)
+        frames = "".join(traceback.format_tb(exc.__traceback__))
+        channel.send({"type": "error", "code": "worker_error",
+                      "message": f"evaluation failed with {type(exc).__name__}", "trace": frames[-4000:]})
+        return 1
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    return serve(Channel(PipeTransport(int(argv[1]), int(argv[2]))))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

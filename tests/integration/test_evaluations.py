@@ -1,0 +1,153 @@
+"""Evaluations end to end on a tiny model: a test file, a base model and a fine-tune compared in a sandboxed worker."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import pytest
+from sqlalchemy import select
+
+from appliance.audit.models import AuditEvent
+from appliance.identity.models import Project
+from appliance.identity.roles import Role
+from tests.conftest import CLI_CTX, bearer
+from tests.timing import Deadline
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def jsonl(records) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in records)
+
+
+def qa(i: int) -> dict:
+    return {"messages": [{"role": "user", "content": f"What is item {i}?"},
+                         {"role": "assistant", "content": f"Item {i} is a blue box"}]}
+
+
+@pytest.fixture
+def tiny_model(state, tmp_path) -> str:
+    from appliance.modelstore import build_tiny_causal_lm
+
+    state.catalog.import_model(CLI_CTX, build_tiny_causal_lm(tmp_path / "tiny-src", seed=0), "tiny-llama")
+    return "tiny-llama"
+
+
+@pytest.fixture
+def trainer(make_token) -> str:
+    return make_token("trish", Role.TRAINER, "acme")
+
+
+@pytest.fixture
+def owner(make_token) -> str:
+    return make_token("olivia", Role.DATA_OWNER, "acme")
+
+
+def upload(client, owner: str, records, purpose: str) -> str:
+    resp = client.post("/v1/files", headers=bearer(owner), data={"purpose": purpose},
+                       files={"file": ("test.jsonl", jsonl(records))})
+    assert resp.status_code == 201, resp.text
+    return resp.json()["id"]
+
+
+def publish_adapter(state, base_dir, base_name: str, project: str) -> str:
+    """A LoRA fine-tune of the tiny model with non-zero weights (so it answers differently), published."""
+    import torch
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import save
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    buf = io.StringIO()
+    json.dump(model.peft_config["default"].to_dict(), buf, default=list)
+    files = {"adapter_config.json": buf.getvalue().encode(),
+             "adapter_model.safetensors": save({k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()})}
+    adapter_id = f"ft:{base_name}:{project}:evaltest:ftjob-evaltest"
+    with state.db.transaction() as s:
+        row = s.scalar(select(Project).where(Project.name == project))
+        state.catalog.publish(s, CLI_CTX, adapter_id=adapter_id, job_id="ftjob-evaltest", project=row,
+                              base_model=base_name, kind="lora", files=files, manifest={"job_id": "ftjob-evaltest"})
+    return adapter_id
+
+
+def wait_for(client, token: str, evaluation_id: str, timeout: float = 120) -> dict:
+    deadline = Deadline(timeout)
+    while deadline:
+        body = client.get(f"/v1/evaluations/{evaluation_id}", headers=bearer(token)).json()
+        if body["status"] in TERMINAL:
+            return body
+        time.sleep(0.3)
+    raise AssertionError(f"evaluation {evaluation_id} still {body['status']} after {timeout}s")
+
+
+def test_a_base_model_and_its_fine_tune_compared_on_a_test_file(client, state, tiny_model, trainer, owner):
+    test_file = upload(client, owner, [qa(i) for i in range(6)] + [{"text": "plain text has no reference"}], "evals")
+    train_file = upload(client, owner, [qa(i) for i in range(6)], "fine-tune")
+    # A test file never trains: refused as either file of a job, naming the field.
+    for field in ("training_file", "validation_file"):
+        body = {"model": tiny_model, "training_file": train_file, field: test_file}
+        resp = client.post("/v1/fine_tuning/jobs", headers=bearer(trainer), json=body)
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert error["param"] == field and "test file" in error["message"], error
+    base_dir = state.catalog.get_base_model(tiny_model).path
+    adapter = publish_adapter(state, base_dir, tiny_model, "acme")
+
+    resp = client.post("/v1/evaluations", headers=bearer(trainer),
+                       json={"file": test_file, "models": [tiny_model, adapter], "samples": 2, "max_tokens": 6})
+    assert resp.status_code == 200, resp.text
+    created = resp.json()
+    assert created["status"] in ("queued", "running") and created["id"].startswith("eval-")
+    done = wait_for(client, trainer, created["id"])
+    assert done["status"] == "succeeded", done["error"]
+    base, tuned = done["results"]
+    assert (base["model"], tuned["model"]) == (tiny_model, adapter)
+    for result in (base, tuned):
+        assert result["records"] == 7 and result["answered"] == 6 and result["target_tokens"] > 0
+        assert result["perplexity"] == pytest.approx(__import__("math").exp(result["loss"]), rel=1e-6)
+        assert 0 <= result["exact_match"] <= 1 and 0 <= result["token_f1"] <= 1
+    assert base["loss"] != pytest.approx(tuned["loss"])  # the adapter is applied, and only to its own model
+    assert base["target_tokens"] == tuned["target_tokens"]
+    # The generations are text: an encrypted result file the data owner reads, never in the evaluation object.
+    assert "Item 0" not in json.dumps(done)
+    file_id = done["result_file"]
+    assert client.get(f"/v1/files/{file_id}/content", headers=bearer(trainer)).status_code == 403
+    report = client.get(f"/v1/files/{file_id}/content", headers=bearer(owner)).json()
+    assert report["format"] == "appliance.evaluation/1" and report["models"] == [tiny_model, adapter]
+    assert [s["reference"] for s in report["samples"]] == ["Item 0 is a blue box", "Item 1 is a blue box"]
+    assert all(set(s["answers"]) == {tiny_model, adapter} for s in report["samples"])
+    assert report["samples"][0]["prompt"].find("What is item 0?") >= 0
+    with state.db.read() as s:
+        actions = [e.action for e in s.scalars(select(AuditEvent).where(AuditEvent.resource_id == created["id"]))]
+    assert actions == ["evaluation.create", "evaluation.start", "evaluation.succeed"], actions
+    listed = client.get("/v1/evaluations", headers=bearer(trainer)).json()
+    assert [e["id"] for e in listed["data"]] == [created["id"]]
+
+
+def test_requests_are_checked_field_by_field_and_cancelled_while_queued(client, state, tiny_model, trainer, owner):
+    test_file = upload(client, owner, [qa(1)], "evals")
+    train_file = upload(client, owner, [qa(1)], "fine-tune")
+    resp = client.post("/v1/evaluations", headers=bearer(trainer), json={"file": train_file, "models": []})
+    assert resp.status_code == 400
+    message = resp.json()["error"]["message"]
+    assert "models: " in message and f"file: file {train_file!r} has purpose 'fine-tune'" in message, message
+    resp = client.post("/v1/evaluations", headers=bearer(trainer),
+                       json={"file": test_file, "models": [tiny_model], "samples": 999})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "samples"
+    resp = client.post("/v1/evaluations", headers=bearer(trainer), json={"file": test_file, "models": ["nope"]})
+    assert resp.status_code == 404 and resp.json()["error"]["param"] == "models[0]", resp.text
+    state.evaluation_runner.stop()  # nothing claims it: cancelled while queued
+    created = client.post("/v1/evaluations", headers=bearer(trainer),
+                          json={"file": test_file, "models": [tiny_model]}).json()
+    resp = client.post(f"/v1/evaluations/{created['id']}/cancel", headers=bearer(trainer))
+    assert resp.status_code == 200 and resp.json()["status"] == "cancelled"
+    resp = client.post(f"/v1/evaluations/{created['id']}/cancel", headers=bearer(trainer))
+    assert resp.status_code == 409
