@@ -100,3 +100,24 @@ def test_scan_dry_run_prints_the_report_without_uploading(tmp_path):
         (0, "messages[0].content", "EMAIL_ADDRESS"), (1, "text", "AWS_ACCESS_KEY_ID")}
     assert "sam.doe@example.com" not in out.stdout and "AKIAIOSFODNN7EXAMPLE" not in out.stdout
     assert not home.exists()  # a dry run touches no appliance state
+
+
+@pytest.mark.slow
+@pytest.mark.no_database  # a dry run: the SQLite pass only
+def test_scan_imports_only_what_scanning_needs(tmp_path):
+    """``appliance scan`` starts in seconds: none of the training, serving or server stacks is imported
+    (issue 23: it took 13 s to start on a one-record file)."""
+    import json
+    import subprocess
+    import sys
+
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"text": "nothing to find here"}) + "\n")
+    heavy = ["transformers", "diffusers", "peft", "bitsandbytes", "accelerate", "safetensors", "litestar", "uvicorn",
+             "openai", "ray", "vllm"]
+    probe = ("import sys\nfrom click.testing import CliRunner\nfrom appliance.cli.main import main\n"
+             f"r = CliRunner().invoke(main, ['scan', {str(data)!r}])\nassert r.exit_code == 0, r.output\n"
+             f"print([m for m in {heavy!r} if sys.modules.get(m) is not None])")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "APPLIANCE_HOME": str(tmp_path / "var")})
+    assert out.stdout.strip().splitlines()[-1] == "[]"
