@@ -16,6 +16,7 @@ from appliance.files.schemas import (
     FileObject,
     FindingGroupOut,
     FindingOut,
+    QualityReport,
     ScanGroups,
     ScanReport,
 )
@@ -30,6 +31,10 @@ UPLOAD_FORM = Schema(type=OpenAPIType.OBJECT, required=["purpose", "file"], prop
     "file": Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY,
                    description="JSONL records, or a zip of images and captions for `fine-tune-images`."),
     "instance_prompt": Schema(type=OpenAPIType.STRING, description="Image datasets: the prompt of every image."),
+    "model": Schema(type=OpenAPIType.STRING, description="JSONL: the base model whose tokenizer the quality "
+                    "report counts tokens with (default: the first imported text model). Before `file`."),
+    "max_seq_length": Schema(type=OpenAPIType.INTEGER, description="JSONL: the length the quality report checks "
+                             "records against (default: 2048 or the model's context). Before `file`."),
 })
 
 
@@ -122,6 +127,24 @@ class FileController(Controller):
                       for f in findings],
         )
 
+
+    @get("/{file_id:str}/quality", opt={"permission": Permission.FILES_READ}, sync_to_thread=True,
+         responses=error_responses(409))
+    def quality(self, request: Request, files: NamedDependency[FileService], file_id: FromPath[str],
+                reveal: FromQuery[bool] = False, compare: FromQuery[str | None] = None) -> QualityReport:
+        """The dataset quality report computed at upload: record and token counts, lengths (and how many
+        records `max_seq_length` would cut), exact and near duplicates, empty or one-sided conversations,
+        role order, languages, each problem with what to do. Nothing blocks unless the policy says so.
+
+        `reveal=true` adds the stored (redacted) text of the duplicate examples (data owners only;
+        audited). `compare=<file id>` reports the records of that file (a validation or test file) that
+        are also, exactly or nearly, in this one.
+        """
+        view, report, examples, leak = files.quality(request.user, audit_context(request), file_id, reveal=reveal,
+                                                     compare=compare)
+        return QualityReport(file_id=view.row.id, revision=view.row.revision,
+                             quality={k: v for k, v in report.items() if k != "sketch"}, examples=examples,
+                             leakage=leak)
 
     @post("/{file_id:str}/scan", opt={"permission": Permission.FILES_WRITE}, status_code=200, sync_to_thread=True,
           responses=error_responses(409, 422))

@@ -19,6 +19,7 @@ from appliance.policy import Policy, decide, redact_record
 from appliance.policy.redaction import replaced_span, stored_span
 from appliance.policy.surrogates import Surrogates
 from appliance.errors import InvalidLinesError, InvalidRequestError
+from appliance.files.quality import QualityPass
 from appliance.scanning import Finding, Scanner, iter_text_fields, parse_line
 from appliance.scanning.findings import REPLACING_ACTIONS
 from appliance.storage.blobs import BlobWriter
@@ -45,6 +46,8 @@ class IntakeReport:
     #: ``allow`` findings where the value is stored intact, for redacted and pseudonymized ones where their
     #: placeholder or surrogate is (blank lines and redaction shift both)
     stored_spans: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    #: the quality report of the stored records (:mod:`appliance.files.quality`), when one was asked for
+    quality: dict[str, Any] | None = None
 
     @property
     def blocked(self) -> bool:
@@ -60,7 +63,7 @@ class IntakeReport:
             "by_action": dict(sorted(self.by_action.items())),
             "redacted_records": self.redacted_records,
             "findings_truncated": self.findings_truncated,
-        }
+        } | ({"quality": self.quality} if self.quality is not None else {})
 
 
 def _encode(record: dict[str, Any]) -> bytes:
@@ -82,6 +85,7 @@ class JsonlIntake:
         max_findings: Findings kept for the report; counts stay exact beyond it.
         require_answers: Refuse records with nothing to train on (a chat without an assistant
             answer, an empty completion).
+        quality: Fed the stored records batch by batch; its summary becomes ``report.quality``.
 
     ``pseudonymize`` findings get surrogates keyed by a secret derived from the
     blob's data key (:meth:`BlobWriter.derive_secret`).
@@ -96,8 +100,10 @@ class JsonlIntake:
         max_line_bytes: int = 8 * 1024 * 1024,
         max_findings: int = 100_000,
         require_answers: bool = True,
+        quality: QualityPass | None = None,
     ) -> None:
         self.writer, self.scanner, self.policy = writer, scanner, policy
+        self.quality = quality
         self.require_answers = require_answers
         self.surrogates = Surrogates(writer.derive_secret("surrogates"))
         self.max_line_bytes, self.max_findings = max_line_bytes, max_findings
@@ -143,6 +149,8 @@ class JsonlIntake:
         if self.report.records == 0:
             raise InvalidRequestError("the file holds no records (it is empty or only blank lines)", param="file")
         self.report.content_sha256 = self._digest.hexdigest()
+        if self.quality is not None and not self.report.blocked:
+            self.report.quality = self.quality.summary()
         return self.report
 
     def _line(self, raw: bytes) -> None:
@@ -191,6 +199,7 @@ class JsonlIntake:
                 report.findings_truncated = True
         if report.blocked:
             return  # keep scanning for the report; nothing more is stored
+        stored: list[tuple[int, dict[str, Any]]] = []
         for index, record in batch:
             redactions = [f for f in by_record.get(index, []) if f.action in REPLACING_ACTIONS]
             for position, f in located.get(index, []):
@@ -205,3 +214,6 @@ class JsonlIntake:
             self._digest.update(line)
             self.writer.write(line)
             report.stored_bytes += len(line)
+            stored.append((index, record))
+        if self.quality is not None:
+            self.quality.add(stored)  # what is stored (redacted), which is what a job trains on

@@ -85,3 +85,15 @@ class ScanGroups(msgspec.Struct):
     counts: dict[str, Any]
     groups: list[FindingGroupOut]
     object: str = "file.scan.groups"
+
+
+class QualityReport(msgspec.Struct):
+    file_id: str
+    revision: int
+    #: Counts, lengths, duplicates, problems, languages and advice (see ``appliance.files.quality``); no text.
+    quality: dict[str, Any]
+    #: With ``reveal=true`` only: the stored (redacted) text of the duplicate examples, per kind.
+    examples: dict[str, Any] | None = None
+    #: With ``compare=<file id>``: records of that file found (exactly or nearly) in this one.
+    leakage: dict[str, Any] | None = None
+    object: str = "file.quality"

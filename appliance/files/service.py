@@ -37,6 +37,7 @@ from appliance.files.models import ScanFinding, StoredFile
 from appliance.files.multipart import Field, FileData, FileEnd, FileStart, MultipartReader, boundary_of
 from appliance.files.images import ImageArchiveIntake, ImageLimits
 from appliance.files.pipeline import IntakeReport, JsonlIntake
+from appliance.files.quality import QualityPass, TokenCounter, leakage, load_sketch
 from appliance.identity.roles import Permission, role_allows
 from appliance.identity.service import Principal, project_by_id, project_named, project_names
 from appliance.policy import decide, redact_record
@@ -106,8 +107,12 @@ class FileService:
         #: ``(session, file_id) -> job id | None``: who may still read a file (the jobs package registers its
         #: unfinished jobs; wired in :mod:`appliance.server.state`), asked in the caller's transaction.
         self.users_of: list[Callable[[Session, str], str | None]] = []
+        #: ``() -> rows`` of the imported base models (``name``, ``kind``, ``path``, ``info``), oldest first: the
+        #: catalogue registers it (wired in :mod:`appliance.server.state`); the quality report counts tokens with one.
+        self.base_models: Callable[[], list[Any]] = list
         self._scanner: LockedScanner | None = None
         self._scanner_lock = threading.Lock()
+        self._token_counters: dict[str, TokenCounter] = {}
 
     @property
     def scanner(self) -> LockedScanner:
@@ -155,6 +160,7 @@ class FileService:
         limit = self.settings.max_upload_bytes
         writer: BlobWriter | None = None
         original: BlobWriter | None = None
+        sketch: BlobWriter | None = None
         state: dict[str, Any] = {"purpose": None, "project": None, "filename": None}
         try:
             declared = headers.get("content-length")
@@ -192,9 +198,11 @@ class FileService:
                                 max_findings=self.settings.max_findings,
                             )
                         else:
+                            quality = await to_thread.run_sync(self.quality_pass, fields.get("model"),
+                                                               fields.get("max_seq_length"))
                             intake = JsonlIntake(
                                 writer, self.scanner, policy, max_line_bytes=self.settings.max_line_bytes,
-                                max_findings=self.settings.max_findings,
+                                max_findings=self.settings.max_findings, quality=quality,
                             )
                             if self.settings.keep_originals:
                                 # Kept for review and re-scanning, encrypted under its own key, shredded
@@ -227,15 +235,18 @@ class FileService:
             key_rows = [writer.finish()]
             if original is not None:
                 key_rows.append(original.finish())
+            if isinstance(intake, JsonlIntake) and intake.quality is not None:
+                sketch = self.blobs.create(quality_id(state["file_id"]), state["project"].name, "file-quality")
+                key_rows.append(await to_thread.run_sync(_write_sketch, sketch, intake.quality, report))
             return await to_thread.run_sync(self._commit, ctx, principal, state, filename, report, key_rows)
         except ApplianceError as exc:
-            for w in (writer, original):
+            for w in (writer, original, sketch):
                 if w is not None:
                     w.abort()
             await to_thread.run_sync(self._audit_rejection, ctx, state, exc)
             raise
         except BaseException:
-            for w in (writer, original):
+            for w in (writer, original, sketch):
                 if w is not None:
                     w.abort()
             raise
@@ -248,6 +259,60 @@ class FileService:
                 f"`purpose` must be one of {', '.join(sorted(PURPOSES))}; got {purpose!r}", param="purpose"
             )
         return purpose
+
+    def quality_pass(self, model: str | None, max_seq_length: Any, *, strict: bool = True) -> QualityPass:
+        """The quality pass of an upload (:mod:`appliance.files.quality`).
+
+        Tokens are counted with ``model``'s tokenizer, by default the first imported text base model's;
+        without one the report counts characters and says why. ``max_seq_length`` defaults to the
+        jobs' ``auto`` (2048 or the model's context, whichever is less).
+
+        Raises:
+            InvalidRequestError: ``model`` names no imported text base model, or ``max_seq_length`` is not a
+                positive whole number (with ``strict``; else the report says so).
+        """
+        limit = None
+        if max_seq_length not in (None, ""):
+            text = str(max_seq_length).strip()
+            if not text.isdigit() or not 0 < int(text) <= 1_048_576:
+                raise InvalidRequestError(f"`max_seq_length` must be a whole number of tokens from 1 to 1048576; "
+                                          f"got {echo(text, MODEL_NAME_LIKE)}", param="max_seq_length")
+            limit = int(text)
+        rows = [r for r in self.base_models() if r.kind == "llm"]
+        if model:
+            row = next((r for r in rows if r.name == model), None)
+            if row is None:
+                if strict:
+                    raise InvalidRequestError(f"`model` {echo(model, MODEL_NAME_LIKE)} is not an imported text base "
+                                              "model; see GET /v1/models, or leave `model` out for the first "
+                                              "imported one", param="model")
+                return QualityPass(max_seq_length=limit,
+                                   tokenizer_note=f"model {echo(model, MODEL_NAME_LIKE)} is no longer imported")
+        elif rows:
+            row = rows[0]
+        else:
+            return QualityPass(max_seq_length=limit, tokenizer_note="no text base model is imported")
+        try:
+            counter = self._token_counter(row)
+        except Exception as exc:  # noqa: BLE001 - the report says so and counts characters
+            log.warning("could not load a tokenizer for the quality report",
+                        extra={"model": row.name, "exception": type(exc).__name__})
+            return QualityPass(max_seq_length=limit,
+                               tokenizer_note=f"the tokenizer of {row.name!r} could not be loaded")
+        return QualityPass(tokens=counter, max_seq_length=limit)
+
+    def _token_counter(self, row: Any) -> TokenCounter:
+        key = f"{row.name}|{row.path}"
+        with self._scanner_lock:
+            counter = self._token_counters.get(key)
+        if counter is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(row.path, local_files_only=True)
+            counter = TokenCounter(row.name, tokenizer, (row.info or {}).get("context_length"))
+            with self._scanner_lock:
+                self._token_counters[key] = counter
+        return counter
 
     def _clean_filename(self, filename: str, policy) -> str:
         """The file name as stored: personal data or secrets in it are redacted."""
@@ -272,7 +337,7 @@ class FileService:
                 bytes=report.stored_bytes, original_bytes=report.original_bytes, records=report.records,
                 status="processed", created_by=principal.user, content_sha256=report.content_sha256,
                 policy_hash=policy.content_hash, decision="accepted", scan_summary=report.summary(policy),
-                original_id=key_rows[1].object_id if len(key_rows) > 1 else None, revision=1,
+                original_id=next((k.object_id for k in key_rows if k.kind == "file-original"), None), revision=1,
             )
             s.add_all(key_rows)
             s.add(row)
@@ -463,6 +528,56 @@ class FileService:
                        details={"groups": len(ordered), "findings": len(findings)})
         return view, ordered
 
+    def quality(self, principal: Principal, ctx: AuditContext, file_id: str, *, reveal: bool = False,
+                compare: str | None = None) -> tuple[FileView, dict[str, Any], dict[str, Any] | None,
+                                                     dict[str, Any] | None]:
+        """The file's quality report; with ``reveal`` the duplicate examples' stored text; with ``compare``
+        (a validation or test file of the same project) the leakage between the two.
+
+        Returns ``(view, report, examples, leakage)``. ``reveal`` needs ``files:content`` and is audited
+        (``file.quality_reveal``, in the transaction that reads the stored, already redacted, records);
+        the leakage compares the two files' encrypted sketches and says only counts and lines.
+        """
+        view = self._get(principal, file_id)
+        report = view.row.scan_summary.get("quality")
+        if report is None:
+            raise ConflictError(f"file {file_id!r} has no quality report (it is not a JSONL dataset, or it was "
+                                "uploaded before quality reports): re-scan it with POST /v1/files/{file_id}/scan",
+                                param="file_id")
+        if reveal and not role_allows(principal.role, Permission.FILES_CONTENT):
+            raise PermissionDeniedError(f"role {principal.role.value!r} may not reveal duplicate records "
+                                        f"({Permission.FILES_CONTENT.value!r} needed)", param="reveal")
+        leak = None
+        if compare:
+            other = self._get(principal, compare) if compare != file_id else view
+            if other.row.project_id != view.row.project_id:
+                raise NotFoundError(f"file {compare!r} not found in project {view.project!r}", param="compare")
+            sketches = [quality_sketch_of(view.row), quality_sketch_of(other.row)]
+            if sketches[1] is None:
+                raise ConflictError(f"file {compare!r} has no quality report to compare: re-scan it with "
+                                    f"POST /v1/files/{compare}/scan", param="compare")
+            with self.db.read() as s:
+                openers = [self.blobs.opener(s, object_id) for object_id in sketches]
+            train, other_sketch = (load_sketch(b"".join(opener())) for opener in openers)
+            leak = {"file_id": file_id, "compare": compare} | leakage(train, other_sketch)
+        examples = None
+        if reveal:
+            groups = {"exact_duplicates": report["exact_duplicates"]["examples"],
+                      "near_duplicates": report["near_duplicates"]["examples"]}
+            wanted = {r for found in groups.values() for g in found for r in g["records"]}
+            with self.db.transaction() as s:
+                texts: dict[int, list[str]] = {}
+                for index, raw in _lines_of(self.blobs.read(s, view.row.content_object)):
+                    if index in wanted and (parsed := parse_line(raw, index + 1, validate=False)) is not None:
+                        texts[index] = [_clip(f"{path}: {text}") for path, text in iter_text_fields(parsed)]
+                    if len(texts) == len(wanted):
+                        break
+                record(s, ctx, "file.quality_reveal", resource_type="file", resource_id=file_id,
+                       project=view.project, details={"records": len(texts)})
+            examples = {kind: [{"lines": g["lines"], "records": [texts.get(r, []) for r in g["records"]]}
+                               for g in found] for kind, found in groups.items()}
+        return view, report, examples, leak
+
     def review_values(self, principal: Principal, project: Project, file_id: str,
                       groups: list[str]) -> list[tuple[str, str | None]]:
         """The ``(value, entity_type)`` of the named groups of a file's review, to add to ``project``'s glossary.
@@ -510,10 +625,13 @@ class FileService:
         policy = self.policies.effective(project)
         blob_id = f"{file_id}.r{row.revision + 1}"
         writer = self.blobs.create(blob_id, project.name, "file")
+        sketch: BlobWriter | None = None
         state: dict[str, Any] = {"purpose": row.purpose, "project": project, "policy": policy}
         try:
+            before = row.scan_summary.get("quality") or {}
+            quality = self.quality_pass(before.get("tokenizer"), before.get("max_seq_length"), strict=False)
             intake = JsonlIntake(writer, self.scanner, policy, max_line_bytes=self.settings.max_line_bytes,
-                                 max_findings=self.settings.max_findings)
+                                 max_findings=self.settings.max_findings, quality=quality)
             with self.db.read() as s:
                 chunks = self.blobs.read(s, row.original_id)
             for chunk in chunks:
@@ -524,6 +642,8 @@ class FileService:
                                            param="file_id",
                                            details=report.summary(policy) | {"blocked_lines": report.blocked_lines})
             key_row = writer.finish()
+            sketch = self.blobs.create(quality_id(file_id, row.revision + 1), project.name, "file-quality")
+            sketch_row = _write_sketch(sketch, quality, report)
             with self.db.transaction() as s:
                 current = s.get(StoredFile, file_id, with_for_update=True)
                 if current.deleted_at is not None or current.revision != row.revision:
@@ -532,9 +652,11 @@ class FileService:
                 previous = {"policy_hash": current.policy_hash, "content_sha256": current.content_sha256,
                             "by_entity_type": current.scan_summary.get("by_entity_type"),
                             "by_action": current.scan_summary.get("by_action")}
-                old_blob = current.content_object
-                s.add(key_row)
+                old_blob, old_sketch = current.content_object, quality_sketch_of(current)
+                s.add_all([key_row, sketch_row])
                 self.blobs.shred(s, old_blob)
+                if old_sketch is not None:
+                    self.blobs.shred(s, old_sketch)
                 s.query(ScanFinding).filter(ScanFinding.file_id == file_id).delete()
                 current.blob_id, current.revision = blob_id, current.revision + 1
                 current.bytes, current.records = report.stored_bytes, report.records
@@ -548,13 +670,19 @@ class FileService:
                                 "by_entity_type": dict(report.by_type), "by_action": dict(report.by_action),
                                 "kek_id": key_row.kek_id})
         except ApplianceError as exc:
-            writer.abort()
+            for w in (writer, sketch):
+                if w is not None:
+                    w.abort()
             self._audit_rejection(ctx, state, exc, action="file.rescan", file_id=file_id)
             raise
         except BaseException:
-            writer.abort()
+            for w in (writer, sketch):
+                if w is not None:
+                    w.abort()
             raise
         self.blobs.remove(old_blob)
+        if old_sketch is not None:
+            self.blobs.remove(old_sketch)
         return self._get(principal, file_id)
 
     def _check_unused(self, s: Session, file_id: str) -> None:
@@ -692,6 +820,8 @@ class FileService:
         evidence = self.blobs.shred(s, row.content_object)
         if row.original_id is not None:
             self.blobs.shred(s, row.original_id)
+        if (sketch := quality_sketch_of(row)) is not None:
+            self.blobs.shred(s, sketch)
         s.query(ScanFinding).filter(ScanFinding.file_id == row.id).delete()
         record(s, ctx, "file.delete", resource_type="file", resource_id=row.id, project=project, reason=reason,
                details={**(details or {}), "crypto_shred": {"kek_id": evidence.kek_id,
@@ -702,7 +832,7 @@ class FileService:
         """After a deletion committed: remove the ciphertext and run :attr:`on_delete` (adapter withdrawal)."""
         with self.db.read() as s:
             row = s.get(StoredFile, file_id)
-            objects = [row.content_object, row.original_id] if row is not None else [file_id]
+            objects = [row.content_object, row.original_id, quality_sketch_of(row)] if row is not None else [file_id]
         for object_id in objects:
             if object_id:
                 self.blobs.remove(object_id)  # after the commit: the key is gone either way
@@ -815,6 +945,28 @@ def _splice(text: str, left: int, right: int, marks: list[tuple[int, int, str]])
         pos = end
     out += [text[pos:right], "…" if right < len(text) else ""]
     return "".join(out)
+
+
+def quality_id(file_id: str, revision: int = 1) -> str:
+    """The blob-store object of a file's quality sketch (per-record digests and MinHash signatures)."""
+    return f"{file_id}.quality" if revision == 1 else f"{file_id}.quality.r{revision}"
+
+
+def quality_sketch_of(row: StoredFile) -> str | None:
+    """The quality sketch object of a stored file, if it has one."""
+    return ((row.scan_summary or {}).get("quality") or {}).get("sketch")
+
+
+def _write_sketch(writer: BlobWriter, quality: QualityPass, report: IntakeReport) -> Any:
+    """Write the sketch encrypted, name it in ``report.quality``; its (unsaved) key row."""
+    writer.write(quality.sketch())
+    if report.quality is not None:
+        report.quality["sketch"] = writer.object_id
+    return writer.finish()
+
+
+def _clip(text: str, limit: int = 400) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def original_id(file_id: str) -> str:

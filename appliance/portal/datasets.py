@@ -99,7 +99,8 @@ def dataset(request: Request, files: NamedDependency[FileService], file_id: From
             preview = [(i + 1, json.dumps(stored[i], ensure_ascii=False, indent=1)) for i in lines if i in stored]
     summary = view.row.scan_summary
     review = _review(request, files, view, bool(findings))
-    return page(request, "dataset.html", section="datasets", title=view.row.filename, view=view,
+    quality = _quality(request, files, view)
+    return page(request, "dataset.html", section="datasets", title=view.row.filename, view=view, quality=quality,
                 findings=shown, findings_total=len(findings), findings_page=current, findings_pages=pages,
                 records_with_findings=len({f.record for f in findings}), with_findings=with_findings,
                 contexts=contexts, preview=preview, archive=archive,
@@ -139,6 +140,32 @@ def _review(request: Request, files: FileService, view: FileView, any_findings: 
     _, groups = files.scan_groups(principal, audit_context(request), view.row.id, reveal=reveal)
     return {"groups": groups[:REVIEW_GROUPS], "more": max(0, len(groups) - REVIEW_GROUPS), "reveal": reveal,
             "may_reveal": may_reveal}
+
+
+def _quality(request: Request, files: FileService, view: FileView) -> dict[str, Any] | None:
+    """The quality report beside the scan; duplicate examples for data owners on request (audited), and the
+    leakage against another file of the project (``compare``)."""
+    report = view.row.scan_summary.get("quality")
+    if report is None:
+        return None
+    principal = session_of(request).principal
+    may_reveal = role_allows(principal.role, Permission.FILES_CONTENT)
+    reveal = may_reveal and request.query_params.get("quality_reveal") == "1"
+    compare = request.query_params.get("compare") or None
+    examples = leak = error = None
+    if reveal or compare:
+        try:
+            _, report, examples, leak = files.quality(principal, audit_context(request), view.row.id, reveal=reveal,
+                                                      compare=compare)
+        except ApplianceError as exc:  # e.g. a file to compare without a report: said on the page
+            error = exc.message
+    others, _ = files.list(principal, project=view.project if principal.project is None else None, purpose=None,
+                           after=None, limit=500, order="desc")
+    candidates = [(v.row.id, v.row.filename) for v in others
+                  if v.row.id != view.row.id and v.row.scan_summary.get("quality") is not None]
+    return {"report": report, "may_reveal": may_reveal, "reveal": reveal, "examples": examples, "leakage": leak,
+            "compare": compare, "error": error, "candidates": candidates,
+            "languages": bar_chart(report.get("languages") or {})}
 
 
 def _review_flashes(request: Request) -> list[tuple[str, str]]:

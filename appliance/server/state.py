@@ -49,6 +49,7 @@ def build_state(
     scheduler = Scheduler(db, files, catalog, scheduler_settings)
     policies.file_review = files.review_values
     files.on_delete.append(catalog.withdraw_trained_on)
+    files.base_models = catalog.list_base_models  # the quality report counts tokens with their tokenizers
     files.users_of.append(unfinished_job_using)
     # Evaluations run one at a time in a sandboxed worker on this host, as a local training job's does.
     evaluation_runner = EvaluationRunner(db, files, catalog, LocalExecutor(

@@ -26,8 +26,8 @@ from tests.timing import Deadline
 pytestmark = pytest.mark.slow  # real processes started and killed
 
 FILES = 6
-#: Data keys per uploaded file: its stored content and its kept original.
-KEYS_PER_FILE = 2
+#: Data keys per uploaded file: its stored content, its kept original and its quality sketch.
+KEYS_PER_FILE = 3
 #: Wrapped keys of (ciphertext-less) checkpoints besides the files: enough that re-wrapping takes a while.
 EXTRA_KEYS = 20_000
 KILLS = 3

@@ -318,7 +318,7 @@ def test_keys_rotate_rewraps_and_the_old_key_file_opens_nothing(client, state, o
     old_key = tmp_path / "old-master.key"
     shutil.copy(state.settings.key_file, old_key)
     out = run_cli(state.settings.home.home, "keys", "rotate").stdout
-    assert "2 data keys re-wrapped" in out  # the stored content and the kept original
+    assert "3 data keys re-wrapped" in out  # the stored content, the kept original and the quality sketch
     # The running server picks up the new key file and still reads the data.
     assert client.get(f"/v1/files/{file_id}/content", headers=bearer(owner)).content == body
     # A copy of the old key file opens nothing.
@@ -328,7 +328,7 @@ def test_keys_rotate_rewraps_and_the_old_key_file_opens_nothing(client, state, o
     with state.db.read() as s:
         original = s.get(StoredFile, file_id).original_id
         assert original and b"".join(state.blobs.read(s, original)) == body  # the original, re-wrapped too
-    assert audit(state, "keys.rotate")[0].details["rewrapped"] == 2
+    assert audit(state, "keys.rotate")[0].details["rewrapped"] == 3
 
 
 def test_the_projects_allow_list_keeps_its_own_words_at_intake(client, state, admin_token, owner):

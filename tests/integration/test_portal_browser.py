@@ -456,3 +456,52 @@ def test_auditor_generates_the_report_in_the_portal_as_a_page_and_a_pdf(portal_s
     page.goto("/audit/report?from=yesterday&to=2026-01-01")
     assert "`from` must be a date or time" in page.inner_text("main")
     context.close()
+
+
+def test_quality_report_beside_the_scan_with_duplicates_revealed_and_leakage(portal_server, browser, tmp_path):
+    """The quality report at upload: tokens with the imported model's tokenizer, advice, duplicates revealed on
+    request (audited), and the overlap with a validation file."""
+    context, page = login(browser, portal_server, "olivia")
+
+    def upload(name: str, pairs: list[tuple[str, str]]) -> str:
+        data = tmp_path / name
+        data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                         {"role": "assistant", "content": a}]}) + "\n"
+                                for q, a in pairs))
+        page.goto("/datasets")
+        page.set_input_files("#file", str(data))
+        page.get_by_role("button", name="Upload and scan").click()
+        page.wait_for_url(re.compile(r"/datasets/file-"))
+        return page.url.rsplit("/", 1)[1]
+
+    valid = upload("valid.jsonl", [("How long does shipping to the islands take?", "About five working days."),
+                                   ("Is there a discount for schools this autumn?", "Yes, ten percent.")])
+    train = upload("train.jsonl", [("How long does shipping to the islands take?", "About five working days."),
+                                   ("Can I change the delivery address after paying?", "Yes, until it ships."),
+                                   ("Can I change the delivery address after paying?", "Yes, until it ships."),
+                                   ("What colours does the winter jacket come in?", "Navy and olive.")])
+    assert page.get_by_role("heading", name="Quality report").is_visible()
+    assert "tokens with the tokenizer of tiny-llama" in page.inner_text("#quality-counts")
+    assert "1 record repeats an earlier one" in page.inner_text("#quality-advice")
+    table = page.inner_text("#quality-duplicates")
+    assert "2, 3" in table and "delivery address" not in table  # lines only, until revealed
+    page.locator("#reveal-duplicates").click()
+    page.wait_for_url(re.compile(r"quality_reveal=1"))
+    assert "delivery address" in page.inner_text("#quality-duplicates")
+    shot(page, "11-quality")
+    page.get_by_label("Compare with").select_option(value=valid)
+    page.get_by_role("button", name="Check for overlap").click()
+    page.wait_for_url(re.compile(rf"compare={valid}"))
+    result = page.inner_text("#leakage-result")
+    assert result.startswith("1 exact and 0 near copies") and "1 → 1" in result, result
+    assert file_id_in(page.url) == train
+    context.close()
+
+    context, page = login(browser, portal_server, "audrey")
+    page.goto("/audit")
+    assert "file.quality_reveal" in page.inner_text("#events")
+    context.close()
+
+
+def file_id_in(url: str) -> str:
+    return url.rsplit("/", 1)[1].split("?", 1)[0]
