@@ -18,7 +18,7 @@ images the same way. The prompts are held out: none is trained on
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,10 +97,26 @@ class Evaluators:
     """
 
     def __init__(self, clip_dir: Path | None, dino_dir: Path | None, device: torch.device,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32,
+                 on_error: Callable[[str, Path, Exception], None] | None = None) -> None:
         self.device, self.dtype = device, dtype
-        self.clip = _load(Path(clip_dir), dtype, clip=True) if clip_dir is not None else None
-        self.dino = _load(Path(dino_dir), dtype, clip=False) if dino_dir is not None else None
+        self.clip = self._try(clip_dir, dtype, True, on_error)
+        self.dino = self._try(dino_dir, dtype, False, on_error)
+
+    @staticmethod
+    def _try(folder: Path | None, dtype: torch.dtype, clip: bool,
+             on_error: Callable[[str, Path, Exception], None] | None) -> _Encoder | None:
+        """The encoder in ``folder``; with ``on_error``, one that cannot be loaded is reported and left out
+        (the run's other figures go on) instead of failing the run."""
+        if folder is None:
+            return None
+        try:
+            return _load(Path(folder), dtype, clip=clip)
+        except Exception as exc:
+            if on_error is None:
+                raise
+            on_error("clip" if clip else "dino", Path(folder), exc)
+            return None
 
     @property
     def names(self) -> dict[str, str]:

@@ -388,7 +388,16 @@ class _Fidelity:
             details["fidelity"] = {"evaluators": None, "metric": "proxy only (no evaluator model imported)"}
             return cls(None, sampler, [], [], hp.resolution, emit)
         began = time.monotonic()
-        evaluators = Evaluators(clip_model, dino_model, device, dtype)
+
+        def unusable(family: str, folder: Path, exc: Exception) -> None:
+            # A broken evaluator costs its figures, not the job: the other's and the proxy are still measured
+            emit("warning", 0, message=f"evaluator {folder.name!r} ({'CLIP' if family == 'clip' else 'DINO'}) could "
+                 f"not be loaded ({type(exc).__name__}): its fidelity figures are not measured; re-import it")
+
+        evaluators = Evaluators(clip_model, dino_model, device, dtype, on_error=unusable)
+        if not evaluators.names:
+            details["fidelity"] = {"evaluators": None, "metric": "proxy only (no evaluator model could be loaded)"}
+            return cls(None, sampler, [], [], hp.resolution, emit)
         prompts = evaluation_prompts(sample_prompt, getattr(hp, "evaluation_prompts", None))
         overlap = sorted(set(prompts) & set(trained))
         if overlap:

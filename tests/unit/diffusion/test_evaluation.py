@@ -179,6 +179,22 @@ def test_train_images_reports_clip_and_dino_before_and_after_reproducibly(tiny_s
         m.to_dict() | {"train_seconds": 0, "images_per_second": 0}
 
 
+def test_a_broken_evaluator_costs_its_figures_not_the_job(tiny_sd, discs, store, tmp_path):
+    import shutil
+
+    broken = shutil.copytree(store["vit"], tmp_path / "vit-broken")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a damaged store copy
+    events = []
+    result = train_images(make_spec("dreambooth_lora", **QUICK), tiny_sd, discs, device="cpu", sample_steps=2,
+                          on_event=events.append, clip_model=store["clip"], dino_model=broken)
+    m = result.metrics
+    assert result.status == "succeeded" and isinstance(m.clip_i_after, float) and m.dino_after is None
+    assert m.fidelity_evaluators == {"clip": "clip"}
+    warning = next(e.message for e in events if e.type == "warning" and "vit-broken" in e.message)
+    assert "(DINO) could not be loaded" in warning and "re-import it" in warning
+
+
 def test_without_evaluators_only_the_labelled_proxy_is_reported(tiny_sd, discs):
     result = train_images(make_spec("dreambooth_lora", **QUICK), tiny_sd, discs, device="cpu", sample_steps=2)
     m = result.metrics
