@@ -197,6 +197,13 @@ class CatalogService:
                 out[family] = EvaluatorRef(row.name, row.path, row.content_hash)
         return out
 
+    def largest_evaluator_parameters(self) -> int:
+        """Parameters of the largest evaluator image jobs are scored with (0 without): the memory plan's."""
+        with self.db.read() as s:
+            refs = self.evaluators_in(s)
+            rows = s.scalars(select(BaseModelRecord).where(BaseModelRecord.name.in_([r.name for r in refs.values()])))
+            return max((row.parameters or 0 for row in rows), default=0)
+
     # -- adapters -----------------------------------------------------------
     def signing_key(self):
         return load_or_create_signing_key(self.signing_key_path)

@@ -69,6 +69,11 @@ PROMPT_TOKENS = 77
 ADAM_8BIT_BYTES = 2
 ADAM_BYTES = 8
 
+#: What scoring a batch of images with a fidelity evaluator (CLIP / DINO ViT, no gradients, 8 images at
+#: 224 px: 257 tokens) holds beside the evaluator's weights, as a share of those weights: for ViT-L/14
+#: (304M vision parameters, width 1024) a layer's activations for 8 x 257 tokens are ~2 M elements against
+#: 12.6 M weights a layer; 0.25 allows for the attention scores and the MLP's 4x width (an estimate).
+EVALUATOR_TRANSIENT = 0.25
 METHODS = ("lora", "dreambooth", "dreambooth_lora")
 
 
@@ -292,6 +297,9 @@ class ImageJobShape:
     rank: int = 4
     gradient_checkpointing: bool | None = None
     use_8bit_adam: bool | None = None
+    #: parameters of the largest fidelity evaluator the job is scored with (one is on the device at a time,
+    #: after sampling, while the training state stays there); 0 without evaluators
+    evaluator_params: int = 0
 
     @property
     def micro_batch(self) -> int:
@@ -308,10 +316,12 @@ class ImageEstimate:
     activations: int
     sampling: int
     runtime: int
+    #: a fidelity evaluator scoring the sampled images (its weights and transients), after sampling
+    evaluation: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.optimizer + max(self.activations, self.sampling) + self.runtime
+        return self.weights + self.optimizer + max(self.activations, self.sampling, self.evaluation) + self.runtime
 
     def to_dict(self) -> dict[str, int]:
         return {**dataclasses.asdict(self), "total": self.total}
@@ -361,8 +371,9 @@ def estimate(shape: ImageModelShape, job: ImageJobShape, device_kind: str, *, ch
     sampling = SAMPLE_BATCH_SIZE * max(2 * latent * unet.inference_per_pixel * b,
                                        job.resolution ** 2 * shape.vae_top_channels * VAE_DECODE_SAVED * b)
     runtime = CUDA_RUNTIME_BYTES if device_kind == "cuda" else 0
+    evaluation = job.evaluator_params * b * (1 + EVALUATOR_TRANSIENT)  # loaded in the training dtype
     return ImageEstimate(weights=int(weights), optimizer=int(optimizer), activations=int(activations),
-                         sampling=int(sampling), runtime=runtime)
+                         sampling=int(sampling), runtime=runtime, evaluation=int(evaluation))
 
 
 @dataclass(frozen=True)

@@ -136,8 +136,9 @@ def worker_sharding(compute: dict[str, Any] | None) -> str:
 
 
 def image_plan_at_creation(model_dir: str | Path, method: str, hyperparameters: dict[str, Any],
-                           device: planner.Device) -> dict[str, Any]:
-    """``compute.plan`` for a new image job on ``device``: its memory options and predicted peak.
+                           device: planner.Device, *, evaluator_params: int = 0) -> dict[str, Any]:
+    """``compute.plan`` for a new image job on ``device``: its memory options and predicted peak
+    (``evaluator_params``: the largest fidelity evaluator's parameters, on the device while it scores).
 
     Raises:
         InvalidRequestError: Even gradient checkpointing with 8-bit Adam does not fit; ``param`` names the
@@ -166,7 +167,8 @@ def image_plan_at_creation(model_dir: str | Path, method: str, hyperparameters: 
         prior_preservation=hp.get("class_prompt") is not None, mixed_precision=precision,
         train_text_encoder=bool(hp.get("train_text_encoder", False)),
         rank=DEFAULTS[method].get("rank", 4) if rank == AUTO else int(rank),
-        gradient_checkpointing=option("gradient_checkpointing"), use_8bit_adam=option("use_8bit_adam"))
+        gradient_checkpointing=option("gradient_checkpointing"), use_8bit_adam=option("use_8bit_adam"),
+        evaluator_params=evaluator_params)
     chosen = image_planner.plan(shape, job, device)
     if chosen is None:
         raise image_planner.refuse(shape, job, device)
@@ -174,10 +176,10 @@ def image_plan_at_creation(model_dir: str | Path, method: str, hyperparameters: 
 
 
 def image_plan_or_problem(model_dir: str | Path, method: str, hyperparameters: dict[str, Any],
-                          device: planner.Device) -> dict[str, Any] | None:
+                          device: planner.Device, *, evaluator_params: int = 0) -> dict[str, Any] | None:
     """:func:`image_plan_at_creation`, or ``None`` when the pipeline's configs cannot be planned (never blocks)."""
     try:
-        return image_plan_at_creation(model_dir, method, hyperparameters, device)
+        return image_plan_at_creation(model_dir, method, hyperparameters, device, evaluator_params=evaluator_params)
     except InvalidRequestError:
         raise
     except (OSError, ValueError, KeyError, TypeError, IndexError):

@@ -200,7 +200,8 @@ class JobService:
                         compute = {**compute, "plan": plan}
             if base.kind == "diffusion" and method_type is not None and not problems.errors:
                 with problems.collect():  # the memory options chosen, or the job refused naming what would fit
-                    plan = image_plan_or_problem(base.path, method_type, hyperparameters, self.training_device())
+                    plan = image_plan_or_problem(base.path, method_type, hyperparameters, self.training_device(),
+                                                 evaluator_params=self.catalog.largest_evaluator_parameters())
                     if plan is not None:
                         compute = {**compute, "plan": plan}
         suffix = body.get("suffix")

@@ -99,6 +99,9 @@ def test_an_image_job_reports_clip_and_dino_before_and_after(client, state, stor
         assert deadline
         time.sleep(0.5)
     assert job.status == "succeeded", job.error
+    # the memory plan counts the larger evaluator, on the device while it scores the samples
+    evaluator = max(state.catalog.get_base_model(n, evaluators=True).parameters for n in ("tiny-clip", "tiny-dino"))
+    assert job.model_extra["compute"]["plan"]["breakdown_bytes"]["evaluation"] >= evaluator * 2
     metrics = job.model_extra["metrics"]
     for key in ("clip_i", "dino", "clip_t"):
         assert isinstance(metrics[f"{key}_before"], float) and isinstance(metrics[f"{key}_after"], float)

@@ -210,3 +210,23 @@ def test_refusal_names_the_option_that_would_fit():
                         train_text_encoder=True)
     error = planner.refuse(SD15, job, Device("cuda", 4 * GIB, "4 GiB"))
     assert error.param == "method.dreambooth_lora.hyperparameters.train_text_encoder" or "resolution" in error.param
+
+
+def test_a_fidelity_evaluator_is_planned_beside_the_training_state():
+    # CLIP ViT-L/14 (428M parameters), loaded in the training dtype to score the sampled images while the
+    # training state stays on the device: its weights and transients are the peak only when they outweigh
+    # the training step's activations (here: LoRA at a small resolution), never added to them.
+    clip_l14 = 427_616_513
+    small = ImageJobShape(method="lora", resolution=256, mixed_precision="fp16")
+    bare = estimate(SD15, small, "cuda", checkpointing=True, adam_8bit=False)
+    scored = estimate(SD15, ImageJobShape(method="lora", resolution=256, mixed_precision="fp16",
+                                          evaluator_params=clip_l14), "cuda", checkpointing=True, adam_8bit=False)
+    assert bare.evaluation == 0 and scored.evaluation == int(clip_l14 * 2 * (1 + planner.EVALUATOR_TRANSIENT))
+    assert scored.total == bare.total - max(bare.activations, bare.sampling) + max(
+        scored.activations, scored.sampling, scored.evaluation)
+    assert scored.total > bare.total  # at 256 px the evaluator outweighs the step's activations
+    big = estimate(SD15, ImageJobShape(method="lora", resolution=512, mixed_precision="fp16",
+                                       evaluator_params=clip_l14), "cuda", checkpointing=False, adam_8bit=False)
+    assert big.total == estimate(SD15, ImageJobShape(method="lora", resolution=512, mixed_precision="fp16"), "cuda",
+                                 checkpointing=False, adam_8bit=False).total  # at 512 px they do not
+    assert "evaluation" in plan(SD15, small, Device("cuda", 24 * GIB)).to_dict()["breakdown_bytes"]
