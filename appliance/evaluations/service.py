@@ -33,6 +33,8 @@ from appliance.identity.service import Principal, project_by_id, project_names
 if TYPE_CHECKING:
     from appliance.identity.models import Project
 
+__all__ = ["TERMINAL", "EvaluationService", "EvaluationView", "new_evaluation_id"]
+
 #: The file purpose of test files (OpenAI's name for evaluation data).
 PURPOSE = "evals"
 MAX_MODELS = 4

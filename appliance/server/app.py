@@ -23,7 +23,7 @@ from appliance.inference.controllers import ImageController, InferenceController
 from appliance.jobs.controllers import JobController
 from appliance.policy.controllers import GlossaryController, PolicyController
 from appliance.portal import admin as portal_admin
-from appliance.portal import audit_page, auth_routes, datasets, models_page, playground
+from appliance.portal import audit_page, auth_routes, datasets, evaluations_page, models_page, playground
 from appliance.portal import jobs as portal_jobs
 from appliance.server.context import (
     ApplianceRequest,
@@ -46,7 +46,7 @@ ROUTE_HANDLERS = [
 ]
 PORTAL_DIR = Path(__file__).resolve().parent.parent / "portal"
 PORTAL_ROUTES = [
-    *auth_routes.ROUTES, *datasets.ROUTES, *portal_jobs.ROUTES, *models_page.ROUTES, *audit_page.ROUTES,
+    *auth_routes.ROUTES, *datasets.ROUTES, *portal_jobs.ROUTES, *evaluations_page.ROUTES, *models_page.ROUTES, *audit_page.ROUTES,
     *portal_admin.ROUTES, *playground.ROUTES,
 ]
 

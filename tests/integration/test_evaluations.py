@@ -78,6 +78,14 @@ def publish_adapter(state, base_dir, base_name: str, project: str) -> str:
     return adapter_id
 
 
+def portal_headers(state, user: str) -> dict[str, str]:
+    from appliance.identity.sessions import COOKIE
+
+    state.sessions.set_password(CLI_CTX, user, "correct horse battery staple")
+    cookie = state.sessions.login(user, "correct horse battery staple", "testclient")
+    return {"Cookie": f"{COOKIE}={cookie}", "X-CSRF-Token": state.sessions.resolve(cookie).csrf_token}
+
+
 def wait_for(client, token: str, evaluation_id: str, timeout: float = 120) -> dict:
     deadline = Deadline(timeout)
     while deadline:
@@ -130,6 +138,14 @@ def test_a_base_model_and_its_fine_tune_compared_on_a_test_file(client, state, t
     assert actions == ["evaluation.create", "evaluation.start", "evaluation.succeed"], actions
     listed = client.get("/v1/evaluations", headers=bearer(trainer)).json()
     assert [e["id"] for e in listed["data"]] == [created["id"]]
+    # The portal: the figures for everyone who reads jobs; the generations side by side for data owners only.
+    html = client.get(f"/evaluations/{created['id']}", headers=portal_headers(state, "olivia")).text
+    assert 'id="results"' in html and adapter in html and 'id="samples"' in html
+    assert "Item 0 is a blue box" in html
+    html = client.get(f"/evaluations/{created['id']}", headers=portal_headers(state, "trish")).text
+    assert 'id="results"' in html and 'id="samples-note"' in html and "Item 0 is a blue box" not in html
+    html = client.get("/evaluations", headers=portal_headers(state, "trish")).text
+    assert created["id"] in html and test_file in html  # the list, and the test file offered in the form
 
 
 def test_requests_are_checked_field_by_field_and_cancelled_while_queued(client, state, tiny_model, trainer, owner):
@@ -151,3 +167,15 @@ def test_requests_are_checked_field_by_field_and_cancelled_while_queued(client, 
     assert resp.status_code == 200 and resp.json()["status"] == "cancelled"
     resp = client.post(f"/v1/evaluations/{created['id']}/cancel", headers=bearer(trainer))
     assert resp.status_code == 409
+    # The portal's form: the same checks, shown above the form; a valid one is created and can be cancelled.
+    headers = portal_headers(state, "trish")
+    resp = client.post("/evaluations", headers=headers, data={"file": test_file, "samples": "3", "max_tokens": "8"},
+                       follow_redirects=False)
+    assert resp.status_code == 400 and "`models` must be a list of 1 to 4" in resp.text
+    resp = client.post("/evaluations", headers=headers, follow_redirects=False,
+                       data={"file": test_file, "model1": tiny_model, "samples": "3", "max_tokens": "8"})
+    assert resp.status_code == 303, resp.text
+    evaluation_id = resp.headers["location"].rsplit("/", 1)[1]
+    resp = client.post(f"/evaluations/{evaluation_id}/cancel", headers=headers, follow_redirects=False)
+    assert resp.status_code == 303
+    assert client.get(f"/v1/evaluations/{evaluation_id}", headers=bearer(trainer)).json()["status"] == "cancelled"

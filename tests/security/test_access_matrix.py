@@ -176,16 +176,17 @@ def _evaluations_of(w: World, project: str) -> list[dict[str, Any]]:
     return [e for e in _admin_get(w, "/v1/evaluations", limit=100).json()["data"] if e["project"] == project]
 
 
-def _other_evaluation_create(w: World) -> Req:
-    before = len(_evaluations_of(w, OTHER))
-    return Req("POST", "/v1/evaluations", {"json": {"file": _evals_file(w, OTHER), "models": [BASE_MODEL]},
-                                           "headers": {"OpenAI-Project": OTHER}},
+def _other_evaluation_create(w: World, portal: bool = False) -> Req:
+    before, file_id = len(_evaluations_of(w, OTHER)), _evals_file(w, OTHER)
+    kw = ({"data": {"file": file_id, "model1": BASE_MODEL}} if portal else
+          {"json": {"file": file_id, "models": [BASE_MODEL]}, "headers": {"OpenAI-Project": OTHER}})
+    return Req("POST", "/evaluations" if portal else "/v1/evaluations", kw,
                intact=lambda w2: len(_evaluations_of(w2, OTHER)) == before)
 
 
-def _other_evaluation_cancel(w: World) -> Req:
+def _other_evaluation_cancel(w: World, portal: bool = False) -> Req:
     e = _evaluation(w, OTHER)
-    return Req("POST", f"/v1/evaluations/{e}/cancel",
+    return Req("POST", f"{'' if portal else '/v1'}/evaluations/{e}/cancel",
                intact=lambda w2: _admin_get(w2, f"/v1/evaluations/{e}").json()["status"] == "queued")
 
 
@@ -354,6 +355,16 @@ ROUTES: dict[str, Route] = {
                                             _other_job("POST", "/jobs/{j}/cancel")),
     "POST /jobs/{job_id:str}/resume": Route(lambda w: Req("POST", f"/jobs/{w.job(OWN, 'cancelled')}/resume"),
                                             _other_job("POST", "/jobs/{j}/resume", "cancelled")),
+    "GET /evaluations": Route(G("/evaluations"), G("/evaluations"), "scoped", lambda w, resp: _no_other_ids(w, resp) and not any(
+        e["id"] in resp.text or e["file"] in resp.text for e in _evaluations_of(w, OTHER))),
+    "POST /evaluations": Route(
+        lambda w: Req("POST", "/evaluations", {"data": {"file": _evals_file(w, OWN), "model1": BASE_MODEL}}),
+        lambda w: _other_evaluation_create(w, portal=True)),
+    "GET /evaluations/{evaluation_id:str}": Route(lambda w: Req("GET", f"/evaluations/{_evaluation(w, OWN)}"),
+                                                  lambda w: Req("GET", f"/evaluations/{_evaluation(w, OTHER)}")),
+    "POST /evaluations/{evaluation_id:str}/cancel": Route(
+        lambda w: Req("POST", f"/evaluations/{_evaluation(w, OWN)}/cancel"),
+        lambda w: _other_evaluation_cancel(w, portal=True)),
     "GET /models": Route(G("/models"), G("/models"), "scoped", _no_other_ids),
     "GET /audit": Route(G("/audit")),
     "GET /audit/export/{fmt:str}": Route(G("/audit/export/json"), G("/audit/export/json"), "scoped",

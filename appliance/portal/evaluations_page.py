@@ -1,0 +1,113 @@
+"""Evaluations: run models on a test file and compare them (a table of figures, the generations side by side)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from litestar import Request, get, post
+from litestar.di import NamedDependency
+from litestar.enums import RequestEncodingType
+from litestar.params import Body, FromPath
+from litestar.response import Redirect, Template
+
+from appliance.catalog.service import CatalogService
+from appliance.errors import CrossProjectDenied, InvalidRequestError, NotFoundError
+from appliance.evaluations.service import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_SAMPLES,
+    MAX_MODELS,
+    PURPOSE,
+    TERMINAL,
+    EvaluationService,
+)
+from appliance.files.service import FileService
+from appliance.identity.roles import Permission, role_allows
+from appliance.portal.render import page, portal, session_of
+from appliance.web.context import audit_context
+
+Form = Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]
+#: The form's model selects: ``model1`` ... ``model4``.
+MODEL_FIELDS = tuple(f"model{i + 1}" for i in range(MAX_MODELS))
+
+
+def _choices(request: Request, files: FileService, catalog: CatalogService) -> dict[str, Any]:
+    principal = session_of(request).principal
+    views, _ = files.list(principal, project=None, purpose=PURPOSE, after=None, limit=500, order="desc")
+    text_bases = {m.name for m in catalog.list_base_models() if m.kind == "llm"}
+    adapters = [a.row.id for a in catalog.list_adapters(principal) if a.row.base_model in text_bases]
+    return {"test_files": [v for v in views if v.row.decision == "accepted"],
+            "model_choices": sorted(text_bases) + adapters, "model_fields": MODEL_FIELDS}
+
+
+def _list_page(request: Request, evaluations: EvaluationService, files: FileService, catalog: CatalogService,
+               values: dict[str, str], error: str | None = None, status_code: int = 200) -> Template:
+    views, _ = evaluations.list(session_of(request).principal, after=None, limit=100)
+    return page(request, "evaluations.html", section="evaluations", title="Evaluations", status_code=status_code,
+                rows=views, live=any(v.row.status not in TERMINAL for v in views), values=values, error=error,
+                **_choices(request, files, catalog))
+
+
+@get("/evaluations", opt=portal(Permission.JOBS_READ), include_in_schema=False, sync_to_thread=True)
+def evaluation_list(request: Request, evaluations: NamedDependency[EvaluationService],
+                    files: NamedDependency[FileService], catalog: NamedDependency[CatalogService]) -> Template:
+    return _list_page(request, evaluations, files, catalog,
+                      {"samples": str(DEFAULT_SAMPLES), "max_tokens": str(DEFAULT_MAX_TOKENS)})
+
+
+@post("/evaluations", opt=portal(Permission.JOBS_WRITE), include_in_schema=False, sync_to_thread=True)
+def create_evaluation(request: Request, evaluations: NamedDependency[EvaluationService],
+                      files: NamedDependency[FileService], catalog: NamedDependency[CatalogService],
+                      data: Form) -> Template | Redirect:
+    """Validated by the same code as ``POST /v1/evaluations``; a problem is shown above the form."""
+    principal = session_of(request).principal
+    body: dict[str, Any] = {"file": data.get("file") or None,
+                            "models": [data[f] for f in MODEL_FIELDS if data.get(f)]}
+    for key in ("samples", "max_tokens"):
+        text = (data.get(key) or "").strip()
+        body[key] = int(text) if text.isdigit() else (text or None)
+    try:
+        test_file = files.get(principal, body["file"]) if body["file"] else None
+        project = files.resolve_project(principal, test_file.project if test_file else None)
+        view = evaluations.create(principal, audit_context(request), project, body)
+    except CrossProjectDenied:
+        raise  # answered 404 and audited, like the API
+    except (InvalidRequestError, NotFoundError) as exc:
+        return _list_page(request, evaluations, files, catalog, data, error=exc.message, status_code=400)
+    return Redirect(f"/evaluations/{view.row.id}", status_code=303)
+
+
+@get("/evaluations/{evaluation_id:str}", opt=portal(Permission.JOBS_READ), include_in_schema=False,
+     sync_to_thread=True)
+def evaluation_page(request: Request, evaluations: NamedDependency[EvaluationService],
+                    files: NamedDependency[FileService], evaluation_id: FromPath[str]) -> Template:
+    principal = session_of(request).principal
+    view = evaluations.get(principal, evaluation_id)
+    samples = None
+    result_file = view.row.result_file
+    if result_file and role_allows(principal.role, Permission.FILES_CONTENT):  # test text: read, audited
+        try:
+            _, chunks = files.content(principal, audit_context(request), result_file)
+            samples = json.loads(b"".join(chunks)).get("samples") or []
+        except NotFoundError:
+            result_file = None  # deleted (retention or a user's request)
+    best = {}
+    results = view.row.results or []
+    for key, better in (("loss", min), ("exact_match", max), ("token_f1", max)):
+        values = [r[key] for r in results if r.get(key) is not None]
+        if len(values) > 1:
+            best[key] = better(values)
+    return page(request, "evaluation.html", section="evaluations", title=view.row.id, view=view,
+                results=results, best=best, samples=samples, result_file=result_file,
+                live=view.row.status not in TERMINAL)
+
+
+@post("/evaluations/{evaluation_id:str}/cancel", opt=portal(Permission.JOBS_WRITE), include_in_schema=False,
+      sync_to_thread=True)
+def cancel_evaluation(request: Request, evaluations: NamedDependency[EvaluationService],
+                      evaluation_id: FromPath[str]) -> Redirect:
+    evaluations.cancel(session_of(request).principal, audit_context(request), evaluation_id)
+    return Redirect(f"/evaluations/{evaluation_id}", status_code=303)
+
+
+ROUTES = [evaluation_list, create_evaluation, evaluation_page, cancel_evaluation]
