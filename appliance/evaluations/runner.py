@@ -16,6 +16,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -52,11 +53,14 @@ class EvaluationRunner:
         poll_s: Longest wait between looks at the queue.
         lease_s: How long a claimed evaluation stays this runner's without renewal.
         cancel_grace_s: Time a worker gets to stop before it is killed.
+        busy: True while this host's training workers hold the device (the job scheduler's runs): a
+            queued evaluation waits for them rather than share the device a job's memory plan counted on.
     """
 
     def __init__(self, db: Database, files: FileService, catalog: CatalogService, executor: Executor, *,
-                 poll_s: float = 0.5, lease_s: float = 60.0, cancel_grace_s: float = 10.0) -> None:
-        self.db, self.files, self.catalog, self.executor = db, files, catalog, executor
+                 poll_s: float = 0.5, lease_s: float = 60.0, cancel_grace_s: float = 10.0,
+                 busy: Callable[[], bool] = lambda: False) -> None:
+        self.db, self.files, self.catalog, self.executor, self.busy = db, files, catalog, executor, busy
         self.poll_s, self.lease_s, self.cancel_grace_s = poll_s, lease_s, cancel_grace_s
         self.name = f"{socket.gethostname()[:60]}:{os.getpid()}:{secrets.token_hex(3)}"
         self._wake, self._stopping = threading.Event(), threading.Event()
@@ -96,7 +100,7 @@ class EvaluationRunner:
         while not self._stopping.is_set():
             try:
                 self.recover()
-                claimed = self._claim()
+                claimed = None if self.busy() else self._claim()
                 if claimed is not None:
                     self._run(claimed)
                     continue

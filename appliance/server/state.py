@@ -54,7 +54,8 @@ def build_state(
     # Evaluations run one at a time in a sandboxed worker on this host, as a local training job's does.
     evaluation_runner = EvaluationRunner(db, files, catalog, LocalExecutor(
         "appliance.evaluations.worker", scheduler_settings.limits, scheduler_settings.isolation,
-        hide=(settings.home.home, settings.key_file)), lease_s=settings.jobs.lease_s)
+        hide=(settings.home.home, settings.key_file)), lease_s=settings.jobs.lease_s,
+        busy=lambda: bool(scheduler.running()))
     return AppState(
         settings=settings,
         db=db,
