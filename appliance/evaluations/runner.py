@@ -66,6 +66,7 @@ class EvaluationRunner:
         self._wake, self._stopping = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         self._worker: Worker | None = None
+        self._recovered_at = float("-inf")
 
     # -- lifecycle ----------------------------------------------------------
     def start(self) -> None:
@@ -99,7 +100,9 @@ class EvaluationRunner:
     def _loop(self) -> None:
         while not self._stopping.is_set():
             try:
-                self.recover()
+                if time.monotonic() - self._recovered_at >= self.lease_s / 6:
+                    self._recovered_at = time.monotonic()
+                    self.recover()
                 claimed = None if self.busy() else self._claim()
                 if claimed is not None:
                     self._run(claimed)
@@ -110,6 +113,9 @@ class EvaluationRunner:
             self._wake.clear()
 
     def _claim(self) -> str | None:
+        with self.db.read() as s:  # a look first: on SQLite a write transaction takes the database's one writer lock
+            if s.scalar(select(Evaluation.id).where(Evaluation.status == "queued").limit(1)) is None:
+                return None
         now = utcnow()
         with self.db.transaction() as s:
             row = s.scalar(select(Evaluation).where(Evaluation.status == "queued")

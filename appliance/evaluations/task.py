@@ -19,6 +19,8 @@ from appliance.jobs.channel import Channel
 #: The result file's name and format.
 FILENAME = "evaluation.json"
 FORMAT = "appliance.evaluation/1"
+#: The context records are cut to when the model's config does not say.
+DEFAULT_CONTEXT = 4096
 
 
 def run_evaluation(channel: Channel, start: dict[str, Any], records: list[dict[str, Any]], adapters: bytes) -> None:
@@ -38,8 +40,13 @@ def run_evaluation(channel: Channel, start: dict[str, Any], records: list[dict[s
         model_dir, local_files_only=True, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
         device_map={"": device})
     model = _with_adapters(model, unpack_files(adapters) if adapters else {}, start["models"])
-    channel.event(f"Evaluating {len(start['models'])} model(s) on {len(examples)} test records", data={
-        "models": len(start["models"]), "records": len(examples)})
+    # Records longer than the model's context are cut to it, as training cuts them to max_seq_length.
+    context = getattr(model.config, "max_position_embeddings", None) or DEFAULT_CONTEXT
+    cut = sum(len(e) > context for e in examples)
+    examples = [e.truncated(context) for e in examples]
+    channel.event(f"Evaluating {len(start['models'])} model(s) on {len(examples)} test records"
+                  + (f"; {cut} longer than the model's context of {context} tokens were cut to it" if cut else ""),
+                  data={"models": len(start["models"]), "records": len(examples), "cut": cut, "context": context})
     results, answers = [], []
     try:
         for i, entry in enumerate(start["models"]):
