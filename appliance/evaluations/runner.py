@@ -144,7 +144,7 @@ class EvaluationRunner:
 
     def _run(self, evaluation_id: str) -> None:
         outcome: tuple[str, dict[str, Any]] = ("lost", {})
-        receiver, stored = Receiver(), None
+        receiver, stored, isolation = Receiver(), None, None
         worker = None
         try:
             start, reads = self._start_message(evaluation_id)
@@ -168,7 +168,9 @@ class EvaluationRunner:
                 if frame is not None:
                     header, payload = frame
                     kind = header.get("type")
-                    if kind == "begin":
+                    if kind == "event" and header.get("event_type") == "isolation":
+                        isolation = header.get("data")  # how the worker found itself shut in: the audit says
+                    elif kind == "begin":
                         receiver.begin(header, self.files.blobs.create(new_file_id(), project, "file"))
                     elif kind == "chunk":
                         receiver.chunk(payload)
@@ -203,7 +205,7 @@ class EvaluationRunner:
             elif worker is not None:
                 worker.reap()
             try:
-                self._finish(evaluation_id, outcome, stored if outcome[0] == "result" else None)
+                self._finish(evaluation_id, outcome, stored if outcome[0] == "result" else None, isolation)
             except Exception:
                 log.exception("recording the end of an evaluation failed", extra={"evaluation_id": evaluation_id})
             if stored is not None and outcome[0] != "result":
@@ -229,7 +231,8 @@ class EvaluationRunner:
         with self.db.read() as s:
             return bool(s.scalar(select(Evaluation.cancel_requested).where(Evaluation.id == evaluation_id)))
 
-    def _finish(self, evaluation_id: str, outcome: tuple[str, dict[str, Any]], stored: Any) -> None:
+    def _finish(self, evaluation_id: str, outcome: tuple[str, dict[str, Any]], stored: Any,
+                isolation: dict[str, Any] | None = None) -> None:
         kind, header = outcome
         with self.db.transaction() as s:
             row = s.get(Evaluation, evaluation_id, with_for_update=True)
@@ -239,7 +242,7 @@ class EvaluationRunner:
                 row.results = list(header.get("results") or [])
                 if stored is not None:
                     self._store_result_file(s, row, stored)
-                self._end(s, row, "succeeded")
+                self._end(s, row, "succeeded", isolation=isolation)
             elif kind == "cancelled" or row.cancel_requested:
                 self._end(s, row, "cancelled")
             elif kind == "error":
@@ -264,10 +267,11 @@ class EvaluationRunner:
                details={"evaluation_id": row.id, "name": FILENAME, "bytes": incoming.received})
 
     @staticmethod
-    def _end(s, row: Evaluation, status: str, *, error: dict[str, Any] | None = None) -> None:
+    def _end(s, row: Evaluation, status: str, *, error: dict[str, Any] | None = None,
+             isolation: dict[str, Any] | None = None) -> None:
         row.status, row.finished_at, row.lease_expires_at, row.error = status, utcnow(), None, error
         action = {"succeeded": "evaluation.succeed", "cancelled": "evaluation.cancelled"}.get(status, "evaluation.fail")
         record(s, SYSTEM, action, outcome="failure" if status == "failed" else "success",
                resource_type="evaluation", resource_id=row.id, project=project_name(s, row.project_id),
                reason=error["code"] if error else None,
-               details={"results": row.results} if status == "succeeded" else None)
+               details={"results": row.results, "worker_isolation": isolation} if status == "succeeded" else None)

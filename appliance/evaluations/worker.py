@@ -16,7 +16,7 @@ from typing import Any
 from appliance.errors import ApplianceError
 from appliance.evaluations.task import run_evaluation
 from appliance.jobs.channel import Channel, PipeTransport
-from appliance.jobs.worker import load_records, network_probe
+from appliance.jobs.worker import _NO_ROUTE, load_records, network_probe
 
 
 def serve(channel: Channel) -> int:
@@ -29,10 +29,10 @@ def serve(channel: Channel) -> int:
         adapters = channel.receive_resume() if start.get("resume_stream") else b""
         threading.Thread(target=channel.watch_control, daemon=True).start()
         probe = network_probe()
-        channel.event("Network probe: " + ("no route out" if probe["connect"] in ("ENETUNREACH", "EHOSTUNREACH",
-                                                                                  "EAFNOSUPPORT")
-                                           else "isolation unavailable on this host"),
-                      type="isolation", data={**probe, "level": start.get("isolation")})
+        isolated = probe["connect"] in _NO_ROUTE and probe["interfaces"] in (["lo"], [])
+        channel.event("Network isolation verified: the worker has no route out" if isolated else
+                      "Network isolation unavailable on this host: the worker relies on offline libraries only",
+                      type="isolation", data={**probe, "level": start.get("isolation"), "isolated": isolated})
         [dataset] = start["datasets"]
         run_evaluation(channel, start, load_records(dataset), adapters)
     except ApplianceError as exc:

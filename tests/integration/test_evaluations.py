@@ -134,8 +134,10 @@ def test_a_base_model_and_its_fine_tune_compared_on_a_test_file(client, state, t
     assert all(set(s["answers"]) == {tiny_model, adapter} for s in report["samples"])
     assert report["samples"][0]["prompt"].find("What is item 0?") >= 0
     with state.db.read() as s:
-        actions = [e.action for e in s.scalars(select(AuditEvent).where(AuditEvent.resource_id == created["id"]))]
-    assert actions == ["evaluation.create", "evaluation.start", "evaluation.succeed"], actions
+        events = list(s.scalars(select(AuditEvent).where(AuditEvent.resource_id == created["id"])))
+    assert [e.action for e in events] == ["evaluation.create", "evaluation.start", "evaluation.succeed"], events
+    isolation = events[-1].details["worker_isolation"]  # the training workers' sandbox
+    assert isolation["level"] == "sandbox" and isolation["isolated"] is True, isolation
     listed = client.get("/v1/evaluations", headers=bearer(trainer)).json()
     assert [e["id"] for e in listed["data"]] == [created["id"]]
     # The portal: the figures for everyone who reads jobs; the generations side by side for data owners only.
