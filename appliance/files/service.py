@@ -231,6 +231,7 @@ class FileService:
             if report.blocked:
                 raise PolicyViolationError(_blocked_message(report), param="file",
                                            details=report.summary(state["policy"]) | {"blocked_lines": report.blocked_lines})
+            _check_quality(report, state["policy"], "file rejected")
             filename = await to_thread.run_sync(self._clean_filename, state["filename"] or "upload.jsonl", state["policy"])
             key_rows = [writer.finish()]
             if original is not None:
@@ -641,6 +642,7 @@ class FileService:
                 raise PolicyViolationError(_blocked_message(report).replace("file rejected", "re-scan refused"),
                                            param="file_id",
                                            details=report.summary(policy) | {"blocked_lines": report.blocked_lines})
+            _check_quality(report, policy, "re-scan refused", param="file_id")
             key_row = writer.finish()
             sketch = self.blobs.create(quality_id(file_id, row.revision + 1), project.name, "file-quality")
             sketch_row = _write_sketch(sketch, quality, report)
@@ -847,6 +849,21 @@ def _blocked_message(report: IntakeReport) -> str:
         more = " and more" if len(lines) >= 20 else ""
         parts.append(f"{entity} on line{'s' if len(lines) > 1 else ''} {shown}{more}")
     return "file rejected by the project's policy: " + "; ".join(parts)
+
+
+def _check_quality(report: IntakeReport, policy, refused: str, *, param: str = "file") -> None:
+    """Refuse a file whose quality report is over the policy's ``quality.block_over`` limits (none by default).
+
+    Raises:
+        PolicyViolationError: Naming each problem, its share of the records and the limit.
+    """
+    over = policy.quality_violations(report.quality) if report.quality is not None else {}
+    if over:
+        parts = [f"{code} in {v['count']} of {report.records} records ({v['share']:.1%}, over the limit of "
+                 f"{v['limit']:.0%})" for code, v in over.items()]
+        raise PolicyViolationError(f"{refused} by the project's policy (quality.block_over): " + "; ".join(parts) +
+                                   "; see the quality report's advice, fix the file and upload it again",
+                                   param=param, details=report.summary(policy) | {"quality_blocked": over})
 
 
 @dataclass

@@ -64,13 +64,17 @@ from appliance.policy.surrogates import SURROGATE_TYPES
 from appliance.scanning.findings import ACTIONS, SUPPORTED_ENTITIES, Action
 
 POLICY_VERSION = 1
-_TOP_KEYS = ("version", "description", "default", "entities", "retention", "allow_list")
+_TOP_KEYS = ("version", "description", "default", "entities", "retention", "allow_list", "quality")
 #: Limits of the allow list: entries, and characters per entry.
 MAX_ALLOW_LIST = 10_000
 MAX_ALLOWED_VALUE_CHARS = 200
 _RULE_KEYS = ("action", "threshold")
 #: What a retention period may apply to.
 RETENTION_KEYS = ("datasets", "adapters")
+#: Problems of the dataset quality report (``appliance.files.quality``) a policy may block uploads on.
+QUALITY_CODES = ("exact_duplicates", "near_duplicates", "over_max_seq_length", "empty_conversation",
+                 "no_user_message", "no_assistant_answer", "empty_message", "system_not_first",
+                 "starts_without_user", "repeated_role", "ends_without_answer")
 _DURATION_RE = re.compile(r"^([1-9][0-9]*)([dh])$")
 _MAX_RETENTION_HOURS = 36500 * 24
 
@@ -137,6 +141,9 @@ class Policy:
     description: str = ""
     retention: Retention = field(default_factory=Retention)
     allow_list: tuple[str, ...] = ()
+    #: Quality problem -> the largest share of a file's records it may affect; above it the upload is refused.
+    #: Empty (the default): the quality report never blocks.
+    quality_block: Mapping[str, float] = field(default_factory=dict)
     version: int = POLICY_VERSION
     content_hash: str = ""
 
@@ -200,7 +207,19 @@ class Policy:
             out["retention"] = retention
         if self.allow_list:
             out["allow_list"] = sorted(normalize_allowed(v) for v in self.allow_list)
+        if self.quality_block:
+            out["quality"] = {"block_over": dict(sorted(self.quality_block.items()))}
         return out
+
+    def quality_violations(self, report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """The quality problems of a file's report over this policy's limits: code -> count, share, limit."""
+        n = max(1, report.get("records") or 0)
+        counts = {"exact_duplicates": report["exact_duplicates"]["count"],
+                  "near_duplicates": report["near_duplicates"]["count"],
+                  "over_max_seq_length": report["over_max_seq_length"]["count"],
+                  **{code: entry["count"] for code, entry in report["problems"].items()}}
+        return {code: {"count": counts.get(code, 0), "share": round(counts.get(code, 0) / n, 4), "limit": limit}
+                for code, limit in sorted(self.quality_block.items()) if counts.get(code, 0) / n > limit}
 
 
 def normalize_allowed(value: str) -> str:
@@ -319,6 +338,32 @@ def _duration(value: Any, path: str, problems: list[str]) -> timedelta | None:
     return timedelta(hours=hours)
 
 
+def _quality(value: Any, problems: list[str]) -> dict[str, float]:
+    """``quality: {block_over: {<problem>: <largest share of records, 0 to 1>}}``."""
+    if value is None:
+        return {}
+    example = "(e.g. {block_over: {exact_duplicates: 0.2}})"
+    if not isinstance(value, Mapping) or set(value) - {"block_over"}:
+        problems.append(f"quality: must be a mapping with the one key block_over {example}; got {_show(value)}")
+        return {}
+    limits = value.get("block_over") or {}
+    if not isinstance(limits, Mapping):
+        problems.append(f"quality.block_over: must map quality problems to shares of records {example}; "
+                        f"got {_show(limits)}")
+        return {}
+    out: dict[str, float] = {}
+    for code, limit in limits.items():
+        if code not in QUALITY_CODES:
+            problems.append(f"quality.block_over.{code}: unknown quality problem; known ones are "
+                            f"{', '.join(QUALITY_CODES)}")
+        elif isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 <= limit < 1:
+            problems.append(f"quality.block_over.{code}: must be a share of records from 0 (block on any) to under "
+                            f"1; got {_show(limit)}")
+        else:
+            out[code] = float(limit)
+    return out
+
+
 def _retention(value: Any, problems: list[str]) -> Retention:
     if value is None:
         return Retention()
@@ -400,11 +445,13 @@ def parse_policy(source: str | bytes | Mapping[str, Any], *, name: str = "policy
 
     retention = _retention(doc.get("retention"), problems)
     allow_list = _allow_list(doc.get("allow_list"), problems)
+    quality_block = _quality(doc.get("quality"), problems)
 
     if problems or default is None:
         raise PolicyError(problems, source=name)
     policy = Policy(default=default, entities=MappingProxyType(entities), description=description,
-                    retention=retention, allow_list=allow_list, version=version)
+                    retention=retention, allow_list=allow_list, quality_block=MappingProxyType(quality_block),
+                    version=version)
     return dataclasses.replace(policy, content_hash=_hash(policy.canonical()))
 
 

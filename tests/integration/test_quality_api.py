@@ -120,3 +120,22 @@ def test_the_sketch_is_encrypted_replaced_on_rescan_and_shredded_with_the_file(c
     with state.db.read() as s:
         assert s.get(DataKey, renewed).wrapped is None
     assert not state.blobs.path_of(renewed).exists()
+
+
+def test_the_projects_policy_may_block_on_quality_and_nothing_is_kept(client, state, owner, admin_token):
+    from tests.integration.test_files_api import stored_count
+
+    current = client.get("/api/v1/projects/acme/policy", headers=bearer(owner)).json()["text"]
+    limited = current + "\nquality:\n  block_over:\n    exact_duplicates: 0.2\n"
+    assert client.put("/api/v1/projects/acme/policy", headers=bearer(admin_token),
+                      json={"text": limited}).status_code == 200
+    record = chat("Where is my parcel?", "On its way.")
+    refused = upload(client, owner, jsonl(record, record, record, chat("Anything else?", "No.")))
+    assert refused.status_code == 422, refused.text
+    error = refused.json()["error"]
+    assert "exact_duplicates in 2 of 4 records (50.0%, over the limit of 20%)" in error["message"]
+    assert error["param"] == "file" and stored_count(state) == 0
+    [event] = audit(state, "file.reject")
+    assert event.details["quality_blocked"]["exact_duplicates"]["count"] == 2 and "parcel" not in json.dumps(
+        event.details)
+    assert upload(client, owner, jsonl(record, chat("Anything else?", "No."))).status_code == 201

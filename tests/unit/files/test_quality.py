@@ -154,3 +154,13 @@ def test_leakage_between_training_and_validation_sketches():
     assert report["exact"] == {"count": 1, "examples": [[2, 1]]}
     assert report["near"]["count"] == 1 and report["near"]["examples"] == [[3, 2]]
     assert report["share"] == round(2 / 3, 4) and "2 of 3" in report["advice"]
+
+
+def test_a_real_tokenizer_counts_as_transformers_does():
+    from appliance.modelstore.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    texts = ["Where is my parcel?", "", "Zwei Wörter und ein Satz."]
+    expected = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    counter = TokenCounter("tiny", tokenizer)
+    assert counter.count(texts) == expected and counter.per_message > 0

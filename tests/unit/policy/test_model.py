@@ -83,7 +83,7 @@ def test_all_errors_reported_at_once():
         parse_policy(doc)
     problems = info.value.problems
     assert problems == [
-        "colour: unknown key; allowed keys are version, description, default, entities, retention, allow_list",
+        "colour: unknown key; allowed keys are version, description, default, entities, retention, allow_list, quality",
         "version: must be 1; got 2",
         "default.threshold: is required for the default rule (a number between 0 and 1)",
         "entities.EMAIL_ADDRESS.action: must be one of block, redact, pseudonymize, allow; got 'hide'",
