@@ -1,0 +1,142 @@
+"""The evaluation runner's bookkeeping with a scripted worker: how each way a worker can end is recorded."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+from litestar.testing import TestClient
+from sqlalchemy import select
+
+from appliance.audit.models import AuditEvent
+from appliance.db.base import utcnow
+from appliance.evaluations.models import Evaluation
+from appliance.evaluations.runner import EvaluationRunner
+from appliance.identity.roles import Role
+from appliance.server.app import create_app
+from tests.conftest import CLI_CTX, bearer
+
+
+class ScriptedWorker:
+    """Sends ``frames`` in order, then ends; a ``stop`` makes it answer ``on_stop`` (if any) and end."""
+
+    def __init__(self, frames: list[dict], on_stop: dict | None = None) -> None:
+        self.frames, self.on_stop = list(frames), on_stop
+        self.started: dict | None = None
+        self.killed = False
+
+    def start(self, header, resume=None) -> None:
+        self.started = header
+
+    def send(self, header, payload=b"") -> None:
+        if header.get("type") == "stop" and self.on_stop is not None:
+            self.frames.append(self.on_stop)
+
+    def read(self, timeout: float):
+        return (self.frames.pop(0), b"") if self.frames else None
+
+    def alive(self) -> bool:
+        return bool(self.frames) or (self.on_stop is not None and not self.killed)
+
+    def kill(self) -> None:
+        self.killed = True
+
+    def reap(self) -> None:
+        pass
+
+    def exit_detail(self) -> str:
+        return " (exit 1)"
+
+    def cleanup(self) -> None:
+        pass
+
+
+class ScriptedExecutor:
+    name, max_workers = "scripted", 1
+
+    def __init__(self, worker: ScriptedWorker) -> None:
+        self.worker = worker
+
+    def launch(self, job_id, compute, reads=()):
+        return self.worker
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def queued(state, make_token):
+    """A queued evaluation of the base model on a test file (the app's own runner is off)."""
+    from appliance.modelstore import build_tiny_causal_lm
+
+    state.catalog.import_model(CLI_CTX, build_tiny_causal_lm(state.settings.home.home / "tiny-src", seed=0), "tiny")
+    owner = make_token("olivia", Role.DATA_OWNER, "acme")
+    trainer = make_token("trish", Role.TRAINER, "acme")
+    with TestClient(create_app(state.settings, state, run_scheduler=False)) as client:
+        record = {"prompt": "Q:", "completion": " A"}
+        resp = client.post("/v1/files", headers=bearer(owner), data={"purpose": "evals"},
+                           files={"file": ("t.jsonl", json.dumps(record).encode() + b"\n")})
+        assert resp.status_code == 201, resp.text
+        resp = client.post("/v1/evaluations", headers=bearer(trainer),
+                           json={"file": resp.json()["id"], "models": ["tiny"]})
+        assert resp.status_code == 200, resp.text
+        return resp.json()["id"]
+
+
+def run_once(state, worker: ScriptedWorker) -> Evaluation:
+    runner = EvaluationRunner(state.db, state.files, state.catalog, ScriptedExecutor(worker), cancel_grace_s=0.0)
+    evaluation_id = runner._claim()
+    runner._run(evaluation_id)
+    with state.db.read() as s:
+        return s.get(Evaluation, evaluation_id)
+
+
+def audited(state, evaluation_id: str) -> list[AuditEvent]:
+    with state.db.read() as s:
+        return list(s.scalars(select(AuditEvent).where(AuditEvent.resource_id == evaluation_id)
+                              .order_by(AuditEvent.seq)))
+
+
+def test_a_result_is_recorded_with_its_figures(state, queued):
+    figures = {"model": "tiny", "loss": 1.0, "perplexity": 2.718, "records": 1, "target_tokens": 2, "answered": 1,
+               "exact_match": 0.0, "token_f1": 0.5}
+    worker = ScriptedWorker([{"type": "event", "event_type": "metrics", "message": "Model 1/1", "data": figures},
+                             {"type": "result", "results": [figures]}])
+    row = run_once(state, worker)
+    assert row.status == "succeeded" and row.results == [figures] and row.result_file is None
+    # The worker got the test file's key and no adapter stream (a base model only).
+    assert worker.started["models"] == [{"id": "tiny", "adapter": None}] and len(worker.started["datasets"]) == 1
+    assert [e.action for e in audited(state, queued)][-1] == "evaluation.succeed"
+
+
+def test_a_worker_error_fails_it_with_the_workers_code(state, queued):
+    row = run_once(state, ScriptedWorker([{"type": "error", "code": "invalid_training_data", "param": "file[0]",
+                                           "message": "file[0]: must have `messages`"}]))
+    assert row.status == "failed" and row.error["code"] == "invalid_training_data" and row.error["param"] == "file[0]"
+    fail = audited(state, queued)[-1]
+    assert fail.action == "evaluation.fail" and fail.outcome == "failure" and fail.reason == "invalid_training_data"
+
+
+def test_a_worker_that_dies_leaves_it_failed_never_running(state, queued):
+    row = run_once(state, ScriptedWorker([]))
+    assert row.status == "failed" and row.error["code"] == "worker_lost"
+
+
+def test_a_cancel_reaches_the_running_worker(state, queued):
+    with state.db.transaction() as s:
+        s.get(Evaluation, queued).cancel_requested = True  # as POST .../cancel does once it runs
+    worker = ScriptedWorker([], on_stop={"type": "cancelled"})
+    row = run_once(state, worker)
+    assert row.status == "cancelled"
+    assert audited(state, queued)[-1].action == "evaluation.cancelled"
+
+
+def test_an_evaluation_whose_runner_went_away_is_failed(state, queued):
+    with state.db.transaction() as s:
+        row = s.get(Evaluation, queued)
+        row.status, row.worker, row.lease_expires_at = "running", "gone:1:abc", utcnow() - timedelta(seconds=1)
+    runner = EvaluationRunner(state.db, state.files, state.catalog, ScriptedExecutor(ScriptedWorker([])))
+    assert runner.recover() == 1
+    with state.db.read() as s:
+        assert s.get(Evaluation, queued).error["code"] == "worker_lost"
