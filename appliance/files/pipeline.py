@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,9 @@ from appliance.scanning.findings import REPLACING_ACTIONS
 from appliance.storage.blobs import BlobWriter
 
 BATCH_RECORDS = 256
+#: Runs the quality pass of a batch while the next batch is scanned: its tokenizer (Rust) and numpy release
+#: the GIL, so on two cores most of it overlaps the scan. Each intake keeps one batch in flight at most.
+_QUALITY_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="quality")
 
 
 @dataclass
@@ -104,6 +108,7 @@ class JsonlIntake:
     ) -> None:
         self.writer, self.scanner, self.policy = writer, scanner, policy
         self.quality = quality
+        self._quality_job: Future[None] | None = None
         self.require_answers = require_answers
         self.surrogates = Surrogates(writer.derive_secret("surrogates"))
         self.max_line_bytes, self.max_findings = max_line_bytes, max_findings
@@ -149,6 +154,7 @@ class JsonlIntake:
         if self.report.records == 0:
             raise InvalidRequestError("the file holds no records (it is empty or only blank lines)", param="file")
         self.report.content_sha256 = self._digest.hexdigest()
+        self._wait_for_quality()
         if self.quality is not None and not self.report.blocked:
             self.report.quality = self.quality.summary()
         return self.report
@@ -215,5 +221,12 @@ class JsonlIntake:
             self.writer.write(line)
             report.stored_bytes += len(line)
             stored.append((index, record))
-        if self.quality is not None:
-            self.quality.add(stored)  # what is stored (redacted), which is what a job trains on
+        if self.quality is not None:  # what is stored (redacted), which is what a job trains on
+            self._wait_for_quality()  # in order, one batch at a time: memory stays bounded
+            self._quality_job = _QUALITY_THREADS.submit(self.quality.add, stored)
+
+    def _wait_for_quality(self) -> None:
+        """Wait for the batch in the quality pass, if any (its error, if it failed, is raised here)."""
+        job, self._quality_job = self._quality_job, None
+        if job is not None:
+            job.result()

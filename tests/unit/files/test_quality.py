@@ -164,3 +164,29 @@ def test_a_real_tokenizer_counts_as_transformers_does():
     expected = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     counter = TokenCounter("tiny", tokenizer)
     assert counter.count(texts) == expected and counter.per_message > 0
+
+
+def test_the_intake_runs_the_pass_a_batch_behind_in_order_on_what_it_stores():
+    from appliance.files.pipeline import BATCH_RECORDS, JsonlIntake
+    from appliance.policy import load_default_policy
+
+    class Writer:
+        def derive_secret(self, purpose):
+            return b"k" * 32
+
+        def write(self, data):
+            pass
+
+    class Scanner:
+        def scan(self, units, entities=None):
+            return []
+
+    records = [chat(f"{i}: {SENTENCES[i % 4]}", "ok") for i in range(BATCH_RECORDS * 2 + 7)]
+    data = b"".join(json.dumps(r).encode() + b"\n" + (b"\n" if i == 3 else b"") for i, r in enumerate(records))
+    intake = JsonlIntake(Writer(), Scanner(), load_default_policy(), quality=QualityPass())
+    for start in range(0, len(data), 4096):
+        intake.feed(data[start:start + 4096])
+    report = intake.close().quality
+    direct = QualityPass()
+    direct.add([(i + (i > 3), r) for i, r in enumerate(records)])  # the blank line after line 4 shifts lines
+    assert report == direct.summary() and report["records"] == len(records)
