@@ -33,6 +33,13 @@ def _adapter_object(v: AdapterView) -> ModelObject:
                        manifest=v.row.manifest)
 
 
+def _base_object(m: Any) -> ModelObject:
+    info = m.info or {}
+    return ModelObject(id=m.name, created=int(m.created_at.timestamp()), owned_by="appliance", parent=None,
+                       root=m.name, kind=m.kind, max_model_len=info.get("context_length"), license=info.get("license"),
+                       parameters=m.parameters, size_bytes=info.get("size_bytes"))
+
+
 class ModelController(Controller):
     path = "/v1/models"
     tags = ["models"]
@@ -41,9 +48,7 @@ class ModelController(Controller):
     def list_models(self, request: Request, catalog: NamedDependency[CatalogService]) -> ModelList:
         """Base models, the caller's projects' adapters (with `parent`), and for global roles the
         adapters operators loaded at run time."""
-        base = [ModelObject(id=m.name, created=int(m.created_at.timestamp()), owned_by="appliance", parent=None,
-                            root=m.name, kind=m.kind, max_model_len=m.info.get("context_length"))
-                for m in catalog.list_base_models()]
+        base = [_base_object(m) for m in catalog.list_base_models()]
         data = base + [_adapter_object(a) for a in catalog.list_adapters(request.user)]
         if request.user.is_global:
             data += [ModelObject(id=name, created=0, owned_by="operator", parent=parent, root=name, kind="lora")
@@ -55,9 +60,7 @@ class ModelController(Controller):
                  model_id: FromPath[str]) -> ModelObject:
         if model_id.startswith("ft:"):
             return _adapter_object(catalog.get_adapter(request.user, model_id))
-        m = catalog.get_base_model(model_id, evaluators=True)
-        return ModelObject(id=m.name, created=int(m.created_at.timestamp()), owned_by="appliance", parent=None,
-                           root=m.name, kind=m.kind)
+        return _base_object(catalog.get_base_model(model_id, evaluators=True))
 
     @delete("/{model_id:str}", opt={"permission": Permission.MODELS_MANAGE}, status_code=200, sync_to_thread=True)
     def delete_model(self, request: Request, catalog: NamedDependency[CatalogService],

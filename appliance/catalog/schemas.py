@@ -16,6 +16,10 @@ class ModelObject(msgspec.Struct):
     kind: str
     manifest: dict[str, Any] | None = None
     max_model_len: int | None = None
+    #: base models: their card (the licence their source states, parameters, stored size)
+    license: str | None = None
+    parameters: int | None = None
+    size_bytes: int | None = None
     object: str = "model"
 
 

@@ -197,3 +197,62 @@ def worker_image_hyperparameters(hyperparameters: dict[str, Any], compute: dict[
         if out.get(name, AUTO) == AUTO and isinstance(plan.get(name), bool):
             out[name] = plan[name]
     return out
+
+
+#: The methods a base model's card plans, by kind, in the order a person would try them.
+CARD_METHODS = {"llm": ("lora", "qlora"), "diffusion": ("lora", "dreambooth_lora", "dreambooth")}
+
+
+def starting_points(model_dir: str | Path, kind: str, device: planner.Device, *,
+                    max_workers: int = 1) -> list[dict[str, Any]]:
+    """What a job with every setting ``"auto"`` would need on ``device``, per method: the model card's
+    memory column, and the job form's recommendation with its reasons.
+
+    Each entry: ``method``, ``fits`` (``None`` when the config cannot be planned), the predicted peak
+    and what the plan chose (checkpointing, sharding, 8-bit Adam), or the refusal's message naming
+    what would fit.
+    """
+    out: list[dict[str, Any]] = []
+    for method in CARD_METHODS.get(kind, ()):
+        entry: dict[str, Any] = {"method": method}
+        try:
+            if kind == "llm":
+                plan = plan_at_creation(model_dir, method, {}, {}, device, max_workers=max_workers)
+                chosen = [f"{plan['micro_batch_tokens']:,} tokens a micro-batch"]
+                if plan["activation_checkpointing"]:
+                    chosen.append("activation checkpointing")
+                if plan["sharding"] == "fsdp":
+                    chosen.append("FSDP")
+            else:
+                plan = image_plan_at_creation(model_dir, method, {}, device)
+                chosen = [f"{plan['resolution']} px"]
+                chosen += [label for key, label in (("gradient_checkpointing", "gradient checkpointing"),
+                                                    ("use_8bit_adam", "8-bit Adam")) if plan[key]]
+            entry.update(fits=True, predicted_peak_gib=plan["predicted_peak_gib"], chosen=", ".join(chosen))
+        except InvalidRequestError as exc:  # param "model": a config the planner does not understand
+            entry.update(fits=None if exc.param == "model" else False, problem=exc.message)
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            entry.update(fits=None, problem="its configuration cannot be planned")
+        out.append(entry)
+    return out
+
+
+def recommendation(points: list[dict[str, Any]], kind: str) -> str | None:
+    """The starting point the job form suggests, with its reason, from :func:`starting_points`."""
+    fitting = [p for p in points if p.get("fits")]
+    if not fitting:
+        return None
+    first = fitting[0]
+    if kind == "llm":
+        if first["method"] == "lora":
+            return (f"Start with LoRA: it fits this appliance's training device ({first['predicted_peak_gib']} GiB "
+                    f"predicted with {first['chosen']}) and trains faster than QLoRA, which is for models that do "
+                    "not fit otherwise.")
+        return (f"Start with QLoRA: LoRA does not fit this appliance's training device, QLoRA does "
+                f"({first['predicted_peak_gib']} GiB predicted with {first['chosen']}).")
+    if first["method"] == "lora":
+        return (f"Start with LoRA (or DreamBooth+LoRA for one subject): {first['predicted_peak_gib']} GiB predicted "
+                f"at {first['chosen']}; full DreamBooth changes the whole UNet and needs more memory.")
+    labels = {"dreambooth_lora": "DreamBooth+LoRA", "dreambooth": "DreamBooth"}
+    return (f"Start with {labels.get(first['method'], first['method'])}: {first['predicted_peak_gib']} GiB predicted "
+            f"at {first['chosen']}; LoRA with its default settings does not fit (its line says what would).")

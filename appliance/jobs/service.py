@@ -30,7 +30,13 @@ from appliance.files.service import FileService
 from appliance.identity.service import Principal, project_by_id, project_names
 from appliance.jobs.memorization import fit_canaries, parse_memorization, public_view, training_examples
 from appliance.jobs.models import TERMINAL, FineTuningJob, JobCheckpoint, JobEvent
-from appliance.jobs.planning import image_plan_or_problem, plan_or_problem, training_device
+from appliance.jobs.planning import (
+    image_plan_or_problem,
+    plan_or_problem,
+    recommendation,
+    starting_points,
+    training_device,
+)
 from appliance.jobs.recipes import DATASET_PURPOSE, capabilities, validate_method
 from appliance.jobs.schemas import SUFFIX_EXPECTED, SUFFIX_PATTERN
 from appliance.training.data import holdout_size
@@ -301,6 +307,12 @@ class JobService:
                                   .limit(limit + 1)))
             names = project_names(s, {r.project_id for r in rows})
         return [JobView(r, names[r.project_id]) for r in rows[:limit]], len(rows) > limit
+
+    def starting_points(self, model_dir: str, kind: str) -> tuple[list[dict[str, Any]], str | None]:
+        """What jobs with ``"auto"`` settings on this base would need on this appliance's training device, per
+        method, and the method the job form suggests with its reason (:func:`appliance.jobs.planning.starting_points`)."""
+        points = starting_points(model_dir, kind, self.training_device(), max_workers=self.max_workers)
+        return points, recommendation(points, kind)
 
     def progress(self, job_ids: list[str]) -> dict[str, Progress]:
         """Each job's latest progress report: the step of its total and, after training, the post-training

@@ -20,7 +20,7 @@ import shutil
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -83,6 +83,8 @@ class ModelInfo:
     source_format: Literal["hf", "gguf"]
     source_hash: str
     size_bytes: int
+    #: the licence the source states (its model card's ``license:``, a GGUF's ``general.license``), if any
+    license: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -144,6 +146,7 @@ def import_model(src: Path, dest_dir: Path, name: str, *,
             source_hash = _hash_files(src, copied)
         progress("checking the weights cover the model and hashing the stored copy")
         info = _inspect(staging, name=name, source_format=source_format, source_hash=source_hash, src=src)
+        info = replace(info, license=source_license(src))
         if dest_dir.exists():
             dest_dir.rmdir()
         staging.rename(dest_dir)
@@ -216,6 +219,40 @@ def _import_gguf(src: Path, staging: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+
+
+_LICENSE_RE = re.compile(r"^license(?:_name)?:\s*['\"]?([A-Za-z0-9][A-Za-z0-9 ._+-]{0,63}?)['\"]?\s*$")
+
+
+def source_license(src: Path) -> str | None:
+    """The licence a model's source states: ``license:`` in its model card's front matter (``license_name:``
+    where that is ``other``), or a GGUF file's ``general.license``. ``None`` when it states none; never guessed."""
+    try:
+        if src.is_file():
+            from gguf import GGUFReader
+
+            field = GGUFReader(src).fields.get("general.license")
+            value = field.contents() if field is not None else None
+            match = _LICENSE_RE.match(f"license: {value}") if isinstance(value, str) else None
+            return match.group(1) if match else None
+        card = src / "README.md"
+        if not card.is_file():
+            return None
+        lines = card.read_text(encoding="utf-8", errors="replace")[:20_000].splitlines()
+    except Exception:  # a licence is information, never a reason to fail an import
+        return None
+    if not lines or lines[0].strip() != "---":
+        return None
+    found: dict[str, str] = {}
+    for line in lines[1:]:
+        if line.strip() == "---":
+            break
+        match = _LICENSE_RE.match(line.strip())
+        if match:
+            found["name" if line.strip().startswith("license_name") else "license"] = match.group(1)
+    if found.get("license") == "other" and "name" in found:
+        return found["name"]
+    return found.get("license")
 
 
 def _gib(size: int) -> str:

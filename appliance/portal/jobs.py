@@ -161,7 +161,10 @@ def _form_context(request: Request, files: FileService, appliance: AppState, val
     principal = session_of(request).principal
     views, _ = files.list(principal, project=None, purpose=DATASET_PURPOSE[kind], after=None, limit=500,
                           order="desc")
-    return {"models": [m for m in appliance.catalog.list_base_models() if m.kind in FIELDS],
+    models = [m for m in appliance.catalog.list_base_models() if m.kind in FIELDS]
+    # the starting point for each base of this form's kind, with the memory plan's reason
+    advice = [(m.name, appliance.jobs.starting_points(m.path, m.kind)[1]) for m in models if m.kind == kind]
+    return {"models": models, "advice": [(name, text) for name, text in advice if text],
             "datasets": [v for v in views if v.row.decision == "accepted"], "methods": METHODS[kind],
             "fields": _fields(kind), "dp_methods": _dp_methods(kind), "values": values, "errors": errors,
             "kind": kind, "kind_label": KIND_LABEL, "suffix_pattern": SUFFIX_PATTERN, "suffix_expected": SUFFIX_EXPECTED}

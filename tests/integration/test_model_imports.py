@@ -39,6 +39,7 @@ def test_an_admin_imports_a_sharded_model_from_the_import_directory_and_follows_
     model.save_pretrained(imports / "acme-llm", max_shard_size="200KB")
     shards = sorted(p.name for p in (imports / "acme-llm").glob("model-*.safetensors"))
     assert len(shards) >= 2
+    (imports / "acme-llm" / "README.md").write_text("---\nlicense: apache-2.0\n---\n# acme-llm\n")  # its card
 
     created = client.post("/v1/model_imports", headers=bearer(admin_token),
                           json={"source": "acme-llm", "model": "acme-llm-1"})
@@ -53,6 +54,9 @@ def test_an_admin_imports_a_sharded_model_from_the_import_directory_and_follows_
     assert any("checking the weights" in m for m in messages)
     models = client.get("/v1/models", headers=bearer(admin_token)).json()["data"]
     assert "acme-llm-1" in [m["id"] for m in models]
+    card = client.get("/v1/models/acme-llm-1", headers=bearer(admin_token)).json()
+    assert card["license"] == "apache-2.0" and card["max_model_len"] == 512  # from its model card and config
+    assert card["parameters"] > 0 and card["size_bytes"] > 0
     listed = client.get("/v1/model_imports", headers=bearer(admin_token)).json()["data"]
     assert [i["id"] for i in listed] == [body["id"]]
     [asked] = _audit(state, "model.import.request")

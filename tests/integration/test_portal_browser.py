@@ -108,6 +108,9 @@ def test_upload_scan_train_and_audit_in_the_browser(portal_server, browser, tmp_
 
     switch_role(page, "trainer @ acme")
     page.goto("/jobs/new")
+    page.locator("#model-advice summary").click()  # the starting point, with the memory plan's reason
+    assert re.search(r"tiny-llama: Start with LoRA: it fits .*\([\d.]+ GiB predicted",
+                     page.inner_text("#model-advice"))
     page.get_by_label("Base model").select_option("tiny-llama")
     page.get_by_label("Training dataset").select_option(file_id)
     page.get_by_label("n_epochs").fill("-3")
@@ -161,6 +164,11 @@ def test_upload_scan_train_and_audit_in_the_browser(portal_server, browser, tmp_
 
     page.goto("/models")
     assert model in page.inner_text("main") and "verified" in page.inner_text("main")
+    # the base model's card: context, licence (the tiny model's source states none) and what "auto" jobs would need
+    card = page.locator("#base-models tbody tr").filter(has_text="tiny-llama").inner_text()
+    assert re.search(r"[\d,]+ tokens", card) and "not stated" in card
+    assert re.search(r"LoRA: [\d.]+ GiB", card) and re.search(r"QLoRA: [\d.]+ GiB", card)
+    assert "Start with LoRA: it fits" in card
     shot(page, "05-models")
 
     switch_role(page, "consumer @ acme")

@@ -37,6 +37,21 @@ def test_import_hf_directory(tiny_model_dir, tmp_path):
     assert info.content_hash == hash_model_dir(dest) and info.content_hash.startswith("sha256:")
     assert info.size_bytes == sum(p.stat().st_size for p in dest.iterdir())
     assert not list((tmp_path / "store").glob(".*importing*"))
+    assert info.license is None  # its source states none: never guessed
+
+
+@pytest.mark.parametrize("card, expected", [
+    ("---\nlanguage: en\nlicense: apache-2.0\ntags: [x]\n---\n# Model\n", "apache-2.0"),
+    ("---\nlicense: other\nlicense_name: llama3\n---\n", "llama3"),
+    ("---\nlicense: 'mit'\n---\n", "mit"),
+    ("# No front matter\nlicense: mit\n", None),
+    ("---\ntags: [x]\n---\nlicense: mit\n", None),  # outside the front matter
+])
+def test_the_licence_comes_from_the_model_card_front_matter(tmp_path, card, expected):
+    from appliance.modelstore.importer import source_license
+
+    (tmp_path / "README.md").write_text(card)
+    assert source_license(tmp_path) == expected
 
 
 def test_content_hash_is_stable_and_covers_every_file(tiny_model_dir, tmp_path):
@@ -132,6 +147,7 @@ def test_import_demo_gguf(tmp_path):
     info = import_model(gguf, tmp_path / "smollm2", "smollm2-135m-instruct")
     assert info.source_format == "gguf" and info.model_type == "llama"
     assert info.parameter_count == 134_515_008 and info.has_chat_template and info.dtype == "float32"
+    assert info.license == "apache-2.0"  # the GGUF's general.license
     config = json.loads((tmp_path / "smollm2" / "config.json").read_text())
     assert "quantization_config" not in config
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "smollm2", local_files_only=True)
