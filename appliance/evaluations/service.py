@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from appliance.audit.service import AuditContext, record
 from appliance.catalog.service import CatalogService
@@ -155,6 +155,23 @@ class EvaluationService:
             rows = list(s.scalars(stmt.order_by(Evaluation.created_at.desc(), Evaluation.id.desc()).limit(limit + 1)))
             names = project_names(s, {r.project_id for r in rows})
         return [EvaluationView(r, names[r.project_id]) for r in rows[:limit]], len(rows) > limit
+
+    def latest_by_base_model(self, principal: Principal) -> dict[str, EvaluationView]:
+        """Per base model, the latest succeeded evaluation of it or its fine-tunes that ``principal`` may see.
+
+        One query for every base model (the catalogue shows them all on one page).
+        """
+        rank = func.row_number().over(partition_by=Evaluation.base_model,
+                                      order_by=(Evaluation.finished_at.desc(), Evaluation.id.desc())).label("rank")
+        inner = select(Evaluation.id, rank).where(Evaluation.status == "succeeded")
+        if principal.project_id is not None:
+            inner = inner.where(Evaluation.project_id == principal.project_id)
+        latest = inner.subquery()
+        with self.db.read() as s:
+            rows = list(s.scalars(select(Evaluation).join(latest, latest.c.id == Evaluation.id)
+                                  .where(latest.c.rank == 1)))
+            names = project_names(s, {r.project_id for r in rows})
+        return {r.base_model: EvaluationView(r, names[r.project_id]) for r in rows}
 
     # -- cancel -------------------------------------------------------------
     def cancel(self, principal: Principal, ctx: AuditContext, evaluation_id: str) -> EvaluationView:

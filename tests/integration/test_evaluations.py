@@ -181,3 +181,35 @@ def test_requests_are_checked_field_by_field_and_cancelled_while_queued(client, 
     resp = client.post(f"/evaluations/{evaluation_id}/cancel", headers=headers, follow_redirects=False)
     assert resp.status_code == 303
     assert client.get(f"/v1/evaluations/{evaluation_id}", headers=bearer(trainer)).json()["status"] == "cancelled"
+
+
+def test_the_model_catalogue_shows_each_base_models_latest_evaluation_in_the_viewers_projects(
+        client, state, tiny_model, trainer, make_token):
+    from datetime import UTC, datetime
+
+    from appliance.evaluations.models import Evaluation
+
+    make_token("tom", Role.TRAINER, "globex")
+    make_token("carl", Role.CONSUMER, "acme")
+    with state.db.transaction() as s:
+        projects = dict(s.execute(select(Project.name, Project.id)).all())
+
+        def add(eval_id: str, project: str, status: str, minute: int, loss: float) -> None:
+            s.add(Evaluation(id=eval_id, project_id=projects[project], created_by="trish", file=f"file-{eval_id}",
+                             models=[tiny_model], base_model=tiny_model, samples=0, max_tokens=4, status=status,
+                             finished_at=datetime(2026, 12, 1, 0, minute, tzinfo=UTC),
+                             results=[{"model": tiny_model, "loss": loss, "perplexity": 2.0, "records": 3,
+                                       "target_tokens": 9, "answered": 3, "exact_match": 0.5, "token_f1": 0.625}]))
+
+        add("eval-acme-old", "acme", "succeeded", 1, 1.11111)
+        add("eval-acme-new", "acme", "succeeded", 2, 2.22222)
+        add("eval-acme-failed", "acme", "failed", 3, 3.33333)
+        add("eval-globex", "globex", "succeeded", 4, 4.44444)
+    html = client.get("/models", headers=portal_headers(state, "trish")).text
+    assert 'href="/evaluations/eval-acme-new"' in html and "loss 2.2222" in html and "EM 0.500" in html, html
+    assert "F1 0.625" in html
+    assert "eval-acme-old" not in html and "eval-acme-failed" not in html and "eval-globex" not in html
+    html = client.get("/models", headers=portal_headers(state, "tom")).text
+    assert 'href="/evaluations/eval-globex"' in html and "loss 4.4444" in html and "eval-acme" not in html
+    html = client.get("/models", headers=portal_headers(state, "carl")).text  # models, not evaluations
+    assert "Latest evaluation" not in html and "eval-" not in html and tiny_model in html
