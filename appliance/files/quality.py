@@ -37,8 +37,9 @@ ROWS = NUM_PERM // BANDS
 SHINGLE = 5
 #: Estimated Jaccard similarity from which two records are near duplicates.
 NEAR_THRESHOLD = 0.8
-#: Records sketched for near duplicates and leakage (256 bytes each); counts stay exact beyond.
-MAX_SKETCH_RECORDS = 400_000
+#: Records sketched for near duplicates and leakage (272 bytes each, so at most 54 MB); the other figures
+#: cover every record (8 bytes each for exact duplicates, 8 for lengths and lines).
+MAX_SKETCH_RECORDS = 200_000
 #: Line numbers and example groups kept per problem.
 MAX_LINES, MAX_EXAMPLES = 20, 5
 #: ``max_seq_length`` assumed when none is given (the jobs' ``auto`` cap).
@@ -176,9 +177,7 @@ class QualityPass:
         self.over = 0
         self.problems: dict[str, list[Any]] = {}  # code -> [count, lines]
         self.languages: Counter[str] = Counter()
-        self._first_of: dict[bytes, int] = {}  # digest -> first record
-        self._dup_groups: dict[int, list[int]] = {}  # first record -> its duplicates
-        self.exact_duplicates = 0
+        self._keys = array("Q")  # 8 bytes of each record's digest: exact duplicates, counted at the end
         self._lines = array("I")  # 1-based line of each record
         self._digests: list[bytes] = []
         self._signatures: list[np.ndarray] = []
@@ -206,12 +205,7 @@ class QualityPass:
             doc = joined.encode()
             docs.append(doc)
             digest = hashlib.blake2b(doc, digest_size=16, person=b"appliance-qual1").digest()
-            first = self._first_of.setdefault(digest, index)
-            if first != index:
-                self.exact_duplicates += 1
-                group = self._dup_groups.setdefault(first, [])
-                if len(group) < MAX_LINES:
-                    group.append(index)
+            self._keys.append(int.from_bytes(digest[:8], "little"))
             self.languages[detect_language(" ".join(fields))] += 1
             if index < MAX_SKETCH_RECORDS:
                 self._digests.append(digest)
@@ -304,6 +298,18 @@ class QualityPass:
         firsts = pairs[np.r_[True, pairs[1:, 1] != pairs[:-1, 1]]] if len(pairs) else pairs
         return int(len(later)), firsts[:MAX_EXAMPLES].tolist()
 
+    def exact_duplicates(self) -> tuple[int, int, list[tuple[list[int], int]]]:
+        """How many records repeat an earlier one, in how many groups, and the largest groups'
+        ``(first records, size)``."""
+        keys = np.frombuffer(self._keys, dtype=np.uint64)
+        if not len(keys):
+            return 0, 0, []
+        _, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
+        groups = np.nonzero(counts > 1)[0]
+        top = groups[np.lexsort((first[groups], -counts[groups]))][:MAX_EXAMPLES]  # most copies, then earliest
+        examples = [(np.nonzero(inverse == g)[0][:MAX_EXAMPLES].tolist(), int(counts[g])) for g in top]
+        return int(len(keys) - len(first)), int(len(groups)), examples
+
     def summary(self) -> dict[str, Any]:
         """The report: counts, lines, histogram and languages; advice per problem; never text."""
         lengths = np.frombuffer(self.lengths, dtype=np.uint32) if self.records else np.zeros(1, np.uint32)
@@ -311,10 +317,7 @@ class QualityPass:
         hist, _ = np.histogram(lengths, bins=edges + [max(int(lengths.max()) + 1, edges[-1] + 1)])
         near, near_pairs = self.near_duplicates()
         line = self._lines
-        exact_groups = [{"records": [first, *dups[:MAX_EXAMPLES - 1]],
-                         "lines": [line[first], *(line[d] for d in dups[:MAX_EXAMPLES - 1])],
-                         "count": 1 + len(dups)}
-                        for first, dups in sorted(self._dup_groups.items(), key=lambda kv: -len(kv[1]))[:MAX_EXAMPLES]]
+        exact, exact_groups, exact_top = self.exact_duplicates()
         unit = "tokens" if self.tokens is not None else "characters"
         report: dict[str, Any] = {
             "version": VERSION,
@@ -334,8 +337,9 @@ class QualityPass:
             },
             "max_seq_length": self.max_seq_length,
             "over_max_seq_length": {"count": self.over, "lines": self.over_lines},
-            "exact_duplicates": {"count": self.exact_duplicates, "groups": len(self._dup_groups),
-                                 "examples": exact_groups},
+            "exact_duplicates": {"count": exact, "groups": exact_groups,
+                                 "examples": [{"records": records, "lines": [line[r] for r in records], "count": n}
+                                              for records, n in exact_top]},
             "near_duplicates": {"count": near, "threshold": NEAR_THRESHOLD,
                                 "examples": [{"records": p, "lines": [line[p[0]], line[p[1]]]} for p in near_pairs],
                                 "checked_records": self.sketched},

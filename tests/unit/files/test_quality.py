@@ -190,3 +190,11 @@ def test_the_intake_runs_the_pass_a_batch_behind_in_order_on_what_it_stores():
     direct = QualityPass()
     direct.add([(i + (i > 3), r) for i, r in enumerate(records)])  # the blank line after line 4 shifts lines
     assert report == direct.summary() and report["records"] == len(records)
+
+
+def test_large_duplicate_groups_are_counted_exactly_and_the_largest_shown_first():
+    records = [chat("hello", "hi")] * 30 + [chat("bye", "ciao")] * 3 + [chat(s, "ok") for s in SENTENCES]
+    exact = run(records).summary()["exact_duplicates"]
+    assert exact["count"] == 29 + 2 and exact["groups"] == 2
+    assert exact["examples"][0] == {"records": [0, 1, 2, 3, 4], "lines": [1, 2, 3, 4, 5], "count": 30}
+    assert exact["examples"][1] == {"records": [30, 31, 32], "lines": [31, 32, 33], "count": 3}
