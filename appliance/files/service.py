@@ -553,14 +553,12 @@ class FileService:
             other = self._get(principal, compare) if compare != file_id else view
             if other.row.project_id != view.row.project_id:
                 raise NotFoundError(f"file {compare!r} not found in project {view.project!r}", param="compare")
-            sketches = [quality_sketch_of(view.row), quality_sketch_of(other.row)]
-            if sketches[1] is None:
+            if quality_sketch_of(other.row) is None:
                 raise ConflictError(f"file {compare!r} has no quality report to compare: re-scan it with "
                                     f"POST /v1/files/{compare}/scan", param="compare")
             with self.db.read() as s:
-                openers = [self.blobs.opener(s, object_id) for object_id in sketches]
-            train, other_sketch = (load_sketch(b"".join(opener())) for opener in openers)
-            leak = {"file_id": file_id, "compare": compare} | leakage(train, other_sketch)
+                found = self.leakage_between(s, view.row, other.row)
+            leak = {"file_id": file_id, "compare": compare} | (found or {})
         examples = None
         if reveal:
             groups = {"exact_duplicates": report["exact_duplicates"]["examples"],
@@ -578,6 +576,17 @@ class FileService:
             examples = {kind: [{"lines": g["lines"], "records": [texts.get(r, []) for r in g["records"]]}
                                for g in found] for kind, found in groups.items()}
         return view, report, examples, leak
+
+    def leakage_between(self, s: Session, train: StoredFile, other: StoredFile) -> dict[str, Any] | None:
+        """The records of ``other`` (a validation or test file) found exactly or nearly in ``train``, from their
+        encrypted sketches read in the caller's transaction (:func:`appliance.files.quality.leakage`); ``None``
+        when either file has no quality report. Counts and line numbers only."""
+        sketches = [quality_sketch_of(train), quality_sketch_of(other)]
+        if None in sketches:
+            return None
+        openers = [self.blobs.opener(s, object_id) for object_id in sketches]
+        train_sketch, other_sketch = (load_sketch(b"".join(opener())) for opener in openers)
+        return leakage(train_sketch, other_sketch)
 
     def review_values(self, principal: Principal, project: Project, file_id: str,
                       groups: list[str]) -> list[tuple[str, str | None]]:

@@ -264,6 +264,10 @@ class JobService:
                               "so validation loss and perplexity are noisy; upload a validation file of at least "
                               f"{SMALL_VALIDATION} records for figures to rely on", level="warn", type="data",
                               data={"validation_examples": held, "recommended": SMALL_VALIDATION})
+            if validation is not None and (leak := self.files.leakage_between(s, training, validation)):
+                if leak["exact"]["count"] or leak["near"]["count"]:  # the quality report's check of the pair
+                    add_event(s, job.id, f"Leakage: {leak['advice']}", level="warn", type="data",
+                              data={"leakage": {k: leak[k] for k in ("records", "exact", "near", "share")}})
             record(s, ctx, "job.create", resource_type="fine_tuning_job", resource_id=job.id, project=project.name,
                    details={"model": base.name, "method": method_type, "training_file": training.id,
                             "validation_file": job.validation_file, "class_images_file": job.class_images_file,

@@ -139,3 +139,23 @@ def test_the_projects_policy_may_block_on_quality_and_nothing_is_kept(client, st
     assert event.details["quality_blocked"]["exact_duplicates"]["count"] == 2 and "parcel" not in json.dumps(
         event.details)
     assert upload(client, owner, jsonl(record, chat("Anything else?", "No."))).status_code == 201
+
+
+def test_a_job_whose_validation_file_leaks_into_its_training_file_says_so(client, state, owner, make_token, tmp_path):
+    from appliance.modelstore import build_tiny_causal_lm
+    from tests.conftest import CLI_CTX
+
+    state.catalog.import_model(CLI_CTX, build_tiny_causal_lm(tmp_path / "tiny-src", seed=0), "tiny-llama")
+    train = upload(client, owner, jsonl(*[chat(f"{i}: {s}", "ok") for i, s in enumerate(SENTENCES)])).json()["id"]
+    valid = upload(client, owner, jsonl(chat(f"1: {SENTENCES[1]}", "ok"),
+                                        chat("Something else entirely, about the weather in the hills.", "ok")))
+    trainer = make_token("tom", Role.TRAINER, "acme")
+    job = client.post("/v1/fine_tuning/jobs", headers=bearer(trainer),
+                      json={"model": "tiny-llama", "training_file": train, "validation_file": valid.json()["id"]})
+    assert job.status_code == 200, job.text
+    job_id = job.json()["id"]
+    events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", headers=bearer(trainer)).json()["data"]
+    [leak] = [e for e in events if e["message"].startswith("Leakage:")]
+    assert leak["level"] == "warn" and "1 of 2 evaluation records" in leak["message"]
+    assert leak["data"]["leakage"]["exact"]["count"] == 1 and "weather" not in json.dumps(events)
+    client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=bearer(trainer))
