@@ -66,6 +66,8 @@ class EvaluationRunner:
         self._wake, self._stopping = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         self._worker: Worker | None = None
+        #: the evaluation this runner is claiming or running (claiming: "" until the claim is made)
+        self._current: str | None = None
         self._recovered_at = float("-inf")
 
     # -- lifecycle ----------------------------------------------------------
@@ -85,6 +87,10 @@ class EvaluationRunner:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def running(self) -> bool:
+        """Whether an evaluation is being claimed or run here (the job scheduler waits meanwhile)."""
+        return self._current is not None
+
     def recover(self) -> int:
         """Fail the running evaluations whose runner's lease has expired; return how many."""
         with self.db.transaction() as s:
@@ -103,12 +109,16 @@ class EvaluationRunner:
                 if time.monotonic() - self._recovered_at >= self.lease_s / 6:
                     self._recovered_at = time.monotonic()
                     self.recover()
+                self._current = ""  # said before looking at the scheduler, so that it holds back meanwhile
                 claimed = None if self.busy() else self._claim()
                 if claimed is not None:
+                    self._current = claimed
                     self._run(claimed)
                     continue
             except Exception:  # keep running; the failure is logged for operators
                 log.exception("evaluation runner tick failed")
+            finally:
+                self._current = None
             self._wake.wait(self.poll_s)
             self._wake.clear()
 

@@ -32,6 +32,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -156,6 +157,11 @@ class Scheduler:
         blobs: Encrypted storage (datasets in, checkpoints and adapters out).
         catalog: Base models and adapter publishing.
         settings: Concurrency, polling and worker limits.
+
+    Attributes:
+        busy: True while something else holds this host's training device (a running evaluation):
+            no job is claimed meanwhile, as a job's memory plan counts on the whole device. Injected
+            by the server (the jobs package knows nothing of what else runs).
     """
 
     def __init__(self, db: Database, files: FileService, catalog: CatalogService,
@@ -173,6 +179,8 @@ class Scheduler:
         self._runs: dict[str, _Run] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self.busy: Callable[[], bool] = lambda: False
+        self._claiming = False
 
     # -- lifecycle ----------------------------------------------------------
     @property
@@ -251,6 +259,10 @@ class Scheduler:
         with self._lock:
             return list(self._runs)
 
+    def holds_device(self) -> bool:
+        """Whether this scheduler's workers hold the device, or it is claiming a job for it."""
+        return self._claiming or bool(self.running())
+
     # -- loop ---------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stopping.is_set():
@@ -270,11 +282,21 @@ class Scheduler:
         self._forward_cancellations()
         with self._lock:
             free = self.settings.max_concurrent - len(self._runs)
-        for _ in range(max(0, free)):
-            claimed = self._claim()
-            if claimed is None:
-                break
-            self._launch(*claimed)
+        if free <= 0:
+            return
+        # Said before looking at what else holds the device, which looks at this in turn before it takes
+        # the device: of two looking at once, at least one holds back (and looks again within poll_s).
+        self._claiming = True
+        try:
+            if self.busy():
+                return
+            for _ in range(free):
+                claimed = self._claim()
+                if claimed is None:
+                    break
+                self._launch(*claimed)
+        finally:
+            self._claiming = False
 
     def _renew_leases(self) -> None:
         """Extend the lease of every job this scheduler runs; kill the workers of jobs it lost."""

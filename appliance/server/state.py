@@ -55,7 +55,9 @@ def build_state(
     evaluation_runner = EvaluationRunner(db, files, catalog, LocalExecutor(
         "appliance.evaluations.worker", scheduler_settings.limits, scheduler_settings.isolation,
         hide=(settings.home.home, settings.key_file)), lease_s=settings.jobs.lease_s,
-        busy=lambda: bool(scheduler.running()))
+        busy=scheduler.holds_device)
+    if scheduler.executor.name == "local":  # and training waits for a running evaluation (Ray's nodes are others)
+        scheduler.busy = evaluation_runner.running
     return AppState(
         settings=settings,
         db=db,

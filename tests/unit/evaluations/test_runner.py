@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -16,6 +18,7 @@ from appliance.evaluations.runner import EvaluationRunner
 from appliance.identity.roles import Role
 from appliance.server.app import create_app
 from tests.conftest import CLI_CTX, bearer
+from tests.timing import Deadline
 
 
 class ScriptedWorker:
@@ -140,3 +143,64 @@ def test_an_evaluation_whose_runner_went_away_is_failed(state, queued):
     assert runner.recover() == 1
     with state.db.read() as s:
         assert s.get(Evaluation, queued).error["code"] == "worker_lost"
+
+
+class HeldWorker(ScriptedWorker):
+    """Runs until ``release`` is set, then sends ``result`` and ends."""
+
+    def __init__(self, result: dict) -> None:
+        super().__init__([])
+        self.result, self.release = result, threading.Event()
+
+    def read(self, timeout: float):
+        if self.release.wait(min(timeout, 0.05)) and self.result is not None:
+            result, self.result = self.result, None
+            return result, b""
+        return None
+
+    def alive(self) -> bool:
+        return self.result is not None
+
+
+def _status(state, model, row_id: str) -> str:
+    with state.db.read() as s:
+        return s.get(model, row_id).status
+
+
+def test_training_waits_for_a_running_evaluation_on_this_host(state, queued):
+    from appliance.identity.models import Project
+    from appliance.jobs.models import FineTuningJob
+
+    runner, scheduler = state.evaluation_runner, state.scheduler
+    assert scheduler.busy == runner.running  # wired by the server (jobs never import evaluations)
+    with state.db.transaction() as s:
+        project_id = s.scalar(select(Project.id).where(Project.name == "acme"))
+        s.add(FineTuningJob(id="ftjob-waits", project_id=project_id, created_by="trish", model="missing-model",
+                            training_file="file-x", seed=1, method_type="lora", status="queued"))
+    # Of the two looking at once, each sees the other looking: the scheduler says so while it looks.
+    seen: list[bool] = []
+    scheduler.busy = lambda: seen.append(scheduler.holds_device()) or True
+    scheduler._tick()
+    assert seen == [True] and not scheduler.holds_device() and _status(state, FineTuningJob, "ftjob-waits") == "queued"
+    scheduler.busy = runner.running
+
+    figures = {"model": "tiny", "loss": 1.0, "perplexity": 2.718, "records": 1, "target_tokens": 2, "answered": 1}
+    worker = HeldWorker({"type": "result", "results": [figures]})
+    runner.executor = ScriptedExecutor(worker)
+    runner.start()
+    try:
+        deadline = Deadline(20)
+        while worker.started is None and deadline:
+            time.sleep(0.02)
+        assert runner.running()
+        scheduler._tick()  # the evaluation holds the device: the job stays queued
+        assert _status(state, FineTuningJob, "ftjob-waits") == "queued"
+        worker.release.set()
+        while _status(state, Evaluation, queued) == "running" and deadline:
+            time.sleep(0.02)
+        assert _status(state, Evaluation, queued) == "succeeded"
+    finally:
+        runner.stop()
+    assert not runner.running()
+    scheduler._tick()  # claimed now (and failed at once: its model is not in the store)
+    assert _status(state, FineTuningJob, "ftjob-waits") == "failed"
