@@ -42,8 +42,15 @@ def file_object(view: FileView) -> FileObject:
     r = view.row
     return FileObject(
         id=r.id, bytes=r.bytes, created_at=int(r.created_at.timestamp()), filename=r.filename, purpose=r.purpose,
-        status=r.status, project=view.project, scan=r.scan_summary,
+        status=r.status, project=view.project, scan=_without_sketch(r.scan_summary),
     )
+
+
+def _without_sketch(summary: dict[str, Any]) -> dict[str, Any]:
+    """The scan summary as shown: the quality report without the name of its (internal) sketch object."""
+    if "sketch" not in (summary.get("quality") or {}):
+        return summary
+    return summary | {"quality": {k: v for k, v in summary["quality"].items() if k != "sketch"}}
 
 
 class FileController(Controller):
@@ -143,7 +150,7 @@ class FileController(Controller):
         view, report, examples, leak = files.quality(request.user, audit_context(request), file_id, reveal=reveal,
                                                      compare=compare)
         return QualityReport(file_id=view.row.id, revision=view.row.revision,
-                             quality={k: v for k, v in report.items() if k != "sketch"}, examples=examples,
+                             quality=_without_sketch({"quality": report})["quality"], examples=examples,
                              leakage=leak)
 
     @post("/{file_id:str}/scan", opt={"permission": Permission.FILES_WRITE}, status_code=200, sync_to_thread=True,

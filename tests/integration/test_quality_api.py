@@ -52,7 +52,7 @@ def test_report_at_upload_with_tokens_duplicates_and_reveal(client, state, owner
     assert quality["tokenizer"] == tiny_model and quality["length_unit"] == "tokens" and quality["tokens"] > 0
     assert quality["max_seq_length"] == 128 and quality["over_max_seq_length"] == {"count": 1, "lines": [7]}
     assert quality["exact_duplicates"]["count"] == 1 and quality["near_duplicates"]["count"] == 1
-    assert "warehouse" not in json.dumps(created)
+    assert "warehouse" not in json.dumps(created) and "sketch" not in quality
 
     file_id = created["id"]
     got = client.get(f"/v1/files/{file_id}/quality", headers=bearer(owner)).json()
