@@ -31,9 +31,11 @@ from appliance.files.service import FileService
 from appliance.identity.service import Principal, project_by_id, project_names
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from appliance.identity.models import Project
 
-__all__ = ["TERMINAL", "EvaluationService", "EvaluationView", "new_evaluation_id"]
+__all__ = ["TERMINAL", "EvaluationService", "EvaluationView", "new_evaluation_id", "unfinished_evaluation_using"]
 
 #: The file purpose of test files (OpenAI's name for evaluation data).
 PURPOSE = "evals"
@@ -44,6 +46,15 @@ DEFAULT_MAX_TOKENS, MAX_MAX_TOKENS = 64, 512
 
 def new_evaluation_id() -> str:
     return f"eval-{secrets.token_hex(12)}"
+
+
+def unfinished_evaluation_using(s: Session, file_id: str) -> str | None:
+    """The id of an evaluation that has not finished and reads ``file_id`` (its test file), if any.
+
+    Registered on :attr:`appliance.files.service.FileService.users_of`: a file in use is not re-scanned.
+    """
+    return s.scalar(select(Evaluation.id).where(Evaluation.file == file_id, Evaluation.status.notin_(TERMINAL))
+                    .limit(1))
 
 
 @dataclass(frozen=True)

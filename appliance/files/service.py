@@ -60,6 +60,8 @@ PURPOSES = {
     "fine-tune-images": "a zip of images with optional captions (<image>.txt or metadata.jsonl)",
     "evals": "JSONL test file for evaluations, in fine-tune's shapes; never used for training",
 }
+#: Purposes whose kept original may be re-scanned under the project's current policy (the JSONL ones).
+RESCANNABLE = frozenset({"fine-tune", "evals"})
 _MULTIPART_OVERHEAD = 1024 * 1024
 
 
@@ -104,8 +106,9 @@ class FileService:
         self._scanner_factory = scanner_factory
         #: Called with (file id, audit context) after a file is crypto-shredded.
         self.on_delete: list[Any] = []
-        #: ``(session, file_id) -> job id | None``: who may still read a file (the jobs package registers its
-        #: unfinished jobs; wired in :mod:`appliance.server.state`), asked in the caller's transaction.
+        #: ``(session, file_id) -> job or evaluation id | None``: who may still read a file (the jobs and evaluations
+        #: packages register their unfinished ones; wired in :mod:`appliance.server.state`), asked in the caller's
+        #: transaction.
         self.users_of: list[Callable[[Session, str], str | None]] = []
         #: ``() -> rows`` of the imported base models (``name``, ``kind``, ``path``, ``info``), oldest first: the
         #: catalogue registers it (wired in :mod:`appliance.server.state`); the quality report counts tokens with one.
@@ -623,9 +626,10 @@ class FileService:
         """
         view = self._get(principal, file_id)
         row = view.row
-        if row.purpose != "fine-tune":
-            raise InvalidRequestError(f"file {file_id!r} has purpose {row.purpose!r}: only `fine-tune` files are "
-                                      "re-scanned", param="file_id")
+        if row.purpose not in RESCANNABLE:
+            raise InvalidRequestError(f"file {file_id!r} has purpose {row.purpose!r}: only "
+                                      f"{' and '.join(f'`{p}`' for p in sorted(RESCANNABLE))} files are re-scanned",
+                                      param="file_id")
         if row.original_id is None:
             raise ConflictError(f"file {file_id!r} has no kept original to re-scan: upload it again",
                                 param="file_id")
@@ -699,7 +703,7 @@ class FileService:
     def _check_unused(self, s: Session, file_id: str) -> None:
         job = next((found for finder in self.users_of if (found := finder(s, file_id)) is not None), None)
         if job is not None:
-            raise ConflictError(f"file {file_id!r} is in use by job {job!r}, which has not finished: cancel it or "
+            raise ConflictError(f"file {file_id!r} is in use by {job!r}, which has not finished: cancel it or "
                                 "wait before re-scanning", param="file_id")
 
     def count(self, principal: Principal) -> int:

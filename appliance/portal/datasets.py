@@ -17,7 +17,7 @@ from litestar.params import Body, FromPath, FromQuery
 from litestar.response import Redirect, Response, Template
 
 from appliance.errors import ApplianceError
-from appliance.files.service import FileService, FileView, masked_context
+from appliance.files.service import RESCANNABLE, FileService, FileView, masked_context
 from appliance.identity.roles import Permission, role_allows
 from appliance.portal.render import bar_chart, page, portal, session_of
 from appliance.web.context import audit_context
@@ -132,7 +132,7 @@ def _contexts(stored: dict[int, dict[str, Any]], shown: list, findings: list) ->
 
 def _review(request: Request, files: FileService, view: FileView, any_findings: bool) -> dict[str, Any] | None:
     """The review step between upload and training: findings by value, values for data owners on request."""
-    if not any_findings or view.row.original_id is None or view.row.purpose != "fine-tune":
+    if not any_findings or view.row.original_id is None or view.row.purpose not in RESCANNABLE:
         return None
     principal = session_of(request).principal
     may_reveal = role_allows(principal.role, Permission.FILES_CONTENT)

@@ -8,7 +8,7 @@ from appliance.catalog.service import CatalogService
 from appliance.crypto.envelope import FileKeyProvider
 from appliance.db.base import Database
 from appliance.evaluations.runner import EvaluationRunner
-from appliance.evaluations.service import EvaluationService
+from appliance.evaluations.service import EvaluationService, unfinished_evaluation_using
 from appliance.files.service import FileService
 from appliance.identity.auth import FailureLimiter
 from appliance.jobs.planning import training_device
@@ -51,6 +51,7 @@ def build_state(
     files.on_delete.append(catalog.withdraw_trained_on)
     files.base_models = catalog.list_base_models  # the quality report counts tokens with their tokenizers
     files.users_of.append(unfinished_job_using)
+    files.users_of.append(unfinished_evaluation_using)
     # Evaluations run one at a time in a sandboxed worker on this host, as a local training job's does.
     evaluation_runner = EvaluationRunner(db, files, catalog, LocalExecutor(
         "appliance.evaluations.worker", scheduler_settings.limits, scheduler_settings.isolation,

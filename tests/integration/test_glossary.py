@@ -323,3 +323,39 @@ def test_the_portal_review_form_adds_the_checked_groups_and_rescans(client, stat
     content = client.get(f"/v1/files/{file['id']}/content", headers=bearer(owner)).text
     assert "Jonas owns the payments rewrite" in content and "Maria Lopez" not in content
     assert [e.details["added"] for e in audit(state, "glossary.add")] == [1]
+
+
+def test_a_test_file_is_reviewed_and_rescanned_like_training_data_unless_an_evaluation_reads_it(
+        client, state, owner):
+    """Purpose `evals`: the portal's review step and its re-scan; refused while an unfinished evaluation uses it."""
+    from appliance.evaluations.models import Evaluation
+    from appliance.identity.models import Project
+    from tests.integration.test_evaluations import portal_headers
+
+    resp = upload(client, owner, jsonl(*(chat(q, a) for q, a in FACTS)), purpose="evals", filename="test.jsonl")
+    assert resp.status_code == 201, resp.text
+    file = resp.json()
+    headers = portal_headers(state, "olivia")
+    html = client.get(f"/datasets/{file['id']}", headers=headers).text
+    assert "Review before evaluating" in html and 'id="apply-review"' in html
+    by_value = {g["value"]: g for g in _groups(client, owner, file["id"], reveal="true")["groups"]}
+    resp = client.post(f"/datasets/{file['id']}/review", headers=headers, data={"group": [by_value["Jonas"]["id"]]},
+                       follow_redirects=False)
+    assert resp.status_code == 303, resp.text
+    assert resp.headers["location"] == f"/datasets/{file['id']}?added=1&revision=2"
+    content = client.get(f"/v1/files/{file['id']}/content", headers=bearer(owner)).text
+    assert "Jonas owns the payments rewrite" in content and "Maria Lopez" not in content
+    [event] = audit(state, "file.rescan")
+    assert event.outcome == "success" and event.details["revision"] == 2
+
+    with state.db.transaction() as s:
+        project_id = s.scalar(select(Project.id).where(Project.name == "acme"))
+        s.add(Evaluation(id="eval-reads-it", project_id=project_id, created_by="tom", file=file["id"],
+                         models=["m"], base_model="m", samples=0, max_tokens=4, status="running"))
+    resp = client.post(f"/v1/files/{file['id']}/scan", headers=bearer(owner))
+    assert resp.status_code == 409, resp.text
+    assert "in use by 'eval-reads-it', which has not finished" in resp.json()["error"]["message"]
+    with state.db.transaction() as s:
+        s.get(Evaluation, "eval-reads-it").status = "succeeded"
+    resp = client.post(f"/v1/files/{file['id']}/scan", headers=bearer(owner))
+    assert resp.status_code == 200 and resp.json()["id"] == file["id"], resp.text
