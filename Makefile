@@ -118,12 +118,14 @@ test: $(STAMP) $(VLLM_STAMP) sandbox browser validators postgres
 # The suite on a throwaway PostgreSQL cluster (tests/with_postgres.py: temporary
 # directory, free loopback port, removed afterwards even when tests fail). It runs the
 # tests that work through the database (PG_TESTS) except those marked `slow` (real
-# processes killed mid-write, Ray, the demo model, fuzzing, load): those run on SQLite
-# only, to keep `make test` within about 45 minutes on 2 cores. The whole suite on PostgreSQL:
+# processes killed mid-write, Ray, the demo model, fuzzing, load) and those marked
+# `no_database` (the sandbox's attack catalogue, planners: nothing there reads a database,
+# so a second pass would only repeat them): those run on SQLite only, to keep `make test`
+# within about 45 minutes on 2 cores. The whole suite on PostgreSQL:
 #   make test-postgres PG_TESTS= PG_MARKS=
 PG_TESTS := tests/integration tests/security tests/faults tests/bench tests/unit/jobs tests/unit/storage \
             tests/unit/audit tests/unit/identity
-PG_MARKS := not slow
+PG_MARKS := not slow and not no_database
 test-postgres: $(STAMP) sandbox postgres
 	@if $(PYTHON) tests/with_postgres.py --check >/dev/null 2>&1; then \
 	  $(PYTHON) tests/with_postgres.py $(BIN)/python -m pytest $(if $(PG_MARKS),-m "$(PG_MARKS)") $(PG_TESTS) $(PYTEST_ARGS); \
