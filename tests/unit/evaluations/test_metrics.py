@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from appliance.evaluations.metrics import exact_match, normalize_answer, question_of, score, target_loss, token_f1
+from appliance.evaluations.metrics import (
+    answers,
+    exact_match,
+    normalize_answer,
+    question_of,
+    score,
+    target_loss,
+    token_f1,
+)
+from appliance.trainkit.errors import Cancelled
 from appliance.modelstore import build_tiny_causal_lm
 from appliance.training.data import IGNORE_INDEX, tokenize_records
 
@@ -86,3 +96,31 @@ def test_loss_is_the_mean_over_target_tokens_as_stock_transformers_computes_it(t
     assert [answers[0], answers[1], answers[3]] == expected
     assert result.exact_match == pytest.approx(sum(exact_match(a, r) for a, r in zip(expected, references)) / 3)
     assert result.token_f1 == pytest.approx(sum(token_f1(a, r) for a, r in zip(expected, references)) / 3)
+
+
+def test_batched_answers_are_the_answers_one_prompt_at_a_time(tiny):
+    """Left-padded batches of prompts of different lengths give each prompt's own greedy answer, in order."""
+    base, tokenizer = tiny
+    model = copy.deepcopy(base)
+    torch.manual_seed(1)
+    with torch.no_grad():  # larger weights than the seeded init's, so that each prompt gets an answer of its own
+        for weight in model.parameters():
+            if weight.dim() == 2:
+                weight.normal_(0, 0.3)
+    records = [{"prompt": "Q" + " word" * (i % 7) + f" {i}?", "completion": " yes"} for i in range(11)]
+    prompts = [question_of(e).prompt for e in tokenize_records(records + RECORDS, tokenizer, param="records")
+               if question_of(e) is not None]
+    assert len({len(p) for p in prompts}) > 5  # lengths differ: the batches are padded
+    alone = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
+                             pad_token_id=tokenizer.eos_token_id)
+        alone.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    assert len(set(alone)) > len(alone) // 2, alone
+    cpu = torch.device("cpu")
+    assert answers(model, tokenizer, prompts, cpu, 6) == alone  # all in one batch
+    assert answers(model, tokenizer, prompts, cpu, 6, batch_size=4) == alone
+    assert answers(model, tokenizer, prompts, cpu, 6, batch_size=1) == alone
+    with pytest.raises(Cancelled):
+        answers(model, tokenizer, prompts, cpu, 6, stop=lambda: True)
