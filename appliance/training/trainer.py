@@ -86,6 +86,7 @@ def train(
     canary_repetitions: int = 1,
     probe_targets: Sequence[ProbeTarget] = (),
     sharding: str = "auto",
+    validate_every_epoch: bool = False,
 ) -> TrainResult:
     """Fine-tune an adapter on in-memory records.
 
@@ -123,6 +124,8 @@ def train(
             support it), and ``auto`` shards when a copy per rank would not fit
             (:func:`~appliance.training.distributed.needs_sharding`). Ignored
             when training alone.
+        validate_every_epoch: Also measure the validation loss at the end of every epoch but the last
+            (a ``validation`` event each, ``epoch`` whole): a search trial's reports to its pruner.
 
     Returns:
         A :class:`TrainResult`.
@@ -174,7 +177,7 @@ def train(
             peak_resident_reset()
         try:
             _start(run, resume)
-            _train_steps(run, event_every_steps)
+            _train_steps(run, event_every_steps, validate_every_epoch)
             valid_after = _validate_after(run)
             samples = _samples(run, model_dir)
             evidence = _memorization(run.setup, model_dir, train_records, canaries, canary_repetitions,
@@ -300,8 +303,9 @@ def _start(run: _Run, resume: dict[str, Any] | None) -> None:
         run.event("validation", 0, valid_loss=run.state.valid_before, message="validation loss before training")
 
 
-def _train_steps(run: _Run, event_every_steps: int) -> None:
-    """The optimizer steps left, with ``train`` events and checkpoints (raises :class:`Cancelled` when stopped)."""
+def _train_steps(run: _Run, event_every_steps: int, validate_every_epoch: bool = False) -> None:
+    """The optimizer steps left, with ``train`` events, checkpoints and, when asked, a validation pass at each
+    epoch's end but the last (raises :class:`Cancelled` when stopped)."""
     state, hp = run.state, run.hp
     window = ProgressWindow()
     while state.step < run.total_steps:
@@ -329,6 +333,11 @@ def _train_steps(run: _Run, event_every_steps: int) -> None:
             train_loss, tokens_per_second = window.flush()
             run.event("train", state.step, train_loss=train_loss, learning_rate=run.scheduler.get_last_lr()[0],
                       tokens_per_second=tokens_per_second, trained_tokens=state.trained_tokens)
+        if validate_every_epoch and run.val_set and state.step % run.steps_per_epoch == 0 and not last:
+            with window.paused():  # evaluating is not training time; it draws no random numbers
+                valid_loss = _evaluate(run.setup, run.val_set, run.stop)
+            run.event("validation", state.step, valid_loss=valid_loss, trained_tokens=state.trained_tokens,
+                      message=f"validation loss after epoch {state.step // run.steps_per_epoch}")
         every = hp.checkpoint_every_steps
         # Sharded, every rank takes part in gathering the weights; rank 0 keeps them.
         gathering = run.save_checkpoint or (run.ddp is not None and run.ddp.sharded)
