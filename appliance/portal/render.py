@@ -91,6 +91,48 @@ def line_chart(series: dict[str, list[tuple[float, float]]], *, width: int = 640
     return Markup("".join(parts))
 
 
+def scatter_chart(points: list[tuple[float, float, str]], *, x_label: str, y_label: str = "validation loss",
+                  log_x: bool = False, width: int = 480, height: int = 220) -> Markup:
+    """An inline SVG scatter of ``(x, y, kind)`` points, e.g. a search's trials: validation loss by one parameter.
+
+    ``kind`` is ``best`` (a ringed dot), ``complete`` (a dot) or ``pruned`` (a hollow dot, at its last report).
+    ``log_x`` spaces x by its logarithm (learning rates); it needs every x above 0.
+    """
+    if not points:
+        return Markup('<p class="muted">No trials yet.</p>')
+    pad_l, pad_b, pad_t, pad_r = 48, 28, 10, 16
+    tx = math.log10 if log_x else (lambda v: v)
+    xs, ys = [tx(p[0]) for p in points], [p[1] for p in points]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+
+    def sx(x: float) -> float:
+        return pad_l + (tx(x) - x0) / (x1 - x0) * (width - pad_l - pad_r)
+
+    def sy(y: float) -> float:
+        return height - pad_b - (y - y0) / (y1 - y0) * (height - pad_b - pad_t)
+
+    parts = [f'<svg role="img" aria-label="{escape(y_label)} by {escape(x_label)}" width="{width}" '
+             f'height="{height}" viewBox="0 0 {width} {height}">']
+    parts.append(f'<line x1="{pad_l}" y1="{height - pad_b}" x2="{width - pad_r}" y2="{height - pad_b}" stroke="#999"/>')
+    parts.append(f'<line x1="{pad_l}" y1="{pad_t}" x2="{pad_l}" y2="{height - pad_b}" stroke="#999"/>')
+    for frac in (0, 0.5, 1):
+        yv = y0 + frac * (y1 - y0)
+        parts.append(f'<text x="4" y="{sy(yv) + 4:.1f}">{yv:.3g}</text>')
+        xv = x0 + frac * (x1 - x0)
+        xv = 10 ** xv if log_x else xv
+        parts.append(f'<text x="{sx(xv) - 8:.1f}" y="{height - 8}">{xv:.3g}</text>')
+    parts.append(f'<text x="{width / 2:.0f}" y="{height - 8}">{escape(x_label)}</text>')
+    for x, y, kind in points:
+        fill = "none" if kind == "pruned" else "#0b57d0"
+        parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4" fill="{fill}" stroke="#0b57d0">'
+                     f"<title>{escape(x_label)} {x:.3g}: {escape(y_label)} {y:.4g} ({escape(kind)})</title></circle>")
+        if kind == "best":
+            parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="8" fill="none" stroke="#0b57d0"/>')
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
 def bar_chart(counts: dict[str, int], *, width: int = 480) -> Markup:
     """Horizontal bars with their numbers, as inline SVG."""
     if not counts:
