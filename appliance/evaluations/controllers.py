@@ -13,6 +13,7 @@ from appliance.evaluations.schemas import (
     EvaluationError,
     EvaluationList,
     EvaluationObject,
+    EvaluationProgress,
     ModelResult,
 )
 from appliance.evaluations.service import EvaluationService, EvaluationView
@@ -35,6 +36,7 @@ def evaluation_object(view: EvaluationView) -> EvaluationObject:
         results=[ModelResult(**m) for m in r.results or []], project=view.project,
         started_at=_ts(r.started_at), finished_at=_ts(r.finished_at),
         error=EvaluationError(**r.error) if r.error else None, result_file=r.result_file,
+        progress=EvaluationProgress(**r.progress) if r.progress and r.status == "running" else None,
     )
 
 

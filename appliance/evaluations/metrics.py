@@ -100,11 +100,20 @@ class Score:
         return asdict(self)
 
 
+#: Told how far a phase is: ``(phase, done, total)``, phase ``"loss"`` (records) or ``"answers"`` (prompts).
+Progress = Callable[[str, int, int], None]
+
+
+def _no_progress(phase: str, done: int, total: int) -> None:
+    pass
+
+
 def target_loss(model: Any, examples: Sequence[Example], device: torch.device, *,
-                stop: Callable[[], bool] = lambda: False) -> tuple[float, int]:
+                stop: Callable[[], bool] = lambda: False, progress: Progress = _no_progress) -> tuple[float, int]:
     """Summed loss over the target tokens of ``examples`` and how many there are (packed as training packs).
 
-    ``model``: a transformers causal LM, or a PEFT model (its active adapter applies).
+    ``model``: a transformers causal LM, or a PEFT model (its active adapter applies). ``progress`` is told
+    the records done after each forward pass.
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     total, count, start = 0.0, 0, 0
@@ -121,17 +130,19 @@ def target_loss(model: Any, examples: Sequence[Example], device: torch.device, *
                 total += float(packed_loss_sum(causal_lm, batch))
             count += batch.n_targets
             start = end
+            progress("loss", end, len(examples))
     return total, count
 
 
 def answers(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], device: torch.device,
-            max_new_tokens: int, *, batch_size: int = ANSWER_BATCH,
-            stop: Callable[[], bool] = lambda: False) -> list[str]:
+            max_new_tokens: int, *, batch_size: int = ANSWER_BATCH, stop: Callable[[], bool] = lambda: False,
+            progress: Progress = _no_progress) -> list[str]:
     """The model's greedy answers to ``prompts`` (token ids), in their order, decoded without special tokens.
 
     Prompts of similar lengths are answered together, left-padded (the attention mask keeps the padding
     out, and generation counts positions from it): the same answers as one prompt at a time, faster.
-    A batch is at most ``batch_size`` prompts and :data:`EVAL_TOKEN_BUDGET` tokens, answers included.
+    A batch is at most ``batch_size`` prompts and :data:`EVAL_TOKEN_BUDGET` tokens, answers included;
+    ``progress`` is told the prompts answered after each.
 
     Raises:
         Cancelled: ``stop`` said so between two batches.
@@ -165,6 +176,7 @@ def answers(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], device
             end_at = next((k for k, token in enumerate(new) if token in eos), len(new))
             out[i] = tokenizer.decode(new[:end_at], skip_special_tokens=True).strip()
         start = end
+        progress("answers", end, len(prompts))
     return out
 
 
@@ -177,8 +189,11 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
 
 
 def score(model: Any, tokenizer: Any, examples: Sequence[Example], device: torch.device, *,
-          max_new_tokens: int, stop: Callable[[], bool] = lambda: False) -> tuple[Score, list[str | None]]:
+          max_new_tokens: int, stop: Callable[[], bool] = lambda: False,
+          progress: Progress = _no_progress) -> tuple[Score, list[str | None]]:
     """The model's :class:`Score` on ``examples`` and its answer to each (None where a record has no prompt).
+
+    ``progress`` is told how far the loss pass, then the answers, are.
 
     Raises:
         Cancelled: ``stop`` said so between two forward passes or two batches of answers.
@@ -186,10 +201,11 @@ def score(model: Any, tokenizer: Any, examples: Sequence[Example], device: torch
     was_training = model.training
     model.eval()
     try:
-        loss_sum, n_targets = target_loss(model, examples, device, stop=stop)
+        loss_sum, n_targets = target_loss(model, examples, device, stop=stop, progress=progress)
         questions = [question_of(example) for example in examples]
         asked = [q for q in questions if q is not None]
-        texts = answers(model, tokenizer, [q.prompt for q in asked], device, max_new_tokens, stop=stop)
+        texts = answers(model, tokenizer, [q.prompt for q in asked], device, max_new_tokens, stop=stop,
+                        progress=progress)
         said = iter(texts)
         replies: list[str | None] = [None if q is None else next(said) for q in questions]
         matches, f1s = [], []

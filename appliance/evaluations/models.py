@@ -34,6 +34,8 @@ class Evaluation(Base):
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     #: figures per model, in the order of ``models``: [{"model", "loss", "perplexity", ...}] (no text)
     results: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    #: while running, how far the worker is: {"model", "models", "phase", "done", "total", "seconds_left"} (counts)
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     #: the encrypted result file holding the generations side by side (text: read as a file's content)
     result_file: Mapped[str | None] = mapped_column(String(64), default=None)
     #: the runner that claimed it (``host:pid:random``) and until when it owns it

@@ -37,6 +37,8 @@ from appliance.jobs.wire import FrameError
 log = logging.getLogger("appliance.evaluations")
 
 SYSTEM = AuditContext(actor="system:evaluations", auth_method="internal", origin_ip="local")
+#: The phases a worker's progress reports name (the loss pass, then the answers), per model.
+PROGRESS_PHASES = frozenset({"loss", "answers"})
 LOST = {"code": "worker_lost", "param": None,
         "message": "the evaluation worker stopped unexpectedly (killed or the server restarted); run it again"}
 
@@ -180,6 +182,8 @@ class EvaluationRunner:
                     kind = header.get("type")
                     if kind == "event" and header.get("event_type") == "isolation":
                         isolation = header.get("data")  # how the worker found itself shut in: the audit says
+                    elif kind == "event" and header.get("event_type") == "progress":
+                        self._progress(evaluation_id, header.get("data"))
                     elif kind == "begin":
                         receiver.begin(header, self.files.blobs.create(new_file_id(), project, "file"))
                     elif kind == "chunk":
@@ -237,6 +241,16 @@ class EvaluationRunner:
             row.lease_expires_at = utcnow() + timedelta(seconds=self.lease_s)
             return True
 
+    def _progress(self, evaluation_id: str, data: Any) -> None:
+        """Keep how far the worker is on the row (counts only, checked: the worker is not trusted to send them)."""
+        progress = _checked_progress(data)
+        if progress is None:
+            return
+        with self.db.transaction() as s:
+            row = s.get(Evaluation, evaluation_id, with_for_update=True)
+            if row is not None and row.status == "running" and row.worker == self.name:
+                row.progress = progress
+
     def _cancel_requested(self, evaluation_id: str) -> bool:
         with self.db.read() as s:
             return bool(s.scalar(select(Evaluation.cancel_requested).where(Evaluation.id == evaluation_id)))
@@ -280,8 +294,22 @@ class EvaluationRunner:
     def _end(s, row: Evaluation, status: str, *, error: dict[str, Any] | None = None,
              isolation: dict[str, Any] | None = None) -> None:
         row.status, row.finished_at, row.lease_expires_at, row.error = status, utcnow(), None, error
+        row.progress = None
         action = {"succeeded": "evaluation.succeed", "cancelled": "evaluation.cancelled"}.get(status, "evaluation.fail")
         record(s, SYSTEM, action, outcome="failure" if status == "failed" else "success",
                resource_type="evaluation", resource_id=row.id, project=project_name(s, row.project_id),
                reason=error["code"] if error else None,
                details={"results": row.results, "worker_isolation": isolation} if status == "succeeded" else None)
+
+
+def _checked_progress(data: Any) -> dict[str, Any] | None:
+    """A progress report as the row keeps it, or None when it is not one (a field missing or of another kind)."""
+    if not isinstance(data, dict) or data.get("phase") not in PROGRESS_PHASES:
+        return None
+    counts = {key: data.get(key) for key in ("model", "models", "done", "total")}
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**31 for v in counts.values()):
+        return None
+    left = data.get("seconds_left")
+    if not (isinstance(left, (int, float)) and not isinstance(left, bool) and 0 <= left < 1e7):
+        left = None
+    return {**counts, "phase": data["phase"], "seconds_left": left}

@@ -44,6 +44,18 @@ class ModelResult(msgspec.Struct):
     token_f1: float | None = None
 
 
+class EvaluationProgress(msgspec.Struct):
+    """How far a running evaluation is: model ``model`` of ``models``, ``done`` of ``total`` in its phase
+    (``loss``: records through the loss pass; ``answers``: prompts answered) and the phase's seconds left."""
+
+    model: int
+    models: int
+    phase: str
+    done: int
+    total: int
+    seconds_left: float | None = None
+
+
 class EvaluationObject(msgspec.Struct):
     id: str
     created_at: int
@@ -60,6 +72,8 @@ class EvaluationObject(msgspec.Struct):
     error: EvaluationError | None = None
     #: the generations side by side: a file whose content only roles that may read file content read
     result_file: str | None = None
+    #: while running: how far it is (None before the worker's first report and once it ended)
+    progress: EvaluationProgress | None = None
     object: str = "evaluation"
 
 

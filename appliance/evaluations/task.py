@@ -53,7 +53,7 @@ def run_evaluation(channel: Channel, start: dict[str, Any], records: list[dict[s
             began = time.monotonic()
             with _active(model, entry.get("adapter")):
                 figures, said = score(model, tokenizer, examples, device, max_new_tokens=start["max_tokens"],
-                                      stop=channel.stop.is_set)
+                                      stop=channel.stop.is_set, progress=Reporter(channel, i, len(start["models"])))
             results.append({"model": entry["id"], **figures.to_dict()})
             answers.append(said)
             channel.event(f"Model {i + 1}/{len(start['models'])} evaluated in {time.monotonic() - began:.1f} s",
@@ -78,6 +78,36 @@ def run_evaluation(channel: Channel, start: dict[str, Any], records: list[dict[s
             {"format": FORMAT, "models": [e["id"] for e in start["models"]], "results": results,
              "samples": samples}, ensure_ascii=False).encode())
     channel.send({"type": "result", "results": results})
+
+
+class Reporter:
+    """Sends how far a model's scoring is as ``progress`` events (counts only), at most one a second.
+
+    Each event's data: ``model`` (1-based) of ``models``, ``phase`` (``loss`` or ``answers``), ``done`` of
+    ``total`` and ``seconds_left`` in the phase, from its pace so far (None before its first step ends).
+    """
+
+    def __init__(self, channel: Channel, index: int, models: int, *, every_s: float = 1.0,
+                 clock: Any = time.monotonic) -> None:
+        self.channel, self.index, self.models, self.every_s, self.clock = channel, index, models, every_s, clock
+        #: the phase and when it began: the scoring began when this was made; a phase, at the last step before it
+        self._phase: tuple[str, float] | None = None
+        self._last = clock()
+        self._sent = float("-inf")
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        now = self.clock()
+        if self._phase is None or self._phase[0] != phase:
+            self._phase = (phase, self._last)
+        self._last = now
+        if now - self._sent < self.every_s and done < total:
+            return
+        self._sent = now
+        elapsed = now - self._phase[1]
+        left = round(elapsed / done * (total - done), 1) if done and elapsed > 0 else None
+        self.channel.event(f"Model {self.index + 1}/{self.models}: {phase} {done} of {total}", type="progress",
+                           data={"model": self.index + 1, "models": self.models, "phase": phase, "done": done,
+                                 "total": total, "seconds_left": left})
 
 
 def _with_adapters(model: Any, files: dict[str, bytes], entries: list[dict[str, Any]]) -> Any:

@@ -120,7 +120,9 @@ def test_batched_answers_are_the_answers_one_prompt_at_a_time(tiny):
     assert len(set(alone)) > len(alone) // 2, alone
     cpu = torch.device("cpu")
     assert answers(model, tokenizer, prompts, cpu, 6) == alone  # all in one batch
-    assert answers(model, tokenizer, prompts, cpu, 6, batch_size=4) == alone
+    seen = []
+    assert answers(model, tokenizer, prompts, cpu, 6, batch_size=4, progress=lambda *a: seen.append(a)) == alone
+    assert seen == [("answers", 4, 14), ("answers", 8, 14), ("answers", 12, 14), ("answers", 14, 14)]
     assert answers(model, tokenizer, prompts, cpu, 6, batch_size=1) == alone
     with pytest.raises(Cancelled):
         answers(model, tokenizer, prompts, cpu, 6, stop=lambda: True)

@@ -204,3 +204,53 @@ def test_training_waits_for_a_running_evaluation_on_this_host(state, queued):
     assert not runner.running()
     scheduler._tick()  # claimed now (and failed at once: its model is not in the store)
     assert _status(state, FineTuningJob, "ftjob-waits") == "failed"
+
+
+class ReportingWorker(HeldWorker):
+    """Sends ``reports`` first, then holds until ``release`` like :class:`HeldWorker`."""
+
+    def __init__(self, reports: list[dict], result: dict) -> None:
+        super().__init__(result)
+        self.reports = list(reports)
+
+    def read(self, timeout: float):
+        if self.reports:
+            return self.reports.pop(0), b""
+        return super().read(timeout)
+
+
+def test_a_running_evaluation_shows_how_far_it_is(state, queued, make_token):
+    from tests.integration.test_evaluations import portal_headers
+
+    progress = {"model": 2, "models": 2, "phase": "answers", "done": 8, "total": 16, "seconds_left": 3.5}
+    reports = [{"type": "event", "event_type": "progress", "message": "Model 2/2: answers 8 of 16", "data": progress},
+               # a report that is not one (text where a phase goes) is dropped, not kept
+               {"type": "event", "event_type": "progress", "message": "x", "data": {**progress, "phase": "Item 0"}}]
+    figures = {"model": "tiny", "loss": 1.0, "perplexity": 2.718, "records": 1, "target_tokens": 2, "answered": 1}
+    worker = ReportingWorker(reports, {"type": "result", "results": [figures]})
+    runner = EvaluationRunner(state.db, state.files, state.catalog, ScriptedExecutor(worker), poll_s=0.05)
+    trainer = make_token("trish", Role.TRAINER, "acme")
+    runner.start()
+    try:
+        with TestClient(create_app(state.settings, state, run_scheduler=False)) as client:
+            deadline = Deadline(20)
+            while deadline and (body := client.get(f"/v1/evaluations/{queued}", headers=bearer(trainer)).json()
+                                )["progress"] is None:
+                time.sleep(0.05)
+            time.sleep(0.2)  # the malformed report after it has been read and dropped
+            body = client.get(f"/v1/evaluations/{queued}", headers=bearer(trainer)).json()
+            assert body["status"] == "running" and body["progress"] == progress, body
+            html = client.get(f"/evaluations/{queued}", headers=portal_headers(state, "trish")).text
+            assert 'id="evaluation-progress"' in html and "Model 2 of 2" in html and "8 of 16" in html
+            assert "about 4 s left" in html
+            html = client.get("/evaluations", headers=portal_headers(state, "trish")).text
+            assert "answers 8/16" in html
+            worker.release.set()
+            while deadline and body["status"] == "running":
+                body = client.get(f"/v1/evaluations/{queued}", headers=bearer(trainer)).json()
+                time.sleep(0.05)
+            assert body["status"] == "succeeded" and body["progress"] is None, body
+    finally:
+        runner.stop()
+    with state.db.read() as s:
+        assert s.get(Evaluation, queued).progress is None

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from appliance.catalog.archive import pack_files
-from appliance.evaluations.task import FILENAME, FORMAT, run_evaluation
+from appliance.evaluations.task import FILENAME, FORMAT, Reporter, run_evaluation
 from appliance.modelstore import build_tiny_causal_lm
 
 RECORDS = [{"prompt": f"Item {i}:", "completion": f" box {i}"} for i in range(3)] + [{"text": "no prompt here"}]
@@ -84,6 +84,30 @@ def test_each_model_is_scored_and_the_generations_go_in_one_result_file(tiny):
     # Events carry figures and counts, never the test text.
     events = json.dumps([f for f in channel.frames if f["type"] == "event"])
     assert "box" not in events and "Item" not in events
+    # Each model's phases end with a progress report of all done (the ones between are paced).
+    ends = [(e["model"], e["phase"], e["done"], e["total"]) for f in channel.frames if f["type"] == "progress"
+            for e in [f["data"]] if e["done"] == e["total"]]
+    assert "box" not in json.dumps(channel.frames) and "Item" not in json.dumps(channel.frames)
+    assert ends == [(1, "loss", 4, 4), (1, "answers", 3, 3), (2, "loss", 4, 4), (2, "answers", 3, 3)], ends
+
+
+def test_progress_reports_are_paced_and_estimate_the_phase_left():
+    now = [100.0]
+    channel = RecordingChannel()
+    report = Reporter(channel, 0, 2, every_s=1.0, clock=lambda: now[0])
+    now[0] = 102.0
+    report("loss", 10, 40)  # 10 records in 2 s: 6 s left
+    now[0] = 102.5
+    report("loss", 20, 40)  # within a second of the last report: not sent
+    now[0] = 104.0
+    report("loss", 40, 40)
+    now[0] = 105.0
+    report("answers", 8, 16)  # the answers began at the loss pass's last step: 8 in 1 s
+    data = [f["data"] for f in channel.frames]
+    assert [(d["phase"], d["done"], d["seconds_left"]) for d in data] == [
+        ("loss", 10, 6.0), ("loss", 40, 0.0), ("answers", 8, 1.0)]
+    assert data[0] == {"model": 1, "models": 2, "phase": "loss", "done": 10, "total": 40, "seconds_left": 6.0}
+    assert [f["message"] for f in channel.frames][0] == "Model 1/2: loss 10 of 40"
 
 
 def test_a_stop_ends_it_as_cancelled_with_nothing_sent(tiny):
