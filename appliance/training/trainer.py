@@ -362,7 +362,8 @@ def _validate_after(run: _Run) -> float | None:
     """The validation loss after training (``None`` without validation data)."""
     if not run.val_set:
         return None
-    valid_after = _evaluate(run.setup, run.val_set, run.stop)
+    valid_after = _evaluate(run.setup, run.val_set, run.stop, on_progress=_phase_progress(
+        "validation after training", "example", run.event, run.state.step, run.stop, time.monotonic(), quiet_when_quick=True))
     run.event("validation", run.state.step, valid_loss=valid_after, trained_tokens=run.state.trained_tokens,
               message="validation loss after training")
     return valid_after
@@ -460,10 +461,14 @@ PHASE_EVENT_SECONDS = 10.0
 
 
 def _phase_progress(phase: str, item: str, event: Callable[..., None], step: int, stop: Callable[[], bool],
-                    started: float) -> Callable[[int, int], None]:
+                    started: float, *, quiet_when_quick: bool = False) -> Callable[[int, int], None]:
     """A progress callback for a post-training phase: an event with the time left, every
-    :data:`PHASE_EVENT_SECONDS` at most; stops the phase when the job is cancelled."""
+    :data:`PHASE_EVENT_SECONDS` at most; stops the phase when the job is cancelled.
+
+    ``quiet_when_quick``: a phase that ends within :data:`PHASE_EVENT_SECONDS` says nothing (the validation
+    pass, whose result is its own event); otherwise the end is always reported."""
     last = [started]
+    reported = [not quiet_when_quick]
 
     def report(done: int, total: int) -> None:
         if stop():
@@ -471,7 +476,9 @@ def _phase_progress(phase: str, item: str, event: Callable[..., None], step: int
         now = time.monotonic()
         if done < total and now - last[0] < PHASE_EVENT_SECONDS:
             return
-        last[0] = now
+        if done >= total and not reported[0]:
+            return
+        last[0], reported[0] = now, True
         elapsed = now - started
         left = elapsed / done * (total - done) if done else 0.0
         event("info", step, message=f"{phase}: {item} {done} of {total} ({elapsed:.0f} s"
@@ -649,8 +656,10 @@ def _train_step(
     return loss_total, sum(len(e) for e in examples)
 
 
-def _evaluate(setup: Setup, examples: list[Example], stop: Callable[[], bool]) -> float:
-    """Mean loss per target token over ``examples``, packed into rows of about EVAL_TOKEN_BUDGET tokens."""
+def _evaluate(setup: Setup, examples: list[Example], stop: Callable[[], bool],
+              on_progress: Callable[[int, int], None] | None = None) -> float:
+    """Mean loss per target token over ``examples``, packed into rows of about EVAL_TOKEN_BUDGET tokens;
+    ``on_progress(done, total)`` after each row."""
     causal_lm = setup.model.get_base_model()
     total, count = 0.0, 0
     setup.model.eval()
@@ -669,6 +678,8 @@ def _evaluate(setup: Setup, examples: list[Example], stop: Callable[[], bool]) -
                     total += packed_loss_sum(causal_lm, batch).item()
                 count += batch.n_targets
                 start = end
+                if on_progress is not None:
+                    on_progress(start, len(examples))
     finally:
         setup.model.train()
     return total / count

@@ -93,6 +93,18 @@ def test_phase_progress_estimates_the_time_left_and_stops_on_cancel():
     # the same figures as data, which the job lists show (tests/unit/jobs/test_scheduler_streams.py)
     assert phases[0] == {"name": "canary exposure", "done": 1, "total": 4, "seconds_left": 60}
     assert phases[1] == {"name": "canary exposure", "done": 4, "total": 4, "seconds_left": 0}
+    # the validation pass after training: quiet when it is quick, its progress when it is long
+    quick = []
+    report = _phase_progress("validation after training", "example", lambda k, s, **f: quick.append(f["message"]), 7,
+                             lambda: False, time.monotonic(), quiet_when_quick=True)
+    report(1, 2)
+    report(2, 2)
+    assert quick == []
+    report = _phase_progress("validation after training", "example", lambda k, s, **f: quick.append(f["message"]), 7,
+                             lambda: False, time.monotonic() - 30, quiet_when_quick=True)
+    report(1, 2)
+    report(2, 2)
+    assert quick[0] == "validation after training: example 1 of 2 (30 s, about 30 s left)" and len(quick) == 2
     stopping = _phase_progress("extraction probe", "value", lambda *a, **k: None, 7, lambda: True, time.monotonic())
     with pytest.raises(Cancelled):
         stopping(1, 3)
