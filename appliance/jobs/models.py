@@ -58,6 +58,12 @@ class FineTuningJob(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     estimated_finish: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    #: a hyperparameter search (issue 24): its spec (space, fixed values, budget) and trial table; such a job
+    #: trains nothing itself (the scheduler never claims it), its trials are child jobs (``search_id``)
+    search: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
+    #: a search trial: the search job's id and the trial's number in its study
+    search_id: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    trial_number: Mapped[int | None] = mapped_column(Integer, default=None)
 
 
 class JobEvent(Base):
