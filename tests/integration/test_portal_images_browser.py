@@ -34,6 +34,7 @@ PROMPT = "a photo of sks disc"
 @pytest.fixture(scope="module")
 def image_portal(tmp_path_factory):
     """`appliance serve` with the tiny language model and the tiny (random) Stable Diffusion pipeline."""
+    from appliance.diffusion.tiny import build_tiny_clip_model, build_tiny_dino_model
     from appliance.modelstore import build_tiny_causal_lm
 
     tmp = tmp_path_factory.mktemp("portal-images")
@@ -41,6 +42,9 @@ def image_portal(tmp_path_factory):
     run_cli(home, "init")
     run_cli(home, "models", "import", str(build_tiny_causal_lm(tmp / "tiny", seed=0)), "--name", "tiny-llama")
     run_cli(home, "models", "import", "--demo-images")
+    # fidelity evaluators (random: their figures mean nothing, the page's showing them is what is tested)
+    run_cli(home, "models", "import", str(build_tiny_clip_model(tmp / "clip", seed=0)), "--name", "tiny-clip")
+    run_cli(home, "models", "import", str(build_tiny_dino_model(tmp / "dino", seed=0)), "--name", "tiny-dino")
     run_cli(home, "projects", "add", "acme")
     run_cli(home, "users", "add", "olivia", "--role", "data-owner", "--project", "acme")
     for role in ("trainer", "consumer"):
@@ -127,6 +131,13 @@ def test_image_dataset_job_and_playground_in_the_browser(image_portal, browser, 
     wait_succeeded(page)
     evaluation = page.inner_text("#evaluation")
     assert "Subject fidelity" in evaluation and "12 of 12" in evaluation
+    for key in ("clip_i", "dino", "clip_t"):  # the learned fidelity figures, before and after
+        assert re.search(r"before → after\s+-?[\d.]+ → -?[\d.]+", page.inner_text(f"#fidelity-{key}")), key
+    assert page.inner_text("#fidelity-metric").startswith("Evaluators: tiny-clip (clip), tiny-dino (dino).")
+    memory = page.inner_text("#memory")  # the image memory plan beside the measured peak
+    assert re.search(r"Planned peak\s+[\d.]+ GiB on cpu .*· 4 image\(s\) of \d+ px per micro-batch · gradient "
+                     r"checkpointing (on|off) · 8-bit Adam off", memory), memory
+    assert re.search(r"Measured peak\s+[\d.]+ GiB", memory), memory
     assert page.inner_text("#class-images-file") == class_id
     assert "2 uploaded class images for 'a photo of a disc'" in page.inner_text("main")
     assert "before_after.png" in page.inner_text("main")  # a trainer sees the file, not the training images
@@ -161,6 +172,14 @@ def test_image_dataset_job_and_playground_in_the_browser(image_portal, browser, 
     page.wait_for_function("() => [...document.querySelectorAll('img.grid')]"
                            ".every(i => i.complete && i.naturalWidth > 0)")
     shot(page, "images-03-job-succeeded")
+
+    switch_role(page, "trainer @ acme")
+    page.goto("/models")  # the image model's card: its native size and each method's planned memory
+    card = page.locator("#base-models tbody tr").filter(has_text=DEMO_IMAGE_MODEL_NAME).inner_text()
+    assert re.search(r"\d+ px", card) and re.search(r"DreamBooth\+LoRA: [\d.]+ GiB \(\d+ px", card), card
+    assert re.search(r"DreamBooth: [\d.]+ GiB", card) and "Start with LoRA" in card
+    assert "Memory" not in page.locator("#base-models tbody tr").filter(has_text="tiny-clip").inner_text()
+    shot(page, "images-05-models")
 
     context.close()
 
