@@ -32,13 +32,28 @@ def validate_method(method: Any, *, base_kind: str, seed: int | None = None) -> 
         if isinstance(method, dict) and seed is not None:
             method = _with_seed(method, seed)
         image_spec = ImageTrainingSpec.from_method(method)
-        return image_spec.method, image_spec.hyperparameters.to_dict()
+        hp = image_spec.hyperparameters
+        if hp.train_text_encoder is True and image_spec.method in ("lora", "dreambooth_lora"):
+            _check_text_encoder_lora(image_spec.method)
+        return image_spec.method, hp.to_dict()
     if base_kind != "llm":
         raise InvalidRequestError(f"base models of kind {base_kind!r} cannot be fine-tuned", param="model")
     if isinstance(method, dict) and seed is not None:
         method = _with_seed(method, seed)
     spec = TrainingSpec.from_method(method)
     return spec.method, spec.hyperparameters.to_dict()
+
+
+def _check_text_encoder_lora(method: str) -> None:
+    """Refuse text-encoder LoRA at creation where this appliance's transformers/peft pair cannot attach it
+    (the worker would refuse it at the start of the run; a person should hear it now, at the field)."""
+    from appliance.diffusion.compat import text_encoder_lora_supported
+
+    supported, why = text_encoder_lora_supported()
+    if not supported:
+        raise InvalidRequestError(f"`train_text_encoder` with LoRA is not available on this appliance: {why}; set "
+                                  "it to false (or use full DreamBooth, which trains the text encoder whole)",
+                                  param=f"method.{method}.hyperparameters.train_text_encoder")
 
 
 def capabilities(base_kind: str, method: str) -> RecipeCapabilities | None:

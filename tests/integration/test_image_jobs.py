@@ -122,6 +122,16 @@ def test_image_jobs_need_image_datasets(client, image_model, make_token):
         api.fine_tuning.jobs.create(model=image_model, training_file=text_file, method={
             "type": "dreambooth", "dreambooth": {"hyperparameters": {"resolution": -5, "snr_gamma": "x"}}})
     assert "resolution" in info.value.message and "snr_gamma" in info.value.message
+    # text-encoder LoRA where this appliance's transformers/peft pair cannot attach it: refused now, at the field,
+    # not at the start of the run (full DreamBooth trains the encoder whole and is unaffected)
+    from appliance.diffusion.compat import text_encoder_lora_supported
+
+    if not text_encoder_lora_supported()[0]:
+        with pytest.raises(openai.BadRequestError) as info:
+            api.fine_tuning.jobs.create(model=image_model, training_file=text_file, method={
+                "type": "dreambooth_lora", "dreambooth_lora": {"hyperparameters": {"train_text_encoder": True}}})
+        assert info.value.body["param"] == "method.dreambooth_lora.hyperparameters.train_text_encoder"
+        assert "needs peft >= " in info.value.message and "set it to false" in info.value.message
 
 
 def square(size: int = 48) -> bytes:

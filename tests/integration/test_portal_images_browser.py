@@ -252,6 +252,15 @@ def test_job_form_without_javascript_shows_errors_inline_and_keeps_the_inputs(im
     assert page.get_by_label("DreamBooth + LoRA").is_checked()
     assert page.inner_text("#hp-learning_rate-err") == ""
     shot(page, "form-01-image-error-no-js")
+    from appliance.diffusion.compat import text_encoder_lora_supported
+
+    if not text_encoder_lora_supported()[0]:  # text-encoder LoRA this appliance cannot attach: said at its field
+        page.get_by_label("max_train_steps").fill("3")
+        page.get_by_label("train_text_encoder").check()
+        page.get_by_role("button", name="Start training").click()
+        error = page.inner_text("#hp-train_text_encoder-err")
+        assert "not available on this appliance" in error and "set it to false" in error, error
+        assert page.inner_text("#hp-max_train_steps-err") == ""
 
     page.goto("/jobs/new?model=tiny-llama")
     page.get_by_label(re.compile("^epsilon")).fill("-1")
