@@ -48,8 +48,17 @@ def job_object(view: JobView) -> JobObject:
         class_images_file=r.class_images_file,
         trained_tokens=r.trained_tokens, seed=r.seed, estimated_finish=_ts(r.estimated_finish),
         user_provided_suffix=r.suffix, metrics=r.metrics or {}, resumable=r.resumable, compute=r.compute or {},
-        memorization=public_view(r.memorization), privacy=r.privacy or {},
+        memorization=public_view(r.memorization), privacy=r.privacy or {}, search=_search_view(r),
     )
+
+
+def _search_view(r) -> dict[str, Any] | None:
+    """A search job's space, budget and trial table; a trial's search job and number; None for other jobs."""
+    if r.search is not None:
+        return {k: v for k, v in r.search.items() if k != "fixed"}  # the fixed values are the method's
+    if r.search_id is not None:
+        return {"search_id": r.search_id, "trial": r.trial_number}
+    return None
 
 
 class JobController(Controller):

@@ -51,6 +51,7 @@ from appliance.jobs.isolation import IsolationLevel, SandboxUnavailable
 from appliance.jobs.isolation import check as isolation_problem
 from appliance.jobs.models import FineTuningJob, JobCheckpoint
 from appliance.jobs.sandbox import WorkerLimits, sweep_orphaned_tmpdirs
+from appliance.jobs.search_runner import SearchRunner
 from appliance.jobs.service import add_event
 from appliance.jobs.streams import Incoming, Opener, Receiver, StreamError
 from appliance.jobs.wire import FrameError
@@ -181,6 +182,8 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.busy: Callable[[], bool] = lambda: False
         self._claiming = False
+        #: drives the hyperparameter searches: their trials are jobs this scheduler runs like any other
+        self.searches = SearchRunner(db, concurrency=self.settings.max_concurrent, wake=self.wake)
 
     # -- lifecycle ----------------------------------------------------------
     @property
@@ -238,7 +241,7 @@ class Scheduler:
         now = utcnow()
         with self.db.transaction() as s:
             owners = s.execute(select(FineTuningJob.id, FineTuningJob.worker)
-                               .where(FineTuningJob.status == "running")).all()
+                               .where(FineTuningJob.status == "running", FineTuningJob.search.is_(None))).all()
             gone = [and_(FineTuningJob.id == job_id, FineTuningJob.worker == owner)
                     for job_id, owner in owners if _owner_exited(owner, self.node)]
             # The lock re-checks the conditions on the newest row: a lease renewed, or a
@@ -246,7 +249,7 @@ class Scheduler:
             # scheduler is recovering or finishing to it.
             stale = list(s.scalars(
                 select(FineTuningJob).where(
-                    FineTuningJob.status == "running",
+                    FineTuningJob.status == "running", FineTuningJob.search.is_(None),  # a search has no worker
                     or_(FineTuningJob.lease_expires_at.is_(None), FineTuningJob.lease_expires_at <= now, *gone))
                 .order_by(FineTuningJob.id).with_for_update(skip_locked=True)))
             for job in stale:
@@ -278,6 +281,7 @@ class Scheduler:
             self._last_beat = time.monotonic()
             self._renew_leases()
             self.recover()
+        self.searches.tick()  # before promoting: a trial it creates is queued and claimed in this same tick
         self._promote_validated()
         self._forward_cancellations()
         with self._lock:
@@ -349,7 +353,8 @@ class Scheduler:
         """
         now = utcnow()
         with self.db.transaction() as s:
-            job = s.scalar(select(FineTuningJob).where(FineTuningJob.status == "queued")
+            # A search job trains nothing itself: the search driver runs it, its trials are ordinary jobs.
+            job = s.scalar(select(FineTuningJob).where(FineTuningJob.status == "queued", FineTuningJob.search.is_(None))
                            .order_by(FineTuningJob.created_at, FineTuningJob.id).limit(1)
                            .with_for_update(skip_locked=True))
             if job is None:
@@ -409,6 +414,8 @@ class Scheduler:
             "model_kind": base.kind, "datasets": datasets, "compute": job.compute or {},
             "resume_step": checkpoint.step_number if checkpoint else None, "memorization": memorization,
             "isolation": self.isolation, "evaluators": evaluators,
+            # a search trial reports its validation loss after every epoch, for its search's pruner
+            "validate_every_epoch": job.search_id is not None,
         }
         return start, resume
 

@@ -79,6 +79,12 @@ class JobCreate(msgspec.Struct):
     )] | None = None
     memorization: MemorizationOptions | None = None
     compute: ComputeOptions | None = None
+    search: Annotated[dict[str, Any], msgspec.Meta(description=(
+        "A hyperparameter search (language models): the budget, `{\"trials\": 4, \"max_seconds\": 3600, "
+        "\"sampler\": \"tpe\"|\"random\"|\"grid\", \"early_stopping\": \"median\"|\"none\"}`, with "
+        "`method.<type>.hyperparameters` giving `{\"range\": [low, high], \"scale\": \"linear\"|\"log\"}` or "
+        "`{\"choice\": [...]}` for the fields to search. Each trial runs as a job of its own; the trial of the "
+        "lowest validation loss becomes this job's `fine_tuned_model`."))] | None = None
     integrations: Annotated[list[Any], _IGNORED] | None = None
     metadata: Annotated[dict[str, str], _IGNORED] | None = None
 
@@ -118,6 +124,8 @@ class JobObject(msgspec.Struct):
     privacy: dict[str, Any] = msgspec.field(default_factory=dict)
     #: how the job runs: {"workers": n} for n data-parallel workers (an extension of OpenAI's shape)
     compute: dict[str, Any] = msgspec.field(default_factory=dict)
+    #: extension: a search job's space, budget and trials; a trial's search job, number and values
+    search: dict[str, Any] | None = None
     integrations: list[Any] = msgspec.field(default_factory=list)
     metadata: dict[str, str] | None = None
     object: str = "fine_tuning.job"

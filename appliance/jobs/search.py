@@ -36,12 +36,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from appliance.errors import InvalidFieldsError
+from appliance.errors import InvalidFieldsError, InvalidRequestError
+from appliance.jobs.recipes import ALIASES
+from appliance.training.hyperparameters import HYPERPARAMETERS
 from appliance.trainkit.errors import HyperparameterError
 from appliance.trainkit.hyperparameters import AUTO, is_int, is_number, prefix
 
 __all__ = ["SEARCHABLE", "Choice", "Proposal", "Range", "SearchBudget", "SearchSpec", "SearchStudy",
-           "TrialRecord", "parse_search"]
+           "TrialRecord", "budget_message", "largest", "parse_search", "parse_search_method", "spec_of", "stored"]
 
 Sampler = Literal["tpe", "random", "grid"]
 EarlyStopping = Literal["median", "none"]
@@ -442,3 +444,74 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     return value
+
+
+# --------------------------------------------------------------------------- a search job
+
+
+def parse_search_method(method: Any, search: Any) -> tuple[SearchSpec, dict[str, Any]]:
+    """A search job's spec, and its ``method`` with the fixed values only: the template every trial fills in.
+
+    Args:
+        method: The request's ``method`` object, ranges and choices in its hyperparameters.
+        search: The request's ``search`` object.
+
+    Raises:
+        InvalidRequestError: A method that is not a language-model one, or (as :class:`InvalidFieldsError`)
+            every problem of the space and the budget.
+    """
+    named = method.get("type", "lora") if isinstance(method, Mapping) else None
+    kind = ALIASES.get(named, named) if isinstance(named, str) else None
+    if kind not in HYPERPARAMETERS:
+        raise InvalidRequestError(f"`search` varies the hyperparameters of {', '.join(HYPERPARAMETERS)} jobs; "
+                                  f"got method {named!r:.40}", param="search")
+    body = method.get(named) or {}
+    hyperparameters = body.get("hyperparameters") if isinstance(body, Mapping) else None
+    if not isinstance(hyperparameters, Mapping):
+        raise InvalidRequestError(f"`search` needs `method.{kind}.hyperparameters` with a range or choice, such as "
+                                  '"learning_rate": {"range": [1e-4, 1e-2], "scale": "log"}',
+                                  param=f"method.{kind}.hyperparameters")
+    spec = parse_search(kind, hyperparameters, search, lambda values: HYPERPARAMETERS[kind](**values))
+    return spec, {"type": kind, kind: {**body, "hyperparameters": dict(spec.fixed)}}
+
+
+def largest(spec: SearchSpec, names: tuple[str, ...] = ("lora_r", "batch_size")) -> dict[str, Any]:
+    """The largest value of each searched field in ``names``: what the memory plan of every trial must fit."""
+    out = {}
+    for name in names:
+        dim = spec.space.get(name)
+        if isinstance(dim, Choice):
+            out[name] = max(dim.values)
+        elif isinstance(dim, Range):
+            out[name] = int(dim.high) if dim.integer else dim.high
+    return out
+
+
+def stored(spec: SearchSpec) -> dict[str, Any]:
+    """A search job's ``search`` column: the spec (space, budget, fixed values) and its trial table, empty."""
+    return {**spec.to_dict(), "fixed": dict(spec.fixed), "trial_table": [], "best_trial": None}
+
+
+def spec_of(method_type: str, search: Mapping[str, Any]) -> SearchSpec:
+    """The :class:`SearchSpec` a search job's ``search`` column (:func:`stored`) holds."""
+    space = {name: dict(dim) for name, dim in search["space"].items()}
+    budget = {k: search[k] for k in ("trials", "max_seconds", "sampler", "early_stopping")}
+    return parse_search(method_type, {**search["fixed"], **space}, budget,
+                        lambda values: HYPERPARAMETERS[method_type](**values))
+
+
+def budget_message(spec: SearchSpec) -> str:
+    """The creation event stating what the search may spend, before it starts."""
+    b = spec.budget
+    stopping = ("median (a trial whose validation loss at an epoch is worse than the median of earlier trials "
+                "there is stopped)" if b.early_stopping == "median" else "none (every trial runs to its end)")
+    return (f"Hyperparameter search: at most {b.trials} trial{'s' * (b.trials != 1)}"
+            f" within {b.max_seconds} s of wall time, sampler {b.sampler}, early stopping {stopping}; searching "
+            + ", ".join(f"{name} {_describe(dim)}" for name, dim in spec.space.items())
+            + "; the trial of the lowest final validation loss is the search's model")
+
+
+def _describe(dim: Range | Choice) -> str:
+    if isinstance(dim, Choice):
+        return "in {" + ", ".join(str(v) for v in dim.values) + "}"
+    return f"from {dim.low:g} to {dim.high:g}" + (" (log scale)" if dim.scale == "log" else "")

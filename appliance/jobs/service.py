@@ -38,6 +38,7 @@ from appliance.jobs.planning import (
     training_device,
 )
 from appliance.jobs.recipes import DATASET_PURPOSE, capabilities, validate_method
+from appliance.jobs.search import budget_message, largest, parse_search_method, stored
 from appliance.jobs.schemas import SUFFIX_EXPECTED, SUFFIX_PATTERN
 from appliance.training.data import holdout_size
 from appliance.training.hyperparameters import SHARDING
@@ -113,6 +114,31 @@ def unfinished_job_using(s: Session, file_id: str) -> str | None:
             FineTuningJob.class_images_file == file_id),
         FineTuningJob.status.notin_(TERMINAL)).limit(1))
 
+def request_cancel(s: Session, ctx: AuditContext, job: FineTuningJob, project: str, *,
+                   reason: str | None = None) -> None:
+    """Cancel ``job`` (row-locked by the caller, not yet ended), audited in ``s``: a running one is told to
+    stop (the scheduler forwards it to the worker), any other ends at once.
+
+    Args:
+        reason: Why the system cancels it (``pruned``, ``max_seconds``); None when a person asked.
+    """
+    why = f" ({reason})" if reason else ""
+    if job.status == "running" and job.search is None:
+        job.cancel_requested = True
+        add_event(s, job.id, "Cancellation requested" + why)
+    elif job.status == "running":  # a search: its driver cancels its trials, then the search ends
+        job.cancel_requested = True
+        add_event(s, job.id, "Cancellation requested: running trials are cancelled, no further trial starts")
+    else:
+        job.status, job.finished_at, job.resumable = "cancelled", utcnow(), False
+        add_event(s, job.id, "Job cancelled" + why)
+    details: dict[str, Any] = {"status": job.status}
+    if job.search_id is not None:
+        details |= {"search_id": job.search_id, "trial": job.trial_number}
+    record(s, ctx, "job.cancel", resource_type="fine_tuning_job", resource_id=job.id, project=project,
+           reason=reason, details=details)
+
+
 class JobService:
     """Validates requests and moves jobs through their states; the scheduler runs them.
 
@@ -186,7 +212,19 @@ class JobService:
         if seed is None:
             seed = explicit if isinstance(explicit, int) else secrets.randbelow(2**31)
         method_type, hyperparameters, memorization, compute = None, {}, {}, {}
-        if base is not None:
+        search, searched_at_most, search_failed = None, {}, False
+        if body.get("search") is not None and base is not None:
+            if base.kind != "llm":
+                problems.add(InvalidRequestError(
+                    "`search` varies the hyperparameters of language-model jobs (lora, qlora); image jobs take "
+                    "fixed values: remove `search` and give each hyperparameter one value", param="search"))
+            else:
+                with problems.collect():  # the trials' template: the fixed values, validated as a job's below
+                    search, method = parse_search_method(method, body["search"])
+                    searched_at_most = largest(search)
+                # with the space refused, the method's ranges would only be reported again as bad values
+                search_failed = search is None
+        if base is not None and not search_failed:
             with problems.collect():
                 method_type, hyperparameters = validate_method(method, base_kind=base.kind, seed=seed)
             with problems.collect():
@@ -200,8 +238,9 @@ class JobService:
                     f"{compute['workers']}", param="compute.workers"))
             if base.kind == "llm" and method_type is not None and not problems.errors:
                 with problems.collect():  # a job that cannot fit is refused now, not an hour in
-                    plan = plan_or_problem(base.path, method_type, hyperparameters, compute, self.training_device(),
-                                           max_workers=self.max_workers)
+                    # a search's plan takes each searched dimension's largest rank and batch: every trial fits
+                    plan = plan_or_problem(base.path, method_type, {**hyperparameters, **searched_at_most}, compute,
+                                           self.training_device(), max_workers=self.max_workers)
                     if plan is not None:
                         compute = {**compute, "plan": plan}
             if base.kind == "diffusion" and method_type is not None and not problems.errors:
@@ -250,11 +289,13 @@ class JobService:
                 training_file=training.id, validation_file=validation.id if validation else None, suffix=suffix,
                 class_images_file=class_images.id if class_images else None,
                 seed=seed, method_type=method_type, hyperparameters=hyperparameters, status="validating_files",
-                memorization=memorization, compute=compute,
+                memorization=memorization, compute=compute, search=stored(search) if search else None,
             )
             s.add(job)
             s.flush()
             add_event(s, job.id, f"Created fine-tuning job: {job.id}")
+            if search is not None:  # the budget, stated before the first trial starts
+                add_event(s, job.id, budget_message(search), type="search", data={"search": search.to_dict()})
             add_event(s, job.id, "Validating training file: " + training.id)
             if base.kind == "llm":
                 held = validation.records if validation is not None else holdout_size(training.records)
@@ -272,7 +313,8 @@ class JobService:
                    details={"model": base.name, "method": method_type, "training_file": training.id,
                             "validation_file": job.validation_file, "class_images_file": job.class_images_file,
                             "hyperparameters": hyperparameters,
-                            "seed": seed, "memorization": public_view(memorization), "compute": compute})
+                            "seed": seed, "memorization": public_view(memorization), "compute": compute,
+                            "search": search.to_dict() if search else None})
         self.wake()
         return JobView(job, project.name)
 
@@ -368,14 +410,7 @@ class JobService:
             job = s.get(FineTuningJob, job_id, with_for_update=True)
             if job.status in TERMINAL:
                 raise ConflictError(f"job {job_id} is already {job.status}", param="fine_tuning_job_id")
-            if job.status == "running":
-                job.cancel_requested = True
-                add_event(s, job.id, "Cancellation requested")
-            else:
-                job.status, job.finished_at, job.resumable = "cancelled", utcnow(), False
-                add_event(s, job.id, "Job cancelled")
-            record(s, ctx, "job.cancel", resource_type="fine_tuning_job", resource_id=job_id, project=view.project,
-                   details={"status": job.status})
+            request_cancel(s, ctx, job, view.project)
         self.wake()
         return self._job(principal, job_id)
 
@@ -385,6 +420,10 @@ class JobService:
         with self.db.transaction() as s:
             # Locked: on PostgreSQL a scheduler may be claiming or finishing the job meanwhile.
             job = s.get(FineTuningJob, job_id, with_for_update=True)
+            if job.search is not None or job.search_id is not None:
+                raise ConflictError(f"job {job_id} is a hyperparameter search" + (
+                    "" if job.search is not None else f" trial (of {job.search_id})") + "; a search does not resume: "
+                    "create a new search job", param="fine_tuning_job_id")
             if job.status not in ("failed", "cancelled") or (job.status == "failed" and not job.resumable):
                 raise ConflictError(
                     f"job {job_id} is {job.status}" + (" and not resumable" if job.status == "failed" else "")

@@ -49,7 +49,7 @@ def run_task(channel: Channel, start: dict[str, Any], datasets: dict[str, Any], 
         on_event=on_event, open_checkpoint=open_checkpoint, should_stop=channel.stop.is_set,
         resume_from=resume, base_model_name=Path(start["model_dir"]).name,
         canaries=canaries, canary_repetitions=memorization.get("canary_repetitions", 1), probe_targets=probe_targets,
-        sharding=worker_sharding(start.get("compute")),
+        sharding=worker_sharding(start.get("compute")), validate_every_epoch=bool(start.get("validate_every_epoch")),
     )
     if result.status == "cancelled":
         channel.send({"type": "cancelled", "step": result.metrics.steps})
