@@ -14,8 +14,8 @@ from appliance.trainkit.events import AsDict
 #: How the subject-fidelity proxy is computed (also in the metrics, so a reader of a job cannot miss it).
 FIDELITY_PROXY = (
     "proxy: colour-histogram intersection (RGB, 4x4x4 bins) of each generation for the instance prompt with "
-    "the instance images' mean histogram, averaged; 1 = same colour distribution. Not CLIP-I/DINO: no such "
-    "weights are installed"
+    "the instance images' mean histogram, averaged; 1 = same colour distribution. A proxy, not CLIP-I/DINO: "
+    "those are measured beside it when an evaluator model is imported"
 )
 #: What the learned figures are when no evaluator model is imported (the proxy is all there is).
 NO_EVALUATOR = ("no CLIP or DINO evaluator model is imported: only the colour proxy above is measured; an admin "

@@ -32,7 +32,7 @@ from appliance.jobs.recipes import DATASET_PURPOSE, registry_of
 from appliance.jobs.schemas import SUFFIX_EXPECTED, SUFFIX_PATTERN
 from appliance.jobs.service import ACTIVE, CLASS_IMAGE_METHODS, JobService, Phase
 from appliance.db.base import utcnow
-from appliance.portal.render import line_chart, page, percent, portal, session_of
+from appliance.portal.render import line_chart, page, percent, portal, scatter_chart, session_of
 from appliance.web.context import audit_context
 from appliance.services import AppState
 
@@ -80,7 +80,8 @@ FIELDS: dict[str, list[Field]] = {
         Field("checkpoint_every_steps", "0 = never", min=0, integer=True),
     ],
     "diffusion": [
-        Field("resolution", "pixels, a multiple of 8; auto = the model's size"),
+        Field("resolution", "pixels, a multiple of 8; auto = the model's native size (1024 for SDXL, 512 for "
+                            "SD 1.5); SDXL sorts photos of other shapes into aspect-ratio buckets"),
         Field("max_train_steps", "optimizer steps, e.g. 500"),
         Field("learning_rate", "e.g. 1e-4 (LoRA), 5e-6 (DreamBooth)"),
         Field("rank", "LoRA rank, e.g. 4"),
@@ -93,7 +94,7 @@ FIELDS: dict[str, list[Field]] = {
         Field("snr_gamma", "empty = plain MSE; 5.0 is usual", type="number", default=""),
         Field("mixed_precision", "auto = bf16 where the GPU has it", type="select",
               choices=("auto", "no", "fp16", "bf16")),
-        Field("train_text_encoder", "also train the text encoder", type="checkbox", default=""),
+        Field("train_text_encoder", "also train the text encoder (both of SDXL's)", type="checkbox", default=""),
         Field("gradient_checkpointing", "recompute activations: less memory, slower steps; auto = the plan's choice",
               type="select", choices=("auto", "on", "off")),
         Field("use_8bit_adam", "8-bit optimizer state (bitsandbytes): less memory; auto = the plan's",
@@ -370,6 +371,27 @@ def canary_verdict(canaries: dict[str, Any] | None, max_bits: float | None) -> s
             "model, though far from being reproduced. Watch this figure if the data repeats secrets.")
 
 
+def search_view(search: dict[str, Any]) -> dict[str, Any]:
+    """A search job's trials for its page: a row per trial (values, state, validation loss, its job) and a plot
+    of validation loss per searched parameter (a pruned trial at its last report, hollow; the best ringed)."""
+    best = search.get("best_trial")
+    rows = []
+    for r in search.get("trial_table") or []:
+        reports = r.get("reports") or {}
+        last = reports[max(reports, key=int)] if reports else None
+        kind = "best" if r["number"] == best else r["state"]
+        rows.append({**r, "kind": kind, "shown": r.get("value") if r.get("value") is not None else last,
+                     "params_text": ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
+                                              for k, v in r["params"].items())})
+    charts = []
+    for name, dim in (search.get("space") or {}).items():
+        points = [(float(r["params"][name]), float(r["shown"]), "best" if r["kind"] == "best" else
+                   "pruned" if r["state"] == "pruned" else "complete")
+                  for r in rows if r["shown"] is not None and isinstance(r["params"].get(name), int | float)]
+        charts.append({"name": name, "svg": scatter_chart(points, x_label=name, log_x=dim.get("scale") == "log")})
+    return {"rows": rows, "charts": charts, "budget": search, "best": best}
+
+
 @get("/jobs/{job_id:str}", opt=portal(Permission.JOBS_READ), include_in_schema=False, sync_to_thread=True)
 def job_page(request: Request, jobs: NamedDependency[JobService], files: NamedDependency[FileService],
              catalog: NamedDependency[CatalogService], job_id: FromPath[str]) -> Template:
@@ -394,6 +416,7 @@ def job_page(request: Request, jobs: NamedDependency[JobService], files: NamedDe
         _, chunks = files.content(principal, audit_context(request), sample_file["id"])
         samples = json.loads(b"".join(chunks)).get("samples") or []
     return page(request, "job.html", section="jobs", title=view.row.id, view=view, events=events[:200],
+                search=search_view(view.row.search) if view.row.search else None,
                 checkpoints=checkpoints, progress=progress, kind=kind, privacy=privacy,
                 canary_max_bits=max_bits, canary_verdict=canary_verdict(privacy.get("canaries"), max_bits),
                 results=[r for r in results if r is not sample_file], sample_file=sample_file, samples=samples,

@@ -34,7 +34,7 @@ PROMPT = "a photo of sks disc"
 @pytest.fixture(scope="module")
 def image_portal(tmp_path_factory):
     """`appliance serve` with the tiny language model and the tiny (random) Stable Diffusion pipeline."""
-    from appliance.diffusion.tiny import build_tiny_clip_model, build_tiny_dino_model
+    from appliance.diffusion.tiny import build_tiny_clip_model, build_tiny_dino_model, build_tiny_sdxl_pipeline
     from appliance.modelstore import build_tiny_causal_lm
 
     tmp = tmp_path_factory.mktemp("portal-images")
@@ -42,6 +42,7 @@ def image_portal(tmp_path_factory):
     run_cli(home, "init")
     run_cli(home, "models", "import", str(build_tiny_causal_lm(tmp / "tiny", seed=0)), "--name", "tiny-llama")
     run_cli(home, "models", "import", "--demo-images")
+    run_cli(home, "models", "import", str(build_tiny_sdxl_pipeline(tmp / "sdxl", seed=0)), "--name", "tiny-sdxl")
     # fidelity evaluators (random: their figures mean nothing, the page's showing them is what is tested)
     run_cli(home, "models", "import", str(build_tiny_clip_model(tmp / "clip", seed=0)), "--name", "tiny-clip")
     run_cli(home, "models", "import", str(build_tiny_dino_model(tmp / "dino", seed=0)), "--name", "tiny-dino")
@@ -180,6 +181,25 @@ def test_image_dataset_job_and_playground_in_the_browser(image_portal, browser, 
     assert re.search(r"DreamBooth: [\d.]+ GiB", card) and "Start with LoRA" in card
     assert "Memory" not in page.locator("#base-models tbody tr").filter(has_text="tiny-clip").inner_text()
     shot(page, "images-05-models")
+
+    # SDXL through the form: named as such with its native size; the photos go into aspect-ratio buckets
+    page.goto("/jobs/new")
+    page.get_by_label("Base model").select_option("tiny-sdxl")
+    page.wait_for_selector("#job-form[data-kind='diffusion']")
+    assert re.search(r"tiny-sdxl \(SDXL, \d+ px native", page.locator("#model option:checked").inner_text())
+    assert "1024 for SDXL" in page.inner_text("main") and "both of SDXL's" in page.inner_text("main")
+    page.get_by_label("Training dataset").select_option(file_id)
+    page.get_by_label("DreamBooth + LoRA").check()
+    for field, value in (("max_train_steps", "2"), ("train_batch_size", "2"), ("validation_every_steps", "0"),
+                         ("checkpoint_every_steps", "0")):
+        page.get_by_label(field).fill(value)
+    page.get_by_role("button", name="Start training").click()
+    page.wait_for_url(re.compile(r"/jobs/ftjob-"))
+    wait_succeeded(page)
+    assert "aspect-ratio bucket(s)" in page.inner_text("#job-events")
+    assert re.search(r"Planned peak\s+[\d.]+ GiB", page.inner_text("#memory"))
+    assert page.inner_text("#ft-model").startswith("ft:tiny-sdxl:acme::")
+    shot(page, "images-06-sdxl-job")
 
     context.close()
 
