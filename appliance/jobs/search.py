@@ -319,10 +319,8 @@ class SearchStudy:
         self._optuna = optuna
         self.distributions = {name: _distribution(optuna, dim) for name, dim in spec.space.items()}
         budget = spec.budget
-        if budget.sampler == "random" or budget.sampler == "grid":
-            sampler = optuna.samplers.RandomSampler(seed=seed)
-        else:
-            sampler = optuna.samplers.TPESampler(seed=seed)
+        self.seed = seed
+        sampler = self._sampler(seed)
         pruner = (optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=0)
                   if budget.early_stopping == "median" else optuna.pruners.NopPruner())
         self.study = optuna.create_study(direction="minimize", sampler=sampler, pruner=pruner)
@@ -424,6 +422,15 @@ class SearchStudy:
                     intermediate_values=dict(record.reports)))
             self.records[record.number] = TrialRecord(record.number, dict(record.params), record.state,
                                                       record.value, dict(record.reports))
+        # A sampler seeded as a fresh study's would propose the first trial's values again: its seed follows
+        # the history instead, so a study restored after each trial still draws new values, reproducibly.
+        if records:
+            self.study.sampler = self._sampler(self.seed + 7919 * len(records))
+
+    def _sampler(self, seed: int) -> Any:
+        if self.spec.budget.sampler in ("random", "grid"):
+            return self._optuna.samplers.RandomSampler(seed=seed)
+        return self._optuna.samplers.TPESampler(seed=seed)
 
     def table(self) -> list[dict[str, Any]]:
         """The trials as rows (number, state, values, final validation loss, epochs reported), for the job page."""
