@@ -55,7 +55,10 @@ def job_object(view: JobView) -> JobObject:
 def _search_view(r) -> dict[str, Any] | None:
     """A search job's space, budget and trial table; a trial's search job and number; None for other jobs."""
     if r.search is not None:
-        return {k: v for k, v in r.search.items() if k != "fixed"}  # the fixed values are the method's
+        shown = {k: v for k, v in r.search.items() if k != "fixed"}  # the fixed values are the method's
+        shown["trial_table"] = [{k: v for k, v in row.items() if k not in ("seen", "stopping")}
+                                for row in r.search.get("trial_table") or []]
+        return shown
     if r.search_id is not None:
         return {"search_id": r.search_id, "trial": r.trial_number}
     return None

@@ -8,13 +8,14 @@ from sqlalchemy import select
 from appliance.audit.models import AuditEvent
 from appliance.jobs.models import FineTuningJob
 from tests.conftest import bearer
+from tests.integration.test_evaluations import portal_headers
 from tests.integration.test_jobs import api_for, owner, qa, tiny_model, trainer, upload, wait_for  # noqa: F401 (fixtures)
 
 #: A small space on the tiny model: 3 epochs (per-epoch reports for the pruner), few steps, no probe.
 SEARCH_BODY = {
     "seed": 3, "memorization": {"extraction_probe": False},
     "method": {"type": "lora", "lora": {"hyperparameters": {
-        "learning_rate": {"range": [1e-4, 3e-2], "scale": "log"}, "lora_r": {"choice": [2, 4]},
+        "learning_rate": {"range": [1e-4, 1e-2], "scale": "log"}, "lora_r": {"choice": [2, 4]},
         "n_epochs": 3, "batch_size": 8, "max_seq_length": 64, "checkpoint_every_steps": 0}}},
     "search": {"trials": 4, "max_seconds": 600, "sampler": "random", "early_stopping": "median"},
 }
@@ -37,6 +38,7 @@ def test_a_search_of_four_trials_ends_with_the_model_of_the_least_validation_los
     search = job.model_extra["search"]
     table = search["trial_table"]
     assert [r["number"] for r in table] == [0, 1, 2, 3]
+    assert len({r["params"]["learning_rate"] for r in table}) == 4, table  # each trial its own values
     complete = [r for r in table if r["state"] == "complete"]
     assert len(complete) >= 2 and all(r["state"] in ("complete", "pruned") for r in table), table
     best = min(complete, key=lambda r: r["value"])
@@ -76,6 +78,15 @@ def test_a_search_of_four_trials_ends_with_the_model_of_the_least_validation_los
         if trial.status == "cancelled":  # pruned: cancelled by the search through the normal path
             cancel = next(e for e in actions if e.action == "job.cancel")
             assert cancel.reason == "pruned" and cancel.actor == "system:search"
+    # the job page: the trials' table (each linking to its job) and a plot per searched parameter
+    page = client.get(f"/jobs/{job.id}", headers=portal_headers(state, "trish")).text
+    assert 'id="search-trials"' in page and page.count('<a href="/jobs/ftjob-') == 4, page
+    assert f"{best['number']} <strong>(best)</strong>" in page
+    for name in ("learning_rate", "lora_r"):
+        assert f'id="search-chart-{name}"><svg role="img" aria-label="validation loss by {name}"' in page
+    assert page.count("<circle") >= len(complete) and "style=" not in page.split('id="search-h"')[1]
+    trial_page = client.get(f"/jobs/{table[0]['job_id']}", headers=portal_headers(state, "trish")).text
+    assert f'Trial 0 of the hyperparameter search <a href="/jobs/{job.id}">' in trial_page
     # a search does not resume; its trials run as ordinary jobs of the project
     assert client.post(f"/v1/fine_tuning/jobs/{job.id}/resume", headers=bearer(trainer)).status_code == 409
 
