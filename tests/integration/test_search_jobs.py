@@ -9,6 +9,7 @@ from appliance.audit.models import AuditEvent
 from appliance.jobs.models import FineTuningJob
 from tests.conftest import bearer
 from tests.integration.test_evaluations import portal_headers
+from tests.integration.test_image_jobs import image_model  # noqa: F401 (fixture)
 from tests.integration.test_jobs import api_for, owner, qa, tiny_model, trainer, upload, wait_for  # noqa: F401 (fixtures)
 
 #: A small space on the tiny model: 3 epochs (per-epoch reports for the pruner), few steps, no probe.
@@ -110,3 +111,13 @@ def test_a_search_is_validated_naming_each_field(client, tiny_model, trainer, ow
     resp = client.post("/v1/fine_tuning/jobs", headers=bearer(trainer), json=plain)
     assert resp.status_code == 400 and "lora_r" in resp.json()["error"]["param"], resp.text
     assert client.get("/v1/fine_tuning/jobs", headers=bearer(trainer)).json()["data"] == []
+
+
+def test_a_search_on_an_image_model_is_refused_naming_the_field(client, image_model, trainer):
+    resp = client.post("/v1/fine_tuning/jobs", headers=bearer(trainer), json={
+        "model": image_model, "training_file": "file-missing",
+        "method": {"type": "lora", "lora": {"hyperparameters": {"learning_rate": {"choice": [1e-4, 1e-3]}}}},
+        "search": {"trials": 2}})
+    assert resp.status_code in (400, 404), resp.text
+    message = resp.json()["error"]["message"]
+    assert "search: `search` varies the hyperparameters of language-model jobs" in message, message
