@@ -18,7 +18,16 @@ def test_image_form_sends_only_what_was_set():
     assert body["method"] == {"type": "dreambooth_lora", "dreambooth_lora": {"hyperparameters": {
         "max_train_steps": 12, "learning_rate": 3e-3, "class_prompt": "a dog", "train_text_encoder": True}}}
     assert "validation_file" not in body and "memorization" not in body  # language-model options only
-    assert validate_method(body["method"], base_kind="diffusion")[0] == "dreambooth_lora"
+    from appliance.diffusion.compat import text_encoder_lora_supported
+
+    if text_encoder_lora_supported()[0]:
+        assert validate_method(body["method"], base_kind="diffusion")[0] == "dreambooth_lora"
+    else:  # text-encoder LoRA this appliance cannot attach: refused at the field, the rest is valid
+        with pytest.raises(InvalidRequestError) as info:
+            validate_method(body["method"], base_kind="diffusion")
+        assert info.value.param == "method.dreambooth_lora.hyperparameters.train_text_encoder"
+        body["method"]["dreambooth_lora"]["hyperparameters"]["train_text_encoder"] = False
+        assert validate_method(body["method"], base_kind="diffusion")[0] == "dreambooth_lora"
 
 
 def test_llm_form_turns_dp_on_with_an_epsilon_and_sends_the_memorisation_option():
