@@ -375,7 +375,8 @@ def _check_common(hp: Hyperparameters, prefix: str) -> list[tuple[str, str]]:
     check.int_in("n_epochs", 1, 100)
     check.int_in("batch_size", 1, 1024)
     check.number("learning_rate", "a number greater than 0 and at most 1", lambda v: 0 < v <= 1)
-    check.number("learning_rate_multiplier", "a number greater than 0 and at most 100", lambda v: 0 < v <= 100)
+    if not _is_number(hp.learning_rate):  # with learning_rate set the multiplier is derived from it (resolve)
+        check.number("learning_rate_multiplier", "a number greater than 0 and at most 100", lambda v: 0 < v <= 100)
     if (
         _is_number(hp.learning_rate)
         and _is_number(hp.learning_rate_multiplier)

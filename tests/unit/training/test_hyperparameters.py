@@ -61,6 +61,13 @@ def test_learning_rate_and_multiplier_are_exclusive():
     assert resolve_for(LoraHyperparameters(learning_rate_multiplier=2)).learning_rate == pytest.approx(4e-4)
     resolved = resolve_for(LoraHyperparameters(learning_rate=1e-3))
     assert resolved.learning_rate == 1e-3 and resolved.learning_rate_multiplier == pytest.approx(5)
+    # a learning rate accepted at creation (up to 1) resolves to a multiplier over 100: still valid once resolved
+    # (the worker re-validates the resolved values; it used to refuse what the job's creation had accepted)
+    high = resolve_for(LoraHyperparameters(learning_rate=0.05))
+    assert high.learning_rate_multiplier == pytest.approx(250)
+    assert LoraHyperparameters(**{k: v for k, v in high.to_dict().items() if k != "method"}).learning_rate == 0.05
+    with pytest.raises(HyperparameterError, match="learning_rate_multiplier: must be a number greater than 0"):
+        LoraHyperparameters(learning_rate_multiplier=250)  # given alone, the multiplier keeps its range
 
 
 def test_auto_rules():
