@@ -256,3 +256,49 @@ def test_a_failed_build_leaves_no_worker_directory(monkeypatch, tmp_path):
     with pytest.raises(SandboxUnavailable):
         spawn(HOSTILE, isolation=IsolationLevel.SANDBOX)
     assert set(Path("/dev/shm").glob("appliance-job-*")) == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a device node takes root, as make test runs")
+def test_gpu_device_nodes_reach_a_worker_only_when_it_uses_the_gpu(monkeypatch, tmp_path):
+    """A GPU host's device nodes (and /sys, read-only, for CUDA's topology) are bound into the sandbox of a
+    worker that trains on the GPU, and absent from one that must not touch it. This host has no GPU: a
+    stand-in node in /dev with /dev/null's numbers, found the way ``gpu_devices`` finds /dev/nvidia*,
+    takes its place (opened read-write inside, as the CUDA driver opens its nodes)."""
+    node = Path(f"/dev/appliance-test-gpu{os.getpid()}")
+    os.mknod(node, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    node.chmod(0o666)
+    monkeypatch.setattr("appliance.jobs.sandbox.gpu_devices", lambda: [str(node)])
+    code = tmp_path / "code"
+    code.mkdir(mode=0o755)
+    (code / "gpuprobe.py").write_text(
+        "import json, os, sys\n"
+        "node = os.environ['PROBE_NODE']\n"
+        "seen = {'node': os.path.exists(node), 'sys': os.path.isdir('/sys/class'), 'uid': os.getuid()}\n"
+        "if seen['node']:\n"
+        "    fd = os.open(node, os.O_RDWR)\n"
+        "    seen['wrote'] = os.write(fd, b'kernel launch')\n"
+        "    seen['read'] = os.read(fd, 16).decode()\n"
+        "    os.close(fd)\n"
+        "os.fdopen(int(sys.argv[2]), 'w').write(json.dumps(seen) + '\\n')\n")
+    (code / "gpuprobe.py").chmod(0o644)
+
+    def probe(gpu: bool) -> dict:
+        worker = spawn("gpuprobe", isolation=IsolationLevel.SANDBOX, gpu=gpu,
+                       extra_env={"PYTHONPATH": str(code), "PROBE_NODE": str(node)})
+        try:
+            with os.fdopen(os.dup(worker.from_child)) as out:
+                line = out.readline()
+            assert worker.proc.wait(60) == 0, line
+            return json.loads(line)
+        finally:
+            if worker.proc.poll() is None:
+                worker.proc.kill()
+            worker.cleanup()
+
+    try:
+        on_gpu, off_gpu = probe(gpu=True), probe(gpu=False)
+    finally:
+        node.unlink()
+    assert on_gpu == {"node": True, "sys": True, "uid": on_gpu["uid"], "wrote": 13, "read": ""}, on_gpu
+    assert on_gpu["uid"] != 0  # the node is opened by the worker's own user, not the server's
+    assert off_gpu == {"node": False, "sys": False, "uid": off_gpu["uid"]}, off_gpu
