@@ -40,11 +40,14 @@ def dataset_list(request: Request, files: NamedDependency[FileService], applianc
     principal = session_of(request).principal
     views, _ = files.list(principal, project=None, purpose=None, after=None, limit=500, order="desc")
     projects = [p.name for p in appliance.identity.list_projects(principal)] if principal.project is None else []
+    writes = role_allows(principal.role, Permission.FILES_WRITE)
     rejected = [r | {"when": datetime.fromtimestamp(r["rejected_at"], UTC).strftime("%Y-%m-%d %H:%M UTC")}
-                for r in files.rejections(principal, limit=20)] \
-        if role_allows(principal.role, Permission.FILES_WRITE) else []
+                for r in files.rejections(principal, limit=20)] if writes else []
+    # The quality report counts tokens with a text base model's tokenizer (the API's `model` field): the names
+    # of the imported base models only, the first being the default.
+    tokenizers = [r.name for r in files.base_models() if r.kind == "llm"] if writes else []
     return page(request, "datasets.html", section="datasets", title="Datasets", files=views, projects=projects,
-                rejected=rejected)
+                rejected=rejected, tokenizers=tokenizers)
 
 
 @post("/datasets/upload", opt=portal(Permission.FILES_WRITE), include_in_schema=False, request_max_body_size=None)

@@ -471,12 +471,14 @@ def test_quality_report_beside_the_scan_with_duplicates_revealed_and_leakage(por
     request (audited), and the overlap with a validation file."""
     context, page = login(browser, portal_server, "olivia")
 
-    def upload(name: str, pairs: list[tuple[str, str]]) -> str:
+    def upload(name: str, pairs: list[tuple[str, str]], max_seq_length: str = "") -> str:
         data = tmp_path / name
         data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
                                                          {"role": "assistant", "content": a}]}) + "\n"
                                 for q, a in pairs))
         page.goto("/datasets")
+        page.get_by_label("count tokens with the tokenizer of").select_option("tiny-llama")
+        page.get_by_label("and count the records over").fill(max_seq_length)
         page.set_input_files("#file", str(data))
         page.get_by_role("button", name="Upload and scan").click()
         page.wait_for_url(re.compile(r"/datasets/file-"))
@@ -487,8 +489,10 @@ def test_quality_report_beside_the_scan_with_duplicates_revealed_and_leakage(por
     train = upload("train.jsonl", [("How long does shipping to the islands take?", "About five working days."),
                                    ("Can I change the delivery address after paying?", "Yes, until it ships."),
                                    ("Can I change the delivery address after paying?", "Yes, until it ships."),
-                                   ("What colours does the winter jacket come in?", "Navy and olive.")])
+                                   ("What colours does the winter jacket come in?", "Navy and olive.")],
+                   max_seq_length="12")
     assert page.get_by_role("heading", name="Quality report").is_visible()
+    assert "Over max_seq_length 12" in page.inner_text("main")  # the length limit chosen in the form
     assert "tokens with the tokenizer of tiny-llama" in page.inner_text("#quality-counts")
     assert "1 record repeats an earlier one" in page.inner_text("#quality-advice")
     table = page.inner_text("#quality-duplicates")

@@ -30,6 +30,12 @@ document.addEventListener("DOMContentLoaded", () => {
       if (purpose && purpose.value === "fine-tune-images" && instancePrompt && instancePrompt.value.trim()) {
         data.append("instance_prompt", instancePrompt.value);
       }
+      if (!purpose || purpose.value !== "fine-tune-images") {  // the quality report's tokenizer and length limit
+        for (const name of ["model", "max_seq_length"]) {
+          const field = form.querySelector("#" + name);
+          if (field && field.value.trim()) { data.append(name, field.value.trim()); }
+        }
+      }
       data.append("file", input.files[0]);
       const project = form.querySelector("[data-query]");
       const xhr = new XMLHttpRequest();
