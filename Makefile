@@ -111,7 +111,7 @@ postgres:
 # always run; make fails if either failed.
 test: $(STAMP) $(VLLM_STAMP) sandbox browser validators postgres
 	@status=0; \
-	$(BIN)/python -m pytest $(PYTEST_ARGS) || status=$$?; \
+	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS) || status=$$?; \
 	$(MAKE) --no-print-directory test-postgres || status=$$?; \
 	exit $$status
 
@@ -128,7 +128,7 @@ PG_TESTS := tests/integration tests/security tests/faults tests/bench tests/unit
 PG_MARKS := not slow and not no_database
 test-postgres: $(STAMP) sandbox postgres
 	@if $(PYTHON) tests/with_postgres.py --check >/dev/null 2>&1; then \
-	  $(PYTHON) tests/with_postgres.py $(BIN)/python -m pytest $(if $(PG_MARKS),-m "$(PG_MARKS)") $(PG_TESTS) $(PYTEST_ARGS); \
+	  $(PYTHON) tests/with_postgres.py $(BIN)/python -m pytest --durations=15 $(if $(PG_MARKS),-m "$(PG_MARKS)") $(PG_TESTS) $(PYTEST_ARGS); \
 	else echo "note: PostgreSQL is not installed; skipping the PostgreSQL pass"; fi
 
 # Known-vulnerable installed dependencies, offline: the bundled safety-db snapshot (2021) unless
