@@ -28,6 +28,7 @@ a search cheaply.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -193,9 +194,11 @@ def _parse_dimension(at: str, value: Mapping[str, Any], integer: bool,
         bad = [(i, v) for i, v in enumerate(values) if not (is_int(v) if integer else is_number(v))]
         for i, v in bad:
             problems.append((f"{at}.choice[{i}]", f"must be {'an integer' if integer else 'a number'}; got {v!r:.40}"))
+        if bad:
+            return None
         if len(set(values)) != len(values):
             problems.append((f"{at}.choice", f"must not repeat a value; got {values!r:.80}"))
-        return None if bad else Choice(tuple(values))
+        return Choice(tuple(values))
     bounds, scale = value["range"], value.get("scale", "linear")
     ok_bound = is_int if integer else is_number
     if not isinstance(bounds, list) or len(bounds) != 2 or not all(ok_bound(b) for b in bounds):
@@ -478,7 +481,7 @@ def parse_search_method(method: Any, search: Any) -> tuple[SearchSpec, dict[str,
         raise InvalidRequestError(f"`search` needs `method.{kind}.hyperparameters` with a range or choice, such as "
                                   '"learning_rate": {"range": [1e-4, 1e-2], "scale": "log"}',
                                   param=f"method.{kind}.hyperparameters")
-    spec = parse_search(kind, hyperparameters, search, lambda values: HYPERPARAMETERS[kind](**values))
+    spec = parse_search(kind, hyperparameters, search, builder(kind))
     return spec, {"type": kind, kind: {**body, "hyperparameters": dict(spec.fixed)}}
 
 
@@ -503,8 +506,22 @@ def spec_of(method_type: str, search: Mapping[str, Any]) -> SearchSpec:
     """The :class:`SearchSpec` a search job's ``search`` column (:func:`stored`) holds."""
     space = {name: dict(dim) for name, dim in search["space"].items()}
     budget = {k: search[k] for k in ("trials", "max_seconds", "sampler", "early_stopping")}
-    return parse_search(method_type, {**search["fixed"], **space}, budget,
-                        lambda values: HYPERPARAMETERS[method_type](**values))
+    return parse_search(method_type, {**search["fixed"], **space}, budget, builder(method_type))
+
+
+def builder(kind: str) -> Callable[[dict[str, Any]], Any]:
+    """``HYPERPARAMETERS[kind]`` built from a plain dict, an unknown name a :class:`HyperparameterError` naming
+    it (as a job's would be), never the constructor's TypeError."""
+    cls = HYPERPARAMETERS[kind]
+    known = {f.name for f in dataclasses.fields(cls)}
+
+    def build(values: dict[str, Any]) -> Any:
+        if unknown := sorted(set(values) - known):
+            raise HyperparameterError([(f"{prefix(kind)}.{name}", "is not a known hyperparameter; known: "
+                                        + ", ".join(sorted(known))) for name in unknown])
+        return cls(**values)
+
+    return build
 
 
 def budget_message(spec: SearchSpec) -> str:

@@ -11,7 +11,7 @@ import math
 import pytest
 
 from appliance.errors import InvalidFieldsError
-from appliance.jobs.search import SearchStudy, TrialRecord, parse_search
+from appliance.jobs.search import SearchStudy, TrialRecord, parse_search, parse_search_method
 from appliance.training.hyperparameters import HYPERPARAMETERS
 
 SPACE = {"learning_rate": {"range": [1e-4, 1e-2], "scale": "log"}, "lora_r": {"choice": [8, 16]}, "n_epochs": 3}
@@ -80,6 +80,17 @@ def test_values_no_job_could_take_are_refused_with_the_recipes_own_rules():
     assert "got 512" in problems[f"{at}.lora_r.choice[1]"]
     assert "got 0.9" in problems[f"{at}.lora_dropout.range[1]"]
     assert "must not exceed batch_size (2)" in problems[f"{at}.gradient_accumulation_steps"]
+
+
+def test_a_misspelt_name_or_a_list_among_choices_is_a_problem_naming_it_not_a_crash():
+    """Both reached the constructor or set() before (a TypeError: a 500 through the API)."""
+    for hyperparameters, field, said in (
+            ({**SPACE, "lora_rank": 8}, "lora_rank", "is not a known hyperparameter; known: "),
+            ({"lora_r": {"choice": [[8], [16]]}}, "lora_r.choice[0]", "must be an integer; got [8]")):
+        with pytest.raises(InvalidFieldsError) as err:
+            parse_search_method({"type": "lora", "lora": {"hyperparameters": hyperparameters}},
+                                {"trials": 2, "max_seconds": 600})
+        assert said in dict(err.value.problems)[f"method.lora.hyperparameters.{field}"], err.value.problems
 
 
 def test_grid_needs_choices_and_defaults_to_every_combination():
