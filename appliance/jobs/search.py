@@ -268,11 +268,18 @@ def _parse_budget(search: Any, space: dict[str, Range | Choice], problems: list[
         problems.append(("search.max_seconds", f"must be an integer from {MIN_SECONDS} to {MAX_SECONDS} "
                                                f"(seconds of wall time); got {seconds!r:.40}"))
         seconds = DEFAULT_MAX_SECONDS
-    stopping = search.get("early_stopping", "median")
+    # The median rule compares trials' losses at the same epoch: with n_epochs searched their learning-rate
+    # schedules differ in length there, and the longer trials would be stopped for being early in theirs.
+    epochs_searched = "n_epochs" in space
+    stopping = search.get("early_stopping", "none" if epochs_searched else "median")
     if stopping not in EARLY_STOPPING:
         problems.append(("search.early_stopping",
                          f"must be one of {', '.join(map(repr, EARLY_STOPPING))}; got {stopping!r:.40}"))
         stopping = "median"
+    elif stopping == "median" and epochs_searched:
+        problems.append(("search.early_stopping", "'median' compares trials at the same epoch, which trials of "
+                                                  "different n_epochs are not (their schedules differ): use 'none' "
+                                                  "when n_epochs is searched"))
     return SearchBudget(trials, seconds, sampler, stopping)
 
 
@@ -503,10 +510,18 @@ def stored(spec: SearchSpec) -> dict[str, Any]:
 
 
 def spec_of(method_type: str, search: Mapping[str, Any]) -> SearchSpec:
-    """The :class:`SearchSpec` a search job's ``search`` column (:func:`stored`) holds."""
-    space = {name: dict(dim) for name, dim in search["space"].items()}
-    budget = {k: search[k] for k in ("trials", "max_seconds", "sampler", "early_stopping")}
-    return parse_search(method_type, {**search["fixed"], **space}, budget, builder(method_type))
+    """The :class:`SearchSpec` a search job's ``search`` column (:func:`stored`) holds, as it was validated at
+    creation: not validated again, so that a rule tightened since (an upgrade) cannot stop a running search;
+    each trial's values are validated when its job is made."""
+    space: dict[str, Range | Choice] = {}
+    for name, dim in search["space"].items():
+        if "choice" in dim:
+            space[name] = Choice(tuple(dim["choice"]))
+        else:
+            low, high = dim["range"]
+            space[name] = Range(low, high, dim.get("scale", "linear"), SEARCHABLE.get(name, False))
+    budget = SearchBudget(search["trials"], search["max_seconds"], search["sampler"], search["early_stopping"])
+    return SearchSpec(method_type, dict(search["fixed"]), space, budget)
 
 
 def builder(kind: str) -> Callable[[dict[str, Any]], Any]:

@@ -23,6 +23,10 @@ running one in turn under its row lock and:
   best trial's adapter as its ``fine_tuned_model`` (audited with the trial
   table), or failed when no trial completed (cancelled when a person cancelled it).
 
+A search the driver fails to drive :data:`MAX_DRIVE_FAILURES` times in a row
+fails (``search_driver_failed``, audited) and its running trials are cancelled,
+rather than staying ``running`` with nothing acting on it.
+
 Every change is made and audited in one transaction per search. The other
 trials' adapters stay published as ordinary fine-tuned models of the project,
 each named by its trial's job; the search's own model is the best one's.
@@ -51,6 +55,8 @@ from appliance.jobs.service import add_event, new_job_id, request_cancel
 log = logging.getLogger("appliance.jobs.search")
 
 SEARCH = AuditContext(actor="system:search", auth_method="internal", origin_ip="local")
+#: Failed drives in a row after which a search is failed instead of tried again.
+MAX_DRIVE_FAILURES = 5
 
 
 class SearchRunner:
@@ -68,6 +74,8 @@ class SearchRunner:
         self.db, self.concurrency, self.wake, self.clock = db, max(1, concurrency), wake, clock
         #: per search, what it looked like when last driven: unchanged, it is not driven again
         self._seen: dict[str, tuple[Any, ...]] = {}
+        #: per search, drives that failed in a row
+        self._failures: dict[str, int] = {}
 
     def tick(self) -> None:
         """Drive every queued or running search whose trials changed since it was last driven."""
@@ -86,22 +94,56 @@ class SearchRunner:
                 over = started is not None and self.clock() >= _timestamp(started) + search["max_seconds"]
                 marks[job_id] = (status, cancel, trials, last_event, over)
         self._seen = {k: v for k, v in self._seen.items() if k in marks}
+        self._failures = {k: v for k, v in self._failures.items() if k in marks}
         for job_id, mark in marks.items():
             if self._seen.get(job_id) == mark:
                 continue
             try:
-                self._drive(job_id)
-                self._seen[job_id] = mark
-            except Exception:  # the next tick tries again; the failure is logged for operators
+                if self._drive(job_id):  # a search locked by another transaction is looked at again next tick
+                    self._seen[job_id] = mark
+                self._failures.pop(job_id, None)
+            except Exception as exc:  # the next tick tries again; the failure is logged for operators
                 log.exception("driving a hyperparameter search failed", extra={"job_id": job_id})
+                self._failures[job_id] = self._failures.get(job_id, 0) + 1
+                if self._failures[job_id] >= MAX_DRIVE_FAILURES:
+                    self._abandon(job_id, exc)
 
-    def _drive(self, job_id: str) -> None:
+    def _abandon(self, job_id: str, exc: Exception) -> None:
+        """Fail a search that cannot be driven, and cancel its running trials (audited, one transaction)."""
+        try:
+            with self.db.transaction() as s:
+                job = s.scalar(select(FineTuningJob).where(FineTuningJob.id == job_id).with_for_update())
+                if job is None or job.status not in ("queued", "running"):
+                    return
+                project = project_name(s, job.project_id)
+                for child in s.scalars(select(FineTuningJob).where(FineTuningJob.search_id == job_id)
+                                       .with_for_update()):
+                    if child.status not in TERMINAL and not child.cancel_requested:
+                        request_cancel(s, SEARCH, child, project, reason="search_failed")
+                job.status, job.finished_at, job.resumable, job.estimated_finish = "failed", utcnow(), False, None
+                job.error = {"code": "search_driver_failed", "param": None,
+                             "message": f"the search could not be driven ({type(exc).__name__}, "
+                                        f"{MAX_DRIVE_FAILURES} times in a row; the server's log has the details): "
+                                        "its running trials were cancelled, their jobs and models are kept"}
+                add_event(s, job.id, f"Job failed: {job.error['message']}", level="error")
+                record(s, SEARCH, "job.fail", outcome="failure", resource_type="fine_tuning_job",
+                       resource_id=job.id, project=project, reason=job.error["code"],
+                       details={"error": type(exc).__name__})
+            self._failures.pop(job_id, None)
+            self.wake()
+        except Exception:
+            log.exception("failing an undrivable hyperparameter search failed", extra={"job_id": job_id})
+
+    def _drive(self, job_id: str) -> bool:
+        """Drive one search; False when its row was locked by another transaction (nothing was done)."""
         changed = False
         with self.db.transaction() as s:
             # The search first, then its trials: the lock order of every job transaction that touches both.
             job = s.scalar(select(FineTuningJob).where(FineTuningJob.id == job_id).with_for_update(skip_locked=True))
-            if job is None or job.status not in ("queued", "running"):
-                return
+            if job is None:
+                return not s.scalar(select(func.count(FineTuningJob.id)).where(FineTuningJob.id == job_id))
+            if job.status not in ("queued", "running"):
+                return True
             project = project_name(s, job.project_id)
             children = {c.trial_number: c for c in s.scalars(
                 select(FineTuningJob).where(FineTuningJob.search_id == job_id).with_for_update())}
@@ -146,6 +188,7 @@ class SearchRunner:
             job.search = search
         if changed:
             self.wake()
+        return True
 
     def _follow(self, s, study: SearchStudy, job: FineTuningJob, project: str, row: dict[str, Any],
                 child: FineTuningJob | None) -> bool:

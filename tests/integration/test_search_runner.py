@@ -121,3 +121,32 @@ def test_a_cancelled_search_cancels_its_trials_and_ends_cancelled(state, search_
         job = s.get(FineTuningJob, search_job)
     assert job.status == "cancelled" and len(job.search["trial_table"]) == 1
     assert [e.action for e in audit(state, search_job)][-1] == "job.cancelled"
+
+
+def test_a_search_that_cannot_be_driven_fails_and_cancels_its_trials(state, search_job, monkeypatch):
+    """Instead of staying running with nothing acting on it (a cancel included)."""
+    from appliance.jobs import search_runner
+
+    runner = SearchRunner(state.db, concurrency=1)
+    runner.tick()
+    [first] = trials(state, search_job)
+    move(state, first.id, status="running")
+
+    def broken(self, records):
+        raise RuntimeError("the study cannot be rebuilt")
+
+    monkeypatch.setattr(search_runner.SearchStudy, "restore", broken)
+    for _ in range(search_runner.MAX_DRIVE_FAILURES - 1):
+        runner.tick()
+    with state.db.read() as s:
+        assert s.get(FineTuningJob, search_job).status == "running"  # tried again each tick until the limit
+    runner.tick()
+    with state.db.read() as s:
+        job, trial = s.get(FineTuningJob, search_job), s.get(FineTuningJob, first.id)
+    assert job.status == "failed" and job.error["code"] == "search_driver_failed"
+    assert "RuntimeError" in job.error["message"] and "cannot be rebuilt" not in job.error["message"]
+    assert trial.cancel_requested
+    [cancel] = [e for e in audit(state, first.id) if e.action == "job.cancel"]
+    assert cancel.reason == "search_failed" and cancel.actor == "system:search"
+    [fail] = [e for e in audit(state, search_job) if e.action == "job.fail"]
+    assert fail.reason == "search_driver_failed" and fail.details == {"error": "RuntimeError"}

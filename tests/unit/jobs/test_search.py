@@ -11,7 +11,8 @@ import math
 import pytest
 
 from appliance.errors import InvalidFieldsError
-from appliance.jobs.search import SearchStudy, TrialRecord, parse_search, parse_search_method
+from appliance.jobs.search import SearchStudy, TrialRecord, parse_search, parse_search_method, stored
+from appliance.jobs.search import spec_of as spec_of_column
 from appliance.training.hyperparameters import HYPERPARAMETERS
 
 SPACE = {"learning_rate": {"range": [1e-4, 1e-2], "scale": "log"}, "lora_r": {"choice": [8, 16]}, "n_epochs": 3}
@@ -91,6 +92,25 @@ def test_a_misspelt_name_or_a_list_among_choices_is_a_problem_naming_it_not_a_cr
             parse_search_method({"type": "lora", "lora": {"hyperparameters": hyperparameters}},
                                 {"trials": 2, "max_seconds": 600})
         assert said in dict(err.value.problems)[f"method.lora.hyperparameters.{field}"], err.value.problems
+
+
+def test_with_n_epochs_searched_trials_are_not_stopped_by_comparing_epochs():
+    """Trials of 2 and 6 epochs are at different points of their schedules at epoch 1."""
+    space = {"n_epochs": {"choice": [2, 6]}, "learning_rate": {"range": [1e-4, 1e-2], "scale": "log"}}
+    assert spec_of(space).budget.early_stopping == "none"
+    with pytest.raises(InvalidFieldsError) as err:
+        spec_of(space, {"trials": 4, "max_seconds": 600, "early_stopping": "median"})
+    assert "use 'none' when n_epochs is searched" in dict(err.value.problems)["search.early_stopping"]
+    assert spec_of().budget.early_stopping == "median"  # the default otherwise
+
+
+def test_a_stored_search_is_rebuilt_as_created_even_if_its_values_no_longer_validate():
+    """A rule tightened by an upgrade must not stop a running search (each trial is validated when made)."""
+    column = stored(spec_of())
+    column["fixed"]["n_epochs"] = -1  # no job takes it
+    rebuilt = spec_of_column("lora", column)
+    assert rebuilt.fixed["n_epochs"] == -1 and rebuilt.space == spec_of().space
+    assert rebuilt.budget == spec_of().budget
 
 
 def test_grid_needs_choices_and_defaults_to_every_combination():
