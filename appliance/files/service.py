@@ -539,7 +539,7 @@ class FileService:
         (a validation or test file of the same project) the leakage between the two.
 
         Returns ``(view, report, examples, leakage)``. ``reveal`` needs ``files:content`` and is audited
-        (``file.quality_reveal``, in the transaction that reads the stored, already redacted, records);
+        (``file.quality_reveal``, before the stored, already redacted, records are returned);
         the leakage compares the two files' encrypted sketches and says only counts and lines.
         """
         view = self._get(principal, file_id)
@@ -567,13 +567,16 @@ class FileService:
             groups = {"exact_duplicates": report["exact_duplicates"]["examples"],
                       "near_duplicates": report["near_duplicates"]["examples"]}
             wanted = {r for found in groups.values() for g in found for r in g["records"]}
-            with self.db.transaction() as s:
+            # Read without the writer's lock (the records may lie at the end of a large file), then audited in a
+            # short transaction of its own, before anything is returned.
+            with self.db.read() as s:
                 texts: dict[int, list[str]] = {}
                 for index, raw in _lines_of(self.blobs.read(s, view.row.content_object)):
                     if index in wanted and (parsed := parse_line(raw, index + 1, validate=False)) is not None:
                         texts[index] = [_clip(f"{path}: {text}") for path, text in iter_text_fields(parsed)]
                     if len(texts) == len(wanted):
                         break
+            with self.db.transaction() as s:
                 record(s, ctx, "file.quality_reveal", resource_type="file", resource_id=file_id,
                        project=view.project, details={"records": len(texts)})
             examples = {kind: [{"lines": g["lines"], "records": [texts.get(r, []) for r in g["records"]]}

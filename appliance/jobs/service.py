@@ -255,8 +255,20 @@ class JobService:
         if body.get("training_file") is None:
             problems.add(InvalidRequestError("`training_file` is required: the id of an uploaded, scanned file",
                                              param="training_file"))
+        purpose = DATASET_PURPOSE[base.kind] if base is not None else None
+        # The quality report's leakage check of the pair decrypts and compares two sketches (up to ~54 MB each):
+        # done before the writer's lock is taken; the transaction below checks the files again.
+        leak = None
+        if body.get("training_file") is not None and body.get("validation_file") and base is not None \
+                and base.kind == "llm" and not problems.errors:
+            try:
+                with self.db.read() as s:
+                    pair = [self.files.trainable_file(s, principal, project, body[f], f, purpose)
+                            for f in ("training_file", "validation_file")]
+                    leak = self.files.leakage_between(s, *pair)
+            except ApplianceError:  # reported below, naming the field
+                leak = None
         with self.db.transaction() as s:
-            purpose = DATASET_PURPOSE[base.kind] if base is not None else None
             training = validation = None
             if body.get("training_file") is not None:
                 with problems.collect():
@@ -305,7 +317,7 @@ class JobService:
                               "so validation loss and perplexity are noisy; upload a validation file of at least "
                               f"{SMALL_VALIDATION} records for figures to rely on", level="warn", type="data",
                               data={"validation_examples": held, "recommended": SMALL_VALIDATION})
-            if validation is not None and (leak := self.files.leakage_between(s, training, validation)):
+            if validation is not None and leak:
                 if leak["exact"]["count"] or leak["near"]["count"]:  # the quality report's check of the pair
                     add_event(s, job.id, f"Leakage: {leak['advice']}", level="warn", type="data",
                               data={"leakage": {k: leak[k] for k in ("records", "exact", "near", "share")}})
