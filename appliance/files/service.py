@@ -553,7 +553,10 @@ class FileService:
                                         f"({Permission.FILES_CONTENT.value!r} needed)", param="reveal")
         leak = None
         if compare:
-            other = self._get(principal, compare) if compare != file_id else view
+            try:
+                other = self._get(principal, compare) if compare != file_id else view
+            except NotFoundError as exc:
+                raise NotFoundError(str(exc), param="compare") from None
             if other.row.project_id != view.row.project_id:
                 raise NotFoundError(f"file {compare!r} not found in project {view.project!r}", param="compare")
             if quality_sketch_of(other.row) is None:

@@ -102,7 +102,9 @@ def test_leakage_between_training_and_validation_files(client, owner, make_token
     other = make_token("oscar", Role.DATA_OWNER, "other")
     theirs = upload(client, other, jsonl(chat("q", "a"))).json()["id"]
     resp = client.get(f"/v1/files/{train}/quality", params={"compare": theirs}, headers=bearer(owner))
-    assert resp.status_code == 404, resp.text
+    assert resp.status_code == 404 and resp.json()["error"]["param"] == "compare", resp.text
+    resp = client.get(f"/v1/files/{train}/quality", params={"compare": "file-missing"}, headers=bearer(owner))
+    assert resp.status_code == 404 and resp.json()["error"]["param"] == "compare", resp.text
 
 
 def test_the_sketch_is_encrypted_replaced_on_rescan_and_shredded_with_the_file(client, state, owner):
