@@ -134,12 +134,26 @@ class Evaluators:
                 gen = self._images(self.clip, generated)
                 out["clip_i"] = pairwise_similarity(gen, self._images(self.clip, real))
                 if prompted:
-                    images = self._images(self.clip, [im for _, im in prompted])
-                    out["clip_t"] = matched_similarity(images, self._texts([p for p, _ in prompted]))
+                    out["clip_t"] = self._clip_t(prompted)
         if self.dino is not None:
             with self._on_device(self.dino.model):
                 out["dino"] = pairwise_similarity(self._images(self.dino, generated), self._images(self.dino, real))
         return out
+
+    def clip_t(self, prompted: Sequence[tuple[str, Any]]) -> float:
+        """CLIP-T of ``(prompt, image)`` pairs alone, as :meth:`score` measures it (evaluations of image models).
+
+        Raises:
+            ValueError: No CLIP model is loaded, or no pairs are given.
+        """
+        if self.clip is None or not prompted:
+            raise ValueError("CLIP-T needs a CLIP model and at least one (prompt, image) pair")
+        with self._on_device(self.clip.model):
+            return self._clip_t(prompted)
+
+    def _clip_t(self, prompted: Sequence[tuple[str, Any]]) -> float:
+        images = self._images(self.clip, [im for _, im in prompted])
+        return matched_similarity(images, self._texts([p for p, _ in prompted]))
 
     @contextmanager
     def _on_device(self, model) -> Iterator[None]:

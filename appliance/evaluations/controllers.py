@@ -14,6 +14,8 @@ from appliance.evaluations.schemas import (
     EvaluationList,
     EvaluationObject,
     EvaluationProgress,
+    Fidelity,
+    ImageSettings,
     ModelResult,
 )
 from appliance.evaluations.service import EvaluationService, EvaluationView
@@ -32,7 +34,9 @@ def evaluation_object(view: EvaluationView) -> EvaluationObject:
     r = view.row
     return EvaluationObject(
         id=r.id, created_at=_ts(r.created_at), status=r.status, file=r.file, models=list(r.models),
-        base_model=r.base_model, samples=r.samples, max_tokens=r.max_tokens,
+        base_model=r.base_model, kind=r.kind, samples=r.samples, max_tokens=r.max_tokens,
+        images=ImageSettings(**r.images) if r.images else None,
+        fidelity=Fidelity(**r.fidelity) if r.fidelity else None,
         results=[ModelResult(**m) for m in r.results or []], project=view.project,
         started_at=_ts(r.started_at), finished_at=_ts(r.finished_at),
         error=EvaluationError(**r.error) if r.error else None, result_file=r.result_file,
@@ -49,7 +53,8 @@ class EvaluationController(Controller):
     def create(self, request: Request, evaluations: NamedDependency[EvaluationService],
                files: NamedDependency[FileService], data: JSONBody[dict[str, Any]]) -> EvaluationObject:
         """Evaluate 1-4 models (a base model, its fine-tunes) on a test file: loss, perplexity, exact match and
-        token F1 per model; the generations of `samples` prompts side by side in an encrypted result file."""
+        token F1 per text model, CLIP-T per image model (with a CLIP evaluator imported); the generations
+        (answers or images) of `samples` prompts side by side in an encrypted result file."""
         project = files.resolve_project(request.user, request.headers.get("openai-project"))
         return evaluation_object(evaluations.create(request.user, audit_context(request), project, data))
 

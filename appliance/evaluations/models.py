@@ -15,7 +15,10 @@ TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 
 class Evaluation(Base):
-    """One evaluation: 1-4 models (base or fine-tuned) on one test file (purpose ``evals``)."""
+    """One evaluation: 1-4 models (base or fine-tuned) on one test file (purpose ``evals``).
+
+    ``kind`` is the base model's: ``llm`` (loss, answers) or ``diffusion`` (images for the test file's prompts).
+    """
 
     __tablename__ = "evaluations"
 
@@ -27,8 +30,13 @@ class Evaluation(Base):
     models: Mapped[list[str]] = mapped_column(JSON, default=list)
     #: the base model every one of ``models`` runs on
     base_model: Mapped[str] = mapped_column(String(128))
+    #: the base model's kind: ``llm`` or ``diffusion``
+    kind: Mapped[str] = mapped_column(String(16), default="llm", server_default="llm")
     samples: Mapped[int] = mapped_column(Integer)
-    max_tokens: Mapped[int] = mapped_column(Integer)
+    #: text models: most tokens per answer; None for image models
+    max_tokens: Mapped[int | None] = mapped_column(Integer, default=None)
+    #: image models: {"images_per_prompt", "num_inference_steps", "seed"}; None for text models
+    images: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     status: Mapped[str] = mapped_column(String(24), index=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
@@ -36,6 +44,8 @@ class Evaluation(Base):
     results: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     #: while running, how far the worker is: {"model", "models", "phase", "done", "total", "seconds_left"} (counts)
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    #: image models, once run: {"evaluators": {"clip": name} | None, "metric": how CLIP-T was measured, or why not}
+    fidelity: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     #: the encrypted result file holding the generations side by side (text: read as a file's content)
     result_file: Mapped[str | None] = mapped_column(String(64), default=None)
     #: the runner that claimed it (``host:pid:random``) and until when it owns it

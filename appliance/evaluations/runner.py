@@ -37,8 +37,9 @@ from appliance.jobs.wire import FrameError
 log = logging.getLogger("appliance.evaluations")
 
 SYSTEM = AuditContext(actor="system:evaluations", auth_method="internal", origin_ip="local")
-#: The phases a worker's progress reports name (the loss pass, then the answers), per model.
-PROGRESS_PHASES = frozenset({"loss", "answers"})
+#: The phases a worker's progress reports name, per model: a text model's loss pass, then its answers; an
+#: image model's images.
+PROGRESS_PHASES = frozenset({"loss", "answers", "images"})
 LOST = {"code": "worker_lost", "param": None,
         "message": "the evaluation worker stopped unexpectedly (killed or the server restarted); run it again"}
 
@@ -149,10 +150,13 @@ class EvaluationRunner:
             datasets = self.files.dataset_keys(s, [("test", row.file)])
             isolation = getattr(getattr(self.executor, "isolation", None), "value", None)
             models = [{"id": m, "adapter": f"a{i}" if m.startswith("ft:") else None} for i, m in enumerate(row.models)]
+            # Image models are scored with the store's CLIP evaluator (CLIP-T), the one image jobs use, if any.
+            clip = self.catalog.evaluators_in(s).get("clip") if row.kind == "diffusion" else None
             start = {"type": "start", "evaluation_id": row.id, "project": project.name, "model_dir": base.path,
-                     "datasets": datasets, "models": models, "samples": row.samples, "max_tokens": row.max_tokens,
-                     "isolation": isolation}
-        return start, [base.path, *(d["path"] for d in datasets)]
+                     "kind": row.kind, "datasets": datasets, "models": models, "samples": row.samples,
+                     "max_tokens": row.max_tokens, "images": row.images,
+                     "evaluators": {"clip": clip.to_dict()} if clip else {}, "isolation": isolation}
+        return start, [base.path, *(e["path"] for e in start["evaluators"].values()), *(d["path"] for d in datasets)]
 
     def _run(self, evaluation_id: str) -> None:
         outcome: tuple[str, dict[str, Any]] = ("lost", {})
@@ -264,6 +268,7 @@ class EvaluationRunner:
                 return  # taken over: its new owner records it
             if kind == "result":
                 row.results = list(header.get("results") or [])
+                row.fidelity = _checked_fidelity(header.get("fidelity")) if row.kind == "diffusion" else None
                 if stored is not None:
                     self._store_result_file(s, row, stored)
                 self._end(s, row, "succeeded", isolation=isolation)
@@ -300,6 +305,17 @@ class EvaluationRunner:
                resource_type="evaluation", resource_id=row.id, project=project_name(s, row.project_id),
                reason=error["code"] if error else None,
                details={"results": row.results, "worker_isolation": isolation} if status == "succeeded" else None)
+
+
+def _checked_fidelity(data: Any) -> dict[str, Any] | None:
+    """How an image evaluation's figures were measured, as the row keeps it (a sentence and evaluator names)."""
+    if not isinstance(data, dict) or not isinstance(data.get("metric"), str):
+        return None
+    evaluators = data.get("evaluators")
+    if not (isinstance(evaluators, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in evaluators.items())):
+        evaluators = None
+    return {"metric": data["metric"][:2000], "evaluators": evaluators}
 
 
 def _checked_progress(data: Any) -> dict[str, Any] | None:

@@ -6,13 +6,27 @@ from typing import Annotated
 
 import msgspec
 
-from appliance.evaluations.service import DEFAULT_MAX_TOKENS, DEFAULT_SAMPLES, MAX_MAX_TOKENS, MAX_MODELS, MAX_SAMPLES
+from appliance.evaluations.service import (
+    DEFAULT_IMAGES_PER_PROMPT,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_SAMPLES,
+    DEFAULT_SEED,
+    DEFAULT_STEPS,
+    MAX_IMAGES_PER_PROMPT,
+    MAX_MAX_TOKENS,
+    MAX_MODELS,
+    MAX_SAMPLES,
+    MAX_SEED,
+    MAX_STEPS,
+)
 
 
 class EvaluationCreate(msgspec.Struct):
     """Run 1-4 models (a base model and its fine-tunes) on one test file and compare them.
 
-    Every problem is reported in one 400: ``param`` names the first field, the message lists each.
+    Text models take ``max_tokens``; image models take ``images_per_prompt``, ``num_inference_steps`` and
+    ``seed`` (an option of the other kind is refused). Every problem is reported in one 400: ``param`` names
+    the first field, the message lists each.
     """
 
     file: Annotated[str, msgspec.Meta(description="A scanned test file of the project (uploaded with purpose "
@@ -20,9 +34,19 @@ class EvaluationCreate(msgspec.Struct):
     models: Annotated[list[str], msgspec.Meta(min_length=1, max_length=MAX_MODELS, description=(
         "Base model names or fine-tuned model ids, all on one base model."))]
     samples: Annotated[int, msgspec.Meta(ge=0, le=MAX_SAMPLES, description=(
-        "Prompts whose generations are kept side by side (in the encrypted result file)."))] = DEFAULT_SAMPLES
+        "Prompts whose generations (answers or images) are kept side by side (in the encrypted result "
+        "file)."))] = DEFAULT_SAMPLES
     max_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_MAX_TOKENS, description=(
-        "Most tokens per generated answer (greedy)."))] = DEFAULT_MAX_TOKENS
+        f"Text models only: most tokens per generated answer (greedy); {DEFAULT_MAX_TOKENS} when left "
+        "out."))] | None = None
+    images_per_prompt: Annotated[int, msgspec.Meta(ge=1, le=MAX_IMAGES_PER_PROMPT, description=(
+        f"Image models only: images generated per prompt and model; {DEFAULT_IMAGES_PER_PROMPT} when left "
+        "out."))] | None = None
+    num_inference_steps: Annotated[int, msgspec.Meta(ge=1, le=MAX_STEPS, description=(
+        f"Image models only: denoising steps per image; {DEFAULT_STEPS} when left out."))] | None = None
+    seed: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED, description=(
+        "Image models only: image k of prompt j is generated with seed + j * images_per_prompt + k, the same "
+        f"for every model; {DEFAULT_SEED} when left out."))] | None = None
 
 
 class EvaluationError(msgspec.Struct):
@@ -32,16 +56,39 @@ class EvaluationError(msgspec.Struct):
 
 
 class ModelResult(msgspec.Struct):
-    """One model's figures on the test file (no text)."""
+    """One model's figures on the test file (no text, no images).
+
+    Text models: ``loss`` to ``token_f1``. Image models: ``prompts``, ``images`` and ``clip_t`` (the mean
+    cosine similarity of each prompt's CLIP text embedding with its images' CLIP image embeddings, over
+    every prompt); ``clip_t`` is None without a CLIP evaluator (the evaluation's ``fidelity`` says why).
+    """
 
     model: str
-    loss: float
-    perplexity: float
-    records: int
-    target_tokens: int
-    answered: int
+    loss: float | None = None
+    perplexity: float | None = None
+    records: int | None = None
+    target_tokens: int | None = None
+    answered: int | None = None
     exact_match: float | None = None
     token_f1: float | None = None
+    prompts: int | None = None
+    images: int | None = None
+    clip_t: float | None = None
+
+
+class ImageSettings(msgspec.Struct):
+    """How an image evaluation generates: images per prompt, denoising steps, the seed shared by every model."""
+
+    images_per_prompt: int
+    num_inference_steps: int
+    seed: int
+
+
+class Fidelity(msgspec.Struct):
+    """How an image evaluation's CLIP-T was measured (``evaluators`` names the CLIP model), or why it was not."""
+
+    metric: str
+    evaluators: dict[str, str] | None = None
 
 
 class EvaluationProgress(msgspec.Struct):
@@ -64,9 +111,16 @@ class EvaluationObject(msgspec.Struct):
     models: list[str]
     base_model: str
     samples: int
-    max_tokens: int
     results: list[ModelResult]
     project: str
+    #: the base model's kind: ``llm`` (text) or ``diffusion`` (image)
+    kind: str = "llm"
+    #: text models
+    max_tokens: int | None = None
+    #: image models
+    images: ImageSettings | None = None
+    #: image models, once run
+    fidelity: Fidelity | None = None
     started_at: int | None = None
     finished_at: int | None = None
     error: EvaluationError | None = None

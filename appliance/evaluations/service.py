@@ -3,7 +3,10 @@
 An evaluation runs 1-4 models (a base model, its fine-tunes) on one test file, an upload of purpose
 ``evals`` (scanned, policy-applied and encrypted like training data, and refused as training data).
 The :class:`~appliance.evaluations.runner.EvaluationRunner` runs it in a sandboxed worker; the
-figures land in the row, the generations (text) in an encrypted result file of the project.
+figures land in the row, the generations (text, or images for an image model) in an encrypted
+result file of the project. Each kind of model has its own options: ``max_tokens`` for text models,
+``images_per_prompt``, ``num_inference_steps`` and ``seed`` for image models; naming the other
+kind's is refused, naming the option.
 """
 
 from __future__ import annotations
@@ -42,6 +45,14 @@ PURPOSE = "evals"
 MAX_MODELS = 4
 DEFAULT_SAMPLES, MAX_SAMPLES = 5, 50
 DEFAULT_MAX_TOKENS, MAX_MAX_TOKENS = 64, 512
+#: Image models: images per prompt and model (the DreamBooth paper's evaluation generates 4).
+DEFAULT_IMAGES_PER_PROMPT, MAX_IMAGES_PER_PROMPT = 2, 4
+#: Image models: denoising steps per image (image jobs sample their before/after images with 25).
+DEFAULT_STEPS, MAX_STEPS = 25, 150
+DEFAULT_SEED, MAX_SEED = 0, 2**31 - 1
+#: The options of each kind of model (a request naming another kind's is refused).
+OPTIONS = {"llm": ("max_tokens",), "diffusion": ("images_per_prompt", "num_inference_steps", "seed")}
+KIND_NAMES = {"llm": "text", "diffusion": "image"}
 
 
 def new_evaluation_id() -> str:
@@ -82,13 +93,14 @@ class EvaluationService:
         """Validate the request (every problem reported at once), then queue the evaluation.
 
         ``body``: ``file`` (an ``evals`` file id), ``models`` (1-4 model ids on one base model),
-        ``samples`` (prompts whose generations are kept side by side) and ``max_tokens`` (per answer).
+        ``samples`` (prompts whose generations are kept side by side); text models: ``max_tokens`` (per
+        answer); image models: ``images_per_prompt``, ``num_inference_steps`` and ``seed`` (the same seeds
+        for every model).
         """
         problems: list[ApplianceError] = []
         samples = _bounded(body, "samples", DEFAULT_SAMPLES, 0, MAX_SAMPLES, problems)
-        max_tokens = _bounded(body, "max_tokens", DEFAULT_MAX_TOKENS, 1, MAX_MAX_TOKENS, problems)
         models = body.get("models")
-        bases: list[str] = []
+        bases: list[tuple[str, str]] = []
         if (not isinstance(models, list) or not 1 <= len(models) <= MAX_MODELS
                 or not all(isinstance(m, str) and m for m in models)):
             problems.append(InvalidRequestError(
@@ -104,8 +116,11 @@ class EvaluationService:
                 problems.append(exc)
         if len(set(bases)) > 1:
             problems.append(InvalidRequestError(
-                f"`models` must all run on one base model (one evaluation loads one); got {sorted(set(bases))!r}: "
-                "evaluate each base model's fine-tunes in their own evaluation", param="models"))
+                f"`models` must all run on one base model (one evaluation loads one); got "
+                f"{sorted({name for name, _ in bases})!r}: evaluate each base model's fine-tunes in their own "
+                "evaluation", param="models"))
+        kind = bases[0][1] if bases else None
+        max_tokens, images = self._options(body, kind, models, problems)
         file_id = body.get("file")
         with self.db.transaction() as s:
             if file_id is None:
@@ -123,27 +138,50 @@ class EvaluationService:
             _raise_all(problems)
             evaluation = Evaluation(
                 id=new_evaluation_id(), project_id=project.id, created_by=principal.user, file=file_id,
-                models=list(models), base_model=bases[0], samples=samples, max_tokens=max_tokens, status="queued",
-                results=[],
+                models=list(models), base_model=bases[0][0], kind=kind, samples=samples, max_tokens=max_tokens,
+                images=images, status="queued", results=[],
             )
             s.add(evaluation)
             s.flush()
             record(s, ctx, "evaluation.create", resource_type="evaluation", resource_id=evaluation.id,
-                   project=project.name, details={"file": file_id, "models": list(models), "samples": samples,
-                                                  "max_tokens": max_tokens})
+                   project=project.name, details={"file": file_id, "models": list(models), "kind": kind,
+                                                  "samples": samples, "max_tokens": max_tokens, "images": images})
         self.wake()
         return EvaluationView(evaluation, project.name)
 
-    def _base_of(self, principal: Principal, model: str, param: str) -> str:
-        """The base model ``model`` runs on; raises naming ``param`` when it is unknown or not a text model."""
+    def _base_of(self, principal: Principal, model: str, param: str) -> tuple[str, str]:
+        """The base model ``model`` runs on and its kind; raises naming ``param`` when it is unknown or an evaluator."""
         name = model
         if model.startswith("ft:"):
             name = self.catalog.get_adapter(principal, model).row.base_model
-        base = self.catalog.get_base_model(name, param=param)
-        if base.kind != "llm":
-            raise InvalidRequestError(f"model {model!r} runs on a {base.kind!r} model; evaluations run text models "
-                                      "(image models are not evaluated yet)", param=param)
-        return base.name
+        base = self.catalog.get_base_model(name, param=param)  # a fidelity evaluator is refused there
+        if base.kind not in OPTIONS:
+            raise InvalidRequestError(f"model {model!r} runs on a {base.kind!r} model; evaluations run text and "
+                                      "image models", param=param)
+        return base.name, base.kind
+
+    @staticmethod
+    def _options(body: dict[str, Any], kind: str | None, models: list[str],
+                 problems: list[ApplianceError]) -> tuple[int | None, dict[str, int] | None]:
+        """``max_tokens`` (text models) and the image settings (image models); another kind's option is a problem.
+
+        With ``kind`` unknown (the models were refused) only ``max_tokens`` is checked, as before image models.
+        """
+        for other, names in OPTIONS.items():
+            for name in names if kind is not None and other != kind else ():
+                if body.get(name) is not None:
+                    problems.append(InvalidRequestError(
+                        f"`{name}` applies to {KIND_NAMES[other]} models; {models[0]!r} runs on "
+                        f"{'an' if kind == 'diffusion' else 'a'} {KIND_NAMES[kind]} model: leave `{name}` out",
+                        param=name))
+        if kind != "diffusion":
+            return _bounded(body, "max_tokens", DEFAULT_MAX_TOKENS, 1, MAX_MAX_TOKENS, problems), None
+        return None, {
+            "images_per_prompt": _bounded(body, "images_per_prompt", DEFAULT_IMAGES_PER_PROMPT, 1,
+                                          MAX_IMAGES_PER_PROMPT, problems),
+            "num_inference_steps": _bounded(body, "num_inference_steps", DEFAULT_STEPS, 1, MAX_STEPS, problems),
+            "seed": _bounded(body, "seed", DEFAULT_SEED, 0, MAX_SEED, problems),
+        }
 
     # -- read ---------------------------------------------------------------
     def get(self, principal: Principal, evaluation_id: str) -> EvaluationView:

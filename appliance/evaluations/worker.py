@@ -1,9 +1,10 @@
 """The evaluation worker: ``python -m appliance.evaluations.worker IN_FD OUT_FD``.
 
 Started like the training worker (:mod:`appliance.jobs.sandbox`: no network, a scrubbed environment,
-a view of only its base model and its test file's blob), and speaking the same frames. It receives
-the evaluation and the test file's data key on ``IN_FD``, then the fine-tunes' adapter files as one
-stream; it decrypts the test file in memory, never onto disk.
+a view of only its base model, its CLIP evaluator for an image model, and its test file's blob), and
+speaking the same frames. It receives the evaluation and the test file's data key on ``IN_FD``, then the
+fine-tunes' adapter files as one stream; it decrypts the test file in memory, never onto disk. Text models
+run :mod:`appliance.evaluations.task`, image models :mod:`appliance.evaluations.image_task`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import traceback
 from typing import Any
 
 from appliance.errors import ApplianceError
+from appliance.evaluations.image_task import run_image_evaluation
 from appliance.evaluations.task import run_evaluation
 from appliance.jobs.channel import Channel, PipeTransport
 from appliance.jobs.worker import _NO_ROUTE, load_records, network_probe
@@ -34,7 +36,8 @@ def serve(channel: Channel) -> int:
                       "Network isolation unavailable on this host: the worker relies on offline libraries only",
                       type="isolation", data={**probe, "level": start.get("isolation"), "isolated": isolated})
         [dataset] = start["datasets"]
-        run_evaluation(channel, start, load_records(dataset), adapters)
+        run = run_image_evaluation if start.get("kind") == "diffusion" else run_evaluation
+        run(channel, start, load_records(dataset), adapters)
     except ApplianceError as exc:
         channel.send({"type": "error", "code": exc.code, "message": exc.message, "param": exc.param})
         return 1
