@@ -1,7 +1,15 @@
-"""Evaluations: run models on a test file and compare them (a table of figures, the generations side by side)."""
+"""Evaluations: run models on a test file and compare them (a table of figures, the generations side by side).
+
+An image evaluation's images come from its result file, read (and audited) with the page like a text
+evaluation's answers, and are sent in the page as ``data:`` URLs (as the playground sends its images):
+images larger than :data:`THUMBNAIL` pixels as JPEG previews of that size, smaller ones as stored.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import json
 from typing import Annotated, Any
 
@@ -14,9 +22,13 @@ from litestar.response import Redirect, Template
 from appliance.catalog.service import CatalogService
 from appliance.errors import CrossProjectDenied, InvalidRequestError, NotFoundError
 from appliance.evaluations.service import (
+    DEFAULT_IMAGES_PER_PROMPT,
     DEFAULT_MAX_TOKENS,
     DEFAULT_SAMPLES,
+    DEFAULT_SEED,
+    DEFAULT_STEPS,
     MAX_MODELS,
+    OPTIONS,
     PURPOSE,
     TERMINAL,
     EvaluationService,
@@ -29,15 +41,27 @@ from appliance.web.context import audit_context
 Form = Annotated[dict[str, str], Body(media_type=RequestEncodingType.URL_ENCODED)]
 #: The form's model selects: ``model1`` ... ``model4``.
 MODEL_FIELDS = tuple(f"model{i + 1}" for i in range(MAX_MODELS))
+#: The form's defaults (each kind's options: the form sends those of the chosen models' kind).
+DEFAULTS = {"samples": str(DEFAULT_SAMPLES), "max_tokens": str(DEFAULT_MAX_TOKENS),
+            "images_per_prompt": str(DEFAULT_IMAGES_PER_PROMPT), "num_inference_steps": str(DEFAULT_STEPS),
+            "seed": str(DEFAULT_SEED)}
+#: Largest side, in pixels, of an image shown in the page; larger ones are sent as JPEG previews of this size.
+THUMBNAIL = 256
+
+
+def _model_kinds(principal: Any, catalog: CatalogService) -> dict[str, str]:
+    """Every model an evaluation may name (text and image base models, their fine-tunes) and its kind."""
+    bases = {m.name: m.kind for m in catalog.list_base_models() if m.kind in OPTIONS}
+    adapters = {a.row.id: bases[a.row.base_model] for a in catalog.list_adapters(principal)
+                if a.row.base_model in bases}
+    return {**dict(sorted(bases.items())), **adapters}
 
 
 def _choices(request: Request, files: FileService, catalog: CatalogService) -> dict[str, Any]:
     principal = session_of(request).principal
     views, _ = files.list(principal, project=None, purpose=PURPOSE, after=None, limit=500, order="desc")
-    text_bases = {m.name for m in catalog.list_base_models() if m.kind == "llm"}
-    adapters = [a.row.id for a in catalog.list_adapters(principal) if a.row.base_model in text_bases]
     return {"test_files": [v for v in views if v.row.decision == "accepted"],
-            "model_choices": sorted(text_bases) + adapters, "model_fields": MODEL_FIELDS}
+            "model_choices": _model_kinds(principal, catalog), "model_fields": MODEL_FIELDS}
 
 
 def _list_page(request: Request, evaluations: EvaluationService, files: FileService, catalog: CatalogService,
@@ -51,19 +75,22 @@ def _list_page(request: Request, evaluations: EvaluationService, files: FileServ
 @get("/evaluations", opt=portal(Permission.JOBS_READ), include_in_schema=False, sync_to_thread=True)
 def evaluation_list(request: Request, evaluations: NamedDependency[EvaluationService],
                     files: NamedDependency[FileService], catalog: NamedDependency[CatalogService]) -> Template:
-    return _list_page(request, evaluations, files, catalog,
-                      {"samples": str(DEFAULT_SAMPLES), "max_tokens": str(DEFAULT_MAX_TOKENS)})
+    return _list_page(request, evaluations, files, catalog, dict(DEFAULTS))
 
 
 @post("/evaluations", opt=portal(Permission.JOBS_WRITE), include_in_schema=False, sync_to_thread=True)
 def create_evaluation(request: Request, evaluations: NamedDependency[EvaluationService],
                       files: NamedDependency[FileService], catalog: NamedDependency[CatalogService],
                       data: Form) -> Template | Redirect:
-    """Validated by the same code as ``POST /v1/evaluations``; a problem is shown above the form."""
+    """Validated by the same code as ``POST /v1/evaluations``; a problem is shown above the form.
+
+    The form holds both kinds' options; it sends those of the first chosen model's kind.
+    """
     principal = session_of(request).principal
     body: dict[str, Any] = {"file": data.get("file") or None,
                             "models": [data[f] for f in MODEL_FIELDS if data.get(f)]}
-    for key in ("samples", "max_tokens"):
+    kind = _model_kinds(principal, catalog).get(body["models"][0]) if body["models"] else None
+    for key in ("samples", *OPTIONS[kind or "llm"]):
         text = (data.get(key) or "").strip()
         body[key] = int(text) if text.isdigit() else (text or None)
     try:
@@ -73,7 +100,8 @@ def create_evaluation(request: Request, evaluations: NamedDependency[EvaluationS
     except CrossProjectDenied:
         raise  # answered 404 and audited, like the API
     except (InvalidRequestError, NotFoundError) as exc:
-        return _list_page(request, evaluations, files, catalog, data, error=exc.message, status_code=400)
+        return _list_page(request, evaluations, files, catalog, {**dict.fromkeys(DEFAULTS, ""), **data},
+                          error=exc.message, status_code=400)
     return Redirect(f"/evaluations/{view.row.id}", status_code=303)
 
 
@@ -85,21 +113,42 @@ def evaluation_page(request: Request, evaluations: NamedDependency[EvaluationSer
     view = evaluations.get(principal, evaluation_id)
     samples = None
     result_file = view.row.result_file
-    if result_file and role_allows(principal.role, Permission.FILES_CONTENT):  # test text: read, audited
+    if result_file and role_allows(principal.role, Permission.FILES_CONTENT):  # test data: read, audited
         try:
             _, chunks = files.content(principal, audit_context(request), result_file)
             samples = json.loads(b"".join(chunks)).get("samples") or []
         except NotFoundError:
             result_file = None  # deleted (retention or a user's request)
+    if samples and view.row.kind == "diffusion":
+        samples = [{**smp, "images": {m: [_shown(b) for b in smp.get("images", {}).get(m) or []]
+                                      for m in view.row.models}} for smp in samples]
     best = {}
     results = view.row.results or []
-    for key, better in (("loss", min), ("exact_match", max), ("token_f1", max)):
+    for key, better in (("loss", min), ("exact_match", max), ("token_f1", max), ("clip_t", max)):
         values = [r[key] for r in results if r.get(key) is not None]
         if len(values) > 1:
             best[key] = better(values)
     return page(request, "evaluation.html", section="evaluations", title=view.row.id, view=view,
                 results=results, best=best, samples=samples, result_file=result_file,
                 live=view.row.status not in TERMINAL)
+
+
+def _shown(encoded: str) -> str | None:
+    """A stored image (base64 PNG) as a ``data:`` URL: as stored up to :data:`THUMBNAIL` px, else a JPEG preview."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        png = base64.b64decode(encoded, validate=True)
+        image = Image.open(io.BytesIO(png))
+        if max(image.size) <= THUMBNAIL:
+            return "data:image/png;base64," + base64.b64encode(png).decode()
+        image = image.convert("RGB")
+        image.thumbnail((THUMBNAIL, THUMBNAIL))
+    except (binascii.Error, UnidentifiedImageError, OSError, ValueError, TypeError):
+        return None  # shown as missing rather than failing the page
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
 
 
 @post("/evaluations/{evaluation_id:str}/cancel", opt=portal(Permission.JOBS_WRITE), include_in_schema=False,

@@ -160,6 +160,10 @@ def test_requests_are_checked_field_by_field_and_cancelled_while_queued(client, 
     resp = client.post("/v1/evaluations", headers=bearer(trainer),
                        json={"file": test_file, "models": [tiny_model], "samples": 999})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "samples"
+    resp = client.post("/v1/evaluations", headers=bearer(trainer),
+                       json={"file": test_file, "models": [tiny_model], "seed": 3})  # an image model's option
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "seed", resp.text
+    assert "`seed` applies to image models; 'tiny-llama' runs on a text model" in resp.json()["error"]["message"]
     resp = client.post("/v1/evaluations", headers=bearer(trainer), json={"file": test_file, "models": ["nope"]})
     assert resp.status_code == 404 and resp.json()["error"]["param"] == "models[0]", resp.text
     state.evaluation_runner.stop()  # nothing claims it: cancelled while queued
