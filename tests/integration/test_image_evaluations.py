@@ -57,7 +57,7 @@ def decoded(encoded: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(encoded)))
 
 
-def test_an_image_model_and_its_fine_tune_compared_on_prompts_and_a_file_of_another_shape_refused(client, state, image_store, trainer, owner):
+def test_image_models_compared_on_prompts_and_other_shapes_refused(client, state, image_store, trainer, owner):
     models = [image_store["base"], image_store["fine_tune"]]
     test_file = upload(client, owner, [{"text": p} for p in PROMPTS], "evals")
     # each kind's options: a text model's option is refused on an image model, naming it
