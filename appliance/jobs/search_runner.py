@@ -128,7 +128,7 @@ class SearchRunner:
                 add_event(s, job.id, f"Job failed: {job.error['message']}", level="error")
                 record(s, SEARCH, "job.fail", outcome="failure", resource_type="fine_tuning_job",
                        resource_id=job.id, project=project, reason=job.error["code"],
-                       details={"error": type(exc).__name__})
+                       details={"exception": type(exc).__name__})
             self._failures.pop(job_id, None)
             self.wake()
         except Exception:

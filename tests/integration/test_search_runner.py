@@ -149,4 +149,4 @@ def test_a_search_that_cannot_be_driven_fails_and_cancels_its_trials(state, sear
     [cancel] = [e for e in audit(state, first.id) if e.action == "job.cancel"]
     assert cancel.reason == "search_failed" and cancel.actor == "system:search"
     [fail] = [e for e in audit(state, search_job) if e.action == "job.fail"]
-    assert fail.reason == "search_driver_failed" and fail.details == {"error": "RuntimeError"}
+    assert fail.reason == "search_driver_failed" and fail.details == {"exception": "RuntimeError"}
