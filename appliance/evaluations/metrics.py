@@ -79,8 +79,9 @@ class Score:
     """One model's figures on a test file.
 
     Attributes:
-        loss: Mean next-token loss per target token (nats).
-        perplexity: ``exp(loss)``.
+        loss: Mean next-token loss per target token (nats); NaN when the file has no target tokens
+            (every answer cut away at the model's context).
+        perplexity: ``exp(loss)``; NaN with the loss.
         records: Records of the file.
         target_tokens: Tokens the loss is the mean over.
         answered: Records with a reference answer, each answered by the model.
@@ -97,7 +98,12 @@ class Score:
     token_f1: float | None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The figures as JSON: a figure that is not finite (NaN: not measured) is None.
+
+        The result frame and the evaluation's row are JSON, and PostgreSQL's ``json`` refuses NaN.
+        """
+        return {key: None if isinstance(value, float) and not math.isfinite(value) else value
+                for key, value in asdict(self).items()}
 
 
 #: Told how far a phase is: ``(phase, done, total)``, phase ``"loss"`` (records) or ``"answers"`` (prompts).

@@ -11,6 +11,7 @@ the project. An evaluation whose runner went away (its lease expired) is failed,
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import socket
@@ -267,7 +268,7 @@ class EvaluationRunner:
             if row is None or row.status != "running" or row.worker != self.name:
                 return  # taken over: its new owner records it
             if kind == "result":
-                row.results = list(header.get("results") or [])
+                row.results = _checked_results(header.get("results"))
                 row.fidelity = _checked_fidelity(header.get("fidelity")) if row.kind == "diffusion" else None
                 if stored is not None:
                     self._store_result_file(s, row, stored)
@@ -305,6 +306,26 @@ class EvaluationRunner:
                resource_type="evaluation", resource_id=row.id, project=project_name(s, row.project_id),
                reason=error["code"] if error else None,
                details={"results": row.results, "worker_isolation": isolation} if status == "succeeded" else None)
+
+
+def _checked_results(data: Any) -> list[dict[str, Any]]:
+    """The worker's figures as the row keeps them: a list of dicts, a figure that is not finite as None.
+
+    The worker maps NaN (a loss with no target tokens: not measured) to None itself; this holds for any
+    worker, as the row and the audit event are JSON and PostgreSQL's ``json`` refuses NaN and infinities.
+    """
+    return [finite_or_none(r) for r in data if isinstance(r, dict)] if isinstance(data, list) else []
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every float in it that is not finite (NaN, infinities) as None, in lists and dicts too."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [finite_or_none(item) for item in value]
+    return value
 
 
 def _checked_fidelity(data: Any) -> dict[str, Any] | None:

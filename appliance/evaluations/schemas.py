@@ -58,7 +58,9 @@ class EvaluationError(msgspec.Struct):
 class ModelResult(msgspec.Struct):
     """One model's figures on the test file (no text, no images).
 
-    Text models: ``loss`` to ``token_f1``. Image models: ``prompts``, ``images`` and ``clip_t`` (the mean
+    Text models: ``loss`` to ``token_f1``; ``loss`` and ``perplexity`` are None when not measured (the file
+    had no target tokens: every answer cut away at the model's context), ``exact_match`` and ``token_f1``
+    when no record has a reference answer. Image models: ``prompts``, ``images`` and ``clip_t`` (the mean
     cosine similarity of each prompt's CLIP text embedding with its images' CLIP image embeddings, over
     every prompt); ``clip_t`` is None without a CLIP evaluator (the evaluation's ``fidelity`` says why).
     """

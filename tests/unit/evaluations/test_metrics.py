@@ -126,3 +126,18 @@ def test_batched_answers_are_the_answers_one_prompt_at_a_time(tiny):
     assert answers(model, tokenizer, prompts, cpu, 6, batch_size=1) == alone
     with pytest.raises(Cancelled):
         answers(model, tokenizer, prompts, cpu, 6, stop=lambda: True)
+
+
+def test_a_file_without_target_tokens_has_its_loss_not_measured_as_none(tiny):
+    """Answers cut away at the context leave no target token: the loss is NaN, sent and stored as None (JSON)."""
+    import json
+
+    model, tokenizer = tiny
+    chat = tokenize_records(RECORDS[:1], tokenizer, param="records")[0]
+    first_target = next(i for i, label in enumerate(chat.labels) if label != IGNORE_INDEX)
+    figures, replies = score(model, tokenizer, [chat.truncated(first_target)], torch.device("cpu"), max_new_tokens=2)
+    assert math.isnan(figures.loss) and math.isnan(figures.perplexity) and figures.target_tokens == 0
+    assert replies == [None] and figures.answered == 0
+    as_sent = figures.to_dict()
+    assert as_sent["loss"] is None and as_sent["perplexity"] is None and as_sent["exact_match"] is None
+    json.dumps(as_sent, allow_nan=False)  # what PostgreSQL's json accepts

@@ -254,3 +254,25 @@ def test_a_running_evaluation_shows_how_far_it_is(state, queued, make_token):
         runner.stop()
     with state.db.read() as s:
         assert s.get(Evaluation, queued).progress is None
+
+
+def test_figures_that_are_not_finite_are_stored_as_not_measured(state, queued, make_token):
+    """NaN (a loss with no target tokens) from any worker is None in the row and the audit: PostgreSQL's json
+    refuses NaN, which left the evaluation running until its lease expired. The page and the API say so."""
+    from tests.integration.test_evaluations import portal_headers
+
+    figures = {"model": "tiny", "loss": float("nan"), "perplexity": float("inf"), "records": 1, "target_tokens": 0,
+               "answered": 0, "exact_match": None, "token_f1": None}
+    row = run_once(state, ScriptedWorker([{"type": "result", "results": [figures, "not figures"]}]))
+    assert row.status == "succeeded", row.error
+    assert row.results == [{**figures, "loss": None, "perplexity": None}]
+    succeed = audited(state, queued)[-1]
+    assert succeed.action == "evaluation.succeed" and succeed.details["results"][0]["loss"] is None
+    trainer = make_token("trish", Role.TRAINER, "acme")
+    with TestClient(create_app(state.settings, state, run_scheduler=False)) as client:
+        body = client.get(f"/v1/evaluations/{queued}", headers=bearer(trainer)).json()
+        assert body["results"][0]["loss"] is None and body["results"][0]["perplexity"] is None, body
+        html = client.get(f"/evaluations/{queued}", headers=portal_headers(state, "trish")).text
+        assert html.count("not measured") >= 2 and 'id="results"' in html
+        html = client.get("/models", headers=portal_headers(state, "trish")).text
+        assert "loss not measured" in html
