@@ -351,11 +351,15 @@ class JobService:
     def get(self, principal: Principal, job_id: str) -> JobView:
         return self._job(principal, job_id)
 
-    def list(self, principal: Principal, *, after: str | None, limit: int) -> tuple[list[JobView], bool]:
+    def list(self, principal: Principal, *, after: str | None, limit: int,
+             trials: bool = True) -> tuple[list[JobView], bool]:
+        """The jobs ``principal`` sees, newest first; ``trials=False`` leaves search trials out (:meth:`trials_of`)."""
         with self.db.read() as s:
             stmt = select(FineTuningJob)
             if principal.project_id is not None:
                 stmt = stmt.where(FineTuningJob.project_id == principal.project_id)
+            if not trials:
+                stmt = stmt.where(FineTuningJob.search_id.is_(None))
             if after:
                 anchor = s.get(FineTuningJob, after)
                 if anchor is not None:
@@ -365,6 +369,20 @@ class JobService:
                                   .limit(limit + 1)))
             names = project_names(s, {r.project_id for r in rows})
         return [JobView(r, names[r.project_id]) for r in rows[:limit]], len(rows) > limit
+
+    def trials_of(self, searches: list[JobView]) -> dict[str, list[JobView]]:
+        """The trials of each search in ``searches`` (views the caller may see), in trial order; one query."""
+        ids = [v.row.id for v in searches if v.row.search is not None]
+        if not ids:
+            return {}
+        project = {v.row.id: v.project for v in searches}
+        with self.db.read() as s:
+            rows = s.scalars(select(FineTuningJob).where(FineTuningJob.search_id.in_(ids))
+                             .order_by(FineTuningJob.trial_number, FineTuningJob.id))
+            out: dict[str, list[JobView]] = {}
+            for row in rows:
+                out.setdefault(row.search_id, []).append(JobView(row, project[row.search_id]))
+        return out
 
     def starting_points(self, model_dir: str, kind: str) -> tuple[list[dict[str, Any]], str | None]:
         """What jobs with ``"auto"`` settings on this base would need on this appliance's training device, per

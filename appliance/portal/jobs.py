@@ -180,11 +180,18 @@ def _form_page(request: Request, files: FileService, appliance: AppState, values
 
 @get("/jobs", opt=portal(Permission.JOBS_READ), include_in_schema=False, sync_to_thread=True)
 def job_list(request: Request, jobs: NamedDependency[JobService]) -> Template:
-    views, _ = jobs.list(session_of(request).principal, after=None, limit=100)
-    progress = jobs.progress([v.row.id for v in views])
+    """The jobs, newest first; a search's trials are listed under it in trial order, not among the other jobs."""
+    views, _ = jobs.list(session_of(request).principal, after=None, limit=100, trials=False)
+    trials = jobs.trials_of(views)
+    shown = views + [t for v in views for t in trials.get(v.row.id, [])]
+    progress = jobs.progress([v.row.id for v in shown])
     now = utcnow()
-    rows = [{"view": v, "progress": progress.get(v.row.id), **timing(v.row, now)} for v in views]
-    live = any(v.row.status in ACTIVE for v in views)
+
+    def row(v) -> dict[str, Any]:
+        return {"view": v, "progress": progress.get(v.row.id), **timing(v.row, now)}
+
+    rows = [{**row(v), "trials": [row(t) for t in trials.get(v.row.id, [])]} for v in views]
+    live = any(v.row.status in ACTIVE for v in shown)
     return page(request, "jobs.html", section="jobs", title="Fine-tuning", rows=rows, live=live)
 
 
