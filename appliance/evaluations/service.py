@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select
 
 from appliance.audit.service import AuditContext, record
-from appliance.catalog.service import CatalogService
+from appliance.catalog.service import AdapterView, CatalogService
 from appliance.db.base import Database, utcnow
 from appliance.errors import (
     ApplianceError,
@@ -153,12 +153,22 @@ class EvaluationService:
         """The base model ``model`` runs on and its kind; raises naming ``param`` when it is unknown or an evaluator."""
         name = model
         if model.startswith("ft:"):
-            name = self.catalog.get_adapter(principal, model).row.base_model
+            name = self._adapter(principal, model, param).row.base_model
         base = self.catalog.get_base_model(name, param=param)  # a fidelity evaluator is refused there
         if base.kind not in OPTIONS:
             raise InvalidRequestError(f"model {model!r} runs on a {base.kind!r} model; evaluations run text and "
                                       "image models", param=param)
         return base.name, base.kind
+
+    def _adapter(self, principal: Principal, model: str, param: str) -> AdapterView:
+        """The fine-tune ``model``; missing or another project's (for this caller) is a 404 naming ``param``.
+
+        The catalogue names ``model``, its own API's field; here the field is ``models[i]``.
+        """
+        try:
+            return self.catalog.get_adapter(principal, model)
+        except NotFoundError as exc:  # CrossProjectDenied stays one: it is audited as a denial
+            raise type(exc)(exc.message, param=param) from None
 
     @staticmethod
     def _options(body: dict[str, Any], kind: str | None, models: list[str],

@@ -217,3 +217,30 @@ def test_the_model_catalogue_shows_each_base_models_latest_evaluation_in_the_vie
     assert 'href="/evaluations/eval-globex"' in html and "loss 4.4444" in html and "eval-acme" not in html
     html = client.get("/models", headers=portal_headers(state, "carl")).text  # models, not evaluations
     assert "Latest evaluation" not in html and "eval-" not in html and tiny_model in html
+
+
+def publish_stub(state, base_name: str, project: str, job: str) -> str:
+    """A published fine-tune of ``project`` whose files are never loaded (for requests refused before a run)."""
+    adapter_id = f"ft:{base_name}:{project}:stub:{job}"
+    with state.db.transaction() as s:
+        row = s.scalar(select(Project).where(Project.name == project))
+        state.catalog.publish(s, CLI_CTX, adapter_id=adapter_id, job_id=job, project=row, base_model=base_name,
+                              kind="lora", files={"adapter_config.json": b"{}"}, manifest={"job_id": job})
+    return adapter_id
+
+
+def test_a_missing_or_foreign_fine_tune_is_a_404_naming_its_place_in_models(client, state, tiny_model, trainer,
+                                                                            owner, make_token):
+    make_token("tom", Role.TRAINER, "globex")
+    foreign = publish_stub(state, tiny_model, "globex", "ftjob-foreign")
+    test_file = upload(client, owner, [qa(1)], "evals")
+    missing = f"ft:{tiny_model}:acme:gone:ftjob-gone"
+    resp = client.post("/v1/evaluations", headers=bearer(trainer),
+                       json={"file": test_file, "models": [tiny_model, missing]})
+    assert resp.status_code == 404 and resp.json()["error"]["param"] == "models[1]", resp.text
+    resp = client.post("/v1/evaluations", headers=bearer(trainer), json={"file": test_file, "models": [foreign]})
+    assert resp.status_code == 404 and resp.json()["error"]["param"] == "models[0]", resp.text
+    with state.db.read() as s:  # another project's: answered as missing, audited as a denial
+        denial = s.scalars(select(AuditEvent).where(AuditEvent.outcome == "denied")
+                           .order_by(AuditEvent.seq.desc())).first()
+    assert denial is not None and denial.actor == "trish", denial
