@@ -27,6 +27,7 @@ from appliance.audit.service import AuditContext, record
 from appliance.catalog.archive import pack_files
 from appliance.catalog.service import CatalogService
 from appliance.db.base import Database, utcnow
+from appliance.errors import NotFoundError
 from appliance.evaluations.models import Evaluation
 from appliance.evaluations.task import FILENAME
 from appliance.files.service import FileService, new_file_id
@@ -169,6 +170,9 @@ class EvaluationRunner:
                 outcome = ("error", {"code": "invalid_file", "param": "file", "message": "the test file is no "
                                      "longer available"})
                 return
+            if (problem := self._model_problem(start)) is not None:
+                outcome = ("error", problem)
+                return
             adapters = pack_files({f"{e['adapter']}/{name}": data for e in start["models"] if e["adapter"]
                                    for name, data in self.catalog.adapter_files(e["id"]).items()})
             has_adapters = any(e["adapter"] for e in start["models"])
@@ -237,6 +241,24 @@ class EvaluationRunner:
     def _file_live(self, start: dict[str, Any]) -> bool:
         with self.db.read() as s:
             return self.files.is_live(s, s.get(Evaluation, start["evaluation_id"]).file)
+
+    def _model_problem(self, start: dict[str, Any]) -> dict[str, Any] | None:
+        """Why a fine-tune of the evaluation cannot run, if one cannot: deleted (withdrawn, expired) since it was
+        queued, or another project's (queued before creation refused those)."""
+        with self.db.read() as s:
+            project_id = s.get(Evaluation, start["evaluation_id"]).project_id
+        for i, entry in enumerate(start["models"]):
+            if not entry["adapter"]:
+                continue
+            try:
+                adapter = self.catalog.get_adapter(None, entry["id"])
+            except NotFoundError:
+                return {"code": "model_not_found", "param": f"models[{i}]",
+                        "message": f"model {entry['id']!r} is no longer available (deleted or withdrawn)"}
+            if adapter.row.project_id != project_id:
+                return {"code": "model_not_found", "param": f"models[{i}]",
+                        "message": f"model {entry['id']!r} is not a fine-tune of the evaluation's project"}
+        return None
 
     def _renew(self, evaluation_id: str) -> bool:
         with self.db.transaction() as s:

@@ -22,12 +22,14 @@ from appliance.audit.service import AuditContext, record
 from appliance.catalog.service import AdapterView, CatalogService
 from appliance.db.base import Database, utcnow
 from appliance.errors import (
+    MODEL_NAME_LIKE,
     ApplianceError,
     ConflictError,
     CrossProjectDenied,
     InvalidFieldsError,
     InvalidRequestError,
     NotFoundError,
+    echo,
 )
 from appliance.evaluations.models import TERMINAL, Evaluation
 from appliance.files.service import FileService
@@ -111,7 +113,7 @@ class EvaluationService:
             problems.append(InvalidRequestError(f"`models` names a model twice; got {models!r}", param="models"))
         for i, model in enumerate(models):
             try:
-                bases.append(self._base_of(principal, model, f"models[{i}]"))
+                bases.append(self._base_of(principal, project, model, f"models[{i}]"))
             except (InvalidRequestError, NotFoundError) as exc:
                 problems.append(exc)
         if len(set(bases)) > 1:
@@ -149,11 +151,21 @@ class EvaluationService:
         self.wake()
         return EvaluationView(evaluation, project.name)
 
-    def _base_of(self, principal: Principal, model: str, param: str) -> tuple[str, str]:
-        """The base model ``model`` runs on and its kind; raises naming ``param`` when it is unknown or an evaluator."""
+    def _base_of(self, principal: Principal, project: Project, model: str, param: str) -> tuple[str, str]:
+        """The base model ``model`` runs on and its kind; raises naming ``param`` when it is unknown or an evaluator.
+
+        A fine-tune must be ``project``'s own: the result file, in ``project``, holds its generations, so another
+        project's fine-tune is refused as not found even for a global caller, who may read both.
+        """
         name = model
         if model.startswith("ft:"):
-            name = self._adapter(principal, model, param).row.base_model
+            adapter = self._adapter(principal, model, param)
+            if adapter.row.project_id != project.id:
+                raise NotFoundError(f"model {echo(model, MODEL_NAME_LIKE)} not found in project {project.name!r}: "
+                                    "an evaluation runs base models and the fine-tunes of its own project (the "
+                                    "test file's); evaluate another project's fine-tunes on a test file of that "
+                                    "project", param=param)
+            name = adapter.row.base_model
         base = self.catalog.get_base_model(name, param=param)  # a fidelity evaluator is refused there
         if base.kind not in OPTIONS:
             raise InvalidRequestError(f"model {model!r} runs on a {base.kind!r} model; evaluations run text and "

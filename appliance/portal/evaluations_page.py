@@ -58,18 +58,36 @@ def _model_kinds(principal: Any, catalog: CatalogService) -> dict[str, str]:
 
 
 def _choices(request: Request, files: FileService, catalog: CatalogService) -> dict[str, Any]:
+    """The form's test files and models. A global viewer sees several projects' files and fine-tunes: each test
+    file is shown with its project (a fine-tune's id names its own), and a fine-tune of another project than the
+    test file's is refused at submission, shown at its field."""
     principal = session_of(request).principal
     views, _ = files.list(principal, project=None, purpose=PURPOSE, after=None, limit=500, order="desc")
-    return {"test_files": [v for v in views if v.row.decision == "accepted"],
+    test_files = [v for v in views if v.row.decision == "accepted"]
+    return {"test_files": test_files, "several_projects": len({v.project for v in test_files}) > 1,
             "model_choices": _model_kinds(principal, catalog), "model_fields": MODEL_FIELDS}
 
 
+def _field_errors(exc: InvalidRequestError | NotFoundError) -> dict[str, str]:
+    """The problems that belong to one of the form's fields, by field (``models[i]`` is select ``model<i+1>``)."""
+    problems = getattr(exc, "problems", None) or [(exc.param, exc.message)]
+    errors: dict[str, str] = {}
+    for param, message in problems:
+        field = param
+        if isinstance(param, str) and param.startswith("models[") and param.endswith("]") and param[7:-1].isdigit():
+            field = f"model{int(param[7:-1]) + 1}"
+        if field in MODEL_FIELDS or field in ("file", *DEFAULTS):
+            errors[field] = f"{errors[field]}; {message}" if field in errors else message
+    return errors
+
+
 def _list_page(request: Request, evaluations: EvaluationService, files: FileService, catalog: CatalogService,
-               values: dict[str, str], error: str | None = None, status_code: int = 200) -> Template:
+               values: dict[str, str], error: str | None = None, status_code: int = 200,
+               field_errors: dict[str, str] | None = None) -> Template:
     views, _ = evaluations.list(session_of(request).principal, after=None, limit=100)
     return page(request, "evaluations.html", section="evaluations", title="Evaluations", status_code=status_code,
                 rows=views, live=any(v.row.status not in TERMINAL for v in views), values=values, error=error,
-                **_choices(request, files, catalog))
+                field_errors=field_errors or {}, **_choices(request, files, catalog))
 
 
 @get("/evaluations", opt=portal(Permission.JOBS_READ), include_in_schema=False, sync_to_thread=True)
@@ -101,7 +119,7 @@ def create_evaluation(request: Request, evaluations: NamedDependency[EvaluationS
         raise  # answered 404 and audited, like the API
     except (InvalidRequestError, NotFoundError) as exc:
         return _list_page(request, evaluations, files, catalog, {**dict.fromkeys(DEFAULTS, ""), **data},
-                          error=exc.message, status_code=400)
+                          error=exc.message, status_code=400, field_errors=_field_errors(exc))
     return Redirect(f"/evaluations/{view.row.id}", status_code=303)
 
 

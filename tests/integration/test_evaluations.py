@@ -244,3 +244,36 @@ def test_a_missing_or_foreign_fine_tune_is_a_404_naming_its_place_in_models(clie
         denial = s.scalars(select(AuditEvent).where(AuditEvent.outcome == "denied")
                            .order_by(AuditEvent.seq.desc())).first()
     assert denial is not None and denial.actor == "trish", denial
+
+
+def test_another_projects_fine_tune_is_refused_even_for_an_administrator(client, state, tiny_model, owner,
+                                                                         make_token):
+    """The result file is the test file's project's: another project's fine-tune never runs into it."""
+    state.evaluation_runner.stop()  # nothing runs: the stubs are never loaded
+    admin = make_token("ada", Role.ADMIN)
+    globex_owner = make_token("gina", Role.DATA_OWNER, "globex")
+    foreign = publish_stub(state, tiny_model, "globex", "ftjob-foreign")
+    own = publish_stub(state, tiny_model, "acme", "ftjob-own")
+    test_file = upload(client, owner, [qa(1)], "evals")
+    resp = client.post("/v1/evaluations", headers={**bearer(admin), "OpenAI-Project": "acme"},
+                       json={"file": test_file, "models": [own, foreign]})
+    assert resp.status_code == 404, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == "models[1]" and "not found in project 'acme'" in error["message"], error
+    # The portal's form lists every project's test files and fine-tunes to an administrator: the test files
+    # with their project, and a fine-tune of another project is refused at its field.
+    globex_file = upload(client, globex_owner, [qa(2)], "evals")
+    headers = portal_headers(state, "ada")
+    html = client.get("/evaluations", headers=headers).text
+    assert f"{test_file} · project acme" in html and f"{globex_file} · project globex" in html
+    resp = client.post("/evaluations", headers=headers, follow_redirects=False,
+                       data={"file": test_file, "model1": tiny_model, "model2": foreign, "samples": "1",
+                             "max_tokens": "4"})
+    assert resp.status_code == 400, resp.text
+    field = resp.text.split('id="model2-err"', 1)[1].split("</span>", 1)[0]
+    assert "not found in project &#39;acme&#39;" in field, field
+    assert 'aria-describedby="model2-err" aria-invalid="true"' in resp.text
+    resp = client.post("/evaluations", headers=headers, follow_redirects=False,
+                       data={"file": globex_file, "model1": tiny_model, "model2": foreign, "samples": "1",
+                             "max_tokens": "4"})
+    assert resp.status_code == 303, resp.text  # the same fine-tune on its own project's test file

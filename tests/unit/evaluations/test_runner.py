@@ -276,3 +276,24 @@ def test_figures_that_are_not_finite_are_stored_as_not_measured(state, queued, m
         assert html.count("not measured") >= 2 and 'id="results"' in html
         html = client.get("/models", headers=portal_headers(state, "trish")).text
         assert "loss not measured" in html
+
+
+def test_a_fine_tune_of_another_project_fails_it_before_any_worker_starts(state, queued, make_token):
+    from sqlalchemy import update
+
+    from appliance.identity.models import Project
+
+    make_token("tom", Role.TRAINER, "globex")
+    with state.db.transaction() as s:
+        globex = s.scalar(select(Project).where(Project.name == "globex"))
+        state.catalog.publish(s, CLI_CTX, adapter_id="ft:tiny:globex:x:ftjob-g", job_id="ftjob-g", project=globex,
+                              base_model="tiny", kind="lora", files={"adapter_config.json": b"{}"},
+                              manifest={"job_id": "ftjob-g"})
+        # queued before creation refused another project's fine-tunes
+        s.execute(update(Evaluation).where(Evaluation.id == queued)
+                  .values(models=["tiny", "ft:tiny:globex:x:ftjob-g"]))
+    worker = ScriptedWorker([{"type": "result", "results": []}])
+    row = run_once(state, worker)
+    assert worker.started is None and row.status == "failed", row.error
+    assert row.error["code"] == "model_not_found" and row.error["param"] == "models[1]", row.error
+    assert "not a fine-tune of the evaluation's project" in row.error["message"]
