@@ -84,6 +84,11 @@ class CatalogService:
         self.signing_key_path = signing_key_path
         self.on_publish: list[AdapterHook] = []
         self.on_remove: list[AdapterHook] = []
+        #: ``(session, audit context, adapter id, base model)``, called inside the transaction that shreds an
+        #: adapter (a deletion, a withdrawal, retention), after its ``adapter.delete`` event: what holds its
+        #: generations goes with it (the evaluations package registers its result files; wired in
+        #: :mod:`appliance.server.state`).
+        self.on_shred: list[Callable[[Session, AuditContext, str, str], None]] = []
         #: Adapters operators loaded at run time, name -> base model: the serving layer answers
         #: (:class:`appliance.inference.service.InferenceService` sets it); none without one.
         self.runtime_adapters: Callable[[], dict[str, str]] = dict
@@ -390,7 +395,8 @@ class CatalogService:
         """The transactional half of every deletion, on a row the caller locked in ``s``.
 
         Hides the adapter, destroys its data key and audits ``adapter.delete``
-        (with ``reason`` and extra ``details``) in the same transaction. Remove
+        (with ``reason`` and extra ``details``) in the same transaction, then runs
+        :attr:`on_shred`. Remove
         the ciphertext (``blobs.remove(row.object_id)``) once it has committed.
         """
         row.deleted_at = utcnow()
@@ -398,4 +404,12 @@ class CatalogService:
         record(s, ctx, "adapter.delete", resource_type="adapter", resource_id=row.id, project=project,
                reason=reason, details={**(details or {}), "crypto_shred": {
                    "kek_id": evidence.kek_id, "key_destroyed_at": evidence.shredded_at.isoformat()}})
+        for hook in self.on_shred:
+            hook(s, ctx, row.id, row.base_model)
         return evidence
+
+    @staticmethod
+    def is_live_adapter(s: Session, adapter_id: str) -> bool:
+        """Whether the adapter ``adapter_id`` exists and has not been deleted, read in the caller's transaction."""
+        row = s.get(AdapterRecord, adapter_id)
+        return row is not None and row.deleted_at is None

@@ -40,6 +40,7 @@ def evaluation_object(view: EvaluationView) -> EvaluationObject:
         results=[ModelResult(**m) for m in r.results or []], project=view.project,
         started_at=_ts(r.started_at), finished_at=_ts(r.finished_at),
         error=EvaluationError(**r.error) if r.error else None, result_file=r.result_file,
+        result_erased_at=_ts(r.result_erased_at), result_erased_reason=r.result_erased_reason,
         progress=EvaluationProgress(**r.progress) if r.progress and r.status == "running" else None,
     )
 

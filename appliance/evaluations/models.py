@@ -48,6 +48,10 @@ class Evaluation(Base):
     fidelity: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     #: the encrypted result file holding the generations side by side (text: read as a file's content)
     result_file: Mapped[str | None] = mapped_column(String(64), default=None)
+    #: when the result file was crypto-shredded with what it copies (its test file, a fine-tune it ran) and why;
+    #: ``result_file`` still names it (deleted)
+    result_erased_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    result_erased_reason: Mapped[str | None] = mapped_column(String(300), default=None)
     #: the runner that claimed it (``host:pid:random``) and until when it owns it
     worker: Mapped[str | None] = mapped_column(String(128), default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)

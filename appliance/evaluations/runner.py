@@ -227,11 +227,12 @@ class EvaluationRunner:
                 worker.kill()
             elif worker is not None:
                 worker.reap()
+            kept = False
             try:
-                self._finish(evaluation_id, outcome, stored if outcome[0] == "result" else None, isolation)
+                kept = self._finish(evaluation_id, outcome, stored if outcome[0] == "result" else None, isolation)
             except Exception:
                 log.exception("recording the end of an evaluation failed", extra={"evaluation_id": evaluation_id})
-            if stored is not None and outcome[0] != "result":
+            if stored is not None and not kept:
                 stored.abort()
             receiver.abandon()
             if worker is not None:
@@ -283,17 +284,29 @@ class EvaluationRunner:
             return bool(s.scalar(select(Evaluation.cancel_requested).where(Evaluation.id == evaluation_id)))
 
     def _finish(self, evaluation_id: str, outcome: tuple[str, dict[str, Any]], stored: Any,
-                isolation: dict[str, Any] | None = None) -> None:
+                isolation: dict[str, Any] | None = None) -> bool:
+        """Record how the run ended; whether ``stored`` (the result file) was kept (else the caller discards it).
+
+        A test file or fine-tune deleted while it ran keeps nothing of it: the evaluation fails
+        (``test_file_deleted``, ``model_deleted``). The evaluation's row is locked first: a deletion locks it
+        too (:meth:`EvaluationService.erase_results_of_file`), so either the deletion sees the result file
+        stored here and shreds it, or this sees the deletion.
+        """
         kind, header = outcome
+        kept = False
         with self.db.transaction() as s:
             row = s.get(Evaluation, evaluation_id, with_for_update=True)
             if row is None or row.status != "running" or row.worker != self.name:
-                return  # taken over: its new owner records it
-            if kind == "result":
+                return False  # taken over: its new owner records it
+            erased = self._erased_meanwhile(s, row) if kind in ("result", "cancelled") else None
+            if erased is not None:
+                self._end(s, row, "failed", error=erased)
+            elif kind == "result":
                 row.results = _checked_results(header.get("results"))
                 row.fidelity = _checked_fidelity(header.get("fidelity")) if row.kind == "diffusion" else None
                 if stored is not None:
                     self._store_result_file(s, row, stored)
+                    kept = True
                 self._end(s, row, "succeeded", isolation=isolation)
             elif kind == "cancelled" or row.cancel_requested:
                 self._end(s, row, "cancelled")
@@ -306,6 +319,20 @@ class EvaluationRunner:
                                                    "param": header.get("param")})
             else:
                 self._end(s, row, "failed", error=dict(LOST))
+        return kept
+
+    def _erased_meanwhile(self, s, row: Evaluation) -> dict[str, Any] | None:
+        """The error of an evaluation whose test file or one of whose fine-tunes was deleted while it ran."""
+        if not self.files.is_live(s, row.file):
+            return {"code": "test_file_deleted", "param": "file",
+                    "message": f"the test file {row.file} was deleted while the evaluation ran: nothing of the "
+                               "run was kept"}
+        for i, model in enumerate(row.models):
+            if model.startswith("ft:") and not self.catalog.is_live_adapter(s, model):
+                return {"code": "model_deleted", "param": f"models[{i}]",
+                        "message": f"model {model!r} was deleted while the evaluation ran: nothing of the run "
+                                   "was kept"}
+        return None
 
     def _store_result_file(self, s, row: Evaluation, incoming: Any) -> None:
         writer = incoming.sink

@@ -128,6 +128,10 @@ class EvaluationObject(msgspec.Struct):
     error: EvaluationError | None = None
     #: the generations side by side: a file whose content only roles that may read file content read
     result_file: str | None = None
+    #: when the result file was crypto-shredded with its test file or one of its fine-tunes (``result_file``
+    #: names it, deleted), and why; the figures stay
+    result_erased_at: int | None = None
+    result_erased_reason: str | None = None
     #: while running: how far it is (None before the worker's first report and once it ended)
     progress: EvaluationProgress | None = None
     object: str = "evaluation"

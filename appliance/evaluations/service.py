@@ -7,6 +7,10 @@ figures land in the row, the generations (text, or images for an image model) in
 result file of the project. Each kind of model has its own options: ``max_tokens`` for text models,
 ``images_per_prompt``, ``num_inference_steps`` and ``seed`` for image models; naming the other
 kind's is refused, naming the option.
+
+The result file copies test records and the fine-tunes' generations, so it never outlives them: it is
+crypto-shredded in the transaction that deletes the test file or one of the fine-tunes (a user's
+deletion, a withdrawal, retention), and the evaluation says when and why (``result_erased_at``).
 """
 
 from __future__ import annotations
@@ -243,6 +247,46 @@ class EvaluationService:
                                   .where(latest.c.rank == 1)))
             names = project_names(s, {r.project_id for r in rows})
         return {r.base_model: EvaluationView(r, names[r.project_id]) for r in rows}
+
+    # -- erasure ------------------------------------------------------------
+    def erase_results_of_file(self, s: Session, ctx: AuditContext, file_id: str) -> None:
+        """Crypto-shred the result files of the evaluations that read ``file_id``, a test file being shredded.
+
+        Registered on :attr:`appliance.files.service.FileService.on_shred`: it runs in the transaction that
+        deletes the test file (a user's deletion or retention), so the copies of its records in result files
+        go with it. A running evaluation of it is told to stop; the runner keeps nothing of it (the test file
+        is no longer live when it finishes).
+        """
+        rows = s.scalars(select(Evaluation).where(Evaluation.file == file_id)
+                         .order_by(Evaluation.id).with_for_update())
+        for row in rows:
+            self._erase_result(s, ctx, row, f"its test file {file_id} was deleted", {"file": file_id})
+
+    def erase_results_of_model(self, s: Session, ctx: AuditContext, adapter_id: str, base_model: str) -> None:
+        """Crypto-shred the result files of the evaluations that ran ``adapter_id``, a fine-tune being shredded.
+
+        Registered on :attr:`appliance.catalog.service.CatalogService.on_shred`: it runs in the transaction
+        that deletes the adapter (a user's deletion, its withdrawal when its training data was erased,
+        retention), so its generations go with it.
+        """
+        # Every evaluation of the base model is locked, not only those with a result file: one finishing now
+        # is then seen with its result file (PostgreSQL re-reads a row it waited for), or finishes after
+        # this and finds the fine-tune gone.
+        rows = s.scalars(select(Evaluation).where(Evaluation.base_model == base_model)
+                         .order_by(Evaluation.id).with_for_update())
+        for row in rows:
+            if adapter_id in (row.models or []):
+                self._erase_result(s, ctx, row, f"its model {adapter_id} was deleted", {"model": adapter_id})
+
+    def _erase_result(self, s: Session, ctx: AuditContext, row: Evaluation, reason: str,
+                      erased_with: dict[str, str]) -> None:
+        if row.status == "running":
+            row.cancel_requested = True  # stop reading erased data; the runner keeps no result of it
+        if row.result_file is None or row.result_erased_at is not None:
+            return
+        self.files.shred_live(s, ctx, row.result_file, reason=f"evaluation result: {reason}",
+                              details={"evaluation_id": row.id, "erased_with": erased_with})
+        row.result_erased_at, row.result_erased_reason = utcnow(), reason[:300]
 
     # -- cancel -------------------------------------------------------------
     def cancel(self, principal: Principal, ctx: AuditContext, evaluation_id: str) -> EvaluationView:

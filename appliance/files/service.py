@@ -106,6 +106,11 @@ class FileService:
         self._scanner_factory = scanner_factory
         #: Called with (file id, audit context) after a file is crypto-shredded.
         self.on_delete: list[Any] = []
+        #: ``(session, audit context, file_id)``, called inside the transaction that shreds a file (a user's
+        #: deletion, retention), after its ``file.delete`` event: what holds a copy of its content goes with it in
+        #: that transaction (the evaluations package registers its result files; wired in
+        #: :mod:`appliance.server.state`).
+        self.on_shred: list[Callable[[Session, AuditContext, str], None]] = []
         #: ``(session, file_id) -> job or evaluation id | None``: who may still read a file (the jobs and evaluations
         #: packages register their unfinished ones; wired in :mod:`appliance.server.state`), asked in the caller's
         #: transaction.
@@ -835,7 +840,8 @@ class FileService:
 
         Hides the file, destroys its data key, drops its findings and audits
         ``file.delete`` (with ``reason`` and extra ``details``) in the same
-        transaction. Call :meth:`finish_shred` once it has committed.
+        transaction, then runs :attr:`on_shred` (copies of its content go with
+        it). Call :meth:`finish_shred` once it has committed.
         """
         row.deleted_at = utcnow()
         evidence = self.blobs.shred(s, row.content_object)
@@ -847,7 +853,27 @@ class FileService:
         record(s, ctx, "file.delete", resource_type="file", resource_id=row.id, project=project, reason=reason,
                details={**(details or {}), "crypto_shred": {"kek_id": evidence.kek_id,
                                                             "key_destroyed_at": evidence.shredded_at.isoformat()}})
+        for hook in self.on_shred:
+            hook(s, ctx, row.id)
         return evidence
+
+    def shred_live(self, s: Session, ctx: AuditContext, file_id: str, *, reason: str,
+                   details: dict[str, Any] | None = None) -> bool:
+        """Crypto-shred ``file_id`` in the caller's transaction if it is still live; False if it was not.
+
+        For a copy erased with what it was made from (:attr:`on_shred`'s hooks): the row is locked (waiting for a
+        deletion in progress), shredded and audited as :meth:`shred` does; its ciphertext is removed once the
+        caller's transaction commits. :attr:`on_delete` is not run (nothing is trained on such a copy).
+        """
+        row = s.get(StoredFile, file_id, with_for_update=True)
+        if row is None or row.deleted_at is not None:
+            return False
+        objects = [row.content_object, row.original_id, quality_sketch_of(row)]
+        self.shred(s, ctx, row, project_by_id(s, row.project_id).name, reason=reason, details=details)
+        for object_id in objects:
+            if object_id:
+                self.blobs.remove_after_commit(s, object_id)
+        return True
 
     def finish_shred(self, file_id: str, ctx: AuditContext) -> None:
         """After a deletion committed: remove the ciphertext and run :attr:`on_delete` (adapter withdrawal)."""

@@ -130,7 +130,7 @@ def evaluation_page(request: Request, evaluations: NamedDependency[EvaluationSer
     principal = session_of(request).principal
     view = evaluations.get(principal, evaluation_id)
     samples = None
-    result_file = view.row.result_file
+    result_file = view.row.result_file if view.row.result_erased_at is None else None  # erased: the page says so
     if result_file and role_allows(principal.role, Permission.FILES_CONTENT):  # test data: read, audited
         try:
             _, chunks = files.content(principal, audit_context(request), result_file)

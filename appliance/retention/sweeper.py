@@ -19,7 +19,11 @@ its data key is destroyed and its ``file.delete`` / ``adapter.delete`` event
 the period and when it expired) is written in the same transaction, then the
 ciphertext is removed. As with a user's deletion, adapters trained on an
 expired dataset are withdrawn with it: a model carries its training data, so
-it never outlives that data's retention.
+it never outlives that data's retention. Likewise the result files of
+evaluations that read an expired test file, or ran an expired or withdrawn
+adapter, are shredded in the same transaction (the evaluations package's
+hooks on :attr:`FileService.on_shred` and :attr:`CatalogService.on_shred`):
+they hold copies of its records or generations.
 
 Several replicas may sweep at once: each item is shredded in its own
 transaction under ``FOR UPDATE SKIP LOCKED`` (on SQLite, ``BEGIN IMMEDIATE``

@@ -59,6 +59,11 @@ def build_state(
         busy=scheduler.holds_device)
     if scheduler.executor.name == "local":  # and training waits for a running evaluation (Ray's nodes are others)
         scheduler.busy = evaluation_runner.running
+    evaluations = EvaluationService(db, catalog, files, wake=evaluation_runner.wake)
+    # An evaluation's result file copies its test file's records and its fine-tunes' generations: it is
+    # crypto-shredded in the transaction that shreds either (deletion, withdrawal, retention).
+    files.on_shred.append(evaluations.erase_results_of_file)
+    catalog.on_shred.append(evaluations.erase_results_of_model)
     return AppState(
         settings=settings,
         db=db,
@@ -76,6 +81,6 @@ def build_state(
                                 max_hours=settings.portal.session_max_hours),
         inference=InferenceService(db, catalog, policies, lambda: files.scanner, settings.serving),
         retention=RetentionSweeper(db, policies, files, catalog, settings.retention.sweep_interval_s),
-        evaluations=EvaluationService(db, catalog, files, wake=evaluation_runner.wake),
+        evaluations=evaluations,
         evaluation_runner=evaluation_runner,
     )

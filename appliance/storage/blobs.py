@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import secrets
 import time
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from appliance.crypto.envelope import KeyProvider, WrappedKey, new_data_key
@@ -28,6 +30,8 @@ from appliance.crypto.stream import SegmentEncryptor, blob_context, decrypt_stre
 from appliance.db.base import utcnow
 from appliance.errors import InsufficientStorageError, NotFoundError
 from appliance.storage.models import DataKey
+
+log = logging.getLogger("appliance.storage")
 
 TMP_PREFIX = ".tmp-"
 #: An empty temporary younger than this may be between its creation and its writer's lock.
@@ -218,6 +222,20 @@ class BlobStore:
         existed = path.exists()
         path.unlink(missing_ok=True)
         return existed
+
+    def remove_after_commit(self, session: Session, object_id: str) -> None:
+        """Delete an object's ciphertext once ``session``'s transaction commits (never if it rolls back).
+
+        For an object shredded in a transaction that is not the caller's own to finish (a hook's, inside
+        another deletion): the key is gone at the commit, the file goes right after it.
+        """
+        def remove(_session: Session) -> None:
+            try:
+                self.remove(object_id)
+            except OSError:  # the key is gone: the ciphertext is unreadable; a leftover is only disk space
+                log.warning("a shredded object's ciphertext could not be removed", extra={"object_id": object_id})
+
+        event.listen(session, "after_commit", remove, once=True)
 
     def sweep_temporaries(self) -> int:
         """Remove leftovers of writes interrupted by a crash; returns how many.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -22,7 +23,10 @@ from tests.timing import Deadline
 
 
 class ScriptedWorker:
-    """Sends ``frames`` in order, then ends; a ``stop`` makes it answer ``on_stop`` (if any) and end."""
+    """Sends ``frames`` in order, then ends; a ``stop`` makes it answer ``on_stop`` (if any) and end.
+
+    A frame is a header, a ``(header, payload)`` pair, or a callable run when its turn comes (then the next is sent).
+    """
 
     def __init__(self, frames: list[dict], on_stop: dict | None = None) -> None:
         self.frames, self.on_stop = list(frames), on_stop
@@ -37,7 +41,12 @@ class ScriptedWorker:
             self.frames.append(self.on_stop)
 
     def read(self, timeout: float):
-        return (self.frames.pop(0), b"") if self.frames else None
+        while self.frames and callable(self.frames[0]):
+            self.frames.pop(0)()
+        if not self.frames:
+            return None
+        frame = self.frames.pop(0)
+        return frame if isinstance(frame, tuple) else (frame, b"")
 
     def alive(self) -> bool:
         return bool(self.frames) or (self.on_stop is not None and not self.killed)
@@ -53,6 +62,14 @@ class ScriptedWorker:
 
     def cleanup(self) -> None:
         pass
+
+
+def result_file_frames(document: dict) -> list[tuple[dict, bytes]]:
+    """``document`` sent as the worker sends its result file: begin, one chunk, end."""
+    data = json.dumps(document).encode()
+    return [({"type": "begin", "kind": "result_file", "name": "evaluation.json", "size": len(data)}, b""),
+            ({"type": "chunk"}, data),
+            ({"type": "end", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, b"")]
 
 
 class ScriptedExecutor:
