@@ -5,11 +5,15 @@ The runner claims the oldest queued evaluation under a lease (as the job schedul
 :mod:`appliance.evaluations.worker` through a local executor (the training workers' sandbox, limits
 and isolation level), hands it the test file's data key and streams it the fine-tunes' adapter files,
 and records what it reports: the figures in the row, the generations as an encrypted result file of
-the project. An evaluation whose runner went away (its lease expired) is failed, never left running.
+the project. A text evaluation's answers pass through the project's output guard before the result
+file is written, as inference's answers do. An evaluation whose runner went away (its lease expired)
+is failed, never left running.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -18,8 +22,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import or_, select
 
@@ -27,14 +32,19 @@ from appliance.audit.service import AuditContext, record
 from appliance.catalog.archive import pack_files
 from appliance.catalog.service import CatalogService
 from appliance.db.base import Database, utcnow
-from appliance.errors import NotFoundError
+from appliance.errors import ApplianceError, NotFoundError
 from appliance.evaluations.models import Evaluation
 from appliance.evaluations.task import FILENAME
 from appliance.files.service import FileService, new_file_id
 from appliance.identity.service import project_by_id, project_name
+from appliance.inference.guard import OutputGuard
 from appliance.jobs.executors import Executor, Worker
 from appliance.jobs.streams import Receiver, StreamError
 from appliance.jobs.wire import FrameError
+
+if TYPE_CHECKING:
+    from appliance.policy.service import PolicyService
+    from appliance.storage.blobs import BlobWriter
 
 log = logging.getLogger("appliance.evaluations")
 
@@ -44,6 +54,40 @@ SYSTEM = AuditContext(actor="system:evaluations", auth_method="internal", origin
 PROGRESS_PHASES = frozenset({"loss", "answers", "images"})
 LOST = {"code": "worker_lost", "param": None,
         "message": "the evaluation worker stopped unexpectedly (killed or the server restarted); run it again"}
+#: Most bytes of a text evaluation's result file held in memory for the output guard (the prompts and 4 models'
+#: answers of at most 50 records: a few MB).
+MAX_TEXT_RESULT_BYTES = 64 * 1024 * 1024
+#: What a stored answer reads where the project's output guard blocked it.
+BLOCKED_ANSWER = "[withheld: the project's output policy blocked this answer]"
+
+
+class TextResult(bytearray):
+    """A text evaluation's result file as it arrives: kept in memory (bounded), never stored before its answers
+    have passed the output guard."""
+
+    def write(self, data: bytes) -> None:
+        if len(self) + len(data) > MAX_TEXT_RESULT_BYTES:
+            raise StreamError(f"the result file is larger than {MAX_TEXT_RESULT_BYTES} bytes")
+        self.extend(data)
+
+    def abort(self) -> None:
+        self.clear()
+
+
+@dataclass
+class GuardedResult:
+    """A text result file as it is stored: its answers guarded, encrypted in ``sink`` (finished when recorded).
+
+    ``received`` and ``sha256`` describe the stored plaintext; ``guard`` is what the guard did (counts, no text).
+    """
+
+    sink: BlobWriter
+    received: int
+    sha256: str
+    guard: dict[str, Any]
+
+    def abort(self) -> None:
+        self.sink.abort()
 
 
 class EvaluationRunner:
@@ -60,12 +104,17 @@ class EvaluationRunner:
         cancel_grace_s: Time a worker gets to stop before it is killed.
         busy: True while this host's training workers hold the device (the job scheduler's runs): a
             queued evaluation waits for them rather than share the device a job's memory plan counted on.
+        policies: Each project's policy, for the output guard (default: the file service's).
+        scanner: The shared intake scanner, for the output guard (default: the file service's).
     """
 
     def __init__(self, db: Database, files: FileService, catalog: CatalogService, executor: Executor, *,
                  poll_s: float = 0.5, lease_s: float = 60.0, cancel_grace_s: float = 10.0,
-                 busy: Callable[[], bool] = lambda: False) -> None:
+                 busy: Callable[[], bool] = lambda: False, policies: PolicyService | None = None,
+                 scanner: Callable[[], Any] | None = None) -> None:
         self.db, self.files, self.catalog, self.executor, self.busy = db, files, catalog, executor, busy
+        self.policies = policies or files.policies
+        self.scanner = scanner or (lambda: files.scanner)
         self.poll_s, self.lease_s, self.cancel_grace_s = poll_s, lease_s, cancel_grace_s
         self.name = f"{socket.gethostname()[:60]}:{os.getpid()}:{secrets.token_hex(3)}"
         self._wake, self._stopping = threading.Event(), threading.Event()
@@ -179,7 +228,7 @@ class EvaluationRunner:
             worker = self._worker = self.executor.launch(evaluation_id, {}, reads)
             # Decrypted in memory and streamed (serving does the same with the adapters it loads).
             worker.start(start, (lambda: [adapters]) if has_adapters else None)
-            project = start["project"]
+            project, text = start["project"], start["kind"] != "diffusion"
             start, adapters = {}, b""  # the data key and the adapters' weights: out of memory once sent
             renewed, stop_sent = time.monotonic(), None
             while not self._stopping.is_set():
@@ -193,8 +242,9 @@ class EvaluationRunner:
                         isolation = header.get("data")  # how the worker found itself shut in: the audit says
                     elif kind == "event" and header.get("event_type") == "progress":
                         self._progress(evaluation_id, header.get("data"))
-                    elif kind == "begin":
-                        receiver.begin(header, self.files.blobs.create(new_file_id(), project, "file"))
+                    elif kind == "begin":  # text: guarded before it is stored; images: stored as they come
+                        receiver.begin(header, TextResult() if text else
+                                       self.files.blobs.create(new_file_id(), project, "file"))
                     elif kind == "chunk":
                         receiver.chunk(payload)
                     elif kind == "end":
@@ -213,6 +263,8 @@ class EvaluationRunner:
                     worker.send({"type": "stop"})
                 elif cancel and time.monotonic() - stop_sent > self.cancel_grace_s:
                     worker.kill()
+            if outcome[0] == "result" and stored is not None and isinstance(stored.sink, TextResult):
+                outcome, stored = self._guard_result(evaluation_id, outcome, stored)
         except (StreamError, FrameError) as exc:
             log.warning("an evaluation worker's stream broke", extra={"evaluation_id": evaluation_id,
                                                                        "error": str(exc)[:300]})
@@ -238,6 +290,58 @@ class EvaluationRunner:
             if worker is not None:
                 worker.cleanup()
             self._worker = None
+
+    def _guard_result(self, evaluation_id: str, outcome: tuple[str, dict[str, Any]],
+                      incoming: Any) -> tuple[tuple[str, dict[str, Any]], GuardedResult | None]:
+        """The outcome and the result file to store, its answers guarded; an error and nothing when that fails."""
+        try:
+            return outcome, self._guarded(evaluation_id, bytes(incoming.sink))
+        except ValueError as exc:
+            log.warning("an evaluation worker sent a malformed result file", extra={"evaluation_id": evaluation_id,
+                                                                                  "error": str(exc)[:300]})
+            return ("error", {"code": "invalid_result", "param": None, "message": "the worker's result file is "
+                              "not an evaluation result; run it again"}), None
+        except Exception as exc:  # the scanner or the policy: nothing unguarded is stored
+            log.exception("guarding an evaluation's answers failed", extra={"evaluation_id": evaluation_id})
+            reason = exc.message if isinstance(exc, ApplianceError) else type(exc).__name__
+            return ("error", {"code": "output_guard_failed", "param": None, "message": "the answers could not "
+                              f"be passed through the project's output guard ({reason}); nothing was stored"}), None
+        finally:
+            incoming.sink.clear()
+
+    def _guarded(self, evaluation_id: str, data: bytes) -> GuardedResult:
+        """A text result file with every answer passed through the project's output guard, then encrypted.
+
+        As inference guards an answer (:meth:`OutputGuard.check`, the project's policy): an answer is stored
+        redacted where the policy redacts, and as :data:`BLOCKED_ANSWER` where it blocks. The prompts and
+        references are the test file's stored records, already under the policy. The figures (exact match,
+        token F1) were computed in the worker on the raw answers, which are stored nowhere.
+
+        Raises:
+            ValueError: ``data`` is not an evaluation result file.
+        """
+        document = json.loads(data)
+        samples = document.get("samples") if isinstance(document, dict) else None
+        if not isinstance(samples, list) or not all(isinstance(s, dict) and isinstance(s.get("answers"), dict)
+                                                    for s in samples):
+            raise ValueError("expected an object whose `samples` each have `answers`")
+        with self.db.read() as s:
+            project = project_by_id(s, s.get(Evaluation, evaluation_id).project_id)
+        guard = OutputGuard(self.scanner(), self.policies.effective(project))
+        for sample in samples:
+            answers = sample["answers"]
+            for model, answer in answers.items():
+                if isinstance(answer, str):
+                    safe, refused = guard.check(answer)
+                    answers[model] = BLOCKED_ANSWER if refused else safe
+        guarded = json.dumps(document, ensure_ascii=False).encode()
+        writer = self.files.blobs.create(new_file_id(), project.name, "file")
+        try:
+            writer.write(guarded)
+        except BaseException:
+            writer.abort()
+            raise
+        return GuardedResult(writer, len(guarded), hashlib.sha256(guarded).hexdigest(), guard.report.to_dict())
 
     def _file_live(self, start: dict[str, Any]) -> bool:
         with self.db.read() as s:
@@ -341,9 +445,10 @@ class EvaluationRunner:
                                    filename=f"{row.id}-{FILENAME}", size=incoming.received, sha256=incoming.sha256,
                                    created_by=row.created_by, generated_by=row.id)
         row.result_file = writer.object_id
+        guard = {"guard": incoming.guard} if isinstance(incoming, GuardedResult) else {}
         record(s, SYSTEM, "file.result", resource_type="file", resource_id=writer.object_id,
                project=project_name(s, row.project_id),
-               details={"evaluation_id": row.id, "name": FILENAME, "bytes": incoming.received})
+               details={"evaluation_id": row.id, "name": FILENAME, "bytes": incoming.received, **guard})
 
     @staticmethod
     def _end(s, row: Evaluation, status: str, *, error: dict[str, Any] | None = None,

@@ -3,7 +3,10 @@
 The base model is loaded once; each fine-tune's LoRA adapter (its files streamed in by the runner,
 decrypted in memory) is added to it under its own name, and the base model itself is the PEFT model
 with its adapters disabled. Figures go back in the result frame (no text); the generations of the
-first ``samples`` prompts go back as one encrypted result file, never in an event or a log.
+first ``samples`` prompts go back as one result file, never in an event or a log. The figures (exact
+match, token F1) are computed here on the raw answers; the runner passes the answers through the
+project's output guard before it stores the file (encrypted), so a stored answer may read redacted or
+withheld where the figure counted the answer as the model gave it.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from appliance.audit.models import AuditEvent
 from appliance.db.base import utcnow
 from appliance.evaluations.models import Evaluation
-from appliance.evaluations.runner import EvaluationRunner
+from appliance.evaluations.runner import BLOCKED_ANSWER, EvaluationRunner
 from appliance.identity.roles import Role
 from appliance.server.app import create_app
 from tests.conftest import CLI_CTX, bearer
@@ -104,8 +104,9 @@ def queued(state, make_token):
         return resp.json()["id"]
 
 
-def run_once(state, worker: ScriptedWorker) -> Evaluation:
-    runner = EvaluationRunner(state.db, state.files, state.catalog, ScriptedExecutor(worker), cancel_grace_s=0.0)
+def run_once(state, worker: ScriptedWorker, **options) -> Evaluation:
+    runner = EvaluationRunner(state.db, state.files, state.catalog, ScriptedExecutor(worker), cancel_grace_s=0.0,
+                              **options)
     evaluation_id = runner._claim()
     runner._run(evaluation_id)
     with state.db.read() as s:
@@ -314,3 +315,57 @@ def test_a_fine_tune_of_another_project_fails_it_before_any_worker_starts(state,
     assert worker.started is None and row.status == "failed", row.error
     assert row.error["code"] == "model_not_found" and row.error["param"] == "models[1]", row.error
     assert "not a fine-tune of the evaluation's project" in row.error["message"]
+
+
+def stored_result(state, file_id: str) -> dict:
+    with state.db.read() as s:
+        return json.loads(b"".join(state.blobs.read(s, file_id)))
+
+
+def test_answers_pass_the_projects_output_guard_before_the_result_file_is_stored(state, queued):
+    """As inference's answers: redacted where the policy redacts, withheld where it blocks; the figures are the
+    worker's, on the raw answers."""
+    answers = ["Write to jane.doe@example.com for the forms.", "Use the key AKIAIOSFODNN7EXAMPLE to upload.",
+               "The sky is blue.", None]
+    document = {"format": "appliance.evaluation/1", "models": ["tiny"], "results": [],
+                "samples": [{"prompt": f"Q{i}", "reference": "R", "answers": {"tiny": a}}
+                            for i, a in enumerate(answers)]}
+    figures = {"model": "tiny", "loss": 1.0, "perplexity": 2.7, "records": 4, "target_tokens": 8, "answered": 3,
+               "exact_match": 0.0, "token_f1": 0.25}
+    row = run_once(state, ScriptedWorker([*result_file_frames(document), {"type": "result", "results": [figures]}]))
+    assert row.status == "succeeded" and row.results == [figures], row.error
+    said = [smp["answers"]["tiny"] for smp in stored_result(state, row.result_file)["samples"]]
+    assert said[0] == "Write to <EMAIL_ADDRESS> for the forms."
+    assert said[1] == BLOCKED_ANSWER and said[2:] == ["The sky is blue.", None]
+    with state.db.read() as s:
+        stored = s.scalar(select(AuditEvent).where(AuditEvent.action == "file.result",
+                                                   AuditEvent.resource_id == row.result_file))
+    assert stored.details["guard"] == {"redacted": {"EMAIL_ADDRESS": 1}, "blocked": {"AWS_ACCESS_KEY_ID": 1},
+                                       "refused": True}, stored.details
+    assert stored.details["bytes"] == len(json.dumps(stored_result(state, row.result_file), ensure_ascii=False))
+
+
+def test_a_text_result_file_that_is_not_one_fails_it_and_nothing_is_stored(state, queued):
+    from appliance.files.models import StoredFile
+
+    frames = result_file_frames({"samples": [{"answers": "not a mapping"}]})
+    row = run_once(state, ScriptedWorker([*frames, {"type": "result", "results": []}]))
+    assert row.status == "failed" and row.error["code"] == "invalid_result" and row.result_file is None, row.error
+    with state.db.read() as s:
+        assert s.scalar(select(StoredFile.id).where(StoredFile.purpose == "fine-tune-results")) is None
+
+
+def test_answers_the_guard_cannot_judge_are_not_stored(state, queued):
+    from appliance.files.models import StoredFile
+
+    class BrokenScanner:
+        def scan(self, units, *, entities=None):
+            raise RuntimeError("the scanner broke")
+
+    document = {"samples": [{"prompt": "Q", "reference": "R", "answers": {"tiny": "Write to jane.doe@example.com"}}]}
+    row = run_once(state, ScriptedWorker([*result_file_frames(document), {"type": "result", "results": []}]),
+                   scanner=BrokenScanner)
+    assert row.status == "failed" and row.error["code"] == "output_guard_failed", row.error
+    assert "nothing was stored" in row.error["message"] and row.result_file is None
+    with state.db.read() as s:
+        assert s.scalar(select(StoredFile.id).where(StoredFile.purpose == "fine-tune-results")) is None
