@@ -261,6 +261,10 @@ class EvaluationService:
                          .order_by(Evaluation.id).with_for_update())
         for row in rows:
             self._erase_result(s, ctx, row, f"its test file {file_id} was deleted", {"file": file_id})
+        # A result file deleted by hand: its evaluation says so too.
+        for row in s.scalars(select(Evaluation).where(Evaluation.result_file == file_id,
+                                                      Evaluation.result_erased_at.is_(None)).with_for_update()):
+            row.result_erased_at, row.result_erased_reason = utcnow(), "the result file was deleted"
 
     def erase_results_of_model(self, s: Session, ctx: AuditContext, adapter_id: str, base_model: str) -> None:
         """Crypto-shred the result files of the evaluations that ran ``adapter_id``, a fine-tune being shredded.
@@ -284,9 +288,9 @@ class EvaluationService:
             row.cancel_requested = True  # stop reading erased data; the runner keeps no result of it
         if row.result_file is None or row.result_erased_at is not None:
             return
+        row.result_erased_at, row.result_erased_reason = utcnow(), reason[:300]  # set first: the shred's hook sees it
         self.files.shred_live(s, ctx, row.result_file, reason=f"evaluation result: {reason}",
                               details={"evaluation_id": row.id, "erased_with": erased_with})
-        row.result_erased_at, row.result_erased_reason = utcnow(), reason[:300]
 
     # -- cancel -------------------------------------------------------------
     def cancel(self, principal: Principal, ctx: AuditContext, evaluation_id: str) -> EvaluationView:

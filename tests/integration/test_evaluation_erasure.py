@@ -165,3 +165,13 @@ def test_retention_shreds_an_expired_test_files_result_files(app, state, admin_t
     swept = state.retention.sweep(now=utcnow() + timedelta(days=2))
     assert test_file in {e.id for e in swept.expired} and not swept.errors, swept
     assert_erased(app, state, evaluation_id, row.result_file, f"its test file {test_file} was deleted")
+
+
+def test_a_result_file_deleted_by_hand_is_shown_as_erased(app, state):
+    client, tokens = app
+    _, evaluation_id, row = evaluate(app, state, [BASE])
+    assert client.delete(f"/v1/files/{row.result_file}", headers=bearer(tokens["owner"])).status_code == 200
+    body = client.get(f"/v1/evaluations/{evaluation_id}", headers=bearer(tokens["trainer"])).json()
+    assert body["result_erased_reason"] == "the result file was deleted" and body["result_erased_at"], body
+    html = client.get(f"/evaluations/{evaluation_id}", headers=portal_headers(state, "olivia")).text
+    assert 'id="samples-erased"' in html and "the result file was deleted" in html
