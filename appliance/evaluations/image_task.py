@@ -33,8 +33,10 @@ from appliance.errors import InvalidFieldsError, InvalidRequestError
 from appliance.evaluations.task import FILENAME, Reporter
 from appliance.jobs.channel import Channel
 
-#: The result file's format (``samples[].images`` holds base64 PNGs per model).
+#: The result file's format (``samples[].images`` holds base64 images per model: PNG, or JPEG above
+#: :data:`KEPT_PNG_SIDE` px).
 FORMAT = "appliance.image-evaluation/1"
+KEPT_PNG_SIDE = 512
 #: The name the base model goes by inside the engine (fine-tunes are ``a0`` ... ``a3``).
 BASE = "base"
 #: The largest LoRA rank image jobs train (``rank`` 1-256).
@@ -174,9 +176,23 @@ def _clip(channel: Channel, evaluators: dict[str, Any], device: Any) -> tuple[An
     return clip, {"metric": CLIP_T_METRIC, "evaluators": {"clip": ref["name"]}}
 
 
+def kept_image(png: bytes) -> bytes:
+    """An image as kept in the result file: the PNG up to :data:`KEPT_PNG_SIDE` px, else JPEG (quality 90), so that
+    a file of 1024 px SDXL images stays tens of MB rather than hundreds (the figures come from the PNGs)."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png))
+    if max(image.size) <= KEPT_PNG_SIDE:
+        return png
+    out = io.BytesIO()
+    image.convert("RGB").save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
 def _generate(engine: Any, model: str, prompts: list[str], settings: dict[str, int], kept: int, clip: Any, *,
               stop: Any, progress: Reporter) -> tuple[dict[str, Any], list[list[bytes]]]:
-    """One model's figures and the PNGs of its first ``kept`` prompts; raises Cancelled when ``stop()`` says so."""
+    """One model's figures and the images of its first ``kept`` prompts (:func:`kept_image`); raises Cancelled
+    when ``stop()`` says so."""
     from PIL import Image
 
     from appliance.trainkit.errors import Cancelled
@@ -199,7 +215,7 @@ def _generate(engine: Any, model: str, prompts: list[str], settings: dict[str, i
         pngs = engine.generate(prompt, model=model, n=per, seed=settings["seed"] + j * per,
                                num_inference_steps=settings["num_inference_steps"])
         if j < kept:
-            kept_pngs.append(pngs)
+            kept_pngs.append([kept_image(png) for png in pngs])
         if clip is not None:
             pending.extend((prompt, Image.open(io.BytesIO(png)).convert("RGB")) for png in pngs)
             if len(pending) >= CLIP_T_CHUNK:

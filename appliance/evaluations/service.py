@@ -50,6 +50,9 @@ __all__ = ["TERMINAL", "EvaluationService", "EvaluationView", "new_evaluation_id
 PURPOSE = "evals"
 MAX_MODELS = 4
 DEFAULT_SAMPLES, MAX_SAMPLES = 5, 50
+#: An image evaluation keeps images_per_prompt images per model of each sample prompt in one result file
+#: (up to 8 x 4 x 4 = 128 images; large ones stored as JPEG, see image_task): fewer prompts than text.
+MAX_IMAGE_SAMPLES = 8
 DEFAULT_MAX_TOKENS, MAX_MAX_TOKENS = 64, 512
 #: Image models: images per prompt and model (the DreamBooth paper's evaluation generates 4).
 DEFAULT_IMAGES_PER_PROMPT, MAX_IMAGES_PER_PROMPT = 2, 4
@@ -127,6 +130,10 @@ class EvaluationService:
                 "evaluation", param="models"))
         kind = bases[0][1] if bases else None
         max_tokens, images = self._options(body, kind, models, problems)
+        if kind == "diffusion" and samples > MAX_IMAGE_SAMPLES:
+            problems.append(InvalidRequestError(
+                f"`samples` must be at most {MAX_IMAGE_SAMPLES} for image models (each keeps images_per_prompt "
+                f"images per model of each prompt side by side); got {samples}", param="samples"))
         file_id = body.get("file")
         with self.db.transaction() as s:
             if file_id is None:

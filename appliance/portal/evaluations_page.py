@@ -152,14 +152,15 @@ def evaluation_page(request: Request, evaluations: NamedDependency[EvaluationSer
 
 
 def _shown(encoded: str) -> str | None:
-    """A stored image (base64 PNG) as a ``data:`` URL: as stored up to :data:`THUMBNAIL` px, else a JPEG preview."""
+    """A stored image (base64 PNG or JPEG) as a ``data:`` URL: as stored up to :data:`THUMBNAIL` px, else a JPEG
+    preview."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         png = base64.b64decode(encoded, validate=True)
         image = Image.open(io.BytesIO(png))
-        if max(image.size) <= THUMBNAIL:
-            return "data:image/png;base64," + base64.b64encode(png).decode()
+        if max(image.size) <= THUMBNAIL and image.format in ("PNG", "JPEG"):
+            return f"data:image/{image.format.lower()};base64," + base64.b64encode(png).decode()
         image = image.convert("RGB")
         image.thumbnail((THUMBNAIL, THUMBNAIL))
     except (binascii.Error, UnidentifiedImageError, OSError, ValueError, TypeError):

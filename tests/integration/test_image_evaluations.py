@@ -68,6 +68,9 @@ def test_image_models_compared_on_prompts_and_other_shapes_refused(client, state
     resp = client.post("/v1/evaluations", headers=bearer(trainer),
                        json={"file": test_file, "models": models, "images_per_prompt": 9})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "images_per_prompt", resp.text
+    resp = client.post("/v1/evaluations", headers=bearer(trainer),
+                       json={"file": test_file, "models": models, "samples": 9})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "samples", resp.text
 
     resp = client.post("/v1/evaluations", headers=bearer(trainer),
                        json={"file": test_file, "models": models, "samples": 2, **SETTINGS})
