@@ -14,22 +14,12 @@ from sqlalchemy import select
 
 from appliance.audit.models import AuditEvent
 from appliance.identity.models import Project
-from appliance.identity.roles import Role
 from tests.conftest import CLI_CTX, bearer
 from tests.integration.test_evaluations import portal_headers, upload, wait_for
+from tests.integration.test_jobs import owner, trainer  # noqa: F401 (fixtures)
 
 PROMPTS = ["a photo of sks disc", "a red disc in the snow", "a blue square on a table"]
 SETTINGS = {"images_per_prompt": 2, "num_inference_steps": 2, "seed": 3}
-
-
-@pytest.fixture
-def trainer(make_token) -> str:
-    return make_token("trish", Role.TRAINER, "acme")
-
-
-@pytest.fixture
-def owner(make_token) -> str:
-    return make_token("olivia", Role.DATA_OWNER, "acme")
 
 
 @pytest.fixture
