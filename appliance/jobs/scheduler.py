@@ -342,6 +342,8 @@ class Scheduler:
                 add_event(s, job.id, "Files validated, job queued")
                 record(s, SYSTEM, "job.queue", resource_type="fine_tuning_job", resource_id=job.id,
                        project=project_name(s, job.project_id))
+                if job.search is not None:  # the driver ran before this promotion: tick again at once, not in poll_s
+                    self._wake.set()
 
     def _claim(self) -> tuple[str, int] | None:
         """Take the oldest queued job under this scheduler's lease; return its id and attempt number.

@@ -150,3 +150,20 @@ def test_a_search_that_cannot_be_driven_fails_and_cancels_its_trials(state, sear
     assert cancel.reason == "search_failed" and cancel.actor == "system:search"
     [fail] = [e for e in audit(state, search_job) if e.action == "job.fail"]
     assert fail.reason == "search_driver_failed" and fail.details == {"exception": "RuntimeError"}
+
+
+def test_a_search_s_first_trial_is_made_at_once_once_its_files_are_validated(state, search_job, monkeypatch):
+    """The scheduler drives searches before it promotes jobs (so a new trial is claimed in the tick that made
+    it); a search it has just promoted wakes it to tick again at once instead of after poll_s."""
+    scheduler = state.scheduler
+    move(state, search_job, status="validating_files")
+    monkeypatch.setattr(scheduler.files, "is_live", lambda s, file_id: True)
+    scheduler.busy = lambda: True  # nothing is claimed: the search's own steps are under test
+    scheduler._tick()  # noqa: SLF001 - one tick of the loop
+    with state.db.read() as s:
+        assert s.get(FineTuningJob, search_job).status == "queued"
+    assert trials(state, search_job) == [] and scheduler._wake.is_set()  # noqa: SLF001
+    scheduler._wake.clear()  # noqa: SLF001 - as the loop does before its next tick
+    scheduler._tick()  # noqa: SLF001
+    [first] = trials(state, search_job)
+    assert first.trial_number == 0 and first.status == "queued"
