@@ -114,6 +114,28 @@ def unfinished_job_using(s: Session, file_id: str) -> str | None:
             FineTuningJob.class_images_file == file_id),
         FineTuningJob.status.notin_(TERMINAL)).limit(1))
 
+def erase_job_results_with(files: FileService) -> Callable[[Session, AuditContext, str], None]:
+    """The hook that crypto-shreds the result files of the jobs that read a file being shredded.
+
+    Registered on :attr:`appliance.files.service.FileService.on_shred` (it runs in the transaction that deletes
+    the file: a user's deletion or retention). A job's result files copy what it read: its sample generations
+    hold validation prompts and references, its validation images come from its instance images; they go with
+    the training, validation or class-image file they came from, each audited ``file.delete`` naming the job.
+    """
+
+    def erase(s: Session, ctx: AuditContext, file_id: str) -> None:
+        jobs = s.scalars(select(FineTuningJob).where(
+            or_(FineTuningJob.training_file == file_id, FineTuningJob.validation_file == file_id,
+                FineTuningJob.class_images_file == file_id)).order_by(FineTuningJob.id))
+        for job in jobs:
+            for result in job.result_files or []:
+                files.shred_live(s, ctx, result, reason=f"job result: the file {file_id} it was made from was "
+                                                         "deleted", details={"job_id": job.id, "erased_with":
+                                                                             {"file": file_id}})
+
+    return erase
+
+
 def request_cancel(s: Session, ctx: AuditContext, job: FineTuningJob, project: str, *,
                    reason: str | None = None) -> None:
     """Cancel ``job`` (row-locked by the caller, not yet ended), audited in ``s``: a running one is told to

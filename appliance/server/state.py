@@ -17,7 +17,7 @@ from appliance.jobs.executors import LocalExecutor, make_executor
 from appliance.jobs.isolation import IsolationLevel
 from appliance.jobs.scheduler import Scheduler, SchedulerSettings
 from appliance.inference.service import InferenceService
-from appliance.jobs.service import JobService, unfinished_job_using
+from appliance.jobs.service import JobService, erase_job_results_with, unfinished_job_using
 from appliance.identity.sessions import SessionService
 from appliance.policy.glossary import GlossaryService
 from appliance.policy.service import PolicyService
@@ -63,6 +63,7 @@ def build_state(
     # An evaluation's result file copies its test file's records and its fine-tunes' generations: it is
     # crypto-shredded in the transaction that shreds either (deletion, withdrawal, retention).
     files.on_shred.append(evaluations.erase_results_of_file)
+    files.on_shred.append(erase_job_results_with(files))  # and a job's result files, the files it read
     catalog.on_shred.append(evaluations.erase_results_of_model)
     return AppState(
         settings=settings,

@@ -175,3 +175,41 @@ def test_a_result_file_deleted_by_hand_is_shown_as_erased(app, state):
     assert body["result_erased_reason"] == "the result file was deleted" and body["result_erased_at"], body
     html = client.get(f"/evaluations/{evaluation_id}", headers=portal_headers(state, "olivia")).text
     assert 'id="samples-erased"' in html and "the result file was deleted" in html
+
+
+def test_a_jobs_result_files_go_with_the_training_or_validation_file_they_were_made_from(app, state, admin_token):
+    """A job's sample generations hold validation prompts and references: deleting its validation file (or
+    its training file, or retention) shreds them in the same transaction; another job's stay."""
+    from appliance.files.service import new_file_id
+    from appliance.jobs.models import FineTuningJob
+
+    client, tokens = app
+    train, valid, other_train = (upload(client, tokens["owner"], [qa(i)], "fine-tune") for i in (1, 2, 3))
+
+    def finished_job(job_id: str, training: str, validation: str | None) -> str:
+        writer = state.files.blobs.create(new_file_id(), "acme", "file")
+        writer.write(('{"samples": [{"prompt": "What is item 7?", "reference": "%s"}]}' % SECRET).encode())
+        result, key_row = writer.object_id, writer.finish()
+        with state.db.transaction() as s:
+            project = s.scalar(select(Project).where(Project.name == "acme"))
+            s.add(key_row)
+            state.files.add_result_file(s, file_id=result, project_id=project.id, filename=f"{job_id}-samples.json",
+                                        size=10, sha256="0" * 64, created_by="trish", generated_by=job_id)
+            s.add(FineTuningJob(id=job_id, project_id=project.id, created_by="trish", model=BASE, seed=1,
+                                training_file=training, validation_file=validation, method_type="lora",
+                                hyperparameters={}, status="succeeded", result_files=[result]))
+        return result
+
+    erased = finished_job("ftjob-erased", train, valid)
+    kept = finished_job("ftjob-kept", other_train, None)
+    assert client.delete(f"/v1/files/{valid}", headers=bearer(tokens["owner"])).status_code == 200
+    assert_shredded(state, erased)
+    [deletion] = deletions(state, erased)
+    assert deletion.details["job_id"] == "ftjob-erased" and deletion.details["erased_with"] == {"file": valid}
+    assert deletion.seq == deletions(state, valid)[0].seq + 1  # in the validation file's deletion's transaction
+    resp = client.get(f"/v1/files/{kept}/content", headers=bearer(tokens["owner"]))
+    assert resp.status_code == 200 and SECRET in resp.text
+    set_retention(client, admin_token, "acme", datasets="1d")  # retention takes the same path
+    swept = state.retention.sweep(now=utcnow() + timedelta(days=2))
+    assert other_train in {e.id for e in swept.expired} and not swept.errors, swept
+    assert_shredded(state, kept)
