@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import os
 import resource
 import sys
@@ -61,7 +62,17 @@ def available_memory() -> int:
 
 
 def peak_resident_reset() -> int | None:
-    """Restart this process's peak resident set (VmHWM) from now; its resident set now, or None off Linux."""
+    """Restart this process's peak resident set (VmHWM) from now; its resident set now, or None off Linux.
+
+    Garbage is collected and freed heap returned to the system first: a baseline holding an earlier run's
+    garbage (a process that trains twice, as tests do) could exceed the resident set after loading, once that
+    garbage goes, and the run would measure a peak of 0.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)  # glibc; elsewhere less exact
+    except (OSError, AttributeError):
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return _status_bytes("VmRSS")
