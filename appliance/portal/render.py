@@ -47,6 +47,15 @@ def page(request: Request, template: str, *, section: str = "", status_code: int
     )
 
 
+def _frame(width: int, height: int, pads: tuple[int, int, int, int], x_label: str, y_label: str) -> list[str]:
+    """A chart's opening ``<svg>`` (labelled "y by x") and its two axes; ``pads``: left, bottom, top, right."""
+    pad_l, pad_b, pad_t, pad_r = pads
+    return [f'<svg role="img" aria-label="{escape(y_label)} by {escape(x_label)}" width="{width}" '
+            f'height="{height}" viewBox="0 0 {width} {height}">',
+            f'<line x1="{pad_l}" y1="{height - pad_b}" x2="{width - pad_r}" y2="{height - pad_b}" stroke="#999"/>',
+            f'<line x1="{pad_l}" y1="{pad_t}" x2="{pad_l}" y2="{height - pad_b}" stroke="#999"/>']
+
+
 def line_chart(series: dict[str, list[tuple[float, float]]], *, width: int = 640, height: int = 240,
                x_label: str = "step", y_label: str = "loss") -> Markup:
     """An inline SVG line chart (readable without JavaScript); each series gets its own dash style."""
@@ -65,10 +74,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], *, width: int = 640
         return height - pad_b - (y - y0) / (y1 - y0) * (height - pad_b - pad_t)
 
     styles = ["", "6 4", "2 3", "10 3 2 3"]
-    parts = [f'<svg role="img" aria-label="{escape(y_label)} by {escape(x_label)}" width="{width}" '
-             f'height="{height}" viewBox="0 0 {width} {height}">']
-    parts.append(f'<line x1="{pad_l}" y1="{height - pad_b}" x2="{width - pad_r}" y2="{height - pad_b}" stroke="#999"/>')
-    parts.append(f'<line x1="{pad_l}" y1="{pad_t}" x2="{pad_l}" y2="{height - pad_b}" stroke="#999"/>')
+    parts = _frame(width, height, (pad_l, pad_b, pad_t, pad_r), x_label, y_label)
     for frac in (0, 0.5, 1):
         yv = y0 + frac * (y1 - y0)
         parts.append(f'<text x="4" y="{sy(yv) + 4:.1f}">{yv:.3g}</text>')
@@ -112,10 +118,7 @@ def scatter_chart(points: list[tuple[float, float, str]], *, x_label: str, y_lab
     def sy(y: float) -> float:
         return height - pad_b - (y - y0) / (y1 - y0) * (height - pad_b - pad_t)
 
-    parts = [f'<svg role="img" aria-label="{escape(y_label)} by {escape(x_label)}" width="{width}" '
-             f'height="{height}" viewBox="0 0 {width} {height}">']
-    parts.append(f'<line x1="{pad_l}" y1="{height - pad_b}" x2="{width - pad_r}" y2="{height - pad_b}" stroke="#999"/>')
-    parts.append(f'<line x1="{pad_l}" y1="{pad_t}" x2="{pad_l}" y2="{height - pad_b}" stroke="#999"/>')
+    parts = _frame(width, height, (pad_l, pad_b, pad_t, pad_r), x_label, y_label)
     for frac in (0, 0.5, 1):
         yv = y0 + frac * (y1 - y0)
         parts.append(f'<text x="4" y="{sy(yv) + 4:.1f}">{yv:.3g}</text>')
