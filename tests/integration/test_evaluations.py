@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import time
 
@@ -14,6 +13,7 @@ from appliance.identity.models import Project
 from appliance.identity.roles import Role
 from tests.conftest import CLI_CTX, bearer
 from tests.timing import Deadline
+from tests.unit.evaluations.test_task import lora_files
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -54,22 +54,7 @@ def upload(client, owner: str, records, purpose: str) -> str:
 
 def publish_adapter(state, base_dir, base_name: str, project: str) -> str:
     """A LoRA fine-tune of the tiny model with non-zero weights (so it answers differently), published."""
-    import torch
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-    from safetensors.torch import save
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    buf = io.StringIO()
-    json.dump(model.peft_config["default"].to_dict(), buf, default=list)
-    files = {"adapter_config.json": buf.getvalue().encode(),
-             "adapter_model.safetensors": save({k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()})}
+    files = lora_files(base_dir, seed=0, rank=4)
     adapter_id = f"ft:{base_name}:{project}:evaltest:ftjob-evaltest"
     with state.db.transaction() as s:
         row = s.scalar(select(Project).where(Project.name == project))

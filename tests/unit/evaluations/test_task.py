@@ -36,15 +36,16 @@ def tiny(tmp_path_factory):
     return build_tiny_causal_lm(tmp_path_factory.mktemp("evaltask") / "tiny", seed=0)
 
 
-def lora_files(base_dir) -> dict[str, bytes]:
+def lora_files(base_dir, *, seed: int = 1, rank: int = 2) -> dict[str, bytes]:
+    """A LoRA adapter's files for the tiny model, with non-zero weights (so it answers differently)."""
     import torch
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from safetensors.torch import save
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True),
-                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
